@@ -1,0 +1,1 @@
+//! Checkpoints on object storage (DESIGN section 6).

@@ -1,0 +1,167 @@
+//! The `[model]` section of a job config (DESIGN section 5 and 7).
+
+use crate::error::ModelError;
+use serde::{Deserialize, Serialize};
+
+/// Sequential (`h = x + attn; out = h + moe`) or parallel BAM-style
+/// (`out = x + attn(n) + moe(n)`) transformer blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BlockKind {
+    Sequential,
+    Parallel,
+}
+
+/// Model hyper-parameters; key names are part of the user interface.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    pub vocab: usize,
+    pub d_model: usize,
+    pub n_layers: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub ffn_hidden: usize,
+    pub n_experts: usize,
+    pub top_k: usize,
+    pub n_shared_experts: usize,
+    pub seq_len: usize,
+    pub block: BlockKind,
+    /// Expert capacity factor; `<= 0` means dropless.
+    pub capacity_factor: f32,
+    pub norm_topk_prob: bool,
+    pub rope_theta: f32,
+    pub norm_eps: f32,
+    pub tie_embeddings: bool,
+    pub aux_loss_coef: f32,
+    pub z_loss_coef: f32,
+    /// Standard deviation of the initial weights (output projections are
+    /// further scaled by `1/sqrt(2 n_layers)` as in GPT-2).
+    pub init_std: f32,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            vocab: 256,
+            d_model: 64,
+            n_layers: 2,
+            n_heads: 4,
+            n_kv_heads: 2,
+            ffn_hidden: 128,
+            n_experts: 8,
+            top_k: 2,
+            n_shared_experts: 0,
+            seq_len: 64,
+            block: BlockKind::Sequential,
+            capacity_factor: 0.0,
+            norm_topk_prob: true,
+            rope_theta: 10000.0,
+            norm_eps: 1e-5,
+            tie_embeddings: false,
+            aux_loss_coef: 0.01,
+            z_loss_coef: 0.001,
+            init_std: 0.02,
+        }
+    }
+}
+
+impl ModelConfig {
+    /// Per-head dimension `hd = d_model / n_heads`.
+    pub fn head_dim(&self) -> usize {
+        self.d_model / self.n_heads
+    }
+
+    /// True when capacity is unlimited (no token is ever dropped).
+    pub fn dropless(&self) -> bool {
+        self.capacity_factor <= 0.0
+    }
+
+    /// Expert capacity for a micro-batch of `num_tokens` tokens on one rank:
+    /// `ceil(c * N * k / E)`, or `usize::MAX` when dropless.
+    pub fn capacity(&self, num_tokens: usize) -> usize {
+        if self.dropless() {
+            return usize::MAX;
+        }
+        let exact = self.capacity_factor as f64 * (num_tokens * self.top_k) as f64
+            / self.n_experts as f64;
+        exact.ceil() as usize
+    }
+
+    /// Rejects impossible settings with the name of the key at fault.
+    pub fn validate(&self) -> Result<(), ModelError> {
+        let bad = |key: &'static str, reason: String| Err(ModelError::InvalidConfig { key, reason });
+        let positive = [
+            ("vocab", self.vocab),
+            ("d_model", self.d_model),
+            ("n_layers", self.n_layers),
+            ("n_heads", self.n_heads),
+            ("n_kv_heads", self.n_kv_heads),
+            ("ffn_hidden", self.ffn_hidden),
+            ("n_experts", self.n_experts),
+            ("top_k", self.top_k),
+            ("seq_len", self.seq_len),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                return bad(key, "must be at least 1".into());
+            }
+        }
+        if self.d_model % self.n_heads != 0 {
+            return bad(
+                "n_heads",
+                format!("d_model {} is not divisible by n_heads {}", self.d_model, self.n_heads),
+            );
+        }
+        if self.head_dim() % 2 != 0 {
+            return bad(
+                "n_heads",
+                format!("head_dim d_model/n_heads = {} must be even for RoPE", self.head_dim()),
+            );
+        }
+        if self.n_heads % self.n_kv_heads != 0 {
+            return bad(
+                "n_kv_heads",
+                format!("n_heads {} is not divisible by n_kv_heads {}", self.n_heads, self.n_kv_heads),
+            );
+        }
+        if self.top_k > self.n_experts {
+            return bad(
+                "top_k",
+                format!("top_k {} exceeds n_experts {}", self.top_k, self.n_experts),
+            );
+        }
+        if self.vocab > u32::MAX as usize {
+            return bad("vocab", "must fit in 32 bits".into());
+        }
+        for (key, value) in [("norm_eps", self.norm_eps), ("rope_theta", self.rope_theta), ("init_std", self.init_std)] {
+            if !(value > 0.0 && value.is_finite()) {
+                return bad(key, format!("must be a positive number, got {value}"));
+            }
+        }
+        for (key, value) in [("aux_loss_coef", self.aux_loss_coef), ("z_loss_coef", self.z_loss_coef)] {
+            if !(value >= 0.0 && value.is_finite()) {
+                return bad(key, format!("must be >= 0, got {value}"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Number of parameters of the whole model (all experts).
+    pub fn num_params(&self) -> usize {
+        let (d, f, v) = (self.d_model, self.ffn_hidden, self.vocab);
+        let hd = self.head_dim();
+        let attn = d * self.n_heads * hd * 2 + d * self.n_kv_heads * hd * 2;
+        let norms = d * if self.block == BlockKind::Sequential { 2 } else { 1 };
+        let experts = (self.n_experts + self.n_shared_experts) * 3 * d * f;
+        let layer = attn + norms + self.n_experts * d + experts;
+        let output = if self.tie_embeddings { 0 } else { v * d };
+        v * d + self.n_layers * layer + d + output
+    }
+
+    /// Parameters touched by one token (top-k of the routed experts).
+    pub fn num_active_params(&self) -> usize {
+        let inactive = (self.n_experts - self.top_k) * 3 * self.d_model * self.ffn_hidden;
+        self.num_params() - self.n_layers * inactive
+    }
+}

@@ -1,0 +1,27 @@
+//! Single-rank math for the switchyard MoE transformer (DESIGN section 5).
+//!
+//! Nothing here communicates. The MoE layer is split into stages — route,
+//! expert compute, combine — and expert compute goes through the
+//! [`moe::ExpertExecutor`] trait so that the worker can put all-to-all
+//! communication between the stages. [`moe::LocalExperts`] is the EP=1
+//! executor and the reference that parallel runs are checked against.
+//!
+//! Shape legend used in names across the crate:
+//! `t` tokens of a micro-batch (batch × seq_len), `d` d_model, `v` vocab,
+//! `e` experts, `k` top-k, `f` ffn_hidden, `h` query heads, `g` kv heads,
+//! `a` expert assignments (rows sent to experts), `s` sequence positions.
+
+pub mod config;
+pub mod error;
+pub mod gemm;
+pub mod model;
+pub mod moe;
+pub mod ops;
+pub mod optim;
+pub mod rng;
+pub mod schedule;
+pub mod weights;
+
+pub use config::{BlockKind, ModelConfig};
+pub use error::ModelError;
+pub use weights::{DenseLayerWeights, DenseWeights, ExpertStore, ExpertWeights, ModelWeights};

@@ -1,0 +1,1 @@
+//! The whole model: embeddings, blocks, head, loss — forward and backward.

@@ -1,0 +1,1 @@
+//! Learning-rate schedule: linear warmup then cosine decay to `min_lr`.

@@ -1,0 +1,242 @@
+//! Model tensors, their DESIGN section 5 names, and seeded initialisation.
+//!
+//! The same types hold weights, gradients and optimizer moments. Dense
+//! tensors (replicated on every data-parallel rank) and routed experts
+//! (owned by the ranks the placement plan names) are kept apart, because
+//! they are synchronised over different groups; experts are always keyed by
+//! global expert id.
+
+use crate::config::{BlockKind, ModelConfig};
+use crate::rng::Rng;
+use std::collections::BTreeMap;
+
+/// One SwiGLU FFN: `w1, w3: [F, D]`, `w2: [D, F]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExpertWeights {
+    pub w1: Vec<f32>,
+    pub w3: Vec<f32>,
+    pub w2: Vec<f32>,
+}
+
+impl ExpertWeights {
+    /// All zeros, for gradients and optimizer moments.
+    pub fn zeros(cfg: &ModelConfig) -> Self {
+        let n = cfg.ffn_hidden * cfg.d_model;
+        Self { w1: vec![0.0; n], w3: vec![0.0; n], w2: vec![0.0; n] }
+    }
+
+    fn init(cfg: &ModelConfig, rng: &mut Rng) -> Self {
+        let n = cfg.ffn_hidden * cfg.d_model;
+        let std = cfg.init_std;
+        let out_std = residual_std(cfg);
+        Self { w1: rng.normal_vec(n, std), w3: rng.normal_vec(n, std), w2: rng.normal_vec(n, out_std) }
+    }
+
+    fn tensors_mut<'a>(&'a mut self, prefix: &str, out: &mut Vec<(String, &'a mut Vec<f32>)>) {
+        out.push((format!("{prefix}.w1.weight"), &mut self.w1));
+        out.push((format!("{prefix}.w3.weight"), &mut self.w3));
+        out.push((format!("{prefix}.w2.weight"), &mut self.w2));
+    }
+}
+
+/// The dense (non-routed) tensors of one layer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DenseLayerWeights {
+    pub attn_norm: Vec<f32>,
+    pub wq: Vec<f32>,
+    pub wk: Vec<f32>,
+    pub wv: Vec<f32>,
+    pub wo: Vec<f32>,
+    /// Absent in parallel (BAM) blocks, which share `attn_norm`.
+    pub ffn_norm: Option<Vec<f32>>,
+    pub router: Vec<f32>,
+    pub shared: Vec<ExpertWeights>,
+}
+
+/// Every tensor replicated across data-parallel ranks.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DenseWeights {
+    pub tok_embeddings: Vec<f32>,
+    pub layers: Vec<DenseLayerWeights>,
+    pub norm: Vec<f32>,
+    /// Absent when `tie_embeddings` (the head reuses `tok_embeddings`).
+    pub output: Option<Vec<f32>>,
+}
+
+/// Routed experts held by this rank: per layer, global expert id → weights.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ExpertStore {
+    pub layers: Vec<BTreeMap<usize, ExpertWeights>>,
+}
+
+/// Dense tensors plus the routed experts this rank holds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelWeights {
+    pub dense: DenseWeights,
+    pub experts: ExpertStore,
+}
+
+/// Output projections (wo, w2) start smaller so the residual stream's
+/// variance does not grow with depth (GPT-2's `1/sqrt(2L)`).
+fn residual_std(cfg: &ModelConfig) -> f32 {
+    cfg.init_std / (2.0 * cfg.n_layers as f32).sqrt()
+}
+
+impl DenseWeights {
+    /// Seeded initialisation: normal(0, init_std) matrices, ones for norms.
+    /// The draw order is fixed (embeddings, then layer by layer), so a seed
+    /// gives the same model on any layout.
+    pub fn init(cfg: &ModelConfig, rng: &mut Rng) -> Self {
+        let (d, hd) = (cfg.d_model, cfg.head_dim());
+        let std = cfg.init_std;
+        let tok_embeddings = rng.normal_vec(cfg.vocab * d, std);
+        let layers = (0..cfg.n_layers)
+            .map(|_| DenseLayerWeights {
+                attn_norm: vec![1.0; d],
+                wq: rng.normal_vec(cfg.n_heads * hd * d, std),
+                wk: rng.normal_vec(cfg.n_kv_heads * hd * d, std),
+                wv: rng.normal_vec(cfg.n_kv_heads * hd * d, std),
+                wo: rng.normal_vec(d * cfg.n_heads * hd, residual_std(cfg)),
+                ffn_norm: (cfg.block == BlockKind::Sequential).then(|| vec![1.0; d]),
+                router: rng.normal_vec(cfg.n_experts * d, std),
+                shared: (0..cfg.n_shared_experts).map(|_| ExpertWeights::init(cfg, rng)).collect(),
+            })
+            .collect();
+        let norm = vec![1.0; d];
+        let output = (!cfg.tie_embeddings).then(|| rng.normal_vec(cfg.vocab * d, std));
+        Self { tok_embeddings, layers, norm, output }
+    }
+
+    /// Every dense tensor with its DESIGN section 5 name, in a fixed order.
+    pub fn tensors_mut(&mut self) -> Vec<(String, &mut Vec<f32>)> {
+        let mut out = Vec::new();
+        out.push(("tok_embeddings.weight".to_string(), &mut self.tok_embeddings));
+        for (l, layer) in self.layers.iter_mut().enumerate() {
+            let p = format!("layers.{l}");
+            out.push((format!("{p}.attn_norm.weight"), &mut layer.attn_norm));
+            out.push((format!("{p}.attn.wq.weight"), &mut layer.wq));
+            out.push((format!("{p}.attn.wk.weight"), &mut layer.wk));
+            out.push((format!("{p}.attn.wv.weight"), &mut layer.wv));
+            out.push((format!("{p}.attn.wo.weight"), &mut layer.wo));
+            if let Some(w) = layer.ffn_norm.as_mut() {
+                out.push((format!("{p}.ffn_norm.weight"), w));
+            }
+            out.push((format!("{p}.moe.router.weight"), &mut layer.router));
+            for (s, shared) in layer.shared.iter_mut().enumerate() {
+                shared.tensors_mut(&format!("{p}.moe.shared.{s}"), &mut out);
+            }
+        }
+        out.push(("norm.weight".to_string(), &mut self.norm));
+        if let Some(w) = self.output.as_mut() {
+            out.push(("output.weight".to_string(), w));
+        }
+        out
+    }
+
+    /// A zeroed copy with the same structure (for gradients and moments).
+    pub fn zeros_like(&self) -> Self {
+        let mut z = self.clone();
+        for (_, t) in z.tensors_mut() {
+            t.fill(0.0);
+        }
+        z
+    }
+}
+
+impl ExpertStore {
+    /// Seeded experts for the global ids in `owned` (per layer). Each expert
+    /// draws from its own stream keyed by (layer, global id), so an expert's
+    /// initial weights do not depend on which rank holds it.
+    pub fn init(cfg: &ModelConfig, seed: u64, owned: &[Vec<usize>]) -> Self {
+        let layers = owned
+            .iter()
+            .enumerate()
+            .map(|(l, ids)| {
+                ids.iter()
+                    .map(|&e| {
+                        let mut rng = Rng::for_stream(seed, &[0xE4, l as u64, e as u64]);
+                        (e, ExpertWeights::init(cfg, &mut rng))
+                    })
+                    .collect()
+            })
+            .collect();
+        Self { layers }
+    }
+
+    /// Every expert tensor with its global name, in (layer, id) order.
+    pub fn tensors_mut(&mut self) -> Vec<(String, &mut Vec<f32>)> {
+        let mut out = Vec::new();
+        for (l, layer) in self.layers.iter_mut().enumerate() {
+            for (e, expert) in layer.iter_mut() {
+                expert.tensors_mut(&format!("layers.{l}.moe.experts.{e}"), &mut out);
+            }
+        }
+        out
+    }
+
+    /// A zeroed copy with the same experts.
+    pub fn zeros_like(&self) -> Self {
+        let mut z = self.clone();
+        for (_, t) in z.tensors_mut() {
+            t.fill(0.0);
+        }
+        z
+    }
+}
+
+impl ModelWeights {
+    /// The whole model on one rank: all experts of every layer.
+    pub fn init(cfg: &ModelConfig, seed: u64) -> Self {
+        let all: Vec<Vec<usize>> = (0..cfg.n_layers).map(|_| (0..cfg.n_experts).collect()).collect();
+        Self::init_owned(cfg, seed, &all)
+    }
+
+    /// Dense tensors plus only the experts in `owned` (per layer).
+    pub fn init_owned(cfg: &ModelConfig, seed: u64, owned: &[Vec<usize>]) -> Self {
+        let mut rng = Rng::for_stream(seed, &[0xD0]);
+        Self { dense: DenseWeights::init(cfg, &mut rng), experts: ExpertStore::init(cfg, seed, owned) }
+    }
+
+    /// Every tensor with its name: dense first, then experts.
+    pub fn tensors_mut(&mut self) -> Vec<(String, &mut Vec<f32>)> {
+        let mut out = self.dense.tensors_mut();
+        out.extend(self.experts.tensors_mut());
+        out
+    }
+
+    /// Name → shape for every tensor this value holds (DESIGN section 5 shapes).
+    pub fn shapes(&self, cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+        let mut copy = self.clone();
+        copy.tensors_mut().into_iter().map(|(name, _)| {
+            let shape = tensor_shape(cfg, &name).expect("names come from this module");
+            (name, shape)
+        }).collect()
+    }
+
+    /// A zeroed copy with the same structure.
+    pub fn zeros_like(&self) -> Self {
+        Self { dense: self.dense.zeros_like(), experts: self.experts.zeros_like() }
+    }
+}
+
+/// The global shape of a named tensor under `cfg`, or None for an unknown name.
+pub fn tensor_shape(cfg: &ModelConfig, name: &str) -> Option<Vec<usize>> {
+    let (d, f, v, hd) = (cfg.d_model, cfg.ffn_hidden, cfg.vocab, cfg.head_dim());
+    let parts: Vec<&str> = name.split('.').collect();
+    let shape = match parts.as_slice() {
+        ["tok_embeddings", "weight"] | ["output", "weight"] => vec![v, d],
+        ["norm", "weight"] => vec![d],
+        ["layers", _, rest @ ..] => match rest {
+            ["attn_norm", "weight"] | ["ffn_norm", "weight"] => vec![d],
+            ["attn", "wq", "weight"] => vec![cfg.n_heads * hd, d],
+            ["attn", "wk", "weight"] | ["attn", "wv", "weight"] => vec![cfg.n_kv_heads * hd, d],
+            ["attn", "wo", "weight"] => vec![d, cfg.n_heads * hd],
+            ["moe", "router", "weight"] => vec![cfg.n_experts, d],
+            ["moe", "experts" | "shared", _, "w1" | "w3", "weight"] => vec![f, d],
+            ["moe", "experts" | "shared", _, "w2", "weight"] => vec![d, f],
+            _ => return None,
+        },
+        _ => return None,
+    };
+    Some(shape)
+}
