@@ -1,1 +1,47 @@
-fn main() {}
+//! `switchyard`: train, evaluate and inspect Mixture-of-Experts models.
+//!
+//! Thin on purpose: parse the command line, then call the command's module.
+
+mod commands;
+mod progress;
+
+use clap::{Parser, Subcommand};
+
+/// Train Mixture-of-Experts language models across many machines.
+#[derive(Parser)]
+#[command(name = "switchyard", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a model (the built-in tiny job when no --config is given).
+    Train(commands::train::TrainArgs),
+    /// Mean next-token cross-entropy of a checkpoint on a text file.
+    Eval(commands::eval::EvalArgs),
+    /// Prepare training data.
+    #[command(subcommand)]
+    Data(commands::data::DataCommand),
+    /// Benchmarks (print a table; --json for machines).
+    #[command(subcommand)]
+    Bench(commands::bench::BenchCommand),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Train(args) => commands::train::run(args),
+        Command::Eval(args) => commands::eval::run(args),
+        Command::Data(cmd) => commands::data::run(cmd),
+        Command::Bench(cmd) => commands::bench::run(cmd),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -16,6 +16,7 @@ pub mod error;
 pub mod gemm;
 pub mod model;
 pub mod moe;
+pub mod moe_layer;
 pub mod ops;
 pub mod optim;
 pub mod rng;

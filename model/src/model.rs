@@ -1,1 +1,486 @@
-//! The whole model: embeddings, blocks, head, loss — forward and backward.
+//! The whole model: embeddings, blocks, head and loss — forward and backward.
+//!
+//! [`forward_backward`] runs one micro-batch and adds its gradients; the
+//! routed experts are reached only through an [`ExpertExecutor`], so the
+//! same code serves one rank and expert-parallel runs.
+//!
+//! Legend: `t` tokens of the micro-batch, `d` d_model, `v` vocab,
+//! `q` query width `n_heads*hd`, `g` kv width `n_kv_heads*hd`, `k` top-k.
+
+use crate::config::{BlockKind, ModelConfig};
+use crate::error::ModelError;
+use crate::gemm::{matmul_nn, matmul_nt, matmul_tn};
+use crate::moe::ExpertExecutor;
+use crate::moe_layer::{moe_backward, moe_forward, MoeCache};
+use crate::ops::attention::{attention_backward, attention_forward, AttentionShape};
+use crate::ops::loss::{cross_entropy_forward_backward, cross_entropy_sum};
+use crate::ops::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
+use crate::ops::rope::RopeTable;
+use crate::weights::{DenseLayerWeights, DenseWeights};
+
+/// One micro-batch: `batch` sequences of `seq_len + 1` tokens each
+/// (inputs are positions `0..T`, targets `1..T+1`).
+#[derive(Debug, Clone, Copy)]
+pub struct MicroBatch<'a> {
+    pub tokens: &'a [u32],
+    pub batch: usize,
+}
+
+/// How this micro-batch's losses enter the optimised total: the loss is the
+/// mean cross-entropy over every token of the GLOBAL batch plus the aux and
+/// z losses averaged over all its micro-batches.
+#[derive(Debug, Clone, Copy)]
+pub struct LossScales {
+    /// `1 / (tokens in the global batch)`.
+    pub ce: f32,
+    /// `aux_loss_coef / (micro-batches in the global batch)`.
+    pub aux: f32,
+    /// `z_loss_coef / (micro-batches in the global batch)`.
+    pub z: f32,
+}
+
+/// What one micro-batch's forward pass measured.
+#[derive(Debug, Clone, Default)]
+pub struct ForwardStats {
+    /// Sum of next-token cross-entropy over the micro-batch's tokens (nats).
+    pub ce_sum: f64,
+    pub num_tokens: usize,
+    /// Per layer: the aux loss and z-loss (before coefficients).
+    pub aux_loss: Vec<f32>,
+    pub z_loss: Vec<f32>,
+    /// Per layer: kept assignments per expert, and dropped assignments.
+    pub tokens_per_expert: Vec<Vec<usize>>,
+    pub dropped: Vec<usize>,
+}
+
+/// Everything the backward pass of one block needs from its forward pass.
+struct BlockCache {
+    x_td: Vec<f32>,
+    attn_in_td: Vec<f32>,
+    attn_rstd_t: Vec<f32>,
+    q_tq: Vec<f32>,
+    k_tg: Vec<f32>,
+    v_tg: Vec<f32>,
+    probs: Vec<f32>,
+    attn_tq: Vec<f32>,
+    /// Sequential blocks: `h = x + attn`, and the MoE input `RMSNorm(h)`.
+    h_td: Vec<f32>,
+    ffn_in_td: Vec<f32>,
+    ffn_rstd_t: Vec<f32>,
+    moe: MoeCache,
+}
+
+/// Sizes shared by every block of one micro-batch.
+struct Dims {
+    t: usize,
+    d: usize,
+    q: usize,
+    g: usize,
+    attn: AttentionShape,
+}
+
+impl Dims {
+    fn new(cfg: &ModelConfig, batch: usize) -> Self {
+        let hd = cfg.head_dim();
+        let t = batch * cfg.seq_len;
+        Self {
+            t,
+            d: cfg.d_model,
+            q: cfg.n_heads * hd,
+            g: cfg.n_kv_heads * hd,
+            attn: AttentionShape {
+                batch,
+                seq: cfg.seq_len,
+                n_heads: cfg.n_heads,
+                n_kv_heads: cfg.n_kv_heads,
+                head_dim: hd,
+            },
+        }
+    }
+}
+
+/// Splits a micro-batch into inputs and targets, checking the vocabulary.
+fn inputs_and_targets(
+    cfg: &ModelConfig,
+    mb: MicroBatch,
+) -> Result<(Vec<u32>, Vec<u32>), ModelError> {
+    let len = cfg.seq_len + 1;
+    assert_eq!(
+        mb.tokens.len(),
+        mb.batch * len,
+        "micro-batch holds batch x (seq_len+1) tokens"
+    );
+    if let Some(&token) = mb.tokens.iter().find(|&&tok| tok as usize >= cfg.vocab) {
+        return Err(ModelError::TokenOutOfRange {
+            token,
+            vocab: cfg.vocab,
+        });
+    }
+    let mut inputs = Vec::with_capacity(mb.batch * cfg.seq_len);
+    let mut targets = Vec::with_capacity(mb.batch * cfg.seq_len);
+    for seq in mb.tokens.chunks_exact(len) {
+        inputs.extend_from_slice(&seq[..cfg.seq_len]);
+        targets.extend_from_slice(&seq[1..]);
+    }
+    Ok((inputs, targets))
+}
+
+fn embed(dense: &DenseWeights, d: usize, inputs: &[u32]) -> Vec<f32> {
+    let mut x_td = Vec::with_capacity(inputs.len() * d);
+    for &tok in inputs {
+        let row = tok as usize * d;
+        x_td.extend_from_slice(&dense.tok_embeddings[row..row + d]);
+    }
+    x_td
+}
+
+/// The LM head's weight: `output`, or the embeddings when tied.
+fn head_weight(dense: &DenseWeights) -> &[f32] {
+    dense.output.as_deref().unwrap_or(&dense.tok_embeddings)
+}
+
+/// Attention sub-layer on normalised input `n_td`: returns `Wo · attn(q,k,v)`.
+fn attention_block_forward(
+    w: &DenseLayerWeights,
+    rope: &RopeTable,
+    dims: &Dims,
+    n_td: &[f32],
+    cache: &mut BlockCache,
+) -> Vec<f32> {
+    let (t, d, q, g) = (dims.t, dims.d, dims.q, dims.g);
+    let shape = dims.attn;
+    cache.q_tq = vec![0.0; t * q];
+    cache.k_tg = vec![0.0; t * g];
+    cache.v_tg = vec![0.0; t * g];
+    matmul_nt(t, d, q, n_td, &w.wq, &mut cache.q_tq, false);
+    matmul_nt(t, d, g, n_td, &w.wk, &mut cache.k_tg, false);
+    matmul_nt(t, d, g, n_td, &w.wv, &mut cache.v_tg, false);
+    rope.apply(&mut cache.q_tq, shape.batch, shape.seq, shape.n_heads);
+    rope.apply(&mut cache.k_tg, shape.batch, shape.seq, shape.n_kv_heads);
+    cache.probs = vec![0.0; shape.probs_len()];
+    cache.attn_tq = vec![0.0; t * q];
+    attention_forward(
+        shape,
+        &cache.q_tq,
+        &cache.k_tg,
+        &cache.v_tg,
+        &mut cache.attn_tq,
+        &mut cache.probs,
+    );
+    let mut out_td = vec![0.0; t * d];
+    matmul_nt(t, q, d, &cache.attn_tq, &w.wo, &mut out_td, false);
+    out_td
+}
+
+/// Backward of [`attention_block_forward`]: adds into `dn_td` and grads.
+fn attention_block_backward(
+    w: &DenseLayerWeights,
+    gw: &mut DenseLayerWeights,
+    rope: &RopeTable,
+    dims: &Dims,
+    cache: &BlockCache,
+    dout_td: &[f32],
+    dn_td: &mut [f32],
+) {
+    let (t, d, q, g) = (dims.t, dims.d, dims.q, dims.g);
+    let shape = dims.attn;
+    // out = attn Wo^T: dWo += dout^T attn, dattn = dout Wo.
+    matmul_tn(d, t, q, dout_td, &cache.attn_tq, &mut gw.wo, true);
+    let mut dattn_tq = vec![0.0; t * q];
+    matmul_nn(t, d, q, dout_td, &w.wo, &mut dattn_tq, false);
+    let mut dq_tq = vec![0.0; t * q];
+    let mut dk_tg = vec![0.0; t * g];
+    let mut dv_tg = vec![0.0; t * g];
+    attention_backward(
+        shape,
+        &cache.q_tq,
+        &cache.k_tg,
+        &cache.v_tg,
+        &cache.probs,
+        &dattn_tq,
+        &mut dq_tq,
+        &mut dk_tg,
+        &mut dv_tg,
+    );
+    rope.apply_backward(&mut dq_tq, shape.batch, shape.seq, shape.n_heads);
+    rope.apply_backward(&mut dk_tg, shape.batch, shape.seq, shape.n_kv_heads);
+    let n_td = &cache.attn_in_td;
+    for (dp_tw, wp, gp, width) in [
+        (&dq_tq, &w.wq, &mut gw.wq, q),
+        (&dk_tg, &w.wk, &mut gw.wk, g),
+        (&dv_tg, &w.wv, &mut gw.wv, g),
+    ] {
+        matmul_tn(width, t, d, dp_tw, n_td, gp, true);
+        matmul_nn(t, width, d, dp_tw, wp, dn_td, true);
+    }
+}
+
+fn add_into(acc: &mut [f32], x: &[f32]) {
+    acc.iter_mut().zip(x).for_each(|(a, b)| *a += b);
+}
+
+/// One block forward; returns its output and what backward needs.
+fn block_forward(
+    cfg: &ModelConfig,
+    layer: usize,
+    w: &DenseLayerWeights,
+    rope: &RopeTable,
+    dims: &Dims,
+    x_td: Vec<f32>,
+    experts: &mut dyn ExpertExecutor,
+) -> Result<(Vec<f32>, BlockCache), ModelError> {
+    let (t, d) = (dims.t, dims.d);
+    let mut cache = BlockCache {
+        x_td,
+        attn_in_td: vec![0.0; t * d],
+        attn_rstd_t: vec![0.0; t],
+        q_tq: Vec::new(),
+        k_tg: Vec::new(),
+        v_tg: Vec::new(),
+        probs: Vec::new(),
+        attn_tq: Vec::new(),
+        h_td: Vec::new(),
+        ffn_in_td: Vec::new(),
+        ffn_rstd_t: Vec::new(),
+        moe: MoeCache::default(),
+    };
+    rmsnorm_forward(
+        &cache.x_td,
+        &w.attn_norm,
+        cfg.norm_eps,
+        &mut cache.attn_in_td,
+        &mut cache.attn_rstd_t,
+    );
+    let attn_in_td = std::mem::take(&mut cache.attn_in_td);
+    let attn_td = attention_block_forward(w, rope, dims, &attn_in_td, &mut cache);
+    cache.attn_in_td = attn_in_td;
+    let mut out_td = cache.x_td.clone();
+    add_into(&mut out_td, &attn_td);
+    match cfg.block {
+        BlockKind::Sequential => {
+            let ffn_norm = w
+                .ffn_norm
+                .as_ref()
+                .expect("sequential blocks have ffn_norm");
+            cache.h_td = out_td.clone();
+            cache.ffn_in_td = vec![0.0; t * d];
+            cache.ffn_rstd_t = vec![0.0; t];
+            rmsnorm_forward(
+                &cache.h_td,
+                ffn_norm,
+                cfg.norm_eps,
+                &mut cache.ffn_in_td,
+                &mut cache.ffn_rstd_t,
+            );
+        }
+        // BAM: the MoE reads the same normalised input as attention.
+        BlockKind::Parallel => cache.ffn_in_td = cache.attn_in_td.clone(),
+    }
+    let (moe_td, moe) = moe_forward(cfg, layer, w, &cache.ffn_in_td, t, experts)?;
+    add_into(&mut out_td, &moe_td);
+    cache.moe = moe;
+    Ok((out_td, cache))
+}
+
+/// One block backward: returns `d loss / d x` of the block's input.
+#[allow(clippy::too_many_arguments)]
+fn block_backward(
+    cfg: &ModelConfig,
+    layer: usize,
+    w: &DenseLayerWeights,
+    gw: &mut DenseLayerWeights,
+    rope: &RopeTable,
+    dims: &Dims,
+    cache: &BlockCache,
+    scales: LossScales,
+    dout_td: Vec<f32>,
+    experts: &mut dyn ExpertExecutor,
+) -> Result<Vec<f32>, ModelError> {
+    let (t, d) = (dims.t, dims.d);
+    // Both residual branches see dout; the skip path passes it through.
+    let mut dx_td = dout_td.clone();
+    let mut dn_td = vec![0.0; t * d];
+    match cfg.block {
+        BlockKind::Sequential => {
+            // out = h + MoE(RMSNorm(h)): dh = dout + RMSNorm'(dmoe_in).
+            let mut dffn_in_td = vec![0.0; t * d];
+            moe_backward(
+                cfg,
+                layer,
+                w,
+                gw,
+                &cache.ffn_in_td,
+                &cache.moe,
+                scales.aux,
+                scales.z,
+                &dout_td,
+                &mut dffn_in_td,
+                experts,
+            )?;
+            let ffn_norm = w
+                .ffn_norm
+                .as_ref()
+                .expect("sequential blocks have ffn_norm");
+            let gffn_norm = gw
+                .ffn_norm
+                .as_mut()
+                .expect("sequential blocks have ffn_norm");
+            rmsnorm_backward(
+                &cache.h_td,
+                ffn_norm,
+                &cache.ffn_rstd_t,
+                &dffn_in_td,
+                &mut dx_td,
+                gffn_norm,
+            );
+            // h = x + Attn(n): the attention branch sees dh.
+            let dh_td = dx_td.clone();
+            attention_block_backward(w, gw, rope, dims, cache, &dh_td, &mut dn_td);
+        }
+        BlockKind::Parallel => {
+            moe_backward(
+                cfg,
+                layer,
+                w,
+                gw,
+                &cache.ffn_in_td,
+                &cache.moe,
+                scales.aux,
+                scales.z,
+                &dout_td,
+                &mut dn_td,
+                experts,
+            )?;
+            attention_block_backward(w, gw, rope, dims, cache, &dout_td, &mut dn_td);
+        }
+    }
+    rmsnorm_backward(
+        &cache.x_td,
+        &w.attn_norm,
+        &cache.attn_rstd_t,
+        &dn_td,
+        &mut dx_td,
+        &mut gw.attn_norm,
+    );
+    Ok(dx_td)
+}
+
+/// Runs every block; returns the final hidden states and the caches.
+fn trunk_forward(
+    cfg: &ModelConfig,
+    rope: &RopeTable,
+    dense: &DenseWeights,
+    dims: &Dims,
+    inputs: &[u32],
+    experts: &mut dyn ExpertExecutor,
+    stats: &mut ForwardStats,
+) -> Result<(Vec<f32>, Vec<BlockCache>), ModelError> {
+    let mut x_td = embed(dense, dims.d, inputs);
+    let mut caches = Vec::with_capacity(cfg.n_layers);
+    for (layer, w) in dense.layers.iter().enumerate() {
+        let (out_td, cache) = block_forward(cfg, layer, w, rope, dims, x_td, experts)?;
+        stats.aux_loss.push(cache.moe.routing.aux_loss);
+        stats.z_loss.push(cache.moe.routing.z_loss);
+        stats
+            .tokens_per_expert
+            .push(cache.moe.routing.tokens_per_expert.clone());
+        stats.dropped.push(cache.moe.routing.dropped);
+        caches.push(cache);
+        x_td = out_td;
+    }
+    Ok((x_td, caches))
+}
+
+/// Final norm and LM head: returns (normalised states, rstd, logits).
+fn head_forward(
+    cfg: &ModelConfig,
+    dense: &DenseWeights,
+    dims: &Dims,
+    x_td: &[f32],
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (t, d, v) = (dims.t, dims.d, cfg.vocab);
+    let mut xf_td = vec![0.0; t * d];
+    let mut rstd_t = vec![0.0; t];
+    rmsnorm_forward(x_td, &dense.norm, cfg.norm_eps, &mut xf_td, &mut rstd_t);
+    let mut logits_tv = vec![0.0; t * v];
+    matmul_nt(t, d, v, &xf_td, head_weight(dense), &mut logits_tv, false);
+    (xf_td, rstd_t, logits_tv)
+}
+
+/// Forward and backward of one micro-batch. Gradients of dense tensors are
+/// ADDED into `grads`; expert gradients go wherever `experts` keeps them.
+pub fn forward_backward(
+    cfg: &ModelConfig,
+    rope: &RopeTable,
+    dense: &DenseWeights,
+    grads: &mut DenseWeights,
+    experts: &mut dyn ExpertExecutor,
+    mb: MicroBatch,
+    scales: LossScales,
+) -> Result<ForwardStats, ModelError> {
+    let (inputs, targets) = inputs_and_targets(cfg, mb)?;
+    let dims = Dims::new(cfg, mb.batch);
+    let (t, d, v) = (dims.t, dims.d, cfg.vocab);
+    let mut stats = ForwardStats {
+        num_tokens: t,
+        ..Default::default()
+    };
+    let (x_td, caches) = trunk_forward(cfg, rope, dense, &dims, &inputs, experts, &mut stats)?;
+    let (xf_td, rstd_t, logits_tv) = head_forward(cfg, dense, &dims, &x_td);
+    let mut dlogits_tv = vec![0.0; t * v];
+    stats.ce_sum =
+        cross_entropy_forward_backward(&logits_tv, &targets, v, scales.ce, &mut dlogits_tv);
+    drop(logits_tv);
+
+    // Head: logits = xf W^T → dW += dlogits^T xf, dxf = dlogits W.
+    let head_grad = grads.output.as_mut().unwrap_or(&mut grads.tok_embeddings);
+    matmul_tn(v, t, d, &dlogits_tv, &xf_td, head_grad, true);
+    let mut dxf_td = vec![0.0; t * d];
+    matmul_nn(t, v, d, &dlogits_tv, head_weight(dense), &mut dxf_td, false);
+    drop(dlogits_tv);
+    let mut dx_td = vec![0.0; t * d];
+    rmsnorm_backward(
+        &x_td,
+        &dense.norm,
+        &rstd_t,
+        &dxf_td,
+        &mut dx_td,
+        &mut grads.norm,
+    );
+
+    for (layer, cache) in caches.iter().enumerate().rev() {
+        let (w, gw) = (&dense.layers[layer], &mut grads.layers[layer]);
+        dx_td = block_backward(
+            cfg, layer, w, gw, rope, &dims, cache, scales, dx_td, experts,
+        )?;
+    }
+    // Embedding rows receive the gradient of every position that used them.
+    for (pos, &tok) in inputs.iter().enumerate() {
+        let row = tok as usize * d;
+        add_into(
+            &mut grads.tok_embeddings[row..row + d],
+            &dx_td[pos * d..pos * d + d],
+        );
+    }
+    Ok(stats)
+}
+
+/// Forward only (evaluation): returns the stats with `ce_sum` filled in.
+pub fn forward(
+    cfg: &ModelConfig,
+    rope: &RopeTable,
+    dense: &DenseWeights,
+    experts: &mut dyn ExpertExecutor,
+    mb: MicroBatch,
+) -> Result<ForwardStats, ModelError> {
+    let (inputs, targets) = inputs_and_targets(cfg, mb)?;
+    let dims = Dims::new(cfg, mb.batch);
+    let mut stats = ForwardStats {
+        num_tokens: dims.t,
+        ..Default::default()
+    };
+    let (x_td, _caches) = trunk_forward(cfg, rope, dense, &dims, &inputs, experts, &mut stats)?;
+    let (_, _, logits_tv) = head_forward(cfg, dense, &dims, &x_td);
+    stats.ce_sum = cross_entropy_sum(&logits_tv, &targets, cfg.vocab);
+    Ok(stats)
+}

@@ -1,1 +1,14 @@
-//! One rank of a training job (DESIGN section 4).
+//! One rank of a training job (DESIGN section 4): its data, its step
+//! engine, its checkpoint IO and its metrics.
+
+pub mod config;
+pub mod data;
+pub mod error;
+pub mod eval;
+pub mod memory;
+pub mod metrics;
+pub mod state;
+pub mod train;
+
+pub use config::JobConfig;
+pub use error::WorkerError;

@@ -1,6 +1,17 @@
 //! SwiGLU expert FFN: `y = W2 (silu(W1 x) * (W3 x))`, for routed and shared experts.
 
+use crate::gemm::{matmul_nn, matmul_nt, matmul_tn};
 use crate::weights::ExpertWeights;
+
+#[inline]
+fn sigmoid(z: f32) -> f32 {
+    1.0 / (1.0 + (-z).exp())
+}
+
+#[inline]
+fn silu(z: f32) -> f32 {
+    z * sigmoid(z)
+}
 
 /// What the backward pass needs from the forward pass of one expert call.
 #[derive(Debug, Default, Clone)]
@@ -22,7 +33,35 @@ pub fn swiglu_forward(
     y_rd: &mut [f32],
     cache: &mut SwigluCache,
 ) {
-    todo!()
+    if rows == 0 {
+        cache.h1.clear();
+        cache.h3.clear();
+        return;
+    }
+    let n = rows * f;
+    assert!(
+        x_rd.len() >= rows * d,
+        "swiglu_forward: x has {} values, needs {rows}x{d}",
+        x_rd.len()
+    );
+    assert!(
+        y_rd.len() >= rows * d,
+        "swiglu_forward: y has {} values, needs {rows}x{d}",
+        y_rd.len()
+    );
+    cache.h1.resize(n, 0.0);
+    cache.h3.resize(n, 0.0);
+    // h1 = x W1^T, h3 = x W3^T: [rows, f].
+    matmul_nt(rows, d, f, x_rd, &w.w1, &mut cache.h1, false);
+    matmul_nt(rows, d, f, x_rd, &w.w3, &mut cache.h3, false);
+    // act = silu(h1) * h3, then y = act W2^T: [rows, d].
+    let act: Vec<f32> = cache
+        .h1
+        .iter()
+        .zip(&cache.h3)
+        .map(|(&a, &b)| silu(a) * b)
+        .collect();
+    matmul_nt(rows, f, d, &act, &w.w2, &mut y_rd[..rows * d], false);
 }
 
 /// Backward of [`swiglu_forward`]: adds into `dx_rd` and into `grads`
@@ -39,5 +78,46 @@ pub fn swiglu_backward(
     dx_rd: &mut [f32],
     grads: &mut ExpertWeights,
 ) {
-    todo!()
+    if rows == 0 {
+        return;
+    }
+    let n = rows * f;
+    assert!(
+        cache.h1.len() >= n && cache.h3.len() >= n,
+        "swiglu_backward: cache holds fewer than {rows} rows"
+    );
+    assert!(
+        dy_rd.len() >= rows * d && dx_rd.len() >= rows * d,
+        "swiglu_backward: dy/dx need {rows}x{d} values"
+    );
+    // One scratch buffer: [act | d_act], later reused in place as [dh3 | dh1].
+    let mut scratch = vec![0.0f32; 2 * n];
+    let (act, dact) = scratch.split_at_mut(n);
+    for ((a, &h1), &h3) in act.iter_mut().zip(&cache.h1[..n]).zip(&cache.h3[..n]) {
+        *a = silu(h1) * h3;
+    }
+    // dW2 += dy^T act: [d, f].
+    matmul_tn(d, rows, f, dy_rd, act, &mut grads.w2, true);
+    // d_act = dy W2: [rows, f].
+    matmul_nn(rows, d, f, dy_rd, &w.w2, dact, false);
+    // dh3 = d_act * silu(h1); dh1 = d_act * h3 * silu'(h1),
+    // silu'(z) = s (1 + z (1 - s)) with s = sigmoid(z).
+    for (((dh3, dh1), &h1), &h3) in act
+        .iter_mut()
+        .zip(dact.iter_mut())
+        .zip(&cache.h1[..n])
+        .zip(&cache.h3[..n])
+    {
+        let s = sigmoid(h1);
+        let g = *dh1;
+        *dh3 = g * h1 * s;
+        *dh1 = g * h3 * s * (1.0 + h1 * (1.0 - s));
+    }
+    let (dh3, dh1) = (&*act, &*dact);
+    // dW1 += dh1^T x, dW3 += dh3^T x: [f, d].
+    matmul_tn(f, rows, d, dh1, x_rd, &mut grads.w1, true);
+    matmul_tn(f, rows, d, dh3, x_rd, &mut grads.w3, true);
+    // dx += dh1 W1 + dh3 W3: [rows, d].
+    matmul_nn(rows, f, d, dh1, &w.w1, dx_rd, true);
+    matmul_nn(rows, f, d, dh3, &w.w3, dx_rd, true);
 }

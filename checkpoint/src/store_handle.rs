@@ -1,0 +1,95 @@
+//! [`CheckpointStore`]: opening a checkpoint root and bridging the blocking
+//! API to object_store's async one.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use object_store::path::Path;
+use object_store::ObjectStore;
+use tokio::runtime::{Builder, Handle, Runtime};
+
+use crate::error::{Error, Result};
+use crate::location::{self, Location};
+use crate::store::ObjectIo;
+
+/// A checkpoint root on object storage, with a blocking API.
+///
+/// Must not be used from inside an async runtime (that returns
+/// [`Error::InsideAsyncRuntime`]); async services call it from
+/// `spawn_blocking`.
+pub struct CheckpointStore {
+    pub(crate) io: ObjectIo,
+    runtime: Runtime,
+}
+
+impl CheckpointStore {
+    /// Open the checkpoint root at `url`: `file:///abs/path`, a plain local
+    /// path (created if missing) or `memory://` (a fresh, empty store per call).
+    pub fn open(url: &str) -> Result<Self> {
+        let Location {
+            store,
+            prefix,
+            display_url,
+        } = location::resolve(url)?;
+        Self::build(ObjectIo::new(store, prefix, display_url))
+    }
+
+    /// Use an existing object store (e.g. one `InMemory` shared by a test's
+    /// writer and reader) with keys under `prefix`; `display_url` names it in messages.
+    pub fn from_object_store(
+        store: Arc<dyn ObjectStore>,
+        prefix: &str,
+        display_url: &str,
+    ) -> Result<Self> {
+        let prefix = Path::from(prefix.trim_matches('/'));
+        let display_url = location::redact(display_url);
+        Self::build(ObjectIo::new(store, prefix, display_url))
+    }
+
+    fn build(io: ObjectIo) -> Result<Self> {
+        // One thread is enough: the work is I/O, and local-file calls go to
+        // tokio's blocking pool anyway.
+        let runtime = Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|source| Error::Runtime {
+                url: io.root_url().to_string(),
+                source,
+            })?;
+        Ok(Self { io, runtime })
+    }
+
+    /// The root URL as shown to users (credentials removed).
+    pub fn url(&self) -> &str {
+        self.io.root_url()
+    }
+
+    /// The URL of one step's folder, e.g. `file:///x/checkpoints/step-00000100`
+    /// (what `--resume-from` and `eval --checkpoint` take).
+    pub fn step_url(&self, step: u64) -> String {
+        format!(
+            "{}/{}",
+            self.url().trim_end_matches('/'),
+            crate::layout::step_dir_name(step)
+        )
+    }
+
+    /// Run `work` to completion on the store's runtime.
+    pub(crate) fn run<T>(&self, work: impl Future<Output = Result<T>>) -> Result<T> {
+        // block_on inside a runtime would panic; say what to do instead.
+        if Handle::try_current().is_ok() {
+            return Err(Error::InsideAsyncRuntime {
+                url: self.url().to_string(),
+            });
+        }
+        self.runtime.block_on(work)
+    }
+}
+
+impl std::fmt::Debug for CheckpointStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CheckpointStore")
+            .field("url", &self.url())
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,389 @@
+//! `switchyard bench layer`: how fast the CPU kernels are, measured against
+//! this machine's own peak GEMM and against JAX in the same run.
+//!
+//! Rows: a large square GEMM (the peak), the expert GEMMs at the layer's
+//! shapes, the MoE layer forward+backward at a few sizes, and a full
+//! training step of the default model. The peer is the same MoE layer in
+//! JAX (`bench/jax_moe_layer.py`, jit on CPU, same thread count); when JAX
+//! is missing the row says how to get it (`scripts/bench-layer.sh` installs it).
+//! Memory: the default job's peak resident set against the analytic sum of
+//! parameters, gradients, optimizer state and saved activations.
+
+use anyhow::{Context, Result};
+use model::gemm::matmul_nt;
+use model::model::{forward_backward, LossScales, MicroBatch};
+use model::moe::LocalExperts;
+use model::moe_layer::{moe_backward, moe_forward};
+use model::ops::rope::RopeTable;
+use model::rng::Rng;
+use model::{ModelConfig, ModelWeights};
+use serde::Serialize;
+use std::process::Command;
+use std::time::Instant;
+use worker::JobConfig;
+
+/// One MoE layer shape to measure.
+#[derive(Debug, Clone, Serialize)]
+struct LayerCase {
+    name: String,
+    d_model: usize,
+    ffn_hidden: usize,
+    n_experts: usize,
+    top_k: usize,
+    tokens: usize,
+}
+
+#[derive(Debug, Default, Serialize)]
+struct Report {
+    threads: usize,
+    peak_gflops: f64,
+    expert_gemm: Vec<GemmRow>,
+    layers: Vec<LayerRow>,
+    step: Option<StepRow>,
+    memory: Option<MemoryRow>,
+}
+
+#[derive(Debug, Serialize)]
+struct GemmRow {
+    shape: String,
+    gflops: f64,
+    share_of_peak: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct LayerRow {
+    case: LayerCase,
+    tokens_per_s: f64,
+    gflops: f64,
+    share_of_peak: f64,
+    jax_tokens_per_s: Option<f64>,
+    jax_note: String,
+}
+
+#[derive(Debug, Serialize)]
+struct StepRow {
+    tokens_per_s: f64,
+    seconds_per_step: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct MemoryRow {
+    peak_rss_mib: f64,
+    analytic_mib: f64,
+    ratio: f64,
+}
+
+/// Median seconds of `reps` runs after one warm-up.
+fn time_median(reps: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    let mut times: Vec<f64> = (0..reps)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .collect();
+    times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    times[times.len() / 2]
+}
+
+fn gemm_gflops(m: usize, k: usize, n: usize, reps: usize) -> f64 {
+    let mut rng = Rng::new(1);
+    let a = rng.normal_vec(m * k, 1.0);
+    let b = rng.normal_vec(n * k, 1.0);
+    let mut c = vec![0.0; m * n];
+    let s = time_median(reps, || matmul_nt(m, k, n, &a, &b, &mut c, false));
+    2.0 * (m * k * n) as f64 / s / 1e9
+}
+
+/// Forward+backward FLOPs of the routed experts: 3 GEMMs of 2·rows·D·F
+/// forward, twice that backward.
+fn layer_flops(case: &LayerCase) -> f64 {
+    let rows = (case.tokens * case.top_k) as f64;
+    3.0 * 3.0 * 2.0 * rows * case.d_model as f64 * case.ffn_hidden as f64
+}
+
+fn layer_config(case: &LayerCase) -> ModelConfig {
+    ModelConfig {
+        d_model: case.d_model,
+        ffn_hidden: case.ffn_hidden,
+        n_experts: case.n_experts,
+        top_k: case.top_k,
+        n_layers: 1,
+        n_heads: 4,
+        n_kv_heads: 4,
+        capacity_factor: 0.0,
+        ..ModelConfig::default()
+    }
+}
+
+/// Tokens/s of one MoE layer forward+backward (router, dispatch, experts, combine).
+fn bench_moe_layer(case: &LayerCase) -> f64 {
+    let cfg = layer_config(case);
+    let weights = ModelWeights::init(&cfg, 7);
+    let mut grads = weights.zeros_like();
+    let mut rng = Rng::new(3);
+    let x_td = rng.normal_vec(case.tokens * case.d_model, 1.0);
+    let dout_td = rng.normal_vec(case.tokens * case.d_model, 1.0);
+    let layer = &weights.dense.layers[0];
+    let s = time_median(5, || {
+        let mut gdense = grads.dense.layers[0].clone();
+        let mut experts = LocalExperts::new(&cfg, &weights.experts, &mut grads.experts);
+        let (_, cache) = moe_forward(&cfg, 0, layer, &x_td, case.tokens, &mut experts).unwrap();
+        let mut dx_td = vec![0.0; x_td.len()];
+        moe_backward(
+            &cfg,
+            0,
+            layer,
+            &mut gdense,
+            &x_td,
+            &cache,
+            0.01,
+            0.001,
+            &dout_td,
+            &mut dx_td,
+            &mut experts,
+        )
+        .unwrap();
+    });
+    case.tokens as f64 / s
+}
+
+/// The same layer in JAX, run by `bench/jax_moe_layer.py` (XLA's CPU
+/// runtime uses every core, as rayon does); None with a note when JAX is missing.
+fn bench_jax(case: &LayerCase) -> (Option<f64>, String) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../bench/jax_moe_layer.py");
+    let output = Command::new("python3")
+        .arg(script)
+        .arg(serde_json::to_string(case).unwrap())
+        .output();
+    match output {
+        Ok(out) if out.status.success() => {
+            let text = String::from_utf8_lossy(&out.stdout);
+            match serde_json::from_str::<serde_json::Value>(text.trim())
+                .ok()
+                .and_then(|v| v["tokens_per_s"].as_f64())
+            {
+                Some(tps) => (Some(tps), "jax.jit on CPU".into()),
+                None => (None, format!("unexpected output from {script}: {text}")),
+            }
+        }
+        Ok(out) => {
+            let err = String::from_utf8_lossy(&out.stderr);
+            let note = if err.contains("No module named 'jax'") {
+                "JAX not installed: run scripts/bench-layer.sh (pip install jax)".to_string()
+            } else {
+                format!("JAX run failed: {}", err.lines().last().unwrap_or(""))
+            };
+            (None, note)
+        }
+        Err(e) => (None, format!("python3 not runnable: {e}")),
+    }
+}
+
+/// Tokens/s of full optimizer-free training steps (forward+backward of every micro-batch) of `job`.
+fn bench_step(job: &JobConfig) -> StepRow {
+    let cfg = &job.model;
+    let weights = ModelWeights::init(cfg, job.train.seed);
+    let mut grads = weights.zeros_like();
+    let rope = RopeTable::new(cfg.seq_len, cfg.head_dim(), cfg.rope_theta);
+    let data = job.data.open_source().expect("built-in data");
+    let micro = job.train.micro_batch_size;
+    let accumulation = job.grad_accumulation(1);
+    let tokens = (job.train.global_batch_size * cfg.seq_len) as f64;
+    let scales = LossScales {
+        ce: 1.0 / tokens as f32,
+        aux: 0.01,
+        z: 0.001,
+    };
+    let mut step = 0;
+    let s = time_median(5, || {
+        for m in 0..accumulation {
+            let batch = data
+                .batch_for_step(
+                    job.train.seed,
+                    step,
+                    job.train.global_batch_size,
+                    m * micro,
+                    micro,
+                    cfg.seq_len + 1,
+                )
+                .unwrap();
+            let mut experts = LocalExperts::new(cfg, &weights.experts, &mut grads.experts);
+            let mb = MicroBatch {
+                tokens: &batch,
+                batch: micro,
+            };
+            forward_backward(
+                cfg,
+                &rope,
+                &weights.dense,
+                &mut grads.dense,
+                &mut experts,
+                mb,
+                scales,
+            )
+            .unwrap();
+        }
+        step += 1;
+    });
+    StepRow {
+        tokens_per_s: tokens / s,
+        seconds_per_step: s,
+    }
+}
+
+/// Peak RSS of a child `switchyard train` of the default job against the
+/// analytic sum of what it must hold.
+fn bench_memory(job: &JobConfig) -> Result<MemoryRow> {
+    let exe = std::env::current_exe()?;
+    let dir = std::env::temp_dir().join(format!("switchyard-bench-mem-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "\"{}\" train --quiet --set train.steps=20 --set checkpoint.every=0 --run-dir \"{}\" >/dev/null 2>&1 & \
+             pid=$!; peak=0; while kill -0 $pid 2>/dev/null; do \
+             v=$(awk '/VmHWM/ {{print $2}}' /proc/$pid/status 2>/dev/null); [ -n \"$v\" ] && peak=$v; sleep 0.05; done; \
+             wait $pid; echo $peak",
+            exe.display(),
+            dir.display()
+        ))
+        .output()
+        .context("cannot start the memory probe")?;
+    let _ = std::fs::remove_dir_all(&dir);
+    let peak_kib: f64 = String::from_utf8_lossy(&status.stdout)
+        .trim()
+        .parse()
+        .context("memory probe gave no VmHWM")?;
+    let analytic = worker::memory::analytic_bytes(job) as f64;
+    let peak = peak_kib * 1024.0;
+    Ok(MemoryRow {
+        peak_rss_mib: peak / (1 << 20) as f64,
+        analytic_mib: analytic / (1 << 20) as f64,
+        ratio: peak / analytic,
+    })
+}
+
+/// Runs every row and prints a table (or JSON).
+pub fn run(json: bool) -> Result<()> {
+    let threads = rayon::current_num_threads();
+    let mut report = Report {
+        threads,
+        ..Default::default()
+    };
+    eprintln!("measuring peak GEMM (2048x2048x2048) ...");
+    report.peak_gflops = gemm_gflops(2048, 2048, 2048, 5);
+
+    let job = JobConfig::load(None, &[])?;
+    let cases = vec![
+        LayerCase {
+            name: "D512 F1024 E8 k2".into(),
+            d_model: 512,
+            ffn_hidden: 1024,
+            n_experts: 8,
+            top_k: 2,
+            tokens: 4096,
+        },
+        LayerCase {
+            name: "default model".into(),
+            d_model: job.model.d_model,
+            ffn_hidden: job.model.ffn_hidden,
+            n_experts: job.model.n_experts,
+            top_k: job.model.top_k,
+            tokens: job.train.micro_batch_size * job.model.seq_len,
+        },
+    ];
+    for case in &cases {
+        // An expert's GEMM at balanced routing: tokens*k/E rows.
+        let rows = case.tokens * case.top_k / case.n_experts;
+        eprintln!(
+            "measuring expert GEMM {rows}x{}x{} ...",
+            case.d_model, case.ffn_hidden
+        );
+        let gflops = gemm_gflops(rows, case.d_model, case.ffn_hidden, 9);
+        report.expert_gemm.push(GemmRow {
+            shape: format!(
+                "{rows}x{}x{} ({})",
+                case.d_model, case.ffn_hidden, case.name
+            ),
+            gflops,
+            share_of_peak: gflops / report.peak_gflops,
+        });
+        eprintln!("measuring MoE layer {} ...", case.name);
+        let tps = bench_moe_layer(case);
+        let gflops = layer_flops(case) * tps / case.tokens as f64 / 1e9;
+        eprintln!("measuring the same layer in JAX ...");
+        let (jax, jax_note) = bench_jax(case);
+        report.layers.push(LayerRow {
+            case: case.clone(),
+            tokens_per_s: tps,
+            gflops,
+            share_of_peak: gflops / report.peak_gflops,
+            jax_tokens_per_s: jax,
+            jax_note,
+        });
+    }
+    eprintln!("measuring a full forward+backward step of the default job ...");
+    report.step = Some(bench_step(&job));
+    eprintln!("measuring peak memory of the default job ...");
+    report.memory = Some(bench_memory(&job)?);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_table(&report);
+    }
+    Ok(())
+}
+
+fn print_table(r: &Report) {
+    println!("switchyard bench layer ({} threads)", r.threads);
+    println!("peak GEMM 2048^3: {:.1} GFLOP/s", r.peak_gflops);
+    println!();
+    println!("{:<40} {:>10} {:>9}", "expert GEMM", "GFLOP/s", "of peak");
+    for g in &r.expert_gemm {
+        println!(
+            "{:<40} {:>10.1} {:>8.0}%",
+            g.shape,
+            g.gflops,
+            100.0 * g.share_of_peak
+        );
+    }
+    println!();
+    println!(
+        "{:<20} {:>7} {:>12} {:>9} {:>8} {:>12} {:>9}",
+        "MoE layer fwd+bwd", "tokens", "tokens/s", "GFLOP/s", "of peak", "JAX tok/s", "vs JAX"
+    );
+    for l in &r.layers {
+        let (jax, ratio) = match l.jax_tokens_per_s {
+            Some(j) => (format!("{j:.0}"), format!("{:.2}x", l.tokens_per_s / j)),
+            None => ("-".into(), "-".into()),
+        };
+        println!(
+            "{:<20} {:>7} {:>12.0} {:>9.1} {:>7.0}% {:>12} {:>9}",
+            l.case.name,
+            l.case.tokens,
+            l.tokens_per_s,
+            l.gflops,
+            100.0 * l.share_of_peak,
+            jax,
+            ratio
+        );
+        if l.jax_tokens_per_s.is_none() {
+            println!("    peer: {}", l.jax_note);
+        }
+    }
+    if let Some(s) = &r.step {
+        println!();
+        println!(
+            "default job, forward+backward of one step: {:.0} tokens/s ({:.3} s/step)",
+            s.tokens_per_s, s.seconds_per_step
+        );
+    }
+    if let Some(m) = &r.memory {
+        println!(
+            "default job peak RSS {:.1} MiB vs analytic {:.1} MiB (params+grads+Adam+activations): {:.2}x",
+            m.peak_rss_mib, m.analytic_mib, m.ratio
+        );
+    }
+}

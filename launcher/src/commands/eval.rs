@@ -1,0 +1,91 @@
+//! `switchyard eval`.
+
+use anyhow::{bail, Context, Result};
+use checkpoint::CheckpointStore;
+use clap::Args;
+use coordinator::placement::PlacementPlan;
+use std::path::PathBuf;
+use worker::data::Tokenizer;
+use worker::state::TrainState;
+use worker::JobConfig;
+
+/// Arguments of `switchyard eval`.
+#[derive(Args)]
+pub struct EvalArgs {
+    /// A checkpoint step (`<url>/step-XXXXXXXX`) or a checkpoint root (its newest step).
+    #[arg(long)]
+    checkpoint: String,
+    /// Text file to evaluate on.
+    #[arg(long)]
+    data: PathBuf,
+    /// Print one JSON object: {"loss": .., "tokens": .., "windows": ..}.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Evaluates a checkpoint on a text file.
+pub fn run(args: EvalArgs) -> Result<()> {
+    let (store, step) = match checkpoint::parse_step_url(&args.checkpoint) {
+        Ok((root, step)) => (CheckpointStore::open(&root)?, step),
+        Err(_) => {
+            let store = CheckpointStore::open(&args.checkpoint)?;
+            let step = store.latest_step()?.with_context(|| {
+                format!(
+                    "no committed checkpoint under {}: pass a step folder or a checkpoint root",
+                    args.checkpoint
+                )
+            })?;
+            (store, step)
+        }
+    };
+    let manifest = store.read_manifest(step)?;
+    let job: JobConfig = serde_json::from_value(manifest.config.clone()).with_context(|| {
+        format!(
+            "the config saved in {} cannot be read by this version",
+            store.step_url(step)
+        )
+    })?;
+    let plan = PlacementPlan::contiguous(job.model.n_layers, job.model.n_experts, 1);
+    let state = TrainState::load(&store, step, &job, &plan, 0)?;
+    let tokenizer = eval_tokenizer(&job)?;
+    let text = std::fs::read(&args.data)
+        .with_context(|| format!("cannot read --data {}", args.data.display()))?;
+    let tokens = tokenizer
+        .encode(&text)
+        .with_context(|| format!("cannot tokenize {}", args.data.display()))?;
+    if tokens.len() < job.model.seq_len + 1 {
+        bail!(
+            "{} has {} tokens, fewer than one window of seq_len + 1 = {}: give a longer text",
+            args.data.display(),
+            tokens.len(),
+            job.model.seq_len + 1
+        );
+    }
+    let result = worker::eval::evaluate(&job.model, &state.weights, &tokens)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&result)?);
+    } else {
+        println!(
+            "eval {}: loss {:.4} nats over {} tokens in {} windows of {} (step {step})",
+            args.data.display(),
+            result.loss,
+            result.tokens,
+            result.windows,
+            job.model.seq_len
+        );
+    }
+    Ok(())
+}
+
+/// The job's own tokenizer: a prepared folder's tokenizer.json when it has
+/// one, else the `[data] tokenizer` setting.
+fn eval_tokenizer(job: &JobConfig) -> Result<Tokenizer> {
+    if job.data.source != "builtin" {
+        if let Ok(data) = worker::data::PreparedData::open(std::path::Path::new(&job.data.source)) {
+            if let Some(path) = data.tokenizer_path() {
+                return Ok(Tokenizer::load(&path)?);
+            }
+        }
+    }
+    Ok(job.data.open_tokenizer()?)
+}

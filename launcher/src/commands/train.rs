@@ -1,0 +1,52 @@
+//! `switchyard train`.
+
+use crate::progress::ConsoleProgress;
+use anyhow::{Context, Result};
+use clap::Args;
+use std::path::PathBuf;
+use worker::train::{train, Resume, RunOptions};
+use worker::JobConfig;
+
+/// Arguments of `switchyard train`.
+#[derive(Args)]
+pub struct TrainArgs {
+    /// Job config (TOML); default: the built-in examples/tiny.toml.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Override a config key, e.g. --set train.steps=100 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
+    /// Run folder for config, log, metrics and checkpoints; default runs/<job name>.
+    #[arg(long)]
+    run_dir: Option<PathBuf>,
+    /// Continue from the newest committed checkpoint of the run.
+    #[arg(long, conflicts_with = "resume_from")]
+    resume: bool,
+    /// Continue from a specific checkpoint step, e.g. file:///x/checkpoints/step-00000100.
+    #[arg(long, value_name = "STEP_URL")]
+    resume_from: Option<String>,
+    /// Print only summary lines (no progress bar).
+    #[arg(long)]
+    quiet: bool,
+}
+
+/// Runs a training job on this machine.
+pub fn run(args: TrainArgs) -> Result<()> {
+    let job = JobConfig::load(args.config.as_deref(), &args.overrides)?;
+    let run_dir = args
+        .run_dir
+        .unwrap_or_else(|| PathBuf::from("runs").join(&job.name));
+    let resume = match (args.resume, args.resume_from) {
+        (_, Some(url)) => Resume::From(url),
+        (true, None) => Resume::Latest,
+        (false, None) => Resume::No,
+    };
+    let mut progress = ConsoleProgress::new(&job, &run_dir, args.quiet)?;
+    let opts = RunOptions {
+        run_dir: run_dir.clone(),
+        resume,
+    };
+    let summary = train(&job, &opts, &mut progress).context("training failed")?;
+    progress.finish(&summary, &job, &run_dir);
+    Ok(())
+}

@@ -1,0 +1,379 @@
+//! The job config: one TOML file, one section per part (DESIGN section 7).
+//!
+//! Each part owns its section's type; this module assembles them, loads a
+//! file with errors that name the file and key, applies `--set key=value`
+//! overrides and checks the settings against each other.
+
+use crate::data::DataConfig;
+use model::optim::OptimConfig;
+use model::ModelConfig;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// The default job (`examples/tiny.toml`), built into the binary so that
+/// `switchyard train` needs no files.
+pub const DEFAULT_JOB_TOML: &str = include_str!("../../examples/tiny.toml");
+
+/// `[train]`: how long and on what batches.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// Optimizer steps of the whole job (a resumed job stops here too).
+    pub steps: u64,
+    /// Sequences per optimizer step, over all ranks.
+    pub global_batch_size: usize,
+    /// Sequences per rank per forward pass; gradient accumulation makes up
+    /// the rest: `global / (dp * micro)` passes per step.
+    pub micro_batch_size: usize,
+    pub seed: u64,
+    /// A summary line every this many steps.
+    pub log_every: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            steps: 300,
+            global_batch_size: 16,
+            micro_batch_size: 8,
+            seed: 1234,
+            log_every: 25,
+        }
+    }
+}
+
+/// `[parallel]`: how many ranks and how they talk.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ParallelConfig {
+    pub ranks: usize,
+    /// "local" (threads), "mpi" or "nccl".
+    pub backend: String,
+    /// Attention shards (groups of heads) per data-parallel replica.
+    pub attn_tp: usize,
+    /// "contiguous" or "balanced".
+    pub placement: String,
+}
+
+impl Default for ParallelConfig {
+    fn default() -> Self {
+        Self {
+            ranks: 1,
+            backend: "local".into(),
+            attn_tp: 1,
+            placement: "contiguous".into(),
+        }
+    }
+}
+
+/// `[checkpoint]`: where and how often.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointConfig {
+    /// Object-store URL; empty means `file://<run dir>/checkpoints`.
+    pub url: String,
+    /// Save every this many steps (and always at the end); 0 = only at the end.
+    pub every: u64,
+    /// Committed steps to keep; older ones are deleted after a new commit.
+    pub keep_last: usize,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            every: 100,
+            keep_last: 2,
+        }
+    }
+}
+
+/// `[coordinator]`: the control plane's address (used from the coordinator issue on).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CoordinatorConfig {
+    /// `host:port` to listen on or connect to; empty = pick a free local port.
+    pub addr: String,
+}
+
+/// `[launch]`: how the launcher starts the job (used by the launch issue).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LaunchConfig {
+    /// Extra arguments for `mpirun` / `srun`.
+    pub extra_args: Vec<String>,
+}
+
+/// The whole job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobConfig {
+    /// Names the run folder (`runs/<name>`) and the job in logs.
+    #[serde(default = "default_name")]
+    pub name: String,
+    #[serde(default)]
+    pub model: ModelConfig,
+    #[serde(default)]
+    pub parallel: ParallelConfig,
+    #[serde(default)]
+    pub data: DataConfig,
+    #[serde(default)]
+    pub optim: OptimConfig,
+    #[serde(default)]
+    pub train: TrainConfig,
+    #[serde(default)]
+    pub checkpoint: CheckpointConfig,
+    #[serde(default)]
+    pub coordinator: CoordinatorConfig,
+    #[serde(default)]
+    pub launch: LaunchConfig,
+}
+
+fn default_name() -> String {
+    "job".into()
+}
+
+/// A config that could not be read or makes no sense.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}. Check the path given to --config.")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("config {origin}: {message}")]
+    Parse { origin: String, message: String },
+    #[error("--set {assignment}: {reason}")]
+    Override { assignment: String, reason: String },
+    #[error("config {origin}: [{section}] {key}: {reason}")]
+    Invalid {
+        origin: String,
+        section: &'static str,
+        key: String,
+        reason: String,
+    },
+}
+
+impl JobConfig {
+    /// Parses TOML text; `origin` (a file path or "built-in default") names
+    /// the source in errors.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            origin: origin.into(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Loads `path`, or the built-in default when `None`, then applies
+    /// `--set section.key=value` overrides and validates the result.
+    pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<Self, ConfigError> {
+        let (text, origin) = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.display().to_string(),
+                    source,
+                })?;
+                (text, p.display().to_string())
+            }
+            None => (
+                DEFAULT_JOB_TOML.to_string(),
+                "built-in default (examples/tiny.toml)".to_string(),
+            ),
+        };
+        let mut job = Self::from_toml(&text, &origin)?;
+        job.apply_overrides(overrides)?;
+        job.validate(&origin)?;
+        Ok(job)
+    }
+
+    /// Applies `section.key=value` assignments; the value is read as TOML
+    /// (numbers, booleans, quoted or bare strings).
+    pub fn apply_overrides(&mut self, overrides: &[String]) -> Result<(), ConfigError> {
+        if overrides.is_empty() {
+            return Ok(());
+        }
+        let mut tree = toml::Value::try_from(&*self).expect("a config always serialises");
+        for assignment in overrides {
+            let fail = |reason: String| ConfigError::Override {
+                assignment: assignment.clone(),
+                reason,
+            };
+            let (key, raw) = assignment.split_once('=').ok_or_else(|| {
+                fail("expected section.key=value, e.g. --set train.steps=100".into())
+            })?;
+            let value = parse_override_value(raw.trim());
+            let path: Vec<&str> = key.trim().split('.').collect();
+            let mut node = &mut tree;
+            for (i, part) in path.iter().enumerate() {
+                let table = node
+                    .as_table_mut()
+                    .ok_or_else(|| fail(format!("`{}` is not a section", path[..i].join("."))))?;
+                if !table.contains_key(*part) {
+                    let known: Vec<&String> = table.keys().collect();
+                    return Err(fail(format!(
+                        "unknown key `{part}`; known keys here: {known:?}"
+                    )));
+                }
+                if i + 1 == path.len() {
+                    table.insert(part.to_string(), value.clone());
+                    break;
+                }
+                node = table.get_mut(*part).expect("checked above");
+            }
+        }
+        *self = tree
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Override {
+                assignment: overrides.join(" "),
+                reason: e.to_string(),
+            })?;
+        Ok(())
+    }
+
+    /// Number of micro-batches (forward passes) per optimizer step per rank,
+    /// given `dp` data-parallel ranks.
+    pub fn grad_accumulation(&self, dp: usize) -> usize {
+        self.train.global_batch_size / (dp * self.train.micro_batch_size)
+    }
+
+    /// Checks each section and the settings against each other.
+    pub fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+        let invalid = |section: &'static str, key: &str, reason: String| ConfigError::Invalid {
+            origin: origin.into(),
+            section,
+            key: key.into(),
+            reason,
+        };
+        let from_model = |section: &'static str, e: model::ModelError| match e {
+            model::ModelError::InvalidConfig { key, reason } => invalid(section, key, reason),
+            other => invalid(section, "?", other.to_string()),
+        };
+        self.model.validate().map_err(|e| from_model("model", e))?;
+        self.optim.validate().map_err(|e| from_model("optim", e))?;
+        self.data
+            .validate()
+            .map_err(|e| invalid("data", "source", e.to_string()))?;
+        let t = &self.train;
+        if t.steps == 0 {
+            return Err(invalid("train", "steps", "must be at least 1".into()));
+        }
+        if t.micro_batch_size == 0 || t.global_batch_size == 0 {
+            return Err(invalid(
+                "train",
+                "micro_batch_size",
+                "batch sizes must be at least 1".into(),
+            ));
+        }
+        let dp = self.parallel.ranks / self.parallel.attn_tp.max(1);
+        if self.parallel.ranks == 0 || dp == 0 {
+            return Err(invalid(
+                "parallel",
+                "ranks",
+                "must be at least 1 (and at least attn_tp)".into(),
+            ));
+        }
+        if t.global_batch_size % (dp * t.micro_batch_size) != 0 {
+            return Err(invalid(
+                "train",
+                "global_batch_size",
+                format!(
+                    "{} sequences cannot be split into micro-batches of {} over {} data-parallel rank(s): \
+                     global_batch_size must be a multiple of dp x micro_batch_size = {}",
+                    t.global_batch_size,
+                    t.micro_batch_size,
+                    dp,
+                    dp * t.micro_batch_size
+                ),
+            ));
+        }
+        if t.log_every == 0 {
+            return Err(invalid("train", "log_every", "must be at least 1".into()));
+        }
+        if !matches!(self.parallel.backend.as_str(), "local" | "mpi" | "nccl") {
+            return Err(invalid(
+                "parallel",
+                "backend",
+                format!(
+                    "`{}` is not one of \"local\", \"mpi\", \"nccl\"",
+                    self.parallel.backend
+                ),
+            ));
+        }
+        if !matches!(self.parallel.placement.as_str(), "contiguous" | "balanced") {
+            return Err(invalid(
+                "parallel",
+                "placement",
+                format!(
+                    "`{}` is not one of \"contiguous\", \"balanced\"",
+                    self.parallel.placement
+                ),
+            ));
+        }
+        if self.checkpoint.keep_last == 0 {
+            return Err(invalid(
+                "checkpoint",
+                "keep_last",
+                "must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The resolved config as TOML, for the run folder and the start banner.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("a config always serialises")
+    }
+}
+
+/// Reads an override value as TOML, falling back to a plain string so that
+/// `--set data.source=/data/x` needs no quotes.
+fn parse_override_value(raw: &str) -> toml::Value {
+    toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_job_loads_and_overrides_apply() {
+        let job = JobConfig::load(
+            None,
+            &["train.steps=7".into(), "model.block=\"parallel\"".into()],
+        )
+        .unwrap();
+        assert_eq!(job.train.steps, 7);
+        assert_eq!(job.model.block, model::BlockKind::Parallel);
+        let bare = JobConfig::load(None, &["data.source=builtin".into()]).unwrap();
+        assert_eq!(bare.data.source, "builtin");
+    }
+
+    #[test]
+    fn unknown_keys_and_wrong_types_are_named() {
+        let err = JobConfig::from_toml("[train]\nstepz = 3\n", "job.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("job.toml") && err.contains("stepz"), "{err}");
+        let err = JobConfig::from_toml("[train]\nsteps = \"many\"\n", "job.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("job.toml") && err.contains("steps"), "{err}");
+        let err = JobConfig::load(None, &["train.nope=1".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown key `nope`"), "{err}");
+        let err = JobConfig::load(
+            None,
+            &[
+                "train.global_batch_size=12".into(),
+                "train.micro_batch_size=8".into(),
+            ],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("global_batch_size"), "{err}");
+    }
+}

@@ -1,0 +1,35 @@
+//! Errors of a worker.
+
+/// What stopped a rank.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Data(#[from] crate::data::DataError),
+    #[error(transparent)]
+    Model(#[from] model::ModelError),
+    #[error(transparent)]
+    Checkpoint(#[from] checkpoint::Error),
+    #[error("cannot resume from {url}: {reason}")]
+    Incompatible { url: String, reason: String },
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("the loss became {loss} at step {step}: training diverged. Lower [optim] lr or raise warmup_steps, and resume from the last checkpoint")]
+    NonFinite { step: u64, loss: f64 },
+}
+
+impl WorkerError {
+    /// Wraps an I/O error with what was being done and to which path.
+    pub fn io(what: &'static str, path: &std::path::Path, source: std::io::Error) -> Self {
+        Self::Io {
+            what,
+            path: path.display().to_string(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,69 @@
+//! `switchyard eval`: mean next-token cross-entropy of a checkpoint on a text.
+//!
+//! Semantics users compare across tools (keep them exactly): the file's
+//! tokens; windows of `seq_len + 1` tokens without overlap from the start
+//! (window i = tokens[i*T .. i*T+T+1], a short tail ignored); dropless
+//! routing; the mean cross-entropy in nats over every predicted position,
+//! aux and z losses excluded.
+
+use crate::data::eval_windows;
+use crate::error::WorkerError;
+use model::model::{forward, MicroBatch};
+use model::moe::LocalExperts;
+use model::ops::rope::RopeTable;
+use model::{ModelConfig, ModelWeights};
+use serde::Serialize;
+
+/// The result printed by `switchyard eval --json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalResult {
+    /// Mean next-token cross-entropy (nats).
+    pub loss: f64,
+    /// Predicted positions.
+    pub tokens: u64,
+    pub windows: u64,
+}
+
+/// Windows evaluated per forward pass (bounds memory, not the result).
+const WINDOWS_PER_BATCH: usize = 16;
+
+/// Evaluates `weights` (all experts) on `tokens`.
+pub fn evaluate(
+    cfg: &ModelConfig,
+    weights: &ModelWeights,
+    tokens: &[u32],
+) -> Result<EvalResult, WorkerError> {
+    let cfg = ModelConfig {
+        capacity_factor: 0.0,
+        ..cfg.clone()
+    };
+    let rope = RopeTable::new(cfg.seq_len, cfg.head_dim(), cfg.rope_theta);
+    let windows: Vec<&[u32]> = eval_windows(tokens, cfg.seq_len).collect();
+    let mut ce_sum = 0.0;
+    let mut scratch_grads = weights.experts.zeros_like();
+    for chunk in windows.chunks(WINDOWS_PER_BATCH) {
+        let batch_tokens: Vec<u32> = chunk.concat();
+        let mut experts = LocalExperts::new(&cfg, &weights.experts, &mut scratch_grads);
+        let stats = forward(
+            &cfg,
+            &rope,
+            &weights.dense,
+            &mut experts,
+            MicroBatch {
+                tokens: &batch_tokens,
+                batch: chunk.len(),
+            },
+        )?;
+        ce_sum += stats.ce_sum;
+    }
+    let predicted = (windows.len() * cfg.seq_len) as u64;
+    Ok(EvalResult {
+        loss: if predicted == 0 {
+            f64::NAN
+        } else {
+            ce_sum / predicted as f64
+        },
+        tokens: predicted,
+        windows: windows.len() as u64,
+    })
+}

@@ -1,0 +1,60 @@
+//! Per-step metrics: what the progress line shows and `metrics.jsonl` keeps.
+
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// One optimizer step, as written to `<run dir>/metrics.jsonl`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StepMetrics {
+    /// 1-based number of the step just completed.
+    pub step: u64,
+    /// Mean next-token cross-entropy over the global batch (nats).
+    pub loss: f64,
+    /// Sum over layers of the load-balancing loss, mean over micro-batches.
+    pub aux_loss: f64,
+    /// Sum over layers of the router z-loss, mean over micro-batches.
+    pub z_loss: f64,
+    pub lr: f32,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Tokens in the global batch.
+    pub tokens: u64,
+    pub tokens_per_s: f64,
+    pub step_time_s: f64,
+    /// Per layer: tokens kept per expert (summed over micro-batches).
+    pub tokens_per_expert: Vec<Vec<usize>>,
+    /// Per layer: assignments dropped by capacity.
+    pub dropped: Vec<usize>,
+}
+
+/// Appends one JSON object per line to a metrics file.
+pub struct MetricsWriter {
+    path: PathBuf,
+    file: std::fs::File,
+}
+
+impl MetricsWriter {
+    /// Opens `path` for appending (a resumed run continues the same file).
+    pub fn append(path: &Path) -> std::io::Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            file,
+        })
+    }
+
+    /// Writes one line.
+    pub fn write(&mut self, metrics: &StepMetrics) -> std::io::Result<()> {
+        let line = serde_json::to_string(metrics).expect("metrics serialise");
+        writeln!(self.file, "{line}")
+    }
+
+    /// The file being written.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}

@@ -1,0 +1,144 @@
+//! The training loop end to end: golden losses, exact resume, refusals.
+
+mod common;
+
+use common::{micro_job, temp_dir, Recorder};
+use worker::train::{train, Resume, RunOptions};
+
+fn run(job: &worker::JobConfig, dir: &std::path::Path, resume: Resume) -> Recorder {
+    let mut rec = Recorder::default();
+    train(
+        job,
+        &RunOptions {
+            run_dir: dir.to_path_buf(),
+            resume,
+        },
+        &mut rec,
+    )
+    .unwrap();
+    rec
+}
+
+fn losses(rec: &Recorder) -> Vec<f64> {
+    rec.steps.iter().map(|m| m.loss).collect()
+}
+
+/// The first 20 losses of a fixed tiny job, stored in tests/golden and
+/// reproduced exactly. Regenerate (after a deliberate change of the math)
+/// with `SWITCHYARD_BLESS=1 cargo test -p worker --test training golden`.
+#[test]
+fn golden_losses_are_reproduced_exactly() {
+    let dir = temp_dir("golden");
+    let job = micro_job(&["model.n_shared_experts=1", "model.capacity_factor=1.25"]);
+    let got = losses(&run(&job, &dir, Resume::No));
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/micro_job_losses.json");
+    if std::env::var_os("SWITCHYARD_BLESS").is_some() {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, serde_json::to_string_pretty(&got).unwrap()).unwrap();
+    }
+    let text = std::fs::read_to_string(&path)
+        .expect("golden file missing: run with SWITCHYARD_BLESS=1 once");
+    let want: Vec<f64> = serde_json::from_str(&text).unwrap();
+    assert_eq!(got.len(), 20);
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(
+            g.to_bits(),
+            w.to_bits(),
+            "step {}: loss {g} differs from golden {w}",
+            i + 1
+        );
+    }
+    // It learns: the last loss is well below the first.
+    assert!(got[19] < got[0] - 0.3, "losses {got:?}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// 20 steps straight == 10 steps, then resume for 10: bit-identical losses
+/// and final weights.
+#[test]
+fn resume_continues_bit_exactly() {
+    let job = micro_job(&[]);
+    let straight_dir = temp_dir("straight");
+    let straight = run(&job, &straight_dir, Resume::No);
+
+    let split_dir = temp_dir("split");
+    let first = micro_job(&["train.steps=10"]);
+    let head = run(&first, &split_dir, Resume::No);
+    let tail = run(&job, &split_dir, Resume::Latest);
+    let mut joined = losses(&head);
+    joined.extend(losses(&tail));
+    let straight_losses = losses(&straight);
+    assert_eq!(joined.len(), 20);
+    for (i, (a, b)) in straight_losses.iter().zip(&joined).enumerate() {
+        assert_eq!(a.to_bits(), b.to_bits(), "step {}: {a} vs {b}", i + 1);
+    }
+
+    // Final weights: both runs committed step 20.
+    let load = |dir: &std::path::Path| {
+        let store =
+            checkpoint::CheckpointStore::open(dir.join("checkpoints").to_str().unwrap()).unwrap();
+        let manifest = store.read_manifest(20).unwrap();
+        store.read_tensors(20, &manifest, |_| true).unwrap()
+    };
+    let (a, b) = (load(&straight_dir), load(&split_dir));
+    assert_eq!(a.len(), b.len());
+    for (name, (_, data)) in &a {
+        let other = &b[name].1;
+        assert!(
+            data.iter()
+                .zip(other)
+                .all(|(x, y)| x.to_bits() == y.to_bits()),
+            "tensor {name} differs"
+        );
+    }
+    std::fs::remove_dir_all(&straight_dir).ok();
+    std::fs::remove_dir_all(&split_dir).ok();
+}
+
+#[test]
+fn a_fresh_run_refuses_to_overwrite_checkpoints() {
+    let dir = temp_dir("refuse");
+    let job = micro_job(&["train.steps=10"]);
+    run(&job, &dir, Resume::No);
+    let before = std::fs::read(dir.join("metrics.jsonl")).unwrap();
+    let err = train(
+        &job,
+        &RunOptions {
+            run_dir: dir.clone(),
+            resume: Resume::No,
+        },
+        &mut Recorder::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("--resume"), "{err}");
+    assert_eq!(
+        std::fs::read(dir.join("metrics.jsonl")).unwrap(),
+        before,
+        "metrics were touched"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn resuming_with_another_model_is_refused_naming_the_keys() {
+    let dir = temp_dir("incompatible");
+    run(&micro_job(&["train.steps=10"]), &dir, Resume::No);
+    let other = micro_job(&["model.d_model=64"]);
+    let err = train(
+        &other,
+        &RunOptions {
+            run_dir: dir.clone(),
+            resume: Resume::Latest,
+        },
+        &mut Recorder::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("d_model") && err.contains("different model"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
