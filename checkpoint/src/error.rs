@@ -25,10 +25,7 @@ pub enum Error {
 
     /// A local checkpoint folder could not be created.
     #[error("could not create checkpoint folder {}: {source}; check that the path is writable", path.display())]
-    CreateDir {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    CreateDir { path: PathBuf, source: std::io::Error },
 
     /// The tokio runtime that drives object_store could not start.
     #[error("could not start the I/O runtime for checkpoint store {url}: {source}")]
@@ -43,43 +40,28 @@ pub enum Error {
 
     /// An object store request failed.
     #[error("could not {op} {url}: {source}; {}", storage_hint(source))]
-    Storage {
-        op: &'static str,
-        url: String,
-        source: object_store::Error,
-    },
+    Storage { op: &'static str, url: String, source: object_store::Error },
 
     /// The requested step has no manifest, so it was never committed.
     #[error(
         "step {step} in {root} is not committed ({url} does not exist); \
          pick a committed step or resume from the latest one"
     )]
-    NotCommitted {
-        step: u64,
-        root: String,
-        url: String,
-    },
+    NotCommitted { step: u64, root: String, url: String },
 
     /// manifest.json could not be parsed.
     #[error(
         "manifest {url} could not be read: {source}; the checkpoint is corrupt or was not \
          written by switchyard, resume from an earlier step"
     )]
-    ManifestJson {
-        url: String,
-        source: serde_json::Error,
-    },
+    ManifestJson { url: String, source: serde_json::Error },
 
     /// manifest.json was written by a format this build does not read.
     #[error(
         "manifest {url} has format_version {found}, but this build reads format_version {expected}; \
          use the switchyard version that wrote it (see code_version in the manifest)"
     )]
-    FormatVersion {
-        url: String,
-        found: String,
-        expected: u32,
-    },
+    FormatVersion { url: String, found: String, expected: u32 },
 
     /// A manifest's contents contradict themselves or the step asked for.
     #[error("manifest {url} is invalid: {reason}")]
@@ -94,18 +76,11 @@ pub enum Error {
 
     /// A tensor handed to `write_shard` is inconsistent.
     #[error("cannot write tensor '{tensor}' to shard {url}: {reason}")]
-    InvalidTensor {
-        url: String,
-        tensor: String,
-        reason: String,
-    },
+    InvalidTensor { url: String, tensor: String, reason: String },
 
     /// The safetensors encoder refused the shard.
     #[error("could not encode shard {url} as safetensors: {source}")]
-    Encode {
-        url: String,
-        source: safetensors::SafeTensorError,
-    },
+    Encode { url: String, source: safetensors::SafeTensorError },
 
     /// Commit found a shard named in the manifest missing from storage.
     #[error(
@@ -119,23 +94,14 @@ pub enum Error {
         "cannot commit step {step}: shard {url} has {found} bytes but its rank reported {expected}; \
          the upload is incomplete or was overwritten, write the shard again"
     )]
-    ShardSizeMismatch {
-        step: u64,
-        url: String,
-        expected: u64,
-        found: u64,
-    },
+    ShardSizeMismatch { step: u64, url: String, expected: u64, found: u64 },
 
     /// A tensor's bytes do not match the manifest (size, checksum, header).
     #[error(
         "checkpoint is corrupt: tensor '{tensor}' in shard {url}: {reason}; \
          resume from an earlier step"
     )]
-    CorruptTensor {
-        url: String,
-        tensor: String,
-        reason: String,
-    },
+    CorruptTensor { url: String, tensor: String, reason: String },
 
     /// A whole shard file is unreadable or of the wrong size.
     #[error("checkpoint is corrupt: shard {url}: {reason}; resume from an earlier step")]

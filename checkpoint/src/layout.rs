@@ -53,10 +53,7 @@ pub(crate) fn check_shard_name(name: &str) -> Result<(), String> {
     if name.starts_with('.') {
         return Err("it starts with '.'".into());
     }
-    if let Some(c) = name
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
-    {
+    if let Some(c) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
         return Err(format!("it contains '{c}'"));
     }
     Ok(())
@@ -69,10 +66,7 @@ pub(crate) fn check_shard_name(name: &str) -> Result<(), String> {
 /// root keeps the caller's form (URL or path) so it can go to
 /// [`CheckpointStore::open`](crate::CheckpointStore::open) unchanged.
 pub fn parse_step_url(url: &str) -> Result<(String, u64)> {
-    let invalid = |reason: String| Error::InvalidStepUrl {
-        url: url.to_string(),
-        reason,
-    };
+    let invalid = |reason: String| Error::InvalidStepUrl { url: url.to_string(), reason };
     let mut rest = url.trim().trim_end_matches('/');
     if let Some(dir) = rest.strip_suffix(MANIFEST) {
         rest = dir.trim_end_matches('/');
@@ -84,8 +78,7 @@ pub fn parse_step_url(url: &str) -> Result<(String, u64)> {
         Some((root, last)) => (root, last),
         None => ("", rest),
     };
-    let step = parse_step_dir(last)
-        .ok_or_else(|| invalid(format!("its last part '{last}' is not a step folder")))?;
+    let step = parse_step_dir(last).ok_or_else(|| invalid(format!("its last part '{last}' is not a step folder")))?;
     let root = if root.is_empty() {
         // "step-00000020" alone, or "/step-00000020": the root is the folder around it.
         if rest.starts_with('/') { "/" } else { "." }.to_string()

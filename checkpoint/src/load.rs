@@ -26,10 +26,7 @@ impl CheckpointStore {
     pub fn committed_steps(&self) -> Result<Vec<u64>> {
         self.run(async {
             let steps = self.scan().await?;
-            Ok(steps
-                .into_iter()
-                .filter_map(|(step, l)| l.committed.then_some(step))
-                .collect())
+            Ok(steps.into_iter().filter_map(|(step, l)| l.committed.then_some(step)).collect())
         })
     }
 
@@ -44,10 +41,7 @@ impl CheckpointStore {
                 }
             }
             let steps = self.scan().await?;
-            Ok(steps
-                .into_iter()
-                .rev()
-                .find_map(|(step, l)| l.committed.then_some(step)))
+            Ok(steps.into_iter().rev().find_map(|(step, l)| l.committed.then_some(step)))
         })
     }
 
@@ -58,12 +52,7 @@ impl CheckpointStore {
 
     /// Read the tensors of `step` whose names pass `filter`, verifying each
     /// one's size and CRC-32 against `manifest`.
-    pub fn read_tensors(
-        &self,
-        step: u64,
-        manifest: &Manifest,
-        filter: impl Fn(&str) -> bool,
-    ) -> Result<LoadedTensors> {
+    pub fn read_tensors(&self, step: u64, manifest: &Manifest, filter: impl Fn(&str) -> bool) -> Result<LoadedTensors> {
         if manifest.step != step {
             return Err(Error::InvalidManifest {
                 url: self.io.url(&layout::in_step(step, MANIFEST)),
@@ -75,9 +64,7 @@ impl CheckpointStore {
         for t in manifest.tensors.iter().filter(|t| filter(&t.name)) {
             by_shard.entry(t.shard.as_str()).or_default().push(t);
         }
-        let reads = by_shard
-            .into_iter()
-            .map(|(file, entries)| self.read_shard_tensors(step, manifest, file, entries));
+        let reads = by_shard.into_iter().map(|(file, entries)| self.read_shard_tensors(step, manifest, file, entries));
         let per_shard = self.run(try_join_all(reads))?;
         Ok(per_shard.into_iter().flatten().collect())
     }
@@ -93,18 +80,9 @@ impl CheckpointStore {
         let url = self.io.url(&rel);
         // A short or missing file would otherwise surface as an opaque
         // range error from the store; name it as corruption instead.
-        let expected = manifest
-            .shards
-            .iter()
-            .find(|s| s.file == file)
-            .map(|s| s.size_bytes);
+        let expected = manifest.shards.iter().find(|s| s.file == file).map(|s| s.size_bytes);
         match (self.io.size(&rel).await?, expected) {
-            (None, _) => {
-                return Err(Error::CorruptShard {
-                    url,
-                    reason: "the shard file is missing".into(),
-                })
-            }
+            (None, _) => return Err(Error::CorruptShard { url, reason: "the shard file is missing".into() }),
             (Some(found), Some(expected)) if found != expected => {
                 return Err(Error::CorruptShard {
                     url,
@@ -113,10 +91,7 @@ impl CheckpointStore {
             }
             _ => {}
         }
-        let ranges: Vec<_> = entries
-            .iter()
-            .map(|t| t.offset..t.offset + t.length)
-            .collect();
+        let ranges: Vec<_> = entries.iter().map(|t| t.offset..t.offset + t.length).collect();
         let parts = self.io.get_ranges(&rel, &ranges).await?;
         entries
             .into_iter()
@@ -133,11 +108,7 @@ impl CheckpointStore {
         let rel = layout::in_step(step, MANIFEST);
         let url = self.io.url(&rel);
         let Some(bytes) = self.io.get(&rel).await? else {
-            return Err(Error::NotCommitted {
-                step,
-                root: self.url().to_string(),
-                url,
-            });
+            return Err(Error::NotCommitted { step, root: self.url().to_string(), url });
         };
         let manifest = Manifest::from_json(&bytes, &url)?;
         if manifest.step != step {
@@ -150,9 +121,7 @@ impl CheckpointStore {
                 ),
             });
         }
-        manifest
-            .check_consistent()
-            .map_err(|reason| Error::InvalidManifest { url, reason })?;
+        manifest.check_consistent().map_err(|reason| Error::InvalidManifest { url, reason })?;
         Ok(manifest)
     }
 
@@ -175,10 +144,7 @@ impl CheckpointStore {
             let Some(step) = layout::parse_step_dir(dir) else {
                 continue;
             };
-            let listing = steps.entry(step).or_insert(StepListing {
-                committed: false,
-                objects: Vec::new(),
-            });
+            let listing = steps.entry(step).or_insert(StepListing { committed: false, objects: Vec::new() });
             listing.committed |= rest == MANIFEST;
             listing.objects.push(rel);
         }
@@ -189,11 +155,7 @@ impl CheckpointStore {
 /// Check a tensor's bytes against its manifest entry: dtype this build can
 /// decode, length, checksum.
 pub(crate) fn check_tensor_bytes(t: &TensorEntry, bytes: &[u8], url: &str) -> Result<()> {
-    let corrupt = |reason: String| Error::CorruptTensor {
-        url: url.to_string(),
-        tensor: t.name.clone(),
-        reason,
-    };
+    let corrupt = |reason: String| Error::CorruptTensor { url: url.to_string(), tensor: t.name.clone(), reason };
     if manifest::expected_length(t) != Some(t.length) {
         return Err(corrupt(format!(
             "dtype {} with shape {:?} cannot be {} bytes (this build reads F32 only)",
@@ -201,18 +163,11 @@ pub(crate) fn check_tensor_bytes(t: &TensorEntry, bytes: &[u8], url: &str) -> Re
         )));
     }
     if bytes.len() as u64 != t.length {
-        return Err(corrupt(format!(
-            "read {} bytes, the manifest says {}",
-            bytes.len(),
-            t.length
-        )));
+        return Err(corrupt(format!("read {} bytes, the manifest says {}", bytes.len(), t.length)));
     }
     let crc = crc32fast::hash(bytes);
     if crc != t.crc32 {
-        return Err(corrupt(format!(
-            "CRC-32 mismatch: manifest has {:08x}, data has {crc:08x}",
-            t.crc32
-        )));
+        return Err(corrupt(format!("CRC-32 mismatch: manifest has {:08x}, data has {crc:08x}", t.crc32)));
     }
     Ok(())
 }

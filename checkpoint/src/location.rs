@@ -22,10 +22,7 @@ pub(crate) struct Location {
 pub(crate) fn resolve(input: &str) -> Result<Location> {
     let input = input.trim();
     if input.is_empty() {
-        return Err(Error::InvalidUrl {
-            url: String::new(),
-            reason: "it is empty".into(),
-        });
+        return Err(Error::InvalidUrl { url: String::new(), reason: "it is empty".into() });
     }
     let Some(scheme) = url_scheme(input) else {
         return local_folder(FsPath::new(input));
@@ -33,10 +30,7 @@ pub(crate) fn resolve(input: &str) -> Result<Location> {
     let shown = redact(input);
     match scheme.as_str() {
         "file" => {
-            let url = Url::parse(input).map_err(|e| Error::InvalidUrl {
-                url: shown.clone(),
-                reason: e.to_string(),
-            })?;
+            let url = Url::parse(input).map_err(|e| Error::InvalidUrl { url: shown.clone(), reason: e.to_string() })?;
             let path = url.to_file_path().map_err(|()| Error::InvalidUrl {
                 url: shown,
                 reason: "a file URL needs an absolute local path and no host".into(),
@@ -46,11 +40,7 @@ pub(crate) fn resolve(input: &str) -> Result<Location> {
         "memory" => {
             // Everything after "memory://" is a key prefix inside the fresh store.
             let prefix = input["memory://".len().min(input.len())..].trim_matches('/');
-            Ok(Location {
-                store: Arc::new(InMemory::new()),
-                prefix: Path::from(prefix),
-                display_url: shown,
-            })
+            Ok(Location { store: Arc::new(InMemory::new()), prefix: Path::from(prefix), display_url: shown })
         }
         _ => Err(Error::UnsupportedScheme { url: shown, scheme }),
     }
@@ -69,31 +59,19 @@ fn url_scheme(input: &str) -> Option<String> {
 /// A local folder, created if needed; named to users as file:// of its
 /// canonical absolute path so logs and manifests show one stable form.
 fn local_folder(path: &FsPath) -> Result<Location> {
-    let create_err = |source| Error::CreateDir {
-        path: path.to_path_buf(),
-        source,
-    };
+    let create_err = |source| Error::CreateDir { path: path.to_path_buf(), source };
     std::fs::create_dir_all(path).map_err(create_err)?;
     let abs: PathBuf = std::fs::canonicalize(path).map_err(create_err)?;
-    let display_url = Url::from_file_path(&abs)
-        .map(|u| u.to_string())
-        .unwrap_or_else(|()| format!("file://{}", abs.display()));
+    let display_url =
+        Url::from_file_path(&abs).map(|u| u.to_string()).unwrap_or_else(|()| format!("file://{}", abs.display()));
     let store = LocalFileSystem::new_with_prefix(&abs)
-        .map_err(|e| Error::Storage {
-            op: "open",
-            url: display_url.clone(),
-            source: e,
-        })?
+        .map_err(|e| Error::Storage { op: "open", url: display_url.clone(), source: e })?
         // Deleting a step should remove its folder too, not leave empty dirs.
         .with_automatic_cleanup(true)
         // A committed manifest must survive a power loss together with its
         // shards; checkpoints are rare enough that fsync costs little.
         .with_fsync(true);
-    Ok(Location {
-        store: Arc::new(store),
-        prefix: Path::default(),
-        display_url,
-    })
+    Ok(Location { store: Arc::new(store), prefix: Path::default(), display_url })
 }
 
 /// A URL fit for messages: user, password, query and fragment removed, since

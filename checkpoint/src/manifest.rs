@@ -90,9 +90,7 @@ impl Manifest {
     /// An empty manifest for `step`, stamped with the current time; fill the
     /// `Value` fields and add shards before committing.
     pub fn new(step: u64, tokens_seen: u64, code_version: impl Into<String>) -> Self {
-        let created_unix_s = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+        let created_unix_s = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
         Self {
             format_version: FORMAT_VERSION,
             step,
@@ -112,10 +110,7 @@ impl Manifest {
 
     /// Record a written shard and its tensors.
     pub fn add_shard(&mut self, report: ShardReport) {
-        self.shards.push(ShardEntry {
-            file: report.file,
-            size_bytes: report.size_bytes,
-        });
+        self.shards.push(ShardEntry { file: report.file, size_bytes: report.size_bytes });
         self.tensors.extend(report.tensors);
     }
 
@@ -127,10 +122,7 @@ impl Manifest {
     /// Parse manifest.json, checking the format version before anything else
     /// so an old or future file gets a version error, not a field error.
     pub(crate) fn from_json(bytes: &[u8], url: &str) -> Result<Self> {
-        let json_err = |source| Error::ManifestJson {
-            url: url.to_string(),
-            source,
-        };
+        let json_err = |source| Error::ManifestJson { url: url.to_string(), source };
         let value: Value = serde_json::from_slice(bytes).map_err(json_err)?;
         let version = value.get("format_version");
         if version.and_then(Value::as_u64) != Some(u64::from(FORMAT_VERSION)) {
@@ -145,8 +137,7 @@ impl Manifest {
 
     /// Pretty JSON, since people read manifests when debugging runs.
     pub(crate) fn to_json(&self) -> Vec<u8> {
-        let mut bytes =
-            serde_json::to_vec_pretty(self).expect("a Manifest always serializes to JSON");
+        let mut bytes = serde_json::to_vec_pretty(self).expect("a Manifest always serializes to JSON");
         bytes.push(b'\n');
         bytes
     }
@@ -155,20 +146,14 @@ impl Manifest {
     /// tensor inside a listed shard, sizes that add up.
     pub(crate) fn check_consistent(&self) -> Result<(), String> {
         if self.format_version != FORMAT_VERSION {
-            return Err(format!(
-                "format_version is {}, this build writes {FORMAT_VERSION}",
-                self.format_version
-            ));
+            return Err(format!("format_version is {}, this build writes {FORMAT_VERSION}", self.format_version));
         }
         let mut shard_sizes = BTreeMap::new();
         for shard in &self.shards {
             if !layout::is_shard_file(&shard.file) {
                 return Err(format!("shard file '{}' is not under shards/", shard.file));
             }
-            if shard_sizes
-                .insert(shard.file.as_str(), shard.size_bytes)
-                .is_some()
-            {
+            if shard_sizes.insert(shard.file.as_str(), shard.size_bytes).is_some() {
                 return Err(format!("shard '{}' is listed twice", shard.file));
             }
         }
@@ -178,16 +163,10 @@ impl Manifest {
                 return Err(format!("tensor '{}' is listed twice", t.name));
             }
             let Some(&size) = shard_sizes.get(t.shard.as_str()) else {
-                return Err(format!(
-                    "tensor '{}' is in shard '{}', which is not in the shard list",
-                    t.name, t.shard
-                ));
+                return Err(format!("tensor '{}' is in shard '{}', which is not in the shard list", t.name, t.shard));
             };
             if t.offset.checked_add(t.length).is_none_or(|end| end > size) {
-                return Err(format!(
-                    "tensor '{}' ends past the end of shard '{}' ({size} bytes)",
-                    t.name, t.shard
-                ));
+                return Err(format!("tensor '{}' ends past the end of shard '{}' ({size} bytes)", t.name, t.shard));
             }
             if expected_length(t) != Some(t.length) {
                 return Err(format!(
@@ -207,7 +186,5 @@ pub(crate) fn expected_length(t: &TensorEntry) -> Option<u64> {
         DTYPE_F32 => 4,
         _ => return None,
     };
-    t.shape
-        .iter()
-        .try_fold(elem_bytes, |acc, &d| acc.checked_mul(d as u64))
+    t.shape.iter().try_fold(elem_bytes, |acc, &d| acc.checked_mul(d as u64))
 }

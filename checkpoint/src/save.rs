@@ -11,16 +11,9 @@ use crate::store_handle::CheckpointStore;
 impl CheckpointStore {
     /// Write one rank's shard of `step` as `step-XXXXXXXX/shards/<shard>.safetensors`
     /// and report its tensors for the manifest. Rewriting a shard replaces it.
-    pub fn write_shard(
-        &self,
-        step: u64,
-        shard: &str,
-        tensors: &[TensorRef<'_>],
-    ) -> Result<ShardReport> {
-        layout::check_shard_name(shard).map_err(|reason| Error::InvalidShardName {
-            name: shard.to_string(),
-            reason,
-        })?;
+    pub fn write_shard(&self, step: u64, shard: &str, tensors: &[TensorRef<'_>]) -> Result<ShardReport> {
+        layout::check_shard_name(shard)
+            .map_err(|reason| Error::InvalidShardName { name: shard.to_string(), reason })?;
         let file = layout::shard_file(shard);
         let rel = layout::in_step(step, &file);
         shard::check_tensors(tensors).map_err(|(tensor, reason)| Error::InvalidTensor {
@@ -28,10 +21,8 @@ impl CheckpointStore {
             tensor,
             reason,
         })?;
-        let (bytes, placed) = shard::encode(tensors).map_err(|source| Error::Encode {
-            url: self.io.url(&rel),
-            source,
-        })?;
+        let (bytes, placed) =
+            shard::encode(tensors).map_err(|source| Error::Encode { url: self.io.url(&rel), source })?;
         let size_bytes = bytes.len() as u64;
         self.run(self.io.put(&rel, bytes))?;
         let tensors = tensors
@@ -47,11 +38,7 @@ impl CheckpointStore {
                 crc32: p.crc32,
             })
             .collect();
-        Ok(ShardReport {
-            file,
-            size_bytes,
-            tensors,
-        })
+        Ok(ShardReport { file, size_bytes, tensors })
     }
 
     /// Commit `manifest.step`: check every listed shard exists with its
@@ -61,18 +48,12 @@ impl CheckpointStore {
         let manifest_rel = layout::in_step(step, MANIFEST);
         manifest
             .check_consistent()
-            .map_err(|reason| Error::InvalidManifest {
-                url: self.io.url(&manifest_rel),
-                reason,
-            })?;
+            .map_err(|reason| Error::InvalidManifest { url: self.io.url(&manifest_rel), reason })?;
         self.run(async {
             let checks = manifest.shards.iter().map(|shard| async move {
                 let rel = layout::in_step(step, &shard.file);
                 match self.io.size(&rel).await? {
-                    None => Err(Error::ShardMissing {
-                        step,
-                        url: self.io.url(&rel),
-                    }),
+                    None => Err(Error::ShardMissing { step, url: self.io.url(&rel) }),
                     Some(found) if found != shard.size_bytes => Err(Error::ShardSizeMismatch {
                         step,
                         url: self.io.url(&rel),
@@ -101,9 +82,7 @@ impl CheckpointStore {
             let steps = self.scan().await?;
             let mut removed = Vec::new();
             for (step, listing) in steps.into_iter().filter(|(_, l)| !l.committed) {
-                self.io
-                    .delete_all(&layout::step_dir_name(step), &listing.objects)
-                    .await?;
+                self.io.delete_all(&layout::step_dir_name(step), &listing.objects).await?;
                 removed.push(step);
             }
             Ok(removed)
@@ -115,12 +94,7 @@ impl CheckpointStore {
     pub fn prune(&self, keep_last: usize) -> Result<Vec<u64>> {
         self.run(async {
             let latest = self.latest_pointer().await?;
-            let committed: Vec<_> = self
-                .scan()
-                .await?
-                .into_iter()
-                .filter(|(_, l)| l.committed)
-                .collect();
+            let committed: Vec<_> = self.scan().await?.into_iter().filter(|(_, l)| l.committed).collect();
             let excess = committed.len().saturating_sub(keep_last);
             let mut removed = Vec::new();
             for (step, listing) in committed.into_iter().take(excess) {
@@ -131,14 +105,8 @@ impl CheckpointStore {
                 // Manifest first: if we stop half-way the step is merely
                 // uncommitted, never a committed step with shards missing.
                 let manifest_rel = layout::in_step(step, MANIFEST);
-                self.io
-                    .delete_all(&scope, std::slice::from_ref(&manifest_rel))
-                    .await?;
-                let rest: Vec<_> = listing
-                    .objects
-                    .into_iter()
-                    .filter(|rel| *rel != manifest_rel)
-                    .collect();
+                self.io.delete_all(&scope, std::slice::from_ref(&manifest_rel)).await?;
+                let rest: Vec<_> = listing.objects.into_iter().filter(|rel| *rel != manifest_rel).collect();
                 self.io.delete_all(&scope, &rest).await?;
                 removed.push(step);
             }

@@ -63,16 +63,9 @@ pub(crate) fn check_tensors(tensors: &[TensorRef<'_>]) -> Result<(), (String, St
         if !seen.insert(t.name) {
             return fail("the name appears twice in this shard".into());
         }
-        let numel = t
-            .shape
-            .iter()
-            .try_fold(1usize, |acc, &d| acc.checked_mul(d));
+        let numel = t.shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
         if numel != Some(t.data.len()) {
-            return fail(format!(
-                "shape {:?} does not match {} values",
-                t.shape,
-                t.data.len()
-            ));
+            return fail(format!("shape {:?} does not match {} values", t.shape, t.data.len()));
         }
     }
     Ok(())
@@ -83,10 +76,7 @@ pub(crate) fn check_tensors(tensors: &[TensorRef<'_>]) -> Result<(), (String, St
 pub(crate) fn encode(tensors: &[TensorRef<'_>]) -> Result<(Vec<u8>, Vec<Placed>), SafeTensorError> {
     // "format": "pt" is what transformers' loaders expect to find.
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-    let bytes = safetensors::serialize(
-        tensors.iter().map(|t| (t.name, F32View(*t))),
-        Some(metadata),
-    )?;
+    let bytes = safetensors::serialize(tensors.iter().map(|t| (t.name, F32View(*t))), Some(metadata))?;
     // The encoder chooses the data order, so read the offsets back from the
     // header instead of predicting them.
     let (header_len, metadata) = SafeTensors::read_metadata(&bytes)?;
@@ -94,9 +84,7 @@ pub(crate) fn encode(tensors: &[TensorRef<'_>]) -> Result<(Vec<u8>, Vec<Placed>)
     let placed = tensors
         .iter()
         .map(|t| {
-            let info = metadata
-                .info(t.name)
-                .expect("safetensors wrote every tensor it was given");
+            let info = metadata.info(t.name).expect("safetensors wrote every tensor it was given");
             let (begin, end) = info.data_offsets;
             let (begin, end) = (data_start + begin, data_start + end);
             Placed {
@@ -118,8 +106,5 @@ pub(crate) fn read_header(bytes: &[u8]) -> Result<(u64, Metadata), SafeTensorErr
 
 /// Little-endian F32 bytes to values (the length is checked by the caller).
 pub(crate) fn decode_f32(bytes: &[u8]) -> Vec<f32> {
-    bytes
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
+    bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
 }

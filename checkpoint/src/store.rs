@@ -23,11 +23,7 @@ pub(crate) struct ObjectIo {
 impl ObjectIo {
     /// Access objects of `store` under `prefix`; `display_url` names the root in messages.
     pub fn new(store: Arc<dyn ObjectStore>, prefix: Path, display_url: String) -> Self {
-        Self {
-            store,
-            prefix,
-            display_url,
-        }
+        Self { store, prefix, display_url }
     }
 
     /// The root as users should see it (no credentials).
@@ -46,29 +42,17 @@ impl ObjectIo {
     }
 
     fn path(&self, rel: &str) -> Path {
-        let full = if self.prefix.as_ref().is_empty() {
-            rel.to_string()
-        } else {
-            format!("{}/{rel}", self.prefix)
-        };
+        let full = if self.prefix.as_ref().is_empty() { rel.to_string() } else { format!("{}/{rel}", self.prefix) };
         Path::from(full)
     }
 
     fn err(&self, op: &'static str, rel: &str, source: object_store::Error) -> Error {
-        Error::Storage {
-            op,
-            url: self.url(rel),
-            source,
-        }
+        Error::Storage { op, url: self.url(rel), source }
     }
 
     /// Write a whole object atomically (readers see all of it or nothing).
     pub async fn put(&self, rel: &str, bytes: Vec<u8>) -> Result<()> {
-        self.store
-            .put(&self.path(rel), PutPayload::from(bytes))
-            .await
-            .map(drop)
-            .map_err(|e| self.err("write", rel, e))
+        self.store.put(&self.path(rel), PutPayload::from(bytes)).await.map(drop).map_err(|e| self.err("write", rel, e))
     }
 
     /// Read a whole object; `None` when it does not exist.
@@ -89,21 +73,12 @@ impl ObjectIo {
         let mut parts = if wanted.is_empty() {
             Vec::new()
         } else {
-            self.store
-                .get_ranges(&self.path(rel), &wanted)
-                .await
-                .map_err(|e| self.err("read", rel, e))?
+            self.store.get_ranges(&self.path(rel), &wanted).await.map_err(|e| self.err("read", rel, e))?
         }
         .into_iter();
         Ok(ranges
             .iter()
-            .map(|r| {
-                if r.is_empty() {
-                    Vec::new()
-                } else {
-                    parts.next().map_or_else(Vec::new, |b| b.to_vec())
-                }
-            })
+            .map(|r| if r.is_empty() { Vec::new() } else { parts.next().map_or_else(Vec::new, |b| b.to_vec()) })
             .collect())
     }
 
@@ -119,12 +94,7 @@ impl ObjectIo {
     /// Paths of every object under the root, recursively, in no particular order.
     pub async fn list(&self) -> Result<Vec<String>> {
         let prefix = (!self.prefix.as_ref().is_empty()).then_some(&self.prefix);
-        let metas: Vec<_> = self
-            .store
-            .list(prefix)
-            .try_collect()
-            .await
-            .map_err(|e| self.err("list", "", e))?;
+        let metas: Vec<_> = self.store.list(prefix).try_collect().await.map_err(|e| self.err("list", "", e))?;
         Ok(metas
             .into_iter()
             .filter_map(|meta| {
@@ -140,9 +110,7 @@ impl ObjectIo {
     /// `scope` (e.g. the step folder) names them in errors.
     pub async fn delete_all(&self, scope: &str, rels: &[String]) -> Result<()> {
         let paths: Vec<_> = rels.iter().map(|rel| Ok(self.path(rel))).collect();
-        let mut results = self
-            .store
-            .delete_stream(futures::stream::iter(paths).boxed());
+        let mut results = self.store.delete_stream(futures::stream::iter(paths).boxed());
         while let Some(result) = results.next().await {
             match result {
                 Ok(_) | Err(object_store::Error::NotFound { .. }) => {}

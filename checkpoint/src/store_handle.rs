@@ -26,21 +26,13 @@ impl CheckpointStore {
     /// Open the checkpoint root at `url`: `file:///abs/path`, a plain local
     /// path (created if missing) or `memory://` (a fresh, empty store per call).
     pub fn open(url: &str) -> Result<Self> {
-        let Location {
-            store,
-            prefix,
-            display_url,
-        } = location::resolve(url)?;
+        let Location { store, prefix, display_url } = location::resolve(url)?;
         Self::build(ObjectIo::new(store, prefix, display_url))
     }
 
     /// Use an existing object store (e.g. one `InMemory` shared by a test's
     /// writer and reader) with keys under `prefix`; `display_url` names it in messages.
-    pub fn from_object_store(
-        store: Arc<dyn ObjectStore>,
-        prefix: &str,
-        display_url: &str,
-    ) -> Result<Self> {
+    pub fn from_object_store(store: Arc<dyn ObjectStore>, prefix: &str, display_url: &str) -> Result<Self> {
         let prefix = Path::from(prefix.trim_matches('/'));
         let display_url = location::redact(display_url);
         Self::build(ObjectIo::new(store, prefix, display_url))
@@ -52,10 +44,7 @@ impl CheckpointStore {
         let runtime = Builder::new_current_thread()
             .enable_all()
             .build()
-            .map_err(|source| Error::Runtime {
-                url: io.root_url().to_string(),
-                source,
-            })?;
+            .map_err(|source| Error::Runtime { url: io.root_url().to_string(), source })?;
         Ok(Self { io, runtime })
     }
 
@@ -67,20 +56,14 @@ impl CheckpointStore {
     /// The URL of one step's folder, e.g. `file:///x/checkpoints/step-00000100`
     /// (what `--resume-from` and `eval --checkpoint` take).
     pub fn step_url(&self, step: u64) -> String {
-        format!(
-            "{}/{}",
-            self.url().trim_end_matches('/'),
-            crate::layout::step_dir_name(step)
-        )
+        format!("{}/{}", self.url().trim_end_matches('/'), crate::layout::step_dir_name(step))
     }
 
     /// Run `work` to completion on the store's runtime.
     pub(crate) fn run<T>(&self, work: impl Future<Output = Result<T>>) -> Result<T> {
         // block_on inside a runtime would panic; say what to do instead.
         if Handle::try_current().is_ok() {
-            return Err(Error::InsideAsyncRuntime {
-                url: self.url().to_string(),
-            });
+            return Err(Error::InsideAsyncRuntime { url: self.url().to_string() });
         }
         self.runtime.block_on(work)
     }
@@ -88,8 +71,6 @@ impl CheckpointStore {
 
 impl std::fmt::Debug for CheckpointStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CheckpointStore")
-            .field("url", &self.url())
-            .finish_non_exhaustive()
+        f.debug_struct("CheckpointStore").field("url", &self.url()).finish_non_exhaustive()
     }
 }

@@ -28,20 +28,12 @@ impl CheckpointStore {
     pub fn verify(&self, step: u64) -> Result<VerifyReport> {
         self.run(async {
             let manifest = self.fetch_manifest(step).await?;
-            let mut report = VerifyReport {
-                step,
-                num_shards: 0,
-                num_tensors: 0,
-                num_bytes: 0,
-            };
+            let mut report = VerifyReport { step, num_shards: 0, num_tensors: 0, num_bytes: 0 };
             // One shard in memory at a time keeps peak memory at the largest shard.
             for shard_entry in &manifest.shards {
                 let rel = layout::in_step(step, &shard_entry.file);
                 let url = self.io.url(&rel);
-                let corrupt_shard = |reason: String| Error::CorruptShard {
-                    url: url.clone(),
-                    reason,
-                };
+                let corrupt_shard = |reason: String| Error::CorruptShard { url: url.clone(), reason };
                 let Some(bytes) = self.io.get(&rel).await? else {
                     return Err(corrupt_shard("the shard file is missing".into()));
                 };
@@ -55,11 +47,8 @@ impl CheckpointStore {
                 let (data_start, header) = shard::read_header(&bytes)
                     .map_err(|e| corrupt_shard(format!("its safetensors header is unreadable: {e}")))?;
                 for t in manifest.tensors.iter().filter(|t| t.shard == shard_entry.file) {
-                    let corrupt = |reason: String| Error::CorruptTensor {
-                        url: url.clone(),
-                        tensor: t.name.clone(),
-                        reason,
-                    };
+                    let corrupt =
+                        |reason: String| Error::CorruptTensor { url: url.clone(), tensor: t.name.clone(), reason };
                     let Some(info) = header.info(&t.name) else {
                         return Err(corrupt("it is missing from the shard's header".into()));
                     };

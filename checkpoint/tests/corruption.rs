@@ -21,15 +21,9 @@ fn flipped_byte_fails_read_and_verify() {
     let check = |err: Error| {
         let msg = err.to_string();
         assert!(matches!(err, Error::CorruptTensor { .. }), "{msg}");
-        assert!(
-            msg.contains("step-00000020/shards/rank-00000.safetensors"),
-            "{msg}"
-        );
+        assert!(msg.contains("step-00000020/shards/rank-00000.safetensors"), "{msg}");
         assert!(msg.contains(VICTIM), "{msg}");
-        assert!(
-            msg.contains("corrupt") && msg.contains("earlier step"),
-            "{msg}"
-        );
+        assert!(msg.contains("corrupt") && msg.contains("earlier step"), "{msg}");
     };
     check(store.read_tensors(20, &manifest, |_| true).unwrap_err());
     check(store.verify(20).unwrap_err());
@@ -44,16 +38,11 @@ fn truncated_shard_is_reported() {
     let dir = tempfile::tempdir().unwrap();
     let store = CheckpointStore::open(dir.path().to_str().unwrap()).unwrap();
     let (manifest, _) = save_step(&store, 2);
-    let path = dir
-        .path()
-        .join("step-00000002/shards/rank-00001.safetensors");
+    let path = dir.path().join("step-00000002/shards/rank-00001.safetensors");
     let bytes = std::fs::read(&path).unwrap();
     std::fs::write(&path, &bytes[..bytes.len() - 8]).unwrap();
 
-    for err in [
-        store.read_tensors(2, &manifest, |_| true).unwrap_err(),
-        store.verify(2).unwrap_err(),
-    ] {
+    for err in [store.read_tensors(2, &manifest, |_| true).unwrap_err(), store.verify(2).unwrap_err()] {
         assert!(matches!(err, Error::CorruptShard { .. }), "{err}");
         assert!(err.to_string().contains("rank-00001.safetensors"), "{err}");
     }
@@ -65,21 +54,14 @@ fn other_format_version_is_a_clear_error() {
     let store = CheckpointStore::open(dir.path().to_str().unwrap()).unwrap();
     save_step(&store, 3);
     let path = dir.path().join("step-00000003/manifest.json");
-    let mut json: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let mut json: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
     json["format_version"] = 2.into();
     std::fs::write(&path, serde_json::to_vec(&json).unwrap()).unwrap();
 
     let err = store.read_manifest(3).unwrap_err();
     let msg = err.to_string();
-    assert!(
-        matches!(err, Error::FormatVersion { expected: 1, .. }),
-        "{msg}"
-    );
-    assert!(
-        msg.contains("format_version 2") && msg.contains("manifest.json"),
-        "{msg}"
-    );
+    assert!(matches!(err, Error::FormatVersion { expected: 1, .. }), "{msg}");
+    assert!(msg.contains("format_version 2") && msg.contains("manifest.json"), "{msg}");
 }
 
 #[test]
@@ -87,15 +69,8 @@ fn garbled_manifest_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let store = CheckpointStore::open(dir.path().to_str().unwrap()).unwrap();
     save_step(&store, 3);
-    std::fs::write(
-        dir.path().join("step-00000003/manifest.json"),
-        b"{\"format_",
-    )
-    .unwrap();
+    std::fs::write(dir.path().join("step-00000003/manifest.json"), b"{\"format_").unwrap();
     let err = store.read_manifest(3).unwrap_err();
     assert!(matches!(err, Error::ManifestJson { .. }), "{err}");
-    assert!(
-        err.to_string().contains("step-00000003/manifest.json"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("step-00000003/manifest.json"), "{err}");
 }

@@ -19,10 +19,7 @@ fn uncommitted_step_is_invisible_and_cleaned_up() {
     assert_eq!(store.latest_step().unwrap(), Some(10));
     let err = store.read_manifest(20).unwrap_err();
     assert!(matches!(err, Error::NotCommitted { step: 20, .. }), "{err}");
-    assert!(
-        err.to_string().contains("step-00000020/manifest.json"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("step-00000020/manifest.json"), "{err}");
 
     assert_eq!(store.cleanup_uncommitted().unwrap(), vec![20]);
     assert!(!dir.path().join("step-00000020").exists());
@@ -42,10 +39,7 @@ fn latest_tracks_the_newest_commit() {
         assert_eq!(store.latest_step().unwrap(), Some(step));
     }
     let latest = dir.path().join("latest");
-    assert_eq!(
-        std::fs::read_to_string(&latest).unwrap().trim(),
-        "step-00000015"
-    );
+    assert_eq!(std::fs::read_to_string(&latest).unwrap().trim(), "step-00000015");
 
     // `latest` lost or pointing at a step without manifest: newest committed wins.
     std::fs::remove_file(&latest).unwrap();
@@ -84,26 +78,14 @@ fn commit_refuses_a_missing_shard() {
         manifest.add_shard(store.write_shard(30, shard, &refs(&model[..2])).unwrap());
     }
     // Both ranks wrote the same names; give rank 1's tensors their own.
-    for t in manifest
-        .tensors
-        .iter_mut()
-        .filter(|t| t.shard.contains("00001"))
-    {
+    for t in manifest.tensors.iter_mut().filter(|t| t.shard.contains("00001")) {
         t.name = format!("copy.{}", t.name);
     }
-    std::fs::remove_file(
-        dir.path()
-            .join("step-00000030/shards/rank-00001.safetensors"),
-    )
-    .unwrap();
+    std::fs::remove_file(dir.path().join("step-00000030/shards/rank-00001.safetensors")).unwrap();
 
     let err = store.commit(&manifest).unwrap_err();
     assert!(matches!(err, Error::ShardMissing { step: 30, .. }), "{err}");
-    assert!(
-        err.to_string()
-            .contains("step-00000030/shards/rank-00001.safetensors"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("step-00000030/shards/rank-00001.safetensors"), "{err}");
     assert!(!dir.path().join("step-00000030/manifest.json").exists());
     assert!(!dir.path().join("latest").exists());
     assert_eq!(store.committed_steps().unwrap(), Vec::<u64>::new());
@@ -116,14 +98,9 @@ fn commit_refuses_a_shard_of_the_wrong_size() {
     let mut manifest = Manifest::new(4, 0, "test");
     manifest.add_shard(store.write_shard(4, "rank-00000", &refs(&model)).unwrap());
     // The shard is overwritten with less data after its report was taken.
-    store
-        .write_shard(4, "rank-00000", &refs(&model[..1]))
-        .unwrap();
+    store.write_shard(4, "rank-00000", &refs(&model[..1])).unwrap();
     let err = store.commit(&manifest).unwrap_err();
-    assert!(
-        matches!(err, Error::ShardSizeMismatch { step: 4, .. }),
-        "{err}"
-    );
+    assert!(matches!(err, Error::ShardSizeMismatch { step: 4, .. }), "{err}");
     assert_eq!(store.committed_steps().unwrap(), Vec::<u64>::new());
 }
 
@@ -144,26 +121,15 @@ fn commit_refuses_an_inconsistent_manifest() {
 fn write_shard_rejects_bad_input() {
     let store = CheckpointStore::open("memory://").unwrap();
     let data = [1.0f32; 6];
-    let bad_shape = [checkpoint::TensorRef {
-        name: "layers.0.attn.wq.weight",
-        shape: &[4, 2],
-        data: &data,
-    }];
+    let bad_shape = [checkpoint::TensorRef { name: "layers.0.attn.wq.weight", shape: &[4, 2], data: &data }];
     let err = store.write_shard(1, "rank-0", &bad_shape).unwrap_err();
     assert!(matches!(err, Error::InvalidTensor { .. }), "{err}");
     assert!(err.to_string().contains("layers.0.attn.wq.weight"), "{err}");
 
-    let ok = [checkpoint::TensorRef {
-        name: "w",
-        shape: &[6],
-        data: &data,
-    }];
+    let ok = [checkpoint::TensorRef { name: "w", shape: &[6], data: &data }];
     for name in ["", "../escape", "a/b", ".hidden"] {
         let err = store.write_shard(1, name, &ok).unwrap_err();
-        assert!(
-            matches!(err, Error::InvalidShardName { .. }),
-            "{name}: {err}"
-        );
+        assert!(matches!(err, Error::InvalidShardName { .. }), "{name}: {err}");
     }
     let twice = [ok[0], ok[0]];
     let err = store.write_shard(1, "rank-0", &twice).unwrap_err();

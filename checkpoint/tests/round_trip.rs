@@ -55,12 +55,10 @@ fn plain_path_is_created_and_laid_out() {
 #[test]
 fn memory_round_trip_with_shared_store() {
     let shared = Arc::new(InMemory::new());
-    let writer =
-        CheckpointStore::from_object_store(shared.clone(), "runs/a", "memory://runs/a").unwrap();
+    let writer = CheckpointStore::from_object_store(shared.clone(), "runs/a", "memory://runs/a").unwrap();
     let (written, tensors) = save_step(&writer, 7);
 
-    let reader =
-        CheckpointStore::from_object_store(shared.clone(), "runs/a", "memory://runs/a").unwrap();
+    let reader = CheckpointStore::from_object_store(shared.clone(), "runs/a", "memory://runs/a").unwrap();
     assert_eq!(reader.committed_steps().unwrap(), vec![7]);
     let manifest = reader.read_manifest(7).unwrap();
     assert_eq!(manifest, written);
@@ -86,13 +84,8 @@ fn memory_url_gives_a_fresh_store() {
 fn read_tensors_applies_the_filter() {
     let store = CheckpointStore::open("memory://").unwrap();
     let (manifest, tensors) = save_step(&store, 5);
-    let loaded = store
-        .read_tensors(5, &manifest, |name| name.starts_with("optim."))
-        .unwrap();
-    let expected: Vec<_> = tensors
-        .into_iter()
-        .filter(|(name, _, _)| name.starts_with("optim."))
-        .collect();
+    let loaded = store.read_tensors(5, &manifest, |name| name.starts_with("optim.")).unwrap();
+    let expected: Vec<_> = tensors.into_iter().filter(|(name, _, _)| name.starts_with("optim.")).collect();
     assert!(!expected.is_empty());
     assert_bit_identical(&loaded, &expected);
 }
@@ -106,11 +99,7 @@ fn shards_are_readable_by_the_safetensors_crate() {
         let bytes = std::fs::read(dir.path().join("step-00000009").join(&shard.file)).unwrap();
         assert_eq!(bytes.len() as u64, shard.size_bytes);
         let st = SafeTensors::deserialize(&bytes).unwrap();
-        let in_shard: Vec<_> = manifest
-            .tensors
-            .iter()
-            .filter(|t| t.shard == shard.file)
-            .collect();
+        let in_shard: Vec<_> = manifest.tensors.iter().filter(|t| t.shard == shard.file).collect();
         assert_eq!(st.len(), in_shard.len());
         for entry in in_shard {
             let view = st.tensor(&entry.name).unwrap();

@@ -4,11 +4,7 @@ use checkpoint::{parse_step_url, CheckpointStore, Error};
 
 #[test]
 fn unsupported_schemes_say_so() {
-    for url in [
-        "s3://bucket/ckpt",
-        "gs://bucket/ckpt",
-        "az://container/ckpt",
-    ] {
+    for url in ["s3://bucket/ckpt", "gs://bucket/ckpt", "az://container/ckpt"] {
         let err = CheckpointStore::open(url).unwrap_err();
         let msg = err.to_string();
         assert!(matches!(err, Error::UnsupportedScheme { .. }), "{msg}");
@@ -19,14 +15,9 @@ fn unsupported_schemes_say_so() {
 
 #[test]
 fn errors_never_show_credentials() {
-    let err =
-        CheckpointStore::open("s3://AKIDEXAMPLE:wJalrXUtnFEMI@bucket/ckpt?X-Amz-Signature=abc123")
-            .unwrap_err();
+    let err = CheckpointStore::open("s3://AKIDEXAMPLE:wJalrXUtnFEMI@bucket/ckpt?X-Amz-Signature=abc123").unwrap_err();
     let msg = err.to_string();
-    assert!(
-        !msg.contains("AKIDEXAMPLE") && !msg.contains("wJalrXUtnFEMI"),
-        "{msg}"
-    );
+    assert!(!msg.contains("AKIDEXAMPLE") && !msg.contains("wJalrXUtnFEMI"), "{msg}");
     assert!(!msg.contains("abc123"), "{msg}");
     assert!(msg.contains("bucket/ckpt"), "{msg}");
 }
@@ -50,19 +41,11 @@ fn relative_path_opens_as_absolute_file_url() {
 #[test]
 fn parse_step_url_cases() {
     let ok = |input: &str, root: &str, step: u64| {
-        assert_eq!(
-            parse_step_url(input).unwrap(),
-            (root.to_string(), step),
-            "{input}"
-        );
+        assert_eq!(parse_step_url(input).unwrap(), (root.to_string(), step), "{input}");
     };
     ok("file:///x/ckpt/step-00000020", "file:///x/ckpt", 20);
     ok("file:///x/ckpt/step-00000020/", "file:///x/ckpt", 20);
-    ok(
-        "file:///x/ckpt/step-00000020/manifest.json",
-        "file:///x/ckpt",
-        20,
-    );
+    ok("file:///x/ckpt/step-00000020/manifest.json", "file:///x/ckpt", 20);
     ok("/x/ckpt/step-00000020", "/x/ckpt", 20);
     ok("ckpt/step-00001200", "ckpt", 1200);
     ok("step-00000007", ".", 7);
@@ -72,14 +55,7 @@ fn parse_step_url_cases() {
     ok("file:///step-00000001", "file:///", 1);
     ok("/x/step-123456789", "/x", 123_456_789);
 
-    for bad in [
-        "",
-        "/x/ckpt",
-        "/x/ckpt/latest",
-        "/x/step-",
-        "/x/step-12ab",
-        "file:///x/ckpt/",
-    ] {
+    for bad in ["", "/x/ckpt", "/x/ckpt/latest", "/x/step-", "/x/step-12ab", "file:///x/ckpt/"] {
         let err = parse_step_url(bad).unwrap_err();
         assert!(matches!(err, Error::InvalidStepUrl { .. }), "{bad}: {err}");
         assert!(err.to_string().contains("step-00000020"), "{err}");
@@ -92,11 +68,7 @@ fn step_url_root_reopens_the_same_checkpoint() {
     let root = dir.path().join("ckpt");
     let store = CheckpointStore::open(root.to_str().unwrap()).unwrap();
     let data = [1.0f32, 2.0];
-    let tensor = checkpoint::TensorRef {
-        name: "w",
-        shape: &[2],
-        data: &data,
-    };
+    let tensor = checkpoint::TensorRef { name: "w", shape: &[2], data: &data };
     let mut manifest = checkpoint::Manifest::new(20, 0, "test");
     manifest.add_shard(store.write_shard(20, "rank-00000", &[tensor]).unwrap());
     store.commit(&manifest).unwrap();
@@ -109,9 +81,7 @@ fn step_url_root_reopens_the_same_checkpoint() {
 #[test]
 fn blocking_call_inside_a_runtime_is_an_error_not_a_panic() {
     let store = CheckpointStore::open("memory://").unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
     let err = rt.block_on(async { store.committed_steps() }).unwrap_err();
     assert!(matches!(err, Error::InsideAsyncRuntime { .. }), "{err}");
     assert!(err.to_string().contains("spawn_blocking"), "{err}");

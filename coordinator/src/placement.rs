@@ -21,10 +21,7 @@ impl PlacementPlan {
 
     /// Per layer, the expert ids that `rank` holds.
     pub fn owned_by(&self, rank: usize) -> Vec<Vec<usize>> {
-        self.owners
-            .iter()
-            .map(|layer| (0..layer.len()).filter(|&e| layer[e].contains(&rank)).collect())
-            .collect()
+        self.owners.iter().map(|layer| (0..layer.len()).filter(|&e| layer[e].contains(&rank)).collect()).collect()
     }
 }
 

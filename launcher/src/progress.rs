@@ -26,24 +26,14 @@ impl CorpusEntropy {
     pub fn of_job(job: &JobConfig) -> Option<Self> {
         if job.data.source == "builtin" {
             let corpus = worker::data::BuiltinCorpus::new();
-            return Some(Self {
-                unigram: corpus.unigram_entropy_nats(),
-                floor: Some(corpus.entropy_floor_nats()),
-            });
+            return Some(Self { unigram: corpus.unigram_entropy_nats(), floor: Some(corpus.entropy_floor_nats()) });
         }
         let data = worker::data::PreparedData::open(Path::new(&job.data.source)).ok()?;
         let mut counts = vec![0u64; data.vocab()];
         data.tokens().iter().for_each(|&t| counts[t as usize] += 1);
         let total = data.tokens().len() as f64;
-        let unigram = counts
-            .iter()
-            .filter(|&&c| c > 0)
-            .map(|&c| -(c as f64 / total) * (c as f64 / total).ln())
-            .sum();
-        Some(Self {
-            unigram,
-            floor: None,
-        })
+        let unigram = counts.iter().filter(|&&c| c > 0).map(|&c| -(c as f64 / total) * (c as f64 / total).ln()).sum();
+        Some(Self { unigram, floor: None })
     }
 }
 
@@ -104,16 +94,10 @@ impl ConsoleProgress {
 
     fn entropy_note(&self) -> String {
         match self.entropy {
-            Some(CorpusEntropy {
-                unigram,
-                floor: Some(floor),
-            }) => {
+            Some(CorpusEntropy { unigram, floor: Some(floor) }) => {
                 format!("corpus unigram entropy {unigram:.3} nats, entropy floor {floor:.3} nats")
             }
-            Some(CorpusEntropy {
-                unigram,
-                floor: None,
-            }) => format!("corpus unigram entropy {unigram:.3} nats"),
+            Some(CorpusEntropy { unigram, floor: None }) => format!("corpus unigram entropy {unigram:.3} nats"),
             None => "corpus entropy unknown".into(),
         }
     }
@@ -131,11 +115,7 @@ impl ConsoleProgress {
             self.entropy_note()
         ));
         if let (Some(last), Some(e)) = (summary.last_loss, self.entropy) {
-            let verdict = if last < e.unigram {
-                "below"
-            } else {
-                "NOT below"
-            };
+            let verdict = if last < e.unigram { "below" } else { "NOT below" };
             self.line(&format!(
                 "final loss {last:.4} is {verdict} the unigram entropy {:.4} by {:.4} nats",
                 e.unigram,
@@ -148,9 +128,7 @@ impl ConsoleProgress {
         let dir = run_dir.display();
         let config_flag = format!("--run-dir {dir} --config {dir}/config.toml");
         self.line(&format!("checkpoint: {ckpt}"));
-        self.line(&format!(
-            "evaluate:   switchyard eval --checkpoint {ckpt} --data <text file>"
-        ));
+        self.line(&format!("evaluate:   switchyard eval --checkpoint {ckpt} --data <text file>"));
         self.line(&format!(
             "resume:     switchyard train {config_flag} --resume --set train.steps={}",
             job.train.steps * 2
@@ -162,11 +140,7 @@ impl Observer for ConsoleProgress {
     fn on_start(&mut self, info: &StartInfo) {
         self.start_step = info.start_step;
         self.started = Instant::now();
-        self.log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.run_dir.join("train.log"))
-            .ok();
+        self.log = std::fs::OpenOptions::new().create(true).append(true).open(self.run_dir.join("train.log")).ok();
         let from = match &info.resumed_from {
             Some(url) => format!("resuming from {url} (step {})", info.start_step),
             None => "fresh start".into(),
@@ -180,21 +154,14 @@ impl Observer for ConsoleProgress {
             info.total_steps,
         ));
         let note = self.entropy_note();
-        self.line(&format!(
-            "run folder {} | checkpoints {} | {note}",
-            self.run_dir.display(),
-            info.checkpoint_url
-        ));
+        self.line(&format!("run folder {} | checkpoints {} | {note}", self.run_dir.display(), info.checkpoint_url));
     }
 
     fn on_step(&mut self, m: &StepMetrics) {
         let done = m.step - self.start_step;
         let elapsed = self.started.elapsed().as_secs_f64();
         let eta = elapsed / done as f64 * (self.total_steps - m.step) as f64;
-        if m.step % self.log_every == 0
-            || m.step == self.total_steps
-            || m.step == self.start_step + 1
-        {
+        if m.step % self.log_every == 0 || m.step == self.total_steps || m.step == self.start_step + 1 {
             let dropped: usize = m.dropped.iter().sum();
             self.line(&format!(
                 "step {:>6}/{} | loss {:.4} | aux {:.4} | z {:.3} | lr {:.2e} | gnorm {:.3} | {} tok/s | dropped {} | ETA {}",

@@ -83,15 +83,13 @@ impl ModelConfig {
         if self.dropless() {
             return usize::MAX;
         }
-        let exact =
-            self.capacity_factor as f64 * (num_tokens * self.top_k) as f64 / self.n_experts as f64;
+        let exact = self.capacity_factor as f64 * (num_tokens * self.top_k) as f64 / self.n_experts as f64;
         exact.ceil() as usize
     }
 
     /// Rejects impossible settings with the name of the key at fault.
     pub fn validate(&self) -> Result<(), ModelError> {
-        let bad =
-            |key: &'static str, reason: String| Err(ModelError::InvalidConfig { key, reason });
+        let bad = |key: &'static str, reason: String| Err(ModelError::InvalidConfig { key, reason });
         let positive = [
             ("vocab", self.vocab),
             ("d_model", self.d_model),
@@ -109,54 +107,30 @@ impl ModelConfig {
             }
         }
         if !self.d_model.is_multiple_of(self.n_heads) {
-            return bad(
-                "n_heads",
-                format!(
-                    "d_model {} is not divisible by n_heads {}",
-                    self.d_model, self.n_heads
-                ),
-            );
+            return bad("n_heads", format!("d_model {} is not divisible by n_heads {}", self.d_model, self.n_heads));
         }
         if !self.head_dim().is_multiple_of(2) {
-            return bad(
-                "n_heads",
-                format!(
-                    "head_dim d_model/n_heads = {} must be even for RoPE",
-                    self.head_dim()
-                ),
-            );
+            return bad("n_heads", format!("head_dim d_model/n_heads = {} must be even for RoPE", self.head_dim()));
         }
         if !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return bad(
                 "n_kv_heads",
-                format!(
-                    "n_heads {} is not divisible by n_kv_heads {}",
-                    self.n_heads, self.n_kv_heads
-                ),
+                format!("n_heads {} is not divisible by n_kv_heads {}", self.n_heads, self.n_kv_heads),
             );
         }
         if self.top_k > self.n_experts {
-            return bad(
-                "top_k",
-                format!("top_k {} exceeds n_experts {}", self.top_k, self.n_experts),
-            );
+            return bad("top_k", format!("top_k {} exceeds n_experts {}", self.top_k, self.n_experts));
         }
         if self.vocab > u32::MAX as usize {
             return bad("vocab", "must fit in 32 bits".into());
         }
-        for (key, value) in [
-            ("norm_eps", self.norm_eps),
-            ("rope_theta", self.rope_theta),
-            ("init_std", self.init_std),
-        ] {
+        for (key, value) in [("norm_eps", self.norm_eps), ("rope_theta", self.rope_theta), ("init_std", self.init_std)]
+        {
             if !(value > 0.0 && value.is_finite()) {
                 return bad(key, format!("must be a positive number, got {value}"));
             }
         }
-        for (key, value) in [
-            ("aux_loss_coef", self.aux_loss_coef),
-            ("z_loss_coef", self.z_loss_coef),
-        ] {
+        for (key, value) in [("aux_loss_coef", self.aux_loss_coef), ("z_loss_coef", self.z_loss_coef)] {
             if !(value >= 0.0 && value.is_finite()) {
                 return bad(key, format!("must be >= 0, got {value}"));
             }
@@ -169,11 +143,7 @@ impl ModelConfig {
         let (d, f, v) = (self.d_model, self.ffn_hidden, self.vocab);
         let hd = self.head_dim();
         let attn = d * self.n_heads * hd * 2 + d * self.n_kv_heads * hd * 2;
-        let norms = d * if self.block == BlockKind::Sequential {
-            2
-        } else {
-            1
-        };
+        let norms = d * if self.block == BlockKind::Sequential { 2 } else { 1 };
         let experts = (self.n_experts + self.n_shared_experts) * 3 * d * f;
         let layer = attn + norms + self.n_experts * d + experts;
         let output = if self.tie_embeddings { 0 } else { v * d };

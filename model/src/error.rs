@@ -8,11 +8,7 @@ pub enum ModelError {
     InvalidConfig { key: &'static str, reason: String },
     /// A tensor had a different shape from the one the config implies.
     #[error("tensor `{name}` has shape {found:?}, the config needs {expected:?}")]
-    ShapeMismatch {
-        name: String,
-        expected: Vec<usize>,
-        found: Vec<usize>,
-    },
+    ShapeMismatch { name: String, expected: Vec<usize>, found: Vec<usize> },
     /// A named tensor the config needs is absent.
     #[error("tensor `{name}` is missing")]
     MissingTensor { name: String },

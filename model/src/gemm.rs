@@ -51,16 +51,8 @@ fn product(
         return;
     }
     // (row stride, column stride) of op(A) [m,k] and op(B) [k,n].
-    let (a_rs, a_cs) = if a_trans {
-        (1, m as isize)
-    } else {
-        (k as isize, 1)
-    };
-    let (b_rs, b_cs) = if b_trans {
-        (1, k as isize)
-    } else {
-        (n as isize, 1)
-    };
+    let (a_rs, a_cs) = if a_trans { (1, m as isize) } else { (k as isize, 1) };
+    let (b_rs, b_cs) = if b_trans { (1, k as isize) } else { (n as isize, 1) };
     // SAFETY: the asserts above bound every index the strides can reach,
     // and `c` does not alias `a` or `b` (distinct borrows).
     unsafe {
@@ -89,41 +81,17 @@ fn product(
 }
 
 /// `C[m,n] (+)= A[m,k] · B[n,k]^T` — a linear layer's forward pass.
-pub fn matmul_nt(
-    m: usize,
-    k: usize,
-    n: usize,
-    a: &[f32],
-    b: &[f32],
-    c: &mut [f32],
-    accumulate: bool,
-) {
+pub fn matmul_nt(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32], accumulate: bool) {
     product(m, k, n, a, false, b, true, c, accumulate)
 }
 
 /// `C[m,n] (+)= A[m,k] · B[k,n]` — a linear layer's input gradient.
-pub fn matmul_nn(
-    m: usize,
-    k: usize,
-    n: usize,
-    a: &[f32],
-    b: &[f32],
-    c: &mut [f32],
-    accumulate: bool,
-) {
+pub fn matmul_nn(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32], accumulate: bool) {
     product(m, k, n, a, false, b, false, c, accumulate)
 }
 
 /// `C[m,n] (+)= A[k,m]^T · B[k,n]` — a linear layer's weight gradient.
-pub fn matmul_tn(
-    m: usize,
-    k: usize,
-    n: usize,
-    a: &[f32],
-    b: &[f32],
-    c: &mut [f32],
-    accumulate: bool,
-) {
+pub fn matmul_tn(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32], accumulate: bool) {
     product(m, k, n, a, true, b, false, c, accumulate)
 }
 
@@ -156,24 +124,14 @@ mod tests {
     #[test]
     fn all_three_layouts_match_naive_products() {
         for &(m, k, n) in &[(3, 5, 7), (130, 70, 110), (1, 1, 1), (64, 200, 3)] {
-            let a: Vec<f32> = (0..m * k)
-                .map(|i| ((i * 7 % 13) as f32 - 6.0) / 5.0)
-                .collect();
-            let b: Vec<f32> = (0..k * n)
-                .map(|i| ((i * 5 % 11) as f32 - 5.0) / 4.0)
-                .collect();
+            let a: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 13) as f32 - 6.0) / 5.0).collect();
+            let b: Vec<f32> = (0..k * n).map(|i| ((i * 5 % 11) as f32 - 5.0) / 4.0).collect();
             let mut c = vec![1.0; m * n];
             // B stored as [n,k] for nt.
             matmul_nt(m, k, n, &a, &b, &mut c, false);
-            close(
-                &c,
-                &naive(m, k, n, |i, p| a[i * k + p], |p, j| b[j * k + p]),
-            );
+            close(&c, &naive(m, k, n, |i, p| a[i * k + p], |p, j| b[j * k + p]));
             matmul_nn(m, k, n, &a, &b, &mut c, false);
-            close(
-                &c,
-                &naive(m, k, n, |i, p| a[i * k + p], |p, j| b[p * n + j]),
-            );
+            close(&c, &naive(m, k, n, |i, p| a[i * k + p], |p, j| b[p * n + j]));
             // A stored as [k,m] for tn.
             let expect = naive(m, k, n, |i, p| a[p * m + i], |p, j| b[p * n + j]);
             let mut acc = expect.clone();

@@ -100,21 +100,11 @@ impl Dims {
 }
 
 /// Splits a micro-batch into inputs and targets, checking the vocabulary.
-fn inputs_and_targets(
-    cfg: &ModelConfig,
-    mb: MicroBatch,
-) -> Result<(Vec<u32>, Vec<u32>), ModelError> {
+fn inputs_and_targets(cfg: &ModelConfig, mb: MicroBatch) -> Result<(Vec<u32>, Vec<u32>), ModelError> {
     let len = cfg.seq_len + 1;
-    assert_eq!(
-        mb.tokens.len(),
-        mb.batch * len,
-        "micro-batch holds batch x (seq_len+1) tokens"
-    );
+    assert_eq!(mb.tokens.len(), mb.batch * len, "micro-batch holds batch x (seq_len+1) tokens");
     if let Some(&token) = mb.tokens.iter().find(|&&tok| tok as usize >= cfg.vocab) {
-        return Err(ModelError::TokenOutOfRange {
-            token,
-            vocab: cfg.vocab,
-        });
+        return Err(ModelError::TokenOutOfRange { token, vocab: cfg.vocab });
     }
     let mut inputs = Vec::with_capacity(mb.batch * cfg.seq_len);
     let mut targets = Vec::with_capacity(mb.batch * cfg.seq_len);
@@ -159,14 +149,7 @@ fn attention_block_forward(
     rope.apply(&mut cache.k_tg, shape.batch, shape.seq, shape.n_kv_heads);
     cache.probs = vec![0.0; shape.probs_len()];
     cache.attn_tq = vec![0.0; t * q];
-    attention_forward(
-        shape,
-        &cache.q_tq,
-        &cache.k_tg,
-        &cache.v_tg,
-        &mut cache.attn_tq,
-        &mut cache.probs,
-    );
+    attention_forward(shape, &cache.q_tq, &cache.k_tg, &cache.v_tg, &mut cache.attn_tq, &mut cache.probs);
     let mut out_td = vec![0.0; t * d];
     matmul_nt(t, q, d, &cache.attn_tq, &w.wo, &mut out_td, false);
     out_td
@@ -205,11 +188,9 @@ fn attention_block_backward(
     rope.apply_backward(&mut dq_tq, shape.batch, shape.seq, shape.n_heads);
     rope.apply_backward(&mut dk_tg, shape.batch, shape.seq, shape.n_kv_heads);
     let n_td = &cache.attn_in_td;
-    for (dp_tw, wp, gp, width) in [
-        (&dq_tq, &w.wq, &mut gw.wq, q),
-        (&dk_tg, &w.wk, &mut gw.wk, g),
-        (&dv_tg, &w.wv, &mut gw.wv, g),
-    ] {
+    for (dp_tw, wp, gp, width) in
+        [(&dq_tq, &w.wq, &mut gw.wq, q), (&dk_tg, &w.wk, &mut gw.wk, g), (&dv_tg, &w.wv, &mut gw.wv, g)]
+    {
         matmul_tn(width, t, d, dp_tw, n_td, gp, true);
         matmul_nn(t, width, d, dp_tw, wp, dn_td, true);
     }
@@ -244,13 +225,7 @@ fn block_forward(
         ffn_rstd_t: Vec::new(),
         moe: MoeCache::default(),
     };
-    rmsnorm_forward(
-        &cache.x_td,
-        &w.attn_norm,
-        cfg.norm_eps,
-        &mut cache.attn_in_td,
-        &mut cache.attn_rstd_t,
-    );
+    rmsnorm_forward(&cache.x_td, &w.attn_norm, cfg.norm_eps, &mut cache.attn_in_td, &mut cache.attn_rstd_t);
     let attn_in_td = std::mem::take(&mut cache.attn_in_td);
     let attn_td = attention_block_forward(w, rope, dims, &attn_in_td, &mut cache);
     cache.attn_in_td = attn_in_td;
@@ -258,20 +233,11 @@ fn block_forward(
     add_into(&mut out_td, &attn_td);
     match cfg.block {
         BlockKind::Sequential => {
-            let ffn_norm = w
-                .ffn_norm
-                .as_ref()
-                .expect("sequential blocks have ffn_norm");
+            let ffn_norm = w.ffn_norm.as_ref().expect("sequential blocks have ffn_norm");
             cache.h_td = out_td.clone();
             cache.ffn_in_td = vec![0.0; t * d];
             cache.ffn_rstd_t = vec![0.0; t];
-            rmsnorm_forward(
-                &cache.h_td,
-                ffn_norm,
-                cfg.norm_eps,
-                &mut cache.ffn_in_td,
-                &mut cache.ffn_rstd_t,
-            );
+            rmsnorm_forward(&cache.h_td, ffn_norm, cfg.norm_eps, &mut cache.ffn_in_td, &mut cache.ffn_rstd_t);
         }
         // BAM: the MoE reads the same normalised input as attention.
         BlockKind::Parallel => cache.ffn_in_td = cache.attn_in_td.clone(),
@@ -317,22 +283,9 @@ fn block_backward(
                 &mut dffn_in_td,
                 experts,
             )?;
-            let ffn_norm = w
-                .ffn_norm
-                .as_ref()
-                .expect("sequential blocks have ffn_norm");
-            let gffn_norm = gw
-                .ffn_norm
-                .as_mut()
-                .expect("sequential blocks have ffn_norm");
-            rmsnorm_backward(
-                &cache.h_td,
-                ffn_norm,
-                &cache.ffn_rstd_t,
-                &dffn_in_td,
-                &mut dx_td,
-                gffn_norm,
-            );
+            let ffn_norm = w.ffn_norm.as_ref().expect("sequential blocks have ffn_norm");
+            let gffn_norm = gw.ffn_norm.as_mut().expect("sequential blocks have ffn_norm");
+            rmsnorm_backward(&cache.h_td, ffn_norm, &cache.ffn_rstd_t, &dffn_in_td, &mut dx_td, gffn_norm);
             // h = x + Attn(n): the attention branch sees dh.
             let dh_td = dx_td.clone();
             attention_block_backward(w, gw, rope, dims, cache, &dh_td, &mut dn_td);
@@ -354,14 +307,7 @@ fn block_backward(
             attention_block_backward(w, gw, rope, dims, cache, &dout_td, &mut dn_td);
         }
     }
-    rmsnorm_backward(
-        &cache.x_td,
-        &w.attn_norm,
-        &cache.attn_rstd_t,
-        &dn_td,
-        &mut dx_td,
-        &mut gw.attn_norm,
-    );
+    rmsnorm_backward(&cache.x_td, &w.attn_norm, &cache.attn_rstd_t, &dn_td, &mut dx_td, &mut gw.attn_norm);
     Ok(dx_td)
 }
 
@@ -381,9 +327,7 @@ fn trunk_forward(
         let (out_td, cache) = block_forward(cfg, layer, w, rope, dims, x_td, experts)?;
         stats.aux_loss.push(cache.moe.routing.aux_loss);
         stats.z_loss.push(cache.moe.routing.z_loss);
-        stats
-            .tokens_per_expert
-            .push(cache.moe.routing.tokens_per_expert.clone());
+        stats.tokens_per_expert.push(cache.moe.routing.tokens_per_expert.clone());
         stats.dropped.push(cache.moe.routing.dropped);
         caches.push(cache);
         x_td = out_td;
@@ -392,12 +336,7 @@ fn trunk_forward(
 }
 
 /// Final norm and LM head: returns (normalised states, rstd, logits).
-fn head_forward(
-    cfg: &ModelConfig,
-    dense: &DenseWeights,
-    dims: &Dims,
-    x_td: &[f32],
-) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+fn head_forward(cfg: &ModelConfig, dense: &DenseWeights, dims: &Dims, x_td: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let (t, d, v) = (dims.t, dims.d, cfg.vocab);
     let mut xf_td = vec![0.0; t * d];
     let mut rstd_t = vec![0.0; t];
@@ -421,15 +360,11 @@ pub fn forward_backward(
     let (inputs, targets) = inputs_and_targets(cfg, mb)?;
     let dims = Dims::new(cfg, mb.batch);
     let (t, d, v) = (dims.t, dims.d, cfg.vocab);
-    let mut stats = ForwardStats {
-        num_tokens: t,
-        ..Default::default()
-    };
+    let mut stats = ForwardStats { num_tokens: t, ..Default::default() };
     let (x_td, caches) = trunk_forward(cfg, rope, dense, &dims, &inputs, experts, &mut stats)?;
     let (xf_td, rstd_t, logits_tv) = head_forward(cfg, dense, &dims, &x_td);
     let mut dlogits_tv = vec![0.0; t * v];
-    stats.ce_sum =
-        cross_entropy_forward_backward(&logits_tv, &targets, v, scales.ce, &mut dlogits_tv);
+    stats.ce_sum = cross_entropy_forward_backward(&logits_tv, &targets, v, scales.ce, &mut dlogits_tv);
     drop(logits_tv);
 
     // Head: logits = xf W^T → dW += dlogits^T xf, dxf = dlogits W.
@@ -439,28 +374,16 @@ pub fn forward_backward(
     matmul_nn(t, v, d, &dlogits_tv, head_weight(dense), &mut dxf_td, false);
     drop(dlogits_tv);
     let mut dx_td = vec![0.0; t * d];
-    rmsnorm_backward(
-        &x_td,
-        &dense.norm,
-        &rstd_t,
-        &dxf_td,
-        &mut dx_td,
-        &mut grads.norm,
-    );
+    rmsnorm_backward(&x_td, &dense.norm, &rstd_t, &dxf_td, &mut dx_td, &mut grads.norm);
 
     for (layer, cache) in caches.iter().enumerate().rev() {
         let (w, gw) = (&dense.layers[layer], &mut grads.layers[layer]);
-        dx_td = block_backward(
-            cfg, layer, w, gw, rope, &dims, cache, scales, dx_td, experts,
-        )?;
+        dx_td = block_backward(cfg, layer, w, gw, rope, &dims, cache, scales, dx_td, experts)?;
     }
     // Embedding rows receive the gradient of every position that used them.
     for (pos, &tok) in inputs.iter().enumerate() {
         let row = tok as usize * d;
-        add_into(
-            &mut grads.tok_embeddings[row..row + d],
-            &dx_td[pos * d..pos * d + d],
-        );
+        add_into(&mut grads.tok_embeddings[row..row + d], &dx_td[pos * d..pos * d + d]);
     }
     Ok(stats)
 }
@@ -475,10 +398,7 @@ pub fn forward(
 ) -> Result<ForwardStats, ModelError> {
     let (inputs, targets) = inputs_and_targets(cfg, mb)?;
     let dims = Dims::new(cfg, mb.batch);
-    let mut stats = ForwardStats {
-        num_tokens: dims.t,
-        ..Default::default()
-    };
+    let mut stats = ForwardStats { num_tokens: dims.t, ..Default::default() };
     let (x_td, _caches) = trunk_forward(cfg, rope, dense, &dims, &inputs, experts, &mut stats)?;
     let (_, _, logits_tv) = head_forward(cfg, dense, &dims, &x_td);
     stats.ce_sum = cross_entropy_sum(&logits_tv, &targets, cfg.vocab);

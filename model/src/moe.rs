@@ -114,34 +114,19 @@ pub fn route(cfg: &ModelConfig, x_td: &[f32], router_ed: &[f32], num_tokens: usi
     let (e_n, k, d) = (cfg.n_experts, cfg.top_k, cfg.d_model);
     let n = num_tokens;
     assert!(k <= e_n, "route: top_k {k} exceeds n_experts {e_n}");
-    assert!(
-        x_td.len() >= n * d,
-        "route: x has {} values, needs {n}x{d}",
-        x_td.len()
-    );
-    assert!(
-        router_ed.len() >= e_n * d,
-        "route: router has {} values, needs {e_n}x{d}",
-        router_ed.len()
-    );
+    assert!(x_td.len() >= n * d, "route: x has {} values, needs {n}x{d}", x_td.len());
+    assert!(router_ed.len() >= e_n * d, "route: router has {} values, needs {e_n}x{d}", router_ed.len());
     let mut logits_te = vec![0.0f32; n * e_n];
     matmul_nt(n, d, e_n, x_td, router_ed, &mut logits_te, false);
     let mut probs_te = vec![0.0f32; n * e_n];
     let mut z_sum = 0.0f64;
-    for (l, p) in logits_te
-        .chunks_exact(e_n)
-        .zip(probs_te.chunks_exact_mut(e_n))
-    {
+    for (l, p) in logits_te.chunks_exact(e_n).zip(probs_te.chunks_exact_mut(e_n)) {
         let lse = softmax_row(l, p);
         z_sum += (lse as f64) * (lse as f64);
     }
     let mut expert_tk = vec![0u32; n * k];
     let mut gate_tk = vec![0.0f32; n * k];
-    for ((p, ex), g) in probs_te
-        .chunks_exact(e_n)
-        .zip(expert_tk.chunks_exact_mut(k))
-        .zip(gate_tk.chunks_exact_mut(k))
-    {
+    for ((p, ex), g) in probs_te.chunks_exact(e_n).zip(expert_tk.chunks_exact_mut(k)).zip(gate_tk.chunks_exact_mut(k)) {
         top_k(p, ex);
         for (gj, &e) in g.iter_mut().zip(ex.iter()) {
             *gj = p[e as usize];
@@ -178,11 +163,7 @@ pub fn route(cfg: &ModelConfig, x_td: &[f32], router_ed: &[f32], num_tokens: usi
             }
         }
         let share = assignment_share(&expert_tk, e_n, n * k);
-        let aux: f64 = mean_p
-            .iter()
-            .zip(&share)
-            .map(|(m, f)| m / n as f64 * f)
-            .sum();
+        let aux: f64 = mean_p.iter().zip(&share).map(|(m, f)| m / n as f64 * f).sum();
         ((e_n as f64 * aux) as f32, (z_sum / n as f64) as f32)
     };
     Routing {
@@ -219,25 +200,12 @@ pub fn route_backward(
     if n == 0 {
         return;
     }
-    assert!(
-        dgate_tk.len() >= n * k,
-        "route_backward: dgate has {} values, needs {n}x{k}",
-        dgate_tk.len()
-    );
-    assert!(
-        dx_td.len() >= n * d && x_td.len() >= n * d,
-        "route_backward: x/dx need {n}x{d} values"
-    );
-    assert!(
-        drouter_ed.len() >= e_n * d,
-        "route_backward: drouter needs {e_n}x{d} values"
-    );
+    assert!(dgate_tk.len() >= n * k, "route_backward: dgate has {} values, needs {n}x{k}", dgate_tk.len());
+    assert!(dx_td.len() >= n * d && x_td.len() >= n * d, "route_backward: x/dx need {n}x{d} values");
+    assert!(drouter_ed.len() >= e_n * d, "route_backward: drouter needs {e_n}x{d} values");
     // d aux / d p_te = E f_e / N (f_e constant).
     let share = assignment_share(&routing.expert_tk, e_n, n * k);
-    let aux_dp: Vec<f32> = share
-        .iter()
-        .map(|f| (aux_scale as f64 * e_n as f64 * f / n as f64) as f32)
-        .collect();
+    let aux_dp: Vec<f32> = share.iter().map(|f| (aux_scale as f64 * e_n as f64 * f / n as f64) as f32).collect();
     let z_coef = z_scale * 2.0 / n as f32;
     let mut dlogits_te = vec![0.0f32; n * e_n];
     let mut dp = vec![0.0f32; e_n];
@@ -264,16 +232,8 @@ pub fn route_backward(
         }
         // Softmax: dl_e = p_e (dp_e - sum_i p_i dp_i); z-loss: 2 lse p_e / N.
         let dot: f32 = p.iter().zip(&dp).map(|(a, b)| a * b).sum();
-        let zc = if z_scale != 0.0 {
-            z_coef * logsumexp(l)
-        } else {
-            0.0
-        };
-        for ((dl, &pe), &dpe) in dlogits_te[t * e_n..(t + 1) * e_n]
-            .iter_mut()
-            .zip(p)
-            .zip(&dp)
-        {
+        let zc = if z_scale != 0.0 { z_coef * logsumexp(l) } else { 0.0 };
+        for ((dl, &pe), &dpe) in dlogits_te[t * e_n..(t + 1) * e_n].iter_mut().zip(p).zip(&dp) {
             *dl = pe * (dpe - dot) + zc * pe;
         }
     }
@@ -315,12 +275,7 @@ impl DispatchPlan {
         let total = offsets_e[num_experts];
         let mut cursor = offsets_e.clone();
         let mut source_a = vec![0u32; total];
-        for (i, (&e, &kept)) in routing
-            .expert_tk
-            .iter()
-            .zip(&routing.kept_tk)
-            .enumerate()
-            .take(routing.num_tokens * k)
+        for (i, (&e, &kept)) in routing.expert_tk.iter().zip(&routing.kept_tk).enumerate().take(routing.num_tokens * k)
         {
             if kept {
                 let c = &mut cursor[e as usize];
@@ -328,13 +283,7 @@ impl DispatchPlan {
                 *c += 1;
             }
         }
-        Self {
-            num_experts,
-            top_k,
-            counts_e,
-            offsets_e,
-            source_a,
-        }
+        Self { num_experts, top_k, counts_e, offsets_e, source_a }
     }
 
     /// Number of rows (kept assignments).
@@ -388,11 +337,7 @@ impl DispatchPlan {
     ) -> Vec<f32> {
         let k = self.top_k;
         let mut dy_ad = vec![0.0f32; self.num_rows() * d];
-        for ((dy, y), &src) in dy_ad
-            .chunks_exact_mut(d)
-            .zip(y_ad.chunks_exact(d))
-            .zip(&self.source_a)
-        {
+        for ((dy, y), &src) in dy_ad.chunks_exact_mut(d).zip(y_ad.chunks_exact(d)).zip(&self.source_a) {
             let t = src as usize / k;
             let g = routing.gate_tk[src as usize];
             let dout = &dout_td[t * d..(t + 1) * d];
@@ -414,19 +359,9 @@ impl DispatchPlan {
 /// micro-batch (layer 0..L) then all backwards (layer L-1..0).
 pub trait ExpertExecutor {
     /// `y_ad = Expert_e(x_ad)` row by row.
-    fn forward(
-        &mut self,
-        layer: usize,
-        plan: &DispatchPlan,
-        x_ad: &[f32],
-    ) -> Result<Vec<f32>, ModelError>;
+    fn forward(&mut self, layer: usize, plan: &DispatchPlan, x_ad: &[f32]) -> Result<Vec<f32>, ModelError>;
     /// `dx_ad` from `dy_ad`, adding weight gradients.
-    fn backward(
-        &mut self,
-        layer: usize,
-        plan: &DispatchPlan,
-        dy_ad: &[f32],
-    ) -> Result<Vec<f32>, ModelError>;
+    fn backward(&mut self, layer: usize, plan: &DispatchPlan, dy_ad: &[f32]) -> Result<Vec<f32>, ModelError>;
 }
 
 /// Runs every expert on this rank: the EP=1 executor and the reference.
@@ -443,23 +378,12 @@ impl<'a> LocalExperts<'a> {
     /// Experts from `weights` (which must hold every expert id the plans
     /// use); gradients are added into `grads`.
     pub fn new(cfg: &ModelConfig, weights: &'a ExpertStore, grads: &'a mut ExpertStore) -> Self {
-        Self {
-            d: cfg.d_model,
-            f: cfg.ffn_hidden,
-            weights,
-            grads,
-            saved: vec![None; cfg.n_layers],
-        }
+        Self { d: cfg.d_model, f: cfg.ffn_hidden, weights, grads, saved: vec![None; cfg.n_layers] }
     }
 }
 
 impl ExpertExecutor for LocalExperts<'_> {
-    fn forward(
-        &mut self,
-        layer: usize,
-        plan: &DispatchPlan,
-        x_ad: &[f32],
-    ) -> Result<Vec<f32>, ModelError> {
+    fn forward(&mut self, layer: usize, plan: &DispatchPlan, x_ad: &[f32]) -> Result<Vec<f32>, ModelError> {
         let (d, f) = (self.d, self.f);
         let rows = plan.num_rows();
         if x_ad.len() != rows * d {
@@ -483,10 +407,9 @@ impl ExpertExecutor for LocalExperts<'_> {
                     tasks.push((w, &x_ad[lo * d..hi * d], hi - lo, y_e, cache));
                 }
             }
-            let run =
-                |(w, x, r, y, c): (&ExpertWeights, &[f32], usize, &mut [f32], &mut SwigluCache)| {
-                    swiglu_forward(w, d, f, x, r, y, c)
-                };
+            let run = |(w, x, r, y, c): (&ExpertWeights, &[f32], usize, &mut [f32], &mut SwigluCache)| {
+                swiglu_forward(w, d, f, x, r, y, c)
+            };
             if use_rayon(rows, d, f, tasks.len()) {
                 tasks.into_par_iter().for_each(run);
             } else {
@@ -497,12 +420,7 @@ impl ExpertExecutor for LocalExperts<'_> {
         Ok(y_ad)
     }
 
-    fn backward(
-        &mut self,
-        layer: usize,
-        plan: &DispatchPlan,
-        dy_ad: &[f32],
-    ) -> Result<Vec<f32>, ModelError> {
+    fn backward(&mut self, layer: usize, plan: &DispatchPlan, dy_ad: &[f32]) -> Result<Vec<f32>, ModelError> {
         let (d, f) = (self.d, self.f);
         let rows = plan.num_rows();
         if dy_ad.len() != rows * d {
@@ -516,17 +434,15 @@ impl ExpertExecutor for LocalExperts<'_> {
             .saved
             .get_mut(layer)
             .and_then(Option::take)
-            .ok_or_else(|| {
-                ModelError::Executor(format!("layer {layer}: backward without a saved forward"))
-            })?;
+            .ok_or_else(|| ModelError::Executor(format!("layer {layer}: backward without a saved forward")))?;
         if x_ad.len() != rows * d || caches.len() != plan.num_experts {
-            return Err(ModelError::Executor(format!(
-                "layer {layer}: backward plan does not match the forward plan"
-            )));
+            return Err(ModelError::Executor(format!("layer {layer}: backward plan does not match the forward plan")));
         }
-        let grads_layer = self.grads.layers.get_mut(layer).ok_or_else(|| {
-            ModelError::Executor(format!("layer {layer}: no gradient store for this layer"))
-        })?;
+        let grads_layer = self
+            .grads
+            .layers
+            .get_mut(layer)
+            .ok_or_else(|| ModelError::Executor(format!("layer {layer}: no gradient store for this layer")))?;
         // Disjoint &mut to every gradient entry the plan uses.
         let mut grad_of: BTreeMap<usize, &mut ExpertWeights> = grads_layer
             .iter_mut()
@@ -543,31 +459,13 @@ impl ExpertExecutor for LocalExperts<'_> {
                 dx_rest = dx_next;
                 let Some(w) = w else { continue };
                 let g = grad_of.remove(&e).ok_or_else(|| {
-                    ModelError::Executor(format!(
-                        "layer {layer}: expert {e} has no gradient entry on this rank"
-                    ))
+                    ModelError::Executor(format!("layer {layer}: expert {e} has no gradient entry on this rank"))
                 })?;
-                tasks.push((
-                    w,
-                    &x_ad[lo * d..hi * d],
-                    hi - lo,
-                    &caches[e],
-                    &dy_ad[lo * d..hi * d],
-                    dx_e,
-                    g,
-                ));
+                tasks.push((w, &x_ad[lo * d..hi * d], hi - lo, &caches[e], &dy_ad[lo * d..hi * d], dx_e, g));
             }
-            type Task<'t> = (
-                &'t ExpertWeights,
-                &'t [f32],
-                usize,
-                &'t SwigluCache,
-                &'t [f32],
-                &'t mut [f32],
-                &'t mut ExpertWeights,
-            );
-            let run =
-                |(w, x, r, c, dy, dx, g): Task<'_>| swiglu_backward(w, d, f, x, r, c, dy, dx, g);
+            type Task<'t> =
+                (&'t ExpertWeights, &'t [f32], usize, &'t SwigluCache, &'t [f32], &'t mut [f32], &'t mut ExpertWeights);
+            let run = |(w, x, r, c, dy, dx, g): Task<'_>| swiglu_backward(w, d, f, x, r, c, dy, dx, g);
             if use_rayon(rows, d, f, tasks.len()) {
                 tasks.into_par_iter().for_each(run);
             } else {
@@ -587,24 +485,20 @@ fn layer_experts<'w>(
     plan: &DispatchPlan,
 ) -> Result<Vec<Option<&'w ExpertWeights>>, ModelError> {
     if layer >= n_layers {
-        return Err(ModelError::Executor(format!(
-            "layer {layer} out of range: model has {n_layers} layers"
-        )));
+        return Err(ModelError::Executor(format!("layer {layer} out of range: model has {n_layers} layers")));
     }
     let consistent = plan.counts_e.len() == plan.num_experts
         && plan.offsets_e.len() == plan.num_experts + 1
         && plan.offsets_e[0] == 0
         && plan.offsets_e[plan.num_experts] == plan.num_rows()
-        && (0..plan.num_experts)
-            .all(|e| plan.offsets_e[e] + plan.counts_e[e] == plan.offsets_e[e + 1]);
+        && (0..plan.num_experts).all(|e| plan.offsets_e[e] + plan.counts_e[e] == plan.offsets_e[e + 1]);
     if !consistent {
-        return Err(ModelError::Executor(format!(
-            "layer {layer}: malformed dispatch plan"
-        )));
+        return Err(ModelError::Executor(format!("layer {layer}: malformed dispatch plan")));
     }
-    let store = weights.layers.get(layer).ok_or_else(|| {
-        ModelError::Executor(format!("layer {layer}: the expert store has no such layer"))
-    })?;
+    let store = weights
+        .layers
+        .get(layer)
+        .ok_or_else(|| ModelError::Executor(format!("layer {layer}: the expert store has no such layer")))?;
     (0..plan.num_experts)
         .map(|e| {
             if plan.counts_e[e] == 0 {

@@ -43,15 +43,7 @@ pub fn moe_forward(
         out_td.iter_mut().zip(&y_td).for_each(|(o, y)| *o += y);
         shared_caches.push(cache);
     }
-    Ok((
-        out_td,
-        MoeCache {
-            routing,
-            plan,
-            y_ad,
-            shared: shared_caches,
-        },
-    ))
+    Ok((out_td, MoeCache { routing, plan, y_ad, shared: shared_caches }))
 }
 
 /// Backward of [`moe_forward`]: adds into `dx_td` and the layer's gradients
@@ -76,21 +68,9 @@ pub fn moe_backward(
         swiglu_backward(shared, d, f, x_td, t, sc, dout_td, dx_td, gshared);
     }
     let mut dgate_tk = vec![0.0; t * cfg.top_k];
-    let dy_ad = cache
-        .plan
-        .combine_backward(&cache.routing, &cache.y_ad, dout_td, d, &mut dgate_tk);
+    let dy_ad = cache.plan.combine_backward(&cache.routing, &cache.y_ad, dout_td, d, &mut dgate_tk);
     let dx_ad = experts.backward(layer, &cache.plan, &dy_ad)?;
     cache.plan.gather_backward(&dx_ad, d, dx_td);
-    route_backward(
-        cfg,
-        x_td,
-        &w.router,
-        &cache.routing,
-        &dgate_tk,
-        aux_scale,
-        z_scale,
-        dx_td,
-        &mut gw.router,
-    );
+    route_backward(cfg, x_td, &w.router, &cache.routing, &dgate_tk, aux_scale, z_scale, dx_td, &mut gw.router);
     Ok(())
 }

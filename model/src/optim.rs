@@ -39,16 +39,12 @@ impl Default for OptimConfig {
 impl OptimConfig {
     /// Rejects impossible settings with the key at fault.
     pub fn validate(&self) -> Result<(), ModelError> {
-        let bad =
-            |key: &'static str, reason: String| Err(ModelError::InvalidConfig { key, reason });
+        let bad = |key: &'static str, reason: String| Err(ModelError::InvalidConfig { key, reason });
         if !(self.lr > 0.0 && self.lr.is_finite()) {
             return bad("lr", format!("must be a positive number, got {}", self.lr));
         }
         if !(self.min_lr >= 0.0 && self.min_lr <= self.lr) {
-            return bad(
-                "min_lr",
-                format!("must be in [0, lr = {}], got {}", self.lr, self.min_lr),
-            );
+            return bad("min_lr", format!("must be in [0, lr = {}], got {}", self.lr, self.min_lr));
         }
         for (key, beta) in [("beta1", self.beta1), ("beta2", self.beta2)] {
             if !(0.0..1.0).contains(&beta) {
@@ -59,10 +55,7 @@ impl OptimConfig {
             return bad("eps", format!("must be positive, got {}", self.eps));
         }
         if self.weight_decay.is_nan() || self.weight_decay < 0.0 {
-            return bad(
-                "weight_decay",
-                format!("must be >= 0, got {}", self.weight_decay),
-            );
+            return bad("weight_decay", format!("must be >= 0, got {}", self.weight_decay));
         }
         Ok(())
     }
@@ -87,17 +80,8 @@ pub fn adamw_update(
     let bias1 = 1.0 - b1.powi(t as i32);
     let bias2_sqrt = (1.0 - b2.powi(t as i32)).sqrt();
     let step = lr / bias1;
-    let shrink = if decay {
-        1.0 - lr * cfg.weight_decay
-    } else {
-        1.0
-    };
-    for (((p, &g), m), v) in param
-        .iter_mut()
-        .zip(grad)
-        .zip(exp_avg.iter_mut())
-        .zip(exp_avg_sq.iter_mut())
-    {
+    let shrink = if decay { 1.0 - lr * cfg.weight_decay } else { 1.0 };
+    for (((p, &g), m), v) in param.iter_mut().zip(grad).zip(exp_avg.iter_mut()).zip(exp_avg_sq.iter_mut()) {
         *p *= shrink;
         *m = b1 * *m + (1.0 - b1) * g;
         *v = b2 * *v + (1.0 - b2) * g * g;
@@ -130,13 +114,7 @@ mod tests {
 
     #[test]
     fn adamw_matches_hand_computed_steps() {
-        let cfg = OptimConfig {
-            weight_decay: 0.1,
-            beta1: 0.9,
-            beta2: 0.99,
-            eps: 1e-8,
-            ..Default::default()
-        };
+        let cfg = OptimConfig { weight_decay: 0.1, beta1: 0.9, beta2: 0.99, eps: 1e-8, ..Default::default() };
         let (mut p, mut m, mut v) = (vec![1.0f32], vec![0.0f32], vec![0.0f32]);
         // t=1, g=0.5: p = 1*(1-0.01*0.1) = 0.999; m = 0.05, v = 0.0025;
         // mhat = 0.5, vhat = 0.25 → p -= 0.01 * 0.5/0.5 → 0.989.
@@ -161,8 +139,6 @@ mod tests {
         assert!((clip_factor(4.0, 1.0) - 0.25).abs() < 1e-6);
         assert_eq!(clip_factor(100.0, 0.0), 1.0);
         assert!((sum_of_squares(&[3.0, 4.0]) - 25.0).abs() < 1e-12);
-        assert!(
-            !takes_weight_decay("layers.0.attn_norm.weight") && takes_weight_decay("output.weight")
-        );
+        assert!(!takes_weight_decay("layers.0.attn_norm.weight") && takes_weight_decay("output.weight"));
     }
 }

@@ -25,12 +25,7 @@ impl Rng {
     /// A generator seeded from one integer.
     pub fn new(seed: u64) -> Self {
         let mut x = seed;
-        let s = [
-            splitmix64(&mut x),
-            splitmix64(&mut x),
-            splitmix64(&mut x),
-            splitmix64(&mut x),
-        ];
+        let s = [splitmix64(&mut x), splitmix64(&mut x), splitmix64(&mut x), splitmix64(&mut x)];
         Self { s }
     }
 
@@ -79,9 +74,7 @@ impl Rng {
 
     /// `n` draws from normal(0, std), as f32.
     pub fn normal_vec(&mut self, n: usize, std: f32) -> Vec<f32> {
-        (0..n)
-            .map(|_| (self.normal() * std as f64) as f32)
-            .collect()
+        (0..n).map(|_| (self.normal() * std as f64) as f32).collect()
     }
 }
 
@@ -113,9 +106,6 @@ mod tests {
         let xs: Vec<f64> = (0..200_000).map(|_| r.normal()).collect();
         let mean = xs.iter().sum::<f64>() / xs.len() as f64;
         let var = xs.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / xs.len() as f64;
-        assert!(
-            mean.abs() < 0.01 && (var - 1.0).abs() < 0.02,
-            "mean {mean} var {var}"
-        );
+        assert!(mean.abs() < 0.01 && (var - 1.0).abs() < 0.02, "mean {mean} var {var}");
     }
 }

@@ -22,12 +22,7 @@ mod tests {
 
     #[test]
     fn warmup_then_cosine_hand_values() {
-        let cfg = OptimConfig {
-            lr: 1.0,
-            min_lr: 0.1,
-            warmup_steps: 4,
-            ..Default::default()
-        };
+        let cfg = OptimConfig { lr: 1.0, min_lr: 0.1, warmup_steps: 4, ..Default::default() };
         // Warmup: 0.25, 0.5, 0.75, 1.0 over steps 0..4.
         for (s, want) in [(0, 0.25), (1, 0.5), (2, 0.75)] {
             assert!((learning_rate(&cfg, s, 14) - want).abs() < 1e-7);

@@ -22,22 +22,14 @@ impl ExpertWeights {
     /// All zeros, for gradients and optimizer moments.
     pub fn zeros(cfg: &ModelConfig) -> Self {
         let n = cfg.ffn_hidden * cfg.d_model;
-        Self {
-            w1: vec![0.0; n],
-            w3: vec![0.0; n],
-            w2: vec![0.0; n],
-        }
+        Self { w1: vec![0.0; n], w3: vec![0.0; n], w2: vec![0.0; n] }
     }
 
     fn init(cfg: &ModelConfig, rng: &mut Rng) -> Self {
         let n = cfg.ffn_hidden * cfg.d_model;
         let std = cfg.init_std;
         let out_std = residual_std(cfg);
-        Self {
-            w1: rng.normal_vec(n, std),
-            w3: rng.normal_vec(n, std),
-            w2: rng.normal_vec(n, out_std),
-        }
+        Self { w1: rng.normal_vec(n, std), w3: rng.normal_vec(n, std), w2: rng.normal_vec(n, out_std) }
     }
 
     fn tensors_mut<'a>(&'a mut self, prefix: &str, out: &mut Vec<(String, &'a mut Vec<f32>)>) {
@@ -107,28 +99,18 @@ impl DenseWeights {
                 wo: rng.normal_vec(d * cfg.n_heads * hd, residual_std(cfg)),
                 ffn_norm: (cfg.block == BlockKind::Sequential).then(|| vec![1.0; d]),
                 router: rng.normal_vec(cfg.n_experts * d, std),
-                shared: (0..cfg.n_shared_experts)
-                    .map(|_| ExpertWeights::init(cfg, rng))
-                    .collect(),
+                shared: (0..cfg.n_shared_experts).map(|_| ExpertWeights::init(cfg, rng)).collect(),
             })
             .collect();
         let norm = vec![1.0; d];
         let output = (!cfg.tie_embeddings).then(|| rng.normal_vec(cfg.vocab * d, std));
-        Self {
-            tok_embeddings,
-            layers,
-            norm,
-            output,
-        }
+        Self { tok_embeddings, layers, norm, output }
     }
 
     /// Every dense tensor with its DESIGN section 5 name, in a fixed order.
     pub fn tensors_mut(&mut self) -> Vec<(String, &mut Vec<f32>)> {
         let mut out = Vec::new();
-        out.push((
-            "tok_embeddings.weight".to_string(),
-            &mut self.tok_embeddings,
-        ));
+        out.push(("tok_embeddings.weight".to_string(), &mut self.tok_embeddings));
         for (l, layer) in self.layers.iter_mut().enumerate() {
             let p = format!("layers.{l}");
             out.push((format!("{p}.attn_norm.weight"), &mut layer.attn_norm));
@@ -205,19 +187,14 @@ impl ExpertStore {
 impl ModelWeights {
     /// The whole model on one rank: all experts of every layer.
     pub fn init(cfg: &ModelConfig, seed: u64) -> Self {
-        let all: Vec<Vec<usize>> = (0..cfg.n_layers)
-            .map(|_| (0..cfg.n_experts).collect())
-            .collect();
+        let all: Vec<Vec<usize>> = (0..cfg.n_layers).map(|_| (0..cfg.n_experts).collect()).collect();
         Self::init_owned(cfg, seed, &all)
     }
 
     /// Dense tensors plus only the experts in `owned` (per layer).
     pub fn init_owned(cfg: &ModelConfig, seed: u64, owned: &[Vec<usize>]) -> Self {
         let mut rng = Rng::for_stream(seed, &[0xD0]);
-        Self {
-            dense: DenseWeights::init(cfg, &mut rng),
-            experts: ExpertStore::init(cfg, seed, owned),
-        }
+        Self { dense: DenseWeights::init(cfg, &mut rng), experts: ExpertStore::init(cfg, seed, owned) }
     }
 
     /// Every tensor with its name: dense first, then experts.
@@ -241,10 +218,7 @@ impl ModelWeights {
 
     /// A zeroed copy with the same structure.
     pub fn zeros_like(&self) -> Self {
-        Self {
-            dense: self.dense.zeros_like(),
-            experts: self.experts.zeros_like(),
-        }
+        Self { dense: self.dense.zeros_like(), experts: self.experts.zeros_like() }
     }
 }
 

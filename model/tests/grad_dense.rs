@@ -12,20 +12,14 @@ use model::ops::rope::RopeTable;
 fn assert_close(name: &str, got: &[f32], want: &[f64], tol: f64) {
     assert_eq!(got.len(), want.len(), "{name}: length");
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        assert!(
-            (g as f64 - w).abs() <= tol * (1.0 + w.abs()),
-            "{name}[{i}]: got {g:e}, want {w:e}"
-        );
+        assert!((g as f64 - w).abs() <= tol * (1.0 + w.abs()), "{name}[{i}]: got {g:e}, want {w:e}");
     }
 }
 
 /// Backward ops add into their outputs: running one twice doubles it.
 fn assert_doubled(name: &str, once: &[f32], twice: &[f32]) {
     for (i, (&a, &b)) in once.iter().zip(twice).enumerate() {
-        assert!(
-            (2.0 * a - b).abs() <= 1e-6 * (1.0 + a.abs()),
-            "{name}[{i}]: {a} then {b}: not accumulated"
-        );
+        assert!((2.0 * a - b).abs() <= 1e-6 * (1.0 + a.abs()), "{name}[{i}]: {a} then {b}: not accumulated");
     }
 }
 
@@ -77,13 +71,9 @@ fn rmsnorm_gradients_match_finite_differences() {
 
     // r = (mean(x^2)+eps)^(-1/2):
     // dL/dx_j = r*w_j*dy_j - x_j*r^3*mean_k(x_k*w_k*dy_k)
-    check_gradient("rmsnorm dx", &x, &dx, |x| {
-        probe_loss(&rmsnorm_y(x, &w), &probe)
-    });
+    check_gradient("rmsnorm dx", &x, &dx, |x| probe_loss(&rmsnorm_y(x, &w), &probe));
     // dL/dw_j = sum_t dy_tj * x_tj * r_t
-    check_gradient("rmsnorm dw", &w, &dw, |w| {
-        probe_loss(&rmsnorm_y(&x, w), &probe)
-    });
+    check_gradient("rmsnorm dw", &w, &dw, |w| probe_loss(&rmsnorm_y(&x, w), &probe));
 
     let (mut dx2, mut dw2) = (dx.clone(), dw.clone());
     rmsnorm_backward(&x, &w, &rstd, &probe, &mut dx2, &mut dw2);
@@ -112,11 +102,7 @@ fn rope_matches_rotate_half_definition() {
                     let i = j % half;
                     let angle = s as f64 * (THETA as f64).powf(-2.0 * i as f64 / hd as f64);
                     // rotate_half([a, b]) = [-b, a]
-                    let rot = if j < half {
-                        -(x[base + j + half] as f64)
-                    } else {
-                        x[base + j - half] as f64
-                    };
+                    let rot = if j < half { -(x[base + j + half] as f64) } else { x[base + j - half] as f64 };
                     want[base + j] = x[base + j] as f64 * angle.cos() + rot * angle.sin();
                 }
             }
@@ -140,18 +126,10 @@ fn rope_is_a_rotation_and_identity_at_position_zero() {
     for b in 0..batch {
         // Positions restart at 0 in every sequence: the first token of each is unchanged.
         let r0 = b * seq * row;
-        assert_eq!(
-            &y[r0..r0 + row],
-            &x[r0..r0 + row],
-            "sequence {b}: position 0 must be the identity"
-        );
+        assert_eq!(&y[r0..r0 + row], &x[r0..r0 + row], "sequence {b}: position 0 must be the identity");
         // ... and later positions do move.
         let r1 = r0 + row;
-        assert_ne!(
-            &y[r1..r1 + row],
-            &x[r1..r1 + row],
-            "sequence {b}: position 1 unchanged"
-        );
+        assert_ne!(&y[r1..r1 + row], &x[r1..r1 + row], "sequence {b}: position 1 unchanged");
     }
     // Norm of every head vector is preserved.
     for (a, b) in x.chunks(hd).zip(y.chunks(hd)) {
@@ -195,13 +173,7 @@ fn attn_out(shape: AttentionShape, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> 
 
 /// Straightforward f64 causal GQA attention.
 fn attn_reference(shape: AttentionShape, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f64> {
-    let AttentionShape {
-        batch,
-        seq,
-        n_heads,
-        n_kv_heads,
-        head_dim: hd,
-    } = shape;
+    let AttentionShape { batch, seq, n_heads, n_kv_heads, head_dim: hd } = shape;
     let group = n_heads / n_kv_heads;
     let (qw, kw) = (n_heads * hd, n_kv_heads * hd);
     let mut out = vec![0.0f64; q.len()];
@@ -213,11 +185,7 @@ fn attn_reference(shape: AttentionShape, q: &[f32], k: &[f32], v: &[f32]) -> Vec
                 let scores: Vec<f64> = (0..=i)
                     .map(|j| {
                         let kj = &k[(b * seq + j) * kw + g * hd..][..hd];
-                        qi.iter()
-                            .zip(kj)
-                            .map(|(&a, &c)| a as f64 * c as f64)
-                            .sum::<f64>()
-                            / (hd as f64).sqrt()
+                        qi.iter().zip(kj).map(|(&a, &c)| a as f64 * c as f64).sum::<f64>() / (hd as f64).sqrt()
                     })
                     .collect();
                 let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
@@ -238,10 +206,7 @@ fn attn_reference(shape: AttentionShape, q: &[f32], k: &[f32], v: &[f32]) -> Vec
 fn attention_inputs(shape: AttentionShape, seed: u64) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let t = shape.batch * shape.seq;
     // q scaled up so the softmax is far from uniform.
-    let q: Vec<f32> = values(t * shape.n_heads * shape.head_dim, seed)
-        .iter()
-        .map(|x| 2.0 * x)
-        .collect();
+    let q: Vec<f32> = values(t * shape.n_heads * shape.head_dim, seed).iter().map(|x| 2.0 * x).collect();
     let k = values(t * shape.n_kv_heads * shape.head_dim, seed + 1);
     let v = values(t * shape.n_kv_heads * shape.head_dim, seed + 2);
     (q, k, v)
@@ -249,29 +214,11 @@ fn attention_inputs(shape: AttentionShape, seed: u64) -> (Vec<f32>, Vec<f32>, Ve
 
 const SHAPES: [AttentionShape; 3] = [
     // MHA
-    AttentionShape {
-        batch: 2,
-        seq: 6,
-        n_heads: 2,
-        n_kv_heads: 2,
-        head_dim: 4,
-    },
+    AttentionShape { batch: 2, seq: 6, n_heads: 2, n_kv_heads: 2, head_dim: 4 },
     // GQA, 2 query heads per kv head
-    AttentionShape {
-        batch: 2,
-        seq: 5,
-        n_heads: 4,
-        n_kv_heads: 2,
-        head_dim: 8,
-    },
+    AttentionShape { batch: 2, seq: 5, n_heads: 4, n_kv_heads: 2, head_dim: 8 },
     // MQA
-    AttentionShape {
-        batch: 2,
-        seq: 7,
-        n_heads: 3,
-        n_kv_heads: 1,
-        head_dim: 4,
-    },
+    AttentionShape { batch: 2, seq: 7, n_heads: 3, n_kv_heads: 1, head_dim: 4 },
 ];
 
 #[test]
@@ -281,22 +228,14 @@ fn attention_forward_matches_reference() {
         let mut out = vec![f32::NAN; q.len()];
         let mut probs = vec![f32::NAN; shape.probs_len()];
         attention_forward(*shape, &q, &k, &v, &mut out, &mut probs);
-        assert_close(
-            "attention out",
-            &out,
-            &attn_reference(*shape, &q, &k, &v),
-            1e-5,
-        );
+        assert_close("attention out", &out, &attn_reference(*shape, &q, &k, &v), 1e-5);
         let s = shape.seq;
         for (r, row) in probs.chunks(s).enumerate() {
             let i = r % s;
             let sum: f32 = row[..=i].iter().sum();
             assert!((sum - 1.0).abs() < 1e-5, "probs row {r} sums to {sum}");
             assert!(row[..=i].iter().all(|&p| p > 0.0), "probs row {r}: {row:?}");
-            assert!(
-                row[i + 1..].iter().all(|&p| p == 0.0),
-                "probs row {r} not causal: {row:?}"
-            );
+            assert!(row[i + 1..].iter().all(|&p| p == 0.0), "probs row {r} not causal: {row:?}");
         }
     }
 }
@@ -306,11 +245,7 @@ fn attention_is_causal_and_sequences_are_independent() {
     let shape = SHAPES[1];
     let (q, k, v) = attention_inputs(shape, 20);
     let base = attn_out(shape, &q, &k, &v);
-    let (seq, kw, qw) = (
-        shape.seq,
-        shape.n_kv_heads * shape.head_dim,
-        shape.n_heads * shape.head_dim,
-    );
+    let (seq, kw, qw) = (shape.seq, shape.n_kv_heads * shape.head_dim, shape.n_heads * shape.head_dim);
     let changed = 3; // token 3 of sequence 0
     let (mut k2, mut v2) = (k.clone(), v.clone());
     for c in 0..kw {
@@ -344,22 +279,14 @@ fn attention_gradients_match_finite_differences() {
         let name = format!("{}h/{}kv", shape.n_heads, shape.n_kv_heads);
         // S = q k^T / sqrt(hd), P = causal softmax(S), O = P v, dO = probe:
         // dP = dO v^T, dS_ij = P_ij (dP_ij - sum_l P_il dP_il), dq = dS k / sqrt(hd)
-        check_gradient(&format!("attention dq {name}"), &q, &dq, |q| {
-            probe_loss(&attn_out(shape, q, &k, &v), &probe)
-        });
+        check_gradient(&format!("attention dq {name}"), &q, &dq, |q| probe_loss(&attn_out(shape, q, &k, &v), &probe));
         // dk_j = sum over the query heads i of its group of dS_ij^T q_i / sqrt(hd)
-        check_gradient(&format!("attention dk {name}"), &k, &dk, |k| {
-            probe_loss(&attn_out(shape, &q, k, &v), &probe)
-        });
+        check_gradient(&format!("attention dk {name}"), &k, &dk, |k| probe_loss(&attn_out(shape, &q, k, &v), &probe));
         // dv_j = sum over the query heads of its group of P^T dO
-        check_gradient(&format!("attention dv {name}"), &v, &dv, |v| {
-            probe_loss(&attn_out(shape, &q, &k, v), &probe)
-        });
+        check_gradient(&format!("attention dv {name}"), &v, &dv, |v| probe_loss(&attn_out(shape, &q, &k, v), &probe));
 
         let (mut dq2, mut dk2, mut dv2) = (dq.clone(), dk.clone(), dv.clone());
-        attention_backward(
-            shape, &q, &k, &v, &probs, &probe, &mut dq2, &mut dk2, &mut dv2,
-        );
+        attention_backward(shape, &q, &k, &v, &probs, &probe, &mut dq2, &mut dk2, &mut dv2);
         assert_doubled("attention dq", &dq, &dq2);
         assert_doubled("attention dk", &dk, &dk2);
         assert_doubled("attention dv", &dv, &dv2);
@@ -393,10 +320,7 @@ fn cross_entropy_hand_computed_values() {
         let l = [shift, shift + 3f32.ln()];
         let gap = (l[1] - l[0]) as f64;
         let got = cross_entropy_sum(&l, &[0], 2);
-        assert!(
-            (got - (1.0 + gap.exp()).ln()).abs() < 1e-6,
-            "shift {shift}: {got}"
-        );
+        assert!((got - (1.0 + gap.exp()).ln()).abs() < 1e-6, "shift {shift}: {got}");
         assert!((gap - 3f64.ln()).abs() < 1e-3);
     }
     // A very confident wrong prediction stays finite: loss ~= 200.
@@ -408,21 +332,13 @@ fn cross_entropy_hand_computed_values() {
 fn cross_entropy_gradient_matches_finite_differences() {
     let (rows, vocab) = (6, 11);
     let logits: Vec<f32> = values(rows * vocab, 50).iter().map(|x| 3.0 * x).collect();
-    let targets: Vec<u32> = (0..rows as u32)
-        .map(|r| (r * 4 + 1) % vocab as u32)
-        .collect();
+    let targets: Vec<u32> = (0..rows as u32).map(|r| (r * 4 + 1) % vocab as u32).collect();
     let scale = 1.0 / rows as f32;
     let mut d = vec![f32::NAN; logits.len()];
     let loss = cross_entropy_forward_backward(&logits, &targets, vocab, scale, &mut d);
-    assert_eq!(
-        loss,
-        cross_entropy_sum(&logits, &targets, vocab),
-        "the two entry points disagree"
-    );
+    assert_eq!(loss, cross_entropy_sum(&logits, &targets, vocab), "the two entry points disagree");
     // L = scale * sum_t (logsumexp(z_t) - z_t[target_t]): dL/dz_tj = scale * (softmax(z_t)_j - [j == target_t])
-    check_gradient("cross-entropy dlogits", &logits, &d, |z| {
-        scale as f64 * cross_entropy_sum(z, &targets, vocab)
-    });
+    check_gradient("cross-entropy dlogits", &logits, &d, |z| scale as f64 * cross_entropy_sum(z, &targets, vocab));
     // Overwrites rather than adds.
     let mut d2 = d.clone();
     cross_entropy_forward_backward(&logits, &targets, vocab, scale, &mut d2);

@@ -10,13 +10,7 @@ use model::moe::LocalExperts;
 use model::ops::rope::RopeTable;
 use model::{BlockKind, ModelConfig, ModelWeights};
 
-fn config(
-    block: BlockKind,
-    kv_heads: usize,
-    capacity: f32,
-    shared: usize,
-    tied: bool,
-) -> ModelConfig {
+fn config(block: BlockKind, kv_heads: usize, capacity: f32, shared: usize, tied: bool) -> ModelConfig {
     ModelConfig {
         vocab: 11,
         d_model: 8,
@@ -38,45 +32,25 @@ fn config(
     }
 }
 
-const SCALES: LossScales = LossScales {
-    ce: 1.0 / 10.0,
-    aux: 0.3,
-    z: 0.05,
-};
+const SCALES: LossScales = LossScales { ce: 1.0 / 10.0, aux: 0.3, z: 0.05 };
 
 fn tokens(cfg: &ModelConfig, batch: usize) -> Vec<u32> {
     let mut rng = model::rng::Rng::new(5);
-    (0..batch * (cfg.seq_len + 1))
-        .map(|_| rng.below(cfg.vocab as u64) as u32)
-        .collect()
+    (0..batch * (cfg.seq_len + 1)).map(|_| rng.below(cfg.vocab as u64) as u32).collect()
 }
 
 fn total_loss(cfg: &ModelConfig, w: &ModelWeights, toks: &[u32]) -> f64 {
     let rope = RopeTable::new(cfg.seq_len, cfg.head_dim(), cfg.rope_theta);
     let mut scratch = w.experts.zeros_like();
     let mut experts = LocalExperts::new(cfg, &w.experts, &mut scratch);
-    let stats = forward(
-        cfg,
-        &rope,
-        &w.dense,
-        &mut experts,
-        MicroBatch {
-            tokens: toks,
-            batch: 2,
-        },
-    )
-    .unwrap();
+    let stats = forward(cfg, &rope, &w.dense, &mut experts, MicroBatch { tokens: toks, batch: 2 }).unwrap();
     stats.ce_sum * SCALES.ce as f64
         + SCALES.aux as f64 * stats.aux_loss.iter().map(|&a| a as f64).sum::<f64>()
         + SCALES.z as f64 * stats.z_loss.iter().map(|&z| z as f64).sum::<f64>()
 }
 
 fn tensor<'a>(w: &'a mut ModelWeights, name: &str) -> &'a mut Vec<f32> {
-    w.tensors_mut()
-        .into_iter()
-        .find(|(n, _)| n == name)
-        .unwrap_or_else(|| panic!("no tensor {name}"))
-        .1
+    w.tensors_mut().into_iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("no tensor {name}")).1
 }
 
 fn check_model(cfg: ModelConfig, names: &[&str]) {
@@ -93,37 +67,24 @@ fn check_model(cfg: ModelConfig, names: &[&str]) {
             &weights.dense,
             &mut grads.dense,
             &mut experts,
-            MicroBatch {
-                tokens: &toks,
-                batch: 2,
-            },
+            MicroBatch { tokens: &toks, batch: 2 },
             SCALES,
         )
         .unwrap()
     };
     if cfg.capacity_factor > 0.0 {
-        assert!(
-            stats.dropped.iter().sum::<usize>() > 0,
-            "the capacity case must drop something"
-        );
+        assert!(stats.dropped.iter().sum::<usize>() > 0, "the capacity case must drop something");
     }
     for &name in names {
         let x = tensor(&mut weights.clone(), name).clone();
         let analytic = tensor(&mut grads, name).clone();
-        assert!(
-            analytic.iter().any(|g| *g != 0.0),
-            "{name}: gradient is all zero"
-        );
+        assert!(analytic.iter().any(|g| *g != 0.0), "{name}: gradient is all zero");
         // dL/dθ for every parameter θ: the chain rule through every layer;
         // checked numerically as (L(θ+ε) - L(θ-ε)) / 2ε.
         common::check_gradient_with(
             &format!(
                 "{:?}/{}kv/c{}/s{}/tied={} {name}",
-                cfg.block,
-                cfg.n_kv_heads,
-                cfg.capacity_factor,
-                cfg.n_shared_experts,
-                cfg.tie_embeddings
+                cfg.block, cfg.n_kv_heads, cfg.capacity_factor, cfg.n_shared_experts, cfg.tie_embeddings
             ),
             &x,
             &analytic,
@@ -165,11 +126,7 @@ fn sequential_gqa_dropless_untied() {
 #[test]
 fn sequential_mha_capacity_shared_tied() {
     let mut names = DENSE.to_vec();
-    names.extend([
-        "layers.1.ffn_norm.weight",
-        "layers.0.moe.shared.0.w1.weight",
-        "layers.1.moe.shared.0.w2.weight",
-    ]);
+    names.extend(["layers.1.ffn_norm.weight", "layers.0.moe.shared.0.w1.weight", "layers.1.moe.shared.0.w2.weight"]);
     check_model(config(BlockKind::Sequential, 2, 0.5, 1, true), &names);
 }
 
@@ -183,10 +140,7 @@ fn parallel_gqa_capacity_untied() {
 #[test]
 fn parallel_mha_dropless_shared_tied() {
     let mut names = DENSE.to_vec();
-    names.extend([
-        "layers.0.moe.shared.0.w3.weight",
-        "layers.1.moe.shared.1.w2.weight",
-    ]);
+    names.extend(["layers.0.moe.shared.0.w3.weight", "layers.1.moe.shared.1.w2.weight"]);
     check_model(config(BlockKind::Parallel, 2, 0.0, 2, true), &names);
 }
 
@@ -199,16 +153,6 @@ fn token_outside_the_vocabulary_is_an_error() {
     let rope = RopeTable::new(cfg.seq_len, cfg.head_dim(), cfg.rope_theta);
     let mut scratch = weights.experts.zeros_like();
     let mut experts = LocalExperts::new(&cfg, &weights.experts, &mut scratch);
-    let err = forward(
-        &cfg,
-        &rope,
-        &weights.dense,
-        &mut experts,
-        MicroBatch {
-            tokens: &toks,
-            batch: 2,
-        },
-    )
-    .unwrap_err();
+    let err = forward(&cfg, &rope, &weights.dense, &mut experts, MicroBatch { tokens: &toks, batch: 2 }).unwrap_err();
     assert!(err.to_string().contains("99"), "{err}");
 }

@@ -28,32 +28,18 @@ fn moe_cfg(capacity_factor: f32, norm_topk_prob: bool) -> ModelConfig {
 
 fn expert(cfg: &ModelConfig, seed: u64) -> ExpertWeights {
     let n = cfg.d_model * cfg.ffn_hidden;
-    ExpertWeights {
-        w1: scaled(n, seed, 0.8),
-        w3: scaled(n, seed + 1, 0.8),
-        w2: scaled(n, seed + 2, 0.8),
-    }
+    ExpertWeights { w1: scaled(n, seed, 0.8), w3: scaled(n, seed + 1, 0.8), w2: scaled(n, seed + 2, 0.8) }
 }
 
 fn store(cfg: &ModelConfig, seed: u64) -> ExpertStore {
-    let layer: BTreeMap<usize, ExpertWeights> = (0..cfg.n_experts)
-        .map(|e| (e, expert(cfg, seed + 10 * e as u64)))
-        .collect();
-    ExpertStore {
-        layers: vec![layer],
-    }
+    let layer: BTreeMap<usize, ExpertWeights> =
+        (0..cfg.n_experts).map(|e| (e, expert(cfg, seed + 10 * e as u64))).collect();
+    ExpertStore { layers: vec![layer] }
 }
 
 // ---------------------------------------------------------------- SwiGLU
 
-fn swiglu_loss(
-    w: &ExpertWeights,
-    d: usize,
-    f: usize,
-    x: &[f32],
-    rows: usize,
-    probe: &[f32],
-) -> f64 {
+fn swiglu_loss(w: &ExpertWeights, d: usize, f: usize, x: &[f32], rows: usize, probe: &[f32]) -> f64 {
     let mut y = vec![0.0; rows * d];
     swiglu_forward(w, d, f, x, rows, &mut y, &mut SwigluCache::default());
     probe_loss(&y, probe)
@@ -72,11 +58,7 @@ fn swiglu_gradients_match_finite_differences() {
     assert!(y.iter().all(|v| v.is_finite()), "forward must overwrite y");
     // The backward adds: start from non-zero buffers and subtract afterwards.
     let mut dx = vec![0.5; rows * d];
-    let mut g = ExpertWeights {
-        w1: vec![0.25; d * f],
-        w3: vec![-0.25; d * f],
-        w2: vec![1.0; d * f],
-    };
+    let mut g = ExpertWeights { w1: vec![0.25; d * f], w3: vec![-0.25; d * f], w2: vec![1.0; d * f] };
     swiglu_backward(&w, d, f, &x, rows, &cache, &probe, &mut dx, &mut g);
     dx.iter_mut().for_each(|v| *v -= 0.5);
     g.w1.iter_mut().for_each(|v| *v -= 0.25);
@@ -85,50 +67,18 @@ fn swiglu_gradients_match_finite_differences() {
     // a = silu(h1) * h3, h1 = W1 x, h3 = W3 x, y = W2 a, L = probe . y:
     // dL/da = W2^T probe; dL/dh1 = dL/da * h3 * silu'(h1), silu'(z) = s(1 + z(1 - s));
     // dL/dh3 = dL/da * silu(h1); dL/dx = W1^T dL/dh1 + W3^T dL/dh3.
-    check_gradient("swiglu dx", &x, &dx, |x| {
-        swiglu_loss(&w, d, f, x, rows, &probe)
-    });
+    check_gradient("swiglu dx", &x, &dx, |x| swiglu_loss(&w, d, f, x, rows, &probe));
     // dL/dW1 = sum_rows dL/dh1 x^T.
     check_gradient("swiglu dw1", &w.w1, &g.w1, |w1| {
-        swiglu_loss(
-            &ExpertWeights {
-                w1: w1.to_vec(),
-                ..w.clone()
-            },
-            d,
-            f,
-            &x,
-            rows,
-            &probe,
-        )
+        swiglu_loss(&ExpertWeights { w1: w1.to_vec(), ..w.clone() }, d, f, &x, rows, &probe)
     });
     // dL/dW3 = sum_rows dL/dh3 x^T.
     check_gradient("swiglu dw3", &w.w3, &g.w3, |w3| {
-        swiglu_loss(
-            &ExpertWeights {
-                w3: w3.to_vec(),
-                ..w.clone()
-            },
-            d,
-            f,
-            &x,
-            rows,
-            &probe,
-        )
+        swiglu_loss(&ExpertWeights { w3: w3.to_vec(), ..w.clone() }, d, f, &x, rows, &probe)
     });
     // dL/dW2 = sum_rows probe a^T.
     check_gradient("swiglu dw2", &w.w2, &g.w2, |w2| {
-        swiglu_loss(
-            &ExpertWeights {
-                w2: w2.to_vec(),
-                ..w.clone()
-            },
-            d,
-            f,
-            &x,
-            rows,
-            &probe,
-        )
+        swiglu_loss(&ExpertWeights { w2: w2.to_vec(), ..w.clone() }, d, f, &x, rows, &probe)
     });
 }
 
@@ -150,14 +100,8 @@ fn swiglu_zero_rows_is_a_no_op() {
 /// selection) are those of the unperturbed input.
 fn route_same(cfg: &ModelConfig, x: &[f32], router: &[f32], n: usize, base: &Routing) -> Routing {
     let r = route(cfg, x, router, n);
-    assert_eq!(
-        r.expert_tk, base.expert_tk,
-        "perturbation changed the top-k order: pick other inputs"
-    );
-    assert_eq!(
-        r.kept_tk, base.kept_tk,
-        "perturbation changed the capacity drops"
-    );
+    assert_eq!(r.expert_tk, base.expert_tk, "perturbation changed the top-k order: pick other inputs");
+    assert_eq!(r.kept_tk, base.kept_tk, "perturbation changed the capacity drops");
     r
 }
 
@@ -191,23 +135,10 @@ fn check_router(norm_topk_prob: bool, which: RouterLoss) {
     // Adds into the outputs: start them non-zero.
     let mut dx = vec![1.0; n * d];
     let mut drouter = vec![-1.0; e * d];
-    route_backward(
-        &cfg,
-        &x,
-        &router,
-        &base,
-        &dgate,
-        aux_scale,
-        z_scale,
-        &mut dx,
-        &mut drouter,
-    );
+    route_backward(&cfg, &x, &router, &base, &dgate, aux_scale, z_scale, &mut dx, &mut drouter);
     dx.iter_mut().for_each(|v| *v -= 1.0);
     drouter.iter_mut().for_each(|v| *v += 1.0);
-    assert!(
-        dx.iter().any(|v| v.abs() > 1e-4),
-        "{which:?}: gradient is trivially zero"
-    );
+    assert!(dx.iter().any(|v| v.abs() > 1e-4), "{which:?}: gradient is trivially zero");
     // Gates: g_j = p_j / S (S = sum of the top-k p) when normalised, else p_j:
     //   dL/dp_j = (dg_j - sum_i dg_i g_i) / S  (or dg_j) for selected j, 0 otherwise.
     // Aux = E sum_e f_e P_e with f_e constant: dL/dp_te = E f_e / N.
@@ -215,12 +146,8 @@ fn check_router(norm_topk_prob: bool, which: RouterLoss) {
     // Z = mean_t lse_t^2: dZ/dlogit_te = 2 lse_t p_te / N.
     // logits = x W_r^T: dL/dx = dL/dlogits W_r, dL/dW_r = dL/dlogits^T x.
     let name = format!("router {which:?} norm={norm_topk_prob}");
-    check_gradient(&format!("{name} dx"), &x, &dx, |x| {
-        loss(&route_same(&cfg, x, &router, n, &base))
-    });
-    check_gradient(&format!("{name} drouter"), &router, &drouter, |w| {
-        loss(&route_same(&cfg, &x, w, n, &base))
-    });
+    check_gradient(&format!("{name} dx"), &x, &dx, |x| loss(&route_same(&cfg, x, &router, n, &base)));
+    check_gradient(&format!("{name} drouter"), &router, &drouter, |w| loss(&route_same(&cfg, &x, w, n, &base)));
 }
 
 #[test]
@@ -271,9 +198,7 @@ fn gather_and_combine_backward_match_finite_differences() {
     let mut dx = vec![0.25; n * d];
     plan.gather_backward(&probe_a, d, &mut dx);
     dx.iter_mut().for_each(|v| *v -= 0.25);
-    check_gradient("gather dx", &x, &dx, |x| {
-        probe_loss(&plan.gather(x, d), &probe_a)
-    });
+    check_gradient("gather dx", &x, &dx, |x| probe_loss(&plan.gather(x, d), &probe_a));
 
     // combine: out_t = sum_a g_a y_a, L = probe . out:
     // dL/dy_a = g_a probe_t, dL/dg_a = probe_t . y_a (dropped slots: 0).
@@ -294,13 +219,7 @@ fn gather_and_combine_backward_match_finite_differences() {
     }
     check_gradient("combine dy", &y, &dy, |y| combine_loss(&routing, y));
     check_gradient("combine dgate", &routing.gate_tk, &dgate, |g| {
-        combine_loss(
-            &Routing {
-                gate_tk: g.to_vec(),
-                ..routing.clone()
-            },
-            &y,
-        )
+        combine_loss(&Routing { gate_tk: g.to_vec(), ..routing.clone() }, &y)
     });
 }
 
@@ -316,13 +235,7 @@ struct Layer<'a> {
 
 impl Layer<'_> {
     /// route → plan → gather → experts → combine; loss = probe.out + aux + z.
-    fn forward(
-        &self,
-        x: &[f32],
-        router: &[f32],
-        experts: &ExpertStore,
-        base: Option<&Routing>,
-    ) -> f64 {
+    fn forward(&self, x: &[f32], router: &[f32], experts: &ExpertStore, base: Option<&Routing>) -> f64 {
         let (cfg, n, d) = (self.cfg, self.n, self.cfg.d_model);
         let r = match base {
             Some(b) => route_same(cfg, x, router, n, b),
@@ -334,9 +247,7 @@ impl Layer<'_> {
         let y = exec.forward(0, &plan, &plan.gather(x, d)).unwrap();
         let mut out = vec![0.0; n * d];
         plan.combine(&r, &y, d, &mut out);
-        probe_loss(&out, self.probe)
-            + self.aux_scale as f64 * r.aux_loss as f64
-            + self.z_scale as f64 * r.z_loss as f64
+        probe_loss(&out, self.probe) + self.aux_scale as f64 * r.aux_loss as f64 + self.z_scale as f64 * r.z_loss as f64
     }
 }
 
@@ -347,13 +258,7 @@ fn check_layer(capacity_factor: f32, norm_topk_prob: bool) {
     let router = scaled(e * d, 42, 1.5);
     let experts = store(&cfg, 100);
     let probe = values(n * d, 43);
-    let layer = Layer {
-        cfg: &cfg,
-        n,
-        probe: &probe,
-        aux_scale: 0.3,
-        z_scale: 0.05,
-    };
+    let layer = Layer { cfg: &cfg, n, probe: &probe, aux_scale: 0.3, z_scale: 0.05 };
 
     let routing = route(&cfg, &x, &router, n);
     if capacity_factor > 0.0 {
@@ -372,73 +277,38 @@ fn check_layer(capacity_factor: f32, norm_topk_prob: bool) {
         let dy = plan.combine_backward(&routing, &y, &probe, d, &mut dgate);
         let dx_ad = exec.backward(0, &plan, &dy).unwrap();
         plan.gather_backward(&dx_ad, d, &mut dx);
-        route_backward(
-            &cfg,
-            &x,
-            &router,
-            &routing,
-            &dgate,
-            layer.aux_scale,
-            layer.z_scale,
-            &mut dx,
-            &mut drouter,
-        );
+        route_backward(&cfg, &x, &router, &routing, &dgate, layer.aux_scale, layer.z_scale, &mut dx, &mut drouter);
         // The saved state was taken: a second backward is an error.
-        assert!(matches!(
-            exec.backward(0, &plan, &dy),
-            Err(ModelError::Executor(_))
-        ));
+        assert!(matches!(exec.backward(0, &plan, &dy), Err(ModelError::Executor(_))));
     }
     let base = Some(&routing);
     let name = format!("moe layer c={capacity_factor} norm={norm_topk_prob}");
     // dL/dx = gather^T(expert dx of (gate * probe)) + router path (gates, aux, z) as above.
-    check_gradient(&format!("{name} dx"), &x, &dx, |x| {
-        layer.forward(x, &router, &experts, base)
-    });
+    check_gradient(&format!("{name} dx"), &x, &dx, |x| layer.forward(x, &router, &experts, base));
     // dL/dW_r = dL/dlogits^T x with dL/dlogits from gates, aux and z.
-    check_gradient(&format!("{name} drouter"), &router, &drouter, |w| {
-        layer.forward(&x, w, &experts, base)
-    });
+    check_gradient(&format!("{name} drouter"), &router, &drouter, |w| layer.forward(&x, w, &experts, base));
     // Expert weights: the SwiGLU formulas above with dy_a = gate_a * probe_t(a),
     // over the expert's kept rows only. Check the expert with the most rows
     // (with capacity: one that dropped assignments).
-    let busiest = (0..e)
-        .max_by_key(|&i| (plan.counts_e[i], std::cmp::Reverse(i)))
-        .unwrap();
+    let busiest = (0..e).max_by_key(|&i| (plan.counts_e[i], std::cmp::Reverse(i))).unwrap();
     if capacity_factor > 0.0 {
-        let chosen = routing
-            .expert_tk
-            .iter()
-            .filter(|&&x| x as usize == busiest)
-            .count();
-        assert!(
-            chosen > plan.counts_e[busiest],
-            "busiest expert should have dropped rows"
-        );
+        let chosen = routing.expert_tk.iter().filter(|&&x| x as usize == busiest).count();
+        assert!(chosen > plan.counts_e[busiest], "busiest expert should have dropped rows");
     }
     let w = &experts.layers[0][&busiest];
     let g = &grads.layers[0][&busiest];
     assert!(g.w1.iter().any(|v| *v != 0.0));
-    for (part, base_w, grad) in [
-        ("w1", &w.w1, &g.w1),
-        ("w3", &w.w3, &g.w3),
-        ("w2", &w.w2, &g.w2),
-    ] {
-        check_gradient(
-            &format!("{name} expert {busiest} {part}"),
-            base_w,
-            grad,
-            |v| {
-                let mut s = experts.clone();
-                let ew = s.layers[0].get_mut(&busiest).unwrap();
-                match part {
-                    "w1" => ew.w1 = v.to_vec(),
-                    "w3" => ew.w3 = v.to_vec(),
-                    _ => ew.w2 = v.to_vec(),
-                }
-                layer.forward(&x, &router, &s, base)
-            },
-        );
+    for (part, base_w, grad) in [("w1", &w.w1, &g.w1), ("w3", &w.w3, &g.w3), ("w2", &w.w2, &g.w2)] {
+        check_gradient(&format!("{name} expert {busiest} {part}"), base_w, grad, |v| {
+            let mut s = experts.clone();
+            let ew = s.layers[0].get_mut(&busiest).unwrap();
+            match part {
+                "w1" => ew.w1 = v.to_vec(),
+                "w3" => ew.w3 = v.to_vec(),
+                _ => ew.w2 = v.to_vec(),
+            }
+            layer.forward(&x, &router, &s, base)
+        });
     }
     // Experts without rows get no gradient.
     for (id, gi) in &grads.layers[0] {
@@ -462,11 +332,7 @@ fn moe_layer_gradients_with_capacity_drops() {
 
 /// LocalExperts forward/backward against running SwiGLU token by token.
 fn check_local_experts_against_per_token(d: usize, f: usize, n: usize) {
-    let cfg = ModelConfig {
-        d_model: d,
-        ffn_hidden: f,
-        ..moe_cfg(0.0, true)
-    };
+    let cfg = ModelConfig { d_model: d, ffn_hidden: f, ..moe_cfg(0.0, true) };
     let (e, k) = (cfg.n_experts, cfg.top_k);
     let x = scaled(n * d, 51, 1.0);
     let router = scaled(e * d, 52, 1.5);
@@ -492,8 +358,7 @@ fn check_local_experts_against_per_token(d: usize, f: usize, n: usize) {
         let mut expect = vec![0.0f32; d];
         for s in 0..k {
             let (id, gate) = (r.expert_tk[t * k + s] as usize, r.gate_tk[t * k + s]);
-            let (xt, mut yt, mut cache) =
-                (&x[t * d..(t + 1) * d], vec![0.0; d], SwigluCache::default());
+            let (xt, mut yt, mut cache) = (&x[t * d..(t + 1) * d], vec![0.0; d], SwigluCache::default());
             let w = &experts.layers[0][&id];
             swiglu_forward(w, d, f, xt, 1, &mut yt, &mut cache);
             for (o, v) in expect.iter_mut().zip(&yt) {
@@ -501,31 +366,15 @@ fn check_local_experts_against_per_token(d: usize, f: usize, n: usize) {
             }
             let dyt: Vec<f32> = dout[t * d..(t + 1) * d].iter().map(|v| gate * v).collect();
             let g = expect_grads.layers[0].get_mut(&id).unwrap();
-            swiglu_backward(
-                w,
-                d,
-                f,
-                xt,
-                1,
-                &cache,
-                &dyt,
-                &mut expect_dx[t * d..(t + 1) * d],
-                g,
-            );
+            swiglu_backward(w, d, f, xt, 1, &cache, &dyt, &mut expect_dx[t * d..(t + 1) * d], g);
         }
         for (a, b) in out[t * d..(t + 1) * d].iter().zip(&expect) {
-            assert!(
-                (a - b).abs() < 1e-5 * (1.0 + b.abs()),
-                "out token {t}: {a} vs {b}"
-            );
+            assert!((a - b).abs() < 1e-5 * (1.0 + b.abs()), "out token {t}: {a} vs {b}");
         }
     }
     let close = |name: &str, a: &[f32], b: &[f32]| {
         for (i, (p, q)) in a.iter().zip(b).enumerate() {
-            assert!(
-                (p - q).abs() < 1e-4 * (1.0 + q.abs()),
-                "{name}[{i}]: {p} vs {q}"
-            );
+            assert!((p - q).abs() < 1e-4 * (1.0 + q.abs()), "{name}[{i}]: {p} vs {q}");
         }
     };
     close("dx", &dx, &expect_dx);
@@ -567,30 +416,18 @@ fn local_experts_report_missing_experts() {
     let mut grads = partial.zeros_like();
     let mut exec = LocalExperts::new(&cfg, &full, &mut grads);
     let y = exec.forward(0, &plan, &plan.gather(&x, d)).unwrap();
-    assert!(matches!(
-        exec.backward(0, &plan, &y),
-        Err(ModelError::Executor(_))
-    ));
+    assert!(matches!(exec.backward(0, &plan, &y), Err(ModelError::Executor(_))));
     // Backward without forward.
     let mut grads = full.zeros_like();
     let mut exec = LocalExperts::new(&cfg, &full, &mut grads);
-    assert!(matches!(
-        exec.backward(0, &plan, &y),
-        Err(ModelError::Executor(_))
-    ));
+    assert!(matches!(exec.backward(0, &plan, &y), Err(ModelError::Executor(_))));
 }
 
 // ---------------------------------------------------------------- semantics
 
 /// `E = 2`, `d = 2`, identity router: token `t` has logits `x_t`.
 fn two_expert_cfg(top_k: usize, capacity_factor: f32) -> ModelConfig {
-    ModelConfig {
-        d_model: 2,
-        n_experts: 2,
-        top_k,
-        capacity_factor,
-        ..ModelConfig::default()
-    }
+    ModelConfig { d_model: 2, n_experts: 2, top_k, capacity_factor, ..ModelConfig::default() }
 }
 
 #[test]
@@ -599,10 +436,7 @@ fn capacity_keeps_first_assignments_in_token_order() {
     let cfg = two_expert_cfg(1, 0.5);
     assert_eq!(cfg.capacity(6), 2);
     let choice = [0, 1, 0, 0, 1, 0];
-    let x: Vec<f32> = choice
-        .iter()
-        .flat_map(|&c| if c == 0 { [1.0, 0.0] } else { [0.0, 1.0] })
-        .collect();
+    let x: Vec<f32> = choice.iter().flat_map(|&c| if c == 0 { [1.0, 0.0] } else { [0.0, 1.0] }).collect();
     let router = [1.0, 0.0, 0.0, 1.0];
     let r = route(&cfg, &x, &router, 6);
     assert_eq!(r.expert_tk, vec![0, 1, 0, 0, 1, 0]);
@@ -620,34 +454,17 @@ fn capacity_keeps_first_assignments_in_token_order() {
     assert!(out[0] > 0.0);
 
     // k = 2, E = 3, N = 4: every token's first choice is expert 0, cap = ceil(0.7*8/3) = 2.
-    let cfg = ModelConfig {
-        d_model: 3,
-        n_experts: 3,
-        top_k: 2,
-        capacity_factor: 0.7,
-        ..ModelConfig::default()
-    };
+    let cfg = ModelConfig { d_model: 3, n_experts: 3, top_k: 2, capacity_factor: 0.7, ..ModelConfig::default() };
     assert_eq!(cfg.capacity(4), 2);
     let x = [3.0, 1.0, 0.0, 3.0, 0.0, 1.0, 3.0, 1.0, 0.0, 3.0, 0.0, 1.0];
     let router = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0];
     let r = route(&cfg, &x, &router, 4);
     assert_eq!(r.expert_tk, vec![0, 1, 0, 2, 0, 1, 0, 2]);
-    assert_eq!(
-        r.kept_tk,
-        vec![true, true, true, true, false, true, false, true]
-    );
+    assert_eq!(r.kept_tk, vec![true, true, true, true, false, true, false, true]);
     assert_eq!(r.tokens_per_expert, vec![2, 2, 2]);
     assert_eq!(r.dropped, 2);
     // Gates are not renormalised after a drop: same as the dropless routing.
-    let dropless = route(
-        &ModelConfig {
-            capacity_factor: 0.0,
-            ..cfg.clone()
-        },
-        &x,
-        &router,
-        4,
-    );
+    let dropless = route(&ModelConfig { capacity_factor: 0.0, ..cfg.clone() }, &x, &router, 4);
     assert_eq!(r.gate_tk, dropless.gate_tk);
     assert!(dropless.kept_tk.iter().all(|&k| k));
     assert_eq!(dropless.tokens_per_expert, vec![4, 2, 2]);
@@ -655,15 +472,8 @@ fn capacity_keeps_first_assignments_in_token_order() {
 
 #[test]
 fn ties_go_to_the_lower_expert_id() {
-    let cfg = ModelConfig {
-        d_model: 4,
-        n_experts: 4,
-        top_k: 3,
-        ..ModelConfig::default()
-    };
-    let router: Vec<f32> = (0..16)
-        .map(|i| if i % 5 == 0 { 1.0 } else { 0.0 })
-        .collect();
+    let cfg = ModelConfig { d_model: 4, n_experts: 4, top_k: 3, ..ModelConfig::default() };
+    let router: Vec<f32> = (0..16).map(|i| if i % 5 == 0 { 1.0 } else { 0.0 }).collect();
     // Logits equal x: all equal; (1, 2, 2, 0); (2, 1, 2, 1).
     let x = [0.0, 0.0, 0.0, 0.0, 1.0, 2.0, 2.0, 0.0, 2.0, 1.0, 2.0, 1.0];
     let r = route(&cfg, &x, &router, 3);
@@ -683,11 +493,7 @@ fn aux_and_z_loss_values() {
     let r = route(&cfg, &x, &vec![0.0; cfg.n_experts * cfg.d_model], 10);
     assert!((r.aux_loss - 1.0).abs() < 1e-6, "aux {}", r.aux_loss);
     // z = lse^2 = ln(E)^2 for zero logits.
-    assert!(
-        (r.z_loss - (4f32).ln().powi(2)).abs() < 1e-5,
-        "z {}",
-        r.z_loss
-    );
+    assert!((r.z_loss - (4f32).ln().powi(2)).abs() < 1e-5, "z {}", r.z_loss);
 
     // Balanced counts with mirrored probabilities: P = f = (1/2, 1/2), aux = 1.
     let cfg = two_expert_cfg(1, 0.0);
@@ -701,12 +507,7 @@ fn aux_and_z_loss_values() {
     let x = [2.0, 0.0, 2.0, 0.0];
     let r = route(&cfg, &x, &router, 2);
     let q = 1.0 / (1.0 + (-2f32).exp());
-    assert!(
-        (r.aux_loss - 2.0 * q).abs() < 1e-6,
-        "aux {} vs {}",
-        r.aux_loss,
-        2.0 * q
-    );
+    assert!((r.aux_loss - 2.0 * q).abs() < 1e-6, "aux {} vs {}", r.aux_loss, 2.0 * q);
     let lse = (2f32.exp() + 1.0).ln();
     assert!((r.z_loss - lse * lse).abs() < 1e-5);
 }
@@ -727,10 +528,7 @@ fn plan_groups_rows_by_expert_in_token_order() {
     assert_eq!(plan.source_a, vec![1, 2, 6, 3, 5, 0, 7]);
     let x: Vec<f32> = (0..4).flat_map(|t| [t as f32, 10.0 + t as f32]).collect();
     let x_ad = plan.gather(&x, 2);
-    assert_eq!(
-        x_ad,
-        vec![0.0, 10.0, 1.0, 11.0, 3.0, 13.0, 1.0, 11.0, 2.0, 12.0, 0.0, 10.0, 3.0, 13.0]
-    );
+    assert_eq!(x_ad, vec![0.0, 10.0, 1.0, 11.0, 3.0, 13.0, 1.0, 11.0, 2.0, 12.0, 0.0, 10.0, 3.0, 13.0]);
     let mut dx = vec![0.0; 8];
     plan.gather_backward(&x_ad, 2, &mut dx);
     // Token 2 has one kept row (its slot 0 was dropped), the others two.

@@ -32,13 +32,7 @@ pub struct TrainConfig {
 
 impl Default for TrainConfig {
     fn default() -> Self {
-        Self {
-            steps: 300,
-            global_batch_size: 16,
-            micro_batch_size: 8,
-            seed: 1234,
-            log_every: 25,
-        }
+        Self { steps: 300, global_batch_size: 16, micro_batch_size: 8, seed: 1234, log_every: 25 }
     }
 }
 
@@ -57,12 +51,7 @@ pub struct ParallelConfig {
 
 impl Default for ParallelConfig {
     fn default() -> Self {
-        Self {
-            ranks: 1,
-            backend: "local".into(),
-            attn_tp: 1,
-            placement: "contiguous".into(),
-        }
+        Self { ranks: 1, backend: "local".into(), attn_tp: 1, placement: "contiguous".into() }
     }
 }
 
@@ -80,11 +69,7 @@ pub struct CheckpointConfig {
 
 impl Default for CheckpointConfig {
     fn default() -> Self {
-        Self {
-            url: String::new(),
-            every: 100,
-            keep_last: 2,
-        }
+        Self { url: String::new(), every: 100, keep_last: 2 }
     }
 }
 
@@ -137,31 +122,20 @@ fn default_name() -> String {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}. Check the path given to --config.")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    Read { path: String, source: std::io::Error },
     #[error("config {origin}: {message}")]
     Parse { origin: String, message: String },
     #[error("--set {assignment}: {reason}")]
     Override { assignment: String, reason: String },
     #[error("config {origin}: [{section}] {key}: {reason}")]
-    Invalid {
-        origin: String,
-        section: &'static str,
-        key: String,
-        reason: String,
-    },
+    Invalid { origin: String, section: &'static str, key: String, reason: String },
 }
 
 impl JobConfig {
     /// Parses TOML text; `origin` (a file path or "built-in default") names
     /// the source in errors.
     pub fn from_toml(text: &str, origin: &str) -> Result<Self, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Parse {
-            origin: origin.into(),
-            message: e.to_string(),
-        })
+        toml::from_str(text).map_err(|e| ConfigError::Parse { origin: origin.into(), message: e.to_string() })
     }
 
     /// Loads `path`, or the built-in default when `None`, then applies
@@ -169,16 +143,11 @@ impl JobConfig {
     pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<Self, ConfigError> {
         let (text, origin) = match path {
             Some(p) => {
-                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
-                    path: p.display().to_string(),
-                    source,
-                })?;
+                let text = std::fs::read_to_string(p)
+                    .map_err(|source| ConfigError::Read { path: p.display().to_string(), source })?;
                 (text, p.display().to_string())
             }
-            None => (
-                DEFAULT_JOB_TOML.to_string(),
-                "built-in default (examples/tiny.toml)".to_string(),
-            ),
+            None => (DEFAULT_JOB_TOML.to_string(), "built-in default (examples/tiny.toml)".to_string()),
         };
         let mut job = Self::from_toml(&text, &origin)?;
         job.apply_overrides(overrides)?;
@@ -194,25 +163,19 @@ impl JobConfig {
         }
         let mut tree = toml::Value::try_from(&*self).expect("a config always serialises");
         for assignment in overrides {
-            let fail = |reason: String| ConfigError::Override {
-                assignment: assignment.clone(),
-                reason,
-            };
-            let (key, raw) = assignment.split_once('=').ok_or_else(|| {
-                fail("expected section.key=value, e.g. --set train.steps=100".into())
-            })?;
+            let fail = |reason: String| ConfigError::Override { assignment: assignment.clone(), reason };
+            let (key, raw) = assignment
+                .split_once('=')
+                .ok_or_else(|| fail("expected section.key=value, e.g. --set train.steps=100".into()))?;
             let value = parse_override_value(raw.trim());
             let path: Vec<&str> = key.trim().split('.').collect();
             let mut node = &mut tree;
             for (i, part) in path.iter().enumerate() {
-                let table = node
-                    .as_table_mut()
-                    .ok_or_else(|| fail(format!("`{}` is not a section", path[..i].join("."))))?;
+                let table =
+                    node.as_table_mut().ok_or_else(|| fail(format!("`{}` is not a section", path[..i].join("."))))?;
                 if !table.contains_key(*part) {
                     let known: Vec<&String> = table.keys().collect();
-                    return Err(fail(format!(
-                        "unknown key `{part}`; known keys here: {known:?}"
-                    )));
+                    return Err(fail(format!("unknown key `{part}`; known keys here: {known:?}")));
                 }
                 if i + 1 == path.len() {
                     table.insert(part.to_string(), value.clone());
@@ -221,12 +184,10 @@ impl JobConfig {
                 node = table.get_mut(*part).expect("checked above");
             }
         }
-        *self = tree
-            .try_into()
-            .map_err(|e: toml::de::Error| ConfigError::Override {
-                assignment: overrides.join(" "),
-                reason: e.to_string(),
-            })?;
+        *self = tree.try_into().map_err(|e: toml::de::Error| ConfigError::Override {
+            assignment: overrides.join(" "),
+            reason: e.to_string(),
+        })?;
         Ok(())
     }
 
@@ -250,27 +211,17 @@ impl JobConfig {
         };
         self.model.validate().map_err(|e| from_model("model", e))?;
         self.optim.validate().map_err(|e| from_model("optim", e))?;
-        self.data
-            .validate()
-            .map_err(|e| invalid("data", "source", e.to_string()))?;
+        self.data.validate().map_err(|e| invalid("data", "source", e.to_string()))?;
         let t = &self.train;
         if t.steps == 0 {
             return Err(invalid("train", "steps", "must be at least 1".into()));
         }
         if t.micro_batch_size == 0 || t.global_batch_size == 0 {
-            return Err(invalid(
-                "train",
-                "micro_batch_size",
-                "batch sizes must be at least 1".into(),
-            ));
+            return Err(invalid("train", "micro_batch_size", "batch sizes must be at least 1".into()));
         }
         let dp = self.parallel.ranks / self.parallel.attn_tp.max(1);
         if self.parallel.ranks == 0 || dp == 0 {
-            return Err(invalid(
-                "parallel",
-                "ranks",
-                "must be at least 1 (and at least attn_tp)".into(),
-            ));
+            return Err(invalid("parallel", "ranks", "must be at least 1 (and at least attn_tp)".into()));
         }
         if t.global_batch_size % (dp * t.micro_batch_size) != 0 {
             return Err(invalid(
@@ -293,28 +244,18 @@ impl JobConfig {
             return Err(invalid(
                 "parallel",
                 "backend",
-                format!(
-                    "`{}` is not one of \"local\", \"mpi\", \"nccl\"",
-                    self.parallel.backend
-                ),
+                format!("`{}` is not one of \"local\", \"mpi\", \"nccl\"", self.parallel.backend),
             ));
         }
         if !matches!(self.parallel.placement.as_str(), "contiguous" | "balanced") {
             return Err(invalid(
                 "parallel",
                 "placement",
-                format!(
-                    "`{}` is not one of \"contiguous\", \"balanced\"",
-                    self.parallel.placement
-                ),
+                format!("`{}` is not one of \"contiguous\", \"balanced\"", self.parallel.placement),
             ));
         }
         if self.checkpoint.keep_last == 0 {
-            return Err(invalid(
-                "checkpoint",
-                "keep_last",
-                "must be at least 1".into(),
-            ));
+            return Err(invalid("checkpoint", "keep_last", "must be at least 1".into()));
         }
         Ok(())
     }
@@ -340,11 +281,7 @@ mod tests {
 
     #[test]
     fn default_job_loads_and_overrides_apply() {
-        let job = JobConfig::load(
-            None,
-            &["train.steps=7".into(), "model.block=\"parallel\"".into()],
-        )
-        .unwrap();
+        let job = JobConfig::load(None, &["train.steps=7".into(), "model.block=\"parallel\"".into()]).unwrap();
         assert_eq!(job.train.steps, 7);
         assert_eq!(job.model.block, model::BlockKind::Parallel);
         let bare = JobConfig::load(None, &["data.source=builtin".into()]).unwrap();
@@ -353,27 +290,15 @@ mod tests {
 
     #[test]
     fn unknown_keys_and_wrong_types_are_named() {
-        let err = JobConfig::from_toml("[train]\nstepz = 3\n", "job.toml")
-            .unwrap_err()
-            .to_string();
+        let err = JobConfig::from_toml("[train]\nstepz = 3\n", "job.toml").unwrap_err().to_string();
         assert!(err.contains("job.toml") && err.contains("stepz"), "{err}");
-        let err = JobConfig::from_toml("[train]\nsteps = \"many\"\n", "job.toml")
-            .unwrap_err()
-            .to_string();
+        let err = JobConfig::from_toml("[train]\nsteps = \"many\"\n", "job.toml").unwrap_err().to_string();
         assert!(err.contains("job.toml") && err.contains("steps"), "{err}");
-        let err = JobConfig::load(None, &["train.nope=1".into()])
+        let err = JobConfig::load(None, &["train.nope=1".into()]).unwrap_err().to_string();
+        assert!(err.contains("unknown key `nope`"), "{err}");
+        let err = JobConfig::load(None, &["train.global_batch_size=12".into(), "train.micro_batch_size=8".into()])
             .unwrap_err()
             .to_string();
-        assert!(err.contains("unknown key `nope`"), "{err}");
-        let err = JobConfig::load(
-            None,
-            &[
-                "train.global_batch_size=12".into(),
-                "train.micro_batch_size=8".into(),
-            ],
-        )
-        .unwrap_err()
-        .to_string();
         assert!(err.contains("global_batch_size"), "{err}");
     }
 }

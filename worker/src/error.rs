@@ -14,11 +14,7 @@ pub enum WorkerError {
     #[error("cannot resume from {url}: {reason}")]
     Incompatible { url: String, reason: String },
     #[error("{what} {path}: {source}")]
-    Io {
-        what: &'static str,
-        path: String,
-        source: std::io::Error,
-    },
+    Io { what: &'static str, path: String, source: std::io::Error },
     #[error("the loss became {loss} at step {step}: training diverged. Lower [optim] lr or raise warmup_steps, and resume from the last checkpoint")]
     NonFinite { step: u64, loss: f64 },
 }
@@ -26,10 +22,6 @@ pub enum WorkerError {
 impl WorkerError {
     /// Wraps an I/O error with what was being done and to which path.
     pub fn io(what: &'static str, path: &std::path::Path, source: std::io::Error) -> Self {
-        Self::Io {
-            what,
-            path: path.display().to_string(),
-            source,
-        }
+        Self::Io { what, path: path.display().to_string(), source }
     }
 }

@@ -28,15 +28,8 @@ pub struct EvalResult {
 const WINDOWS_PER_BATCH: usize = 16;
 
 /// Evaluates `weights` (all experts) on `tokens`.
-pub fn evaluate(
-    cfg: &ModelConfig,
-    weights: &ModelWeights,
-    tokens: &[u32],
-) -> Result<EvalResult, WorkerError> {
-    let cfg = ModelConfig {
-        capacity_factor: 0.0,
-        ..cfg.clone()
-    };
+pub fn evaluate(cfg: &ModelConfig, weights: &ModelWeights, tokens: &[u32]) -> Result<EvalResult, WorkerError> {
+    let cfg = ModelConfig { capacity_factor: 0.0, ..cfg.clone() };
     let rope = RopeTable::new(cfg.seq_len, cfg.head_dim(), cfg.rope_theta);
     let windows: Vec<&[u32]> = eval_windows(tokens, cfg.seq_len).collect();
     let mut ce_sum = 0.0;
@@ -49,20 +42,13 @@ pub fn evaluate(
             &rope,
             &weights.dense,
             &mut experts,
-            MicroBatch {
-                tokens: &batch_tokens,
-                batch: chunk.len(),
-            },
+            MicroBatch { tokens: &batch_tokens, batch: chunk.len() },
         )?;
         ce_sum += stats.ce_sum;
     }
     let predicted = (windows.len() * cfg.seq_len) as u64;
     Ok(EvalResult {
-        loss: if predicted == 0 {
-            f64::NAN
-        } else {
-            ce_sum / predicted as f64
-        },
+        loss: if predicted == 0 { f64::NAN } else { ce_sum / predicted as f64 },
         tokens: predicted,
         windows: windows.len() as u64,
     })

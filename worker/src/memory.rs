@@ -23,13 +23,8 @@ pub fn activation_values(job: &JobConfig) -> u64 {
     let b = job.train.micro_batch_size as u64;
     let s = cfg.seq_len as u64;
     let t = b * s;
-    let (d, f, v, e, k) = (
-        cfg.d_model as u64,
-        cfg.ffn_hidden as u64,
-        cfg.vocab as u64,
-        cfg.n_experts as u64,
-        cfg.top_k as u64,
-    );
+    let (d, f, v, e, k) =
+        (cfg.d_model as u64, cfg.ffn_hidden as u64, cfg.vocab as u64, cfg.n_experts as u64, cfg.top_k as u64);
     let hd = cfg.head_dim() as u64;
     let q = cfg.n_heads as u64 * hd;
     let g = cfg.n_kv_heads as u64 * hd;

@@ -37,14 +37,8 @@ pub struct MetricsWriter {
 impl MetricsWriter {
     /// Opens `path` for appending (a resumed run continues the same file).
     pub fn append(path: &Path) -> std::io::Result<Self> {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)?;
-        Ok(Self {
-            path: path.to_path_buf(),
-            file,
-        })
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+        Ok(Self { path: path.to_path_buf(), file })
     }
 
     /// Writes one line.

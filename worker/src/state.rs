@@ -53,9 +53,7 @@ impl TrainState {
 
     /// The data position after `step` steps.
     pub fn cursor(&self, job: &JobConfig) -> DataCursor {
-        DataCursor {
-            sequences_consumed: self.step * job.train.global_batch_size as u64,
-        }
+        DataCursor { sequences_consumed: self.step * job.train.global_batch_size as u64 }
     }
 
     /// Writes this rank's tensors (weights and moments) into one shard and
@@ -72,33 +70,24 @@ impl TrainState {
         let mut exp_avg = self.exp_avg.clone();
         let mut exp_avg_sq = self.exp_avg_sq.clone();
         let mut refs_data: Vec<(String, Vec<usize>, &[f32])> = Vec::new();
-        let moments = exp_avg
-            .tensors_mut()
-            .into_iter()
-            .zip(exp_avg_sq.tensors_mut());
+        let moments = exp_avg.tensors_mut().into_iter().zip(exp_avg_sq.tensors_mut());
         for ((name, w), ((_, m), (_, v))) in weights.tensors_mut().into_iter().zip(moments) {
             let shape = tensor_shape(&job.model, &name).expect("names come from the model crate");
             refs_data.push((format!("optim.{name}.exp_avg"), shape.clone(), &m[..]));
             refs_data.push((format!("optim.{name}.exp_avg_sq"), shape.clone(), &v[..]));
             refs_data.push((name, shape, &w[..]));
         }
-        let refs: Vec<TensorRef> = refs_data
-            .iter()
-            .map(|(name, shape, data)| TensorRef { name, shape, data })
-            .collect();
+        let refs: Vec<TensorRef> =
+            refs_data.iter().map(|(name, shape, data)| TensorRef { name, shape, data }).collect();
         let report = store.write_shard(self.step, "rank-00000", &refs)?;
         let mut manifest = Manifest::new(self.step, self.tokens_seen, env!("CARGO_PKG_VERSION"));
         manifest.config = serde_json::to_value(job).expect("config serialises");
         manifest.plan = serde_json::to_value(plan).expect("plan serialises");
-        manifest.parallel =
-            serde_json::json!({ "ranks": job.parallel.ranks, "attn_tp": job.parallel.attn_tp });
+        manifest.parallel = serde_json::json!({ "ranks": job.parallel.ranks, "attn_tp": job.parallel.attn_tp });
         manifest.data_cursor = serde_json::to_value(self.cursor(job)).expect("cursor serialises");
         manifest.rng = serde_json::to_value(&self.rng).expect("rng serialises");
-        manifest.schedule = serde_json::to_value(ScheduleState {
-            step: self.step,
-            total_steps: job.train.steps,
-        })
-        .expect("schedule serialises");
+        manifest.schedule = serde_json::to_value(ScheduleState { step: self.step, total_steps: job.train.steps })
+            .expect("schedule serialises");
         manifest.add_shard(report);
         Ok(manifest)
     }
@@ -114,16 +103,13 @@ impl TrainState {
         rank: usize,
     ) -> Result<Self, WorkerError> {
         let manifest = store.read_manifest(step)?;
-        let saved: JobConfig = serde_json::from_value(manifest.config.clone()).map_err(|e| {
-            WorkerError::Incompatible {
+        let saved: JobConfig =
+            serde_json::from_value(manifest.config.clone()).map_err(|e| WorkerError::Incompatible {
                 url: store.step_url(step),
                 reason: format!("its config cannot be read by this version: {e}"),
-            }
-        })?;
-        check_same_model(&saved.model, &job.model).map_err(|reason| WorkerError::Incompatible {
-            url: store.step_url(step),
-            reason,
-        })?;
+            })?;
+        check_same_model(&saved.model, &job.model)
+            .map_err(|reason| WorkerError::Incompatible { url: store.step_url(step), reason })?;
         let mut state = Self::fresh(job, plan, rank);
         let mut tensors = store.read_tensors(step, &manifest, |_| true)?;
         let url = store.step_url(step);
@@ -132,12 +118,8 @@ impl TrainState {
         fill(&mut state.exp_avg_sq, &mut tensors, ".exp_avg_sq", &url)?;
         state.step = manifest.step;
         state.tokens_seen = manifest.tokens_seen;
-        state.rng = serde_json::from_value(manifest.rng.clone()).map_err(|e| {
-            WorkerError::Incompatible {
-                url: url.clone(),
-                reason: format!("bad RNG state: {e}"),
-            }
-        })?;
+        state.rng = serde_json::from_value(manifest.rng.clone())
+            .map_err(|e| WorkerError::Incompatible { url: url.clone(), reason: format!("bad RNG state: {e}") })?;
         Ok(state)
     }
 }
@@ -151,25 +133,15 @@ fn fill(
     url: &str,
 ) -> Result<(), WorkerError> {
     for (name, dst) in weights.tensors_mut() {
-        let key = if suffix.is_empty() {
-            name.clone()
-        } else {
-            format!("optim.{name}{suffix}")
-        };
-        let (_, data) = tensors
-            .remove(&key)
-            .ok_or_else(|| WorkerError::Incompatible {
-                url: url.to_string(),
-                reason: format!("tensor `{key}` is missing"),
-            })?;
+        let key = if suffix.is_empty() { name.clone() } else { format!("optim.{name}{suffix}") };
+        let (_, data) = tensors.remove(&key).ok_or_else(|| WorkerError::Incompatible {
+            url: url.to_string(),
+            reason: format!("tensor `{key}` is missing"),
+        })?;
         if data.len() != dst.len() {
             return Err(WorkerError::Incompatible {
                 url: url.to_string(),
-                reason: format!(
-                    "tensor `{key}` has {} values, the model needs {}",
-                    data.len(),
-                    dst.len()
-                ),
+                reason: format!("tensor `{key}` has {} values, the model needs {}", data.len(), dst.len()),
             });
         }
         dst.copy_from_slice(&data);
@@ -189,10 +161,7 @@ fn check_same_model(saved: &ModelConfig, current: &ModelConfig) -> Result<(), St
         .iter()
         .filter(|(k, v)| b.get(*k) != Some(v))
         .map(|(k, v)| {
-            format!(
-                "{k} = {v} in the checkpoint, {} now",
-                b.get(k).map(|x| x.to_string()).unwrap_or_default()
-            )
+            format!("{k} = {v} in the checkpoint, {} now", b.get(k).map(|x| x.to_string()).unwrap_or_default())
         })
         .collect();
     Err(format!(

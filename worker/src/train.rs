@@ -36,6 +36,10 @@ pub enum Resume {
 pub struct RunOptions {
     pub run_dir: PathBuf,
     pub resume: Resume,
+    /// Stop (with a checkpoint) once the job reaches this step, although
+    /// `train.steps` is further: the schedule still spans `train.steps`, so
+    /// a later `--resume` continues exactly as if never stopped.
+    pub stop_at: Option<u64>,
 }
 
 /// Facts about the run, given to the observer before the first step.
@@ -73,8 +77,7 @@ pub trait Observer {
 /// The checkpoint URL of a job: `[checkpoint] url`, or the run folder's.
 pub fn checkpoint_url(job: &JobConfig, run_dir: &Path) -> String {
     if job.checkpoint.url.is_empty() {
-        let dir = std::path::absolute(run_dir.join("checkpoints"))
-            .unwrap_or_else(|_| run_dir.join("checkpoints"));
+        let dir = std::path::absolute(run_dir.join("checkpoints")).unwrap_or_else(|_| run_dir.join("checkpoints"));
         format!("file://{}", dir.display())
     } else {
         job.checkpoint.url.clone()
@@ -102,10 +105,9 @@ fn starting_state(
             if latest.is_none() {
                 return Err(WorkerError::Incompatible {
                     url: root.clone(),
-                    reason:
-                        "there is no committed checkpoint there. Start without --resume, or point \
+                    reason: "there is no committed checkpoint there. Start without --resume, or point \
                              --run-dir / [checkpoint] url at the run to continue"
-                            .into(),
+                        .into(),
                 });
             }
             latest
@@ -159,11 +161,7 @@ fn open_data(job: &JobConfig) -> Result<DataSource, WorkerError> {
 
 /// Runs the job to `train.steps`, checkpointing every `checkpoint.every`
 /// steps and at the end.
-pub fn train(
-    job: &JobConfig,
-    opts: &RunOptions,
-    observer: &mut dyn Observer,
-) -> Result<TrainSummary, WorkerError> {
+pub fn train(job: &JobConfig, opts: &RunOptions, observer: &mut dyn Observer) -> Result<TrainSummary, WorkerError> {
     let cfg = &job.model;
     let plan = PlacementPlan::contiguous(cfg.n_layers, cfg.n_experts, 1);
     let data = open_data(job)?;
@@ -173,11 +171,10 @@ pub fn train(
     std::fs::create_dir_all(&opts.run_dir)
         .map_err(|e| WorkerError::io("cannot create run folder", &opts.run_dir, e))?;
     let config_path = opts.run_dir.join("config.toml");
-    std::fs::write(&config_path, job.to_toml())
-        .map_err(|e| WorkerError::io("cannot write", &config_path, e))?;
+    std::fs::write(&config_path, job.to_toml()).map_err(|e| WorkerError::io("cannot write", &config_path, e))?;
     let metrics_path = opts.run_dir.join("metrics.jsonl");
-    let mut metrics_out = MetricsWriter::append(&metrics_path)
-        .map_err(|e| WorkerError::io("cannot open", &metrics_path, e))?;
+    let mut metrics_out =
+        MetricsWriter::append(&metrics_path).map_err(|e| WorkerError::io("cannot open", &metrics_path, e))?;
     store.cleanup_uncommitted()?;
 
     let accumulation = job.grad_accumulation(1);
@@ -206,16 +203,13 @@ pub fn train(
     let (mut first_loss, mut last_loss) = (None, None);
     let mut last_checkpoint = resumed_from.filter(|_| opts.resume == Resume::Latest);
     let start_step = state.step;
-    while state.step < job.train.steps {
+    let end = opts.stop_at.map_or(job.train.steps, |s| s.min(job.train.steps));
+    while state.step < end {
         let step_started = Instant::now();
         for (_, g) in grads.tensors_mut() {
             g.fill(0.0);
         }
-        let mut metrics = StepMetrics {
-            step: state.step + 1,
-            tokens: tokens_per_step,
-            ..Default::default()
-        };
+        let mut metrics = StepMetrics { step: state.step + 1, tokens: tokens_per_step, ..Default::default() };
         for m in 0..accumulation {
             let tokens = data.batch_for_step(
                 job.train.seed,
@@ -232,25 +226,17 @@ pub fn train(
                 &state.weights.dense,
                 &mut grads.dense,
                 &mut experts,
-                MicroBatch {
-                    tokens: &tokens,
-                    batch: micro,
-                },
+                MicroBatch { tokens: &tokens, batch: micro },
                 scales,
             )?;
             metrics.loss += stats.ce_sum;
-            metrics.aux_loss +=
-                stats.aux_loss.iter().map(|&a| a as f64).sum::<f64>() / accumulation as f64;
-            metrics.z_loss +=
-                stats.z_loss.iter().map(|&z| z as f64).sum::<f64>() / accumulation as f64;
+            metrics.aux_loss += stats.aux_loss.iter().map(|&a| a as f64).sum::<f64>() / accumulation as f64;
+            metrics.z_loss += stats.z_loss.iter().map(|&z| z as f64).sum::<f64>() / accumulation as f64;
             accumulate_routing(&mut metrics, &stats.tokens_per_expert, &stats.dropped);
         }
         metrics.loss /= tokens_per_step as f64;
         if !metrics.loss.is_finite() {
-            return Err(WorkerError::NonFinite {
-                step: state.step + 1,
-                loss: metrics.loss,
-            });
+            return Err(WorkerError::NonFinite { step: state.step + 1, loss: metrics.loss });
         }
 
         let lr = learning_rate(&job.optim, state.step, job.train.steps);
@@ -262,13 +248,11 @@ pub fn train(
         metrics.tokens_per_s = tokens_per_step as f64 / metrics.step_time_s;
         first_loss.get_or_insert(metrics.loss);
         last_loss = Some(metrics.loss);
-        metrics_out
-            .write(&metrics)
-            .map_err(|e| WorkerError::io("cannot write", metrics_out.path(), e))?;
+        metrics_out.write(&metrics).map_err(|e| WorkerError::io("cannot write", metrics_out.path(), e))?;
         observer.on_step(&metrics);
 
         let every = job.checkpoint.every;
-        if state.step == job.train.steps || (every > 0 && state.step % every == 0) {
+        if state.step == end || (every > 0 && state.step.is_multiple_of(every)) {
             let manifest = state.save(&store, job, &plan)?;
             store.commit(&manifest)?;
             store.prune(job.checkpoint.keep_last)?;
@@ -287,11 +271,7 @@ pub fn train(
     })
 }
 
-fn accumulate_routing(
-    metrics: &mut StepMetrics,
-    tokens_per_expert: &[Vec<usize>],
-    dropped: &[usize],
-) {
+fn accumulate_routing(metrics: &mut StepMetrics, tokens_per_expert: &[Vec<usize>], dropped: &[usize]) {
     if metrics.tokens_per_expert.is_empty() {
         metrics.tokens_per_expert = tokens_per_expert.to_vec();
         metrics.dropped = dropped.to_vec();
@@ -300,35 +280,18 @@ fn accumulate_routing(
     for (acc, layer) in metrics.tokens_per_expert.iter_mut().zip(tokens_per_expert) {
         acc.iter_mut().zip(layer).for_each(|(a, b)| *a += b);
     }
-    metrics
-        .dropped
-        .iter_mut()
-        .zip(dropped)
-        .for_each(|(a, b)| *a += b);
+    metrics.dropped.iter_mut().zip(dropped).for_each(|(a, b)| *a += b);
 }
 
 /// Clips the gradients to `grad_clip` global norm and applies AdamW.
 /// Returns the norm before clipping.
-fn optimizer_step(
-    job: &JobConfig,
-    state: &mut TrainState,
-    grads: &mut model::ModelWeights,
-    lr: f32,
-) -> f64 {
+fn optimizer_step(job: &JobConfig, state: &mut TrainState, grads: &mut model::ModelWeights, lr: f32) -> f64 {
     let grad_list = grads.tensors_mut();
-    let norm = grad_list
-        .iter()
-        .map(|(_, g)| sum_of_squares(g))
-        .sum::<f64>()
-        .sqrt();
+    let norm = grad_list.iter().map(|(_, g)| sum_of_squares(g)).sum::<f64>().sqrt();
     let factor = clip_factor(norm, job.optim.grad_clip);
     let t = state.step + 1;
     let params = state.weights.tensors_mut();
-    let moments = state
-        .exp_avg
-        .tensors_mut()
-        .into_iter()
-        .zip(state.exp_avg_sq.tensors_mut());
+    let moments = state.exp_avg.tensors_mut().into_iter().zip(state.exp_avg_sq.tensors_mut());
     for (((name, p), (_, g)), ((_, m), (_, v))) in params.into_iter().zip(grad_list).zip(moments) {
         if factor < 1.0 {
             g.iter_mut().for_each(|x| *x *= factor);

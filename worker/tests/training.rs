@@ -6,56 +6,86 @@ use common::{micro_job, temp_dir, Recorder};
 use worker::train::{train, Resume, RunOptions};
 
 fn run(job: &worker::JobConfig, dir: &std::path::Path, resume: Resume) -> Recorder {
+    run_until(job, dir, resume, None)
+}
+
+fn run_until(job: &worker::JobConfig, dir: &std::path::Path, resume: Resume, stop_at: Option<u64>) -> Recorder {
     let mut rec = Recorder::default();
-    train(
-        job,
-        &RunOptions {
-            run_dir: dir.to_path_buf(),
-            resume,
-        },
-        &mut rec,
-    )
-    .unwrap();
+    train(job, &options(dir, resume, stop_at), &mut rec).unwrap();
     rec
+}
+
+fn options(dir: &std::path::Path, resume: Resume, stop_at: Option<u64>) -> RunOptions {
+    RunOptions { run_dir: dir.to_path_buf(), resume, stop_at }
 }
 
 fn losses(rec: &Recorder) -> Vec<f64> {
     rec.steps.iter().map(|m| m.loss).collect()
 }
 
+/// The CPU's vector extensions that select the GEMM kernels: two machines
+/// with the same set sum in the same order.
+fn cpu_kernel_features() -> String {
+    let mut features = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    for (name, present) in [
+        ("avx2", std::is_x86_feature_detected!("avx2")),
+        ("fma", std::is_x86_feature_detected!("fma")),
+        ("avx512f", std::is_x86_feature_detected!("avx512f")),
+    ] {
+        if present {
+            features.push(name);
+        }
+    }
+    format!("{}:{}", std::env::consts::ARCH, features.join("+"))
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Golden {
+    cpu: String,
+    losses: Vec<f64>,
+}
+
 /// The first 20 losses of a fixed tiny job, stored in tests/golden and
-/// reproduced exactly. Regenerate (after a deliberate change of the math)
-/// with `SWITCHYARD_BLESS=1 cargo test -p worker --test training golden`.
+/// reproduced exactly on a CPU with the same kernel features (a CPU with
+/// other vector units sums in another order: there they must agree to 1e-5
+/// relative). Regenerate after a deliberate change of the math with
+/// `SWITCHYARD_BLESS=1 cargo test -p worker --test training golden`.
 #[test]
 fn golden_losses_are_reproduced_exactly() {
     let dir = temp_dir("golden");
     let job = micro_job(&["model.n_shared_experts=1", "model.capacity_factor=1.25"]);
     let got = losses(&run(&job, &dir, Resume::No));
-    let path =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/micro_job_losses.json");
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/micro_job_losses.json");
+    let cpu = cpu_kernel_features();
     if std::env::var_os("SWITCHYARD_BLESS").is_some() {
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        std::fs::write(&path, serde_json::to_string_pretty(&got).unwrap()).unwrap();
+        let golden = Golden { cpu: cpu.clone(), losses: got.clone() };
+        std::fs::write(&path, serde_json::to_string_pretty(&golden).unwrap()).unwrap();
     }
-    let text = std::fs::read_to_string(&path)
-        .expect("golden file missing: run with SWITCHYARD_BLESS=1 once");
-    let want: Vec<f64> = serde_json::from_str(&text).unwrap();
+    let text = std::fs::read_to_string(&path).expect("golden file missing: run with SWITCHYARD_BLESS=1 once");
+    let want: Golden = serde_json::from_str(&text).unwrap();
     assert_eq!(got.len(), 20);
-    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-        assert_eq!(
-            g.to_bits(),
-            w.to_bits(),
-            "step {}: loss {g} differs from golden {w}",
-            i + 1
-        );
+    assert_eq!(want.losses.len(), 20);
+    let exact = want.cpu == cpu;
+    if !exact {
+        eprintln!("golden losses were recorded on {}, this CPU is {cpu}: comparing to 1e-5 relative", want.cpu);
+    }
+    for (i, (g, w)) in got.iter().zip(&want.losses).enumerate() {
+        if exact {
+            assert_eq!(g.to_bits(), w.to_bits(), "step {}: loss {g} differs from golden {w}", i + 1);
+        } else {
+            assert!((g - w).abs() <= 1e-5 * w.abs(), "step {}: loss {g} vs golden {w}", i + 1);
+        }
     }
     // It learns: the last loss is well below the first.
     assert!(got[19] < got[0] - 0.3, "losses {got:?}");
     std::fs::remove_dir_all(&dir).ok();
 }
 
-/// 20 steps straight == 10 steps, then resume for 10: bit-identical losses
-/// and final weights.
+/// 20 steps straight == stopped after 10 steps, then resumed for 10:
+/// bit-identical losses and final weights. (Stopping, not a 10-step job:
+/// the cosine schedule spans `train.steps`.)
 #[test]
 fn resume_continues_bit_exactly() {
     let job = micro_job(&[]);
@@ -63,8 +93,7 @@ fn resume_continues_bit_exactly() {
     let straight = run(&job, &straight_dir, Resume::No);
 
     let split_dir = temp_dir("split");
-    let first = micro_job(&["train.steps=10"]);
-    let head = run(&first, &split_dir, Resume::No);
+    let head = run_until(&job, &split_dir, Resume::No, Some(10));
     let tail = run(&job, &split_dir, Resume::Latest);
     let mut joined = losses(&head);
     joined.extend(losses(&tail));
@@ -76,8 +105,7 @@ fn resume_continues_bit_exactly() {
 
     // Final weights: both runs committed step 20.
     let load = |dir: &std::path::Path| {
-        let store =
-            checkpoint::CheckpointStore::open(dir.join("checkpoints").to_str().unwrap()).unwrap();
+        let store = checkpoint::CheckpointStore::open(dir.join("checkpoints").to_str().unwrap()).unwrap();
         let manifest = store.read_manifest(20).unwrap();
         store.read_tensors(20, &manifest, |_| true).unwrap()
     };
@@ -85,12 +113,7 @@ fn resume_continues_bit_exactly() {
     assert_eq!(a.len(), b.len());
     for (name, (_, data)) in &a {
         let other = &b[name].1;
-        assert!(
-            data.iter()
-                .zip(other)
-                .all(|(x, y)| x.to_bits() == y.to_bits()),
-            "tensor {name} differs"
-        );
+        assert!(data.iter().zip(other).all(|(x, y)| x.to_bits() == y.to_bits()), "tensor {name} differs");
     }
     std::fs::remove_dir_all(&straight_dir).ok();
     std::fs::remove_dir_all(&split_dir).ok();
@@ -102,22 +125,9 @@ fn a_fresh_run_refuses_to_overwrite_checkpoints() {
     let job = micro_job(&["train.steps=10"]);
     run(&job, &dir, Resume::No);
     let before = std::fs::read(dir.join("metrics.jsonl")).unwrap();
-    let err = train(
-        &job,
-        &RunOptions {
-            run_dir: dir.clone(),
-            resume: Resume::No,
-        },
-        &mut Recorder::default(),
-    )
-    .unwrap_err()
-    .to_string();
+    let err = train(&job, &options(&dir, Resume::No, None), &mut Recorder::default()).unwrap_err().to_string();
     assert!(err.contains("--resume"), "{err}");
-    assert_eq!(
-        std::fs::read(dir.join("metrics.jsonl")).unwrap(),
-        before,
-        "metrics were touched"
-    );
+    assert_eq!(std::fs::read(dir.join("metrics.jsonl")).unwrap(), before, "metrics were touched");
     std::fs::remove_dir_all(&dir).ok();
 }
 
@@ -126,19 +136,7 @@ fn resuming_with_another_model_is_refused_naming_the_keys() {
     let dir = temp_dir("incompatible");
     run(&micro_job(&["train.steps=10"]), &dir, Resume::No);
     let other = micro_job(&["model.d_model=64"]);
-    let err = train(
-        &other,
-        &RunOptions {
-            run_dir: dir.clone(),
-            resume: Resume::Latest,
-        },
-        &mut Recorder::default(),
-    )
-    .unwrap_err()
-    .to_string();
-    assert!(
-        err.contains("d_model") && err.contains("different model"),
-        "{err}"
-    );
+    let err = train(&other, &options(&dir, Resume::Latest, None), &mut Recorder::default()).unwrap_err().to_string();
+    assert!(err.contains("d_model") && err.contains("different model"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -10,28 +10,14 @@ pub type Owned = (String, Vec<usize>, Vec<f32>);
 /// Model tensors with values that a lossy round trip would change: -0.0,
 /// subnormals, infinities and a NaN with a payload.
 pub fn model_tensors(seed: u32) -> Vec<Owned> {
-    let special = [
-        -0.0,
-        f32::MIN_POSITIVE / 8.0,
-        f32::INFINITY,
-        f32::NEG_INFINITY,
-        f32::from_bits(0x7fc0_1234),
-    ];
-    let ramp = |n: usize| -> Vec<f32> {
-        (0..n)
-            .map(|i| (i as f32 + seed as f32) * 0.37 - 1.5)
-            .collect()
-    };
+    let special = [-0.0, f32::MIN_POSITIVE / 8.0, f32::INFINITY, f32::NEG_INFINITY, f32::from_bits(0x7fc0_1234)];
+    let ramp = |n: usize| -> Vec<f32> { (0..n).map(|i| (i as f32 + seed as f32) * 0.37 - 1.5).collect() };
     let mut wq = ramp(4 * 6);
     wq[..special.len()].copy_from_slice(&special);
     vec![
         ("tok_embeddings.weight".into(), vec![10, 4], ramp(40)),
         ("layers.0.attn.wq.weight".into(), vec![4, 6], wq),
-        (
-            "layers.0.moe.experts.3.w1.weight".into(),
-            vec![3, 4],
-            ramp(12),
-        ),
+        ("layers.0.moe.experts.3.w1.weight".into(), vec![3, 4], ramp(12)),
         ("norm.weight".into(), vec![4], ramp(4)),
         ("scalar".into(), vec![], vec![7.25]),
         ("empty".into(), vec![0, 4], vec![]),
@@ -55,10 +41,7 @@ pub fn optim_tensors(model: &[Owned]) -> Vec<Owned> {
 
 /// Borrow owned tensors for `write_shard`.
 pub fn refs(tensors: &[Owned]) -> Vec<TensorRef<'_>> {
-    tensors
-        .iter()
-        .map(|(name, shape, data)| TensorRef { name, shape, data })
-        .collect()
+    tensors.iter().map(|(name, shape, data)| TensorRef { name, shape, data }).collect()
 }
 
 /// Save `step` as two shards (model on rank 0, optimizer on rank 1) and

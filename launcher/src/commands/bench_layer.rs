@@ -131,20 +131,8 @@ fn bench_moe_layer(case: &LayerCase) -> f64 {
         let mut experts = LocalExperts::new(&cfg, &weights.experts, &mut grads.experts);
         let (_, cache) = moe_forward(&cfg, 0, layer, &x_td, case.tokens, &mut experts).unwrap();
         let mut dx_td = vec![0.0; x_td.len()];
-        moe_backward(
-            &cfg,
-            0,
-            layer,
-            &mut gdense,
-            &x_td,
-            &cache,
-            0.01,
-            0.001,
-            &dout_td,
-            &mut dx_td,
-            &mut experts,
-        )
-        .unwrap();
+        moe_backward(&cfg, 0, layer, &mut gdense, &x_td, &cache, 0.01, 0.001, &dout_td, &mut dx_td, &mut experts)
+            .unwrap();
     });
     case.tokens as f64 / s
 }
@@ -153,17 +141,11 @@ fn bench_moe_layer(case: &LayerCase) -> f64 {
 /// runtime uses every core, as rayon does); None with a note when JAX is missing.
 fn bench_jax(case: &LayerCase) -> (Option<f64>, String) {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../bench/jax_moe_layer.py");
-    let output = Command::new("python3")
-        .arg(script)
-        .arg(serde_json::to_string(case).unwrap())
-        .output();
+    let output = Command::new("python3").arg(script).arg(serde_json::to_string(case).unwrap()).output();
     match output {
         Ok(out) if out.status.success() => {
             let text = String::from_utf8_lossy(&out.stdout);
-            match serde_json::from_str::<serde_json::Value>(text.trim())
-                .ok()
-                .and_then(|v| v["tokens_per_s"].as_f64())
-            {
+            match serde_json::from_str::<serde_json::Value>(text.trim()).ok().and_then(|v| v["tokens_per_s"].as_f64()) {
                 Some(tps) => (Some(tps), "jax.jit on CPU".into()),
                 None => (None, format!("unexpected output from {script}: {text}")),
             }
@@ -191,46 +173,20 @@ fn bench_step(job: &JobConfig) -> StepRow {
     let micro = job.train.micro_batch_size;
     let accumulation = job.grad_accumulation(1);
     let tokens = (job.train.global_batch_size * cfg.seq_len) as f64;
-    let scales = LossScales {
-        ce: 1.0 / tokens as f32,
-        aux: 0.01,
-        z: 0.001,
-    };
+    let scales = LossScales { ce: 1.0 / tokens as f32, aux: 0.01, z: 0.001 };
     let mut step = 0;
     let s = time_median(5, || {
         for m in 0..accumulation {
             let batch = data
-                .batch_for_step(
-                    job.train.seed,
-                    step,
-                    job.train.global_batch_size,
-                    m * micro,
-                    micro,
-                    cfg.seq_len + 1,
-                )
+                .batch_for_step(job.train.seed, step, job.train.global_batch_size, m * micro, micro, cfg.seq_len + 1)
                 .unwrap();
             let mut experts = LocalExperts::new(cfg, &weights.experts, &mut grads.experts);
-            let mb = MicroBatch {
-                tokens: &batch,
-                batch: micro,
-            };
-            forward_backward(
-                cfg,
-                &rope,
-                &weights.dense,
-                &mut grads.dense,
-                &mut experts,
-                mb,
-                scales,
-            )
-            .unwrap();
+            let mb = MicroBatch { tokens: &batch, batch: micro };
+            forward_backward(cfg, &rope, &weights.dense, &mut grads.dense, &mut experts, mb, scales).unwrap();
         }
         step += 1;
     });
-    StepRow {
-        tokens_per_s: tokens / s,
-        seconds_per_step: s,
-    }
+    StepRow { tokens_per_s: tokens / s, seconds_per_step: s }
 }
 
 /// Peak RSS of a child `switchyard train` of the default job against the
@@ -252,10 +208,7 @@ fn bench_memory(job: &JobConfig) -> Result<MemoryRow> {
         .output()
         .context("cannot start the memory probe")?;
     let _ = std::fs::remove_dir_all(&dir);
-    let peak_kib: f64 = String::from_utf8_lossy(&status.stdout)
-        .trim()
-        .parse()
-        .context("memory probe gave no VmHWM")?;
+    let peak_kib: f64 = String::from_utf8_lossy(&status.stdout).trim().parse().context("memory probe gave no VmHWM")?;
     let analytic = worker::memory::analytic_bytes(job) as f64;
     let peak = peak_kib * 1024.0;
     Ok(MemoryRow {
@@ -268,10 +221,7 @@ fn bench_memory(job: &JobConfig) -> Result<MemoryRow> {
 /// Runs every row and prints a table (or JSON).
 pub fn run(json: bool) -> Result<()> {
     let threads = rayon::current_num_threads();
-    let mut report = Report {
-        threads,
-        ..Default::default()
-    };
+    let mut report = Report { threads, ..Default::default() };
     eprintln!("measuring peak GEMM (2048x2048x2048) ...");
     report.peak_gflops = gemm_gflops(2048, 2048, 2048, 5);
 
@@ -297,16 +247,10 @@ pub fn run(json: bool) -> Result<()> {
     for case in &cases {
         // An expert's GEMM at balanced routing: tokens*k/E rows.
         let rows = case.tokens * case.top_k / case.n_experts;
-        eprintln!(
-            "measuring expert GEMM {rows}x{}x{} ...",
-            case.d_model, case.ffn_hidden
-        );
+        eprintln!("measuring expert GEMM {rows}x{}x{} ...", case.d_model, case.ffn_hidden);
         let gflops = gemm_gflops(rows, case.d_model, case.ffn_hidden, 9);
         report.expert_gemm.push(GemmRow {
-            shape: format!(
-                "{rows}x{}x{} ({})",
-                case.d_model, case.ffn_hidden, case.name
-            ),
+            shape: format!("{rows}x{}x{} ({})", case.d_model, case.ffn_hidden, case.name),
             gflops,
             share_of_peak: gflops / report.peak_gflops,
         });
@@ -342,12 +286,7 @@ fn print_table(r: &Report) {
     println!();
     println!("{:<40} {:>10} {:>9}", "expert GEMM", "GFLOP/s", "of peak");
     for g in &r.expert_gemm {
-        println!(
-            "{:<40} {:>10.1} {:>8.0}%",
-            g.shape,
-            g.gflops,
-            100.0 * g.share_of_peak
-        );
+        println!("{:<40} {:>10.1} {:>8.0}%", g.shape, g.gflops, 100.0 * g.share_of_peak);
     }
     println!();
     println!(

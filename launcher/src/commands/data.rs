@@ -25,11 +25,7 @@ pub enum DataCommand {
 /// Runs a data subcommand.
 pub fn run(cmd: DataCommand) -> Result<()> {
     match cmd {
-        DataCommand::Prepare {
-            inputs,
-            out,
-            tokenizer,
-        } => {
+        DataCommand::Prepare { inputs, out, tokenizer } => {
             let tokenizer = match &tokenizer {
                 Some(path) => Tokenizer::load(path)?,
                 None => Tokenizer::Byte,
@@ -44,10 +40,7 @@ pub fn run(cmd: DataCommand) -> Result<()> {
                 report.shards,
                 out.display()
             );
-            println!(
-                "train on it: switchyard train --set data.source={}",
-                out.display()
-            );
+            println!("train on it: switchyard train --set data.source={}", out.display());
             Ok(())
         }
     }

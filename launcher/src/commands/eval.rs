@@ -30,29 +30,19 @@ pub fn run(args: EvalArgs) -> Result<()> {
         Err(_) => {
             let store = CheckpointStore::open(&args.checkpoint)?;
             let step = store.latest_step()?.with_context(|| {
-                format!(
-                    "no committed checkpoint under {}: pass a step folder or a checkpoint root",
-                    args.checkpoint
-                )
+                format!("no committed checkpoint under {}: pass a step folder or a checkpoint root", args.checkpoint)
             })?;
             (store, step)
         }
     };
     let manifest = store.read_manifest(step)?;
-    let job: JobConfig = serde_json::from_value(manifest.config.clone()).with_context(|| {
-        format!(
-            "the config saved in {} cannot be read by this version",
-            store.step_url(step)
-        )
-    })?;
+    let job: JobConfig = serde_json::from_value(manifest.config.clone())
+        .with_context(|| format!("the config saved in {} cannot be read by this version", store.step_url(step)))?;
     let plan = PlacementPlan::contiguous(job.model.n_layers, job.model.n_experts, 1);
     let state = TrainState::load(&store, step, &job, &plan, 0)?;
     let tokenizer = eval_tokenizer(&job)?;
-    let text = std::fs::read(&args.data)
-        .with_context(|| format!("cannot read --data {}", args.data.display()))?;
-    let tokens = tokenizer
-        .encode(&text)
-        .with_context(|| format!("cannot tokenize {}", args.data.display()))?;
+    let text = std::fs::read(&args.data).with_context(|| format!("cannot read --data {}", args.data.display()))?;
+    let tokens = tokenizer.encode(&text).with_context(|| format!("cannot tokenize {}", args.data.display()))?;
     if tokens.len() < job.model.seq_len + 1 {
         bail!(
             "{} has {} tokens, fewer than one window of seq_len + 1 = {}: give a longer text",

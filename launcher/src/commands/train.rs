@@ -25,6 +25,9 @@ pub struct TrainArgs {
     /// Continue from a specific checkpoint step, e.g. file:///x/checkpoints/step-00000100.
     #[arg(long, value_name = "STEP_URL")]
     resume_from: Option<String>,
+    /// Stop with a checkpoint at this step (the schedule still spans train.steps; --resume continues exactly).
+    #[arg(long, value_name = "STEP")]
+    stop_at: Option<u64>,
     /// Print only summary lines (no progress bar).
     #[arg(long)]
     quiet: bool,
@@ -33,19 +36,14 @@ pub struct TrainArgs {
 /// Runs a training job on this machine.
 pub fn run(args: TrainArgs) -> Result<()> {
     let job = JobConfig::load(args.config.as_deref(), &args.overrides)?;
-    let run_dir = args
-        .run_dir
-        .unwrap_or_else(|| PathBuf::from("runs").join(&job.name));
+    let run_dir = args.run_dir.unwrap_or_else(|| PathBuf::from("runs").join(&job.name));
     let resume = match (args.resume, args.resume_from) {
         (_, Some(url)) => Resume::From(url),
         (true, None) => Resume::Latest,
         (false, None) => Resume::No,
     };
     let mut progress = ConsoleProgress::new(&job, &run_dir, args.quiet)?;
-    let opts = RunOptions {
-        run_dir: run_dir.clone(),
-        resume,
-    };
+    let opts = RunOptions { run_dir: run_dir.clone(), resume, stop_at: args.stop_at };
     let summary = train(&job, &opts, &mut progress).context("training failed")?;
     progress.finish(&summary, &job, &run_dir);
     Ok(())

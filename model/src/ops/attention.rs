@@ -28,15 +28,7 @@ impl AttentionShape {
 
 /// Copies head `head` of rows `[seq, row_width]` (starting at token `t0`)
 /// into a contiguous `[seq, hd]` buffer.
-fn gather_head(
-    src: &[f32],
-    t0: usize,
-    seq: usize,
-    row_width: usize,
-    head: usize,
-    hd: usize,
-    dst: &mut [f32],
-) {
+fn gather_head(src: &[f32], t0: usize, seq: usize, row_width: usize, head: usize, hd: usize, dst: &mut [f32]) {
     for (s, d) in dst.chunks_mut(hd).take(seq).enumerate() {
         let off = (t0 + s) * row_width + head * hd;
         d.copy_from_slice(&src[off..off + hd]);
@@ -44,27 +36,13 @@ fn gather_head(
 }
 
 fn check_shapes(shape: &AttentionShape, q_len: usize, k_len: usize, v_len: usize) {
-    let AttentionShape {
-        batch,
-        seq,
-        n_heads,
-        n_kv_heads,
-        head_dim,
-    } = *shape;
+    let AttentionShape { batch, seq, n_heads, n_kv_heads, head_dim } = *shape;
     assert!(
         n_kv_heads > 0 && n_heads.is_multiple_of(n_kv_heads),
         "attention: {n_heads} heads not divisible by {n_kv_heads} kv heads"
     );
-    assert_eq!(
-        q_len,
-        batch * seq * n_heads * head_dim,
-        "attention: q length"
-    );
-    assert_eq!(
-        k_len,
-        batch * seq * n_kv_heads * head_dim,
-        "attention: k length"
-    );
+    assert_eq!(q_len, batch * seq * n_heads * head_dim, "attention: q length");
+    assert_eq!(k_len, batch * seq * n_kv_heads * head_dim, "attention: k length");
     assert_eq!(v_len, k_len, "attention: v length");
 }
 
@@ -81,13 +59,7 @@ pub fn attention_forward(
     probs: &mut [f32],
 ) {
     check_shapes(&shape, q_th.len(), k_tg.len(), v_tg.len());
-    let AttentionShape {
-        batch: _,
-        seq,
-        n_heads,
-        n_kv_heads,
-        head_dim: hd,
-    } = shape;
+    let AttentionShape { batch: _, seq, n_heads, n_kv_heads, head_dim: hd } = shape;
     assert_eq!(out_th.len(), q_th.len(), "attention: out length");
     assert_eq!(probs.len(), shape.probs_len(), "attention: probs length");
     if q_th.is_empty() || seq == 0 {
@@ -100,53 +72,40 @@ pub fn attention_forward(
     // Per-(batch, head) outputs `[batch, n_heads, seq, hd]`, scattered into
     // the token-major layout afterwards.
     let mut out_bhsd = vec![0.0f32; q_th.len()];
-    probs
-        .par_chunks_mut(seq * seq)
-        .zip(out_bhsd.par_chunks_mut(seq * hd))
-        .enumerate()
-        .for_each_init(
-            || {
-                (
-                    vec![0.0f32; seq * hd],
-                    vec![0.0f32; seq * hd],
-                    vec![0.0f32; seq * hd],
-                )
-            },
-            |(qs, ks, vs), (bh, (p, o))| {
-                let (b, h) = (bh / n_heads, bh % n_heads);
-                let g = h / group;
-                gather_head(q_th, b * seq, seq, qw, h, hd, qs);
-                gather_head(k_tg, b * seq, seq, kw, g, hd, ks);
-                gather_head(v_tg, b * seq, seq, kw, g, hd, vs);
-                // scores = q k^T (scaled in the softmax below).
-                matmul_nt(seq, hd, seq, qs, ks, p, false);
-                for (i, row) in p.chunks_mut(seq).enumerate() {
-                    let (live, future) = row.split_at_mut(i + 1);
-                    let max = live.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s)) * scale;
-                    let mut sum = 0.0f32;
-                    for s in live.iter_mut() {
-                        *s = (*s * scale - max).exp();
-                        sum += *s;
-                    }
-                    let inv = 1.0 / sum;
-                    live.iter_mut().for_each(|s| *s *= inv);
-                    future.fill(0.0);
+    probs.par_chunks_mut(seq * seq).zip(out_bhsd.par_chunks_mut(seq * hd)).enumerate().for_each_init(
+        || (vec![0.0f32; seq * hd], vec![0.0f32; seq * hd], vec![0.0f32; seq * hd]),
+        |(qs, ks, vs), (bh, (p, o))| {
+            let (b, h) = (bh / n_heads, bh % n_heads);
+            let g = h / group;
+            gather_head(q_th, b * seq, seq, qw, h, hd, qs);
+            gather_head(k_tg, b * seq, seq, kw, g, hd, ks);
+            gather_head(v_tg, b * seq, seq, kw, g, hd, vs);
+            // scores = q k^T (scaled in the softmax below).
+            matmul_nt(seq, hd, seq, qs, ks, p, false);
+            for (i, row) in p.chunks_mut(seq).enumerate() {
+                let (live, future) = row.split_at_mut(i + 1);
+                let max = live.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s)) * scale;
+                let mut sum = 0.0f32;
+                for s in live.iter_mut() {
+                    *s = (*s * scale - max).exp();
+                    sum += *s;
                 }
-                // out = P v.
-                matmul_nn(seq, seq, hd, p, vs, o, false);
-            },
-        );
-    out_th
-        .par_chunks_mut(seq * qw)
-        .enumerate()
-        .for_each(|(b, out_b)| {
-            for (s, row) in out_b.chunks_mut(qw).enumerate() {
-                for (h, dst) in row.chunks_mut(hd).enumerate() {
-                    let off = ((b * n_heads + h) * seq + s) * hd;
-                    dst.copy_from_slice(&out_bhsd[off..off + hd]);
-                }
+                let inv = 1.0 / sum;
+                live.iter_mut().for_each(|s| *s *= inv);
+                future.fill(0.0);
             }
-        });
+            // out = P v.
+            matmul_nn(seq, seq, hd, p, vs, o, false);
+        },
+    );
+    out_th.par_chunks_mut(seq * qw).enumerate().for_each(|(b, out_b)| {
+        for (s, row) in out_b.chunks_mut(qw).enumerate() {
+            for (h, dst) in row.chunks_mut(hd).enumerate() {
+                let off = ((b * n_heads + h) * seq + s) * hd;
+                dst.copy_from_slice(&out_bhsd[off..off + hd]);
+            }
+        }
+    });
 }
 
 /// Backward of [`attention_forward`]: adds into `dq_th`, `dk_tg`, `dv_tg`.
@@ -163,13 +122,7 @@ pub fn attention_backward(
     dv_tg: &mut [f32],
 ) {
     check_shapes(&shape, q_th.len(), k_tg.len(), v_tg.len());
-    let AttentionShape {
-        batch: _,
-        seq,
-        n_heads,
-        n_kv_heads,
-        head_dim: hd,
-    } = shape;
+    let AttentionShape { batch: _, seq, n_heads, n_kv_heads, head_dim: hd } = shape;
     assert_eq!(probs.len(), shape.probs_len(), "attention: probs length");
     assert_eq!(dout_th.len(), q_th.len(), "attention: dout length");
     assert_eq!(dq_th.len(), q_th.len(), "attention: dq length");
@@ -227,34 +180,24 @@ pub fn attention_backward(
                 matmul_tn(seq, seq, hd, ds, qs, dk, false);
             },
         );
-    dq_th
-        .par_chunks_mut(seq * qw)
-        .enumerate()
-        .for_each(|(b, dq_rows)| {
-            for (s, row) in dq_rows.chunks_mut(qw).enumerate() {
-                for (h, dst) in row.chunks_mut(hd).enumerate() {
-                    let off = ((b * n_heads + h) * seq + s) * hd;
-                    dst.iter_mut()
-                        .zip(&dq_b[off..off + hd])
-                        .for_each(|(o, v)| *o += v);
+    dq_th.par_chunks_mut(seq * qw).enumerate().for_each(|(b, dq_rows)| {
+        for (s, row) in dq_rows.chunks_mut(qw).enumerate() {
+            for (h, dst) in row.chunks_mut(hd).enumerate() {
+                let off = ((b * n_heads + h) * seq + s) * hd;
+                dst.iter_mut().zip(&dq_b[off..off + hd]).for_each(|(o, v)| *o += v);
+            }
+        }
+    });
+    for (dst_all, src_all) in [(dk_tg, &dk_b), (dv_tg, &dv_b)] {
+        dst_all.par_chunks_mut(seq * kw).enumerate().for_each(|(b, rows)| {
+            for (s, row) in rows.chunks_mut(kw).enumerate() {
+                for (g, dst) in row.chunks_mut(hd).enumerate() {
+                    for h in g * group..(g + 1) * group {
+                        let off = ((b * n_heads + h) * seq + s) * hd;
+                        dst.iter_mut().zip(&src_all[off..off + hd]).for_each(|(o, v)| *o += v);
+                    }
                 }
             }
         });
-    for (dst_all, src_all) in [(dk_tg, &dk_b), (dv_tg, &dv_b)] {
-        dst_all
-            .par_chunks_mut(seq * kw)
-            .enumerate()
-            .for_each(|(b, rows)| {
-                for (s, row) in rows.chunks_mut(kw).enumerate() {
-                    for (g, dst) in row.chunks_mut(hd).enumerate() {
-                        for h in g * group..(g + 1) * group {
-                            let off = ((b * n_heads + h) * seq + s) * hd;
-                            dst.iter_mut()
-                                .zip(&src_all[off..off + hd])
-                                .for_each(|(o, v)| *o += v);
-                        }
-                    }
-                }
-            });
     }
 }

@@ -36,11 +36,7 @@ fn row_stats(row: &[f32], exps: Option<&mut [f32]>) -> (f32, f64) {
 /// `-log softmax(row)[target] = max + ln(sum) - row[target]`.
 fn row_loss(row: &[f32], target: u32, max: f32, sum: f64) -> f64 {
     let t = target as usize;
-    assert!(
-        t < row.len(),
-        "cross-entropy: target {t} out of range for vocab {}",
-        row.len()
-    );
+    assert!(t < row.len(), "cross-entropy: target {t} out of range for vocab {}", row.len());
     max as f64 + sum.ln() - row[t] as f64
 }
 
@@ -71,11 +67,7 @@ pub fn cross_entropy_forward_backward(
     dlogits_tv: &mut [f32],
 ) -> f64 {
     check_shapes(logits_tv.len(), targets_t, vocab);
-    assert_eq!(
-        dlogits_tv.len(),
-        logits_tv.len(),
-        "cross-entropy: dlogits length"
-    );
+    assert_eq!(dlogits_tv.len(), logits_tv.len(), "cross-entropy: dlogits length");
     let per_row: Vec<f64> = logits_tv
         .par_chunks(vocab)
         .zip(dlogits_tv.par_chunks_mut(vocab))

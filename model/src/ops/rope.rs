@@ -15,14 +15,9 @@ pub struct RopeTable {
 impl RopeTable {
     /// Precomputes the angles (in f64, then rounded) for every position.
     pub fn new(seq_len: usize, head_dim: usize, theta: f32) -> Self {
-        assert!(
-            head_dim.is_multiple_of(2),
-            "rope: head_dim {head_dim} must be even"
-        );
+        assert!(head_dim.is_multiple_of(2), "rope: head_dim {head_dim} must be even");
         let half = head_dim / 2;
-        let freqs: Vec<f64> = (0..half)
-            .map(|i| (theta as f64).powf(-((2 * i) as f64) / head_dim as f64))
-            .collect();
+        let freqs: Vec<f64> = (0..half).map(|i| (theta as f64).powf(-((2 * i) as f64) / head_dim as f64)).collect();
         let mut cos_si = Vec::with_capacity(seq_len * half);
         let mut sin_si = Vec::with_capacity(seq_len * half);
         for pos in 0..seq_len {
@@ -32,12 +27,7 @@ impl RopeTable {
                 sin_si.push(angle.sin() as f32);
             }
         }
-        RopeTable {
-            head_dim,
-            seq_len,
-            cos_si,
-            sin_si,
-        }
+        RopeTable { head_dim, seq_len, cos_si, sin_si }
     }
 
     /// Rotates `x` in place. Layout `[batch, seq, heads, head_dim]`
@@ -58,17 +48,8 @@ impl RopeTable {
         let hd = self.head_dim;
         let half = hd / 2;
         let row = heads * hd;
-        assert!(
-            seq <= self.seq_len,
-            "rope: seq {seq} exceeds the table's {}",
-            self.seq_len
-        );
-        assert_eq!(
-            x.len(),
-            batch * seq * row,
-            "rope: x has {} values, need {batch}x{seq}x{heads}x{hd}",
-            x.len()
-        );
+        assert!(seq <= self.seq_len, "rope: seq {seq} exceeds the table's {}", self.seq_len);
+        assert_eq!(x.len(), batch * seq * row, "rope: x has {} values, need {batch}x{seq}x{heads}x{hd}", x.len());
         if row == 0 {
             return;
         }

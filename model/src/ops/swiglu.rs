@@ -39,28 +39,15 @@ pub fn swiglu_forward(
         return;
     }
     let n = rows * f;
-    assert!(
-        x_rd.len() >= rows * d,
-        "swiglu_forward: x has {} values, needs {rows}x{d}",
-        x_rd.len()
-    );
-    assert!(
-        y_rd.len() >= rows * d,
-        "swiglu_forward: y has {} values, needs {rows}x{d}",
-        y_rd.len()
-    );
+    assert!(x_rd.len() >= rows * d, "swiglu_forward: x has {} values, needs {rows}x{d}", x_rd.len());
+    assert!(y_rd.len() >= rows * d, "swiglu_forward: y has {} values, needs {rows}x{d}", y_rd.len());
     cache.h1.resize(n, 0.0);
     cache.h3.resize(n, 0.0);
     // h1 = x W1^T, h3 = x W3^T: [rows, f].
     matmul_nt(rows, d, f, x_rd, &w.w1, &mut cache.h1, false);
     matmul_nt(rows, d, f, x_rd, &w.w3, &mut cache.h3, false);
     // act = silu(h1) * h3, then y = act W2^T: [rows, d].
-    let act: Vec<f32> = cache
-        .h1
-        .iter()
-        .zip(&cache.h3)
-        .map(|(&a, &b)| silu(a) * b)
-        .collect();
+    let act: Vec<f32> = cache.h1.iter().zip(&cache.h3).map(|(&a, &b)| silu(a) * b).collect();
     matmul_nt(rows, f, d, &act, &w.w2, &mut y_rd[..rows * d], false);
 }
 
@@ -82,14 +69,8 @@ pub fn swiglu_backward(
         return;
     }
     let n = rows * f;
-    assert!(
-        cache.h1.len() >= n && cache.h3.len() >= n,
-        "swiglu_backward: cache holds fewer than {rows} rows"
-    );
-    assert!(
-        dy_rd.len() >= rows * d && dx_rd.len() >= rows * d,
-        "swiglu_backward: dy/dx need {rows}x{d} values"
-    );
+    assert!(cache.h1.len() >= n && cache.h3.len() >= n, "swiglu_backward: cache holds fewer than {rows} rows");
+    assert!(dy_rd.len() >= rows * d && dx_rd.len() >= rows * d, "swiglu_backward: dy/dx need {rows}x{d} values");
     // One scratch buffer: [act | d_act], later reused in place as [dh3 | dh1].
     let mut scratch = vec![0.0f32; 2 * n];
     let (act, dact) = scratch.split_at_mut(n);
@@ -102,12 +83,7 @@ pub fn swiglu_backward(
     matmul_nn(rows, d, f, dy_rd, &w.w2, dact, false);
     // dh3 = d_act * silu(h1); dh1 = d_act * h3 * silu'(h1),
     // silu'(z) = s (1 + z (1 - s)) with s = sigmoid(z).
-    for (((dh3, dh1), &h1), &h3) in act
-        .iter_mut()
-        .zip(dact.iter_mut())
-        .zip(&cache.h1[..n])
-        .zip(&cache.h3[..n])
-    {
+    for (((dh3, dh1), &h1), &h3) in act.iter_mut().zip(dact.iter_mut()).zip(&cache.h1[..n]).zip(&cache.h3[..n]) {
         let s = sigmoid(h1);
         let g = *dh1;
         *dh3 = g * h1 * s;

@@ -9,10 +9,7 @@ pub fn values(n: usize, seed: u64) -> Vec<f32> {
 
 /// `sum(y * probe)` in f64: a scalar loss whose gradient w.r.t. y is `probe`.
 pub fn probe_loss(y: &[f32], probe: &[f32]) -> f64 {
-    y.iter()
-        .zip(probe)
-        .map(|(a, b)| *a as f64 * *b as f64)
-        .sum()
+    y.iter().zip(probe).map(|(a, b)| *a as f64 * *b as f64).sum()
 }
 
 /// Checks `analytic` (d loss / d x) against central differences of `loss`

@@ -76,9 +76,8 @@ impl Default for BuiltinCorpus {
 impl BuiltinCorpus {
     /// Builds the corpus tables from [`CORPUS_SEED`] (a few milliseconds).
     pub fn new() -> Self {
-        let sources = (0..NUM_SOURCES)
-            .map(|s| Source::generate(&mut Rng::for_stream(CORPUS_SEED, &[s as u64])))
-            .collect();
+        let sources =
+            (0..NUM_SOURCES).map(|s| Source::generate(&mut Rng::for_stream(CORPUS_SEED, &[s as u64]))).collect();
         // Equal weights: uneven ones would also be fine, but equal load makes
         // expert specialisation, not load balancing, the visible effect.
         let weights = vec![1.0 / NUM_SOURCES as f64; NUM_SOURCES];
@@ -106,12 +105,7 @@ impl BuiltinCorpus {
         let src = &self.sources[source];
         let a = src.alphabet.iter().position(|&c| c == prev2)?;
         let b = src.alphabet.iter().position(|&c| c == prev1)?;
-        Some(
-            src.next[a * ALPHABET_SIZE + b]
-                .iter()
-                .map(|&(c, p)| (src.alphabet[c], p))
-                .collect(),
-        )
+        Some(src.next[a * ALPHABET_SIZE + b].iter().map(|&(c, p)| (src.alphabet[c], p)).collect())
     }
 
     /// Entropy rate in nats per token when the source is known.
@@ -184,32 +178,19 @@ impl BuiltinCorpus {
 impl Source {
     /// Draws one source's alphabet and transition table.
     fn generate(rng: &mut Rng) -> Self {
-        let alphabet: Vec<u8> = choose_distinct(rng, POOL.len(), ALPHABET_SIZE)
-            .into_iter()
-            .map(|i| POOL[i])
-            .collect();
+        let alphabet: Vec<u8> = choose_distinct(rng, POOL.len(), ALPHABET_SIZE).into_iter().map(|i| POOL[i]).collect();
         let next = (0..ALPHABET_SIZE * ALPHABET_SIZE)
             .map(|_| {
-                let k = MIN_SUCCESSORS
-                    + rng.below((MAX_SUCCESSORS - MIN_SUCCESSORS + 1) as u64) as usize;
+                let k = MIN_SUCCESSORS + rng.below((MAX_SUCCESSORS - MIN_SUCCESSORS + 1) as u64) as usize;
                 let symbols = choose_distinct(rng, ALPHABET_SIZE, k);
                 // Dirichlet(1) weights (normalised exponentials): uneven, so
                 // the entropy per context is well below ln(k).
                 let raw: Vec<f64> = (0..k).map(|_| -(1.0 - rng.uniform()).ln()).collect();
                 let total: f64 = raw.iter().sum();
-                symbols
-                    .into_iter()
-                    .zip(raw)
-                    .map(|(c, r)| (c, r / total))
-                    .collect()
+                symbols.into_iter().zip(raw).map(|(c, r)| (c, r / total)).collect()
             })
             .collect();
-        let mut src = Source {
-            alphabet,
-            next,
-            stationary: Vec::new(),
-            start_cdf: Vec::new(),
-        };
+        let mut src = Source { alphabet, next, stationary: Vec::new(), start_cdf: Vec::new() };
         src.stationary = src.stationary_distribution();
         src.start_cdf = cumulative(&src.stationary);
         src
@@ -312,11 +293,7 @@ mod tests {
                     step[(ctx % ALPHABET_SIZE) * ALPHABET_SIZE + c] += src.stationary[ctx] * p;
                 }
             }
-            let err = step
-                .iter()
-                .zip(&src.stationary)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0, f64::max);
+            let err = step.iter().zip(&src.stationary).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
             assert!(err < 1e-12, "stationary error {err}");
             assert!((src.stationary.iter().sum::<f64>() - 1.0).abs() < 1e-12);
         }

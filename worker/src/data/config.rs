@@ -20,10 +20,7 @@ pub struct DataConfig {
 
 impl Default for DataConfig {
     fn default() -> Self {
-        Self {
-            source: "builtin".into(),
-            tokenizer: "byte".into(),
-        }
+        Self { source: "builtin".into(), tokenizer: "byte".into() }
     }
 }
 

@@ -32,11 +32,7 @@ pub enum DataError {
         path.display(),
         expected_tokens * 4
     )]
-    ShardSizeMismatch {
-        path: PathBuf,
-        expected_tokens: u64,
-        found_bytes: u64,
-    },
+    ShardSizeMismatch { path: PathBuf, expected_tokens: u64, found_bytes: u64 },
 
     /// A shard holds a token id the vocabulary does not have.
     #[error(
@@ -44,12 +40,7 @@ pub enum DataError {
          the shard is corrupt or was prepared with another tokenizer; re-run `switchyard data prepare`",
         path.display()
     )]
-    TokenOutOfVocab {
-        path: PathBuf,
-        position: u64,
-        token: u32,
-        vocab: usize,
-    },
+    TokenOutOfVocab { path: PathBuf, position: u64, token: u32, vocab: usize },
 
     /// Reading or writing a file failed.
     #[error("{}: {source}", path.display())]
@@ -96,11 +87,7 @@ pub enum DataError {
         "{what} has {tokens} tokens, fewer than one training sequence of {len} tokens \
          (seq_len + 1): add more text or lower [model] seq_len"
     )]
-    TooShort {
-        what: String,
-        tokens: u64,
-        len: usize,
-    },
+    TooShort { what: String, tokens: u64, len: usize },
 }
 
 /// Why a tokenizer could not encode a piece of text.
@@ -117,9 +104,6 @@ pub enum EncodeError {
 impl DataError {
     /// Wraps an IO error with the path it concerns.
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        DataError::Io {
-            path: path.into(),
-            source,
-        }
+        DataError::Io { path: path.into(), source }
     }
 }

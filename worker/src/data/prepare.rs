@@ -32,11 +32,7 @@ pub struct PrepareReport {
 
 /// Tokenizes `inputs` (files, or folders searched recursively) into shards
 /// and an `index.json` in `out_dir`, which must be empty or absent.
-pub fn prepare(
-    inputs: &[PathBuf],
-    out_dir: &Path,
-    tokenizer: &Tokenizer,
-) -> Result<PrepareReport, DataError> {
+pub fn prepare(inputs: &[PathBuf], out_dir: &Path, tokenizer: &Tokenizer) -> Result<PrepareReport, DataError> {
     prepare_with_shard_size(inputs, out_dir, tokenizer, DEFAULT_SHARD_TOKENS)
 }
 
@@ -56,12 +52,7 @@ pub fn prepare_with_shard_size(
     for path in &files {
         let text = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
         bytes += text.len() as u64;
-        let ids = tokenizer
-            .encode(&text)
-            .map_err(|source| DataError::Encode {
-                path: path.clone(),
-                source,
-            })?;
+        let ids = tokenizer.encode(&text).map_err(|source| DataError::Encode { path: path.clone(), source })?;
         writer.write(&ids)?;
     }
     let shards = writer.finish()?;
@@ -89,12 +80,7 @@ pub fn prepare_with_shard_size(
         documents: files.len() as u64,
     };
     write_index(out_dir, &index)?;
-    Ok(PrepareReport {
-        documents: files.len() as u64,
-        tokens: total_tokens,
-        shards: shards.len(),
-        bytes,
-    })
+    Ok(PrepareReport { documents: files.len() as u64, tokens: total_tokens, shards: shards.len(), bytes })
 }
 
 /// Input files in a stable order: inputs as given, each folder's files
@@ -152,9 +138,7 @@ fn ensure_empty_dir(dir: &Path) -> Result<(), DataError> {
     std::fs::create_dir_all(dir).map_err(|e| DataError::io(dir, e))?;
     let mut entries = std::fs::read_dir(dir).map_err(|e| DataError::io(dir, e))?;
     if entries.next().is_some() {
-        return Err(DataError::OutputNotEmpty {
-            dir: dir.to_path_buf(),
-        });
+        return Err(DataError::OutputNotEmpty { dir: dir.to_path_buf() });
     }
     Ok(())
 }
@@ -179,12 +163,7 @@ struct ShardWriter {
 
 impl ShardWriter {
     fn new(dir: &Path, shard_tokens: u64) -> Self {
-        Self {
-            dir: dir.to_path_buf(),
-            shard_tokens,
-            current: None,
-            shards: Vec::new(),
-        }
+        Self { dir: dir.to_path_buf(), shard_tokens, current: None, shards: Vec::new() }
     }
 
     fn write(&mut self, mut ids: &[u32]) -> Result<(), DataError> {
@@ -215,18 +194,13 @@ impl ShardWriter {
         let path = self.dir.join(&name);
         let file = File::create(&path).map_err(|e| DataError::io(&path, e))?;
         self.current = Some((path, BufWriter::new(file)));
-        self.shards.push(ShardEntry {
-            file: name,
-            tokens: 0,
-        });
+        self.shards.push(ShardEntry { file: name, tokens: 0 });
         Ok(())
     }
 
     fn close_current(&mut self) -> Result<(), DataError> {
         if let Some((path, file)) = self.current.take() {
-            let file = file
-                .into_inner()
-                .map_err(|e| DataError::io(&path, e.into_error()))?;
+            let file = file.into_inner().map_err(|e| DataError::io(&path, e.into_error()))?;
             file.sync_all().map_err(|e| DataError::io(&path, e))?;
         }
         Ok(())

@@ -67,56 +67,29 @@ impl PreparedData {
         let text = match std::fs::read_to_string(&index_path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(DataError::MissingIndex {
-                    dir: dir.to_path_buf(),
-                })
+                return Err(DataError::MissingIndex { dir: dir.to_path_buf() })
             }
             Err(e) => return Err(DataError::io(&index_path, e)),
         };
-        let bad = |reason: String| DataError::BadIndex {
-            path: index_path.clone(),
-            reason,
-        };
-        let index: PreparedIndex =
-            serde_json::from_str(&text).map_err(|e| bad(format!("not a valid index: {e}")))?;
+        let bad = |reason: String| DataError::BadIndex { path: index_path.clone(), reason };
+        let index: PreparedIndex = serde_json::from_str(&text).map_err(|e| bad(format!("not a valid index: {e}")))?;
         if index.format_version != FORMAT_VERSION {
-            return Err(bad(format!(
-                "format_version {} is not the supported {FORMAT_VERSION}",
-                index.format_version
-            )));
+            return Err(bad(format!("format_version {} is not the supported {FORMAT_VERSION}", index.format_version)));
         }
         let listed: u64 = index.shards.iter().map(|s| s.tokens).sum();
         if listed != index.total_tokens {
-            return Err(bad(format!(
-                "shards hold {listed} tokens but total_tokens is {}",
-                index.total_tokens
-            )));
+            return Err(bad(format!("shards hold {listed} tokens but total_tokens is {}", index.total_tokens)));
         }
 
         let mut tokens = Vec::with_capacity(index.total_tokens as usize);
         for shard in &index.shards {
             // A bare file name only: an index must not point outside its folder.
-            if shard.file.is_empty()
-                || Path::new(&shard.file).file_name() != Some(shard.file.as_ref())
-            {
-                return Err(bad(format!(
-                    "shard name `{}` is not a plain file name",
-                    shard.file
-                )));
+            if shard.file.is_empty() || Path::new(&shard.file).file_name() != Some(shard.file.as_ref()) {
+                return Err(bad(format!("shard name `{}` is not a plain file name", shard.file)));
             }
-            read_shard(
-                &dir.join(&shard.file),
-                shard.tokens,
-                index.vocab,
-                &mut tokens,
-            )?;
+            read_shard(&dir.join(&shard.file), shard.tokens, index.vocab, &mut tokens)?;
         }
-        Ok(Self {
-            dir: dir.to_path_buf(),
-            index,
-            tokens,
-            order_cache: Mutex::new(None),
-        })
+        Ok(Self { dir: dir.to_path_buf(), index, tokens, order_cache: Mutex::new(None) })
     }
 
     /// The folder this was read from.
@@ -146,12 +119,7 @@ impl PreparedData {
 }
 
 /// Appends one shard's tokens to `out` after checking its size and ids.
-fn read_shard(
-    path: &Path,
-    expected_tokens: u64,
-    vocab: usize,
-    out: &mut Vec<u32>,
-) -> Result<(), DataError> {
+fn read_shard(path: &Path, expected_tokens: u64, vocab: usize, out: &mut Vec<u32>) -> Result<(), DataError> {
     let bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
     if bytes.len() as u64 != expected_tokens * 4 {
         return Err(DataError::ShardSizeMismatch {

@@ -41,9 +41,7 @@ pub struct DataCursor {
 impl DataCursor {
     /// The cursor after `steps` steps of `global_batch_size` sequences.
     pub fn after_steps(steps: u64, global_batch_size: usize) -> Self {
-        Self {
-            sequences_consumed: steps * global_batch_size as u64,
-        }
+        Self { sequences_consumed: steps * global_batch_size as u64 }
     }
 
     /// Records that one more step of `global_batch_size` sequences was used.
@@ -72,18 +70,8 @@ impl DataSource {
 
     /// Fills `out` (length `len` = seq_len + 1: inputs and shifted targets)
     /// with global sequence `global_index`.
-    pub fn sequence(
-        &self,
-        seed: u64,
-        global_index: u64,
-        len: usize,
-        out: &mut [u32],
-    ) -> Result<(), DataError> {
-        assert_eq!(
-            out.len(),
-            len,
-            "output buffer must hold exactly one sequence"
-        );
+    pub fn sequence(&self, seed: u64, global_index: u64, len: usize, out: &mut [u32]) -> Result<(), DataError> {
+        assert_eq!(out.len(), len, "output buffer must hold exactly one sequence");
         match self {
             DataSource::Builtin(corpus) => {
                 let mut rng = Rng::for_stream(seed, &[DATA_STREAM_TAG, global_index]);
@@ -131,23 +119,13 @@ impl DataSource {
 fn num_windows(data: &PreparedData, len: usize) -> Result<u64, DataError> {
     let tokens = data.tokens().len() as u64;
     if len == 0 || tokens < len as u64 {
-        return Err(DataError::TooShort {
-            what: format!("prepared data {}", data.dir().display()),
-            tokens,
-            len,
-        });
+        return Err(DataError::TooShort { what: format!("prepared data {}", data.dir().display()), tokens, len });
     }
     Ok(tokens / len as u64)
 }
 
 /// The shuffled window order of `epoch`, from the cache when possible.
-fn epoch_order(
-    data: &PreparedData,
-    seed: u64,
-    epoch: u64,
-    len: usize,
-    windows: u64,
-) -> Arc<Vec<u64>> {
+fn epoch_order(data: &PreparedData, seed: u64, epoch: u64, len: usize, windows: u64) -> Arc<Vec<u64>> {
     let mut cache = data.order_cache.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(c) = cache.as_ref() {
         if c.seed == seed && c.epoch == epoch && c.len == len {
@@ -155,12 +133,7 @@ fn epoch_order(
         }
     }
     let order = Arc::new(shuffled_windows(seed, epoch, windows));
-    *cache = Some(EpochOrder {
-        seed,
-        epoch,
-        len,
-        windows: Arc::clone(&order),
-    });
+    *cache = Some(EpochOrder { seed, epoch, len, windows: Arc::clone(&order) });
     order
 }
 

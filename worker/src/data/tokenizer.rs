@@ -44,8 +44,7 @@ impl Tokenizer {
         if !path.is_file() {
             return Err(DataError::TokenizerLoad {
                 path: path.to_path_buf(),
-                reason: "no such file; set [data] tokenizer to \"byte\" or to an existing tokenizer.json"
-                    .into(),
+                reason: "no such file; set [data] tokenizer to \"byte\" or to an existing tokenizer.json".into(),
             });
         }
         HfTokenizer::load(path).map(Tokenizer::HuggingFace)
@@ -65,9 +64,7 @@ impl Tokenizer {
         match self {
             Tokenizer::Byte => Ok(text.iter().map(|&b| b as u32).collect()),
             Tokenizer::HuggingFace(hf) => {
-                let s = std::str::from_utf8(text).map_err(|e| EncodeError::NotUtf8 {
-                    valid_up_to: e.valid_up_to(),
-                })?;
+                let s = std::str::from_utf8(text).map_err(|e| EncodeError::NotUtf8 { valid_up_to: e.valid_up_to() })?;
                 hf.encode(s)
             }
         }
@@ -91,22 +88,14 @@ impl HfTokenizer {
 
     #[cfg(feature = "hf-tokenizer")]
     fn load(path: &Path) -> Result<Self, DataError> {
-        let inner =
-            tokenizers::Tokenizer::from_file(path).map_err(|e| DataError::TokenizerLoad {
-                path: path.to_path_buf(),
-                reason: e.to_string(),
-            })?;
-        Ok(Self {
-            path: path.to_path_buf(),
-            inner: Box::new(inner),
-        })
+        let inner = tokenizers::Tokenizer::from_file(path)
+            .map_err(|e| DataError::TokenizerLoad { path: path.to_path_buf(), reason: e.to_string() })?;
+        Ok(Self { path: path.to_path_buf(), inner: Box::new(inner) })
     }
 
     #[cfg(not(feature = "hf-tokenizer"))]
     fn load(path: &Path) -> Result<Self, DataError> {
-        Err(DataError::HfTokenizerNotCompiled {
-            path: path.to_path_buf(),
-        })
+        Err(DataError::HfTokenizerNotCompiled { path: path.to_path_buf() })
     }
 
     #[cfg(feature = "hf-tokenizer")]
@@ -122,10 +111,7 @@ impl HfTokenizer {
 
     #[cfg(feature = "hf-tokenizer")]
     fn encode(&self, text: &str) -> Result<Vec<u32>, EncodeError> {
-        let enc = self
-            .inner
-            .encode(text, false)
-            .map_err(|e| EncodeError::Tokenizer(e.to_string()))?;
+        let enc = self.inner.encode(text, false).map_err(|e| EncodeError::Tokenizer(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
     }
 
