@@ -1,0 +1,155 @@
+//! The `switchyard` binary as a user runs it: train, resume, eval, data
+//! prepare, and every kind of bad input → a clear error, a non-zero exit,
+//! and nothing already saved touched.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn switchyard(args: &[&str], cwd: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_switchyard")).args(args).current_dir(cwd).output().expect("binary runs")
+}
+
+fn text(out: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("switchyard-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A job small enough to train in about a second.
+const SMALL: &[&str] = &[
+    "--set",
+    "model.d_model=32",
+    "--set",
+    "model.ffn_hidden=64",
+    "--set",
+    "model.seq_len=16",
+    "--set",
+    "train.steps=12",
+    "--set",
+    "train.log_every=4",
+    "--set",
+    "checkpoint.every=6",
+];
+
+fn train(dir: &Path, extra: &[&str]) -> Output {
+    let mut args = vec!["train", "--quiet", "--run-dir", "run"];
+    args.extend_from_slice(SMALL);
+    args.extend_from_slice(extra);
+    switchyard(&args, dir)
+}
+
+#[test]
+fn train_resume_and_eval_work_as_documented() {
+    let dir = temp_dir("flow");
+    let out = train(&dir, &["--stop-at", "6"]);
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("entropy floor") && log.contains("unigram entropy"), "{log}");
+    assert!(log.contains("checkpoint: file://") && log.contains("switchyard eval --checkpoint"), "{log}");
+    for file in ["config.toml", "metrics.jsonl", "train.log", "checkpoints/latest"] {
+        assert!(dir.join("run").join(file).exists(), "{file} missing");
+    }
+    let metrics = std::fs::read_to_string(dir.join("run/metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 6);
+    let first: serde_json::Value = serde_json::from_str(metrics.lines().next().unwrap()).unwrap();
+    for key in ["step", "loss", "aux_loss", "z_loss", "lr", "grad_norm", "tokens_per_s", "tokens_per_expert", "dropped"]
+    {
+        assert!(first.get(key).is_some(), "metrics.jsonl lacks {key}: {first}");
+    }
+
+    let out = train(&dir, &["--resume"]);
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("resuming from") && log.contains("step 6"), "{log}");
+    assert_eq!(std::fs::read_to_string(dir.join("run/metrics.jsonl")).unwrap().lines().count(), 12);
+
+    std::fs::write(dir.join("eval.txt"), "the quick brown fox jumps over the lazy dog. ".repeat(20)).unwrap();
+    let out = switchyard(&["eval", "--checkpoint", "run/checkpoints", "--data", "eval.txt", "--json"], &dir);
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    let result: serde_json::Value = serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap();
+    // 900 bytes, T = 16: windows i*16 .. i*16+17 while <= 900 → 56 windows.
+    assert_eq!(result["windows"], 56);
+    assert_eq!(result["tokens"], 56 * 16);
+    let loss = result["loss"].as_f64().unwrap();
+    assert!(loss.is_finite() && loss > 0.0 && loss < 10.0, "{result}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn data_prepare_then_train_on_it() {
+    let dir = temp_dir("prepare");
+    std::fs::create_dir_all(dir.join("corpus/sub")).unwrap();
+    std::fs::write(dir.join("corpus/a.txt"), "abcabcabd ".repeat(200)).unwrap();
+    std::fs::write(dir.join("corpus/sub/b.txt"), "xyzxyzxyw ".repeat(200)).unwrap();
+    let out = switchyard(&["data", "prepare", "--input", "corpus", "--out", "data"], &dir);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("4000 tokens"), "{}", text(&out));
+    let out = train(&dir, &["--set", "data.source=data"]);
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("corpus unigram entropy"), "{log}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn bad_config_files_are_named_with_the_key() {
+    let dir = temp_dir("badcfg");
+    let cases: &[(&str, &str, &[&str])] = &[
+        ("missing.toml", "", &["missing.toml"]),
+        ("garbled.toml", "[model\nd_model = ", &["garbled.toml"]),
+        ("types.toml", "[train]\nsteps = \"many\"\n", &["types.toml", "steps"]),
+        ("unknown.toml", "[model]\nd_modle = 64\n", &["unknown.toml", "d_modle"]),
+        ("impossible.toml", "[model]\nn_experts = 2\ntop_k = 4\n", &["impossible.toml", "top_k"]),
+    ];
+    for (file, body, needles) in cases {
+        if !body.is_empty() {
+            std::fs::write(dir.join(file), body).unwrap();
+        }
+        let out = switchyard(&["train", "--quiet", "--config", file, "--run-dir", "run"], &dir);
+        let log = text(&out);
+        assert!(!out.status.success(), "{file} was accepted");
+        for needle in *needles {
+            assert!(log.contains(needle), "{file}: error does not name {needle}: {log}");
+        }
+        assert!(!dir.join("run").exists(), "{file}: a run folder was created");
+    }
+    let out = switchyard(&["train", "--quiet", "--set", "train.nope=3"], &dir);
+    assert!(!out.status.success() && text(&out).contains("nope"), "{}", text(&out));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn unreadable_data_is_a_clear_error() {
+    let dir = temp_dir("baddata");
+    let out = train(&dir, &["--set", "data.source=no/such/folder"]);
+    let log = text(&out);
+    assert!(!out.status.success());
+    assert!(log.contains("no/such/folder") && log.contains("data prepare"), "{log}");
+    assert!(!dir.join("run").exists(), "a run folder was created");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn an_incompatible_checkpoint_is_refused_and_left_intact() {
+    let dir = temp_dir("incompatible");
+    assert!(train(&dir, &[]).status.success());
+    let manifest = dir.join("run/checkpoints/step-00000012/manifest.json");
+    let before = std::fs::read(&manifest).unwrap();
+    let metrics_before = std::fs::read(dir.join("run/metrics.jsonl")).unwrap();
+    let out = train(&dir, &["--resume", "--set", "model.n_experts=4", "--set", "train.steps=20"]);
+    let log = text(&out);
+    assert!(!out.status.success());
+    assert!(log.contains("n_experts") && log.contains("different model"), "{log}");
+    assert_eq!(std::fs::read(&manifest).unwrap(), before);
+    assert_eq!(std::fs::read(dir.join("run/metrics.jsonl")).unwrap(), metrics_before);
+    // A fresh start over an existing run is refused too.
+    let out = train(&dir, &[]);
+    assert!(!out.status.success() && text(&out).contains("--resume"), "{}", text(&out));
+    std::fs::remove_dir_all(&dir).ok();
+}
