@@ -32,11 +32,51 @@ impl ExpertWeights {
         Self { w1: rng.normal_vec(n, std), w3: rng.normal_vec(n, std), w2: rng.normal_vec(n, out_std) }
     }
 
-    fn tensors_mut<'a>(&'a mut self, prefix: &str, out: &mut Vec<(String, &'a mut Vec<f32>)>) {
-        out.push((format!("{prefix}.w1.weight"), &mut self.w1));
-        out.push((format!("{prefix}.w3.weight"), &mut self.w3));
-        out.push((format!("{prefix}.w2.weight"), &mut self.w2));
-    }
+}
+
+/// Lists the tensors of a weights value with their names, in one fixed
+/// order, either by `&` or by `&mut` — one definition for both, so the
+/// read-only and the mutable lists can never disagree.
+macro_rules! list_tensors {
+    (expert $w:expr, $prefix:expr, $out:expr, $($m:tt)?) => {{
+        let prefix = $prefix;
+        $out.push((format!("{prefix}.w1.weight"), & $($m)? $w.w1));
+        $out.push((format!("{prefix}.w3.weight"), & $($m)? $w.w3));
+        $out.push((format!("{prefix}.w2.weight"), & $($m)? $w.w2));
+    }};
+    (dense $w:expr, $iter:ident, $opt:ident, $($m:tt)?) => {{
+        let mut out = Vec::new();
+        out.push(("tok_embeddings.weight".to_string(), & $($m)? $w.tok_embeddings));
+        for (l, layer) in $w.layers.$iter().enumerate() {
+            let p = format!("layers.{l}");
+            out.push((format!("{p}.attn_norm.weight"), & $($m)? layer.attn_norm));
+            out.push((format!("{p}.attn.wq.weight"), & $($m)? layer.wq));
+            out.push((format!("{p}.attn.wk.weight"), & $($m)? layer.wk));
+            out.push((format!("{p}.attn.wv.weight"), & $($m)? layer.wv));
+            out.push((format!("{p}.attn.wo.weight"), & $($m)? layer.wo));
+            if let Some(w) = layer.ffn_norm.$opt() {
+                out.push((format!("{p}.ffn_norm.weight"), w));
+            }
+            out.push((format!("{p}.moe.router.weight"), & $($m)? layer.router));
+            for (s, shared) in layer.shared.$iter().enumerate() {
+                list_tensors!(expert shared, format!("{p}.moe.shared.{s}"), out, $($m)?);
+            }
+        }
+        out.push(("norm.weight".to_string(), & $($m)? $w.norm));
+        if let Some(w) = $w.output.$opt() {
+            out.push(("output.weight".to_string(), w));
+        }
+        out
+    }};
+    (experts $w:expr, $iter:ident, $($m:tt)?) => {{
+        let mut out = Vec::new();
+        for (l, layer) in $w.layers.$iter().enumerate() {
+            for (e, expert) in layer.$iter() {
+                list_tensors!(expert expert, format!("layers.{l}.moe.experts.{e}"), out, $($m)?);
+            }
+        }
+        out
+    }};
 }
 
 /// The dense (non-routed) tensors of one layer.
@@ -109,28 +149,12 @@ impl DenseWeights {
 
     /// Every dense tensor with its DESIGN section 5 name, in a fixed order.
     pub fn tensors_mut(&mut self) -> Vec<(String, &mut Vec<f32>)> {
-        let mut out = Vec::new();
-        out.push(("tok_embeddings.weight".to_string(), &mut self.tok_embeddings));
-        for (l, layer) in self.layers.iter_mut().enumerate() {
-            let p = format!("layers.{l}");
-            out.push((format!("{p}.attn_norm.weight"), &mut layer.attn_norm));
-            out.push((format!("{p}.attn.wq.weight"), &mut layer.wq));
-            out.push((format!("{p}.attn.wk.weight"), &mut layer.wk));
-            out.push((format!("{p}.attn.wv.weight"), &mut layer.wv));
-            out.push((format!("{p}.attn.wo.weight"), &mut layer.wo));
-            if let Some(w) = layer.ffn_norm.as_mut() {
-                out.push((format!("{p}.ffn_norm.weight"), w));
-            }
-            out.push((format!("{p}.moe.router.weight"), &mut layer.router));
-            for (s, shared) in layer.shared.iter_mut().enumerate() {
-                shared.tensors_mut(&format!("{p}.moe.shared.{s}"), &mut out);
-            }
-        }
-        out.push(("norm.weight".to_string(), &mut self.norm));
-        if let Some(w) = self.output.as_mut() {
-            out.push(("output.weight".to_string(), w));
-        }
-        out
+        list_tensors!(dense self, iter_mut, as_mut, mut)
+    }
+
+    /// [`DenseWeights::tensors_mut`], read-only.
+    pub fn tensors(&self) -> Vec<(String, &Vec<f32>)> {
+        list_tensors!(dense self, iter, as_ref,)
     }
 
     /// A zeroed copy with the same structure (for gradients and moments).
@@ -165,13 +189,12 @@ impl ExpertStore {
 
     /// Every expert tensor with its global name, in (layer, id) order.
     pub fn tensors_mut(&mut self) -> Vec<(String, &mut Vec<f32>)> {
-        let mut out = Vec::new();
-        for (l, layer) in self.layers.iter_mut().enumerate() {
-            for (e, expert) in layer.iter_mut() {
-                expert.tensors_mut(&format!("layers.{l}.moe.experts.{e}"), &mut out);
-            }
-        }
-        out
+        list_tensors!(experts self, iter_mut, mut)
+    }
+
+    /// [`ExpertStore::tensors_mut`], read-only.
+    pub fn tensors(&self) -> Vec<(String, &Vec<f32>)> {
+        list_tensors!(experts self, iter,)
     }
 
     /// A zeroed copy with the same experts.
@@ -204,16 +227,11 @@ impl ModelWeights {
         out
     }
 
-    /// Name → shape for every tensor this value holds (DESIGN section 5 shapes).
-    pub fn shapes(&self, cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
-        let mut copy = self.clone();
-        copy.tensors_mut()
-            .into_iter()
-            .map(|(name, _)| {
-                let shape = tensor_shape(cfg, &name).expect("names come from this module");
-                (name, shape)
-            })
-            .collect()
+    /// [`ModelWeights::tensors_mut`], read-only.
+    pub fn tensors(&self) -> Vec<(String, &Vec<f32>)> {
+        let mut out = self.dense.tensors();
+        out.extend(self.experts.tensors());
+        out
     }
 
     /// A zeroed copy with the same structure.

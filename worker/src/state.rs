@@ -64,18 +64,13 @@ impl TrainState {
         job: &JobConfig,
         plan: &PlacementPlan,
     ) -> Result<Manifest, WorkerError> {
-        // tensors_mut is the one list of names and tensors; the copies are
-        // what an asynchronous save would hand to its uploader anyway.
-        let mut weights = self.weights.clone();
-        let mut exp_avg = self.exp_avg.clone();
-        let mut exp_avg_sq = self.exp_avg_sq.clone();
         let mut refs_data: Vec<(String, Vec<usize>, &[f32])> = Vec::new();
-        let moments = exp_avg.tensors_mut().into_iter().zip(exp_avg_sq.tensors_mut());
-        for ((name, w), ((_, m), (_, v))) in weights.tensors_mut().into_iter().zip(moments) {
+        let moments = self.exp_avg.tensors().into_iter().zip(self.exp_avg_sq.tensors());
+        for ((name, w), ((_, m), (_, v))) in self.weights.tensors().into_iter().zip(moments) {
             let shape = tensor_shape(&job.model, &name).expect("names come from the model crate");
-            refs_data.push((format!("optim.{name}.exp_avg"), shape.clone(), &m[..]));
-            refs_data.push((format!("optim.{name}.exp_avg_sq"), shape.clone(), &v[..]));
-            refs_data.push((name, shape, &w[..]));
+            refs_data.push((format!("optim.{name}.exp_avg"), shape.clone(), m));
+            refs_data.push((format!("optim.{name}.exp_avg_sq"), shape.clone(), v));
+            refs_data.push((name, shape, w));
         }
         let refs: Vec<TensorRef> =
             refs_data.iter().map(|(name, shape, data)| TensorRef { name, shape, data }).collect();
