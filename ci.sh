@@ -1,17 +1,28 @@
 #!/usr/bin/env bash
 # The whole test suite, exactly as CI runs it (.ci/run calls this file).
-# It installs what the tests need on a fresh Debian machine with Rust,
-# then builds once and runs every test.
+# Works on a fresh Debian machine with Rust: it installs what the tests
+# need, builds once into one target folder and runs every test.
 set -euo pipefail
 cd "$(dirname "$0")"
 export CARGO_TERM_COLOR=never
 export CARGO_INCREMENTAL=0
 
-echo "== checks: formatting"
+# rustfmt and clippy come with rustup's default profile; add them if this
+# toolchain was installed without them.
+for component in rustfmt clippy; do
+  if ! cargo "${component/rustfmt/fmt}" --version >/dev/null 2>&1; then
+    rustup component add "$component"
+  fi
+done
+
+echo "== formatting"
 cargo fmt --all -- --check
 
-echo "== build (all targets, one target folder)"
-cargo build --workspace --all-targets --locked
+echo "== lints"
+cargo clippy --workspace --all-targets --locked -- -D warnings
 
 echo "== tests"
-cargo test --workspace --locked --no-fail-fast 2>&1 | tee target/ci-tests.log
+cargo test --workspace --locked --no-fail-fast
+
+echo "== tests with Hugging Face tokenizer support (--features hf-tokenizer)"
+cargo test -p worker --features hf-tokenizer --locked --no-fail-fast

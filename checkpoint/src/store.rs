@@ -9,9 +9,26 @@ use std::sync::Arc;
 
 use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
 
 use crate::error::{Error, Result};
+
+/// Part size of streamed uploads. S3 requires at least 5 MiB per part (all
+/// but the last) and allows 10,000 parts, so 8 MiB parts cover objects up to
+/// ~78 GiB; the buffered parts are all the memory a streamed upload needs.
+pub(crate) const UPLOAD_PART_BYTES: usize = 8 << 20;
+
+/// Parts uploading at once in a streamed upload: two keeps the link busy
+/// while the next part is filled, and bounds memory to about three parts
+/// (two in flight, one filling) whatever the object's size.
+const PARTS_IN_FLIGHT: usize = 2;
+
+/// An object's bytes produced piece by piece, so an upload never needs the
+/// whole object in memory. Each piece is borrowed only until the next call.
+pub(crate) trait ByteSource {
+    /// The next bytes of the object; `None` once all of it was produced.
+    fn next_piece(&mut self) -> Option<&[u8]>;
+}
 
 /// Async access to the objects under one checkpoint root.
 pub(crate) struct ObjectIo {
@@ -53,6 +70,37 @@ impl ObjectIo {
     /// Write a whole object atomically (readers see all of it or nothing).
     pub async fn put(&self, rel: &str, bytes: Vec<u8>) -> Result<()> {
         self.store.put(&self.path(rel), PutPayload::from(bytes)).await.map(drop).map_err(|e| self.err("write", rel, e))
+    }
+
+    /// Write an object from `source` as a multipart upload of `part_bytes`
+    /// parts, holding only a few parts in memory; returns the bytes written.
+    /// Like [`Self::put`], readers see the object only once it is complete.
+    pub async fn put_streamed(&self, rel: &str, part_bytes: usize, source: &mut dyn ByteSource) -> Result<u64> {
+        // WriteMultipart loops forever on a zero part size.
+        assert!(part_bytes > 0, "part size must be positive");
+        let upload =
+            self.store.put_multipart(&self.path(rel)).await.map_err(|e| self.err("start uploading", rel, e))?;
+        let mut writer = WriteMultipart::new_with_chunk_size(upload, part_bytes);
+        let mut written = 0u64;
+        loop {
+            // Back pressure before producing more: without it `write` would
+            // start a new part whenever one fills, however many are pending.
+            if let Err(e) = writer.wait_for_capacity(PARTS_IN_FLIGHT).await {
+                // Abort so the store drops the parts already sent (S3 keeps
+                // and bills them otherwise); the write error is the one to report.
+                let _ = writer.abort().await;
+                return Err(self.err("write", rel, e));
+            }
+            let Some(piece) = source.next_piece() else { break };
+            writer.write(piece);
+            written += piece.len() as u64;
+            // The runtime has one thread: give started part uploads a turn
+            // to make progress while the next piece is being produced.
+            tokio::task::yield_now().await;
+        }
+        // finish() aborts the upload itself when it fails.
+        writer.finish().await.map_err(|e| self.err("write", rel, e))?;
+        Ok(written)
     }
 
     /// Read a whole object; `None` when it does not exist.

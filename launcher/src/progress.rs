@@ -161,7 +161,7 @@ impl Observer for ConsoleProgress {
         let done = m.step - self.start_step;
         let elapsed = self.started.elapsed().as_secs_f64();
         let eta = elapsed / done as f64 * (self.total_steps - m.step) as f64;
-        if m.step % self.log_every == 0 || m.step == self.total_steps || m.step == self.start_step + 1 {
+        if m.step.is_multiple_of(self.log_every) || m.step == self.total_steps || m.step == self.start_step + 1 {
             let dropped: usize = m.dropped.iter().sum();
             self.line(&format!(
                 "step {:>6}/{} | loss {:.4} | aux {:.4} | z {:.3} | lr {:.2e} | gnorm {:.3} | {} tok/s | dropped {} | ETA {}",

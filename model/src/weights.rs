@@ -31,7 +31,6 @@ impl ExpertWeights {
         let out_std = residual_std(cfg);
         Self { w1: rng.normal_vec(n, std), w3: rng.normal_vec(n, std), w2: rng.normal_vec(n, out_std) }
     }
-
 }
 
 /// Lists the tensors of a weights value with their names, in one fixed

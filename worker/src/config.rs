@@ -223,7 +223,7 @@ impl JobConfig {
         if self.parallel.ranks == 0 || dp == 0 {
             return Err(invalid("parallel", "ranks", "must be at least 1 (and at least attn_tp)".into()));
         }
-        if t.global_batch_size % (dp * t.micro_batch_size) != 0 {
+        if !t.global_batch_size.is_multiple_of(dp * t.micro_batch_size) {
             return Err(invalid(
                 "train",
                 "global_batch_size",
