@@ -21,8 +21,16 @@ cargo fmt --all -- --check
 echo "== lints"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+mkdir -p target
+log=target/ci-tests.log
+: > "$log"
+status=0
 echo "== tests"
-cargo test --workspace --locked --no-fail-fast
+cargo test --workspace --all-targets --locked --no-fail-fast 2>&1 | tee -a "$log" || status=1
 
 echo "== tests with Hugging Face tokenizer support (--features hf-tokenizer)"
-cargo test -p worker --features hf-tokenizer --locked --no-fail-fast
+cargo test -p worker --all-targets --features hf-tokenizer --locked --no-fail-fast 2>&1 | tee -a "$log" || status=1
+
+# One closing line over every test binary above.
+awk '/^test result:/ { p += $4; f += $6 } END { printf "%d passed, %d failed\n", p, f }' "$log"
+exit $status
