@@ -1,4 +1,8 @@
 //! The placement plan: which rank owns each global expert id.
+//!
+//! Ranks here are positions in an expert-parallel group (`0..ep`); with
+//! `edp > 1` every group holds the same plan, so expert `e` lives on global
+//! ranks `owner + i * ep`.
 
 use serde::{Deserialize, Serialize};
 
@@ -17,6 +21,11 @@ impl PlacementPlan {
         let per_rank = num_experts.div_ceil(num_ranks);
         let layer: Vec<Vec<usize>> = (0..num_experts).map(|e| vec![e / per_rank]).collect();
         Self { num_ranks, owners: vec![layer; num_layers] }
+    }
+
+    /// The first owner of expert `expert` in `layer`.
+    pub fn owner(&self, layer: usize, expert: usize) -> usize {
+        self.owners[layer][expert][0]
     }
 
     /// Per layer, the expert ids that `rank` holds.

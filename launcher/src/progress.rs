@@ -128,7 +128,13 @@ impl ConsoleProgress {
         let dir = run_dir.display();
         let config_flag = format!("--run-dir {dir} --config {dir}/config.toml");
         self.line(&format!("checkpoint: {ckpt}"));
-        self.line(&format!("evaluate:   switchyard eval --checkpoint {ckpt} --data <text file>"));
+        let data_hint = if job.data.source == "builtin" {
+            self.line("held-out text: switchyard data sample --out heldout.txt");
+            "heldout.txt"
+        } else {
+            "<text file>"
+        };
+        self.line(&format!("evaluate:   switchyard eval --checkpoint {ckpt} --data {data_hint}"));
         self.line(&format!(
             "resume:     switchyard train {config_flag} --resume --set train.steps={}",
             job.train.steps * 2
@@ -153,6 +159,13 @@ impl Observer for ConsoleProgress {
             info.grad_accumulation,
             info.total_steps,
         ));
+        let d = info.dims;
+        if d.world > 1 {
+            self.line(&format!(
+                "layout: {} ranks | data parallel {} | experts over {} ranks (ep {}, {} replica(s))",
+                d.world, d.dp, d.ep, d.ep, d.edp
+            ));
+        }
         let note = self.entropy_note();
         self.line(&format!("run folder {} | checkpoints {} | {note}", self.run_dir.display(), info.checkpoint_url));
     }

@@ -286,6 +286,19 @@ impl DispatchPlan {
         Self { num_experts, top_k, counts_e, offsets_e, source_a }
     }
 
+    /// A grouping of rows that arrived from other ranks: `counts_e[e]` rows
+    /// of expert e, expert by expert. It has no token sources, so only an
+    /// [`ExpertExecutor`] may use it (not gather or combine).
+    pub fn grouped(counts_e: Vec<usize>, top_k: usize) -> Self {
+        let mut offsets_e = Vec::with_capacity(counts_e.len() + 1);
+        offsets_e.push(0);
+        for &c in &counts_e {
+            offsets_e.push(offsets_e.last().copied().unwrap_or(0) + c);
+        }
+        let rows = offsets_e[counts_e.len()];
+        Self { num_experts: counts_e.len(), top_k, counts_e, offsets_e, source_a: vec![u32::MAX; rows] }
+    }
+
     /// Number of rows (kept assignments).
     pub fn num_rows(&self) -> usize {
         self.source_a.len()

@@ -32,7 +32,7 @@ pub struct TrainConfig {
 
 impl Default for TrainConfig {
     fn default() -> Self {
-        Self { steps: 300, global_batch_size: 16, micro_batch_size: 8, seed: 1234, log_every: 25 }
+        Self { steps: 2000, global_batch_size: 16, micro_batch_size: 4, seed: 1234, log_every: 100 }
     }
 }
 
@@ -45,13 +45,25 @@ pub struct ParallelConfig {
     pub backend: String,
     /// Attention shards (groups of heads) per data-parallel replica.
     pub attn_tp: usize,
+    /// Ranks the experts are spread over (expert parallelism); 0 = the
+    /// largest divisor of `ranks` that divides `n_experts`.
+    pub ep: usize,
+    /// Seconds a collective waits for a missing rank before failing.
+    pub collective_timeout_s: f64,
     /// "contiguous" or "balanced".
     pub placement: String,
 }
 
 impl Default for ParallelConfig {
     fn default() -> Self {
-        Self { ranks: 1, backend: "local".into(), attn_tp: 1, placement: "contiguous".into() }
+        Self {
+            ranks: 1,
+            backend: "local".into(),
+            attn_tp: 1,
+            ep: 0,
+            collective_timeout_s: 60.0,
+            placement: "contiguous".into(),
+        }
     }
 }
 
@@ -69,7 +81,7 @@ pub struct CheckpointConfig {
 
 impl Default for CheckpointConfig {
     fn default() -> Self {
-        Self { url: String::new(), every: 100, keep_last: 2 }
+        Self { url: String::new(), every: 500, keep_last: 2 }
     }
 }
 
@@ -191,6 +203,16 @@ impl JobConfig {
         Ok(())
     }
 
+    /// The checked parallel layout of this job.
+    pub fn parallel_dims(&self) -> Result<coordinator::ParallelDims, coordinator::LayoutError> {
+        let sizes = coordinator::ModelSizes {
+            n_heads: self.model.n_heads,
+            n_kv_heads: self.model.n_kv_heads,
+            n_experts: self.model.n_experts,
+        };
+        coordinator::ParallelDims::new(self.parallel.ranks, self.parallel.attn_tp, self.parallel.ep, sizes)
+    }
+
     /// Number of micro-batches (forward passes) per optimizer step per rank,
     /// given `dp` data-parallel ranks.
     pub fn grad_accumulation(&self, dp: usize) -> usize {
@@ -253,6 +275,10 @@ impl JobConfig {
                 "placement",
                 format!("`{}` is not one of \"contiguous\", \"balanced\"", self.parallel.placement),
             ));
+        }
+        self.parallel_dims().map_err(|e| invalid("parallel", e.key.trim_start_matches("parallel."), e.reason))?;
+        if self.parallel.collective_timeout_s.is_nan() || self.parallel.collective_timeout_s <= 0.0 {
+            return Err(invalid("parallel", "collective_timeout_s", "must be a positive number of seconds".into()));
         }
         if self.checkpoint.keep_last == 0 {
             return Err(invalid("checkpoint", "keep_last", "must be at least 1".into()));

@@ -11,6 +11,12 @@ pub enum WorkerError {
     Model(#[from] model::ModelError),
     #[error(transparent)]
     Checkpoint(#[from] checkpoint::Error),
+    #[error(transparent)]
+    Comm(#[from] collectives::CommError),
+    #[error("{0}")]
+    Layout(String),
+    #[error("a rank thread panicked (a bug): see the message above")]
+    RankPanicked,
     #[error("cannot resume from {url}: {reason}")]
     Incompatible { url: String, reason: String },
     #[error("{what} {path}: {source}")]
@@ -20,6 +26,12 @@ pub enum WorkerError {
 }
 
 impl WorkerError {
+    /// True when this rank stopped only because another rank failed.
+    pub fn is_abort(&self) -> bool {
+        matches!(self, Self::Comm(collectives::CommError::Aborted { .. }))
+            || matches!(self, Self::Model(model::ModelError::Executor(m)) if m.contains("was aborted"))
+    }
+
     /// Wraps an I/O error with what was being done and to which path.
     pub fn io(what: &'static str, path: &std::path::Path, source: std::io::Error) -> Self {
         Self::Io { what, path: path.display().to_string(), source }

@@ -3,11 +3,14 @@
 
 pub mod config;
 pub mod data;
+pub mod dispatch;
 pub mod error;
 pub mod eval;
 pub mod memory;
 pub mod metrics;
+pub mod rank;
 pub mod state;
+pub mod sync;
 pub mod train;
 
 pub use config::JobConfig;

@@ -26,6 +26,32 @@ pub struct StepMetrics {
     pub tokens_per_expert: Vec<Vec<usize>>,
     /// Per layer: assignments dropped by capacity.
     pub dropped: Vec<usize>,
+    /// All-to-all bytes sent / received between different ranks, all ranks together.
+    pub alltoall_bytes_sent: u64,
+    pub alltoall_bytes_received: u64,
+    /// Slowest rank's time in all-to-all and in expert compute.
+    pub alltoall_s: f64,
+    pub expert_s: f64,
+    /// Time in gradient all-reduce and norm.
+    pub sync_s: f64,
+    /// Per rank detail (empty for a single rank).
+    pub per_rank: Vec<RankMetrics>,
+}
+
+/// One rank's share of a step.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RankMetrics {
+    pub rank: usize,
+    /// Tokens of the global batch this rank ran through the model.
+    pub tokens: u64,
+    /// Expert rows its experts computed (forward).
+    pub expert_rows: u64,
+    /// Forward+backward time (including all-to-all).
+    pub compute_s: f64,
+    pub alltoall_s: f64,
+    pub expert_s: f64,
+    pub alltoall_bytes_sent: u64,
+    pub alltoall_bytes_received: u64,
 }
 
 /// Appends one JSON object per line to a metrics file.

@@ -7,8 +7,8 @@
 use crate::config::JobConfig;
 use crate::data::DataCursor;
 use crate::error::WorkerError;
-use checkpoint::{CheckpointStore, Manifest, TensorRef};
-use coordinator::placement::PlacementPlan;
+use checkpoint::{CheckpointStore, Manifest, ShardReport, TensorRef};
+use coordinator::{ParallelDims, PlacementPlan};
 use model::rng::Rng;
 use model::weights::tensor_shape;
 use model::{ModelConfig, ModelWeights};
@@ -37,9 +37,10 @@ pub struct ScheduleState {
 }
 
 impl TrainState {
-    /// A fresh run: seeded weights, zero moments.
-    pub fn fresh(job: &JobConfig, plan: &PlacementPlan, rank: usize) -> Self {
-        let weights = ModelWeights::init_owned(&job.model, job.train.seed, &plan.owned_by(rank));
+    /// A fresh run: seeded weights (the dense tensors and the experts the
+    /// plan gives expert-parallel position `ep_rank`), zero moments.
+    pub fn fresh(job: &JobConfig, plan: &PlacementPlan, ep_rank: usize) -> Self {
+        let weights = ModelWeights::init_owned(&job.model, job.train.seed, &plan.owned_by(ep_rank));
         let zeros = weights.zeros_like();
         Self {
             exp_avg: zeros.clone(),
@@ -56,35 +57,65 @@ impl TrainState {
         DataCursor { sequences_consumed: self.step * job.train.global_batch_size as u64 }
     }
 
-    /// Writes this rank's tensors (weights and moments) into one shard and
-    /// returns the manifest describing them. The caller commits it.
-    pub fn save(
+    /// Writes this rank's share of the checkpoint into shard `rank-XXXXX`:
+    /// the dense tensors (replicated everywhere) only when `with_dense`, the
+    /// experts it holds only when `with_experts` — so every tensor is written
+    /// once. Returns None when this rank has nothing to write.
+    pub fn write_shard(
         &self,
         store: &CheckpointStore,
         job: &JobConfig,
-        plan: &PlacementPlan,
-    ) -> Result<Manifest, WorkerError> {
+        rank: usize,
+        with_dense: bool,
+        with_experts: bool,
+    ) -> Result<Option<ShardReport>, WorkerError> {
+        fn select(w: &ModelWeights, with_dense: bool, with_experts: bool) -> Vec<(String, &Vec<f32>)> {
+            let mut out = Vec::new();
+            if with_dense {
+                out.extend(w.dense.tensors());
+            }
+            if with_experts {
+                out.extend(w.experts.tensors());
+            }
+            out
+        }
+        let select = |w| select(w, with_dense, with_experts);
         let mut refs_data: Vec<(String, Vec<usize>, &[f32])> = Vec::new();
-        let moments = self.exp_avg.tensors().into_iter().zip(self.exp_avg_sq.tensors());
-        for ((name, w), ((_, m), (_, v))) in self.weights.tensors().into_iter().zip(moments) {
+        let moments = select(&self.exp_avg).into_iter().zip(select(&self.exp_avg_sq));
+        for ((name, w), ((_, m), (_, v))) in select(&self.weights).into_iter().zip(moments) {
             let shape = tensor_shape(&job.model, &name).expect("names come from the model crate");
             refs_data.push((format!("optim.{name}.exp_avg"), shape.clone(), m));
             refs_data.push((format!("optim.{name}.exp_avg_sq"), shape.clone(), v));
             refs_data.push((name, shape, w));
         }
+        if refs_data.is_empty() {
+            return Ok(None);
+        }
         let refs: Vec<TensorRef> =
             refs_data.iter().map(|(name, shape, data)| TensorRef { name, shape, data }).collect();
-        let report = store.write_shard(self.step, "rank-00000", &refs)?;
+        Ok(Some(store.write_shard(self.step, &format!("rank-{rank:05}"), &refs)?))
+    }
+
+    /// The manifest of this state's step, listing the shards every rank wrote.
+    pub fn manifest(
+        &self,
+        job: &JobConfig,
+        dims: &ParallelDims,
+        plan: &PlacementPlan,
+        shards: Vec<ShardReport>,
+    ) -> Manifest {
         let mut manifest = Manifest::new(self.step, self.tokens_seen, env!("CARGO_PKG_VERSION"));
         manifest.config = serde_json::to_value(job).expect("config serialises");
         manifest.plan = serde_json::to_value(plan).expect("plan serialises");
-        manifest.parallel = serde_json::json!({ "ranks": job.parallel.ranks, "attn_tp": job.parallel.attn_tp });
+        manifest.parallel = serde_json::to_value(dims).expect("dims serialise");
         manifest.data_cursor = serde_json::to_value(self.cursor(job)).expect("cursor serialises");
         manifest.rng = serde_json::to_value(&self.rng).expect("rng serialises");
         manifest.schedule = serde_json::to_value(ScheduleState { step: self.step, total_steps: job.train.steps })
             .expect("schedule serialises");
-        manifest.add_shard(report);
-        Ok(manifest)
+        for shard in shards {
+            manifest.add_shard(shard);
+        }
+        manifest
     }
 
     /// Loads a committed step onto this rank's plan. The checkpoint's model
@@ -95,7 +126,7 @@ impl TrainState {
         step: u64,
         job: &JobConfig,
         plan: &PlacementPlan,
-        rank: usize,
+        ep_rank: usize,
     ) -> Result<Self, WorkerError> {
         let manifest = store.read_manifest(step)?;
         let saved: JobConfig =
@@ -105,8 +136,16 @@ impl TrainState {
             })?;
         check_same_model(&saved.model, &job.model)
             .map_err(|reason| WorkerError::Incompatible { url: store.step_url(step), reason })?;
-        let mut state = Self::fresh(job, plan, rank);
-        let mut tensors = store.read_tensors(step, &manifest, |_| true)?;
+        let mut state = Self::fresh(job, plan, ep_rank);
+        // Only what this rank holds: dense tensors and its own experts, by
+        // global name — whatever layout wrote them.
+        let mut needed = std::collections::BTreeSet::new();
+        for (name, _) in state.weights.tensors() {
+            needed.insert(format!("optim.{name}.exp_avg"));
+            needed.insert(format!("optim.{name}.exp_avg_sq"));
+            needed.insert(name);
+        }
+        let mut tensors = store.read_tensors(step, &manifest, |name| needed.contains(name))?;
         let url = store.step_url(step);
         fill(&mut state.weights, &mut tensors, "", &url)?;
         fill(&mut state.exp_avg, &mut tensors, ".exp_avg", &url)?;

@@ -1,24 +1,21 @@
-//! The training loop of a single-process job (one rank, all experts local).
+//! Starting a training job: where it resumes from, and its ranks.
 //!
-//! One optimizer step: for each micro-batch of the global batch, forward and
-//! backward with gradients accumulated; global-norm clip; AdamW; maybe a
-//! checkpoint. The expert-parallel issue replaces the expert executor and
-//! adds gradient all-reduce between accumulation and clipping.
+//! `train` checks the layout, then runs one rank on the calling thread or,
+//! with `[parallel] ranks > 1` and the `local` backend, every rank as a
+//! thread of this process (the loop itself is in `rank.rs`).
 
 use crate::config::JobConfig;
 use crate::data::DataSource;
 use crate::error::WorkerError;
-use crate::metrics::{MetricsWriter, StepMetrics};
+use crate::metrics::StepMetrics;
+use crate::rank::run_rank;
 use crate::state::TrainState;
 use checkpoint::CheckpointStore;
-use coordinator::placement::PlacementPlan;
-use model::model::{forward_backward, LossScales, MicroBatch};
-use model::moe::LocalExperts;
-use model::ops::rope::RopeTable;
-use model::optim::{adamw_update, clip_factor, sum_of_squares, takes_weight_decay};
-use model::schedule::learning_rate;
+use collectives::local::LocalWorld;
+use collectives::{Communicator, SelfComm};
+use coordinator::{ParallelDims, PlacementPlan};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::Duration;
 
 /// Where a run starts from.
 #[derive(Debug, Clone, PartialEq)]
@@ -53,6 +50,7 @@ pub struct StartInfo {
     pub num_active_params: usize,
     pub tokens_per_step: u64,
     pub grad_accumulation: usize,
+    pub dims: ParallelDims,
 }
 
 /// The end of a run.
@@ -85,10 +83,11 @@ pub fn checkpoint_url(job: &JobConfig, run_dir: &Path) -> String {
 }
 
 /// Opens the store and finds the starting state; errors before anything is written.
-fn starting_state(
+pub(crate) fn starting_state(
     job: &JobConfig,
     opts: &RunOptions,
     plan: &PlacementPlan,
+    ep_rank: usize,
 ) -> Result<(CheckpointStore, TrainState, Option<String>), WorkerError> {
     let (root, step) = match &opts.resume {
         Resume::From(url) => {
@@ -127,7 +126,7 @@ fn starting_state(
     };
     match step {
         Some(step) => {
-            let state = TrainState::load(&store, step, job, plan, 0)?;
+            let state = TrainState::load(&store, step, job, plan, ep_rank)?;
             let from = store.step_url(step);
             // Checkpoints keep going to the job's own URL.
             let store = if matches!(opts.resume, Resume::From(_)) {
@@ -137,12 +136,12 @@ fn starting_state(
             };
             Ok((store, state, Some(from)))
         }
-        None => Ok((store, TrainState::fresh(job, plan, 0), None)),
+        None => Ok((store, TrainState::fresh(job, plan, ep_rank), None)),
     }
 }
 
 /// Opens the training data and checks it fits the model.
-fn open_data(job: &JobConfig) -> Result<DataSource, WorkerError> {
+pub(crate) fn open_data(job: &JobConfig) -> Result<DataSource, WorkerError> {
     let data = job.data.open_source()?;
     data.check_len(job.model.seq_len + 1)?;
     if data.vocab() > job.model.vocab {
@@ -159,144 +158,69 @@ fn open_data(job: &JobConfig) -> Result<DataSource, WorkerError> {
     Ok(data)
 }
 
-/// Runs the job to `train.steps`, checkpointing every `checkpoint.every`
-/// steps and at the end.
+/// Runs the job to `train.steps` (or `stop_at`), checkpointing every
+/// `checkpoint.every` steps and at the end. Rank 0 reports to `observer`.
 pub fn train(job: &JobConfig, opts: &RunOptions, observer: &mut dyn Observer) -> Result<TrainSummary, WorkerError> {
-    let cfg = &job.model;
-    let plan = PlacementPlan::contiguous(cfg.n_layers, cfg.n_experts, 1);
-    let data = open_data(job)?;
-    let (store, mut state, resumed_from) = starting_state(job, opts, &plan)?;
+    let dims = job.parallel_dims().map_err(|e| WorkerError::Layout(e.to_string()))?;
+    if dims.attn_tp > 1 {
+        return Err(WorkerError::Layout(
+            "parallel.attn_tp > 1 (attention shards) is not implemented yet: set attn_tp = 1".into(),
+        ));
+    }
+    match job.parallel.backend.as_str() {
+        "local" if dims.world == 1 => run_rank(job, opts, &mut SelfComm, Some(observer)),
+        "local" => run_local_threads(job, opts, dims.world, observer),
+        other => Err(WorkerError::Layout(format!(
+            "[parallel] backend = \"{other}\" is not available in this build yet: use \"local\""
+        ))),
+    }
+}
 
-    // Only now, with every input checked, touch the run folder.
-    std::fs::create_dir_all(&opts.run_dir)
-        .map_err(|e| WorkerError::io("cannot create run folder", &opts.run_dir, e))?;
-    let config_path = opts.run_dir.join("config.toml");
-    std::fs::write(&config_path, job.to_toml()).map_err(|e| WorkerError::io("cannot write", &config_path, e))?;
-    let metrics_path = opts.run_dir.join("metrics.jsonl");
-    let mut metrics_out =
-        MetricsWriter::append(&metrics_path).map_err(|e| WorkerError::io("cannot open", &metrics_path, e))?;
-    store.cleanup_uncommitted()?;
-
-    let accumulation = job.grad_accumulation(1);
-    let micro = job.train.micro_batch_size;
-    let seq_tokens = cfg.seq_len + 1;
-    let tokens_per_step = (job.train.global_batch_size * cfg.seq_len) as u64;
-    observer.on_start(&StartInfo {
-        start_step: state.step,
-        total_steps: job.train.steps,
-        checkpoint_url: store.url().to_string(),
-        resumed_from: resumed_from.clone(),
-        num_params: cfg.num_params(),
-        num_active_params: cfg.num_active_params(),
-        tokens_per_step,
-        grad_accumulation: accumulation,
+/// Every rank as a thread of this process over the `local` backend. A rank
+/// that fails aborts the group so the others stop at once instead of
+/// waiting for the collective timeout; the first real error is returned.
+fn run_local_threads(
+    job: &JobConfig,
+    opts: &RunOptions,
+    world: usize,
+    observer: &mut dyn Observer,
+) -> Result<TrainSummary, WorkerError> {
+    let timeout = Duration::from_secs_f64(job.parallel.collective_timeout_s);
+    let mut comms = LocalWorld::new(world, timeout).into_iter();
+    let mut first = comms.next().expect("world has rank 0");
+    let results: Vec<Result<TrainSummary, WorkerError>> = std::thread::scope(|scope| {
+        let workers: Vec<_> = comms
+            .map(|mut comm| {
+                std::thread::Builder::new()
+                    .name(format!("rank-{}", comm.rank()))
+                    .spawn_scoped(scope, move || {
+                        let result = run_rank(job, opts, &mut comm, None);
+                        if let Err(e) = &result {
+                            comm.abort(&format!("rank {} failed: {e}", comm.rank()));
+                        }
+                        result
+                    })
+                    .expect("spawn a rank thread")
+            })
+            .collect();
+        let result0 = run_rank(job, opts, &mut first, Some(observer));
+        if let Err(e) = &result0 {
+            first.abort(&format!("rank 0 failed: {e}"));
+        }
+        let mut results = vec![result0];
+        results.extend(workers.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(WorkerError::RankPanicked))));
+        results
     });
-
-    let rope = RopeTable::new(cfg.seq_len, cfg.head_dim(), cfg.rope_theta);
-    let mut grads = state.weights.zeros_like();
-    let scales = LossScales {
-        ce: 1.0 / tokens_per_step as f32,
-        aux: cfg.aux_loss_coef / accumulation as f32,
-        z: cfg.z_loss_coef / accumulation as f32,
-    };
-    let started = Instant::now();
-    let (mut first_loss, mut last_loss) = (None, None);
-    let mut last_checkpoint = resumed_from.filter(|_| opts.resume == Resume::Latest);
-    let start_step = state.step;
-    let end = opts.stop_at.map_or(job.train.steps, |s| s.min(job.train.steps));
-    while state.step < end {
-        let step_started = Instant::now();
-        for (_, g) in grads.tensors_mut() {
-            g.fill(0.0);
-        }
-        let mut metrics = StepMetrics { step: state.step + 1, tokens: tokens_per_step, ..Default::default() };
-        for m in 0..accumulation {
-            let tokens = data.batch_for_step(
-                job.train.seed,
-                state.step,
-                job.train.global_batch_size,
-                m * micro,
-                micro,
-                seq_tokens,
-            )?;
-            let mut experts = LocalExperts::new(cfg, &state.weights.experts, &mut grads.experts);
-            let stats = forward_backward(
-                cfg,
-                &rope,
-                &state.weights.dense,
-                &mut grads.dense,
-                &mut experts,
-                MicroBatch { tokens: &tokens, batch: micro },
-                scales,
-            )?;
-            metrics.loss += stats.ce_sum;
-            metrics.aux_loss += stats.aux_loss.iter().map(|&a| a as f64).sum::<f64>() / accumulation as f64;
-            metrics.z_loss += stats.z_loss.iter().map(|&z| z as f64).sum::<f64>() / accumulation as f64;
-            accumulate_routing(&mut metrics, &stats.tokens_per_expert, &stats.dropped);
-        }
-        metrics.loss /= tokens_per_step as f64;
-        if !metrics.loss.is_finite() {
-            return Err(WorkerError::NonFinite { step: state.step + 1, loss: metrics.loss });
-        }
-
-        let lr = learning_rate(&job.optim, state.step, job.train.steps);
-        metrics.grad_norm = optimizer_step(job, &mut state, &mut grads, lr);
-        metrics.lr = lr;
-        state.step += 1;
-        state.tokens_seen += tokens_per_step;
-        metrics.step_time_s = step_started.elapsed().as_secs_f64();
-        metrics.tokens_per_s = tokens_per_step as f64 / metrics.step_time_s;
-        first_loss.get_or_insert(metrics.loss);
-        last_loss = Some(metrics.loss);
-        metrics_out.write(&metrics).map_err(|e| WorkerError::io("cannot write", metrics_out.path(), e))?;
-        observer.on_step(&metrics);
-
-        let every = job.checkpoint.every;
-        if state.step == end || (every > 0 && state.step.is_multiple_of(every)) {
-            let manifest = state.save(&store, job, &plan)?;
-            store.commit(&manifest)?;
-            store.prune(job.checkpoint.keep_last)?;
-            let url = store.step_url(state.step);
-            observer.on_checkpoint(state.step, &url);
-            last_checkpoint = Some(url);
-        }
-    }
-    Ok(TrainSummary {
-        first_loss,
-        last_loss,
-        steps_run: state.step - start_step,
-        final_step: state.step,
-        checkpoint: last_checkpoint,
-        seconds: started.elapsed().as_secs_f64(),
-    })
+    first_error(results)
 }
 
-fn accumulate_routing(metrics: &mut StepMetrics, tokens_per_expert: &[Vec<usize>], dropped: &[usize]) {
-    if metrics.tokens_per_expert.is_empty() {
-        metrics.tokens_per_expert = tokens_per_expert.to_vec();
-        metrics.dropped = dropped.to_vec();
-        return;
+/// Rank 0's summary when every rank succeeded; else the root cause (an
+/// error that is not merely "the group was aborted because of another").
+fn first_error(results: Vec<Result<TrainSummary, WorkerError>>) -> Result<TrainSummary, WorkerError> {
+    if results.iter().all(|r| r.is_ok()) {
+        return results.into_iter().next().expect("rank 0");
     }
-    for (acc, layer) in metrics.tokens_per_expert.iter_mut().zip(tokens_per_expert) {
-        acc.iter_mut().zip(layer).for_each(|(a, b)| *a += b);
-    }
-    metrics.dropped.iter_mut().zip(dropped).for_each(|(a, b)| *a += b);
-}
-
-/// Clips the gradients to `grad_clip` global norm and applies AdamW.
-/// Returns the norm before clipping.
-fn optimizer_step(job: &JobConfig, state: &mut TrainState, grads: &mut model::ModelWeights, lr: f32) -> f64 {
-    let grad_list = grads.tensors_mut();
-    let norm = grad_list.iter().map(|(_, g)| sum_of_squares(g)).sum::<f64>().sqrt();
-    let factor = clip_factor(norm, job.optim.grad_clip);
-    let t = state.step + 1;
-    let params = state.weights.tensors_mut();
-    let moments = state.exp_avg.tensors_mut().into_iter().zip(state.exp_avg_sq.tensors_mut());
-    for (((name, p), (_, g)), ((_, m), (_, v))) in params.into_iter().zip(grad_list).zip(moments) {
-        if factor < 1.0 {
-            g.iter_mut().for_each(|x| *x *= factor);
-        }
-        adamw_update(&job.optim, lr, t, takes_weight_decay(&name), p, g, m, v);
-    }
-    norm
+    let mut errors: Vec<WorkerError> = results.into_iter().filter_map(|r| r.err()).collect();
+    let root = errors.iter().position(|e| !e.is_abort()).unwrap_or(0);
+    Err(errors.swap_remove(root))
 }

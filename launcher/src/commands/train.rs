@@ -25,6 +25,12 @@ pub struct TrainArgs {
     /// Continue from a specific checkpoint step, e.g. file:///x/checkpoints/step-00000100.
     #[arg(long, value_name = "STEP_URL")]
     resume_from: Option<String>,
+    /// Number of ranks (same as --set parallel.ranks=N).
+    #[arg(long)]
+    ranks: Option<usize>,
+    /// Collective backend: local (threads of this process) (same as --set parallel.backend=...).
+    #[arg(long)]
+    backend: Option<String>,
     /// Stop with a checkpoint at this step (the schedule still spans train.steps; --resume continues exactly).
     #[arg(long, value_name = "STEP")]
     stop_at: Option<u64>,
@@ -35,7 +41,14 @@ pub struct TrainArgs {
 
 /// Runs a training job on this machine.
 pub fn run(args: TrainArgs) -> Result<()> {
-    let job = JobConfig::load(args.config.as_deref(), &args.overrides)?;
+    let mut overrides = args.overrides.clone();
+    if let Some(ranks) = args.ranks {
+        overrides.push(format!("parallel.ranks={ranks}"));
+    }
+    if let Some(backend) = &args.backend {
+        overrides.push(format!("parallel.backend=\"{backend}\""));
+    }
+    let job = JobConfig::load(args.config.as_deref(), &overrides)?;
     let run_dir = args.run_dir.unwrap_or_else(|| PathBuf::from("runs").join(&job.name));
     let resume = match (args.resume, args.resume_from) {
         (_, Some(url)) => Resume::From(url),

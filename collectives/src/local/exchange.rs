@@ -1,0 +1,402 @@
+//! Rounds, the one primitive of the `local` backend.
+//!
+//! A collective is a round: every rank posts its contribution into its slot
+//! of round `seq` (the rank's `seq`-th collective on the group, so the ranks
+//! agree on it without talking) and reads the others' once all have posted.
+//! Posting never blocks, which is what makes the `start_*` forms
+//! non-blocking and lets several rounds be in flight at once. A round is
+//! dropped when every rank has read or left it, so memory does not pile up.
+
+use std::collections::HashMap;
+use std::ops::Add;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
+use std::time::{Duration, Instant};
+
+use super::assemble;
+use crate::CommError;
+
+/// Sums longer than this are cut in chunks of this many values that the
+/// waiting ranks share; shorter ones each rank computes on its own, which
+/// saves a wake-up on the small, latency-bound reductions (losses, norms).
+const CHUNK: usize = 1 << 16;
+
+/// The values one rank contributes to a round.
+pub(super) enum Data {
+    /// No values (barrier, split, the non-root ranks of a broadcast).
+    Empty,
+    F32(Vec<f32>),
+    F64(Vec<f64>),
+    U64(Vec<u64>),
+}
+
+/// Element types that travel in rounds.
+pub(super) trait Elem: Copy + Send + Sync + Add<Output = Self> + 'static {
+    /// Wraps values for posting.
+    fn wrap(values: Vec<Self>) -> Data;
+    /// The values of a post (none for [`Data::Empty`]).
+    fn slice(data: &Data) -> &[Self];
+}
+
+macro_rules! elem {
+    ($t:ty, $variant:ident) => {
+        impl Elem for $t {
+            fn wrap(values: Vec<Self>) -> Data {
+                Data::$variant(values)
+            }
+            fn slice(data: &Data) -> &[Self] {
+                match data {
+                    Data::$variant(values) => values,
+                    Data::Empty => &[],
+                    // Reads check first that every post of a round has the
+                    // reader's op, and each op has one element type.
+                    _ => unreachable!("a round mixes element types"),
+                }
+            }
+        }
+    };
+}
+elem!(f32, F32);
+elem!(f64, F64);
+elem!(u64, U64);
+
+/// One rank's contribution to one round.
+pub(super) struct Post {
+    /// The collective the rank called, to catch ranks that call different ones.
+    pub(super) op: &'static str,
+    pub(super) data: Data,
+    /// What the op needs besides values: offsets, counts, root, color and key.
+    pub(super) meta: Vec<usize>,
+    /// Why the rank rejected its own arguments: the others then fail at once
+    /// instead of waiting for a rank that will not read.
+    pub(super) bad: Option<String>,
+}
+
+/// Everything made by one `LocalWorld::new` and split from it: one abort
+/// reaches all of it, as one failed rank dooms the whole job.
+pub(super) struct Family {
+    /// Set after `reason`, so a reader that sees it finds the reason.
+    aborted: AtomicBool,
+    reason: Mutex<Option<String>>,
+    /// The groups to wake on abort; weak, so dropped groups are freed.
+    groups: Mutex<Vec<Weak<Group>>>,
+}
+
+impl Family {
+    /// A new world's family, not aborted.
+    pub(super) fn new() -> Arc<Self> {
+        Arc::new(Self { aborted: AtomicBool::new(false), reason: Mutex::new(None), groups: Mutex::new(Vec::new()) })
+    }
+
+    /// Fails every wait of every group of the family, now and later; the
+    /// first reason sticks (later ones are mostly echoes of it).
+    pub(super) fn abort(&self, reason: &str) {
+        lock(&self.reason).get_or_insert_with(|| reason.to_string());
+        self.aborted.store(true, Ordering::SeqCst);
+        // Collected first: taking a group's lock while holding `groups` would
+        // invert the order of a split, which registers under its group's lock.
+        let groups: Vec<Arc<Group>> = lock(&self.groups).iter().filter_map(Weak::upgrade).collect();
+        for group in groups {
+            // Taking the lock orders this wake-up after the waiter's check of
+            // `aborted`, so no waiter misses it.
+            let _state = lock(&group.state);
+            group.cv.notify_all();
+        }
+    }
+
+    /// The reason of the first abort, if any.
+    pub(super) fn abort_reason(&self) -> Option<String> {
+        if !self.aborted.load(Ordering::SeqCst) {
+            return None;
+        }
+        lock(&self.reason).clone()
+    }
+
+    fn register(&self, group: &Arc<Group>) {
+        let mut groups = lock(&self.groups);
+        groups.retain(|g| g.strong_count() > 0);
+        groups.push(Arc::downgrade(group));
+    }
+}
+
+/// The state shared by the ranks of one communicator group.
+pub(super) struct Group {
+    pub(super) size: usize,
+    pub(super) timeout: Duration,
+    pub(super) family: Arc<Family>,
+    state: Mutex<State>,
+    /// Signalled when a round completes or fails, a shared sum is done, or
+    /// the family is aborted.
+    cv: Condvar,
+}
+
+#[derive(Default)]
+struct State {
+    rounds: HashMap<u64, Round>,
+    /// Groups being made by a split round, keyed by (round, color).
+    splits: HashMap<(u64, usize), Split>,
+}
+
+/// A group made by a split: the first member to arrive creates it.
+struct Split {
+    group: Arc<Group>,
+    /// Members that have not taken it yet; at zero the entry goes.
+    takers_left: usize,
+}
+
+struct Round {
+    posts: Vec<Option<Arc<Post>>>,
+    num_posted: usize,
+    /// Ranks that have not read or left the round; at zero it is dropped.
+    readers_left: usize,
+    /// Set when a rank timed out on the round: a rank that completes it
+    /// late must fail too, or some ranks would finish a collective that
+    /// others reported as failed.
+    gave_up: Option<String>,
+    /// The shared work of a long sum, empty until its first reader.
+    chunks: Vec<Chunk>,
+}
+
+enum Chunk {
+    Free,
+    /// Being summed by this rank.
+    Claimed(usize),
+    Done(Arc<Data>),
+}
+
+impl Round {
+    fn new(size: usize) -> Self {
+        Self { posts: vec![None; size], num_posted: 0, readers_left: size, gave_up: None, chunks: Vec::new() }
+    }
+
+    fn missing(&self) -> Vec<usize> {
+        self.posts.iter().enumerate().filter(|(_, p)| p.is_none()).map(|(r, _)| r).collect()
+    }
+
+    fn posted(&self) -> impl Iterator<Item = (usize, &Post)> {
+        self.posts.iter().enumerate().filter_map(|(r, p)| p.as_deref().map(|p| (r, p)))
+    }
+}
+
+/// A poisoned lock only means another rank panicked; the state stays
+/// consistent (no invariant spans a panic point), so carry on.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Group {
+    /// A new group of `size` ranks in `family`.
+    pub(super) fn new(size: usize, timeout: Duration, family: Arc<Family>) -> Arc<Self> {
+        let group =
+            Arc::new(Self { size, timeout, family: Arc::clone(&family), state: Mutex::default(), cv: Condvar::new() });
+        family.register(&group);
+        group
+    }
+
+    /// Posts `rank`'s contribution to round `seq` and returns the ticket to
+    /// read the round with. Never waits for other ranks.
+    pub(super) fn post(self: &Arc<Self>, seq: u64, rank: usize, post: Post) -> Ticket {
+        let op = post.op;
+        let bad = post.bad.is_some();
+        let post = Arc::new(post);
+        let mut state = lock(&self.state);
+        let round = state.rounds.entry(seq).or_insert_with(|| Round::new(self.size));
+        debug_assert!(round.posts[rank].is_none(), "rank {rank} posted twice to round {seq}");
+        round.posts[rank] = Some(post);
+        round.num_posted += 1;
+        // Waiters only care about a complete round or a doomed one.
+        if round.num_posted == self.size || bad {
+            self.cv.notify_all();
+        }
+        drop(state);
+        Ticket { group: Arc::clone(self), seq, rank, op }
+    }
+}
+
+/// A rank's place in one round: it reads the round through it, and leaves
+/// the round when dropped (after reading, failing, or as a `Pending` that
+/// was never waited), so the round's memory is freed once all have left.
+pub(super) struct Ticket {
+    group: Arc<Group>,
+    seq: u64,
+    rank: usize,
+    op: &'static str,
+}
+
+impl Ticket {
+    /// This rank in the round's group.
+    pub(super) fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// Blocks until every rank posted, then returns the posts in rank order.
+    /// Fails at the deadline naming the ranks that never posted, at once if
+    /// the family is aborted, and as soon as a rank's post is bad.
+    pub(super) fn wait_posts(&self) -> Result<Vec<Arc<Post>>, CommError> {
+        // Counted from the wait, not the post: a rank may compute for long
+        // between starting a non-blocking op and waiting on it.
+        let deadline = Instant::now().checked_add(self.group.timeout);
+        let mut state = lock(&self.group.state);
+        loop {
+            self.check_abort()?;
+            let round = round_of(&mut state, self.seq);
+            self.check_posted(round)?;
+            if round.num_posted == self.group.size {
+                if let Some(why) = &round.gave_up {
+                    return Err(self.aborted(why.clone()));
+                }
+                return Ok(round.posts.iter().flatten().cloned().collect());
+            }
+            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            if left == Some(Duration::ZERO) {
+                let missing = round.missing();
+                let seconds = self.group.timeout.as_secs_f64();
+                round.gave_up.get_or_insert_with(|| {
+                    format!(
+                        "rank {} gave up on this {} after {seconds:.1}s waiting for rank(s) {missing:?}",
+                        self.rank, self.op
+                    )
+                });
+                return Err(CommError::Timeout { op: self.op, rank: self.rank, missing, seconds });
+            }
+            state = match left {
+                None => self.group.cv.wait(state).unwrap_or_else(PoisonError::into_inner),
+                Some(left) => self.group.cv.wait_timeout(state, left).unwrap_or_else(PoisonError::into_inner).0,
+            };
+        }
+    }
+
+    /// Waits, then hands `emit` the element-wise sum of every rank's values
+    /// in consecutive pieces. Sums run in rank order (rank 0's values plus
+    /// rank 1's plus ...), so every rank gets the same bits whoever computes
+    /// them. Long sums are cut in chunks that the waiting ranks claim: each
+    /// chunk is summed once, in parallel, and no rank depends on another
+    /// calling wait (a rank still computing before its wait costs nothing).
+    pub(super) fn wait_sum<T: Elem>(&self, emit: &mut dyn FnMut(&[T])) -> Result<(), CommError> {
+        let posts = self.wait_posts()?;
+        let n = assemble::common_len::<T>(self.op, &posts)?;
+        if n <= CHUNK {
+            emit(&assemble::sum_range::<T>(&posts, 0..n));
+            return Ok(());
+        }
+        let num_chunks = n.div_ceil(CHUNK);
+        let mut state = lock(&self.group.state);
+        loop {
+            self.check_abort()?;
+            let round = round_of(&mut state, self.seq);
+            if round.chunks.is_empty() {
+                round.chunks.resize_with(num_chunks, || Chunk::Free);
+            }
+            if let Some(c) = round.chunks.iter().position(|c| matches!(c, Chunk::Free)) {
+                round.chunks[c] = Chunk::Claimed(self.rank);
+                drop(state);
+                let piece = assemble::sum_range::<T>(&posts, c * CHUNK..((c + 1) * CHUNK).min(n));
+                state = lock(&self.group.state);
+                let round = round_of(&mut state, self.seq);
+                round.chunks[c] = Chunk::Done(Arc::new(T::wrap(piece)));
+                if round.chunks.iter().all(|c| matches!(c, Chunk::Done(_))) {
+                    self.group.cv.notify_all();
+                }
+                continue;
+            }
+            let done: Option<Vec<Arc<Data>>> = round
+                .chunks
+                .iter()
+                .map(|c| match c {
+                    Chunk::Done(piece) => Some(Arc::clone(piece)),
+                    _ => None,
+                })
+                .collect();
+            if let Some(pieces) = done {
+                drop(state);
+                for piece in &pieces {
+                    emit(T::slice(piece));
+                }
+                return Ok(());
+            }
+            // Other ranks are summing the rest: pure code on live threads
+            // (a panicking one frees its chunk), so no deadline is needed.
+            state = self.group.cv.wait(state).unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    /// The group of the ranks that chose `color` in this split round, of
+    /// `size` ranks: the first member to get here creates it, the others
+    /// share it.
+    pub(super) fn take_split(&self, color: usize, size: usize) -> Arc<Group> {
+        let mut state = lock(&self.group.state);
+        let key = (self.seq, color);
+        let split = state.splits.entry(key).or_insert_with(|| Split {
+            group: Group::new(size, self.group.timeout, Arc::clone(&self.group.family)),
+            takers_left: size,
+        });
+        let group = Arc::clone(&split.group);
+        split.takers_left -= 1;
+        if split.takers_left == 0 {
+            state.splits.remove(&key);
+        }
+        group
+    }
+
+    fn check_abort(&self) -> Result<(), CommError> {
+        match self.group.family.abort_reason() {
+            Some(reason) => Err(self.aborted(reason)),
+            None => Ok(()),
+        }
+    }
+
+    fn aborted(&self, reason: String) -> CommError {
+        CommError::Aborted { op: self.op, rank: self.rank, reason }
+    }
+
+    /// Fails if a rank called another collective in this round, or rejected
+    /// its arguments: the round can never succeed then.
+    fn check_posted(&self, round: &Round) -> Result<(), CommError> {
+        if let Some((r, post)) = round.posted().find(|(_, p)| p.op != self.op) {
+            return Err(CommError::BadArgument {
+                op: self.op,
+                reason: format!(
+                    "rank {r} called {} where rank {} called {} (collective #{} of this group): every rank must \
+                     call the same collectives in the same order",
+                    post.op, self.rank, self.op, self.seq
+                ),
+            });
+        }
+        if let Some((r, why)) = round.posted().find_map(|(r, p)| p.bad.as_ref().map(|why| (r, why))) {
+            return Err(CommError::BadArgument {
+                op: self.op,
+                reason: format!("rank {r} rejected its arguments: {why}"),
+            });
+        }
+        Ok(())
+    }
+}
+
+fn round_of(state: &mut State, seq: u64) -> &mut Round {
+    state.rounds.get_mut(&seq).expect("a round lives while a rank holds a ticket for it")
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        let mut state = lock(&self.group.state);
+        let round = round_of(&mut state, self.seq);
+        // A rank that panicked mid-sum hands its chunk back to the others.
+        let mut freed = false;
+        for chunk in &mut round.chunks {
+            if matches!(chunk, Chunk::Claimed(r) if *r == self.rank) {
+                *chunk = Chunk::Free;
+                freed = true;
+            }
+        }
+        if freed {
+            self.group.cv.notify_all();
+        }
+        round.readers_left -= 1;
+        if round.readers_left == 0 {
+            let round = state.rounds.remove(&self.seq);
+            // Big buffers are freed outside the lock.
+            drop(state);
+            drop(round);
+        }
+    }
+}

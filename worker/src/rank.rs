@@ -1,0 +1,332 @@
+//! One rank's training loop (DESIGN section 4).
+//!
+//! A step: for each of this rank's micro-batches, forward and backward with
+//! gradients accumulated (experts reached through all-to-all when there is
+//! more than one rank); all-reduce the dense gradients over the
+//! data-parallel ranks and the expert gradients over expert replicas; clip
+//! to the global norm across all ranks; AdamW; maybe a checkpoint. Rank 0
+//! reports metrics and commits checkpoints.
+
+use crate::config::JobConfig;
+use crate::dispatch::{AllToAllExperts, DispatchStats};
+use crate::error::WorkerError;
+use crate::metrics::{MetricsWriter, RankMetrics, StepMetrics};
+use crate::state::TrainState;
+use crate::sync::{all_reduce_tensors, gather_json, sum_over_ranks};
+use crate::train::{open_data, starting_state, Observer, Resume, RunOptions, StartInfo, TrainSummary};
+use checkpoint::{CheckpointStore, ShardReport};
+use collectives::Communicator;
+use coordinator::{ParallelDims, PlacementPlan};
+use model::model::{forward_backward, ForwardStats, LossScales, MicroBatch};
+use model::moe::LocalExperts;
+use model::ops::rope::RopeTable;
+use model::optim::{adamw_update, clip_factor, sum_of_squares, takes_weight_decay};
+use model::schedule::learning_rate;
+use model::ModelWeights;
+use std::time::Instant;
+
+/// The groups a rank talks to.
+struct Groups {
+    /// Every rank (dense gradients: attn_tp = 1, so dp = world).
+    world_rank: usize,
+    /// The ranks sharing one copy of the experts (all-to-all, norm).
+    ep: Box<dyn Communicator>,
+    /// The replicas of this rank's experts (expert gradients), when edp > 1.
+    edp: Option<Box<dyn Communicator>>,
+}
+
+fn groups(comm: &mut dyn Communicator, dims: &ParallelDims) -> Result<Groups, WorkerError> {
+    let rank = comm.rank();
+    let ep = comm.split(dims.edp_rank(rank), dims.ep_rank(rank))?;
+    let edp = if dims.edp > 1 { Some(comm.split(dims.ep_rank(rank), dims.edp_rank(rank))?) } else { None };
+    Ok(Groups { world_rank: rank, ep, edp })
+}
+
+/// Runs this rank to the end of the job.
+pub fn run_rank(
+    job: &JobConfig,
+    opts: &RunOptions,
+    comm: &mut dyn Communicator,
+    mut observer: Option<&mut dyn Observer>,
+) -> Result<TrainSummary, WorkerError> {
+    let cfg = &job.model;
+    let dims = job.parallel_dims().map_err(|e| WorkerError::Layout(e.to_string()))?;
+    let placement = PlacementPlan::contiguous(cfg.n_layers, cfg.n_experts, dims.ep);
+    let mut groups = groups(comm, &dims)?;
+    let rank = groups.world_rank;
+    let lead = rank == 0;
+    let data = open_data(job)?;
+    // Every rank makes the same checks, so a refusal stops all of them alike.
+    let (store, mut state, resumed_from) = starting_state(job, opts, &placement, dims.ep_rank(rank))?;
+
+    let mut metrics_out = None;
+    if lead {
+        // Only now, with every input checked, touch the run folder.
+        let dir = &opts.run_dir;
+        std::fs::create_dir_all(dir).map_err(|e| WorkerError::io("cannot create run folder", dir, e))?;
+        let config_path = dir.join("config.toml");
+        std::fs::write(&config_path, job.to_toml()).map_err(|e| WorkerError::io("cannot write", &config_path, e))?;
+        let path = dir.join("metrics.jsonl");
+        metrics_out = Some(MetricsWriter::append(&path).map_err(|e| WorkerError::io("cannot open", &path, e))?);
+        store.cleanup_uncommitted()?;
+    }
+    comm.barrier()?;
+
+    let accumulation = job.grad_accumulation(dims.dp);
+    let micro = job.train.micro_batch_size;
+    let per_rank = job.train.global_batch_size / dims.dp;
+    let tokens_per_step = (job.train.global_batch_size * cfg.seq_len) as u64;
+    if let Some(obs) = observer.as_deref_mut() {
+        obs.on_start(&StartInfo {
+            start_step: state.step,
+            total_steps: job.train.steps,
+            checkpoint_url: store.url().to_string(),
+            resumed_from: resumed_from.clone(),
+            num_params: cfg.num_params(),
+            num_active_params: cfg.num_active_params(),
+            tokens_per_step,
+            grad_accumulation: accumulation,
+            dims,
+        });
+    }
+
+    let rope = RopeTable::new(cfg.seq_len, cfg.head_dim(), cfg.rope_theta);
+    let mut grads = state.weights.zeros_like();
+    // Every micro-batch of the global batch counts once in the aux and z terms.
+    let micro_batches = (dims.dp * accumulation) as f32;
+    let scales = LossScales {
+        ce: 1.0 / tokens_per_step as f32,
+        aux: cfg.aux_loss_coef / micro_batches,
+        z: cfg.z_loss_coef / micro_batches,
+    };
+    let started = Instant::now();
+    let (mut first_loss, mut last_loss) = (None, None);
+    let mut last_checkpoint = resumed_from.filter(|_| opts.resume == Resume::Latest);
+    let start_step = state.step;
+    let end = opts.stop_at.map_or(job.train.steps, |s| s.min(job.train.steps));
+    while state.step < end {
+        let step_started = Instant::now();
+        for (_, g) in grads.tensors_mut() {
+            g.fill(0.0);
+        }
+        let mut local = LocalStep::default();
+        let first_sequence = dims.dp_rank(rank) * per_rank;
+        for m in 0..accumulation {
+            let tokens = data.batch_for_step(
+                job.train.seed,
+                state.step,
+                job.train.global_batch_size,
+                first_sequence + m * micro,
+                micro,
+                cfg.seq_len + 1,
+            )?;
+            let mb = MicroBatch { tokens: &tokens, batch: micro };
+            let compute_started = Instant::now();
+            let mut experts = LocalExperts::new(cfg, &state.weights.experts, &mut grads.experts);
+            let stats = if dims.world == 1 {
+                forward_backward(cfg, &rope, &state.weights.dense, &mut grads.dense, &mut experts, mb, scales)?
+            } else {
+                let mut a2a = AllToAllExperts::new(cfg, groups.ep.as_mut(), &placement, experts);
+                let stats = forward_backward(cfg, &rope, &state.weights.dense, &mut grads.dense, &mut a2a, mb, scales)?;
+                local.dispatch.add(&a2a.stats);
+                stats
+            };
+            local.compute_s += compute_started.elapsed().as_secs_f64();
+            local.add(&stats);
+        }
+
+        // Gradient sync: dense over data-parallel ranks, experts over replicas.
+        let sync_started = Instant::now();
+        if dims.world > 1 {
+            all_reduce_tensors(comm, grads.dense.tensors_mut())?;
+        }
+        if let Some(edp) = groups.edp.as_mut() {
+            all_reduce_tensors(edp.as_mut(), grads.experts.tensors_mut())?;
+        }
+        // Dense gradients are identical everywhere now; each expert counts once per EP group.
+        let dense_sq: f64 = grads.dense.tensors().iter().map(|(_, g)| sum_of_squares(g)).sum();
+        let mut expert_sq = [grads.experts.tensors().iter().map(|(_, g)| sum_of_squares(g)).sum::<f64>()];
+        groups.ep.all_reduce_sum_f64(&mut expert_sq)?;
+        let grad_norm = (dense_sq + expert_sq[0]).sqrt();
+        let sync_s = sync_started.elapsed().as_secs_f64();
+
+        let micro_batches_global = (job.train.global_batch_size / micro) as f64;
+        let mut metrics = local.reduce(comm, dims.world, rank, tokens_per_step, micro_batches_global, cfg.n_experts)?;
+        metrics.step = state.step + 1;
+        metrics.sync_s = sync_s;
+        if !metrics.loss.is_finite() {
+            return Err(WorkerError::NonFinite { step: state.step + 1, loss: metrics.loss });
+        }
+        let lr = learning_rate(&job.optim, state.step, job.train.steps);
+        optimizer_step(job, &mut state, &mut grads, lr, grad_norm);
+        metrics.lr = lr;
+        metrics.grad_norm = grad_norm;
+        state.step += 1;
+        state.tokens_seen += tokens_per_step;
+        metrics.step_time_s = step_started.elapsed().as_secs_f64();
+        metrics.tokens_per_s = tokens_per_step as f64 / metrics.step_time_s;
+        first_loss.get_or_insert(metrics.loss);
+        last_loss = Some(metrics.loss);
+        if let Some(out) = metrics_out.as_mut() {
+            out.write(&metrics).map_err(|e| WorkerError::io("cannot write", out.path(), e))?;
+        }
+        if let Some(obs) = observer.as_deref_mut() {
+            obs.on_step(&metrics);
+        }
+
+        let every = job.checkpoint.every;
+        if state.step == end || (every > 0 && state.step.is_multiple_of(every)) {
+            let url = save_checkpoint(comm, &store, job, &dims, &placement, &state)?;
+            if let Some(obs) = observer.as_deref_mut() {
+                obs.on_checkpoint(state.step, &url);
+            }
+            last_checkpoint = Some(url);
+        }
+    }
+    Ok(TrainSummary {
+        first_loss,
+        last_loss,
+        steps_run: state.step - start_step,
+        final_step: state.step,
+        checkpoint: last_checkpoint,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// Each rank writes its shard; rank 0 commits the manifest once all
+/// reported, then every rank waits for the commit. Returns the step URL.
+fn save_checkpoint(
+    comm: &mut dyn Communicator,
+    store: &CheckpointStore,
+    job: &JobConfig,
+    dims: &ParallelDims,
+    placement: &PlacementPlan,
+    state: &TrainState,
+) -> Result<String, WorkerError> {
+    let rank = comm.rank();
+    // Dense tensors once (rank 0); each expert once (the first replica).
+    let report = state.write_shard(store, job, rank, rank == 0, dims.edp_rank(rank) == 0)?;
+    let reports: Vec<Option<ShardReport>> = gather_json(comm, &report)?;
+    if rank == 0 {
+        let manifest = state.manifest(job, dims, placement, reports.into_iter().flatten().collect());
+        store.commit(&manifest)?;
+        store.prune(job.checkpoint.keep_last)?;
+    }
+    comm.barrier()?;
+    Ok(store.step_url(state.step))
+}
+
+/// What this rank measured during one step, before reduction over ranks.
+#[derive(Default)]
+struct LocalStep {
+    ce_sum: f64,
+    aux: f64,
+    z: f64,
+    tokens_per_expert: Vec<Vec<usize>>,
+    dropped: Vec<usize>,
+    tokens: usize,
+    compute_s: f64,
+    dispatch: DispatchStats,
+}
+
+impl LocalStep {
+    fn add(&mut self, stats: &ForwardStats) {
+        self.ce_sum += stats.ce_sum;
+        self.aux += stats.aux_loss.iter().map(|&a| a as f64).sum::<f64>();
+        self.z += stats.z_loss.iter().map(|&z| z as f64).sum::<f64>();
+        self.tokens += stats.num_tokens;
+        if self.tokens_per_expert.is_empty() {
+            self.tokens_per_expert = stats.tokens_per_expert.clone();
+            self.dropped = stats.dropped.clone();
+            return;
+        }
+        for (acc, layer) in self.tokens_per_expert.iter_mut().zip(&stats.tokens_per_expert) {
+            acc.iter_mut().zip(layer).for_each(|(a, b)| *a += b);
+        }
+        self.dropped.iter_mut().zip(&stats.dropped).for_each(|(a, b)| *a += b);
+    }
+
+    /// Sums over ranks into the step's metrics (identical on every rank).
+    fn reduce(
+        &self,
+        comm: &mut dyn Communicator,
+        world: usize,
+        rank: usize,
+        tokens_per_step: u64,
+        micro_batches_global: f64,
+        n_experts: usize,
+    ) -> Result<StepMetrics, WorkerError> {
+        let mut totals = vec![self.ce_sum, self.aux, self.z];
+        for layer in &self.tokens_per_expert {
+            totals.extend(layer.iter().map(|&c| c as f64));
+        }
+        totals.extend(self.dropped.iter().map(|&c| c as f64));
+        sum_over_ranks(comm, &mut totals)?;
+        let per_rank_values = [
+            self.tokens as f64,
+            self.dispatch.rows_computed as f64,
+            self.compute_s,
+            self.dispatch.alltoall_s,
+            self.dispatch.expert_s,
+            self.dispatch.bytes_sent as f64,
+            self.dispatch.bytes_received as f64,
+        ];
+        let width = per_rank_values.len();
+        let mut slots = vec![0.0; world * width];
+        slots[rank * width..(rank + 1) * width].copy_from_slice(&per_rank_values);
+        sum_over_ranks(comm, &mut slots)?;
+        let per_rank: Vec<RankMetrics> = slots
+            .chunks_exact(width)
+            .enumerate()
+            .map(|(r, v)| RankMetrics {
+                rank: r,
+                tokens: v[0] as u64,
+                expert_rows: v[1] as u64,
+                compute_s: v[2],
+                alltoall_s: v[3],
+                expert_s: v[4],
+                alltoall_bytes_sent: v[5] as u64,
+                alltoall_bytes_received: v[6] as u64,
+            })
+            .collect();
+        let layers = self.tokens_per_expert.len();
+        let mut cursor = 3;
+        let tokens_per_expert: Vec<Vec<usize>> = (0..layers)
+            .map(|_| {
+                let layer = totals[cursor..cursor + n_experts].iter().map(|&c| c as usize).collect();
+                cursor += n_experts;
+                layer
+            })
+            .collect();
+        let dropped = totals[cursor..cursor + layers].iter().map(|&c| c as usize).collect();
+        Ok(StepMetrics {
+            loss: totals[0] / tokens_per_step as f64,
+            aux_loss: totals[1] / micro_batches_global,
+            z_loss: totals[2] / micro_batches_global,
+            tokens: tokens_per_step,
+            tokens_per_expert,
+            dropped,
+            alltoall_bytes_sent: per_rank.iter().map(|r| r.alltoall_bytes_sent).sum(),
+            alltoall_bytes_received: per_rank.iter().map(|r| r.alltoall_bytes_received).sum(),
+            alltoall_s: per_rank.iter().map(|r| r.alltoall_s).fold(0.0, f64::max),
+            expert_s: per_rank.iter().map(|r| r.expert_s).fold(0.0, f64::max),
+            per_rank,
+            ..Default::default()
+        })
+    }
+}
+
+/// Clips to `max_norm` given the global norm and applies AdamW to this
+/// rank's tensors (dense replicas update identically everywhere).
+fn optimizer_step(job: &JobConfig, state: &mut TrainState, grads: &mut ModelWeights, lr: f32, grad_norm: f64) {
+    let factor = clip_factor(grad_norm, job.optim.grad_clip);
+    let t = state.step + 1;
+    let params = state.weights.tensors_mut();
+    let moments = state.exp_avg.tensors_mut().into_iter().zip(state.exp_avg_sq.tensors_mut());
+    for (((name, p), (_, g)), ((_, m), (_, v))) in params.into_iter().zip(grads.tensors_mut()).zip(moments) {
+        if factor < 1.0 {
+            g.iter_mut().for_each(|x| *x *= factor);
+        }
+        adamw_update(&job.optim, lr, t, takes_weight_decay(&name), p, g, m, v);
+    }
+}

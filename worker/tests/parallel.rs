@@ -1,0 +1,105 @@
+//! Expert parallelism over the local (threads) backend: the same job on 1,
+//! 2 and 4 ranks gives the same losses, because the batch is global and
+//! the micro-batches are the same sequences on every layout.
+//!
+//! The parity rule with a capacity factor: capacity is per micro-batch on a
+//! rank, so layouts agree when they share `micro_batch_size` (each
+//! micro-batch then holds the same sequences and drops the same tokens).
+
+mod common;
+
+use common::{micro_job, temp_dir, Recorder};
+use worker::train::{train, Resume, RunOptions};
+
+fn losses(
+    job: &worker::JobConfig,
+    name: &str,
+    resume: Resume,
+    stop_at: Option<u64>,
+    dir: Option<&std::path::Path>,
+) -> Vec<f64> {
+    let owned;
+    let dir = match dir {
+        Some(d) => d,
+        None => {
+            owned = temp_dir(name);
+            &owned
+        }
+    };
+    let mut rec = Recorder::default();
+    train(job, &RunOptions { run_dir: dir.to_path_buf(), resume, stop_at }, &mut rec).unwrap();
+    rec.steps.iter().map(|m| m.loss).collect()
+}
+
+fn assert_close(reference: &[f64], other: &[f64], what: &str) {
+    assert_eq!(reference.len(), other.len(), "{what}: step count");
+    for (i, (a, b)) in reference.iter().zip(other).enumerate() {
+        let rel = (a - b).abs() / a.abs();
+        assert!(rel <= 1e-5, "{what}: step {} loss {b} vs {a} (relative {rel:.2e})", i + 1);
+    }
+}
+
+fn job(ranks: usize, extra: &[&str]) -> worker::JobConfig {
+    let ranks = format!("parallel.ranks={ranks}");
+    let mut sets = vec!["train.global_batch_size=8", "train.micro_batch_size=2", ranks.as_str()];
+    sets.extend_from_slice(extra);
+    micro_job(&sets)
+}
+
+#[test]
+fn dropless_losses_match_on_1_2_and_4_ranks() {
+    let one = losses(&job(1, &[]), "ep1", Resume::No, None, None);
+    for ranks in [2, 4] {
+        let many = losses(&job(ranks, &[]), &format!("ep{ranks}"), Resume::No, None, None);
+        assert_close(&one, &many, &format!("{ranks} ranks"));
+    }
+    assert!(one[19] < one[0] - 0.3, "the job learns: {one:?}");
+}
+
+#[test]
+fn capacity_losses_match_with_the_same_micro_batch() {
+    let cap = ["model.capacity_factor=1.0"];
+    let one = losses(&job(1, &cap), "cap1", Resume::No, None, None);
+    let four = losses(&job(4, &cap), "cap4", Resume::No, None, None);
+    assert_close(&one, &four, "capacity, 4 ranks");
+}
+
+#[test]
+fn experts_replicated_over_two_groups_match() {
+    // 4 ranks, experts over 2 of them: two expert replicas whose gradients are all-reduced.
+    let one = losses(&job(1, &[]), "edp1", Resume::No, None, None);
+    let replicated = losses(&job(4, &["parallel.ep=2"]), "edp2", Resume::No, None, None);
+    assert_close(&one, &replicated, "ep 2 x edp 2");
+}
+
+#[test]
+fn a_run_on_4_ranks_resumes_on_2_and_on_1() {
+    let reference = losses(&job(1, &[]), "reshard-ref", Resume::No, None, None);
+    for resume_ranks in [2, 1] {
+        let dir = temp_dir(&format!("reshard-{resume_ranks}"));
+        let head = losses(&job(4, &[]), "", Resume::No, Some(10), Some(&dir));
+        let tail = losses(&job(resume_ranks, &[]), "", Resume::Latest, None, Some(&dir));
+        let joined: Vec<f64> = head.into_iter().chain(tail).collect();
+        assert_close(&reference, &joined, &format!("4 ranks then {resume_ranks}"));
+    }
+}
+
+#[test]
+fn per_rank_metrics_account_for_every_token() {
+    let dir = temp_dir("metrics4");
+    let mut rec = Recorder::default();
+    train(
+        &job(4, &["train.steps=2"]),
+        &RunOptions { run_dir: dir.clone(), resume: Resume::No, stop_at: None },
+        &mut rec,
+    )
+    .unwrap();
+    let m = &rec.steps[0];
+    assert_eq!(m.per_rank.len(), 4);
+    assert_eq!(m.per_rank.iter().map(|r| r.tokens).sum::<u64>(), m.tokens);
+    // Every kept assignment is computed by exactly one rank's experts.
+    let rows: u64 = m.per_rank.iter().map(|r| r.expert_rows).sum();
+    let kept: usize = m.tokens_per_expert.iter().flatten().sum();
+    assert_eq!(rows as usize, kept);
+    assert!(m.alltoall_bytes_sent > 0 && m.alltoall_bytes_sent == m.alltoall_bytes_received);
+}
