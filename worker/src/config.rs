@@ -32,7 +32,7 @@ pub struct TrainConfig {
 
 impl Default for TrainConfig {
     fn default() -> Self {
-        Self { steps: 2000, global_batch_size: 16, micro_batch_size: 4, seed: 1234, log_every: 100 }
+        Self { steps: 1000, global_batch_size: 32, micro_batch_size: 8, seed: 1234, log_every: 50 }
     }
 }
 
@@ -81,7 +81,7 @@ pub struct CheckpointConfig {
 
 impl Default for CheckpointConfig {
     fn default() -> Self {
-        Self { url: String::new(), every: 500, keep_last: 2 }
+        Self { url: String::new(), every: 250, keep_last: 2 }
     }
 }
 
