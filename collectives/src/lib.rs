@@ -12,6 +12,8 @@
 //! depend on timing.
 
 pub mod local;
+pub mod mpi;
+pub mod nccl;
 
 use std::time::Duration;
 

@@ -8,6 +8,9 @@ use std::time::{Duration, Instant};
 use collectives::local::{LocalComm, LocalWorld};
 use collectives::{CommError, Communicator, Pending, SelfComm};
 
+mod common;
+use common::*;
+
 /// Long enough never to fire in a passing test on a loaded 2-core machine.
 const LONG: Duration = Duration::from_secs(60);
 
@@ -19,33 +22,6 @@ fn on_ranks<R: Send>(size: usize, timeout: Duration, body: impl Fn(LocalComm) ->
         let handles: Vec<_> = comms.into_iter().map(|comm| scope.spawn(move || body(comm))).collect();
         handles.into_iter().map(|h| h.join().expect("a rank thread panicked")).collect()
     })
-}
-
-/// A value whose sums depend on the order of addition (mixed magnitudes and signs).
-fn mixed(rank: usize, i: usize) -> f32 {
-    let x = ((rank * 31 + i * 17) % 101) as f32 - 50.0;
-    x * 10f32.powi(((rank + i) % 9) as i32 - 4) + 0.1 * rank as f32
-}
-
-/// Values sent from `src` to `dst` in the all-to-all tests: uneven, some zero.
-fn a2a_count(src: usize, dst: usize) -> usize {
-    (src + 2 * dst) % 3
-}
-
-fn a2a_value(src: usize, dst: usize, i: usize) -> f32 {
-    (src * 10_000 + dst * 100 + i) as f32
-}
-
-fn a2a_send(rank: usize, size: usize) -> (Vec<f32>, Vec<usize>) {
-    let counts: Vec<usize> = (0..size).map(|dst| a2a_count(rank, dst)).collect();
-    let send = (0..size).flat_map(|dst| (0..a2a_count(rank, dst)).map(move |i| a2a_value(rank, dst, i))).collect();
-    (send, counts)
-}
-
-fn a2a_expected(rank: usize, size: usize) -> (Vec<f32>, Vec<usize>) {
-    let counts: Vec<usize> = (0..size).map(|src| a2a_count(src, rank)).collect();
-    let values = (0..size).flat_map(|src| (0..a2a_count(src, rank)).map(move |i| a2a_value(src, rank, i))).collect();
-    (values, counts)
 }
 
 #[test]
@@ -76,8 +52,7 @@ fn all_reduce_is_the_rank_order_sum_bit_for_bit_on_every_rank() {
     // 200_003 values take the shared, chunked path; the others the small one.
     for size in 1..=4 {
         for len in [0, 1, 7, 200_003] {
-            let expected: Vec<u32> =
-                (0..len).map(|i| (1..size).fold(mixed(0, i), |acc, r| acc + mixed(r, i)).to_bits()).collect();
+            let expected: Vec<u32> = (0..len).map(|i| mixed_sum(size, i).to_bits()).collect();
             let expected_f64: Vec<u64> = (0..len)
                 .map(|i| (1..size).fold(mixed(0, i) as f64 / 3.0, |acc, r| acc + mixed(r, i) as f64 / 3.0).to_bits())
                 .collect();
@@ -124,7 +99,7 @@ fn reduce_scatter_gives_each_rank_its_block_of_the_rank_order_sum() {
         // Blocks of 1, 0, 2, 1 values: uneven, one empty.
         let counts: Vec<usize> = (0..size).map(|r| (2 * r + 1) % 3).collect();
         let len: usize = counts.iter().sum();
-        let sum: Vec<f32> = (0..len).map(|i| (1..size).fold(mixed(0, i), |acc, r| acc + mixed(r, i))).collect();
+        let sum: Vec<f32> = (0..len).map(|i| mixed_sum(size, i)).collect();
         on_ranks(size, LONG, |mut comm| {
             let rank = comm.rank();
             let send: Vec<f32> = (0..len).map(|i| mixed(rank, i)).collect();
@@ -192,10 +167,9 @@ fn one_rank_world_agrees_with_self_comm() {
 #[test]
 fn large_all_to_all_v_of_64_mib_per_rank() {
     const SIZE: usize = 4;
-    const PER_RANK: usize = 16 << 20; // 16 Mi f32 = 64 MiB sent (and received) by each rank
+    const PER_RANK: usize = LARGE;
     const BLOCK: usize = PER_RANK / SIZE;
-    // Distinct bits per (source, destination, index): catches any misplaced block.
-    let value = |src: usize, dst: usize, i: usize| f32::from_bits((((src * SIZE + dst) << 22) | i) as u32);
+    let value = |src: usize, dst: usize, i: usize| large_value(SIZE, src, dst, i);
     let times = on_ranks(SIZE, LONG, |mut comm| {
         let rank = comm.rank();
         let send: Vec<f32> = (0..PER_RANK).map(|j| value(rank, j / BLOCK, j % BLOCK)).collect();
@@ -218,7 +192,7 @@ fn large_all_to_all_v_of_64_mib_per_rank() {
 #[test]
 fn large_all_reduce_of_64_mib_per_rank() {
     const SIZE: usize = 4;
-    const LEN: usize = 16 << 20;
+    const LEN: usize = LARGE;
     let times = on_ranks(SIZE, LONG, |mut comm| {
         let rank = comm.rank();
         // Small integers: exact in any order, so the check is simple.

@@ -1,0 +1,91 @@
+//! The `mpi` backend: ranks are processes (on one or many nodes) started by
+//! `mpirun`, `srun --mpi=pmix` or any MPI launcher (DESIGN sections 3, 10).
+//!
+//! Built with the cargo feature `mpi` over the system's OpenMPI; without it
+//! [`MpiWorld::init`] returns [`CommError::NotCompiled`]. Every collective is
+//! started as an MPI immediate operation and polled against its deadline.
+//! MPI cannot cancel a collective, and may still read or write the buffers
+//! of one that timed out, so a timeout is fatal for the whole job: the rank
+//! asks its peers which of them reached the same operation (a roll call on a
+//! separate communicator), prints the [`CommError::Timeout`] naming the
+//! operation and the missing rank(s), and calls `MPI_Abort`, which ends every
+//! rank (a stopped one included) and makes the launcher exit non-zero.
+
+#[cfg(feature = "mpi")]
+mod ffi_util;
+#[cfg(feature = "mpi")]
+mod roll_call;
+#[cfg(feature = "mpi")]
+mod world;
+#[cfg(feature = "mpi")]
+pub use world::{MpiComm, MpiWorld};
+
+#[cfg(not(feature = "mpi"))]
+mod stub;
+#[cfg(not(feature = "mpi"))]
+pub use stub::MpiWorld;
+
+/// Whether this binary was built with the MPI backend.
+pub const COMPILED: bool = cfg!(feature = "mpi");
+
+/// This process's place in a job started by an MPI launcher, read from the
+/// environment before MPI is initialised (launchers decide on it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LaunchedRank {
+    pub rank: usize,
+    /// World size when the launcher says it (`None`: ask MPI).
+    pub size: Option<usize>,
+    /// The variable the rank came from, for messages.
+    pub source: &'static str,
+}
+
+/// The rank given by the launcher that started this process: OpenMPI's
+/// `mpirun` (OMPI_COMM_WORLD_RANK), any PMIx launcher (PMIX_RANK), Slurm's
+/// `srun` (SLURM_PROCID inside a job step), or MPICH/Hydra (PMI_RANK).
+/// `None` when this process was started by hand.
+pub fn launched_rank() -> Option<LaunchedRank> {
+    launched_rank_from(|name| std::env::var(name).ok())
+}
+
+/// [`launched_rank`] over any variable lookup (tests pass a map).
+pub fn launched_rank_from(var: impl Fn(&str) -> Option<String>) -> Option<LaunchedRank> {
+    let number = |name: &str| var(name).and_then(|v| v.trim().parse::<usize>().ok());
+    // A batch script also has SLURM_PROCID=0; only a job step (srun) is a launch.
+    let srun_step = var("SLURM_STEP_ID").is_some();
+    let sources: [(&'static str, Option<&str>, bool); 4] = [
+        ("OMPI_COMM_WORLD_RANK", Some("OMPI_COMM_WORLD_SIZE"), true),
+        ("PMIX_RANK", None, true),
+        ("SLURM_PROCID", Some("SLURM_NTASKS"), srun_step),
+        ("PMI_RANK", Some("PMI_SIZE"), true),
+    ];
+    sources.into_iter().find_map(|(rank_var, size_var, applies)| {
+        let rank = number(rank_var).filter(|_| applies)?;
+        Some(LaunchedRank { rank, size: size_var.and_then(number), source: rank_var })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn from(vars: &[(&str, &str)]) -> Option<LaunchedRank> {
+        let map: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        launched_rank_from(|name| map.get(name).cloned())
+    }
+
+    #[test]
+    fn reads_every_launcher_and_ignores_a_batch_script() {
+        assert_eq!(from(&[]), None);
+        let ompi = from(&[("OMPI_COMM_WORLD_RANK", "3"), ("OMPI_COMM_WORLD_SIZE", "4")]).unwrap();
+        assert_eq!((ompi.rank, ompi.size, ompi.source), (3, Some(4), "OMPI_COMM_WORLD_RANK"));
+        assert_eq!(from(&[("PMIX_RANK", "2")]).unwrap().size, None);
+        // sbatch's script itself has SLURM_PROCID=0 but is not a rank of a step.
+        assert_eq!(from(&[("SLURM_PROCID", "0"), ("SLURM_NTASKS", "4")]), None);
+        let srun = from(&[("SLURM_PROCID", "1"), ("SLURM_NTASKS", "4"), ("SLURM_STEP_ID", "0")]).unwrap();
+        assert_eq!((srun.rank, srun.size), (1, Some(4)));
+        // OpenMPI's own variables win over Slurm's under `srun mpirun`-style nesting.
+        let both = from(&[("SLURM_PROCID", "0"), ("SLURM_STEP_ID", "0"), ("OMPI_COMM_WORLD_RANK", "2")]).unwrap();
+        assert_eq!(both.rank, 2);
+    }
+}

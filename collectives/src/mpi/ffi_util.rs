@@ -1,0 +1,109 @@
+//! Thin, checked wrappers over the MPI C calls the backend makes.
+
+use crate::CommError;
+use mpi::ffi;
+use std::os::raw::c_int;
+use std::time::Instant;
+
+/// Element types the backend sends, with their MPI datatypes.
+pub(super) trait MpiElem: Copy + Default + Send + 'static {
+    fn datatype() -> ffi::MPI_Datatype;
+}
+
+impl MpiElem for f32 {
+    fn datatype() -> ffi::MPI_Datatype {
+        // SAFETY: a constant handle set by the MPI library at link time.
+        unsafe { ffi::RSMPI_FLOAT }
+    }
+}
+
+impl MpiElem for f64 {
+    fn datatype() -> ffi::MPI_Datatype {
+        // SAFETY: as above.
+        unsafe { ffi::RSMPI_DOUBLE }
+    }
+}
+
+impl MpiElem for u64 {
+    fn datatype() -> ffi::MPI_Datatype {
+        // SAFETY: as above.
+        unsafe { ffi::RSMPI_UINT64_T }
+    }
+}
+
+impl MpiElem for c_int {
+    fn datatype() -> ffi::MPI_Datatype {
+        // SAFETY: as above.
+        unsafe { ffi::RSMPI_INT32_T }
+    }
+}
+
+/// The text MPI gives for an error code.
+pub(super) fn error_text(code: c_int) -> String {
+    let mut text = vec![0u8; 512];
+    let mut len: c_int = 0;
+    // SAFETY: the buffer is MPI_MAX_ERROR_STRING (256) or more bytes long.
+    let rc = unsafe { ffi::MPI_Error_string(code, text.as_mut_ptr().cast(), &mut len) };
+    if rc != 0 {
+        return format!("MPI error code {code}");
+    }
+    text.truncate(len.max(0) as usize);
+    String::from_utf8_lossy(&text).into_owned()
+}
+
+/// Turns an MPI return code into a result.
+pub(super) fn check(op: &'static str, code: c_int) -> Result<(), CommError> {
+    if code == ffi::MPI_SUCCESS as c_int {
+        Ok(())
+    } else {
+        Err(CommError::Transport { op, reason: error_text(code) })
+    }
+}
+
+/// A count as MPI's `int`, or a clear error when a message is too large for one call.
+pub(super) fn c_count(op: &'static str, n: usize) -> Result<c_int, CommError> {
+    c_int::try_from(n).map_err(|_| CommError::BadArgument {
+        op,
+        reason: format!("{n} elements exceed MPI's 2^31-1 per call; split the message"),
+    })
+}
+
+/// Counts and displacements (prefix sums) as MPI `int`s.
+pub(super) fn counts_and_displs(op: &'static str, counts: &[usize]) -> Result<(Vec<c_int>, Vec<c_int>), CommError> {
+    let total: usize = counts.iter().sum();
+    c_count(op, total)?;
+    let counts_c: Vec<c_int> = counts.iter().map(|&n| n as c_int).collect();
+    let displs = counts_c
+        .iter()
+        .scan(0, |offset, &n| {
+            let here = *offset;
+            *offset += n;
+            Some(here)
+        })
+        .collect();
+    Ok((counts_c, displs))
+}
+
+/// The null request, what a completed request becomes.
+pub(super) fn null_request() -> ffi::MPI_Request {
+    // SAFETY: a constant handle set by the MPI library.
+    unsafe { ffi::RSMPI_REQUEST_NULL }
+}
+
+/// Drives `request` with `MPI_Test` (which is also what makes MPI progress)
+/// until it completes (`Ok(true)`) or `deadline` passes (`Ok(false)`).
+/// Yields between tests so oversubscribed ranks let each other run.
+pub(super) fn poll(op: &'static str, request: &mut ffi::MPI_Request, deadline: Instant) -> Result<bool, CommError> {
+    loop {
+        let mut flag: c_int = 0;
+        // SAFETY: `request` is a live request handle or the null request.
+        check(op, unsafe { ffi::MPI_Test(request, &mut flag, ffi::RSMPI_STATUS_IGNORE) })?;
+        if flag != 0 {
+            return Ok(true);
+        }
+        if Instant::now() >= deadline {
+            return Ok(false);
+        }
+        std::thread::yield_now();
+    }
+}

@@ -1,0 +1,501 @@
+//! MPI initialisation, communicators and the collectives over them.
+
+use super::ffi_util::{c_count, check, counts_and_displs, null_request, poll, MpiElem};
+use super::roll_call::missing_ranks;
+use crate::{CommError, Communicator, Pending, PendingOp, Received};
+use mpi::ffi;
+use std::os::raw::{c_int, c_void};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// The longest a timed-out rank waits for its peers' roll-call answers.
+const ROLL_CALL_GRACE: Duration = Duration::from_secs(10);
+
+/// MPI, initialised for this process; finalised when dropped (after every
+/// communicator made from it is gone).
+pub struct MpiWorld {
+    _universe: mpi::environment::Universe,
+}
+
+impl std::fmt::Debug for MpiWorld {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MpiWorld")
+    }
+}
+
+impl MpiWorld {
+    /// Initialises MPI. Ranks call collectives from one thread at a time,
+    /// but that may not be the thread that initialised MPI, hence at least
+    /// `MPI_THREAD_SERIALIZED`.
+    pub fn init() -> Result<Self, CommError> {
+        let (universe, threading) = mpi::initialize_with_threading(mpi::Threading::Multiple).ok_or_else(|| {
+            CommError::Transport { op: "MPI_Init_thread", reason: "MPI is already initialised in this process".into() }
+        })?;
+        if threading < mpi::Threading::Serialized {
+            return Err(CommError::Transport {
+                op: "MPI_Init_thread",
+                reason: format!(
+                    "this MPI library gives only {threading:?} thread support; switchyard needs Serialized"
+                ),
+            });
+        }
+        Ok(Self { _universe: universe })
+    }
+
+    /// A communicator over every rank of the job, whose collectives wait at most `timeout`.
+    pub fn world(&self, timeout: Duration) -> Result<Box<dyn Communicator>, CommError> {
+        // SAFETY: MPI is initialised (self exists) and COMM_WORLD is valid until finalize.
+        let world = unsafe { ffi::RSMPI_COMM_WORLD };
+        Ok(Box::new(MpiComm::duplicate(world, timeout)?))
+    }
+
+    /// Prints `message` (prefixed with this process's world rank) to stderr
+    /// and ends every rank of the job with `code`.
+    pub fn abort(&self, message: &str, code: i32) -> ! {
+        abort_job(message, code)
+    }
+}
+
+fn world_rank() -> usize {
+    let mut rank: c_int = 0;
+    // SAFETY: MPI is initialised whenever a communicator or world exists.
+    unsafe { ffi::MPI_Comm_rank(ffi::RSMPI_COMM_WORLD, &mut rank) };
+    rank as usize
+}
+
+fn abort_job(message: &str, code: i32) -> ! {
+    eprintln!("switchyard rank {}: {message}", world_rank());
+    // SAFETY: MPI is initialised; MPI_Abort does not return.
+    unsafe { ffi::MPI_Abort(ffi::RSMPI_COMM_WORLD, code) };
+    std::process::exit(code)
+}
+
+/// The MPI communicators of one group: one for data, one for roll calls
+/// (so roll-call messages never match a data receive).
+struct Handles {
+    data: ffi::MPI_Comm,
+    roll: ffi::MPI_Comm,
+}
+
+// SAFETY: MPI handles are plain identifiers; MPI is initialised with at
+// least THREAD_SERIALIZED and a communicator is used by one thread at a
+// time (through `&mut MpiComm`, or by the one pending operation it started).
+unsafe impl Send for Handles {}
+unsafe impl Sync for Handles {}
+
+impl Drop for Handles {
+    fn drop(&mut self) {
+        let mut finalized: c_int = 0;
+        // SAFETY: MPI_Finalized may be called at any time; the handles were made by MPI_Comm_dup/split.
+        unsafe {
+            ffi::MPI_Finalized(&mut finalized);
+            if finalized == 0 {
+                ffi::MPI_Comm_free(&mut self.data);
+                ffi::MPI_Comm_free(&mut self.roll);
+            }
+        }
+    }
+}
+
+/// One rank's handle on a group of MPI ranks.
+pub struct MpiComm {
+    handles: Arc<Handles>,
+    rank: usize,
+    size: usize,
+    /// World rank of every group rank, for messages.
+    world_ranks: Vec<usize>,
+    timeout: Duration,
+    /// The number of this rank's next collective on the group (the same on
+    /// every rank: they call collectives in the same order); roll calls compare it.
+    seq: u64,
+}
+
+impl MpiComm {
+    /// Takes over `comm` (a fresh communicator this rank owns): errors are
+    /// returned rather than fatal, and a twin is made for roll calls.
+    fn adopt(data: ffi::MPI_Comm, timeout: Duration) -> Result<Self, CommError> {
+        let mut roll = data;
+        let (mut rank, mut size): (c_int, c_int) = (0, 0);
+        // SAFETY: `data` is a valid communicator owned by this rank.
+        unsafe {
+            check("MPI_Comm_set_errhandler", ffi::MPI_Comm_set_errhandler(data, ffi::RSMPI_ERRORS_RETURN))?;
+            check("MPI_Comm_dup", ffi::MPI_Comm_dup(data, &mut roll))?;
+            check("MPI_Comm_rank", ffi::MPI_Comm_rank(data, &mut rank))?;
+            check("MPI_Comm_size", ffi::MPI_Comm_size(data, &mut size))?;
+        }
+        let handles = Arc::new(Handles { data, roll });
+        let mut comm =
+            Self { handles, rank: rank as usize, size: size as usize, world_ranks: Vec::new(), timeout, seq: 0 };
+        let mine = [world_rank() as u64];
+        comm.world_ranks = comm.all_gather(&mine)?.0.into_iter().map(|r| r as usize).collect();
+        Ok(comm)
+    }
+
+    /// A new communicator over the same ranks as `comm`.
+    fn duplicate(comm: ffi::MPI_Comm, timeout: Duration) -> Result<Self, CommError> {
+        let mut dup = comm;
+        // SAFETY: `comm` is a valid communicator.
+        check("MPI_Comm_dup", unsafe { ffi::MPI_Comm_dup(comm, &mut dup) })?;
+        Self::adopt(dup, timeout)
+    }
+
+    /// Starts one operation on the data communicator and drives it to
+    /// completion. Every buffer the operation touches must stay alive and
+    /// untouched until it completes, which `wait_or_abort` guarantees by
+    /// never returning early.
+    fn run(
+        &mut self,
+        op: &'static str,
+        start: impl FnOnce(ffi::MPI_Comm, *mut ffi::MPI_Request) -> c_int,
+    ) -> Result<(), CommError> {
+        let seq = self.seq;
+        self.seq += 1;
+        let mut request = null_request();
+        check(op, start(self.handles.data, &mut request))?;
+        let deadline = Instant::now() + self.timeout;
+        wait_or_abort(op, &mut request, deadline, &self.timeout_context(seq))
+    }
+
+    fn timeout_context(&self, seq: u64) -> TimeoutContext {
+        TimeoutContext {
+            handles: Arc::clone(&self.handles),
+            rank: self.rank,
+            size: self.size,
+            world_ranks: self.world_ranks.clone(),
+            seq,
+            timeout: self.timeout,
+        }
+    }
+
+    fn check_counts(&self, op: &'static str, counts: &[usize], len: usize) -> Result<(), CommError> {
+        if counts.len() != self.size {
+            return Err(CommError::BadArgument {
+                op,
+                reason: format!("{} counts for a group of {} ranks", counts.len(), self.size),
+            });
+        }
+        let total: usize = counts.iter().sum();
+        if total != len {
+            return Err(CommError::BadArgument { op, reason: format!("counts sum to {total} but {len} values given") });
+        }
+        Ok(())
+    }
+
+    fn all_reduce<T: MpiElem>(&mut self, op: &'static str, buf: &mut [T]) -> Result<(), CommError> {
+        let n = c_count(op, buf.len())?;
+        let send = buf.to_vec();
+        // SAFETY: both buffers hold n elements of T and outlive the operation.
+        self.run(op, |comm, req| unsafe {
+            ffi::MPI_Iallreduce(
+                send.as_ptr().cast(),
+                buf.as_mut_ptr().cast(),
+                n,
+                T::datatype(),
+                ffi::RSMPI_SUM,
+                comm,
+                req,
+            )
+        })
+    }
+
+    /// Every rank's `send`, concatenated in rank order, and the lengths.
+    fn all_gather<T: MpiElem>(&mut self, send: &[T]) -> Result<(Vec<T>, Vec<usize>), CommError> {
+        let op = "all_gather_v";
+        let mine = [c_count(op, send.len())?];
+        let mut lens = vec![0 as c_int; self.size];
+        // SAFETY: one int sent, one int per rank received.
+        self.run(op, |comm, req| unsafe {
+            ffi::MPI_Iallgather(
+                mine.as_ptr().cast(),
+                1,
+                c_int::datatype(),
+                lens.as_mut_ptr().cast(),
+                1,
+                c_int::datatype(),
+                comm,
+                req,
+            )
+        })?;
+        let counts: Vec<usize> = lens.iter().map(|&n| n as usize).collect();
+        let (counts_c, displs) = counts_and_displs(op, &counts)?;
+        let mut recv = vec![T::default(); counts.iter().sum()];
+        // SAFETY: recv holds sum(counts) elements laid out by displs.
+        self.run(op, |comm, req| unsafe {
+            ffi::MPI_Iallgatherv(
+                send.as_ptr().cast(),
+                mine[0],
+                T::datatype(),
+                recv.as_mut_ptr().cast(),
+                counts_c.as_ptr(),
+                displs.as_ptr(),
+                T::datatype(),
+                comm,
+                req,
+            )
+        })?;
+        Ok((recv, counts))
+    }
+
+    /// Tells every rank how many values it will receive from here.
+    fn exchange_counts(&mut self, op: &'static str, send_counts: &[usize]) -> Result<Vec<usize>, CommError> {
+        let send_c = send_counts.iter().map(|&n| c_count(op, n)).collect::<Result<Vec<_>, _>>()?;
+        let mut recv_c = vec![0 as c_int; self.size];
+        // SAFETY: one int to and from every rank.
+        self.run(op, |comm, req| unsafe {
+            ffi::MPI_Ialltoall(
+                send_c.as_ptr().cast(),
+                1,
+                c_int::datatype(),
+                recv_c.as_mut_ptr().cast(),
+                1,
+                c_int::datatype(),
+                comm,
+                req,
+            )
+        })?;
+        Ok(recv_c.into_iter().map(|n| n as usize).collect())
+    }
+
+    fn all_to_all<T: MpiElem>(
+        &mut self,
+        op: &'static str,
+        send: &[T],
+        send_counts: &[usize],
+    ) -> Result<(Vec<T>, Vec<usize>), CommError> {
+        let mut transfer = self.start_all_to_all(op, send, send_counts)?;
+        let seq = transfer.seq;
+        wait_or_abort(op, &mut transfer.request, transfer.deadline, &self.timeout_context(seq))?;
+        Ok((std::mem::take(&mut transfer.recv), transfer.recv_counts.clone()))
+    }
+
+    /// Exchanges counts, then starts the data transfer. The returned value
+    /// owns every buffer and array MPI reads or writes until completion
+    /// (except `send`, which the caller keeps alive: see the callers).
+    fn start_all_to_all<T: MpiElem>(
+        &mut self,
+        op: &'static str,
+        send: &[T],
+        send_counts: &[usize],
+    ) -> Result<Transfer<T>, CommError> {
+        self.check_counts(op, send_counts, send.len())?;
+        let recv_counts = self.exchange_counts(op, send_counts)?;
+        let (send_c, send_displs) = counts_and_displs(op, send_counts)?;
+        let (recv_c, recv_displs) = counts_and_displs(op, &recv_counts)?;
+        let mut recv = vec![T::default(); recv_counts.iter().sum()];
+        let seq = self.seq;
+        self.seq += 1;
+        let mut request = null_request();
+        // SAFETY: buffers and count arrays match; all live in the Transfer (or,
+        // for `send`, with the caller) until the request completes.
+        check(op, unsafe {
+            ffi::MPI_Ialltoallv(
+                send.as_ptr().cast::<c_void>(),
+                send_c.as_ptr(),
+                send_displs.as_ptr(),
+                T::datatype(),
+                recv.as_mut_ptr().cast(),
+                recv_c.as_ptr(),
+                recv_displs.as_ptr(),
+                T::datatype(),
+                self.handles.data,
+                &mut request,
+            )
+        })?;
+        Ok(Transfer {
+            request,
+            recv,
+            recv_counts,
+            _arrays: [send_c, send_displs, recv_c, recv_displs],
+            _send: Vec::new(),
+            deadline: Instant::now() + self.timeout,
+            seq,
+        })
+    }
+}
+
+/// What a timed-out operation needs to name the ranks it waited for.
+struct TimeoutContext {
+    handles: Arc<Handles>,
+    rank: usize,
+    size: usize,
+    world_ranks: Vec<usize>,
+    seq: u64,
+    timeout: Duration,
+}
+
+/// Drives `request` to completion; on timeout, finds the missing ranks and
+/// ends the job (see the module docs: MPI may still use the buffers).
+fn wait_or_abort(
+    op: &'static str,
+    request: &mut ffi::MPI_Request,
+    deadline: Instant,
+    ctx: &TimeoutContext,
+) -> Result<(), CommError> {
+    if poll(op, request, deadline)? {
+        return Ok(());
+    }
+    let grace = ctx.timeout.min(ROLL_CALL_GRACE);
+    let missing = missing_ranks(ctx.handles.roll, ctx.rank, ctx.size, ctx.seq, grace);
+    let error = CommError::Timeout {
+        op,
+        rank: ctx.world_ranks[ctx.rank],
+        missing: missing.into_iter().map(|r| ctx.world_ranks[r]).collect(),
+        seconds: ctx.timeout.as_secs_f64(),
+    };
+    abort_job(&error.to_string(), 1)
+}
+
+/// An all-to-all-v in flight with everything MPI may touch.
+struct Transfer<T> {
+    request: ffi::MPI_Request,
+    recv: Vec<T>,
+    recv_counts: Vec<usize>,
+    _arrays: [Vec<c_int>; 4],
+    /// The send buffer, when the transfer owns it (non-blocking form).
+    _send: Vec<T>,
+    deadline: Instant,
+    seq: u64,
+}
+
+/// A non-blocking operation with its buffers, waited on later.
+struct InFlight {
+    op: &'static str,
+    transfer: Transfer<f32>,
+    ctx: TimeoutContext,
+}
+
+// SAFETY: see `Handles`; the request handle is used by one thread at a time.
+unsafe impl Send for InFlight {}
+
+impl PendingOp for InFlight {
+    fn wait(mut self: Box<Self>) -> Result<Received, CommError> {
+        let t = &mut self.transfer;
+        wait_or_abort(self.op, &mut t.request, t.deadline, &self.ctx)?;
+        Ok(Received { values: std::mem::take(&mut t.recv), counts: std::mem::take(&mut t.recv_counts) })
+    }
+}
+
+impl Communicator for MpiComm {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn size(&self) -> usize {
+        self.size
+    }
+    fn timeout(&self) -> Duration {
+        self.timeout
+    }
+    fn barrier(&mut self) -> Result<(), CommError> {
+        // SAFETY: no buffers.
+        self.run("barrier", |comm, req| unsafe { ffi::MPI_Ibarrier(comm, req) })
+    }
+    fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<(), CommError> {
+        let op = "broadcast";
+        if root >= self.size {
+            return Err(CommError::BadArgument { op, reason: format!("root {root} in a group of {}", self.size) });
+        }
+        let n = c_count(op, buf.len())?;
+        // SAFETY: buf holds n floats and outlives the operation.
+        self.run(op, |comm, req| unsafe {
+            ffi::MPI_Ibcast(buf.as_mut_ptr().cast(), n, f32::datatype(), root as c_int, comm, req)
+        })
+    }
+    fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), CommError> {
+        self.all_reduce("all_reduce_sum", buf)
+    }
+    fn all_reduce_sum_f64(&mut self, buf: &mut [f64]) -> Result<(), CommError> {
+        self.all_reduce("all_reduce_sum_f64", buf)
+    }
+    fn all_gather_v(&mut self, send: &[f32]) -> Result<Received, CommError> {
+        let (values, counts) = self.all_gather(send)?;
+        Ok(Received { values, counts })
+    }
+    fn all_gather_u64(&mut self, send: &[u64]) -> Result<Vec<Vec<u64>>, CommError> {
+        let (values, counts) = self.all_gather(send)?;
+        let mut rest = values.as_slice();
+        Ok(counts
+            .into_iter()
+            .map(|n| {
+                let (head, tail) = rest.split_at(n);
+                rest = tail;
+                head.to_vec()
+            })
+            .collect())
+    }
+    fn reduce_scatter_sum(&mut self, send: &[f32], counts: &[usize]) -> Result<Vec<f32>, CommError> {
+        let op = "reduce_scatter_sum";
+        self.check_counts(op, counts, send.len())?;
+        let (counts_c, _) = counts_and_displs(op, counts)?;
+        let mut recv = vec![0.0f32; counts[self.rank]];
+        // SAFETY: send holds sum(counts) floats, recv counts[rank].
+        self.run(op, |comm, req| unsafe {
+            ffi::MPI_Ireduce_scatter(
+                send.as_ptr().cast(),
+                recv.as_mut_ptr().cast(),
+                counts_c.as_ptr(),
+                f32::datatype(),
+                ffi::RSMPI_SUM,
+                comm,
+                req,
+            )
+        })?;
+        Ok(recv)
+    }
+    fn all_to_all_v(&mut self, send: &[f32], send_counts: &[usize]) -> Result<Received, CommError> {
+        let (values, counts) = self.all_to_all("all_to_all_v", send, send_counts)?;
+        Ok(Received { values, counts })
+    }
+    fn all_to_all_v_u64(&mut self, send: &[u64], send_counts: &[usize]) -> Result<(Vec<u64>, Vec<usize>), CommError> {
+        self.all_to_all("all_to_all_v_u64", send, send_counts)
+    }
+    fn start_all_to_all_v(&mut self, send: Vec<f32>, send_counts: Vec<usize>) -> Result<Pending, CommError> {
+        let op = "all_to_all_v";
+        let mut transfer = self.start_all_to_all(op, &send, &send_counts)?;
+        // The heap block of `send` does not move with the Vec, so MPI keeps reading valid memory.
+        transfer._send = send;
+        let ctx = self.timeout_context(transfer.seq);
+        Ok(Pending(Box::new(InFlight { op, transfer, ctx })))
+    }
+    fn start_all_reduce_sum(&mut self, buf: Vec<f32>) -> Result<Pending, CommError> {
+        let op = "all_reduce_sum";
+        let n = c_count(op, buf.len())?;
+        let mut recv = vec![0.0f32; buf.len()];
+        let seq = self.seq;
+        self.seq += 1;
+        let mut request = null_request();
+        // SAFETY: both buffers hold n floats and move into the InFlight below
+        // (their heap blocks stay put) until the request completes.
+        check(op, unsafe {
+            ffi::MPI_Iallreduce(
+                buf.as_ptr().cast(),
+                recv.as_mut_ptr().cast(),
+                n,
+                f32::datatype(),
+                ffi::RSMPI_SUM,
+                self.handles.data,
+                &mut request,
+            )
+        })?;
+        let transfer = Transfer {
+            request,
+            recv,
+            recv_counts: Vec::new(),
+            _arrays: Default::default(),
+            _send: buf,
+            deadline: Instant::now() + self.timeout,
+            seq,
+        };
+        let ctx = self.timeout_context(seq);
+        Ok(Pending(Box::new(InFlight { op, transfer, ctx })))
+    }
+    fn split(&mut self, color: usize, key: usize) -> Result<Box<dyn Communicator>, CommError> {
+        let op = "split";
+        // MPI_Comm_split blocks with no deadline: meet first, with one.
+        self.barrier()?;
+        self.seq += 1;
+        let mut new = self.handles.data;
+        // SAFETY: every rank reached the barrier, so every rank calls this.
+        check(op, unsafe { ffi::MPI_Comm_split(self.handles.data, c_count(op, color)?, c_count(op, key)?, &mut new) })?;
+        Ok(Box::new(Self::adopt(new, self.timeout)?))
+    }
+}
