@@ -3,6 +3,7 @@
 //! Thin on purpose: parse the command line, then call the command's module.
 
 mod commands;
+mod mpirun;
 mod progress;
 
 use clap::{Parser, Subcommand};

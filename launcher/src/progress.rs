@@ -47,6 +47,7 @@ pub struct ConsoleProgress {
     log: Option<std::fs::File>,
     started: Instant,
     entropy: Option<CorpusEntropy>,
+    backend: String,
 }
 
 fn human_count(x: f64) -> String {
@@ -67,11 +68,35 @@ fn human_duration(seconds: f64) -> String {
     }
 }
 
+/// "nodes: 3 | a: ranks 0-1 | b: rank 2 | ..." when ranks span several nodes.
+fn nodes_line(nodes: &[String]) -> Option<String> {
+    let mut groups: Vec<(&str, Vec<usize>)> = Vec::new();
+    for (rank, node) in nodes.iter().enumerate() {
+        match groups.iter_mut().find(|(name, _)| name == node) {
+            Some((_, ranks)) => ranks.push(rank),
+            None => groups.push((node, vec![rank])),
+        }
+    }
+    if groups.len() < 2 {
+        return None;
+    }
+    let parts: Vec<String> = groups
+        .iter()
+        .map(|(name, ranks)| {
+            let list: Vec<String> = ranks.iter().map(|r| r.to_string()).collect();
+            let noun = if ranks.len() == 1 { "rank" } else { "ranks" };
+            format!("{name}: {noun} {}", list.join(","))
+        })
+        .collect();
+    Some(format!("nodes: {} | {}", groups.len(), parts.join(" | ")))
+}
+
 impl ConsoleProgress {
     /// A progress printer for `job` in `run_dir`; `quiet` turns the live bar off.
     pub fn new(job: &JobConfig, run_dir: &Path, quiet: bool) -> Result<Self> {
         Ok(Self {
             log_every: job.train.log_every,
+            backend: job.parallel.backend.clone(),
             total_steps: job.train.steps,
             start_step: 0,
             run_dir: run_dir.to_path_buf(),
@@ -162,9 +187,12 @@ impl Observer for ConsoleProgress {
         let d = info.dims;
         if d.world > 1 {
             self.line(&format!(
-                "layout: {} ranks | data parallel {} | experts over {} ranks (ep {}, {} replica(s))",
-                d.world, d.dp, d.ep, d.ep, d.edp
+                "layout: {} ranks ({} backend) | data parallel {} | experts over {} ranks (ep {}, {} replica(s))",
+                d.world, self.backend, d.dp, d.ep, d.ep, d.edp
             ));
+        }
+        if let Some(nodes) = nodes_line(&info.nodes) {
+            self.line(&nodes);
         }
         let note = self.entropy_note();
         self.line(&format!("run folder {} | checkpoints {} | {note}", self.run_dir.display(), info.checkpoint_url));

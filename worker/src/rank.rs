@@ -42,6 +42,13 @@ fn groups(comm: &mut dyn Communicator, dims: &ParallelDims) -> Result<Groups, Wo
     Ok(Groups { world_rank: rank, ep, edp })
 }
 
+/// This machine's host name (per UTS namespace, as `hostname` prints it).
+fn node_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_string())
+        .unwrap_or_else(|_| std::env::var("HOSTNAME").unwrap_or_else(|_| "unknown".into()))
+}
+
 /// Runs this rank to the end of the job.
 pub fn run_rank(
     job: &JobConfig,
@@ -70,7 +77,8 @@ pub fn run_rank(
         metrics_out = Some(MetricsWriter::append(&path).map_err(|e| WorkerError::io("cannot open", &path, e))?);
         store.cleanup_uncommitted()?;
     }
-    comm.barrier()?;
+    // Which node each rank runs on, for the banner (and proof of a multi-node run).
+    let nodes: Vec<String> = gather_json(comm, &node_name())?;
 
     let accumulation = job.grad_accumulation(dims.dp);
     let micro = job.train.micro_batch_size;
@@ -87,6 +95,7 @@ pub fn run_rank(
             tokens_per_step,
             grad_accumulation: accumulation,
             dims,
+            nodes: nodes.clone(),
         });
     }
 

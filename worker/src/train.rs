@@ -1,8 +1,9 @@
 //! Starting a training job: where it resumes from, and its ranks.
 //!
-//! `train` checks the layout, then runs one rank on the calling thread or,
-//! with `[parallel] ranks > 1` and the `local` backend, every rank as a
-//! thread of this process (the loop itself is in `rank.rs`).
+//! `train` checks the layout, then runs one rank on the calling thread,
+//! every rank as a thread of this process (`local` backend), or this
+//! process as one rank of an MPI job (`mpi` backend, started by a launcher
+//! such as mpirun or srun). The loop itself is in `rank.rs`.
 
 use crate::config::JobConfig;
 use crate::data::DataSource;
@@ -12,6 +13,7 @@ use crate::rank::run_rank;
 use crate::state::TrainState;
 use checkpoint::CheckpointStore;
 use collectives::local::LocalWorld;
+use collectives::mpi::MpiWorld;
 use collectives::{Communicator, SelfComm};
 use coordinator::{ParallelDims, PlacementPlan};
 use std::path::{Path, PathBuf};
@@ -51,6 +53,8 @@ pub struct StartInfo {
     pub tokens_per_step: u64,
     pub grad_accumulation: usize,
     pub dims: ParallelDims,
+    /// The node (host name) of every rank, in rank order.
+    pub nodes: Vec<String>,
 }
 
 /// The end of a run.
@@ -170,10 +174,46 @@ pub fn train(job: &JobConfig, opts: &RunOptions, observer: &mut dyn Observer) ->
     match job.parallel.backend.as_str() {
         "local" if dims.world == 1 => run_rank(job, opts, &mut SelfComm, Some(observer)),
         "local" => run_local_threads(job, opts, dims.world, observer),
+        "mpi" => run_mpi_process(job, opts, dims.world, observer),
+        "nccl" => {
+            let mut comm = collectives::nccl::NcclWorld::init(0, dims.world)?;
+            run_rank(job, opts, comm.as_mut(), Some(observer))
+        }
         other => Err(WorkerError::Layout(format!(
-            "[parallel] backend = \"{other}\" is not available in this build yet: use \"local\""
+            "[parallel] backend = \"{other}\" is unknown: use \"local\" (threads), \"mpi\" (processes) or \"nccl\" (GPUs)"
         ))),
     }
+}
+
+/// This process as one rank of an MPI job (started by mpirun, srun, ...).
+/// When this rank fails while others may be waiting for it in a
+/// collective, it ends the whole job with MPI_Abort after printing why,
+/// so nobody hangs until the timeout.
+fn run_mpi_process(
+    job: &JobConfig,
+    opts: &RunOptions,
+    world: usize,
+    observer: &mut dyn Observer,
+) -> Result<TrainSummary, WorkerError> {
+    let mpi = MpiWorld::init()?;
+    let mut comm = mpi.world(Duration::from_secs_f64(job.parallel.collective_timeout_s))?;
+    if comm.size() != world {
+        return Err(WorkerError::Layout(format!(
+            "MPI started {} ranks but [parallel] ranks = {world}: start as many ranks as the config asks for \
+             (mpirun -n {world}), or set --ranks {}",
+            comm.size(),
+            comm.size()
+        )));
+    }
+    let lead = comm.rank() == 0;
+    let result = run_rank(job, opts, comm.as_mut(), lead.then_some(observer));
+    if let Err(e) = &result {
+        if world > 1 {
+            drop(comm);
+            mpi.abort(&format!("training failed: {e}"), 1);
+        }
+    }
+    result
 }
 
 /// Every rank as a thread of this process over the `local` backend. A rank

@@ -1,7 +1,7 @@
 //! `switchyard train`.
 
 use crate::progress::ConsoleProgress;
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::path::PathBuf;
 use worker::train::{train, Resume, RunOptions};
@@ -28,7 +28,8 @@ pub struct TrainArgs {
     /// Number of ranks (same as --set parallel.ranks=N).
     #[arg(long)]
     ranks: Option<usize>,
-    /// Collective backend: local (threads of this process) (same as --set parallel.backend=...).
+    /// Collective backend: local (threads of this process) or mpi (processes; runs mpirun
+    /// unless already started by mpirun/srun) (same as --set parallel.backend=...).
     #[arg(long)]
     backend: Option<String>,
     /// Stop with a checkpoint at this step (the schedule still spans train.steps; --resume continues exactly).
@@ -39,16 +40,33 @@ pub struct TrainArgs {
     quiet: bool,
 }
 
-/// Runs a training job on this machine.
+/// Runs a training job on this machine, or this process's rank of an MPI job.
 pub fn run(args: TrainArgs) -> Result<()> {
     let mut overrides = args.overrides.clone();
-    if let Some(ranks) = args.ranks {
-        overrides.push(format!("parallel.ranks={ranks}"));
-    }
     if let Some(backend) = &args.backend {
         overrides.push(format!("parallel.backend=\"{backend}\""));
     }
-    let job = JobConfig::load(args.config.as_deref(), &overrides)?;
+    let mut job = JobConfig::load(args.config.as_deref(), &overrides)?;
+    let launched = (job.parallel.backend == "mpi").then(collectives::mpi::launched_rank).flatten();
+    // Under mpirun/srun the launcher says how many ranks there are.
+    if let (Some(size), None) = (launched.as_ref().and_then(|l| l.size), args.ranks) {
+        overrides.push(format!("parallel.ranks={size}"));
+    }
+    if let Some(ranks) = args.ranks {
+        overrides.push(format!("parallel.ranks={ranks}"));
+    }
+    job = JobConfig::load(args.config.as_deref(), &overrides)?;
+    if job.parallel.backend == "mpi" && launched.is_none() {
+        // Checked here so a bad layout is reported once, not by every rank.
+        job.parallel_dims()?;
+        let forwarded: Vec<String> = std::env::args().skip(1).collect();
+        let code = crate::mpirun::run_self(job.parallel.ranks, &forwarded)?;
+        if code != 0 {
+            bail!("the MPI job failed (mpirun exited with {code}); the ranks' messages are above");
+        }
+        return Ok(());
+    }
+    let lead = launched.as_ref().is_none_or(|l| l.rank == 0);
     let run_dir = args.run_dir.unwrap_or_else(|| PathBuf::from("runs").join(&job.name));
     let resume = match (args.resume, args.resume_from) {
         (_, Some(url)) => Resume::From(url),
@@ -58,6 +76,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let mut progress = ConsoleProgress::new(&job, &run_dir, args.quiet)?;
     let opts = RunOptions { run_dir: run_dir.clone(), resume, stop_at: args.stop_at };
     let summary = train(&job, &opts, &mut progress).context("training failed")?;
-    progress.finish(&summary, &job, &run_dir);
+    if lead {
+        progress.finish(&summary, &job, &run_dir);
+    }
     Ok(())
 }

@@ -1,0 +1,43 @@
+//! Starting an MPI job from `switchyard train --backend mpi`: the launcher
+//! runs `mpirun` on its own binary with the same arguments, and each
+//! process it starts finds its rank in the environment (see
+//! `collectives::mpi::launched_rank`).
+
+use anyhow::{bail, Context, Result};
+use std::process::Command;
+
+/// Runs this binary with `args` as `ranks` MPI processes on this machine
+/// and returns mpirun's exit code.
+pub fn run_self(ranks: usize, args: &[String]) -> Result<i32> {
+    if !collectives::mpi::COMPILED {
+        bail!(
+            "--backend mpi needs a switchyard built with MPI: cargo build --release --features mpi \
+             (OpenMPI: apt-get install openmpi-bin libopenmpi-dev libclang-dev pkg-config)"
+        );
+    }
+    let exe = std::env::current_exe().context("cannot find this program's path to start it under mpirun")?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // Ranks on one machine share its cores: give each its part unless told.
+    let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| (cores / ranks).max(1).to_string());
+    let mut cmd = Command::new("mpirun");
+    cmd.args(["-n", &ranks.to_string()]);
+    if ranks > cores {
+        cmd.arg("--oversubscribe");
+    }
+    // Each rank runs a thread pool; pinning it to one core would serialise it.
+    cmd.args(["--bind-to", "none", "-x", "RAYON_NUM_THREADS"]);
+    if std::env::var_os("RUST_LOG").is_some() {
+        cmd.args(["-x", "RUST_LOG"]);
+    }
+    cmd.arg(&exe).args(args);
+    cmd.env("RAYON_NUM_THREADS", threads);
+    // OpenMPI refuses to run as root (containers, CI) unless allowed.
+    cmd.env("OMPI_ALLOW_RUN_AS_ROOT", "1").env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
+    let status = cmd.status().map_err(|e| {
+        anyhow::anyhow!(
+            "cannot run `mpirun` ({e}): --backend mpi on one machine needs OpenMPI (apt-get install openmpi-bin); \
+             on a cluster start the ranks yourself, e.g. `srun --mpi=pmix -n 4 switchyard train --backend mpi`"
+        )
+    })?;
+    Ok(status.code().unwrap_or(1))
+}

@@ -1,0 +1,237 @@
+//! `switchyard train --backend mpi` as a user runs it, with a real OpenMPI:
+//! the launcher's own mpirun, ranks started directly by mpirun, three
+//! network-namespace "hosts" talking TCP, and a rank that is stopped or
+//! killed mid-run. Losses must match the one-rank run.
+//!
+//! The suites share the machine's two cores, so they run one at a time.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+const EXE: &str = env!("CARGO_BIN_EXE_switchyard");
+const STEPS: usize = 20;
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("switchyard-mpi-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn text(out: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+/// The default (dropless) model, 20 steps, no checkpoint before the end.
+fn job_args(run_dir: &Path) -> Vec<String> {
+    let mut args: Vec<String> =
+        ["train", "--quiet", "--set", "checkpoint.every=0", "--set", "train.log_every=10"].map(String::from).to_vec();
+    args.extend(["--set".into(), format!("train.steps={STEPS}"), "--run-dir".into(), run_dir.display().to_string()]);
+    args
+}
+
+/// OpenMPI refuses root (containers, CI) unless told.
+fn allow_root(cmd: &mut Command) -> &mut Command {
+    cmd.env("OMPI_ALLOW_RUN_AS_ROOT", "1").env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+}
+
+/// Waits for `child` at most `guard`; a child still running then is a hang.
+fn wait_guarded(mut child: Child, guard: Duration, what: &str) -> Output {
+    let started = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > guard {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!("{what} still running after {guard:?}: it hung\n{}", text(&out));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn run(cmd: &mut Command, what: &str) -> Output {
+    let child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap_or_else(|e| {
+        panic!("cannot start {what}: {e} (the MPI tests need OpenMPI: apt-get install openmpi-bin; ./ci.sh does)")
+    });
+    wait_guarded(child, Duration::from_secs(300), what)
+}
+
+fn losses(run_dir: &Path) -> Vec<f64> {
+    let text = std::fs::read_to_string(run_dir.join("metrics.jsonl")).expect("metrics.jsonl written");
+    text.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap()).collect()
+}
+
+fn assert_close(reference: &[f64], other: &[f64], what: &str) {
+    assert_eq!(reference.len(), other.len(), "{what}: step count");
+    for (step, (a, b)) in reference.iter().zip(other).enumerate() {
+        assert!((a - b).abs() <= 1e-5 * a.abs(), "{what}: step {} loss {b} vs {a} on one rank", step + 1);
+    }
+}
+
+fn one_rank_losses(dir: &Path) -> Vec<f64> {
+    let run_dir = dir.join("one");
+    let out = run(Command::new(EXE).args(job_args(&run_dir)), "one-rank run");
+    assert!(out.status.success(), "{}", text(&out));
+    losses(&run_dir)
+}
+
+#[test]
+fn the_launchers_mpirun_on_2_and_4_ranks_matches_one_rank() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = temp_dir("launch");
+    let reference = one_rank_losses(&dir);
+    for ranks in [2, 4] {
+        let run_dir = dir.join(format!("mpi{ranks}"));
+        let out = run(
+            Command::new(EXE).args(job_args(&run_dir)).args(["--backend", "mpi", "--ranks", &ranks.to_string()]),
+            "switchyard train --backend mpi",
+        );
+        let log = text(&out);
+        assert!(out.status.success(), "{log}");
+        assert!(log.contains(&format!("layout: {ranks} ranks (mpi backend)")), "{log}");
+        // Only rank 0 reports: one banner, one closing block.
+        assert_eq!(log.matches("switchyard: ").count(), 1, "{log}");
+        assert_eq!(log.matches("checkpoint: file://").count(), 1, "{log}");
+        assert_close(&reference, &losses(&run_dir), &format!("{ranks} MPI ranks"));
+    }
+}
+
+#[test]
+fn ranks_started_by_mpirun_read_their_rank_from_the_environment() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = temp_dir("direct");
+    let reference = one_rank_losses(&dir);
+    let run_dir = dir.join("direct");
+    // No --ranks: the world size comes from OMPI_COMM_WORLD_SIZE.
+    let out = run(
+        allow_root(Command::new("mpirun").args(["-n", "4", "--oversubscribe", "--bind-to", "none", EXE]))
+            .args(job_args(&run_dir))
+            .args(["--backend", "mpi"]),
+        "mpirun -n 4 switchyard",
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert_close(&reference, &losses(&run_dir), "mpirun -n 4");
+}
+
+/// The pid of the rank process started for `tag` with world rank `rank`.
+fn find_rank(tag: &str, rank: usize) -> Option<u32> {
+    let want_tag = format!("SWITCHYARD_TEST_TAG={tag}");
+    let want_rank = format!("OMPI_COMM_WORLD_RANK={rank}");
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|entry| {
+        let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+        let environ = std::fs::read(entry.path().join("environ")).ok()?;
+        let vars: Vec<&[u8]> = environ.split(|&b| b == 0).collect();
+        let has = |want: &str| vars.contains(&want.as_bytes());
+        (has(&want_tag) && has(&want_rank)).then_some(pid)
+    })
+}
+
+/// Starts a long 4-rank job, waits until it trains, sends `signal` to rank
+/// `victim` and returns what the launcher printed and how long it took to end.
+fn signal_a_rank(name: &str, signal: &str, victim: usize) -> (Output, Duration) {
+    let dir = temp_dir(name);
+    let run_dir = dir.join("run");
+    let tag = format!("{name}-{}", std::process::id());
+    let child = Command::new(EXE)
+        .args(job_args(&run_dir))
+        .args(["--backend", "mpi", "--ranks", "4", "--set", "train.steps=100000", "--set", "train.log_every=1"])
+        .args(["--set", "parallel.collective_timeout_s=5"])
+        .env("SWITCHYARD_TEST_TAG", &tag)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("switchyard starts");
+    let started = Instant::now();
+    let metrics = run_dir.join("metrics.jsonl");
+    while std::fs::read_to_string(&metrics).map_or(0, |t| t.lines().count()) < 3 {
+        assert!(started.elapsed() < Duration::from_secs(120), "the job never reached step 3");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let pid = find_rank(&tag, victim).expect("rank process found by its environment");
+    let status = Command::new("kill").args([signal, &pid.to_string()]).status().unwrap();
+    assert!(status.success(), "kill {signal} {pid}");
+    let signalled = Instant::now();
+    let out = wait_guarded(child, Duration::from_secs(90), "the job after a rank was signalled");
+    // A stopped rank is killed by MPI_Abort; make sure nothing is left behind.
+    let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).stderr(Stdio::null()).status();
+    (out, signalled.elapsed())
+}
+
+#[test]
+fn a_stopped_rank_makes_the_others_fail_naming_it() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let (out, took) = signal_a_rank("stop", "-STOP", 2);
+    let log = text(&out);
+    assert!(!out.status.success(), "{log}");
+    assert!(log.contains("timed out after 5s") && log.contains("rank(s) [2] never arrived"), "{log}");
+    assert!(log.contains("the MPI job failed"), "{log}");
+    eprintln!("stopped rank 2: the job ended {took:?} after the signal");
+}
+
+#[test]
+fn a_killed_rank_ends_the_job_with_an_error() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let (out, took) = signal_a_rank("kill", "-KILL", 1);
+    let log = text(&out);
+    assert!(!out.status.success(), "{log}");
+    assert!(log.contains("process rank 1") && log.contains("the MPI job failed"), "{log}");
+    eprintln!("killed rank 1: the job ended {took:?} after the signal");
+}
+
+/// Removes the namespace hosts when the test ends, passing or not.
+struct NamespaceHosts {
+    script: PathBuf,
+}
+
+impl NamespaceHosts {
+    fn up(repo: &Path) -> Self {
+        let script = repo.join("scripts/netns-hosts.sh");
+        let out = Command::new(&script).arg("up").output().expect("scripts/netns-hosts.sh runs");
+        assert!(
+            out.status.success(),
+            "cannot make network-namespace hosts (needs root and iproute2; ./ci.sh installs iproute2): {}",
+            text(&out)
+        );
+        Self { script }
+    }
+}
+
+impl Drop for NamespaceHosts {
+    fn drop(&mut self) {
+        let _ = Command::new(&self.script).arg("down").status();
+    }
+}
+
+#[test]
+fn four_ranks_over_three_namespace_hosts_match_one_rank() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
+    let dir = temp_dir("hosts");
+    let reference = one_rank_losses(&dir);
+    let _hosts = NamespaceHosts::up(&repo);
+    let run_dir = dir.join("hosts");
+    let agent = repo.join("scripts/netns-rsh.sh");
+    // mpirun runs on host 1; orted reaches hosts 2 and 3 through the agent;
+    // every byte between ranks goes over TCP on the bridge.
+    let mpirun = format!(
+        "hostname sy-h1; exec mpirun -n 4 --host 10.77.0.1:2,10.77.0.2:1,10.77.0.3:1 --mca plm_rsh_agent {} \
+         --mca btl tcp,self --mca btl_tcp_if_include 10.77.0.0/24 --mca oob_tcp_if_include 10.77.0.0/24 \
+         --bind-to none -x RAYON_NUM_THREADS=1 \"$@\"",
+        agent.display()
+    );
+    let out = run(
+        allow_root(Command::new("ip").args(["netns", "exec", "sy-h1", "unshare", "--uts", "sh", "-c", &mpirun, "sh"]))
+            .arg(EXE)
+            .args(job_args(&run_dir))
+            .args(["--backend", "mpi"]),
+        "mpirun over namespace hosts",
+    );
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("nodes: 3 | sy-h1: ranks 0,1 | sy-h2: rank 2 | sy-h3: rank 3"), "{log}");
+    assert_close(&reference, &losses(&run_dir), "4 ranks on 3 namespace hosts");
+}
