@@ -11,6 +11,7 @@
 //! order, so every rank gets bit-identical results and results do not
 //! depend on timing.
 
+pub mod buffers;
 pub mod local;
 pub mod mpi;
 pub mod nccl;
@@ -92,6 +93,18 @@ pub trait Communicator: Send {
     /// in rank order); returns what every rank sent here, in rank order, with
     /// the counts. Zero counts are allowed.
     fn all_to_all_v(&mut self, send: &[f32], send_counts: &[usize]) -> Result<Received, CommError>;
+    /// [`Communicator::all_to_all_v`] into `recv` (replaced), whose
+    /// allocation a backend may reuse across calls; returns the counts.
+    fn all_to_all_v_into(
+        &mut self,
+        send: &[f32],
+        send_counts: &[usize],
+        recv: &mut Vec<f32>,
+    ) -> Result<Vec<usize>, CommError> {
+        let got = self.all_to_all_v(send, send_counts)?;
+        *recv = got.values;
+        Ok(got.counts)
+    }
     /// [`Communicator::all_to_all_v`] of integers (routing metadata).
     fn all_to_all_v_u64(&mut self, send: &[u64], send_counts: &[usize]) -> Result<(Vec<u64>, Vec<usize>), CommError>;
     /// Non-blocking [`Communicator::all_to_all_v`]: returns at once; the

@@ -9,6 +9,12 @@ use std::process::Command;
 /// Runs this binary with `args` as `ranks` MPI processes on this machine
 /// and returns mpirun's exit code.
 pub fn run_self(ranks: usize, args: &[String]) -> Result<i32> {
+    let status = self_command(ranks, args)?.status().map_err(not_started)?;
+    Ok(status.code().unwrap_or(1))
+}
+
+/// `mpirun` starting this binary with `args` as `ranks` processes.
+pub fn self_command(ranks: usize, args: &[String]) -> Result<Command> {
     if !collectives::mpi::COMPILED {
         bail!(
             "--backend mpi needs a switchyard built with MPI: cargo build --release --features mpi \
@@ -16,6 +22,13 @@ pub fn run_self(ranks: usize, args: &[String]) -> Result<i32> {
         );
     }
     let exe = std::env::current_exe().context("cannot find this program's path to start it under mpirun")?;
+    let mut cmd = command(ranks);
+    cmd.arg(&exe).args(args);
+    Ok(cmd)
+}
+
+/// `mpirun -n ranks` with switchyard's settings for one machine; add the program.
+pub fn command(ranks: usize) -> Command {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     // Ranks on one machine share its cores: give each its part unless told.
     let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| (cores / ranks).max(1).to_string());
@@ -29,15 +42,16 @@ pub fn run_self(ranks: usize, args: &[String]) -> Result<i32> {
     if std::env::var_os("RUST_LOG").is_some() {
         cmd.args(["-x", "RUST_LOG"]);
     }
-    cmd.arg(&exe).args(args);
     cmd.env("RAYON_NUM_THREADS", threads);
     // OpenMPI refuses to run as root (containers, CI) unless allowed.
     cmd.env("OMPI_ALLOW_RUN_AS_ROOT", "1").env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
-    let status = cmd.status().map_err(|e| {
-        anyhow::anyhow!(
-            "cannot run `mpirun` ({e}): --backend mpi on one machine needs OpenMPI (apt-get install openmpi-bin); \
-             on a cluster start the ranks yourself, e.g. `srun --mpi=pmix -n 4 switchyard train --backend mpi`"
-        )
-    })?;
-    Ok(status.code().unwrap_or(1))
+    cmd
+}
+
+/// The error for an mpirun that could not be started.
+pub fn not_started(e: std::io::Error) -> anyhow::Error {
+    anyhow::anyhow!(
+        "cannot run `mpirun` ({e}): --backend mpi on one machine needs OpenMPI (apt-get install openmpi-bin); \
+         on a cluster start the ranks yourself, e.g. `srun --mpi=pmix -n 4 switchyard train --backend mpi`"
+    )
 }

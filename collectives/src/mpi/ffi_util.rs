@@ -90,20 +90,31 @@ pub(super) fn null_request() -> ffi::MPI_Request {
     unsafe { ffi::RSMPI_REQUEST_NULL }
 }
 
-/// Drives `request` with `MPI_Test` (which is also what makes MPI progress)
-/// until it completes (`Ok(true)`) or `deadline` passes (`Ok(false)`).
-/// Yields between tests so oversubscribed ranks let each other run.
-pub(super) fn poll(op: &'static str, request: &mut ffi::MPI_Request, deadline: Instant) -> Result<bool, CommError> {
+/// Tests made without yielding the core, at the start of a wait.
+const SPIN_TESTS: u32 = 20_000;
+
+/// Drives `requests` with `MPI_Testall` (which is also what makes MPI
+/// progress) until all completed (`Ok(true)`) or `deadline` passes
+/// (`Ok(false)`). Yields between tests so oversubscribed ranks let each other run.
+pub(super) fn poll(op: &'static str, requests: &mut [ffi::MPI_Request], deadline: Instant) -> Result<bool, CommError> {
+    let n = c_count(op, requests.len())?;
+    let mut tests = 0u32;
     loop {
         let mut flag: c_int = 0;
-        // SAFETY: `request` is a live request handle or the null request.
-        check(op, unsafe { ffi::MPI_Test(request, &mut flag, ffi::RSMPI_STATUS_IGNORE) })?;
+        // SAFETY: every handle is a live request or the null request.
+        check(op, unsafe { ffi::MPI_Testall(n, requests.as_mut_ptr(), &mut flag, ffi::RSMPI_STATUSES_IGNORE) })?;
         if flag != 0 {
             return Ok(true);
         }
         if Instant::now() >= deadline {
             return Ok(false);
         }
-        std::thread::yield_now();
+        // Spin first: a large transfer is pipelined through shared memory
+        // and needs both sides to test often. Then yield, so that ranks
+        // sharing a core (oversubscribed) let each other run.
+        tests = tests.saturating_add(1);
+        if tests > SPIN_TESTS {
+            std::thread::yield_now();
+        }
     }
 }

@@ -42,7 +42,7 @@ pub(super) fn missing_ranks(roll: ffi::MPI_Comm, rank: usize, size: usize, seq: 
     let deadline = Instant::now() + grace;
     let mut answered = vec![false; size];
     for &peer in &peers {
-        answered[peer] = poll("roll call", &mut receives[peer], deadline).unwrap_or(false);
+        answered[peer] = poll("roll call", std::slice::from_mut(&mut receives[peer]), deadline).unwrap_or(false);
     }
     peers.into_iter().filter(|&peer| !answered[peer] || answers[peer] != seq).collect()
 }

@@ -8,6 +8,12 @@ use std::os::raw::{c_int, c_void};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// Tag of the point-to-point messages of the pairwise all-to-all.
+const PAIRWISE_TAG: c_int = 11;
+
+/// Exchanges moving more bytes per rank than this go pairwise.
+const PAIRWISE_FROM_BYTES: usize = 256 << 10;
+
 /// The longest a timed-out rank waits for its peers' roll-call answers.
 const ROLL_CALL_GRACE: Duration = Duration::from_secs(10);
 
@@ -153,7 +159,7 @@ impl MpiComm {
         let mut request = null_request();
         check(op, start(self.handles.data, &mut request))?;
         let deadline = Instant::now() + self.timeout;
-        wait_or_abort(op, &mut request, deadline, &self.timeout_context(seq))
+        wait_or_abort(op, std::slice::from_mut(&mut request), deadline, &self.timeout_context(seq))
     }
 
     fn timeout_context(&self, seq: u64) -> TimeoutContext {
@@ -256,25 +262,126 @@ impl MpiComm {
         Ok(recv_c.into_iter().map(|n| n as usize).collect())
     }
 
+    /// Blocking all-to-all-v into `recv` (its allocation reused: a fresh
+    /// buffer of tens of MiB costs more in page faults than the transfer).
+    ///
+    /// Small exchanges are one `MPI_Ialltoallv` (latency-bound: one call).
+    /// Large ones are a pairwise exchange: in round k this rank sends to
+    /// rank+k and receives from rank-k, one pair of messages in flight, as
+    /// the blocking `MPI_Alltoallv` does for large messages.
+    fn all_to_all_into<T: MpiElem>(
+        &mut self,
+        op: &'static str,
+        send: &[T],
+        send_counts: &[usize],
+        recv: &mut Vec<T>,
+    ) -> Result<Vec<usize>, CommError> {
+        self.check_counts(op, send_counts, send.len())?;
+        let recv_counts = self.exchange_counts(op, send_counts)?;
+        let (send_c, send_displs) = counts_and_displs(op, send_counts)?;
+        let (recv_c, recv_displs) = counts_and_displs(op, &recv_counts)?;
+        let total: usize = recv_counts.iter().sum();
+        crate::buffers::reserve_huge(recv, total);
+        let recv_ptr = recv.as_mut_ptr();
+        let seq = self.seq;
+        self.seq += 1;
+        let deadline = Instant::now() + self.timeout;
+        let ctx = self.timeout_context(seq);
+        let bytes = (send.len().max(total)) * std::mem::size_of::<T>();
+        if bytes <= PAIRWISE_FROM_BYTES {
+            let mut request = null_request();
+            // SAFETY: counts and displacements describe `send` and the
+            // `total` reserved elements of `recv`; all outlive the request.
+            check(op, unsafe {
+                ffi::MPI_Ialltoallv(
+                    send.as_ptr().cast(),
+                    send_c.as_ptr(),
+                    send_displs.as_ptr(),
+                    T::datatype(),
+                    recv_ptr.cast(),
+                    recv_c.as_ptr(),
+                    recv_displs.as_ptr(),
+                    T::datatype(),
+                    self.handles.data,
+                    &mut request,
+                )
+            })?;
+            wait_or_abort(op, std::slice::from_mut(&mut request), deadline, &ctx)?;
+        } else {
+            let (rank, size) = (self.rank, self.size);
+            // SAFETY (all blocks below): every range lies inside `send` or
+            // the reserved `total` elements of `recv`, and is waited for
+            // before this function returns (or the job ends).
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    send.as_ptr().add(send_displs[rank] as usize),
+                    recv_ptr.add(recv_displs[rank] as usize),
+                    send_counts[rank],
+                );
+            }
+            // Receives first, so every message finds its buffer posted.
+            let mut requests = Vec::with_capacity(2 * size);
+            for k in 1..size {
+                let src = (rank + size - k) % size;
+                if recv_counts[src] > 0 {
+                    let mut request = null_request();
+                    check(op, unsafe {
+                        ffi::MPI_Irecv(
+                            recv_ptr.add(recv_displs[src] as usize).cast(),
+                            recv_c[src],
+                            T::datatype(),
+                            src as c_int,
+                            PAIRWISE_TAG,
+                            self.handles.data,
+                            &mut request,
+                        )
+                    })?;
+                    requests.push(request);
+                }
+            }
+            for k in 1..size {
+                let dst = (rank + k) % size;
+                if send_counts[dst] > 0 {
+                    let mut request = null_request();
+                    check(op, unsafe {
+                        ffi::MPI_Isend(
+                            send.as_ptr().add(send_displs[dst] as usize).cast(),
+                            send_c[dst],
+                            T::datatype(),
+                            dst as c_int,
+                            PAIRWISE_TAG,
+                            self.handles.data,
+                            &mut request,
+                        )
+                    })?;
+                    requests.push(request);
+                }
+            }
+            wait_or_abort(op, &mut requests, deadline, &ctx)?;
+        }
+        // SAFETY: the exchange completed and wrote every one of the `total` elements.
+        unsafe { recv.set_len(total) };
+        Ok(recv_counts)
+    }
+
     fn all_to_all<T: MpiElem>(
         &mut self,
         op: &'static str,
         send: &[T],
         send_counts: &[usize],
     ) -> Result<(Vec<T>, Vec<usize>), CommError> {
-        let mut transfer = self.start_all_to_all(op, send, send_counts)?;
-        let seq = transfer.seq;
-        wait_or_abort(op, &mut transfer.request, transfer.deadline, &self.timeout_context(seq))?;
-        Ok((std::mem::take(&mut transfer.recv), transfer.recv_counts.clone()))
+        let mut recv = Vec::new();
+        let counts = self.all_to_all_into(op, send, send_counts, &mut recv)?;
+        Ok((recv, counts))
     }
 
-    /// Exchanges counts, then starts the data transfer. The returned value
-    /// owns every buffer and array MPI reads or writes until completion
-    /// (except `send`, which the caller keeps alive: see the callers).
+    /// Exchanges counts, then starts the data transfer (non-blocking, so
+    /// `MPI_Ialltoallv`). The returned value owns every buffer and array MPI
+    /// reads or writes until completion, `send` included.
     fn start_all_to_all<T: MpiElem>(
         &mut self,
         op: &'static str,
-        send: &[T],
+        send: Vec<T>,
         send_counts: &[usize],
     ) -> Result<Transfer<T>, CommError> {
         self.check_counts(op, send_counts, send.len())?;
@@ -306,7 +413,7 @@ impl MpiComm {
             recv,
             recv_counts,
             _arrays: [send_c, send_displs, recv_c, recv_displs],
-            _send: Vec::new(),
+            _send: send,
             deadline: Instant::now() + self.timeout,
             seq,
         })
@@ -327,11 +434,11 @@ struct TimeoutContext {
 /// ends the job (see the module docs: MPI may still use the buffers).
 fn wait_or_abort(
     op: &'static str,
-    request: &mut ffi::MPI_Request,
+    requests: &mut [ffi::MPI_Request],
     deadline: Instant,
     ctx: &TimeoutContext,
 ) -> Result<(), CommError> {
-    if poll(op, request, deadline)? {
+    if poll(op, requests, deadline)? {
         return Ok(());
     }
     let grace = ctx.timeout.min(ROLL_CALL_GRACE);
@@ -351,7 +458,7 @@ struct Transfer<T> {
     recv: Vec<T>,
     recv_counts: Vec<usize>,
     _arrays: [Vec<c_int>; 4],
-    /// The send buffer, when the transfer owns it (non-blocking form).
+    /// The send buffer.
     _send: Vec<T>,
     deadline: Instant,
     seq: u64,
@@ -370,7 +477,7 @@ unsafe impl Send for InFlight {}
 impl PendingOp for InFlight {
     fn wait(mut self: Box<Self>) -> Result<Received, CommError> {
         let t = &mut self.transfer;
-        wait_or_abort(self.op, &mut t.request, t.deadline, &self.ctx)?;
+        wait_or_abort(self.op, std::slice::from_mut(&mut t.request), t.deadline, &self.ctx)?;
         Ok(Received { values: std::mem::take(&mut t.recv), counts: std::mem::take(&mut t.recv_counts) })
     }
 }
@@ -445,14 +552,21 @@ impl Communicator for MpiComm {
         let (values, counts) = self.all_to_all("all_to_all_v", send, send_counts)?;
         Ok(Received { values, counts })
     }
+    fn all_to_all_v_into(
+        &mut self,
+        send: &[f32],
+        send_counts: &[usize],
+        recv: &mut Vec<f32>,
+    ) -> Result<Vec<usize>, CommError> {
+        self.all_to_all_into("all_to_all_v", send, send_counts, recv)
+    }
     fn all_to_all_v_u64(&mut self, send: &[u64], send_counts: &[usize]) -> Result<(Vec<u64>, Vec<usize>), CommError> {
         self.all_to_all("all_to_all_v_u64", send, send_counts)
     }
     fn start_all_to_all_v(&mut self, send: Vec<f32>, send_counts: Vec<usize>) -> Result<Pending, CommError> {
         let op = "all_to_all_v";
-        let mut transfer = self.start_all_to_all(op, &send, &send_counts)?;
         // The heap block of `send` does not move with the Vec, so MPI keeps reading valid memory.
-        transfer._send = send;
+        let transfer = self.start_all_to_all(op, send, &send_counts)?;
         let ctx = self.timeout_context(transfer.seq);
         Ok(Pending(Box::new(InFlight { op, transfer, ctx })))
     }

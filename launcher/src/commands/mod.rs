@@ -1,6 +1,7 @@
 //! One module per subcommand.
 
 pub mod bench;
+pub mod bench_alltoall;
 pub mod bench_layer;
 pub mod data;
 pub mod eval;

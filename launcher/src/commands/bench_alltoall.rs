@@ -1,0 +1,216 @@
+//! `switchyard bench alltoall`: all-to-all-v time and bandwidth per message
+//! size, for the local (threads) or MPI (processes) backend, against the
+//! same exchange through mpi4py's `Alltoallv` run in the same invocation
+//! (`bench/mpi4py_alltoallv.py`; `scripts/bench-alltoall.sh` installs mpi4py).
+//!
+//! Every rank sends `bytes` per call, split evenly over all ranks (its own
+//! block included), into a receive buffer kept across calls (switchyard's
+//! `all_to_all_v_into`; the peer preallocates its numpy buffer). Time is the slowest rank's mean over
+//! the timed iterations, median of 5 repeats; bandwidth is bytes sent per
+//! rank / time.
+
+use anyhow::{bail, Context, Result};
+use collectives::local::LocalWorld;
+use collectives::mpi::{launched_rank, MpiWorld};
+use collectives::Communicator;
+use serde::{Deserialize, Serialize};
+use std::time::{Duration, Instant};
+
+/// Message sizes per rank: 4 KiB to 64 MiB.
+const SIZES: [usize; 9] = [4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 32 << 20, 64 << 20];
+/// Marks the result line rank 0 prints (ours and the peer's).
+const JSON_MARK: &str = "SWITCHYARD_BENCH_JSON ";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Case {
+    bytes: usize,
+    warmup: usize,
+    iters: usize,
+    /// Timed repeats of `iters` calls; the median repeat is reported.
+    repeats: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Measured {
+    bytes: usize,
+    seconds: f64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Rows {
+    rows: Vec<Measured>,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    backend: String,
+    ranks: usize,
+    rows: Vec<ReportRow>,
+    peer_note: String,
+}
+
+#[derive(Debug, Serialize)]
+struct ReportRow {
+    bytes: usize,
+    seconds: f64,
+    gb_per_s: f64,
+    mpi4py_seconds: Option<f64>,
+    mpi4py_gb_per_s: Option<f64>,
+    /// mpi4py time / switchyard time: above 1 means switchyard is faster.
+    speed_vs_mpi4py: Option<f64>,
+}
+
+fn plan() -> Vec<Case> {
+    SIZES
+        .iter()
+        .map(|&bytes| Case { bytes, warmup: 3, iters: ((256 << 20) / bytes).clamp(10, 300), repeats: 5 })
+        .collect()
+}
+
+/// Times every case on this rank; every rank gets the slowest rank's times.
+fn measure(comm: &mut dyn Communicator, plan: &[Case]) -> Result<Vec<Measured>> {
+    let size = comm.size();
+    let mut rows = Vec::new();
+    for case in plan {
+        let per_dst = case.bytes / 4 / size;
+        let mut send = collectives::buffers::with_capacity_huge(per_dst * size);
+        send.extend((0..per_dst * size).map(|i| i as f32));
+        let counts = vec![per_dst; size];
+        let mut recv = Vec::new();
+        for _ in 0..case.warmup {
+            comm.all_to_all_v_into(&send, &counts, &mut recv)?;
+        }
+        let mut repeats = Vec::new();
+        for _ in 0..case.repeats {
+            comm.barrier()?;
+            let started = Instant::now();
+            for _ in 0..case.iters {
+                comm.all_to_all_v_into(&send, &counts, &mut recv)?;
+            }
+            let mine = started.elapsed().as_secs_f64() / case.iters as f64;
+            let all = comm.all_gather_v(&[mine as f32])?;
+            repeats.push(all.values.iter().fold(0f32, |a, &b| a.max(b)) as f64);
+        }
+        debug_assert_eq!(recv.len(), per_dst * size);
+        repeats.sort_by(f64::total_cmp);
+        rows.push(Measured { bytes: case.bytes, seconds: repeats[repeats.len() / 2] });
+    }
+    Ok(rows)
+}
+
+/// The JSON result line in a process's output.
+fn parse_rows(output: &[u8], what: &str) -> Result<Vec<Measured>> {
+    let text = String::from_utf8_lossy(output);
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix(JSON_MARK))
+        .with_context(|| format!("{what} printed no result line:\n{text}"))?;
+    Ok(serde_json::from_str::<Rows>(line)?.rows)
+}
+
+/// The benchmark: as one rank of an MPI job, or as the command a user runs.
+pub fn run(ranks: usize, backend: &str, json: bool) -> Result<()> {
+    let plan = plan();
+    if backend == "mpi" && launched_rank().is_some() {
+        let world = MpiWorld::init()?;
+        let mut comm = world.world(Duration::from_secs(300))?;
+        let rows = measure(comm.as_mut(), &plan)?;
+        if comm.rank() == 0 {
+            println!("{JSON_MARK}{}", serde_json::to_string(&Rows { rows })?);
+        }
+        return Ok(());
+    }
+    if ranks < 2 {
+        bail!("--ranks must be 2 or more: an all-to-all on one rank moves nothing");
+    }
+    eprintln!("measuring switchyard's all_to_all_v ({backend} backend, {ranks} ranks) ...");
+    let ours = match backend {
+        "local" => {
+            let comms = LocalWorld::new(ranks, Duration::from_secs(300));
+            let plan = &plan;
+            let results: Vec<Result<Vec<Measured>>> = std::thread::scope(|scope| {
+                let handles: Vec<_> =
+                    comms.into_iter().map(|mut c| scope.spawn(move || measure(&mut c, plan))).collect();
+                handles.into_iter().map(|h| h.join().expect("a benchmark rank panicked")).collect()
+            });
+            results.into_iter().next().expect("rank 0")?
+        }
+        "mpi" => {
+            let args = ["bench".into(), "alltoall".into(), "--backend".into(), "mpi".into()];
+            let out = crate::mpirun::self_command(ranks, &args)?.output().map_err(crate::mpirun::not_started)?;
+            parse_rows(&out.stdout, "the MPI benchmark ranks")?
+        }
+        other => bail!("--backend {other}: use local or mpi"),
+    };
+    eprintln!("measuring mpi4py's Alltoallv ({ranks} processes) ...");
+    let (peer, peer_note) = match run_peer(ranks, &plan) {
+        Ok(rows) => (Some(rows), "mpi4py Alltoallv over OpenMPI, same sizes and rank count".to_string()),
+        Err(e) => (None, format!("mpi4py not measured: {e:#}")),
+    };
+    let rows = ours
+        .iter()
+        .map(|m| {
+            let p = peer.as_ref().and_then(|rows| rows.iter().find(|p| p.bytes == m.bytes));
+            ReportRow {
+                bytes: m.bytes,
+                seconds: m.seconds,
+                gb_per_s: m.bytes as f64 / m.seconds / 1e9,
+                mpi4py_seconds: p.map(|p| p.seconds),
+                mpi4py_gb_per_s: p.map(|p| p.bytes as f64 / p.seconds / 1e9),
+                speed_vs_mpi4py: p.map(|p| p.seconds / m.seconds),
+            }
+        })
+        .collect();
+    let report = Report { backend: backend.into(), ranks, rows, peer_note };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_table(&report);
+    }
+    Ok(())
+}
+
+/// The same exchange through mpi4py under mpirun.
+fn run_peer(ranks: usize, plan: &[Case]) -> Result<Vec<Measured>> {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../bench/mpi4py_alltoallv.py");
+    let out = crate::mpirun::command(ranks)
+        .args(["python3", script, &serde_json::to_string(plan)?])
+        .output()
+        .map_err(crate::mpirun::not_started)?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        if let Some(module) = err.lines().find_map(|l| l.strip_prefix("ModuleNotFoundError: ")) {
+            bail!("{module} (scripts/bench-alltoall.sh installs mpi4py and numpy)");
+        }
+        bail!("the mpi4py script failed:\n{err}");
+    }
+    parse_rows(&out.stdout, "the mpi4py script")
+}
+
+fn human_bytes(n: usize) -> String {
+    if n >= 1 << 20 {
+        format!("{} MiB", n >> 20)
+    } else {
+        format!("{} KiB", n >> 10)
+    }
+}
+
+fn print_table(r: &Report) {
+    println!("switchyard bench alltoall: {} backend, {} ranks (bytes sent per rank per call)", r.backend, r.ranks);
+    println!("peer: {}", r.peer_note);
+    println!();
+    println!("| size | switchyard | GB/s | mpi4py | GB/s | speed vs mpi4py |");
+    println!("|---:|---:|---:|---:|---:|---:|");
+    let ms = |s: f64| format!("{:.3} ms", s * 1e3);
+    for row in &r.rows {
+        println!(
+            "| {} | {} | {:.2} | {} | {} | {} |",
+            human_bytes(row.bytes),
+            ms(row.seconds),
+            row.gb_per_s,
+            row.mpi4py_seconds.map_or("-".into(), ms),
+            row.mpi4py_gb_per_s.map_or("-".into(), |g| format!("{g:.2}")),
+            row.speed_vs_mpi4py.map_or("-".into(), |x| format!("{x:.2}x")),
+        );
+    }
+}
