@@ -183,6 +183,21 @@ fn every_collective(comm: &mut dyn Communicator) {
     let got = comm.all_to_all_v(&[], &vec![0; size]).unwrap();
     assert!(got.values.is_empty() && got.counts == vec![0; size]);
 
+    // Rank 0 sends much (400 KB) to rank 1 only; every other pair moves one
+    // value. Ranks 2 and 3 neither send nor receive much, yet must take the
+    // same algorithm as ranks 0 and 1 (a rank-local choice deadlocks).
+    let count = |src: usize, dst: usize| if src == 0 && dst == 1 { 100_000 } else { 1 };
+    let counts: Vec<usize> = (0..size).map(|dst| count(rank, dst)).collect();
+    let send: Vec<f32> = (0..counts.iter().sum::<usize>()).map(|i| (rank * 1_000_000 + i) as f32).collect();
+    let got = comm.all_to_all_v(&send, &counts).unwrap();
+    assert_eq!(got.counts, (0..size).map(|src| count(src, rank)).collect::<Vec<_>>());
+    let mut offset = 0;
+    for src in 0..size {
+        let first_index: usize = (0..rank).map(|dst| count(src, dst)).sum();
+        assert_eq!(got.values[offset], (src * 1_000_000 + first_index) as f32, "first value from rank {src}");
+        offset += count(src, rank);
+    }
+
     for len in [0, 1, 7, 200_003] {
         let mut buf: Vec<f32> = (0..len).map(|i| mixed(rank, i)).collect();
         comm.all_reduce_sum(&mut buf).unwrap();

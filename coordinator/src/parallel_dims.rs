@@ -79,6 +79,11 @@ impl ParallelDims {
         rank / self.attn_tp
     }
 
+    /// The attention shard (head group and token slice) of `rank` in its replica.
+    pub fn tp_rank(&self, rank: usize) -> usize {
+        rank % self.attn_tp
+    }
+
     /// The position of `rank` in its expert-parallel group.
     pub fn ep_rank(&self, rank: usize) -> usize {
         rank % self.ep

@@ -187,8 +187,8 @@ impl Observer for ConsoleProgress {
         let d = info.dims;
         if d.world > 1 {
             self.line(&format!(
-                "layout: {} ranks ({} backend) | data parallel {} | experts over {} ranks (ep {}, {} replica(s))",
-                d.world, self.backend, d.dp, d.ep, d.ep, d.edp
+                "layout: {} ranks ({} backend) | data parallel {} x attention shards {} | experts over {} ranks (ep {}, {} replica(s))",
+                d.world, self.backend, d.dp, d.attn_tp, d.ep, d.ep, d.edp
             ));
         }
         if let Some(nodes) = nodes_line(&info.nodes) {

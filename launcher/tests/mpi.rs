@@ -84,10 +84,14 @@ fn the_launchers_mpirun_on_2_and_4_ranks_matches_one_rank() {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let dir = temp_dir("launch");
     let reference = one_rank_losses(&dir);
-    for ranks in [2, 4] {
-        let run_dir = dir.join(format!("mpi{ranks}"));
+    // 2 and 4 ranks with experts over all of them; 4 with attention in 2 shards.
+    for (ranks, attn_tp) in [(2, 1), (4, 1), (4, 2)] {
+        let run_dir = dir.join(format!("mpi{ranks}-tp{attn_tp}"));
         let out = run(
-            Command::new(EXE).args(job_args(&run_dir)).args(["--backend", "mpi", "--ranks", &ranks.to_string()]),
+            Command::new(EXE)
+                .args(job_args(&run_dir))
+                .args(["--backend", "mpi", "--ranks", &ranks.to_string()])
+                .args(["--set", &format!("parallel.attn_tp={attn_tp}")]),
             "switchyard train --backend mpi",
         );
         let log = text(&out);
@@ -96,7 +100,7 @@ fn the_launchers_mpirun_on_2_and_4_ranks_matches_one_rank() {
         // Only rank 0 reports: one banner, one closing block.
         assert_eq!(log.matches("switchyard: ").count(), 1, "{log}");
         assert_eq!(log.matches("checkpoint: file://").count(), 1, "{log}");
-        assert_close(&reference, &losses(&run_dir), &format!("{ranks} MPI ranks"));
+        assert_close(&reference, &losses(&run_dir), &format!("{ranks} MPI ranks, attn_tp {attn_tp}"));
     }
 }
 

@@ -21,6 +21,7 @@ pub mod ops;
 pub mod optim;
 pub mod rng;
 pub mod schedule;
+pub mod shards;
 pub mod weights;
 
 pub use config::{BlockKind, ModelConfig};

@@ -2,10 +2,13 @@
 //!
 //! [`forward_backward`] runs one micro-batch and adds its gradients; the
 //! routed experts are reached only through an [`ExpertExecutor`], so the
-//! same code serves one rank and expert-parallel runs.
+//! same code serves one rank and expert-parallel runs. With attention
+//! shards ([`TokenShards`]) a rank holds a slice of the micro-batch's tokens
+//! and a group of its heads (see `shards.rs`).
 //!
-//! Legend: `t` tokens of the micro-batch, `d` d_model, `v` vocab,
-//! `q` query width `n_heads*hd`, `g` kv width `n_kv_heads*hd`, `k` top-k.
+//! Legend: `t` tokens of this rank's slice of the micro-batch (all of it
+//! without shards), `a` all tokens of the micro-batch, `d` d_model, `v`
+//! vocab, `q` query width of this rank's heads, `g` their kv width, `k` top-k.
 
 use crate::config::{BlockKind, ModelConfig};
 use crate::error::ModelError;
@@ -16,6 +19,7 @@ use crate::ops::attention::{attention_backward, attention_forward, AttentionShap
 use crate::ops::loss::{cross_entropy_forward_backward, cross_entropy_sum};
 use crate::ops::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
 use crate::ops::rope::RopeTable;
+use crate::shards::{NoShards, TokenShards};
 use crate::weights::{DenseLayerWeights, DenseWeights};
 
 /// One micro-batch: `batch` sequences of `seq_len + 1` tokens each
@@ -63,6 +67,8 @@ struct BlockCache {
     v_tg: Vec<f32>,
     probs: Vec<f32>,
     attn_tq: Vec<f32>,
+    /// With shards: the attention input of every shard's tokens `[a, d]`.
+    attn_in_ad: Vec<f32>,
     /// Sequential blocks: `h = x + attn`, and the MoE input `RMSNorm(h)`.
     h_td: Vec<f32>,
     ffn_in_td: Vec<f32>,
@@ -72,30 +78,38 @@ struct BlockCache {
 
 /// Sizes shared by every block of one micro-batch.
 struct Dims {
+    /// This rank's tokens.
     t: usize,
+    /// The micro-batch's tokens (attention runs on all of them).
+    a: usize,
     d: usize,
     q: usize,
     g: usize,
+    /// Attention shards (1: none).
+    shards: usize,
     attn: AttentionShape,
 }
 
 impl Dims {
-    fn new(cfg: &ModelConfig, batch: usize) -> Self {
+    fn new(cfg: &ModelConfig, batch: usize, shards: usize) -> Result<Self, ModelError> {
         let hd = cfg.head_dim();
-        let t = batch * cfg.seq_len;
-        Self {
-            t,
-            d: cfg.d_model,
-            q: cfg.n_heads * hd,
-            g: cfg.n_kv_heads * hd,
-            attn: AttentionShape {
-                batch,
-                seq: cfg.seq_len,
-                n_heads: cfg.n_heads,
-                n_kv_heads: cfg.n_kv_heads,
-                head_dim: hd,
-            },
+        let a = batch * cfg.seq_len;
+        if !a.is_multiple_of(shards) || !cfg.n_heads.is_multiple_of(shards) || !cfg.n_kv_heads.is_multiple_of(shards) {
+            return Err(ModelError::Executor(format!(
+                "{shards} attention shards must divide the micro-batch's {a} tokens, n_heads = {} and n_kv_heads = {}",
+                cfg.n_heads, cfg.n_kv_heads
+            )));
         }
+        let (n_heads, n_kv_heads) = (cfg.n_heads / shards, cfg.n_kv_heads / shards);
+        Ok(Self {
+            t: a / shards,
+            a,
+            d: cfg.d_model,
+            q: n_heads * hd,
+            g: n_kv_heads * hd,
+            shards,
+            attn: AttentionShape { batch, seq: cfg.seq_len, n_heads, n_kv_heads, head_dim: hd },
+        })
     }
 }
 
@@ -130,32 +144,45 @@ fn head_weight(dense: &DenseWeights) -> &[f32] {
 }
 
 /// Attention sub-layer on normalised input `n_td`: returns `Wo · attn(q,k,v)`.
+/// With shards: on every shard's tokens, this rank's heads, and the output
+/// projection's partial sums reduce-scattered back to this rank's tokens.
 fn attention_block_forward(
     w: &DenseLayerWeights,
     rope: &RopeTable,
     dims: &Dims,
     n_td: &[f32],
     cache: &mut BlockCache,
-) -> Vec<f32> {
-    let (t, d, q, g) = (dims.t, dims.d, dims.q, dims.g);
+    shards: &mut dyn TokenShards,
+) -> Result<Vec<f32>, ModelError> {
+    if dims.shards > 1 {
+        cache.attn_in_ad = shards.gather_rows(n_td)?;
+    }
+    let n_ad = if dims.shards > 1 { &cache.attn_in_ad } else { n_td };
+    let (t, d, q, g) = (dims.a, dims.d, dims.q, dims.g);
     let shape = dims.attn;
     cache.q_tq = vec![0.0; t * q];
     cache.k_tg = vec![0.0; t * g];
     cache.v_tg = vec![0.0; t * g];
-    matmul_nt(t, d, q, n_td, &w.wq, &mut cache.q_tq, false);
-    matmul_nt(t, d, g, n_td, &w.wk, &mut cache.k_tg, false);
-    matmul_nt(t, d, g, n_td, &w.wv, &mut cache.v_tg, false);
+    matmul_nt(t, d, q, n_ad, &w.wq, &mut cache.q_tq, false);
+    matmul_nt(t, d, g, n_ad, &w.wk, &mut cache.k_tg, false);
+    matmul_nt(t, d, g, n_ad, &w.wv, &mut cache.v_tg, false);
     rope.apply(&mut cache.q_tq, shape.batch, shape.seq, shape.n_heads);
     rope.apply(&mut cache.k_tg, shape.batch, shape.seq, shape.n_kv_heads);
     cache.probs = vec![0.0; shape.probs_len()];
     cache.attn_tq = vec![0.0; t * q];
     attention_forward(shape, &cache.q_tq, &cache.k_tg, &cache.v_tg, &mut cache.attn_tq, &mut cache.probs);
-    let mut out_td = vec![0.0; t * d];
-    matmul_nt(t, q, d, &cache.attn_tq, &w.wo, &mut out_td, false);
-    out_td
+    let mut out_ad = vec![0.0; t * d];
+    matmul_nt(t, q, d, &cache.attn_tq, &w.wo, &mut out_ad, false);
+    if dims.shards > 1 {
+        return shards.reduce_scatter_rows(&out_ad);
+    }
+    Ok(out_ad)
 }
 
 /// Backward of [`attention_block_forward`]: adds into `dn_td` and grads.
+/// With shards the output gradient is gathered (the forward's
+/// reduce-scatter) and the input gradient reduce-scattered (its gather).
+#[allow(clippy::too_many_arguments)]
 fn attention_block_backward(
     w: &DenseLayerWeights,
     gw: &mut DenseLayerWeights,
@@ -164,8 +191,17 @@ fn attention_block_backward(
     cache: &BlockCache,
     dout_td: &[f32],
     dn_td: &mut [f32],
-) {
-    let (t, d, q, g) = (dims.t, dims.d, dims.q, dims.g);
+    shards: &mut dyn TokenShards,
+) -> Result<(), ModelError> {
+    let gathered;
+    let dout_td = if dims.shards > 1 {
+        gathered = shards.gather_rows(dout_td)?;
+        &gathered[..]
+    } else {
+        dout_td
+    };
+    let mut dn_ad = if dims.shards > 1 { vec![0.0; dims.a * dims.d] } else { Vec::new() };
+    let (t, d, q, g) = (dims.a, dims.d, dims.q, dims.g);
     let shape = dims.attn;
     // out = attn Wo^T: dWo += dout^T attn, dattn = dout Wo.
     matmul_tn(d, t, q, dout_td, &cache.attn_tq, &mut gw.wo, true);
@@ -187,13 +223,18 @@ fn attention_block_backward(
     );
     rope.apply_backward(&mut dq_tq, shape.batch, shape.seq, shape.n_heads);
     rope.apply_backward(&mut dk_tg, shape.batch, shape.seq, shape.n_kv_heads);
-    let n_td = &cache.attn_in_td;
+    let n_td = if dims.shards > 1 { &cache.attn_in_ad } else { &cache.attn_in_td };
+    let dn_out: &mut [f32] = if dims.shards > 1 { &mut dn_ad } else { dn_td };
     for (dp_tw, wp, gp, width) in
         [(&dq_tq, &w.wq, &mut gw.wq, q), (&dk_tg, &w.wk, &mut gw.wk, g), (&dv_tg, &w.wv, &mut gw.wv, g)]
     {
         matmul_tn(width, t, d, dp_tw, n_td, gp, true);
-        matmul_nn(t, width, d, dp_tw, wp, dn_td, true);
+        matmul_nn(t, width, d, dp_tw, wp, dn_out, true);
     }
+    if dims.shards > 1 {
+        add_into(dn_td, &shards.reduce_scatter_rows(&dn_ad)?);
+    }
+    Ok(())
 }
 
 fn add_into(acc: &mut [f32], x: &[f32]) {
@@ -201,6 +242,7 @@ fn add_into(acc: &mut [f32], x: &[f32]) {
 }
 
 /// One block forward; returns its output and what backward needs.
+#[allow(clippy::too_many_arguments)]
 fn block_forward(
     cfg: &ModelConfig,
     layer: usize,
@@ -209,6 +251,7 @@ fn block_forward(
     dims: &Dims,
     x_td: Vec<f32>,
     experts: &mut dyn ExpertExecutor,
+    shards: &mut dyn TokenShards,
 ) -> Result<(Vec<f32>, BlockCache), ModelError> {
     let (t, d) = (dims.t, dims.d);
     let mut cache = BlockCache {
@@ -220,6 +263,7 @@ fn block_forward(
         v_tg: Vec::new(),
         probs: Vec::new(),
         attn_tq: Vec::new(),
+        attn_in_ad: Vec::new(),
         h_td: Vec::new(),
         ffn_in_td: Vec::new(),
         ffn_rstd_t: Vec::new(),
@@ -227,7 +271,7 @@ fn block_forward(
     };
     rmsnorm_forward(&cache.x_td, &w.attn_norm, cfg.norm_eps, &mut cache.attn_in_td, &mut cache.attn_rstd_t);
     let attn_in_td = std::mem::take(&mut cache.attn_in_td);
-    let attn_td = attention_block_forward(w, rope, dims, &attn_in_td, &mut cache);
+    let attn_td = attention_block_forward(w, rope, dims, &attn_in_td, &mut cache, shards)?;
     cache.attn_in_td = attn_in_td;
     let mut out_td = cache.x_td.clone();
     add_into(&mut out_td, &attn_td);
@@ -242,7 +286,7 @@ fn block_forward(
         // BAM: the MoE reads the same normalised input as attention.
         BlockKind::Parallel => cache.ffn_in_td = cache.attn_in_td.clone(),
     }
-    let (moe_td, moe) = moe_forward(cfg, layer, w, &cache.ffn_in_td, t, experts)?;
+    let (moe_td, moe) = moe_forward(cfg, layer, w, &cache.ffn_in_td, t, experts, shards)?;
     add_into(&mut out_td, &moe_td);
     cache.moe = moe;
     Ok((out_td, cache))
@@ -261,6 +305,7 @@ fn block_backward(
     scales: LossScales,
     dout_td: Vec<f32>,
     experts: &mut dyn ExpertExecutor,
+    shards: &mut dyn TokenShards,
 ) -> Result<Vec<f32>, ModelError> {
     let (t, d) = (dims.t, dims.d);
     // Both residual branches see dout; the skip path passes it through.
@@ -288,7 +333,7 @@ fn block_backward(
             rmsnorm_backward(&cache.h_td, ffn_norm, &cache.ffn_rstd_t, &dffn_in_td, &mut dx_td, gffn_norm);
             // h = x + Attn(n): the attention branch sees dh.
             let dh_td = dx_td.clone();
-            attention_block_backward(w, gw, rope, dims, cache, &dh_td, &mut dn_td);
+            attention_block_backward(w, gw, rope, dims, cache, &dh_td, &mut dn_td, shards)?;
         }
         BlockKind::Parallel => {
             moe_backward(
@@ -304,7 +349,7 @@ fn block_backward(
                 &mut dn_td,
                 experts,
             )?;
-            attention_block_backward(w, gw, rope, dims, cache, &dout_td, &mut dn_td);
+            attention_block_backward(w, gw, rope, dims, cache, &dout_td, &mut dn_td, shards)?;
         }
     }
     rmsnorm_backward(&cache.x_td, &w.attn_norm, &cache.attn_rstd_t, &dn_td, &mut dx_td, &mut gw.attn_norm);
@@ -312,6 +357,7 @@ fn block_backward(
 }
 
 /// Runs every block; returns the final hidden states and the caches.
+#[allow(clippy::too_many_arguments)]
 fn trunk_forward(
     cfg: &ModelConfig,
     rope: &RopeTable,
@@ -319,12 +365,13 @@ fn trunk_forward(
     dims: &Dims,
     inputs: &[u32],
     experts: &mut dyn ExpertExecutor,
+    shards: &mut dyn TokenShards,
     stats: &mut ForwardStats,
 ) -> Result<(Vec<f32>, Vec<BlockCache>), ModelError> {
     let mut x_td = embed(dense, dims.d, inputs);
     let mut caches = Vec::with_capacity(cfg.n_layers);
     for (layer, w) in dense.layers.iter().enumerate() {
-        let (out_td, cache) = block_forward(cfg, layer, w, rope, dims, x_td, experts)?;
+        let (out_td, cache) = block_forward(cfg, layer, w, rope, dims, x_td, experts, shards)?;
         stats.aux_loss.push(cache.moe.routing.aux_loss);
         stats.z_loss.push(cache.moe.routing.z_loss);
         stats.tokens_per_expert.push(cache.moe.routing.tokens_per_expert.clone());
@@ -357,14 +404,32 @@ pub fn forward_backward(
     mb: MicroBatch,
     scales: LossScales,
 ) -> Result<ForwardStats, ModelError> {
+    forward_backward_sharded(cfg, rope, dense, grads, experts, &mut NoShards, mb, scales)
+}
+
+/// [`forward_backward`] of this rank's shard of the micro-batch: its slice
+/// of the tokens, its heads (`dense` holds only those), the CE of its tokens.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_backward_sharded(
+    cfg: &ModelConfig,
+    rope: &RopeTable,
+    dense: &DenseWeights,
+    grads: &mut DenseWeights,
+    experts: &mut dyn ExpertExecutor,
+    shards: &mut dyn TokenShards,
+    mb: MicroBatch,
+    scales: LossScales,
+) -> Result<ForwardStats, ModelError> {
     let (inputs, targets) = inputs_and_targets(cfg, mb)?;
-    let dims = Dims::new(cfg, mb.batch);
+    let dims = Dims::new(cfg, mb.batch, shards.count())?;
     let (t, d, v) = (dims.t, dims.d, cfg.vocab);
+    let mine = shards.index() * t..(shards.index() + 1) * t;
+    let (inputs, targets) = (&inputs[mine.clone()], &targets[mine]);
     let mut stats = ForwardStats { num_tokens: t, ..Default::default() };
-    let (x_td, caches) = trunk_forward(cfg, rope, dense, &dims, &inputs, experts, &mut stats)?;
+    let (x_td, caches) = trunk_forward(cfg, rope, dense, &dims, inputs, experts, shards, &mut stats)?;
     let (xf_td, rstd_t, logits_tv) = head_forward(cfg, dense, &dims, &x_td);
     let mut dlogits_tv = vec![0.0; t * v];
-    stats.ce_sum = cross_entropy_forward_backward(&logits_tv, &targets, v, scales.ce, &mut dlogits_tv);
+    stats.ce_sum = cross_entropy_forward_backward(&logits_tv, targets, v, scales.ce, &mut dlogits_tv);
     drop(logits_tv);
 
     // Head: logits = xf W^T → dW += dlogits^T xf, dxf = dlogits W.
@@ -378,7 +443,7 @@ pub fn forward_backward(
 
     for (layer, cache) in caches.iter().enumerate().rev() {
         let (w, gw) = (&dense.layers[layer], &mut grads.layers[layer]);
-        dx_td = block_backward(cfg, layer, w, gw, rope, &dims, cache, scales, dx_td, experts)?;
+        dx_td = block_backward(cfg, layer, w, gw, rope, &dims, cache, scales, dx_td, experts, shards)?;
     }
     // Embedding rows receive the gradient of every position that used them.
     for (pos, &tok) in inputs.iter().enumerate() {
@@ -397,9 +462,9 @@ pub fn forward(
     mb: MicroBatch,
 ) -> Result<ForwardStats, ModelError> {
     let (inputs, targets) = inputs_and_targets(cfg, mb)?;
-    let dims = Dims::new(cfg, mb.batch);
+    let dims = Dims::new(cfg, mb.batch, 1)?;
     let mut stats = ForwardStats { num_tokens: dims.t, ..Default::default() };
-    let (x_td, _caches) = trunk_forward(cfg, rope, dense, &dims, &inputs, experts, &mut stats)?;
+    let (x_td, _caches) = trunk_forward(cfg, rope, dense, &dims, &inputs, experts, &mut NoShards, &mut stats)?;
     let (_, _, logits_tv) = head_forward(cfg, dense, &dims, &x_td);
     stats.ce_sum = cross_entropy_sum(&logits_tv, &targets, cfg.vocab);
     Ok(stats)

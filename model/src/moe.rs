@@ -15,6 +15,7 @@ use crate::config::ModelConfig;
 use crate::error::ModelError;
 use crate::gemm::{matmul_nn, matmul_nt, matmul_tn};
 use crate::ops::swiglu::{swiglu_backward, swiglu_forward, SwigluCache};
+use crate::shards::{NoShards, TokenShards};
 use crate::weights::{ExpertStore, ExpertWeights};
 use rayon::prelude::*;
 use std::collections::BTreeMap;
@@ -55,18 +56,6 @@ fn top_k(p: &[f32], out: &mut [u32]) {
     }
 }
 
-/// `f_e`: the share of all `total` assignments (before capacity drops) that chose e.
-fn assignment_share(expert_tk: &[u32], num_experts: usize, total: usize) -> Vec<f64> {
-    let mut share = vec![0.0f64; num_experts];
-    for &e in expert_tk {
-        share[e as usize] += 1.0;
-    }
-    if total > 0 {
-        share.iter_mut().for_each(|s| *s /= total as f64);
-    }
-    share
-}
-
 /// Below this many multiply-adds per SwiGLU product (`rows * d * f`
 /// summed over the call's experts) the experts run one after another.
 const RAYON_MIN_WORK: usize = 1 << 18;
@@ -104,6 +93,11 @@ pub struct Routing {
     pub tokens_per_expert: Vec<usize>,
     /// Assignments dropped by capacity.
     pub dropped: usize,
+    /// `f_e`: each expert's share of the micro-batch's assignments (all
+    /// attention shards' tokens, before drops); the aux loss's gradient uses it.
+    pub share_e: Vec<f64>,
+    /// Tokens the aux and z losses average over (the whole micro-batch's).
+    pub stat_tokens: usize,
 }
 
 /// Computes router logits, probabilities, top-k, gates, capacity drops
@@ -111,6 +105,21 @@ pub struct Routing {
 /// order), the aux loss and the z-loss. `x_td` is `[num_tokens, d]`,
 /// `router_ed` is `[E, d]`.
 pub fn route(cfg: &ModelConfig, x_td: &[f32], router_ed: &[f32], num_tokens: usize) -> Routing {
+    route_sharded(cfg, x_td, router_ed, num_tokens, &mut NoShards).expect("one shard has nothing to fail")
+}
+
+/// [`route`] for this shard's tokens of a micro-batch split over attention
+/// shards: the aux loss uses the statistics of all of them (summed over the
+/// group), so it is the micro-batch's. Each shard reports its part of the
+/// losses (`aux / shards`, its tokens' z terms over all tokens), so the
+/// parts sum to the one-rank values.
+pub fn route_sharded(
+    cfg: &ModelConfig,
+    x_td: &[f32],
+    router_ed: &[f32],
+    num_tokens: usize,
+    shards: &mut dyn TokenShards,
+) -> Result<Routing, ModelError> {
     let (e_n, k, d) = (cfg.n_experts, cfg.top_k, cfg.d_model);
     let n = num_tokens;
     assert!(k <= e_n, "route: top_k {k} exceeds n_experts {e_n}");
@@ -152,21 +161,35 @@ pub fn route(cfg: &ModelConfig, x_td: &[f32], router_ed: &[f32], num_tokens: usi
             dropped += 1;
         }
     }
-    let (aux_loss, z_loss) = if n == 0 {
+    // P_e = mean_t p_te; f_e = share of the N*k assignments (before drops),
+    // over every shard's tokens: [sum_t p_te (E), assignments (E), z sum, N].
+    let mut stats = vec![0.0f64; 2 * e_n + 2];
+    for p in probs_te.chunks_exact(e_n) {
+        for (m, &pe) in stats[..e_n].iter_mut().zip(p) {
+            *m += pe as f64;
+        }
+    }
+    for &e in &expert_tk {
+        stats[e_n + e as usize] += 1.0;
+    }
+    stats[2 * e_n] = z_sum;
+    stats[2 * e_n + 1] = n as f64;
+    if shards.count() > 1 {
+        shards.sum_stats(&mut stats)?;
+    }
+    let stat_tokens = stats[2 * e_n + 1] as usize;
+    let mut share_e = stats[e_n..2 * e_n].to_vec();
+    if stat_tokens > 0 {
+        share_e.iter_mut().for_each(|s| *s /= (stat_tokens * k) as f64);
+    }
+    let (aux_loss, z_loss) = if stat_tokens == 0 {
         (0.0, 0.0)
     } else {
-        // P_e = mean_t p_te; f_e = share of the N*k assignments (before drops).
-        let mut mean_p = vec![0.0f64; e_n];
-        for p in probs_te.chunks_exact(e_n) {
-            for (m, &pe) in mean_p.iter_mut().zip(p) {
-                *m += pe as f64;
-            }
-        }
-        let share = assignment_share(&expert_tk, e_n, n * k);
-        let aux: f64 = mean_p.iter().zip(&share).map(|(m, f)| m / n as f64 * f).sum();
-        ((e_n as f64 * aux) as f32, (z_sum / n as f64) as f32)
+        let aux: f64 = stats[..e_n].iter().zip(&share_e).map(|(m, f)| m / stat_tokens as f64 * f).sum();
+        let aux_part = e_n as f64 * aux / shards.count() as f64;
+        (aux_part as f32, (z_sum / stat_tokens as f64) as f32)
     };
-    Routing {
+    Ok(Routing {
         num_tokens: n,
         logits_te,
         probs_te,
@@ -177,7 +200,9 @@ pub fn route(cfg: &ModelConfig, x_td: &[f32], router_ed: &[f32], num_tokens: usi
         z_loss,
         tokens_per_expert,
         dropped,
-    }
+        share_e,
+        stat_tokens,
+    })
 }
 
 /// Backward of [`route`]. `dgate_tk` is the loss gradient w.r.t. the gates
@@ -203,10 +228,11 @@ pub fn route_backward(
     assert!(dgate_tk.len() >= n * k, "route_backward: dgate has {} values, needs {n}x{k}", dgate_tk.len());
     assert!(dx_td.len() >= n * d && x_td.len() >= n * d, "route_backward: x/dx need {n}x{d} values");
     assert!(drouter_ed.len() >= e_n * d, "route_backward: drouter needs {e_n}x{d} values");
-    // d aux / d p_te = E f_e / N (f_e constant).
-    let share = assignment_share(&routing.expert_tk, e_n, n * k);
-    let aux_dp: Vec<f32> = share.iter().map(|f| (aux_scale as f64 * e_n as f64 * f / n as f64) as f32).collect();
-    let z_coef = z_scale * 2.0 / n as f32;
+    // d aux / d p_te = E f_e / N (f_e constant; N and f_e of the whole micro-batch).
+    let n_all = routing.stat_tokens;
+    let aux_dp: Vec<f32> =
+        routing.share_e.iter().map(|f| (aux_scale as f64 * e_n as f64 * f / n_all as f64) as f32).collect();
+    let z_coef = z_scale * 2.0 / n_all as f32;
     let mut dlogits_te = vec![0.0f32; n * e_n];
     let mut dp = vec![0.0f32; e_n];
     for t in 0..n {

@@ -3,8 +3,9 @@
 
 use crate::config::ModelConfig;
 use crate::error::ModelError;
-use crate::moe::{route, route_backward, DispatchPlan, ExpertExecutor, Routing};
+use crate::moe::{route_backward, route_sharded, DispatchPlan, ExpertExecutor, Routing};
 use crate::ops::swiglu::{swiglu_backward, swiglu_forward, SwigluCache};
+use crate::shards::TokenShards;
 use crate::weights::DenseLayerWeights;
 
 /// What the MoE backward pass needs from its forward pass.
@@ -18,7 +19,9 @@ pub struct MoeCache {
 }
 
 /// `out_td = sum_chosen gate * Expert(x) + sum_shared Shared(x)` for the
-/// `num_tokens` rows of `x_td`; returns the output and the cache.
+/// `num_tokens` rows of `x_td`; returns the output and the cache. With
+/// attention shards, `x_td` is this shard's tokens and `shards` sums the
+/// router statistics over the micro-batch.
 pub fn moe_forward(
     cfg: &ModelConfig,
     layer: usize,
@@ -26,9 +29,10 @@ pub fn moe_forward(
     x_td: &[f32],
     num_tokens: usize,
     experts: &mut dyn ExpertExecutor,
+    shards: &mut dyn TokenShards,
 ) -> Result<(Vec<f32>, MoeCache), ModelError> {
     let (t, d, f) = (num_tokens, cfg.d_model, cfg.ffn_hidden);
-    let routing = route(cfg, x_td, &w.router, t);
+    let routing = route_sharded(cfg, x_td, &w.router, t, shards)?;
     let plan = DispatchPlan::from_routing(&routing, cfg.n_experts, cfg.top_k);
     let x_ad = plan.gather(x_td, d);
     let y_ad = experts.forward(layer, &plan, &x_ad)?;

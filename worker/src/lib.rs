@@ -1,6 +1,7 @@
 //! One rank of a training job (DESIGN section 4): its data, its step
 //! engine, its checkpoint IO and its metrics.
 
+pub mod attention_shards;
 pub mod config;
 pub mod data;
 pub mod dispatch;

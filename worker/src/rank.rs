@@ -7,6 +7,7 @@
 //! to the global norm across all ranks; AdamW; maybe a checkpoint. Rank 0
 //! reports metrics and commits checkpoints.
 
+use crate::attention_shards::{cut_to_shard, joined, ShardGroup};
 use crate::config::JobConfig;
 use crate::dispatch::{AllToAllExperts, DispatchStats};
 use crate::error::WorkerError;
@@ -17,29 +18,42 @@ use crate::train::{open_data, starting_state, Observer, Resume, RunOptions, Star
 use checkpoint::{CheckpointStore, ShardReport};
 use collectives::Communicator;
 use coordinator::{ParallelDims, PlacementPlan};
-use model::model::{forward_backward, ForwardStats, LossScales, MicroBatch};
+use model::model::{forward_backward, forward_backward_sharded, ForwardStats, LossScales, MicroBatch};
 use model::moe::LocalExperts;
 use model::ops::rope::RopeTable;
 use model::optim::{adamw_update, clip_factor, sum_of_squares, takes_weight_decay};
 use model::schedule::learning_rate;
+use model::shards::{shard_split, ShardSplit};
 use model::ModelWeights;
 use std::time::Instant;
 
 /// The groups a rank talks to.
 struct Groups {
-    /// Every rank (dense gradients: attn_tp = 1, so dp = world).
+    /// Every rank (replicated dense gradients).
     world_rank: usize,
     /// The ranks sharing one copy of the experts (all-to-all, norm).
     ep: Box<dyn Communicator>,
     /// The replicas of this rank's experts (expert gradients), when edp > 1.
     edp: Option<Box<dyn Communicator>>,
+    /// The attention shards of this rank's micro-batches, when attn_tp > 1.
+    tp: Option<Box<dyn Communicator>>,
+    /// The ranks holding the same attention shard (its gradients), when attn_tp > 1 and dp > 1.
+    dp: Option<Box<dyn Communicator>>,
 }
 
 fn groups(comm: &mut dyn Communicator, dims: &ParallelDims) -> Result<Groups, WorkerError> {
     let rank = comm.rank();
     let ep = comm.split(dims.edp_rank(rank), dims.ep_rank(rank))?;
     let edp = if dims.edp > 1 { Some(comm.split(dims.ep_rank(rank), dims.edp_rank(rank))?) } else { None };
-    Ok(Groups { world_rank: rank, ep, edp })
+    let sharded = dims.attn_tp > 1;
+    let tp = if sharded { Some(comm.split(dims.dp_rank(rank), dims.tp_rank(rank))?) } else { None };
+    let dp = if sharded && dims.dp > 1 { Some(comm.split(dims.tp_rank(rank), dims.dp_rank(rank))?) } else { None };
+    Ok(Groups { world_rank: rank, ep, edp, tp, dp })
+}
+
+/// Whether `name` is cut over attention shards in this layout.
+fn is_sharded(dims: &ParallelDims, name: &str, d_model: usize) -> bool {
+    dims.attn_tp > 1 && shard_split(name, d_model) != ShardSplit::Replicated
 }
 
 /// This machine's host name (per UTS namespace, as `hostname` prints it).
@@ -65,6 +79,9 @@ pub fn run_rank(
     let data = open_data(job)?;
     // Every rank makes the same checks, so a refusal stops all of them alike.
     let (store, mut state, resumed_from) = starting_state(job, opts, &placement, dims.ep_rank(rank))?;
+    if dims.attn_tp > 1 {
+        cut_to_shard(&mut state, cfg.d_model, dims.tp_rank(rank), dims.attn_tp);
+    }
 
     let mut metrics_out = None;
     if lead {
@@ -136,7 +153,14 @@ pub fn run_rank(
                 forward_backward(cfg, &rope, &state.weights.dense, &mut grads.dense, &mut experts, mb, scales)?
             } else {
                 let mut a2a = AllToAllExperts::new(cfg, groups.ep.as_mut(), &placement, experts);
-                let stats = forward_backward(cfg, &rope, &state.weights.dense, &mut grads.dense, &mut a2a, mb, scales)?;
+                let (dense, grads) = (&state.weights.dense, &mut grads.dense);
+                let stats = match groups.tp.as_mut() {
+                    Some(tp) => {
+                        let mut shards = ShardGroup { comm: tp.as_mut() };
+                        forward_backward_sharded(cfg, &rope, dense, grads, &mut a2a, &mut shards, mb, scales)?
+                    }
+                    None => forward_backward(cfg, &rope, dense, grads, &mut a2a, mb, scales)?,
+                };
                 local.dispatch.add(&a2a.stats);
                 stats
             };
@@ -144,19 +168,36 @@ pub fn run_rank(
             local.add(&stats);
         }
 
-        // Gradient sync: dense over data-parallel ranks, experts over replicas.
+        // Gradient sync: replicated dense tensors over every rank, attention
+        // shards over the ranks holding the same shard, experts over replicas.
         let sync_started = Instant::now();
         if dims.world > 1 {
-            all_reduce_tensors(comm, grads.dense.tensors_mut())?;
+            let (sharded, replicated): (Vec<_>, Vec<_>) =
+                grads.dense.tensors_mut().into_iter().partition(|(name, _)| is_sharded(&dims, name, cfg.d_model));
+            all_reduce_tensors(comm, replicated)?;
+            if let Some(dp) = groups.dp.as_mut() {
+                all_reduce_tensors(dp.as_mut(), sharded)?;
+            }
         }
         if let Some(edp) = groups.edp.as_mut() {
             all_reduce_tensors(edp.as_mut(), grads.experts.tensors_mut())?;
         }
-        // Dense gradients are identical everywhere now; each expert counts once per EP group.
-        let dense_sq: f64 = grads.dense.tensors().iter().map(|(_, g)| sum_of_squares(g)).sum();
+        // Replicated gradients are identical everywhere now; each attention
+        // shard counts once per shard group, each expert once per EP group.
+        let (mut dense_sq, mut shard_sq) = (0.0f64, [0.0f64]);
+        for (name, g) in grads.dense.tensors() {
+            if is_sharded(&dims, &name, cfg.d_model) {
+                shard_sq[0] += sum_of_squares(g);
+            } else {
+                dense_sq += sum_of_squares(g);
+            }
+        }
+        if let Some(tp) = groups.tp.as_mut() {
+            tp.all_reduce_sum_f64(&mut shard_sq)?;
+        }
         let mut expert_sq = [grads.experts.tensors().iter().map(|(_, g)| sum_of_squares(g)).sum::<f64>()];
         groups.ep.all_reduce_sum_f64(&mut expert_sq)?;
-        let grad_norm = (dense_sq + expert_sq[0]).sqrt();
+        let grad_norm = (dense_sq + shard_sq[0] + expert_sq[0]).sqrt();
         let sync_s = sync_started.elapsed().as_secs_f64();
 
         let micro_batches_global = (job.train.global_batch_size / micro) as f64;
@@ -185,7 +226,14 @@ pub fn run_rank(
 
         let every = job.checkpoint.every;
         if state.step == end || (every > 0 && state.step.is_multiple_of(every)) {
-            let url = save_checkpoint(comm, &store, job, &dims, &placement, &state)?;
+            let url = match groups.tp.as_mut() {
+                // Checkpoints hold full tensors: join the attention shards first.
+                Some(tp) => {
+                    let full = joined(&state, tp.as_mut(), cfg.d_model)?;
+                    save_checkpoint(comm, &store, job, &dims, &placement, &full)?
+                }
+                None => save_checkpoint(comm, &store, job, &dims, &placement, &state)?,
+            };
             if let Some(obs) = observer.as_deref_mut() {
                 obs.on_checkpoint(state.step, &url);
             }

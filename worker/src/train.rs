@@ -166,10 +166,13 @@ pub(crate) fn open_data(job: &JobConfig) -> Result<DataSource, WorkerError> {
 /// `checkpoint.every` steps and at the end. Rank 0 reports to `observer`.
 pub fn train(job: &JobConfig, opts: &RunOptions, observer: &mut dyn Observer) -> Result<TrainSummary, WorkerError> {
     let dims = job.parallel_dims().map_err(|e| WorkerError::Layout(e.to_string()))?;
-    if dims.attn_tp > 1 {
-        return Err(WorkerError::Layout(
-            "parallel.attn_tp > 1 (attention shards) is not implemented yet: set attn_tp = 1".into(),
-        ));
+    let micro_tokens = job.train.micro_batch_size * job.model.seq_len;
+    if !micro_tokens.is_multiple_of(dims.attn_tp) {
+        return Err(WorkerError::Layout(format!(
+            "parallel.attn_tp = {} shards must divide a micro-batch's {micro_tokens} tokens \
+             (train.micro_batch_size x model.seq_len)",
+            dims.attn_tp
+        )));
     }
     match job.parallel.backend.as_str() {
         "local" if dims.world == 1 => run_rank(job, opts, &mut SelfComm, Some(observer)),

@@ -85,6 +85,30 @@ fn a_run_on_4_ranks_resumes_on_2_and_on_1() {
 }
 
 #[test]
+fn attention_shards_match_one_rank() {
+    // attn_tp = 2: heads in two groups, each micro-batch's tokens in two
+    // slices; on 2 ranks (dp 1) and on 4 (dp 2).
+    let one = losses(&job(1, &[]), "tp1", Resume::No, None, None);
+    for ranks in [2, 4] {
+        let sharded = losses(&job(ranks, &["parallel.attn_tp=2"]), &format!("tp2-{ranks}"), Resume::No, None, None);
+        assert_close(&one, &sharded, &format!("attn_tp 2 on {ranks} ranks"));
+    }
+}
+
+#[test]
+fn a_run_with_attention_shards_resumes_without_them_and_back() {
+    let reference = losses(&job(1, &[]), "tp-reshard-ref", Resume::No, None, None);
+    let layouts = [(job(4, &["parallel.attn_tp=2"]), job(1, &[])), (job(1, &[]), job(2, &["parallel.attn_tp=2"]))];
+    for (i, (first, second)) in layouts.iter().enumerate() {
+        let dir = temp_dir(&format!("tp-reshard-{i}"));
+        let head = losses(first, "", Resume::No, Some(10), Some(&dir));
+        let tail = losses(second, "", Resume::Latest, None, Some(&dir));
+        let joined: Vec<f64> = head.into_iter().chain(tail).collect();
+        assert_close(&reference, &joined, &format!("attention shards changed at step 10 (case {i})"));
+    }
+}
+
+#[test]
 fn per_rank_metrics_account_for_every_token() {
     let dir = temp_dir("metrics4");
     let mut rec = Recorder::default();

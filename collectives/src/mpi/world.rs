@@ -8,11 +8,12 @@ use std::os::raw::{c_int, c_void};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Tag of the point-to-point messages of the pairwise all-to-all.
-const PAIRWISE_TAG: c_int = 11;
+/// Tag of the point-to-point messages of the large all-to-all.
+const P2P_TAG: c_int = 11;
 
-/// Exchanges moving more bytes per rank than this go pairwise.
-const PAIRWISE_FROM_BYTES: usize = 256 << 10;
+/// Exchanges where some rank sends more bytes than this go as posted
+/// point-to-point messages rather than one `MPI_Ialltoallv`.
+const LINEAR_FROM_BYTES: usize = 256 << 10;
 
 /// The longest a timed-out rank waits for its peers' roll-call answers.
 const ROLL_CALL_GRACE: Duration = Duration::from_secs(10);
@@ -242,33 +243,42 @@ impl MpiComm {
         Ok((recv, counts))
     }
 
-    /// Tells every rank how many values it will receive from here.
-    fn exchange_counts(&mut self, op: &'static str, send_counts: &[usize]) -> Result<Vec<usize>, CommError> {
-        let send_c = send_counts.iter().map(|&n| c_count(op, n)).collect::<Result<Vec<_>, _>>()?;
-        let mut recv_c = vec![0 as c_int; self.size];
-        // SAFETY: one int to and from every rank.
+    /// Tells every rank how many values it will receive from here, and how
+    /// many this rank sends in all; returns the counts this rank receives
+    /// and the largest total any rank sends (the same on every rank, so
+    /// every rank picks the same algorithm).
+    fn exchange_counts(&mut self, op: &'static str, send_counts: &[usize]) -> Result<(Vec<usize>, usize), CommError> {
+        let total = c_count(op, send_counts.iter().sum())?;
+        let mut send_c = Vec::with_capacity(2 * self.size);
+        for &n in send_counts {
+            send_c.extend([c_count(op, n)?, total]);
+        }
+        let mut recv_c = vec![0 as c_int; 2 * self.size];
+        // SAFETY: two ints to and from every rank.
         self.run(op, |comm, req| unsafe {
             ffi::MPI_Ialltoall(
                 send_c.as_ptr().cast(),
-                1,
+                2,
                 c_int::datatype(),
                 recv_c.as_mut_ptr().cast(),
-                1,
+                2,
                 c_int::datatype(),
                 comm,
                 req,
             )
         })?;
-        Ok(recv_c.into_iter().map(|n| n as usize).collect())
+        let counts = recv_c.chunks_exact(2).map(|pair| pair[0] as usize).collect();
+        let largest = recv_c.chunks_exact(2).map(|pair| pair[1] as usize).max().unwrap_or(0);
+        Ok((counts, largest))
     }
 
     /// Blocking all-to-all-v into `recv` (its allocation reused: a fresh
     /// buffer of tens of MiB costs more in page faults than the transfer).
     ///
     /// Small exchanges are one `MPI_Ialltoallv` (latency-bound: one call).
-    /// Large ones are a pairwise exchange: in round k this rank sends to
-    /// rank+k and receives from rank-k, one pair of messages in flight, as
-    /// the blocking `MPI_Alltoallv` does for large messages.
+    /// Large ones post every receive, then every send (to rank+1, rank+2,
+    /// ... so that ranks do not all hit one peer first), and poll them all,
+    /// as OpenMPI's blocking `MPI_Alltoallv` does.
     fn all_to_all_into<T: MpiElem>(
         &mut self,
         op: &'static str,
@@ -277,7 +287,7 @@ impl MpiComm {
         recv: &mut Vec<T>,
     ) -> Result<Vec<usize>, CommError> {
         self.check_counts(op, send_counts, send.len())?;
-        let recv_counts = self.exchange_counts(op, send_counts)?;
+        let (recv_counts, largest_send) = self.exchange_counts(op, send_counts)?;
         let (send_c, send_displs) = counts_and_displs(op, send_counts)?;
         let (recv_c, recv_displs) = counts_and_displs(op, &recv_counts)?;
         let total: usize = recv_counts.iter().sum();
@@ -287,8 +297,8 @@ impl MpiComm {
         self.seq += 1;
         let deadline = Instant::now() + self.timeout;
         let ctx = self.timeout_context(seq);
-        let bytes = (send.len().max(total)) * std::mem::size_of::<T>();
-        if bytes <= PAIRWISE_FROM_BYTES {
+        // Decided from the largest sender, so every rank takes the same path.
+        if largest_send * std::mem::size_of::<T>() <= LINEAR_FROM_BYTES {
             let mut request = null_request();
             // SAFETY: counts and displacements describe `send` and the
             // `total` reserved elements of `recv`; all outlive the request.
@@ -331,7 +341,7 @@ impl MpiComm {
                             recv_c[src],
                             T::datatype(),
                             src as c_int,
-                            PAIRWISE_TAG,
+                            P2P_TAG,
                             self.handles.data,
                             &mut request,
                         )
@@ -349,7 +359,7 @@ impl MpiComm {
                             send_c[dst],
                             T::datatype(),
                             dst as c_int,
-                            PAIRWISE_TAG,
+                            P2P_TAG,
                             self.handles.data,
                             &mut request,
                         )
@@ -385,7 +395,7 @@ impl MpiComm {
         send_counts: &[usize],
     ) -> Result<Transfer<T>, CommError> {
         self.check_counts(op, send_counts, send.len())?;
-        let recv_counts = self.exchange_counts(op, send_counts)?;
+        let (recv_counts, _) = self.exchange_counts(op, send_counts)?;
         let (send_c, send_displs) = counts_and_displs(op, send_counts)?;
         let (recv_c, recv_displs) = counts_and_displs(op, &recv_counts)?;
         let mut recv = vec![T::default(); recv_counts.iter().sum()];

@@ -129,7 +129,8 @@ fn bench_moe_layer(case: &LayerCase) -> f64 {
     let s = time_median(5, || {
         let mut gdense = grads.dense.layers[0].clone();
         let mut experts = LocalExperts::new(&cfg, &weights.experts, &mut grads.experts);
-        let (_, cache) = moe_forward(&cfg, 0, layer, &x_td, case.tokens, &mut experts).unwrap();
+        let (_, cache) =
+            moe_forward(&cfg, 0, layer, &x_td, case.tokens, &mut experts, &mut model::shards::NoShards).unwrap();
         let mut dx_td = vec![0.0; x_td.len()];
         moe_backward(&cfg, 0, layer, &mut gdense, &x_td, &cache, 0.01, 0.001, &dout_td, &mut dx_td, &mut experts)
             .unwrap();

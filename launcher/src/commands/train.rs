@@ -46,16 +46,16 @@ pub fn run(args: TrainArgs) -> Result<()> {
     if let Some(backend) = &args.backend {
         overrides.push(format!("parallel.backend=\"{backend}\""));
     }
+    if let Some(ranks) = args.ranks {
+        overrides.push(format!("parallel.ranks={ranks}"));
+    }
     let mut job = JobConfig::load(args.config.as_deref(), &overrides)?;
     let launched = (job.parallel.backend == "mpi").then(collectives::mpi::launched_rank).flatten();
     // Under mpirun/srun the launcher says how many ranks there are.
     if let (Some(size), None) = (launched.as_ref().and_then(|l| l.size), args.ranks) {
         overrides.push(format!("parallel.ranks={size}"));
+        job = JobConfig::load(args.config.as_deref(), &overrides)?;
     }
-    if let Some(ranks) = args.ranks {
-        overrides.push(format!("parallel.ranks={ranks}"));
-    }
-    job = JobConfig::load(args.config.as_deref(), &overrides)?;
     if job.parallel.backend == "mpi" && launched.is_none() {
         // Checked here so a bad layout is reported once, not by every rank.
         job.parallel_dims()?;
