@@ -153,3 +153,24 @@ fn an_incompatible_checkpoint_is_refused_and_left_intact() {
     assert!(!out.status.success() && text(&out).contains("--resume"), "{}", text(&out));
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn bench_step_and_bench_alltoall_print_their_tables() {
+    let dir = temp_dir("bench");
+    let mut args = vec!["bench", "step", "--ranks", "1,2", "--backends", "local", "--steps", "4"];
+    for set in ["model.d_model=32", "model.ffn_hidden=64", "model.seq_len=16"] {
+        args.extend(["--set", set]);
+    }
+    let out = switchyard(&args, &dir);
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("| local | 1 |") && log.contains("| local | 2 |"), "{log}");
+
+    let out = switchyard(&["bench", "alltoall", "--ranks", "2", "--max-mib", "1", "--json"], &dir);
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stdout is the JSON report");
+    let rows = report["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 5, "4 KiB to 1 MiB: {log}");
+    assert!(rows.iter().all(|r| r["gb_per_s"].as_f64().unwrap() > 0.0), "{log}");
+}

@@ -34,7 +34,10 @@ pub struct StepMetrics {
     pub expert_s: f64,
     /// Time in gradient all-reduce and norm.
     pub sync_s: f64,
-    /// Per rank detail (empty for a single rank).
+    /// Slowest rank's forward+backward time (all-to-all included).
+    #[serde(default)]
+    pub compute_s: f64,
+    /// Per rank detail.
     pub per_rank: Vec<RankMetrics>,
 }
 

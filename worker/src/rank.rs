@@ -367,6 +367,7 @@ impl LocalStep {
             alltoall_bytes_received: per_rank.iter().map(|r| r.alltoall_bytes_received).sum(),
             alltoall_s: per_rank.iter().map(|r| r.alltoall_s).fold(0.0, f64::max),
             expert_s: per_rank.iter().map(|r| r.expert_s).fold(0.0, f64::max),
+            compute_s: per_rank.iter().map(|r| r.compute_s).fold(0.0, f64::max),
             per_rank,
             ..Default::default()
         })

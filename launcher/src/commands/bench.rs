@@ -12,6 +12,27 @@ pub enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Where a training step's time goes (compute, all-to-all, gradient sync, other) on 1, 2, 4 ranks.
+    Step {
+        /// Rank counts to measure, e.g. 1,2,4.
+        #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+        ranks: Vec<usize>,
+        /// Backends to measure: local, and mpi when this binary has it.
+        #[arg(long, value_delimiter = ',')]
+        backends: Option<Vec<String>>,
+        /// Job config (default: the built-in tiny job).
+        #[arg(long)]
+        config: Option<std::path::PathBuf>,
+        /// Override a config key (repeatable), as for train.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        /// Steps per job (the first 2 are warm-up).
+        #[arg(long, default_value_t = 12)]
+        steps: u64,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// All-to-all-v bandwidth, 4 KiB to 64 MiB per rank, against mpi4py's Alltoallv.
     Alltoall {
         /// Number of ranks.
@@ -20,6 +41,9 @@ pub enum BenchCommand {
         /// local (threads) or mpi (processes; needs a build with --features mpi).
         #[arg(long, default_value = "local")]
         backend: String,
+        /// Largest message per rank, in MiB (sizes 4 KiB ... this).
+        #[arg(long, default_value_t = 64)]
+        max_mib: usize,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -30,6 +54,25 @@ pub enum BenchCommand {
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Layer { json } => crate::commands::bench_layer::run(json),
-        BenchCommand::Alltoall { ranks, backend, json } => crate::commands::bench_alltoall::run(ranks, &backend, json),
+        BenchCommand::Step { ranks, backends, config, overrides, steps, json } => {
+            let backends = backends.unwrap_or_else(|| {
+                let mut all = vec!["local".to_string()];
+                if collectives::mpi::COMPILED {
+                    all.push("mpi".into());
+                }
+                all
+            });
+            crate::commands::bench_step::run(crate::commands::bench_step::StepBench {
+                ranks,
+                backends,
+                config,
+                overrides,
+                steps,
+                json,
+            })
+        }
+        BenchCommand::Alltoall { ranks, backend, max_mib, json } => {
+            crate::commands::bench_alltoall::run(ranks, &backend, max_mib, json)
+        }
     }
 }

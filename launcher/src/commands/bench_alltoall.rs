@@ -60,9 +60,10 @@ struct ReportRow {
     speed_vs_mpi4py: Option<f64>,
 }
 
-fn plan() -> Vec<Case> {
+fn plan(max_mib: usize) -> Vec<Case> {
     SIZES
         .iter()
+        .filter(|&&bytes| bytes <= max_mib << 20)
         .map(|&bytes| Case { bytes, warmup: 3, iters: ((256 << 20) / bytes).clamp(10, 300), repeats: 5 })
         .collect()
 }
@@ -109,8 +110,8 @@ fn parse_rows(output: &[u8], what: &str) -> Result<Vec<Measured>> {
 }
 
 /// The benchmark: as one rank of an MPI job, or as the command a user runs.
-pub fn run(ranks: usize, backend: &str, json: bool) -> Result<()> {
-    let plan = plan();
+pub fn run(ranks: usize, backend: &str, max_mib: usize, json: bool) -> Result<()> {
+    let plan = plan(max_mib);
     if backend == "mpi" && launched_rank().is_some() {
         let world = MpiWorld::init()?;
         let mut comm = world.world(Duration::from_secs(300))?;
@@ -136,7 +137,7 @@ pub fn run(ranks: usize, backend: &str, json: bool) -> Result<()> {
             results.into_iter().next().expect("rank 0")?
         }
         "mpi" => {
-            let args = ["bench".into(), "alltoall".into(), "--backend".into(), "mpi".into()];
+            let args = ["bench", "alltoall", "--backend", "mpi", "--max-mib", &max_mib.to_string()].map(String::from);
             let out = crate::mpirun::self_command(ranks, &args)?.output().map_err(crate::mpirun::not_started)?;
             parse_rows(&out.stdout, "the MPI benchmark ranks")?
         }

@@ -1,0 +1,137 @@
+//! `switchyard bench step`: where a training step's time goes — compute,
+//! all-to-all, gradient sync and the rest — on 1, 2, 4 ranks, for every
+//! backend this binary has (threads, and MPI processes when built with
+//! `--features mpi`), measured in the same run so they can be compared.
+//!
+//! Each row is a real `switchyard train` of the same job (default: the
+//! built-in tiny job) in a scratch folder; the first steps are warm-up and
+//! left out. Times are the slowest rank's, averaged over the other steps:
+//! compute = forward+backward without all-to-all, other = data, optimizer
+//! and metrics.
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use worker::metrics::StepMetrics;
+
+/// Steps left out of the averages (thread pools, allocations warming up).
+const WARMUP_STEPS: usize = 2;
+
+/// What `switchyard bench step` measures.
+pub struct StepBench {
+    pub ranks: Vec<usize>,
+    pub backends: Vec<String>,
+    pub config: Option<PathBuf>,
+    pub overrides: Vec<String>,
+    pub steps: u64,
+    pub json: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct Row {
+    backend: String,
+    ranks: usize,
+    step_s: f64,
+    tokens_per_s: f64,
+    compute_s: f64,
+    alltoall_s: f64,
+    sync_s: f64,
+    other_s: f64,
+    alltoall_mb_per_step: f64,
+    loss_at_end: f64,
+}
+
+/// Runs every (backend, ranks) row and prints the table.
+pub fn run(bench: StepBench) -> Result<()> {
+    if bench.steps as usize <= WARMUP_STEPS {
+        bail!("--steps must be more than the {WARMUP_STEPS} warm-up steps");
+    }
+    let scratch = std::env::temp_dir().join(format!("switchyard-bench-step-{}", std::process::id()));
+    let mut rows = Vec::new();
+    for backend in &bench.backends {
+        for &ranks in &bench.ranks {
+            eprintln!("bench step: {backend} backend, {ranks} rank(s) ...");
+            let run_dir = scratch.join(format!("{backend}-{ranks}"));
+            let _ = std::fs::remove_dir_all(&run_dir);
+            train(&bench, backend, ranks, &run_dir)?;
+            rows.push(summarise(backend, ranks, &run_dir)?);
+        }
+    }
+    let _ = std::fs::remove_dir_all(&scratch);
+    if bench.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        print_table(&rows);
+    }
+    Ok(())
+}
+
+fn train(bench: &StepBench, backend: &str, ranks: usize, run_dir: &Path) -> Result<()> {
+    let exe = std::env::current_exe().context("cannot find this program to run the training jobs")?;
+    let mut cmd = Command::new(exe);
+    cmd.args(["train", "--quiet", "--backend", backend, "--ranks", &ranks.to_string(), "--run-dir"]).arg(run_dir);
+    if let Some(config) = &bench.config {
+        cmd.arg("--config").arg(config);
+    }
+    for set in &bench.overrides {
+        cmd.args(["--set", set]);
+    }
+    let steps = format!("train.steps={}", bench.steps);
+    cmd.args(["--set", &steps, "--set", "checkpoint.every=0", "--set", "train.log_every=1000000"]);
+    let out = cmd.output().context("cannot start the training job")?;
+    if !out.status.success() {
+        bail!(
+            "the {backend} job on {ranks} rank(s) failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+fn summarise(backend: &str, ranks: usize, run_dir: &Path) -> Result<Row> {
+    let path = run_dir.join("metrics.jsonl");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    let steps: Vec<StepMetrics> = text.lines().map(serde_json::from_str).collect::<Result<_, _>>()?;
+    let timed = &steps[WARMUP_STEPS.min(steps.len())..];
+    let mean = |f: &dyn Fn(&StepMetrics) -> f64| timed.iter().map(f).sum::<f64>() / timed.len().max(1) as f64;
+    let step_s = mean(&|m| m.step_time_s);
+    let compute_all = mean(&|m| m.compute_s);
+    let alltoall_s = mean(&|m| m.alltoall_s);
+    let sync_s = mean(&|m| m.sync_s);
+    Ok(Row {
+        backend: backend.into(),
+        ranks,
+        step_s,
+        tokens_per_s: mean(&|m| m.tokens as f64) / step_s,
+        compute_s: compute_all - alltoall_s,
+        alltoall_s,
+        sync_s,
+        other_s: (step_s - compute_all - sync_s).max(0.0),
+        alltoall_mb_per_step: mean(&|m| m.alltoall_bytes_sent as f64) / 1e6,
+        loss_at_end: steps.last().map_or(f64::NAN, |m| m.loss),
+    })
+}
+
+fn print_table(rows: &[Row]) {
+    println!("switchyard bench step (times per step: slowest rank, mean after {WARMUP_STEPS} warm-up steps)");
+    println!();
+    println!("| backend | ranks | step | tokens/s | compute | all-to-all | grad sync | other | all-to-all MB/step |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let ms = |s: f64| format!("{:.1} ms", s * 1e3);
+    for r in rows {
+        println!(
+            "| {} | {} | {} | {:.0} | {} | {} | {} | {} | {:.2} |",
+            r.backend,
+            r.ranks,
+            ms(r.step_s),
+            r.tokens_per_s,
+            ms(r.compute_s),
+            ms(r.alltoall_s),
+            ms(r.sync_s),
+            ms(r.other_s),
+            r.alltoall_mb_per_step
+        );
+    }
+}
