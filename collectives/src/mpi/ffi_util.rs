@@ -3,6 +3,7 @@
 use crate::CommError;
 use mpi::ffi;
 use std::os::raw::c_int;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Instant;
 
 /// Element types the backend sends, with their MPI datatypes.
@@ -90,8 +91,15 @@ pub(super) fn null_request() -> ffi::MPI_Request {
     unsafe { ffi::RSMPI_REQUEST_NULL }
 }
 
-/// Tests made without yielding the core, at the start of a wait.
-const SPIN_TESTS: u32 = 20_000;
+/// Tests made without yielding the core at the start of a wait: many when
+/// every rank has a core of its own, few when ranks share cores (then a
+/// spinning rank would take the core from the peer it waits for).
+static SPIN_TESTS: AtomicU32 = AtomicU32::new(20_000);
+
+/// Sets how long waits spin before yielding (see [`SPIN_TESTS`]).
+pub(super) fn set_spin_tests(tests: u32) {
+    SPIN_TESTS.store(tests, Ordering::Relaxed);
+}
 
 /// Drives `requests` with `MPI_Testall` (which is also what makes MPI
 /// progress) until all completed (`Ok(true)`) or `deadline` passes
@@ -113,7 +121,7 @@ pub(super) fn poll(op: &'static str, requests: &mut [ffi::MPI_Request], deadline
         // and needs both sides to test often. Then yield, so that ranks
         // sharing a core (oversubscribed) let each other run.
         tests = tests.saturating_add(1);
-        if tests > SPIN_TESTS {
+        if tests > SPIN_TESTS.load(Ordering::Relaxed) {
             std::thread::yield_now();
         }
     }

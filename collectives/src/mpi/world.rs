@@ -1,6 +1,6 @@
 //! MPI initialisation, communicators and the collectives over them.
 
-use super::ffi_util::{c_count, check, counts_and_displs, null_request, poll, MpiElem};
+use super::ffi_util::{c_count, check, counts_and_displs, null_request, poll, set_spin_tests, MpiElem};
 use super::roll_call::missing_ranks;
 use crate::{CommError, Communicator, Pending, PendingOp, Received};
 use mpi::ffi;
@@ -46,6 +46,10 @@ impl MpiWorld {
                 ),
             });
         }
+        if oversubscribed() {
+            // A short spin still catches replies that are already on their way.
+            set_spin_tests(200);
+        }
         Ok(Self { _universe: universe })
     }
 
@@ -61,6 +65,16 @@ impl MpiWorld {
     pub fn abort(&self, message: &str, code: i32) -> ! {
         abort_job(message, code)
     }
+}
+
+/// Whether this node runs more ranks than it has cores (mpirun says so,
+/// or the local rank count says so).
+fn oversubscribed() -> bool {
+    let var = |name: &str| std::env::var(name).ok();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let local_ranks = var("OMPI_COMM_WORLD_LOCAL_SIZE").or_else(|| var("SLURM_NTASKS_PER_NODE"));
+    var("OMPI_MCA_mpi_oversubscribe").as_deref() == Some("1")
+        || local_ranks.and_then(|n| n.parse::<usize>().ok()).is_some_and(|n| n > cores)
 }
 
 fn world_rank() -> usize {
@@ -322,13 +336,6 @@ impl MpiComm {
             // SAFETY (all blocks below): every range lies inside `send` or
             // the reserved `total` elements of `recv`, and is waited for
             // before this function returns (or the job ends).
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    send.as_ptr().add(send_displs[rank] as usize),
-                    recv_ptr.add(recv_displs[rank] as usize),
-                    send_counts[rank],
-                );
-            }
             // Receives first, so every message finds its buffer posted.
             let mut requests = Vec::with_capacity(2 * size);
             for k in 1..size {
@@ -366,6 +373,14 @@ impl MpiComm {
                     })?;
                     requests.push(request);
                 }
+            }
+            // This rank's own block moves while the peers' transfers run.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    send.as_ptr().add(send_displs[rank] as usize),
+                    recv_ptr.add(recv_displs[rank] as usize),
+                    send_counts[rank],
+                );
             }
             wait_or_abort(op, &mut requests, deadline, &ctx)?;
         }
