@@ -8,6 +8,9 @@ use std::os::raw::{c_int, c_void};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// Bytes of the own block copied between two progress tests.
+const SELF_COPY_PIECE: usize = 1 << 20;
+
 /// Tag of the point-to-point messages of the large all-to-all.
 const P2P_TAG: c_int = 11;
 
@@ -374,13 +377,22 @@ impl MpiComm {
                     requests.push(request);
                 }
             }
-            // This rank's own block moves while the peers' transfers run.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    send.as_ptr().add(send_displs[rank] as usize),
-                    recv_ptr.add(recv_displs[rank] as usize),
-                    send_counts[rank],
-                );
+            // This rank's own block moves while the peers' transfers run,
+            // in pieces with a test between them: the receiver drives the
+            // single-copy transfers, so a long copy without tests stalls them.
+            let (own_from, own_to) = (send_displs[rank] as usize, recv_displs[rank] as usize);
+            let mut copied = 0;
+            while copied < send_counts[rank] {
+                let n = (send_counts[rank] - copied).min(SELF_COPY_PIECE / std::mem::size_of::<T>());
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        send.as_ptr().add(own_from + copied),
+                        recv_ptr.add(own_to + copied),
+                        n,
+                    );
+                }
+                copied += n;
+                poll(op, &mut requests, Instant::now())?;
             }
             wait_or_abort(op, &mut requests, deadline, &ctx)?;
         }

@@ -44,6 +44,9 @@ pub enum BenchCommand {
         /// Largest message per rank, in MiB (sizes 4 KiB ... this).
         #[arg(long, default_value_t = 64)]
         max_mib: usize,
+        /// Rounds of switchyard then mpi4py; each side's best per size is reported.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -71,8 +74,8 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                 json,
             })
         }
-        BenchCommand::Alltoall { ranks, backend, max_mib, json } => {
-            crate::commands::bench_alltoall::run(ranks, &backend, max_mib, json)
+        BenchCommand::Alltoall { ranks, backend, max_mib, rounds, json } => {
+            crate::commands::bench_alltoall::run(ranks, &backend, max_mib, rounds.max(1), json)
         }
     }
 }

@@ -7,8 +7,9 @@
 //! block included), into a receive buffer kept across calls (switchyard's
 //! `all_to_all_v_into`; the peer preallocates its numpy buffer). Time is the slowest rank's mean over
 //! the timed iterations, fastest of 7 repeats (on a shared machine the
-//! slower repeats measure the other processes); bandwidth is bytes sent
-//! per rank / time.
+//! slower repeats measure the other processes); switchyard and the peer
+//! alternate for `--rounds` rounds and each keeps its best. Bandwidth is
+//! bytes sent per rank / time.
 
 use anyhow::{bail, Context, Result};
 use collectives::local::LocalWorld;
@@ -111,7 +112,7 @@ fn parse_rows(output: &[u8], what: &str) -> Result<Vec<Measured>> {
 }
 
 /// The benchmark: as one rank of an MPI job, or as the command a user runs.
-pub fn run(ranks: usize, backend: &str, max_mib: usize, json: bool) -> Result<()> {
+pub fn run(ranks: usize, backend: &str, max_mib: usize, rounds: usize, json: bool) -> Result<()> {
     let plan = plan(max_mib);
     if backend == "mpi" && launched_rank().is_some() {
         let world = MpiWorld::init()?;
@@ -125,30 +126,22 @@ pub fn run(ranks: usize, backend: &str, max_mib: usize, json: bool) -> Result<()
     if ranks < 2 {
         bail!("--ranks must be 2 or more: an all-to-all on one rank moves nothing");
     }
-    eprintln!("measuring switchyard's all_to_all_v ({backend} backend, {ranks} ranks) ...");
-    let ours = match backend {
-        "local" => {
-            let comms = LocalWorld::new(ranks, Duration::from_secs(300));
-            let plan = &plan;
-            let results: Vec<Result<Vec<Measured>>> = std::thread::scope(|scope| {
-                let handles: Vec<_> =
-                    comms.into_iter().map(|mut c| scope.spawn(move || measure(&mut c, plan))).collect();
-                handles.into_iter().map(|h| h.join().expect("a benchmark rank panicked")).collect()
-            });
-            results.into_iter().next().expect("rank 0")?
+    // Alternate the two in rounds and keep each one's best per size, so a
+    // slow spell of the machine does not land on one side only.
+    let (mut ours, mut peer): (Option<Vec<Measured>>, Option<Vec<Measured>>) = (None, None);
+    let mut peer_note = "mpi4py Alltoallv over OpenMPI, same sizes and rank count".to_string();
+    for round in 1..=rounds {
+        eprintln!("round {round}/{rounds}: switchyard's all_to_all_v ({backend} backend, {ranks} ranks) ...");
+        ours = Some(keep_best(ours, measure_ours(backend, ranks, &plan, max_mib)?));
+        if peer.is_some() || round == 1 {
+            eprintln!("round {round}/{rounds}: mpi4py's Alltoallv ({ranks} processes) ...");
+            match run_peer(ranks, &plan) {
+                Ok(rows) => peer = Some(keep_best(peer, rows)),
+                Err(e) => peer_note = format!("mpi4py not measured: {e:#}"),
+            }
         }
-        "mpi" => {
-            let args = ["bench", "alltoall", "--backend", "mpi", "--max-mib", &max_mib.to_string()].map(String::from);
-            let out = crate::mpirun::self_command(ranks, &args)?.output().map_err(crate::mpirun::not_started)?;
-            parse_rows(&out.stdout, "the MPI benchmark ranks")?
-        }
-        other => bail!("--backend {other}: use local or mpi"),
-    };
-    eprintln!("measuring mpi4py's Alltoallv ({ranks} processes) ...");
-    let (peer, peer_note) = match run_peer(ranks, &plan) {
-        Ok(rows) => (Some(rows), "mpi4py Alltoallv over OpenMPI, same sizes and rank count".to_string()),
-        Err(e) => (None, format!("mpi4py not measured: {e:#}")),
-    };
+    }
+    let ours = ours.expect("at least one round");
     let rows = ours
         .iter()
         .map(|m| {
@@ -170,6 +163,39 @@ pub fn run(ranks: usize, backend: &str, max_mib: usize, json: bool) -> Result<()
         print_table(&report);
     }
     Ok(())
+}
+
+/// Switchyard's exchange on `backend`: threads here, or ranks under mpirun.
+fn measure_ours(backend: &str, ranks: usize, plan: &[Case], max_mib: usize) -> Result<Vec<Measured>> {
+    match backend {
+        "local" => {
+            let comms = LocalWorld::new(ranks, Duration::from_secs(300));
+            let results: Vec<Result<Vec<Measured>>> = std::thread::scope(|scope| {
+                let handles: Vec<_> =
+                    comms.into_iter().map(|mut c| scope.spawn(move || measure(&mut c, plan))).collect();
+                handles.into_iter().map(|h| h.join().expect("a benchmark rank panicked")).collect()
+            });
+            results.into_iter().next().expect("rank 0")
+        }
+        "mpi" => {
+            let args = ["bench", "alltoall", "--backend", "mpi", "--max-mib", &max_mib.to_string()].map(String::from);
+            let out = crate::mpirun::self_command(ranks, &args)?.output().map_err(crate::mpirun::not_started)?;
+            parse_rows(&out.stdout, "the MPI benchmark ranks")
+        }
+        other => bail!("--backend {other}: use local or mpi"),
+    }
+}
+
+/// Per size, the faster of the best so far and a new measurement.
+fn keep_best(best: Option<Vec<Measured>>, new: Vec<Measured>) -> Vec<Measured> {
+    match best {
+        None => new,
+        Some(best) => best
+            .into_iter()
+            .zip(new)
+            .map(|(a, b)| Measured { bytes: a.bytes, seconds: a.seconds.min(b.seconds) })
+            .collect(),
+    }
 }
 
 /// The same exchange through mpi4py under mpirun.
