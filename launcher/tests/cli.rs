@@ -166,7 +166,7 @@ fn bench_step_and_bench_alltoall_print_their_tables() {
     assert!(out.status.success(), "{log}");
     assert!(log.contains("| local | 1 |") && log.contains("| local | 2 |"), "{log}");
 
-    let out = switchyard(&["bench", "alltoall", "--ranks", "2", "--max-mib", "1", "--json"], &dir);
+    let out = switchyard(&["bench", "alltoall", "--ranks", "2", "--max-mib", "1", "--rounds", "1", "--json"], &dir);
     let log = text(&out);
     assert!(out.status.success(), "{log}");
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stdout is the JSON report");
