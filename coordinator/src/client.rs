@@ -1,0 +1,160 @@
+//! The worker's side of the coordinator protocol, blocking and on plain
+//! threads (the training loop is synchronous): register, heartbeat on a
+//! thread of its own, report steps, and hear a stop.
+
+use crate::protocol::{encode, read_blocking, Message, ProtocolError, Registration, StepReport, Welcome};
+use std::io::Write;
+use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Why a worker could not join or talk to its coordinator.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the coordinator at {addr}: {source} (is it running, and is the address right?)")]
+    Connect { addr: String, source: std::io::Error },
+    #[error("the coordinator at {addr} refused this worker: {reason}")]
+    Refused { addr: String, reason: String, retryable: bool },
+    #[error("talking to the coordinator at {addr}: {source}")]
+    Protocol { addr: String, source: ProtocolError },
+    #[error("the coordinator at {addr} answered with {what} instead of a welcome")]
+    Unexpected { addr: String, what: String },
+}
+
+impl ClientError {
+    /// Whether trying again can succeed (the coordinator may not be up yet).
+    pub fn retryable(&self) -> bool {
+        match self {
+            Self::Connect { .. } => true,
+            Self::Refused { retryable, .. } => *retryable,
+            Self::Protocol { source, .. } => source.retryable(),
+            Self::Unexpected { .. } => false,
+        }
+    }
+}
+
+/// A registered worker's connection.
+pub struct CoordinatorClient {
+    addr: String,
+    welcome: Welcome,
+    writer: Arc<Mutex<TcpStream>>,
+    step: Arc<AtomicU64>,
+    stop: Arc<Mutex<Option<String>>>,
+    closed: Arc<AtomicBool>,
+}
+
+impl CoordinatorClient {
+    /// Connects, registers and starts the heartbeat and listener threads.
+    pub fn connect(addr: &str, registration: Registration, timeout: Duration) -> Result<Self, ClientError> {
+        let connect_error = |source| ClientError::Connect { addr: addr.to_string(), source };
+        let protocol_error = |source| ClientError::Protocol { addr: addr.to_string(), source };
+        let target = addr
+            .to_socket_addrs()
+            .map_err(connect_error)?
+            .next()
+            .ok_or_else(|| connect_error(std::io::Error::other("the name resolves to no address")))?;
+        let mut stream = TcpStream::connect_timeout(&target, timeout).map_err(connect_error)?;
+        stream.set_nodelay(true).map_err(connect_error)?;
+        stream.set_read_timeout(Some(timeout)).map_err(connect_error)?;
+        stream.write_all(&encode(&Message::Register(registration))).map_err(connect_error)?;
+        let welcome = match read_blocking(&mut stream).map_err(protocol_error)? {
+            Message::Welcome(welcome) => welcome,
+            Message::Refused { reason, retryable } => {
+                return Err(ClientError::Refused { addr: addr.to_string(), reason, retryable })
+            }
+            other => return Err(ClientError::Unexpected { addr: addr.to_string(), what: format!("{other:?}") }),
+        };
+        stream.set_read_timeout(None).map_err(connect_error)?;
+        let reader = stream.try_clone().map_err(connect_error)?;
+        let client = Self {
+            addr: addr.to_string(),
+            welcome,
+            writer: Arc::new(Mutex::new(stream)),
+            step: Arc::new(AtomicU64::new(0)),
+            stop: Arc::new(Mutex::new(None)),
+            closed: Arc::new(AtomicBool::new(false)),
+        };
+        client.spawn_heartbeat();
+        client.spawn_listener(reader);
+        Ok(client)
+    }
+
+    fn spawn_heartbeat(&self) {
+        let (writer, step, closed) = (Arc::clone(&self.writer), Arc::clone(&self.step), Arc::clone(&self.closed));
+        let (rank, every) = (self.welcome.rank, Duration::from_millis(self.welcome.heartbeat_ms.max(1)));
+        std::thread::Builder::new()
+            .name("heartbeat".into())
+            .spawn(move || {
+                while !closed.load(Ordering::Relaxed) {
+                    let beat = encode(&Message::Heartbeat { rank, step: step.load(Ordering::Relaxed) });
+                    if lock(&writer).write_all(&beat).is_err() {
+                        break;
+                    }
+                    std::thread::sleep(every);
+                }
+            })
+            .expect("spawn the heartbeat thread");
+    }
+
+    fn spawn_listener(&self, mut reader: TcpStream) {
+        let (stop, closed, addr) = (Arc::clone(&self.stop), Arc::clone(&self.closed), self.addr.clone());
+        std::thread::Builder::new()
+            .name("coordinator-listener".into())
+            .spawn(move || loop {
+                let reason = match read_blocking(&mut reader) {
+                    Ok(Message::Stop { reason }) => reason,
+                    Ok(_) => continue,
+                    Err(_) if closed.load(Ordering::Relaxed) => return,
+                    Err(e) => format!("lost the coordinator at {addr}: {e}"),
+                };
+                lock(&stop).get_or_insert(reason);
+                return;
+            })
+            .expect("spawn the coordinator listener thread");
+    }
+
+    /// What the coordinator said at registration.
+    pub fn welcome(&self) -> &Welcome {
+        &self.welcome
+    }
+
+    /// Heartbeats carry this step from now on.
+    pub fn set_step(&self, step: u64) {
+        self.step.store(step, Ordering::Relaxed);
+    }
+
+    /// Sends one step's report.
+    pub fn report(&self, report: StepReport) -> Result<(), ClientError> {
+        self.set_step(report.step);
+        self.send(&Message::Step(report))
+    }
+
+    /// Why the job must stop, once the coordinator said so (or vanished).
+    pub fn stop_reason(&self) -> Option<String> {
+        lock(&self.stop).clone()
+    }
+
+    /// Says goodbye and closes the connection.
+    pub fn finish(self, ok: bool) -> Result<(), ClientError> {
+        let rank = self.welcome.rank;
+        self.send(&Message::Goodbye { rank, ok })
+    }
+
+    fn send(&self, message: &Message) -> Result<(), ClientError> {
+        lock(&self.writer)
+            .write_all(&encode(message))
+            .map_err(|e| ClientError::Protocol { addr: self.addr.clone(), source: ProtocolError::Io(e) })
+    }
+}
+
+impl Drop for CoordinatorClient {
+    fn drop(&mut self) {
+        self.closed.store(true, Ordering::Relaxed);
+        let _ = lock(&self.writer).shutdown(Shutdown::Both);
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}

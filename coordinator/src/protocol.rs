@@ -1,0 +1,189 @@
+//! The coordinator's wire protocol: every message in one enum, and the one
+//! codec that frames them.
+//!
+//! A frame is an 8-byte header — the magic `SY`, the protocol version (u16,
+//! big-endian) and the payload length (u32, big-endian) — followed by the
+//! payload, one [`Message`] in bincode 2 (standard configuration). The
+//! length is checked against [`MAX_FRAME_BYTES`] before anything is
+//! allocated, and the version before the payload is decoded, so a peer of
+//! another version gets a clear refusal instead of garbage.
+
+use serde::{Deserialize, Serialize};
+
+/// Version of the messages below; bump on any change to them.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// Largest payload accepted (the resolved config and the placement plan fit easily).
+pub const MAX_FRAME_BYTES: usize = 16 << 20;
+/// Frame header length: magic (2), version (2), payload length (4).
+pub const HEADER_BYTES: usize = 8;
+const MAGIC: [u8; 2] = *b"SY";
+
+/// What a worker says about itself when it registers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Registration {
+    /// The job's auth token.
+    pub token: String,
+    pub host: String,
+    pub pid: u32,
+    /// The rank this worker must have (MPI and Slurm decide ranks
+    /// themselves); `None`: the coordinator assigns the next free one.
+    pub rank: Option<u32>,
+    /// Device facts, e.g. "cpu x86_64 2 threads".
+    pub device: String,
+}
+
+/// The coordinator's answer to a registration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Welcome {
+    pub rank: u32,
+    pub world: u32,
+    /// The resolved job config (TOML), so every worker runs the same job.
+    pub config_toml: String,
+    /// Heartbeats are expected at least this often (milliseconds).
+    pub heartbeat_ms: u64,
+}
+
+/// One rank's numbers for one step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepReport {
+    pub rank: u32,
+    pub step: u64,
+    /// This rank's cross-entropy sum and token count (the aggregate is their ratio).
+    pub ce_sum: f64,
+    pub tokens: u64,
+    pub step_time_s: f64,
+    /// Tokens its experts computed, per global expert id (summed over layers).
+    pub expert_tokens: Vec<u64>,
+    pub dropped: u64,
+    pub alltoall_bytes: u64,
+    pub alltoall_s: f64,
+}
+
+/// Every message of the protocol, both directions.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Message {
+    /// Worker → coordinator, the first frame on a connection.
+    Register(Registration),
+    /// Coordinator → worker: registered.
+    Welcome(Welcome),
+    /// Either way: the request is refused; the connection closes after it.
+    Refused { reason: String, retryable: bool },
+    /// Worker → coordinator, every `heartbeat_ms` from its own thread.
+    Heartbeat { rank: u32, step: u64 },
+    /// Worker → coordinator after every step.
+    Step(StepReport),
+    /// Coordinator → worker: stop now (another rank was lost, or the job ends).
+    Stop { reason: String },
+    /// Worker → coordinator: this rank is done (`ok`: it finished the job).
+    Goodbye { rank: u32, ok: bool },
+}
+
+/// Why a frame could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("connection error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("not a switchyard frame (the peer is not a switchyard worker or coordinator)")]
+    BadMagic,
+    #[error(
+        "the peer speaks protocol version {got}, this side version {want}: run the same switchyard release everywhere"
+    )]
+    Version { got: u16, want: u16 },
+    #[error("a frame of {len} bytes exceeds the {max}-byte limit")]
+    TooLarge { len: usize, max: usize },
+    #[error("a frame could not be decoded: {0}")]
+    Decode(String),
+}
+
+impl ProtocolError {
+    /// Whether trying again (on a new connection) can succeed.
+    pub fn retryable(&self) -> bool {
+        matches!(self, Self::Io(_))
+    }
+}
+
+fn bincode_config() -> bincode::config::Configuration {
+    bincode::config::standard()
+}
+
+/// One message as a frame (header and payload).
+pub fn encode(message: &Message) -> Vec<u8> {
+    encode_with_version(message, PROTOCOL_VERSION)
+}
+
+/// [`encode`] with another version in the header (tests of version checks).
+pub fn encode_with_version(message: &Message, version: u16) -> Vec<u8> {
+    let payload = bincode::serde::encode_to_vec(message, bincode_config()).expect("messages always encode");
+    let mut frame = Vec::with_capacity(HEADER_BYTES + payload.len());
+    frame.extend_from_slice(&MAGIC);
+    frame.extend_from_slice(&version.to_be_bytes());
+    frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&payload);
+    frame
+}
+
+/// Checks a header; returns the payload length.
+pub fn decode_header(header: &[u8; HEADER_BYTES]) -> Result<usize, ProtocolError> {
+    if header[..2] != MAGIC {
+        return Err(ProtocolError::BadMagic);
+    }
+    let version = u16::from_be_bytes([header[2], header[3]]);
+    if version != PROTOCOL_VERSION {
+        return Err(ProtocolError::Version { got: version, want: PROTOCOL_VERSION });
+    }
+    let len = u32::from_be_bytes([header[4], header[5], header[6], header[7]]) as usize;
+    if len > MAX_FRAME_BYTES {
+        return Err(ProtocolError::TooLarge { len, max: MAX_FRAME_BYTES });
+    }
+    Ok(len)
+}
+
+/// Decodes a payload; every byte must belong to the message.
+pub fn decode_payload(payload: &[u8]) -> Result<Message, ProtocolError> {
+    let (message, used) = bincode::serde::decode_from_slice(payload, bincode_config())
+        .map_err(|e| ProtocolError::Decode(e.to_string()))?;
+    if used != payload.len() {
+        return Err(ProtocolError::Decode(format!("{} trailing bytes", payload.len() - used)));
+    }
+    Ok(message)
+}
+
+/// Reads one frame from a blocking stream (the worker side).
+pub fn read_blocking(stream: &mut impl std::io::Read) -> Result<Message, ProtocolError> {
+    let mut header = [0u8; HEADER_BYTES];
+    stream.read_exact(&mut header)?;
+    let mut payload = vec![0u8; decode_header(&header)?];
+    stream.read_exact(&mut payload)?;
+    decode_payload(&payload)
+}
+
+/// Reads one frame from an async stream (the coordinator side).
+pub async fn read_async(stream: &mut (impl tokio::io::AsyncRead + Unpin)) -> Result<Message, ProtocolError> {
+    use tokio::io::AsyncReadExt;
+    let mut header = [0u8; HEADER_BYTES];
+    stream.read_exact(&mut header).await?;
+    let mut payload = vec![0u8; decode_header(&header)?];
+    stream.read_exact(&mut payload).await?;
+    decode_payload(&payload)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_checks_come_before_the_payload() {
+        let frame = encode(&Message::Heartbeat { rank: 3, step: 7 });
+        let header: [u8; HEADER_BYTES] = frame[..HEADER_BYTES].try_into().unwrap();
+        assert_eq!(decode_header(&header).unwrap(), frame.len() - HEADER_BYTES);
+        let mut bad = header;
+        bad[0] = b'G';
+        assert!(matches!(decode_header(&bad), Err(ProtocolError::BadMagic)));
+        let old = encode_with_version(&Message::Heartbeat { rank: 3, step: 7 }, 9);
+        let old: [u8; HEADER_BYTES] = old[..HEADER_BYTES].try_into().unwrap();
+        assert!(matches!(decode_header(&old), Err(ProtocolError::Version { got: 9, want: PROTOCOL_VERSION })));
+        let mut huge = header;
+        huge[4..].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert!(matches!(decode_header(&huge), Err(ProtocolError::TooLarge { .. })));
+    }
+}

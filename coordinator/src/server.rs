@@ -1,0 +1,446 @@
+//! The coordinator service (tokio): registration with the job's token,
+//! rank assignment, heartbeats and failure detection, per-step metric
+//! aggregation, and `/metrics` + `/status` over HTTP (`http.rs`).
+//!
+//! It runs on its own runtime threads; the caller (the launcher, or a
+//! test) talks to it through [`Coordinator`]: its addresses, a stream of
+//! [`Event`]s, the current [`Status`], and `stop_all`.
+
+use crate::protocol::{encode, read_async, Message, ProtocolError, Registration, StepReport, Welcome};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{mpsc, Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
+
+/// How a coordinator runs.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Ranks of the job.
+    pub world: usize,
+    /// The job's auth token; a registration without it is refused.
+    pub token: String,
+    /// The resolved job config (TOML) handed to every worker.
+    pub config_toml: String,
+    /// How often workers send heartbeats.
+    pub heartbeat: Duration,
+    /// A rank silent for this long is lost.
+    pub heartbeat_timeout: Duration,
+    /// A connection must register within this time.
+    pub register_timeout: Duration,
+}
+
+/// What happened, in order, for the launcher to print and act on.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Registered {
+        rank: u32,
+        host: String,
+        pid: u32,
+    },
+    /// A connection that was turned away; the job goes on.
+    Refused {
+        peer: String,
+        reason: String,
+    },
+    /// A rank that died, hung or disconnected; every other rank was told to stop.
+    Lost {
+        rank: u32,
+        host: String,
+        reason: String,
+    },
+    /// A rank said goodbye.
+    Finished {
+        rank: u32,
+        ok: bool,
+    },
+    /// Every rank reported this step.
+    Step(StepSummary),
+}
+
+/// One step over all ranks.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StepSummary {
+    pub step: u64,
+    pub loss: f64,
+    pub tokens: u64,
+    pub tokens_per_s: f64,
+    /// Slowest rank's step time.
+    pub step_time_s: f64,
+    /// Expert rows computed by each rank's experts (the load per rank).
+    pub expert_rows_per_rank: Vec<u64>,
+    pub dropped: u64,
+    pub alltoall_bytes: u64,
+}
+
+/// One rank as `/status` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct RankStatus {
+    pub rank: u32,
+    pub host: String,
+    pub pid: u32,
+    pub device: String,
+    /// "healthy", "lost: <why>" or "finished".
+    pub health: String,
+    pub last_step: u64,
+    pub seconds_since_heartbeat: f64,
+}
+
+/// The job as `/status` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    pub world: usize,
+    pub registered: usize,
+    pub ranks: Vec<RankStatus>,
+    pub last_step: Option<StepSummary>,
+}
+
+struct RankSlot {
+    host: String,
+    pid: u32,
+    device: String,
+    last_seen: Instant,
+    step: u64,
+    lost: Option<String>,
+    finished: bool,
+    outbox: UnboundedSender<Message>,
+}
+
+pub(crate) struct State {
+    cfg: ServerConfig,
+    ranks: Vec<Option<RankSlot>>,
+    /// Reports of steps not yet complete: step → per-rank report.
+    pending: BTreeMap<u64, Vec<Option<StepReport>>>,
+    last_step: Option<StepSummary>,
+    events: mpsc::Sender<Event>,
+}
+
+pub(crate) type Shared = Arc<Mutex<State>>;
+
+pub(crate) fn lock(shared: &Shared) -> MutexGuard<'_, State> {
+    shared.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A running coordinator; dropping it stops the service.
+pub struct Coordinator {
+    addr: SocketAddr,
+    http_addr: Option<SocketAddr>,
+    events: mpsc::Receiver<Event>,
+    shared: Shared,
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl Coordinator {
+    /// Binds the worker port (and the HTTP port, when given) and starts serving.
+    pub fn start(cfg: ServerConfig, bind: SocketAddr, http_bind: Option<SocketAddr>) -> std::io::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("coordinator")
+            .enable_all()
+            .build()?;
+        let (events_tx, events) = mpsc::channel();
+        let world = cfg.world;
+        let shared: Shared = Arc::new(Mutex::new(State {
+            cfg,
+            ranks: (0..world).map(|_| None).collect(),
+            pending: BTreeMap::new(),
+            last_step: None,
+            events: events_tx,
+        }));
+        let listener = runtime.block_on(TcpListener::bind(bind))?;
+        let addr = listener.local_addr()?;
+        runtime.spawn(accept_loop(listener, Arc::clone(&shared)));
+        runtime.spawn(watchdog(Arc::clone(&shared)));
+        let http_addr = match http_bind {
+            Some(bind) => {
+                let http = runtime.block_on(TcpListener::bind(bind))?;
+                let http_addr = http.local_addr()?;
+                runtime.spawn(crate::http::serve(http, Arc::clone(&shared)));
+                Some(http_addr)
+            }
+            None => None,
+        };
+        Ok(Self { addr, http_addr, events, shared, _runtime: runtime })
+    }
+
+    /// Where workers connect.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Where `/metrics` and `/status` are served.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr
+    }
+
+    /// The next event, waiting at most `timeout`.
+    pub fn next_event(&self, timeout: Duration) -> Option<Event> {
+        self.events.recv_timeout(timeout).ok()
+    }
+
+    /// The job now.
+    pub fn status(&self) -> Status {
+        status_of(&lock(&self.shared))
+    }
+
+    /// Tells every connected rank to stop.
+    pub fn stop_all(&self, reason: &str) {
+        let state = lock(&self.shared);
+        for slot in state.ranks.iter().flatten() {
+            let _ = slot.outbox.send(Message::Stop { reason: reason.to_string() });
+        }
+    }
+}
+
+pub(crate) fn status_of(state: &State) -> Status {
+    let now = Instant::now();
+    let ranks = state
+        .ranks
+        .iter()
+        .enumerate()
+        .filter_map(|(rank, slot)| {
+            let slot = slot.as_ref()?;
+            let health = match (&slot.lost, slot.finished) {
+                (Some(why), _) => format!("lost: {why}"),
+                (None, true) => "finished".into(),
+                (None, false) => "healthy".into(),
+            };
+            Some(RankStatus {
+                rank: rank as u32,
+                host: slot.host.clone(),
+                pid: slot.pid,
+                device: slot.device.clone(),
+                health,
+                last_step: slot.step,
+                seconds_since_heartbeat: now.duration_since(slot.last_seen).as_secs_f64(),
+            })
+        })
+        .collect::<Vec<_>>();
+    Status { world: state.cfg.world, registered: ranks.len(), ranks, last_step: state.last_step.clone() }
+}
+
+async fn accept_loop(listener: TcpListener, shared: Shared) {
+    loop {
+        let Ok((stream, peer)) = listener.accept().await else {
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        tokio::spawn(connection(stream, peer, Arc::clone(&shared)));
+    }
+}
+
+/// Writes a refusal (best effort) and records it; the job goes on.
+async fn refuse(stream: &mut TcpStream, shared: &Shared, peer: SocketAddr, reason: String, retryable: bool) {
+    let _ = stream.write_all(&encode(&Message::Refused { reason: reason.clone(), retryable })).await;
+    let _ = stream.shutdown().await;
+    let _ = lock(shared).events.send(Event::Refused { peer: peer.to_string(), reason });
+}
+
+async fn connection(mut stream: TcpStream, peer: SocketAddr, shared: Shared) {
+    let register_timeout = lock(&shared).cfg.register_timeout;
+    let first = tokio::time::timeout(register_timeout, read_async(&mut stream)).await;
+    let registration = match first {
+        Err(_) => {
+            let reason = format!("no registration within {register_timeout:?}");
+            return refuse(&mut stream, &shared, peer, reason, true).await;
+        }
+        Ok(Err(e)) => {
+            let retryable = matches!(e, ProtocolError::Io(_));
+            return refuse(&mut stream, &shared, peer, e.to_string(), retryable).await;
+        }
+        Ok(Ok(Message::Register(registration))) => registration,
+        Ok(Ok(other)) => {
+            let reason = format!("the first frame must be a registration, got {}", kind(&other));
+            return refuse(&mut stream, &shared, peer, reason, false).await;
+        }
+    };
+    let (outbox, mut outgoing) = unbounded_channel::<Message>();
+    let welcome = match admit(&shared, &registration, outbox) {
+        Ok(welcome) => welcome,
+        Err(reason) => return refuse(&mut stream, &shared, peer, reason, false).await,
+    };
+    let rank = welcome.rank;
+    let (mut reader, mut writer) = stream.into_split();
+    if writer.write_all(&encode(&Message::Welcome(welcome))).await.is_err() {
+        return lost(&shared, rank, "the connection closed during registration".into());
+    }
+    tokio::spawn(async move {
+        while let Some(message) = outgoing.recv().await {
+            if writer.write_all(&encode(&message)).await.is_err() {
+                break;
+            }
+        }
+    });
+    loop {
+        match read_async(&mut reader).await {
+            Ok(Message::Heartbeat { step, .. }) => seen(&shared, rank, Some(step)),
+            Ok(Message::Step(report)) => {
+                seen(&shared, rank, Some(report.step));
+                record_step(&shared, rank, report);
+            }
+            Ok(Message::Goodbye { ok, .. }) => {
+                let mut state = lock(&shared);
+                if let Some(slot) = state.ranks[rank as usize].as_mut() {
+                    slot.finished = true;
+                }
+                let _ = state.events.send(Event::Finished { rank, ok });
+                return;
+            }
+            Ok(other) => {
+                return lost(&shared, rank, format!("it sent an unexpected {}", kind(&other)));
+            }
+            Err(e) => {
+                let why = match e {
+                    ProtocolError::Io(_) => "its connection closed (process killed or exited)".to_string(),
+                    other => format!("it sent a bad frame: {other}"),
+                };
+                return lost(&shared, rank, why);
+            }
+        }
+    }
+}
+
+fn kind(message: &Message) -> &'static str {
+    match message {
+        Message::Register(_) => "registration",
+        Message::Welcome(_) => "welcome",
+        Message::Refused { .. } => "refusal",
+        Message::Heartbeat { .. } => "heartbeat",
+        Message::Step(_) => "step report",
+        Message::Stop { .. } => "stop",
+        Message::Goodbye { .. } => "goodbye",
+    }
+}
+
+/// Checks the token and picks the rank; `Err` is the refusal's reason.
+fn admit(shared: &Shared, reg: &Registration, outbox: UnboundedSender<Message>) -> Result<Welcome, String> {
+    let mut state = lock(shared);
+    if reg.token != state.cfg.token {
+        return Err(format!(
+            "wrong auth token from {} (pid {}): start every worker with the job's token \
+             ([coordinator] token, SWITCHYARD_TOKEN or the token file)",
+            reg.host, reg.pid
+        ));
+    }
+    let world = state.cfg.world;
+    let rank = match reg.rank {
+        Some(rank) if rank as usize >= world => {
+            return Err(format!("rank {rank} does not exist in a job of {world} ranks"));
+        }
+        Some(rank) => {
+            if let Some(holder) = &state.ranks[rank as usize] {
+                return Err(format!(
+                    "rank {rank} is already registered by {} (pid {}): two workers were started as the same rank",
+                    holder.host, holder.pid
+                ));
+            }
+            rank as usize
+        }
+        None => match state.ranks.iter().position(Option::is_none) {
+            Some(free) => free,
+            None => return Err(format!("all {world} ranks are already registered")),
+        },
+    };
+    state.ranks[rank] = Some(RankSlot {
+        host: reg.host.clone(),
+        pid: reg.pid,
+        device: reg.device.clone(),
+        last_seen: Instant::now(),
+        step: 0,
+        lost: None,
+        finished: false,
+        outbox,
+    });
+    let _ = state.events.send(Event::Registered { rank: rank as u32, host: reg.host.clone(), pid: reg.pid });
+    Ok(Welcome {
+        rank: rank as u32,
+        world: world as u32,
+        config_toml: state.cfg.config_toml.clone(),
+        heartbeat_ms: state.cfg.heartbeat.as_millis() as u64,
+    })
+}
+
+fn seen(shared: &Shared, rank: u32, step: Option<u64>) {
+    if let Some(slot) = lock(shared).ranks[rank as usize].as_mut() {
+        slot.last_seen = Instant::now();
+        if let Some(step) = step {
+            slot.step = slot.step.max(step);
+        }
+    }
+}
+
+/// Marks `rank` lost (once) and tells every other rank to stop.
+fn lost(shared: &Shared, rank: u32, reason: String) {
+    let mut state = lock(shared);
+    let Some(slot) = state.ranks[rank as usize].as_mut() else {
+        return;
+    };
+    if slot.lost.is_some() || slot.finished {
+        return;
+    }
+    slot.lost = Some(reason.clone());
+    let host = slot.host.clone();
+    let stop = format!("rank {rank} on {host} was lost: {reason}");
+    for (other, slot) in state.ranks.iter().enumerate() {
+        if let Some(slot) = slot.as_ref().filter(|_| other != rank as usize) {
+            let _ = slot.outbox.send(Message::Stop { reason: stop.clone() });
+        }
+    }
+    let _ = state.events.send(Event::Lost { rank, host, reason });
+}
+
+/// Adds a report; when every rank reported the step, emits its summary.
+fn record_step(shared: &Shared, rank: u32, report: StepReport) {
+    let mut state = lock(shared);
+    let world = state.cfg.world;
+    let step = report.step;
+    let slots = state.pending.entry(step).or_insert_with(|| vec![None; world]);
+    slots[rank as usize] = Some(report);
+    if slots.iter().any(Option::is_none) {
+        return;
+    }
+    let reports: Vec<StepReport> = state.pending.remove(&step).into_iter().flatten().flatten().collect();
+    let tokens: u64 = reports.iter().map(|r| r.tokens).sum();
+    let ce: f64 = reports.iter().map(|r| r.ce_sum).sum();
+    let step_time_s = reports.iter().map(|r| r.step_time_s).fold(0.0, f64::max);
+    let summary = StepSummary {
+        step,
+        loss: if tokens > 0 { ce / tokens as f64 } else { f64::NAN },
+        tokens,
+        tokens_per_s: if step_time_s > 0.0 { tokens as f64 / step_time_s } else { 0.0 },
+        step_time_s,
+        expert_rows_per_rank: reports.iter().map(|r| r.expert_tokens.iter().sum()).collect(),
+        dropped: reports.iter().map(|r| r.dropped).sum(),
+        alltoall_bytes: reports.iter().map(|r| r.alltoall_bytes).sum(),
+    };
+    // Older incomplete steps can no longer complete.
+    state.pending.retain(|&s, _| s > step);
+    state.last_step = Some(summary.clone());
+    let _ = state.events.send(Event::Step(summary));
+}
+
+/// Declares ranks lost when their heartbeats stop.
+async fn watchdog(shared: Shared) {
+    let timeout = lock(&shared).cfg.heartbeat_timeout;
+    let mut tick = tokio::time::interval((timeout / 4).max(Duration::from_millis(10)));
+    loop {
+        tick.tick().await;
+        let now = Instant::now();
+        let silent: Vec<(u32, f64)> = lock(&shared)
+            .ranks
+            .iter()
+            .enumerate()
+            .filter_map(|(rank, slot)| {
+                let slot = slot.as_ref()?;
+                let quiet = now.duration_since(slot.last_seen);
+                (slot.lost.is_none() && !slot.finished && quiet > timeout).then_some((rank as u32, quiet.as_secs_f64()))
+            })
+            .collect();
+        for (rank, quiet) in silent {
+            lost(&shared, rank, format!("no heartbeat for {quiet:.1}s (stopped, hung or cut off)"));
+        }
+    }
+}
