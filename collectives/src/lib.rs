@@ -15,6 +15,7 @@ pub mod buffers;
 pub mod local;
 pub mod mpi;
 pub mod nccl;
+pub mod stop;
 
 use std::time::Duration;
 

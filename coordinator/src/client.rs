@@ -47,6 +47,17 @@ pub struct CoordinatorClient {
 impl CoordinatorClient {
     /// Connects, registers and starts the heartbeat and listener threads.
     pub fn connect(addr: &str, registration: Registration, timeout: Duration) -> Result<Self, ClientError> {
+        Self::connect_with_stop(addr, registration, timeout, Box::new(|_| {}))
+    }
+
+    /// [`CoordinatorClient::connect`], calling `on_stop` (from the listener
+    /// thread) as soon as the job must stop, e.g. to interrupt collectives.
+    pub fn connect_with_stop(
+        addr: &str,
+        registration: Registration,
+        timeout: Duration,
+        on_stop: Box<dyn Fn(&str) + Send>,
+    ) -> Result<Self, ClientError> {
         let connect_error = |source| ClientError::Connect { addr: addr.to_string(), source };
         let protocol_error = |source| ClientError::Protocol { addr: addr.to_string(), source };
         let target = addr
@@ -76,7 +87,7 @@ impl CoordinatorClient {
             closed: Arc::new(AtomicBool::new(false)),
         };
         client.spawn_heartbeat();
-        client.spawn_listener(reader);
+        client.spawn_listener(reader, on_stop);
         Ok(client)
     }
 
@@ -97,7 +108,7 @@ impl CoordinatorClient {
             .expect("spawn the heartbeat thread");
     }
 
-    fn spawn_listener(&self, mut reader: TcpStream) {
+    fn spawn_listener(&self, mut reader: TcpStream, on_stop: Box<dyn Fn(&str) + Send>) {
         let (stop, closed, addr) = (Arc::clone(&self.stop), Arc::clone(&self.closed), self.addr.clone());
         std::thread::Builder::new()
             .name("coordinator-listener".into())
@@ -108,6 +119,7 @@ impl CoordinatorClient {
                     Err(_) if closed.load(Ordering::Relaxed) => return,
                     Err(e) => format!("lost the coordinator at {addr}: {e}"),
                 };
+                on_stop(&reason);
                 lock(&stop).get_or_insert(reason);
                 return;
             })

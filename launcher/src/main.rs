@@ -3,6 +3,7 @@
 //! Thin on purpose: parse the command line, then call the command's module.
 
 mod commands;
+mod coordinator_run;
 mod mpirun;
 mod progress;
 

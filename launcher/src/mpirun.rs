@@ -6,15 +6,16 @@
 use anyhow::{bail, Context, Result};
 use std::process::Command;
 
-/// Runs this binary with `args` as `ranks` MPI processes on this machine
-/// and returns mpirun's exit code.
-pub fn run_self(ranks: usize, args: &[String]) -> Result<i32> {
-    let status = self_command(ranks, args)?.status().map_err(not_started)?;
+/// Runs this binary with `args` as `ranks` MPI processes on this machine,
+/// with the variables `env` exported to every rank; returns mpirun's exit code.
+pub fn run_self(ranks: usize, args: &[String], env: &[(&str, String)]) -> Result<i32> {
+    let status = self_command(ranks, args, env)?.status().map_err(not_started)?;
     Ok(status.code().unwrap_or(1))
 }
 
-/// `mpirun` starting this binary with `args` as `ranks` processes.
-pub fn self_command(ranks: usize, args: &[String]) -> Result<Command> {
+/// `mpirun` starting this binary with `args` as `ranks` processes, each
+/// given the variables `env`.
+pub fn self_command(ranks: usize, args: &[String], env: &[(&str, String)]) -> Result<Command> {
     if !collectives::mpi::COMPILED {
         bail!(
             "--backend mpi needs a switchyard built with MPI: cargo build --release --features mpi \
@@ -23,6 +24,9 @@ pub fn self_command(ranks: usize, args: &[String]) -> Result<Command> {
     }
     let exe = std::env::current_exe().context("cannot find this program's path to start it under mpirun")?;
     let mut cmd = command(ranks);
+    for (name, value) in env {
+        cmd.args(["-x", name]).env(name, value);
+    }
     cmd.arg(&exe).args(args);
     Ok(cmd)
 }

@@ -174,3 +174,45 @@ fn bench_step_and_bench_alltoall_print_their_tables() {
     assert_eq!(rows.len(), 5, "4 KiB to 1 MiB: {log}");
     assert!(rows.iter().all(|r| r["gb_per_s"].as_f64().unwrap() > 0.0), "{log}");
 }
+
+#[test]
+fn a_running_job_serves_status_and_metrics() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let dir = temp_dir("status");
+    let mut args = vec!["train", "--quiet", "--ranks", "2", "--run-dir", "run"];
+    args.extend_from_slice(SMALL);
+    args.extend(["--set", "train.steps=100000"]);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(&args)
+        .current_dir(&dir)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut banner = String::new();
+    while !banner.contains("status http://") {
+        banner.clear();
+        assert!(stderr.read_line(&mut banner).unwrap() > 0, "no coordinator banner");
+    }
+    let http = banner.split("status http://").nth(1).unwrap().split('/').next().unwrap().to_string();
+    let get = |path: &str| {
+        let mut stream = std::net::TcpStream::connect(&http).unwrap();
+        write!(stream, "GET {path} HTTP/1.1\r\n\r\n").unwrap();
+        let mut body = String::new();
+        stream.read_to_string(&mut body).unwrap();
+        body
+    };
+    // Wait until both ranks registered and a step was aggregated.
+    let started = std::time::Instant::now();
+    let mut status = get("/status");
+    while !(status.contains("\"registered\": 2") && status.contains("\"last_step\": {")) {
+        assert!(started.elapsed() < std::time::Duration::from_secs(60), "{status}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        status = get("/status");
+    }
+    assert!(status.contains("\"health\": \"healthy\""), "{status}");
+    let metrics = get("/metrics");
+    assert!(metrics.contains("switchyard_ranks_registered 2") && metrics.contains("switchyard_loss "), "{metrics}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

@@ -136,14 +136,14 @@ fn find_rank(tag: &str, rank: usize) -> Option<u32> {
 
 /// Starts a long 4-rank job, waits until it trains, sends `signal` to rank
 /// `victim` and returns what the launcher printed and how long it took to end.
-fn signal_a_rank(name: &str, signal: &str, victim: usize) -> (Output, Duration) {
+fn signal_a_rank(name: &str, signal: &str, victim: usize, extra: &[&str]) -> (Output, Duration) {
     let dir = temp_dir(name);
     let run_dir = dir.join("run");
     let tag = format!("{name}-{}", std::process::id());
     let child = Command::new(EXE)
         .args(job_args(&run_dir))
         .args(["--backend", "mpi", "--ranks", "4", "--set", "train.steps=100000", "--set", "train.log_every=1"])
-        .args(["--set", "parallel.collective_timeout_s=5"])
+        .args(extra)
         .env("SWITCHYARD_TEST_TAG", &tag)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -168,7 +168,7 @@ fn signal_a_rank(name: &str, signal: &str, victim: usize) -> (Output, Duration) 
 #[test]
 fn a_stopped_rank_makes_the_others_fail_naming_it() {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let (out, took) = signal_a_rank("stop", "-STOP", 2);
+    let (out, took) = signal_a_rank("stop", "-STOP", 2, &["--set", "parallel.collective_timeout_s=5"]);
     let log = text(&out);
     assert!(!out.status.success(), "{log}");
     assert!(log.contains("timed out after 5s") && log.contains("rank(s) [2] never arrived"), "{log}");
@@ -179,11 +179,26 @@ fn a_stopped_rank_makes_the_others_fail_naming_it() {
 #[test]
 fn a_killed_rank_ends_the_job_with_an_error() {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let (out, took) = signal_a_rank("kill", "-KILL", 1);
+    let (out, took) = signal_a_rank("kill", "-KILL", 1, &["--set", "parallel.collective_timeout_s=5"]);
     let log = text(&out);
     assert!(!out.status.success(), "{log}");
     assert!(log.contains("process rank 1") && log.contains("the MPI job failed"), "{log}");
     eprintln!("killed rank 1: the job ended {took:?} after the signal");
+}
+
+#[test]
+fn the_coordinator_stops_the_job_when_a_rank_stops_heartbeating() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    // Collectives would wait 120 s; the coordinator hears nothing from the
+    // stopped rank for 3 s, names it, and every other rank stops at once.
+    let extra = ["--set", "parallel.collective_timeout_s=120", "--set", "coordinator.heartbeat_timeout_s=3"];
+    let (out, took) = signal_a_rank("heartbeat", "-STOP", 2, &extra);
+    let log = text(&out);
+    assert!(!out.status.success(), "{log}");
+    assert!(log.contains("coordinator: rank 2 on") && log.contains("no heartbeat"), "{log}");
+    assert!(log.contains("stopped: rank 2 on"), "the other ranks say why they stopped: {log}");
+    assert!(took < Duration::from_secs(60), "ended by the coordinator, not the 120 s collective timeout: {took:?}");
+    eprintln!("stopped rank 2 (heartbeats): the job ended {took:?} after the signal");
 }
 
 /// Removes the namespace hosts when the test ends, passing or not.

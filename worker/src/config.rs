@@ -85,12 +85,32 @@ impl Default for CheckpointConfig {
     }
 }
 
-/// `[coordinator]`: the control plane's address (used from the coordinator issue on).
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+/// `[coordinator]`: the control plane every rank registers with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CoordinatorConfig {
-    /// `host:port` to listen on or connect to; empty = pick a free local port.
+    /// `host:port` workers connect to; empty = a free port on 127.0.0.1 (one-machine runs).
     pub addr: String,
+    /// `host:port` of `/metrics` and `/status`; empty = a free port on 127.0.0.1.
+    pub http_addr: String,
+    /// The job's auth token; empty = SWITCHYARD_TOKEN, then `token_file`, else generated (local runs).
+    pub token: String,
+    /// A file holding the token (a mounted secret).
+    pub token_file: String,
+    /// A rank not heard from for this long is lost and the job stops.
+    pub heartbeat_timeout_s: f64,
+}
+
+impl Default for CoordinatorConfig {
+    fn default() -> Self {
+        Self {
+            addr: String::new(),
+            http_addr: String::new(),
+            token: String::new(),
+            token_file: String::new(),
+            heartbeat_timeout_s: 10.0,
+        }
+    }
 }
 
 /// `[launch]`: how the launcher starts the job (used by the launch issue).
@@ -280,15 +300,21 @@ impl JobConfig {
         if self.parallel.collective_timeout_s.is_nan() || self.parallel.collective_timeout_s <= 0.0 {
             return Err(invalid("parallel", "collective_timeout_s", "must be a positive number of seconds".into()));
         }
+        if self.coordinator.heartbeat_timeout_s.is_nan() || self.coordinator.heartbeat_timeout_s <= 0.0 {
+            return Err(invalid("coordinator", "heartbeat_timeout_s", "must be a positive number of seconds".into()));
+        }
         if self.checkpoint.keep_last == 0 {
             return Err(invalid("checkpoint", "keep_last", "must be at least 1".into()));
         }
         Ok(())
     }
 
-    /// The resolved config as TOML, for the run folder and the start banner.
+    /// The resolved config as TOML, for the run folder, checkpoints and
+    /// workers; the auth token is left out (it is a secret).
     pub fn to_toml(&self) -> String {
-        toml::to_string(self).expect("a config always serialises")
+        let mut public = self.clone();
+        public.coordinator.token.clear();
+        toml::to_string(&public).expect("a config always serialises")
     }
 }
 

@@ -15,6 +15,10 @@ pub enum WorkerError {
     Comm(#[from] collectives::CommError),
     #[error("{0}")]
     Layout(String),
+    #[error("{0}")]
+    Coordinator(String),
+    #[error("stopped by the coordinator: {0}")]
+    Stopped(String),
     #[error("a rank thread panicked (a bug): see the message above")]
     RankPanicked,
     #[error("cannot resume from {url}: {reason}")]

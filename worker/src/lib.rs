@@ -3,6 +3,7 @@
 
 pub mod attention_shards;
 pub mod config;
+pub mod coordination;
 pub mod data;
 pub mod dispatch;
 pub mod error;

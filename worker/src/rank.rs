@@ -9,6 +9,7 @@
 
 use crate::attention_shards::{cut_to_shard, joined, ShardGroup};
 use crate::config::JobConfig;
+use crate::coordination::register;
 use crate::dispatch::{AllToAllExperts, DispatchStats};
 use crate::error::WorkerError;
 use crate::metrics::{MetricsWriter, RankMetrics, StepMetrics};
@@ -17,6 +18,8 @@ use crate::sync::{all_reduce_tensors, gather_json, sum_over_ranks};
 use crate::train::{open_data, starting_state, Observer, Resume, RunOptions, StartInfo, TrainSummary};
 use checkpoint::{CheckpointStore, ShardReport};
 use collectives::Communicator;
+use coordinator::client::CoordinatorClient;
+use coordinator::protocol::StepReport;
 use coordinator::{ParallelDims, PlacementPlan};
 use model::model::{forward_backward, forward_backward_sharded, ForwardStats, LossScales, MicroBatch};
 use model::moe::LocalExperts;
@@ -63,12 +66,31 @@ fn node_name() -> String {
         .unwrap_or_else(|_| std::env::var("HOSTNAME").unwrap_or_else(|_| "unknown".into()))
 }
 
-/// Runs this rank to the end of the job.
+/// Runs this rank to the end of the job, registered with the job's
+/// coordinator when there is one (it says goodbye, ok or not, at the end).
 pub fn run_rank(
     job: &JobConfig,
     opts: &RunOptions,
     comm: &mut dyn Communicator,
+    observer: Option<&mut dyn Observer>,
+) -> Result<TrainSummary, WorkerError> {
+    let client = match &opts.coordinator {
+        Some(link) => Some(register(link, comm.rank(), &node_name())?),
+        None => None,
+    };
+    let result = train_rank(job, opts, comm, observer, client.as_ref());
+    if let Some(client) = client {
+        let _ = client.finish(result.is_ok());
+    }
+    result
+}
+
+fn train_rank(
+    job: &JobConfig,
+    opts: &RunOptions,
+    comm: &mut dyn Communicator,
     mut observer: Option<&mut dyn Observer>,
+    client: Option<&CoordinatorClient>,
 ) -> Result<TrainSummary, WorkerError> {
     let cfg = &job.model;
     let dims = job.parallel_dims().map_err(|e| WorkerError::Layout(e.to_string()))?;
@@ -223,6 +245,9 @@ pub fn run_rank(
         if let Some(obs) = observer.as_deref_mut() {
             obs.on_step(&metrics);
         }
+        if let Some(client) = client {
+            report_step(client, rank, &state, &local, &metrics)?;
+        }
 
         let every = job.checkpoint.every;
         if state.step == end || (every > 0 && state.step.is_multiple_of(every)) {
@@ -248,6 +273,38 @@ pub fn run_rank(
         checkpoint: last_checkpoint,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// Sends this rank's numbers of the step just done; a stop from the
+/// coordinator (another rank was lost) ends the run here.
+fn report_step(
+    client: &CoordinatorClient,
+    rank: usize,
+    state: &TrainState,
+    local: &LocalStep,
+    metrics: &StepMetrics,
+) -> Result<(), WorkerError> {
+    let expert_rows = if metrics.per_rank.len() > 1 {
+        local.dispatch.rows_computed
+    } else {
+        local.tokens_per_expert.iter().flatten().sum::<usize>() as u64
+    };
+    let report = StepReport {
+        rank: rank as u32,
+        step: state.step,
+        ce_sum: local.ce_sum,
+        tokens: local.tokens as u64,
+        step_time_s: metrics.step_time_s,
+        expert_tokens: vec![expert_rows],
+        dropped: local.dropped.iter().sum::<usize>() as u64,
+        alltoall_bytes: local.dispatch.bytes_sent,
+        alltoall_s: local.dispatch.alltoall_s,
+    };
+    client.report(report).map_err(|e| WorkerError::Coordinator(e.to_string()))?;
+    match client.stop_reason() {
+        Some(reason) => Err(WorkerError::Stopped(reason)),
+        None => Ok(()),
+    }
 }
 
 /// Each rank writes its shard; rank 0 commits the manifest once all

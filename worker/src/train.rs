@@ -6,6 +6,7 @@
 //! such as mpirun or srun). The loop itself is in `rank.rs`.
 
 use crate::config::JobConfig;
+use crate::coordination::CoordinatorLink;
 use crate::data::DataSource;
 use crate::error::WorkerError;
 use crate::metrics::StepMetrics;
@@ -39,6 +40,8 @@ pub struct RunOptions {
     /// `train.steps` is further: the schedule still spans `train.steps`, so
     /// a later `--resume` continues exactly as if never stopped.
     pub stop_at: Option<u64>,
+    /// The job's coordinator, when the launcher runs one.
+    pub coordinator: Option<CoordinatorLink>,
 }
 
 /// Facts about the run, given to the observer before the first step.

@@ -27,7 +27,7 @@ fn losses(
         }
     };
     let mut rec = Recorder::default();
-    train(job, &RunOptions { run_dir: dir.to_path_buf(), resume, stop_at }, &mut rec).unwrap();
+    train(job, &RunOptions { run_dir: dir.to_path_buf(), resume, stop_at, coordinator: None }, &mut rec).unwrap();
     rec.steps.iter().map(|m| m.loss).collect()
 }
 
@@ -114,7 +114,7 @@ fn per_rank_metrics_account_for_every_token() {
     let mut rec = Recorder::default();
     train(
         &job(4, &["train.steps=2"]),
-        &RunOptions { run_dir: dir.clone(), resume: Resume::No, stop_at: None },
+        &RunOptions { run_dir: dir.clone(), resume: Resume::No, stop_at: None, coordinator: None },
         &mut rec,
     )
     .unwrap();

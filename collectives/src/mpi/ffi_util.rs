@@ -101,10 +101,23 @@ pub(super) fn set_spin_tests(tests: u32) {
     SPIN_TESTS.store(tests, Ordering::Relaxed);
 }
 
+/// How a wait ended.
+#[derive(Debug, PartialEq)]
+pub(super) enum Polled {
+    Done,
+    TimedOut,
+    /// The process was asked to stop (see `crate::stop`).
+    Stopped(String),
+}
+
 /// Drives `requests` with `MPI_Testall` (which is also what makes MPI
-/// progress) until all completed (`Ok(true)`) or `deadline` passes
-/// (`Ok(false)`). Yields between tests so oversubscribed ranks let each other run.
-pub(super) fn poll(op: &'static str, requests: &mut [ffi::MPI_Request], deadline: Instant) -> Result<bool, CommError> {
+/// progress) until all completed, `deadline` passes, or a stop is
+/// requested. Yields between tests so oversubscribed ranks let each other run.
+pub(super) fn poll(
+    op: &'static str,
+    requests: &mut [ffi::MPI_Request],
+    deadline: Instant,
+) -> Result<Polled, CommError> {
     let n = c_count(op, requests.len())?;
     let mut tests = 0u32;
     loop {
@@ -112,10 +125,13 @@ pub(super) fn poll(op: &'static str, requests: &mut [ffi::MPI_Request], deadline
         // SAFETY: every handle is a live request or the null request.
         check(op, unsafe { ffi::MPI_Testall(n, requests.as_mut_ptr(), &mut flag, ffi::RSMPI_STATUSES_IGNORE) })?;
         if flag != 0 {
-            return Ok(true);
+            return Ok(Polled::Done);
         }
         if Instant::now() >= deadline {
-            return Ok(false);
+            return Ok(Polled::TimedOut);
+        }
+        if let Some(reason) = crate::stop::requested() {
+            return Ok(Polled::Stopped(reason));
         }
         // Spin first: a large transfer is pipelined through shared memory
         // and needs both sides to test often. Then yield, so that ranks

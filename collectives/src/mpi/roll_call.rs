@@ -6,7 +6,7 @@
 //! are stuck in the same operation time out too and answer with the same
 //! number; a rank that is stopped, hung or elsewhere does not.
 
-use super::ffi_util::{null_request, poll, MpiElem};
+use super::ffi_util::{null_request, poll, MpiElem, Polled};
 use mpi::ffi;
 use std::os::raw::c_int;
 use std::time::{Duration, Instant};
@@ -42,7 +42,8 @@ pub(super) fn missing_ranks(roll: ffi::MPI_Comm, rank: usize, size: usize, seq: 
     let deadline = Instant::now() + grace;
     let mut answered = vec![false; size];
     for &peer in &peers {
-        answered[peer] = poll("roll call", std::slice::from_mut(&mut receives[peer]), deadline).unwrap_or(false);
+        answered[peer] =
+            poll("roll call", std::slice::from_mut(&mut receives[peer]), deadline).is_ok_and(|p| p == Polled::Done);
     }
     peers.into_iter().filter(|&peer| !answered[peer] || answers[peer] != seq).collect()
 }

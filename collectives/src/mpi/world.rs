@@ -1,6 +1,6 @@
 //! MPI initialisation, communicators and the collectives over them.
 
-use super::ffi_util::{c_count, check, counts_and_displs, null_request, poll, set_spin_tests, MpiElem};
+use super::ffi_util::{c_count, check, counts_and_displs, null_request, poll, set_spin_tests, MpiElem, Polled};
 use super::roll_call::missing_ranks;
 use crate::{CommError, Communicator, Pending, PendingOp, Received};
 use mpi::ffi;
@@ -475,8 +475,10 @@ fn wait_or_abort(
     deadline: Instant,
     ctx: &TimeoutContext,
 ) -> Result<(), CommError> {
-    if poll(op, requests, deadline)? {
-        return Ok(());
+    match poll(op, requests, deadline)? {
+        Polled::Done => return Ok(()),
+        Polled::Stopped(reason) => abort_job(&format!("{op} stopped: {reason}"), 1),
+        Polled::TimedOut => {}
     }
     let grace = ctx.timeout.min(ROLL_CALL_GRACE);
     let missing = missing_ranks(ctx.handles.roll, ctx.rank, ctx.size, ctx.seq, grace);

@@ -1,9 +1,11 @@
 //! `switchyard train`.
 
+use crate::coordinator_run::RunningCoordinator;
 use crate::progress::ConsoleProgress;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::path::PathBuf;
+use worker::coordination::{CoordinatorLink, ADDR_VAR, TOKEN_VAR};
 use worker::train::{train, Resume, RunOptions};
 use worker::JobConfig;
 
@@ -56,11 +58,22 @@ pub fn run(args: TrainArgs) -> Result<()> {
         overrides.push(format!("parallel.ranks={size}"));
         job = JobConfig::load(args.config.as_deref(), &overrides)?;
     }
+    // The launcher runs the job's coordinator; ranks it starts as processes
+    // find it in the environment.
+    let coordinator = match launched {
+        None => Some(RunningCoordinator::start(&job)?),
+        Some(_) => None,
+    };
+    if let Some(c) = &coordinator {
+        eprintln!("{}", c.banner());
+    }
     if job.parallel.backend == "mpi" && launched.is_none() {
         // Checked here so a bad layout is reported once, not by every rank.
         job.parallel_dims()?;
         let forwarded: Vec<String> = std::env::args().skip(1).collect();
-        let code = crate::mpirun::run_self(job.parallel.ranks, &forwarded)?;
+        let link = coordinator.as_ref().expect("the launcher runs the coordinator").link();
+        let env = [(ADDR_VAR, link.addr), (TOKEN_VAR, link.token)];
+        let code = crate::mpirun::run_self(job.parallel.ranks, &forwarded, &env)?;
         if code != 0 {
             bail!("the MPI job failed (mpirun exited with {code}); the ranks' messages are above");
         }
@@ -74,7 +87,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
         (false, None) => Resume::No,
     };
     let mut progress = ConsoleProgress::new(&job, &run_dir, args.quiet)?;
-    let opts = RunOptions { run_dir: run_dir.clone(), resume, stop_at: args.stop_at };
+    let link = coordinator.as_ref().map(RunningCoordinator::link).or_else(CoordinatorLink::from_env);
+    let opts = RunOptions { run_dir: run_dir.clone(), resume, stop_at: args.stop_at, coordinator: link };
     let summary = train(&job, &opts, &mut progress).context("training failed")?;
     if lead {
         progress.finish(&summary, &job, &run_dir);

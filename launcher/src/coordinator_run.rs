@@ -1,0 +1,120 @@
+//! The coordinator of a job the launcher runs on this machine: started
+//! before the ranks, it prints where its `/status` and `/metrics` are,
+//! reports lost ranks and refused connections as they happen, and stops
+//! with the launcher.
+
+use anyhow::{Context, Result};
+use coordinator::server::{Coordinator, Event, ServerConfig};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+use worker::config::CoordinatorConfig;
+use worker::coordination::{CoordinatorLink, TOKEN_VAR};
+use worker::JobConfig;
+
+/// A running coordinator and the thread that prints its events.
+pub struct RunningCoordinator {
+    link: CoordinatorLink,
+    http: Option<SocketAddr>,
+    done: Arc<AtomicBool>,
+    watcher: Option<JoinHandle<()>>,
+}
+
+impl RunningCoordinator {
+    /// Starts the coordinator for `job` on the configured (or free local) ports.
+    pub fn start(job: &JobConfig) -> Result<Self> {
+        let cfg = &job.coordinator;
+        let token = job_token(cfg)?;
+        let bind = address(&cfg.addr, "coordinator.addr")?;
+        let http_bind = address(&cfg.http_addr, "coordinator.http_addr")?;
+        let timeout = Duration::from_secs_f64(cfg.heartbeat_timeout_s);
+        let server = ServerConfig {
+            world: job.parallel.ranks,
+            token: token.clone(),
+            config_toml: job.to_toml(),
+            heartbeat: (timeout / 5).clamp(Duration::from_millis(100), Duration::from_secs(2)),
+            heartbeat_timeout: timeout,
+            register_timeout: Duration::from_secs(10),
+        };
+        let coordinator = Coordinator::start(server, bind, Some(http_bind))
+            .with_context(|| format!("cannot start the coordinator on {bind} / {http_bind}"))?;
+        let link = CoordinatorLink { addr: coordinator.addr().to_string(), token };
+        let http = coordinator.http_addr();
+        let done = Arc::new(AtomicBool::new(false));
+        let watcher = {
+            let done = Arc::clone(&done);
+            std::thread::Builder::new().name("coordinator-events".into()).spawn(move || {
+                // After the first loss the others are told to stop, so their
+                // closing connections are consequences, not news.
+                let mut stopping = false;
+                while !done.load(Ordering::Relaxed) {
+                    match coordinator.next_event(Duration::from_millis(200)) {
+                        Some(Event::Lost { rank, host, reason }) if !stopping => {
+                            stopping = true;
+                            eprintln!("coordinator: rank {rank} on {host} is lost: {reason}; stopping every rank")
+                        }
+                        Some(Event::Refused { peer, reason }) => {
+                            eprintln!("coordinator: refused a connection from {peer}: {reason}")
+                        }
+                        _ => {}
+                    }
+                }
+            })?
+        };
+        Ok(Self { link, http, done, watcher: Some(watcher) })
+    }
+
+    /// What ranks need to register.
+    pub fn link(&self) -> CoordinatorLink {
+        self.link.clone()
+    }
+
+    /// One line saying where to watch the job.
+    pub fn banner(&self) -> String {
+        match self.http {
+            Some(http) => {
+                format!("coordinator {} | status http://{http}/status | metrics http://{http}/metrics", self.link.addr)
+            }
+            None => format!("coordinator {}", self.link.addr),
+        }
+    }
+}
+
+impl Drop for RunningCoordinator {
+    fn drop(&mut self) {
+        self.done.store(true, Ordering::Relaxed);
+        if let Some(watcher) = self.watcher.take() {
+            let _ = watcher.join();
+        }
+    }
+}
+
+fn address(configured: &str, key: &str) -> Result<SocketAddr> {
+    let text = if configured.is_empty() { "127.0.0.1:0" } else { configured };
+    text.parse().with_context(|| format!("[{key}] = \"{text}\" is not host:port (e.g. 0.0.0.0:29500)"))
+}
+
+/// The job's token: `[coordinator] token`, SWITCHYARD_TOKEN, the token
+/// file, or a fresh random one (ranks started here get it from us).
+fn job_token(cfg: &CoordinatorConfig) -> Result<String> {
+    if !cfg.token.is_empty() {
+        return Ok(cfg.token.clone());
+    }
+    if let Ok(token) = std::env::var(TOKEN_VAR) {
+        if !token.is_empty() {
+            return Ok(token);
+        }
+    }
+    if !cfg.token_file.is_empty() {
+        let token = std::fs::read_to_string(&cfg.token_file)
+            .with_context(|| format!("cannot read the token file [coordinator] token_file = {}", cfg.token_file))?;
+        return Ok(token.trim().to_string());
+    }
+    let mut bytes = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
+        .context("cannot read /dev/urandom to make the job's token; set SWITCHYARD_TOKEN")?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
