@@ -201,6 +201,43 @@ fn the_coordinator_stops_the_job_when_a_rank_stops_heartbeating() {
     eprintln!("stopped rank 2 (heartbeats): the job ended {took:?} after the signal");
 }
 
+#[test]
+fn max_restarts_resumes_a_job_whose_rank_was_killed() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = temp_dir("restart");
+    let run_dir = dir.join("run");
+    let tag = format!("restart-{}", std::process::id());
+    let child = Command::new(EXE)
+        .args(["train", "--quiet", "--backend", "mpi", "--ranks", "2", "--max-restarts", "1", "--run-dir"])
+        .arg(&run_dir)
+        .args(["--set", "train.steps=40", "--set", "checkpoint.every=10", "--set", "train.log_every=1"])
+        .args(["--set", "parallel.collective_timeout_s=10"])
+        .env("SWITCHYARD_TEST_TAG", &tag)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("switchyard starts");
+    // Kill rank 1 once a checkpoint is committed and training went on past it.
+    let started = Instant::now();
+    let metrics = run_dir.join("metrics.jsonl");
+    while !(run_dir.join("checkpoints/latest").exists()
+        && std::fs::read_to_string(&metrics).map_or(0, |t| t.lines().count()) >= 12)
+    {
+        assert!(started.elapsed() < Duration::from_secs(120), "the job never passed its first checkpoint");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let pid = find_rank(&tag, 1).expect("rank 1 found by its environment");
+    assert!(Command::new("kill").args(["-KILL", &pid.to_string()]).status().unwrap().success());
+    let out = wait_guarded(child, Duration::from_secs(240), "the restarted job");
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("restart 1/1: resuming from step"), "{log}");
+    assert!(log.contains("done: "), "{log}");
+    let last = std::fs::read_to_string(&metrics).unwrap().lines().last().unwrap().to_string();
+    let last: serde_json::Value = serde_json::from_str(&last).unwrap();
+    assert_eq!(last["step"], 40, "the job reached its last step after the restart");
+}
+
 /// Removes the namespace hosts when the test ends, passing or not.
 struct NamespaceHosts {
     script: PathBuf,

@@ -3,10 +3,11 @@
 use crate::coordinator_run::RunningCoordinator;
 use crate::progress::ConsoleProgress;
 use anyhow::{bail, Context, Result};
+use checkpoint::CheckpointStore;
 use clap::Args;
 use std::path::PathBuf;
 use worker::coordination::{CoordinatorLink, ADDR_VAR, TOKEN_VAR};
-use worker::train::{train, Resume, RunOptions};
+use worker::train::{checkpoint_url, train, Resume, RunOptions};
 use worker::JobConfig;
 
 /// Arguments of `switchyard train`.
@@ -40,6 +41,9 @@ pub struct TrainArgs {
     /// Print only summary lines (no progress bar).
     #[arg(long)]
     quiet: bool,
+    /// When a rank fails, restart the job from its last committed checkpoint, up to this many times.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    max_restarts: u32,
 }
 
 /// Runs a training job on this machine, or this process's rank of an MPI job.
@@ -58,40 +62,99 @@ pub fn run(args: TrainArgs) -> Result<()> {
         overrides.push(format!("parallel.ranks={size}"));
         job = JobConfig::load(args.config.as_deref(), &overrides)?;
     }
-    // The launcher runs the job's coordinator; ranks it starts as processes
-    // find it in the environment.
-    let coordinator = match launched {
-        None => Some(RunningCoordinator::start(&job)?),
-        Some(_) => None,
-    };
-    if let Some(c) = &coordinator {
-        eprintln!("{}", c.banner());
-    }
-    if job.parallel.backend == "mpi" && launched.is_none() {
-        // Checked here so a bad layout is reported once, not by every rank.
-        job.parallel_dims()?;
-        let forwarded: Vec<String> = std::env::args().skip(1).collect();
-        let link = coordinator.as_ref().expect("the launcher runs the coordinator").link();
-        let env = [(ADDR_VAR, link.addr), (TOKEN_VAR, link.token)];
-        let code = crate::mpirun::run_self(job.parallel.ranks, &forwarded, &env)?;
-        if code != 0 {
-            bail!("the MPI job failed (mpirun exited with {code}); the ranks' messages are above");
-        }
-        return Ok(());
-    }
-    let lead = launched.as_ref().is_none_or(|l| l.rank == 0);
-    let run_dir = args.run_dir.unwrap_or_else(|| PathBuf::from("runs").join(&job.name));
-    let resume = match (args.resume, args.resume_from) {
+    let run_dir = args.run_dir.clone().unwrap_or_else(|| PathBuf::from("runs").join(&job.name));
+    let mut resume = match (args.resume, args.resume_from.clone()) {
         (_, Some(url)) => Resume::From(url),
         (true, None) => Resume::Latest,
         (false, None) => Resume::No,
     };
-    let mut progress = ConsoleProgress::new(&job, &run_dir, args.quiet)?;
-    let link = coordinator.as_ref().map(RunningCoordinator::link).or_else(CoordinatorLink::from_env);
-    let opts = RunOptions { run_dir: run_dir.clone(), resume, stop_at: args.stop_at, coordinator: link };
-    let summary = train(&job, &opts, &mut progress).context("training failed")?;
+    if let Some(rank) = launched {
+        // One rank of an MPI job: its coordinator (if any) is in the environment.
+        return run_here(&job, &args, &run_dir, resume, CoordinatorLink::from_env(), rank.rank == 0);
+    }
+    if job.parallel.backend == "mpi" {
+        // Checked here so a bad layout is reported once, not by every rank.
+        job.parallel_dims()?;
+    }
+    let mut attempt = 0;
+    loop {
+        // A fresh coordinator per attempt: the ranks of a restart register anew.
+        let coordinator = RunningCoordinator::start(&job)?;
+        eprintln!("{}", coordinator.banner());
+        let result = if job.parallel.backend == "mpi" {
+            run_mpi(&job, &resume, &coordinator)
+        } else {
+            run_here(&job, &args, &run_dir, resume.clone(), Some(coordinator.link()), true)
+        };
+        drop(coordinator);
+        let error = match result {
+            Ok(()) => return Ok(()),
+            Err(e) if attempt < args.max_restarts => e,
+            Err(e) => return Err(e),
+        };
+        attempt += 1;
+        eprintln!("error: {error:#}");
+        let store = CheckpointStore::open(&checkpoint_url(&job, &run_dir))?;
+        resume = match store.latest_step()? {
+            Some(step) => {
+                eprintln!(
+                    "restart {attempt}/{}: resuming from step {step} ({})",
+                    args.max_restarts,
+                    store.step_url(step)
+                );
+                Resume::Latest
+            }
+            None => {
+                eprintln!("restart {attempt}/{}: no checkpoint was committed yet, starting over", args.max_restarts);
+                Resume::No
+            }
+        };
+    }
+}
+
+/// Trains in this process: every rank as a thread, or this process's rank of an MPI job.
+fn run_here(
+    job: &JobConfig,
+    args: &TrainArgs,
+    run_dir: &std::path::Path,
+    resume: Resume,
+    coordinator: Option<CoordinatorLink>,
+    lead: bool,
+) -> Result<()> {
+    let mut progress = ConsoleProgress::new(job, run_dir, args.quiet)?;
+    let opts = RunOptions { run_dir: run_dir.to_path_buf(), resume, stop_at: args.stop_at, coordinator };
+    let summary = train(job, &opts, &mut progress).context("training failed")?;
     if lead {
-        progress.finish(&summary, &job, &run_dir);
+        progress.finish(&summary, job, run_dir);
+    }
+    Ok(())
+}
+
+/// Runs the ranks as processes under mpirun: this command line again, with
+/// the attempt's resume choice and the coordinator in the environment.
+fn run_mpi(job: &JobConfig, resume: &Resume, coordinator: &RunningCoordinator) -> Result<()> {
+    let mut forwarded = Vec::new();
+    let mut given = std::env::args().skip(1);
+    while let Some(arg) = given.next() {
+        match arg.as_str() {
+            "--resume" => {}
+            "--resume-from" | "--max-restarts" => {
+                given.next();
+            }
+            a if a.starts_with("--resume-from=") || a.starts_with("--max-restarts=") => {}
+            _ => forwarded.push(arg),
+        }
+    }
+    match resume {
+        Resume::No => {}
+        Resume::Latest => forwarded.push("--resume".into()),
+        Resume::From(url) => forwarded.extend(["--resume-from".to_string(), url.clone()]),
+    }
+    let link = coordinator.link();
+    let env = [(ADDR_VAR, link.addr), (TOKEN_VAR, link.token)];
+    let code = crate::mpirun::run_self(job.parallel.ranks, &forwarded, &env)?;
+    if code != 0 {
+        bail!("the MPI job failed (mpirun exited with {code}); the ranks' messages are above");
     }
     Ok(())
 }
