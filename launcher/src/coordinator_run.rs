@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 use worker::config::CoordinatorConfig;
-use worker::coordination::{CoordinatorLink, TOKEN_VAR};
+use worker::coordination::{configured_token, CoordinatorLink};
 use worker::JobConfig;
 
 /// A running coordinator and the thread that prints its events.
@@ -27,19 +27,7 @@ impl RunningCoordinator {
     pub fn start(job: &JobConfig) -> Result<Self> {
         let cfg = &job.coordinator;
         let token = job_token(cfg)?;
-        let bind = address(&cfg.addr, "coordinator.addr")?;
-        let http_bind = address(&cfg.http_addr, "coordinator.http_addr")?;
-        let timeout = Duration::from_secs_f64(cfg.heartbeat_timeout_s);
-        let server = ServerConfig {
-            world: job.parallel.ranks,
-            token: token.clone(),
-            config_toml: job.to_toml(),
-            heartbeat: (timeout / 5).clamp(Duration::from_millis(100), Duration::from_secs(2)),
-            heartbeat_timeout: timeout,
-            register_timeout: Duration::from_secs(10),
-        };
-        let coordinator = Coordinator::start(server, bind, Some(http_bind))
-            .with_context(|| format!("cannot start the coordinator on {bind} / {http_bind}"))?;
+        let coordinator = start_server(job, token.clone(), &cfg.addr, &cfg.http_addr, "127.0.0.1:0")?;
         let link = CoordinatorLink { addr: coordinator.addr().to_string(), token };
         let http = coordinator.http_addr();
         let done = Arc::new(AtomicBool::new(false));
@@ -91,26 +79,38 @@ impl Drop for RunningCoordinator {
     }
 }
 
-fn address(configured: &str, key: &str) -> Result<SocketAddr> {
-    let text = if configured.is_empty() { "127.0.0.1:0" } else { configured };
-    text.parse().with_context(|| format!("[{key}] = \"{text}\" is not host:port (e.g. 0.0.0.0:29500)"))
+/// Starts a coordinator for `job` with `token` on `addr` / `http_addr`
+/// (`default_bind` where one is empty).
+pub fn start_server(
+    job: &JobConfig,
+    token: String,
+    addr: &str,
+    http_addr: &str,
+    default_bind: &str,
+) -> Result<Coordinator> {
+    let parse = |text: &str, key: &str| -> Result<SocketAddr> {
+        let text = if text.is_empty() { default_bind } else { text };
+        text.parse().with_context(|| format!("{key} = \"{text}\" is not host:port (e.g. 0.0.0.0:29500)"))
+    };
+    let (bind, http_bind) = (parse(addr, "coordinator.addr")?, parse(http_addr, "coordinator.http_addr")?);
+    let timeout = Duration::from_secs_f64(job.coordinator.heartbeat_timeout_s);
+    let server = ServerConfig {
+        world: job.parallel.ranks,
+        token,
+        config_toml: job.to_toml(),
+        heartbeat: (timeout / 5).clamp(Duration::from_millis(100), Duration::from_secs(2)),
+        heartbeat_timeout: timeout,
+        register_timeout: Duration::from_secs(10),
+    };
+    Coordinator::start(server, bind, Some(http_bind))
+        .with_context(|| format!("cannot start the coordinator on {bind} / {http_bind}"))
 }
 
-/// The job's token: `[coordinator] token`, SWITCHYARD_TOKEN, the token
-/// file, or a fresh random one (ranks started here get it from us).
+/// The job's token as configured, or a fresh random one (ranks started
+/// by this launcher get it from us).
 fn job_token(cfg: &CoordinatorConfig) -> Result<String> {
-    if !cfg.token.is_empty() {
-        return Ok(cfg.token.clone());
-    }
-    if let Ok(token) = std::env::var(TOKEN_VAR) {
-        if !token.is_empty() {
-            return Ok(token);
-        }
-    }
-    if !cfg.token_file.is_empty() {
-        let token = std::fs::read_to_string(&cfg.token_file)
-            .with_context(|| format!("cannot read the token file [coordinator] token_file = {}", cfg.token_file))?;
-        return Ok(token.trim().to_string());
+    if let Some(token) = configured_token(cfg)? {
+        return Ok(token);
     }
     let mut bytes = [0u8; 16];
     std::fs::File::open("/dev/urandom")

@@ -21,6 +21,11 @@ struct Cli {
 enum Command {
     /// Train a model (the built-in tiny job when no --config is given).
     Train(commands::train::TrainArgs),
+    /// The job's coordinator alone (Slurm, Kubernetes): workers register with it.
+    Coordinator(commands::coordinator::CoordinatorArgs),
+    /// One worker process (or its ranks) of a job whose coordinator runs elsewhere:
+    /// `train` options plus --coordinator host:port (or SWITCHYARD_COORDINATOR).
+    Worker(commands::train::TrainArgs),
     /// Mean next-token cross-entropy of a checkpoint on a text file.
     Eval(commands::eval::EvalArgs),
     /// Prepare training data.
@@ -35,6 +40,8 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Train(args) => commands::train::run(args),
+        Command::Coordinator(args) => commands::coordinator::run(args),
+        Command::Worker(args) => commands::train::run_worker(args),
         Command::Eval(args) => commands::eval::run(args),
         Command::Data(cmd) => commands::data::run(cmd),
         Command::Bench(cmd) => commands::bench::run(cmd),

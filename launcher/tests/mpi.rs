@@ -238,6 +238,53 @@ fn max_restarts_resumes_a_job_whose_rank_was_killed() {
     assert_eq!(last["step"], 40, "the job reached its last step after the restart");
 }
 
+#[test]
+fn a_separate_coordinator_serves_workers_started_by_mpirun() {
+    use std::io::{BufRead, BufReader, Read};
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = temp_dir("roles");
+    let job = ["--set", "train.steps=12", "--set", "checkpoint.every=0"];
+    let mut coordinator = Command::new(EXE)
+        .args(["coordinator", "--ranks", "2", "--addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+        .args(job)
+        .env("SWITCHYARD_TOKEN", "t0ken")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("switchyard coordinator starts");
+    let mut stdout = BufReader::new(coordinator.stdout.take().unwrap());
+    let mut banner = String::new();
+    stdout.read_line(&mut banner).unwrap();
+    let addr = banner.split_whitespace().nth(1).expect("coordinator <addr> waiting ...").to_string();
+
+    // A worker with the wrong token is refused, clearly; the job goes on.
+    let bad = run(
+        Command::new(EXE)
+            .args(["worker", "--coordinator", &addr, "--quiet", "--run-dir"])
+            .arg(dir.join("intruder"))
+            .args(job)
+            .env("SWITCHYARD_TOKEN", "guess"),
+        "a worker with a wrong token",
+    );
+    assert!(!bad.status.success() && text(&bad).contains("wrong auth token"), "{}", text(&bad));
+
+    let out = run(
+        allow_root(Command::new("mpirun").args(["-n", "2", "--oversubscribe", "--bind-to", "none", EXE]))
+            .args(["worker", "--coordinator", &addr, "--backend", "mpi", "--quiet", "--run-dir"])
+            .arg(dir.join("run"))
+            .args(job)
+            .env("SWITCHYARD_TOKEN", "t0ken"),
+        "mpirun -n 2 switchyard worker",
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let ended = wait_guarded(coordinator, Duration::from_secs(60), "the coordinator after its workers finished");
+    let mut log = String::new();
+    stdout.read_to_string(&mut log).unwrap();
+    assert!(ended.status.success(), "{log}{}", text(&ended));
+    assert!(log.contains("refused") && log.contains("wrong auth token"), "{log}");
+    assert!(log.contains("step 12 | loss") && log.contains("every rank finished"), "{log}");
+}
+
 /// Removes the namespace hosts when the test ends, passing or not.
 struct NamespaceHosts {
     script: PathBuf,

@@ -3,6 +3,7 @@
 //! processes), registering with retries, and turning a stop from the
 //! coordinator into a stop of every waiting collective.
 
+use crate::config::CoordinatorConfig;
 use crate::error::WorkerError;
 use coordinator::client::CoordinatorClient;
 use coordinator::protocol::Registration;
@@ -37,10 +38,48 @@ impl CoordinatorLink {
     }
 }
 
+/// Whether two resolved configs describe the same job. The collective
+/// backend is how ranks talk to each other, not what the job is, so a
+/// coordinator started without `--backend` still serves MPI workers.
+fn same_job(theirs: &str, ours: &str) -> bool {
+    let job = |text: &str| {
+        let mut table: toml::Table = toml::from_str(text).ok()?;
+        if let Some(toml::Value::Table(parallel)) = table.get_mut("parallel") {
+            parallel.remove("backend");
+        }
+        Some(table)
+    };
+    matches!((job(theirs), job(ours)), (Some(a), Some(b)) if a == b)
+}
+
+/// The job's token as configured: `[coordinator] token`, else
+/// SWITCHYARD_TOKEN, else the `token_file`; `None` when none is set.
+pub fn configured_token(cfg: &CoordinatorConfig) -> Result<Option<String>, WorkerError> {
+    if !cfg.token.is_empty() {
+        return Ok(Some(cfg.token.clone()));
+    }
+    if let Some(token) = std::env::var(TOKEN_VAR).ok().filter(|t| !t.is_empty()) {
+        return Ok(Some(token));
+    }
+    if !cfg.token_file.is_empty() {
+        let path = std::path::Path::new(&cfg.token_file);
+        let token = std::fs::read_to_string(path)
+            .map_err(|e| WorkerError::io("cannot read the token file ([coordinator] token_file)", path, e))?;
+        return Ok(Some(token.trim().to_string()));
+    }
+    Ok(None)
+}
+
 /// Registers as `rank`, retrying while the coordinator is not up yet. When
 /// the coordinator later says stop, every waiting collective of this
 /// process gives up (`collectives::stop`).
-pub fn register(link: &CoordinatorLink, rank: usize, host: &str) -> Result<CoordinatorClient, WorkerError> {
+/// `config_toml` is this rank's resolved job, which must be the coordinator's.
+pub fn register(
+    link: &CoordinatorLink,
+    rank: usize,
+    host: &str,
+    config_toml: &str,
+) -> Result<CoordinatorClient, WorkerError> {
     let registration = Registration {
         token: link.token.clone(),
         host: host.to_string(),
@@ -52,6 +91,14 @@ pub fn register(link: &CoordinatorLink, rank: usize, host: &str) -> Result<Coord
     loop {
         let on_stop = Box::new(|reason: &str| collectives::stop::request(reason));
         match CoordinatorClient::connect_with_stop(&link.addr, registration.clone(), Duration::from_secs(10), on_stop) {
+            Ok(client) if !same_job(&client.welcome().config_toml, config_toml) => {
+                let _ = client.finish(false);
+                return Err(WorkerError::Coordinator(format!(
+                    "rank {rank}: this worker's job config differs from the coordinator's at {}: start every \
+                     worker with the same --config and --set options as the coordinator",
+                    link.addr
+                )));
+            }
             Ok(client) => return Ok(client),
             Err(e) if e.retryable() && started.elapsed() < CONNECT_PATIENCE => {
                 std::thread::sleep(Duration::from_millis(200));

@@ -75,7 +75,7 @@ pub fn run_rank(
     observer: Option<&mut dyn Observer>,
 ) -> Result<TrainSummary, WorkerError> {
     let client = match &opts.coordinator {
-        Some(link) => Some(register(link, comm.rank(), &node_name())?),
+        Some(link) => Some(register(link, comm.rank(), &node_name(), &job.to_toml())?),
         None => None,
     };
     let result = train_rank(job, opts, comm, observer, client.as_ref());

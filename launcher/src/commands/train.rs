@@ -6,7 +6,7 @@ use anyhow::{bail, Context, Result};
 use checkpoint::CheckpointStore;
 use clap::Args;
 use std::path::PathBuf;
-use worker::coordination::{CoordinatorLink, ADDR_VAR, TOKEN_VAR};
+use worker::coordination::{configured_token, CoordinatorLink, ADDR_VAR, TOKEN_VAR};
 use worker::train::{checkpoint_url, train, Resume, RunOptions};
 use worker::JobConfig;
 
@@ -41,6 +41,9 @@ pub struct TrainArgs {
     /// Print only summary lines (no progress bar).
     #[arg(long)]
     quiet: bool,
+    /// Register with this coordinator (host:port) instead of running one (`switchyard worker`).
+    #[arg(long, value_name = "HOST:PORT")]
+    coordinator: Option<String>,
     /// When a rank fails, restart the job from its last committed checkpoint, up to this many times.
     #[arg(long, default_value_t = 0, value_name = "N")]
     max_restarts: u32,
@@ -68,6 +71,16 @@ pub fn run(args: TrainArgs) -> Result<()> {
         (true, None) => Resume::Latest,
         (false, None) => Resume::No,
     };
+    if let Some(addr) = &args.coordinator {
+        // A worker of a job whose coordinator runs elsewhere.
+        if job.parallel.backend == "mpi" && launched.is_none() {
+            bail!("with --coordinator and --backend mpi, start the ranks with your launcher (mpirun, srun)");
+        }
+        let token = configured_token(&job.coordinator)?
+            .context("a worker needs the job's token: set SWITCHYARD_TOKEN (or [coordinator] token_file)")?;
+        let link = CoordinatorLink { addr: addr.clone(), token };
+        return run_here(&job, &args, &run_dir, resume, Some(link), launched.as_ref().is_none_or(|l| l.rank == 0));
+    }
     if let Some(rank) = launched {
         // One rank of an MPI job: its coordinator (if any) is in the environment.
         return run_here(&job, &args, &run_dir, resume, CoordinatorLink::from_env(), rank.rank == 0);
@@ -110,6 +123,17 @@ pub fn run(args: TrainArgs) -> Result<()> {
             }
         };
     }
+}
+
+/// `switchyard worker`: `train` with a coordinator that runs elsewhere.
+pub fn run_worker(mut args: TrainArgs) -> Result<()> {
+    if args.coordinator.is_none() {
+        args.coordinator = std::env::var(ADDR_VAR).ok().filter(|a| !a.is_empty());
+    }
+    if args.coordinator.is_none() {
+        bail!("switchyard worker needs its coordinator: --coordinator host:port or {ADDR_VAR}=host:port");
+    }
+    run(args)
 }
 
 /// Trains in this process: every rank as a thread, or this process's rank of an MPI job.
