@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use coordinator::server::{Coordinator, Event, ServerConfig};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 use worker::config::CoordinatorConfig;
@@ -19,20 +19,32 @@ pub struct RunningCoordinator {
     link: CoordinatorLink,
     http: Option<SocketAddr>,
     done: Arc<AtomicBool>,
+    first_lost: Arc<Mutex<Option<u32>>>,
     watcher: Option<JoinHandle<()>>,
 }
 
 impl RunningCoordinator {
     /// Starts the coordinator for `job` on the configured (or free local) ports.
+    /// Across hosts (`[launch] hosts`) it listens on every interface and
+    /// tells ranks to reach it at the first host, where the launcher runs.
     pub fn start(job: &JobConfig) -> Result<Self> {
         let cfg = &job.coordinator;
         let token = job_token(cfg)?;
-        let coordinator = start_server(job, token.clone(), &cfg.addr, &cfg.http_addr, "127.0.0.1:0")?;
-        let link = CoordinatorLink { addr: coordinator.addr().to_string(), token };
+        let first_host = job.launch.hosts.first().map(|h| h.split(':').next().unwrap_or(h).to_string());
+        let default_bind = if first_host.is_some() { "0.0.0.0:0" } else { "127.0.0.1:0" };
+        let coordinator = start_server(job, token.clone(), &cfg.addr, &cfg.http_addr, default_bind)?;
+        let bound = coordinator.addr();
+        let addr = match first_host {
+            Some(host) if bound.ip().is_unspecified() => format!("{host}:{}", bound.port()),
+            _ => bound.to_string(),
+        };
+        let link = CoordinatorLink { addr, token };
         let http = coordinator.http_addr();
         let done = Arc::new(AtomicBool::new(false));
+        let first_lost = Arc::new(Mutex::new(None));
         let watcher = {
             let done = Arc::clone(&done);
+            let first_lost = Arc::clone(&first_lost);
             std::thread::Builder::new().name("coordinator-events".into()).spawn(move || {
                 // After the first loss the others are told to stop, so their
                 // closing connections are consequences, not news.
@@ -41,6 +53,7 @@ impl RunningCoordinator {
                     match coordinator.next_event(Duration::from_millis(200)) {
                         Some(Event::Lost { rank, host, reason }) if !stopping => {
                             stopping = true;
+                            *first_lost.lock().unwrap_or_else(|e| e.into_inner()) = Some(rank);
                             eprintln!("coordinator: rank {rank} on {host} is lost: {reason}; stopping every rank")
                         }
                         Some(Event::Refused { peer, reason }) => {
@@ -51,7 +64,12 @@ impl RunningCoordinator {
                 }
             })?
         };
-        Ok(Self { link, http, done, watcher: Some(watcher) })
+        Ok(Self { link, http, done, first_lost, watcher: Some(watcher) })
+    }
+
+    /// The rank lost first, if one was.
+    pub fn first_lost(&self) -> Option<u32> {
+        *self.first_lost.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// What ranks need to register.

@@ -5,17 +5,24 @@
 
 use anyhow::{bail, Context, Result};
 use std::process::Command;
+use worker::config::LaunchConfig;
 
-/// Runs this binary with `args` as `ranks` MPI processes on this machine,
-/// with the variables `env` exported to every rank; returns mpirun's exit code.
-pub fn run_self(ranks: usize, args: &[String], env: &[(&str, String)]) -> Result<i32> {
-    let status = self_command(ranks, args, env)?.status().map_err(not_started)?;
+/// Runs this binary with `args` as `ranks` MPI processes, on this machine
+/// or on `launch.hosts`, with the variables `env` exported to every rank;
+/// returns mpirun's exit code.
+pub fn run_self(ranks: usize, args: &[String], env: &[(&str, String)], launch: &LaunchConfig) -> Result<i32> {
+    let status = self_command(ranks, args, env, Some(launch))?.status().map_err(not_started)?;
     Ok(status.code().unwrap_or(1))
 }
 
 /// `mpirun` starting this binary with `args` as `ranks` processes, each
-/// given the variables `env`.
-pub fn self_command(ranks: usize, args: &[String], env: &[(&str, String)]) -> Result<Command> {
+/// given the variables `env`, placed as `launch` says.
+pub fn self_command(
+    ranks: usize,
+    args: &[String],
+    env: &[(&str, String)],
+    launch: Option<&LaunchConfig>,
+) -> Result<Command> {
     if !collectives::mpi::COMPILED {
         bail!(
             "--backend mpi needs a switchyard built with MPI: cargo build --release --features mpi \
@@ -24,6 +31,12 @@ pub fn self_command(ranks: usize, args: &[String], env: &[(&str, String)]) -> Re
     }
     let exe = std::env::current_exe().context("cannot find this program's path to start it under mpirun")?;
     let mut cmd = command(ranks);
+    if let Some(launch) = launch {
+        if !launch.hosts.is_empty() {
+            cmd.args(["--host", &launch.hosts.join(",")]);
+        }
+        cmd.args(&launch.extra_args);
+    }
     for (name, value) in env {
         cmd.args(["-x", name]).env(name, value);
     }

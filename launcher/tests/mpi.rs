@@ -338,3 +338,67 @@ fn four_ranks_over_three_namespace_hosts_match_one_rank() {
     assert!(log.contains("nodes: 3 | sy-h1: ranks 0,1 | sy-h2: rank 2 | sy-h3: rank 3"), "{log}");
     assert_close(&reference, &losses(&run_dir), "4 ranks on 3 namespace hosts");
 }
+
+#[test]
+fn a_lost_host_is_left_out_and_the_job_continues_on_the_remaining_ranks() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
+    let dir = temp_dir("host-loss");
+    let run_dir = dir.join("run");
+    let _hosts = NamespaceHosts::up(&repo);
+    let agent = repo.join("scripts/netns-rsh.sh");
+    let mpirun_args = format!(
+        "launch.extra_args=[\"--mca\", \"plm_rsh_agent\", \"{}\", \"--mca\", \"btl\", \"tcp,self\", \
+         \"--mca\", \"btl_tcp_if_include\", \"10.77.0.0/24\", \"--mca\", \"oob_tcp_if_include\", \"10.77.0.0/24\"]",
+        agent.display()
+    );
+    // 24 sequences per step split evenly over 4 ranks and over 3.
+    let job = [
+        "--set",
+        "train.steps=40",
+        "--set",
+        "checkpoint.every=10",
+        "--set",
+        "train.log_every=1",
+        "--set",
+        "train.global_batch_size=24",
+        "--set",
+        "train.micro_batch_size=2",
+        "--set",
+        "parallel.collective_timeout_s=30",
+    ];
+    let child = allow_root(Command::new("ip").args(["netns", "exec", "sy-h1", "unshare", "--uts", "sh", "-c"]))
+        .args(["hostname sy-h1; exec \"$@\"", "sh", EXE, "train", "--quiet", "--backend", "mpi", "--ranks", "4"])
+        .args(["--hosts", "10.77.0.1:2,10.77.0.2:1,10.77.0.3:1", "--max-restarts", "1", "--run-dir"])
+        .arg(&run_dir)
+        .args(job)
+        .args(["--set", &mpirun_args])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("switchyard starts in host 1");
+    let started = Instant::now();
+    let metrics = run_dir.join("metrics.jsonl");
+    while !(run_dir.join("checkpoints/latest").exists()
+        && std::fs::read_to_string(&metrics).map_or(0, |t| t.lines().count()) >= 12)
+    {
+        assert!(started.elapsed() < Duration::from_secs(180), "the job never passed its first checkpoint");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Host 3 dies: every process in its namespace is killed.
+    let pids = Command::new("ip").args(["netns", "pids", "sy-h3"]).output().unwrap();
+    for pid in String::from_utf8_lossy(&pids.stdout).split_whitespace() {
+        let _ = Command::new("kill").args(["-KILL", pid]).status();
+    }
+    let out = wait_guarded(child, Duration::from_secs(300), "the job after host 3 died");
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    assert!(
+        log.contains("host 10.77.0.3:1 (rank 3) is gone: continuing on 10.77.0.1:2,10.77.0.2:1 with 3 rank(s)"),
+        "{log}"
+    );
+    assert!(log.contains("restart 1/1: resuming from step") && log.contains("layout: 3 ranks"), "{log}");
+    let last = std::fs::read_to_string(&metrics).unwrap().lines().last().unwrap().to_string();
+    let last: serde_json::Value = serde_json::from_str(&last).unwrap();
+    assert_eq!(last["step"], 40, "the job reached its last step on the remaining hosts");
+}

@@ -119,6 +119,9 @@ impl Default for CoordinatorConfig {
 pub struct LaunchConfig {
     /// Extra arguments for `mpirun` / `srun`.
     pub extra_args: Vec<String>,
+    /// `host:slots` entries for `--backend mpi` across machines (mpirun's
+    /// `--host`); empty = this machine. The launcher runs on the first.
+    pub hosts: Vec<String>,
 }
 
 /// The whole job.

@@ -179,7 +179,8 @@ fn measure_ours(backend: &str, ranks: usize, plan: &[Case], max_mib: usize) -> R
         }
         "mpi" => {
             let args = ["bench", "alltoall", "--backend", "mpi", "--max-mib", &max_mib.to_string()].map(String::from);
-            let out = crate::mpirun::self_command(ranks, &args, &[])?.output().map_err(crate::mpirun::not_started)?;
+            let out =
+                crate::mpirun::self_command(ranks, &args, &[], None)?.output().map_err(crate::mpirun::not_started)?;
             parse_rows(&out.stdout, "the MPI benchmark ranks")
         }
         other => bail!("--backend {other}: use local or mpi"),

@@ -41,6 +41,9 @@ pub struct TrainArgs {
     /// Print only summary lines (no progress bar).
     #[arg(long)]
     quiet: bool,
+    /// MPI across machines: host:slots entries for mpirun (same as --set launch.hosts=[...]).
+    #[arg(long, value_delimiter = ',', value_name = "HOST:SLOTS,...")]
+    hosts: Vec<String>,
     /// Register with this coordinator (host:port) instead of running one (`switchyard worker`).
     #[arg(long, value_name = "HOST:PORT")]
     coordinator: Option<String>,
@@ -57,6 +60,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
     }
     if let Some(ranks) = args.ranks {
         overrides.push(format!("parallel.ranks={ranks}"));
+    }
+    if !args.hosts.is_empty() {
+        overrides.push(format!("launch.hosts={}", toml_list(&args.hosts)));
     }
     let mut job = JobConfig::load(args.config.as_deref(), &overrides)?;
     let launched = (job.parallel.backend == "mpi").then(collectives::mpi::launched_rank).flatten();
@@ -99,6 +105,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         } else {
             run_here(&job, &args, &run_dir, resume.clone(), Some(coordinator.link()), true)
         };
+        let lost = coordinator.first_lost();
         drop(coordinator);
         let error = match result {
             Ok(()) => return Ok(()),
@@ -107,6 +114,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
         };
         attempt += 1;
         eprintln!("error: {error:#}");
+        if let (Some(rank), false) = (lost, job.launch.hosts.is_empty()) {
+            job = without_host_of(job, rank as usize, &args, &overrides)?;
+        }
         let store = CheckpointStore::open(&checkpoint_url(&job, &run_dir))?;
         resume = match store.latest_step()? {
             Some(step) => {
@@ -136,6 +146,44 @@ pub fn run_worker(mut args: TrainArgs) -> Result<()> {
     run(args)
 }
 
+/// A TOML list of strings, for an override.
+fn toml_list(items: &[String]) -> String {
+    let quoted: Vec<String> = items.iter().map(|i| format!("{i:?}")).collect();
+    format!("[{}]", quoted.join(", "))
+}
+
+/// The job without the host that ran `lost_rank` (mpirun fills each host's
+/// slots in order), on the ranks that remain; the layout is recomputed and
+/// checked for the smaller world.
+fn without_host_of(job: JobConfig, lost_rank: usize, args: &TrainArgs, overrides: &[String]) -> Result<JobConfig> {
+    let mut first = 0;
+    let mut remaining = Vec::new();
+    let mut gone = None;
+    for entry in &job.launch.hosts {
+        let slots: usize = entry.rsplit_once(':').and_then(|(_, n)| n.parse().ok()).unwrap_or(1);
+        if (first..first + slots).contains(&lost_rank) {
+            gone = Some(entry.clone());
+        } else {
+            remaining.push(entry.clone());
+        }
+        first += slots;
+    }
+    let Some(gone) = gone else {
+        return Ok(job);
+    };
+    let world: usize =
+        remaining.iter().map(|e| e.rsplit_once(':').and_then(|(_, n)| n.parse().ok()).unwrap_or(1)).sum();
+    if world == 0 {
+        bail!("host {gone} (rank {lost_rank}) is gone and no host remains");
+    }
+    eprintln!("host {gone} (rank {lost_rank}) is gone: continuing on {} with {world} rank(s)", remaining.join(","));
+    let mut overrides = overrides.to_vec();
+    overrides.push(format!("parallel.ranks={world}"));
+    overrides.push(format!("launch.hosts={}", toml_list(&remaining)));
+    JobConfig::load(args.config.as_deref(), &overrides)
+        .with_context(|| format!("the job cannot continue on {world} rank(s) without {gone}"))
+}
+
 /// Trains in this process: every rank as a thread, or this process's rank of an MPI job.
 fn run_here(
     job: &JobConfig,
@@ -162,12 +210,17 @@ fn run_mpi(job: &JobConfig, resume: &Resume, coordinator: &RunningCoordinator) -
     while let Some(arg) = given.next() {
         match arg.as_str() {
             "--resume" => {}
-            "--resume-from" | "--max-restarts" => {
+            // The attempt decides these below.
+            "--resume-from" | "--max-restarts" | "--ranks" | "--hosts" => {
                 given.next();
             }
-            a if a.starts_with("--resume-from=") || a.starts_with("--max-restarts=") => {}
+            a if ["--resume-from=", "--max-restarts=", "--ranks=", "--hosts="].iter().any(|p| a.starts_with(p)) => {}
             _ => forwarded.push(arg),
         }
+    }
+    forwarded.extend(["--ranks".to_string(), job.parallel.ranks.to_string()]);
+    if !job.launch.hosts.is_empty() {
+        forwarded.extend(["--hosts".to_string(), job.launch.hosts.join(",")]);
     }
     match resume {
         Resume::No => {}
@@ -176,7 +229,7 @@ fn run_mpi(job: &JobConfig, resume: &Resume, coordinator: &RunningCoordinator) -
     }
     let link = coordinator.link();
     let env = [(ADDR_VAR, link.addr), (TOKEN_VAR, link.token)];
-    let code = crate::mpirun::run_self(job.parallel.ranks, &forwarded, &env)?;
+    let code = crate::mpirun::run_self(job.parallel.ranks, &forwarded, &env, &job.launch)?;
     if code != 0 {
         bail!("the MPI job failed (mpirun exited with {code}); the ranks' messages are above");
     }
