@@ -235,6 +235,12 @@ impl Observer for ConsoleProgress {
         }
     }
 
+    fn on_rebalance(&mut self, step: u64, before: f64, after: f64) {
+        self.line(&format!(
+            "rebalanced experts at step {step}: busiest rank / mean expert tokens {before:.2} -> {after:.2} (measured loads)"
+        ));
+    }
+
     fn on_checkpoint(&mut self, step: u64, url: &str) {
         self.line(&format!("checkpoint step {step} committed: {url}"));
     }

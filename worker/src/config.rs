@@ -52,6 +52,12 @@ pub struct ParallelConfig {
     pub collective_timeout_s: f64,
     /// "contiguous" or "balanced".
     pub placement: String,
+    /// Balanced placement: re-plan every this many steps from the expert
+    /// loads measured since the last plan.
+    pub rebalance_every: u64,
+    /// Balanced placement: extra expert slots for replicas of hot experts,
+    /// over the expert-parallel group; 0 = one per rank.
+    pub redundant_experts: usize,
 }
 
 impl Default for ParallelConfig {
@@ -63,6 +69,8 @@ impl Default for ParallelConfig {
             ep: 0,
             collective_timeout_s: 60.0,
             placement: "contiguous".into(),
+            rebalance_every: 100,
+            redundant_experts: 0,
         }
     }
 }

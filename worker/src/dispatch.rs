@@ -129,44 +129,54 @@ impl<'a> AllToAllExperts<'a> {
         Ok(received.values)
     }
 
-    /// Works out who sends what to whom for one layer's dispatch plan.
+    /// Works out who sends what to whom for one layer's dispatch plan. An
+    /// expert with replicas gets each source's rows at the replica the plan
+    /// picks for that source, so every rank can tell which of its experts
+    /// each source sends to it.
     fn plan_exchange(&mut self, layer: usize, plan: &DispatchPlan) -> Result<Exchange, ModelError> {
         let ranks = self.comm.size();
         let me = self.comm.rank();
-        let owners: Vec<usize> = (0..plan.num_experts).map(|e| self.placement.owner(layer, e)).collect();
+        let owner = |e: usize, source: usize| self.placement.owner_for(layer, e, source);
         // Experts in (owner, id) order: rows grouped by destination rank.
         let mut by_owner: Vec<usize> = (0..plan.num_experts).collect();
-        by_owner.sort_by_key(|&e| (owners[e], e));
+        by_owner.sort_by_key(|&e| (owner(e, me), e));
         let mut send_order = Vec::with_capacity(plan.num_rows());
         let mut send_counts = vec![0usize; ranks];
         let mut meta = Vec::with_capacity(plan.num_experts);
         let mut meta_counts = vec![0usize; ranks];
         for &e in &by_owner {
             send_order.extend(plan.offsets_e[e]..plan.offsets_e[e + 1]);
-            send_counts[owners[e]] += plan.counts_e[e];
+            send_counts[owner(e, me)] += plan.counts_e[e];
             meta.push(plan.counts_e[e] as u64);
-            meta_counts[owners[e]] += 1;
+            meta_counts[owner(e, me)] += 1;
         }
         // Every owner learns, per source, how many rows of each of its experts come.
         let (recv_meta, _) = self.comm.all_to_all_v_u64(&meta, &meta_counts).map_err(comm_error)?;
-        let mine: Vec<usize> = (0..plan.num_experts).filter(|&e| owners[e] == me).collect();
-        let m = mine.len();
-        debug_assert_eq!(recv_meta.len(), ranks * m);
-        let per_source_expert = |s: usize, j: usize| recv_meta[s * m + j] as usize;
-        let recv_counts: Vec<usize> = (0..ranks).map(|s| (0..m).map(|j| per_source_expert(s, j)).sum()).collect();
+        // Per source, the experts it sends here (ascending id, as it sent them).
+        let from: Vec<Vec<usize>> =
+            (0..ranks).map(|s| (0..plan.num_experts).filter(|&e| owner(e, s) == me).collect()).collect();
+        debug_assert_eq!(recv_meta.len(), from.iter().map(Vec::len).sum::<usize>());
         let mut counts_e = vec![0usize; plan.num_experts];
-        for (j, &e) in mine.iter().enumerate() {
-            counts_e[e] = (0..ranks).map(|s| per_source_expert(s, j)).sum();
+        let mut recv_counts = vec![0usize; ranks];
+        let mut cursor = 0;
+        for (s, experts) in from.iter().enumerate() {
+            for &e in experts {
+                counts_e[e] += recv_meta[cursor] as usize;
+                recv_counts[s] += recv_meta[cursor] as usize;
+                cursor += 1;
+            }
         }
         // Received rows are source-major; the local experts want expert-major.
         let local_plan = DispatchPlan::grouped(counts_e, self.top_k);
-        let mut next_free: Vec<usize> = mine.iter().map(|&e| local_plan.offsets_e[e]).collect();
+        let mut next_free: Vec<usize> = local_plan.offsets_e[..plan.num_experts].to_vec();
         let mut recv_to_local = Vec::with_capacity(local_plan.num_rows());
-        for s in 0..ranks {
-            for (j, slot) in next_free.iter_mut().enumerate() {
-                let count = per_source_expert(s, j);
-                recv_to_local.extend(*slot..*slot + count);
-                *slot += count;
+        let mut cursor = 0;
+        for experts in &from {
+            for &e in experts {
+                let count = recv_meta[cursor] as usize;
+                recv_to_local.extend(next_free[e]..next_free[e] + count);
+                next_free[e] += count;
+                cursor += 1;
             }
         }
         Ok(Exchange { send_order, send_counts, recv_counts, recv_to_local, local_plan })

@@ -94,7 +94,9 @@ fn train_rank(
 ) -> Result<TrainSummary, WorkerError> {
     let cfg = &job.model;
     let dims = job.parallel_dims().map_err(|e| WorkerError::Layout(e.to_string()))?;
-    let placement = PlacementPlan::contiguous(cfg.n_layers, cfg.n_experts, dims.ep);
+    let mut placement = PlacementPlan::contiguous(cfg.n_layers, cfg.n_experts, dims.ep);
+    // Balanced placement: tokens per expert since the last plan.
+    let mut expert_loads = vec![vec![0.0f64; cfg.n_experts]; cfg.n_layers];
     let mut groups = groups(comm, &dims)?;
     let rank = groups.world_rank;
     let lead = rank == 0;
@@ -204,6 +206,7 @@ fn train_rank(
         if let Some(edp) = groups.edp.as_mut() {
             all_reduce_tensors(edp.as_mut(), grads.experts.tensors_mut())?;
         }
+        sum_expert_replicas(groups.ep.as_mut(), &placement, &mut grads.experts, cfg)?;
         // Replicated gradients are identical everywhere now; each attention
         // shard counts once per shard group, each expert once per EP group.
         let (mut dense_sq, mut shard_sq) = (0.0f64, [0.0f64]);
@@ -217,7 +220,15 @@ fn train_rank(
         if let Some(tp) = groups.tp.as_mut() {
             tp.all_reduce_sum_f64(&mut shard_sq)?;
         }
-        let mut expert_sq = [grads.experts.tensors().iter().map(|(_, g)| sum_of_squares(g)).sum::<f64>()];
+        let ep_rank = dims.ep_rank(rank);
+        let mut expert_sq = [0.0f64];
+        for (l, layer) in grads.experts.layers.iter().enumerate() {
+            for (_, g) in layer.iter().filter(|(&e, _)| placement.owner(l, e) == ep_rank) {
+                for t in [&g.w1, &g.w3, &g.w2] {
+                    expert_sq[0] += sum_of_squares(t);
+                }
+            }
+        }
         groups.ep.all_reduce_sum_f64(&mut expert_sq)?;
         let grad_norm = (dense_sq + shard_sq[0] + expert_sq[0]).sqrt();
         let sync_s = sync_started.elapsed().as_secs_f64();
@@ -264,6 +275,38 @@ fn train_rank(
             }
             last_checkpoint = Some(url);
         }
+
+        for (acc, layer) in expert_loads.iter_mut().zip(&metrics.tokens_per_expert) {
+            acc.iter_mut().zip(layer).for_each(|(a, &t)| *a += t as f64);
+        }
+        let rebalance = job.parallel.rebalance_every;
+        if job.parallel.placement == "balanced" && state.step < end && state.step.is_multiple_of(rebalance) {
+            let redundant = if job.parallel.redundant_experts == 0 { dims.ep } else { job.parallel.redundant_experts };
+            let plan = PlacementPlan::balanced(&expert_loads, dims.ep, redundant);
+            let (before, after) = (max_over_mean(&placement, &expert_loads), max_over_mean(&plan, &expert_loads));
+            // Only a clearly better plan is worth moving experts for.
+            if plan != placement && after < before * 0.98 {
+                // Expert weights and their optimizer state move to their new
+                // ranks through a committed checkpoint of this step, loaded
+                // onto the new plan: the same path as a resume on another layout.
+                let full = match groups.tp.as_mut() {
+                    Some(tp) => joined(&state, tp.as_mut(), cfg.d_model)?,
+                    None => state.clone(),
+                };
+                let url = save_checkpoint(comm, &store, job, &dims, &placement, &full)?;
+                state = TrainState::load(&store, state.step, job, &plan, dims.ep_rank(rank))?;
+                if dims.attn_tp > 1 {
+                    cut_to_shard(&mut state, cfg.d_model, dims.tp_rank(rank), dims.attn_tp);
+                }
+                grads = state.weights.zeros_like();
+                if let Some(obs) = observer.as_deref_mut() {
+                    obs.on_rebalance(state.step, before, after);
+                }
+                placement = plan;
+                last_checkpoint = Some(url);
+            }
+            expert_loads.iter_mut().for_each(|l| l.fill(0.0));
+        }
     }
     Ok(TrainSummary {
         first_loss,
@@ -273,6 +316,59 @@ fn train_rank(
         checkpoint: last_checkpoint,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// The busiest rank's expert tokens over the mean, worst layer, under `plan`.
+fn max_over_mean(plan: &PlacementPlan, loads: &[Vec<f64>]) -> f64 {
+    plan.rank_loads(loads)
+        .iter()
+        .map(|ranks| {
+            let mean = ranks.iter().sum::<f64>() / ranks.len() as f64;
+            if mean > 0.0 {
+                ranks.iter().cloned().fold(0.0, f64::max) / mean
+            } else {
+                1.0
+            }
+        })
+        .fold(1.0, f64::max)
+}
+
+/// Sums the gradients of experts that have several owners in the plan
+/// (replicas of hot experts) over the expert-parallel group, so every
+/// replica applies the same update.
+fn sum_expert_replicas(
+    ep: &mut dyn Communicator,
+    plan: &PlacementPlan,
+    grads: &mut model::weights::ExpertStore,
+    cfg: &model::ModelConfig,
+) -> Result<(), WorkerError> {
+    let replicated: Vec<(usize, usize)> = (0..cfg.n_layers)
+        .flat_map(|l| (0..cfg.n_experts).map(move |e| (l, e)))
+        .filter(|&(l, e)| plan.owners[l][e].len() > 1)
+        .collect();
+    if replicated.is_empty() {
+        return Ok(());
+    }
+    let size = 3 * cfg.ffn_hidden * cfg.d_model;
+    let mut flat = vec![0.0f32; replicated.len() * size];
+    for (slot, &(l, e)) in flat.chunks_exact_mut(size).zip(&replicated) {
+        if let Some(g) = grads.layers[l].get(&e) {
+            let n = g.w1.len();
+            slot[..n].copy_from_slice(&g.w1);
+            slot[n..2 * n].copy_from_slice(&g.w3);
+            slot[2 * n..].copy_from_slice(&g.w2);
+        }
+    }
+    ep.all_reduce_sum(&mut flat)?;
+    for (slot, &(l, e)) in flat.chunks_exact(size).zip(&replicated) {
+        if let Some(g) = grads.layers[l].get_mut(&e) {
+            let n = g.w1.len();
+            g.w1.copy_from_slice(&slot[..n]);
+            g.w3.copy_from_slice(&slot[n..2 * n]);
+            g.w2.copy_from_slice(&slot[2 * n..]);
+        }
+    }
+    Ok(())
 }
 
 /// Sends this rank's numbers of the step just done; a stop from the
@@ -318,8 +414,11 @@ fn save_checkpoint(
     state: &TrainState,
 ) -> Result<String, WorkerError> {
     let rank = comm.rank();
-    // Dense tensors once (rank 0); each expert once (the first replica).
-    let report = state.write_shard(store, job, rank, rank == 0, dims.edp_rank(rank) == 0)?;
+    // Dense tensors once (rank 0); each expert once: by its first owner in
+    // the first expert-data-parallel group.
+    let (ep_rank, first_group) = (dims.ep_rank(rank), dims.edp_rank(rank) == 0);
+    let writes_expert = |layer: usize, expert: usize| first_group && placement.owner(layer, expert) == ep_rank;
+    let report = state.write_shard(store, job, rank, rank == 0, &writes_expert)?;
     let reports: Vec<Option<ShardReport>> = gather_json(comm, &report)?;
     if rank == 0 {
         let manifest = state.manifest(job, dims, placement, reports.into_iter().flatten().collect());

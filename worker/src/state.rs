@@ -29,6 +29,15 @@ pub struct TrainState {
     pub rng: Rng,
 }
 
+/// The (layer, global expert id) of a routed expert's tensor name
+/// (`layers.{l}.moe.experts.{e}.…`).
+fn expert_of(name: &str) -> Option<(usize, usize)> {
+    let rest = name.strip_prefix("layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let expert = rest.strip_prefix("moe.experts.")?.split('.').next()?;
+    Some((layer.parse().ok()?, expert.parse().ok()?))
+}
+
 /// The learning-rate schedule's position, saved in the manifest.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ScheduleState {
@@ -58,28 +67,31 @@ impl TrainState {
     }
 
     /// Writes this rank's share of the checkpoint into shard `rank-XXXXX`:
-    /// the dense tensors (replicated everywhere) only when `with_dense`, the
-    /// experts it holds only when `with_experts` — so every tensor is written
-    /// once. Returns None when this rank has nothing to write.
+    /// the dense tensors (replicated everywhere) only when `with_dense`, and
+    /// the experts it holds for which `writes_expert(layer, expert)` — so
+    /// every tensor is written once. Returns None when it has nothing to write.
     pub fn write_shard(
         &self,
         store: &CheckpointStore,
         job: &JobConfig,
         rank: usize,
         with_dense: bool,
-        with_experts: bool,
+        writes_expert: &dyn Fn(usize, usize) -> bool,
     ) -> Result<Option<ShardReport>, WorkerError> {
-        fn select(w: &ModelWeights, with_dense: bool, with_experts: bool) -> Vec<(String, &Vec<f32>)> {
+        fn select<'w>(
+            w: &'w ModelWeights,
+            with_dense: bool,
+            writes_expert: &dyn Fn(usize, usize) -> bool,
+        ) -> Vec<(String, &'w Vec<f32>)> {
             let mut out = Vec::new();
             if with_dense {
                 out.extend(w.dense.tensors());
             }
-            if with_experts {
-                out.extend(w.experts.tensors());
-            }
+            let experts = w.experts.tensors().into_iter();
+            out.extend(experts.filter(|(name, _)| expert_of(name).is_some_and(|(l, e)| writes_expert(l, e))));
             out
         }
-        let select = |w| select(w, with_dense, with_experts);
+        let select = |w| select(w, with_dense, writes_expert);
         let mut refs_data: Vec<(String, Vec<usize>, &[f32])> = Vec::new();
         let moments = select(&self.exp_avg).into_iter().zip(select(&self.exp_avg_sq));
         for ((name, w), ((_, m), (_, v))) in select(&self.weights).into_iter().zip(moments) {

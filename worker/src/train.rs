@@ -77,6 +77,9 @@ pub trait Observer {
     fn on_start(&mut self, info: &StartInfo);
     fn on_step(&mut self, metrics: &StepMetrics);
     fn on_checkpoint(&mut self, step: u64, url: &str);
+    /// Experts were re-placed at `step`; the busiest rank's expert tokens
+    /// over the mean went from `before` to `after` (measured loads).
+    fn on_rebalance(&mut self, _step: u64, _before: f64, _after: f64) {}
 }
 
 /// The checkpoint URL of a job: `[checkpoint] url`, or the run folder's.

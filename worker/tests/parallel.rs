@@ -109,6 +109,38 @@ fn a_run_with_attention_shards_resumes_without_them_and_back() {
 }
 
 #[test]
+fn balanced_placement_moves_experts_without_changing_the_losses() {
+    // No aux loss: routing skews, so re-planning every 4 steps replicates
+    // and moves experts (weights and AdamW state) several times.
+    let skewed = ["model.aux_loss_coef=0.0"];
+    let contiguous = losses(&job(4, &skewed), "place-contig", Resume::No, None, None);
+    let balanced_job = job(
+        4,
+        &[
+            "model.aux_loss_coef=0.0",
+            "parallel.placement=\"balanced\"",
+            "parallel.rebalance_every=4",
+            "parallel.redundant_experts=4",
+        ],
+    );
+    let dir = temp_dir("place-balanced");
+    let mut rec = Recorder::default();
+    let opts = RunOptions { run_dir: dir.clone(), resume: Resume::No, stop_at: None, coordinator: None };
+    train(&balanced_job, &opts, &mut rec).unwrap();
+    let balanced: Vec<f64> = rec.steps.iter().map(|m| m.loss).collect();
+    assert_close(&contiguous, &balanced, "balanced placement");
+    let manifest = std::fs::read_to_string(dir.join("checkpoints/step-00000020/manifest.json")).unwrap();
+    assert!(manifest.contains("\"owners\""), "the plan is saved");
+    let replicated = serde_json::from_str::<serde_json::Value>(&manifest).unwrap()["plan"]["owners"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|layer| layer.as_array().unwrap().iter())
+        .any(|owners| owners.as_array().unwrap().len() > 1);
+    assert!(replicated, "hot experts were replicated: {manifest}");
+}
+
+#[test]
 fn per_rank_metrics_account_for_every_token() {
     let dir = temp_dir("metrics4");
     let mut rec = Recorder::default();
