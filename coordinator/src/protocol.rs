@@ -11,7 +11,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Version of the messages below; bump on any change to them.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Largest payload accepted (the resolved config and the placement plan fit easily).
 pub const MAX_FRAME_BYTES: usize = 16 << 20;
 /// Frame header length: magic (2), version (2), payload length (4).
@@ -39,6 +39,10 @@ pub struct Welcome {
     pub world: u32,
     /// The resolved job config (TOML), so every worker runs the same job.
     pub config_toml: String,
+    /// The parallel layout the coordinator computed for the job.
+    pub dims: Option<crate::ParallelDims>,
+    /// The placement plan workers start from.
+    pub plan: Option<crate::PlacementPlan>,
     /// Heartbeats are expected at least this often (milliseconds).
     pub heartbeat_ms: u64,
 }

@@ -25,6 +25,9 @@ pub struct ServerConfig {
     pub token: String,
     /// The resolved job config (TOML) handed to every worker.
     pub config_toml: String,
+    /// The layout and the starting placement plan handed to every worker.
+    pub dims: Option<crate::ParallelDims>,
+    pub plan: Option<crate::PlacementPlan>,
     /// How often workers send heartbeats.
     pub heartbeat: Duration,
     /// A rank silent for this long is lost.
@@ -359,6 +362,8 @@ fn admit(shared: &Shared, reg: &Registration, outbox: UnboundedSender<Message>) 
         rank: rank as u32,
         world: world as u32,
         config_toml: state.cfg.config_toml.clone(),
+        dims: state.cfg.dims,
+        plan: state.cfg.plan.clone(),
         heartbeat_ms: state.cfg.heartbeat.as_millis() as u64,
     })
 }

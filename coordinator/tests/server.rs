@@ -21,6 +21,8 @@ fn start(world: usize) -> Coordinator {
         world,
         token: TOKEN.into(),
         config_toml: "name = \"test\"\n".into(),
+        dims: None,
+        plan: Some(coordinator::PlacementPlan::contiguous(1, 4, 2)),
         heartbeat: Duration::from_millis(50),
         heartbeat_timeout: Duration::from_millis(800),
         register_timeout: Duration::from_secs(2),
@@ -93,6 +95,7 @@ fn workers_register_report_and_the_step_is_aggregated() {
     let b = join(&coord, "host-b", None).unwrap();
     assert_eq!((a.welcome().rank, b.welcome().rank, a.welcome().world), (0, 1, 2));
     assert_eq!(a.welcome().config_toml, "name = \"test\"\n");
+    assert_eq!(a.welcome().plan, Some(coordinator::PlacementPlan::contiguous(1, 4, 2)));
     a.report(report(0, 1, 10.0, 5)).unwrap();
     b.report(report(1, 1, 6.0, 3)).unwrap();
     let Event::Step(summary) = wait_for(&coord, "step", |e| matches!(e, Event::Step(_))) else { unreachable!() };
@@ -243,6 +246,8 @@ impl Gen {
                 rank: self.next() as u32,
                 world: self.next() as u32,
                 config_toml: self.text(),
+                dims: None,
+                plan: self.coin().then(|| coordinator::PlacementPlan::contiguous(2, 8, 4)),
                 heartbeat_ms: self.next(),
             }),
             2 => Message::Refused { reason: self.text(), retryable: self.coin() },

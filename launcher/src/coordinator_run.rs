@@ -112,10 +112,13 @@ pub fn start_server(
     };
     let (bind, http_bind) = (parse(addr, "coordinator.addr")?, parse(http_addr, "coordinator.http_addr")?);
     let timeout = Duration::from_secs_f64(job.coordinator.heartbeat_timeout_s);
+    let dims = job.parallel_dims()?;
     let server = ServerConfig {
         world: job.parallel.ranks,
         token,
         config_toml: job.to_toml(),
+        dims: Some(dims),
+        plan: Some(coordinator::PlacementPlan::contiguous(job.model.n_layers, job.model.n_experts, dims.ep)),
         heartbeat: (timeout / 5).clamp(Duration::from_millis(100), Duration::from_secs(2)),
         heartbeat_timeout: timeout,
         register_timeout: Duration::from_secs(10),

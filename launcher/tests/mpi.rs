@@ -182,7 +182,10 @@ fn a_killed_rank_ends_the_job_with_an_error() {
     let (out, took) = signal_a_rank("kill", "-KILL", 1, &["--set", "parallel.collective_timeout_s=5"]);
     let log = text(&out);
     assert!(!out.status.success(), "{log}");
-    assert!(log.contains("process rank 1") && log.contains("the MPI job failed"), "{log}");
+    // Whoever notices first names rank 1: mpirun ("process rank 1 ... signal 9")
+    // or the coordinator ("rank 1 on <host> is lost"), which then stops the others.
+    let named = log.contains("process rank 1") || log.contains("rank 1 on ");
+    assert!(named && log.contains("the MPI job failed"), "{log}");
     eprintln!("killed rank 1: the job ended {took:?} after the signal");
 }
 

@@ -94,7 +94,29 @@ fn train_rank(
 ) -> Result<TrainSummary, WorkerError> {
     let cfg = &job.model;
     let dims = job.parallel_dims().map_err(|e| WorkerError::Layout(e.to_string()))?;
-    let mut placement = PlacementPlan::contiguous(cfg.n_layers, cfg.n_experts, dims.ep);
+    // The coordinator serves the layout and the starting plan; without one
+    // every rank computes the same contiguous plan itself.
+    let welcome = client.map(CoordinatorClient::welcome);
+    if let Some(served) = welcome.and_then(|w| w.dims) {
+        if served != dims {
+            return Err(WorkerError::Coordinator(format!(
+                "the coordinator's layout {served:?} differs from this rank's {dims:?}: start every role with the same job"
+            )));
+        }
+    }
+    let mut placement = match welcome.and_then(|w| w.plan.clone()) {
+        Some(plan) if plan.num_ranks == dims.ep && plan.owners.len() == cfg.n_layers => plan,
+        Some(plan) => {
+            return Err(WorkerError::Coordinator(format!(
+                "the coordinator's placement plan is for {} ranks and {} layers, this job has {} and {}",
+                plan.num_ranks,
+                plan.owners.len(),
+                dims.ep,
+                cfg.n_layers
+            )))
+        }
+        None => PlacementPlan::contiguous(cfg.n_layers, cfg.n_experts, dims.ep),
+    };
     // Balanced placement: tokens per expert since the last plan.
     let mut expert_loads = vec![vec![0.0f64; cfg.n_experts]; cfg.n_layers];
     let mut groups = groups(comm, &dims)?;
