@@ -56,8 +56,8 @@ pub struct StepReport {
     pub ce_sum: f64,
     pub tokens: u64,
     pub step_time_s: f64,
-    /// Tokens its experts computed, per global expert id (summed over layers).
-    pub expert_tokens: Vec<u64>,
+    /// Rows (token, expert) its experts computed, all layers: its expert load.
+    pub expert_rows: u64,
     pub dropped: u64,
     pub alltoall_bytes: u64,
     pub alltoall_s: f64,

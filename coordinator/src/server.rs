@@ -417,7 +417,7 @@ fn record_step(shared: &Shared, rank: u32, report: StepReport) {
         tokens,
         tokens_per_s: if step_time_s > 0.0 { tokens as f64 / step_time_s } else { 0.0 },
         step_time_s,
-        expert_rows_per_rank: reports.iter().map(|r| r.expert_tokens.iter().sum()).collect(),
+        expert_rows_per_rank: reports.iter().map(|r| r.expert_rows).collect(),
         dropped: reports.iter().map(|r| r.dropped).sum(),
         alltoall_bytes: reports.iter().map(|r| r.alltoall_bytes).sum(),
     };

@@ -121,6 +121,20 @@ fn ranks_started_by_mpirun_read_their_rank_from_the_environment() {
     assert_close(&reference, &losses(&run_dir), "mpirun -n 4");
 }
 
+/// Waits (3 minutes at most) until the run has `steps` lines of metrics
+/// and, when asked, a committed checkpoint; returns the metrics file.
+fn wait_for_progress(run_dir: &Path, steps: usize, with_checkpoint: bool) -> PathBuf {
+    let started = Instant::now();
+    let metrics = run_dir.join("metrics.jsonl");
+    let trained = || std::fs::read_to_string(&metrics).map_or(0, |t| t.lines().count()) >= steps;
+    let checkpointed = || !with_checkpoint || run_dir.join("checkpoints/latest").exists();
+    while !(trained() && checkpointed()) {
+        assert!(started.elapsed() < Duration::from_secs(180), "the job never reached step {steps}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    metrics
+}
+
 /// The pid of the rank process started for `tag` with world rank `rank`.
 fn find_rank(tag: &str, rank: usize) -> Option<u32> {
     let want_tag = format!("SWITCHYARD_TEST_TAG={tag}");
@@ -149,12 +163,7 @@ fn signal_a_rank(name: &str, signal: &str, victim: usize, extra: &[&str]) -> (Ou
         .stderr(Stdio::piped())
         .spawn()
         .expect("switchyard starts");
-    let started = Instant::now();
-    let metrics = run_dir.join("metrics.jsonl");
-    while std::fs::read_to_string(&metrics).map_or(0, |t| t.lines().count()) < 3 {
-        assert!(started.elapsed() < Duration::from_secs(120), "the job never reached step 3");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for_progress(&run_dir, 3, false);
     let pid = find_rank(&tag, victim).expect("rank process found by its environment");
     let status = Command::new("kill").args([signal, &pid.to_string()]).status().unwrap();
     assert!(status.success(), "kill {signal} {pid}");
@@ -221,14 +230,7 @@ fn max_restarts_resumes_a_job_whose_rank_was_killed() {
         .spawn()
         .expect("switchyard starts");
     // Kill rank 1 once a checkpoint is committed and training went on past it.
-    let started = Instant::now();
-    let metrics = run_dir.join("metrics.jsonl");
-    while !(run_dir.join("checkpoints/latest").exists()
-        && std::fs::read_to_string(&metrics).map_or(0, |t| t.lines().count()) >= 12)
-    {
-        assert!(started.elapsed() < Duration::from_secs(120), "the job never passed its first checkpoint");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let metrics = wait_for_progress(&run_dir, 12, true);
     let pid = find_rank(&tag, 1).expect("rank 1 found by its environment");
     assert!(Command::new("kill").args(["-KILL", &pid.to_string()]).status().unwrap().success());
     let out = wait_guarded(child, Duration::from_secs(240), "the restarted job");
@@ -380,14 +382,7 @@ fn a_lost_host_is_left_out_and_the_job_continues_on_the_remaining_ranks() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("switchyard starts in host 1");
-    let started = Instant::now();
-    let metrics = run_dir.join("metrics.jsonl");
-    while !(run_dir.join("checkpoints/latest").exists()
-        && std::fs::read_to_string(&metrics).map_or(0, |t| t.lines().count()) >= 12)
-    {
-        assert!(started.elapsed() < Duration::from_secs(180), "the job never passed its first checkpoint");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let metrics = wait_for_progress(&run_dir, 12, true);
     // Host 3 dies: every process in its namespace is killed.
     let pids = Command::new("ip").args(["netns", "pids", "sy-h3"]).output().unwrap();
     for pid in String::from_utf8_lossy(&pids.stdout).split_whitespace() {

@@ -68,6 +68,8 @@ pub struct AllToAllExperts<'a> {
     d: usize,
     top_k: usize,
     saved: Vec<Option<Exchange>>,
+    /// Receive buffer of every exchange, its allocation reused across them.
+    received: Vec<f32>,
     /// Totals since construction.
     pub stats: DispatchStats,
 }
@@ -111,22 +113,24 @@ impl<'a> AllToAllExperts<'a> {
             top_k: cfg.top_k,
             saved: vec![None; cfg.n_layers],
             stats: DispatchStats::default(),
+            received: Vec::new(),
         }
     }
 
-    /// All-to-all-v of rows; counts are in rows.
-    fn exchange_rows(&mut self, rows: &[f32], counts: &[usize]) -> Result<Vec<f32>, ModelError> {
+    /// All-to-all-v of rows into `self.received`; counts are in rows.
+    fn exchange_rows(&mut self, rows: &[f32], counts: &[usize]) -> Result<(), ModelError> {
         let started = Instant::now();
         let me = self.comm.rank();
         let value_counts: Vec<usize> = counts.iter().map(|c| c * self.d).collect();
-        let received = self.comm.all_to_all_v(rows, &value_counts).map_err(comm_error)?;
+        let received_counts =
+            self.comm.all_to_all_v_into(rows, &value_counts, &mut self.received).map_err(comm_error)?;
         let remote = |counts: &[usize]| -> u64 {
             counts.iter().enumerate().filter(|(r, _)| *r != me).map(|(_, c)| *c as u64 * 4).sum()
         };
         self.stats.bytes_sent += remote(&value_counts);
-        self.stats.bytes_received += remote(&received.counts);
+        self.stats.bytes_received += remote(&received_counts);
         self.stats.alltoall_s += started.elapsed().as_secs_f64();
-        Ok(received.values)
+        Ok(())
     }
 
     /// Works out who sends what to whom for one layer's dispatch plan. An
@@ -188,15 +192,15 @@ impl ExpertExecutor for AllToAllExperts<'_> {
         let d = self.d;
         let ex = self.plan_exchange(layer, plan)?;
         let sent = gather_rows(x_ad, d, &ex.send_order);
-        let received = self.exchange_rows(&sent, &ex.send_counts)?;
-        let x_local = scatter_rows(&received, d, &ex.recv_to_local);
+        self.exchange_rows(&sent, &ex.send_counts)?;
+        let x_local = scatter_rows(&self.received, d, &ex.recv_to_local);
         let started = Instant::now();
         let y_local = self.local.forward(layer, &ex.local_plan, &x_local)?;
         self.stats.expert_s += started.elapsed().as_secs_f64();
         self.stats.rows_computed += ex.local_plan.num_rows() as u64;
         let y_back = gather_rows(&y_local, d, &ex.recv_to_local);
-        let returned = self.exchange_rows(&y_back, &ex.recv_counts)?;
-        let y_ad = scatter_rows(&returned, d, &ex.send_order);
+        self.exchange_rows(&y_back, &ex.recv_counts)?;
+        let y_ad = scatter_rows(&self.received, d, &ex.send_order);
         self.saved[layer] = Some(ex);
         Ok(y_ad)
     }
@@ -207,14 +211,14 @@ impl ExpertExecutor for AllToAllExperts<'_> {
             .take()
             .ok_or_else(|| ModelError::Executor(format!("layer {layer}: backward without a forward")))?;
         let sent = gather_rows(dy_ad, d, &ex.send_order);
-        let received = self.exchange_rows(&sent, &ex.send_counts)?;
-        let dy_local = scatter_rows(&received, d, &ex.recv_to_local);
+        self.exchange_rows(&sent, &ex.send_counts)?;
+        let dy_local = scatter_rows(&self.received, d, &ex.recv_to_local);
         let started = Instant::now();
         let dx_local = self.local.backward(layer, &ex.local_plan, &dy_local)?;
         self.stats.expert_s += started.elapsed().as_secs_f64();
         let dx_back = gather_rows(&dx_local, d, &ex.recv_to_local);
-        let returned = self.exchange_rows(&dx_back, &ex.recv_counts)?;
-        Ok(scatter_rows(&returned, d, &ex.send_order))
+        self.exchange_rows(&dx_back, &ex.recv_counts)?;
+        Ok(scatter_rows(&self.received, d, &ex.send_order))
     }
 }
 

@@ -413,7 +413,7 @@ fn report_step(
         ce_sum: local.ce_sum,
         tokens: local.tokens as u64,
         step_time_s: metrics.step_time_s,
-        expert_tokens: vec![expert_rows],
+        expert_rows,
         dropped: local.dropped.iter().sum::<usize>() as u64,
         alltoall_bytes: local.dispatch.bytes_sent,
         alltoall_s: local.dispatch.alltoall_s,
