@@ -31,6 +31,13 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
+# The S3-compatible server the checkpoint suites store to (DESIGN section
+# 10). Built once into ~/.cargo/bin; a machine that has it skips this.
+if ! command -v s3s-fs >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/s3s-fs" ]; then
+  echo "== installing s3s-fs (S3-compatible server for the checkpoint tests)"
+  cargo install s3s-fs@0.14.1 --locked --features binary --quiet
+fi
+
 # Every optional backend that builds on this machine: MPI is tested, the
 # CUDA switch (NCCL stub) must at least compile.
 features="collectives/mpi,worker/mpi,launcher/mpi"

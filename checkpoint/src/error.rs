@@ -14,8 +14,8 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub enum Error {
     /// The URL names a storage backend this build cannot talk to.
     #[error(
-        "checkpoint URL '{url}': scheme '{scheme}://' is not supported yet in this build; \
-         use file:///absolute/path, a local folder path, or memory:// (tests)"
+        "checkpoint URL '{url}': scheme '{scheme}://' is not supported; use file:///absolute/path, \
+         a local folder path, s3://bucket/prefix, gs://bucket/prefix, az://container/prefix or memory:// (tests)"
     )]
     UnsupportedScheme { url: String, scheme: String },
 

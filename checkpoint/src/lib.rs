@@ -27,6 +27,7 @@ mod verify;
 pub use error::{Error, Result};
 pub use layout::{parse_step_url, step_dir_name};
 pub use load::LoadedTensors;
+pub use location::StoreOptions;
 pub use manifest::{Manifest, ShardReport, TensorEntry, DTYPE_F32, FORMAT_VERSION};
 pub use shard::TensorRef;
 pub use store_handle::CheckpointStore;

@@ -2,11 +2,15 @@
 
 use std::path::{Path as FsPath, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
+use object_store::aws::AmazonS3Builder;
+use object_store::azure::MicrosoftAzureBuilder;
+use object_store::gcp::GoogleCloudStorageBuilder;
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
 use object_store::path::Path;
-use object_store::ObjectStore;
+use object_store::{BackoffConfig, ObjectStore, RetryConfig};
 use url::Url;
 
 use crate::error::{Error, Result};
@@ -18,8 +22,35 @@ pub(crate) struct Location {
     pub display_url: String,
 }
 
+/// How a remote store is talked to: transient failures (connection refused
+/// or reset, timeouts, HTTP 5xx, throttling) are retried with exponential
+/// backoff before an operation fails.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoreOptions {
+    /// Retries of one request after its first attempt.
+    pub retries: usize,
+    /// No retry starts later than this after the first attempt.
+    pub retry_timeout: Duration,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self { retries: 5, retry_timeout: Duration::from_secs(60) }
+    }
+}
+
+impl StoreOptions {
+    fn retry_config(&self) -> RetryConfig {
+        // Start at 200 ms and double: five retries span about six seconds,
+        // enough to ride out a restarting server without stalling a save long.
+        let backoff =
+            BackoffConfig { init_backoff: Duration::from_millis(200), max_backoff: Duration::from_secs(10), base: 2.0 };
+        RetryConfig { backoff, max_retries: self.retries, retry_timeout: self.retry_timeout }
+    }
+}
+
 /// Resolve `input` (a URL with a scheme, or a local path) to a [`Location`].
-pub(crate) fn resolve(input: &str) -> Result<Location> {
+pub(crate) fn resolve(input: &str, options: &StoreOptions) -> Result<Location> {
     let input = input.trim();
     if input.is_empty() {
         return Err(Error::InvalidUrl { url: String::new(), reason: "it is empty".into() });
@@ -42,8 +73,41 @@ pub(crate) fn resolve(input: &str) -> Result<Location> {
             let prefix = input["memory://".len().min(input.len())..].trim_matches('/');
             Ok(Location { store: Arc::new(InMemory::new()), prefix: Path::from(prefix), display_url: shown })
         }
+        "s3" | "s3a" | "gs" | "az" | "azure" | "abfs" | "abfss" => cloud(input, &scheme, shown, options),
         _ => Err(Error::UnsupportedScheme { url: shown, scheme }),
     }
+}
+
+/// A bucket (or container) on S3, Google Cloud Storage or Azure. Credentials,
+/// region and endpoint come from the provider's usual environment variables
+/// (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, AWS_ALLOW_HTTP, GOOGLE_SERVICE_ACCOUNT,
+/// AZURE_STORAGE_ACCOUNT_NAME, ...), never from the URL shown in logs.
+fn cloud(input: &str, scheme: &str, shown: String, options: &StoreOptions) -> Result<Location> {
+    let url = Url::parse(input).map_err(|e| Error::InvalidUrl { url: shown.clone(), reason: e.to_string() })?;
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(Error::InvalidUrl {
+            url: shown,
+            reason: "it names no bucket (expected s3://bucket/prefix)".into(),
+        });
+    }
+    let retry = options.retry_config();
+    let built: object_store::Result<Arc<dyn ObjectStore>> = match scheme {
+        "s3" | "s3a" => {
+            // S3-compatible servers (MinIO, s3s, Ceph) want path-style requests,
+            // which is the builder's default unless AWS_VIRTUAL_HOSTED_STYLE_REQUEST says otherwise.
+            AmazonS3Builder::from_env().with_url(input).with_retry(retry).build().map(|s| Arc::new(s) as _)
+        }
+        "gs" => {
+            GoogleCloudStorageBuilder::from_env().with_url(input).with_retry(retry).build().map(|s| Arc::new(s) as _)
+        }
+        _ => MicrosoftAzureBuilder::from_env().with_url(input).with_retry(retry).build().map(|s| Arc::new(s) as _),
+    };
+    let store = built.map_err(|source| Error::Storage { op: "open", url: shown.clone(), source })?;
+    let prefix = Path::from_url_path(url.path()).map_err(|e| Error::InvalidUrl {
+        url: shown.clone(),
+        reason: format!("its path is not a valid object prefix: {e}"),
+    })?;
+    Ok(Location { store, prefix, display_url: shown.trim_end_matches('/').to_string() })
 }
 
 /// The scheme of `input` when it looks like `scheme://...`, lower-cased; a

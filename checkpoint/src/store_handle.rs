@@ -9,7 +9,7 @@ use object_store::ObjectStore;
 use tokio::runtime::{Builder, Handle, Runtime};
 
 use crate::error::{Error, Result};
-use crate::location::{self, Location};
+use crate::location::{self, Location, StoreOptions};
 use crate::store::ObjectIo;
 
 /// A checkpoint root on object storage, with a blocking API.
@@ -24,9 +24,16 @@ pub struct CheckpointStore {
 
 impl CheckpointStore {
     /// Open the checkpoint root at `url`: `file:///abs/path`, a plain local
-    /// path (created if missing) or `memory://` (a fresh, empty store per call).
+    /// path (created if missing), `memory://` (a fresh, empty store per call),
+    /// or a bucket: `s3://`, `gs://`, `az://` (default retry settings).
     pub fn open(url: &str) -> Result<Self> {
-        let Location { store, prefix, display_url } = location::resolve(url)?;
+        Self::open_with(url, &StoreOptions::default())
+    }
+
+    /// [`Self::open`] with explicit retry settings for remote stores
+    /// (`s3://bucket/prefix`, `gs://`, `az://`).
+    pub fn open_with(url: &str, options: &StoreOptions) -> Result<Self> {
+        let Location { store, prefix, display_url } = location::resolve(url, options)?;
         Self::build(ObjectIo::new(store, prefix, display_url))
     }
 

@@ -85,11 +85,25 @@ pub struct CheckpointConfig {
     pub every: u64,
     /// Committed steps to keep; older ones are deleted after a new commit.
     pub keep_last: usize,
+    /// Retries of a failed object-store request (remote stores) before the save fails.
+    pub retries: usize,
+    /// No retry starts later than this many seconds after the first attempt.
+    pub retry_timeout_s: f64,
 }
 
 impl Default for CheckpointConfig {
     fn default() -> Self {
-        Self { url: String::new(), every: 250, keep_last: 2 }
+        Self { url: String::new(), every: 250, keep_last: 2, retries: 5, retry_timeout_s: 60.0 }
+    }
+}
+
+impl CheckpointConfig {
+    /// How remote stores of this job are retried.
+    pub fn store_options(&self) -> checkpoint::StoreOptions {
+        checkpoint::StoreOptions {
+            retries: self.retries,
+            retry_timeout: std::time::Duration::from_secs_f64(self.retry_timeout_s.max(0.0)),
+        }
     }
 }
 
@@ -265,6 +279,10 @@ impl JobConfig {
         self.model.validate().map_err(|e| from_model("model", e))?;
         self.optim.validate().map_err(|e| from_model("optim", e))?;
         self.data.validate().map_err(|e| invalid("data", "source", e.to_string()))?;
+        let c = &self.checkpoint;
+        if !(c.retry_timeout_s.is_finite() && c.retry_timeout_s >= 0.0) {
+            return Err(invalid("checkpoint", "retry_timeout_s", "must be a number of seconds >= 0".into()));
+        }
         let t = &self.train;
         if t.steps == 0 {
             return Err(invalid("train", "steps", "must be at least 1".into()));

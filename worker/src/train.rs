@@ -106,7 +106,7 @@ pub(crate) fn starting_state(
         }
         _ => (checkpoint_url(job, &opts.run_dir), None),
     };
-    let store = CheckpointStore::open(&root)?;
+    let store = CheckpointStore::open_with(&root, &job.checkpoint.store_options())?;
     let step = match (&opts.resume, step) {
         (Resume::From(_), step) => step,
         (Resume::Latest, _) => {
@@ -140,7 +140,7 @@ pub(crate) fn starting_state(
             let from = store.step_url(step);
             // Checkpoints keep going to the job's own URL.
             let store = if matches!(opts.resume, Resume::From(_)) {
-                CheckpointStore::open(&checkpoint_url(job, &opts.run_dir))?
+                CheckpointStore::open_with(&checkpoint_url(job, &opts.run_dir), &job.checkpoint.store_options())?
             } else {
                 store
             };

@@ -1,6 +1,8 @@
 //! Helpers shared by the checkpoint integration tests.
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod s3_server;
+
 use checkpoint::{CheckpointStore, LoadedTensors, Manifest, TensorRef};
 use serde_json::json;
 

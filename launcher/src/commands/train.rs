@@ -117,7 +117,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         if let (Some(rank), false) = (lost, job.launch.hosts.is_empty()) {
             job = without_host_of(job, rank as usize, &args, &overrides)?;
         }
-        let store = CheckpointStore::open(&checkpoint_url(&job, &run_dir))?;
+        let store = CheckpointStore::open_with(&checkpoint_url(&job, &run_dir), &job.checkpoint.store_options())?;
         resume = match store.latest_step()? {
             Some(step) => {
                 eprintln!(
