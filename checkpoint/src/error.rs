@@ -107,6 +107,13 @@ pub enum Error {
     #[error("checkpoint is corrupt: shard {url}: {reason}; resume from an earlier step")]
     CorruptShard { url: String, reason: String },
 
+    /// A root opened read-only (inspection, export) is a local folder that does not exist.
+    #[error(
+        "checkpoint root {url} does not exist; check the path (a run keeps its checkpoints \
+         in <run dir>/checkpoints)"
+    )]
+    RootNotFound { url: String },
+
     /// A `--resume-from`/`--checkpoint` argument does not name a step folder.
     #[error(
         "'{url}' is not a checkpoint step: {reason}; expected a step folder such as \

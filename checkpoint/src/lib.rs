@@ -15,6 +15,7 @@
 
 mod error;
 mod layout;
+mod listing;
 mod load;
 mod location;
 mod manifest;
@@ -26,6 +27,7 @@ mod verify;
 
 pub use error::{Error, Result};
 pub use layout::{parse_step_url, step_dir_name};
+pub use listing::{RootListing, StepFolder};
 pub use load::LoadedTensors;
 pub use manifest::{Manifest, ShardReport, TensorEntry, DTYPE_F32, FORMAT_VERSION};
 pub use shard::TensorRef;

@@ -9,7 +9,7 @@ use object_store::ObjectStore;
 use tokio::runtime::{Builder, Handle, Runtime};
 
 use crate::error::{Error, Result};
-use crate::location::{self, Location};
+use crate::location::{self, Create, Location};
 use crate::store::ObjectIo;
 
 /// A checkpoint root on object storage, with a blocking API.
@@ -26,7 +26,18 @@ impl CheckpointStore {
     /// Open the checkpoint root at `url`: `file:///abs/path`, a plain local
     /// path (created if missing) or `memory://` (a fresh, empty store per call).
     pub fn open(url: &str) -> Result<Self> {
-        let Location { store, prefix, display_url } = location::resolve(url)?;
+        Self::open_with(url, Create::IfMissing)
+    }
+
+    /// Open the checkpoint root at `url` for reading: like [`Self::open`],
+    /// but a local folder that does not exist is [`Error::RootNotFound`]
+    /// instead of being created.
+    pub fn open_existing(url: &str) -> Result<Self> {
+        Self::open_with(url, Create::Never)
+    }
+
+    fn open_with(url: &str, create: Create) -> Result<Self> {
+        let Location { store, prefix, display_url } = location::resolve(url, create)?;
         Self::build(ObjectIo::new(store, prefix, display_url))
     }
 
