@@ -114,6 +114,18 @@ pub enum Error {
     )]
     RootNotFound { url: String },
 
+    /// An export selected no tensors, so there is nothing to write.
+    #[error("step {step} in {root} has no tensors to export with the filter given; check the step and the filter")]
+    NothingToExport { step: u64, root: String },
+
+    /// The exported file could not be written (or moved into place).
+    #[error(
+        "could not {op} {}: {source}; check that its folder exists and is writable \
+         and that the disk has room",
+        path.display()
+    )]
+    ExportFile { op: &'static str, path: PathBuf, source: std::io::Error },
+
     /// A `--resume-from`/`--checkpoint` argument does not name a step folder.
     #[error(
         "'{url}' is not a checkpoint step: {reason}; expected a step folder such as \
