@@ -119,12 +119,14 @@ pub enum Error {
     NothingToExport { step: u64, root: String },
 
     /// The exported file could not be written (or moved into place).
+    // `reason` rather than an io::Error `source`: printed with its cause
+    // chain (as the binary does), a source would say the same thing twice.
     #[error(
-        "could not {op} {}: {source}; check that its folder exists and is writable \
+        "could not {op} {}: {reason}; check that its folder exists and is writable \
          and that the disk has room",
         path.display()
     )]
-    ExportFile { op: &'static str, path: PathBuf, source: std::io::Error },
+    ExportFile { op: &'static str, path: PathBuf, reason: String },
 
     /// A `--resume-from`/`--checkpoint` argument does not name a step folder.
     #[error(

@@ -55,8 +55,12 @@ impl CheckpointStore {
 /// Write `source` to a hidden temporary file beside `path`, flush it to
 /// disk, then rename it over `path`; the temporary file is removed on failure.
 fn write_atomically(path: &Path, source: &mut dyn ByteSource) -> Result<()> {
-    let file_err = |op: &'static str, source| Error::ExportFile { op, path: path.to_path_buf(), source };
-    let temp = temp_path(path).map_err(|source| file_err("write", source))?;
+    let file_err = |op: &'static str, err: std::io::Error| Error::ExportFile {
+        op,
+        path: path.to_path_buf(),
+        reason: err.to_string(),
+    };
+    let temp = temp_path(path).map_err(|err| file_err("write", err))?;
     let written = (|| {
         let mut file = File::create(&temp)?;
         while let Some(piece) = source.next_piece() {
@@ -66,13 +70,13 @@ fn write_atomically(path: &Path, source: &mut dyn ByteSource) -> Result<()> {
         // whole new one, never a renamed but empty one.
         file.sync_all()
     })();
-    if let Err(source) = written {
+    if let Err(err) = written {
         let _ = std::fs::remove_file(&temp);
-        return Err(file_err("write", source));
+        return Err(file_err("write", err));
     }
-    std::fs::rename(&temp, path).map_err(|source| {
+    std::fs::rename(&temp, path).map_err(|err| {
         let _ = std::fs::remove_file(&temp);
-        file_err("move the finished export to", source)
+        file_err("move the finished export to", err)
     })
 }
 
