@@ -107,6 +107,27 @@ pub enum Error {
     #[error("checkpoint is corrupt: shard {url}: {reason}; resume from an earlier step")]
     CorruptShard { url: String, reason: String },
 
+    /// A root opened read-only (inspection, export) is a local folder that does not exist.
+    #[error(
+        "checkpoint root {url} does not exist; check the path (a run keeps its checkpoints \
+         in <run dir>/checkpoints)"
+    )]
+    RootNotFound { url: String },
+
+    /// An export selected no tensors, so there is nothing to write.
+    #[error("step {step} in {root} has no tensors to export with the filter given; check the step and the filter")]
+    NothingToExport { step: u64, root: String },
+
+    /// The exported file could not be written (or moved into place).
+    // `reason` rather than an io::Error `source`: printed with its cause
+    // chain (as the binary does), a source would say the same thing twice.
+    #[error(
+        "could not {op} {}: {reason}; check that its folder exists and is writable \
+         and that the disk has room",
+        path.display()
+    )]
+    ExportFile { op: &'static str, path: PathBuf, reason: String },
+
     /// A `--resume-from`/`--checkpoint` argument does not name a step folder.
     #[error(
         "'{url}' is not a checkpoint step: {reason}; expected a step folder such as \

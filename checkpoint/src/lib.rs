@@ -14,7 +14,9 @@
 //! `serde_json::Value` so this crate depends on none of ours.
 
 mod error;
+mod export;
 mod layout;
+mod listing;
 mod load;
 mod location;
 mod manifest;
@@ -25,10 +27,12 @@ mod store_handle;
 mod verify;
 
 pub use error::{Error, Result};
+pub use export::ExportReport;
 pub use layout::{parse_step_url, step_dir_name};
+pub use listing::{RootListing, StepFolder};
 pub use load::LoadedTensors;
 pub use location::StoreOptions;
-pub use manifest::{Manifest, ShardReport, TensorEntry, DTYPE_F32, FORMAT_VERSION};
+pub use manifest::{is_optimizer_state, Manifest, ShardReport, TensorEntry, DTYPE_F32, FORMAT_VERSION, OPTIM_PREFIX};
 pub use shard::TensorRef;
 pub use store_handle::CheckpointStore;
 pub use verify::VerifyReport;

@@ -19,6 +19,8 @@ pub(crate) struct StepListing {
     pub committed: bool,
     /// Every object in the folder, relative to the root.
     pub objects: Vec<String>,
+    /// Their total size in bytes.
+    pub num_bytes: u64,
 }
 
 impl CheckpointStore {
@@ -137,16 +139,18 @@ impl CheckpointStore {
     /// Every step folder under the root, with its objects, by step.
     pub(crate) async fn scan(&self) -> Result<BTreeMap<u64, StepListing>> {
         let mut steps: BTreeMap<u64, StepListing> = BTreeMap::new();
-        for rel in self.io.list().await? {
+        for (rel, size) in self.io.list().await? {
             let Some((dir, rest)) = rel.split_once('/') else {
                 continue;
             };
             let Some(step) = layout::parse_step_dir(dir) else {
                 continue;
             };
-            let listing = steps.entry(step).or_insert(StepListing { committed: false, objects: Vec::new() });
+            let listing =
+                steps.entry(step).or_insert(StepListing { committed: false, objects: Vec::new(), num_bytes: 0 });
             listing.committed |= rest == MANIFEST;
             listing.objects.push(rel);
+            listing.num_bytes += size;
         }
         Ok(steps)
     }

@@ -49,14 +49,24 @@ impl StoreOptions {
     }
 }
 
+/// Whether opening a local root may create its folder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Create {
+    /// Create it: a run about to save wants its root to exist.
+    IfMissing,
+    /// Refuse a missing folder: a reader (inspection, export) given a
+    /// mistyped path should hear so, not find an empty root it just made.
+    Never,
+}
+
 /// Resolve `input` (a URL with a scheme, or a local path) to a [`Location`].
-pub(crate) fn resolve(input: &str, options: &StoreOptions) -> Result<Location> {
+pub(crate) fn resolve(input: &str, create: Create, options: &StoreOptions) -> Result<Location> {
     let input = input.trim();
     if input.is_empty() {
         return Err(Error::InvalidUrl { url: String::new(), reason: "it is empty".into() });
     }
     let Some(scheme) = url_scheme(input) else {
-        return local_folder(FsPath::new(input));
+        return local_folder(FsPath::new(input), create);
     };
     let shown = redact(input);
     match scheme.as_str() {
@@ -66,7 +76,7 @@ pub(crate) fn resolve(input: &str, options: &StoreOptions) -> Result<Location> {
                 url: shown,
                 reason: "a file URL needs an absolute local path and no host".into(),
             })?;
-            local_folder(&path)
+            local_folder(&path, create)
         }
         "memory" => {
             // Everything after "memory://" is a key prefix inside the fresh store.
@@ -120,11 +130,21 @@ fn url_scheme(input: &str) -> Option<String> {
     (first_ok && rest_ok).then(|| scheme.to_ascii_lowercase())
 }
 
-/// A local folder, created if needed; named to users as file:// of its
-/// canonical absolute path so logs and manifests show one stable form.
-fn local_folder(path: &FsPath) -> Result<Location> {
+/// A local folder, created if `create` allows; named to users as file:// of
+/// its canonical absolute path so logs and manifests show one stable form.
+fn local_folder(path: &FsPath, create: Create) -> Result<Location> {
     let create_err = |source| Error::CreateDir { path: path.to_path_buf(), source };
-    std::fs::create_dir_all(path).map_err(create_err)?;
+    match create {
+        Create::IfMissing => std::fs::create_dir_all(path).map_err(create_err)?,
+        Create::Never if !path.is_dir() => {
+            let shown = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+            let url = Url::from_file_path(&shown)
+                .map(|u| u.to_string())
+                .unwrap_or_else(|()| format!("file://{}", shown.display()));
+            return Err(Error::RootNotFound { url });
+        }
+        Create::Never => {}
+    }
     let abs: PathBuf = std::fs::canonicalize(path).map_err(create_err)?;
     let display_url =
         Url::from_file_path(&abs).map(|u| u.to_string()).unwrap_or_else(|()| format!("file://{}", abs.display()));

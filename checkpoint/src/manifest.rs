@@ -15,6 +15,14 @@ pub const FORMAT_VERSION: u32 = 1;
 /// The only dtype written so far (safetensors spelling).
 pub const DTYPE_F32: &str = "F32";
 
+/// Prefix of optimizer-state tensor names: `optim.<tensor name>.exp_avg` / `.exp_avg_sq`.
+pub const OPTIM_PREFIX: &str = "optim.";
+
+/// Whether `name` is optimizer state rather than a model tensor (DESIGN section 6).
+pub fn is_optimizer_state(name: &str) -> bool {
+    name.starts_with(OPTIM_PREFIX)
+}
+
 /// One tensor of a checkpoint and where its bytes live.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TensorEntry {

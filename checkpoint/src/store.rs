@@ -139,8 +139,9 @@ impl ObjectIo {
         }
     }
 
-    /// Paths of every object under the root, recursively, in no particular order.
-    pub async fn list(&self) -> Result<Vec<String>> {
+    /// Paths and sizes of every object under the root, recursively, in no
+    /// particular order.
+    pub async fn list(&self) -> Result<Vec<(String, u64)>> {
         let prefix = (!self.prefix.as_ref().is_empty()).then_some(&self.prefix);
         let metas: Vec<_> = self.store.list(prefix).try_collect().await.map_err(|e| self.err("list", "", e))?;
         Ok(metas
@@ -148,7 +149,7 @@ impl ObjectIo {
             .filter_map(|meta| {
                 let parts = meta.location.prefix_match(&self.prefix)?;
                 let parts: Vec<_> = parts.map(|p| p.as_ref().to_string()).collect();
-                Some(parts.join("/"))
+                Some((parts.join("/"), meta.size))
             })
             .collect())
     }

@@ -9,7 +9,7 @@ use object_store::ObjectStore;
 use tokio::runtime::{Builder, Handle, Runtime};
 
 use crate::error::{Error, Result};
-use crate::location::{self, Location, StoreOptions};
+use crate::location::{self, Create, Location, StoreOptions};
 use crate::store::ObjectIo;
 
 /// A checkpoint root on object storage, with a blocking API.
@@ -33,7 +33,18 @@ impl CheckpointStore {
     /// [`Self::open`] with explicit retry settings for remote stores
     /// (`s3://bucket/prefix`, `gs://`, `az://`).
     pub fn open_with(url: &str, options: &StoreOptions) -> Result<Self> {
-        let Location { store, prefix, display_url } = location::resolve(url, options)?;
+        Self::open_at(url, Create::IfMissing, options)
+    }
+
+    /// Open the checkpoint root at `url` for reading: like [`Self::open`],
+    /// but a local folder that does not exist is [`Error::RootNotFound`]
+    /// instead of being created.
+    pub fn open_existing(url: &str) -> Result<Self> {
+        Self::open_at(url, Create::Never, &StoreOptions::default())
+    }
+
+    fn open_at(url: &str, create: Create, options: &StoreOptions) -> Result<Self> {
+        let Location { store, prefix, display_url } = location::resolve(url, create, options)?;
         Self::build(ObjectIo::new(store, prefix, display_url))
     }
 

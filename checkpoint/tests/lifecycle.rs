@@ -135,3 +135,31 @@ fn write_shard_rejects_bad_input() {
     let err = store.write_shard(1, "rank-0", &twice).unwrap_err();
     assert!(err.to_string().contains("appears twice"), "{err}");
 }
+
+#[test]
+fn list_steps_shows_committed_uncommitted_and_latest() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = CheckpointStore::open(dir.path().to_str().unwrap()).unwrap();
+    assert_eq!(store.list_steps().unwrap(), checkpoint::RootListing { steps: vec![], latest: None });
+    save_step(&store, 10);
+    save_step(&store, 20);
+    // Step 30: one shard written, never committed.
+    store.write_shard(30, "rank-00000", &refs(&model_tensors(30))).unwrap();
+
+    let listing = store.list_steps().unwrap();
+    assert_eq!(listing.latest, Some(20));
+    let summary: Vec<_> = listing.steps.iter().map(|s| (s.step, s.committed, s.num_shard_files)).collect();
+    assert_eq!(summary, [(10, true, 2), (20, true, 2), (30, false, 1)]);
+    // Sizes are what is on disk: the shards plus the manifest.
+    let folder_bytes = |step: &str| -> u64 {
+        let dir = dir.path().join(step);
+        let shards = std::fs::read_dir(dir.join("shards")).unwrap().map(|e| e.unwrap().metadata().unwrap().len());
+        shards.sum::<u64>() + std::fs::metadata(dir.join("manifest.json")).map_or(0, |m| m.len())
+    };
+    assert_eq!(listing.steps[1].num_bytes, folder_bytes("step-00000020"));
+    assert_eq!(listing.steps[2].num_bytes, folder_bytes("step-00000030"));
+
+    // `latest` is reported as written, even when it names a step without a manifest.
+    std::fs::write(dir.path().join("latest"), "step-00000030\n").unwrap();
+    assert_eq!(store.list_steps().unwrap().latest, Some(30));
+}

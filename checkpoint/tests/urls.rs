@@ -94,3 +94,18 @@ fn blocking_call_inside_a_runtime_is_an_error_not_a_panic() {
     assert!(matches!(err, Error::InsideAsyncRuntime { .. }), "{err}");
     assert!(err.to_string().contains("spawn_blocking"), "{err}");
 }
+
+#[test]
+fn open_existing_refuses_a_missing_folder_without_creating_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no/such/ckpt");
+    for input in [missing.to_str().unwrap().to_string(), format!("file://{}", missing.display())] {
+        let err = CheckpointStore::open_existing(&input).unwrap_err();
+        assert!(matches!(err, Error::RootNotFound { .. }), "{input}: {err}");
+        assert!(err.to_string().contains("no/such/ckpt") && err.to_string().contains("does not exist"), "{err}");
+    }
+    assert!(!dir.path().join("no").exists(), "a read-only open created a folder");
+    // An existing folder opens as with `open`.
+    let store = CheckpointStore::open_existing(dir.path().to_str().unwrap()).unwrap();
+    assert!(store.url().starts_with("file:///"), "{}", store.url());
+}

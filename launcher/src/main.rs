@@ -28,6 +28,9 @@ enum Command {
     Worker(commands::train::TrainArgs),
     /// Mean next-token cross-entropy of a checkpoint on a text file.
     Eval(commands::eval::EvalArgs),
+    /// Look at checkpoints: list steps, inspect, verify, export to safetensors.
+    #[command(subcommand)]
+    Ckpt(commands::ckpt::CkptCommand),
     /// Prepare training data.
     #[command(subcommand)]
     Data(commands::data::DataCommand),
@@ -43,6 +46,7 @@ fn main() -> std::process::ExitCode {
         Command::Coordinator(args) => commands::coordinator::run(args),
         Command::Worker(args) => commands::train::run_worker(args),
         Command::Eval(args) => commands::eval::run(args),
+        Command::Ckpt(cmd) => commands::ckpt::run(cmd),
         Command::Data(cmd) => commands::data::run(cmd),
         Command::Bench(cmd) => commands::bench::run(cmd),
     };

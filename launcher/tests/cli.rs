@@ -216,3 +216,130 @@ fn a_running_job_serves_status_and_metrics() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+/// The manifest of a step folder, parsed.
+fn manifest(step_dir: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(step_dir.join("manifest.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn ckpt_ls_inspect_verify_export_and_a_flipped_byte() {
+    let dir = temp_dir("ckpt");
+    // Two ranks, so the experts are spread over two shard files.
+    let out = train(&dir, &["--ranks", "2"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let root = dir.join("run/checkpoints");
+    let step12 = root.join("step-00000012");
+    let m12 = manifest(&step12);
+    // A save cut short: a shard written, no manifest.
+    std::fs::create_dir_all(root.join("step-00000018/shards")).unwrap();
+    std::fs::copy(
+        step12.join("shards/rank-00001.safetensors"),
+        root.join("step-00000018/shards/rank-00001.safetensors"),
+    )
+    .unwrap();
+
+    // ls: one line per step folder, committed or not, and which is latest.
+    let out = switchyard(&["ckpt", "ls", "run/checkpoints"], &dir);
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    let line = |step: &str| log.lines().find(|l| l.split_whitespace().next() == Some(step)).unwrap_or_default();
+    // 6 steps x 32 sequences x 16 tokens = 3072 tokens.
+    assert!(line("6").contains("committed") && line("6").contains(" 3072 ") && !line("6").contains("latest"), "{log}");
+    assert!(line("12").contains("committed, latest") && line("12").contains(" 6144 "), "{log}");
+    assert_eq!(m12["tokens_seen"], 6144);
+    assert!(line("18").contains("uncommitted (no manifest)"), "{log}");
+    assert!(log.contains("latest: step-00000012"), "{log}");
+    let out = switchyard(&["ckpt", "ls", "run"], &dir);
+    assert!(!out.status.success() && text(&out).contains("no checkpoint steps under"), "{}", text(&out));
+    let out = switchyard(&["ckpt", "ls", "no/such/folder"], &dir);
+    assert!(!out.status.success() && text(&out).contains("does not exist"), "{}", text(&out));
+    assert!(!dir.join("no").exists(), "ls created the folder it was given");
+
+    // inspect: the header, the plan in compact form, the config and the tensor table.
+    let out = switchyard(&["ckpt", "inspect", "run/checkpoints/step-00000012"], &dir);
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    for needle in [
+        "format version  1",
+        "tokens seen     6144",
+        "world 2 | dense: attn_tp 1 x dp 2 | experts: ep 2 x edp 1",
+        "layers 0-1: rank 0: experts 0-3 | rank 1: experts 4-7",
+        "d_model = 32",
+        "tensors: 195 in 2 shards",
+    ] {
+        assert!(log.contains(needle), "inspect lacks {needle:?}: {log}");
+    }
+    let row = log.lines().find(|l| l.split_whitespace().next() == Some("tok_embeddings.weight")).unwrap_or_default();
+    assert_eq!(
+        row.split_whitespace().collect::<Vec<_>>(),
+        ["tok_embeddings.weight", "F32", "[256,", "32]", "rank-00000", "32768"]
+    );
+    let out = switchyard(&["ckpt", "inspect", "--json", "run/checkpoints/step-00000012"], &dir);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        out.stdout,
+        std::fs::read(step12.join("manifest.json")).unwrap(),
+        "--json is not the manifest as stored"
+    );
+    let out = switchyard(&["ckpt", "inspect", "run/checkpoints/step-00000018"], &dir);
+    let log = text(&out);
+    assert!(
+        !out.status.success() && log.contains("not committed") && log.contains("committed steps there: 6, 12"),
+        "{log}"
+    );
+
+    // verify: by step URL and by root (its latest step).
+    let step_url = format!("file://{}", std::fs::canonicalize(&step12).unwrap().display());
+    for target in [step_url.as_str(), "run/checkpoints"] {
+        let out = switchyard(&["ckpt", "verify", target], &dir);
+        let log = text(&out);
+        assert!(out.status.success(), "{log}");
+        assert!(log.starts_with("ok: 2 shards, 195 tensors, ") && log.contains(" MiB checked in "), "{log}");
+    }
+
+    // export: the model tensors, bit for bit as in the shards, for the safetensors crate itself.
+    let shard_bytes = |file: &str| std::fs::read(step12.join(file)).unwrap();
+    let shards = [shard_bytes("shards/rank-00000.safetensors"), shard_bytes("shards/rank-00001.safetensors")];
+    let entries = m12["tensors"].as_array().unwrap();
+    let model: Vec<_> = entries.iter().filter(|t| !t["name"].as_str().unwrap().starts_with("optim.")).collect();
+    // 2 layers x (attn_norm, wq, wk, wv, wo, ffn_norm, router + 8 experts x 3)
+    // + tok_embeddings, norm, output = 65 model tensors; 2 AdamW moments each.
+    assert_eq!((model.len(), entries.len()), (65, 195));
+    for (flag, expected) in [(None, model.clone()), (Some("--with-optimizer"), entries.iter().collect())] {
+        let mut args = vec!["ckpt", "export", "run/checkpoints/step-00000012", "--to", "model.safetensors"];
+        args.extend(flag);
+        let out = switchyard(&args, &dir);
+        assert!(out.status.success(), "{}", text(&out));
+        let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+        let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        assert_eq!(file.len(), expected.len(), "{flag:?}");
+        for entry in expected {
+            let view = file.tensor(entry["name"].as_str().unwrap()).unwrap();
+            let shard = &shards[usize::from(entry["shard"] == "shards/rank-00001.safetensors")];
+            let start = entry["offset"].as_u64().unwrap() as usize;
+            assert!(view.data() == &shard[start..start + entry["length"].as_u64().unwrap() as usize], "{entry}");
+            assert_eq!(serde_json::json!(view.shape()), entry["shape"], "{entry}");
+        }
+    }
+
+    // One flipped byte in a model tensor of rank 1 (so the default export
+    // reads it too): verify and export fail naming the shard file and tensor.
+    let victim = model.iter().find(|t| t["shard"] == "shards/rank-00001.safetensors").unwrap();
+    let shard_path = step12.join("shards/rank-00001.safetensors");
+    let mut bytes = std::fs::read(&shard_path).unwrap();
+    bytes[victim["offset"].as_u64().unwrap() as usize + 3] ^= 0x40;
+    std::fs::write(&shard_path, bytes).unwrap();
+    let out = switchyard(&["ckpt", "verify", "run/checkpoints"], &dir);
+    let log = text(&out);
+    assert!(!out.status.success(), "verify passed a corrupt shard: {log}");
+    assert!(log.contains("step-00000012/shards/rank-00001.safetensors"), "{log}");
+    assert!(log.contains(victim["name"].as_str().unwrap()) && log.contains("corrupt"), "{log}");
+    std::fs::remove_file(dir.join("model.safetensors")).unwrap();
+    let out = switchyard(&["ckpt", "export", "run/checkpoints", "--to", "model.safetensors"], &dir);
+    assert!(!out.status.success() && text(&out).contains("rank-00001.safetensors"), "{}", text(&out));
+    let mut left: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+    left.sort();
+    assert_eq!(left, ["run"], "a failed export left a file behind");
+    std::fs::remove_dir_all(&dir).ok();
+}

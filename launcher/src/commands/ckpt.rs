@@ -1,0 +1,161 @@
+//! `switchyard ckpt`: look at checkpoints without training — list a root's
+//! steps, inspect one, verify its bytes, export its model.
+//!
+//! Everything here opens roots read-only ([`CheckpointStore::open_existing`]),
+//! so a mistyped path is an error rather than a new empty folder.
+
+use anyhow::{anyhow, Context, Result};
+use checkpoint::{CheckpointStore, Manifest};
+use clap::Subcommand;
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// Checkpoint subcommands.
+#[derive(Subcommand)]
+pub enum CkptCommand {
+    /// One line per step folder: committed or not, `latest`, tokens, shards, size, creation time.
+    Ls {
+        /// Checkpoint root: a local folder (e.g. runs/tiny/checkpoints) or a URL (file:///...).
+        root: String,
+    },
+    /// What a step holds: format, step, tokens, layout, placement plan, config and tensors.
+    Inspect {
+        /// A step folder (<root>/step-XXXXXXXX) or a checkpoint root (its newest committed step).
+        step: String,
+        /// Print the manifest JSON instead.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-read every shard of a step and check sizes, headers and checksums.
+    Verify {
+        /// A step folder (<root>/step-XXXXXXXX) or a checkpoint root (its newest committed step).
+        step: String,
+    },
+    /// Write a step's model tensors into one safetensors file (DESIGN section 5 names).
+    Export {
+        /// A step folder (<root>/step-XXXXXXXX) or a checkpoint root (its newest committed step).
+        step: String,
+        /// The safetensors file to write (replaced if it exists).
+        #[arg(long)]
+        to: PathBuf,
+        /// Also write the AdamW moments (`optim.<name>.exp_avg` / `.exp_avg_sq`).
+        #[arg(long)]
+        with_optimizer: bool,
+    },
+}
+
+/// Runs a checkpoint subcommand.
+pub fn run(cmd: CkptCommand) -> Result<()> {
+    match cmd {
+        CkptCommand::Ls { root } => super::ckpt_ls::run(&root),
+        CkptCommand::Inspect { step, json } => super::ckpt_inspect::run(&step, json),
+        CkptCommand::Verify { step } => verify(&step),
+        CkptCommand::Export { step, to, with_optimizer } => super::ckpt_export::run(&step, &to, with_optimizer),
+    }
+}
+
+/// `ckpt verify`: the library re-reads everything; its error names the
+/// shard and tensor, so it is passed through unchanged.
+fn verify(arg: &str) -> Result<()> {
+    let (store, step) = open_step(arg)?;
+    let started = Instant::now();
+    let report = store.verify(step)?;
+    println!(
+        "ok: {} shards, {} tensors, {:.2} MiB checked in {:.2}s ({})",
+        report.num_shards,
+        report.num_tensors,
+        report.num_bytes as f64 / (1u64 << 20) as f64,
+        started.elapsed().as_secs_f64(),
+        store.step_url(step)
+    );
+    Ok(())
+}
+
+/// The root and step an argument names: a step folder, or a root standing
+/// for its newest committed step (as `eval --checkpoint` takes them).
+pub(crate) fn open_step(arg: &str) -> Result<(CheckpointStore, u64)> {
+    if let Ok((root, step)) = checkpoint::parse_step_url(arg) {
+        return Ok((CheckpointStore::open_existing(&root)?, step));
+    }
+    let store = CheckpointStore::open_existing(arg)?;
+    let step = store.latest_step()?.with_context(|| {
+        format!(
+            "no committed checkpoint under {}: pass a step folder (<root>/step-XXXXXXXX) or a root \
+             that holds a committed step; `switchyard ckpt ls {arg}` lists what is there",
+            store.url()
+        )
+    })?;
+    Ok((store, step))
+}
+
+/// The manifest of `step`; when the step is not committed, the error also
+/// lists the steps that are, since that is what the user needs next.
+pub(crate) fn read_manifest(store: &CheckpointStore, step: u64) -> Result<Manifest> {
+    store.read_manifest(step).map_err(|err| {
+        if !matches!(err, checkpoint::Error::NotCommitted { .. }) {
+            return err.into();
+        }
+        match store.committed_steps() {
+            Ok(steps) if !steps.is_empty() => {
+                let steps: Vec<_> = steps.iter().map(u64::to_string).collect();
+                anyhow!("{err}; committed steps there: {}", steps.join(", "))
+            }
+            _ => err.into(),
+        }
+    })
+}
+
+/// Bytes for people: B, KiB, MiB or GiB with one decimal.
+pub(crate) fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+/// `YYYY-MM-DD HH:MM:SS` (UTC) of a Unix time, without a date crate: days
+/// to a civil date by Howard Hinnant's algorithm (proleptic Gregorian).
+pub(crate) fn utc_time(unix_s: u64) -> String {
+    let days = (unix_s / 86_400) as i64;
+    let secs = unix_s % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}", secs / 3600, secs / 60 % 60, secs % 60)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_time_matches_known_dates() {
+        assert_eq!(utc_time(0), "1970-01-01 00:00:00");
+        // `date -u -d @951782400`: the leap day of a year divisible by 400.
+        assert_eq!(utc_time(951_782_400), "2000-02-29 00:00:00");
+        assert_eq!(utc_time(1_700_000_000), "2023-11-14 22:13:20");
+        assert_eq!(utc_time(4_107_542_399), "2100-02-28 23:59:59");
+    }
+
+    #[test]
+    fn human_bytes_units() {
+        assert_eq!(human_bytes(0), "0 B");
+        assert_eq!(human_bytes(1023), "1023 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(5 << 30), "5.0 GiB");
+    }
+}
