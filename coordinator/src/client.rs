@@ -2,11 +2,11 @@
 //! threads (the training loop is synchronous): register, heartbeat on a
 //! thread of its own, report steps, and hear a stop.
 
-use crate::protocol::{encode, read_blocking, Message, ProtocolError, Registration, StepReport, Welcome};
+use crate::protocol::{encode, read_blocking, Message, ProtocolError, Registration, ShardWritten, StepReport, Welcome};
 use std::io::Write;
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 /// Why a worker could not join or talk to its coordinator.
@@ -20,6 +20,8 @@ pub enum ClientError {
     Protocol { addr: String, source: ProtocolError },
     #[error("the coordinator at {addr} answered with {what} instead of a welcome")]
     Unexpected { addr: String, what: String },
+    #[error("the job is stopping: {reason}")]
+    Stopped { reason: String },
 }
 
 impl ClientError {
@@ -29,7 +31,7 @@ impl ClientError {
             Self::Connect { .. } => true,
             Self::Refused { retryable, .. } => *retryable,
             Self::Protocol { source, .. } => source.retryable(),
-            Self::Unexpected { .. } => false,
+            Self::Unexpected { .. } | Self::Stopped { .. } => false,
         }
     }
 }
@@ -42,6 +44,28 @@ pub struct CoordinatorClient {
     step: Arc<AtomicU64>,
     stop: Arc<Mutex<Option<String>>>,
     closed: Arc<AtomicBool>,
+    /// The newest step the coordinator committed; notified on commits and on stop.
+    committed: Arc<(Mutex<Option<u64>>, Condvar)>,
+}
+
+/// Sends shard reports from a rank's upload thread over the worker's connection.
+#[derive(Clone)]
+pub struct ShardSender {
+    addr: String,
+    writer: Arc<Mutex<TcpStream>>,
+}
+
+impl ShardSender {
+    /// Tells the coordinator this rank's shard of a step is written (or failed).
+    pub fn send(&self, written: ShardWritten) -> Result<(), ClientError> {
+        send_on(&self.writer, &self.addr, &Message::ShardWritten(written))
+    }
+}
+
+fn send_on(writer: &Mutex<TcpStream>, addr: &str, message: &Message) -> Result<(), ClientError> {
+    lock(writer)
+        .write_all(&encode(message))
+        .map_err(|e| ClientError::Protocol { addr: addr.to_string(), source: ProtocolError::Io(e) })
 }
 
 impl CoordinatorClient {
@@ -85,6 +109,7 @@ impl CoordinatorClient {
             step: Arc::new(AtomicU64::new(0)),
             stop: Arc::new(Mutex::new(None)),
             closed: Arc::new(AtomicBool::new(false)),
+            committed: Arc::new((Mutex::new(None), Condvar::new())),
         };
         client.spawn_heartbeat();
         client.spawn_listener(reader, on_stop);
@@ -110,17 +135,27 @@ impl CoordinatorClient {
 
     fn spawn_listener(&self, mut reader: TcpStream, on_stop: Box<dyn Fn(&str) + Send>) {
         let (stop, closed, addr) = (Arc::clone(&self.stop), Arc::clone(&self.closed), self.addr.clone());
+        let committed = Arc::clone(&self.committed);
         std::thread::Builder::new()
             .name("coordinator-listener".into())
             .spawn(move || loop {
                 let reason = match read_blocking(&mut reader) {
                     Ok(Message::Stop { reason }) => reason,
+                    Ok(Message::Committed { step }) => {
+                        let mut newest = lock(&committed.0);
+                        *newest = Some(newest.map_or(step, |s| s.max(step)));
+                        committed.1.notify_all();
+                        continue;
+                    }
                     Ok(_) => continue,
                     Err(_) if closed.load(Ordering::Relaxed) => return,
                     Err(e) => format!("lost the coordinator at {addr}: {e}"),
                 };
                 on_stop(&reason);
                 lock(&stop).get_or_insert(reason);
+                // Wake a rank waiting for a commit that will not come.
+                let _guard = lock(&committed.0);
+                committed.1.notify_all();
                 return;
             })
             .expect("spawn the coordinator listener thread");
@@ -142,6 +177,32 @@ impl CoordinatorClient {
         self.send(&Message::Step(report))
     }
 
+    /// A handle for sending shard reports from another thread.
+    pub fn shard_sender(&self) -> ShardSender {
+        ShardSender { addr: self.addr.clone(), writer: Arc::clone(&self.writer) }
+    }
+
+    /// The newest step the coordinator committed so far.
+    pub fn last_committed(&self) -> Option<u64> {
+        *lock(&self.committed.0)
+    }
+
+    /// Waits until the coordinator committed `step` (or a later one); an
+    /// error when the job is stopped first.
+    pub fn wait_committed(&self, step: u64) -> Result<(), ClientError> {
+        let mut newest = lock(&self.committed.0);
+        loop {
+            if newest.is_some_and(|s| s >= step) {
+                return Ok(());
+            }
+            if let Some(reason) = self.stop_reason() {
+                return Err(ClientError::Stopped { reason });
+            }
+            newest =
+                self.committed.1.wait_timeout(newest, Duration::from_millis(200)).unwrap_or_else(|e| e.into_inner()).0;
+        }
+    }
+
     /// Why the job must stop, once the coordinator said so (or vanished).
     pub fn stop_reason(&self) -> Option<String> {
         lock(&self.stop).clone()
@@ -154,9 +215,7 @@ impl CoordinatorClient {
     }
 
     fn send(&self, message: &Message) -> Result<(), ClientError> {
-        lock(&self.writer)
-            .write_all(&encode(message))
-            .map_err(|e| ClientError::Protocol { addr: self.addr.clone(), source: ProtocolError::Io(e) })
+        send_on(&self.writer, &self.addr, message)
     }
 }
 

@@ -5,6 +5,7 @@
 //! side of it (`client`).
 
 pub mod client;
+pub mod commit;
 mod http;
 pub mod parallel_dims;
 pub mod placement;

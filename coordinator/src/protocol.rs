@@ -11,7 +11,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Version of the messages below; bump on any change to them.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 /// Largest payload accepted (the resolved config and the placement plan fit easily).
 pub const MAX_FRAME_BYTES: usize = 16 << 20;
 /// Frame header length: magic (2), version (2), payload length (4).
@@ -30,6 +30,9 @@ pub struct Registration {
     pub rank: Option<u32>,
     /// Device facts, e.g. "cpu x86_64 2 threads".
     pub device: String,
+    /// Where this worker writes its checkpoint shards: it must be where the
+    /// coordinator commits them.
+    pub checkpoint_url: String,
 }
 
 /// The coordinator's answer to a registration.
@@ -63,6 +66,22 @@ pub struct StepReport {
     pub alltoall_s: f64,
 }
 
+/// One rank's part of a checkpoint: its shard is in the store (or failed).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShardWritten {
+    pub rank: u32,
+    pub step: u64,
+    /// The shard's `checkpoint::ShardReport` as JSON; `None` when the rank
+    /// had nothing to write; `Err` says why the write failed.
+    pub outcome: Result<Option<String>, String>,
+    /// Rank 0 sends the step's `checkpoint::Manifest` without shards (JSON):
+    /// config, plan, cursor, RNG, schedule; the coordinator adds the shards.
+    pub manifest: Option<String>,
+    /// Bytes written and seconds the upload took, for the commit line.
+    pub bytes: u64,
+    pub upload_s: f64,
+}
+
 /// Every message of the protocol, both directions.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Message {
@@ -80,6 +99,10 @@ pub enum Message {
     Stop { reason: String },
     /// Worker → coordinator: this rank is done (`ok`: it finished the job).
     Goodbye { rank: u32, ok: bool },
+    /// Worker → coordinator, from the rank's upload thread.
+    ShardWritten(ShardWritten),
+    /// Coordinator → every worker: this step's manifest and `latest` are written.
+    Committed { step: u64 },
 }
 
 /// Why a frame could not be read.

@@ -6,7 +6,8 @@
 //! test) talks to it through [`Coordinator`]: its addresses, a stream of
 //! [`Event`]s, the current [`Status`], and `stop_all`.
 
-use crate::protocol::{encode, read_async, Message, ProtocolError, Registration, StepReport, Welcome};
+use crate::commit::{CommitTarget, Committed, Committer, PendingSaves, Progress};
+use crate::protocol::{encode, read_async, Message, ProtocolError, Registration, ShardWritten, StepReport, Welcome};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -34,6 +35,8 @@ pub struct ServerConfig {
     pub heartbeat_timeout: Duration,
     /// A connection must register within this time.
     pub register_timeout: Duration,
+    /// Where checkpoints are committed; `None`: shard reports are refused.
+    pub checkpoint: Option<CommitTarget>,
 }
 
 /// What happened, in order, for the launcher to print and act on.
@@ -62,6 +65,13 @@ pub enum Event {
     },
     /// Every rank reported this step.
     Step(StepSummary),
+    /// A checkpoint step was committed.
+    Committed(Committed),
+    /// A checkpoint step could not be committed; every rank was told to stop.
+    CheckpointFailed {
+        step: u64,
+        reason: String,
+    },
 }
 
 /// One step over all ranks.
@@ -99,6 +109,8 @@ pub struct Status {
     pub registered: usize,
     pub ranks: Vec<RankStatus>,
     pub last_step: Option<StepSummary>,
+    /// The newest checkpoint step this coordinator committed.
+    pub last_checkpoint: Option<u64>,
 }
 
 struct RankSlot {
@@ -119,6 +131,9 @@ pub(crate) struct State {
     pending: BTreeMap<u64, Vec<Option<StepReport>>>,
     last_step: Option<StepSummary>,
     events: mpsc::Sender<Event>,
+    saves: PendingSaves,
+    committer: Option<Committer>,
+    last_checkpoint: Option<u64>,
 }
 
 pub(crate) type Shared = Arc<Mutex<State>>;
@@ -146,13 +161,28 @@ impl Coordinator {
             .build()?;
         let (events_tx, events) = mpsc::channel();
         let world = cfg.world;
+        let target = cfg.checkpoint.clone();
         let shared: Shared = Arc::new(Mutex::new(State {
             cfg,
             ranks: (0..world).map(|_| None).collect(),
             pending: BTreeMap::new(),
             last_step: None,
             events: events_tx,
+            saves: PendingSaves::default(),
+            committer: None,
+            last_checkpoint: None,
         }));
+        if let Some(target) = target {
+            // Weak: the commit thread must not keep the state (and itself) alive.
+            let weak = Arc::downgrade(&shared);
+            let committer = Committer::start(target, move |outcome| {
+                if let Some(shared) = weak.upgrade() {
+                    committed(&mut lock(&shared), outcome);
+                }
+            })
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+            lock(&shared).committer = Some(committer);
+        }
         let listener = runtime.block_on(TcpListener::bind(bind))?;
         let addr = listener.local_addr()?;
         runtime.spawn(accept_loop(listener, Arc::clone(&shared)));
@@ -222,7 +252,13 @@ pub(crate) fn status_of(state: &State) -> Status {
             })
         })
         .collect::<Vec<_>>();
-    Status { world: state.cfg.world, registered: ranks.len(), ranks, last_step: state.last_step.clone() }
+    Status {
+        world: state.cfg.world,
+        registered: ranks.len(),
+        ranks,
+        last_step: state.last_step.clone(),
+        last_checkpoint: state.last_checkpoint,
+    }
 }
 
 async fn accept_loop(listener: TcpListener, shared: Shared) {
@@ -284,6 +320,7 @@ async fn connection(mut stream: TcpStream, peer: SocketAddr, shared: Shared) {
                 seen(&shared, rank, Some(report.step));
                 record_step(&shared, rank, report);
             }
+            Ok(Message::ShardWritten(written)) if written.rank == rank => record_shard(&shared, written),
             Ok(Message::Goodbye { ok, .. }) => {
                 let mut state = lock(&shared);
                 if let Some(slot) = state.ranks[rank as usize].as_mut() {
@@ -315,6 +352,8 @@ fn kind(message: &Message) -> &'static str {
         Message::Step(_) => "step report",
         Message::Stop { .. } => "stop",
         Message::Goodbye { .. } => "goodbye",
+        Message::ShardWritten(_) => "shard report",
+        Message::Committed { .. } => "commit notice",
     }
 }
 
@@ -326,6 +365,13 @@ fn admit(shared: &Shared, reg: &Registration, outbox: UnboundedSender<Message>) 
             "wrong auth token from {} (pid {}): start every worker with the job's token \
              ([coordinator] token, SWITCHYARD_TOKEN or the token file)",
             reg.host, reg.pid
+        ));
+    }
+    if let Some(target) = state.cfg.checkpoint.as_ref().filter(|t| t.url != reg.checkpoint_url) {
+        return Err(format!(
+            "the worker on {} (pid {}) writes checkpoints to {} but this coordinator commits them at {}: \
+             give every role the same [checkpoint] url (or the same --run-dir on a shared file system)",
+            reg.host, reg.pid, reg.checkpoint_url, target.url
         ));
     }
     let world = state.cfg.world;
@@ -425,6 +471,49 @@ fn record_step(shared: &Shared, rank: u32, report: StepReport) {
     state.pending.retain(|&s, _| s > step);
     state.last_step = Some(summary.clone());
     let _ = state.events.send(Event::Step(summary));
+}
+
+/// Adds a rank's shard report; a complete step goes to the commit thread.
+fn record_shard(shared: &Shared, written: ShardWritten) {
+    let mut state = lock(shared);
+    let world = state.cfg.world;
+    let step = written.step;
+    if state.committer.is_none() {
+        let reason = "this coordinator was started without a checkpoint URL".to_string();
+        return committed(&mut state, Err((step, reason)));
+    }
+    match state.saves.add(world, written) {
+        Progress::Waiting => {}
+        Progress::Complete { manifest, bytes, upload_s } => {
+            state.committer.as_ref().expect("checked above").commit(manifest, bytes, upload_s)
+        }
+        Progress::Failed { step, reason } => committed(&mut state, Err((step, reason))),
+    }
+}
+
+/// A commit's outcome: tell every rank (they wait for the final one), or
+/// stop the job, since later saves could not be committed either.
+fn committed(state: &mut State, outcome: Result<Committed, (u64, String)>) {
+    match outcome {
+        Ok(done) => {
+            state.last_checkpoint = Some(done.step);
+            for slot in state.ranks.iter().flatten() {
+                let _ = slot.outbox.send(Message::Committed { step: done.step });
+            }
+            let _ = state.events.send(Event::Committed(done));
+        }
+        Err((step, reason)) => {
+            let kept = match state.last_checkpoint {
+                Some(last) => format!("step {last} is the last committed checkpoint"),
+                None => "no step was committed by this run".to_string(),
+            };
+            let stop = format!("checkpoint step {step} failed: {reason}; {kept}");
+            for slot in state.ranks.iter().flatten() {
+                let _ = slot.outbox.send(Message::Stop { reason: stop.clone() });
+            }
+            let _ = state.events.send(Event::CheckpointFailed { step, reason });
+        }
+    }
 }
 
 /// Declares ranks lost when their heartbeats stop.

@@ -6,8 +6,8 @@
 
 use coordinator::client::{ClientError, CoordinatorClient};
 use coordinator::protocol::{
-    decode_header, decode_payload, encode, encode_with_version, read_blocking, Message, Registration, StepReport,
-    Welcome, HEADER_BYTES,
+    decode_header, decode_payload, encode, encode_with_version, read_blocking, Message, Registration, ShardWritten,
+    StepReport, Welcome, HEADER_BYTES,
 };
 use coordinator::server::{Coordinator, Event, ServerConfig};
 use std::io::{Read, Write};
@@ -17,7 +17,11 @@ use std::time::{Duration, Instant};
 const TOKEN: &str = "s3cret-token";
 
 fn start(world: usize) -> Coordinator {
-    let cfg = ServerConfig {
+    Coordinator::start(config(world), "127.0.0.1:0".parse().unwrap(), Some("127.0.0.1:0".parse().unwrap())).unwrap()
+}
+
+fn config(world: usize) -> ServerConfig {
+    ServerConfig {
         world,
         token: TOKEN.into(),
         config_toml: "name = \"test\"\n".into(),
@@ -26,12 +30,19 @@ fn start(world: usize) -> Coordinator {
         heartbeat: Duration::from_millis(50),
         heartbeat_timeout: Duration::from_millis(800),
         register_timeout: Duration::from_secs(2),
-    };
-    Coordinator::start(cfg, "127.0.0.1:0".parse().unwrap(), Some("127.0.0.1:0".parse().unwrap())).unwrap()
+        checkpoint: None,
+    }
 }
 
 fn registration(host: &str, rank: Option<u32>, token: &str) -> Registration {
-    Registration { token: token.into(), host: host.into(), pid: 4242, rank, device: "cpu test".into() }
+    Registration {
+        token: token.into(),
+        host: host.into(),
+        pid: 4242,
+        rank,
+        device: "cpu test".into(),
+        checkpoint_url: String::new(),
+    }
 }
 
 fn join(coord: &Coordinator, host: &str, rank: Option<u32>) -> Result<CoordinatorClient, ClientError> {
@@ -234,13 +245,14 @@ impl Gen {
         (0..len).map(|_| char::from_u32((self.next() % 0x2FF) as u32 + 0x20).unwrap_or('?')).collect()
     }
     fn message(&mut self) -> Message {
-        match self.next() % 7 {
+        match self.next() % 9 {
             0 => Message::Register(Registration {
                 token: self.text(),
                 host: self.text(),
                 pid: self.next() as u32,
                 rank: self.coin().then(|| self.next() as u32),
                 device: self.text(),
+                checkpoint_url: self.text(),
             }),
             1 => Message::Welcome(Welcome {
                 rank: self.next() as u32,
@@ -264,6 +276,19 @@ impl Gen {
                 alltoall_s: 0.25,
             }),
             5 => Message::Stop { reason: self.text() },
+            6 => Message::ShardWritten(ShardWritten {
+                rank: self.next() as u32,
+                step: self.next(),
+                outcome: match self.next() % 3 {
+                    0 => Ok(None),
+                    1 => Ok(Some(self.text())),
+                    _ => Err(self.text()),
+                },
+                manifest: self.coin().then(|| self.text()),
+                bytes: self.next(),
+                upload_s: (self.next() % 1000) as f64 / 3.0,
+            }),
+            7 => Message::Committed { step: self.next() },
             _ => Message::Goodbye { rank: self.next() as u32, ok: self.coin() },
         }
     }
@@ -301,4 +326,104 @@ fn random_bytes_never_panic_the_decoder() {
         let mut cursor = std::io::Cursor::new(&bytes);
         let _ = read_blocking(&mut cursor);
     }
+}
+
+/// A coordinator that commits checkpoints to `root`, workers joining with that URL.
+fn start_committing(world: usize, root: &std::path::Path) -> (Coordinator, Vec<CoordinatorClient>) {
+    let url = root.display().to_string();
+    let mut cfg = config(world);
+    cfg.checkpoint = Some(coordinator::commit::CommitTarget {
+        url: url.clone(),
+        options: checkpoint::StoreOptions::default(),
+        keep_last: 1,
+    });
+    let coord = Coordinator::start(cfg, "127.0.0.1:0".parse().unwrap(), None).unwrap();
+    let clients = (0..world as u32)
+        .map(|rank| {
+            let mut reg = registration("host", Some(rank), TOKEN);
+            reg.checkpoint_url = url.clone();
+            CoordinatorClient::connect(&coord.addr().to_string(), reg, Duration::from_secs(5)).unwrap()
+        })
+        .collect();
+    (coord, clients)
+}
+
+/// Rank `rank` writes a one-tensor shard of `step` and reports it.
+fn write_and_report(store: &checkpoint::CheckpointStore, client: &CoordinatorClient, rank: u32, step: u64) {
+    let data = vec![rank as f32; 4];
+    let name = format!("t{rank}");
+    let tensor = checkpoint::TensorRef { name: &name, shape: &[4], data: &data };
+    let report = store.write_shard(step, &format!("rank-{rank:05}"), &[tensor]).unwrap();
+    let manifest = (rank == 0).then(|| serde_json::to_string(&checkpoint::Manifest::new(step, 0, "test")).unwrap());
+    let written = ShardWritten {
+        rank,
+        step,
+        outcome: Ok(Some(serde_json::to_string(&report).unwrap())),
+        manifest,
+        bytes: report.size_bytes,
+        upload_s: 0.01,
+    };
+    client.shard_sender().send(written).unwrap();
+}
+
+#[test]
+fn the_coordinator_commits_a_step_once_every_rank_wrote_its_shard() {
+    let dir = tempfile::tempdir().unwrap();
+    let (coord, clients) = start_committing(2, dir.path());
+    let store = checkpoint::CheckpointStore::open(dir.path().to_str().unwrap()).unwrap();
+    for step in [10, 20] {
+        write_and_report(&store, &clients[0], 0, step);
+        assert_eq!(store.latest_step().unwrap(), if step == 10 { None } else { Some(10) }, "not before rank 1");
+        write_and_report(&store, &clients[1], 1, step);
+        let Event::Committed(done) = wait_for(&coord, "commit", |e| matches!(e, Event::Committed(_))) else {
+            unreachable!()
+        };
+        assert_eq!(done.step, step);
+        // Every rank hears of the commit (the end of a job waits for it).
+        for client in &clients {
+            client.wait_committed(step).unwrap();
+        }
+    }
+    assert_eq!(store.latest_step().unwrap(), Some(20));
+    assert_eq!(store.committed_steps().unwrap(), [20], "keep_last = 1 pruned step 10 after step 20 committed");
+    assert_eq!(store.verify(20).unwrap().num_tensors, 2);
+    assert_eq!(coord.status().last_checkpoint, Some(20));
+}
+
+#[test]
+fn a_rank_that_failed_its_upload_stops_the_job_and_nothing_is_committed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (coord, clients) = start_committing(2, dir.path());
+    let store = checkpoint::CheckpointStore::open(dir.path().to_str().unwrap()).unwrap();
+    write_and_report(&store, &clients[0], 0, 5);
+    let failed = ShardWritten {
+        rank: 1,
+        step: 5,
+        outcome: Err("could not write s3://b/x: connection refused".into()),
+        manifest: None,
+        bytes: 0,
+        upload_s: 1.0,
+    };
+    clients[1].shard_sender().send(failed).unwrap();
+    let Event::CheckpointFailed { step, reason } =
+        wait_for(&coord, "failed checkpoint", |e| matches!(e, Event::CheckpointFailed { .. }))
+    else {
+        unreachable!()
+    };
+    assert_eq!(step, 5);
+    assert!(reason.contains("rank 1") && reason.contains("connection refused"), "{reason}");
+    let err = clients[0].wait_committed(5).unwrap_err().to_string();
+    assert!(err.contains("checkpoint step 5 failed") && err.contains("no step was committed"), "{err}");
+    assert_eq!(store.latest_step().unwrap(), None);
+}
+
+#[test]
+fn a_worker_writing_checkpoints_elsewhere_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (coord, _clients) = start_committing(1, dir.path());
+    let mut reg = registration("host-x", None, TOKEN);
+    reg.checkpoint_url = "/somewhere/else".into();
+    let err = CoordinatorClient::connect(&coord.addr().to_string(), reg, Duration::from_secs(5)).err().unwrap();
+    let msg = err.to_string();
+    assert!(msg.contains("/somewhere/else") && msg.contains("same [checkpoint] url"), "{msg}");
 }

@@ -4,14 +4,17 @@
 //! with the launcher.
 
 use anyhow::{Context, Result};
+use coordinator::commit::{CommitTarget, Committed};
 use coordinator::server::{Coordinator, Event, ServerConfig};
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 use worker::config::CoordinatorConfig;
 use worker::coordination::{configured_token, CoordinatorLink};
+use worker::train::checkpoint_url;
 use worker::JobConfig;
 
 /// A running coordinator and the thread that prints its events.
@@ -27,12 +30,12 @@ impl RunningCoordinator {
     /// Starts the coordinator for `job` on the configured (or free local) ports.
     /// Across hosts (`[launch] hosts`) it listens on every interface and
     /// tells ranks to reach it at the first host, where the launcher runs.
-    pub fn start(job: &JobConfig) -> Result<Self> {
+    pub fn start(job: &JobConfig, run_dir: &Path) -> Result<Self> {
         let cfg = &job.coordinator;
         let token = job_token(cfg)?;
         let first_host = job.launch.hosts.first().map(|h| h.split(':').next().unwrap_or(h).to_string());
         let default_bind = if first_host.is_some() { "0.0.0.0:0" } else { "127.0.0.1:0" };
-        let coordinator = start_server(job, token.clone(), &cfg.addr, &cfg.http_addr, default_bind)?;
+        let coordinator = start_server(job, run_dir, token.clone(), &cfg.addr, &cfg.http_addr, default_bind)?;
         let bound = coordinator.addr();
         let addr = match first_host {
             Some(host) if bound.ip().is_unspecified() => format!("{host}:{}", bound.port()),
@@ -58,6 +61,9 @@ impl RunningCoordinator {
                         }
                         Some(Event::Refused { peer, reason }) => {
                             eprintln!("coordinator: refused a connection from {peer}: {reason}")
+                        }
+                        Some(Event::CheckpointFailed { step, reason }) => {
+                            eprintln!("coordinator: checkpoint step {step} failed: {reason}; stopping every rank")
                         }
                         _ => {}
                     }
@@ -101,6 +107,7 @@ impl Drop for RunningCoordinator {
 /// (`default_bind` where one is empty).
 pub fn start_server(
     job: &JobConfig,
+    run_dir: &Path,
     token: String,
     addr: &str,
     http_addr: &str,
@@ -122,6 +129,12 @@ pub fn start_server(
         heartbeat: (timeout / 5).clamp(Duration::from_millis(100), Duration::from_secs(2)),
         heartbeat_timeout: timeout,
         register_timeout: Duration::from_secs(10),
+        // The coordinator commits every checkpoint once all ranks wrote their shards.
+        checkpoint: Some(CommitTarget {
+            url: checkpoint_url(job, run_dir),
+            options: job.checkpoint.store_options(),
+            keep_last: job.checkpoint.keep_last,
+        }),
     };
     Coordinator::start(server, bind, Some(http_bind))
         .with_context(|| format!("cannot start the coordinator on {bind} / {http_bind}"))
@@ -138,4 +151,16 @@ fn job_token(cfg: &CoordinatorConfig) -> Result<String> {
         .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
         .context("cannot read /dev/urandom to make the job's token; set SWITCHYARD_TOKEN")?;
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// One line for a committed checkpoint.
+pub fn commit_line(c: &Committed) -> String {
+    format!(
+        "checkpoint step {} committed: {} ({:.1} MiB, slowest upload {:.2}s, commit {:.2}s)",
+        c.step,
+        c.url,
+        c.bytes as f64 / (1u64 << 20) as f64,
+        c.upload_s,
+        c.commit_s
+    )
 }

@@ -343,3 +343,59 @@ fn ckpt_ls_inspect_verify_export_and_a_flipped_byte() {
     assert_eq!(left, ["run"], "a failed export left a file behind");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[path = "../../checkpoint/tests/common/s3_server.rs"]
+#[allow(dead_code)] // the checkpoint tests use the rest
+mod s3_server;
+
+/// `switchyard` with the AWS variables that point at `server`.
+fn switchyard_s3(args: &[&str], cwd: &Path, server: &s3_server::S3Server, secret: &str) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(args)
+        .current_dir(cwd)
+        .env("AWS_ENDPOINT_URL", server.endpoint())
+        .env("AWS_ALLOW_HTTP", "true")
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_ACCESS_KEY_ID", s3_server::ACCESS_KEY)
+        .env("AWS_SECRET_ACCESS_KEY", secret)
+        .output()
+        .expect("binary runs")
+}
+
+#[test]
+fn training_checkpoints_to_s3_and_resumes_from_it() {
+    let dir = temp_dir("s3");
+    let server = s3_server::S3Server::start(&dir.join("s3"), &["ckpt"]);
+    let url = "s3://ckpt/runs/tiny";
+    let mut args =
+        vec!["train", "--quiet", "--run-dir", "run", "--ranks", "2", "--set", "checkpoint.url=s3://ckpt/runs/tiny"];
+    args.extend_from_slice(SMALL);
+    let secret = s3_server::SECRET_KEY;
+
+    let out = switchyard_s3(&[&args[..], &["--stop-at", "6"]].concat(), &dir, &server, secret);
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains(&format!("checkpoint: {url}/step-00000006")), "{log}");
+    let shard = dir.join("s3/ckpt/runs/tiny/step-00000006/shards/rank-00001.safetensors");
+    assert!(shard.is_file(), "rank 1 wrote its shard into the bucket");
+
+    // Wrong credentials: a clear error before any training, nothing saved touched.
+    let out = switchyard_s3(&[&args[..], &["--resume"]].concat(), &dir, &server, "wrong-secret");
+    let log = text(&out);
+    assert!(!out.status.success(), "{log}");
+    assert!(log.contains(url) && log.contains("credentials") && !log.contains("wrong-secret"), "{log}");
+
+    let out = switchyard_s3(&[&args[..], &["--resume"]].concat(), &dir, &server, secret);
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("resuming from") && log.contains("step 6"), "{log}");
+    assert_eq!(std::fs::read_to_string(dir.join("run/metrics.jsonl")).unwrap().lines().count(), 12);
+
+    let out = switchyard_s3(&["ckpt", "ls", url], &dir, &server, secret);
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("12  committed, latest"), "{log}");
+    let out = switchyard_s3(&["ckpt", "verify", url], &dir, &server, secret);
+    assert!(out.status.success() && text(&out).contains("ok: 2 shards"), "{}", text(&out));
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -250,7 +250,8 @@ fn a_separate_coordinator_serves_workers_started_by_mpirun() {
     let dir = temp_dir("roles");
     let job = ["--set", "train.steps=12", "--set", "checkpoint.every=0"];
     let mut coordinator = Command::new(EXE)
-        .args(["coordinator", "--ranks", "2", "--addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+        .args(["coordinator", "--ranks", "2", "--addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--run-dir"])
+        .arg(dir.join("run"))
         .args(job)
         .env("SWITCHYARD_TOKEN", "t0ken")
         .stdout(Stdio::piped())
@@ -288,6 +289,89 @@ fn a_separate_coordinator_serves_workers_started_by_mpirun() {
     assert!(ended.status.success(), "{log}{}", text(&ended));
     assert!(log.contains("refused") && log.contains("wrong auth token"), "{log}");
     assert!(log.contains("step 12 | loss") && log.contains("every rank finished"), "{log}");
+    assert!(log.contains("checkpoint step 12 committed"), "the coordinator commits the final checkpoint: {log}");
+}
+
+/// Whether a process with `pid` still exists.
+fn alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Kills `victim` ("rank" 1, or the "coordinator", i.e. the launcher that
+/// runs it) while the upload of checkpoint step 20 is in flight, then
+/// checks that step 10 is still the committed one and that `--resume`
+/// continues from it to the end.
+fn kill_during_upload(victim: &str) {
+    let dir = temp_dir(&format!("upload-{victim}"));
+    let run_dir = dir.join("run");
+    let tag = format!("upload-{victim}-{}", std::process::id());
+    let args = |resume: bool| {
+        let mut args: Vec<String> =
+            ["train", "--quiet", "--backend", "mpi", "--ranks", "2", "--run-dir"].map(String::from).to_vec();
+        args.push(run_dir.display().to_string());
+        for set in ["train.steps=40", "checkpoint.every=10", "train.log_every=1", "parallel.collective_timeout_s=10"] {
+            args.extend(["--set".to_string(), set.to_string()]);
+        }
+        if resume {
+            args.push("--resume".into());
+        }
+        args
+    };
+    // Every upload first waits 4 s: long enough to kill a process during one.
+    let child = Command::new(EXE)
+        .args(args(false))
+        .env("SWITCHYARD_TEST_TAG", &tag)
+        .env("SWITCHYARD_FAULT_UPLOAD_DELAY_MS", "4000")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("switchyard starts");
+    // Step 10 committed and step 20's save started (its metrics line comes after the save began).
+    let latest = run_dir.join("checkpoints/latest");
+    let started = Instant::now();
+    while !(std::fs::read_to_string(&latest).is_ok_and(|t| t.trim() == "step-00000010")
+        && std::fs::read_to_string(run_dir.join("metrics.jsonl")).map_or(0, |t| t.lines().count()) >= 20)
+    {
+        assert!(started.elapsed() < Duration::from_secs(180), "the job never reached step 20 with step 10 committed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let ranks: Vec<u32> = (0..2).filter_map(|r| find_rank(&tag, r)).collect();
+    assert_eq!(ranks.len(), 2, "both rank processes found by their environment");
+    let pid = if victim == "rank" { ranks[1] } else { child.id() };
+    assert!(Command::new("kill").args(["-KILL", &pid.to_string()]).status().unwrap().success());
+    let killed = Instant::now();
+    let out = wait_guarded(child, Duration::from_secs(90), "the job after a kill during an upload");
+    assert!(!out.status.success(), "{}", text(&out));
+    // Nobody is left hanging: every rank process ends by itself.
+    while ranks.iter().any(|&pid| alive(pid)) {
+        assert!(killed.elapsed() < Duration::from_secs(60), "a rank outlived the {victim} by 60 s: it hung");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("killed the {victim} during an upload: every rank ended {:?} after the signal", killed.elapsed());
+    assert_eq!(std::fs::read_to_string(&latest).unwrap().trim(), "step-00000010");
+    assert!(!run_dir.join("checkpoints/step-00000020/manifest.json").exists(), "step 20 was never committed");
+    let verify = run(Command::new(EXE).args(["ckpt", "verify"]).arg(run_dir.join("checkpoints")), "ckpt verify");
+    assert!(text(&verify).contains("step-00000010"), "{}", text(&verify));
+
+    let out = run(Command::new(EXE).args(args(true)), "the resumed job");
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("resuming from") && log.contains("step-00000010"), "{log}");
+    let last = std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap().lines().last().unwrap().to_string();
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&last).unwrap()["step"], 40);
+    assert_eq!(std::fs::read_to_string(&latest).unwrap().trim(), "step-00000040");
+}
+
+#[test]
+fn a_rank_killed_during_an_upload_leaves_the_last_commit_to_resume_from() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    kill_during_upload("rank");
+}
+
+#[test]
+fn the_coordinator_killed_during_an_upload_leaves_the_last_commit_to_resume_from() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    kill_during_upload("coordinator");
 }
 
 /// Removes the namespace hosts when the test ends, passing or not.

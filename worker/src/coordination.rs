@@ -73,12 +73,14 @@ pub fn configured_token(cfg: &CoordinatorConfig) -> Result<Option<String>, Worke
 /// Registers as `rank`, retrying while the coordinator is not up yet. When
 /// the coordinator later says stop, every waiting collective of this
 /// process gives up (`collectives::stop`).
-/// `config_toml` is this rank's resolved job, which must be the coordinator's.
+/// `config_toml` is this rank's resolved job, which must be the coordinator's;
+/// `checkpoint_url` is where it writes shards, which the coordinator commits.
 pub fn register(
     link: &CoordinatorLink,
     rank: usize,
     host: &str,
     config_toml: &str,
+    checkpoint_url: &str,
 ) -> Result<CoordinatorClient, WorkerError> {
     let registration = Registration {
         token: link.token.clone(),
@@ -86,6 +88,7 @@ pub fn register(
         pid: std::process::id(),
         rank: Some(rank as u32),
         device: format!("cpu {} {} threads", std::env::consts::ARCH, rayon::current_num_threads()),
+        checkpoint_url: checkpoint_url.to_string(),
     };
     let started = Instant::now();
     loop {

@@ -2,6 +2,7 @@
 //! engine, its checkpoint IO and its metrics.
 
 pub mod attention_shards;
+pub mod checkpointing;
 pub mod config;
 pub mod coordination;
 pub mod data;

@@ -37,6 +37,10 @@ pub struct StepMetrics {
     /// Slowest rank's forward+backward time (all-to-all included).
     #[serde(default)]
     pub compute_s: f64,
+    /// What saving a checkpoint cost this step (copy to host buffers, or a
+    /// wait for the previous upload); uploads themselves run in the background.
+    #[serde(default)]
+    pub checkpoint_s: f64,
     /// Per rank detail.
     pub per_rank: Vec<RankMetrics>,
 }

@@ -8,6 +8,7 @@
 //! reports metrics and commits checkpoints.
 
 use crate::attention_shards::{cut_to_shard, joined, ShardGroup};
+use crate::checkpointing::Checkpointer;
 use crate::config::JobConfig;
 use crate::coordination::register;
 use crate::dispatch::{AllToAllExperts, DispatchStats};
@@ -15,8 +16,7 @@ use crate::error::WorkerError;
 use crate::metrics::{MetricsWriter, RankMetrics, StepMetrics};
 use crate::state::TrainState;
 use crate::sync::{all_reduce_tensors, gather_json, sum_over_ranks};
-use crate::train::{open_data, starting_state, Observer, Resume, RunOptions, StartInfo, TrainSummary};
-use checkpoint::{CheckpointStore, ShardReport};
+use crate::train::{checkpoint_url, open_data, starting_state, Observer, Resume, RunOptions, StartInfo, TrainSummary};
 use collectives::Communicator;
 use coordinator::client::CoordinatorClient;
 use coordinator::protocol::StepReport;
@@ -75,7 +75,10 @@ pub fn run_rank(
     observer: Option<&mut dyn Observer>,
 ) -> Result<TrainSummary, WorkerError> {
     let client = match &opts.coordinator {
-        Some(link) => Some(register(link, comm.rank(), &node_name(), &job.to_toml())?),
+        Some(link) => {
+            let checkpoints = checkpoint_url(job, &opts.run_dir);
+            Some(register(link, comm.rank(), &node_name(), &job.to_toml(), &checkpoints)?)
+        }
         None => None,
     };
     let result = train_rank(job, opts, comm, observer, client.as_ref());
@@ -140,6 +143,7 @@ fn train_rank(
         metrics_out = Some(MetricsWriter::append(&path).map_err(|e| WorkerError::io("cannot open", &path, e))?);
         store.cleanup_uncommitted()?;
     }
+    let mut saver = Checkpointer::new(store, client, job.checkpoint.keep_last);
     // Which node each rank runs on, for the banner (and proof of a multi-node run).
     let nodes: Vec<String> = gather_json(comm, &node_name())?;
 
@@ -151,7 +155,7 @@ fn train_rank(
         obs.on_start(&StartInfo {
             start_step: state.step,
             total_steps: job.train.steps,
-            checkpoint_url: store.url().to_string(),
+            checkpoint_url: saver.store().url().to_string(),
             resumed_from: resumed_from.clone(),
             num_params: cfg.num_params(),
             num_active_params: cfg.num_active_params(),
@@ -268,6 +272,23 @@ fn train_rank(
         metrics.grad_norm = grad_norm;
         state.step += 1;
         state.tokens_seen += tokens_per_step;
+        // The save's copy (and any wait for the previous upload) is part of the step.
+        let every = job.checkpoint.every;
+        if state.step == end || (every > 0 && state.step.is_multiple_of(every)) {
+            let stall = match groups.tp.as_mut() {
+                // Checkpoints hold full tensors: join the attention shards first.
+                Some(tp) => {
+                    let full = joined(&state, tp.as_mut(), cfg.d_model)?;
+                    saver.save(comm, job, &dims, &placement, &full)?
+                }
+                None => saver.save(comm, job, &dims, &placement, &state)?,
+            };
+            metrics.checkpoint_s = stall.waited_s + stall.save_s;
+            if state.step == end {
+                // The job is done only when its last checkpoint is committed.
+                saver.finish()?;
+            }
+        }
         metrics.step_time_s = step_started.elapsed().as_secs_f64();
         metrics.tokens_per_s = tokens_per_step as f64 / metrics.step_time_s;
         first_loss.get_or_insert(metrics.loss);
@@ -281,19 +302,10 @@ fn train_rank(
         if let Some(client) = client {
             report_step(client, rank, &state, &local, &metrics)?;
         }
-
-        let every = job.checkpoint.every;
-        if state.step == end || (every > 0 && state.step.is_multiple_of(every)) {
-            let url = match groups.tp.as_mut() {
-                // Checkpoints hold full tensors: join the attention shards first.
-                Some(tp) => {
-                    let full = joined(&state, tp.as_mut(), cfg.d_model)?;
-                    save_checkpoint(comm, &store, job, &dims, &placement, &full)?
-                }
-                None => save_checkpoint(comm, &store, job, &dims, &placement, &state)?,
-            };
+        if let Some(step) = saver.newly_committed() {
+            let url = saver.store().step_url(step);
             if let Some(obs) = observer.as_deref_mut() {
-                obs.on_checkpoint(state.step, &url);
+                obs.on_checkpoint(step, &url);
             }
             last_checkpoint = Some(url);
         }
@@ -315,8 +327,9 @@ fn train_rank(
                     Some(tp) => joined(&state, tp.as_mut(), cfg.d_model)?,
                     None => state.clone(),
                 };
-                let url = save_checkpoint(comm, &store, job, &dims, &placement, &full)?;
-                state = TrainState::load(&store, state.step, job, &plan, dims.ep_rank(rank))?;
+                saver.save(comm, job, &dims, &placement, &full)?;
+                saver.finish()?;
+                state = TrainState::load(saver.store(), state.step, job, &plan, dims.ep_rank(rank))?;
                 if dims.attn_tp > 1 {
                     cut_to_shard(&mut state, cfg.d_model, dims.tp_rank(rank), dims.attn_tp);
                 }
@@ -325,7 +338,6 @@ fn train_rank(
                     obs.on_rebalance(state.step, before, after);
                 }
                 placement = plan;
-                last_checkpoint = Some(url);
             }
             expert_loads.iter_mut().for_each(|l| l.fill(0.0));
         }
@@ -423,32 +435,6 @@ fn report_step(
         Some(reason) => Err(WorkerError::Stopped(reason)),
         None => Ok(()),
     }
-}
-
-/// Each rank writes its shard; rank 0 commits the manifest once all
-/// reported, then every rank waits for the commit. Returns the step URL.
-fn save_checkpoint(
-    comm: &mut dyn Communicator,
-    store: &CheckpointStore,
-    job: &JobConfig,
-    dims: &ParallelDims,
-    placement: &PlacementPlan,
-    state: &TrainState,
-) -> Result<String, WorkerError> {
-    let rank = comm.rank();
-    // Dense tensors once (rank 0); each expert once: by its first owner in
-    // the first expert-data-parallel group.
-    let (ep_rank, first_group) = (dims.ep_rank(rank), dims.edp_rank(rank) == 0);
-    let writes_expert = |layer: usize, expert: usize| first_group && placement.owner(layer, expert) == ep_rank;
-    let report = state.write_shard(store, job, rank, rank == 0, &writes_expert)?;
-    let reports: Vec<Option<ShardReport>> = gather_json(comm, &report)?;
-    if rank == 0 {
-        let manifest = state.manifest(job, dims, placement, reports.into_iter().flatten().collect());
-        store.commit(&manifest)?;
-        store.prune(job.checkpoint.keep_last)?;
-    }
-    comm.barrier()?;
-    Ok(store.step_url(state.step))
 }
 
 /// What this rank measured during one step, before reduction over ranks.

@@ -38,6 +38,29 @@ fn expert_of(name: &str) -> Option<(usize, usize)> {
     Some((layer.parse().ok()?, expert.parse().ok()?))
 }
 
+/// A tensor copied out of the training state for a checkpoint.
+#[derive(Debug, Clone)]
+pub struct OwnedTensor {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+/// Writes `tensors` as shard `rank-XXXXX` of `step`; `None` when there is nothing to write.
+pub fn write_snapshot(
+    store: &CheckpointStore,
+    step: u64,
+    rank: usize,
+    tensors: &[OwnedTensor],
+) -> Result<Option<ShardReport>, WorkerError> {
+    if tensors.is_empty() {
+        return Ok(None);
+    }
+    let refs: Vec<TensorRef> =
+        tensors.iter().map(|t| TensorRef { name: &t.name, shape: &t.shape, data: &t.data }).collect();
+    Ok(Some(store.write_shard(step, &format!("rank-{rank:05}"), &refs)?))
+}
+
 /// The learning-rate schedule's position, saved in the manifest.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ScheduleState {
@@ -66,18 +89,17 @@ impl TrainState {
         DataCursor { sequences_consumed: self.step * job.train.global_batch_size as u64 }
     }
 
-    /// Writes this rank's share of the checkpoint into shard `rank-XXXXX`:
-    /// the dense tensors (replicated everywhere) only when `with_dense`, and
-    /// the experts it holds for which `writes_expert(layer, expert)` — so
-    /// every tensor is written once. Returns None when it has nothing to write.
-    pub fn write_shard(
+    /// A copy of this rank's share of the checkpoint, ready to upload while
+    /// training goes on: the dense tensors (replicated everywhere) only when
+    /// `with_dense`, and the experts it holds for which
+    /// `writes_expert(layer, expert)` — so every tensor is written once —
+    /// each with its two AdamW moments.
+    pub fn snapshot(
         &self,
-        store: &CheckpointStore,
         job: &JobConfig,
-        rank: usize,
         with_dense: bool,
         writes_expert: &dyn Fn(usize, usize) -> bool,
-    ) -> Result<Option<ShardReport>, WorkerError> {
+    ) -> Vec<OwnedTensor> {
         fn select<'w>(
             w: &'w ModelWeights,
             with_dense: bool,
@@ -92,20 +114,19 @@ impl TrainState {
             out
         }
         let select = |w| select(w, with_dense, writes_expert);
-        let mut refs_data: Vec<(String, Vec<usize>, &[f32])> = Vec::new();
+        let mut tensors = Vec::new();
         let moments = select(&self.exp_avg).into_iter().zip(select(&self.exp_avg_sq));
         for ((name, w), ((_, m), (_, v))) in select(&self.weights).into_iter().zip(moments) {
             let shape = tensor_shape(&job.model, &name).expect("names come from the model crate");
-            refs_data.push((format!("optim.{name}.exp_avg"), shape.clone(), m));
-            refs_data.push((format!("optim.{name}.exp_avg_sq"), shape.clone(), v));
-            refs_data.push((name, shape, w));
+            tensors.push(OwnedTensor { name: format!("optim.{name}.exp_avg"), shape: shape.clone(), data: m.clone() });
+            tensors.push(OwnedTensor {
+                name: format!("optim.{name}.exp_avg_sq"),
+                shape: shape.clone(),
+                data: v.clone(),
+            });
+            tensors.push(OwnedTensor { name, shape, data: w.clone() });
         }
-        if refs_data.is_empty() {
-            return Ok(None);
-        }
-        let refs: Vec<TensorRef> =
-            refs_data.iter().map(|(name, shape, data)| TensorRef { name, shape, data }).collect();
-        Ok(Some(store.write_shard(self.step, &format!("rank-{rank:05}"), &refs)?))
+        tensors
     }
 
     /// The manifest of this state's step, listing the shards every rank wrote.
@@ -117,10 +138,13 @@ impl TrainState {
         shards: Vec<ShardReport>,
     ) -> Manifest {
         let mut manifest = Manifest::new(self.step, self.tokens_seen, env!("CARGO_PKG_VERSION"));
-        manifest.config = serde_json::to_value(job).expect("config serialises");
+        // The auth token is a secret: checkpoints are shared, so it stays out.
+        let mut job = job.clone();
+        job.coordinator.token.clear();
+        manifest.config = serde_json::to_value(&job).expect("config serialises");
         manifest.plan = serde_json::to_value(plan).expect("plan serialises");
         manifest.parallel = serde_json::to_value(dims).expect("dims serialise");
-        manifest.data_cursor = serde_json::to_value(self.cursor(job)).expect("cursor serialises");
+        manifest.data_cursor = serde_json::to_value(self.cursor(&job)).expect("cursor serialises");
         manifest.rng = serde_json::to_value(&self.rng).expect("rng serialises");
         manifest.schedule = serde_json::to_value(ScheduleState { step: self.step, total_steps: job.train.steps })
             .expect("schedule serialises");

@@ -5,7 +5,7 @@
 //! rank said goodbye (0 when all finished well), or non-zero after a rank
 //! was lost (every other rank is told to stop).
 
-use crate::coordinator_run::start_server;
+use crate::coordinator_run::{commit_line, start_server};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use coordinator::server::Event;
@@ -32,6 +32,10 @@ pub struct CoordinatorArgs {
     /// host:port for /status and /metrics; default [coordinator] http_addr, else 0.0.0.0:29501.
     #[arg(long)]
     http_addr: Option<String>,
+    /// Run folder (default runs/<job name>): checkpoints go to <run dir>/checkpoints
+    /// unless [checkpoint] url names a shared store, which jobs over several machines need.
+    #[arg(long)]
+    run_dir: Option<PathBuf>,
 }
 
 /// Runs the coordinator until the job ends.
@@ -50,7 +54,8 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
     };
     let addr = or_default(&args.addr, &job.coordinator.addr, "0.0.0.0:29500");
     let http = or_default(&args.http_addr, &job.coordinator.http_addr, "0.0.0.0:29501");
-    let coordinator = start_server(&job, token, &addr, &http, "0.0.0.0:0")?;
+    let run_dir = args.run_dir.clone().unwrap_or_else(|| PathBuf::from("runs").join(&job.name));
+    let coordinator = start_server(&job, &run_dir, token, &addr, &http, "0.0.0.0:0")?;
     let world = job.parallel.ranks;
     let http = coordinator.http_addr().expect("started with HTTP");
     println!(
@@ -69,6 +74,11 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
                 "step {} | loss {:.4} | {:.0} tok/s | step {:.3}s | expert rows per rank {:?} | dropped {}",
                 s.step, s.loss, s.tokens_per_s, s.step_time_s, s.expert_rows_per_rank, s.dropped
             ),
+            Event::Committed(c) => println!("{}", commit_line(&c)),
+            Event::CheckpointFailed { step, reason } => {
+                println!("checkpoint step {step} failed: {reason}; every rank was told to stop");
+                failures.push(format!("checkpoint step {step}: {reason}"));
+            }
             Event::Lost { rank, host, reason } => {
                 println!("rank {rank} on {host} is lost: {reason}; every rank was told to stop");
                 failures.push(format!("rank {rank} on {host}: {reason}"));

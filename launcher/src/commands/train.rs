@@ -98,7 +98,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let mut attempt = 0;
     loop {
         // A fresh coordinator per attempt: the ranks of a restart register anew.
-        let coordinator = RunningCoordinator::start(&job)?;
+        let coordinator = RunningCoordinator::start(&job, &run_dir)?;
         eprintln!("{}", coordinator.banner());
         let result = if job.parallel.backend == "mpi" {
             run_mpi(&job, &resume, &coordinator)
