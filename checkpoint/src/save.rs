@@ -6,7 +6,6 @@ use crate::error::{Error, Result};
 use crate::layout::{self, LATEST, MANIFEST};
 use crate::manifest::{Manifest, ShardReport, TensorEntry, DTYPE_F32};
 use crate::shard::{self, ShardStream, TensorRef};
-use crate::store::UPLOAD_PART_BYTES;
 use crate::store_handle::CheckpointStore;
 
 impl CheckpointStore {
@@ -14,10 +13,10 @@ impl CheckpointStore {
     /// and report its tensors for the manifest. Rewriting a shard replaces it.
     ///
     /// The file is streamed: memory use stays at a few upload parts
-    /// (`UPLOAD_PART_BYTES` each) however large the shard, so saving does not
+    /// ([`StoreOptions::part_bytes`](crate::StoreOptions) each) however large the shard, so saving does not
     /// need a second copy of the tensors.
     pub fn write_shard(&self, step: u64, shard: &str, tensors: &[TensorRef<'_>]) -> Result<ShardReport> {
-        self.write_shard_with_part_size(step, shard, tensors, UPLOAD_PART_BYTES)
+        self.write_shard_with_part_size(step, shard, tensors, self.part_bytes)
     }
 
     /// [`Self::write_shard`] with uploads in `part_bytes` parts, so tests can
@@ -210,7 +209,7 @@ mod tests {
         let tensors = tensors();
         // One put (fits in a part), then multipart with parts splitting the
         // header, tensors and conversion pieces at awkward places.
-        let single = check_write(&tensors, UPLOAD_PART_BYTES);
+        let single = check_write(&tensors, crate::StoreOptions::default().part_bytes);
         for part_bytes in [8, 1000, 65_536, 300_001] {
             let streamed = check_write(&tensors, part_bytes);
             assert_eq!(streamed, single, "report with part size {part_bytes}");

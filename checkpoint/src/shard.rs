@@ -182,14 +182,29 @@ impl ByteSource for ShardStream<'_, '_, '_> {
             }
             let end = data.len().min(self.next_value + PIECE_VALUES);
             let values = &data[self.next_value..end];
-            self.piece.resize(values.len() * 4, 0);
-            for (dst, x) in self.piece.chunks_exact_mut(4).zip(values) {
-                dst.copy_from_slice(&x.to_le_bytes());
-            }
-            self.crcs[i].update(&self.piece);
             self.next_value = end;
-            return Some(&self.piece);
+            let bytes = le_bytes(values, &mut self.piece);
+            self.crcs[i].update(bytes);
+            return Some(bytes);
         }
+    }
+}
+
+/// `values` as little-endian bytes: on little-endian hosts (every machine
+/// we run on) their memory as is, with no copy; elsewhere converted into `buf`.
+fn le_bytes<'v>(values: &'v [f32], buf: &'v mut Vec<u8>) -> &'v [u8] {
+    #[cfg(target_endian = "little")]
+    {
+        let _ = buf;
+        // SAFETY: f32 has no padding and any byte pattern is a valid u8;
+        // the slice covers exactly the values' memory and borrows it.
+        unsafe { std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), std::mem::size_of_val(values)) }
+    }
+    #[cfg(not(target_endian = "little"))]
+    {
+        buf.clear();
+        buf.extend(values.iter().flat_map(|x| x.to_le_bytes()));
+        buf
     }
 }
 

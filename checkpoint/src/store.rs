@@ -13,11 +13,6 @@ use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
 
 use crate::error::{Error, Result};
 
-/// Part size of streamed uploads. S3 requires at least 5 MiB per part (all
-/// but the last) and allows 10,000 parts, so 8 MiB parts cover objects up to
-/// ~78 GiB; the buffered parts are all the memory a streamed upload needs.
-pub(crate) const UPLOAD_PART_BYTES: usize = 8 << 20;
-
 /// Parts uploading at once in a streamed upload: two keeps the link busy
 /// while the next part is filled, and bounds memory to about three parts
 /// (two in flight, one filling) whatever the object's size.
@@ -64,7 +59,7 @@ impl ObjectIo {
     }
 
     fn err(&self, op: &'static str, rel: &str, source: object_store::Error) -> Error {
-        Error::Storage { op, url: self.url(rel), source }
+        Error::Storage { op, url: self.url(rel), cause: source }
     }
 
     /// Write a whole object atomically (readers see all of it or nothing).

@@ -20,6 +20,8 @@ use crate::store::ObjectIo;
 pub struct CheckpointStore {
     pub(crate) io: ObjectIo,
     runtime: Runtime,
+    /// Shards up to this size go in one put, larger ones in parts of this size.
+    pub(crate) part_bytes: usize,
 }
 
 impl CheckpointStore {
@@ -45,7 +47,7 @@ impl CheckpointStore {
 
     fn open_at(url: &str, create: Create, options: &StoreOptions) -> Result<Self> {
         let Location { store, prefix, display_url } = location::resolve(url, create, options)?;
-        Self::build(ObjectIo::new(store, prefix, display_url))
+        Self::build(ObjectIo::new(store, prefix, display_url), options.part_bytes)
     }
 
     /// Use an existing object store (e.g. one `InMemory` shared by a test's
@@ -53,17 +55,18 @@ impl CheckpointStore {
     pub fn from_object_store(store: Arc<dyn ObjectStore>, prefix: &str, display_url: &str) -> Result<Self> {
         let prefix = Path::from(prefix.trim_matches('/'));
         let display_url = location::redact(display_url);
-        Self::build(ObjectIo::new(store, prefix, display_url))
+        Self::build(ObjectIo::new(store, prefix, display_url), StoreOptions::default().part_bytes)
     }
 
-    fn build(io: ObjectIo) -> Result<Self> {
+    fn build(io: ObjectIo, part_bytes: usize) -> Result<Self> {
         // One thread is enough: the work is I/O, and local-file calls go to
         // tokio's blocking pool anyway.
         let runtime = Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(|source| Error::Runtime { url: io.root_url().to_string(), source })?;
-        Ok(Self { io, runtime })
+        // WriteMultipart loops forever on a zero part size; S3 wants 5 MiB+.
+        Ok(Self { io, runtime, part_bytes: part_bytes.max(1) })
     }
 
     /// The root URL as shown to users (credentials removed).
@@ -75,6 +78,18 @@ impl CheckpointStore {
     /// (what `--resume-from` and `eval --checkpoint` take).
     pub fn step_url(&self, step: u64) -> String {
         format!("{}/{}", self.url().trim_end_matches('/'), crate::layout::step_dir_name(step))
+    }
+
+    /// Writes `bytes` as one object at `rel` (relative to the root) with a
+    /// single plain object-store put: the baseline `switchyard bench
+    /// checkpoint` compares shard writes against.
+    pub fn put_object(&self, rel: &str, bytes: Vec<u8>) -> Result<()> {
+        self.run(self.io.put(rel, bytes))
+    }
+
+    /// Deletes objects by path relative to the root (missing ones are fine).
+    pub fn delete_objects(&self, rels: &[String]) -> Result<()> {
+        self.run(self.io.delete_all("", rels))
     }
 
     /// Run `work` to completion on the store's runtime.

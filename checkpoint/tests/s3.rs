@@ -26,7 +26,9 @@ fn s3_store_end_to_end() {
 }
 
 fn round_trip_with_multipart_shards(server: &S3Server) {
-    let store = CheckpointStore::open(URL).unwrap();
+    // 8 MiB parts: a 12 MiB shard goes up as a multipart upload.
+    let options = StoreOptions { part_bytes: 8 << 20, ..Default::default() };
+    let store = CheckpointStore::open_with(URL, &options).unwrap();
     assert_eq!(store.url(), URL);
     assert_eq!(store.latest_step().unwrap(), None);
     let (written, tensors) = save_step(&store, 10);
@@ -83,7 +85,7 @@ fn wrong_credentials_are_refused_clearly(server: &S3Server) {
 fn refused_connections_are_retried_then_fail_without_damage(server: S3Server) {
     let (root, port) = (server.root.clone(), server.port);
     drop(server);
-    let options = StoreOptions { retries: 3, retry_timeout: Duration::from_secs(30) };
+    let options = StoreOptions { retries: 3, retry_timeout: Duration::from_secs(30), ..Default::default() };
     let store = CheckpointStore::open_with(URL, &options).unwrap();
     let tensors = common::model_tensors(40);
     let started = Instant::now();

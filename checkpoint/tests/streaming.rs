@@ -44,7 +44,8 @@ fn shard_larger_than_an_upload_part_matches_safetensors_and_round_trips() {
     let tensors: Vec<TensorRef<'_>> = owned.iter().map(|(name, shape, data)| TensorRef { name, shape, data }).collect();
 
     let dir = tempfile::tempdir().unwrap();
-    let store = CheckpointStore::open(dir.path().to_str().unwrap()).unwrap();
+    let options = checkpoint::StoreOptions { part_bytes: 8 << 20, ..Default::default() };
+    let store = CheckpointStore::open_with(dir.path().to_str().unwrap(), &options).unwrap();
     let report = store.write_shard(11, "rank-00000", &tensors).unwrap();
     assert!(report.size_bytes > 16 << 20, "the shard must span several parts");
 

@@ -24,7 +24,7 @@ use coordinator::{ParallelDims, PlacementPlan};
 
 use crate::config::JobConfig;
 use crate::error::WorkerError;
-use crate::state::{write_snapshot, TrainState};
+use crate::state::{write_snapshot, OwnedTensor, TrainState};
 use crate::sync::gather_json;
 
 /// Fault injection for the test suite: every upload first sleeps this many
@@ -45,10 +45,14 @@ pub struct SaveStall {
     pub save_s: f64,
 }
 
+/// What an upload thread hands back: the shard's report, and the
+/// snapshot's buffers for the next save to reuse.
+type UploadResult = (Result<Option<ShardReport>, WorkerError>, Vec<OwnedTensor>);
+
 /// One save whose upload may still be running.
 struct InFlight {
     step: u64,
-    upload: JoinHandle<Result<Option<ShardReport>, WorkerError>>,
+    upload: JoinHandle<UploadResult>,
 }
 
 /// A rank's checkpoint writer.
@@ -57,6 +61,8 @@ pub(crate) struct Checkpointer<'c> {
     client: Option<&'c CoordinatorClient>,
     keep_last: usize,
     in_flight: Option<InFlight>,
+    /// The last snapshot's buffers, reused by the next one.
+    spare: Vec<OwnedTensor>,
     /// Newest step committed without a coordinator (the ranks did it).
     committed_here: Option<u64>,
     /// Newest commit already handed out by [`Self::newly_committed`].
@@ -65,7 +71,15 @@ pub(crate) struct Checkpointer<'c> {
 
 impl<'c> Checkpointer<'c> {
     pub fn new(store: CheckpointStore, client: Option<&'c CoordinatorClient>, keep_last: usize) -> Self {
-        Self { store: Arc::new(store), client, keep_last, in_flight: None, committed_here: None, announced: None }
+        Self {
+            store: Arc::new(store),
+            client,
+            keep_last,
+            in_flight: None,
+            spare: Vec::new(),
+            committed_here: None,
+            announced: None,
+        }
     }
 
     /// The store checkpoints go to.
@@ -90,7 +104,8 @@ impl<'c> Checkpointer<'c> {
         let rank = comm.rank();
         let (ep_rank, first_group) = (dims.ep_rank(rank), dims.edp_rank(rank) == 0);
         let writes_expert = |layer: usize, expert: usize| first_group && placement.owner(layer, expert) == ep_rank;
-        let tensors = state.snapshot(job, rank == 0, &writes_expert);
+        let mut tensors = std::mem::take(&mut self.spare);
+        state.snapshot_into(job, rank == 0, &writes_expert, &mut tensors);
         let manifest = (rank == 0).then(|| state.manifest(job, dims, placement, Vec::new()));
         let step = state.step;
         let store = Arc::clone(&self.store);
@@ -107,7 +122,6 @@ impl<'c> Checkpointer<'c> {
                     std::thread::sleep(delay);
                 }
                 let result = write_snapshot(&store, step, rank, &tensors);
-                drop(tensors);
                 if let Some(sender) = sender {
                     let outcome = match &result {
                         Ok(report) => Ok(report.as_ref().map(|r| serde_json::to_string(r).expect("reports serialise"))),
@@ -125,7 +139,7 @@ impl<'c> Checkpointer<'c> {
                         upload_s,
                     });
                 }
-                result
+                (result, tensors)
             })
             .expect("spawn the checkpoint upload thread");
         self.in_flight = Some(InFlight { step, upload });
@@ -161,10 +175,12 @@ impl<'c> Checkpointer<'c> {
 
     /// Joins the running upload, if any; its error is this rank's error.
     fn wait_upload(&mut self) -> Result<Option<ShardReport>, WorkerError> {
-        match self.in_flight.take() {
-            Some(flight) => flight.upload.join().map_err(|_| WorkerError::RankPanicked)?,
-            None => Ok(None),
-        }
+        let Some(flight) = self.in_flight.take() else {
+            return Ok(None);
+        };
+        let (result, buffers) = flight.upload.join().map_err(|_| WorkerError::RankPanicked)?;
+        self.spare = buffers;
+        result
     }
 
     /// Without a coordinator: every rank waits for its upload, rank 0 commits.

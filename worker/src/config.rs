@@ -89,11 +89,14 @@ pub struct CheckpointConfig {
     pub retries: usize,
     /// No retry starts later than this many seconds after the first attempt.
     pub retry_timeout_s: f64,
+    /// Shards up to this many MiB go in one put, larger ones as multipart
+    /// uploads of parts this size (S3 wants at least 5).
+    pub part_mib: usize,
 }
 
 impl Default for CheckpointConfig {
     fn default() -> Self {
-        Self { url: String::new(), every: 250, keep_last: 2, retries: 5, retry_timeout_s: 60.0 }
+        Self { url: String::new(), every: 250, keep_last: 2, retries: 5, retry_timeout_s: 60.0, part_mib: 32 }
     }
 }
 
@@ -103,6 +106,7 @@ impl CheckpointConfig {
         checkpoint::StoreOptions {
             retries: self.retries,
             retry_timeout: std::time::Duration::from_secs_f64(self.retry_timeout_s.max(0.0)),
+            part_bytes: self.part_mib << 20,
         }
     }
 }
@@ -282,6 +286,9 @@ impl JobConfig {
         let c = &self.checkpoint;
         if !(c.retry_timeout_s.is_finite() && c.retry_timeout_s >= 0.0) {
             return Err(invalid("checkpoint", "retry_timeout_s", "must be a number of seconds >= 0".into()));
+        }
+        if !(1..=5120).contains(&c.part_mib) {
+            return Err(invalid("checkpoint", "part_mib", "must be 1 to 5120 MiB (S3 wants at least 5)".into()));
         }
         let t = &self.train;
         if t.steps == 0 {

@@ -89,17 +89,20 @@ impl TrainState {
         DataCursor { sequences_consumed: self.step * job.train.global_batch_size as u64 }
     }
 
-    /// A copy of this rank's share of the checkpoint, ready to upload while
-    /// training goes on: the dense tensors (replicated everywhere) only when
-    /// `with_dense`, and the experts it holds for which
-    /// `writes_expert(layer, expert)` — so every tensor is written once —
-    /// each with its two AdamW moments.
-    pub fn snapshot(
+    /// Copies this rank's share of the checkpoint into `out`, ready to
+    /// upload while training goes on: the dense tensors (replicated
+    /// everywhere) only when `with_dense`, and the experts it holds for
+    /// which `writes_expert(layer, expert)` — so every tensor is written
+    /// once — each with its two AdamW moments. Buffers of a previous
+    /// snapshot with the same tensors are reused: a save then costs one
+    /// memory copy, without fresh allocations to fault in.
+    pub fn snapshot_into(
         &self,
         job: &JobConfig,
         with_dense: bool,
         writes_expert: &dyn Fn(usize, usize) -> bool,
-    ) -> Vec<OwnedTensor> {
+        out: &mut Vec<OwnedTensor>,
+    ) {
         fn select<'w>(
             w: &'w ModelWeights,
             with_dense: bool,
@@ -114,19 +117,41 @@ impl TrainState {
             out
         }
         let select = |w| select(w, with_dense, writes_expert);
-        let mut tensors = Vec::new();
+        let mut wanted: Vec<(String, &Vec<f32>)> = Vec::new();
         let moments = select(&self.exp_avg).into_iter().zip(select(&self.exp_avg_sq));
         for ((name, w), ((_, m), (_, v))) in select(&self.weights).into_iter().zip(moments) {
-            let shape = tensor_shape(&job.model, &name).expect("names come from the model crate");
-            tensors.push(OwnedTensor { name: format!("optim.{name}.exp_avg"), shape: shape.clone(), data: m.clone() });
-            tensors.push(OwnedTensor {
-                name: format!("optim.{name}.exp_avg_sq"),
-                shape: shape.clone(),
-                data: v.clone(),
-            });
-            tensors.push(OwnedTensor { name, shape, data: w.clone() });
+            wanted.push((format!("optim.{name}.exp_avg"), m));
+            wanted.push((format!("optim.{name}.exp_avg_sq"), v));
+            wanted.push((name, w));
         }
-        tensors
+        let reusable = out.len() == wanted.len()
+            && out.iter().zip(&wanted).all(|(t, (name, data))| t.name == *name && t.data.len() == data.len());
+        if reusable {
+            // Memory-bandwidth bound: every core copies a part.
+            use rayon::prelude::*;
+            out.par_iter_mut().zip(wanted.par_iter()).for_each(|(t, (_, data))| t.data.copy_from_slice(data));
+            return;
+        }
+        out.clear();
+        for (name, data) in wanted {
+            let weight = name.strip_prefix("optim.").map_or(name.as_str(), |rest| {
+                rest.strip_suffix(".exp_avg_sq").or_else(|| rest.strip_suffix(".exp_avg")).unwrap_or(rest)
+            });
+            let shape = tensor_shape(&job.model, weight).expect("names come from the model crate");
+            out.push(OwnedTensor { name, shape, data: data.clone() });
+        }
+    }
+
+    /// [`Self::snapshot_into`] a fresh buffer.
+    pub fn snapshot(
+        &self,
+        job: &JobConfig,
+        with_dense: bool,
+        writes_expert: &dyn Fn(usize, usize) -> bool,
+    ) -> Vec<OwnedTensor> {
+        let mut out = Vec::new();
+        self.snapshot_into(job, with_dense, writes_expert, &mut out);
+        out
     }
 
     /// The manifest of this state's step, listing the shards every rank wrote.

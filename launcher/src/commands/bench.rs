@@ -33,6 +33,26 @@ pub enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Checkpoint save bandwidth against plain object-store puts, the training
+    /// stall per save, and the resume time, per store URL.
+    Checkpoint {
+        /// Checkpoint roots to measure (repeatable; an empty prefix each), e.g.
+        /// s3://bucket/bench; default: a scratch folder (file://).
+        #[arg(long = "url")]
+        urls: Vec<String>,
+        /// Job config whose model is saved (default: the built-in tiny job).
+        #[arg(long)]
+        config: Option<std::path::PathBuf>,
+        /// Override a config key (repeatable), as for train.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        /// Rounds per timing; the best is reported.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// All-to-all-v bandwidth, 4 KiB to 64 MiB per rank, against mpi4py's Alltoallv.
     Alltoall {
         /// Number of ranks.
@@ -71,6 +91,15 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                 config,
                 overrides,
                 steps,
+                json,
+            })
+        }
+        BenchCommand::Checkpoint { urls, config, overrides, rounds, json } => {
+            crate::commands::bench_checkpoint::run(crate::commands::bench_checkpoint::CheckpointBench {
+                urls,
+                config,
+                overrides,
+                rounds: rounds.max(1),
                 json,
             })
         }
