@@ -335,6 +335,12 @@ fn ckpt_ls_inspect_verify_export_and_a_flipped_byte() {
     assert!(!out.status.success(), "verify passed a corrupt shard: {log}");
     assert!(log.contains("step-00000012/shards/rank-00001.safetensors"), "{log}");
     assert!(log.contains(victim["name"].as_str().unwrap()) && log.contains("corrupt"), "{log}");
+    // Resuming from it fails the same way, before anything is written.
+    let out = train(&dir, &["--ranks", "2", "--resume", "--set", "train.steps=14"]);
+    let log = text(&out);
+    assert!(!out.status.success(), "resumed from a corrupt shard: {log}");
+    assert!(log.contains("step-00000012/shards/rank-00001.safetensors") && log.contains("corrupt"), "{log}");
+    assert!(step12.join("manifest.json").exists(), "the failed resume touched the checkpoint");
     std::fs::remove_file(dir.join("model.safetensors")).unwrap();
     let out = switchyard(&["ckpt", "export", "run/checkpoints", "--to", "model.safetensors"], &dir);
     assert!(!out.status.success() && text(&out).contains("rank-00001.safetensors"), "{}", text(&out));
