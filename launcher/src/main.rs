@@ -41,6 +41,11 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Train(_) | Command::Worker(_)) {
+        // SIGTERM (scancel, pre-emption, pod eviction) = checkpoint, then stop;
+        // also in a launcher that only waits for mpirun, so it outlives its ranks.
+        worker::preemption::install();
+    }
     let result = match cli.command {
         Command::Train(args) => commands::train::run(args),
         Command::Coordinator(args) => commands::coordinator::run(args),
@@ -52,6 +57,10 @@ fn main() -> std::process::ExitCode {
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) if err.is::<commands::train::Preempted>() => {
+            eprintln!("{err}");
+            std::process::ExitCode::from(worker::preemption::PREEMPTED_EXIT_CODE as u8)
+        }
         Err(err) => {
             eprintln!("error: {err:#}");
             std::process::ExitCode::FAILURE

@@ -131,8 +131,9 @@ impl ConsoleProgress {
     /// the commands to evaluate and resume it.
     pub fn finish(&mut self, summary: &TrainSummary, job: &JobConfig, run_dir: &Path) {
         let fmt = |x: Option<f64>| x.map(|l| format!("{l:.4}")).unwrap_or_else(|| "-".into());
+        let ended = if summary.preempted { "stopped on SIGTERM" } else { "done" };
         self.line(&format!(
-            "done: {} steps in {} | loss {} -> {} nats ({})",
+            "{ended}: {} steps in {} | loss {} -> {} nats ({})",
             summary.steps_run,
             human_duration(summary.seconds),
             fmt(summary.first_loss),
@@ -160,10 +161,9 @@ impl ConsoleProgress {
             "<text file>"
         };
         self.line(&format!("evaluate:   switchyard eval --checkpoint {ckpt} --data {data_hint}"));
-        self.line(&format!(
-            "resume:     switchyard train {config_flag} --resume --set train.steps={}",
-            job.train.steps * 2
-        ));
+        let more =
+            if summary.preempted { String::new() } else { format!(" --set train.steps={}", job.train.steps * 2) };
+        self.line(&format!("resume:     switchyard train {config_flag} --resume{more}"));
     }
 }
 

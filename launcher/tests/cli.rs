@@ -405,3 +405,40 @@ fn training_checkpoints_to_s3_and_resumes_from_it() {
     assert!(out.status.success() && text(&out).contains("ok: 2 shards"), "{}", text(&out));
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn sigterm_saves_a_checkpoint_stops_with_143_and_the_job_resumes_from_it() {
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+    let dir = temp_dir("sigterm");
+    let mut args = vec!["train", "--quiet", "--run-dir", "run", "--ranks", "2"];
+    args.extend_from_slice(SMALL);
+    let child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(&args)
+        .args(["--set", "train.steps=100000", "--set", "checkpoint.every=100000"])
+        .current_dir(&dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let metrics = dir.join("run/metrics.jsonl");
+    let started = Instant::now();
+    while std::fs::read_to_string(&metrics).map_or(0, |t| t.lines().count()) < 3 {
+        assert!(started.elapsed() < Duration::from_secs(120), "the job never trained");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+    let out = child.wait_with_output().unwrap();
+    let log = text(&out);
+    assert_eq!(out.status.code(), Some(143), "{log}");
+    let steps = std::fs::read_to_string(&metrics).unwrap().lines().count();
+    assert!(log.contains(&format!("stopped on SIGTERM at step {steps} after committing its checkpoint")), "{log}");
+    let latest = std::fs::read_to_string(dir.join("run/checkpoints/latest")).unwrap();
+    assert_eq!(latest.trim(), format!("step-{steps:08}"), "the checkpoint is of the step it stopped at");
+
+    let end = format!("train.steps={}", steps + 3);
+    let out = switchyard(&[&args[..], &["--resume", "--set", &end]].concat(), &dir);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(std::fs::read_to_string(&metrics).unwrap().lines().count(), steps + 3);
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -11,6 +11,7 @@ pub mod error;
 pub mod eval;
 pub mod memory;
 pub mod metrics;
+pub mod preemption;
 pub mod rank;
 pub mod state;
 pub mod sync;

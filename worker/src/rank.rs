@@ -14,6 +14,7 @@ use crate::coordination::register;
 use crate::dispatch::{AllToAllExperts, DispatchStats};
 use crate::error::WorkerError;
 use crate::metrics::{MetricsWriter, RankMetrics, StepMetrics};
+use crate::preemption;
 use crate::state::TrainState;
 use crate::sync::{all_reduce_tensors, gather_json, sum_over_ranks};
 use crate::train::{checkpoint_url, open_data, starting_state, Observer, Resume, RunOptions, StartInfo, TrainSummary};
@@ -180,6 +181,7 @@ fn train_rank(
     let mut last_checkpoint = resumed_from.filter(|_| opts.resume == Resume::Latest);
     let start_step = state.step;
     let end = opts.stop_at.map_or(job.train.steps, |s| s.min(job.train.steps));
+    let mut stopped_early = false;
     while state.step < end {
         let step_started = Instant::now();
         for (_, g) in grads.tensors_mut() {
@@ -272,9 +274,11 @@ fn train_rank(
         metrics.grad_norm = grad_norm;
         state.step += 1;
         state.tokens_seen += tokens_per_step;
+        // SIGTERM on any rank: every rank saves this step and stops.
+        let preempted = preemption::agreed(comm)?;
         // The save's copy (and any wait for the previous upload) is part of the step.
         let every = job.checkpoint.every;
-        if state.step == end || (every > 0 && state.step.is_multiple_of(every)) {
+        if state.step == end || preempted || (every > 0 && state.step.is_multiple_of(every)) {
             let stall = match groups.tp.as_mut() {
                 // Checkpoints hold full tensors: join the attention shards first.
                 Some(tp) => {
@@ -284,7 +288,7 @@ fn train_rank(
                 None => saver.save(comm, job, &dims, &placement, &state)?,
             };
             metrics.checkpoint_s = stall.waited_s + stall.save_s;
-            if state.step == end {
+            if state.step == end || preempted {
                 // The job is done only when its last checkpoint is committed.
                 saver.finish()?;
             }
@@ -308,6 +312,10 @@ fn train_rank(
                 obs.on_checkpoint(step, &url);
             }
             last_checkpoint = Some(url);
+        }
+        if preempted {
+            stopped_early = true;
+            break;
         }
 
         for (acc, layer) in expert_loads.iter_mut().zip(&metrics.tokens_per_expert) {
@@ -349,6 +357,7 @@ fn train_rank(
         final_step: state.step,
         checkpoint: last_checkpoint,
         seconds: started.elapsed().as_secs_f64(),
+        preempted: stopped_early,
     })
 }
 

@@ -70,6 +70,8 @@ pub struct TrainSummary {
     /// URL of the last committed checkpoint.
     pub checkpoint: Option<String>,
     pub seconds: f64,
+    /// Stopped early on SIGTERM, after committing a checkpoint of `final_step`.
+    pub preempted: bool,
 }
 
 /// Receives progress; the launcher prints it.
@@ -171,6 +173,7 @@ pub(crate) fn open_data(job: &JobConfig) -> Result<DataSource, WorkerError> {
 /// Runs the job to `train.steps` (or `stop_at`), checkpointing every
 /// `checkpoint.every` steps and at the end. Rank 0 reports to `observer`.
 pub fn train(job: &JobConfig, opts: &RunOptions, observer: &mut dyn Observer) -> Result<TrainSummary, WorkerError> {
+    crate::preemption::install();
     let dims = job.parallel_dims().map_err(|e| WorkerError::Layout(e.to_string()))?;
     let micro_tokens = job.train.micro_batch_size * job.model.seq_len;
     if !micro_tokens.is_multiple_of(dims.attn_tp) {

@@ -109,6 +109,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
         drop(coordinator);
         let error = match result {
             Ok(()) => return Ok(()),
+            // Pre-emption is the scheduler's decision, not a failure to retry.
+            Err(e) if e.is::<Preempted>() => return Err(e),
             Err(e) if attempt < args.max_restarts => e,
             Err(e) => return Err(e),
         };
@@ -199,8 +201,31 @@ fn run_here(
     if lead {
         progress.finish(&summary, job, run_dir);
     }
+    if summary.preempted {
+        return Err(Preempted { step: summary.final_step, run_dir: run_dir.display().to_string() }.into());
+    }
     Ok(())
 }
+
+/// The job stopped on SIGTERM after committing a checkpoint; `main` exits
+/// with [`worker::preemption::PREEMPTED_EXIT_CODE`] so schedulers see a
+/// terminated job (Slurm requeues it, Kubernetes restarts the pod).
+#[derive(Debug)]
+pub struct Preempted {
+    pub step: u64,
+    pub run_dir: String,
+}
+
+impl std::fmt::Display for Preempted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.step == 0 {
+            return write!(f, "stopped on SIGTERM; the ranks committed a checkpoint before exiting (see above)");
+        }
+        write!(f, "stopped on SIGTERM at step {} after committing its checkpoint in {}", self.step, self.run_dir)
+    }
+}
+
+impl std::error::Error for Preempted {}
 
 /// Runs the ranks as processes under mpirun: this command line again, with
 /// the attempt's resume choice and the coordinator in the environment.
@@ -230,6 +255,9 @@ fn run_mpi(job: &JobConfig, resume: &Resume, coordinator: &RunningCoordinator) -
     let link = coordinator.link();
     let env = [(ADDR_VAR, link.addr), (TOKEN_VAR, link.token)];
     let code = crate::mpirun::run_self(job.parallel.ranks, &forwarded, &env, &job.launch)?;
+    if code != 0 && worker::preemption::requested() {
+        return Err(Preempted { step: 0, run_dir: String::new() }.into());
+    }
     if code != 0 {
         bail!("the MPI job failed (mpirun exited with {code}); the ranks' messages are above");
     }
