@@ -27,6 +27,9 @@ pub enum Resume {
     No,
     /// The newest committed checkpoint of the configured URL.
     Latest,
+    /// The newest committed checkpoint if there is one, else fresh weights:
+    /// for jobs a scheduler starts again (Slurm requeue, a restarted pod).
+    LatestOrFresh,
     /// A specific step: `<root URL>/step-XXXXXXXX`.
     From(String),
 }
@@ -123,6 +126,7 @@ pub(crate) fn starting_state(
             }
             latest
         }
+        (Resume::LatestOrFresh, _) => store.latest_step()?,
         (Resume::No, _) => {
             if let Some(existing) = store.latest_step()? {
                 return Err(WorkerError::Incompatible {

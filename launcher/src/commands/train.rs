@@ -25,6 +25,10 @@ pub struct TrainArgs {
     /// Continue from the newest committed checkpoint of the run.
     #[arg(long, conflicts_with = "resume_from")]
     resume: bool,
+    /// Continue from the newest committed checkpoint if there is one, else start fresh
+    /// (for jobs a scheduler starts again: Slurm requeue, restarted pods).
+    #[arg(long, conflicts_with_all = ["resume", "resume_from"])]
+    resume_if_any: bool,
     /// Continue from a specific checkpoint step, e.g. file:///x/checkpoints/step-00000100.
     #[arg(long, value_name = "STEP_URL")]
     resume_from: Option<String>,
@@ -75,6 +79,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let mut resume = match (args.resume, args.resume_from.clone()) {
         (_, Some(url)) => Resume::From(url),
         (true, None) => Resume::Latest,
+        (false, None) if args.resume_if_any => Resume::LatestOrFresh,
         (false, None) => Resume::No,
     };
     if let Some(addr) = &args.coordinator {
@@ -234,7 +239,7 @@ fn run_mpi(job: &JobConfig, resume: &Resume, coordinator: &RunningCoordinator) -
     let mut given = std::env::args().skip(1);
     while let Some(arg) = given.next() {
         match arg.as_str() {
-            "--resume" => {}
+            "--resume" | "--resume-if-any" => {}
             // The attempt decides these below.
             "--resume-from" | "--max-restarts" | "--ranks" | "--hosts" => {
                 given.next();
@@ -250,6 +255,7 @@ fn run_mpi(job: &JobConfig, resume: &Resume, coordinator: &RunningCoordinator) -
     match resume {
         Resume::No => {}
         Resume::Latest => forwarded.push("--resume".into()),
+        Resume::LatestOrFresh => forwarded.push("--resume-if-any".into()),
         Resume::From(url) => forwarded.extend(["--resume-from".to_string(), url.clone()]),
     }
     let link = coordinator.link();
