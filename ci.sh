@@ -16,13 +16,16 @@ for component in rustfmt clippy; do
 done
 
 # System packages the suites use: OpenMPI for the MPI backend (and bindgen's
-# libclang to build its bindings), iproute2 for the network-namespace hosts.
+# libclang to build its bindings), iproute2 for the network-namespace hosts,
+# Slurm and munge for the one-node cluster the Slurm test starts.
 need=()
 command -v mpirun >/dev/null 2>&1 || need+=(openmpi-bin libopenmpi-dev)
 command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
 ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || ls /usr/lib/x86_64-linux-gnu/libclang*.so* >/dev/null 2>&1 || need+=(libclang-dev)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v unshare >/dev/null 2>&1 || need+=(util-linux)
+command -v slurmctld >/dev/null 2>&1 || need+=(slurm-wlm)
+command -v munged >/dev/null 2>&1 || need+=(munge)
 if [ ${#need[@]} -gt 0 ]; then
   echo "== installing ${need[*]}"
   sudo=""

@@ -52,15 +52,17 @@ pub fn launched_rank_from(var: impl Fn(&str) -> Option<String>) -> Option<Launch
     let number = |name: &str| var(name).and_then(|v| v.trim().parse::<usize>().ok());
     // A batch script also has SLURM_PROCID=0; only a job step (srun) is a launch.
     let srun_step = var("SLURM_STEP_ID").is_some();
-    let sources: [(&'static str, Option<&str>, bool); 4] = [
-        ("OMPI_COMM_WORLD_RANK", Some("OMPI_COMM_WORLD_SIZE"), true),
-        ("PMIX_RANK", None, true),
-        ("SLURM_PROCID", Some("SLURM_NTASKS"), srun_step),
-        ("PMI_RANK", Some("PMI_SIZE"), true),
+    // PMIx puts no size in the environment; under srun, Slurm does.
+    let pmix_size = if srun_step { "SLURM_NTASKS" } else { "PMIX_SIZE" };
+    let sources: [(&'static str, &str, bool); 4] = [
+        ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", true),
+        ("PMIX_RANK", pmix_size, true),
+        ("SLURM_PROCID", "SLURM_NTASKS", srun_step),
+        ("PMI_RANK", "PMI_SIZE", true),
     ];
     sources.into_iter().find_map(|(rank_var, size_var, applies)| {
         let rank = number(rank_var).filter(|_| applies)?;
-        Some(LaunchedRank { rank, size: size_var.and_then(number), source: rank_var })
+        Some(LaunchedRank { rank, size: number(size_var), source: rank_var })
     })
 }
 
@@ -80,6 +82,9 @@ mod tests {
         let ompi = from(&[("OMPI_COMM_WORLD_RANK", "3"), ("OMPI_COMM_WORLD_SIZE", "4")]).unwrap();
         assert_eq!((ompi.rank, ompi.size, ompi.source), (3, Some(4), "OMPI_COMM_WORLD_RANK"));
         assert_eq!(from(&[("PMIX_RANK", "2")]).unwrap().size, None);
+        // srun --mpi=pmix: the rank from PMIx, the size from Slurm.
+        let pmix = from(&[("PMIX_RANK", "1"), ("SLURM_NTASKS", "2"), ("SLURM_STEP_ID", "0")]).unwrap();
+        assert_eq!((pmix.rank, pmix.size, pmix.source), (1, Some(2), "PMIX_RANK"));
         // sbatch's script itself has SLURM_PROCID=0 but is not a rank of a step.
         assert_eq!(from(&[("SLURM_PROCID", "0"), ("SLURM_NTASKS", "4")]), None);
         let srun = from(&[("SLURM_PROCID", "1"), ("SLURM_NTASKS", "4"), ("SLURM_STEP_ID", "0")]).unwrap();

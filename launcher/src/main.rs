@@ -34,6 +34,9 @@ enum Command {
     /// Prepare training data.
     #[command(subcommand)]
     Data(commands::data::DataCommand),
+    /// Run on Slurm: render an sbatch script, or render and submit it.
+    #[command(subcommand)]
+    Slurm(commands::slurm::SlurmCommand),
     /// Benchmarks (print a table; --json for machines).
     #[command(subcommand)]
     Bench(commands::bench::BenchCommand),
@@ -41,9 +44,10 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    if matches!(cli.command, Command::Train(_) | Command::Worker(_)) {
+    if matches!(cli.command, Command::Train(_) | Command::Worker(_) | Command::Coordinator(_)) {
         // SIGTERM (scancel, pre-emption, pod eviction) = checkpoint, then stop;
-        // also in a launcher that only waits for mpirun, so it outlives its ranks.
+        // also in a launcher that only waits for mpirun, and in a coordinator,
+        // so that they outlive their ranks' last checkpoint.
         worker::preemption::install();
     }
     let result = match cli.command {
@@ -54,6 +58,7 @@ fn main() -> std::process::ExitCode {
         Command::Ckpt(cmd) => commands::ckpt::run(cmd),
         Command::Data(cmd) => commands::data::run(cmd),
         Command::Bench(cmd) => commands::bench::run(cmd),
+        Command::Slurm(cmd) => commands::slurm::run(cmd),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

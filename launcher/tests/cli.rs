@@ -456,3 +456,71 @@ fn resume_if_any_starts_fresh_then_continues() {
     assert_eq!(std::fs::read_to_string(dir.join("run/metrics.jsonl")).unwrap().lines().count(), 12);
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn slurm_render_writes_a_requeueable_script_and_refuses_bad_jobs_before_submitting() {
+    let dir = temp_dir("slurm-render");
+    let render = |extra: &[&str]| {
+        let mut args = vec!["slurm", "render", "--run-dir", "run", "--exe", "/opt/switchyard/bin/switchyard"];
+        args.extend_from_slice(extra);
+        switchyard(&args, &dir)
+    };
+    let out = render(&["--nodes", "2", "--set", "parallel.ranks=4", "--time", "01:00:00"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let script = std::fs::read_to_string(dir.join("run/job.sbatch")).unwrap();
+    for want in [
+        "#SBATCH --nodes=2",
+        "#SBATCH --ntasks-per-node=2",
+        "#SBATCH --requeue",
+        "#SBATCH --signal=TERM@",
+        "#SBATCH --time=01:00:00",
+        "srun --overlap --mpi=pmix",
+        "worker --backend mpi",
+        "--resume-if-any",
+        "coordinator --config",
+        "SWITCHYARD_TOKEN=$(od",
+    ] {
+        assert!(script.contains(want), "the script lacks {want:?}:\n{script}");
+    }
+    let job = std::fs::read_to_string(dir.join("run/job.toml")).unwrap();
+    assert!(job.contains("ranks = 4") && job.contains("backend = \"mpi\""), "{job}");
+
+    // GPU: one task per GPU over NCCL.
+    let out = render(&["--gpu", "--ntasks-per-node", "4", "--out", "gpu.sbatch"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let gpu = std::fs::read_to_string(dir.join("gpu.sbatch")).unwrap();
+    assert!(gpu.contains("#SBATCH --gpus-per-node=4") && gpu.contains("worker --backend nccl"), "{gpu}");
+
+    // Bad jobs: a clear error, nothing written.
+    let refused = |extra: &[&str], want: &[&str]| {
+        let out = render(&[&["--out", "bad.sbatch"], extra].concat());
+        let log = text(&out);
+        assert!(!out.status.success(), "{extra:?} was accepted: {log}");
+        for w in want {
+            assert!(log.contains(w), "{extra:?}: the error lacks {w:?}: {log}");
+        }
+        assert!(!dir.join("bad.sbatch").exists(), "{extra:?} wrote a script");
+    };
+    refused(&["--gpu", "--set", "parallel.backend=mpi"], &["--gpu", "nccl"]);
+    refused(&["--nodes", "3", "--set", "parallel.ranks=4"], &["cannot be spread evenly", "--ntasks-per-node"]);
+    refused(&["--ntasks-per-node", "3"], &["3 data-parallel rank(s)", "global_batch_size"]);
+    refused(&["--ntasks-per-node", "3", "--set", "parallel.attn_tp=3"], &["attn_tp"]);
+    let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["slurm", "render", "--run-dir", "run", "--exe", "/x/switchyard", "--out", "bad.sbatch"])
+        .args(["--set", "checkpoint.url=s3://bucket/ckpt", "--set", "checkpoint.retries=0"])
+        .current_dir(&dir)
+        .env("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+        .env("AWS_ALLOW_HTTP", "true")
+        .env("AWS_ACCESS_KEY_ID", "k")
+        .env("AWS_SECRET_ACCESS_KEY", "s")
+        .env("AWS_REGION", "us-east-1")
+        .output()
+        .unwrap();
+    let log = text(&out);
+    assert!(
+        !out.status.success() && log.contains("s3://bucket/ckpt") && log.contains("nothing was submitted"),
+        "{log}"
+    );
+    assert!(!dir.join("bad.sbatch").exists());
+    std::fs::remove_dir_all(&dir).ok();
+}

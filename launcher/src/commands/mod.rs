@@ -12,4 +12,6 @@ mod ckpt_ls;
 pub mod coordinator;
 pub mod data;
 pub mod eval;
+pub mod slurm;
+mod slurm_script;
 pub mod train;
