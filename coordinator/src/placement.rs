@@ -12,6 +12,10 @@ pub struct PlacementPlan {
     pub num_ranks: usize,
     /// `owners[layer][expert]` = ranks holding that expert.
     pub owners: Vec<Vec<Vec<usize>>>,
+    /// The node (machine) of each rank, when the plan was made knowing them:
+    /// tokens then go to a replica on their own node when there is one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<usize>,
 }
 
 impl PlacementPlan {
@@ -20,7 +24,7 @@ impl PlacementPlan {
     pub fn contiguous(num_layers: usize, num_experts: usize, num_ranks: usize) -> Self {
         let per_rank = num_experts.div_ceil(num_ranks);
         let layer: Vec<Vec<usize>> = (0..num_experts).map(|e| vec![e / per_rank]).collect();
-        Self { num_ranks, owners: vec![layer; num_layers] }
+        Self { num_ranks, owners: vec![layer; num_layers], nodes: Vec::new() }
     }
 
     /// The first owner of expert `expert` in `layer` (it writes the expert's checkpoint).
@@ -28,10 +32,21 @@ impl PlacementPlan {
         self.owners[layer][expert][0]
     }
 
-    /// The replica of `expert` that rank `source` sends its tokens to:
-    /// sources are spread over the replicas, the same way on every rank.
+    /// The replica of `expert` that rank `source` sends its tokens to: one
+    /// on the source's own node if the plan knows nodes and there is one
+    /// (keeping traffic off the network between machines), and sources are
+    /// spread over the candidates, the same way on every rank.
     pub fn owner_for(&self, layer: usize, expert: usize, source: usize) -> usize {
         let replicas = &self.owners[layer][expert];
+        if let Some(&node) = self.nodes.get(source) {
+            let local: Vec<usize> = replicas.iter().copied().filter(|&r| self.nodes.get(r) == Some(&node)).collect();
+            if !local.is_empty() {
+                // Index by the source's position among its node's ranks, so
+                // the ranks of one node spread over the local replicas.
+                let position = self.nodes[..source].iter().filter(|&&n| n == node).count();
+                return local[position % local.len()];
+            }
+        }
         replicas[source % replicas.len()]
     }
 
@@ -43,8 +58,18 @@ impl PlacementPlan {
     /// `ceil((experts + redundant) / ranks)` slots. Deterministic: the same
     /// loads give the same plan on every rank.
     pub fn balanced(loads: &[Vec<f64>], num_ranks: usize, redundant: usize) -> Self {
-        let owners = loads.iter().map(|layer| balance_layer(layer, num_ranks, redundant)).collect();
-        Self { num_ranks, owners }
+        Self::balanced_on_nodes(loads, &vec![0; num_ranks], redundant)
+    }
+
+    /// [`Self::balanced`] for ranks on several nodes (`nodes[rank]` = its
+    /// node): the replicas of an expert go to different nodes first, so
+    /// each node's tokens find a local copy of the hot experts (see
+    /// [`Self::owner_for`]); within that, the least-loaded rank.
+    pub fn balanced_on_nodes(loads: &[Vec<f64>], nodes: &[usize], redundant: usize) -> Self {
+        let num_ranks = nodes.len();
+        let owners = loads.iter().map(|layer| balance_layer(layer, nodes, redundant)).collect();
+        let several = nodes.iter().any(|&n| n != nodes[0]);
+        Self { num_ranks, owners, nodes: if several { nodes.to_vec() } else { Vec::new() } }
     }
 
     /// Tokens each rank would compute under this plan for `loads`, per layer,
@@ -69,7 +94,8 @@ impl PlacementPlan {
     }
 }
 
-fn balance_layer(load: &[f64], num_ranks: usize, redundant: usize) -> Vec<Vec<usize>> {
+fn balance_layer(load: &[f64], nodes: &[usize], redundant: usize) -> Vec<Vec<usize>> {
+    let num_ranks = nodes.len();
     let experts = load.len();
     // A replica per extra slot, to the expert with the most load per copy
     // (never more copies than ranks).
@@ -91,9 +117,16 @@ fn balance_layer(load: &[f64], num_ranks: usize, redundant: usize) -> Vec<Vec<us
     let mut rank_slots = vec![0usize; num_ranks];
     let mut owners = vec![Vec::new(); experts];
     for (l, e) in items {
+        // A node without a copy of `e` yet beats one that has one.
+        let node_has_copy = |r: usize| owners[e].iter().any(|&o: &usize| nodes[o] == nodes[r]);
         let rank = (0..num_ranks)
             .filter(|&r| rank_slots[r] < slots && !owners[e].contains(&r))
-            .min_by(|&a, &b| rank_load[a].total_cmp(&rank_load[b]).then(a.cmp(&b)))
+            .min_by(|&a, &b| {
+                (node_has_copy(a), rank_load[a])
+                    .partial_cmp(&(node_has_copy(b), rank_load[b]))
+                    .unwrap_or(std::cmp::Ordering::Equal)
+                    .then(a.cmp(&b))
+            })
             .expect("slots for every replica: ranks * slots >= experts + redundant");
         owners[e].push(rank);
         rank_load[rank] += l;
@@ -136,6 +169,46 @@ mod tests {
         assert!((0..4).all(|r| balanced.owned_by(r)[0].len() == 3));
         assert_eq!(balanced, PlacementPlan::balanced(&loads, 4, 4), "deterministic");
         // Without extra slots it still packs, one copy per expert.
+        let packed = PlacementPlan::balanced(&loads, 4, 0);
+        assert!(packed.owners[0].iter().all(|r| r.len() == 1));
+    }
+
+    #[test]
+    fn node_aware_plans_keep_hot_experts_on_every_node_and_tokens_local() {
+        // Ranks 0,1 on node 0 and ranks 2,3 on node 1; expert 0 is hot.
+        let nodes = [0, 0, 1, 1];
+        let loads = vec![vec![800.0, 100.0, 100.0, 100.0, 100.0, 100.0, 50.0, 50.0]];
+        let plan = PlacementPlan::balanced_on_nodes(&loads, &nodes, 4);
+        let per_rank = &plan.rank_loads(&loads)[0];
+        let max_over_mean = per_rank.iter().cloned().fold(0.0, f64::max) / (per_rank.iter().sum::<f64>() / 4.0);
+        assert!(max_over_mean <= 1.10, "{:?} {max_over_mean}", plan.owners);
+        // Every replicated expert has a copy on both nodes, and each rank
+        // sends its tokens for it to its own node.
+        for (e, replicas) in plan.owners[0].iter().enumerate() {
+            if replicas.len() >= 2 {
+                let on: std::collections::BTreeSet<usize> = replicas.iter().map(|&r| nodes[r]).collect();
+                assert_eq!(on.len(), 2, "expert {e} replicas {replicas:?} sit on one node");
+                for source in 0..4 {
+                    assert_eq!(nodes[plan.owner_for(0, e, source)], nodes[source], "expert {e} from rank {source}");
+                }
+            }
+        }
+        assert_eq!(plan.nodes, nodes);
+        // On one node the plan is the plain balanced one.
+        assert_eq!(PlacementPlan::balanced_on_nodes(&loads, &[0; 4], 4), PlacementPlan::balanced(&loads, 4, 4));
+    }
+
+    #[test]
+    fn plans_saved_before_nodes_existed_still_load() {
+        let old = r#"{"num_ranks":2,"owners":[[[0],[1]]]}"#;
+        let plan: PlacementPlan = serde_json::from_str(old).unwrap();
+        assert!(plan.nodes.is_empty());
+        assert_eq!(plan.owner_for(0, 1, 0), 1);
+    }
+
+    #[test]
+    fn packing_without_redundant_slots() {
+        let loads = vec![vec![800.0, 100.0, 100.0, 100.0, 100.0, 100.0, 50.0, 50.0]];
         let packed = PlacementPlan::balanced(&loads, 4, 0);
         assert!(packed.owners[0].iter().all(|r| r.len() == 1));
     }

@@ -324,7 +324,7 @@ fn train_rank(
         let rebalance = job.parallel.rebalance_every;
         if job.parallel.placement == "balanced" && state.step < end && state.step.is_multiple_of(rebalance) {
             let redundant = if job.parallel.redundant_experts == 0 { dims.ep } else { job.parallel.redundant_experts };
-            let plan = PlacementPlan::balanced(&expert_loads, dims.ep, redundant);
+            let plan = PlacementPlan::balanced_on_nodes(&expert_loads, &ep_nodes(&dims, &nodes), redundant);
             let (before, after) = (max_over_mean(&placement, &expert_loads), max_over_mean(&plan, &expert_loads));
             // Only a clearly better plan is worth moving experts for.
             if plan != placement && after < before * 0.98 {
@@ -359,6 +359,22 @@ fn train_rank(
         seconds: started.elapsed().as_secs_f64(),
         preempted: stopped_early,
     })
+}
+
+/// The node of each expert-parallel position (as node numbers, from the
+/// ranks' host names): every EP group holds the same plan, so the first
+/// group's machines stand for all of them.
+fn ep_nodes(dims: &ParallelDims, hosts: &[String]) -> Vec<usize> {
+    let mut names: Vec<&str> = Vec::new();
+    let mut nodes = vec![0; dims.ep];
+    for (rank, host) in hosts.iter().enumerate().filter(|&(rank, _)| dims.edp_rank(rank) == 0) {
+        let id = names.iter().position(|n| n == host).unwrap_or_else(|| {
+            names.push(host);
+            names.len() - 1
+        });
+        nodes[dims.ep_rank(rank)] = id;
+    }
+    nodes
 }
 
 /// The busiest rank's expert tokens over the mean, worst layer, under `plan`.
