@@ -113,20 +113,28 @@ pub(crate) struct Committer {
 }
 
 impl Committer {
-    /// Opens the store and starts the thread; `done` hears every outcome
-    /// (`Err((step, reason))` for a failed commit).
-    pub fn start(
-        target: CommitTarget,
-        done: impl Fn(Result<Committed, (u64, String)>) + Send + 'static,
-    ) -> Result<Self, checkpoint::Error> {
-        let store = CheckpointStore::open_with(&target.url, &target.options)?;
+    /// Starts the thread; `done` hears every outcome (`Err((step, reason))`
+    /// for a failed commit). The store is opened at the first commit, so a
+    /// job refused at start (bad data, bad layout) leaves no folder behind.
+    pub fn start(target: CommitTarget, done: impl Fn(Result<Committed, (u64, String)>) + Send + 'static) -> Self {
         let (jobs, queue) = mpsc::channel::<(Box<Manifest>, u64, f64)>();
         std::thread::Builder::new()
             .name("checkpoint-commit".into())
             .spawn(move || {
+                let mut store = None;
                 for (manifest, bytes, upload_s) in queue {
                     let started = Instant::now();
                     let step = manifest.step;
+                    if store.is_none() {
+                        match CheckpointStore::open_with(&target.url, &target.options) {
+                            Ok(opened) => store = Some(opened),
+                            Err(e) => {
+                                done(Err((step, e.to_string())));
+                                continue;
+                            }
+                        }
+                    }
+                    let store = store.as_ref().expect("opened above");
                     let result = store
                         .commit(&manifest)
                         .and_then(|()| store.prune(target.keep_last))
@@ -142,7 +150,7 @@ impl Committer {
                 }
             })
             .expect("spawn the checkpoint commit thread");
-        Ok(Self { jobs })
+        Self { jobs }
     }
 
     /// Queues a complete step for commit.

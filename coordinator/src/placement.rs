@@ -14,7 +14,9 @@ pub struct PlacementPlan {
     pub owners: Vec<Vec<Vec<usize>>>,
     /// The node (machine) of each rank, when the plan was made knowing them:
     /// tokens then go to a replica on their own node when there is one.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    /// (`default` reads plans saved before this field; it is always written,
+    /// since the wire codec, bincode, cannot skip fields.)
+    #[serde(default)]
     pub nodes: Vec<usize>,
 }
 

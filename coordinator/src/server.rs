@@ -179,8 +179,7 @@ impl Coordinator {
                 if let Some(shared) = weak.upgrade() {
                     committed(&mut lock(&shared), outcome);
                 }
-            })
-            .map_err(|e| std::io::Error::other(e.to_string()))?;
+            });
             lock(&shared).committer = Some(committer);
         }
         let listener = runtime.block_on(TcpListener::bind(bind))?;
