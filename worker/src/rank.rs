@@ -177,7 +177,7 @@ fn train_rank(
     };
     let started = Instant::now();
     let (mut first_loss, mut last_loss) = (None, None);
-    let mut last_checkpoint = resumed_from.filter(|_| opts.resume == Resume::Latest);
+    let mut last_checkpoint = resumed_from.filter(|_| matches!(opts.resume, Resume::Latest | Resume::LatestOrFresh));
     let start_step = state.step;
     let end = opts.stop_at.map_or(job.train.steps, |s| s.min(job.train.steps));
     while state.step < end {

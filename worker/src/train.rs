@@ -27,6 +27,9 @@ pub enum Resume {
     No,
     /// The newest committed checkpoint of the configured URL.
     Latest,
+    /// The newest committed checkpoint if there is one, else fresh weights:
+    /// for pods that a cluster restarts with the same command line.
+    LatestOrFresh,
     /// A specific step: `<root URL>/step-XXXXXXXX`.
     From(String),
 }
@@ -121,6 +124,7 @@ pub(crate) fn starting_state(
             }
             latest
         }
+        (Resume::LatestOrFresh, _) => store.latest_step()?,
         (Resume::No, _) => {
             if let Some(existing) = store.latest_step()? {
                 return Err(WorkerError::Incompatible {
@@ -185,7 +189,9 @@ pub fn train(job: &JobConfig, opts: &RunOptions, observer: &mut dyn Observer) ->
         "local" => run_local_threads(job, opts, dims.world, observer),
         "mpi" => run_mpi_process(job, opts, dims.world, observer),
         "nccl" => {
-            let mut comm = collectives::nccl::NcclWorld::init(0, dims.world)?;
+            // One process per GPU; its launcher (Indexed Job, torchrun, srun) says which rank it is.
+            let rank = collectives::mpi::launched_rank().map_or(0, |l| l.rank);
+            let mut comm = collectives::nccl::NcclWorld::init(rank, dims.world)?;
             run_rank(job, opts, comm.as_mut(), Some(observer))
         }
         other => Err(WorkerError::Layout(format!(

@@ -6,7 +6,7 @@ use anyhow::{bail, Context, Result};
 use checkpoint::CheckpointStore;
 use clap::Args;
 use std::path::PathBuf;
-use worker::coordination::{configured_token, CoordinatorLink, ADDR_VAR, TOKEN_VAR};
+use worker::coordination::{configured_token, coordinator_addr_from_env, CoordinatorLink, ADDR_VAR, TOKEN_VAR};
 use worker::train::{checkpoint_url, train, Resume, RunOptions};
 use worker::JobConfig;
 
@@ -25,6 +25,10 @@ pub struct TrainArgs {
     /// Continue from the newest committed checkpoint of the run.
     #[arg(long, conflicts_with = "resume_from")]
     resume: bool,
+    /// Continue from the newest committed checkpoint if there is one, else start fresh
+    /// (pods restarted by Kubernetes run the same command line each time).
+    #[arg(long, conflicts_with_all = ["resume", "resume_from"])]
+    resume_or_start: bool,
     /// Continue from a specific checkpoint step, e.g. file:///x/checkpoints/step-00000100.
     #[arg(long, value_name = "STEP_URL")]
     resume_from: Option<String>,
@@ -65,7 +69,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
         overrides.push(format!("launch.hosts={}", toml_list(&args.hosts)));
     }
     let mut job = JobConfig::load(args.config.as_deref(), &overrides)?;
-    let launched = (job.parallel.backend == "mpi").then(collectives::mpi::launched_rank).flatten();
+    // MPI ranks and NCCL processes (one per GPU) learn their rank from their launcher.
+    let launched =
+        matches!(job.parallel.backend.as_str(), "mpi" | "nccl").then(collectives::mpi::launched_rank).flatten();
     // Under mpirun/srun the launcher says how many ranks there are.
     if let (Some(size), None) = (launched.as_ref().and_then(|l| l.size), args.ranks) {
         overrides.push(format!("parallel.ranks={size}"));
@@ -75,6 +81,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let mut resume = match (args.resume, args.resume_from.clone()) {
         (_, Some(url)) => Resume::From(url),
         (true, None) => Resume::Latest,
+        (false, None) if args.resume_or_start => Resume::LatestOrFresh,
         (false, None) => Resume::No,
     };
     if let Some(addr) = &args.coordinator {
@@ -138,10 +145,13 @@ pub fn run(args: TrainArgs) -> Result<()> {
 /// `switchyard worker`: `train` with a coordinator that runs elsewhere.
 pub fn run_worker(mut args: TrainArgs) -> Result<()> {
     if args.coordinator.is_none() {
-        args.coordinator = std::env::var(ADDR_VAR).ok().filter(|a| !a.is_empty());
+        args.coordinator = coordinator_addr_from_env();
     }
     if args.coordinator.is_none() {
-        bail!("switchyard worker needs its coordinator: --coordinator host:port or {ADDR_VAR}=host:port");
+        bail!(
+            "switchyard worker needs its coordinator: --coordinator host:port, {ADDR_VAR}=host:port, \
+             or MASTER_ADDR (and MASTER_PORT, default 29500)"
+        );
     }
     run(args)
 }
@@ -209,7 +219,7 @@ fn run_mpi(job: &JobConfig, resume: &Resume, coordinator: &RunningCoordinator) -
     let mut given = std::env::args().skip(1);
     while let Some(arg) = given.next() {
         match arg.as_str() {
-            "--resume" => {}
+            "--resume" | "--resume-or-start" => {}
             // The attempt decides these below.
             "--resume-from" | "--max-restarts" | "--ranks" | "--hosts" => {
                 given.next();
@@ -225,6 +235,7 @@ fn run_mpi(job: &JobConfig, resume: &Resume, coordinator: &RunningCoordinator) -
     match resume {
         Resume::No => {}
         Resume::Latest => forwarded.push("--resume".into()),
+        Resume::LatestOrFresh => forwarded.push("--resume-or-start".into()),
         Resume::From(url) => forwarded.extend(["--resume-from".to_string(), url.clone()]),
     }
     let link = coordinator.link();
