@@ -12,4 +12,5 @@ mod ckpt_ls;
 pub mod coordinator;
 pub mod data;
 pub mod eval;
+pub mod k8s;
 pub mod train;
