@@ -41,6 +41,13 @@ if ! command -v s3s-fs >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/s3s-fs" ]; th
   cargo install s3s-fs@0.14.1 --locked --features binary --quiet
 fi
 
+# The offline Kubernetes schema checker the k8s suite runs on every rendered
+# manifest (DESIGN section 10); it brings PyYAML, which the suite also uses.
+if ! python3 -c 'import kubernetes_validate' >/dev/null 2>&1; then
+  echo "== installing kubernetes-validate (manifest checks of launcher/tests/k8s.rs)"
+  pip install --quiet kubernetes-validate
+fi
+
 # Every optional backend that builds on this machine: MPI is tested, the
 # CUDA switch (NCCL stub) must at least compile.
 features="collectives/mpi,worker/mpi,launcher/mpi"

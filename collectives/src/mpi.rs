@@ -41,7 +41,9 @@ pub struct LaunchedRank {
 
 /// The rank given by the launcher that started this process: OpenMPI's
 /// `mpirun` (OMPI_COMM_WORLD_RANK), any PMIx launcher (PMIX_RANK), Slurm's
-/// `srun` (SLURM_PROCID inside a job step), or MPICH/Hydra (PMI_RANK).
+/// `srun` (SLURM_PROCID inside a job step), MPICH/Hydra (PMI_RANK),
+/// torchrun-style launchers such as PyTorchJob (RANK, WORLD_SIZE), or a
+/// Kubernetes Indexed Job / JobSet (JOB_COMPLETION_INDEX, one rank per pod).
 /// `None` when this process was started by hand.
 pub fn launched_rank() -> Option<LaunchedRank> {
     launched_rank_from(|name| std::env::var(name).ok())
@@ -52,17 +54,22 @@ pub fn launched_rank_from(var: impl Fn(&str) -> Option<String>) -> Option<Launch
     let number = |name: &str| var(name).and_then(|v| v.trim().parse::<usize>().ok());
     // A batch script also has SLURM_PROCID=0; only a job step (srun) is a launch.
     let srun_step = var("SLURM_STEP_ID").is_some();
-    // PMIx puts no size in the environment; under srun, Slurm does.
+    // MPI launchers first: under `mpirun` inside a PyTorchJob pod, RANK is
+    // the pod's and OMPI_COMM_WORLD_RANK the process's. PMIx puts no size in
+    // the environment (under srun, Slurm does); a pod's index says nothing
+    // about the world size (the job config does).
     let pmix_size = if srun_step { "SLURM_NTASKS" } else { "PMIX_SIZE" };
-    let sources: [(&'static str, &str, bool); 4] = [
-        ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", true),
-        ("PMIX_RANK", pmix_size, true),
-        ("SLURM_PROCID", "SLURM_NTASKS", srun_step),
-        ("PMI_RANK", "PMI_SIZE", true),
+    let sources: [(&'static str, Option<&str>, bool); 6] = [
+        ("OMPI_COMM_WORLD_RANK", Some("OMPI_COMM_WORLD_SIZE"), true),
+        ("PMIX_RANK", Some(pmix_size), true),
+        ("SLURM_PROCID", Some("SLURM_NTASKS"), srun_step),
+        ("PMI_RANK", Some("PMI_SIZE"), true),
+        ("RANK", Some("WORLD_SIZE"), true),
+        ("JOB_COMPLETION_INDEX", None, true),
     ];
     sources.into_iter().find_map(|(rank_var, size_var, applies)| {
         let rank = number(rank_var).filter(|_| applies)?;
-        Some(LaunchedRank { rank, size: number(size_var), source: rank_var })
+        Some(LaunchedRank { rank, size: size_var.and_then(number), source: rank_var })
     })
 }
 
@@ -92,5 +99,20 @@ mod tests {
         // OpenMPI's own variables win over Slurm's under `srun mpirun`-style nesting.
         let both = from(&[("SLURM_PROCID", "0"), ("SLURM_STEP_ID", "0"), ("OMPI_COMM_WORLD_RANK", "2")]).unwrap();
         assert_eq!(both.rank, 2);
+    }
+
+    #[test]
+    fn reads_torchrun_and_indexed_job_variables() {
+        let torchrun = from(&[("RANK", "5"), ("WORLD_SIZE", "8")]).unwrap();
+        assert_eq!((torchrun.rank, torchrun.size, torchrun.source), (5, Some(8), "RANK"));
+        let pod = from(&[("JOB_COMPLETION_INDEX", "3")]).unwrap();
+        assert_eq!((pod.rank, pod.size, pod.source), (3, None, "JOB_COMPLETION_INDEX"));
+        // torchrun's global RANK beats the pod index (several ranks per pod).
+        assert_eq!(from(&[("JOB_COMPLETION_INDEX", "1"), ("RANK", "6")]).unwrap().rank, 6);
+        // MPI's own rank beats both under mpirun inside such a pod.
+        let nested = from(&[("RANK", "1"), ("JOB_COMPLETION_INDEX", "1"), ("OMPI_COMM_WORLD_RANK", "4")]).unwrap();
+        assert_eq!(nested.source, "OMPI_COMM_WORLD_RANK");
+        // Not a number: not a launch.
+        assert_eq!(from(&[("RANK", "leader")]), None);
     }
 }

@@ -4,6 +4,7 @@
 
 mod commands;
 mod coordinator_run;
+mod k8s;
 mod mpirun;
 mod progress;
 
@@ -34,6 +35,9 @@ enum Command {
     /// Prepare training data.
     #[command(subcommand)]
     Data(commands::data::DataCommand),
+    /// Kubernetes: render a job's manifests (docs/kubernetes.md).
+    #[command(subcommand)]
+    K8s(commands::k8s::K8sCommand),
     /// Run on Slurm: render an sbatch script, or render and submit it.
     #[command(subcommand)]
     Slurm(commands::slurm::SlurmCommand),
@@ -57,6 +61,7 @@ fn main() -> std::process::ExitCode {
         Command::Eval(args) => commands::eval::run(args),
         Command::Ckpt(cmd) => commands::ckpt::run(cmd),
         Command::Data(cmd) => commands::data::run(cmd),
+        Command::K8s(cmd) => commands::k8s::run(cmd),
         Command::Bench(cmd) => commands::bench::run(cmd),
         Command::Slurm(cmd) => commands::slurm::run(cmd),
     };

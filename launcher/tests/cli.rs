@@ -444,20 +444,6 @@ fn sigterm_saves_a_checkpoint_stops_with_143_and_the_job_resumes_from_it() {
 }
 
 #[test]
-fn resume_if_any_starts_fresh_then_continues() {
-    let dir = temp_dir("resume-if-any");
-    let out = train(&dir, &["--resume-if-any", "--stop-at", "6"]);
-    assert!(out.status.success(), "{}", text(&out));
-    assert!(text(&out).contains("fresh start"), "{}", text(&out));
-    let out = train(&dir, &["--resume-if-any"]);
-    let log = text(&out);
-    assert!(out.status.success(), "{log}");
-    assert!(log.contains("resuming from") && log.contains("step-00000006"), "{log}");
-    assert_eq!(std::fs::read_to_string(dir.join("run/metrics.jsonl")).unwrap().lines().count(), 12);
-    std::fs::remove_dir_all(&dir).ok();
-}
-
-#[test]
 fn slurm_render_writes_a_requeueable_script_and_refuses_bad_jobs_before_submitting() {
     let dir = temp_dir("slurm-render");
     let render = |extra: &[&str]| {

@@ -11,6 +11,10 @@ use std::time::{Duration, Instant};
 
 /// The variable carrying the coordinator's `host:port` to worker processes.
 pub const ADDR_VAR: &str = "SWITCHYARD_COORDINATOR";
+/// torchrun's rendezvous host, taken as the coordinator's when [`ADDR_VAR`] is unset.
+pub const MASTER_ADDR_VAR: &str = "MASTER_ADDR";
+/// torchrun's rendezvous port (default 29500, which is also the coordinator's).
+pub const MASTER_PORT_VAR: &str = "MASTER_PORT";
 /// The variable carrying the job's auth token.
 pub const TOKEN_VAR: &str = "SWITCHYARD_TOKEN";
 /// How long a worker keeps trying to reach a coordinator that is starting.
@@ -33,9 +37,29 @@ impl std::fmt::Debug for CoordinatorLink {
 impl CoordinatorLink {
     /// The link the launcher put in the environment, if any.
     pub fn from_env() -> Option<Self> {
-        let addr = std::env::var(ADDR_VAR).ok().filter(|a| !a.is_empty())?;
+        let addr = coordinator_addr_from_env()?;
         Some(Self { addr, token: std::env::var(TOKEN_VAR).unwrap_or_default() })
     }
+}
+
+/// The coordinator's `host:port` from the environment: SWITCHYARD_COORDINATOR,
+/// else torchrun's MASTER_ADDR and MASTER_PORT (so PyTorchJob and JobSet
+/// setups need no extra variable); `None` when neither is set.
+pub fn coordinator_addr_from_env() -> Option<String> {
+    coordinator_addr_from(|name| std::env::var(name).ok())
+}
+
+/// [`coordinator_addr_from_env`] over any variable lookup (tests pass a map).
+pub fn coordinator_addr_from(var: impl Fn(&str) -> Option<String>) -> Option<String> {
+    let set = |name: &str| var(name).map(|v| v.trim().to_string()).filter(|v| !v.is_empty());
+    if let Some(addr) = set(ADDR_VAR) {
+        return Some(addr);
+    }
+    let host = set(MASTER_ADDR_VAR)?;
+    let port = set(MASTER_PORT_VAR).unwrap_or_else(|| "29500".into());
+    // An IPv6 literal needs brackets before the port.
+    let host = if host.contains(':') && !host.starts_with('[') { format!("[{host}]") } else { host };
+    Some(format!("{host}:{port}"))
 }
 
 /// Whether two resolved configs describe the same job. The collective
@@ -108,5 +132,34 @@ pub fn register(
             }
             Err(e) => return Err(WorkerError::Coordinator(format!("rank {rank}: {e}"))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn addr(vars: &[(&str, &str)]) -> Option<String> {
+        let map: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        coordinator_addr_from(|name| map.get(name).cloned())
+    }
+
+    #[test]
+    fn coordinator_address_from_switchyard_or_torchrun_variables() {
+        assert_eq!(addr(&[]), None);
+        assert_eq!(addr(&[("SWITCHYARD_COORDINATOR", "coord:29500")]).as_deref(), Some("coord:29500"));
+        assert_eq!(
+            addr(&[("MASTER_ADDR", "job-master-0"), ("MASTER_PORT", "23456")]).as_deref(),
+            Some("job-master-0:23456")
+        );
+        // torchrun's default port is 29500, the coordinator's too.
+        assert_eq!(addr(&[("MASTER_ADDR", "10.0.0.7")]).as_deref(), Some("10.0.0.7:29500"));
+        assert_eq!(addr(&[("MASTER_ADDR", "fd00::7"), ("MASTER_PORT", "1")]).as_deref(), Some("[fd00::7]:1"));
+        // Ours wins when both are set; an empty value counts as unset.
+        let both = [("SWITCHYARD_COORDINATOR", "coord:1"), ("MASTER_ADDR", "m"), ("MASTER_PORT", "2")];
+        assert_eq!(addr(&both).as_deref(), Some("coord:1"));
+        assert_eq!(addr(&[("SWITCHYARD_COORDINATOR", ""), ("MASTER_ADDR", "m")]).as_deref(), Some("m:29500"));
+        assert_eq!(addr(&[("MASTER_PORT", "2")]), None);
     }
 }

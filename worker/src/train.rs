@@ -192,7 +192,9 @@ pub fn train(job: &JobConfig, opts: &RunOptions, observer: &mut dyn Observer) ->
         "local" => run_local_threads(job, opts, dims.world, observer),
         "mpi" => run_mpi_process(job, opts, dims.world, observer),
         "nccl" => {
-            let mut comm = collectives::nccl::NcclWorld::init(0, dims.world)?;
+            // One process per GPU; its launcher (Indexed Job, torchrun, srun) says which rank it is.
+            let rank = collectives::mpi::launched_rank().map_or(0, |l| l.rank);
+            let mut comm = collectives::nccl::NcclWorld::init(rank, dims.world)?;
             run_rank(job, opts, comm.as_mut(), Some(observer))
         }
         other => Err(WorkerError::Layout(format!(

@@ -12,6 +12,7 @@ mod ckpt_ls;
 pub mod coordinator;
 pub mod data;
 pub mod eval;
+pub mod k8s;
 pub mod slurm;
 mod slurm_script;
 pub mod train;

@@ -6,7 +6,7 @@ use anyhow::{bail, Context, Result};
 use checkpoint::CheckpointStore;
 use clap::Args;
 use std::path::PathBuf;
-use worker::coordination::{configured_token, CoordinatorLink, ADDR_VAR, TOKEN_VAR};
+use worker::coordination::{configured_token, coordinator_addr_from_env, CoordinatorLink, ADDR_VAR, TOKEN_VAR};
 use worker::train::{checkpoint_url, train, Resume, RunOptions};
 use worker::JobConfig;
 
@@ -69,7 +69,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
         overrides.push(format!("launch.hosts={}", toml_list(&args.hosts)));
     }
     let mut job = JobConfig::load(args.config.as_deref(), &overrides)?;
-    let launched = (job.parallel.backend == "mpi").then(collectives::mpi::launched_rank).flatten();
+    // MPI ranks and NCCL processes (one per GPU) learn their rank from their launcher.
+    let launched =
+        matches!(job.parallel.backend.as_str(), "mpi" | "nccl").then(collectives::mpi::launched_rank).flatten();
     // Under mpirun/srun the launcher says how many ranks there are.
     if let (Some(size), None) = (launched.as_ref().and_then(|l| l.size), args.ranks) {
         overrides.push(format!("parallel.ranks={size}"));
@@ -145,10 +147,13 @@ pub fn run(args: TrainArgs) -> Result<()> {
 /// `switchyard worker`: `train` with a coordinator that runs elsewhere.
 pub fn run_worker(mut args: TrainArgs) -> Result<()> {
     if args.coordinator.is_none() {
-        args.coordinator = std::env::var(ADDR_VAR).ok().filter(|a| !a.is_empty());
+        args.coordinator = coordinator_addr_from_env();
     }
     if args.coordinator.is_none() {
-        bail!("switchyard worker needs its coordinator: --coordinator host:port or {ADDR_VAR}=host:port");
+        bail!(
+            "switchyard worker needs its coordinator: --coordinator host:port, {ADDR_VAR}=host:port, \
+             or MASTER_ADDR (and MASTER_PORT, default 29500)"
+        );
     }
     run(args)
 }
