@@ -11,7 +11,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Version of the messages below; bump on any change to them.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 /// Largest payload accepted (the resolved config and the placement plan fit easily).
 pub const MAX_FRAME_BYTES: usize = 16 << 20;
 /// Frame header length: magic (2), version (2), payload length (4).
@@ -64,6 +64,10 @@ pub struct StepReport {
     pub dropped: u64,
     pub alltoall_bytes: u64,
     pub alltoall_s: f64,
+    /// Rank 0 sends the step's full metrics (one JSON line: the aggregate
+    /// over ranks and every rank's detail), which the coordinator appends
+    /// to `<run dir>/metrics.jsonl`.
+    pub detail: Option<String>,
 }
 
 /// One rank's part of a checkpoint: its shard is in the store (or failed).

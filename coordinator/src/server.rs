@@ -37,6 +37,9 @@ pub struct ServerConfig {
     pub register_timeout: Duration,
     /// Where checkpoints are committed; `None`: shard reports are refused.
     pub checkpoint: Option<CommitTarget>,
+    /// Where each completed step's metrics line is appended (rank 0's
+    /// detail); `None`: rank 0 keeps its own file.
+    pub metrics_path: Option<std::path::PathBuf>,
 }
 
 /// What happened, in order, for the launcher to print and act on.
@@ -67,6 +70,10 @@ pub enum Event {
     Step(StepSummary),
     /// A checkpoint step was committed.
     Committed(Committed),
+    /// metrics.jsonl could not be written (said once; training goes on).
+    MetricsFailed {
+        reason: String,
+    },
     /// A checkpoint step could not be committed; every rank was told to stop.
     CheckpointFailed {
         step: u64,
@@ -134,6 +141,7 @@ pub(crate) struct State {
     saves: PendingSaves,
     committer: Option<Committer>,
     last_checkpoint: Option<u64>,
+    metrics_failed: bool,
 }
 
 pub(crate) type Shared = Arc<Mutex<State>>;
@@ -171,6 +179,7 @@ impl Coordinator {
             saves: PendingSaves::default(),
             committer: None,
             last_checkpoint: None,
+            metrics_failed: false,
         }));
         if let Some(target) = target {
             // Weak: the commit thread must not keep the state (and itself) alive.
@@ -453,6 +462,17 @@ fn record_step(shared: &Shared, rank: u32, report: StepReport) {
         return;
     }
     let reports: Vec<StepReport> = state.pending.remove(&step).into_iter().flatten().flatten().collect();
+    if let Some(path) = state.cfg.metrics_path.clone() {
+        let line = reports.iter().find_map(|r| r.detail.as_deref());
+        if let Some(line) = line {
+            if let Err(e) = append_line(&path, line) {
+                // Said once; training goes on without the file.
+                if !std::mem::replace(&mut state.metrics_failed, true) {
+                    let _ = state.events.send(Event::MetricsFailed { reason: format!("{}: {e}", path.display()) });
+                }
+            }
+        }
+    }
     let tokens: u64 = reports.iter().map(|r| r.tokens).sum();
     let ce: f64 = reports.iter().map(|r| r.ce_sum).sum();
     let step_time_s = reports.iter().map(|r| r.step_time_s).fold(0.0, f64::max);
@@ -513,6 +533,17 @@ fn committed(state: &mut State, outcome: Result<Committed, (u64, String)>) {
             let _ = state.events.send(Event::CheckpointFailed { step, reason });
         }
     }
+}
+
+/// Appends one line to a metrics file (created on first use; a resumed
+/// run continues it).
+fn append_line(path: &std::path::Path, line: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+    writeln!(file, "{line}")
 }
 
 /// Declares ranks lost when their heartbeats stop.

@@ -31,6 +31,7 @@ fn config(world: usize) -> ServerConfig {
         heartbeat_timeout: Duration::from_millis(800),
         register_timeout: Duration::from_secs(2),
         checkpoint: None,
+        metrics_path: None,
     }
 }
 
@@ -73,6 +74,7 @@ fn report(rank: u32, step: u64, ce_sum: f64, tokens: u64) -> StepReport {
         dropped: 1,
         alltoall_bytes: 100,
         alltoall_s: 0.1,
+        detail: None,
     }
 }
 
@@ -274,6 +276,7 @@ impl Gen {
                 dropped: self.next(),
                 alltoall_bytes: self.next(),
                 alltoall_s: 0.25,
+                detail: self.coin().then(|| self.text()),
             }),
             5 => Message::Stop { reason: self.text() },
             6 => Message::ShardWritten(ShardWritten {
@@ -426,4 +429,25 @@ fn a_worker_writing_checkpoints_elsewhere_is_refused() {
     let err = CoordinatorClient::connect(&coord.addr().to_string(), reg, Duration::from_secs(5)).err().unwrap();
     let msg = err.to_string();
     assert!(msg.contains("/somewhere/else") && msg.contains("same [checkpoint] url"), "{msg}");
+}
+
+#[test]
+fn the_coordinator_writes_rank_0s_metrics_line_once_every_rank_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("run/metrics.jsonl");
+    let mut cfg = config(2);
+    cfg.metrics_path = Some(path.clone());
+    let coord = Coordinator::start(cfg, "127.0.0.1:0".parse().unwrap(), None).unwrap();
+    let a = join(&coord, "host-a", Some(0)).unwrap();
+    let b = join(&coord, "host-b", Some(1)).unwrap();
+    for step in 1..=2 {
+        let mut first = report(0, step, 10.0, 5);
+        first.detail = Some(format!("{{\"step\":{step},\"loss\":2.0}}"));
+        a.report(first).unwrap();
+        assert!(!path.exists() || std::fs::read_to_string(&path).unwrap().lines().count() < step as usize);
+        b.report(report(1, step, 6.0, 3)).unwrap();
+        wait_for(&coord, "step", |e| matches!(e, Event::Step(s) if s.step == step));
+    }
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert_eq!(text, "{\"step\":1,\"loss\":2.0}\n{\"step\":2,\"loss\":2.0}\n");
 }

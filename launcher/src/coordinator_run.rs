@@ -52,8 +52,18 @@ impl RunningCoordinator {
                 // After the first loss the others are told to stop, so their
                 // closing connections are consequences, not news.
                 let mut stopping = false;
-                while !done.load(Ordering::Relaxed) {
-                    match coordinator.next_event(Duration::from_millis(200)) {
+                let mut deadline = None;
+                loop {
+                    if done.load(Ordering::Relaxed) {
+                        // Let the coordinator take in the ranks' last reports
+                        // (metrics lines, goodbyes) before it goes away.
+                        let until = *deadline.get_or_insert_with(|| std::time::Instant::now() + Duration::from_secs(5));
+                        let settled = coordinator.status().ranks.iter().all(|r| r.health != "healthy");
+                        if settled || std::time::Instant::now() > until {
+                            break;
+                        }
+                    }
+                    match coordinator.next_event(Duration::from_millis(50)) {
                         Some(Event::Lost { rank, host, reason }) if !stopping => {
                             stopping = true;
                             *first_lost.lock().unwrap_or_else(|e| e.into_inner()) = Some(rank);
@@ -61,6 +71,9 @@ impl RunningCoordinator {
                         }
                         Some(Event::Refused { peer, reason }) => {
                             eprintln!("coordinator: refused a connection from {peer}: {reason}")
+                        }
+                        Some(Event::MetricsFailed { reason }) => {
+                            eprintln!("coordinator: cannot write metrics.jsonl ({reason}); training goes on")
                         }
                         Some(Event::CheckpointFailed { step, reason }) => {
                             eprintln!("coordinator: checkpoint step {step} failed: {reason}; stopping every rank")
@@ -129,6 +142,8 @@ pub fn start_server(
         heartbeat: (timeout / 5).clamp(Duration::from_millis(100), Duration::from_secs(2)),
         heartbeat_timeout: timeout,
         register_timeout: Duration::from_secs(10),
+        // The coordinator writes the run's metrics.jsonl from the ranks' reports.
+        metrics_path: Some(run_dir.join("metrics.jsonl")),
         // The coordinator commits every checkpoint once all ranks wrote their shards.
         checkpoint: Some(CommitTarget {
             url: checkpoint_url(job, run_dir),

@@ -140,8 +140,11 @@ fn train_rank(
         std::fs::create_dir_all(dir).map_err(|e| WorkerError::io("cannot create run folder", dir, e))?;
         let config_path = dir.join("config.toml");
         std::fs::write(&config_path, job.to_toml()).map_err(|e| WorkerError::io("cannot write", &config_path, e))?;
-        let path = dir.join("metrics.jsonl");
-        metrics_out = Some(MetricsWriter::append(&path).map_err(|e| WorkerError::io("cannot open", &path, e))?);
+        // With a coordinator, it writes metrics.jsonl (it has every rank's report).
+        if client.is_none() {
+            let path = dir.join("metrics.jsonl");
+            metrics_out = Some(MetricsWriter::append(&path).map_err(|e| WorkerError::io("cannot open", &path, e))?);
+        }
         store.cleanup_uncommitted()?;
     }
     let mut saver = Checkpointer::new(store, client, job.checkpoint.keep_last);
@@ -454,6 +457,8 @@ fn report_step(
         dropped: local.dropped.iter().sum::<usize>() as u64,
         alltoall_bytes: local.dispatch.bytes_sent,
         alltoall_s: local.dispatch.alltoall_s,
+        // The coordinator writes metrics.jsonl from rank 0's line.
+        detail: (rank == 0).then(|| serde_json::to_string(metrics).expect("metrics serialise")),
     };
     client.report(report).map_err(|e| WorkerError::Coordinator(e.to_string()))?;
     match client.stop_reason() {
