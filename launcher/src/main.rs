@@ -7,6 +7,7 @@ mod coordinator_run;
 mod k8s;
 mod mpirun;
 mod progress;
+mod step_summary;
 
 use clap::{Parser, Subcommand};
 
@@ -41,6 +42,9 @@ enum Command {
     /// Run on Slurm: render an sbatch script, or render and submit it.
     #[command(subcommand)]
     Slurm(commands::slurm::SlurmCommand),
+    /// Measured scaling experiment: train every point of a grid of config values,
+    /// write results.csv/json and plots.
+    Sweep(commands::sweep::SweepArgs),
     /// Benchmarks (print a table; --json for machines).
     #[command(subcommand)]
     Bench(commands::bench::BenchCommand),
@@ -64,6 +68,7 @@ fn main() -> std::process::ExitCode {
         Command::K8s(cmd) => commands::k8s::run(cmd),
         Command::Bench(cmd) => commands::bench::run(cmd),
         Command::Slurm(cmd) => commands::slurm::run(cmd),
+        Command::Sweep(args) => commands::sweep::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -9,11 +9,11 @@
 //! compute = forward+backward without all-to-all, other = data, optimizer
 //! and metrics.
 
+use crate::step_summary::{read_metrics, StepSummary};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use worker::metrics::StepMetrics;
 
 /// Steps left out of the averages (thread pools, allocations warming up).
 const WARMUP_STEPS: usize = 2;
@@ -91,26 +91,18 @@ fn train(bench: &StepBench, backend: &str, ranks: usize, run_dir: &Path) -> Resu
 }
 
 fn summarise(backend: &str, ranks: usize, run_dir: &Path) -> Result<Row> {
-    let path = run_dir.join("metrics.jsonl");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
-    let steps: Vec<StepMetrics> = text.lines().map(serde_json::from_str).collect::<Result<_, _>>()?;
-    let timed = &steps[WARMUP_STEPS.min(steps.len())..];
-    let mean = |f: &dyn Fn(&StepMetrics) -> f64| timed.iter().map(f).sum::<f64>() / timed.len().max(1) as f64;
-    let step_s = mean(&|m| m.step_time_s);
-    let compute_all = mean(&|m| m.compute_s);
-    let alltoall_s = mean(&|m| m.alltoall_s);
-    let sync_s = mean(&|m| m.sync_s);
+    let s = StepSummary::of(&read_metrics(run_dir)?, WARMUP_STEPS)?;
     Ok(Row {
         backend: backend.into(),
         ranks,
-        step_s,
-        tokens_per_s: mean(&|m| m.tokens as f64) / step_s,
-        compute_s: compute_all - alltoall_s,
-        alltoall_s,
-        sync_s,
-        other_s: (step_s - compute_all - sync_s).max(0.0),
-        alltoall_mb_per_step: mean(&|m| m.alltoall_bytes_sent as f64) / 1e6,
-        loss_at_end: steps.last().map_or(f64::NAN, |m| m.loss),
+        step_s: s.step_s,
+        tokens_per_s: s.tokens_per_s,
+        compute_s: s.compute_s,
+        alltoall_s: s.alltoall_s,
+        sync_s: s.sync_s,
+        other_s: s.other_s,
+        alltoall_mb_per_step: s.alltoall_bytes_per_step / 1e6,
+        loss_at_end: s.loss_at_end,
     })
 }
 

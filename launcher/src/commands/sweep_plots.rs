@@ -1,0 +1,312 @@
+//! A sweep's plots, each as SVG and PNG: throughput against every swept
+//! dimension, scaling efficiency against ranks (when ranks are swept) and
+//! the step-time split as stacked bars.
+//!
+//! Text is drawn with an embedded DejaVu Sans Mono (Bitstream Vera licence,
+//! launcher/assets/DejaVu-LICENSE.txt) through ab_glyph, so neither format
+//! needs fontconfig, freetype or any font installed.
+
+use super::sweep_grid::Grid;
+use super::sweep_results::PointResult;
+use anyhow::{anyhow, Result};
+use plotters::coord::Shift;
+use plotters::prelude::*;
+use std::path::{Path, PathBuf};
+
+static FONT: &[u8] = include_bytes!("../../assets/DejaVuSansMono.ttf");
+const SIZE: (u32, u32) = (900, 560);
+
+/// Reads one part of the step split from a row.
+type Part = fn(&PointResult) -> Option<f64>;
+
+/// One line of a line chart: its legend and (x position, y) points.
+type Series = (String, Vec<(usize, f64)>);
+
+/// Draws every plot into `out` and returns the files written.
+pub fn draw(out: &Path, grid: &Grid, rows: &[PointResult]) -> Result<Vec<PathBuf>> {
+    register_font()?;
+    let ok: Vec<&PointResult> = rows.iter().filter(|r| r.ok()).collect();
+    let mut files = Vec::new();
+    if ok.is_empty() {
+        return Ok(files);
+    }
+    for dim in &grid.dims {
+        let keys: Vec<&str> = dim.iter().map(|&a| grid.axes[a].key.as_str()).collect();
+        let (ticks, series) = by_dimension(grid, &keys, &ok, |r| r.tokens_per_s);
+        let title = format!("throughput against {}", keys.join(" / "));
+        let name = format!("throughput_vs_{}", keys[0]);
+        let plot = Plot::Line {
+            title: &title,
+            x_desc: &keys.join(" / "),
+            y_desc: "tokens/s",
+            ticks: &ticks,
+            series: &series,
+            ideal: false,
+        };
+        files.extend(both(out, &name, &plot)?);
+    }
+    if let Some(dim) = grid.dims.iter().find(|d| d.iter().any(|&a| grid.axes[a].key == "parallel.ranks")) {
+        let keys: Vec<&str> = dim.iter().map(|&a| grid.axes[a].key.as_str()).collect();
+        let (ticks, series) = efficiency(grid, &keys, &ok);
+        let kind = scaling_kind(&ok);
+        let title = format!("{kind} scaling efficiency: tokens/s(N) x N0 / (N x tokens/s(N0))");
+        let y_desc = "efficiency (1 = ideal)";
+        let plot = Plot::Line {
+            title: &title,
+            x_desc: &keys.join(" / "),
+            y_desc,
+            ticks: &ticks,
+            series: &series,
+            ideal: true,
+        };
+        files.extend(both(out, "scaling_efficiency", &plot)?);
+    }
+    files.extend(both(out, "step_split", &Plot::Split { grid, rows: &ok })?);
+    Ok(files)
+}
+
+fn register_font() -> Result<()> {
+    for style in [FontStyle::Normal, FontStyle::Bold, FontStyle::Italic, FontStyle::Oblique] {
+        plotters::style::register_font("sans-serif", style, FONT)
+            .map_err(|_| anyhow!("the embedded font does not load"))?;
+    }
+    Ok(())
+}
+
+/// What one chart shows; drawn once per backend.
+enum Plot<'a> {
+    Line { title: &'a str, x_desc: &'a str, y_desc: &'a str, ticks: &'a [String], series: &'a [Series], ideal: bool },
+    Split { grid: &'a Grid, rows: &'a [&'a PointResult] },
+}
+
+fn render<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, plot: &Plot) -> Result<()> {
+    match *plot {
+        Plot::Line { title, x_desc, y_desc, ticks, series, ideal } => {
+            line_chart(area, title, x_desc, y_desc, ticks, series, ideal)
+        }
+        Plot::Split { grid, rows } => step_split(area, grid, rows),
+    }
+}
+
+/// Draws one plot as `<name>.svg` and `<name>.png`.
+fn both(out: &Path, name: &str, plot: &Plot) -> Result<Vec<PathBuf>> {
+    let svg = out.join(format!("{name}.svg"));
+    let png = out.join(format!("{name}.png"));
+    {
+        let area = SVGBackend::new(&svg, SIZE).into_drawing_area();
+        render(&area, plot)?;
+        area.present().map_err(|e| anyhow!("cannot write {}: {e}", svg.display()))?;
+    }
+    {
+        let area = BitMapBackend::new(&png, SIZE).into_drawing_area();
+        render(&area, plot)?;
+        area.present().map_err(|e| anyhow!("cannot write {}: {e}", png.display()))?;
+    }
+    Ok(vec![svg, png])
+}
+
+/// Text of a row's values for `keys`, joined as in axis labels.
+fn values_of(row: &PointResult, keys: &[&str]) -> String {
+    keys.iter().map(|k| row.values.get(*k).map_or("", |v| v.as_str())).collect::<Vec<_>>().join(" / ")
+}
+
+/// The other axes' values of a row: its line's legend.
+fn others_of(grid: &Grid, keys: &[&str], row: &PointResult) -> String {
+    let others: Vec<String> = grid
+        .axes
+        .iter()
+        .filter(|a| !keys.contains(&a.key.as_str()))
+        .map(|a| format!("{}={}", a.key, row.values.get(&a.key).map_or("", |v| v.as_str())))
+        .collect();
+    if others.is_empty() {
+        "measured".into()
+    } else {
+        others.join(" ")
+    }
+}
+
+/// Ticks = the dimension's values in grid order; one series per combination of the other axes.
+fn by_dimension(
+    grid: &Grid,
+    keys: &[&str],
+    rows: &[&PointResult],
+    y: impl Fn(&PointResult) -> Option<f64>,
+) -> (Vec<String>, Vec<Series>) {
+    let first = grid.axes.iter().position(|a| a.key == keys[0]).expect("a swept key");
+    let ticks: Vec<String> = (0..grid.axes[first].values.len())
+        .map(|v| {
+            keys.iter()
+                .map(|k| {
+                    grid.axes
+                        .iter()
+                        .find(|a| a.key == *k)
+                        .map_or(String::new(), |a| super::sweep_grid::plain_text(&a.values[v]))
+                })
+                .collect::<Vec<_>>()
+                .join(" / ")
+        })
+        .collect();
+    let mut series: Vec<Series> = Vec::new();
+    for row in rows {
+        let (Some(x), Some(y)) = (ticks.iter().position(|t| *t == values_of(row, keys)), y(row)) else { continue };
+        let legend = others_of(grid, keys, row);
+        match series.iter_mut().find(|(l, _)| *l == legend) {
+            Some((_, points)) => points.push((x, y)),
+            None => series.push((legend, vec![(x, y)])),
+        }
+    }
+    (ticks, series)
+}
+
+/// Efficiency per line: tokens/s(N) x N0 / (N x tokens/s(N0)), N0 = the line's fewest ranks.
+fn efficiency(grid: &Grid, keys: &[&str], rows: &[&PointResult]) -> (Vec<String>, Vec<Series>) {
+    let (ticks, throughput) = by_dimension(grid, keys, rows, |r| r.tokens_per_s);
+    let (_, ranks) = by_dimension(grid, keys, rows, |r| r.ranks.map(|n| n as f64));
+    let series = throughput
+        .into_iter()
+        .zip(ranks)
+        .map(|((legend, tps), (_, ranks))| {
+            let base = tps.iter().zip(&ranks).min_by(|a, b| a.1 .1.total_cmp(&b.1 .1)).map(|(t, n)| (t.1, n.1));
+            let points = match base {
+                Some((tps0, n0)) => tps.iter().zip(&ranks).map(|(t, n)| (t.0, t.1 * n0 / (n.1 * tps0))).collect(),
+                None => Vec::new(),
+            };
+            (legend, points)
+        })
+        .collect();
+    (ticks, series)
+}
+
+/// "weak" when the global batch grew with the ranks, "strong" when it stayed the same.
+pub fn scaling_kind(rows: &[&PointResult]) -> &'static str {
+    let pairs: Vec<(f64, f64)> = rows.iter().filter_map(|r| Some((r.ranks? as f64, r.tokens_per_step?))).collect();
+    let Some(&(n0, t0)) = pairs.iter().min_by(|a, b| a.0.total_cmp(&b.0)) else { return "scaling" };
+    let close = |a: f64, b: f64| (a - b).abs() <= 0.01 * b.abs();
+    if pairs.iter().all(|&(_, t)| close(t, t0)) {
+        "strong"
+    } else if pairs.iter().all(|&(n, t)| close(t / t0, n / n0)) {
+        "weak"
+    } else {
+        "mixed"
+    }
+}
+
+fn line_chart<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    title: &str,
+    x_desc: &str,
+    y_desc: &str,
+    ticks: &[String],
+    series: &[Series],
+    ideal_at_one: bool,
+) -> Result<()> {
+    let fail = |e: &dyn std::fmt::Display| anyhow!("cannot draw {title}: {e}");
+    area.fill(&WHITE).map_err(|e| fail(&e))?;
+    let top =
+        series.iter().flat_map(|(_, p)| p.iter().map(|p| p.1)).fold(if ideal_at_one { 1.0 } else { 0.0 }, f64::max);
+    let mut chart = ChartBuilder::on(area)
+        .caption(title, ("sans-serif", 18))
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(80)
+        .build_cartesian_2d((0..ticks.len().max(1) - 1).into_segmented(), 0.0..top * 1.15)
+        .map_err(|e| fail(&e))?;
+    chart
+        .configure_mesh()
+        .x_desc(x_desc)
+        .y_desc(y_desc)
+        .x_labels(ticks.len() + 1)
+        .x_label_formatter(&|v| segment_label(v, ticks))
+        .draw()
+        .map_err(|e| fail(&e))?;
+    if ideal_at_one {
+        chart
+            .draw_series(LineSeries::new([(SegmentValue::Exact(0), 1.0), (SegmentValue::Last, 1.0)], BLACK.mix(0.4)))
+            .map_err(|e| fail(&e))?
+            .label("ideal")
+            .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], BLACK.mix(0.4)));
+    }
+    for (i, (legend, points)) in series.iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        let xy: Vec<(SegmentValue<usize>, f64)> = points.iter().map(|&(x, y)| (SegmentValue::CenterOf(x), y)).collect();
+        chart.draw_series(LineSeries::new(xy.clone(), color.stroke_width(2))).map_err(|e| fail(&e))?;
+        chart
+            .draw_series(xy.into_iter().map(|p| Circle::new(p, 4, color.filled())))
+            .map_err(|e| fail(&e))?
+            .label(legend.as_str())
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color.stroke_width(2)));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| fail(&e))
+}
+
+/// Stacked bars per point: compute, exposed communication, other (ms).
+fn step_split<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, grid: &Grid, rows: &[&PointResult]) -> Result<()> {
+    let fail = |e: &dyn std::fmt::Display| anyhow!("cannot draw the step split: {e}");
+    let keys: Vec<&str> = grid.axes.iter().map(|a| a.key.as_str()).collect();
+    let ticks: Vec<String> = rows
+        .iter()
+        .map(|r| keys.iter().map(|k| r.values.get(*k).map_or("", |v| v.as_str())).collect::<Vec<_>>().join(","))
+        .collect();
+    let ms = |v: Option<f64>| v.unwrap_or(0.0) * 1e3;
+    let top = rows
+        .iter()
+        .map(|r| ms(r.step_s).max(ms(r.compute_s) + ms(r.exposed_comm_s) + ms(r.other_s)))
+        .fold(0.0, f64::max);
+    area.fill(&WHITE).map_err(|e| fail(&e))?;
+    let mut chart = ChartBuilder::on(area)
+        .caption("step time split (mean after warm-up, slowest rank)", ("sans-serif", 18))
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(80)
+        .build_cartesian_2d((0..rows.len().max(1) - 1).into_segmented(), 0.0..top * 1.2)
+        .map_err(|e| fail(&e))?;
+    chart
+        .configure_mesh()
+        .x_desc(keys.join(","))
+        .y_desc("ms per step")
+        .x_labels(rows.len() + 1)
+        .x_label_formatter(&|v| segment_label(v, &ticks))
+        .draw()
+        .map_err(|e| fail(&e))?;
+    let parts: [(&str, RGBColor, Part); 3] = [
+        ("compute (without all-to-all)", BLUE, |r| r.compute_s),
+        ("exposed communication (all-to-all + grad sync)", RED, |r| r.exposed_comm_s),
+        ("other (data, optimizer, metrics)", RGBColor(150, 150, 150), |r| r.other_s),
+    ];
+    for (p, &(name, color, part)) in parts.iter().enumerate() {
+        let bars = rows.iter().enumerate().map(|(i, r)| {
+            let base: f64 = parts[..p].iter().map(|q| ms((q.2)(r))).sum();
+            let mut bar = Rectangle::new(
+                [(SegmentValue::Exact(i), base), (SegmentValue::Exact(i + 1), base + ms(part(r)))],
+                color.filled(),
+            );
+            bar.set_margin(0, 0, 8, 8);
+            bar
+        });
+        chart
+            .draw_series(bars)
+            .map_err(|e| fail(&e))?
+            .label(name)
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 15, y + 5)], color.filled()));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| fail(&e))
+}
+
+fn segment_label(v: &SegmentValue<usize>, ticks: &[String]) -> String {
+    match v {
+        SegmentValue::CenterOf(i) => ticks.get(*i).cloned().unwrap_or_default(),
+        _ => String::new(),
+    }
+}

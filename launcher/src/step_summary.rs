@@ -1,0 +1,83 @@
+//! A finished run's `metrics.jsonl` reduced to one row of means: what
+//! `switchyard bench step` and `switchyard sweep` report about a job.
+//!
+//! Times are the slowest rank's (as the metrics record them), averaged over
+//! the steps after warm-up. The step splits into parts that add up to it:
+//! compute = forward+backward without all-to-all; exposed communication =
+//! all-to-all + gradient sync as measured (what overlap did not hide);
+//! other = the rest (data, optimizer, metrics, checkpoint stalls).
+
+use anyhow::{bail, Context, Result};
+use std::path::Path;
+use worker::metrics::StepMetrics;
+
+/// Means over the timed steps of one run.
+#[derive(Debug, Clone)]
+pub struct StepSummary {
+    pub step_s: f64,
+    pub tokens_per_s: f64,
+    /// Forward+backward without all-to-all.
+    pub compute_s: f64,
+    pub alltoall_s: f64,
+    /// Gradient all-reduce and norm.
+    pub sync_s: f64,
+    /// Step time not in compute, all-to-all or sync.
+    pub other_s: f64,
+    pub alltoall_bytes_per_step: f64,
+    /// Expert rows (forward) of the busiest rank per step.
+    pub expert_rows_max: f64,
+    /// Expert rows per rank per step, mean over ranks.
+    pub expert_rows_mean: f64,
+    /// Tokens of the global batch per step.
+    pub tokens_per_step: f64,
+    /// Loss of the last step.
+    pub loss_at_end: f64,
+}
+
+/// Reads `<run_dir>/metrics.jsonl`.
+pub fn read_metrics(run_dir: &Path) -> Result<Vec<StepMetrics>> {
+    let path = run_dir.join("metrics.jsonl");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    text.lines()
+        .enumerate()
+        .map(|(i, line)| serde_json::from_str(line).with_context(|| format!("{} line {}", path.display(), i + 1)))
+        .collect()
+}
+
+impl StepSummary {
+    /// Means over `steps` after the first `warmup` (which thread pools and
+    /// allocators spend warming up); at least one step must remain.
+    pub fn of(steps: &[StepMetrics], warmup: usize) -> Result<Self> {
+        if steps.len() <= warmup {
+            bail!("{} step(s) recorded: need more than the {warmup} warm-up step(s)", steps.len());
+        }
+        let timed = &steps[warmup..];
+        let mean = |f: &dyn Fn(&StepMetrics) -> f64| timed.iter().map(f).sum::<f64>() / timed.len() as f64;
+        let step_s = mean(&|m| m.step_time_s);
+        let compute_all = mean(&|m| m.compute_s);
+        let alltoall_s = mean(&|m| m.alltoall_s);
+        let sync_s = mean(&|m| m.sync_s);
+        Ok(Self {
+            step_s,
+            tokens_per_s: mean(&|m| m.tokens as f64) / step_s,
+            compute_s: compute_all - alltoall_s,
+            alltoall_s,
+            sync_s,
+            other_s: (step_s - compute_all - sync_s).max(0.0),
+            alltoall_bytes_per_step: mean(&|m| m.alltoall_bytes_sent as f64),
+            expert_rows_max: mean(&|m| expert_rows(m).into_iter().fold(0.0, f64::max)),
+            expert_rows_mean: mean(&|m| expert_rows(m).iter().sum::<f64>() / expert_rows(m).len() as f64),
+            tokens_per_step: mean(&|m| m.tokens as f64),
+            loss_at_end: steps.last().map_or(f64::NAN, |m| m.loss),
+        })
+    }
+}
+
+/// Expert rows per rank. A single rank dispatches nothing, so its metrics
+/// carry no per-rank row count; then every kept token is its row.
+fn expert_rows(m: &StepMetrics) -> Vec<f64> {
+    if m.per_rank.len() <= 1 {
+        return vec![m.tokens_per_expert.iter().flatten().sum::<usize>() as f64];
+    }
+    m.per_rank.iter().map(|r| r.expert_rows as f64).collect()
+}
