@@ -306,3 +306,24 @@ fn resume_if_any_starts_fresh_then_resumes_the_last_commit() {
     let both = train(&["--resume-if-any", "--resume"]);
     assert!(!both.status.success(), "--resume-if-any with --resume must be refused");
 }
+
+#[test]
+fn an_unreachable_checkpoint_store_is_refused_before_anything_is_written() {
+    let out_dir = temp_dir("unreachable").join("out");
+    let out = Command::new(BIN)
+        .args(["k8s", "render", "--config"])
+        .arg(repo().join("examples/k8s.toml"))
+        .args(["--workers", "1", "--image", "i", "--check-store", "--set", "checkpoint.retries=0", "--out"])
+        .arg(&out_dir)
+        .env("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+        .env("AWS_ALLOW_HTTP", "true")
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_ACCESS_KEY_ID", "k")
+        .env("AWS_SECRET_ACCESS_KEY", "s")
+        .output()
+        .unwrap();
+    let log = text(&out);
+    assert!(!out.status.success(), "{log}");
+    assert!(log.contains("s3://switchyard-checkpoints/tiny-k8s") && log.contains("does not answer"), "{log}");
+    assert!(log.contains("nothing was written") && !out_dir.exists(), "{log}");
+}

@@ -51,6 +51,22 @@ pub struct RenderArgs {
     /// Write REPLACE_ME for every Secret value instead of this shell's token and credentials (for git).
     #[arg(long)]
     placeholder_secrets: bool,
+    /// Check from here, with this shell's credentials, that the checkpoint store answers
+    /// (off by default: a bucket may be reachable only from inside the cluster).
+    #[arg(long)]
+    check_store: bool,
+}
+
+/// Lists the checkpoint bucket with this shell's credentials (the ones the
+/// Secret gets), so a typo or a wrong key fails here, before anything is applied.
+fn check_store(job: &JobConfig) -> Result<()> {
+    let url = &job.checkpoint.url;
+    let store = checkpoint::CheckpointStore::open_with(url, &job.checkpoint.store_options())
+        .with_context(|| format!("the checkpoint store {url} cannot be opened; nothing was written"))?;
+    store.committed_steps().with_context(|| {
+        format!("the checkpoint store {url} does not answer from here (--check-store); nothing was written")
+    })?;
+    Ok(())
 }
 
 /// Runs a `k8s` subcommand.
@@ -74,6 +90,9 @@ fn render(args: RenderArgs) -> Result<()> {
     };
     // Every check happens here, before a file is written.
     let k8s_job = plan(&job, &req, |name| std::env::var(name).ok())?;
+    if args.check_store && !args.allow_local_checkpoints {
+        check_store(&job)?;
+    }
     let objects = manifests(&k8s_job);
     match &args.out {
         None => {
