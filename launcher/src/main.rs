@@ -73,7 +73,9 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) if err.is::<commands::train::Preempted>() => {
-            eprintln!("{err}");
+            if !err.downcast_ref::<commands::train::Preempted>().is_some_and(|p| p.quiet) {
+                eprintln!("{err}");
+            }
             std::process::ExitCode::from(worker::preemption::PREEMPTED_EXIT_CODE as u8)
         }
         Err(err) => {

@@ -212,7 +212,8 @@ fn run_here(
         progress.finish(&summary, job, run_dir);
     }
     if summary.preempted {
-        return Err(Preempted { step: summary.final_step, run_dir: run_dir.display().to_string() }.into());
+        let run_dir = run_dir.display().to_string();
+        return Err(Preempted { step: summary.final_step, run_dir, quiet: !lead }.into());
     }
     Ok(())
 }
@@ -224,6 +225,8 @@ fn run_here(
 pub struct Preempted {
     pub step: u64,
     pub run_dir: String,
+    /// A rank other than rank 0 of a multi-process job: rank 0 says it.
+    pub quiet: bool,
 }
 
 impl std::fmt::Display for Preempted {
@@ -267,7 +270,7 @@ fn run_mpi(job: &JobConfig, resume: &Resume, coordinator: &RunningCoordinator) -
     let env = [(ADDR_VAR, link.addr), (TOKEN_VAR, link.token)];
     let code = crate::mpirun::run_self(job.parallel.ranks, &forwarded, &env, &job.launch)?;
     if code != 0 && worker::preemption::requested() {
-        return Err(Preempted { step: 0, run_dir: String::new() }.into());
+        return Err(Preempted { step: 0, run_dir: String::new(), quiet: false }.into());
     }
     if code != 0 {
         bail!("the MPI job failed (mpirun exited with {code}); the ranks' messages are above");
