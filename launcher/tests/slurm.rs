@@ -136,5 +136,30 @@ fn a_submitted_job_trains_and_a_cancelled_one_resumes_when_submitted_again() {
     let steps = metrics(&run_dir);
     assert_eq!(steps.len(), 150, "{out}");
     assert_eq!(steps.last().unwrap()["step"], 150);
+
+    // A sweep whose points are Slurm jobs: 1 and 2 ranks.
+    let grid = dir.join("grid.toml");
+    std::fs::write(&grid, "steps = 4\nwarmup = 1\n[axes]\nparallel.ranks = [1, 2]\n").unwrap();
+    let job = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/sweeps/job.toml");
+    let out = cluster
+        .command(EXE)
+        .args(["sweep", "--launcher", "slurm", "--config"])
+        .arg(&job)
+        .arg("--grid")
+        .arg(&grid)
+        .arg("--out")
+        .arg(dir.join("sweep"))
+        .output()
+        .unwrap();
+    let log = text(&out);
+    assert!(out.status.success() && log.contains("2 run, 0 skipped"), "{log}");
+    let results: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("sweep/results.json")).unwrap()).unwrap();
+    let rows = results.as_array().expect("one row per point");
+    assert_eq!(rows.len(), 2, "{results}");
+    for row in rows {
+        assert_eq!(row["status"], "ok", "{row}");
+        assert!(row["tokens_per_s"].as_f64().unwrap() > 0.0, "{row}");
+    }
     std::fs::remove_dir_all(&dir).ok();
 }

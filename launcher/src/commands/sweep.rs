@@ -20,8 +20,9 @@ pub struct SweepArgs {
     /// The grid: steps per point and [axes] of config keys with lists of values.
     #[arg(long)]
     grid: PathBuf,
-    /// How each point's ranks run: local (threads) or mpi (processes under mpirun).
-    #[arg(long, default_value = "local", value_parser = ["local", "mpi"])]
+    /// How each point's ranks run: local (threads), mpi (processes under mpirun) or
+    /// slurm (each point a job submitted with `switchyard slurm submit`, one node).
+    #[arg(long, default_value = "local", value_parser = ["local", "mpi", "slurm"])]
     launcher: String,
     /// Results folder; default sweeps/<grid file name>.
     #[arg(long)]

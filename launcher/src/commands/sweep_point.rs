@@ -85,8 +85,12 @@ fn measure(job: &PointJob, point: &Point, run_dir: &Path) -> Result<(StepSummary
     std::fs::create_dir_all(run_dir).with_context(|| format!("cannot create {}", run_dir.display()))?;
     let exe = std::env::current_exe().context("cannot find this program to run the training jobs")?;
     let mut cmd = Command::new(exe);
-    cmd.args(["train", "--quiet", "--config"]).arg(&job.config).arg("--run-dir").arg(run_dir);
-    cmd.args(["--backend", &job.launcher]);
+    if job.launcher == "slurm" {
+        cmd.args(["slurm", "submit", "--config"]).arg(&job.config).arg("--run-dir").arg(run_dir);
+    } else {
+        cmd.args(["train", "--quiet", "--config"]).arg(&job.config).arg("--run-dir").arg(run_dir);
+        cmd.args(["--backend", &job.launcher]);
+    }
     for set in point.overrides() {
         cmd.args(["--set", &set]);
     }
@@ -97,10 +101,37 @@ fn measure(job: &PointJob, point: &Point, run_dir: &Path) -> Result<(StepSummary
     if !status.success() {
         bail!("training failed ({status}): {}", error_lines(&output));
     }
+    let peak_kib = if job.launcher == "slurm" { wait_for_slurm_job(&output, run_dir)? } else { peak_kib };
     let steps = read_metrics(run_dir)?;
     let ranks = steps.last().map_or(0, |m| m.per_rank.len());
     let summary = StepSummary::of(&steps, job.warmup as usize)?;
     Ok((summary, ranks, peak_kib.map(|kib| kib as f64 / 1024.0)))
+}
+
+/// Waits for the job `slurm submit` printed (`submitted job <id> ...`) to
+/// leave the queue, then checks from its output that every rank finished.
+/// Peak memory is not known this way (`None`).
+fn wait_for_slurm_job(submit_output: &str, run_dir: &Path) -> Result<Option<u64>> {
+    let id = submit_output
+        .split_whitespace()
+        .skip_while(|w| *w != "job")
+        .nth(1)
+        .with_context(|| format!("slurm submit did not say which job it submitted: {submit_output}"))?
+        .to_string();
+    loop {
+        let out = Command::new("squeue").args(["-h", "-j", &id]).output().context("cannot run squeue")?;
+        // squeue forgets finished jobs after a while and then errors: both mean gone.
+        if !out.status.success() || String::from_utf8_lossy(&out.stdout).trim().is_empty() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    let log_path = run_dir.join(format!("slurm-{id}.out"));
+    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+    if !log.contains("workers exited 0, coordinator 0") {
+        bail!("Slurm job {id} failed ({}): {}", log_path.display(), error_lines(&log));
+    }
+    Ok(None)
 }
 
 /// Runs `cmd` with stdout and stderr in one buffer and reaps it with
