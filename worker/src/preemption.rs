@@ -5,13 +5,10 @@
 //! periodic checkpoint.
 //!
 //! The signal may reach one rank or all of them; at every step the ranks
-//! agree (any rank asked = all stop) so they save the same step together.
+//! agree in the step's metrics reduction (any rank asked = all stop), so
+//! they save the same step together.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-
-use collectives::Communicator;
-
-use crate::error::WorkerError;
 
 /// Exit status of a job that stopped on SIGTERM after committing its
 /// checkpoint: 128 + 15, what schedulers expect of a terminated process.
@@ -41,13 +38,4 @@ pub fn install() {
 /// Whether this process received SIGTERM.
 pub fn requested() -> bool {
     REQUESTED.load(Ordering::SeqCst)
-}
-
-/// Whether any rank received SIGTERM; every rank calls this at the same step.
-pub fn agreed(comm: &mut dyn Communicator) -> Result<bool, WorkerError> {
-    let mut flag = [if requested() { 1.0 } else { 0.0 }];
-    if comm.size() > 1 {
-        comm.all_reduce_sum_f64(&mut flag)?;
-    }
-    Ok(flag[0] > 0.0)
 }

@@ -265,7 +265,8 @@ fn train_rank(
         let sync_s = sync_started.elapsed().as_secs_f64();
 
         let micro_batches_global = (job.train.global_batch_size / micro) as f64;
-        let mut metrics = local.reduce(comm, dims.world, rank, tokens_per_step, micro_batches_global, cfg.n_experts)?;
+        let (mut metrics, preempted) =
+            local.reduce(comm, dims.world, rank, tokens_per_step, micro_batches_global, cfg.n_experts)?;
         metrics.step = state.step + 1;
         metrics.sync_s = sync_s;
         if !metrics.loss.is_finite() {
@@ -277,8 +278,7 @@ fn train_rank(
         metrics.grad_norm = grad_norm;
         state.step += 1;
         state.tokens_seen += tokens_per_step;
-        // SIGTERM on any rank: every rank saves this step and stops.
-        let preempted = preemption::agreed(comm)?;
+        // SIGTERM on any rank (agreed in the metrics reduction): every rank saves this step and stops.
         // The save's copy (and any wait for the previous upload) is part of the step.
         let every = job.checkpoint.every;
         if state.step == end || preempted || (every > 0 && state.step.is_multiple_of(every)) {
@@ -497,7 +497,9 @@ impl LocalStep {
         self.dropped.iter_mut().zip(&stats.dropped).for_each(|(a, b)| *a += b);
     }
 
-    /// Sums over ranks into the step's metrics (identical on every rank).
+    /// Sums over ranks into the step's metrics (identical on every rank),
+    /// and whether any rank got SIGTERM: the flag rides in the same
+    /// all-reduce so pre-emption costs the step no extra collective.
     fn reduce(
         &self,
         comm: &mut dyn Communicator,
@@ -506,13 +508,15 @@ impl LocalStep {
         tokens_per_step: u64,
         micro_batches_global: f64,
         n_experts: usize,
-    ) -> Result<StepMetrics, WorkerError> {
+    ) -> Result<(StepMetrics, bool), WorkerError> {
         let mut totals = vec![self.ce_sum, self.aux, self.z];
         for layer in &self.tokens_per_expert {
             totals.extend(layer.iter().map(|&c| c as f64));
         }
         totals.extend(self.dropped.iter().map(|&c| c as f64));
+        totals.push(if preemption::requested() { 1.0 } else { 0.0 });
         sum_over_ranks(comm, &mut totals)?;
+        let preempted = totals.pop().is_some_and(|flag| flag > 0.0);
         let per_rank_values = [
             self.tokens as f64,
             self.dispatch.rows_computed as f64,
@@ -550,7 +554,7 @@ impl LocalStep {
             })
             .collect();
         let dropped = totals[cursor..cursor + layers].iter().map(|&c| c as usize).collect();
-        Ok(StepMetrics {
+        let metrics = StepMetrics {
             loss: totals[0] / tokens_per_step as f64,
             aux_loss: totals[1] / micro_batches_global,
             z_loss: totals[2] / micro_batches_global,
@@ -564,7 +568,8 @@ impl LocalStep {
             compute_s: per_rank.iter().map(|r| r.compute_s).fold(0.0, f64::max),
             per_rank,
             ..Default::default()
-        })
+        };
+        Ok((metrics, preempted))
     }
 }
 
