@@ -12,6 +12,7 @@
 //! depend on timing.
 
 pub mod buffers;
+pub mod comm_thread;
 pub mod local;
 pub mod mpi;
 pub mod nccl;

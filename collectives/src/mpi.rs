@@ -25,6 +25,23 @@ mod stub;
 #[cfg(not(feature = "mpi"))]
 pub use stub::MpiWorld;
 
+/// Marks the calling thread as a communication thread, whose waits on MPI
+/// requests sleep briefly between tests instead of spinning (it shares the
+/// cores with the rank's computation). Does nothing without MPI.
+pub fn mark_background_thread() {
+    #[cfg(feature = "mpi")]
+    ffi_util::mark_background();
+}
+
+/// Whether a rank may run collectives on a second thread while its main
+/// thread runs others (`MPI_THREAD_MULTIPLE`); always true without MPI.
+pub fn comm_threads_allowed() -> bool {
+    #[cfg(feature = "mpi")]
+    return world::THREAD_MULTIPLE.load(std::sync::atomic::Ordering::Relaxed);
+    #[cfg(not(feature = "mpi"))]
+    true
+}
+
 /// Whether this binary was built with the MPI backend.
 pub const COMPILED: bool = cfg!(feature = "mpi");
 

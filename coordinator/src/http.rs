@@ -83,6 +83,13 @@ pub fn prometheus(status: &Status) -> String {
             "All-to-all bytes sent in the last step, all ranks.",
             plain(step.alltoall_bytes as f64),
         );
+        gauge("comm_seconds", "Slowest rank's communication time in the last step.", plain(step.comm_s));
+        gauge(
+            "exposed_comm_seconds",
+            "Slowest rank's communication time no computation hid, last step.",
+            plain(step.exposed_comm_s),
+        );
+        gauge("overlap_efficiency", "Hidden over total communication time, last step.", plain(step.overlap_efficiency));
         let load = step
             .expert_rows_per_rank
             .iter()

@@ -11,7 +11,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Version of the messages below; bump on any change to them.
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;
 /// Largest payload accepted (the resolved config and the placement plan fit easily).
 pub const MAX_FRAME_BYTES: usize = 16 << 20;
 /// Frame header length: magic (2), version (2), payload length (4).
@@ -64,6 +64,9 @@ pub struct StepReport {
     pub dropped: u64,
     pub alltoall_bytes: u64,
     pub alltoall_s: f64,
+    /// Communication time, and the part of it no computation hid (overlap).
+    pub comm_s: f64,
+    pub exposed_comm_s: f64,
     /// Rank 0 sends the step's full metrics (one JSON line: the aggregate
     /// over ranks and every rank's detail), which the coordinator appends
     /// to `<run dir>/metrics.jsonl`.

@@ -94,6 +94,11 @@ pub struct StepSummary {
     pub expert_rows_per_rank: Vec<u64>,
     pub dropped: u64,
     pub alltoall_bytes: u64,
+    /// Slowest rank's communication time and exposed communication time.
+    pub comm_s: f64,
+    pub exposed_comm_s: f64,
+    /// Hidden over total communication, all ranks together (0 to 1).
+    pub overlap_efficiency: f64,
 }
 
 /// One rank as `/status` shows it.
@@ -485,6 +490,17 @@ fn record_step(shared: &Shared, rank: u32, report: StepReport) {
         expert_rows_per_rank: reports.iter().map(|r| r.expert_rows).collect(),
         dropped: reports.iter().map(|r| r.dropped).sum(),
         alltoall_bytes: reports.iter().map(|r| r.alltoall_bytes).sum(),
+        comm_s: reports.iter().map(|r| r.comm_s).fold(0.0, f64::max),
+        exposed_comm_s: reports.iter().map(|r| r.exposed_comm_s).fold(0.0, f64::max),
+        overlap_efficiency: {
+            let total: f64 = reports.iter().map(|r| r.comm_s).sum();
+            let exposed: f64 = reports.iter().map(|r| r.exposed_comm_s.min(r.comm_s)).sum();
+            if total > 0.0 {
+                (total - exposed) / total
+            } else {
+                0.0
+            }
+        },
     };
     // Older incomplete steps can no longer complete.
     state.pending.retain(|&s, _| s > step);

@@ -74,6 +74,8 @@ fn report(rank: u32, step: u64, ce_sum: f64, tokens: u64) -> StepReport {
         dropped: 1,
         alltoall_bytes: 100,
         alltoall_s: 0.1,
+        comm_s: 0.2,
+        exposed_comm_s: 0.05 * (rank as f64 + 1.0),
         detail: None,
     }
 }
@@ -115,6 +117,9 @@ fn workers_register_report_and_the_step_is_aggregated() {
     assert_eq!((summary.step, summary.tokens, summary.dropped), (1, 8, 2));
     assert!((summary.loss - 2.0).abs() < 1e-12);
     assert_eq!(summary.expert_rows_per_rank, vec![3, 4]);
+    // Exposed 0.05 and 0.10 of 0.2 each: the slowest rank's, and 0.15 hidden of 0.4.
+    assert_eq!((summary.comm_s, summary.exposed_comm_s), (0.2, 0.1));
+    assert!((summary.overlap_efficiency - 0.625).abs() < 1e-12, "{}", summary.overlap_efficiency);
 
     let status = http_get(&coord, "/status");
     assert!(status.starts_with("HTTP/1.1 200 OK"), "{status}");
@@ -276,6 +281,8 @@ impl Gen {
                 dropped: self.next(),
                 alltoall_bytes: self.next(),
                 alltoall_s: 0.25,
+                comm_s: 0.5,
+                exposed_comm_s: 0.125,
                 detail: self.coin().then(|| self.text()),
             }),
             5 => Message::Stop { reason: self.text() },

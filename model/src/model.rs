@@ -14,7 +14,9 @@ use crate::config::{BlockKind, ModelConfig};
 use crate::error::ModelError;
 use crate::gemm::{matmul_nn, matmul_nt, matmul_tn};
 use crate::moe::ExpertExecutor;
-use crate::moe_layer::{moe_backward, moe_forward, MoeCache};
+use crate::moe_layer::{
+    moe_backward, moe_backward_finish, moe_backward_start, moe_forward_finish, moe_forward_start, MoeCache,
+};
 use crate::ops::attention::{attention_backward, attention_forward, AttentionShape};
 use crate::ops::loss::{cross_entropy_forward_backward, cross_entropy_sum};
 use crate::ops::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
@@ -56,6 +58,22 @@ pub struct ForwardStats {
     pub tokens_per_expert: Vec<Vec<usize>>,
     pub dropped: Vec<usize>,
 }
+
+/// How a forward-backward pass orders its work (DESIGN section 4, overlap).
+/// The default is the plain order with no hooks.
+#[derive(Default)]
+pub struct PassOptions<'h> {
+    /// Parallel blocks: hand the MoE its rows before computing attention, so
+    /// they travel to the experts' ranks while attention runs (and the
+    /// output gradients likewise in the backward pass).
+    pub attention_during_moe: bool,
+    /// Called once a layer's dense gradients are complete in this pass
+    /// (backward, from the last layer down), e.g. to start their all-reduce.
+    pub on_layer_grads: Option<LayerGradsHook<'h>>,
+}
+
+/// See [`PassOptions::on_layer_grads`]: (layer, its dense gradients).
+pub type LayerGradsHook<'h> = &'h mut dyn FnMut(usize, &DenseLayerWeights);
 
 /// Everything the backward pass of one block needs from its forward pass.
 struct BlockCache {
@@ -252,6 +270,7 @@ fn block_forward(
     x_td: Vec<f32>,
     experts: &mut dyn ExpertExecutor,
     shards: &mut dyn TokenShards,
+    attention_during_moe: bool,
 ) -> Result<(Vec<f32>, BlockCache), ModelError> {
     let (t, d) = (dims.t, dims.d);
     let mut cache = BlockCache {
@@ -270,23 +289,36 @@ fn block_forward(
         moe: MoeCache::default(),
     };
     rmsnorm_forward(&cache.x_td, &w.attn_norm, cfg.norm_eps, &mut cache.attn_in_td, &mut cache.attn_rstd_t);
+    // BAM: the MoE reads the same normalised input as attention, so its
+    // rows may leave before attention runs.
+    let early = cfg.block == BlockKind::Parallel && attention_during_moe;
+    let mut moe_started = None;
+    if early {
+        cache.ffn_in_td = cache.attn_in_td.clone();
+        moe_started = Some(moe_forward_start(cfg, layer, w, &cache.ffn_in_td, t, experts, shards)?);
+    }
     let attn_in_td = std::mem::take(&mut cache.attn_in_td);
     let attn_td = attention_block_forward(w, rope, dims, &attn_in_td, &mut cache, shards)?;
     cache.attn_in_td = attn_in_td;
     let mut out_td = cache.x_td.clone();
     add_into(&mut out_td, &attn_td);
-    match cfg.block {
-        BlockKind::Sequential => {
-            let ffn_norm = w.ffn_norm.as_ref().expect("sequential blocks have ffn_norm");
-            cache.h_td = out_td.clone();
-            cache.ffn_in_td = vec![0.0; t * d];
-            cache.ffn_rstd_t = vec![0.0; t];
-            rmsnorm_forward(&cache.h_td, ffn_norm, cfg.norm_eps, &mut cache.ffn_in_td, &mut cache.ffn_rstd_t);
+    let moe_started = match moe_started {
+        Some(started) => started,
+        None => {
+            match cfg.block {
+                BlockKind::Sequential => {
+                    let ffn_norm = w.ffn_norm.as_ref().expect("sequential blocks have ffn_norm");
+                    cache.h_td = out_td.clone();
+                    cache.ffn_in_td = vec![0.0; t * d];
+                    cache.ffn_rstd_t = vec![0.0; t];
+                    rmsnorm_forward(&cache.h_td, ffn_norm, cfg.norm_eps, &mut cache.ffn_in_td, &mut cache.ffn_rstd_t);
+                }
+                BlockKind::Parallel => cache.ffn_in_td = cache.attn_in_td.clone(),
+            }
+            moe_forward_start(cfg, layer, w, &cache.ffn_in_td, t, experts, shards)?
         }
-        // BAM: the MoE reads the same normalised input as attention.
-        BlockKind::Parallel => cache.ffn_in_td = cache.attn_in_td.clone(),
-    }
-    let (moe_td, moe) = moe_forward(cfg, layer, w, &cache.ffn_in_td, t, experts, shards)?;
+    };
+    let (moe_td, moe) = moe_forward_finish(cfg, layer, w, &cache.ffn_in_td, moe_started, experts)?;
     add_into(&mut out_td, &moe_td);
     cache.moe = moe;
     Ok((out_td, cache))
@@ -306,6 +338,7 @@ fn block_backward(
     dout_td: Vec<f32>,
     experts: &mut dyn ExpertExecutor,
     shards: &mut dyn TokenShards,
+    attention_during_moe: bool,
 ) -> Result<Vec<f32>, ModelError> {
     let (t, d) = (dims.t, dims.d);
     // Both residual branches see dout; the skip path passes it through.
@@ -336,20 +369,20 @@ fn block_backward(
             attention_block_backward(w, gw, rope, dims, cache, &dh_td, &mut dn_td, shards)?;
         }
         BlockKind::Parallel => {
-            moe_backward(
-                cfg,
-                layer,
-                w,
-                gw,
-                &cache.ffn_in_td,
-                &cache.moe,
-                scales.aux,
-                scales.z,
-                &dout_td,
-                &mut dn_td,
-                experts,
-            )?;
+            // Attention's input gradient first, then the MoE's, in both
+            // orders of work, so overlapping them changes no bits.
+            let (moe, x) = (&cache.moe, &cache.ffn_in_td);
+            let mut started = None;
+            if attention_during_moe {
+                started = Some(moe_backward_start(cfg, layer, moe, &dout_td, experts)?);
+            }
             attention_block_backward(w, gw, rope, dims, cache, &dout_td, &mut dn_td, shards)?;
+            let started = match started {
+                Some(started) => started,
+                None => moe_backward_start(cfg, layer, moe, &dout_td, experts)?,
+            };
+            let scales = (scales.aux, scales.z);
+            moe_backward_finish(cfg, layer, w, gw, x, moe, scales, &dout_td, &mut dn_td, started, experts)?;
         }
     }
     rmsnorm_backward(&cache.x_td, &w.attn_norm, &cache.attn_rstd_t, &dn_td, &mut dx_td, &mut gw.attn_norm);
@@ -367,11 +400,12 @@ fn trunk_forward(
     experts: &mut dyn ExpertExecutor,
     shards: &mut dyn TokenShards,
     stats: &mut ForwardStats,
+    attention_during_moe: bool,
 ) -> Result<(Vec<f32>, Vec<BlockCache>), ModelError> {
     let mut x_td = embed(dense, dims.d, inputs);
     let mut caches = Vec::with_capacity(cfg.n_layers);
     for (layer, w) in dense.layers.iter().enumerate() {
-        let (out_td, cache) = block_forward(cfg, layer, w, rope, dims, x_td, experts, shards)?;
+        let (out_td, cache) = block_forward(cfg, layer, w, rope, dims, x_td, experts, shards, attention_during_moe)?;
         stats.aux_loss.push(cache.moe.routing.aux_loss);
         stats.z_loss.push(cache.moe.routing.z_loss);
         stats.tokens_per_expert.push(cache.moe.routing.tokens_per_expert.clone());
@@ -420,13 +454,30 @@ pub fn forward_backward_sharded(
     mb: MicroBatch,
     scales: LossScales,
 ) -> Result<ForwardStats, ModelError> {
+    forward_backward_with(cfg, rope, dense, grads, experts, shards, mb, scales, PassOptions::default())
+}
+
+/// [`forward_backward_sharded`] with the order of work and hooks of `opts`.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_backward_with(
+    cfg: &ModelConfig,
+    rope: &RopeTable,
+    dense: &DenseWeights,
+    grads: &mut DenseWeights,
+    experts: &mut dyn ExpertExecutor,
+    shards: &mut dyn TokenShards,
+    mb: MicroBatch,
+    scales: LossScales,
+    mut opts: PassOptions,
+) -> Result<ForwardStats, ModelError> {
+    let early = opts.attention_during_moe;
     let (inputs, targets) = inputs_and_targets(cfg, mb)?;
     let dims = Dims::new(cfg, mb.batch, shards.count())?;
     let (t, d, v) = (dims.t, dims.d, cfg.vocab);
     let mine = shards.index() * t..(shards.index() + 1) * t;
     let (inputs, targets) = (&inputs[mine.clone()], &targets[mine]);
     let mut stats = ForwardStats { num_tokens: t, ..Default::default() };
-    let (x_td, caches) = trunk_forward(cfg, rope, dense, &dims, inputs, experts, shards, &mut stats)?;
+    let (x_td, caches) = trunk_forward(cfg, rope, dense, &dims, inputs, experts, shards, &mut stats, early)?;
     let (xf_td, rstd_t, logits_tv) = head_forward(cfg, dense, &dims, &x_td);
     let mut dlogits_tv = vec![0.0; t * v];
     stats.ce_sum = cross_entropy_forward_backward(&logits_tv, targets, v, scales.ce, &mut dlogits_tv);
@@ -443,7 +494,10 @@ pub fn forward_backward_sharded(
 
     for (layer, cache) in caches.iter().enumerate().rev() {
         let (w, gw) = (&dense.layers[layer], &mut grads.layers[layer]);
-        dx_td = block_backward(cfg, layer, w, gw, rope, &dims, cache, scales, dx_td, experts, shards)?;
+        dx_td = block_backward(cfg, layer, w, gw, rope, &dims, cache, scales, dx_td, experts, shards, early)?;
+        if let Some(hook) = opts.on_layer_grads.as_mut() {
+            hook(layer, gw);
+        }
     }
     // Embedding rows receive the gradient of every position that used them.
     for (pos, &tok) in inputs.iter().enumerate() {
@@ -464,7 +518,7 @@ pub fn forward(
     let (inputs, targets) = inputs_and_targets(cfg, mb)?;
     let dims = Dims::new(cfg, mb.batch, 1)?;
     let mut stats = ForwardStats { num_tokens: dims.t, ..Default::default() };
-    let (x_td, _caches) = trunk_forward(cfg, rope, dense, &dims, &inputs, experts, &mut NoShards, &mut stats)?;
+    let (x_td, _caches) = trunk_forward(cfg, rope, dense, &dims, &inputs, experts, &mut NoShards, &mut stats, false)?;
     let (_, _, logits_tv) = head_forward(cfg, dense, &dims, &x_td);
     stats.ce_sum = cross_entropy_sum(&logits_tv, &targets, cfg.vocab);
     Ok(stats)

@@ -401,6 +401,44 @@ pub trait ExpertExecutor {
     fn forward(&mut self, layer: usize, plan: &DispatchPlan, x_ad: &[f32]) -> Result<Vec<f32>, ModelError>;
     /// `dx_ad` from `dy_ad`, adding weight gradients.
     fn backward(&mut self, layer: usize, plan: &DispatchPlan, dy_ad: &[f32]) -> Result<Vec<f32>, ModelError>;
+
+    /// Starts [`ExpertExecutor::forward`]; the caller may compute something
+    /// else (attention, shared experts) before [`ExpertExecutor::finish_forward`].
+    /// An executor that sends rows to other ranks starts sending here.
+    fn start_forward(&mut self, layer: usize, plan: &DispatchPlan, x_ad: &[f32]) -> Result<Started, ModelError> {
+        self.forward(layer, plan, x_ad).map(Started::Done)
+    }
+    /// The result of the forward pass `started` by [`ExpertExecutor::start_forward`].
+    fn finish_forward(&mut self, layer: usize, started: Started) -> Result<Vec<f32>, ModelError> {
+        started.into_done(layer)
+    }
+    /// Starts [`ExpertExecutor::backward`] (see [`ExpertExecutor::start_forward`]).
+    fn start_backward(&mut self, layer: usize, plan: &DispatchPlan, dy_ad: &[f32]) -> Result<Started, ModelError> {
+        self.backward(layer, plan, dy_ad).map(Started::Done)
+    }
+    /// The result of the backward pass `started` by [`ExpertExecutor::start_backward`].
+    fn finish_backward(&mut self, layer: usize, started: Started) -> Result<Vec<f32>, ModelError> {
+        started.into_done(layer)
+    }
+}
+
+/// A started expert pass: done already, or still in flight inside the
+/// executor (its finish call completes it).
+#[derive(Debug)]
+pub enum Started {
+    Done(Vec<f32>),
+    InFlight,
+}
+
+impl Started {
+    fn into_done(self, layer: usize) -> Result<Vec<f32>, ModelError> {
+        match self {
+            Started::Done(rows) => Ok(rows),
+            Started::InFlight => {
+                Err(ModelError::Executor(format!("layer {layer}: this executor left no pass in flight to finish")))
+            }
+        }
+    }
 }
 
 /// Runs every expert on this rank: the EP=1 executor and the reference.
@@ -409,7 +447,8 @@ pub struct LocalExperts<'a> {
     f: usize,
     weights: &'a ExpertStore,
     grads: &'a mut ExpertStore,
-    /// Per layer: the forward input rows and per-expert caches.
+    n_layers: usize,
+    /// Per (slot, layer): the forward input rows and per-expert caches.
     saved: Vec<Option<(Vec<f32>, Vec<SwigluCache>)>>,
 }
 
@@ -417,13 +456,57 @@ impl<'a> LocalExperts<'a> {
     /// Experts from `weights` (which must hold every expert id the plans
     /// use); gradients are added into `grads`.
     pub fn new(cfg: &ModelConfig, weights: &'a ExpertStore, grads: &'a mut ExpertStore) -> Self {
-        Self { d: cfg.d_model, f: cfg.ffn_hidden, weights, grads, saved: vec![None; cfg.n_layers] }
+        Self {
+            d: cfg.d_model,
+            f: cfg.ffn_hidden,
+            weights,
+            grads,
+            n_layers: cfg.n_layers,
+            saved: vec![None; cfg.n_layers],
+        }
+    }
+
+    /// Room for `slots` forward passes per layer whose backward passes are
+    /// still to come (a pipelined executor runs each layer's rows in pieces).
+    pub fn with_slots(mut self, slots: usize) -> Self {
+        self.saved = vec![None; self.n_layers * slots.max(1)];
+        self
+    }
+
+    fn slot_index(&self, slot: usize, layer: usize) -> Result<usize, ModelError> {
+        let index = slot * self.n_layers + layer;
+        if layer >= self.n_layers || index >= self.saved.len() {
+            return Err(ModelError::Executor(format!(
+                "layer {layer}, slot {slot}: out of range ({} layers, {} slots)",
+                self.n_layers,
+                self.saved.len() / self.n_layers.max(1)
+            )));
+        }
+        Ok(index)
     }
 }
 
 impl ExpertExecutor for LocalExperts<'_> {
     fn forward(&mut self, layer: usize, plan: &DispatchPlan, x_ad: &[f32]) -> Result<Vec<f32>, ModelError> {
+        self.forward_in(0, layer, plan, x_ad)
+    }
+
+    fn backward(&mut self, layer: usize, plan: &DispatchPlan, dy_ad: &[f32]) -> Result<Vec<f32>, ModelError> {
+        self.backward_in(0, layer, plan, dy_ad)
+    }
+}
+
+impl LocalExperts<'_> {
+    /// [`ExpertExecutor::forward`] keeping its cache in `slot` (see [`LocalExperts::with_slots`]).
+    pub fn forward_in(
+        &mut self,
+        slot: usize,
+        layer: usize,
+        plan: &DispatchPlan,
+        x_ad: &[f32],
+    ) -> Result<Vec<f32>, ModelError> {
         let (d, f) = (self.d, self.f);
+        let index = self.slot_index(slot, layer)?;
         let rows = plan.num_rows();
         if x_ad.len() != rows * d {
             return Err(ModelError::Executor(format!(
@@ -431,7 +514,7 @@ impl ExpertExecutor for LocalExperts<'_> {
                 x_ad.len()
             )));
         }
-        let weights = layer_experts(self.weights, self.saved.len(), layer, plan)?;
+        let weights = layer_experts(self.weights, self.n_layers, layer, plan)?;
         let mut y_ad = vec![0.0f32; rows * d];
         let mut caches = vec![SwigluCache::default(); plan.num_experts];
         {
@@ -455,12 +538,20 @@ impl ExpertExecutor for LocalExperts<'_> {
                 tasks.into_iter().for_each(run);
             }
         }
-        self.saved[layer] = Some((x_ad.to_vec(), caches));
+        self.saved[index] = Some((x_ad.to_vec(), caches));
         Ok(y_ad)
     }
 
-    fn backward(&mut self, layer: usize, plan: &DispatchPlan, dy_ad: &[f32]) -> Result<Vec<f32>, ModelError> {
+    /// [`ExpertExecutor::backward`] of the forward pass kept in `slot`.
+    pub fn backward_in(
+        &mut self,
+        slot: usize,
+        layer: usize,
+        plan: &DispatchPlan,
+        dy_ad: &[f32],
+    ) -> Result<Vec<f32>, ModelError> {
         let (d, f) = (self.d, self.f);
+        let index = self.slot_index(slot, layer)?;
         let rows = plan.num_rows();
         if dy_ad.len() != rows * d {
             return Err(ModelError::Executor(format!(
@@ -468,10 +559,10 @@ impl ExpertExecutor for LocalExperts<'_> {
                 dy_ad.len()
             )));
         }
-        let weights = layer_experts(self.weights, self.saved.len(), layer, plan)?;
+        let weights = layer_experts(self.weights, self.n_layers, layer, plan)?;
         let (x_ad, caches) = self
             .saved
-            .get_mut(layer)
+            .get_mut(index)
             .and_then(Option::take)
             .ok_or_else(|| ModelError::Executor(format!("layer {layer}: backward without a saved forward")))?;
         if x_ad.len() != rows * d || caches.len() != plan.num_experts {

@@ -3,7 +3,7 @@
 
 use crate::config::ModelConfig;
 use crate::error::ModelError;
-use crate::moe::{route_backward, route_sharded, DispatchPlan, ExpertExecutor, Routing};
+use crate::moe::{route_backward, route_sharded, DispatchPlan, ExpertExecutor, Routing, Started};
 use crate::ops::swiglu::{swiglu_backward, swiglu_forward, SwigluCache};
 use crate::shards::TokenShards;
 use crate::weights::DenseLayerWeights;
@@ -16,6 +16,13 @@ pub struct MoeCache {
     /// Expert outputs per dispatched row (combine's backward needs them).
     pub y_ad: Vec<f32>,
     pub shared: Vec<SwigluCache>,
+}
+
+/// The routed part of an MoE forward pass whose expert rows are in flight.
+pub struct MoeForwardStarted {
+    routing: Routing,
+    plan: DispatchPlan,
+    experts: Started,
 }
 
 /// `out_td = sum_chosen gate * Expert(x) + sum_shared Shared(x)` for the
@@ -31,21 +38,54 @@ pub fn moe_forward(
     experts: &mut dyn ExpertExecutor,
     shards: &mut dyn TokenShards,
 ) -> Result<(Vec<f32>, MoeCache), ModelError> {
-    let (t, d, f) = (num_tokens, cfg.d_model, cfg.ffn_hidden);
-    let routing = route_sharded(cfg, x_td, &w.router, t, shards)?;
+    let started = moe_forward_start(cfg, layer, w, x_td, num_tokens, experts, shards)?;
+    moe_forward_finish(cfg, layer, w, x_td, started, experts)
+}
+
+/// First half of [`moe_forward`]: routes and hands the rows to the experts
+/// (which may start sending them to other ranks).
+pub fn moe_forward_start(
+    cfg: &ModelConfig,
+    layer: usize,
+    w: &DenseLayerWeights,
+    x_td: &[f32],
+    num_tokens: usize,
+    experts: &mut dyn ExpertExecutor,
+    shards: &mut dyn TokenShards,
+) -> Result<MoeForwardStarted, ModelError> {
+    let routing = route_sharded(cfg, x_td, &w.router, num_tokens, shards)?;
     let plan = DispatchPlan::from_routing(&routing, cfg.n_experts, cfg.top_k);
-    let x_ad = plan.gather(x_td, d);
-    let y_ad = experts.forward(layer, &plan, &x_ad)?;
-    drop(x_ad);
-    let mut out_td = vec![0.0; t * d];
-    plan.combine(&routing, &y_ad, d, &mut out_td);
+    let x_ad = plan.gather(x_td, cfg.d_model);
+    let started = experts.start_forward(layer, &plan, &x_ad)?;
+    Ok(MoeForwardStarted { routing, plan, experts: started })
+}
+
+/// Second half of [`moe_forward`]: the shared experts run while the routed
+/// rows may still travel, then the routed outputs are combined.
+pub fn moe_forward_finish(
+    cfg: &ModelConfig,
+    layer: usize,
+    w: &DenseLayerWeights,
+    x_td: &[f32],
+    started: MoeForwardStarted,
+    experts: &mut dyn ExpertExecutor,
+) -> Result<(Vec<f32>, MoeCache), ModelError> {
+    let MoeForwardStarted { routing, plan, experts: in_flight } = started;
+    let (t, d, f) = (routing.num_tokens, cfg.d_model, cfg.ffn_hidden);
     let mut shared_caches = Vec::with_capacity(w.shared.len());
-    let mut y_td = vec![0.0; if w.shared.is_empty() { 0 } else { t * d }];
+    let mut shared_outputs = Vec::with_capacity(w.shared.len());
     for shared in &w.shared {
         let mut cache = SwigluCache::default();
+        let mut y_td = vec![0.0; t * d];
         swiglu_forward(shared, d, f, x_td, t, &mut y_td, &mut cache);
-        out_td.iter_mut().zip(&y_td).for_each(|(o, y)| *o += y);
+        shared_outputs.push(y_td);
         shared_caches.push(cache);
+    }
+    let y_ad = experts.finish_forward(layer, in_flight)?;
+    let mut out_td = vec![0.0; t * d];
+    plan.combine(&routing, &y_ad, d, &mut out_td);
+    for y_td in &shared_outputs {
+        out_td.iter_mut().zip(y_td).for_each(|(o, y)| *o += y);
     }
     Ok((out_td, MoeCache { routing, plan, y_ad, shared: shared_caches }))
 }
@@ -67,14 +107,57 @@ pub fn moe_backward(
     dx_td: &mut [f32],
     experts: &mut dyn ExpertExecutor,
 ) -> Result<(), ModelError> {
+    let started = moe_backward_start(cfg, layer, cache, dout_td, experts)?;
+    let scales = (aux_scale, z_scale);
+    moe_backward_finish(cfg, layer, w, gw, x_td, cache, scales, dout_td, dx_td, started, experts)
+}
+
+/// The routed part of an MoE backward pass whose rows are in flight.
+pub struct MoeBackwardStarted {
+    dgate_tk: Vec<f32>,
+    experts: Started,
+}
+
+/// First half of [`moe_backward`]: combine's backward, and the output
+/// gradients handed to the experts (which may start sending them). Touches
+/// no gradient, so the caller may run other backward work before finishing.
+pub fn moe_backward_start(
+    cfg: &ModelConfig,
+    layer: usize,
+    cache: &MoeCache,
+    dout_td: &[f32],
+    experts: &mut dyn ExpertExecutor,
+) -> Result<MoeBackwardStarted, ModelError> {
+    let mut dgate_tk = vec![0.0; cache.routing.num_tokens * cfg.top_k];
+    let dy_ad = cache.plan.combine_backward(&cache.routing, &cache.y_ad, dout_td, cfg.d_model, &mut dgate_tk);
+    let started = experts.start_backward(layer, &cache.plan, &dy_ad)?;
+    Ok(MoeBackwardStarted { dgate_tk, experts: started })
+}
+
+/// Second half of [`moe_backward`]: shared experts (while routed rows may
+/// still travel), then the routed input gradients and the router's.
+/// `scales` are the aux and z loss weights.
+#[allow(clippy::too_many_arguments)]
+pub fn moe_backward_finish(
+    cfg: &ModelConfig,
+    layer: usize,
+    w: &DenseLayerWeights,
+    gw: &mut DenseLayerWeights,
+    x_td: &[f32],
+    cache: &MoeCache,
+    scales: (f32, f32),
+    dout_td: &[f32],
+    dx_td: &mut [f32],
+    started: MoeBackwardStarted,
+    experts: &mut dyn ExpertExecutor,
+) -> Result<(), ModelError> {
     let (t, d, f) = (cache.routing.num_tokens, cfg.d_model, cfg.ffn_hidden);
     for ((shared, gshared), sc) in w.shared.iter().zip(gw.shared.iter_mut()).zip(&cache.shared) {
         swiglu_backward(shared, d, f, x_td, t, sc, dout_td, dx_td, gshared);
     }
-    let mut dgate_tk = vec![0.0; t * cfg.top_k];
-    let dy_ad = cache.plan.combine_backward(&cache.routing, &cache.y_ad, dout_td, d, &mut dgate_tk);
-    let dx_ad = experts.backward(layer, &cache.plan, &dy_ad)?;
+    let dx_ad = experts.finish_backward(layer, started.experts)?;
     cache.plan.gather_backward(&dx_ad, d, dx_td);
-    route_backward(cfg, x_td, &w.router, &cache.routing, &dgate_tk, aux_scale, z_scale, dx_td, &mut gw.router);
+    let (aux_scale, z_scale) = scales;
+    route_backward(cfg, x_td, &w.router, &cache.routing, &started.dgate_tk, aux_scale, z_scale, dx_td, &mut gw.router);
     Ok(())
 }

@@ -5,6 +5,7 @@
 //! overrides and checks the settings against each other.
 
 use crate::data::DataConfig;
+use crate::overlap::OverlapConfig;
 use model::optim::OptimConfig;
 use model::ModelConfig;
 use serde::{Deserialize, Serialize};
@@ -169,6 +170,8 @@ pub struct JobConfig {
     pub train: TrainConfig,
     #[serde(default)]
     pub checkpoint: CheckpointConfig,
+    #[serde(default)]
+    pub overlap: OverlapConfig,
     #[serde(default)]
     pub coordinator: CoordinatorConfig,
     #[serde(default)]
@@ -339,6 +342,7 @@ impl JobConfig {
         if self.coordinator.heartbeat_timeout_s.is_nan() || self.coordinator.heartbeat_timeout_s <= 0.0 {
             return Err(invalid("coordinator", "heartbeat_timeout_s", "must be a positive number of seconds".into()));
         }
+        self.overlap.validate().map_err(|(key, reason)| invalid("overlap", key, reason))?;
         if self.checkpoint.keep_last == 0 {
             return Err(invalid("checkpoint", "keep_last", "must be at least 1".into()));
         }

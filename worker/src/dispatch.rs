@@ -11,15 +11,27 @@
 //!    the single-rank reference);
 //! 3. sends the outputs back (all-to-all-v) and undoes the permutation.
 //!
+//! Overlap: with a communication thread ([`AllToAllExperts::pipelined`]),
+//! rows travel while this rank computes. Each exchange is cut in chunks
+//! (a share of every rank's block): the experts run on chunk i as soon as
+//! it arrived, while chunk i+1 is still travelling and chunk i-1's outputs
+//! travel back. `start_forward`/`start_backward` only send, so the model
+//! can compute attention or shared experts before `finish_*` waits.
+//! Forward outputs are the same bits as unchunked; the experts' weight
+//! gradients are summed chunk by chunk, so they differ in rounding.
+//!
 //! The backward pass runs the same exchange in reverse: combine's backward
 //! is a dispatch, dispatch's a combine.
 //!
 //! Legend: `a` dispatch rows, `d` d_model.
 
-use collectives::Communicator;
+use crate::overlap::exposure::Exposure;
+use collectives::comm_thread::{CommThread, OpTimes, Ticket};
+use collectives::{Communicator, Received};
 use coordinator::PlacementPlan;
-use model::moe::{DispatchPlan, ExpertExecutor, LocalExperts};
+use model::moe::{DispatchPlan, ExpertExecutor, LocalExperts, Started};
 use model::{ModelConfig, ModelError};
+use std::collections::VecDeque;
 use std::time::Instant;
 
 /// Communication and compute spent in the expert stage, for metrics.
@@ -28,7 +40,11 @@ pub struct DispatchStats {
     /// Bytes of rows sent to / received from other ranks (forward and backward).
     pub bytes_sent: u64,
     pub bytes_received: u64,
+    /// Time the row exchanges took (on the communication thread when they
+    /// overlap with computation).
     pub alltoall_s: f64,
+    /// Of that, the time this rank waited for them (not hidden).
+    pub alltoall_exposed_s: f64,
     pub expert_s: f64,
     /// Rows this rank's experts processed (forward).
     pub rows_computed: u64,
@@ -40,9 +56,25 @@ impl DispatchStats {
         self.bytes_sent += other.bytes_sent;
         self.bytes_received += other.bytes_received;
         self.alltoall_s += other.alltoall_s;
+        self.alltoall_exposed_s += other.alltoall_exposed_s;
         self.expert_s += other.expert_s;
         self.rows_computed += other.rows_computed;
     }
+}
+
+/// One piece of a pipelined exchange: some rows of every rank's block.
+#[derive(Debug, Clone)]
+struct Chunk {
+    /// Positions in send order of the rows this chunk sends.
+    send_positions: Vec<usize>,
+    /// Rows this chunk sends to each rank.
+    send_counts: Vec<usize>,
+    /// Rows this chunk receives from each rank.
+    recv_counts: Vec<usize>,
+    /// For each row received (source-major), its row in `plan`.
+    recv_to_plan: Vec<usize>,
+    /// The expert-major grouping of the rows received.
+    plan: DispatchPlan,
 }
 
 /// How one layer's rows were exchanged, kept for the backward pass.
@@ -50,26 +82,53 @@ impl DispatchStats {
 struct Exchange {
     /// The dispatch-plan row of each row sent, in send order (owner-major).
     send_order: Vec<usize>,
-    /// Rows sent to each rank.
-    send_counts: Vec<usize>,
-    /// Rows received from each rank.
-    recv_counts: Vec<usize>,
-    /// For each received row (source-major), its row in the expert-major buffer.
-    recv_to_local: Vec<usize>,
-    /// The expert-major grouping of the received rows.
-    local_plan: DispatchPlan,
+    chunks: Vec<Chunk>,
+}
+
+/// Which pass a flight belongs to.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Pass {
+    Forward,
+    Backward,
+}
+
+/// A row exchange, in flight on the communication thread or already done.
+enum Transfer {
+    Done(Received, OpTimes),
+    InFlight(Ticket),
+}
+
+impl Transfer {
+    fn wait(self) -> Result<(Received, OpTimes), ModelError> {
+        match self {
+            Transfer::Done(received, times) => Ok((received, times)),
+            Transfer::InFlight(ticket) => ticket.wait().map_err(comm_error),
+        }
+    }
+}
+
+/// A started pass of one layer: its exchange and the chunks on their way.
+struct Flight {
+    pass: Pass,
+    exchange: Exchange,
+    outbound: VecDeque<Transfer>,
 }
 
 /// Runs the experts where the placement plan puts them.
 pub struct AllToAllExperts<'a> {
     comm: &'a mut dyn Communicator,
+    /// When set, rows travel on this thread's group while this rank computes.
+    pipe: Option<&'a CommThread>,
+    /// Where waits for rows are counted as exposed communication.
+    exposure: Option<&'a Exposure>,
     placement: &'a PlacementPlan,
     local: LocalExperts<'a>,
     d: usize,
     top_k: usize,
+    /// Pieces each exchange is cut in (1 without a pipe).
+    chunk_count: usize,
     saved: Vec<Option<Exchange>>,
-    /// Receive buffer of every exchange, its allocation reused across them.
-    received: Vec<f32>,
+    flights: Vec<Option<Flight>>,
     /// Totals since construction.
     pub stats: DispatchStats,
 }
@@ -86,10 +145,20 @@ fn gather_rows(src: &[f32], d: usize, order: &[usize]) -> Vec<f32> {
 /// `out[order[i]] = src[i]`, row by row (the inverse of [`gather_rows`]).
 fn scatter_rows(src: &[f32], d: usize, order: &[usize]) -> Vec<f32> {
     let mut out = vec![0.0; order.len() * d];
+    scatter_rows_into(src, d, order, &mut out);
+    out
+}
+
+/// `out[order[i]] = src[i]`, row by row, into an existing buffer.
+fn scatter_rows_into(src: &[f32], d: usize, order: &[usize], out: &mut [f32]) {
     for (i, &row) in order.iter().enumerate() {
         out[row * d..(row + 1) * d].copy_from_slice(&src[i * d..(i + 1) * d]);
     }
-    out
+}
+
+/// Rows `[lo, hi)` of piece `c` of `n` rows cut in `pieces` near-equal pieces.
+fn piece(n: usize, c: usize, pieces: usize) -> std::ops::Range<usize> {
+    n * c / pieces..n * (c + 1) / pieces
 }
 
 fn comm_error(e: collectives::CommError) -> ModelError {
@@ -98,7 +167,8 @@ fn comm_error(e: collectives::CommError) -> ModelError {
 
 impl<'a> AllToAllExperts<'a> {
     /// `comm` is the expert-parallel group (its ranks are the plan's
-    /// owners); `local` runs the experts this rank holds.
+    /// owners); `local` runs the experts this rank holds. Without a `pipe`
+    /// every exchange runs on `comm` while this rank waits.
     pub fn new(
         cfg: &ModelConfig,
         comm: &'a mut dyn Communicator,
@@ -107,30 +177,69 @@ impl<'a> AllToAllExperts<'a> {
     ) -> Self {
         Self {
             comm,
+            pipe: None,
+            exposure: None,
             placement,
             local,
             d: cfg.d_model,
             top_k: cfg.top_k,
+            chunk_count: 1,
             saved: vec![None; cfg.n_layers],
+            flights: (0..cfg.n_layers).map(|_| None).collect(),
             stats: DispatchStats::default(),
-            received: Vec::new(),
         }
     }
 
-    /// All-to-all-v of rows into `self.received`; counts are in rows.
-    fn exchange_rows(&mut self, rows: &[f32], counts: &[usize]) -> Result<(), ModelError> {
-        let started = Instant::now();
+    /// Sends rows on `pipe` (a group of the same ranks as `comm`, on its
+    /// own thread) in `chunks` pieces: the experts compute piece i while
+    /// piece i+1 travels, and piece i's outputs travel back meanwhile.
+    pub fn pipelined(mut self, pipe: &'a CommThread, chunks: usize) -> Self {
+        let chunks = chunks.max(1);
+        self.pipe = Some(pipe);
+        self.local = self.local.with_slots(chunks);
+        self.chunk_count = chunks;
+        self
+    }
+
+    /// Counts this executor's waits in `exposure` (see `overlap::exposure`).
+    pub fn exposed_to(mut self, exposure: &'a Exposure) -> Self {
+        self.exposure = Some(exposure);
+        self
+    }
+
+    /// Starts an all-to-all-v of rows (counts in rows).
+    fn send(&mut self, rows: Vec<f32>, counts: &[usize]) -> Result<Transfer, ModelError> {
         let me = self.comm.rank();
         let value_counts: Vec<usize> = counts.iter().map(|c| c * self.d).collect();
-        let received_counts =
-            self.comm.all_to_all_v_into(rows, &value_counts, &mut self.received).map_err(comm_error)?;
-        let remote = |counts: &[usize]| -> u64 {
-            counts.iter().enumerate().filter(|(r, _)| *r != me).map(|(_, c)| *c as u64 * 4).sum()
+        self.stats.bytes_sent +=
+            value_counts.iter().enumerate().filter(|(r, _)| *r != me).map(|(_, c)| *c as u64 * 4).sum::<u64>();
+        if let Some(pipe) = self.pipe {
+            return Ok(Transfer::InFlight(pipe.all_to_all_v(rows, value_counts)));
+        }
+        let started = Instant::now();
+        let comm = &mut *self.comm;
+        let mut exchange = || comm.all_to_all_v(&rows, &value_counts);
+        let received = match self.exposure {
+            Some(exposure) => exposure.waiting(exchange),
+            None => exchange(),
+        }
+        .map_err(comm_error)?;
+        let took = started.elapsed();
+        Ok(Transfer::Done(received, OpTimes { busy: took, waited: took }))
+    }
+
+    /// Waits for an exchange, counting its bytes and times.
+    fn receive(&mut self, transfer: Transfer) -> Result<Vec<f32>, ModelError> {
+        let (received, times) = match self.exposure {
+            Some(exposure) => exposure.waiting(|| transfer.wait())?,
+            None => transfer.wait()?,
         };
-        self.stats.bytes_sent += remote(&value_counts);
-        self.stats.bytes_received += remote(&received_counts);
-        self.stats.alltoall_s += started.elapsed().as_secs_f64();
-        Ok(())
+        let me = self.comm.rank();
+        self.stats.bytes_received +=
+            received.counts.iter().enumerate().filter(|(r, _)| *r != me).map(|(_, c)| *c as u64 * 4).sum::<u64>();
+        self.stats.alltoall_s += times.busy.as_secs_f64();
+        self.stats.alltoall_exposed_s += times.waited.as_secs_f64();
+        Ok(received.values)
     }
 
     /// Works out who sends what to whom for one layer's dispatch plan. An
@@ -160,65 +269,140 @@ impl<'a> AllToAllExperts<'a> {
         let from: Vec<Vec<usize>> =
             (0..ranks).map(|s| (0..plan.num_experts).filter(|&e| owner(e, s) == me).collect()).collect();
         debug_assert_eq!(recv_meta.len(), from.iter().map(Vec::len).sum::<usize>());
-        let mut counts_e = vec![0usize; plan.num_experts];
-        let mut recv_counts = vec![0usize; ranks];
+        // Per source, the expert of each row it sends here, in its send order.
+        let mut expert_rows: Vec<Vec<usize>> = vec![Vec::new(); ranks];
         let mut cursor = 0;
         for (s, experts) in from.iter().enumerate() {
             for &e in experts {
-                counts_e[e] += recv_meta[cursor] as usize;
-                recv_counts[s] += recv_meta[cursor] as usize;
+                expert_rows[s].extend(std::iter::repeat_n(e, recv_meta[cursor] as usize));
                 cursor += 1;
             }
         }
-        // Received rows are source-major; the local experts want expert-major.
-        let local_plan = DispatchPlan::grouped(counts_e, self.top_k);
-        let mut next_free: Vec<usize> = local_plan.offsets_e[..plan.num_experts].to_vec();
-        let mut recv_to_local = Vec::with_capacity(local_plan.num_rows());
-        let mut cursor = 0;
-        for experts in &from {
-            for &e in experts {
-                let count = recv_meta[cursor] as usize;
-                recv_to_local.extend(next_free[e]..next_free[e] + count);
-                next_free[e] += count;
-                cursor += 1;
-            }
+        let pieces = self.chunk_count;
+        let mut send_offsets = vec![0usize; ranks + 1];
+        for r in 0..ranks {
+            send_offsets[r + 1] = send_offsets[r] + send_counts[r];
         }
-        Ok(Exchange { send_order, send_counts, recv_counts, recv_to_local, local_plan })
+        let chunks = (0..pieces)
+            .map(|c| {
+                let mut send_positions = Vec::new();
+                let mut chunk_send = vec![0usize; ranks];
+                for r in 0..ranks {
+                    let rows = piece(send_counts[r], c, pieces);
+                    chunk_send[r] = rows.len();
+                    send_positions.extend(rows.map(|i| send_offsets[r] + i));
+                }
+                // Received rows are source-major; the local experts want expert-major.
+                let mut recv_counts = vec![0usize; ranks];
+                let mut counts_e = vec![0usize; plan.num_experts];
+                let mut arriving = Vec::new();
+                for (s, experts) in expert_rows.iter().enumerate() {
+                    let rows = piece(experts.len(), c, pieces);
+                    recv_counts[s] = rows.len();
+                    for &e in &experts[rows] {
+                        counts_e[e] += 1;
+                        arriving.push(e);
+                    }
+                }
+                let chunk_plan = DispatchPlan::grouped(counts_e, self.top_k);
+                let mut next_free: Vec<usize> = chunk_plan.offsets_e[..plan.num_experts].to_vec();
+                let recv_to_plan = arriving
+                    .into_iter()
+                    .map(|e| {
+                        next_free[e] += 1;
+                        next_free[e] - 1
+                    })
+                    .collect();
+                Chunk { send_positions, send_counts: chunk_send, recv_counts, recv_to_plan, plan: chunk_plan }
+            })
+            .collect();
+        Ok(Exchange { send_order, chunks })
+    }
+
+    /// Sends every chunk of `rows_ad` (rows in dispatch-plan order).
+    fn start(&mut self, layer: usize, pass: Pass, exchange: Exchange, rows_ad: &[f32]) -> Result<(), ModelError> {
+        let mut outbound = VecDeque::with_capacity(exchange.chunks.len());
+        for chunk in &exchange.chunks {
+            let order: Vec<usize> = chunk.send_positions.iter().map(|&p| exchange.send_order[p]).collect();
+            outbound.push_back(self.send(gather_rows(rows_ad, self.d, &order), &chunk.send_counts)?);
+        }
+        self.flights[layer] = Some(Flight { pass, exchange, outbound });
+        Ok(())
+    }
+
+    /// Runs the experts on each chunk as it arrives, sends its results
+    /// back, and assembles them in dispatch-plan order.
+    fn finish(&mut self, layer: usize, pass: Pass) -> Result<(Exchange, Vec<f32>), ModelError> {
+        let d = self.d;
+        let Flight { pass: started_as, exchange, mut outbound } = self.flights[layer]
+            .take()
+            .ok_or_else(|| ModelError::Executor(format!("layer {layer}: no expert pass in flight to finish")))?;
+        if started_as != pass {
+            return Err(ModelError::Executor(format!(
+                "layer {layer}: finishing a {pass:?} pass started as {started_as:?}"
+            )));
+        }
+        let mut inbound = VecDeque::with_capacity(exchange.chunks.len());
+        for (c, chunk) in exchange.chunks.iter().enumerate() {
+            let transfer = outbound.pop_front().expect("one transfer per chunk");
+            let arrived = self.receive(transfer)?;
+            let x_local = scatter_rows(&arrived, d, &chunk.recv_to_plan);
+            let started = Instant::now();
+            let y_local = match pass {
+                Pass::Forward => self.local.forward_in(c, layer, &chunk.plan, &x_local)?,
+                Pass::Backward => self.local.backward_in(c, layer, &chunk.plan, &x_local)?,
+            };
+            self.stats.expert_s += started.elapsed().as_secs_f64();
+            if pass == Pass::Forward {
+                self.stats.rows_computed += chunk.plan.num_rows() as u64;
+            }
+            inbound.push_back(self.send(gather_rows(&y_local, d, &chunk.recv_to_plan), &chunk.recv_counts)?);
+        }
+        let mut out_ad = vec![0.0; exchange.send_order.len() * d];
+        for chunk in &exchange.chunks {
+            let transfer = inbound.pop_front().expect("one transfer per chunk");
+            let back = self.receive(transfer)?;
+            let order: Vec<usize> = chunk.send_positions.iter().map(|&p| exchange.send_order[p]).collect();
+            scatter_rows_into(&back, d, &order, &mut out_ad);
+        }
+        Ok((exchange, out_ad))
     }
 }
 
 impl ExpertExecutor for AllToAllExperts<'_> {
     fn forward(&mut self, layer: usize, plan: &DispatchPlan, x_ad: &[f32]) -> Result<Vec<f32>, ModelError> {
-        let d = self.d;
-        let ex = self.plan_exchange(layer, plan)?;
-        let sent = gather_rows(x_ad, d, &ex.send_order);
-        self.exchange_rows(&sent, &ex.send_counts)?;
-        let x_local = scatter_rows(&self.received, d, &ex.recv_to_local);
-        let started = Instant::now();
-        let y_local = self.local.forward(layer, &ex.local_plan, &x_local)?;
-        self.stats.expert_s += started.elapsed().as_secs_f64();
-        self.stats.rows_computed += ex.local_plan.num_rows() as u64;
-        let y_back = gather_rows(&y_local, d, &ex.recv_to_local);
-        self.exchange_rows(&y_back, &ex.recv_counts)?;
-        let y_ad = scatter_rows(&self.received, d, &ex.send_order);
-        self.saved[layer] = Some(ex);
+        let started = self.start_forward(layer, plan, x_ad)?;
+        self.finish_forward(layer, started)
+    }
+
+    fn backward(&mut self, layer: usize, plan: &DispatchPlan, dy_ad: &[f32]) -> Result<Vec<f32>, ModelError> {
+        let started = self.start_backward(layer, plan, dy_ad)?;
+        self.finish_backward(layer, started)
+    }
+
+    fn start_forward(&mut self, layer: usize, plan: &DispatchPlan, x_ad: &[f32]) -> Result<Started, ModelError> {
+        let exchange = self.plan_exchange(layer, plan)?;
+        self.start(layer, Pass::Forward, exchange, x_ad)?;
+        Ok(Started::InFlight)
+    }
+
+    fn finish_forward(&mut self, layer: usize, _started: Started) -> Result<Vec<f32>, ModelError> {
+        let (exchange, y_ad) = self.finish(layer, Pass::Forward)?;
+        self.saved[layer] = Some(exchange);
         Ok(y_ad)
     }
 
-    fn backward(&mut self, layer: usize, _plan: &DispatchPlan, dy_ad: &[f32]) -> Result<Vec<f32>, ModelError> {
-        let d = self.d;
-        let ex = self.saved[layer]
+    fn start_backward(&mut self, layer: usize, _plan: &DispatchPlan, dy_ad: &[f32]) -> Result<Started, ModelError> {
+        // Combine's backward is a dispatch along the forward's exchange.
+        let exchange = self.saved[layer]
             .take()
             .ok_or_else(|| ModelError::Executor(format!("layer {layer}: backward without a forward")))?;
-        let sent = gather_rows(dy_ad, d, &ex.send_order);
-        self.exchange_rows(&sent, &ex.send_counts)?;
-        let dy_local = scatter_rows(&self.received, d, &ex.recv_to_local);
-        let started = Instant::now();
-        let dx_local = self.local.backward(layer, &ex.local_plan, &dy_local)?;
-        self.stats.expert_s += started.elapsed().as_secs_f64();
-        let dx_back = gather_rows(&dx_local, d, &ex.recv_to_local);
-        self.exchange_rows(&dx_back, &ex.recv_counts)?;
-        Ok(scatter_rows(&self.received, d, &ex.send_order))
+        self.start(layer, Pass::Backward, exchange, dy_ad)?;
+        Ok(Started::InFlight)
+    }
+
+    fn finish_backward(&mut self, layer: usize, _started: Started) -> Result<Vec<f32>, ModelError> {
+        Ok(self.finish(layer, Pass::Backward)?.1)
     }
 }
 

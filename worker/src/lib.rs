@@ -11,6 +11,8 @@ pub mod error;
 pub mod eval;
 pub mod memory;
 pub mod metrics;
+pub mod micro_batches;
+pub mod overlap;
 pub mod preemption;
 pub mod rank;
 pub mod state;

@@ -37,6 +37,16 @@ pub struct StepMetrics {
     /// Slowest rank's forward+backward time (all-to-all included).
     #[serde(default)]
     pub compute_s: f64,
+    /// Slowest rank's communication time (all-to-all, gradient buckets and
+    /// sync), whether or not computation hid it.
+    #[serde(default)]
+    pub comm_s: f64,
+    /// Slowest rank's exposed communication: time no computation hid.
+    #[serde(default)]
+    pub exposed_comm_s: f64,
+    /// Hidden over total communication time, all ranks together (0 to 1).
+    #[serde(default)]
+    pub overlap_efficiency: f64,
     /// What saving a checkpoint cost this step (copy to host buffers, or a
     /// wait for the previous upload); uploads themselves run in the background.
     #[serde(default)]
@@ -59,6 +69,13 @@ pub struct RankMetrics {
     pub expert_s: f64,
     pub alltoall_bytes_sent: u64,
     pub alltoall_bytes_received: u64,
+    #[serde(default)]
+    pub comm_s: f64,
+    #[serde(default)]
+    pub exposed_comm_s: f64,
+    /// Time this rank's lanes waited for all-to-all (hidden or not).
+    #[serde(default)]
+    pub alltoall_waited_s: f64,
 }
 
 /// Appends one JSON object per line to a metrics file.

@@ -7,23 +7,26 @@
 //! to the global norm across all ranks; AdamW; maybe a checkpoint. Rank 0
 //! reports metrics and commits checkpoints.
 
-use crate::attention_shards::{cut_to_shard, joined, ShardGroup};
+use crate::attention_shards::{cut_to_shard, joined};
 use crate::checkpointing::Checkpointer;
 use crate::config::JobConfig;
 use crate::coordination::register;
-use crate::dispatch::{AllToAllExperts, DispatchStats};
+use crate::dispatch::DispatchStats;
 use crate::error::WorkerError;
 use crate::metrics::{MetricsWriter, RankMetrics, StepMetrics};
+use crate::micro_batches::{run_micro_batches, Lane, StepInputs};
+use crate::overlap::exposure::Exposure;
+use crate::overlap::Techniques;
 use crate::preemption;
 use crate::state::TrainState;
 use crate::sync::{all_reduce_tensors, gather_json, sum_over_ranks};
 use crate::train::{checkpoint_url, open_data, starting_state, Observer, Resume, RunOptions, StartInfo, TrainSummary};
+use collectives::comm_thread::CommThread;
 use collectives::Communicator;
 use coordinator::client::CoordinatorClient;
 use coordinator::protocol::StepReport;
 use coordinator::{ParallelDims, PlacementPlan};
-use model::model::{forward_backward, forward_backward_sharded, ForwardStats, LossScales, MicroBatch};
-use model::moe::LocalExperts;
+use model::model::{ForwardStats, LossScales};
 use model::ops::rope::RopeTable;
 use model::optim::{adamw_update, clip_factor, sum_of_squares, takes_weight_decay};
 use model::schedule::learning_rate;
@@ -43,16 +46,60 @@ struct Groups {
     tp: Option<Box<dyn Communicator>>,
     /// The ranks holding the same attention shard (its gradients), when attn_tp > 1 and dp > 1.
     dp: Option<Box<dyn Communicator>>,
+    /// The expert-parallel group's communication thread (overlap).
+    ep_pipe: Option<CommThread>,
+    /// The second lane's groups, when micro-batches interleave.
+    second: Option<SecondLane>,
+    /// Every rank, on a communication thread: gradient buckets.
+    grad_pipe: Option<CommThread>,
 }
 
-fn groups(comm: &mut dyn Communicator, dims: &ParallelDims) -> Result<Groups, WorkerError> {
+/// The groups of the second lane (see `micro_batches`).
+struct SecondLane {
+    ep: Box<dyn Communicator>,
+    pipe: Option<CommThread>,
+    tp: Option<Box<dyn Communicator>>,
+}
+
+fn groups(comm: &mut dyn Communicator, dims: &ParallelDims, techniques: &Techniques) -> Result<Groups, WorkerError> {
     let rank = comm.rank();
-    let ep = comm.split(dims.edp_rank(rank), dims.ep_rank(rank))?;
+    let mut ep = comm.split(dims.edp_rank(rank), dims.ep_rank(rank))?;
     let edp = if dims.edp > 1 { Some(comm.split(dims.ep_rank(rank), dims.edp_rank(rank))?) } else { None };
     let sharded = dims.attn_tp > 1;
-    let tp = if sharded { Some(comm.split(dims.dp_rank(rank), dims.tp_rank(rank))?) } else { None };
+    let mut tp = if sharded { Some(comm.split(dims.dp_rank(rank), dims.tp_rank(rank))?) } else { None };
     let dp = if sharded && dims.dp > 1 { Some(comm.split(dims.tp_rank(rank), dims.dp_rank(rank))?) } else { None };
-    Ok(Groups { world_rank: rank, ep, edp, tp, dp })
+    // Copies of a group (same ranks) for communication threads and the
+    // second lane: every rank makes them in the same order.
+    let copy = |group: &mut dyn Communicator| group.split(0, group.rank());
+    let pipe = |group: &mut dyn Communicator| -> Result<CommThread, WorkerError> {
+        CommThread::spawn(copy(group)?)
+            .map_err(|e| WorkerError::Layout(format!("cannot start a communication thread: {e}")))
+    };
+    let ep_pipe = if techniques.pipe_chunks.is_some() { Some(pipe(ep.as_mut())?) } else { None };
+    let second = if techniques.interleave {
+        let mut ep2 = copy(ep.as_mut())?;
+        let pipe2 = if techniques.pipe_chunks.is_some() { Some(pipe(ep2.as_mut())?) } else { None };
+        let tp2 = match tp.as_mut() {
+            Some(tp) => Some(copy(tp.as_mut())?),
+            None => None,
+        };
+        Some(SecondLane { ep: ep2, pipe: pipe2, tp: tp2 })
+    } else {
+        None
+    };
+    let grad_pipe = if techniques.bucket_values.is_some() { Some(pipe(comm)?) } else { None };
+    Ok(Groups { world_rank: rank, ep, edp, tp, dp, ep_pipe, second, grad_pipe })
+}
+
+/// A group borrowed for a step (the trait object's lifetime shortened,
+/// which `Option` does not do by itself).
+fn shorter(group: &mut Option<Box<dyn Communicator>>) -> Option<&mut dyn Communicator> {
+    group.as_mut().map(|g| g.as_mut() as &mut dyn Communicator)
+}
+
+/// Whether dense tensor `name` belongs to one layer (`layers.N.*`), which gradient buckets carry.
+fn is_layer_tensor(name: &str) -> bool {
+    name.starts_with("layers.")
 }
 
 /// Whether `name` is cut over attention shards in this layout.
@@ -123,7 +170,11 @@ fn train_rank(
     };
     // Balanced placement: tokens per expert since the last plan.
     let mut expert_loads = vec![vec![0.0f64; cfg.n_experts]; cfg.n_layers];
-    let mut groups = groups(comm, &dims)?;
+    let accumulation = job.grad_accumulation(dims.dp);
+    let threads_ok = collectives::mpi::comm_threads_allowed();
+    let techniques = Techniques::choose(&job.overlap, dims.world, dims.attn_tp, accumulation, threads_ok);
+    let mut groups = groups(comm, &dims, &techniques)?;
+    let exposure = Exposure::new(1);
     let rank = groups.world_rank;
     let lead = rank == 0;
     let data = open_data(job)?;
@@ -151,7 +202,6 @@ fn train_rank(
     // Which node each rank runs on, for the banner (and proof of a multi-node run).
     let nodes: Vec<String> = gather_json(comm, &node_name())?;
 
-    let accumulation = job.grad_accumulation(dims.dp);
     let micro = job.train.micro_batch_size;
     let per_rank = job.train.global_batch_size / dims.dp;
     let tokens_per_step = (job.train.global_batch_size * cfg.seq_len) as u64;
@@ -172,6 +222,8 @@ fn train_rank(
 
     let rope = RopeTable::new(cfg.seq_len, cfg.head_dim(), cfg.rope_theta);
     let mut grads = state.weights.zeros_like();
+    // The second lane's gradients, added into `grads` after the passes.
+    let mut grads_b = groups.second.as_ref().map(|_| state.weights.zeros_like());
     // Every micro-batch of the global batch counts once in the aux and z terms.
     let micro_batches = (dims.dp * accumulation) as f32;
     let scales = LossScales {
@@ -191,45 +243,58 @@ fn train_rank(
             g.fill(0.0);
         }
         let mut local = LocalStep::default();
-        let first_sequence = dims.dp_rank(rank) * per_rank;
-        for m in 0..accumulation {
-            let tokens = data.batch_for_step(
-                job.train.seed,
-                state.step,
-                job.train.global_batch_size,
-                first_sequence + m * micro,
-                micro,
-                cfg.seq_len + 1,
-            )?;
-            let mb = MicroBatch { tokens: &tokens, batch: micro };
-            let compute_started = Instant::now();
-            let mut experts = LocalExperts::new(cfg, &state.weights.experts, &mut grads.experts);
-            let stats = if dims.world == 1 {
-                forward_backward(cfg, &rope, &state.weights.dense, &mut grads.dense, &mut experts, mb, scales)?
-            } else {
-                let mut a2a = AllToAllExperts::new(cfg, groups.ep.as_mut(), &placement, experts);
-                let (dense, grads) = (&state.weights.dense, &mut grads.dense);
-                let stats = match groups.tp.as_mut() {
-                    Some(tp) => {
-                        let mut shards = ShardGroup { comm: tp.as_mut() };
-                        forward_backward_sharded(cfg, &rope, dense, grads, &mut a2a, &mut shards, mb, scales)?
-                    }
-                    None => forward_backward(cfg, &rope, dense, grads, &mut a2a, mb, scales)?,
-                };
-                local.dispatch.add(&a2a.stats);
-                stats
-            };
-            local.compute_s += compute_started.elapsed().as_secs_f64();
-            local.add(&stats);
+        let inputs = StepInputs {
+            job,
+            dims,
+            rope: &rope,
+            weights: &state.weights,
+            placement: &placement,
+            scales,
+            data: &data,
+            step: state.step,
+            first_sequence: dims.dp_rank(rank) * per_rank,
+            techniques,
+            exposure: &exposure,
+        };
+        let Groups { ep, ep_pipe, tp, second, grad_pipe, .. } = &mut groups;
+        let mut lane_a = Lane { ep: ep.as_mut(), pipe: ep_pipe.as_ref(), tp: shorter(tp), grads: &mut grads };
+        let mut lane_b = match (second.as_mut(), grads_b.as_mut()) {
+            (Some(second), Some(grads)) => {
+                grads.tensors_mut().into_iter().for_each(|(_, g)| g.fill(0.0));
+                Some(Lane { ep: second.ep.as_mut(), pipe: second.pipe.as_ref(), tp: shorter(&mut second.tp), grads })
+            }
+            _ => None,
+        };
+        let (results, bucket_s) =
+            run_micro_batches(&inputs, &mut lane_a, lane_b.as_mut(), accumulation, grad_pipe.as_ref())?;
+        for r in &results {
+            local.compute_s += r.compute_s;
+            local.dispatch.add(&r.dispatch);
+            local.add(&r.stats);
+        }
+        // Two lanes ran at once: their wall time, not the sum.
+        if lane_b.is_some() {
+            local.compute_s = results.iter().map(|r| r.compute_s).fold(0.0, f64::max) * results.len() as f64 / 2.0;
         }
 
         // Gradient sync: replicated dense tensors over every rank, attention
         // shards over the ranks holding the same shard, experts over replicas.
+        // Buckets already summed the layers' dense gradients of both lanes.
         let sync_started = Instant::now();
+        if let Some(grads_b) = grads_b.as_ref() {
+            let bucketed = bucket_s.is_some();
+            let dense = grads.dense.tensors_mut().into_iter().zip(grads_b.dense.tensors());
+            let dense = dense.filter(|((name, _), _)| !(bucketed && is_layer_tensor(name)));
+            let experts = grads.experts.tensors_mut().into_iter().zip(grads_b.experts.tensors());
+            for ((_, g), (_, b)) in dense.chain(experts) {
+                g.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+            }
+        }
         if dims.world > 1 {
             let (sharded, replicated): (Vec<_>, Vec<_>) =
                 grads.dense.tensors_mut().into_iter().partition(|(name, _)| is_sharded(&dims, name, cfg.d_model));
-            all_reduce_tensors(comm, replicated)?;
+            let replicated = replicated.into_iter().filter(|(name, _)| bucket_s.is_none() || !is_layer_tensor(name));
+            all_reduce_tensors(comm, replicated.collect())?;
             if let Some(dp) = groups.dp.as_mut() {
                 all_reduce_tensors(dp.as_mut(), sharded)?;
             }
@@ -263,6 +328,8 @@ fn train_rank(
         groups.ep.all_reduce_sum_f64(&mut expert_sq)?;
         let grad_norm = (dense_sq + shard_sq[0] + expert_sq[0]).sqrt();
         let sync_s = sync_started.elapsed().as_secs_f64();
+        local.comm_s = local.dispatch.alltoall_s + bucket_s.unwrap_or(0.0) + sync_s;
+        local.exposed_comm_s = exposure.take().as_secs_f64() + sync_s;
 
         let micro_batches_global = (job.train.global_batch_size / micro) as f64;
         let (mut metrics, preempted) =
@@ -457,6 +524,8 @@ fn report_step(
         dropped: local.dropped.iter().sum::<usize>() as u64,
         alltoall_bytes: local.dispatch.bytes_sent,
         alltoall_s: local.dispatch.alltoall_s,
+        comm_s: local.comm_s,
+        exposed_comm_s: local.exposed_comm_s,
         // The coordinator writes metrics.jsonl from rank 0's line.
         detail: (rank == 0).then(|| serde_json::to_string(metrics).expect("metrics serialise")),
     };
@@ -478,6 +547,10 @@ struct LocalStep {
     tokens: usize,
     compute_s: f64,
     dispatch: DispatchStats,
+    /// Communication time (all-to-all, gradient buckets, gradient sync)
+    /// and the part of it no computation hid.
+    comm_s: f64,
+    exposed_comm_s: f64,
 }
 
 impl LocalStep {
@@ -525,6 +598,9 @@ impl LocalStep {
             self.dispatch.expert_s,
             self.dispatch.bytes_sent as f64,
             self.dispatch.bytes_received as f64,
+            self.comm_s,
+            self.exposed_comm_s,
+            self.dispatch.alltoall_exposed_s,
         ];
         let width = per_rank_values.len();
         let mut slots = vec![0.0; world * width];
@@ -542,6 +618,9 @@ impl LocalStep {
                 expert_s: v[4],
                 alltoall_bytes_sent: v[5] as u64,
                 alltoall_bytes_received: v[6] as u64,
+                comm_s: v[7],
+                exposed_comm_s: v[8],
+                alltoall_waited_s: v[9],
             })
             .collect();
         let layers = self.tokens_per_expert.len();
@@ -566,10 +645,25 @@ impl LocalStep {
             alltoall_s: per_rank.iter().map(|r| r.alltoall_s).fold(0.0, f64::max),
             expert_s: per_rank.iter().map(|r| r.expert_s).fold(0.0, f64::max),
             compute_s: per_rank.iter().map(|r| r.compute_s).fold(0.0, f64::max),
+            comm_s: per_rank.iter().map(|r| r.comm_s).fold(0.0, f64::max),
+            exposed_comm_s: per_rank.iter().map(|r| r.exposed_comm_s).fold(0.0, f64::max),
+            overlap_efficiency: overlap_efficiency(&per_rank),
             per_rank,
             ..Default::default()
         };
         Ok((metrics, preempted))
+    }
+}
+
+/// Hidden communication over all communication, all ranks together
+/// (1: every transfer hidden behind computation, 0: none).
+fn overlap_efficiency(ranks: &[RankMetrics]) -> f64 {
+    let total: f64 = ranks.iter().map(|r| r.comm_s).sum();
+    let exposed: f64 = ranks.iter().map(|r| r.exposed_comm_s.min(r.comm_s)).sum();
+    if total > 0.0 {
+        (total - exposed) / total
+    } else {
+        0.0
     }
 }
 

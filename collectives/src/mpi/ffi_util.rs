@@ -101,6 +101,22 @@ pub(super) fn set_spin_tests(tests: u32) {
     SPIN_TESTS.store(tests, Ordering::Relaxed);
 }
 
+thread_local! {
+    /// Whether this thread is a communication thread (see `crate::comm_thread`).
+    static BACKGROUND: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Tests a communication thread makes before it starts napping.
+const BACKGROUND_SPIN_TESTS: u32 = 200;
+
+/// A communication thread's pause between tests once it naps.
+const BACKGROUND_NAP: std::time::Duration = std::time::Duration::from_micros(20);
+
+/// Marks this thread as a communication thread: its waits nap between tests.
+pub(super) fn mark_background() {
+    BACKGROUND.set(true);
+}
+
 /// How a wait ended.
 #[derive(Debug, PartialEq)]
 pub(super) enum Polled {
@@ -137,7 +153,12 @@ pub(super) fn poll(
         // and needs both sides to test often. Then yield, so that ranks
         // sharing a core (oversubscribed) let each other run.
         tests = tests.saturating_add(1);
-        if tests > SPIN_TESTS.load(Ordering::Relaxed) {
+        if BACKGROUND.get() && tests > BACKGROUND_SPIN_TESTS {
+            // A communication thread shares the cores with the rank's
+            // compute: short sleeps keep the transfer moving without
+            // taking a core from it.
+            std::thread::sleep(BACKGROUND_NAP);
+        } else if tests > SPIN_TESTS.load(Ordering::Relaxed) {
             std::thread::yield_now();
         }
     }

@@ -21,6 +21,10 @@ const LINEAR_FROM_BYTES: usize = 256 << 10;
 /// The longest a timed-out rank waits for its peers' roll-call answers.
 const ROLL_CALL_GRACE: Duration = Duration::from_secs(10);
 
+/// Whether MPI lets several threads call it at once (communication threads
+/// need that); true until MPI is initialised with less.
+pub(super) static THREAD_MULTIPLE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
 /// MPI, initialised for this process; finalised when dropped (after every
 /// communicator made from it is gone).
 pub struct MpiWorld {
@@ -49,6 +53,7 @@ impl MpiWorld {
                 ),
             });
         }
+        THREAD_MULTIPLE.store(threading == mpi::Threading::Multiple, std::sync::atomic::Ordering::Relaxed);
         if oversubscribed() {
             // A short spin still catches replies that are already on their way.
             set_spin_tests(200);

@@ -1,0 +1,183 @@
+//! A communication thread: collectives that run while the caller computes.
+//!
+//! [`CommThread`] owns a communicator (its own group, split for it, so its
+//! operations never interleave with the caller's) on a thread of its own
+//! and runs the operations submitted to it one after another, in the order
+//! they were submitted. Every rank submits the same operations in the same
+//! order, so they meet as the collectives they are. The thread itself
+//! drives each operation to completion (for MPI it keeps testing the
+//! request; for the local backend it does the copies and sums), so progress
+//! never depends on the caller calling into the library while it computes.
+//!
+//! Each [`Ticket`] says how long its operation ran on the thread and how
+//! long the caller waited for it: the difference is communication hidden
+//! behind computation.
+
+use crate::{CommError, Communicator, Received};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// An operation handed to the thread.
+enum Work {
+    AllToAllV { send: Vec<f32>, counts: Vec<usize> },
+    AllReduceSum { buf: Vec<f32> },
+}
+
+struct Job {
+    work: Work,
+    reply: mpsc::SyncSender<Finished>,
+}
+
+/// What the thread sends back for one operation.
+struct Finished {
+    result: Result<Received, CommError>,
+    /// How long the operation ran on the thread (from its start there to its end).
+    busy: Duration,
+}
+
+/// How one operation's time split between hidden and waited-for.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct OpTimes {
+    /// Time the operation ran on the communication thread.
+    pub busy: Duration,
+    /// Time the caller was blocked in [`Ticket::wait`].
+    pub waited: Duration,
+}
+
+/// A submitted operation; [`Ticket::wait`] returns its result.
+#[must_use = "an operation's result arrives only through wait"]
+pub struct Ticket {
+    reply: mpsc::Receiver<Finished>,
+    op: &'static str,
+}
+
+impl Ticket {
+    /// Blocks until the operation finished; returns what it received and its times.
+    pub fn wait(self) -> Result<(Received, OpTimes), CommError> {
+        let started = Instant::now();
+        let finished = self.reply.recv().map_err(|_| CommError::Aborted {
+            op: self.op,
+            rank: usize::MAX,
+            reason: "the communication thread ended before finishing this operation".into(),
+        })?;
+        let times = OpTimes { busy: finished.busy, waited: started.elapsed() };
+        finished.result.map(|received| (received, times))
+    }
+}
+
+/// A thread that runs one group's collectives in submission order.
+pub struct CommThread {
+    jobs: Option<mpsc::Sender<Job>>,
+    thread: Option<JoinHandle<()>>,
+    rank: usize,
+    size: usize,
+}
+
+impl CommThread {
+    /// Moves `comm` onto a new thread. `comm` must be a group used by
+    /// nothing else (split one for it): the thread calls it while the
+    /// caller may call other groups.
+    pub fn spawn(comm: Box<dyn Communicator>) -> std::io::Result<Self> {
+        let (rank, size) = (comm.rank(), comm.size());
+        let (jobs, inbox) = mpsc::channel::<Job>();
+        let thread = std::thread::Builder::new().name(format!("comm-r{rank}")).spawn(move || serve(comm, inbox))?;
+        Ok(Self { jobs: Some(jobs), thread: Some(thread), rank, size })
+    }
+
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    /// Starts [`Communicator::all_to_all_v`] of `send` on the thread.
+    pub fn all_to_all_v(&self, send: Vec<f32>, counts: Vec<usize>) -> Ticket {
+        self.submit("all_to_all_v", Work::AllToAllV { send, counts })
+    }
+
+    /// Starts [`Communicator::all_reduce_sum`] of `buf`; the sum comes back as `values`.
+    pub fn all_reduce_sum(&self, buf: Vec<f32>) -> Ticket {
+        self.submit("all_reduce_sum", Work::AllReduceSum { buf })
+    }
+
+    fn submit(&self, op: &'static str, work: Work) -> Ticket {
+        let (reply, answer) = mpsc::sync_channel(1);
+        // A thread that ended drops the job, and wait reports that.
+        if let Some(jobs) = &self.jobs {
+            let _ = jobs.send(Job { work, reply });
+        }
+        Ticket { reply: answer, op }
+    }
+}
+
+impl Drop for CommThread {
+    fn drop(&mut self) {
+        // Closing the channel ends the thread once it ran what it was given.
+        self.jobs.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn serve(mut comm: Box<dyn Communicator>, inbox: mpsc::Receiver<Job>) {
+    crate::mpi::mark_background_thread();
+    while let Ok(job) = inbox.recv() {
+        let started = Instant::now();
+        let result = match job.work {
+            Work::AllToAllV { send, counts } => comm.all_to_all_v(&send, &counts),
+            Work::AllReduceSum { mut buf } => {
+                comm.all_reduce_sum(&mut buf).map(|()| Received { values: buf, counts: Vec::new() })
+            }
+        };
+        // The caller may have given up on the ticket; nothing to do then.
+        let _ = job.reply.send(Finished { result, busy: started.elapsed() });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::local::LocalWorld;
+
+    #[test]
+    fn operations_run_in_order_while_the_caller_goes_on() {
+        let comms = LocalWorld::new(3, Duration::from_secs(10));
+        let results: Vec<(Vec<f32>, Vec<f32>)> = std::thread::scope(|s| {
+            let handles: Vec<_> = comms
+                .into_iter()
+                .map(|comm| {
+                    s.spawn(move || {
+                        let r = comm.rank() as f32;
+                        let thread = CommThread::spawn(Box::new(comm)).unwrap();
+                        // Rank r sends r+1 values of r to each rank.
+                        let a2a = thread.all_to_all_v(vec![r; 3 * (r as usize + 1)], vec![r as usize + 1; 3]);
+                        let sum = thread.all_reduce_sum(vec![r, 1.0]);
+                        let (sum, _) = sum.wait().unwrap();
+                        let (got, times) = a2a.wait().unwrap();
+                        assert_eq!(got.counts, vec![1, 2, 3]);
+                        assert!(times.busy > Duration::ZERO);
+                        (got.values, sum.values)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (got, sum) in results {
+            assert_eq!(got, vec![0.0, 1.0, 1.0, 2.0, 2.0, 2.0]);
+            assert_eq!(sum, vec![3.0, 3.0]);
+        }
+    }
+
+    #[test]
+    fn a_missing_rank_times_out_through_the_ticket() {
+        let mut comms = LocalWorld::new(2, Duration::from_millis(200));
+        let _absent = comms.pop();
+        let thread = CommThread::spawn(Box::new(comms.pop().unwrap())).unwrap();
+        let err = thread.all_reduce_sum(vec![1.0]).wait().unwrap_err();
+        assert!(matches!(err, CommError::Timeout { ref missing, .. } if *missing == vec![1]), "{err}");
+    }
+}

@@ -1,0 +1,109 @@
+//! Overlap of communication with computation (DESIGN section 4,
+//! docs/overlap.md): the `[overlap]` switches, which of them apply to a
+//! layout, and how much waiting was left exposed.
+//!
+//! The techniques, each a switch:
+//! - `chunks`: every dispatch and combine is cut in pieces; the experts run
+//!   on piece i while piece i+1 travels (`dispatch.rs`).
+//! - `parallel_block`: in parallel (BAM) blocks the MoE rows leave before
+//!   attention runs, and come back after it (`model::model`).
+//! - `interleave`: two micro-batches run at once on two lanes (threads with
+//!   their own groups), so one's all-to-all travels while the other computes.
+//! - `grad_bucket_mib`: dense gradients are all-reduced in buckets started
+//!   during the last backward pass, as soon as a bucket's layers are done
+//!   (`grad_buckets.rs`).
+//!
+//! Rows and buckets travel on communication threads
+//! (`collectives::comm_thread`), which drive their transfers themselves.
+
+pub mod exposure;
+pub mod grad_buckets;
+
+use serde::{Deserialize, Serialize};
+
+/// `[overlap]`: which techniques run (all on by default).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OverlapConfig {
+    /// Pieces each dispatch and combine is cut in (1: one piece, no pipelining).
+    pub chunks: usize,
+    /// Parallel (BAM) blocks: attention runs while the MoE rows travel.
+    pub parallel_block: bool,
+    /// Two micro-batches at once when a step has two or more per rank.
+    pub interleave: bool,
+    /// Size of the gradient all-reduce buckets started during the backward
+    /// pass, in MiB; 0 all-reduces every gradient after the backward pass.
+    pub grad_bucket_mib: f64,
+}
+
+impl Default for OverlapConfig {
+    fn default() -> Self {
+        Self { chunks: 2, parallel_block: true, interleave: true, grad_bucket_mib: 4.0 }
+    }
+}
+
+impl OverlapConfig {
+    /// Checks the values; the error is (key, reason).
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        if !(1..=64).contains(&self.chunks) {
+            return Err(("chunks", format!("{} is not 1 to 64", self.chunks)));
+        }
+        if !(self.grad_bucket_mib.is_finite() && self.grad_bucket_mib >= 0.0) {
+            return Err(("grad_bucket_mib", "must be a number of MiB >= 0 (0: no buckets)".into()));
+        }
+        Ok(())
+    }
+}
+
+/// What a rank does, given the switches and its layout.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Techniques {
+    /// Rows travel on a communication thread, cut in this many chunks
+    /// (`None`: on the rank's thread, waited for at once).
+    pub pipe_chunks: Option<usize>,
+    pub attention_during_moe: bool,
+    pub interleave: bool,
+    /// Bucket size in f32 values (`None`: no buckets).
+    pub bucket_values: Option<usize>,
+}
+
+impl Techniques {
+    /// The techniques that apply: all need more than one rank; buckets need
+    /// every dense gradient replicated (no attention shards); interleaving
+    /// needs two micro-batches per step; threads must be allowed to talk
+    /// at once (MPI_THREAD_MULTIPLE).
+    pub fn choose(cfg: &OverlapConfig, world: usize, attn_tp: usize, micro_batches: usize, threads_ok: bool) -> Self {
+        let on = world > 1 && threads_ok;
+        let interleave = on && cfg.interleave && micro_batches >= 2;
+        let attention_during_moe = on && cfg.parallel_block;
+        let pipe = on && (cfg.chunks > 1 || attention_during_moe || interleave);
+        let bucket_values = (on && attn_tp == 1 && cfg.grad_bucket_mib > 0.0)
+            .then(|| ((cfg.grad_bucket_mib * (1 << 20) as f64) as usize / 4).max(1));
+        Self { pipe_chunks: pipe.then_some(cfg.chunks), attention_during_moe, interleave, bucket_values }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn techniques_follow_switches_and_layout() {
+        let all = OverlapConfig::default();
+        let t = Techniques::choose(&all, 4, 1, 2, true);
+        assert_eq!(t.pipe_chunks, Some(2));
+        assert!(t.attention_during_moe && t.interleave);
+        assert_eq!(t.bucket_values, Some(1 << 20));
+        // One rank: nothing to overlap.
+        assert_eq!(Techniques::choose(&all, 1, 1, 2, true).pipe_chunks, None);
+        // Attention shards: no buckets; one micro-batch: no interleaving.
+        let sharded = Techniques::choose(&all, 4, 2, 1, true);
+        assert!(sharded.bucket_values.is_none() && !sharded.interleave);
+        // MPI without MPI_THREAD_MULTIPLE: everything on the rank's thread.
+        assert_eq!(Techniques::choose(&all, 4, 1, 2, false), Techniques::choose(&all, 1, 1, 1, true));
+        let off = OverlapConfig { chunks: 1, parallel_block: false, interleave: false, grad_bucket_mib: 0.0 };
+        assert_eq!(Techniques::choose(&off, 4, 1, 2, true).pipe_chunks, None);
+        assert!(OverlapConfig { chunks: 0, ..all.clone() }.validate().is_err());
+        assert!(OverlapConfig { grad_bucket_mib: -1.0, ..all }.validate().is_err());
+    }
+}
