@@ -53,6 +53,38 @@ pub enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Step time with each overlap technique off, on alone, and all on, with
+    /// the exposed share of communication and step / max(compute, communication).
+    Overlap {
+        /// Job config (default: the built-in tiny job with parallel blocks and 2 micro-batches per rank).
+        #[arg(long)]
+        config: Option<std::path::PathBuf>,
+        /// Override a config key (repeatable), as for train; applies to every variant.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        /// Number of ranks.
+        #[arg(long, default_value_t = 4)]
+        ranks: usize,
+        /// local (threads) or mpi (processes).
+        #[arg(long, default_value = "local")]
+        backend: String,
+        /// A program that starts the ranks itself (e.g. scripts/netns-mpirun.sh
+        /// for MPI over namespace hosts): run as `PROGRAM switchyard train ...`.
+        #[arg(long)]
+        launcher: Option<std::path::PathBuf>,
+        /// Chunks per dispatch/combine when chunking is on.
+        #[arg(long, default_value_t = 4)]
+        chunks: usize,
+        /// Steps per variant (the first 3 are warm-up).
+        #[arg(long, default_value_t = 15)]
+        steps: u64,
+        /// Rounds over all variants; each variant's fastest is reported.
+        #[arg(long, default_value_t = 2)]
+        rounds: usize,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// All-to-all-v bandwidth, 4 KiB to 64 MiB per rank, against mpi4py's Alltoallv.
     Alltoall {
         /// Number of ranks.
@@ -99,6 +131,19 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                 urls,
                 config,
                 overrides,
+                rounds: rounds.max(1),
+                json,
+            })
+        }
+        BenchCommand::Overlap { config, overrides, ranks, backend, launcher, chunks, steps, rounds, json } => {
+            crate::commands::bench_overlap::run(crate::commands::bench_overlap::OverlapBench {
+                config,
+                overrides,
+                ranks,
+                backend,
+                launcher,
+                chunks,
+                steps,
                 rounds: rounds.max(1),
                 json,
             })

@@ -4,6 +4,7 @@ pub mod bench;
 pub mod bench_alltoall;
 pub mod bench_checkpoint;
 pub mod bench_layer;
+pub mod bench_overlap;
 pub mod bench_step;
 pub mod ckpt;
 mod ckpt_export;

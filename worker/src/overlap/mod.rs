@@ -38,7 +38,7 @@ pub struct OverlapConfig {
 
 impl Default for OverlapConfig {
     fn default() -> Self {
-        Self { chunks: 2, parallel_block: true, interleave: true, grad_bucket_mib: 4.0 }
+        Self { chunks: 2, parallel_block: true, interleave: true, grad_bucket_mib: 1.0 }
     }
 }
 
@@ -93,7 +93,7 @@ mod tests {
         let t = Techniques::choose(&all, 4, 1, 2, true);
         assert_eq!(t.pipe_chunks, Some(2));
         assert!(t.attention_during_moe && t.interleave);
-        assert_eq!(t.bucket_values, Some(1 << 20));
+        assert_eq!(t.bucket_values, Some(1 << 18));
         // One rank: nothing to overlap.
         assert_eq!(Techniques::choose(&all, 1, 1, 2, true).pipe_chunks, None);
         // Attention shards: no buckets; one micro-batch: no interleaving.
