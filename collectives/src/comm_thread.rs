@@ -50,19 +50,34 @@ pub struct OpTimes {
 pub struct Ticket {
     reply: mpsc::Receiver<Finished>,
     op: &'static str,
+    /// The answer, once [`Ticket::is_finished`] saw it.
+    early: Option<Finished>,
 }
 
 impl Ticket {
     /// Blocks until the operation finished; returns what it received and its times.
-    pub fn wait(self) -> Result<(Received, OpTimes), CommError> {
+    pub fn wait(mut self) -> Result<(Received, OpTimes), CommError> {
         let started = Instant::now();
-        let finished = self.reply.recv().map_err(|_| CommError::Aborted {
+        let finished = match self.early.take() {
+            Some(finished) => Ok(finished),
+            None => self.reply.recv(),
+        };
+        let finished = finished.map_err(|_| CommError::Aborted {
             op: self.op,
             rank: usize::MAX,
             reason: "the communication thread ended before finishing this operation".into(),
         })?;
         let times = OpTimes { busy: finished.busy, waited: started.elapsed() };
         finished.result.map(|received| (received, times))
+    }
+
+    /// Whether the operation has finished (without blocking; the caller
+    /// makes no library call, so this shows the thread drives it alone).
+    pub fn is_finished(&mut self) -> bool {
+        if self.early.is_none() {
+            self.early = self.reply.try_recv().ok();
+        }
+        self.early.is_some()
     }
 }
 
@@ -109,7 +124,7 @@ impl CommThread {
         if let Some(jobs) = &self.jobs {
             let _ = jobs.send(Job { work, reply });
         }
-        Ticket { reply: answer, op }
+        Ticket { reply: answer, op, early: None }
     }
 }
 

@@ -1,6 +1,7 @@
 //! The `mpi` backend under a real `mpirun`: every collective on 1 to 4
 //! processes with uneven and zero counts, 64 MiB messages, sub-groups and
-//! non-blocking forms; a stalled rank makes the others fail naming it; a
+//! non-blocking forms; transfers on a communication thread that finish
+//! while the caller makes no MPI call; a stalled rank makes the others fail naming it; a
 //! killed rank ends the job.
 //!
 //! One binary plays both parts: started by hand (cargo test) it is the
@@ -91,6 +92,7 @@ fn drive() -> i32 {
         ("every_collective_on_3_ranks", Box::new(|| expect_success(3, "collectives"))),
         ("every_collective_on_4_ranks", Box::new(|| expect_success(4, "collectives"))),
         ("messages_of_64_mib_per_rank_on_4_ranks", Box::new(|| expect_success(4, "large"))),
+        ("a_communication_thread_completes_transfers_alone", Box::new(|| expect_success(4, "progress"))),
         ("a_stalled_rank_makes_the_others_abort_naming_it", Box::new(stalled_rank)),
         ("a_killed_rank_ends_the_job", Box::new(killed_rank)),
     ];
@@ -143,6 +145,7 @@ fn run_rank(case: &str) {
     match case {
         "collectives" => every_collective(comm.as_mut()),
         "large" => large_messages(comm.as_mut()),
+        "progress" => progress_without_the_caller(comm.as_mut()),
         "stall" => stall(comm.as_mut()),
         "kill" => kill(comm.as_mut()),
         other => panic!("unknown case {other}"),
@@ -280,6 +283,33 @@ fn large_messages(comm: &mut dyn Communicator) {
     for (i, v) in buf.iter().enumerate().step_by(1009) {
         assert_eq!(*v, (0..size).map(|r| ((i + r) % 7) as f32).sum::<f32>(), "value {i}");
     }
+}
+
+/// Overlap needs transfers that progress while the rank computes and makes
+/// no MPI call: a 16 MiB all-to-all-v and an all-reduce on a communication
+/// thread finish while the main thread only sleeps.
+fn progress_without_the_caller(comm: &mut dyn Communicator) {
+    use collectives::comm_thread::CommThread;
+    assert!(collectives::mpi::comm_threads_allowed(), "OpenMPI gives MPI_THREAD_MULTIPLE");
+    let (rank, size) = (comm.rank(), comm.size());
+    let thread = CommThread::spawn(comm.split(0, rank).unwrap()).unwrap();
+    let total = (16 << 20) / 4;
+    let block = total / size;
+    let send: Vec<f32> = (0..block * size).map(|j| large_value(size, rank, j / block, j % block)).collect();
+    let mut a2a = thread.all_to_all_v(send, vec![block; size]);
+    let mut sum = thread.all_reduce_sum(vec![rank as f32 + 1.0; 1000]);
+    // No MPI call from this thread until both are done (or a minute passed).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !(a2a.is_finished() && sum.is_finished()) {
+        assert!(Instant::now() < deadline, "rank {rank}: transfers did not finish without the caller");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let (got, _) = a2a.wait().unwrap();
+    for (j, v) in got.values.iter().enumerate().step_by(991) {
+        assert_eq!(v.to_bits(), large_value(size, j / block, rank, j % block).to_bits(), "value {j}");
+    }
+    let (sum, _) = sum.wait().unwrap();
+    assert!(sum.values.iter().all(|&v| v == (size * (size + 1) / 2) as f32));
 }
 
 /// Rank 2 stops answering before the second all-reduce; the others must

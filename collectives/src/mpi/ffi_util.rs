@@ -112,6 +112,14 @@ const BACKGROUND_SPIN_TESTS: u32 = 200;
 /// A communication thread's pause between tests once it naps.
 const BACKGROUND_NAP: std::time::Duration = std::time::Duration::from_micros(20);
 
+/// Whether every wait naps between tests (ranks share cores).
+static NAP_WHEN_WAITING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Makes every wait nap between tests after a short spin (oversubscribed).
+pub(super) fn set_nap_when_waiting(nap: bool) {
+    NAP_WHEN_WAITING.store(nap, Ordering::Relaxed);
+}
+
 /// Marks this thread as a communication thread: its waits nap between tests.
 pub(super) fn mark_background() {
     BACKGROUND.set(true);
@@ -153,10 +161,12 @@ pub(super) fn poll(
         // and needs both sides to test often. Then yield, so that ranks
         // sharing a core (oversubscribed) let each other run.
         tests = tests.saturating_add(1);
-        if BACKGROUND.get() && tests > BACKGROUND_SPIN_TESTS {
+        let napping = BACKGROUND.get() || NAP_WHEN_WAITING.load(Ordering::Relaxed);
+        if napping && tests > BACKGROUND_SPIN_TESTS {
             // A communication thread shares the cores with the rank's
-            // compute: short sleeps keep the transfer moving without
-            // taking a core from it.
+            // compute, and oversubscribed ranks share them with each other:
+            // short sleeps keep the transfer moving without taking a core
+            // from the computation (a yield would hand it back at once).
             std::thread::sleep(BACKGROUND_NAP);
         } else if tests > SPIN_TESTS.load(Ordering::Relaxed) {
             std::thread::yield_now();
