@@ -172,7 +172,8 @@ fn train_rank(
     let mut expert_loads = vec![vec![0.0f64; cfg.n_experts]; cfg.n_layers];
     let accumulation = job.grad_accumulation(dims.dp);
     let threads_ok = collectives::mpi::comm_threads_allowed();
-    let techniques = Techniques::choose(&job.overlap, dims.world, dims.attn_tp, accumulation, threads_ok);
+    let backend = job.parallel.backend.as_str();
+    let techniques = Techniques::choose(&job.overlap, backend, dims.world, dims.attn_tp, accumulation, threads_ok);
     let mut groups = groups(comm, &dims, &techniques)?;
     let exposure = Exposure::new(1);
     let rank = groups.world_rank;

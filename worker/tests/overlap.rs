@@ -18,7 +18,9 @@ const ALL_OFF: [&str; 4] =
     ["overlap.chunks=1", "overlap.parallel_block=false", "overlap.interleave=false", "overlap.grad_bucket_mib=0"];
 
 fn run(name: &str, sets: &[&str]) -> Vec<StepMetrics> {
-    let mut all = vec!["parallel.ranks=4", "train.global_batch_size=16", "train.micro_batch_size=2"];
+    // Threads: the switches act only when asked for (mode "auto" leaves them off).
+    let mut all =
+        vec!["parallel.ranks=4", "train.global_batch_size=16", "train.micro_batch_size=2", "overlap.mode=\"on\""];
     all.extend_from_slice(&ALL_OFF);
     all.extend_from_slice(sets);
     let job = micro_job(&all);

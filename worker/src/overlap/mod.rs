@@ -21,10 +21,15 @@ pub mod grad_buckets;
 
 use serde::{Deserialize, Serialize};
 
-/// `[overlap]`: which techniques run (all on by default).
+/// `[overlap]`: which techniques run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OverlapConfig {
+    /// "auto": the switches below apply on process backends (mpi, nccl)
+    /// and not on local threads, where a transfer is a copy by the same
+    /// busy cores (measured slower, docs/overlap.md); "on": they apply on
+    /// every backend; "off": none does.
+    pub mode: String,
     /// Pieces each dispatch and combine is cut in (1: one piece, no pipelining).
     pub chunks: usize,
     /// Parallel (BAM) blocks: attention runs while the MoE rows travel.
@@ -38,13 +43,16 @@ pub struct OverlapConfig {
 
 impl Default for OverlapConfig {
     fn default() -> Self {
-        Self { chunks: 2, parallel_block: true, interleave: true, grad_bucket_mib: 1.0 }
+        Self { mode: "auto".into(), chunks: 2, parallel_block: true, interleave: true, grad_bucket_mib: 1.0 }
     }
 }
 
 impl OverlapConfig {
     /// Checks the values; the error is (key, reason).
     pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        if !matches!(self.mode.as_str(), "auto" | "on" | "off") {
+            return Err(("mode", format!("`{}` is not one of \"auto\", \"on\", \"off\"", self.mode)));
+        }
         if !(1..=64).contains(&self.chunks) {
             return Err(("chunks", format!("{} is not 1 to 64", self.chunks)));
         }
@@ -68,12 +76,25 @@ pub struct Techniques {
 }
 
 impl Techniques {
-    /// The techniques that apply: all need more than one rank; buckets need
-    /// every dense gradient replicated (no attention shards); interleaving
-    /// needs two micro-batches per step; threads must be allowed to talk
-    /// at once (MPI_THREAD_MULTIPLE).
-    pub fn choose(cfg: &OverlapConfig, world: usize, attn_tp: usize, micro_batches: usize, threads_ok: bool) -> Self {
-        let on = world > 1 && threads_ok;
+    /// The techniques that apply: all need more than one rank and `mode`
+    /// to allow them on `backend`; buckets need every dense gradient
+    /// replicated (no attention shards); interleaving needs two
+    /// micro-batches per step; threads must be allowed to talk at once
+    /// (MPI_THREAD_MULTIPLE).
+    pub fn choose(
+        cfg: &OverlapConfig,
+        backend: &str,
+        world: usize,
+        attn_tp: usize,
+        micro_batches: usize,
+        threads_ok: bool,
+    ) -> Self {
+        let allowed = match cfg.mode.as_str() {
+            "on" => true,
+            "off" => false,
+            _ => backend != "local",
+        };
+        let on = allowed && world > 1 && threads_ok;
         let interleave = on && cfg.interleave && micro_batches >= 2;
         let attention_during_moe = on && cfg.parallel_block;
         let pipe = on && (cfg.chunks > 1 || attention_during_moe || interleave);
@@ -90,20 +111,33 @@ mod tests {
     #[test]
     fn techniques_follow_switches_and_layout() {
         let all = OverlapConfig::default();
-        let t = Techniques::choose(&all, 4, 1, 2, true);
+        let t = Techniques::choose(&all, "mpi", 4, 1, 2, true);
         assert_eq!(t.pipe_chunks, Some(2));
         assert!(t.attention_during_moe && t.interleave);
         assert_eq!(t.bucket_values, Some(1 << 18));
+        let none = Techniques::choose(&all, "mpi", 1, 1, 1, true);
+        assert_eq!(
+            none,
+            Techniques { pipe_chunks: None, attention_during_moe: false, interleave: false, bucket_values: None }
+        );
         // One rank: nothing to overlap.
-        assert_eq!(Techniques::choose(&all, 1, 1, 2, true).pipe_chunks, None);
+        assert_eq!(Techniques::choose(&all, "mpi", 1, 1, 2, true), none);
+        // Threads: off unless asked for.
+        assert_eq!(Techniques::choose(&all, "local", 4, 1, 2, true), none);
+        let forced = OverlapConfig { mode: "on".into(), ..all.clone() };
+        assert_eq!(Techniques::choose(&forced, "local", 4, 1, 2, true), t);
+        let never = OverlapConfig { mode: "off".into(), ..all.clone() };
+        assert_eq!(Techniques::choose(&never, "mpi", 4, 1, 2, true), none);
         // Attention shards: no buckets; one micro-batch: no interleaving.
-        let sharded = Techniques::choose(&all, 4, 2, 1, true);
-        assert!(sharded.bucket_values.is_none() && !sharded.interleave);
+        let sharded = Techniques::choose(&all, "mpi", 4, 2, 1, true);
+        assert!(sharded.bucket_values.is_none() && !sharded.interleave && sharded.pipe_chunks.is_some());
         // MPI without MPI_THREAD_MULTIPLE: everything on the rank's thread.
-        assert_eq!(Techniques::choose(&all, 4, 1, 2, false), Techniques::choose(&all, 1, 1, 1, true));
-        let off = OverlapConfig { chunks: 1, parallel_block: false, interleave: false, grad_bucket_mib: 0.0 };
-        assert_eq!(Techniques::choose(&off, 4, 1, 2, true).pipe_chunks, None);
+        assert_eq!(Techniques::choose(&all, "mpi", 4, 1, 2, false), none);
+        let off =
+            OverlapConfig { chunks: 1, parallel_block: false, interleave: false, grad_bucket_mib: 0.0, ..all.clone() };
+        assert_eq!(Techniques::choose(&off, "mpi", 4, 1, 2, true), none);
         assert!(OverlapConfig { chunks: 0, ..all.clone() }.validate().is_err());
-        assert!(OverlapConfig { grad_bucket_mib: -1.0, ..all }.validate().is_err());
+        assert!(OverlapConfig { grad_bucket_mib: -1.0, ..all.clone() }.validate().is_err());
+        assert!(OverlapConfig { mode: "sometimes".into(), ..all }.validate().is_err());
     }
 }
