@@ -81,16 +81,21 @@ pub fn print_point(job: &JobConfig, cluster: &Cluster, options: Options, routing
     );
     println!("| other (optimizer, zeroing, metrics, per-step host work) | {} |", ms(p.other_s));
     println!("| tokens/s | {:.0} |", p.tokens_per_s);
+    let rate = |tflops: f64| {
+        if tflops >= 1.0 {
+            format!("{tflops:.1} TFLOP/s")
+        } else {
+            format!("{:.1} GFLOP/s", tflops * 1e3)
+        }
+    };
     println!(
-        "| MFU (model FLOPs {} per step over the devices' {:.1} TFLOP/s peak) | {:.1}% |",
+        "| MFU (model FLOPs {} per step over the devices' {} peak) | {:.1}% |",
         flops(p.model_flops_per_step),
-        cluster.device.matrix_tflops,
+        rate(cluster.device.matrix_tflops),
         100.0 * p.mfu
     );
-    println!(
-        "| model TFLOP/s per device | {:.1} |",
-        p.model_flops_per_step / p.step_s / 1e12 / dims.world.div_ceil(at.ranks_per_device) as f64
-    );
+    let devices = dims.world.div_ceil(at.ranks_per_device) as f64;
+    println!("| model FLOP/s per device | {} |", rate(p.model_flops_per_step / p.step_s / 1e12 / devices));
     println!();
     let name = |part: Part| match part {
         Part::Attention => "attention",
