@@ -7,6 +7,7 @@ mod coordinator_run;
 mod k8s;
 mod mpirun;
 mod progress;
+mod simulate;
 mod step_summary;
 
 use clap::{Parser, Subcommand};
@@ -45,6 +46,10 @@ enum Command {
     /// Measured scaling experiment: train every point of a grid of config values,
     /// write results.csv/json and plots.
     Sweep(commands::sweep::SweepArgs),
+    /// Predicted scaling: an analytic model of a step of the job on a cluster file (one
+    /// point, or a sweep grid -> the sweep's results files and plots); `calibrate`
+    /// measures this machine into a cluster file.
+    Simulate(commands::simulate::SimulateArgs),
     /// Benchmarks (print a table; --json for machines).
     #[command(subcommand)]
     Bench(commands::bench::BenchCommand),
@@ -69,6 +74,7 @@ fn main() -> std::process::ExitCode {
         Command::Bench(cmd) => commands::bench::run(cmd),
         Command::Slurm(cmd) => commands::slurm::run(cmd),
         Command::Sweep(args) => commands::sweep::run(args),
+        Command::Simulate(args) => commands::simulate::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

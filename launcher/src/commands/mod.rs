@@ -14,6 +14,8 @@ pub mod coordinator;
 pub mod data;
 pub mod eval;
 pub mod k8s;
+pub mod simulate;
+pub mod simulate_table;
 pub mod slurm;
 mod slurm_script;
 pub mod sweep;

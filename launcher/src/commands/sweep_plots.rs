@@ -110,7 +110,7 @@ fn values_of(row: &PointResult, keys: &[&str]) -> String {
     keys.iter().map(|k| row.values.get(*k).map_or("", |v| v.as_str())).collect::<Vec<_>>().join(" / ")
 }
 
-/// The other axes' values of a row: its line's legend.
+/// The other axes' values of a row, and whether it was predicted: its line's legend.
 fn others_of(grid: &Grid, keys: &[&str], row: &PointResult) -> String {
     let others: Vec<String> = grid
         .axes
@@ -118,10 +118,10 @@ fn others_of(grid: &Grid, keys: &[&str], row: &PointResult) -> String {
         .filter(|a| !keys.contains(&a.key.as_str()))
         .map(|a| format!("{}={}", a.key, row.values.get(&a.key).map_or("", |v| v.as_str())))
         .collect();
-    if others.is_empty() {
-        "measured".into()
-    } else {
-        others.join(" ")
+    match (others.is_empty(), row.source.as_str()) {
+        (true, source) => source.to_string(),
+        (false, "measured") => others.join(" "),
+        (false, source) => format!("{} ({source})", others.join(" ")),
     }
 }
 
@@ -249,9 +249,14 @@ fn line_chart<DB: DrawingBackend>(
 fn step_split<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, grid: &Grid, rows: &[&PointResult]) -> Result<()> {
     let fail = |e: &dyn std::fmt::Display| anyhow!("cannot draw the step split: {e}");
     let keys: Vec<&str> = grid.axes.iter().map(|a| a.key.as_str()).collect();
+    // Predicted bars say so (measured and predicted points may share the chart).
     let ticks: Vec<String> = rows
         .iter()
-        .map(|r| keys.iter().map(|k| r.values.get(*k).map_or("", |v| v.as_str())).collect::<Vec<_>>().join(","))
+        .map(|r| {
+            let values = keys.iter().map(|k| r.values.get(*k).map_or("", |v| v.as_str())).collect::<Vec<_>>();
+            let mark = if r.source == "measured" { "" } else { " p" };
+            format!("{}{mark}", values.join(","))
+        })
         .collect();
     let ms = |v: Option<f64>| v.unwrap_or(0.0) * 1e3;
     let top = rows
@@ -260,7 +265,7 @@ fn step_split<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, grid: &Grid, ro
         .fold(0.0, f64::max);
     area.fill(&WHITE).map_err(|e| fail(&e))?;
     let mut chart = ChartBuilder::on(area)
-        .caption("step time split (mean after warm-up, slowest rank)", ("sans-serif", 18))
+        .caption("step time split (slowest rank; p = predicted)", ("sans-serif", 18))
         .margin(15)
         .x_label_area_size(45)
         .y_label_area_size(80)

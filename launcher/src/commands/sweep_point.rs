@@ -1,7 +1,7 @@
 //! One sweep point: a real `switchyard train` in its own run folder, its
 //! peak memory taken from the kernel, its metrics reduced to a result row.
 
-use super::sweep_grid::{plain_text, Point};
+use super::sweep_grid::Point;
 use super::sweep_results::PointResult;
 use crate::step_summary::{read_metrics, StepSummary};
 use anyhow::{bail, Context, Result};
@@ -24,31 +24,7 @@ pub struct PointJob {
 pub fn run(job: &PointJob, point: &Point, run_dir: &Path) -> PointResult {
     let start = Instant::now();
     let measured = measure(job, point, run_dir);
-    let mut row = PointResult {
-        id: point.id(),
-        values: point.values.iter().map(|(k, v)| (k.clone(), plain_text(v))).collect(),
-        status: "ok".into(),
-        error: None,
-        launcher: job.launcher.clone(),
-        steps: job.steps,
-        warmup: job.warmup,
-        ranks: None,
-        tokens_per_step: None,
-        tokens_per_s: None,
-        step_s: None,
-        compute_s: None,
-        exposed_comm_s: None,
-        alltoall_s: None,
-        sync_s: None,
-        other_s: None,
-        alltoall_bytes_per_step: None,
-        expert_rows_max: None,
-        expert_rows_mean: None,
-        peak_rss_per_rank_mib: None,
-        peak_rss_process_mib: None,
-        loss_at_end: None,
-        wall_s: 0.0,
-    };
+    let mut row = PointResult::blank(point, "measured", &job.launcher, job.steps, job.warmup);
     match measured {
         Ok((s, ranks, peak_mib)) => {
             row.ranks = Some(ranks);

@@ -1,6 +1,9 @@
 //! A sweep's results: one row per point, kept as `results.json` (read back
-//! to resume) and `results.csv` (for spreadsheets and pandas).
+//! to resume) and `results.csv` (for spreadsheets and pandas). The
+//! simulator writes the same rows, marked `predicted`, so measured and
+//! predicted points share one file format and one set of plots.
 
+use super::sweep_grid::{plain_text, Point};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -14,6 +17,9 @@ pub struct PointResult {
     pub values: BTreeMap<String, String>,
     /// "ok" or "failed".
     pub status: String,
+    /// "measured" (a real run) or "predicted" (`switchyard simulate`).
+    #[serde(default = "measured")]
+    pub source: String,
     /// Why a point failed (the training job's error lines).
     pub error: Option<String>,
     /// local or mpi.
@@ -41,9 +47,59 @@ pub struct PointResult {
     pub loss_at_end: Option<f64>,
     /// Wall time of the whole point (start-up included).
     pub wall_s: f64,
+    /// Predicted only: all-to-all bytes per step inside nodes and between them.
+    #[serde(default)]
+    pub alltoall_intra_bytes_per_step: Option<f64>,
+    #[serde(default)]
+    pub alltoall_inter_bytes_per_step: Option<f64>,
+    /// Predicted only: memory of the busiest rank (parameters, gradients,
+    /// optimizer state, activations, buffers).
+    #[serde(default)]
+    pub memory_per_rank_mib: Option<f64>,
+    /// Predicted only: model FLOPs utilisation of the devices' peak.
+    #[serde(default)]
+    pub mfu: Option<f64>,
+}
+
+fn measured() -> String {
+    "measured".into()
 }
 
 impl PointResult {
+    /// A row of `point` with nothing measured yet (status ok, every number unknown).
+    pub fn blank(point: &Point, source: &str, launcher: &str, steps: u64, warmup: u64) -> Self {
+        Self {
+            id: point.id(),
+            values: point.values.iter().map(|(k, v)| (k.clone(), plain_text(v))).collect(),
+            status: "ok".into(),
+            source: source.into(),
+            error: None,
+            launcher: launcher.into(),
+            steps,
+            warmup,
+            ranks: None,
+            tokens_per_step: None,
+            tokens_per_s: None,
+            step_s: None,
+            compute_s: None,
+            exposed_comm_s: None,
+            alltoall_s: None,
+            sync_s: None,
+            other_s: None,
+            alltoall_bytes_per_step: None,
+            expert_rows_max: None,
+            expert_rows_mean: None,
+            peak_rss_per_rank_mib: None,
+            peak_rss_process_mib: None,
+            loss_at_end: None,
+            wall_s: 0.0,
+            alltoall_intra_bytes_per_step: None,
+            alltoall_inter_bytes_per_step: None,
+            memory_per_rank_mib: None,
+            mfu: None,
+        }
+    }
+
     /// Whether the point finished and was measured.
     pub fn ok(&self) -> bool {
         self.status == "ok"
@@ -51,8 +107,9 @@ impl PointResult {
 }
 
 /// The measured columns of the CSV after the axis columns, in order.
-const COLUMNS: [&str; 20] = [
+const COLUMNS: [&str; 25] = [
     "status",
+    "source",
     "launcher",
     "steps",
     "ranks",
@@ -71,6 +128,10 @@ const COLUMNS: [&str; 20] = [
     "peak_rss_process_mib",
     "loss_at_end",
     "wall_s",
+    "alltoall_intra_bytes_per_step",
+    "alltoall_inter_bytes_per_step",
+    "memory_per_rank_mib",
+    "mfu",
     "error",
 ];
 
@@ -107,6 +168,7 @@ pub fn csv(axes: &[String], rows: &[PointResult]) -> String {
         let mut cells: Vec<String> = axes.iter().map(|a| r.values.get(a).cloned().unwrap_or_default()).collect();
         cells.extend([
             r.status.clone(),
+            r.source.clone(),
             r.launcher.clone(),
             r.steps.to_string(),
             r.ranks.map_or(String::new(), |n| n.to_string()),
@@ -125,6 +187,10 @@ pub fn csv(axes: &[String], rows: &[PointResult]) -> String {
             num(r.peak_rss_process_mib),
             num(r.loss_at_end),
             format!("{:.3}", r.wall_s),
+            num(r.alltoall_intra_bytes_per_step),
+            num(r.alltoall_inter_bytes_per_step),
+            num(r.memory_per_rank_mib),
+            num(r.mfu),
             r.error.clone().unwrap_or_default(),
         ]);
         text.push_str(&cells.iter().map(|c| quote(c)).collect::<Vec<_>>().join(","));

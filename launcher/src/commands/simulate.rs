@@ -1,0 +1,213 @@
+//! `switchyard simulate`: predicted step time, its split, traffic per link
+//! level, memory per rank, tokens/s and MFU of a job on a cluster file,
+//! for one point or for every point of a sweep grid (the sweep's own
+//! `sweep.toml`, results files and plots, rows marked `predicted`).
+//! `switchyard simulate calibrate` writes a cluster file for this machine.
+
+use super::simulate_table;
+use super::sweep_grid::{Grid, Point};
+use super::sweep_results::{self, PointResult};
+use crate::simulate::calibrate;
+use crate::simulate::cluster::Cluster;
+use crate::simulate::shape::{RankShape, Routing};
+use crate::simulate::step::{breakdown, predict, Options, Prediction};
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use std::path::{Path, PathBuf};
+use worker::JobConfig;
+
+/// Arguments of `switchyard simulate`.
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct SimulateArgs {
+    #[command(subcommand)]
+    command: Option<SimulateCommand>,
+    /// Job config (TOML) to simulate.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Cluster file (examples/clusters/, or `simulate calibrate` for this machine).
+    #[arg(long)]
+    cluster: Option<PathBuf>,
+    /// A sweep grid (the same file as `switchyard sweep --grid`): predict every point.
+    #[arg(long)]
+    grid: Option<PathBuf>,
+    /// Results folder for --grid; default simulations/<grid file name>.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// A sweep's results folder: its measured rows join the predicted ones
+    /// (same files and plots), and the table compares them.
+    #[arg(long)]
+    measured: Option<PathBuf>,
+    /// Override a config key (repeatable), as for train.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
+    /// Communication hidden behind compute (step = max, not sum). Also on
+    /// when the job config says `[parallel] overlap = true`.
+    #[arg(long)]
+    overlap: bool,
+    /// Also print every kernel and collective with its predicted time (one point).
+    #[arg(long)]
+    kernels: bool,
+    /// Busiest expert-parallel rank's rows over the mean (1 = balanced router).
+    #[arg(long, default_value_t = 1.0)]
+    imbalance: f64,
+}
+
+#[derive(Subcommand)]
+enum SimulateCommand {
+    /// Measure this machine (matrix products, elementwise rate, all-to-all,
+    /// all-reduce, per-step overhead) and write a cluster file for it.
+    Calibrate {
+        /// Where to write the cluster file.
+        #[arg(long, default_value = "cluster.toml")]
+        out: PathBuf,
+        /// Ranks (threads) for the collective benchmarks; default: the core count.
+        #[arg(long)]
+        ranks: Option<usize>,
+    },
+}
+
+/// Runs `switchyard simulate`.
+pub fn run(args: SimulateArgs) -> Result<()> {
+    if let Some(SimulateCommand::Calibrate { out, ranks }) = args.command {
+        return run_calibrate(&out, ranks);
+    }
+    let (Some(config), Some(cluster_path)) = (&args.config, &args.cluster) else {
+        bail!("simulate needs --config job.toml and --cluster cluster.toml (or: switchyard simulate calibrate)");
+    };
+    if !(args.imbalance.is_finite() && args.imbalance >= 1.0) {
+        bail!("--imbalance is the busiest rank's rows over the mean: 1 or more, got {}", args.imbalance);
+    }
+    let cluster = Cluster::load(cluster_path)?;
+    let routing = Routing { imbalance: args.imbalance };
+    let Some(grid_path) = &args.grid else {
+        let job = JobConfig::load(Some(config), &args.overrides)?;
+        let options = Options { overlap: args.overlap || job_overlap(&job) };
+        let shape = RankShape::of(&job, routing)?;
+        let prediction = predict(&shape, &cluster, options);
+        simulate_table::print_point(&job, &cluster, options, routing, &prediction);
+        if args.kernels {
+            simulate_table::print_breakdown(&breakdown(&shape, &cluster));
+        }
+        return Ok(());
+    };
+    let grid = Grid::load(grid_path)?;
+    JobConfig::load(Some(config), &args.overrides).context("the simulation's --config does not load")?;
+    let out = args.out.clone().unwrap_or_else(|| {
+        PathBuf::from("simulations")
+            .join(grid_path.file_stem().map_or("grid".into(), |s| s.to_string_lossy().into_owned()))
+    });
+    std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+    let mut rows: Vec<PointResult> = grid
+        .points()
+        .iter()
+        .map(|point| predict_point(config, &args.overrides, args.overlap, routing, &cluster, &grid, point))
+        .collect();
+    let measured = match &args.measured {
+        Some(dir) => {
+            let found = sweep_results::load(dir)?;
+            if found.is_empty() {
+                bail!("{} holds no sweep results (results.json)", dir.display());
+            }
+            found.into_iter().filter(|r| r.source == "measured").collect()
+        }
+        None => Vec::new(),
+    };
+    simulate_table::print_grid(&cluster, &rows, &measured);
+    // Measured first, so that a chart's colours follow the grid's order per source.
+    rows.splice(0..0, measured);
+    let axes: Vec<String> = grid.axes.iter().map(|a| a.key.clone()).collect();
+    sweep_results::save(&out, &axes, &rows)?;
+    let plots = super::sweep_plots::draw(&out, &grid, &rows)?;
+    eprintln!("simulate: {} point(s) predicted; results in {}", grid.points().len(), out.display());
+    for plot in plots {
+        eprintln!("  {}", plot.display());
+    }
+    Ok(())
+}
+
+/// One grid point as a predicted results row (a layout that cannot work is a failed row).
+fn predict_point(
+    config: &Path,
+    overrides: &[String],
+    overlap: bool,
+    routing: Routing,
+    cluster: &Cluster,
+    grid: &Grid,
+    point: &Point,
+) -> PointResult {
+    let mut row = PointResult::blank(point, "predicted", "simulate", grid.steps, grid.warmup);
+    let sets: Vec<String> = overrides.iter().cloned().chain(point.overrides()).collect();
+    let predicted = JobConfig::load(Some(config), &sets).map_err(anyhow::Error::from).and_then(|job| {
+        let options = Options { overlap: overlap || job_overlap(&job) };
+        Ok((job.parallel.ranks, predict(&RankShape::of(&job, routing)?, cluster, options)))
+    });
+    match predicted {
+        Ok((ranks, p)) => fill(&mut row, ranks, &p),
+        Err(e) => {
+            row.status = "failed".into();
+            row.error = Some(format!("{e:#}"));
+        }
+    }
+    row
+}
+
+fn fill(row: &mut PointResult, ranks: usize, p: &Prediction) {
+    row.ranks = Some(ranks);
+    row.tokens_per_step = Some(p.tokens_per_step);
+    row.tokens_per_s = Some(p.tokens_per_s);
+    row.step_s = Some(p.step_s);
+    row.compute_s = Some(p.compute_s);
+    row.exposed_comm_s = Some(p.exposed_comm_s);
+    // Before overlap; with overlap on, the parts no longer add up to the exposed time.
+    row.alltoall_s = Some(p.exchange_s);
+    row.sync_s = Some(p.sync_s);
+    row.other_s = Some(p.other_s);
+    row.alltoall_bytes_per_step = Some(p.alltoall_bytes.intra + p.alltoall_bytes.inter);
+    row.alltoall_intra_bytes_per_step = Some(p.alltoall_bytes.intra);
+    row.alltoall_inter_bytes_per_step = Some(p.alltoall_bytes.inter);
+    row.expert_rows_max = Some(p.expert_rows_max);
+    row.expert_rows_mean = Some(p.expert_rows_mean);
+    row.memory_per_rank_mib = Some(p.memory.total() / (1u64 << 20) as f64);
+    row.mfu = Some(p.mfu);
+}
+
+/// Whether the job asks for communication to hide behind compute: a
+/// boolean `[parallel] overlap`, or an `[overlap]` section with chunked
+/// dispatch (`chunks` > 1), interleaved micro-batches, parallel blocks or
+/// bucketed gradient all-reduce turned on. A job config without such keys
+/// (this build's) runs without overlap.
+fn job_overlap(job: &JobConfig) -> bool {
+    let Ok(tree) = toml::Value::try_from(job) else { return false };
+    let truthy = |v: &toml::Value, key: &str| match v {
+        toml::Value::Boolean(on) => *on,
+        toml::Value::Integer(n) => *n > i64::from(key == "chunks"),
+        toml::Value::Float(x) => *x > 0.0,
+        toml::Value::String(mode) => !matches!(mode.as_str(), "" | "off" | "none"),
+        _ => false,
+    };
+    if let Some(v) = tree.get("parallel").and_then(|p| p.get("overlap")) {
+        return truthy(v, "overlap");
+    }
+    match tree.get("overlap") {
+        Some(toml::Value::Table(section)) => section.iter().any(|(key, v)| truthy(v, key)),
+        Some(v) => truthy(v, "overlap"),
+        None => false,
+    }
+}
+
+fn run_calibrate(out: &Path, ranks: Option<usize>) -> Result<()> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let ranks = ranks.unwrap_or(cores).max(2);
+    let exe = std::env::current_exe().context("cannot find this program to run the calibration job")?;
+    let scratch = std::env::temp_dir().join(format!("switchyard-calibrate-{}", std::process::id()));
+    let started = std::time::Instant::now();
+    let found = calibrate::measure(ranks, &exe, &scratch);
+    let _ = std::fs::remove_dir_all(&scratch);
+    let text = found?.to_toml();
+    // Written only once it reads back as a valid cluster file.
+    Cluster::parse(&text).context("calibration produced an invalid cluster file (a bug)")?;
+    std::fs::write(out, &text).with_context(|| format!("cannot write {}", out.display()))?;
+    eprintln!("calibrate: done in {:.1} s; wrote {}", started.elapsed().as_secs_f64(), out.display());
+    Ok(())
+}

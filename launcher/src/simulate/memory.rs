@@ -1,0 +1,110 @@
+//! Memory one rank holds at its peak: parameters, gradients, optimizer
+//! state, the activations one micro-batch saves for its backward pass
+//! (micro-batches run one after another), and communication buffers.
+
+use super::cluster::Precision;
+use super::shape::RankShape;
+use super::traffic::{dense_params, expert_params};
+
+/// Bytes per rank, by kind.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct RankMemory {
+    pub params: f64,
+    pub grads: f64,
+    pub optimizer: f64,
+    pub activations: f64,
+    /// All-to-all send/receive staging and the gradient all-reduce's flat copy.
+    pub buffers: f64,
+}
+
+impl RankMemory {
+    /// The busiest rank's memory under `precision`.
+    pub fn of(s: &RankShape, precision: &Precision) -> Self {
+        let (replicated, sharded) = dense_params(s);
+        let dense = replicated + sharded;
+        let experts = expert_params(s);
+        let params = dense + experts;
+        let optimizer = if precision.shard_optimizer { dense / s.dp as f64 + experts / s.edp as f64 } else { params };
+        let rows = s.expert_rows_max * s.d as f64;
+        let exchange = if s.ep > 1 { 2.0 * rows * precision.activation_bytes } else { 0.0 };
+        let flat = if s.ranks > 1 { dense * precision.grad_bytes } else { 0.0 };
+        Self {
+            params: params * precision.param_bytes,
+            grads: params * precision.grad_bytes,
+            optimizer: optimizer * precision.optimizer_bytes,
+            activations: activation_values(s) * precision.activation_bytes,
+            buffers: exchange + flat,
+        }
+    }
+
+    pub fn total(&self) -> f64 {
+        self.params + self.grads + self.optimizer + self.activations + self.buffers
+    }
+}
+
+/// Values one micro-batch's forward pass saves for its backward pass on
+/// this rank (the same accounting as `worker::memory::activation_values`,
+/// per rank: attention on all of the micro-batch's tokens with shards,
+/// the experts on the rows they received).
+pub fn activation_values(s: &RankShape) -> f64 {
+    let f = |x: usize| x as f64;
+    let (a, t, d, ff, v) = (f(s.a), f(s.t), f(s.d), f(s.f), f(s.v));
+    let (q, g) = (f(s.q_width()), f(s.kv_width()));
+    // x and the normalised input; q, k, v and the attention output on all
+    // tokens; the softmax probabilities; with shards the gathered input too.
+    let mut attention = 2.0 * t * d + a * (2.0 * q + 2.0 * g) + f(s.micro * s.heads * s.seq * s.seq);
+    if s.attn_tp > 1 {
+        attention += a * d;
+    }
+    let residual = if s.sequential { 2.0 * t * d } else { t * d };
+    // Router logits and probabilities; the expert inputs and SwiGLU h1, h3
+    // on the rows received; this rank's rows' outputs (for combine).
+    let rows = s.expert_rows_max;
+    let moe = 2.0 * t * f(s.experts)
+        + rows * d
+        + t * f(s.top_k) * s.kept * d
+        + 2.0 * rows * ff
+        + 2.0 * t * ff * f(s.shared_experts);
+    let head = t * d + 2.0 * t * v;
+    f(s.layers) * (attention + residual + moe) + head
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::simulate::shape::Routing;
+    use worker::JobConfig;
+
+    fn job(sets: &[&str]) -> JobConfig {
+        JobConfig::load(None, &sets.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap()
+    }
+
+    #[test]
+    fn one_rank_matches_the_workers_own_accounting() {
+        for sets in [&[][..], &["model.block=\"parallel\"", "model.n_shared_experts=1"][..]] {
+            let job = job(sets);
+            let s = RankShape::of(&job, Routing::default()).unwrap();
+            assert_eq!(activation_values(&s), worker::memory::activation_values(&job) as f64, "{sets:?}");
+            let m = RankMemory::of(&s, &Precision::default());
+            let params = job.model.num_params() as f64;
+            assert_eq!(m.params, 4.0 * params);
+            assert_eq!(m.params + m.grads + m.optimizer + m.activations, worker::memory::analytic_bytes(&job) as f64);
+            assert_eq!(m.buffers, 0.0, "one rank exchanges nothing");
+        }
+    }
+
+    #[test]
+    fn experts_split_over_ep_and_optimizer_over_dp() {
+        let one = RankShape::of(&job(&[]), Routing::default()).unwrap();
+        let four = RankShape::of(&job(&["parallel.ranks=4"]), Routing::default()).unwrap();
+        let p = Precision::default();
+        let (m1, m4) = (RankMemory::of(&one, &p), RankMemory::of(&four, &p));
+        let experts = expert_params(&one);
+        assert_eq!(expert_params(&four), experts / 4.0);
+        assert_eq!(m1.params - m4.params, 4.0 * 0.75 * experts);
+        let sharded = RankMemory::of(&four, &Precision { shard_optimizer: true, ..p.clone() });
+        let (dense, _) = dense_params(&four);
+        // Dense state over dp = 4, experts over edp = 1.
+        assert_eq!(sharded.optimizer, 8.0 * (dense / 4.0 + expert_params(&four)));
+    }
+}

@@ -1,0 +1,385 @@
+//! One training step's time on a cluster: the kernels of the busiest rank
+//! timed against the device, the collectives against the links, and the
+//! optimizer and bookkeeping around them.
+//!
+//! Ranks sharing a device (CPU ranks as threads, more ranks than cores)
+//! run in lockstep, so each kernel takes the longer of its own time and
+//! the time the device needs for every rank's copy of it: a kernel that
+//! keeps `u` of the device's `C` cores busy for `tau` seconds on its own
+//! takes `tau x max(1, R u / C)` when `R` ranks run it at once. A GPU rank
+//! owns its device (`C = u = R = 1`), and this reduces to `tau`.
+
+use super::cluster::{Cluster, Placement};
+use super::kernels::{model_flops_per_step, Kernels, Part};
+use super::memory::RankMemory;
+use super::shape::RankShape;
+use super::traffic::{collectives, dense_params, expert_params, Collective, Kind, LinkBytes, Phase};
+
+/// What the simulator is asked beyond the job and the cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Options {
+    /// Communication hidden behind compute (chunked dispatch, bucketed
+    /// gradient all-reduce): the step is then max-based, not a sum.
+    pub overlap: bool,
+}
+
+/// The prediction for one step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prediction {
+    pub step_s: f64,
+    /// Forward + backward kernels of the busiest rank.
+    pub compute_s: f64,
+    /// Communication not hidden behind compute (all-to-all, attention
+    /// shards, gradient sync with the norm).
+    pub exposed_comm_s: f64,
+    /// All-to-all and attention-shard exchanges alone, before overlap.
+    pub exchange_s: f64,
+    /// Gradient all-reduce and global norm, before overlap.
+    pub sync_s: f64,
+    /// Optimizer, gradient zeroing, metrics, per-step host work.
+    pub other_s: f64,
+    pub tokens_per_step: f64,
+    pub tokens_per_s: f64,
+    /// Model FLOPs per step over the devices' peak.
+    pub mfu: f64,
+    pub model_flops_per_step: f64,
+    /// Expert-row bytes per step between different ranks, all ranks, per level.
+    pub alltoall_bytes: LinkBytes,
+    pub memory: RankMemory,
+    pub placement: Placement,
+    /// Expert rows per rank per step: busiest and mean (as the sweep reports them).
+    pub expert_rows_max: f64,
+    pub expert_rows_mean: f64,
+    /// Matrix FLOPs per step of the busiest rank, in all and by part.
+    pub rank_flops: f64,
+    pub flops_by_part: Vec<(Part, f64)>,
+}
+
+/// Predicts one step of the job of shape `s` on `cluster`.
+pub fn predict(s: &RankShape, cluster: &Cluster, options: Options) -> Prediction {
+    let at = Placement::of(cluster, s.ranks);
+    let device = Timing::new(cluster, &at);
+    let kernels = Kernels::of(s);
+    let compute_s = device.kernels(&kernels);
+
+    let comms = collectives(s, &cluster.precision);
+    let phase = |p: Phase| comms.iter().filter(|c| c.phase == p).map(|c| device.collective(c)).sum::<f64>();
+    let exchange_s = phase(Phase::Exchange);
+    // The norm reads every gradient once, on the rank's own thread.
+    let params = dense_params(s).0 + dense_params(s).1 + expert_params(s);
+    let grad_bytes = params * cluster.precision.grad_bytes;
+    let sync_s = phase(Phase::GradSync) + device.serial_stream(grad_bytes, 1.0);
+    let optimizer_params =
+        if cluster.precision.shard_optimizer { dense_params(s).0 / s.dp as f64 + expert_params(s) } else { params };
+    let other_s = device.optimizer(optimizer_params)
+        + device.serial_stream(grad_bytes, 1.0) // zeroing the gradients
+        + phase(Phase::Bookkeeping)
+        + device.host_overhead();
+
+    let comm_s = exchange_s + sync_s;
+    let (compute_part, exposed_comm_s) =
+        if options.overlap { (compute_s, (comm_s - compute_s).max(0.0)) } else { (compute_s, comm_s) };
+    let step_s = compute_part + exposed_comm_s + other_s;
+    let model_flops = model_flops_per_step(s);
+    let devices_used = s.ranks.div_ceil(at.ranks_per_device) as f64;
+    let peak = cluster.device.matrix_tflops * 1e12 * devices_used;
+    let rows: Vec<&Collective> = comms.iter().filter(|c| c.name == "all-to-all: expert rows").collect();
+    let alltoall_bytes = rows.iter().fold(LinkBytes::default(), |acc, c| {
+        let b = c.link_bytes(&at);
+        let n = c.count * s.ranks as f64;
+        LinkBytes { intra: acc.intra + b.intra * n, inter: acc.inter + b.inter * n }
+    });
+    let per_step = |rows: f64| rows * (s.layers * s.micro_batches) as f64;
+    let parts = [Part::Attention, Part::Router, Part::Experts, Part::SharedExperts, Part::Head];
+    Prediction {
+        step_s,
+        compute_s,
+        exposed_comm_s,
+        exchange_s,
+        sync_s,
+        other_s,
+        tokens_per_step: s.tokens_per_step as f64,
+        tokens_per_s: s.tokens_per_step as f64 / step_s,
+        mfu: model_flops / step_s / peak,
+        model_flops_per_step: model_flops,
+        alltoall_bytes,
+        memory: RankMemory::of(s, &cluster.precision),
+        placement: at,
+        expert_rows_max: per_step(s.expert_rows_max),
+        expert_rows_mean: per_step(s.expert_rows_mean),
+        rank_flops: kernels.flops(),
+        flops_by_part: parts.iter().map(|&p| (p, kernels.flops_of(p))).collect(),
+    }
+}
+
+/// The busiest rank's kernel time in parts: what calibration fits the
+/// elementwise rate and the launch overhead with.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct KernelParts {
+    /// Matrix products.
+    pub gemm_s: f64,
+    /// Elementwise passes.
+    pub stream_s: f64,
+    /// Kernel launches (parallel regions on a CPU).
+    pub launches: f64,
+}
+
+/// [`KernelParts`] of one step of `s`.
+pub fn kernel_parts(s: &RankShape, cluster: &Cluster) -> KernelParts {
+    let at = Placement::of(cluster, s.ranks);
+    Timing::new(cluster, &at).kernel_parts(&Kernels::of(s))
+}
+
+/// Every kernel kind of the busiest rank with its seconds per step
+/// (launch overheads included), and every collective with its seconds:
+/// where the predicted time goes.
+pub fn breakdown(s: &RankShape, cluster: &Cluster) -> Vec<(String, f64)> {
+    let at = Placement::of(cluster, s.ranks);
+    let timing = Timing::new(cluster, &at);
+    let kernels = Kernels::of(s);
+    let mut out = Vec::new();
+    for g in &kernels.gemms {
+        let one = Kernels { gemms: vec![g.clone()], streams: Vec::new() };
+        out.push((format!("{} ({:.3} GFLOP)", g.name, g.flops_each * g.count / 1e9), timing.kernels(&one)));
+    }
+    for st in &kernels.streams {
+        let one = Kernels { gemms: Vec::new(), streams: vec![st.clone()] };
+        let bytes = st.values * cluster.precision.activation_bytes;
+        out.push((
+            format!("{} ({})", st.name, crate::commands::simulate_table::human_bytes(bytes)),
+            timing.kernels(&one),
+        ));
+    }
+    for c in collectives(s, &cluster.precision) {
+        out.push((format!("{} (x{})", c.name, c.count), timing.collective(&c)));
+    }
+    out
+}
+
+/// Kernel and collective times on one device, for ranks placed as given.
+struct Timing<'a> {
+    cluster: &'a Cluster,
+    at: Placement,
+    /// Ranks sharing the device.
+    ranks: f64,
+    cores: f64,
+}
+
+impl<'a> Timing<'a> {
+    fn new(cluster: &'a Cluster, at: &Placement) -> Self {
+        Self { cluster, at: *at, ranks: at.ranks_per_device as f64, cores: cluster.device.cores as f64 }
+    }
+
+    /// `tau` seconds alone on `used` cores, with every rank of the device doing the same.
+    fn shared(&self, tau: f64, used: f64) -> f64 {
+        tau * (self.ranks * used / self.cores).max(1.0)
+    }
+
+    /// A device without measured product curves: a GPU, where every kernel is a launch.
+    fn gpu(&self) -> bool {
+        self.cluster.device.matrix_curve_core.is_empty()
+    }
+
+    fn launches(&self, n: f64) -> f64 {
+        self.shared(n * self.cluster.device.kernel_overhead_us * 1e-6, 1.0)
+    }
+
+    /// Seconds of the kernels, launch overheads included.
+    fn kernels(&self, k: &Kernels) -> f64 {
+        let parts = self.kernel_parts(k);
+        parts.gemm_s + parts.stream_s + self.launches(parts.launches)
+    }
+
+    fn kernel_parts(&self, k: &Kernels) -> KernelParts {
+        let mut parts = KernelParts::default();
+        for g in &k.gemms {
+            let (tau, used) = self.gemm(g.flops_each, g.concurrent);
+            let calls = g.count / g.concurrent;
+            parts.gemm_s += self.shared(tau, used) * calls;
+            // A GPU product is a kernel launch; a CPU product's call cost is
+            // in its measured curve, except a batch of products run as
+            // parallel tasks, which is one parallel region.
+            if self.gpu() || g.concurrent >= 2.0 {
+                parts.launches += calls;
+            }
+        }
+        for st in &k.streams {
+            let bytes = st.values * self.cluster.precision.activation_bytes;
+            parts.stream_s += if st.parallel { self.parallel_stream(bytes) } else { self.serial_stream(bytes, 1.0) };
+            // On a CPU a serial pass is a plain loop; a parallel one a region.
+            if self.gpu() || st.parallel {
+                parts.launches += st.launches;
+            }
+        }
+        parts
+    }
+
+    /// Seconds and cores busy for `concurrent` products of `flops` each, run at once.
+    fn gemm(&self, flops: f64, concurrent: f64) -> (f64, f64) {
+        let d = &self.cluster.device;
+        if d.matrix_curve_core.is_empty() {
+            // A GPU: one (batched or grouped) kernel at the sustained rate.
+            return (concurrent * flops / (d.matrix_tflops * d.matrix_efficiency * 1e12), 1.0);
+        }
+        let core = interpolate(&d.matrix_curve_core, flops) * 1e12 * d.matrix_efficiency;
+        if concurrent >= 2.0 {
+            // Independent small products as parallel tasks, one core each.
+            let used = concurrent.min(self.cores);
+            return (concurrent * flops / (core * used), used);
+        }
+        let whole = if d.matrix_curve_device.is_empty() {
+            core
+        } else {
+            interpolate(&d.matrix_curve_device, flops) * 1e12 * d.matrix_efficiency
+        };
+        let rate = whole.max(core);
+        (flops / rate, (rate / core).clamp(1.0, self.cores))
+    }
+
+    fn parallel_stream(&self, bytes: f64) -> f64 {
+        let d = &self.cluster.device;
+        self.shared(bytes / (d.memory_gbps * d.memory_efficiency * 1e9), self.cores)
+    }
+
+    /// `bytes` streamed by the rank's own thread, `times` over.
+    fn serial_stream(&self, bytes: f64, times: f64) -> f64 {
+        let d = &self.cluster.device;
+        let core = d.memory_gbps_core.map_or(d.memory_gbps / self.cores, |c| c) * d.memory_efficiency;
+        self.shared(times * bytes / (core * 1e9), 1.0)
+    }
+
+    /// AdamW over `params` parameters on the rank's own thread.
+    fn optimizer(&self, params: f64) -> f64 {
+        let rate = self.cluster.host.optimizer_mparams_per_s_core;
+        if rate > 0.0 {
+            self.shared(params / (rate * 1e6), 1.0)
+        } else {
+            // Reads parameter, gradient and two moments, writes three of them.
+            self.serial_stream(params * 4.0 * 7.0, 1.0)
+        }
+    }
+
+    fn host_overhead(&self) -> f64 {
+        self.shared(self.cluster.host.step_overhead_us * 1e-6, 1.0)
+    }
+
+    /// One collective's time per step: latency plus the slower link level's
+    /// bytes (the levels move at once).
+    fn collective(&self, c: &Collective) -> f64 {
+        let cluster = self.cluster;
+        if c.group <= 1 || c.count == 0.0 {
+            return 0.0;
+        }
+        let bytes = c.link_bytes(&self.at);
+        let (intra, inter) = (&cluster.intra_node, cluster.between_nodes());
+        let reduce = c.kind == Kind::Reduce;
+        let gbps = |l: &super::cluster::Link| {
+            if reduce {
+                l.allreduce_gbps.unwrap_or(l.bandwidth_gbps)
+            } else {
+                l.bandwidth_gbps
+            }
+        };
+        let alpha = |l: &super::cluster::Link| {
+            if reduce {
+                l.allreduce_latency_us.unwrap_or(l.latency_us)
+            } else {
+                l.latency_us
+            }
+        };
+        let spans_nodes = bytes.inter > 0.0;
+        let latency = if spans_nodes { alpha(intra).max(alpha(inter)) } else { alpha(intra) } * 1e-6;
+        let transfer = (bytes.intra / (gbps(intra) * 1e9)).max(bytes.inter / (gbps(inter) * 1e9));
+        // Copies and wake-ups of rank threads need a core, like any kernel.
+        c.count * self.shared(latency + transfer, 1.0)
+    }
+}
+
+/// Log-log interpolation in a `[x, y]` curve; the ends extend flat.
+pub fn interpolate(curve: &[[f64; 2]], x: f64) -> f64 {
+    match curve {
+        [] => f64::NAN,
+        [only] => only[1],
+        _ => {
+            if x <= curve[0][0] {
+                return curve[0][1];
+            }
+            for w in curve.windows(2) {
+                let ([x0, y0], [x1, y1]) = (w[0], w[1]);
+                if x <= x1 {
+                    let u = (x.ln() - x0.ln()) / (x1.ln() - x0.ln());
+                    return (y0.ln() + u * (y1.ln() - y0.ln())).exp();
+                }
+            }
+            curve[curve.len() - 1][1]
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::simulate::shape::Routing;
+    use worker::JobConfig;
+
+    fn h100() -> Cluster {
+        Cluster::parse(include_str!("../../../examples/clusters/h100-8x-nvlink-ib400.toml")).unwrap()
+    }
+
+    fn shape(sets: &[&str]) -> RankShape {
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        RankShape::of(&JobConfig::load(None, &sets).unwrap(), Routing::default()).unwrap()
+    }
+
+    #[test]
+    fn split_adds_up_and_overlap_takes_the_max() {
+        let s = shape(&["parallel.ranks=16", "train.global_batch_size=128"]);
+        let off = predict(&s, &h100(), Options { overlap: false });
+        assert!((off.compute_s + off.exposed_comm_s + off.other_s - off.step_s).abs() < 1e-15);
+        assert!((off.exposed_comm_s - off.exchange_s - off.sync_s).abs() < 1e-15);
+        let on = predict(&s, &h100(), Options { overlap: true });
+        let expected = on.compute_s.max(on.exchange_s + on.sync_s) + on.other_s;
+        assert!((on.step_s - expected).abs() < 1e-15 && on.step_s <= off.step_s);
+        assert!(on.tokens_per_s >= off.tokens_per_s && off.mfu > 0.0 && off.mfu < 1.0);
+    }
+
+    #[test]
+    fn all_to_all_leaves_the_node_only_past_eight_ranks() {
+        let inside = predict(&shape(&["parallel.ranks=8", "train.micro_batch_size=4"]), &h100(), Options::default());
+        assert!(inside.alltoall_bytes.intra > 0.0 && inside.alltoall_bytes.inter == 0.0);
+        let s = shape(&["parallel.ranks=16", "model.n_experts=16", "train.global_batch_size=128"]);
+        let across = predict(&s, &h100(), Options::default());
+        // 7 of the 15 peers share the node.
+        let ratio = across.alltoall_bytes.intra / across.alltoall_bytes.inter;
+        assert!((ratio - 7.0 / 8.0).abs() < 1e-12, "{ratio}");
+    }
+
+    #[test]
+    fn ranks_sharing_a_device_share_its_time() {
+        // A device of 2 cores at 1 TFLOP/s on every product: one rank alone
+        // on a 1-core product takes t; four ranks on two cores take 2t each.
+        let mut cpu = h100();
+        cpu.node.count = 1;
+        cpu.node.devices = 1;
+        cpu.device.cores = 2;
+        cpu.device.matrix_efficiency = 1.0;
+        cpu.device.matrix_curve_core = vec![[1.0, 1.0]];
+        cpu.device.matrix_curve_device = vec![[1.0, 1.0]];
+        let at = Placement::of(&cpu, 4);
+        assert_eq!(at.ranks_per_device, 4);
+        let timing = Timing::new(&cpu, &at);
+        let (tau, used) = timing.gemm(1e12, 1.0);
+        assert_eq!((tau, used), (1.0, 1.0));
+        assert_eq!(timing.shared(tau, used), 2.0);
+        // Two independent products run on both cores at once.
+        assert_eq!(timing.gemm(1e12, 2.0), (1.0, 2.0));
+    }
+
+    #[test]
+    fn curves_interpolate_log_log() {
+        let curve = [[1e3, 1.0], [1e5, 100.0]];
+        assert!((interpolate(&curve, 1e4) - 10.0).abs() < 1e-9);
+        assert_eq!(interpolate(&curve, 1.0), 1.0);
+        assert_eq!(interpolate(&curve, 1e9), 100.0);
+    }
+}
