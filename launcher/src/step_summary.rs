@@ -3,9 +3,10 @@
 //!
 //! Times are the slowest rank's (as the metrics record them), averaged over
 //! the steps after warm-up. The step splits into parts that add up to it:
-//! compute = forward+backward without all-to-all; exposed communication =
-//! all-to-all + gradient sync as measured (what overlap did not hide);
-//! other = the rest (data, optimizer, metrics, checkpoint stalls).
+//! compute = forward+backward without the all-to-all it waited for;
+//! exposed communication = that all-to-all wait + gradient sync (what
+//! overlap did not hide, docs/overlap.md); other = the rest (data,
+//! optimizer, metrics, checkpoint stalls).
 
 use anyhow::{bail, Context, Result};
 use std::path::Path;
@@ -16,8 +17,9 @@ use worker::metrics::StepMetrics;
 pub struct StepSummary {
     pub step_s: f64,
     pub tokens_per_s: f64,
-    /// Forward+backward without all-to-all.
+    /// Forward+backward without the all-to-all it waited for.
     pub compute_s: f64,
+    /// All-to-all time no computation hid (all of it without overlap).
     pub alltoall_s: f64,
     /// Gradient all-reduce and norm.
     pub sync_s: f64,
@@ -55,7 +57,7 @@ impl StepSummary {
         let mean = |f: &dyn Fn(&StepMetrics) -> f64| timed.iter().map(f).sum::<f64>() / timed.len() as f64;
         let step_s = mean(&|m| m.step_time_s);
         let compute_all = mean(&|m| m.compute_s);
-        let alltoall_s = mean(&|m| m.alltoall_s);
+        let alltoall_s = mean(&exposed_alltoall);
         let sync_s = mean(&|m| m.sync_s);
         Ok(Self {
             step_s,
@@ -70,6 +72,17 @@ impl StepSummary {
             tokens_per_step: mean(&|m| m.tokens as f64),
             loss_at_end: steps.last().map_or(f64::NAN, |m| m.loss),
         })
+    }
+}
+
+/// The all-to-all time of a step that no computation hid: the exposed
+/// communication less the gradient sync, or all of it in metrics written
+/// before overlap was measured (no `comm_s`).
+fn exposed_alltoall(m: &StepMetrics) -> f64 {
+    if m.comm_s > 0.0 {
+        (m.exposed_comm_s - m.sync_s).clamp(0.0, m.alltoall_s)
+    } else {
+        m.alltoall_s
     }
 }
 

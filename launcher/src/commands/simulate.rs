@@ -14,6 +14,7 @@ use crate::simulate::step::{breakdown, predict, Options, Prediction};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use std::path::{Path, PathBuf};
+use worker::overlap::Techniques;
 use worker::JobConfig;
 
 /// Arguments of `switchyard simulate`.
@@ -42,7 +43,7 @@ pub struct SimulateArgs {
     #[arg(long = "set", value_name = "KEY=VALUE")]
     overrides: Vec<String>,
     /// Communication hidden behind compute (step = max, not sum). Also on
-    /// when the job config says `[parallel] overlap = true`.
+    /// when the job's `[overlap]` techniques apply (docs/overlap.md).
     #[arg(long)]
     overlap: bool,
     /// Also print every kernel and collective with its predicted time (one point).
@@ -172,28 +173,14 @@ fn fill(row: &mut PointResult, ranks: usize, p: &Prediction) {
     row.mfu = Some(p.mfu);
 }
 
-/// Whether the job asks for communication to hide behind compute: a
-/// boolean `[parallel] overlap`, or an `[overlap]` section with chunked
-/// dispatch (`chunks` > 1), interleaved micro-batches, parallel blocks or
-/// bucketed gradient all-reduce turned on. A job config without such keys
-/// (this build's) runs without overlap.
+/// Whether the job's overlap techniques apply to its layout, as a real
+/// run decides (`[overlap]`, docs/overlap.md): its all-to-all travels
+/// while ranks compute, or its gradients go out in buckets.
 fn job_overlap(job: &JobConfig) -> bool {
-    let Ok(tree) = toml::Value::try_from(job) else { return false };
-    let truthy = |v: &toml::Value, key: &str| match v {
-        toml::Value::Boolean(on) => *on,
-        toml::Value::Integer(n) => *n > i64::from(key == "chunks"),
-        toml::Value::Float(x) => *x > 0.0,
-        toml::Value::String(mode) => !matches!(mode.as_str(), "" | "off" | "none"),
-        _ => false,
-    };
-    if let Some(v) = tree.get("parallel").and_then(|p| p.get("overlap")) {
-        return truthy(v, "overlap");
-    }
-    match tree.get("overlap") {
-        Some(toml::Value::Table(section)) => section.iter().any(|(key, v)| truthy(v, key)),
-        Some(v) => truthy(v, "overlap"),
-        None => false,
-    }
+    let Ok(dims) = job.parallel_dims() else { return false };
+    let micro_batches = job.grad_accumulation(dims.dp);
+    let t = Techniques::choose(&job.overlap, &job.parallel.backend, dims.world, dims.attn_tp, micro_batches, true);
+    t.pipe_chunks.is_some() || t.bucket_values.is_some()
 }
 
 fn run_calibrate(out: &Path, ranks: Option<usize>) -> Result<()> {
