@@ -8,7 +8,7 @@ set -eu
 here="$(cd "$(dirname "$0")" && pwd)"
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 # The "hosts" share this machine's cores: tell every rank it shares cores,
-# so that waiting ranks nap instead of spinning on a core another rank needs.
+# so that waiting ranks yield early instead of spinning on a core another rank needs.
 export OMPI_MCA_mpi_oversubscribe=1
 exec ip netns exec sy-h1 unshare --uts sh -c "hostname sy-h1; exec mpirun -n 4 \
   --host 10.77.0.1:2,10.77.0.2:1,10.77.0.3:1 --mca plm_rsh_agent $here/netns-rsh.sh \

@@ -109,16 +109,11 @@ thread_local! {
 /// Tests a communication thread makes before it starts napping.
 const BACKGROUND_SPIN_TESTS: u32 = 200;
 
+/// How long a wait yields before it starts napping.
+const NAP_AFTER: std::time::Duration = std::time::Duration::from_micros(200);
+
 /// A communication thread's pause between tests once it naps.
 const BACKGROUND_NAP: std::time::Duration = std::time::Duration::from_micros(20);
-
-/// Whether every wait naps between tests (ranks share cores).
-static NAP_WHEN_WAITING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// Makes every wait nap between tests after a short spin (oversubscribed).
-pub(super) fn set_nap_when_waiting(nap: bool) {
-    NAP_WHEN_WAITING.store(nap, Ordering::Relaxed);
-}
 
 /// Marks this thread as a communication thread: its waits nap between tests.
 pub(super) fn mark_background() {
@@ -144,6 +139,7 @@ pub(super) fn poll(
 ) -> Result<Polled, CommError> {
     let n = c_count(op, requests.len())?;
     let mut tests = 0u32;
+    let started = Instant::now();
     loop {
         let mut flag: c_int = 0;
         // SAFETY: every handle is a live request or the null request.
@@ -151,7 +147,8 @@ pub(super) fn poll(
         if flag != 0 {
             return Ok(Polled::Done);
         }
-        if Instant::now() >= deadline {
+        let now = Instant::now();
+        if now >= deadline {
             return Ok(Polled::TimedOut);
         }
         if let Some(reason) = crate::stop::requested() {
@@ -161,12 +158,13 @@ pub(super) fn poll(
         // and needs both sides to test often. Then yield, so that ranks
         // sharing a core (oversubscribed) let each other run.
         tests = tests.saturating_add(1);
-        let napping = BACKGROUND.get() || NAP_WHEN_WAITING.load(Ordering::Relaxed);
-        if napping && tests > BACKGROUND_SPIN_TESTS {
+        if BACKGROUND.get() && tests > BACKGROUND_SPIN_TESTS && now - started > NAP_AFTER {
             // A communication thread shares the cores with the rank's
-            // compute, and oversubscribed ranks share them with each other:
-            // short sleeps keep the transfer moving without taking a core
-            // from the computation (a yield would hand it back at once).
+            // compute: a long wait (a peer still computing) naps, which
+            // keeps the transfer moving without taking a core from the
+            // computation (a yield would hand it back at once). Short
+            // waits (a small message on its way) only yield: a nap would
+            // add its latency.
             std::thread::sleep(BACKGROUND_NAP);
         } else if tests > SPIN_TESTS.load(Ordering::Relaxed) {
             std::thread::yield_now();
