@@ -73,6 +73,18 @@ pub struct StepReport {
     pub detail: Option<String>,
 }
 
+/// Hidden over total communication time, summed over ranks, from each
+/// rank's (communication, exposed communication): 1 when every transfer
+/// hid behind computation, 0 when none did (or there was none).
+pub fn overlap_efficiency(ranks: impl IntoIterator<Item = (f64, f64)>) -> f64 {
+    let (total, exposed) = ranks.into_iter().fold((0.0, 0.0), |(t, e), (comm, exp)| (t + comm, e + exp.min(comm)));
+    if total > 0.0 {
+        (total - exposed) / total
+    } else {
+        0.0
+    }
+}
+
 /// One rank's part of a checkpoint: its shard is in the store (or failed).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ShardWritten {

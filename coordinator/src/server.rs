@@ -7,7 +7,9 @@
 //! [`Event`]s, the current [`Status`], and `stop_all`.
 
 use crate::commit::{CommitTarget, Committed, Committer, PendingSaves, Progress};
-use crate::protocol::{encode, read_async, Message, ProtocolError, Registration, ShardWritten, StepReport, Welcome};
+use crate::protocol::{
+    encode, overlap_efficiency, read_async, Message, ProtocolError, Registration, ShardWritten, StepReport, Welcome,
+};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -492,15 +494,7 @@ fn record_step(shared: &Shared, rank: u32, report: StepReport) {
         alltoall_bytes: reports.iter().map(|r| r.alltoall_bytes).sum(),
         comm_s: reports.iter().map(|r| r.comm_s).fold(0.0, f64::max),
         exposed_comm_s: reports.iter().map(|r| r.exposed_comm_s).fold(0.0, f64::max),
-        overlap_efficiency: {
-            let total: f64 = reports.iter().map(|r| r.comm_s).sum();
-            let exposed: f64 = reports.iter().map(|r| r.exposed_comm_s.min(r.comm_s)).sum();
-            if total > 0.0 {
-                (total - exposed) / total
-            } else {
-                0.0
-            }
-        },
+        overlap_efficiency: overlap_efficiency(reports.iter().map(|r| (r.comm_s, r.exposed_comm_s))),
     };
     // Older incomplete steps can no longer complete.
     state.pending.retain(|&s, _| s > step);

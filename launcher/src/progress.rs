@@ -190,6 +190,7 @@ impl Observer for ConsoleProgress {
                 "layout: {} ranks ({} backend) | data parallel {} x attention shards {} | experts over {} ranks (ep {}, {} replica(s))",
                 d.world, self.backend, d.dp, d.attn_tp, d.ep, d.ep, d.edp
             ));
+            self.line(&format!("overlap: {} (docs/overlap.md)", info.overlap.describe()));
         }
         if let Some(nodes) = nodes_line(&info.nodes) {
             self.line(&nodes);
@@ -204,8 +205,14 @@ impl Observer for ConsoleProgress {
         let eta = elapsed / done as f64 * (self.total_steps - m.step) as f64;
         if m.step.is_multiple_of(self.log_every) || m.step == self.total_steps || m.step == self.start_step + 1 {
             let dropped: usize = m.dropped.iter().sum();
+            // Several ranks: how much of the step's communication was hidden.
+            let comm = if m.per_rank.len() > 1 && m.comm_s > 0.0 {
+                format!(" | comm {:.0} ms, {:.0}% hidden", m.comm_s * 1e3, m.overlap_efficiency * 100.0)
+            } else {
+                String::new()
+            };
             self.line(&format!(
-                "step {:>6}/{} | loss {:.4} | aux {:.4} | z {:.3} | lr {:.2e} | gnorm {:.3} | {} tok/s | dropped {} | ETA {}",
+                "step {:>6}/{} | loss {:.4} | aux {:.4} | z {:.3} | lr {:.2e} | gnorm {:.3} | {} tok/s | dropped {}{comm} | ETA {}",
                 m.step,
                 self.total_steps,
                 m.loss,

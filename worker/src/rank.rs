@@ -24,7 +24,7 @@ use crate::train::{checkpoint_url, open_data, starting_state, Observer, Resume, 
 use collectives::comm_thread::CommThread;
 use collectives::Communicator;
 use coordinator::client::CoordinatorClient;
-use coordinator::protocol::StepReport;
+use coordinator::protocol::{overlap_efficiency, StepReport};
 use coordinator::{ParallelDims, PlacementPlan};
 use model::model::{ForwardStats, LossScales};
 use model::ops::rope::RopeTable;
@@ -218,6 +218,7 @@ fn train_rank(
             grad_accumulation: accumulation,
             dims,
             nodes: nodes.clone(),
+            overlap: techniques,
         });
     }
 
@@ -648,23 +649,11 @@ impl LocalStep {
             compute_s: per_rank.iter().map(|r| r.compute_s).fold(0.0, f64::max),
             comm_s: per_rank.iter().map(|r| r.comm_s).fold(0.0, f64::max),
             exposed_comm_s: per_rank.iter().map(|r| r.exposed_comm_s).fold(0.0, f64::max),
-            overlap_efficiency: overlap_efficiency(&per_rank),
+            overlap_efficiency: overlap_efficiency(per_rank.iter().map(|r| (r.comm_s, r.exposed_comm_s))),
             per_rank,
             ..Default::default()
         };
         Ok((metrics, preempted))
-    }
-}
-
-/// Hidden communication over all communication, all ranks together
-/// (1: every transfer hidden behind computation, 0: none).
-fn overlap_efficiency(ranks: &[RankMetrics]) -> f64 {
-    let total: f64 = ranks.iter().map(|r| r.comm_s).sum();
-    let exposed: f64 = ranks.iter().map(|r| r.exposed_comm_s.min(r.comm_s)).sum();
-    if total > 0.0 {
-        (total - exposed) / total
-    } else {
-        0.0
     }
 }
 

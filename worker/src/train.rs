@@ -61,6 +61,8 @@ pub struct StartInfo {
     pub dims: ParallelDims,
     /// The node (host name) of every rank, in rank order.
     pub nodes: Vec<String>,
+    /// The overlap techniques this layout runs (docs/overlap.md).
+    pub overlap: crate::overlap::Techniques,
 }
 
 /// The end of a run.

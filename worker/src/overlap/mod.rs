@@ -104,6 +104,30 @@ impl Techniques {
     }
 }
 
+impl Techniques {
+    /// For the start banner, e.g. "chunks 2, attention during MoE, 2 lanes, buckets 1.0 MiB".
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(chunks) = self.pipe_chunks {
+            parts.push(format!("all-to-all on a thread in {chunks} chunk(s)"));
+        }
+        if self.attention_during_moe {
+            parts.push("attention during MoE transfers".into());
+        }
+        if self.interleave {
+            parts.push("2 micro-batch lanes".into());
+        }
+        if let Some(values) = self.bucket_values {
+            parts.push(format!("gradient buckets of {:.1} MiB", (values * 4) as f64 / (1 << 20) as f64));
+        }
+        if parts.is_empty() {
+            "off".into()
+        } else {
+            parts.join(", ")
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -139,5 +163,10 @@ mod tests {
         assert!(OverlapConfig { chunks: 0, ..all.clone() }.validate().is_err());
         assert!(OverlapConfig { grad_bucket_mib: -1.0, ..all.clone() }.validate().is_err());
         assert!(OverlapConfig { mode: "sometimes".into(), ..all }.validate().is_err());
+        assert_eq!(none.describe(), "off");
+        assert_eq!(
+            t.describe(),
+            "all-to-all on a thread in 2 chunk(s), attention during MoE transfers, 2 micro-batch lanes, gradient buckets of 1.0 MiB"
+        );
     }
 }
