@@ -16,7 +16,7 @@ use crate::error::WorkerError;
 use crate::metrics::{MetricsWriter, RankMetrics, StepMetrics};
 use crate::micro_batches::{run_micro_batches, Lane, StepInputs};
 use crate::overlap::exposure::Exposure;
-use crate::overlap::Techniques;
+use crate::overlap::{dense_layer_values, RankLayout, Techniques};
 use crate::preemption;
 use crate::state::TrainState;
 use crate::sync::{all_reduce_tensors, gather_json, sum_over_ranks};
@@ -173,7 +173,17 @@ fn train_rank(
     let accumulation = job.grad_accumulation(dims.dp);
     let threads_ok = collectives::mpi::comm_threads_allowed();
     let backend = job.parallel.backend.as_str();
-    let techniques = Techniques::choose(&job.overlap, backend, dims.world, dims.attn_tp, accumulation, threads_ok);
+    let techniques = Techniques::choose(
+        &job.overlap,
+        &RankLayout {
+            backend,
+            world: dims.world,
+            attn_tp: dims.attn_tp,
+            micro_batches: accumulation,
+            layer_grad_values: dense_layer_values(cfg),
+            threads_ok,
+        },
+    );
     let mut groups = groups(comm, &dims, &techniques)?;
     let exposure = Exposure::new(1);
     let rank = groups.world_rank;

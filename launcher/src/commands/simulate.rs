@@ -14,7 +14,7 @@ use crate::simulate::step::{breakdown, predict, Options, Prediction};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use std::path::{Path, PathBuf};
-use worker::overlap::Techniques;
+use worker::overlap::{dense_layer_values, RankLayout, Techniques};
 use worker::JobConfig;
 
 /// Arguments of `switchyard simulate`.
@@ -179,7 +179,15 @@ fn fill(row: &mut PointResult, ranks: usize, p: &Prediction) {
 fn job_overlap(job: &JobConfig) -> bool {
     let Ok(dims) = job.parallel_dims() else { return false };
     let micro_batches = job.grad_accumulation(dims.dp);
-    let t = Techniques::choose(&job.overlap, &job.parallel.backend, dims.world, dims.attn_tp, micro_batches, true);
+    let layout = RankLayout {
+        backend: &job.parallel.backend,
+        world: dims.world,
+        attn_tp: dims.attn_tp,
+        micro_batches,
+        layer_grad_values: dense_layer_values(&job.model),
+        threads_ok: true,
+    };
+    let t = Techniques::choose(&job.overlap, &layout);
     t.pipe_chunks.is_some() || t.bucket_values.is_some()
 }
 

@@ -19,6 +19,7 @@
 pub mod exposure;
 pub mod grad_buckets;
 
+use model::{BlockKind, ModelConfig};
 use serde::{Deserialize, Serialize};
 
 /// `[overlap]`: which techniques run.
@@ -77,31 +78,53 @@ pub struct Techniques {
 
 impl Techniques {
     /// The techniques that apply: all need more than one rank and `mode`
-    /// to allow them on `backend`; buckets need every dense gradient
-    /// replicated (no attention shards); interleaving needs two
-    /// micro-batches per step; threads must be allowed to talk at once
-    /// (MPI_THREAD_MULTIPLE).
-    pub fn choose(
-        cfg: &OverlapConfig,
-        backend: &str,
-        world: usize,
-        attn_tp: usize,
-        micro_batches: usize,
-        threads_ok: bool,
-    ) -> Self {
+    /// to allow them on the backend; buckets need every dense gradient
+    /// replicated (no attention shards) and layers that fill more than one
+    /// bucket (one bucket can only start when the backward pass ends);
+    /// interleaving needs two micro-batches per step; threads must be
+    /// allowed to talk at once (MPI_THREAD_MULTIPLE).
+    pub fn choose(cfg: &OverlapConfig, rank: &RankLayout) -> Self {
         let allowed = match cfg.mode.as_str() {
             "on" => true,
             "off" => false,
-            _ => backend != "local",
+            _ => rank.backend != "local",
         };
-        let on = allowed && world > 1 && threads_ok;
-        let interleave = on && cfg.interleave && micro_batches >= 2;
+        let on = allowed && rank.world > 1 && rank.threads_ok;
+        let interleave = on && cfg.interleave && rank.micro_batches >= 2;
         let attention_during_moe = on && cfg.parallel_block;
         let pipe = on && (cfg.chunks > 1 || attention_during_moe || interleave);
-        let bucket_values = (on && attn_tp == 1 && cfg.grad_bucket_mib > 0.0)
-            .then(|| ((cfg.grad_bucket_mib * (1 << 20) as f64) as usize / 4).max(1));
-        Self { pipe_chunks: pipe.then_some(cfg.chunks), attention_during_moe, interleave, bucket_values }
+        let bucket_values = ((cfg.grad_bucket_mib * (1 << 20) as f64) as usize / 4).max(1);
+        let buckets = on && rank.attn_tp == 1 && cfg.grad_bucket_mib > 0.0 && rank.layer_grad_values > bucket_values;
+        Self {
+            pipe_chunks: pipe.then_some(cfg.chunks),
+            attention_during_moe,
+            interleave,
+            bucket_values: buckets.then_some(bucket_values),
+        }
     }
+}
+
+/// What the choice of techniques depends on besides the switches.
+#[derive(Debug, Clone, Copy)]
+pub struct RankLayout<'a> {
+    pub backend: &'a str,
+    pub world: usize,
+    pub attn_tp: usize,
+    /// Micro-batches per rank per step.
+    pub micro_batches: usize,
+    /// Values of every layer's dense gradients (see [`dense_layer_values`]).
+    pub layer_grad_values: usize,
+    /// Whether the backend lets several threads run collectives at once.
+    pub threads_ok: bool,
+}
+
+/// Values of the dense tensors of all layers (what gradient buckets carry).
+pub fn dense_layer_values(cfg: &ModelConfig) -> usize {
+    let (d, hd) = (cfg.d_model, cfg.head_dim());
+    let norms = if cfg.block == BlockKind::Sequential { 2 * d } else { d };
+    let attention = 2 * cfg.n_heads * hd * d + 2 * cfg.n_kv_heads * hd * d;
+    let per_layer = norms + attention + cfg.n_experts * d + cfg.n_shared_experts * 3 * cfg.ffn_hidden * d;
+    per_layer * cfg.n_layers
 }
 
 impl Techniques {
@@ -135,31 +158,45 @@ mod tests {
     #[test]
     fn techniques_follow_switches_and_layout() {
         let all = OverlapConfig::default();
-        let t = Techniques::choose(&all, "mpi", 4, 1, 2, true);
+        let big = 1 << 22;
+        let layout = |backend, world, attn_tp, micro_batches, threads_ok| RankLayout {
+            backend,
+            world,
+            attn_tp,
+            micro_batches,
+            layer_grad_values: big,
+            threads_ok,
+        };
+        let choose = |cfg: &OverlapConfig, backend, world, attn_tp, micro, ok| {
+            Techniques::choose(cfg, &layout(backend, world, attn_tp, micro, ok))
+        };
+        let t = choose(&all, "mpi", 4, 1, 2, true);
         assert_eq!(t.pipe_chunks, Some(2));
         assert!(t.attention_during_moe && t.interleave);
         assert_eq!(t.bucket_values, Some(1 << 18));
-        let none = Techniques::choose(&all, "mpi", 1, 1, 1, true);
-        assert_eq!(
-            none,
-            Techniques { pipe_chunks: None, attention_during_moe: false, interleave: false, bucket_values: None }
-        );
+        let none =
+            Techniques { pipe_chunks: None, attention_during_moe: false, interleave: false, bucket_values: None };
         // One rank: nothing to overlap.
-        assert_eq!(Techniques::choose(&all, "mpi", 1, 1, 2, true), none);
+        assert_eq!(choose(&all, "mpi", 1, 1, 2, true), none);
         // Threads: off unless asked for.
-        assert_eq!(Techniques::choose(&all, "local", 4, 1, 2, true), none);
+        assert_eq!(choose(&all, "local", 4, 1, 2, true), none);
         let forced = OverlapConfig { mode: "on".into(), ..all.clone() };
-        assert_eq!(Techniques::choose(&forced, "local", 4, 1, 2, true), t);
+        assert_eq!(choose(&forced, "local", 4, 1, 2, true), t);
         let never = OverlapConfig { mode: "off".into(), ..all.clone() };
-        assert_eq!(Techniques::choose(&never, "mpi", 4, 1, 2, true), none);
+        assert_eq!(choose(&never, "mpi", 4, 1, 2, true), none);
         // Attention shards: no buckets; one micro-batch: no interleaving.
-        let sharded = Techniques::choose(&all, "mpi", 4, 2, 1, true);
+        let sharded = choose(&all, "mpi", 4, 2, 1, true);
         assert!(sharded.bucket_values.is_none() && !sharded.interleave && sharded.pipe_chunks.is_some());
         // MPI without MPI_THREAD_MULTIPLE: everything on the rank's thread.
-        assert_eq!(Techniques::choose(&all, "mpi", 4, 1, 2, false), none);
+        assert_eq!(choose(&all, "mpi", 4, 1, 2, false), none);
         let off =
             OverlapConfig { chunks: 1, parallel_block: false, interleave: false, grad_bucket_mib: 0.0, ..all.clone() };
-        assert_eq!(Techniques::choose(&off, "mpi", 4, 1, 2, true), none);
+        assert_eq!(choose(&off, "mpi", 4, 1, 2, true), none);
+        // Layers that fit in one bucket: no buckets (nothing to start early).
+        let small = RankLayout { layer_grad_values: 1 << 18, ..layout("mpi", 4, 1, 2, true) };
+        assert_eq!(Techniques::choose(&all, &small).bucket_values, None);
+        let tiny_buckets = OverlapConfig { grad_bucket_mib: 0.25, ..all.clone() };
+        assert_eq!(Techniques::choose(&tiny_buckets, &small).bucket_values, Some(1 << 16));
         assert!(OverlapConfig { chunks: 0, ..all.clone() }.validate().is_err());
         assert!(OverlapConfig { grad_bucket_mib: -1.0, ..all.clone() }.validate().is_err());
         assert!(OverlapConfig { mode: "sometimes".into(), ..all }.validate().is_err());
@@ -168,5 +205,14 @@ mod tests {
             t.describe(),
             "all-to-all on a thread in 2 chunk(s), attention during MoE transfers, 2 micro-batch lanes, gradient buckets of 1.0 MiB"
         );
+    }
+
+    #[test]
+    fn dense_layer_values_count_every_layer_tensor() {
+        let cfg = ModelConfig::default();
+        let weights = model::DenseWeights::init(&cfg, &mut model::rng::Rng::new(1));
+        let counted: usize =
+            weights.tensors().iter().filter(|(n, _)| n.starts_with("layers.")).map(|(_, t)| t.len()).sum();
+        assert_eq!(dense_layer_values(&cfg), counted);
     }
 }
