@@ -436,6 +436,8 @@ fn four_ranks_over_three_namespace_hosts_match_one_rank() {
     let log = text(&out);
     assert!(out.status.success(), "{log}");
     assert!(log.contains("nodes: 3 | sy-h1: ranks 0,1 | sy-h2: rank 2 | sy-h3: rank 3"), "{log}");
+    // Ranks on several nodes: overlap is on by default, and the losses still match.
+    assert!(log.contains("overlap: all-to-all on a thread in 2 chunk(s)"), "{log}");
     assert_close(&reference, &losses(&run_dir), "4 ranks on 3 namespace hosts");
 }
 

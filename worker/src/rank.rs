@@ -170,6 +170,9 @@ fn train_rank(
     };
     // Balanced placement: tokens per expert since the last plan.
     let mut expert_loads = vec![vec![0.0f64; cfg.n_experts]; cfg.n_layers];
+    // Which node each rank runs on: for the overlap choice, the banner (and
+    // proof of a multi-node run) and node-aware placement.
+    let nodes: Vec<String> = gather_json(comm, &node_name())?;
     let accumulation = job.grad_accumulation(dims.dp);
     let threads_ok = collectives::mpi::comm_threads_allowed();
     let backend = job.parallel.backend.as_str();
@@ -182,6 +185,7 @@ fn train_rank(
             micro_batches: accumulation,
             layer_grad_values: dense_layer_values(cfg),
             threads_ok,
+            spans_nodes: nodes.iter().any(|n| *n != nodes[0]),
         },
     );
     let mut groups = groups(comm, &dims, &techniques)?;
@@ -210,8 +214,6 @@ fn train_rank(
         store.cleanup_uncommitted()?;
     }
     let mut saver = Checkpointer::new(store, client, job.checkpoint.keep_last);
-    // Which node each rank runs on, for the banner (and proof of a multi-node run).
-    let nodes: Vec<String> = gather_json(comm, &node_name())?;
 
     let micro = job.train.micro_batch_size;
     let per_rank = job.train.global_batch_size / dims.dp;

@@ -186,6 +186,8 @@ fn job_overlap(job: &JobConfig) -> bool {
         micro_batches,
         layer_grad_values: dense_layer_values(&job.model),
         threads_ok: true,
+        // A simulated cluster: as if its ranks were on several nodes.
+        spans_nodes: true,
     };
     let t = Techniques::choose(&job.overlap, &layout);
     t.pipe_chunks.is_some() || t.bucket_values.is_some()

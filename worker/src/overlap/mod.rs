@@ -26,8 +26,9 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OverlapConfig {
-    /// "auto": the switches below apply on process backends (mpi, nccl)
-    /// and not on local threads, where a transfer is a copy by the same
+    /// "auto": the switches below apply on the nccl backend, and on mpi
+    /// when the ranks span more than one node; not on local threads or MPI
+    /// ranks of one machine, where a transfer is a memory copy by the same
     /// busy cores (measured slower, docs/overlap.md); "on": they apply on
     /// every backend; "off": none does.
     pub mode: String,
@@ -87,7 +88,7 @@ impl Techniques {
         let allowed = match cfg.mode.as_str() {
             "on" => true,
             "off" => false,
-            _ => rank.backend != "local",
+            _ => rank.backend == "nccl" || (rank.backend == "mpi" && rank.spans_nodes),
         };
         let on = allowed && rank.world > 1 && rank.threads_ok;
         let interleave = on && cfg.interleave && rank.micro_batches >= 2;
@@ -116,6 +117,8 @@ pub struct RankLayout<'a> {
     pub layer_grad_values: usize,
     /// Whether the backend lets several threads run collectives at once.
     pub threads_ok: bool,
+    /// Whether the ranks run on more than one node (host name).
+    pub spans_nodes: bool,
 }
 
 /// Values of the dense tensors of all layers (what gradient buckets carry).
@@ -155,6 +158,10 @@ impl Techniques {
 mod tests {
     use super::*;
 
+    fn forced_on() -> OverlapConfig {
+        OverlapConfig { mode: "on".into(), ..OverlapConfig::default() }
+    }
+
     #[test]
     fn techniques_follow_switches_and_layout() {
         let all = OverlapConfig::default();
@@ -166,6 +173,7 @@ mod tests {
             micro_batches,
             layer_grad_values: big,
             threads_ok,
+            spans_nodes: true,
         };
         let choose = |cfg: &OverlapConfig, backend, world, attn_tp, micro, ok| {
             Techniques::choose(cfg, &layout(backend, world, attn_tp, micro, ok))
@@ -178,8 +186,12 @@ mod tests {
             Techniques { pipe_chunks: None, attention_during_moe: false, interleave: false, bucket_values: None };
         // One rank: nothing to overlap.
         assert_eq!(choose(&all, "mpi", 1, 1, 2, true), none);
-        // Threads: off unless asked for.
+        // Threads, and MPI ranks on one machine: off unless asked for.
         assert_eq!(choose(&all, "local", 4, 1, 2, true), none);
+        let one_node = RankLayout { spans_nodes: false, ..layout("mpi", 4, 1, 2, true) };
+        assert_eq!(Techniques::choose(&all, &one_node), none);
+        assert_eq!(Techniques::choose(&forced_on(), &one_node), t);
+        assert_eq!(Techniques::choose(&all, &RankLayout { spans_nodes: false, ..layout("nccl", 4, 1, 2, true) }), t);
         let forced = OverlapConfig { mode: "on".into(), ..all.clone() };
         assert_eq!(choose(&forced, "local", 4, 1, 2, true), t);
         let never = OverlapConfig { mode: "off".into(), ..all.clone() };
