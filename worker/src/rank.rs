@@ -426,6 +426,8 @@ fn train_rank(
                     cut_to_shard(&mut state, cfg.d_model, dims.tp_rank(rank), dims.attn_tp);
                 }
                 grads = state.weights.zeros_like();
+                // The second lane holds gradients of the new placement's experts too.
+                grads_b = grads_b.map(|_| state.weights.zeros_like());
                 if let Some(obs) = observer.as_deref_mut() {
                     obs.on_rebalance(state.step, before, after);
                 }

@@ -5,8 +5,9 @@
 //! - `chunks` and `interleave`: expert weight gradients are summed chunk by
 //!   chunk, and two lanes' gradients are added at the end, so rounding
 //!   differs: losses within 1e-6 relative;
-//! - everything on (also with attention shards and an odd number of
-//!   micro-batches): within 1e-6.
+//! - everything on (also with parallel blocks, attention shards, a capacity
+//!   factor, an odd number of micro-batches, and balanced placement moving
+//!   experts): within 1e-6.
 
 mod common;
 
@@ -80,6 +81,8 @@ fn everything_on_stays_within_1e_6() {
         ("plain", vec![]),
         ("parallel-blocks", vec!["model.block=\"parallel\""]),
         ("attention-shards", vec!["parallel.attn_tp=2"]),
+        // Capacity drops are decided at routing, before any chunking.
+        ("capacity", vec!["model.capacity_factor=1.0"]),
         // 3 micro-batches per rank: one alone, then a pair.
         ("odd-micro-batches", vec!["train.global_batch_size=24"]),
     ] {
@@ -99,4 +102,21 @@ fn everything_on_stays_within_1e_6() {
             off.iter().map(|m| m.overlap_efficiency).collect::<Vec<_>>()
         );
     }
+}
+
+#[test]
+fn balanced_placement_moves_experts_under_overlap() {
+    // Re-planning every 4 steps moves and replicates experts; the second
+    // lane's gradient buffers must follow the new placement.
+    let balanced = [
+        "model.aux_loss_coef=0.0",
+        "parallel.placement=\"balanced\"",
+        "parallel.rebalance_every=4",
+        "parallel.redundant_experts=4",
+    ];
+    let off = run("ov-balanced-off", &balanced);
+    let mut sets = balanced.to_vec();
+    sets.extend_from_slice(&["overlap.chunks=2", "overlap.parallel_block=true", "overlap.interleave=true"]);
+    let on = run("ov-balanced-on", &sets);
+    assert_within(&off, &on, 1e-6, "balanced placement");
 }
