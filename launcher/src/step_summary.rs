@@ -3,10 +3,10 @@
 //!
 //! Times are the slowest rank's (as the metrics record them), averaged over
 //! the steps after warm-up. The step splits into parts that add up to it:
-//! compute = forward+backward without the all-to-all it waited for;
-//! exposed communication = that all-to-all wait + gradient sync (what
-//! overlap did not hide, docs/overlap.md); other = the rest (data,
-//! optimizer, metrics, checkpoint stalls).
+//! compute = the micro-batches (tokens, forward, backward) without the
+//! all-to-all they waited for; exposed communication = that all-to-all
+//! wait + gradient sync (what overlap did not hide, docs/overlap.md);
+//! other = the rest (optimizer, metrics, checkpoint stalls).
 
 use anyhow::{bail, Context, Result};
 use std::path::Path;

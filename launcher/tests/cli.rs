@@ -5,36 +5,12 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-fn switchyard(args: &[&str], cwd: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_switchyard")).args(args).current_dir(cwd).output().expect("binary runs")
-}
-
-fn text(out: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
-}
+mod common;
+use common::{switchyard, text, SMALL};
 
 fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("switchyard-cli-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    common::temp_dir("cli", name)
 }
-
-/// A job small enough to train in about a second.
-const SMALL: &[&str] = &[
-    "--set",
-    "model.d_model=32",
-    "--set",
-    "model.ffn_hidden=64",
-    "--set",
-    "model.seq_len=16",
-    "--set",
-    "train.steps=12",
-    "--set",
-    "train.log_every=4",
-    "--set",
-    "checkpoint.every=6",
-];
 
 fn train(dir: &Path, extra: &[&str]) -> Output {
     let mut args = vec!["train", "--quiet", "--run-dir", "run"];

@@ -9,24 +9,11 @@ use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
+mod common;
+use common::{repo, text, EXE as BIN, SMALL};
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
-}
-
-/// A fresh folder; unique per call, since the tests run in parallel.
 fn temp_dir(name: &str) -> PathBuf {
-    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let dir = std::env::temp_dir().join(format!("switchyard-k8s-{name}-{}-{n}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn text(out: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    common::temp_dir("k8s", name)
 }
 
 /// `switchyard k8s render --config examples/k8s.toml ...` with a known token and S3 keys in its environment.
@@ -276,21 +263,9 @@ fn local_checkpoints_need_the_explicit_flag_and_get_a_volume_note() {
 #[test]
 fn resume_if_any_starts_fresh_then_resumes_the_last_commit() {
     let dir = temp_dir("resume");
-    let small = [
-        "--set",
-        "model.d_model=32",
-        "--set",
-        "model.ffn_hidden=64",
-        "--set",
-        "model.seq_len=16",
-        "--set",
-        "train.steps=12",
-        "--set",
-        "checkpoint.every=6",
-    ];
     let train = |extra: &[&str]| {
         let out =
-            Command::new(BIN).args(["train", "--run-dir", "run"]).args(small).args(extra).current_dir(&dir).output();
+            Command::new(BIN).args(["train", "--run-dir", "run"]).args(SMALL).args(extra).current_dir(&dir).output();
         out.unwrap()
     };
     // No checkpoint yet: a fresh start, where --resume would refuse.

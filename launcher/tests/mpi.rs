@@ -12,18 +12,13 @@ use std::time::{Duration, Instant};
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
-const EXE: &str = env!("CARGO_BIN_EXE_switchyard");
+mod common;
+use common::{text, EXE};
+
 const STEPS: usize = 20;
 
 fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("switchyard-mpi-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn text(out: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    common::temp_dir("mpi", name)
 }
 
 /// The default (dropless) model, 20 steps, no checkpoint before the end.

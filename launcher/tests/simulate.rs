@@ -13,22 +13,17 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+mod common;
+
+/// Runs `switchyard args...`, which must succeed.
 fn switchyard(args: &[&str], cwd: &Path) -> Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_switchyard")).args(args).current_dir(cwd).output().expect("runs");
-    assert!(
-        out.status.success(),
-        "switchyard {args:?} failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = common::switchyard(args, cwd);
+    assert!(out.status.success(), "switchyard {args:?} failed:\n{}", common::text(&out));
     out
 }
 
 fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("switchyard-simulate-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    common::temp_dir("simulate", name)
 }
 
 const JOB: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/sweeps/job.toml");

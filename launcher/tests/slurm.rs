@@ -5,14 +5,11 @@
 //! One test, since both share the cluster it brings up and tears down.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-const EXE: &str = env!("CARGO_BIN_EXE_switchyard");
-
-fn text(out: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
-}
+mod common;
+use common::{text, EXE};
 
 /// The cluster, torn down when the test ends, passing or not.
 struct Cluster {

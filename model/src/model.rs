@@ -438,26 +438,12 @@ pub fn forward_backward(
     mb: MicroBatch,
     scales: LossScales,
 ) -> Result<ForwardStats, ModelError> {
-    forward_backward_sharded(cfg, rope, dense, grads, experts, &mut NoShards, mb, scales)
+    forward_backward_with(cfg, rope, dense, grads, experts, &mut NoShards, mb, scales, PassOptions::default())
 }
 
-/// [`forward_backward`] of this rank's shard of the micro-batch: its slice
-/// of the tokens, its heads (`dense` holds only those), the CE of its tokens.
-#[allow(clippy::too_many_arguments)]
-pub fn forward_backward_sharded(
-    cfg: &ModelConfig,
-    rope: &RopeTable,
-    dense: &DenseWeights,
-    grads: &mut DenseWeights,
-    experts: &mut dyn ExpertExecutor,
-    shards: &mut dyn TokenShards,
-    mb: MicroBatch,
-    scales: LossScales,
-) -> Result<ForwardStats, ModelError> {
-    forward_backward_with(cfg, rope, dense, grads, experts, shards, mb, scales, PassOptions::default())
-}
-
-/// [`forward_backward_sharded`] with the order of work and hooks of `opts`.
+/// [`forward_backward`] of this rank's shard of the micro-batch (its slice
+/// of the tokens, its heads: `dense` holds only those, the CE of its
+/// tokens), with the order of work and hooks of `opts`.
 #[allow(clippy::too_many_arguments)]
 pub fn forward_backward_with(
     cfg: &ModelConfig,

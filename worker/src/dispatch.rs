@@ -27,7 +27,7 @@
 
 use crate::overlap::exposure::Exposure;
 use collectives::comm_thread::{CommThread, OpTimes, Ticket};
-use collectives::{Communicator, Received};
+use collectives::Communicator;
 use coordinator::PlacementPlan;
 use model::moe::{DispatchPlan, ExpertExecutor, LocalExperts, Started};
 use model::{ModelConfig, ModelError};
@@ -65,8 +65,9 @@ impl DispatchStats {
 /// One piece of a pipelined exchange: some rows of every rank's block.
 #[derive(Debug, Clone)]
 struct Chunk {
-    /// Positions in send order of the rows this chunk sends.
-    send_positions: Vec<usize>,
+    /// The dispatch-plan row of each row this chunk sends, in send order
+    /// (owner-major).
+    send_rows: Vec<usize>,
     /// Rows this chunk sends to each rank.
     send_counts: Vec<usize>,
     /// Rows this chunk receives from each rank.
@@ -80,8 +81,8 @@ struct Chunk {
 /// How one layer's rows were exchanged, kept for the backward pass.
 #[derive(Debug, Clone)]
 struct Exchange {
-    /// The dispatch-plan row of each row sent, in send order (owner-major).
-    send_order: Vec<usize>,
+    /// Rows of the dispatch plan.
+    rows: usize,
     chunks: Vec<Chunk>,
 }
 
@@ -92,19 +93,12 @@ enum Pass {
     Backward,
 }
 
-/// A row exchange, in flight on the communication thread or already done.
+/// A row exchange, in flight on the communication thread, or done on the
+/// rank's thread (its rows are then in the executor's `received` buffer).
 enum Transfer {
-    Done(Received, OpTimes),
+    /// Values received from each rank, and the exchange's times.
+    Done(Vec<usize>, OpTimes),
     InFlight(Ticket),
-}
-
-impl Transfer {
-    fn wait(self) -> Result<(Received, OpTimes), ModelError> {
-        match self {
-            Transfer::Done(received, times) => Ok((received, times)),
-            Transfer::InFlight(ticket) => ticket.wait().map_err(comm_error),
-        }
-    }
 }
 
 /// A started pass of one layer: its exchange and the chunks on their way.
@@ -129,6 +123,9 @@ pub struct AllToAllExperts<'a> {
     chunk_count: usize,
     saved: Vec<Option<Exchange>>,
     flights: Vec<Option<Flight>>,
+    /// The rows of the exchange received last; without a pipe its
+    /// allocation is reused (a fresh buffer costs page faults).
+    received: Vec<f32>,
     /// Totals since construction.
     pub stats: DispatchStats,
 }
@@ -186,6 +183,7 @@ impl<'a> AllToAllExperts<'a> {
             chunk_count: 1,
             saved: vec![None; cfg.n_layers],
             flights: (0..cfg.n_layers).map(|_| None).collect(),
+            received: Vec::new(),
             stats: DispatchStats::default(),
         }
     }
@@ -217,29 +215,38 @@ impl<'a> AllToAllExperts<'a> {
             return Ok(Transfer::InFlight(pipe.all_to_all_v(rows, value_counts)));
         }
         let started = Instant::now();
-        let comm = &mut *self.comm;
-        let mut exchange = || comm.all_to_all_v(&rows, &value_counts);
-        let received = match self.exposure {
+        let (comm, received) = (&mut *self.comm, &mut self.received);
+        let mut exchange = || comm.all_to_all_v_into(&rows, &value_counts, received);
+        let counts = match self.exposure {
             Some(exposure) => exposure.waiting(exchange),
             None => exchange(),
         }
         .map_err(comm_error)?;
         let took = started.elapsed();
-        Ok(Transfer::Done(received, OpTimes { busy: took, waited: took }))
+        Ok(Transfer::Done(counts, OpTimes { busy: took, waited: took }))
     }
 
-    /// Waits for an exchange, counting its bytes and times.
-    fn receive(&mut self, transfer: Transfer) -> Result<Vec<f32>, ModelError> {
-        let (received, times) = match self.exposure {
-            Some(exposure) => exposure.waiting(|| transfer.wait())?,
-            None => transfer.wait()?,
+    /// Waits for an exchange, counting its bytes and times; its rows are
+    /// then in `self.received`.
+    fn receive(&mut self, transfer: Transfer) -> Result<(), ModelError> {
+        let (counts, times) = match transfer {
+            Transfer::Done(counts, times) => (counts, times),
+            Transfer::InFlight(ticket) => {
+                let wait = || ticket.wait().map_err(comm_error);
+                let (got, times) = match self.exposure {
+                    Some(exposure) => exposure.waiting(wait)?,
+                    None => wait()?,
+                };
+                self.received = got.values;
+                (got.counts, times)
+            }
         };
         let me = self.comm.rank();
         self.stats.bytes_received +=
-            received.counts.iter().enumerate().filter(|(r, _)| *r != me).map(|(_, c)| *c as u64 * 4).sum::<u64>();
+            counts.iter().enumerate().filter(|(r, _)| *r != me).map(|(_, c)| *c as u64 * 4).sum::<u64>();
         self.stats.alltoall_s += times.busy.as_secs_f64();
         self.stats.alltoall_exposed_s += times.waited.as_secs_f64();
-        Ok(received.values)
+        Ok(())
     }
 
     /// Works out who sends what to whom for one layer's dispatch plan. An
@@ -285,12 +292,12 @@ impl<'a> AllToAllExperts<'a> {
         }
         let chunks = (0..pieces)
             .map(|c| {
-                let mut send_positions = Vec::new();
+                let mut send_rows = Vec::new();
                 let mut chunk_send = vec![0usize; ranks];
                 for r in 0..ranks {
                     let rows = piece(send_counts[r], c, pieces);
                     chunk_send[r] = rows.len();
-                    send_positions.extend(rows.map(|i| send_offsets[r] + i));
+                    send_rows.extend(rows.map(|i| send_order[send_offsets[r] + i]));
                 }
                 // Received rows are source-major; the local experts want expert-major.
                 let mut recv_counts = vec![0usize; ranks];
@@ -313,18 +320,17 @@ impl<'a> AllToAllExperts<'a> {
                         next_free[e] - 1
                     })
                     .collect();
-                Chunk { send_positions, send_counts: chunk_send, recv_counts, recv_to_plan, plan: chunk_plan }
+                Chunk { send_rows, send_counts: chunk_send, recv_counts, recv_to_plan, plan: chunk_plan }
             })
             .collect();
-        Ok(Exchange { send_order, chunks })
+        Ok(Exchange { rows: plan.num_rows(), chunks })
     }
 
     /// Sends every chunk of `rows_ad` (rows in dispatch-plan order).
     fn start(&mut self, layer: usize, pass: Pass, exchange: Exchange, rows_ad: &[f32]) -> Result<(), ModelError> {
         let mut outbound = VecDeque::with_capacity(exchange.chunks.len());
         for chunk in &exchange.chunks {
-            let order: Vec<usize> = chunk.send_positions.iter().map(|&p| exchange.send_order[p]).collect();
-            outbound.push_back(self.send(gather_rows(rows_ad, self.d, &order), &chunk.send_counts)?);
+            outbound.push_back(self.send(gather_rows(rows_ad, self.d, &chunk.send_rows), &chunk.send_counts)?);
         }
         self.flights[layer] = Some(Flight { pass, exchange, outbound });
         Ok(())
@@ -345,8 +351,8 @@ impl<'a> AllToAllExperts<'a> {
         let mut inbound = VecDeque::with_capacity(exchange.chunks.len());
         for (c, chunk) in exchange.chunks.iter().enumerate() {
             let transfer = outbound.pop_front().expect("one transfer per chunk");
-            let arrived = self.receive(transfer)?;
-            let x_local = scatter_rows(&arrived, d, &chunk.recv_to_plan);
+            self.receive(transfer)?;
+            let x_local = scatter_rows(&self.received, d, &chunk.recv_to_plan);
             let started = Instant::now();
             let y_local = match pass {
                 Pass::Forward => self.local.forward_in(c, layer, &chunk.plan, &x_local)?,
@@ -358,12 +364,11 @@ impl<'a> AllToAllExperts<'a> {
             }
             inbound.push_back(self.send(gather_rows(&y_local, d, &chunk.recv_to_plan), &chunk.recv_counts)?);
         }
-        let mut out_ad = vec![0.0; exchange.send_order.len() * d];
+        let mut out_ad = vec![0.0; exchange.rows * d];
         for chunk in &exchange.chunks {
             let transfer = inbound.pop_front().expect("one transfer per chunk");
-            let back = self.receive(transfer)?;
-            let order: Vec<usize> = chunk.send_positions.iter().map(|&p| exchange.send_order[p]).collect();
-            scatter_rows_into(&back, d, &order, &mut out_ad);
+            self.receive(transfer)?;
+            scatter_rows_into(&self.received, d, &chunk.send_rows, &mut out_ad);
         }
         Ok((exchange, out_ad))
     }

@@ -34,7 +34,8 @@ pub struct StepMetrics {
     pub expert_s: f64,
     /// Time in gradient all-reduce and norm.
     pub sync_s: f64,
-    /// Slowest rank's forward+backward time (all-to-all included).
+    /// Slowest rank's wall time in its micro-batches (reading their tokens,
+    /// forward and backward, all-to-all included; two interleaved lanes once).
     #[serde(default)]
     pub compute_s: f64,
     /// Slowest rank's communication time (all-to-all, gradient buckets and

@@ -54,8 +54,6 @@ pub struct Lane<'g> {
 pub struct MicroResult {
     pub stats: ForwardStats,
     pub dispatch: DispatchStats,
-    /// Forward+backward wall time, waits included.
-    pub compute_s: f64,
 }
 
 type LayerHook<'h> = &'h mut (dyn FnMut(usize, &DenseLayerWeights) + Send);
@@ -79,7 +77,6 @@ fn run_one(
         cfg.seq_len + 1,
     )?;
     let mb = MicroBatch { tokens: &tokens, batch: micro };
-    let started = Instant::now();
     let t = inputs.techniques;
     let opts = PassOptions {
         attention_during_moe: t.attention_during_moe,
@@ -108,7 +105,7 @@ fn run_one(
         };
         (stats, a2a.stats)
     };
-    Ok(MicroResult { stats, dispatch, compute_s: started.elapsed().as_secs_f64() })
+    Ok(MicroResult { stats, dispatch })
 }
 
 /// The micro-batches of a step in the groups they run in: one at a time,
@@ -124,18 +121,28 @@ fn schedule(micro_batches: usize, pairs: bool) -> Vec<Vec<usize>> {
     groups
 }
 
-/// Runs every micro-batch of the step; results in micro-batch order. With
-/// `bucket_pipe`, the dense layer gradients of the last group go out in
-/// buckets during its backward pass and come back summed over every rank
-/// (and both lanes) into `lane_a`'s buffers; returns the time the bucket
-/// all-reduces ran.
+/// What a step's passes measured.
+pub struct Passes {
+    /// Each micro-batch's, in micro-batch order.
+    pub results: Vec<MicroResult>,
+    /// Wall time of all the passes (two lanes at once count once).
+    pub wall_s: f64,
+    /// Time the bucket all-reduces ran, when there were buckets.
+    pub bucket_s: Option<f64>,
+}
+
+/// Runs every micro-batch of the step. With `bucket_pipe`, the dense layer
+/// gradients of the last group go out in buckets during its backward pass
+/// and come back summed over every rank (and both lanes) into `lane_a`'s
+/// buffers.
 pub fn run_micro_batches(
     inputs: &StepInputs,
     lane_a: &mut Lane,
     mut lane_b: Option<&mut Lane>,
     micro_batches: usize,
     bucket_pipe: Option<&CommThread>,
-) -> Result<(Vec<MicroResult>, Option<f64>), WorkerError> {
+) -> Result<Passes, WorkerError> {
+    let started = Instant::now();
     let groups = schedule(micro_batches, lane_b.is_some());
     let last_lanes = groups.last().map_or(1, Vec::len);
     let buckets = match (bucket_pipe, inputs.techniques.bucket_values) {
@@ -171,6 +178,7 @@ pub fn run_micro_batches(
         }
     }
     inputs.exposure.set_lanes(1);
+    let wall_s = started.elapsed().as_secs_f64();
     let bucket_s = match buckets {
         Some(buckets) => {
             let buckets = buckets.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -178,7 +186,7 @@ pub fn run_micro_batches(
         }
         None => None,
     };
-    Ok((results, bucket_s))
+    Ok(Passes { results, wall_s, bucket_s })
 }
 
 #[cfg(test)]

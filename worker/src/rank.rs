@@ -279,16 +279,12 @@ fn train_rank(
             }
             _ => None,
         };
-        let (results, bucket_s) =
-            run_micro_batches(&inputs, &mut lane_a, lane_b.as_mut(), accumulation, grad_pipe.as_ref())?;
-        for r in &results {
-            local.compute_s += r.compute_s;
+        let passes = run_micro_batches(&inputs, &mut lane_a, lane_b.as_mut(), accumulation, grad_pipe.as_ref())?;
+        let bucket_s = passes.bucket_s;
+        local.compute_s = passes.wall_s;
+        for r in &passes.results {
             local.dispatch.add(&r.dispatch);
             local.add(&r.stats);
-        }
-        // Two lanes ran at once: their wall time, not the sum.
-        if lane_b.is_some() {
-            local.compute_s = results.iter().map(|r| r.compute_s).fold(0.0, f64::max) * results.len() as f64 / 2.0;
         }
 
         // Gradient sync: replicated dense tensors over every rank, attention

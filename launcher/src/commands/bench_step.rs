@@ -6,7 +6,7 @@
 //! Each row is a real `switchyard train` of the same job (default: the
 //! built-in tiny job) in a scratch folder; the first steps are warm-up and
 //! left out. Times are the slowest rank's, averaged over the other steps:
-//! compute = forward+backward without all-to-all, other = data, optimizer
+//! compute = the micro-batches (tokens, forward, backward) without all-to-all, other = optimizer
 //! and metrics.
 
 use crate::step_summary::{read_metrics, StepSummary};

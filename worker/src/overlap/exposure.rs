@@ -72,14 +72,28 @@ mod tests {
         assert!(one.take() >= Duration::from_millis(20));
         assert_eq!(one.take(), Duration::ZERO);
 
+        // Lane A waits until released; lane B computes a while (hidden:
+        // A alone waits), then waits 20 ms itself (exposed: both wait).
         let two = Exposure::new(2);
-        // Lane A waits 60 ms; lane B computes for the first 30 and then waits too.
-        std::thread::scope(|s| {
-            s.spawn(|| two.waiting(|| std::thread::sleep(Duration::from_millis(60))));
-            std::thread::sleep(Duration::from_millis(30));
-            two.waiting(|| std::thread::sleep(Duration::from_millis(60)));
+        let (inside, a_is_waiting) = std::sync::mpsc::channel();
+        let (release, go) = std::sync::mpsc::channel::<()>();
+        let b_waited = std::thread::scope(|s| {
+            let two = &two;
+            s.spawn(move || {
+                two.waiting(|| {
+                    inside.send(()).unwrap();
+                    go.recv().unwrap();
+                })
+            });
+            a_is_waiting.recv().unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+            let started = std::time::Instant::now();
+            two.waiting(|| std::thread::sleep(Duration::from_millis(20)));
+            let b_waited = started.elapsed();
+            release.send(()).unwrap();
+            b_waited
         });
         let exposed = two.take();
-        assert!(exposed >= Duration::from_millis(15) && exposed < Duration::from_millis(60), "{exposed:?}");
+        assert!(exposed >= Duration::from_millis(20) && exposed <= b_waited, "{exposed:?} of {b_waited:?}");
     }
 }
