@@ -6,7 +6,7 @@
 //! compute = the micro-batches (tokens, forward, backward) without the
 //! all-to-all they waited for; exposed communication = that all-to-all
 //! wait + gradient sync (what overlap did not hide, docs/overlap.md);
-//! other = the rest (optimizer, metrics, checkpoint stalls).
+//! other = the rest (optimizer, metrics, checkpoint stalls before the last step).
 
 use anyhow::{bail, Context, Result};
 use std::path::Path;
@@ -48,12 +48,18 @@ pub fn read_metrics(run_dir: &Path) -> Result<Vec<StepMetrics>> {
 
 impl StepSummary {
     /// Means over `steps` after the first `warmup` (which thread pools and
-    /// allocators spend warming up); at least one step must remain.
+    /// allocators spend warming up); at least one step must remain. The
+    /// last step is left out when it saved the job's final checkpoint (a
+    /// job ends only once that is committed, which no other step waits
+    /// for) and other steps remain.
     pub fn of(steps: &[StepMetrics], warmup: usize) -> Result<Self> {
         if steps.len() <= warmup {
             bail!("{} step(s) recorded: need more than the {warmup} warm-up step(s)", steps.len());
         }
-        let timed = &steps[warmup..];
+        let mut timed = &steps[warmup..];
+        if timed.len() > 1 && timed.last().is_some_and(|m| m.checkpoint_s > 0.0) {
+            timed = &timed[..timed.len() - 1];
+        }
         let mean = |f: &dyn Fn(&StepMetrics) -> f64| timed.iter().map(f).sum::<f64>() / timed.len() as f64;
         let step_s = mean(&|m| m.step_time_s);
         let compute_all = mean(&|m| m.compute_s);
@@ -93,4 +99,22 @@ fn expert_rows(m: &StepMetrics) -> Vec<f64> {
         return vec![m.tokens_per_expert.iter().flatten().sum::<usize>() as f64];
     }
     m.per_rank.iter().map(|r| r.expert_rows as f64).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn step(step_time_s: f64, checkpoint_s: f64) -> StepMetrics {
+        StepMetrics { step_time_s, checkpoint_s, compute_s: step_time_s / 2.0, tokens: 100, ..Default::default() }
+    }
+
+    #[test]
+    fn the_final_checkpoint_stall_is_left_out_but_earlier_saves_count() {
+        let steps = [step(9.0, 0.0), step(1.0, 0.5), step(3.0, 0.0), step(50.0, 49.0)];
+        let s = StepSummary::of(&steps, 1).unwrap();
+        assert_eq!(s.step_s, 2.0);
+        // A one-step run keeps its only timed step.
+        assert_eq!(StepSummary::of(&steps[..2], 1).unwrap().step_s, 1.0);
+    }
 }

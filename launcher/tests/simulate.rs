@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 mod common;
 
@@ -125,11 +125,7 @@ fn bad_cluster_files_are_named() {
     let h100 = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/clusters/h100-8x-nvlink-ib400.toml");
     let text = std::fs::read_to_string(h100).unwrap().replace("latency_us = 3", "latency_us = 3\nlatnecy = 1");
     std::fs::write(dir.join("bad.toml"), text).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args(["simulate", "--config", JOB, "--cluster", "bad.toml"])
-        .current_dir(&dir)
-        .output()
-        .unwrap();
+    let out = common::switchyard(&["simulate", "--config", JOB, "--cluster", "bad.toml"], &dir);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("bad.toml") && err.contains("latnecy"), "{err}");
