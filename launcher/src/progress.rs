@@ -190,7 +190,16 @@ impl Observer for ConsoleProgress {
                 "layout: {} ranks ({} backend) | data parallel {} x attention shards {} | experts over {} ranks (ep {}, {} replica(s))",
                 d.world, self.backend, d.dp, d.attn_tp, d.ep, d.ep, d.edp
             ));
-            self.line(&format!("overlap: {} (docs/overlap.md)", info.overlap.describe()));
+            let overlap = info.overlap.describe();
+            if overlap == "off" {
+                // Say when it would act, so nobody wonders why it does not here.
+                self.line(
+                    "overlap: off (it acts by default with nccl, or MPI ranks on several nodes; \
+                     --set overlap.mode='\"on\"' forces it: docs/overlap.md)",
+                );
+            } else {
+                self.line(&format!("overlap: {overlap} (docs/overlap.md)"));
+            }
         }
         if let Some(nodes) = nodes_line(&info.nodes) {
             self.line(&nodes);
