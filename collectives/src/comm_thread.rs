@@ -20,8 +20,15 @@ use std::time::{Duration, Instant};
 
 /// An operation handed to the thread.
 enum Work {
-    AllToAllV { send: Vec<f32>, counts: Vec<usize> },
-    AllReduceSum { buf: Vec<f32> },
+    /// `recv_counts`: what each rank sends here, when the caller knows it.
+    AllToAllV {
+        send: Vec<f32>,
+        counts: Vec<usize>,
+        recv_counts: Option<Vec<usize>>,
+    },
+    AllReduceSum {
+        buf: Vec<f32>,
+    },
 }
 
 struct Job {
@@ -110,7 +117,13 @@ impl CommThread {
 
     /// Starts [`Communicator::all_to_all_v`] of `send` on the thread.
     pub fn all_to_all_v(&self, send: Vec<f32>, counts: Vec<usize>) -> Ticket {
-        self.submit("all_to_all_v", Work::AllToAllV { send, counts })
+        self.submit("all_to_all_v", Work::AllToAllV { send, counts, recv_counts: None })
+    }
+
+    /// Starts [`Communicator::all_to_all_v_known_into`] of `send` on the
+    /// thread: `recv_counts[r]` values come from rank r.
+    pub fn all_to_all_v_known(&self, send: Vec<f32>, counts: Vec<usize>, recv_counts: Vec<usize>) -> Ticket {
+        self.submit("all_to_all_v", Work::AllToAllV { send, counts, recv_counts: Some(recv_counts) })
     }
 
     /// Starts [`Communicator::all_reduce_sum`] of `buf`; the sum comes back as `values`.
@@ -143,7 +156,12 @@ fn serve(mut comm: Box<dyn Communicator>, inbox: mpsc::Receiver<Job>) {
     while let Ok(job) = inbox.recv() {
         let started = Instant::now();
         let result = match job.work {
-            Work::AllToAllV { send, counts } => comm.all_to_all_v(&send, &counts),
+            Work::AllToAllV { send, counts, recv_counts: None } => comm.all_to_all_v(&send, &counts),
+            Work::AllToAllV { send, counts, recv_counts: Some(recv_counts) } => {
+                let mut values = Vec::new();
+                comm.all_to_all_v_known_into(&send, &counts, &recv_counts, &mut values)
+                    .map(|()| Received { values, counts: recv_counts })
+            }
             Work::AllReduceSum { mut buf } => {
                 comm.all_reduce_sum(&mut buf).map(|()| Received { values: buf, counts: Vec::new() })
             }

@@ -107,6 +107,28 @@ pub trait Communicator: Send {
         *recv = got.values;
         Ok(got.counts)
     }
+    /// [`Communicator::all_to_all_v_into`] when this rank already knows how
+    /// many values every rank sends it (`recv_counts`, in rank order), as a
+    /// combine knows from its dispatch: no counts travel first, which is
+    /// what MPI's own `MPI_Alltoallv` asks of its callers. The counts must
+    /// agree with what the peers send: where they do not, the call fails
+    /// naming the sender (or, for a message no receive expects, times out).
+    fn all_to_all_v_known_into(
+        &mut self,
+        send: &[f32],
+        send_counts: &[usize],
+        recv_counts: &[usize],
+        recv: &mut Vec<f32>,
+    ) -> Result<(), CommError> {
+        let got = self.all_to_all_v_into(send, send_counts, recv)?;
+        if got != recv_counts {
+            return Err(CommError::BadArgument {
+                op: "all_to_all_v",
+                reason: format!("rank {} expected {recv_counts:?} values but the ranks sent {got:?}", self.rank()),
+            });
+        }
+        Ok(())
+    }
     /// [`Communicator::all_to_all_v`] of integers (routing metadata).
     fn all_to_all_v_u64(&mut self, send: &[u64], send_counts: &[usize]) -> Result<(Vec<u64>, Vec<usize>), CommError>;
     /// Non-blocking [`Communicator::all_to_all_v`]: returns at once; the

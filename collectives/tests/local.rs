@@ -48,6 +48,25 @@ fn all_to_all_v_with_uneven_and_zero_counts() {
 }
 
 #[test]
+fn all_to_all_v_with_known_receive_counts() {
+    for size in 1..=4 {
+        on_ranks(size, LONG, |mut comm| {
+            let rank = comm.rank();
+            let (send, counts) = a2a_send(rank, size);
+            let (expected, expected_counts) = a2a_expected(rank, size);
+            let mut recv = vec![-1.0; 2];
+            comm.all_to_all_v_known_into(&send, &counts, &expected_counts, &mut recv).unwrap();
+            assert_eq!(recv, expected, "size {size}");
+            // A rank that expects other counts than its peers send is told so.
+            let mut wrong = expected_counts.clone();
+            wrong[0] += 1;
+            let err = comm.all_to_all_v_known_into(&send, &counts, &wrong, &mut recv).unwrap_err();
+            assert!(matches!(err, CommError::BadArgument { op: "all_to_all_v", .. }), "{err:?}");
+        });
+    }
+}
+
+#[test]
 fn all_reduce_is_the_rank_order_sum_bit_for_bit_on_every_rank() {
     // 200_003 values take the shared, chunked path; the others the small one.
     for size in 1..=4 {

@@ -1,6 +1,7 @@
 //! The `mpi` backend under a real `mpirun`: every collective on 1 to 4
 //! processes with uneven and zero counts, 64 MiB messages, sub-groups and
-//! non-blocking forms; transfers on a communication thread that finish
+//! non-blocking forms; receive counts known, and a rank whose known counts
+//! disagree with its sender's failing with the sender's name; transfers on a communication thread that finish
 //! while the caller makes no MPI call; a stalled rank makes the others fail naming it; a
 //! killed rank ends the job.
 //!
@@ -92,6 +93,7 @@ fn drive() -> i32 {
         ("every_collective_on_3_ranks", Box::new(|| expect_success(3, "collectives"))),
         ("every_collective_on_4_ranks", Box::new(|| expect_success(4, "collectives"))),
         ("messages_of_64_mib_per_rank_on_4_ranks", Box::new(|| expect_success(4, "large"))),
+        ("known_counts_that_disagree_fail_naming_the_sender", Box::new(|| expect_success(3, "miscount"))),
         ("a_communication_thread_completes_transfers_alone", Box::new(|| expect_success(4, "progress"))),
         ("a_stalled_rank_makes_the_others_abort_naming_it", Box::new(stalled_rank)),
         ("a_killed_rank_ends_the_job", Box::new(killed_rank)),
@@ -145,6 +147,7 @@ fn run_rank(case: &str) {
     match case {
         "collectives" => every_collective(comm.as_mut()),
         "large" => large_messages(comm.as_mut()),
+        "miscount" => disagreeing_counts(comm.as_mut()),
         "progress" => progress_without_the_caller(comm.as_mut()),
         "stall" => stall(comm.as_mut()),
         "kill" => kill(comm.as_mut()),
@@ -185,6 +188,14 @@ fn every_collective(comm: &mut dyn Communicator) {
     assert_eq!(got_counts, expected_counts);
     let got = comm.all_to_all_v(&[], &vec![0; size]).unwrap();
     assert!(got.values.is_empty() && got.counts == vec![0; size]);
+    // Receive counts known: nothing travels first; the buffer is reused.
+    let mut recv = vec![-1.0; 3];
+    for _ in 0..2 {
+        comm.all_to_all_v_known_into(&send, &counts, &expected_counts, &mut recv).unwrap();
+        assert_eq!(recv, expected);
+    }
+    comm.all_to_all_v_known_into(&[], &vec![0; size], &vec![0; size], &mut recv).unwrap();
+    assert!(recv.is_empty());
 
     // Rank 0 sends much (400 KB) to rank 1 only; every other pair moves one
     // value. Ranks 2 and 3 neither send nor receive much, yet must take the
@@ -272,17 +283,46 @@ fn large_messages(comm: &mut dyn Communicator) {
     let block = LARGE / size;
     let send: Vec<f32> = (0..LARGE).map(|j| large_value(size, rank, j / block, j % block)).collect();
     let got = comm.all_to_all_v(&send, &vec![block; size]).unwrap();
-    drop(send);
     assert_eq!(got.counts, vec![block; size]);
     for (j, v) in got.values.iter().enumerate().step_by(997).chain(got.values.iter().enumerate().rev().take(3)) {
         assert_eq!(v.to_bits(), large_value(size, j / block, rank, j % block).to_bits(), "value {j}");
     }
-    drop(got);
+    let mut known = Vec::new();
+    comm.all_to_all_v_known_into(&send, &vec![block; size], &vec![block; size], &mut known).unwrap();
+    assert_eq!(known.len(), LARGE);
+    assert!(known.iter().zip(&got.values).all(|(a, b)| a.to_bits() == b.to_bits()), "known counts, same values");
+    drop((send, got, known));
     let mut buf: Vec<f32> = (0..LARGE).map(|i| ((i + rank) % 7) as f32).collect();
     comm.all_reduce_sum(&mut buf).unwrap();
     for (i, v) in buf.iter().enumerate().step_by(1009) {
         assert_eq!(*v, (0..size).map(|r| ((i + r) % 7) as f32).sum::<f32>(), "value {i}");
     }
+}
+
+/// Rank 1 expects one value fewer, then one more, from rank 0 than rank 0
+/// sends: rank 1 fails naming rank 0 both times, the others finish, and
+/// the group still works afterwards.
+fn disagreeing_counts(comm: &mut dyn Communicator) {
+    let (rank, size) = (comm.rank(), comm.size());
+    for (sent, what) in [(4, "4"), (6, "more")] {
+        let counts: Vec<usize> = (0..size).map(|dst| if rank == 0 && dst == 1 { sent } else { 1 }).collect();
+        let expected: Vec<usize> = (0..size).map(|src| if rank == 1 && src == 0 { 5 } else { 1 }).collect();
+        let send = vec![rank as f32; counts.iter().sum()];
+        let mut recv = Vec::new();
+        let result = comm.all_to_all_v_known_into(&send, &counts, &expected, &mut recv);
+        if rank == 1 {
+            let message = result.expect_err("rank 1 expected other counts").to_string();
+            let named = format!("rank 0 sent {what} values where rank 1 expected 5");
+            assert!(message.contains(&named), "{message}");
+        } else {
+            result.unwrap();
+        }
+    }
+    let (send, counts) = a2a_send(rank, size);
+    let (expected, expected_counts) = a2a_expected(rank, size);
+    let mut recv = Vec::new();
+    comm.all_to_all_v_known_into(&send, &counts, &expected_counts, &mut recv).unwrap();
+    assert_eq!(recv, expected);
 }
 
 /// Overlap needs transfers that progress while the rank computes and makes

@@ -205,25 +205,28 @@ impl<'a> AllToAllExperts<'a> {
         self
     }
 
-    /// Starts an all-to-all-v of rows (counts in rows).
-    fn send(&mut self, rows: Vec<f32>, counts: &[usize]) -> Result<Transfer, ModelError> {
+    /// Starts an all-to-all-v of rows: `counts[r]` rows to rank r and
+    /// `recv_counts[r]` rows from it (both known from the plan, so no
+    /// counts travel first).
+    fn send(&mut self, rows: Vec<f32>, counts: &[usize], recv_counts: &[usize]) -> Result<Transfer, ModelError> {
         let me = self.comm.rank();
-        let value_counts: Vec<usize> = counts.iter().map(|c| c * self.d).collect();
+        let values = |rows: &[usize]| -> Vec<usize> { rows.iter().map(|c| c * self.d).collect() };
+        let (value_counts, value_recv_counts) = (values(counts), values(recv_counts));
         self.stats.bytes_sent +=
             value_counts.iter().enumerate().filter(|(r, _)| *r != me).map(|(_, c)| *c as u64 * 4).sum::<u64>();
         if let Some(pipe) = self.pipe {
-            return Ok(Transfer::InFlight(pipe.all_to_all_v(rows, value_counts)));
+            return Ok(Transfer::InFlight(pipe.all_to_all_v_known(rows, value_counts, value_recv_counts)));
         }
         let started = Instant::now();
         let (comm, received) = (&mut *self.comm, &mut self.received);
-        let mut exchange = || comm.all_to_all_v_into(&rows, &value_counts, received);
-        let counts = match self.exposure {
+        let mut exchange = || comm.all_to_all_v_known_into(&rows, &value_counts, &value_recv_counts, received);
+        match self.exposure {
             Some(exposure) => exposure.waiting(exchange),
             None => exchange(),
         }
         .map_err(comm_error)?;
         let took = started.elapsed();
-        Ok(Transfer::Done(counts, OpTimes { busy: took, waited: took }))
+        Ok(Transfer::Done(value_recv_counts, OpTimes { busy: took, waited: took }))
     }
 
     /// Waits for an exchange, counting its bytes and times; its rows are
@@ -330,7 +333,11 @@ impl<'a> AllToAllExperts<'a> {
     fn start(&mut self, layer: usize, pass: Pass, exchange: Exchange, rows_ad: &[f32]) -> Result<(), ModelError> {
         let mut outbound = VecDeque::with_capacity(exchange.chunks.len());
         for chunk in &exchange.chunks {
-            outbound.push_back(self.send(gather_rows(rows_ad, self.d, &chunk.send_rows), &chunk.send_counts)?);
+            outbound.push_back(self.send(
+                gather_rows(rows_ad, self.d, &chunk.send_rows),
+                &chunk.send_counts,
+                &chunk.recv_counts,
+            )?);
         }
         self.flights[layer] = Some(Flight { pass, exchange, outbound });
         Ok(())
@@ -362,7 +369,11 @@ impl<'a> AllToAllExperts<'a> {
             if pass == Pass::Forward {
                 self.stats.rows_computed += chunk.plan.num_rows() as u64;
             }
-            inbound.push_back(self.send(gather_rows(&y_local, d, &chunk.recv_to_plan), &chunk.recv_counts)?);
+            inbound.push_back(self.send(
+                gather_rows(&y_local, d, &chunk.recv_to_plan),
+                &chunk.recv_counts,
+                &chunk.send_counts,
+            )?);
         }
         let mut out_ad = vec![0.0; exchange.rows * d];
         for chunk in &exchange.chunks {

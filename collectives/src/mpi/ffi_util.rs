@@ -135,15 +135,19 @@ pub(super) enum Polled {
 pub(super) fn poll(
     op: &'static str,
     requests: &mut [ffi::MPI_Request],
+    mut statuses: Option<&mut [ffi::MPI_Status]>,
     deadline: Instant,
 ) -> Result<Polled, CommError> {
     let n = c_count(op, requests.len())?;
+    assert!(statuses.as_ref().is_none_or(|s| s.len() == requests.len()), "one status per request");
     let mut tests = 0u32;
     let started = Instant::now();
     loop {
         let mut flag: c_int = 0;
-        // SAFETY: every handle is a live request or the null request.
-        check(op, unsafe { ffi::MPI_Testall(n, requests.as_mut_ptr(), &mut flag, ffi::RSMPI_STATUSES_IGNORE) })?;
+        // SAFETY: a constant set by the MPI library.
+        let statuses_ptr = statuses.as_deref_mut().map_or(unsafe { ffi::RSMPI_STATUSES_IGNORE }, |s| s.as_mut_ptr());
+        // SAFETY: every handle is a live request or the null request, with a status each (or none).
+        check(op, unsafe { ffi::MPI_Testall(n, requests.as_mut_ptr(), &mut flag, statuses_ptr) })?;
         if flag != 0 {
             return Ok(Polled::Done);
         }

@@ -42,8 +42,8 @@ pub(super) fn missing_ranks(roll: ffi::MPI_Comm, rank: usize, size: usize, seq: 
     let deadline = Instant::now() + grace;
     let mut answered = vec![false; size];
     for &peer in &peers {
-        answered[peer] =
-            poll("roll call", std::slice::from_mut(&mut receives[peer]), deadline).is_ok_and(|p| p == Polled::Done);
+        answered[peer] = poll("roll call", std::slice::from_mut(&mut receives[peer]), None, deadline)
+            .is_ok_and(|p| p == Polled::Done);
     }
     peers.into_iter().filter(|&peer| !answered[peer] || answers[peer] != seq).collect()
 }

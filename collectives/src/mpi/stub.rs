@@ -23,6 +23,17 @@ impl MpiWorld {
     }
 
     /// Unreachable (no world can be made).
+    pub fn library_all_to_all_v(
+        &self,
+        _send: &[f32],
+        _send_counts: &[usize],
+        _recv_counts: &[usize],
+        _recv: &mut [f32],
+    ) -> Result<(), CommError> {
+        Err(not_compiled())
+    }
+
+    /// Unreachable (no world can be made).
     pub fn abort(&self, _message: &str, code: i32) -> ! {
         std::process::exit(code)
     }

@@ -11,8 +11,10 @@ use std::time::{Duration, Instant};
 /// Bytes of the own block copied between two progress tests.
 const SELF_COPY_PIECE: usize = 1 << 20;
 
-/// Tag of the point-to-point messages of the large all-to-all.
-const P2P_TAG: c_int = 11;
+/// First tag of the point-to-point messages of the all-to-all; call `seq`
+/// uses `P2P_TAG + seq % P2P_TAGS` (within the 32767 MPI guarantees).
+const P2P_TAG: c_int = 16;
+const P2P_TAGS: u64 = 16_384;
 
 /// Exchanges where some rank sends more bytes than this go as posted
 /// point-to-point messages rather than one `MPI_Ialltoallv`.
@@ -66,6 +68,40 @@ impl MpiWorld {
         // SAFETY: MPI is initialised (self exists) and COMM_WORLD is valid until finalize.
         let world = unsafe { ffi::RSMPI_COMM_WORLD };
         Ok(Box::new(MpiComm::duplicate(world, timeout)?))
+    }
+
+    /// The library's own blocking `MPI_Alltoallv` on every rank of the job
+    /// (what mpi4py's `Alltoallv` calls), for benchmarks to compare with in
+    /// the same processes. It has no deadline: a missing rank hangs it, so
+    /// nothing but a benchmark uses it.
+    pub fn library_all_to_all_v(
+        &self,
+        send: &[f32],
+        send_counts: &[usize],
+        recv_counts: &[usize],
+        recv: &mut [f32],
+    ) -> Result<(), CommError> {
+        let op = "MPI_Alltoallv";
+        let (send_c, send_displs) = counts_and_displs(op, send_counts)?;
+        let (recv_c, recv_displs) = counts_and_displs(op, recv_counts)?;
+        if send.len() != send_counts.iter().sum::<usize>() || recv.len() != recv_counts.iter().sum::<usize>() {
+            return Err(CommError::BadArgument { op, reason: "buffer lengths do not match the counts".into() });
+        }
+        // SAFETY: the counts and displacements describe both buffers, which
+        // outlive this blocking call.
+        check(op, unsafe {
+            ffi::MPI_Alltoallv(
+                send.as_ptr().cast(),
+                send_c.as_ptr(),
+                send_displs.as_ptr(),
+                f32::datatype(),
+                recv.as_mut_ptr().cast(),
+                recv_c.as_ptr(),
+                recv_displs.as_ptr(),
+                f32::datatype(),
+                ffi::RSMPI_COMM_WORLD,
+            )
+        })
     }
 
     /// Prints `message` (prefixed with this process's world rank) to stderr
@@ -182,7 +218,7 @@ impl MpiComm {
         let mut request = null_request();
         check(op, start(self.handles.data, &mut request))?;
         let deadline = Instant::now() + self.timeout;
-        wait_or_abort(op, std::slice::from_mut(&mut request), deadline, &self.timeout_context(seq))
+        wait_or_abort(op, std::slice::from_mut(&mut request), None, deadline, &self.timeout_context(seq))
     }
 
     fn timeout_context(&self, seq: u64) -> TimeoutContext {
@@ -295,12 +331,12 @@ impl MpiComm {
     }
 
     /// Blocking all-to-all-v into `recv` (its allocation reused: a fresh
-    /// buffer of tens of MiB costs more in page faults than the transfer).
+    /// buffer of tens of MiB costs more in page faults than the transfer),
+    /// counts exchanged first; returns the counts this rank received.
     ///
     /// Small exchanges are one `MPI_Ialltoallv` (latency-bound: one call).
-    /// Large ones post every receive, then every send (to rank+1, rank+2,
-    /// ... so that ranks do not all hit one peer first), and poll them all,
-    /// as OpenMPI's blocking `MPI_Alltoallv` does.
+    /// Large ones go as posted point-to-point messages (see
+    /// [`MpiComm::post_and_wait`]), as OpenMPI's blocking `MPI_Alltoallv` does.
     fn all_to_all_into<T: MpiElem>(
         &mut self,
         op: &'static str,
@@ -310,83 +346,176 @@ impl MpiComm {
     ) -> Result<Vec<usize>, CommError> {
         self.check_counts(op, send_counts, send.len())?;
         let (recv_counts, largest_send) = self.exchange_counts(op, send_counts)?;
+        // Decided from the largest sender, so every rank takes the same path.
+        if largest_send * std::mem::size_of::<T>() <= LINEAR_FROM_BYTES {
+            self.one_call_into(op, send, send_counts, &recv_counts, recv)?;
+        } else {
+            self.post_and_wait(op, send, send_counts, &recv_counts, recv)?;
+        }
+        Ok(recv_counts)
+    }
+
+    /// Blocking all-to-all-v into `recv` when this rank already knows what
+    /// every peer sends it: no counts travel first. Always point-to-point
+    /// messages, so that no rank needs the others' sizes to pick a path;
+    /// each receive's size is checked against `recv_counts`.
+    fn all_to_all_known_into<T: MpiElem>(
+        &mut self,
+        op: &'static str,
+        send: &[T],
+        send_counts: &[usize],
+        recv_counts: &[usize],
+        recv: &mut Vec<T>,
+    ) -> Result<(), CommError> {
+        self.check_counts(op, send_counts, send.len())?;
+        if recv_counts.len() != self.size || recv_counts[self.rank] != send_counts[self.rank] {
+            return Err(CommError::BadArgument {
+                op,
+                reason: format!(
+                    "receive counts {recv_counts:?} do not fit a group of {} ranks whose rank {} keeps {} values",
+                    self.size, self.rank, send_counts[self.rank]
+                ),
+            });
+        }
+        self.post_and_wait(op, send, send_counts, recv_counts, recv)
+    }
+
+    /// The exchange as one `MPI_Ialltoallv`, waited for.
+    fn one_call_into<T: MpiElem>(
+        &mut self,
+        op: &'static str,
+        send: &[T],
+        send_counts: &[usize],
+        recv_counts: &[usize],
+        recv: &mut Vec<T>,
+    ) -> Result<(), CommError> {
+        let total: usize = recv_counts.iter().sum();
+        crate::buffers::reserve_huge(recv, total);
+        // SAFETY: `send` and the `total` reserved elements of `recv` stay
+        // put until the request completes below.
+        let (mut request, seq, _arrays) =
+            unsafe { self.start_ialltoallv(op, send.as_ptr(), send_counts, recv.as_mut_ptr(), recv_counts) }?;
+        let deadline = Instant::now() + self.timeout;
+        wait_or_abort(op, std::slice::from_mut(&mut request), None, deadline, &self.timeout_context(seq))?;
+        // SAFETY: the exchange completed and wrote every one of the `total` elements.
+        unsafe { recv.set_len(total) };
+        Ok(())
+    }
+
+    /// Starts one `MPI_Ialltoallv` from `send` (`send_counts`, in rank
+    /// order) into `recv` (`recv_counts`); returns the request, its
+    /// sequence number and the count arrays MPI reads until it completes.
+    ///
+    /// # Safety
+    /// Both buffers must hold what the counts describe and stay alive and
+    /// in place until the request completes, as must the returned arrays.
+    unsafe fn start_ialltoallv<T: MpiElem>(
+        &mut self,
+        op: &'static str,
+        send: *const T,
+        send_counts: &[usize],
+        recv: *mut T,
+        recv_counts: &[usize],
+    ) -> Result<(ffi::MPI_Request, u64, [Vec<c_int>; 4]), CommError> {
         let (send_c, send_displs) = counts_and_displs(op, send_counts)?;
-        let (recv_c, recv_displs) = counts_and_displs(op, &recv_counts)?;
+        let (recv_c, recv_displs) = counts_and_displs(op, recv_counts)?;
+        let mut request = null_request();
+        let seq = self.seq;
+        self.seq += 1;
+        // SAFETY: the caller keeps the buffers; the arrays are returned to it.
+        check(op, unsafe {
+            ffi::MPI_Ialltoallv(
+                send.cast::<c_void>(),
+                send_c.as_ptr(),
+                send_displs.as_ptr(),
+                T::datatype(),
+                recv.cast(),
+                recv_c.as_ptr(),
+                recv_displs.as_ptr(),
+                T::datatype(),
+                self.handles.data,
+                &mut request,
+            )
+        })?;
+        Ok((request, seq, [send_c, send_displs, recv_c, recv_displs]))
+    }
+
+    /// The exchange as point-to-point messages: every receive posted, then
+    /// every send (to rank+1, rank+2, ... so that ranks do not all hit one
+    /// peer first), the own block copied meanwhile, then all waited for.
+    /// Each call has its own tag, so a message a wrong count left unmatched
+    /// can never land in a later exchange; a message of the wrong size is
+    /// an error naming its sender.
+    fn post_and_wait<T: MpiElem>(
+        &mut self,
+        op: &'static str,
+        send: &[T],
+        send_counts: &[usize],
+        recv_counts: &[usize],
+        recv: &mut Vec<T>,
+    ) -> Result<(), CommError> {
+        let (send_c, send_displs) = counts_and_displs(op, send_counts)?;
+        let (recv_c, recv_displs) = counts_and_displs(op, recv_counts)?;
         let total: usize = recv_counts.iter().sum();
         crate::buffers::reserve_huge(recv, total);
         let recv_ptr = recv.as_mut_ptr();
+        let (rank, size) = (self.rank, self.size);
         let seq = self.seq;
         self.seq += 1;
+        let tag = P2P_TAG + (seq % P2P_TAGS) as c_int;
         let deadline = Instant::now() + self.timeout;
-        let ctx = self.timeout_context(seq);
-        // Decided from the largest sender, so every rank takes the same path.
-        if largest_send * std::mem::size_of::<T>() <= LINEAR_FROM_BYTES {
-            let mut request = null_request();
-            // SAFETY: counts and displacements describe `send` and the
-            // `total` reserved elements of `recv`; all outlive the request.
-            check(op, unsafe {
-                ffi::MPI_Ialltoallv(
-                    send.as_ptr().cast(),
-                    send_c.as_ptr(),
-                    send_displs.as_ptr(),
-                    T::datatype(),
-                    recv_ptr.cast(),
-                    recv_c.as_ptr(),
-                    recv_displs.as_ptr(),
-                    T::datatype(),
-                    self.handles.data,
-                    &mut request,
-                )
-            })?;
-            wait_or_abort(op, std::slice::from_mut(&mut request), deadline, &ctx)?;
-        } else {
-            let (rank, size) = (self.rank, self.size);
-            // SAFETY (all blocks below): every range lies inside `send` or
-            // the reserved `total` elements of `recv`, and is waited for
-            // before this function returns (or the job ends).
-            // Receives first, so every message finds its buffer posted.
-            let mut requests = Vec::with_capacity(2 * size);
-            for k in 1..size {
-                let src = (rank + size - k) % size;
-                if recv_counts[src] > 0 {
-                    let mut request = null_request();
-                    check(op, unsafe {
-                        ffi::MPI_Irecv(
-                            recv_ptr.add(recv_displs[src] as usize).cast(),
-                            recv_c[src],
-                            T::datatype(),
-                            src as c_int,
-                            P2P_TAG,
-                            self.handles.data,
-                            &mut request,
-                        )
-                    })?;
-                    requests.push(request);
-                }
+        // SAFETY (all blocks below): every range lies inside `send` or the
+        // reserved `total` elements of `recv`, and is waited for before
+        // this function returns (or the job ends).
+        // Receives first, so every message finds its buffer posted.
+        let mut requests = Vec::with_capacity(2 * size);
+        let mut sources = Vec::with_capacity(size);
+        for k in 1..size {
+            let src = (rank + size - k) % size;
+            if recv_counts[src] > 0 {
+                let mut request = null_request();
+                check(op, unsafe {
+                    ffi::MPI_Irecv(
+                        recv_ptr.add(recv_displs[src] as usize).cast(),
+                        recv_c[src],
+                        T::datatype(),
+                        src as c_int,
+                        tag,
+                        self.handles.data,
+                        &mut request,
+                    )
+                })?;
+                requests.push(request);
+                sources.push(src);
             }
-            for k in 1..size {
-                let dst = (rank + k) % size;
-                if send_counts[dst] > 0 {
-                    let mut request = null_request();
-                    check(op, unsafe {
-                        ffi::MPI_Isend(
-                            send.as_ptr().add(send_displs[dst] as usize).cast(),
-                            send_c[dst],
-                            T::datatype(),
-                            dst as c_int,
-                            P2P_TAG,
-                            self.handles.data,
-                            &mut request,
-                        )
-                    })?;
-                    requests.push(request);
-                }
+        }
+        for k in 1..size {
+            let dst = (rank + k) % size;
+            if send_counts[dst] > 0 {
+                let mut request = null_request();
+                check(op, unsafe {
+                    ffi::MPI_Isend(
+                        send.as_ptr().add(send_displs[dst] as usize).cast(),
+                        send_c[dst],
+                        T::datatype(),
+                        dst as c_int,
+                        tag,
+                        self.handles.data,
+                        &mut request,
+                    )
+                })?;
+                requests.push(request);
             }
-            // This rank's own block moves while the peers' transfers run,
-            // in pieces with a test between them: the receiver drives the
-            // single-copy transfers, so a long copy without tests stalls them.
-            let (own_from, own_to) = (send_displs[rank] as usize, recv_displs[rank] as usize);
-            let mut copied = 0;
+        }
+        // SAFETY: MPI_Status is plain integers; MPI fills it on completion.
+        let mut statuses = vec![unsafe { std::mem::zeroed::<ffi::MPI_Status>() }; requests.len()];
+        // This rank's own block moves while the peers' transfers run, in
+        // pieces with a test between them: the receiver drives the
+        // single-copy transfers, so a long copy without tests stalls them.
+        let (own_from, own_to) = (send_displs[rank] as usize, recv_displs[rank] as usize);
+        let mut copied = 0;
+        let mut done = false;
+        let waited = (|| {
             while copied < send_counts[rank] {
                 let n = (send_counts[rank] - copied).min(SELF_COPY_PIECE / std::mem::size_of::<T>());
                 unsafe {
@@ -394,16 +523,43 @@ impl MpiComm {
                         send.as_ptr().add(own_from + copied),
                         recv_ptr.add(own_to + copied),
                         n,
-                    );
-                }
+                    )
+                };
                 copied += n;
-                poll(op, &mut requests, Instant::now())?;
+                // Once done, not again: a test of completed (null) requests would blank the statuses.
+                if !done {
+                    done = poll(op, &mut requests, Some(&mut statuses), Instant::now())? == Polled::Done;
+                }
             }
-            wait_or_abort(op, &mut requests, deadline, &ctx)?;
+            if !done {
+                wait_or_abort(op, &mut requests, Some(&mut statuses), deadline, &self.timeout_context(seq))?;
+            }
+            Ok(())
+        })();
+        // A sender that disagrees on a count: more than expected fails the
+        // receive (truncated), fewer completes it short.
+        let disagree = |src: usize, sent: String| CommError::BadArgument {
+            op,
+            reason: format!(
+                "rank {} sent {sent} values where rank {} expected {}: the ranks disagree on the counts",
+                self.world_ranks[src], self.world_ranks[rank], recv_counts[src]
+            ),
+        };
+        if let Err(error) = waited {
+            let truncated = statuses.iter().zip(&sources).find(|(s, _)| s.MPI_ERROR == ffi::MPI_ERR_TRUNCATE as c_int);
+            return Err(truncated.map_or(error, |(_, &src)| disagree(src, "more".into())));
+        }
+        for (status, &src) in statuses.iter().zip(&sources) {
+            let mut got: c_int = 0;
+            // SAFETY: a status MPI filled for a completed receive.
+            check(op, unsafe { ffi::MPI_Get_count(status, T::datatype(), &mut got) })?;
+            if got != recv_c[src] {
+                return Err(disagree(src, got.to_string()));
+            }
         }
         // SAFETY: the exchange completed and wrote every one of the `total` elements.
         unsafe { recv.set_len(total) };
-        Ok(recv_counts)
+        Ok(())
     }
 
     fn all_to_all<T: MpiElem>(
@@ -428,33 +584,16 @@ impl MpiComm {
     ) -> Result<Transfer<T>, CommError> {
         self.check_counts(op, send_counts, send.len())?;
         let (recv_counts, _) = self.exchange_counts(op, send_counts)?;
-        let (send_c, send_displs) = counts_and_displs(op, send_counts)?;
-        let (recv_c, recv_displs) = counts_and_displs(op, &recv_counts)?;
         let mut recv = vec![T::default(); recv_counts.iter().sum()];
-        let seq = self.seq;
-        self.seq += 1;
-        let mut request = null_request();
-        // SAFETY: buffers and count arrays match; all live in the Transfer (or,
-        // for `send`, with the caller) until the request completes.
-        check(op, unsafe {
-            ffi::MPI_Ialltoallv(
-                send.as_ptr().cast::<c_void>(),
-                send_c.as_ptr(),
-                send_displs.as_ptr(),
-                T::datatype(),
-                recv.as_mut_ptr().cast(),
-                recv_c.as_ptr(),
-                recv_displs.as_ptr(),
-                T::datatype(),
-                self.handles.data,
-                &mut request,
-            )
-        })?;
+        // SAFETY: `send`, `recv` and the arrays move into the Transfer (their
+        // heap blocks stay put) until the request completes.
+        let (request, seq, arrays) =
+            unsafe { self.start_ialltoallv(op, send.as_ptr(), send_counts, recv.as_mut_ptr(), &recv_counts) }?;
         Ok(Transfer {
             request,
             recv,
             recv_counts,
-            _arrays: [send_c, send_displs, recv_c, recv_displs],
+            _arrays: arrays,
             _send: send,
             deadline: Instant::now() + self.timeout,
             seq,
@@ -477,10 +616,11 @@ struct TimeoutContext {
 fn wait_or_abort(
     op: &'static str,
     requests: &mut [ffi::MPI_Request],
+    statuses: Option<&mut [ffi::MPI_Status]>,
     deadline: Instant,
     ctx: &TimeoutContext,
 ) -> Result<(), CommError> {
-    match poll(op, requests, deadline)? {
+    match poll(op, requests, statuses, deadline)? {
         Polled::Done => return Ok(()),
         Polled::Stopped(reason) => abort_job(&format!("{op} stopped: {reason}"), 1),
         Polled::TimedOut => {}
@@ -521,7 +661,7 @@ unsafe impl Send for InFlight {}
 impl PendingOp for InFlight {
     fn wait(mut self: Box<Self>) -> Result<Received, CommError> {
         let t = &mut self.transfer;
-        wait_or_abort(self.op, std::slice::from_mut(&mut t.request), t.deadline, &self.ctx)?;
+        wait_or_abort(self.op, std::slice::from_mut(&mut t.request), None, t.deadline, &self.ctx)?;
         Ok(Received { values: std::mem::take(&mut t.recv), counts: std::mem::take(&mut t.recv_counts) })
     }
 }
@@ -603,6 +743,15 @@ impl Communicator for MpiComm {
         recv: &mut Vec<f32>,
     ) -> Result<Vec<usize>, CommError> {
         self.all_to_all_into("all_to_all_v", send, send_counts, recv)
+    }
+    fn all_to_all_v_known_into(
+        &mut self,
+        send: &[f32],
+        send_counts: &[usize],
+        recv_counts: &[usize],
+        recv: &mut Vec<f32>,
+    ) -> Result<(), CommError> {
+        self.all_to_all_known_into("all_to_all_v", send, send_counts, recv_counts, recv)
     }
     fn all_to_all_v_u64(&mut self, send: &[u64], send_counts: &[usize]) -> Result<(Vec<u64>, Vec<usize>), CommError> {
         self.all_to_all("all_to_all_v_u64", send, send_counts)

@@ -4,12 +4,15 @@
 //! (`bench/mpi4py_alltoallv.py`; `scripts/bench-alltoall.sh` installs mpi4py).
 //!
 //! Every rank sends `bytes` per call, split evenly over all ranks (its own
-//! block included), into a receive buffer kept across calls (switchyard's
-//! `all_to_all_v_into`; the peer preallocates its numpy buffer). Time is the slowest rank's mean over
-//! the timed iterations, fastest of 7 repeats (on a shared machine the
-//! slower repeats measure the other processes); switchyard and the peer
-//! alternate for `--rounds` rounds and each keeps its best. Bandwidth is
-//! bytes sent per rank / time.
+//! block included), into a receive buffer kept across calls. The headline
+//! column is the same exchange as the peer's: receive counts known
+//! (`all_to_all_v_known_into`, what a combine does; mpi4py's `Alltoallv` is
+//! given them too). The last column is `all_to_all_v_into`, which first
+//! tells every rank its receive counts (what a dispatch needs). Time is the
+//! slowest rank's mean over the timed iterations, fastest of 7 repeats (on
+//! a shared machine the slower repeats measure the other processes);
+//! switchyard and the peer alternate for `--rounds` rounds and each keeps
+//! its best. Bandwidth is bytes sent per rank / time.
 
 use anyhow::{bail, Context, Result};
 use collectives::local::LocalWorld;
@@ -35,7 +38,14 @@ struct Case {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Measured {
     bytes: usize,
+    /// The exchange with the receive counts known (as mpi4py's Alltoallv is given them).
     seconds: f64,
+    /// Switchyard's exchange that first tells every rank its receive counts.
+    #[serde(default)]
+    counts_exchanged_seconds: Option<f64>,
+    /// The library's own `MPI_Alltoallv`, timed in turns with switchyard's.
+    #[serde(default)]
+    library_seconds: Option<f64>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -54,8 +64,15 @@ struct Report {
 #[derive(Debug, Serialize)]
 struct ReportRow {
     bytes: usize,
+    /// Counts known on both sides, like the peer.
     seconds: f64,
     gb_per_s: f64,
+    /// Counts sent first (`all_to_all_v_into`), the form a dispatch uses.
+    counts_exchanged_seconds: Option<f64>,
+    /// OpenMPI's `MPI_Alltoallv` called in switchyard's processes, in turns with it.
+    library_seconds: Option<f64>,
+    /// Library time / switchyard time.
+    speed_vs_library: Option<f64>,
     mpi4py_seconds: Option<f64>,
     mpi4py_gb_per_s: Option<f64>,
     /// mpi4py time / switchyard time: above 1 means switchyard is faster.
@@ -70,8 +87,12 @@ fn plan(max_mib: usize) -> Vec<Case> {
         .collect()
 }
 
-/// Times every case on this rank; every rank gets the slowest rank's times.
-fn measure(comm: &mut dyn Communicator, plan: &[Case]) -> Result<Vec<Measured>> {
+/// Times every case on this rank: switchyard's exchange with counts known,
+/// with counts sent first, and (given `library`, MPI only) the library's
+/// own `MPI_Alltoallv` in the same processes, taking turns repeat by repeat
+/// so that a slow spell of the machine hits them alike. Every rank gets
+/// the slowest rank's times.
+fn measure(comm: &mut dyn Communicator, library: Option<&MpiWorld>, plan: &[Case]) -> Result<Vec<Measured>> {
     let size = comm.size();
     let mut rows = Vec::new();
     for case in plan {
@@ -80,25 +101,59 @@ fn measure(comm: &mut dyn Communicator, plan: &[Case]) -> Result<Vec<Measured>> 
         send.extend((0..per_dst * size).map(|i| i as f32));
         let counts = vec![per_dst; size];
         let mut recv = Vec::new();
-        for _ in 0..case.warmup {
-            comm.all_to_all_v_into(&send, &counts, &mut recv)?;
+        let mut library_recv = vec![0f32; per_dst * size];
+        let mut known = |comm: &mut dyn Communicator| -> Result<()> {
+            Ok(comm.all_to_all_v_known_into(&send, &counts, &counts, &mut recv)?)
+        };
+        let mut exchanged_recv = Vec::new();
+        let mut exchanged = |comm: &mut dyn Communicator| -> Result<()> {
+            comm.all_to_all_v_into(&send, &counts, &mut exchanged_recv)?;
+            Ok(())
+        };
+        let mut calls: Vec<&mut Call> = vec![&mut known, &mut exchanged];
+        let mut by_library = |_: &mut dyn Communicator| -> Result<()> {
+            let world = library.expect("only called with a library");
+            Ok(world.library_all_to_all_v(&send, &counts, &counts, &mut library_recv)?)
+        };
+        if library.is_some() {
+            calls.push(&mut by_library);
         }
-        let mut repeats = Vec::new();
-        for _ in 0..case.repeats {
+        let best = time_in_turns(comm, case, &mut calls)?;
+        rows.push(Measured {
+            bytes: case.bytes,
+            seconds: best[0],
+            counts_exchanged_seconds: Some(best[1]),
+            library_seconds: best.get(2).copied(),
+        });
+    }
+    Ok(rows)
+}
+
+/// One way of making the exchange, on the benchmark's communicator.
+type Call<'a> = dyn FnMut(&mut dyn Communicator) -> Result<()> + 'a;
+
+/// Per call, the slowest rank's mean time over the case's iterations,
+/// fastest of its repeats; the calls take turns, one repeat each.
+fn time_in_turns(comm: &mut dyn Communicator, case: &Case, calls: &mut [&mut Call]) -> Result<Vec<f64>> {
+    for call in calls.iter_mut() {
+        for _ in 0..case.warmup {
+            call(comm)?;
+        }
+    }
+    let mut best = vec![f64::INFINITY; calls.len()];
+    for _ in 0..case.repeats {
+        for (call, best) in calls.iter_mut().zip(&mut best) {
             comm.barrier()?;
             let started = Instant::now();
             for _ in 0..case.iters {
-                comm.all_to_all_v_into(&send, &counts, &mut recv)?;
+                call(comm)?;
             }
             let mine = started.elapsed().as_secs_f64() / case.iters as f64;
             let all = comm.all_gather_v(&[mine as f32])?;
-            repeats.push(all.values.iter().fold(0f32, |a, &b| a.max(b)) as f64);
+            *best = best.min(all.values.iter().fold(0f32, |a, &b| a.max(b)) as f64);
         }
-        debug_assert_eq!(recv.len(), per_dst * size);
-        let best = repeats.into_iter().fold(f64::INFINITY, f64::min);
-        rows.push(Measured { bytes: case.bytes, seconds: best });
     }
-    Ok(rows)
+    Ok(best)
 }
 
 /// The JSON result line in a process's output.
@@ -117,7 +172,7 @@ pub fn run(ranks: usize, backend: &str, max_mib: usize, rounds: usize, json: boo
     if backend == "mpi" && launched_rank().is_some() {
         let world = MpiWorld::init()?;
         let mut comm = world.world(Duration::from_secs(300))?;
-        let rows = measure(comm.as_mut(), &plan)?;
+        let rows = measure(comm.as_mut(), Some(&world), &plan)?;
         if comm.rank() == 0 {
             println!("{JSON_MARK}{}", serde_json::to_string(&Rows { rows })?);
         }
@@ -150,6 +205,9 @@ pub fn run(ranks: usize, backend: &str, max_mib: usize, rounds: usize, json: boo
                 bytes: m.bytes,
                 seconds: m.seconds,
                 gb_per_s: m.bytes as f64 / m.seconds / 1e9,
+                counts_exchanged_seconds: m.counts_exchanged_seconds,
+                library_seconds: m.library_seconds,
+                speed_vs_library: m.library_seconds.map(|l| l / m.seconds),
                 mpi4py_seconds: p.map(|p| p.seconds),
                 mpi4py_gb_per_s: p.map(|p| p.bytes as f64 / p.seconds / 1e9),
                 speed_vs_mpi4py: p.map(|p| p.seconds / m.seconds),
@@ -172,7 +230,7 @@ fn measure_ours(backend: &str, ranks: usize, plan: &[Case], max_mib: usize) -> R
             let comms = LocalWorld::new(ranks, Duration::from_secs(300));
             let results: Vec<Result<Vec<Measured>>> = std::thread::scope(|scope| {
                 let handles: Vec<_> =
-                    comms.into_iter().map(|mut c| scope.spawn(move || measure(&mut c, plan))).collect();
+                    comms.into_iter().map(|mut c| scope.spawn(move || measure(&mut c, None, plan))).collect();
                 handles.into_iter().map(|h| h.join().expect("a benchmark rank panicked")).collect()
             });
             results.into_iter().next().expect("rank 0")
@@ -194,8 +252,20 @@ fn keep_best(best: Option<Vec<Measured>>, new: Vec<Measured>) -> Vec<Measured> {
         Some(best) => best
             .into_iter()
             .zip(new)
-            .map(|(a, b)| Measured { bytes: a.bytes, seconds: a.seconds.min(b.seconds) })
+            .map(|(a, b)| Measured {
+                bytes: a.bytes,
+                seconds: a.seconds.min(b.seconds),
+                counts_exchanged_seconds: faster(a.counts_exchanged_seconds, b.counts_exchanged_seconds),
+                library_seconds: faster(a.library_seconds, b.library_seconds),
+            })
             .collect(),
+    }
+}
+
+fn faster(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(x), Some(y)) => Some(x.min(y)),
+        (x, y) => x.or(y),
     }
 }
 
@@ -228,18 +298,23 @@ fn print_table(r: &Report) {
     println!("switchyard bench alltoall: {} backend, {} ranks (bytes sent per rank per call)", r.backend, r.ranks);
     println!("peer: {}", r.peer_note);
     println!();
-    println!("| size | switchyard | GB/s | mpi4py | GB/s | speed vs mpi4py |");
-    println!("|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "| size | switchyard | GB/s | mpi4py | GB/s | speed vs mpi4py | MPI_Alltoallv, in turns | speed vs it | switchyard, counts sent first |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let ms = |s: f64| format!("{:.3} ms", s * 1e3);
     for row in &r.rows {
         println!(
-            "| {} | {} | {:.2} | {} | {} | {} |",
+            "| {} | {} | {:.2} | {} | {} | {} | {} | {} | {} |",
             human_bytes(row.bytes),
             ms(row.seconds),
             row.gb_per_s,
             row.mpi4py_seconds.map_or("-".into(), ms),
             row.mpi4py_gb_per_s.map_or("-".into(), |g| format!("{g:.2}")),
             row.speed_vs_mpi4py.map_or("-".into(), |x| format!("{x:.2}x")),
+            row.library_seconds.map_or("-".into(), ms),
+            row.speed_vs_library.map_or("-".into(), |x| format!("{x:.2}x")),
+            row.counts_exchanged_seconds.map_or("-".into(), ms),
         );
     }
 }
