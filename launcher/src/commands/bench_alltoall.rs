@@ -6,13 +6,21 @@
 //! Every rank sends `bytes` per call, split evenly over all ranks (its own
 //! block included), into a receive buffer kept across calls. The headline
 //! column is the same exchange as the peer's: receive counts known
-//! (`all_to_all_v_known_into`, what a combine does; mpi4py's `Alltoallv` is
-//! given them too). The last column is `all_to_all_v_into`, which first
-//! tells every rank its receive counts (what a dispatch needs). Time is the
-//! slowest rank's mean over the timed iterations, fastest of 7 repeats (on
-//! a shared machine the slower repeats measure the other processes);
-//! switchyard and the peer alternate for `--rounds` rounds and each keeps
-//! its best. Bandwidth is bytes sent per rank / time.
+//! (`all_to_all_v_known_into`, the form the step engine uses, since the
+//! routing metadata already tells every rank what comes; mpi4py's
+//! `Alltoallv` is given the counts too). The last column is
+//! `all_to_all_v_into`, which first tells every rank its receive counts.
+//!
+//! Time is the slowest rank's mean over the timed iterations, fastest of 7
+//! repeats (on a shared machine the slower repeats measure the other
+//! processes); switchyard and the peer alternate for `--rounds` rounds and
+//! each keeps its best. Bandwidth is bytes sent per rank / time.
+//!
+//! Separate processes differ here by tens of percent from run to run (the
+//! same program, even a C one, run twice), so on the MPI backend the ranks
+//! also time OpenMPI's own `MPI_Alltoallv`, which mpi4py calls, in turns
+//! with switchyard's exchange on the same buffers: that column compares the
+//! algorithms with the luck of the process taken out.
 
 use anyhow::{bail, Context, Result};
 use collectives::local::LocalWorld;
@@ -87,13 +95,28 @@ fn plan(max_mib: usize) -> Vec<Case> {
         .collect()
 }
 
-/// Times every case on this rank: switchyard's exchange with counts known,
-/// with counts sent first, and (given `library`, MPI only) the library's
-/// own `MPI_Alltoallv` in the same processes, taking turns repeat by repeat
-/// so that a slow spell of the machine hits them alike. Every rank gets
-/// the slowest rank's times.
+/// The ways of making one exchange that a benchmark rank times.
+#[derive(Debug, Clone, Copy)]
+enum Way {
+    /// `all_to_all_v_known_into`: receive counts known, as mpi4py's peer has them.
+    Known,
+    /// `all_to_all_v_into`: the counts travel first.
+    CountsSentFirst,
+    /// OpenMPI's own blocking `MPI_Alltoallv`, what mpi4py's `Alltoallv` calls.
+    Library,
+}
+
+/// Times every case on this rank, every way in `ways`, taking turns repeat
+/// by repeat on the same send and receive buffers: a slow spell of the
+/// machine hits them alike, and so does the luck of where the buffers lie
+/// in memory (which moves a process's times by tens of percent from one
+/// run to the next here). Every rank gets the slowest rank's times.
 fn measure(comm: &mut dyn Communicator, library: Option<&MpiWorld>, plan: &[Case]) -> Result<Vec<Measured>> {
     let size = comm.size();
+    let ways: &[Way] = match library {
+        Some(_) => &[Way::Known, Way::CountsSentFirst, Way::Library],
+        None => &[Way::Known, Way::CountsSentFirst],
+    };
     let mut rows = Vec::new();
     for case in plan {
         let per_dst = case.bytes / 4 / size;
@@ -101,24 +124,20 @@ fn measure(comm: &mut dyn Communicator, library: Option<&MpiWorld>, plan: &[Case
         send.extend((0..per_dst * size).map(|i| i as f32));
         let counts = vec![per_dst; size];
         let mut recv = Vec::new();
-        let mut library_recv = vec![0f32; per_dst * size];
-        let mut known = |comm: &mut dyn Communicator| -> Result<()> {
-            Ok(comm.all_to_all_v_known_into(&send, &counts, &counts, &mut recv)?)
-        };
-        let mut exchanged_recv = Vec::new();
-        let mut exchanged = |comm: &mut dyn Communicator| -> Result<()> {
-            comm.all_to_all_v_into(&send, &counts, &mut exchanged_recv)?;
+        let mut exchange = |way: Way, comm: &mut dyn Communicator| -> Result<()> {
+            match (way, library) {
+                (Way::Known, _) => comm.all_to_all_v_known_into(&send, &counts, &counts, &mut recv)?,
+                (Way::CountsSentFirst, _) => drop(comm.all_to_all_v_into(&send, &counts, &mut recv)?),
+                (Way::Library, Some(world)) => {
+                    // The previous exchange left `recv` at its full length.
+                    recv.resize(send.len(), 0.0);
+                    world.library_all_to_all_v(&send, &counts, &counts, &mut recv)?
+                }
+                (Way::Library, None) => bail!("the library's all-to-all needs the MPI backend"),
+            }
             Ok(())
         };
-        let mut calls: Vec<&mut Call> = vec![&mut known, &mut exchanged];
-        let mut by_library = |_: &mut dyn Communicator| -> Result<()> {
-            let world = library.expect("only called with a library");
-            Ok(world.library_all_to_all_v(&send, &counts, &counts, &mut library_recv)?)
-        };
-        if library.is_some() {
-            calls.push(&mut by_library);
-        }
-        let best = time_in_turns(comm, case, &mut calls)?;
+        let best = time_in_turns(comm, case, ways, &mut exchange)?;
         rows.push(Measured {
             bytes: case.bytes,
             seconds: best[0],
@@ -129,24 +148,26 @@ fn measure(comm: &mut dyn Communicator, library: Option<&MpiWorld>, plan: &[Case
     Ok(rows)
 }
 
-/// One way of making the exchange, on the benchmark's communicator.
-type Call<'a> = dyn FnMut(&mut dyn Communicator) -> Result<()> + 'a;
-
-/// Per call, the slowest rank's mean time over the case's iterations,
-/// fastest of its repeats; the calls take turns, one repeat each.
-fn time_in_turns(comm: &mut dyn Communicator, case: &Case, calls: &mut [&mut Call]) -> Result<Vec<f64>> {
-    for call in calls.iter_mut() {
+/// Per way, the slowest rank's mean time over the case's iterations,
+/// fastest of its repeats; the ways take turns, one repeat each.
+fn time_in_turns(
+    comm: &mut dyn Communicator,
+    case: &Case,
+    ways: &[Way],
+    exchange: &mut dyn FnMut(Way, &mut dyn Communicator) -> Result<()>,
+) -> Result<Vec<f64>> {
+    for &way in ways {
         for _ in 0..case.warmup {
-            call(comm)?;
+            exchange(way, comm)?;
         }
     }
-    let mut best = vec![f64::INFINITY; calls.len()];
+    let mut best = vec![f64::INFINITY; ways.len()];
     for _ in 0..case.repeats {
-        for (call, best) in calls.iter_mut().zip(&mut best) {
+        for (&way, best) in ways.iter().zip(&mut best) {
             comm.barrier()?;
             let started = Instant::now();
             for _ in 0..case.iters {
-                call(comm)?;
+                exchange(way, comm)?;
             }
             let mine = started.elapsed().as_secs_f64() / case.iters as f64;
             let all = comm.all_gather_v(&[mine as f32])?;
