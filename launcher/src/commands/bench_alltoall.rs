@@ -23,6 +23,7 @@
 //! with switchyard's exchange on the same buffers: that column compares the
 //! algorithms with the luck of the process taken out.
 
+use super::bench_turns::{Turns, TURNS_VAR};
 use anyhow::{bail, Context, Result};
 use collectives::local::LocalWorld;
 use collectives::mpi::{launched_rank, MpiWorld};
@@ -112,13 +113,19 @@ enum Way {
 /// machine hits them alike, and so does the luck of where the buffers lie
 /// in memory (which moves a process's times by tens of percent from one
 /// run to the next here). Every rank gets the slowest rank's times.
-fn measure(comm: &mut dyn Communicator, library: Option<&MpiWorld>, plan: &[Case]) -> Result<Vec<Measured>> {
+fn measure(
+    comm: &mut dyn Communicator,
+    library: Option<&MpiWorld>,
+    plan: &[Case],
+    turns: Option<&Turns>,
+) -> Result<Vec<Measured>> {
     let size = comm.size();
     let ways: &[Way] = match library {
         Some(_) => &[Way::Known, Way::CountsSentFirst, Way::Library],
         None => &[Way::Known, Way::CountsSentFirst],
     };
     let mut rows = Vec::new();
+    let mut first_turn = 0;
     for case in plan {
         let per_dst = case.bytes / 4 / size;
         let mut send = collectives::buffers::with_capacity_huge(per_dst * size);
@@ -138,7 +145,8 @@ fn measure(comm: &mut dyn Communicator, library: Option<&MpiWorld>, plan: &[Case
             }
             Ok(())
         };
-        let best = time_in_turns(comm, case, ways, &mut exchange)?;
+        let best = time_in_turns(comm, case, ways, &mut exchange, turns, first_turn)?;
+        first_turn += case.repeats as u64;
         rows.push(Measured {
             bytes: case.bytes,
             seconds: best[0],
@@ -150,20 +158,30 @@ fn measure(comm: &mut dyn Communicator, library: Option<&MpiWorld>, plan: &[Case
 }
 
 /// Per way, the slowest rank's mean time over the case's iterations,
-/// fastest of its repeats; the ways take turns, one repeat each.
+/// fastest of its repeats; the ways take turns, one repeat each. With
+/// `turns`, every repeat (the first with the warm-up) waits for its turn
+/// with the peer's job, numbered from `first_turn`.
 fn time_in_turns(
     comm: &mut dyn Communicator,
     case: &Case,
     ways: &[Way],
     exchange: &mut dyn FnMut(Way, &mut dyn Communicator) -> Result<()>,
+    turns: Option<&Turns>,
+    first_turn: u64,
 ) -> Result<Vec<f64>> {
-    for &way in ways {
-        for _ in 0..case.warmup {
-            exchange(way, comm)?;
-        }
-    }
     let mut best = vec![f64::INFINITY; ways.len()];
-    for _ in 0..case.repeats {
+    for repeat in 0..case.repeats {
+        let turn = first_turn + repeat as u64;
+        if let Some(turns) = turns {
+            turns.wait(turn)?;
+        }
+        if repeat == 0 {
+            for &way in ways {
+                for _ in 0..case.warmup {
+                    exchange(way, comm)?;
+                }
+            }
+        }
         for (&way, best) in ways.iter().zip(&mut best) {
             comm.barrier()?;
             let started = Instant::now();
@@ -173,6 +191,10 @@ fn time_in_turns(
             let mine = started.elapsed().as_secs_f64() / case.iters as f64;
             let all = comm.all_gather_v(&[mine as f32])?;
             *best = best.min(all.values.iter().fold(0f32, |a, &b| a.max(b)) as f64);
+        }
+        // Every rank is past the timing (the gather above met them all).
+        if let (Some(turns), 0) = (turns, comm.rank()) {
+            turns.pass(turn)?;
         }
     }
     Ok(best)
@@ -194,7 +216,7 @@ pub fn run(ranks: usize, backend: &str, max_mib: usize, rounds: usize, json: boo
     if backend == "mpi" && launched_rank().is_some() {
         let world = MpiWorld::init()?;
         let mut comm = world.world(Duration::from_secs(300))?;
-        let rows = measure(comm.as_mut(), Some(&world), &plan)?;
+        let rows = measure(comm.as_mut(), Some(&world), &plan, Turns::from_env()?.as_ref())?;
         if comm.rank() == 0 {
             println!("{JSON_MARK}{}", serde_json::to_string(&Rows { rows })?);
         }
@@ -203,21 +225,33 @@ pub fn run(ranks: usize, backend: &str, max_mib: usize, rounds: usize, json: boo
     if ranks < 2 {
         bail!("--ranks must be 2 or more: an all-to-all on one rank moves nothing");
     }
-    // Alternate the two in rounds and keep each one's best per size, so a
-    // slow spell of the machine does not land on one side only.
+    // Each round runs both jobs at once, taking turns repeat by repeat
+    // (see bench_turns); each side keeps its best per size over the rounds.
     let (mut ours, mut peer): (Option<Vec<Measured>>, Option<Vec<Measured>>) = (None, None);
-    let mut peer_note = "mpi4py Alltoallv over OpenMPI, same sizes and rank count".to_string();
-    for round in 1..=rounds {
-        eprintln!("round {round}/{rounds}: switchyard's all_to_all_v ({backend} backend, {ranks} ranks) ...");
-        ours = Some(keep_best(ours, measure_ours(backend, ranks, &plan, max_mib)?));
-        if peer.is_some() || round == 1 {
-            eprintln!("round {round}/{rounds}: mpi4py's Alltoallv ({ranks} processes) ...");
-            match run_peer(ranks, &plan) {
-                Ok(rows) => peer = Some(keep_best(peer, rows)),
-                Err(e) => peer_note = format!("mpi4py not measured: {e:#}"),
-            }
-        }
+    let mut peer_note =
+        "mpi4py Alltoallv over OpenMPI, same sizes and rank count, in turns with switchyard".to_string();
+    let peer_missing = peer_missing();
+    if let Some(why) = &peer_missing {
+        peer_note = format!("mpi4py not measured: {why}");
     }
+    let dir = std::env::temp_dir().join(format!("switchyard-bench-alltoall-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let turn_file = dir.join("turn");
+    for round in 1..=rounds {
+        if peer_missing.is_some() {
+            eprintln!("round {round}/{rounds}: switchyard's all_to_all_v ({backend} backend, {ranks} ranks) ...");
+            ours = Some(keep_best(ours, measure_ours(backend, ranks, &plan, max_mib, None)?));
+            continue;
+        }
+        eprintln!("round {round}/{rounds}: switchyard's all_to_all_v ({backend} backend, {ranks} ranks) in turns with mpi4py's Alltoallv ...");
+        Turns::start(&turn_file)?;
+        let peer_job = start_peer(ranks, &plan, &Turns::new(&turn_file, 1))?;
+        let mine = measure_ours(backend, ranks, &plan, max_mib, Some(&Turns::new(&turn_file, 0)));
+        let theirs = finish_peer(peer_job, mine.is_err());
+        ours = Some(keep_best(ours, mine?));
+        peer = Some(keep_best(peer, theirs?));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
     let ours = ours.expect("at least one round");
     let rows = ours
         .iter()
@@ -246,21 +280,28 @@ pub fn run(ranks: usize, backend: &str, max_mib: usize, rounds: usize, json: boo
 }
 
 /// Switchyard's exchange on `backend`: threads here, or ranks under mpirun.
-fn measure_ours(backend: &str, ranks: usize, plan: &[Case], max_mib: usize) -> Result<Vec<Measured>> {
+fn measure_ours(
+    backend: &str,
+    ranks: usize,
+    plan: &[Case],
+    max_mib: usize,
+    turns: Option<&Turns>,
+) -> Result<Vec<Measured>> {
     match backend {
         "local" => {
             let comms = LocalWorld::new(ranks, Duration::from_secs(300));
             let results: Vec<Result<Vec<Measured>>> = std::thread::scope(|scope| {
                 let handles: Vec<_> =
-                    comms.into_iter().map(|mut c| scope.spawn(move || measure(&mut c, None, plan))).collect();
+                    comms.into_iter().map(|mut c| scope.spawn(move || measure(&mut c, None, plan, turns))).collect();
                 handles.into_iter().map(|h| h.join().expect("a benchmark rank panicked")).collect()
             });
             results.into_iter().next().expect("rank 0")
         }
         "mpi" => {
             let args = ["bench", "alltoall", "--backend", "mpi", "--max-mib", &max_mib.to_string()].map(String::from);
+            let env: Vec<(&str, String)> = turns.map(|t| (TURNS_VAR, t.env_value())).into_iter().collect();
             let out =
-                crate::mpirun::self_command(ranks, &args, &[], None)?.output().map_err(crate::mpirun::not_started)?;
+                crate::mpirun::self_command(ranks, &args, &env, None)?.output().map_err(crate::mpirun::not_started)?;
             parse_rows(&out.stdout, "the MPI benchmark ranks")
         }
         other => bail!("--backend {other}: use local or mpi"),
@@ -291,19 +332,44 @@ fn faster(a: Option<f64>, b: Option<f64>) -> Option<f64> {
     }
 }
 
-/// The same exchange through mpi4py under mpirun.
-fn run_peer(ranks: usize, plan: &[Case]) -> Result<Vec<Measured>> {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../bench/mpi4py_alltoallv.py");
-    let out = crate::mpirun::command(ranks)
-        .args(["python3", script, &serde_json::to_string(plan)?])
-        .output()
-        .map_err(crate::mpirun::not_started)?;
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        if let Some(module) = err.lines().find_map(|l| l.strip_prefix("ModuleNotFoundError: ")) {
-            bail!("{module} (scripts/bench-alltoall.sh installs mpi4py and numpy)");
+/// Why mpi4py cannot be the peer here, if it cannot.
+fn peer_missing() -> Option<String> {
+    let probe = std::process::Command::new("python3").args(["-c", "import mpi4py, numpy"]).output();
+    match probe {
+        Err(e) => {
+            Some(format!("python3 cannot be run ({e}); scripts/bench-alltoall.sh installs it with mpi4py and numpy"))
         }
-        bail!("the mpi4py script failed:\n{err}");
+        Ok(out) if !out.status.success() => {
+            let err = String::from_utf8_lossy(&out.stderr);
+            let what = err.lines().find_map(|l| l.strip_prefix("ModuleNotFoundError: ")).unwrap_or("import failed");
+            Some(format!("{what} (scripts/bench-alltoall.sh installs mpi4py and numpy)"))
+        }
+        Ok(_) => None,
+    }
+}
+
+/// Starts the same exchange through mpi4py under mpirun, taking `turns`.
+fn start_peer(ranks: usize, plan: &[Case], turns: &Turns) -> Result<std::process::Child> {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../bench/mpi4py_alltoallv.py");
+    crate::mpirun::command(ranks)
+        .args(["-x", TURNS_VAR])
+        .env(TURNS_VAR, turns.env_value())
+        .args(["python3", script, &serde_json::to_string(plan)?])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(crate::mpirun::not_started)
+}
+
+/// The peer's rows; `abandon` (switchyard's side failed, so no turn will
+/// come) ends the peer first.
+fn finish_peer(mut job: std::process::Child, abandon: bool) -> Result<Vec<Measured>> {
+    if abandon {
+        let _ = job.kill();
+    }
+    let out = job.wait_with_output().context("waiting for the mpi4py job")?;
+    if !out.status.success() {
+        bail!("the mpi4py script failed:\n{}", String::from_utf8_lossy(&out.stderr));
     }
     parse_rows(&out.stdout, "the mpi4py script")
 }

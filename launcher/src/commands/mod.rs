@@ -6,6 +6,7 @@ pub mod bench_checkpoint;
 pub mod bench_layer;
 pub mod bench_overlap;
 pub mod bench_step;
+pub mod bench_turns;
 pub mod ckpt;
 mod ckpt_export;
 mod ckpt_inspect;
