@@ -12,11 +12,6 @@ mod step_summary;
 
 use clap::{Parser, Subcommand};
 
-/// Large buffers start on huge-page boundaries, so that a message buffer
-/// is all huge pages (see `collectives::buffers`).
-#[global_allocator]
-static ALLOCATOR: collectives::buffers::HugePageAligned = collectives::buffers::HugePageAligned;
-
 /// Train Mixture-of-Experts language models across many machines.
 #[derive(Parser)]
 #[command(name = "switchyard", version, about, long_about = None)]
