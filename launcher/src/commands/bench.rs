@@ -96,7 +96,7 @@ pub enum BenchCommand {
         /// Largest message per rank, in MiB (sizes 4 KiB ... this).
         #[arg(long, default_value_t = 64)]
         max_mib: usize,
-        /// Rounds of switchyard then mpi4py; each side's best per size is reported.
+        /// Rounds of switchyard and mpi4py running in turns; each side's best per size is reported.
         #[arg(long, default_value_t = 3)]
         rounds: usize,
         /// Print JSON instead of a table.
