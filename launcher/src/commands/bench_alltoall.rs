@@ -12,16 +12,14 @@
 //! `all_to_all_v_into`, which first tells every rank its receive counts.
 //!
 //! Time is the slowest rank's mean over the timed iterations, fastest of 7
-//! repeats (on a shared machine the slower repeats measure the other
-//! processes); switchyard and the peer alternate for `--rounds` rounds and
-//! each keeps its best. Bandwidth is bytes sent per rank / time.
+//! repeats. Memory speed on a shared machine moves in spells of seconds,
+//! so switchyard's job and the peer's run at the same time and take turns,
+//! one repeat each (see `bench_turns`); each keeps its best over `--rounds`
+//! rounds. Bandwidth is bytes sent per rank / time.
 //!
-//! Separate processes differ here by tens of percent from run to run (the
-//! mpi4py script run twice in a row took 1.68 and 1.00 ms at 16 MiB on 2
-//! ranks), so on the MPI backend the ranks
-//! also time OpenMPI's own `MPI_Alltoallv`, which mpi4py calls, in turns
-//! with switchyard's exchange on the same buffers: that column compares the
-//! algorithms with the luck of the process taken out.
+//! On the MPI backend the ranks also time OpenMPI's own `MPI_Alltoallv`,
+//! which mpi4py calls, in turns with switchyard's exchange on the same
+//! buffers: that column compares the algorithms with everything else equal.
 
 use super::bench_turns::{Turns, TURNS_VAR};
 use anyhow::{bail, Context, Result};
@@ -109,10 +107,8 @@ enum Way {
 }
 
 /// Times every case on this rank, every way in `ways`, taking turns repeat
-/// by repeat on the same send and receive buffers: a slow spell of the
-/// machine hits them alike, and so does the luck of where the buffers lie
-/// in memory (which moves a process's times by tens of percent from one
-/// run to the next here). Every rank gets the slowest rank's times.
+/// by repeat on the same send and receive buffers, so that a slow spell of
+/// the machine hits them alike. Every rank gets the slowest rank's times.
 fn measure(
     comm: &mut dyn Communicator,
     library: Option<&MpiWorld>,
