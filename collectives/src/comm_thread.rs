@@ -20,11 +20,12 @@ use std::time::{Duration, Instant};
 
 /// An operation handed to the thread.
 enum Work {
-    /// `recv_counts`: what each rank sends here, when the caller knows it.
+    /// `known`: what each rank sends here, when the caller knows it, and a
+    /// buffer to receive into (its allocation is reused).
     AllToAllV {
         send: Vec<f32>,
         counts: Vec<usize>,
-        recv_counts: Option<Vec<usize>>,
+        known: Option<(Vec<usize>, Vec<f32>)>,
     },
     AllReduceSum {
         buf: Vec<f32>,
@@ -117,13 +118,21 @@ impl CommThread {
 
     /// Starts [`Communicator::all_to_all_v`] of `send` on the thread.
     pub fn all_to_all_v(&self, send: Vec<f32>, counts: Vec<usize>) -> Ticket {
-        self.submit("all_to_all_v", Work::AllToAllV { send, counts, recv_counts: None })
+        self.submit("all_to_all_v", Work::AllToAllV { send, counts, known: None })
     }
 
     /// Starts [`Communicator::all_to_all_v_known_into`] of `send` on the
-    /// thread: `recv_counts[r]` values come from rank r.
-    pub fn all_to_all_v_known(&self, send: Vec<f32>, counts: Vec<usize>, recv_counts: Vec<usize>) -> Ticket {
-        self.submit("all_to_all_v", Work::AllToAllV { send, counts, recv_counts: Some(recv_counts) })
+    /// thread: `recv_counts[r]` values come from rank r, into `recv`, whose
+    /// allocation is reused (hand back a buffer an earlier ticket returned:
+    /// a fresh large one costs page faults on every exchange).
+    pub fn all_to_all_v_known(
+        &self,
+        send: Vec<f32>,
+        counts: Vec<usize>,
+        recv_counts: Vec<usize>,
+        recv: Vec<f32>,
+    ) -> Ticket {
+        self.submit("all_to_all_v", Work::AllToAllV { send, counts, known: Some((recv_counts, recv)) })
     }
 
     /// Starts [`Communicator::all_reduce_sum`] of `buf`; the sum comes back as `values`.
@@ -156,12 +165,10 @@ fn serve(mut comm: Box<dyn Communicator>, inbox: mpsc::Receiver<Job>) {
     while let Ok(job) = inbox.recv() {
         let started = Instant::now();
         let result = match job.work {
-            Work::AllToAllV { send, counts, recv_counts: None } => comm.all_to_all_v(&send, &counts),
-            Work::AllToAllV { send, counts, recv_counts: Some(recv_counts) } => {
-                let mut values = Vec::new();
-                comm.all_to_all_v_known_into(&send, &counts, &recv_counts, &mut values)
-                    .map(|()| Received { values, counts: recv_counts })
-            }
+            Work::AllToAllV { send, counts, known: None } => comm.all_to_all_v(&send, &counts),
+            Work::AllToAllV { send, counts, known: Some((recv_counts, mut values)) } => comm
+                .all_to_all_v_known_into(&send, &counts, &recv_counts, &mut values)
+                .map(|()| Received { values, counts: recv_counts }),
             Work::AllReduceSum { mut buf } => {
                 comm.all_reduce_sum(&mut buf).map(|()| Received { values: buf, counts: Vec::new() })
             }
@@ -189,8 +196,17 @@ mod tests {
                         // Rank r sends r+1 values of r to each rank.
                         let a2a = thread.all_to_all_v(vec![r; 3 * (r as usize + 1)], vec![r as usize + 1; 3]);
                         let sum = thread.all_reduce_sum(vec![r, 1.0]);
+                        // The same exchange with the counts known, into a used buffer.
+                        let known = thread.all_to_all_v_known(
+                            vec![r; 3 * (r as usize + 1)],
+                            vec![r as usize + 1; 3],
+                            vec![1, 2, 3],
+                            vec![9.0; 7],
+                        );
                         let (sum, _) = sum.wait().unwrap();
                         let (got, times) = a2a.wait().unwrap();
+                        let (known, _) = known.wait().unwrap();
+                        assert_eq!((&known.values, &known.counts), (&got.values, &got.counts));
                         assert_eq!(got.counts, vec![1, 2, 3]);
                         assert!(times.busy > Duration::ZERO);
                         (got.values, sum.values)

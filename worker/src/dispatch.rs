@@ -123,9 +123,11 @@ pub struct AllToAllExperts<'a> {
     chunk_count: usize,
     saved: Vec<Option<Exchange>>,
     flights: Vec<Option<Flight>>,
-    /// The rows of the exchange received last; without a pipe its
-    /// allocation is reused (a fresh buffer costs page faults).
+    /// The rows of the exchange received last; its allocation is reused
+    /// (a fresh buffer costs page faults).
     received: Vec<f32>,
+    /// Receive buffers done with, handed to the pipe's next exchanges.
+    spare: Vec<Vec<f32>>,
     /// Totals since construction.
     pub stats: DispatchStats,
 }
@@ -184,6 +186,7 @@ impl<'a> AllToAllExperts<'a> {
             saved: vec![None; cfg.n_layers],
             flights: (0..cfg.n_layers).map(|_| None).collect(),
             received: Vec::new(),
+            spare: Vec::new(),
             stats: DispatchStats::default(),
         }
     }
@@ -215,7 +218,8 @@ impl<'a> AllToAllExperts<'a> {
         self.stats.bytes_sent +=
             value_counts.iter().enumerate().filter(|(r, _)| *r != me).map(|(_, c)| *c as u64 * 4).sum::<u64>();
         if let Some(pipe) = self.pipe {
-            return Ok(Transfer::InFlight(pipe.all_to_all_v_known(rows, value_counts, value_recv_counts)));
+            let into = self.spare.pop().unwrap_or_default();
+            return Ok(Transfer::InFlight(pipe.all_to_all_v_known(rows, value_counts, value_recv_counts, into)));
         }
         let started = Instant::now();
         let (comm, received) = (&mut *self.comm, &mut self.received);
@@ -240,7 +244,8 @@ impl<'a> AllToAllExperts<'a> {
                     Some(exposure) => exposure.waiting(wait)?,
                     None => wait()?,
                 };
-                self.received = got.values;
+                let done_with = std::mem::replace(&mut self.received, got.values);
+                self.spare.push(done_with);
                 (got.counts, times)
             }
         };
