@@ -111,8 +111,10 @@ pub trait Communicator: Send {
     /// many values every rank sends it (`recv_counts`, in rank order), as a
     /// combine knows from its dispatch: no counts travel first, which is
     /// what MPI's own `MPI_Alltoallv` asks of its callers. The counts must
-    /// agree with what the peers send: where they do not, the call fails
-    /// naming the sender (or, for a message no receive expects, times out).
+    /// agree with what the peers send: where a rank expects more than it
+    /// got, the call fails naming the sender; on MPI, where it expects less
+    /// (or nothing), the job ends naming the sender (or times out), since
+    /// MPI may still be using the buffers.
     fn all_to_all_v_known_into(
         &mut self,
         send: &[f32],

@@ -1,7 +1,8 @@
 //! The `mpi` backend under a real `mpirun`: every collective on 1 to 4
 //! processes with uneven and zero counts, 64 MiB messages, sub-groups and
 //! non-blocking forms; receive counts known, and a rank whose known counts
-//! disagree with its sender's failing with the sender's name; transfers on a communication thread that finish
+//! disagree with its sender's failing (a short message) or ending the job
+//! (a long one) with the sender's name; transfers on a communication thread that finish
 //! while the caller makes no MPI call; a stalled rank makes the others fail naming it; a
 //! killed rank ends the job.
 //!
@@ -93,7 +94,8 @@ fn drive() -> i32 {
         ("every_collective_on_3_ranks", Box::new(|| expect_success(3, "collectives"))),
         ("every_collective_on_4_ranks", Box::new(|| expect_success(4, "collectives"))),
         ("messages_of_64_mib_per_rank_on_4_ranks", Box::new(|| expect_success(4, "large"))),
-        ("known_counts_that_disagree_fail_naming_the_sender", Box::new(|| expect_success(3, "miscount"))),
+        ("a_short_message_fails_naming_its_sender", Box::new(|| expect_success(3, "fewer"))),
+        ("a_long_message_ends_the_job_naming_its_sender", Box::new(long_message)),
         ("a_communication_thread_completes_transfers_alone", Box::new(|| expect_success(4, "progress"))),
         ("a_stalled_rank_makes_the_others_abort_naming_it", Box::new(stalled_rank)),
         ("a_killed_rank_ends_the_job", Box::new(killed_rank)),
@@ -129,6 +131,15 @@ fn stalled_rank() -> Result<(), String> {
     }
 }
 
+fn long_message() -> Result<(), String> {
+    let out = mpirun(3, "more", Duration::from_secs(120))?;
+    if !out.success && out.output.contains("rank 0 sent more values where rank 1 expected 5") {
+        Ok(())
+    } else {
+        Err(format!("expected a non-zero exit naming rank 0 as the sender; exit ok {}\n{}", out.success, out.output))
+    }
+}
+
 fn killed_rank() -> Result<(), String> {
     let out = mpirun(4, "kill", Duration::from_secs(120))?;
     if !out.success && out.output.contains("rank 1") {
@@ -147,7 +158,8 @@ fn run_rank(case: &str) {
     match case {
         "collectives" => every_collective(comm.as_mut()),
         "large" => large_messages(comm.as_mut()),
-        "miscount" => disagreeing_counts(comm.as_mut()),
+        "fewer" => fewer_than_expected(comm.as_mut()),
+        "more" => more_than_expected(comm.as_mut()),
         "progress" => progress_without_the_caller(comm.as_mut()),
         "stall" => stall(comm.as_mut()),
         "kill" => kill(comm.as_mut()),
@@ -299,30 +311,38 @@ fn large_messages(comm: &mut dyn Communicator) {
     }
 }
 
-/// Rank 1 expects one value fewer, then one more, from rank 0 than rank 0
-/// sends: rank 1 fails naming rank 0 both times, the others finish, and
-/// the group still works afterwards.
-fn disagreeing_counts(comm: &mut dyn Communicator) {
+/// Values rank 0 sends rank 1 in the miscount cases; rank 1 expects 5,
+/// every other pair moves one value.
+fn exchange_with_rank_1_expecting_5(comm: &mut dyn Communicator, sent: usize) -> Result<(), collectives::CommError> {
     let (rank, size) = (comm.rank(), comm.size());
-    for (sent, what) in [(4, "4"), (6, "more")] {
-        let counts: Vec<usize> = (0..size).map(|dst| if rank == 0 && dst == 1 { sent } else { 1 }).collect();
-        let expected: Vec<usize> = (0..size).map(|src| if rank == 1 && src == 0 { 5 } else { 1 }).collect();
-        let send = vec![rank as f32; counts.iter().sum()];
-        let mut recv = Vec::new();
-        let result = comm.all_to_all_v_known_into(&send, &counts, &expected, &mut recv);
-        if rank == 1 {
-            let message = result.expect_err("rank 1 expected other counts").to_string();
-            let named = format!("rank 0 sent {what} values where rank 1 expected 5");
-            assert!(message.contains(&named), "{message}");
-        } else {
-            result.unwrap();
-        }
+    let counts: Vec<usize> = (0..size).map(|dst| if rank == 0 && dst == 1 { sent } else { 1 }).collect();
+    let expected: Vec<usize> = (0..size).map(|src| if rank == 1 && src == 0 { 5 } else { 1 }).collect();
+    let send = vec![rank as f32; counts.iter().sum()];
+    comm.all_to_all_v_known_into(&send, &counts, &expected, &mut Vec::new())
+}
+
+/// Rank 0 sends rank 1 one value fewer than rank 1 expects: rank 1 fails
+/// naming rank 0, the others finish, and the group still works afterwards.
+fn fewer_than_expected(comm: &mut dyn Communicator) {
+    let rank = comm.rank();
+    let result = exchange_with_rank_1_expecting_5(comm, 4);
+    if rank == 1 {
+        let message = result.expect_err("rank 1 expected 5 values").to_string();
+        assert!(message.contains("rank 0 sent 4 values where rank 1 expected 5"), "{message}");
+    } else {
+        result.unwrap();
     }
-    let (send, counts) = a2a_send(rank, size);
-    let (expected, expected_counts) = a2a_expected(rank, size);
+    let (send, counts) = a2a_send(rank, comm.size());
+    let (expected, expected_counts) = a2a_expected(rank, comm.size());
     let mut recv = Vec::new();
     comm.all_to_all_v_known_into(&send, &counts, &expected_counts, &mut recv).unwrap();
     assert_eq!(recv, expected);
+}
+
+/// Rank 0 sends rank 1 one value more than expected: the job ends naming rank 0.
+fn more_than_expected(comm: &mut dyn Communicator) {
+    let _ = exchange_with_rank_1_expecting_5(comm, 6);
+    comm.barrier().unwrap();
 }
 
 /// Overlap needs transfers that progress while the rank computes and makes

@@ -444,8 +444,9 @@ impl MpiComm {
     /// every send (to rank+1, rank+2, ... so that ranks do not all hit one
     /// peer first), the own block copied meanwhile, then all waited for.
     /// Each call has its own tag, so a message a wrong count left unmatched
-    /// can never land in a later exchange; a message of the wrong size is
-    /// an error naming its sender.
+    /// can never land in a later exchange. A message shorter than expected
+    /// is an error naming its sender; a longer one ends the job naming it
+    /// (the failed receive leaves others that may still use the buffers).
     fn post_and_wait<T: MpiElem>(
         &mut self,
         op: &'static str,
@@ -546,8 +547,10 @@ impl MpiComm {
             ),
         };
         if let Err(error) = waited {
+            // Requests that had not finished may still read or write the
+            // buffers, so the job ends here, as after a timeout.
             let truncated = statuses.iter().zip(&sources).find(|(s, _)| s.MPI_ERROR == ffi::MPI_ERR_TRUNCATE as c_int);
-            return Err(truncated.map_or(error, |(_, &src)| disagree(src, "more".into())));
+            abort_job(&truncated.map_or(error, |(_, &src)| disagree(src, "more".into())).to_string(), 1)
         }
         for (status, &src) in statuses.iter().zip(&sources) {
             let mut got: c_int = 0;
