@@ -18,10 +18,7 @@ done
 # System packages the suites use: OpenMPI for the MPI backend (and bindgen's
 # libclang to build its bindings), iproute2 for the network-namespace hosts,
 # Slurm and munge for the one-node cluster the Slurm test starts.
-need=()
-command -v mpirun >/dev/null 2>&1 || need+=(openmpi-bin libopenmpi-dev)
-command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
-ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || ls /usr/lib/x86_64-linux-gnu/libclang*.so* >/dev/null 2>&1 || need+=(libclang-dev)
+mapfile -t need < <(scripts/missing-mpi-packages.sh)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v unshare >/dev/null 2>&1 || need+=(util-linux)
 command -v slurmctld >/dev/null 2>&1 || need+=(slurm-wlm)

@@ -11,9 +11,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RATE="${RATE:-300mbit}"
-if ! command -v mpirun >/dev/null 2>&1 || ! command -v tc >/dev/null 2>&1; then
+mapfile -t need < <(scripts/missing-mpi-packages.sh)
+command -v tc >/dev/null 2>&1 || need+=(iproute2)
+if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openmpi-bin libopenmpi-dev libclang-dev pkg-config iproute2 >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 cargo build --release --quiet --features mpi
 scripts/netns-hosts.sh up
