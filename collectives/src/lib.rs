@@ -17,6 +17,7 @@ pub mod local;
 pub mod mpi;
 pub mod nccl;
 pub mod stop;
+pub mod stream_copy;
 
 use std::time::Duration;
 

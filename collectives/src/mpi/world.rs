@@ -2,6 +2,7 @@
 
 use super::ffi_util::{c_count, check, counts_and_displs, null_request, poll, set_spin_tests, MpiElem, Polled};
 use super::roll_call::missing_ranks;
+use crate::stream_copy::{copy_bytes, STREAM_FROM_BYTES};
 use crate::{CommError, Communicator, Pending, PendingOp, Received};
 use mpi::ffi;
 use std::os::raw::{c_int, c_void};
@@ -513,17 +514,20 @@ impl MpiComm {
         // This rank's own block moves while the peers' transfers run, in
         // pieces with a test between them: the receiver drives the
         // single-copy transfers, so a long copy without tests stalls them.
+        // A large one with streaming stores: see `stream_copy`.
         let (own_from, own_to) = (send_displs[rank] as usize, recv_displs[rank] as usize);
+        let stream = send_counts[rank] * std::mem::size_of::<T>() >= STREAM_FROM_BYTES;
         let mut copied = 0;
         let mut done = false;
         let waited = (|| {
             while copied < send_counts[rank] {
                 let n = (send_counts[rank] - copied).min(SELF_COPY_PIECE / std::mem::size_of::<T>());
                 unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        send.as_ptr().add(own_from + copied),
-                        recv_ptr.add(own_to + copied),
-                        n,
+                    copy_bytes(
+                        send.as_ptr().add(own_from + copied).cast(),
+                        recv_ptr.add(own_to + copied).cast(),
+                        n * std::mem::size_of::<T>(),
+                        stream,
                     )
                 };
                 copied += n;
