@@ -17,7 +17,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::{CommError, Communicator, Pending, PendingOp, Received};
-use exchange::{Data, Elem, Family, Group, Post, Ticket};
+use exchange::{Data, Elem, Family, Group, Post, Posts, Ticket};
+
+/// Blocking exchanges lend send buffers from this size up (see
+/// `all_to_all_lent`); smaller ones are copied, which saves the lender's
+/// wait for its readers, a second meeting of the ranks that costs more
+/// than a small copy.
+const LEND_FROM_BYTES: usize = 256 << 10;
 
 /// A world of thread ranks and every group split from it; clones share it.
 #[derive(Clone)]
@@ -124,7 +130,7 @@ impl LocalComm {
     }
 
     fn all_gather<T: Elem>(&mut self, op: &'static str, send: &[T]) -> Result<Vec<Arc<Post>>, CommError> {
-        self.start(op, T::wrap(send.to_vec()), Vec::new())?.wait_posts()
+        self.start(op, T::wrap(send.to_vec()), Vec::new())?.wait_posts().map(Posts::into_vec)
     }
 
     fn start_all_to_all<T: Elem>(
@@ -146,7 +152,38 @@ impl LocalComm {
         // Checked before the copy, so bad counts cost no copy.
         self.check_counts(op, send_counts, send.len())?;
         let ticket = self.start(op, T::wrap(send.to_vec()), assemble::offsets(send_counts))?;
-        Ok(assemble::segments(&ticket.wait_posts()?, self.rank))
+        let posts = ticket.wait_posts()?;
+        Ok(assemble::segments(&posts, self.rank))
+    }
+
+    /// The blocking all-to-all-v into `recv`. A large `send` is lent to the
+    /// round rather than copied, and each rank copies its blocks straight
+    /// from the senders' buffers into `recv`: one copy per value, as MPI's
+    /// single-copy transport makes. With `expect`, the counts received
+    /// must be those.
+    fn all_to_all_lent(
+        &mut self,
+        op: &'static str,
+        send: &[f32],
+        send_counts: &[usize],
+        expect: Option<&[usize]>,
+        recv: &mut Vec<f32>,
+    ) -> Result<Vec<usize>, CommError> {
+        self.check_counts(op, send_counts, send.len())?;
+        let data = if std::mem::size_of_val(send) >= LEND_FROM_BYTES {
+            // SAFETY: `send` outlives the ticket, whose `end_loan` below (or
+            // drop, on a panic) returns only once no rank can read it.
+            unsafe { Data::lend(send) }
+        } else {
+            Data::F32(send.to_vec())
+        };
+        let ticket = self.start(op, data, assemble::offsets(send_counts))?;
+        let (read, got) = match ticket.wait_posts() {
+            Ok(posts) => (true, assemble::segments_into(op, &posts, self.rank, expect, recv)),
+            Err(error) => (false, Err(error)),
+        };
+        ticket.end_loan(send, read);
+        got
     }
 }
 
@@ -219,7 +256,8 @@ impl Communicator for LocalComm {
             return Err(self.reject(OP, format!("root {root} is not a rank of this group of {size}")));
         }
         let data = if self.rank == root { Data::F32(buf.to_vec()) } else { Data::Empty };
-        let posts = self.start(OP, data, vec![root, buf.len()])?.wait_posts()?;
+        let ticket = self.start(OP, data, vec![root, buf.len()])?;
+        let posts = ticket.wait_posts()?;
         assemble::check_same_meta(OP, &posts, |m| format!("root {} and {} values", m[0], m[1]))?;
         if self.rank != root {
             buf.copy_from_slice(f32::slice(&posts[root].data));
@@ -248,7 +286,8 @@ impl Communicator for LocalComm {
     fn reduce_scatter_sum(&mut self, send: &[f32], counts: &[usize]) -> Result<Vec<f32>, CommError> {
         const OP: &str = "reduce_scatter_sum";
         self.check_counts(OP, counts, send.len())?;
-        let posts = self.start(OP, Data::F32(send.to_vec()), counts.to_vec())?.wait_posts()?;
+        let ticket = self.start(OP, Data::F32(send.to_vec()), counts.to_vec())?;
+        let posts = ticket.wait_posts()?;
         assemble::check_same_meta(OP, &posts, |counts| format!("counts {counts:?}"))?;
         let offsets = assemble::offsets(counts);
         // Each rank sums only its own block: no work is done twice.
@@ -258,6 +297,25 @@ impl Communicator for LocalComm {
     fn all_to_all_v(&mut self, send: &[f32], send_counts: &[usize]) -> Result<Received, CommError> {
         let (values, counts) = self.all_to_all("all_to_all_v", send, send_counts)?;
         Ok(Received { values, counts })
+    }
+
+    fn all_to_all_v_into(
+        &mut self,
+        send: &[f32],
+        send_counts: &[usize],
+        recv: &mut Vec<f32>,
+    ) -> Result<Vec<usize>, CommError> {
+        self.all_to_all_lent("all_to_all_v", send, send_counts, None, recv)
+    }
+
+    fn all_to_all_v_known_into(
+        &mut self,
+        send: &[f32],
+        send_counts: &[usize],
+        recv_counts: &[usize],
+        recv: &mut Vec<f32>,
+    ) -> Result<(), CommError> {
+        self.all_to_all_lent("all_to_all_v", send, send_counts, Some(recv_counts), recv).map(drop)
     }
 
     fn all_to_all_v_u64(&mut self, send: &[u64], send_counts: &[usize]) -> Result<(Vec<u64>, Vec<usize>), CommError> {

@@ -66,6 +66,76 @@ fn all_to_all_v_with_known_receive_counts() {
     }
 }
 
+/// The blocking exchanges lend their send buffers to the round instead of
+/// copying them: a rank may overwrite its buffer as soon as the call
+/// returns, and every peer still gets the values that were sent, over
+/// many back-to-back exchanges of both forms.
+#[test]
+fn a_lent_send_buffer_may_be_overwritten_as_soon_as_the_call_returns() {
+    // 4 B to 360 KB per block: ranks lend from 256 KiB and copy below
+    // that, so rounds are all lent, all copied, or mixed.
+    let count = |src: usize, dst: usize, round: usize| 1 + (src + 2 * dst + round) % 4 * 30_000;
+    let value = |src: usize, dst: usize, i: usize, round: usize| (src * 7 + dst * 3 + i + round * 11) as f32;
+    for size in [2, 4] {
+        on_ranks(size, LONG, |mut comm| {
+            let rank = comm.rank();
+            let mut recv = Vec::new();
+            for round in 0..200 {
+                let counts: Vec<usize> = (0..size).map(|dst| count(rank, dst, round)).collect();
+                let mut send: Vec<f32> = (0..size)
+                    .flat_map(|dst| (0..count(rank, dst, round)).map(move |i| value(rank, dst, i, round)))
+                    .collect();
+                let recv_counts: Vec<usize> = (0..size).map(|src| count(src, rank, round)).collect();
+                if round % 2 == 0 {
+                    comm.all_to_all_v_known_into(&send, &counts, &recv_counts, &mut recv).unwrap();
+                } else {
+                    assert_eq!(comm.all_to_all_v_into(&send, &counts, &mut recv).unwrap(), recv_counts);
+                }
+                send.fill(f32::NAN);
+                drop(send);
+                let expected: Vec<f32> = (0..size)
+                    .flat_map(|src| (0..count(src, rank, round)).map(move |i| value(src, rank, i, round)))
+                    .collect();
+                assert_eq!(recv, expected, "size {size} round {round} rank {rank}");
+            }
+        });
+    }
+}
+
+/// A rank that starts the exchange non-blocking and runs another
+/// collective before waiting must not hold up the ranks that block (as
+/// MPI allows): they leave it a copy of what they lent, and it still gets
+/// the values they sent, although they overwrote their buffers.
+#[test]
+fn a_non_blocking_rank_among_blocking_ones_reads_after_other_collectives() {
+    let size = 3;
+    // 280 KB and more per rank: large enough to be lent.
+    let count = |src: usize, dst: usize| 35_000 + src + 2 * dst;
+    let value = |src: usize, dst: usize, i: usize| (src * 1000 + dst * 100 + i) as f32;
+    on_ranks(size, Duration::from_secs(20), |mut comm| {
+        let rank = comm.rank();
+        let counts: Vec<usize> = (0..size).map(|dst| count(rank, dst)).collect();
+        let mut send: Vec<f32> =
+            (0..size).flat_map(|dst| (0..count(rank, dst)).map(move |i| value(rank, dst, i))).collect();
+        let expected_counts: Vec<usize> = (0..size).map(|src| count(src, rank)).collect();
+        let expected: Vec<f32> =
+            (0..size).flat_map(|src| (0..count(src, rank)).map(move |i| value(src, rank, i))).collect();
+        let mut one = vec![1.0f32];
+        if rank == 0 {
+            let pending = comm.start_all_to_all_v(send, counts).unwrap();
+            comm.all_reduce_sum(&mut one).unwrap();
+            assert_eq!(pending.wait().unwrap().values, expected);
+        } else {
+            let mut recv = Vec::new();
+            comm.all_to_all_v_known_into(&send, &counts, &expected_counts, &mut recv).unwrap();
+            send.fill(f32::NAN);
+            assert_eq!(recv, expected);
+            comm.all_reduce_sum(&mut one).unwrap();
+        }
+        assert_eq!(one, [size as f32]);
+    });
+}
+
 #[test]
 fn all_reduce_is_the_rank_order_sum_bit_for_bit_on_every_rank() {
     // 200_003 values take the shared, chunked path; the others the small one.
@@ -314,26 +384,36 @@ fn non_blocking_all_to_alls_in_flight_together_waited_in_reverse() {
 
 #[test]
 fn a_rank_that_never_arrives_makes_the_others_time_out_naming_it() {
-    let started = Instant::now();
-    let results = on_ranks(3, Duration::from_millis(300), |mut comm| {
-        comm.barrier().unwrap();
-        if comm.rank() == 2 {
-            return None; // "killed": its communicator is dropped without a word
-        }
-        Some(comm.all_to_all_v(&[1.0, 2.0], &[1, 1, 0]))
-    });
-    for (rank, result) in results.into_iter().enumerate().take(2) {
-        let err = result.unwrap().unwrap_err();
-        let message = err.to_string();
-        match err {
-            CommError::Timeout { op, rank: r, missing, .. } => {
-                assert_eq!((op, r, missing), ("all_to_all_v", rank, vec![2]));
+    // Both forms: the one that copies the send buffer, and the blocking
+    // one that lends it (whose lender must not leave while others read).
+    for lend in [false, true] {
+        let started = Instant::now();
+        let results = on_ranks(3, Duration::from_millis(300), |mut comm| {
+            comm.barrier().unwrap();
+            if comm.rank() == 2 {
+                return None; // "killed": its communicator is dropped without a word
             }
-            other => panic!("rank {rank}: expected a timeout, got {other:?}"),
+            // Large enough to be lent (256 KiB and more).
+            let send = vec![1.0; 2 * 70_000];
+            Some(if lend {
+                comm.all_to_all_v_into(&send, &[70_000, 70_000, 0], &mut Vec::new()).map(drop)
+            } else {
+                comm.all_to_all_v(&send, &[70_000, 70_000, 0]).map(drop)
+            })
+        });
+        for (rank, result) in results.into_iter().enumerate().take(2) {
+            let err = result.unwrap().unwrap_err();
+            let message = err.to_string();
+            match err {
+                CommError::Timeout { op, rank: r, missing, .. } => {
+                    assert_eq!((op, r, missing), ("all_to_all_v", rank, vec![2]));
+                }
+                other => panic!("rank {rank}: expected a timeout, got {other:?}"),
+            }
+            assert!(message.contains("all_to_all_v") && message.contains("[2]"), "{message}");
         }
-        assert!(message.contains("all_to_all_v") && message.contains("[2]"), "{message}");
+        assert!(started.elapsed() < Duration::from_secs(3), "took {:?}", started.elapsed());
     }
-    assert!(started.elapsed() < Duration::from_secs(3), "took {:?}", started.elapsed());
 }
 
 #[test]

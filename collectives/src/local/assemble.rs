@@ -5,6 +5,7 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use super::exchange::{Elem, Post};
+use crate::stream_copy::{copy_bytes, STREAM_FROM_BYTES};
 use crate::CommError;
 
 /// `[0, c0, c0 + c1, ...]`: where each rank's block starts in a buffer cut
@@ -82,6 +83,52 @@ pub(super) fn segments<T: Elem>(posts: &[Arc<Post>], rank: usize) -> (Vec<T>, Ve
         values.extend_from_slice(&T::slice(&post.data)[block]);
     }
     (values, counts)
+}
+
+/// [`segments`] of `f32` into `recv` (cleared; its allocation reused),
+/// copying each block once, large ones with streaming stores. With
+/// `expect`, the counts must be those; else the error names the first
+/// sender that disagrees, and nothing is copied.
+pub(super) fn segments_into(
+    op: &'static str,
+    posts: &[Arc<Post>],
+    rank: usize,
+    expect: Option<&[usize]>,
+    recv: &mut Vec<f32>,
+) -> Result<Vec<usize>, CommError> {
+    let blocks: Vec<Range<usize>> = posts.iter().map(|p| p.meta[rank]..p.meta[rank + 1]).collect();
+    let counts: Vec<usize> = blocks.iter().map(|b| b.len()).collect();
+    if let Some(expect) = expect {
+        if let Some(src) = (0..counts.len()).find(|&r| expect.get(r) != Some(&counts[r])) {
+            return Err(CommError::BadArgument {
+                op,
+                reason: format!(
+                    "rank {src} sent {} values where rank {rank} expected {}: the ranks disagree on the counts \
+                     (rank {rank} passed {} receive counts for a group of {})",
+                    counts[src],
+                    expect.get(src).map_or("none".to_string(), |c| c.to_string()),
+                    expect.len(),
+                    counts.len()
+                ),
+            });
+        }
+    }
+    let total: usize = counts.iter().sum();
+    crate::buffers::reserve_huge(recv, total);
+    let mut at = 0;
+    for (post, block) in posts.iter().zip(blocks) {
+        let values = &f32::slice(&post.data)[block];
+        let bytes = std::mem::size_of_val(values);
+        // SAFETY: `recv` has room for `total` values, of which these are
+        // the next `values.len()`; a sender's buffer never overlaps it.
+        unsafe {
+            copy_bytes(values.as_ptr().cast(), recv.as_mut_ptr().add(at).cast(), bytes, bytes >= STREAM_FROM_BYTES)
+        };
+        at += values.len();
+    }
+    // SAFETY: every one of the `total` values was written above.
+    unsafe { recv.set_len(total) };
+    Ok(counts)
 }
 
 /// Every rank's values concatenated in rank order, with the lengths.

@@ -7,6 +7,7 @@
 //! non-blocking and lets several rounds be in flight at once. A round is
 //! dropped when every rank has read or left it, so memory does not pile up.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::ops::Add;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,6 +29,40 @@ pub(super) enum Data {
     F32(Vec<f32>),
     F64(Vec<f64>),
     U64(Vec<u64>),
+    /// Values a rank lends from its own buffer for the length of a
+    /// blocking all-to-all, so that readers copy them once, straight from
+    /// the sender (see [`Ticket::end_loan`]).
+    LentF32(Lent),
+}
+
+/// A borrowed slice of a lender's buffer. Readers may look at it only
+/// through [`Posts`], between the round's completion and their release;
+/// the lender keeps the buffer until [`Ticket::end_loan`] has seen every
+/// such reader off.
+pub(super) struct Lent {
+    ptr: *const f32,
+    len: usize,
+}
+
+// SAFETY: the pointed-to values are only read (by any thread), and only
+// while the lender keeps them alive and unchanged (see `Lent`).
+unsafe impl Send for Lent {}
+// SAFETY: as above: shared reads only.
+unsafe impl Sync for Lent {}
+
+impl Data {
+    /// Lends `values` to a round.
+    ///
+    /// # Safety
+    /// `values` must stay alive and unchanged until [`Ticket::end_loan`]
+    /// (or the ticket's drop) returns for the ticket of the post.
+    pub(super) unsafe fn lend(values: &[f32]) -> Self {
+        Data::LentF32(Lent { ptr: values.as_ptr(), len: values.len() })
+    }
+
+    fn is_lent(&self) -> bool {
+        matches!(self, Data::LentF32(_))
+    }
 }
 
 /// Element types that travel in rounds.
@@ -56,9 +91,24 @@ macro_rules! elem {
         }
     };
 }
-elem!(f32, F32);
 elem!(f64, F64);
 elem!(u64, U64);
+
+impl Elem for f32 {
+    fn wrap(values: Vec<Self>) -> Data {
+        Data::F32(values)
+    }
+    fn slice(data: &Data) -> &[Self] {
+        match data {
+            Data::F32(values) => values,
+            // SAFETY: a lent post is only reachable through `Posts`, which
+            // the lender outlives (see `Lent`).
+            Data::LentF32(lent) => unsafe { std::slice::from_raw_parts(lent.ptr, lent.len) },
+            Data::Empty => &[],
+            _ => unreachable!("a round mixes element types"),
+        }
+    }
+}
 
 /// One rank's contribution to one round.
 pub(super) struct Post {
@@ -155,6 +205,12 @@ struct Round {
     gave_up: Option<String>,
     /// The shared work of a long sum, empty until its first reader.
     chunks: Vec<Chunk>,
+    /// Ranks reading posts of this round while some of them were lent.
+    holders: usize,
+    /// Per rank: done with the round (read it, failed, or left).
+    finished: Vec<bool>,
+    /// Why lent values may no longer be read: a lender left early.
+    closed: Option<String>,
 }
 
 enum Chunk {
@@ -166,7 +222,16 @@ enum Chunk {
 
 impl Round {
     fn new(size: usize) -> Self {
-        Self { posts: vec![None; size], num_posted: 0, readers_left: size, gave_up: None, chunks: Vec::new() }
+        Self {
+            posts: vec![None; size],
+            num_posted: 0,
+            readers_left: size,
+            gave_up: None,
+            chunks: Vec::new(),
+            holders: 0,
+            finished: vec![false; size],
+            closed: None,
+        }
     }
 
     fn missing(&self) -> Vec<usize> {
@@ -175,6 +240,10 @@ impl Round {
 
     fn posted(&self) -> impl Iterator<Item = (usize, &Post)> {
         self.posts.iter().enumerate().filter_map(|(r, p)| p.as_deref().map(|p| (r, p)))
+    }
+
+    fn has_loans(&self) -> bool {
+        self.posted().any(|(_, p)| p.data.is_lent())
     }
 }
 
@@ -198,6 +267,7 @@ impl Group {
     pub(super) fn post(self: &Arc<Self>, seq: u64, rank: usize, post: Post) -> Ticket {
         let op = post.op;
         let bad = post.bad.is_some();
+        let lent = post.data.is_lent();
         let post = Arc::new(post);
         let mut state = lock(&self.state);
         let round = state.rounds.entry(seq).or_insert_with(|| Round::new(self.size));
@@ -209,7 +279,7 @@ impl Group {
             self.cv.notify_all();
         }
         drop(state);
-        Ticket { group: Arc::clone(self), seq, rank, op }
+        Ticket { group: Arc::clone(self), seq, rank, op, lent, loan_ended: Cell::new(false) }
     }
 }
 
@@ -221,6 +291,47 @@ pub(super) struct Ticket {
     seq: u64,
     rank: usize,
     op: &'static str,
+    /// The post lends its values (see [`Ticket::end_loan`]).
+    lent: bool,
+    loan_ended: Cell<bool>,
+}
+
+/// The posts of a complete round, as one rank reads them. While some are
+/// lent, the rank counts as a holder of the round until this is dropped,
+/// and lenders wait for it (see [`Ticket::end_loan`]).
+pub(super) struct Posts<'a> {
+    ticket: &'a Ticket,
+    posts: Vec<Arc<Post>>,
+    holds: bool,
+}
+
+impl Posts<'_> {
+    /// The posts themselves, for ops whose posts are never lent.
+    pub(super) fn into_vec(mut self) -> Vec<Arc<Post>> {
+        assert!(!self.holds, "lent posts cannot leave their guard");
+        std::mem::take(&mut self.posts)
+    }
+}
+
+impl std::ops::Deref for Posts<'_> {
+    type Target = [Arc<Post>];
+    fn deref(&self) -> &Self::Target {
+        &self.posts
+    }
+}
+
+impl Drop for Posts<'_> {
+    fn drop(&mut self) {
+        if !self.holds {
+            return;
+        }
+        let group = &self.ticket.group;
+        let mut state = lock(&group.state);
+        let round = round_of(&mut state, self.ticket.seq);
+        round.holders -= 1;
+        round.finished[self.ticket.rank] = true;
+        group.cv.notify_all();
+    }
 }
 
 impl Ticket {
@@ -232,7 +343,7 @@ impl Ticket {
     /// Blocks until every rank posted, then returns the posts in rank order.
     /// Fails at the deadline naming the ranks that never posted, at once if
     /// the family is aborted, and as soon as a rank's post is bad.
-    pub(super) fn wait_posts(&self) -> Result<Vec<Arc<Post>>, CommError> {
+    pub(super) fn wait_posts(&self) -> Result<Posts<'_>, CommError> {
         // Counted from the wait, not the post: a rank may compute for long
         // between starting a non-blocking op and waiting on it.
         let deadline = Instant::now().checked_add(self.group.timeout);
@@ -242,10 +353,12 @@ impl Ticket {
             let round = round_of(&mut state, self.seq);
             self.check_posted(round)?;
             if round.num_posted == self.group.size {
-                if let Some(why) = &round.gave_up {
+                if let Some(why) = round.gave_up.as_ref().or(round.closed.as_ref()) {
                     return Err(self.aborted(why.clone()));
                 }
-                return Ok(round.posts.iter().flatten().cloned().collect());
+                let holds = round.has_loans();
+                round.holders += usize::from(holds);
+                return Ok(Posts { ticket: self, posts: round.posts.iter().flatten().cloned().collect(), holds });
             }
             let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
             if left == Some(Duration::ZERO) {
@@ -338,6 +451,51 @@ impl Ticket {
         group
     }
 
+    /// Ends the loan of this rank's post (values it lent, see
+    /// [`Data::lend`]; nothing to do for a post it owns, or a loan already
+    /// ended); returns once no rank can read them any more, after
+    /// which the lender may free or change them. `read` says whether this
+    /// rank got the round's posts (then every rank can read them).
+    ///
+    /// - Every post lent: every rank is inside the same blocking call, so
+    ///   wait for all to finish reading. No deadline is needed: they are
+    ///   copying, or failing.
+    /// - Some rank started the exchange non-blocking: it reads when it
+    ///   waits, maybe after other collectives, so it gets a copy instead,
+    ///   and only the readers already holding the lent values are awaited.
+    /// - The round never became readable for this rank (timeout, abort):
+    ///   it is closed to readers, and those already reading are awaited.
+    pub(super) fn end_loan(&self, own: &[f32], read: bool) {
+        if !self.lent || self.loan_ended.replace(true) {
+            return;
+        }
+        let group = &self.group;
+        let mut state = lock(&group.state);
+        let round = round_of(&mut state, self.seq);
+        let readable = round.num_posted == group.size && round.gave_up.is_none() && round.closed.is_none();
+        if readable && read && round.posted().all(|(_, p)| p.data.is_lent()) {
+            loop {
+                let round = round_of(&mut state, self.seq);
+                if round.finished.iter().all(|&f| f) || (round.closed.is_some() && round.holders == 0) {
+                    return;
+                }
+                state = group.cv.wait(state).unwrap_or_else(PoisonError::into_inner);
+            }
+        }
+        if readable && read {
+            let post = Arc::clone(round.posts[self.rank].as_ref().expect("a lender posted"));
+            drop(state);
+            let copy = Post { op: post.op, data: Data::F32(own.to_vec()), meta: post.meta.clone(), bad: None };
+            state = lock(&group.state);
+            round_of(&mut state, self.seq).posts[self.rank] = Some(Arc::new(copy));
+        } else {
+            round.closed.get_or_insert_with(|| format!("rank {} left this {} before it completed", self.rank, self.op));
+        }
+        while round_of(&mut state, self.seq).holders > 0 {
+            state = group.cv.wait(state).unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
     fn check_abort(&self) -> Result<(), CommError> {
         match self.group.family.abort_reason() {
             Some(reason) => Err(self.aborted(reason)),
@@ -378,8 +536,15 @@ fn round_of(state: &mut State, seq: u64) -> &mut Round {
 
 impl Drop for Ticket {
     fn drop(&mut self) {
+        // A lender leaving without ending its loan (an early return or a
+        // panic) must still see its readers off before its values go.
+        self.end_loan(&[], false);
         let mut state = lock(&self.group.state);
         let round = round_of(&mut state, self.seq);
+        if !round.finished[self.rank] {
+            round.finished[self.rank] = true;
+            self.group.cv.notify_all();
+        }
         // A rank that panicked mid-sum hands its chunk back to the others.
         let mut freed = false;
         for chunk in &mut round.chunks {
