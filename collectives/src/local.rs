@@ -82,14 +82,20 @@ impl LocalComm {
         LocalWorld { family: Arc::clone(&self.group.family) }
     }
 
-    /// Posts this rank's contribution to its next round.
+    /// Posts this rank's contribution to its next round, for a blocking call.
     fn start(&mut self, op: &'static str, data: Data, meta: Vec<usize>) -> Result<Ticket, CommError> {
+        self.post(op, data, meta, true)
+    }
+
+    /// Posts this rank's contribution to its next round; `blocking`: the
+    /// rank reads the round at once (see `Post::blocking`).
+    fn post(&mut self, op: &'static str, data: Data, meta: Vec<usize>, blocking: bool) -> Result<Ticket, CommError> {
         if let Some(reason) = self.group.family.abort_reason() {
             return Err(CommError::Aborted { op, rank: self.rank, reason });
         }
         let seq = self.seq;
         self.seq += 1;
-        Ok(self.group.post(seq, self.rank, Post { op, data, meta, bad: None }))
+        Ok(self.group.post(seq, self.rank, Post { op, data, meta, bad: None, blocking }))
     }
 
     /// The error for this rank's bad arguments, after posting the reason so
@@ -98,7 +104,7 @@ impl LocalComm {
         if self.group.family.abort_reason().is_none() {
             let seq = self.seq;
             self.seq += 1;
-            let post = Post { op, data: Data::Empty, meta: Vec::new(), bad: Some(reason.clone()) };
+            let post = Post { op, data: Data::Empty, meta: Vec::new(), bad: Some(reason.clone()), blocking: true };
             // Dropping the ticket leaves the round: this rank will not read it.
             drop(self.group.post(seq, self.rank, post));
         }
@@ -140,7 +146,7 @@ impl LocalComm {
         send_counts: &[usize],
     ) -> Result<Ticket, CommError> {
         self.check_counts(op, send_counts, send.len())?;
-        self.start(op, T::wrap(send), assemble::offsets(send_counts))
+        self.post(op, T::wrap(send), assemble::offsets(send_counts), false)
     }
 
     fn all_to_all<T: Elem>(
@@ -331,7 +337,7 @@ impl Communicator for LocalComm {
 
     fn start_all_reduce_sum(&mut self, buf: Vec<f32>) -> Result<Pending, CommError> {
         let len = buf.len();
-        let ticket = self.start("all_reduce_sum", Data::F32(buf), Vec::new())?;
+        let ticket = self.post("all_reduce_sum", Data::F32(buf), Vec::new(), false)?;
         Ok(Pending(Box::new(AllReducePending { ticket, len })))
     }
 

@@ -62,6 +62,11 @@ fn all_to_all_v_with_known_receive_counts() {
             wrong[0] += 1;
             let err = comm.all_to_all_v_known_into(&send, &counts, &wrong, &mut recv).unwrap_err();
             assert!(matches!(err, CommError::BadArgument { op: "all_to_all_v", .. }), "{err:?}");
+            // So is one that passes a count too many.
+            let mut longer = expected_counts.clone();
+            longer.push(0);
+            let err = comm.all_to_all_v_known_into(&send, &counts, &longer, &mut recv).unwrap_err();
+            assert!(err.to_string().contains("receive counts for a group of"), "{err}");
         });
     }
 }

@@ -120,6 +120,10 @@ pub(super) struct Post {
     /// Why the rank rejected its own arguments: the others then fail at once
     /// instead of waiting for a rank that will not read.
     pub(super) bad: Option<String>,
+    /// Posted by a blocking call, whose rank reads the round as soon as it
+    /// completes; false for the `start_*` forms, read whenever the rank
+    /// waits (see [`Ticket::end_loan`]).
+    pub(super) blocking: bool,
 }
 
 /// Everything made by one `LocalWorld::new` and split from it: one abort
@@ -457,23 +461,29 @@ impl Ticket {
     /// which the lender may free or change them. `read` says whether this
     /// rank got the round's posts (then every rank can read them).
     ///
-    /// - Every post lent: every rank is inside the same blocking call, so
-    ///   wait for all to finish reading. No deadline is needed: they are
-    ///   copying, or failing.
+    /// - Every rank posted from a blocking call (lent or copied): each is
+    ///   inside it, reading the round now, so wait for all to finish. No
+    ///   deadline is needed: they are copying, or failing.
     /// - Some rank started the exchange non-blocking: it reads when it
     ///   waits, maybe after other collectives, so it gets a copy instead,
     ///   and only the readers already holding the lent values are awaited.
     /// - The round never became readable for this rank (timeout, abort):
     ///   it is closed to readers, and those already reading are awaited.
     pub(super) fn end_loan(&self, own: &[f32], read: bool) {
-        if !self.lent || self.loan_ended.replace(true) {
+        if !self.lent || self.loan_ended.get() {
             return;
         }
+        self.see_readers_off(own, read);
+        // Only now: should the above fail midway, the ticket's drop tries again.
+        self.loan_ended.set(true);
+    }
+
+    fn see_readers_off(&self, own: &[f32], read: bool) {
         let group = &self.group;
         let mut state = lock(&group.state);
         let round = round_of(&mut state, self.seq);
         let readable = round.num_posted == group.size && round.gave_up.is_none() && round.closed.is_none();
-        if readable && read && round.posted().all(|(_, p)| p.data.is_lent()) {
+        if readable && read && round.posted().all(|(_, p)| p.blocking) {
             loop {
                 let round = round_of(&mut state, self.seq);
                 if round.finished.iter().all(|&f| f) || (round.closed.is_some() && round.holders == 0) {
@@ -485,11 +495,19 @@ impl Ticket {
         if readable && read {
             let post = Arc::clone(round.posts[self.rank].as_ref().expect("a lender posted"));
             drop(state);
-            let copy = Post { op: post.op, data: Data::F32(own.to_vec()), meta: post.meta.clone(), bad: None };
+            let copy = Post {
+                op: post.op,
+                data: Data::F32(own.to_vec()),
+                meta: post.meta.clone(),
+                bad: None,
+                blocking: post.blocking,
+            };
             state = lock(&group.state);
             round_of(&mut state, self.seq).posts[self.rank] = Some(Arc::new(copy));
         } else {
             round.closed.get_or_insert_with(|| format!("rank {} left this {} before it completed", self.rank, self.op));
+            // A lender waiting for all to finish stops waiting on a closed round.
+            group.cv.notify_all();
         }
         while round_of(&mut state, self.seq).holders > 0 {
             state = group.cv.wait(state).unwrap_or_else(PoisonError::into_inner);
@@ -543,7 +561,10 @@ impl Drop for Ticket {
         let round = round_of(&mut state, self.seq);
         if !round.finished[self.rank] {
             round.finished[self.rank] = true;
-            self.group.cv.notify_all();
+            // Only lenders wait for ranks to finish.
+            if round.has_loans() {
+                self.group.cv.notify_all();
+            }
         }
         // A rank that panicked mid-sum hands its chunk back to the others.
         let mut freed = false;
