@@ -3,7 +3,9 @@
 //! [`LocalWorld::new`] makes one [`LocalComm`] per rank; each moves into its
 //! rank's thread. A collective is a round (see `exchange`): every rank posts
 //! its contribution without blocking, then reads the others' once all have
-//! posted, copying out only what it receives. Sums run in rank order, so
+//! posted, copying out only what it receives. A large blocking all-to-all
+//! lends its send buffer to the round instead of copying it in (see
+//! `LocalComm::all_to_all_lent`). Sums run in rank order, so
 //! every rank gets the same bits. A rank that does not arrive before the
 //! deadline makes the others fail with [`CommError::Timeout`] naming it;
 //! [`LocalComm::abort`] makes every rank of the world, and of the groups
