@@ -10,7 +10,7 @@
 use std::cell::Cell;
 use std::collections::HashMap;
 use std::ops::Add;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
@@ -21,6 +21,9 @@ use crate::CommError;
 /// waiting ranks share; shorter ones each rank computes on its own, which
 /// saves a wake-up on the small, latency-bound reductions (losses, norms).
 const CHUNK: usize = 1 << 16;
+
+/// How long a rank waiting for a round polls before it sleeps.
+const POLL_BEFORE_SLEEP: Duration = Duration::from_micros(50);
 
 /// The values one rank contributes to a round.
 pub(super) enum Data {
@@ -154,7 +157,7 @@ impl Family {
             // Taking the lock orders this wake-up after the waiter's check of
             // `aborted`, so no waiter misses it.
             let _state = lock(&group.state);
-            group.cv.notify_all();
+            group.wake_all();
         }
     }
 
@@ -182,6 +185,8 @@ pub(super) struct Group {
     /// Signalled when a round completes or fails, a shared sum is done, or
     /// the family is aborted.
     cv: Condvar,
+    /// Counts the signals of `cv`, for a waiter that polls before sleeping.
+    wakes: AtomicU64,
 }
 
 #[derive(Default)]
@@ -260,10 +265,23 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Group {
     /// A new group of `size` ranks in `family`.
     pub(super) fn new(size: usize, timeout: Duration, family: Arc<Family>) -> Arc<Self> {
-        let group =
-            Arc::new(Self { size, timeout, family: Arc::clone(&family), state: Mutex::default(), cv: Condvar::new() });
+        let group = Arc::new(Self {
+            size,
+            timeout,
+            family: Arc::clone(&family),
+            state: Mutex::default(),
+            cv: Condvar::new(),
+            wakes: AtomicU64::new(0),
+        });
         family.register(&group);
         group
+    }
+
+    /// Wakes every waiter. Called with `state` locked, so that a waiter
+    /// that saw `wakes` unchanged under the lock cannot miss the signal.
+    fn wake_all(&self) {
+        self.wakes.fetch_add(1, Ordering::Release);
+        self.cv.notify_all();
     }
 
     /// Posts `rank`'s contribution to round `seq` and returns the ticket to
@@ -280,7 +298,7 @@ impl Group {
         round.num_posted += 1;
         // Waiters only care about a complete round or a doomed one.
         if round.num_posted == self.size || bad {
-            self.cv.notify_all();
+            self.wake_all();
         }
         drop(state);
         Ticket { group: Arc::clone(self), seq, rank, op, lent, loan_ended: Cell::new(false) }
@@ -334,7 +352,7 @@ impl Drop for Posts<'_> {
         let round = round_of(&mut state, self.ticket.seq);
         round.holders -= 1;
         round.finished[self.ticket.rank] = true;
-        group.cv.notify_all();
+        group.wake_all();
     }
 }
 
@@ -376,6 +394,20 @@ impl Ticket {
                 });
                 return Err(CommError::Timeout { op: self.op, rank: self.rank, missing, seconds });
             }
+            // Poll before sleeping: a small exchange completes within
+            // microseconds, sooner than a sleeping thread is woken.
+            let seen = self.group.wakes.load(Ordering::Acquire);
+            drop(state);
+            let polled = Instant::now();
+            while self.group.wakes.load(Ordering::Acquire) == seen && polled.elapsed() < POLL_BEFORE_SLEEP {
+                // Yields, so that ranks sharing a core let each other run.
+                std::thread::yield_now();
+            }
+            state = lock(&self.group.state);
+            if self.group.wakes.load(Ordering::Acquire) != seen {
+                continue;
+            }
+            let left = left.map(|l| l.saturating_sub(polled.elapsed()));
             state = match left {
                 None => self.group.cv.wait(state).unwrap_or_else(PoisonError::into_inner),
                 Some(left) => self.group.cv.wait_timeout(state, left).unwrap_or_else(PoisonError::into_inner).0,
@@ -412,7 +444,7 @@ impl Ticket {
                 let round = round_of(&mut state, self.seq);
                 round.chunks[c] = Chunk::Done(Arc::new(T::wrap(piece)));
                 if round.chunks.iter().all(|c| matches!(c, Chunk::Done(_))) {
-                    self.group.cv.notify_all();
+                    self.group.wake_all();
                 }
                 continue;
             }
@@ -507,7 +539,7 @@ impl Ticket {
         } else {
             round.closed.get_or_insert_with(|| format!("rank {} left this {} before it completed", self.rank, self.op));
             // A lender waiting for all to finish stops waiting on a closed round.
-            group.cv.notify_all();
+            group.wake_all();
         }
         while round_of(&mut state, self.seq).holders > 0 {
             state = group.cv.wait(state).unwrap_or_else(PoisonError::into_inner);
@@ -563,7 +595,7 @@ impl Drop for Ticket {
             round.finished[self.rank] = true;
             // Only lenders wait for ranks to finish.
             if round.has_loans() {
-                self.group.cv.notify_all();
+                self.group.wake_all();
             }
         }
         // A rank that panicked mid-sum hands its chunk back to the others.
@@ -575,7 +607,7 @@ impl Drop for Ticket {
             }
         }
         if freed {
-            self.group.cv.notify_all();
+            self.group.wake_all();
         }
         round.readers_left -= 1;
         if round.readers_left == 0 {
