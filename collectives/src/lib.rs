@@ -21,6 +21,31 @@ pub mod stream_copy;
 
 use std::time::Duration;
 
+/// Checks the counts `rank` received (`got`, one per sender) against those
+/// it `expected`; else the error names the first sender that disagrees.
+pub(crate) fn check_received_counts(
+    op: &'static str,
+    rank: usize,
+    expected: &[usize],
+    got: &[usize],
+) -> Result<(), CommError> {
+    let reason = if expected.len() != got.len() {
+        format!(
+            "rank {rank} passed {} receive counts for a group of {}: pass one count per rank",
+            expected.len(),
+            got.len()
+        )
+    } else if let Some(src) = (0..got.len()).find(|&r| expected[r] != got[r]) {
+        format!(
+            "rank {src} sent {} values where rank {rank} expected {}: the ranks disagree on the counts",
+            got[src], expected[src]
+        )
+    } else {
+        return Ok(());
+    };
+    Err(CommError::BadArgument { op, reason })
+}
+
 /// Errors of collective operations.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum CommError {
@@ -124,13 +149,7 @@ pub trait Communicator: Send {
         recv: &mut Vec<f32>,
     ) -> Result<(), CommError> {
         let got = self.all_to_all_v_into(send, send_counts, recv)?;
-        if got != recv_counts {
-            return Err(CommError::BadArgument {
-                op: "all_to_all_v",
-                reason: format!("rank {} expected {recv_counts:?} values but the ranks sent {got:?}", self.rank()),
-            });
-        }
-        Ok(())
+        check_received_counts("all_to_all_v", self.rank(), recv_counts, &got)
     }
     /// [`Communicator::all_to_all_v`] of integers (routing metadata).
     fn all_to_all_v_u64(&mut self, send: &[u64], send_counts: &[usize]) -> Result<(Vec<u64>, Vec<usize>), CommError>;

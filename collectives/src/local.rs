@@ -303,7 +303,8 @@ impl Communicator for LocalComm {
     }
 
     fn all_to_all_v(&mut self, send: &[f32], send_counts: &[usize]) -> Result<Received, CommError> {
-        let (values, counts) = self.all_to_all("all_to_all_v", send, send_counts)?;
+        let mut values = Vec::new();
+        let counts = self.all_to_all_lent("all_to_all_v", send, send_counts, None, &mut values)?;
         Ok(Received { values, counts })
     }
 

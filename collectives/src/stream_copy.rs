@@ -11,8 +11,9 @@
 
 /// Blocks from this size up are copied with streaming stores. From 2 MiB,
 /// although the copy alone is faster streamed there, the 4 MiB exchange
-/// on 2 MPI ranks (2 MiB own blocks) fell from 0.93x to 0.63-0.86x of
-/// `MPI_Alltoallv`: a block that size is still worth leaving in the cache.
+/// on 2 MPI ranks (2 MiB own blocks) came out at 0.63-0.86x of
+/// `MPI_Alltoallv` in two runs, against 0.87-0.97x in five runs with this
+/// threshold: a block that size is still worth leaving in the cache.
 pub const STREAM_FROM_BYTES: usize = 4 << 20;
 
 /// Copies `len` bytes from `src` to `dst`; with streaming stores (x86-64)

@@ -99,25 +99,7 @@ pub(super) fn segments_into(
     let blocks: Vec<Range<usize>> = posts.iter().map(|p| p.meta[rank]..p.meta[rank + 1]).collect();
     let counts: Vec<usize> = blocks.iter().map(|b| b.len()).collect();
     if let Some(expect) = expect {
-        if expect.len() != counts.len() {
-            return Err(CommError::BadArgument {
-                op,
-                reason: format!(
-                    "rank {rank} passed {} receive counts for a group of {}: pass one count per rank",
-                    expect.len(),
-                    counts.len()
-                ),
-            });
-        }
-        if let Some(src) = (0..counts.len()).find(|&r| expect[r] != counts[r]) {
-            return Err(CommError::BadArgument {
-                op,
-                reason: format!(
-                    "rank {src} sent {} values where rank {rank} expected {}: the ranks disagree on the counts",
-                    counts[src], expect[src]
-                ),
-            });
-        }
+        crate::check_received_counts(op, rank, expect, &counts)?;
     }
     let total: usize = counts.iter().sum();
     crate::buffers::reserve_huge(recv, total);
