@@ -13,6 +13,7 @@
 
 pub mod buffers;
 pub mod comm_thread;
+pub mod launch;
 pub mod local;
 pub mod mpi;
 pub mod nccl;

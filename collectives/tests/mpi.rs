@@ -10,7 +10,8 @@
 //! driver and runs `mpirun -n N` on itself per case; started by mpirun it
 //! is a rank and runs the case named in SWITCHYARD_MPI_CASE.
 
-use collectives::mpi::{launched_rank, MpiWorld};
+use collectives::launch::launched_rank;
+use collectives::mpi::MpiWorld;
 use collectives::Communicator;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};

@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use checkpoint::{CheckpointStore, Manifest, ShardReport, StoreOptions};
 
-use crate::protocol::ShardWritten;
+use wire::protocol::ShardWritten;
 
 /// Where a job's checkpoints are committed.
 #[derive(Debug, Clone)]

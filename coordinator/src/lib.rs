@@ -1,16 +1,8 @@
-//! The job's control plane (DESIGN section 2): workers register here, get
-//! their rank, the parallel layout and the placement plan, report metrics
-//! and checkpoint shards: the plain values every layout needs, the wire
-//! protocol (`protocol`), the tokio service (`server`) and the worker's
-//! side of it (`client`).
+//! The job's control plane (DESIGN section 2): the tokio service workers
+//! register with (`server`), the checkpoint commit it runs (`commit`) and
+//! its HTTP status and metrics (`http`). The messages and the worker's
+//! client are in the `wire` crate; the layout values in `layout`.
 
-pub mod client;
 pub mod commit;
 mod http;
-pub mod parallel_dims;
-pub mod placement;
-pub mod protocol;
 pub mod server;
-
-pub use parallel_dims::{LayoutError, ModelSizes, ParallelDims};
-pub use placement::PlacementPlan;

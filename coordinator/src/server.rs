@@ -7,9 +7,6 @@
 //! [`Event`]s, the current [`Status`], and `stop_all`.
 
 use crate::commit::{CommitTarget, Committed, Committer, PendingSaves, Progress};
-use crate::protocol::{
-    encode, overlap_efficiency, read_async, Message, ProtocolError, Registration, ShardWritten, StepReport, Welcome,
-};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -18,6 +15,10 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
+use wire::protocol::{
+    decode_header, decode_payload, encode, overlap_efficiency, Message, ProtocolError, Registration, ShardWritten,
+    StepReport, Welcome, HEADER_BYTES,
+};
 
 /// How a coordinator runs.
 #[derive(Debug, Clone)]
@@ -29,8 +30,8 @@ pub struct ServerConfig {
     /// The resolved job config (TOML) handed to every worker.
     pub config_toml: String,
     /// The layout and the starting placement plan handed to every worker.
-    pub dims: Option<crate::ParallelDims>,
-    pub plan: Option<crate::PlacementPlan>,
+    pub dims: Option<layout::ParallelDims>,
+    pub plan: Option<layout::PlacementPlan>,
     /// How often workers send heartbeats.
     pub heartbeat: Duration,
     /// A rank silent for this long is lost.
@@ -577,4 +578,15 @@ async fn watchdog(shared: Shared) {
             lost(&shared, rank, format!("no heartbeat for {quiet:.1}s (stopped, hung or cut off)"));
         }
     }
+}
+
+/// Reads one frame from an async stream (the wire crate has only the
+/// blocking reader, so that workers link no async runtime).
+async fn read_async(stream: &mut (impl tokio::io::AsyncRead + Unpin)) -> Result<Message, ProtocolError> {
+    use tokio::io::AsyncReadExt;
+    let mut header = [0u8; HEADER_BYTES];
+    stream.read_exact(&mut header).await?;
+    let mut payload = vec![0u8; decode_header(&header)?];
+    stream.read_exact(&mut payload).await?;
+    decode_payload(&payload)
 }

@@ -4,15 +4,15 @@
 //! version, garbage bytes, an oversized frame, a duplicate rank — each
 //! named clearly while the job goes on.
 
-use coordinator::client::{ClientError, CoordinatorClient};
-use coordinator::protocol::{
-    decode_header, decode_payload, encode, encode_with_version, read_blocking, Message, Registration, ShardWritten,
-    StepReport, Welcome, HEADER_BYTES,
-};
 use coordinator::server::{Coordinator, Event, ServerConfig};
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
+use wire::client::{ClientError, CoordinatorClient};
+use wire::protocol::{
+    decode_header, decode_payload, encode, encode_with_version, read_blocking, Message, Registration, ShardWritten,
+    StepReport, Welcome, HEADER_BYTES,
+};
 
 const TOKEN: &str = "s3cret-token";
 
@@ -26,7 +26,7 @@ fn config(world: usize) -> ServerConfig {
         token: TOKEN.into(),
         config_toml: "name = \"test\"\n".into(),
         dims: None,
-        plan: Some(coordinator::PlacementPlan::contiguous(1, 4, 2)),
+        plan: Some(layout::PlacementPlan::contiguous(1, 4, 2)),
         heartbeat: Duration::from_millis(50),
         heartbeat_timeout: Duration::from_millis(800),
         register_timeout: Duration::from_secs(2),
@@ -110,7 +110,7 @@ fn workers_register_report_and_the_step_is_aggregated() {
     let b = join(&coord, "host-b", None).unwrap();
     assert_eq!((a.welcome().rank, b.welcome().rank, a.welcome().world), (0, 1, 2));
     assert_eq!(a.welcome().config_toml, "name = \"test\"\n");
-    assert_eq!(a.welcome().plan, Some(coordinator::PlacementPlan::contiguous(1, 4, 2)));
+    assert_eq!(a.welcome().plan, Some(layout::PlacementPlan::contiguous(1, 4, 2)));
     a.report(report(0, 1, 10.0, 5)).unwrap();
     b.report(report(1, 1, 6.0, 3)).unwrap();
     let Event::Step(summary) = wait_for(&coord, "step", |e| matches!(e, Event::Step(_))) else { unreachable!() };
@@ -266,7 +266,7 @@ impl Gen {
                 world: self.next() as u32,
                 config_toml: self.text(),
                 dims: None,
-                plan: self.coin().then(|| coordinator::PlacementPlan::contiguous(2, 8, 4)),
+                plan: self.coin().then(|| layout::PlacementPlan::contiguous(2, 8, 4)),
                 heartbeat_ms: self.next(),
             }),
             2 => Message::Refused { reason: self.text(), retryable: self.coin() },

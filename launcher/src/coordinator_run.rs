@@ -12,9 +12,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
+use worker::api::checkpoint_url;
 use worker::config::CoordinatorConfig;
 use worker::coordination::{configured_token, CoordinatorLink};
-use worker::train::checkpoint_url;
 use worker::JobConfig;
 
 /// A running coordinator and the thread that prints its events.
@@ -138,7 +138,7 @@ pub fn start_server(
         token,
         config_toml: job.to_toml(),
         dims: Some(dims),
-        plan: Some(coordinator::PlacementPlan::contiguous(job.model.n_layers, job.model.n_experts, dims.ep)),
+        plan: Some(layout::PlacementPlan::contiguous(job.model.n_layers, job.model.n_experts, dims.ep)),
         heartbeat: (timeout / 5).clamp(Duration::from_millis(100), Duration::from_secs(2)),
         heartbeat_timeout: timeout,
         register_timeout: Duration::from_secs(10),

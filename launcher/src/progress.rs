@@ -7,8 +7,8 @@ use anyhow::Result;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
+use worker::api::{Observer, StartInfo, TrainSummary};
 use worker::metrics::StepMetrics;
-use worker::train::{Observer, StartInfo, TrainSummary};
 use worker::JobConfig;
 
 /// Entropies of the training corpus, to judge the loss against.
@@ -47,7 +47,7 @@ pub struct ConsoleProgress {
     log: Option<std::fs::File>,
     started: Instant,
     entropy: Option<CorpusEntropy>,
-    backend: String,
+    backend: worker::Backend,
 }
 
 fn human_count(x: f64) -> String {
@@ -96,7 +96,7 @@ impl ConsoleProgress {
     pub fn new(job: &JobConfig, run_dir: &Path, quiet: bool) -> Result<Self> {
         Ok(Self {
             log_every: job.train.log_every,
-            backend: job.parallel.backend.clone(),
+            backend: job.parallel.backend,
             total_steps: job.train.steps,
             start_step: 0,
             run_dir: run_dir.to_path_buf(),

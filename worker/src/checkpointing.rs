@@ -18,9 +18,9 @@ use std::time::Instant;
 
 use checkpoint::{CheckpointStore, Manifest, ShardReport};
 use collectives::Communicator;
-use coordinator::client::CoordinatorClient;
-use coordinator::protocol::ShardWritten;
-use coordinator::{ParallelDims, PlacementPlan};
+use layout::{ParallelDims, PlacementPlan};
+use wire::client::CoordinatorClient;
+use wire::protocol::ShardWritten;
 
 use crate::config::JobConfig;
 use crate::error::WorkerError;
@@ -159,7 +159,7 @@ impl<'c> Checkpointer<'c> {
             return Ok(client.last_committed());
         };
         self.wait_upload()?;
-        client.wait_committed(step).map_err(|e| WorkerError::Stopped(e.to_string()))?;
+        client.wait_committed(step).map_err(|e| WorkerError::coordinator(client.welcome().rank as usize, e))?;
         Ok(Some(step))
     }
 

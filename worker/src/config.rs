@@ -42,8 +42,8 @@ impl Default for TrainConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct ParallelConfig {
     pub ranks: usize,
-    /// "local" (threads), "mpi" or "nccl".
-    pub backend: String,
+    /// How the ranks talk.
+    pub backend: Backend,
     /// Attention shards (groups of heads) per data-parallel replica.
     pub attn_tp: usize,
     /// Ranks the experts are spread over (expert parallelism); 0 = the
@@ -51,8 +51,8 @@ pub struct ParallelConfig {
     pub ep: usize,
     /// Seconds a collective waits for a missing rank before failing.
     pub collective_timeout_s: f64,
-    /// "contiguous" or "balanced".
-    pub placement: String,
+    /// How experts are spread over the ranks.
+    pub placement: layout::Placement,
     /// Balanced placement: re-plan every this many steps from the expert
     /// loads measured since the last plan.
     pub rebalance_every: u64,
@@ -65,14 +65,67 @@ impl Default for ParallelConfig {
     fn default() -> Self {
         Self {
             ranks: 1,
-            backend: "local".into(),
+            backend: Backend::Local,
             attn_tp: 1,
             ep: 0,
             collective_timeout_s: 60.0,
-            placement: "contiguous".into(),
+            placement: layout::Placement::Contiguous,
             rebalance_every: 100,
             redundant_experts: 0,
         }
+    }
+}
+
+/// `[parallel] backend`: the collective library the ranks talk through.
+/// An unknown name is refused by the parser, which lists these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// Every rank a thread of one process (shared memory).
+    Local,
+    /// One process per rank over MPI (one or many nodes).
+    Mpi,
+    /// One process per GPU over NCCL.
+    Nccl,
+}
+
+impl Backend {
+    /// Every backend, in the order help texts list them.
+    pub const ALL: [Backend; 3] = [Backend::Local, Backend::Mpi, Backend::Nccl];
+
+    /// The name used in configs and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Local => "local",
+            Backend::Mpi => "mpi",
+            Backend::Nccl => "nccl",
+        }
+    }
+
+    /// Whether each rank is its own process, started by a launcher
+    /// (mpirun, srun, a pod) that says which rank it is.
+    pub fn ranks_are_processes(self) -> bool {
+        match self {
+            Backend::Local => false,
+            Backend::Mpi | Backend::Nccl => true,
+        }
+    }
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Backend {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::ALL.into_iter().find(|b| b.as_str() == s).ok_or_else(|| {
+            let names: Vec<&str> = Self::ALL.iter().map(|b| b.as_str()).collect();
+            format!("`{s}` is not a backend: use one of {}", names.join(", "))
+        })
     }
 }
 
@@ -256,13 +309,13 @@ impl JobConfig {
     }
 
     /// The checked parallel layout of this job.
-    pub fn parallel_dims(&self) -> Result<coordinator::ParallelDims, coordinator::LayoutError> {
-        let sizes = coordinator::ModelSizes {
+    pub fn parallel_dims(&self) -> Result<layout::ParallelDims, layout::LayoutError> {
+        let sizes = layout::ModelSizes {
             n_heads: self.model.n_heads,
             n_kv_heads: self.model.n_kv_heads,
             n_experts: self.model.n_experts,
         };
-        coordinator::ParallelDims::new(self.parallel.ranks, self.parallel.attn_tp, self.parallel.ep, sizes)
+        layout::ParallelDims::new(self.parallel.ranks, self.parallel.attn_tp, self.parallel.ep, sizes)
     }
 
     /// Number of micro-batches (forward passes) per optimizer step per rank,
@@ -321,20 +374,6 @@ impl JobConfig {
         if t.log_every == 0 {
             return Err(invalid("train", "log_every", "must be at least 1".into()));
         }
-        if !matches!(self.parallel.backend.as_str(), "local" | "mpi" | "nccl") {
-            return Err(invalid(
-                "parallel",
-                "backend",
-                format!("`{}` is not one of \"local\", \"mpi\", \"nccl\"", self.parallel.backend),
-            ));
-        }
-        if !matches!(self.parallel.placement.as_str(), "contiguous" | "balanced") {
-            return Err(invalid(
-                "parallel",
-                "placement",
-                format!("`{}` is not one of \"contiguous\", \"balanced\"", self.parallel.placement),
-            ));
-        }
         self.parallel_dims().map_err(|e| invalid("parallel", e.key.trim_start_matches("parallel."), e.reason))?;
         if self.parallel.collective_timeout_s.is_nan() || self.parallel.collective_timeout_s <= 0.0 {
             return Err(invalid("parallel", "collective_timeout_s", "must be a positive number of seconds".into()));
@@ -392,5 +431,26 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("global_batch_size"), "{err}");
+    }
+
+    #[test]
+    fn closed_sets_are_enums_and_unknown_values_list_the_valid_ones() {
+        let job =
+            JobConfig::load(None, &["parallel.backend=mpi".into(), "parallel.placement=balanced".into()]).unwrap();
+        assert_eq!(job.parallel.backend, Backend::Mpi);
+        assert_eq!(job.parallel.placement, layout::Placement::Balanced);
+        for (set, valid) in [
+            ("parallel.backend=\"gloo\"", ["local", "mpi", "nccl"].as_slice()),
+            ("parallel.placement=\"random\"", &["contiguous", "balanced"]),
+            ("overlap.mode=\"sometimes\"", &["auto", "on", "off"]),
+            ("model.block=\"diagonal\"", &["sequential", "parallel"]),
+        ] {
+            let err = JobConfig::load(None, &[set.into()]).unwrap_err().to_string();
+            assert!(valid.iter().all(|v| err.contains(v)), "{set}: {err}");
+        }
+        let err = JobConfig::from_toml("[parallel]\nbackend = \"gloo\"\n", "job.toml").unwrap_err().to_string();
+        assert!(err.contains("job.toml") && err.contains("backend") && err.contains("nccl"), "{err}");
+        assert_eq!("nccl".parse::<Backend>(), Ok(Backend::Nccl));
+        assert!("gloo".parse::<Backend>().unwrap_err().contains("local, mpi, nccl"));
     }
 }

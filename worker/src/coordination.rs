@@ -5,9 +5,9 @@
 
 use crate::config::CoordinatorConfig;
 use crate::error::WorkerError;
-use coordinator::client::CoordinatorClient;
-use coordinator::protocol::Registration;
 use std::time::{Duration, Instant};
+use wire::client::CoordinatorClient;
+use wire::protocol::Registration;
 
 /// The variable carrying the coordinator's `host:port` to worker processes.
 pub const ADDR_VAR: &str = "SWITCHYARD_COORDINATOR";
@@ -120,17 +120,17 @@ pub fn register(
         match CoordinatorClient::connect_with_stop(&link.addr, registration.clone(), Duration::from_secs(10), on_stop) {
             Ok(client) if !same_job(&client.welcome().config_toml, config_toml) => {
                 let _ = client.finish(false);
-                return Err(WorkerError::Coordinator(format!(
-                    "rank {rank}: this worker's job config differs from the coordinator's at {}: start every \
-                     worker with the same --config and --set options as the coordinator",
-                    link.addr
-                )));
+                return Err(WorkerError::NotTheSameJob {
+                    rank,
+                    what: "job config",
+                    detail: format!("coordinator at {}; give every worker its --config and --set options", link.addr),
+                });
             }
             Ok(client) => return Ok(client),
             Err(e) if e.retryable() && started.elapsed() < CONNECT_PATIENCE => {
                 std::thread::sleep(Duration::from_millis(200));
             }
-            Err(e) => return Err(WorkerError::Coordinator(format!("rank {rank}: {e}"))),
+            Err(e) => return Err(WorkerError::coordinator(rank, e)),
         }
     }
 }

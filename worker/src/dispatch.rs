@@ -28,7 +28,7 @@
 use crate::overlap::exposure::Exposure;
 use collectives::comm_thread::{CommThread, OpTimes, Ticket};
 use collectives::Communicator;
-use coordinator::PlacementPlan;
+use layout::PlacementPlan;
 use model::moe::{DispatchPlan, ExpertExecutor, LocalExperts, Started};
 use model::{ModelConfig, ModelError};
 use std::collections::VecDeque;

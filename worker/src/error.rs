@@ -1,4 +1,10 @@
 //! Errors of a worker.
+//!
+//! Every variant keeps its cause as a typed source: the launcher tells an
+//! abort (this rank stopped because another failed) from a root cause by
+//! type, and `{:#}` chains show the whole path to the failure.
+
+use wire::ClientError;
 
 /// What stopped a rank.
 #[derive(Debug, thiserror::Error)]
@@ -13,12 +19,25 @@ pub enum WorkerError {
     Checkpoint(#[from] checkpoint::Error),
     #[error(transparent)]
     Comm(#[from] collectives::CommError),
-    #[error("{0}")]
-    Layout(String),
-    #[error("{0}")]
-    Coordinator(String),
-    #[error("stopped by the coordinator: {0}")]
-    Stopped(String),
+    #[error(transparent)]
+    Layout(#[from] layout::LayoutError),
+    #[error(
+        "the launcher started {started} ranks but [parallel] ranks = {configured}: start as many ranks as the \
+         config asks for (mpirun -n {configured}), or set --ranks {started}"
+    )]
+    WorldSize { started: usize, configured: usize },
+    #[error("cannot start a communication thread: {0}")]
+    CommThread(#[source] std::io::Error),
+    #[error("rank {rank} sent a value this rank cannot read: {source}")]
+    Garbled { rank: usize, source: serde_json::Error },
+    #[error("rank {rank}: {source}")]
+    Coordinator { rank: usize, source: ClientError },
+    #[error(
+        "rank {rank}: the coordinator's {what} differs from this rank's ({detail}): start every role with the same job"
+    )]
+    NotTheSameJob { rank: usize, what: &'static str, detail: String },
+    #[error("stopped by the coordinator: {reason}")]
+    Stopped { reason: String },
     #[error("a rank thread panicked (a bug): see the message above")]
     RankPanicked,
     #[error("cannot resume from {url}: {reason}")]
@@ -39,5 +58,13 @@ impl WorkerError {
     /// Wraps an I/O error with what was being done and to which path.
     pub fn io(what: &'static str, path: &std::path::Path, source: std::io::Error) -> Self {
         Self::Io { what, path: path.display().to_string(), source }
+    }
+
+    /// A failure talking to the coordinator; its stop order stays a stop.
+    pub fn coordinator(rank: usize, source: ClientError) -> Self {
+        match source {
+            ClientError::Stopped { reason } => Self::Stopped { reason },
+            source => Self::Coordinator { rank, source },
+        }
     }
 }

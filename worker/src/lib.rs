@@ -1,6 +1,7 @@
 //! One rank of a training job (DESIGN section 4): its data, its step
 //! engine, its checkpoint IO and its metrics.
 
+pub mod api;
 pub mod attention_shards;
 pub mod checkpointing;
 pub mod config;
@@ -19,5 +20,6 @@ pub mod state;
 pub mod sync;
 pub mod train;
 
-pub use config::JobConfig;
+pub use api::{Observer, Resume, RunOptions, StartInfo, TrainSummary};
+pub use config::{Backend, JobConfig};
 pub use error::WorkerError;

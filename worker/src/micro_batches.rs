@@ -17,7 +17,7 @@ use crate::overlap::grad_buckets::GradBuckets;
 use crate::overlap::Techniques;
 use collectives::comm_thread::CommThread;
 use collectives::Communicator;
-use coordinator::{ParallelDims, PlacementPlan};
+use layout::{ParallelDims, PlacementPlan};
 use model::model::{forward_backward_with, ForwardStats, LossScales, MicroBatch, PassOptions};
 use model::moe::LocalExperts;
 use model::ops::rope::RopeTable;

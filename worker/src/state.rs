@@ -8,7 +8,7 @@ use crate::config::JobConfig;
 use crate::data::DataCursor;
 use crate::error::WorkerError;
 use checkpoint::{CheckpointStore, Manifest, ShardReport, TensorRef};
-use coordinator::{ParallelDims, PlacementPlan};
+use layout::{ParallelDims, PlacementPlan};
 use model::rng::Rng;
 use model::weights::tensor_shape;
 use model::{ModelConfig, ModelWeights};

@@ -50,8 +50,7 @@ pub fn gather_json<T: Serialize + DeserializeOwned>(
         .map(|(rank, words)| {
             let len = words.first().copied().unwrap_or(0) as usize;
             let bytes: Vec<u8> = words.iter().skip(1).flat_map(|w| w.to_le_bytes()).take(len).collect();
-            serde_json::from_slice(&bytes)
-                .map_err(|e| WorkerError::Layout(format!("rank {rank} sent a value this rank cannot read: {e}")))
+            serde_json::from_slice(&bytes).map_err(|source| WorkerError::Garbled { rank, source })
         })
         .collect()
 }

@@ -12,8 +12,9 @@
 mod common;
 
 use common::{micro_job, temp_dir, Recorder};
+use worker::api::{Resume, RunOptions};
 use worker::metrics::StepMetrics;
-use worker::train::{train, Resume, RunOptions};
+use worker::train::train;
 
 const ALL_OFF: [&str; 4] =
     ["overlap.chunks=1", "overlap.parallel_block=false", "overlap.interleave=false", "overlap.grad_bucket_mib=0"];

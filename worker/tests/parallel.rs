@@ -9,7 +9,8 @@
 mod common;
 
 use common::{micro_job, temp_dir, Recorder};
-use worker::train::{train, Resume, RunOptions};
+use worker::api::{Resume, RunOptions};
+use worker::train::train;
 
 fn losses(
     job: &worker::JobConfig,

@@ -3,7 +3,8 @@
 mod common;
 
 use common::{micro_job, temp_dir, Recorder};
-use worker::train::{train, Resume, RunOptions};
+use worker::api::{Resume, RunOptions};
+use worker::train::train;
 
 fn run(job: &worker::JobConfig, dir: &std::path::Path, resume: Resume) -> Recorder {
     run_until(job, dir, resume, None)

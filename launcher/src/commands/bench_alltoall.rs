@@ -23,8 +23,9 @@
 
 use super::bench_turns::{Turns, TURNS_VAR};
 use anyhow::{bail, Context, Result};
+use collectives::launch::launched_rank;
 use collectives::local::LocalWorld;
-use collectives::mpi::{launched_rank, MpiWorld};
+use collectives::mpi::MpiWorld;
 use collectives::Communicator;
 use serde::{Deserialize, Serialize};
 use std::time::{Duration, Instant};

@@ -14,7 +14,7 @@
 
 use anyhow::{bail, Context, Result};
 use checkpoint::CheckpointStore;
-use coordinator::PlacementPlan;
+use layout::PlacementPlan;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::process::Command;

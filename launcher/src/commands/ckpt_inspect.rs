@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 use checkpoint::{is_optimizer_state, Manifest, TensorEntry};
-use coordinator::{ParallelDims, PlacementPlan};
+use layout::{ParallelDims, PlacementPlan};
 use serde_json::Value;
 use std::collections::BTreeMap;
 

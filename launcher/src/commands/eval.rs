@@ -3,7 +3,7 @@
 use anyhow::{bail, Context, Result};
 use checkpoint::CheckpointStore;
 use clap::Args;
-use coordinator::placement::PlacementPlan;
+use layout::placement::PlacementPlan;
 use std::path::PathBuf;
 use worker::data::Tokenizer;
 use worker::state::TrainState;

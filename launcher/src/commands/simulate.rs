@@ -180,7 +180,7 @@ fn job_overlap(job: &JobConfig) -> bool {
     let Ok(dims) = job.parallel_dims() else { return false };
     let micro_batches = job.grad_accumulation(dims.dp);
     let layout = RankLayout {
-        backend: &job.parallel.backend,
+        backend: job.parallel.backend,
         world: dims.world,
         attn_tp: dims.attn_tp,
         micro_batches,

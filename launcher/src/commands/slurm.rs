@@ -8,8 +8,8 @@ use checkpoint::CheckpointStore;
 use clap::{Args, Subcommand};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use worker::train::checkpoint_url;
-use worker::JobConfig;
+use worker::api::checkpoint_url;
+use worker::{Backend, JobConfig};
 
 /// `switchyard slurm ...`.
 #[derive(Subcommand)]
@@ -111,15 +111,15 @@ fn prepare(args: &SlurmArgs) -> Result<PathBuf> {
         ),
     };
     let ranks = args.nodes * tasks_per_node;
-    let backend = if args.gpu { "nccl" } else { "mpi" };
-    if args.gpu && !matches!(base.parallel.backend.as_str(), "nccl" | "local") {
+    let backend = if args.gpu { Backend::Nccl } else { Backend::Mpi };
+    if args.gpu && base.parallel.backend == Backend::Mpi {
         bail!(
             "--gpu runs one rank per GPU over NCCL, but the config says [parallel] backend = \"{}\": \
              drop --gpu for CPU ranks over MPI, or set parallel.backend=nccl",
             base.parallel.backend
         );
     }
-    if !args.gpu && base.parallel.backend == "nccl" {
+    if !args.gpu && base.parallel.backend == Backend::Nccl {
         bail!("the config asks for the nccl backend: add --gpu (one rank per GPU) or set parallel.backend=mpi");
     }
     overrides.push(format!("parallel.ranks={ranks}"));

@@ -6,9 +6,10 @@ use anyhow::{bail, Context, Result};
 use checkpoint::CheckpointStore;
 use clap::Args;
 use std::path::PathBuf;
+use worker::api::{checkpoint_url, Resume, RunOptions};
 use worker::coordination::{configured_token, coordinator_addr_from_env, CoordinatorLink, ADDR_VAR, TOKEN_VAR};
-use worker::train::{checkpoint_url, train, Resume, RunOptions};
-use worker::JobConfig;
+use worker::train::train;
+use worker::{Backend, JobConfig};
 
 /// Arguments of `switchyard train`.
 #[derive(Args)]
@@ -37,8 +38,8 @@ pub struct TrainArgs {
     ranks: Option<usize>,
     /// Collective backend: local (threads of this process) or mpi (processes; runs mpirun
     /// unless already started by mpirun/srun) (same as --set parallel.backend=...).
-    #[arg(long)]
-    backend: Option<String>,
+    #[arg(long, value_name = "local|mpi|nccl")]
+    backend: Option<Backend>,
     /// Stop with a checkpoint at this step (the schedule still spans train.steps; --resume continues exactly).
     #[arg(long, value_name = "STEP")]
     stop_at: Option<u64>,
@@ -70,8 +71,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     }
     let mut job = JobConfig::load(args.config.as_deref(), &overrides)?;
     // MPI ranks and NCCL processes (one per GPU) learn their rank from their launcher.
-    let launched =
-        matches!(job.parallel.backend.as_str(), "mpi" | "nccl").then(collectives::mpi::launched_rank).flatten();
+    let launched = job.parallel.backend.ranks_are_processes().then(collectives::launch::launched_rank).flatten();
     // Under mpirun/srun the launcher says how many ranks there are.
     if let (Some(size), None) = (launched.as_ref().and_then(|l| l.size), args.ranks) {
         overrides.push(format!("parallel.ranks={size}"));
@@ -86,7 +86,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     };
     if let Some(addr) = &args.coordinator {
         // A worker of a job whose coordinator runs elsewhere.
-        if job.parallel.backend == "mpi" && launched.is_none() {
+        if job.parallel.backend == Backend::Mpi && launched.is_none() {
             bail!("with --coordinator and --backend mpi, start the ranks with your launcher (mpirun, srun)");
         }
         let token = configured_token(&job.coordinator)?
@@ -98,7 +98,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         // One rank of an MPI job: its coordinator (if any) is in the environment.
         return run_here(&job, &args, &run_dir, resume, CoordinatorLink::from_env(), rank.rank == 0);
     }
-    if job.parallel.backend == "mpi" {
+    if job.parallel.backend == Backend::Mpi {
         // Checked here so a bad layout is reported once, not by every rank.
         job.parallel_dims()?;
     }
@@ -107,7 +107,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         // A fresh coordinator per attempt: the ranks of a restart register anew.
         let coordinator = RunningCoordinator::start(&job, &run_dir)?;
         eprintln!("{}", coordinator.banner());
-        let result = if job.parallel.backend == "mpi" {
+        let result = if job.parallel.backend == Backend::Mpi {
             run_mpi(&job, &resume, &coordinator)
         } else {
             run_here(&job, &args, &run_dir, resume.clone(), Some(coordinator.link()), true)

@@ -5,6 +5,7 @@
 
 use super::plan::{K8sJob, COORDINATOR_PORT, HTTP_PORT};
 use serde_json::{json, Value};
+use worker::Backend;
 
 /// Where the ConfigMap's `job.toml` is mounted in every pod.
 const CONFIG_DIR: &str = "/etc/switchyard";
@@ -184,7 +185,7 @@ fn coordinator_pod(job: &K8sJob) -> Value {
 /// the last committed checkpoint when there is one.
 fn worker_command(job: &K8sJob) -> Vec<String> {
     let mut cmd: Vec<String> = Vec::new();
-    if job.backend == "mpi" {
+    if job.backend == Backend::Mpi {
         let n = job.ranks_per_pod.to_string();
         cmd.extend(["mpirun", "-n", &n, "--oversubscribe", "--bind-to", "none"].map(String::from));
     }
@@ -199,7 +200,7 @@ fn worker_command(job: &K8sJob) -> Vec<String> {
 
 fn worker_env(job: &K8sJob) -> Value {
     let mut env = Vec::new();
-    if job.backend == "mpi" {
+    if job.backend == Backend::Mpi {
         // Containers run as root, which OpenMPI refuses unless told.
         env.push(json!({ "name": "OMPI_ALLOW_RUN_AS_ROOT", "value": "1" }));
         env.push(json!({ "name": "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "value": "1" }));

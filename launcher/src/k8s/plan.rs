@@ -3,7 +3,7 @@
 //! checkpoints go, and the values of the job's Secret.
 
 use anyhow::{bail, Result};
-use worker::JobConfig;
+use worker::{Backend, JobConfig};
 
 /// Port workers register on (the coordinator's `--addr`).
 pub const COORDINATOR_PORT: u16 = 29500;
@@ -23,7 +23,7 @@ pub struct K8sJob {
     pub workers: usize,
     /// Ranks each worker pod runs (threads for `local`, mpirun processes for `mpi`, 1 for `nccl`).
     pub ranks_per_pod: usize,
-    pub backend: String,
+    pub backend: Backend,
     pub gpu: bool,
     /// The resolved job config, token removed: the ConfigMap's `job.toml`.
     pub config_toml: String,
@@ -59,12 +59,12 @@ pub fn plan(job: &JobConfig, req: &RenderRequest, env: impl Fn(&str) -> Option<S
     }
     let workers = req.workers as usize;
     let ranks = job.parallel.ranks;
-    let backend = job.parallel.backend.clone();
-    let ranks_per_pod = match (backend.as_str(), req.gpu) {
-        ("nccl", false) => bail!(
+    let backend = job.parallel.backend;
+    let ranks_per_pod = match (backend, req.gpu) {
+        (Backend::Nccl, false) => bail!(
             "[parallel] backend = \"nccl\" runs on GPUs: add --gpu, or set parallel.backend to \"local\" or \"mpi\""
         ),
-        ("nccl", true) => {
+        (Backend::Nccl, true) => {
             // One process per GPU and one GPU per pod: the pod's index is its rank.
             if workers != ranks {
                 bail!(
@@ -74,18 +74,18 @@ pub fn plan(job: &JobConfig, req: &RenderRequest, env: impl Fn(&str) -> Option<S
             }
             1
         }
-        (other, true) => bail!(
+        (other @ (Backend::Local | Backend::Mpi), true) => bail!(
             "--gpu needs [parallel] backend = \"nccl\" but the config says \"{other}\": \
              add --set parallel.backend=nccl, or drop --gpu for a CPU job"
         ),
-        (_, false) => {
+        (Backend::Local | Backend::Mpi, false) => {
             // `local` ranks are threads of one process and `mpi` ranks need
             // one mpirun to start them all: either way, one pod holds the world.
             if workers != 1 {
                 bail!(
                     "--workers {workers}: [parallel] backend = \"{backend}\" runs all {ranks} rank(s) in one worker \
                      pod ({}), so a CPU job has --workers 1; ranks across pods need --gpu with backend nccl",
-                    if backend == "mpi" { "processes under mpirun" } else { "threads" }
+                    if backend == Backend::Mpi { "processes under mpirun" } else { "threads" }
                 );
             }
             ranks

@@ -19,19 +19,31 @@
 pub mod exposure;
 pub mod grad_buckets;
 
+use crate::config::Backend;
 use model::{BlockKind, ModelConfig};
 use serde::{Deserialize, Serialize};
+
+/// `[overlap] mode`: when the technique switches apply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OverlapMode {
+    /// On the nccl backend, and on mpi when the ranks span more than one
+    /// node; not on local threads or MPI ranks of one machine, where a
+    /// transfer is a memory copy by the same busy cores (measured slower,
+    /// docs/overlap.md).
+    Auto,
+    /// On every backend.
+    On,
+    /// On none.
+    Off,
+}
 
 /// `[overlap]`: which techniques run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OverlapConfig {
-    /// "auto": the switches below apply on the nccl backend, and on mpi
-    /// when the ranks span more than one node; not on local threads or MPI
-    /// ranks of one machine, where a transfer is a memory copy by the same
-    /// busy cores (measured slower, docs/overlap.md); "on": they apply on
-    /// every backend; "off": none does.
-    pub mode: String,
+    /// When the switches below apply.
+    pub mode: OverlapMode,
     /// Pieces each dispatch and combine is cut in (1: one piece, no pipelining).
     pub chunks: usize,
     /// Parallel (BAM) blocks: attention runs while the MoE rows travel.
@@ -45,16 +57,13 @@ pub struct OverlapConfig {
 
 impl Default for OverlapConfig {
     fn default() -> Self {
-        Self { mode: "auto".into(), chunks: 2, parallel_block: true, interleave: true, grad_bucket_mib: 1.0 }
+        Self { mode: OverlapMode::Auto, chunks: 2, parallel_block: true, interleave: true, grad_bucket_mib: 1.0 }
     }
 }
 
 impl OverlapConfig {
     /// Checks the values; the error is (key, reason).
     pub fn validate(&self) -> Result<(), (&'static str, String)> {
-        if !matches!(self.mode.as_str(), "auto" | "on" | "off") {
-            return Err(("mode", format!("`{}` is not one of \"auto\", \"on\", \"off\"", self.mode)));
-        }
         if !(1..=64).contains(&self.chunks) {
             return Err(("chunks", format!("{} is not 1 to 64", self.chunks)));
         }
@@ -85,10 +94,14 @@ impl Techniques {
     /// interleaving needs two micro-batches per step; threads must be
     /// allowed to talk at once (MPI_THREAD_MULTIPLE).
     pub fn choose(cfg: &OverlapConfig, rank: &RankLayout) -> Self {
-        let allowed = match cfg.mode.as_str() {
-            "on" => true,
-            "off" => false,
-            _ => rank.backend == "nccl" || (rank.backend == "mpi" && rank.spans_nodes),
+        let allowed = match cfg.mode {
+            OverlapMode::On => true,
+            OverlapMode::Off => false,
+            OverlapMode::Auto => match rank.backend {
+                Backend::Nccl => true,
+                Backend::Mpi => rank.spans_nodes,
+                Backend::Local => false,
+            },
         };
         let on = allowed && rank.world > 1 && rank.threads_ok;
         let interleave = on && cfg.interleave && rank.micro_batches >= 2;
@@ -107,8 +120,8 @@ impl Techniques {
 
 /// What the choice of techniques depends on besides the switches.
 #[derive(Debug, Clone, Copy)]
-pub struct RankLayout<'a> {
-    pub backend: &'a str,
+pub struct RankLayout {
+    pub backend: Backend,
     pub world: usize,
     pub attn_tp: usize,
     /// Micro-batches per rank per step.
@@ -159,7 +172,7 @@ mod tests {
     use super::*;
 
     fn forced_on() -> OverlapConfig {
-        OverlapConfig { mode: "on".into(), ..OverlapConfig::default() }
+        OverlapConfig { mode: OverlapMode::On, ..OverlapConfig::default() }
     }
 
     #[test]
@@ -178,40 +191,42 @@ mod tests {
         let choose = |cfg: &OverlapConfig, backend, world, attn_tp, micro, ok| {
             Techniques::choose(cfg, &layout(backend, world, attn_tp, micro, ok))
         };
-        let t = choose(&all, "mpi", 4, 1, 2, true);
+        let t = choose(&all, Backend::Mpi, 4, 1, 2, true);
         assert_eq!(t.pipe_chunks, Some(2));
         assert!(t.attention_during_moe && t.interleave);
         assert_eq!(t.bucket_values, Some(1 << 18));
         let none =
             Techniques { pipe_chunks: None, attention_during_moe: false, interleave: false, bucket_values: None };
         // One rank: nothing to overlap.
-        assert_eq!(choose(&all, "mpi", 1, 1, 2, true), none);
+        assert_eq!(choose(&all, Backend::Mpi, 1, 1, 2, true), none);
         // Threads, and MPI ranks on one machine: off unless asked for.
-        assert_eq!(choose(&all, "local", 4, 1, 2, true), none);
-        let one_node = RankLayout { spans_nodes: false, ..layout("mpi", 4, 1, 2, true) };
+        assert_eq!(choose(&all, Backend::Local, 4, 1, 2, true), none);
+        let one_node = RankLayout { spans_nodes: false, ..layout(Backend::Mpi, 4, 1, 2, true) };
         assert_eq!(Techniques::choose(&all, &one_node), none);
         assert_eq!(Techniques::choose(&forced_on(), &one_node), t);
-        assert_eq!(Techniques::choose(&all, &RankLayout { spans_nodes: false, ..layout("nccl", 4, 1, 2, true) }), t);
-        let forced = OverlapConfig { mode: "on".into(), ..all.clone() };
-        assert_eq!(choose(&forced, "local", 4, 1, 2, true), t);
-        let never = OverlapConfig { mode: "off".into(), ..all.clone() };
-        assert_eq!(choose(&never, "mpi", 4, 1, 2, true), none);
+        assert_eq!(
+            Techniques::choose(&all, &RankLayout { spans_nodes: false, ..layout(Backend::Nccl, 4, 1, 2, true) }),
+            t
+        );
+        let forced = OverlapConfig { mode: OverlapMode::On, ..all.clone() };
+        assert_eq!(choose(&forced, Backend::Local, 4, 1, 2, true), t);
+        let never = OverlapConfig { mode: OverlapMode::Off, ..all.clone() };
+        assert_eq!(choose(&never, Backend::Mpi, 4, 1, 2, true), none);
         // Attention shards: no buckets; one micro-batch: no interleaving.
-        let sharded = choose(&all, "mpi", 4, 2, 1, true);
+        let sharded = choose(&all, Backend::Mpi, 4, 2, 1, true);
         assert!(sharded.bucket_values.is_none() && !sharded.interleave && sharded.pipe_chunks.is_some());
         // MPI without MPI_THREAD_MULTIPLE: everything on the rank's thread.
-        assert_eq!(choose(&all, "mpi", 4, 1, 2, false), none);
+        assert_eq!(choose(&all, Backend::Mpi, 4, 1, 2, false), none);
         let off =
             OverlapConfig { chunks: 1, parallel_block: false, interleave: false, grad_bucket_mib: 0.0, ..all.clone() };
-        assert_eq!(choose(&off, "mpi", 4, 1, 2, true), none);
+        assert_eq!(choose(&off, Backend::Mpi, 4, 1, 2, true), none);
         // Layers that fit in one bucket: no buckets (nothing to start early).
-        let small = RankLayout { layer_grad_values: 1 << 18, ..layout("mpi", 4, 1, 2, true) };
+        let small = RankLayout { layer_grad_values: 1 << 18, ..layout(Backend::Mpi, 4, 1, 2, true) };
         assert_eq!(Techniques::choose(&all, &small).bucket_values, None);
         let tiny_buckets = OverlapConfig { grad_bucket_mib: 0.25, ..all.clone() };
         assert_eq!(Techniques::choose(&tiny_buckets, &small).bucket_values, Some(1 << 16));
         assert!(OverlapConfig { chunks: 0, ..all.clone() }.validate().is_err());
         assert!(OverlapConfig { grad_bucket_mib: -1.0, ..all.clone() }.validate().is_err());
-        assert!(OverlapConfig { mode: "sometimes".into(), ..all }.validate().is_err());
         assert_eq!(none.describe(), "off");
         assert_eq!(
             t.describe(),

@@ -2,8 +2,8 @@
 #![allow(dead_code)]
 
 use std::path::PathBuf;
+use worker::api::{Observer, StartInfo};
 use worker::metrics::StepMetrics;
-use worker::train::{Observer, StartInfo};
 use worker::JobConfig;
 
 /// Records every step's metrics.

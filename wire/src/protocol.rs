@@ -1,4 +1,4 @@
-//! The coordinator's wire protocol: every message in one enum, and the one
+//! The control protocol between workers and the coordinator: every message in one enum, and the one
 //! codec that frames them.
 //!
 //! A frame is an 8-byte header — the magic `SY`, the protocol version (u16,
@@ -43,9 +43,9 @@ pub struct Welcome {
     /// The resolved job config (TOML), so every worker runs the same job.
     pub config_toml: String,
     /// The parallel layout the coordinator computed for the job.
-    pub dims: Option<crate::ParallelDims>,
+    pub dims: Option<layout::ParallelDims>,
     /// The placement plan workers start from.
-    pub plan: Option<crate::PlacementPlan>,
+    pub plan: Option<layout::PlacementPlan>,
     /// Heartbeats are expected at least this often (milliseconds).
     pub heartbeat_ms: u64,
 }
@@ -200,16 +200,6 @@ pub fn read_blocking(stream: &mut impl std::io::Read) -> Result<Message, Protoco
     stream.read_exact(&mut header)?;
     let mut payload = vec![0u8; decode_header(&header)?];
     stream.read_exact(&mut payload)?;
-    decode_payload(&payload)
-}
-
-/// Reads one frame from an async stream (the coordinator side).
-pub async fn read_async(stream: &mut (impl tokio::io::AsyncRead + Unpin)) -> Result<Message, ProtocolError> {
-    use tokio::io::AsyncReadExt;
-    let mut header = [0u8; HEADER_BYTES];
-    stream.read_exact(&mut header).await?;
-    let mut payload = vec![0u8; decode_header(&header)?];
-    stream.read_exact(&mut payload).await?;
     decode_payload(&payload)
 }
 

@@ -2,7 +2,7 @@
 //! error, never panic, and never allocate more than the frame limit.
 #![no_main]
 
-use coordinator::protocol::read_blocking;
+use wire::protocol::read_blocking;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -22,12 +22,21 @@ pub struct ParallelDims {
 }
 
 /// A layout that cannot work, with the `[parallel]` or `[model]` key to change.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid parallel layout: {key}: {reason}")]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LayoutError {
     pub key: &'static str,
     pub reason: String,
 }
+
+// Written by hand rather than with thiserror: this crate has no dependency
+// but serde, so the simulator and `ckpt inspect` link nothing else for it.
+impl std::fmt::Display for LayoutError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "invalid parallel layout: {}: {}", self.key, self.reason)
+    }
+}
+
+impl std::error::Error for LayoutError {}
 
 /// The model sizes a layout must divide.
 #[derive(Debug, Clone, Copy)]

@@ -6,6 +6,16 @@
 
 use serde::{Deserialize, Serialize};
 
+/// `[parallel] placement`: how the plan is made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Placement {
+    /// [`PlacementPlan::contiguous`] for the whole run.
+    Contiguous,
+    /// Re-planned from measured expert loads ([`PlacementPlan::balanced_on_nodes`]).
+    Balanced,
+}
+
 /// Per layer, for every global expert id, the ranks that hold it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PlacementPlan {

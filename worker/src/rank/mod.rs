@@ -1,0 +1,326 @@
+//! One rank's training loop (DESIGN section 4), as named parts:
+//!
+//! - `start`: the layout agreed with the coordinator, the starting state,
+//!   the data and the run folder, checked before anything is written;
+//! - `groups`: the communicators split from the world once;
+//! - `passes`: the step's micro-batches, forward and backward, with
+//!   experts reached through all-to-all when there is more than one rank;
+//! - `grad_sync`: gradients summed over the groups the layout asks for,
+//!   and the global norm;
+//! - `update`: clipping and AdamW;
+//! - `step_metrics`: the step's numbers summed over ranks, and the report
+//!   to the coordinator;
+//! - checkpoints through `crate::checkpointing` (rank 0's coordinator
+//!   commits them), and `rebalance` for balanced placement.
+//!
+//! [`RankRun`] holds what lives from one step to the next; each part is an
+//! `impl` block or function in its own file, and `train_rank` below is the
+//! loop that calls them in order.
+
+mod grad_sync;
+mod groups;
+mod passes;
+mod rebalance;
+pub(crate) mod start;
+mod step_metrics;
+mod update;
+
+use crate::api::{checkpoint_url, Observer, Resume, RunOptions, StartInfo, TrainSummary};
+use crate::attention_shards::{cut_to_shard, joined};
+use crate::checkpointing::{Checkpointer, SaveStall};
+use crate::config::JobConfig;
+use crate::coordination::register;
+use crate::data::DataSource;
+use crate::error::WorkerError;
+use crate::metrics::MetricsWriter;
+use crate::overlap::exposure::Exposure;
+use crate::overlap::{dense_layer_values, RankLayout, Techniques};
+use crate::state::TrainState;
+use crate::sync::gather_json;
+use collectives::Communicator;
+use groups::Groups;
+use layout::{ParallelDims, PlacementPlan};
+use model::model::LossScales;
+use model::ops::rope::RopeTable;
+use model::schedule::learning_rate;
+use model::ModelWeights;
+use start::{agreed_plan, node_name, open_data, prepare_run_folder, starting_state};
+use std::time::Instant;
+use step_metrics::{report_step, StepShape};
+use wire::client::CoordinatorClient;
+
+/// Runs this rank to the end of the job, registered with the job's
+/// coordinator when there is one (it says goodbye, ok or not, at the end).
+pub fn run_rank(
+    job: &JobConfig,
+    opts: &RunOptions,
+    comm: &mut dyn Communicator,
+    observer: Option<&mut dyn Observer>,
+) -> Result<TrainSummary, WorkerError> {
+    let client = match &opts.coordinator {
+        Some(link) => {
+            let checkpoints = checkpoint_url(job, &opts.run_dir);
+            Some(register(link, comm.rank(), &node_name(), &job.to_toml(), &checkpoints)?)
+        }
+        None => None,
+    };
+    let result = train_rank(job, opts, comm, observer, client.as_ref());
+    if let Some(client) = client {
+        let _ = client.finish(result.is_ok());
+    }
+    result
+}
+
+/// The steps from the starting state to the end (or a SIGTERM).
+fn train_rank(
+    job: &JobConfig,
+    opts: &RunOptions,
+    comm: &mut dyn Communicator,
+    mut observer: Option<&mut dyn Observer>,
+    client: Option<&CoordinatorClient>,
+) -> Result<TrainSummary, WorkerError> {
+    let (mut run, start) = RankRun::start(job, opts, comm, client)?;
+    if let Some(obs) = observer.as_deref_mut() {
+        obs.on_start(&start);
+    }
+    let started = Instant::now();
+    let (mut first_loss, mut last_loss) = (None, None);
+    let resumed = matches!(opts.resume, Resume::Latest | Resume::LatestOrFresh);
+    let mut last_checkpoint = start.resumed_from.filter(|_| resumed);
+    let mut preempted = false;
+    while run.state.step < run.end && !preempted {
+        let step_started = Instant::now();
+        let mut local = run.passes()?;
+        let sync_started = Instant::now();
+        let grad_norm = run.sync_gradients(local.bucket_s.is_some())?;
+        let sync_s = sync_started.elapsed().as_secs_f64();
+        local.step.comm_s = local.step.dispatch.alltoall_s + local.bucket_s.unwrap_or(0.0) + sync_s;
+        local.step.exposed_comm_s = run.exposure.take().as_secs_f64() + sync_s;
+        let shape = run.shape();
+        let (mut metrics, stop) = local.step.reduce(run.comm, &shape)?;
+        preempted = stop;
+        metrics.step = run.state.step + 1;
+        metrics.sync_s = sync_s;
+        if !metrics.loss.is_finite() {
+            return Err(WorkerError::NonFinite { step: run.state.step + 1, loss: metrics.loss });
+        }
+        metrics.lr = learning_rate(&job.optim, run.state.step, job.train.steps);
+        metrics.grad_norm = grad_norm;
+        update::optimizer_step(job, &mut run.state, &mut run.grads, metrics.lr, grad_norm);
+        run.state.step += 1;
+        run.state.tokens_seen += run.tokens_per_step;
+        // SIGTERM on any rank (agreed in the metrics reduction): every rank
+        // saves this step and stops. The save's copy (and any wait for the
+        // previous upload) is part of the step.
+        let (step, every) = (run.state.step, job.checkpoint.every);
+        if step == run.end || preempted || (every > 0 && step.is_multiple_of(every)) {
+            let stall = run.save_checkpoint()?;
+            metrics.checkpoint_s = stall.waited_s + stall.save_s;
+            if step == run.end || preempted {
+                // The job is done only when its last checkpoint is committed.
+                run.saver.finish()?;
+            }
+        }
+        metrics.step_time_s = step_started.elapsed().as_secs_f64();
+        metrics.tokens_per_s = run.tokens_per_step as f64 / metrics.step_time_s;
+        first_loss.get_or_insert(metrics.loss);
+        last_loss = Some(metrics.loss);
+        if let Some(out) = run.metrics_out.as_mut() {
+            out.write(&metrics).map_err(|e| WorkerError::io("cannot write", out.path(), e))?;
+        }
+        if let Some(obs) = observer.as_deref_mut() {
+            obs.on_step(&metrics);
+        }
+        if let Some(client) = client {
+            report_step(client, run.rank, &run.state, &local.step, &metrics)?;
+        }
+        if let Some(step) = run.saver.newly_committed() {
+            let url = run.saver.store().step_url(step);
+            if let Some(obs) = observer.as_deref_mut() {
+                obs.on_checkpoint(step, &url);
+            }
+            last_checkpoint = Some(url);
+        }
+        if preempted {
+            break;
+        }
+        if let Some((before, after)) = run.maybe_rebalance(&metrics.tokens_per_expert)? {
+            if let Some(obs) = observer.as_deref_mut() {
+                obs.on_rebalance(run.state.step, before, after);
+            }
+        }
+    }
+    Ok(TrainSummary {
+        first_loss,
+        last_loss,
+        steps_run: run.state.step - start.start_step,
+        final_step: run.state.step,
+        checkpoint: last_checkpoint,
+        seconds: started.elapsed().as_secs_f64(),
+        preempted,
+    })
+}
+
+/// What one rank holds from one step to the next.
+pub(crate) struct RankRun<'a> {
+    job: &'a JobConfig,
+    /// Every rank of the job.
+    comm: &'a mut dyn Communicator,
+    groups: Groups,
+    dims: ParallelDims,
+    /// This rank in the world.
+    rank: usize,
+    /// The node (host name) of every rank, in rank order.
+    nodes: Vec<String>,
+    techniques: Techniques,
+    exposure: Exposure,
+    data: DataSource,
+    rope: RopeTable,
+    scales: LossScales,
+    /// Micro-batches per rank per step.
+    accumulation: usize,
+    tokens_per_step: u64,
+    /// The step the run stops at (`train.steps`, or `--stop-at`).
+    end: u64,
+    placement: PlacementPlan,
+    /// Balanced placement: tokens per expert since the last plan.
+    expert_loads: Vec<Vec<f64>>,
+    state: TrainState,
+    grads: ModelWeights,
+    /// The second lane's gradients, added into `grads` after the passes.
+    grads_b: Option<ModelWeights>,
+    saver: Checkpointer<'a>,
+    metrics_out: Option<MetricsWriter>,
+}
+
+impl<'a> RankRun<'a> {
+    /// Everything before the first step; nothing is written until every
+    /// input is checked.
+    fn start(
+        job: &'a JobConfig,
+        opts: &RunOptions,
+        comm: &'a mut dyn Communicator,
+        client: Option<&'a CoordinatorClient>,
+    ) -> Result<(Self, StartInfo), WorkerError> {
+        let cfg = &job.model;
+        let dims = job.parallel_dims()?;
+        let rank = comm.rank();
+        let placement = agreed_plan(job, &dims, rank, client)?;
+        // Which node each rank runs on: for the overlap choice, the banner
+        // (and proof of a multi-node run) and node-aware placement.
+        let nodes: Vec<String> = gather_json(comm, &node_name())?;
+        let accumulation = job.grad_accumulation(dims.dp);
+        let techniques = Techniques::choose(
+            &job.overlap,
+            &RankLayout {
+                backend: job.parallel.backend,
+                world: dims.world,
+                attn_tp: dims.attn_tp,
+                micro_batches: accumulation,
+                layer_grad_values: dense_layer_values(cfg),
+                threads_ok: collectives::mpi::comm_threads_allowed(),
+                spans_nodes: nodes.iter().any(|n| *n != nodes[0]),
+            },
+        );
+        let groups = Groups::split(comm, &dims, &techniques)?;
+        let data = open_data(job)?;
+        let (store, mut state, resumed_from) = starting_state(job, opts, &placement, dims.ep_rank(rank))?;
+        if dims.attn_tp > 1 {
+            cut_to_shard(&mut state, cfg.d_model, dims.tp_rank(rank), dims.attn_tp);
+        }
+        let metrics_out =
+            if rank == 0 { prepare_run_folder(job, &opts.run_dir, &store, client.is_some())? } else { None };
+        let saver = Checkpointer::new(store, client, job.checkpoint.keep_last);
+        let tokens_per_step = (job.train.global_batch_size * cfg.seq_len) as u64;
+        // Every micro-batch of the global batch counts once in the aux and z terms.
+        let micro_batches = (dims.dp * accumulation) as f32;
+        let info = StartInfo {
+            start_step: state.step,
+            total_steps: job.train.steps,
+            checkpoint_url: saver.store().url().to_string(),
+            resumed_from,
+            num_params: cfg.num_params(),
+            num_active_params: cfg.num_active_params(),
+            tokens_per_step,
+            grad_accumulation: accumulation,
+            dims,
+            nodes: nodes.clone(),
+            overlap: techniques,
+        };
+        let grads = state.weights.zeros_like();
+        let run = RankRun {
+            job,
+            comm,
+            grads_b: groups.second.as_ref().map(|_| state.weights.zeros_like()),
+            groups,
+            dims,
+            rank,
+            nodes,
+            techniques,
+            exposure: Exposure::new(1),
+            data,
+            rope: RopeTable::new(cfg.seq_len, cfg.head_dim(), cfg.rope_theta),
+            scales: LossScales {
+                ce: 1.0 / tokens_per_step as f32,
+                aux: cfg.aux_loss_coef / micro_batches,
+                z: cfg.z_loss_coef / micro_batches,
+            },
+            accumulation,
+            tokens_per_step,
+            end: opts.stop_at.map_or(job.train.steps, |s| s.min(job.train.steps)),
+            expert_loads: vec![vec![0.0f64; cfg.n_experts]; cfg.n_layers],
+            placement,
+            state,
+            grads,
+            saver,
+            metrics_out,
+        };
+        Ok((run, info))
+    }
+
+    /// With attention shards, keeps only this rank's part of the dense
+    /// attention tensors of a state loaded whole (a rebalance).
+    fn cut_to_this_shard(&mut self) {
+        let dims = self.dims;
+        if dims.attn_tp > 1 {
+            cut_to_shard(&mut self.state, self.job.model.d_model, dims.tp_rank(self.rank), dims.attn_tp);
+        }
+    }
+
+    /// Gradient sync over the layout's groups; returns the global norm.
+    fn sync_gradients(&mut self, bucketed: bool) -> Result<f64, WorkerError> {
+        let inputs = grad_sync::SyncInputs {
+            cfg: &self.job.model,
+            dims: self.dims,
+            ep_rank: self.dims.ep_rank(self.rank),
+            placement: &self.placement,
+            bucketed,
+        };
+        grad_sync::sync_gradients(self.comm, &mut self.groups, &mut self.grads, self.grads_b.as_ref(), &inputs)
+    }
+
+    /// Starts saving this step (every rank at once). Checkpoints hold full
+    /// tensors, so attention shards are joined first.
+    fn save_checkpoint(&mut self) -> Result<SaveStall, WorkerError> {
+        let (job, dims) = (self.job, &self.dims);
+        match self.groups.tp.as_mut() {
+            Some(tp) => {
+                let full = joined(&self.state, tp.as_mut(), job.model.d_model)?;
+                self.saver.save(self.comm, job, dims, &self.placement, &full)
+            }
+            None => self.saver.save(self.comm, job, dims, &self.placement, &self.state),
+        }
+    }
+
+    /// The sizes the step's metrics are reduced with.
+    fn shape(&self) -> StepShape {
+        let train = &self.job.train;
+        StepShape {
+            world: self.dims.world,
+            rank: self.rank,
+            tokens_per_step: self.tokens_per_step,
+            micro_batches: (train.global_batch_size / train.micro_batch_size) as f64,
+            n_experts: self.job.model.n_experts,
+        }
+    }
+}

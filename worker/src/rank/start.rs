@@ -1,0 +1,155 @@
+//! Before the first step: the layout agreed with the coordinator, the
+//! starting state (fresh or from a checkpoint), the data, and the run
+//! folder. Every check that can refuse the job runs before anything is
+//! written, on every rank alike, so a refusal stops all of them the same way.
+
+use crate::api::{checkpoint_url, Resume, RunOptions};
+use crate::config::JobConfig;
+use crate::data::DataSource;
+use crate::error::WorkerError;
+use crate::metrics::MetricsWriter;
+use crate::state::TrainState;
+use checkpoint::CheckpointStore;
+use layout::{ParallelDims, PlacementPlan};
+use std::path::Path;
+use wire::client::CoordinatorClient;
+
+/// The placement plan to start from: the coordinator's when there is one
+/// (after checking it serves this job's layout), else the contiguous plan
+/// every rank computes alike.
+pub(crate) fn agreed_plan(
+    job: &JobConfig,
+    dims: &ParallelDims,
+    rank: usize,
+    client: Option<&CoordinatorClient>,
+) -> Result<PlacementPlan, WorkerError> {
+    let cfg = &job.model;
+    let welcome = client.map(CoordinatorClient::welcome);
+    if let Some(served) = welcome.and_then(|w| w.dims) {
+        if served != *dims {
+            let detail = format!("coordinator {served:?}, this rank {dims:?}");
+            return Err(WorkerError::NotTheSameJob { rank, what: "parallel layout", detail });
+        }
+    }
+    match welcome.and_then(|w| w.plan.clone()) {
+        Some(plan) if plan.num_ranks == dims.ep && plan.owners.len() == cfg.n_layers => Ok(plan),
+        Some(plan) => {
+            let detail = format!(
+                "the plan is for {} ranks and {} layers, this job has {} and {}",
+                plan.num_ranks,
+                plan.owners.len(),
+                dims.ep,
+                cfg.n_layers
+            );
+            Err(WorkerError::NotTheSameJob { rank, what: "placement plan", detail })
+        }
+        None => Ok(PlacementPlan::contiguous(cfg.n_layers, cfg.n_experts, dims.ep)),
+    }
+}
+
+/// This machine's host name (per UTS namespace, as `hostname` prints it).
+pub(crate) fn node_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_string())
+        .unwrap_or_else(|_| std::env::var("HOSTNAME").unwrap_or_else(|_| "unknown".into()))
+}
+
+/// Rank 0, once every input is checked: the run folder with the resolved
+/// config, uncommitted steps of an earlier attempt cleaned up, and
+/// `metrics.jsonl` opened unless a coordinator writes it (it has every
+/// rank's report).
+pub(crate) fn prepare_run_folder(
+    job: &JobConfig,
+    run_dir: &Path,
+    store: &CheckpointStore,
+    coordinated: bool,
+) -> Result<Option<MetricsWriter>, WorkerError> {
+    std::fs::create_dir_all(run_dir).map_err(|e| WorkerError::io("cannot create run folder", run_dir, e))?;
+    let config_path = run_dir.join("config.toml");
+    std::fs::write(&config_path, job.to_toml()).map_err(|e| WorkerError::io("cannot write", &config_path, e))?;
+    let metrics = if coordinated {
+        None
+    } else {
+        let path = run_dir.join("metrics.jsonl");
+        Some(MetricsWriter::append(&path).map_err(|e| WorkerError::io("cannot open", &path, e))?)
+    };
+    store.cleanup_uncommitted()?;
+    Ok(metrics)
+}
+
+/// Opens the store and finds the starting state; errors before anything is written.
+pub(crate) fn starting_state(
+    job: &JobConfig,
+    opts: &RunOptions,
+    plan: &PlacementPlan,
+    ep_rank: usize,
+) -> Result<(CheckpointStore, TrainState, Option<String>), WorkerError> {
+    let (root, step) = match &opts.resume {
+        Resume::From(url) => {
+            let (root, step) = checkpoint::parse_step_url(url)?;
+            (root, Some(step))
+        }
+        _ => (checkpoint_url(job, &opts.run_dir), None),
+    };
+    let store = CheckpointStore::open_with(&root, &job.checkpoint.store_options())?;
+    let step = match (&opts.resume, step) {
+        (Resume::From(_), step) => step,
+        (Resume::Latest, _) => {
+            let latest = store.latest_step()?;
+            if latest.is_none() {
+                return Err(WorkerError::Incompatible {
+                    url: root.clone(),
+                    reason: "there is no committed checkpoint there. Start without --resume, or point \
+                             --run-dir / [checkpoint] url at the run to continue"
+                        .into(),
+                });
+            }
+            latest
+        }
+        (Resume::LatestOrFresh, _) => store.latest_step()?,
+        (Resume::No, _) => {
+            if let Some(existing) = store.latest_step()? {
+                return Err(WorkerError::Incompatible {
+                    url: root.clone(),
+                    reason: format!(
+                        "the run folder already holds a checkpoint (step {existing}). Add --resume to continue it, \
+                         or pick another --run-dir so nothing saved is overwritten"
+                    ),
+                });
+            }
+            None
+        }
+    };
+    match step {
+        Some(step) => {
+            let state = TrainState::load(&store, step, job, plan, ep_rank)?;
+            let from = store.step_url(step);
+            // Checkpoints keep going to the job's own URL.
+            let store = if matches!(opts.resume, Resume::From(_)) {
+                CheckpointStore::open_with(&checkpoint_url(job, &opts.run_dir), &job.checkpoint.store_options())?
+            } else {
+                store
+            };
+            Ok((store, state, Some(from)))
+        }
+        None => Ok((store, TrainState::fresh(job, plan, ep_rank), None)),
+    }
+}
+
+/// Opens the training data and checks it fits the model.
+pub(crate) fn open_data(job: &JobConfig) -> Result<DataSource, WorkerError> {
+    let data = job.data.open_source()?;
+    data.check_len(job.model.seq_len + 1)?;
+    if data.vocab() > job.model.vocab {
+        return Err(WorkerError::Incompatible {
+            url: job.data.source.clone(),
+            reason: format!(
+                "the data's vocabulary has {} tokens but [model] vocab is {}: set model.vocab to at least {}",
+                data.vocab(),
+                job.model.vocab,
+                data.vocab()
+            ),
+        });
+    }
+    Ok(data)
+}

@@ -1,0 +1,274 @@
+//! What a step measured on this rank, summed over the ranks into the
+//! step's metrics, and sent to the coordinator.
+//!
+//! The numbers travel in two all-reduces: sums over ranks ([`StepSums`]
+//! plus the per-layer expert counts) and one slot per rank
+//! ([`RankValues`]). Each is a struct of named f64 fields that converts to
+//! and from its flat array in one place, so a new metric is one field, not
+//! an offset kept in step in two functions.
+
+use crate::dispatch::DispatchStats;
+use crate::error::WorkerError;
+use crate::metrics::{RankMetrics, StepMetrics};
+use crate::preemption;
+use crate::state::TrainState;
+use crate::sync::sum_over_ranks;
+use collectives::Communicator;
+use model::model::ForwardStats;
+use wire::client::CoordinatorClient;
+use wire::protocol::{overlap_efficiency, StepReport};
+
+/// A struct of named `f64` fields that travels as one flat array.
+macro_rules! packed_f64 {
+    ($(#[$meta:meta])* struct $name:ident { $($(#[$field_meta:meta])* $field:ident,)* }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, Default, PartialEq)]
+        pub(crate) struct $name {
+            $($(#[$field_meta])* pub $field: f64,)*
+        }
+
+        impl $name {
+            /// Number of values in the flat form.
+            pub const LEN: usize = [$(stringify!($field)),*].len();
+
+            /// The fields in declaration order.
+            pub fn to_values(self) -> [f64; Self::LEN] {
+                [$(self.$field),*]
+            }
+
+            /// The inverse of [`Self::to_values`]; `values` holds exactly `LEN`.
+            pub fn from_values(values: &[f64]) -> Self {
+                let mut next = values.iter().copied();
+                let packed = Self { $($field: next.next().expect("a full slot"),)* };
+                debug_assert!(next.next().is_none(), "a slot of {} values", Self::LEN);
+                packed
+            }
+        }
+    };
+}
+
+packed_f64! {
+    /// Sums over every rank.
+    struct StepSums {
+        ce_sum,
+        aux,
+        z,
+        /// 1 on a rank that got SIGTERM: the flag rides in the same
+        /// all-reduce so pre-emption costs the step no extra collective.
+        preempted,
+    }
+}
+
+packed_f64! {
+    /// One rank's slot: every rank fills its own, the sum gathers them.
+    struct RankValues {
+        tokens,
+        expert_rows,
+        compute_s,
+        alltoall_s,
+        expert_s,
+        bytes_sent,
+        bytes_received,
+        comm_s,
+        exposed_comm_s,
+        alltoall_waited_s,
+    }
+}
+
+/// What this rank measured during one step, before reduction over ranks.
+#[derive(Default)]
+pub(crate) struct LocalStep {
+    pub ce_sum: f64,
+    pub aux: f64,
+    pub z: f64,
+    pub tokens_per_expert: Vec<Vec<usize>>,
+    pub dropped: Vec<usize>,
+    pub tokens: usize,
+    pub compute_s: f64,
+    pub dispatch: DispatchStats,
+    /// Communication time (all-to-all, gradient buckets, gradient sync)
+    /// and the part of it no computation hid.
+    pub comm_s: f64,
+    pub exposed_comm_s: f64,
+}
+
+/// The step's sizes the reduction divides by.
+pub(crate) struct StepShape {
+    pub world: usize,
+    pub rank: usize,
+    pub tokens_per_step: u64,
+    /// Micro-batches of the global batch (each counts once in aux and z).
+    pub micro_batches: f64,
+    pub n_experts: usize,
+}
+
+impl LocalStep {
+    /// Adds one micro-batch's forward statistics.
+    pub fn add(&mut self, stats: &ForwardStats) {
+        self.ce_sum += stats.ce_sum;
+        self.aux += stats.aux_loss.iter().map(|&a| a as f64).sum::<f64>();
+        self.z += stats.z_loss.iter().map(|&z| z as f64).sum::<f64>();
+        self.tokens += stats.num_tokens;
+        if self.tokens_per_expert.is_empty() {
+            self.tokens_per_expert = stats.tokens_per_expert.clone();
+            self.dropped = stats.dropped.clone();
+            return;
+        }
+        for (acc, layer) in self.tokens_per_expert.iter_mut().zip(&stats.tokens_per_expert) {
+            acc.iter_mut().zip(layer).for_each(|(a, b)| *a += b);
+        }
+        self.dropped.iter_mut().zip(&stats.dropped).for_each(|(a, b)| *a += b);
+    }
+
+    fn rank_values(&self) -> RankValues {
+        RankValues {
+            tokens: self.tokens as f64,
+            expert_rows: self.dispatch.rows_computed as f64,
+            compute_s: self.compute_s,
+            alltoall_s: self.dispatch.alltoall_s,
+            expert_s: self.dispatch.expert_s,
+            bytes_sent: self.dispatch.bytes_sent as f64,
+            bytes_received: self.dispatch.bytes_received as f64,
+            comm_s: self.comm_s,
+            exposed_comm_s: self.exposed_comm_s,
+            alltoall_waited_s: self.dispatch.alltoall_exposed_s,
+        }
+    }
+
+    /// Sums over ranks into the step's metrics (identical on every rank),
+    /// and whether any rank got SIGTERM.
+    pub fn reduce(&self, comm: &mut dyn Communicator, shape: &StepShape) -> Result<(StepMetrics, bool), WorkerError> {
+        let sums = StepSums {
+            ce_sum: self.ce_sum,
+            aux: self.aux,
+            z: self.z,
+            preempted: if preemption::requested() { 1.0 } else { 0.0 },
+        };
+        // [sums | tokens per expert, layer by layer | dropped per layer]
+        let mut totals = sums.to_values().to_vec();
+        totals.extend(self.tokens_per_expert.iter().flatten().map(|&c| c as f64));
+        totals.extend(self.dropped.iter().map(|&c| c as f64));
+        sum_over_ranks(comm, &mut totals)?;
+        let (sums, counts) = totals.split_at(StepSums::LEN);
+        let sums = StepSums::from_values(sums);
+        let (expert_counts, dropped) = counts.split_at(self.tokens_per_expert.len() * shape.n_experts);
+        let tokens_per_expert = expert_counts
+            .chunks_exact(shape.n_experts.max(1))
+            .map(|layer| layer.iter().map(|&c| c as usize).collect())
+            .collect();
+        let dropped = dropped.iter().map(|&c| c as usize).collect();
+
+        let mut slots = vec![0.0; shape.world * RankValues::LEN];
+        slots[shape.rank * RankValues::LEN..][..RankValues::LEN].copy_from_slice(&self.rank_values().to_values());
+        sum_over_ranks(comm, &mut slots)?;
+        let per_rank: Vec<RankMetrics> = slots
+            .chunks_exact(RankValues::LEN)
+            .map(RankValues::from_values)
+            .enumerate()
+            .map(|(rank, v)| RankMetrics {
+                rank,
+                tokens: v.tokens as u64,
+                expert_rows: v.expert_rows as u64,
+                compute_s: v.compute_s,
+                alltoall_s: v.alltoall_s,
+                expert_s: v.expert_s,
+                alltoall_bytes_sent: v.bytes_sent as u64,
+                alltoall_bytes_received: v.bytes_received as u64,
+                comm_s: v.comm_s,
+                exposed_comm_s: v.exposed_comm_s,
+                alltoall_waited_s: v.alltoall_waited_s,
+            })
+            .collect();
+        let slowest = |f: fn(&RankMetrics) -> f64| per_rank.iter().map(f).fold(0.0, f64::max);
+        let metrics = StepMetrics {
+            loss: sums.ce_sum / shape.tokens_per_step as f64,
+            aux_loss: sums.aux / shape.micro_batches,
+            z_loss: sums.z / shape.micro_batches,
+            tokens: shape.tokens_per_step,
+            tokens_per_expert,
+            dropped,
+            alltoall_bytes_sent: per_rank.iter().map(|r| r.alltoall_bytes_sent).sum(),
+            alltoall_bytes_received: per_rank.iter().map(|r| r.alltoall_bytes_received).sum(),
+            alltoall_s: slowest(|r| r.alltoall_s),
+            expert_s: slowest(|r| r.expert_s),
+            compute_s: slowest(|r| r.compute_s),
+            comm_s: slowest(|r| r.comm_s),
+            exposed_comm_s: slowest(|r| r.exposed_comm_s),
+            overlap_efficiency: overlap_efficiency(per_rank.iter().map(|r| (r.comm_s, r.exposed_comm_s))),
+            per_rank,
+            ..Default::default()
+        };
+        Ok((metrics, sums.preempted > 0.0))
+    }
+}
+
+/// Sends this rank's numbers of the step just done; a stop from the
+/// coordinator (another rank was lost) ends the run here.
+pub(crate) fn report_step(
+    client: &CoordinatorClient,
+    rank: usize,
+    state: &TrainState,
+    local: &LocalStep,
+    metrics: &StepMetrics,
+) -> Result<(), WorkerError> {
+    let expert_rows = if metrics.per_rank.len() > 1 {
+        local.dispatch.rows_computed
+    } else {
+        local.tokens_per_expert.iter().flatten().sum::<usize>() as u64
+    };
+    let report = StepReport {
+        rank: rank as u32,
+        step: state.step,
+        ce_sum: local.ce_sum,
+        tokens: local.tokens as u64,
+        step_time_s: metrics.step_time_s,
+        expert_rows,
+        dropped: local.dropped.iter().sum::<usize>() as u64,
+        alltoall_bytes: local.dispatch.bytes_sent,
+        alltoall_s: local.dispatch.alltoall_s,
+        comm_s: local.comm_s,
+        exposed_comm_s: local.exposed_comm_s,
+        // The coordinator writes metrics.jsonl from rank 0's line.
+        detail: (rank == 0).then(|| serde_json::to_string(metrics).expect("metrics serialise")),
+    };
+    client.report(report).map_err(|e| WorkerError::coordinator(rank, e))?;
+    match client.stop_reason() {
+        Some(reason) => Err(WorkerError::Stopped { reason }),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packed_values_round_trip_by_name() {
+        let v = RankValues { tokens: 1.0, alltoall_waited_s: 10.0, comm_s: 8.0, ..Default::default() };
+        let flat = v.to_values();
+        assert_eq!(flat.len(), RankValues::LEN);
+        assert_eq!((flat[0], flat[RankValues::LEN - 1]), (1.0, 10.0));
+        assert_eq!(RankValues::from_values(&flat), v);
+        assert_eq!(StepSums::LEN, 4);
+    }
+
+    #[test]
+    fn one_rank_reduction_keeps_every_count_in_its_place() {
+        let local = LocalStep {
+            ce_sum: 12.0,
+            aux: 0.5,
+            z: 0.25,
+            tokens_per_expert: vec![vec![1, 2, 3], vec![4, 5, 6]],
+            dropped: vec![7, 8],
+            tokens: 6,
+            ..Default::default()
+        };
+        let shape = StepShape { world: 1, rank: 0, tokens_per_step: 6, micro_batches: 2.0, n_experts: 3 };
+        let (m, preempted) = local.reduce(&mut collectives::SelfComm, &shape).unwrap();
+        assert!(!preempted);
+        assert_eq!((m.loss, m.aux_loss, m.z_loss), (2.0, 0.25, 0.125));
+        assert_eq!(m.tokens_per_expert, vec![vec![1, 2, 3], vec![4, 5, 6]]);
+        assert_eq!(m.dropped, vec![7, 8]);
+        assert_eq!(m.per_rank[0].tokens, 6);
+    }
+}
