@@ -12,7 +12,7 @@
 use super::cluster::Cluster;
 use super::shape::{RankShape, Routing};
 use super::step::{kernel_parts, predict, KernelParts, Options};
-use crate::step_summary::read_metrics;
+use crate::run::step_summary::read_metrics;
 use anyhow::{bail, Context, Result};
 use collectives::local::LocalWorld;
 use collectives::Communicator;

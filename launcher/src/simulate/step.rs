@@ -133,27 +133,50 @@ pub fn kernel_parts(s: &RankShape, cluster: &Cluster) -> KernelParts {
 /// Every kernel kind of the busiest rank with its seconds per step
 /// (launch overheads included), and every collective with its seconds:
 /// where the predicted time goes.
-pub fn breakdown(s: &RankShape, cluster: &Cluster) -> Vec<(String, f64)> {
+pub fn breakdown(s: &RankShape, cluster: &Cluster) -> Vec<BreakdownRow> {
     let at = Placement::of(cluster, s.ranks);
     let timing = Timing::new(cluster, &at);
     let kernels = Kernels::of(s);
     let mut out = Vec::new();
     for g in &kernels.gemms {
         let one = Kernels { gemms: vec![g.clone()], streams: Vec::new() };
-        out.push((format!("{} ({:.3} GFLOP)", g.name, g.flops_each * g.count / 1e9), timing.kernels(&one)));
+        let amount = Amount::Flops(g.flops_each * g.count);
+        out.push(BreakdownRow { name: g.name.to_string(), amount, seconds: timing.kernels(&one) });
     }
     for st in &kernels.streams {
         let one = Kernels { gemms: Vec::new(), streams: vec![st.clone()] };
-        let bytes = st.values * cluster.precision.activation_bytes;
-        out.push((
-            format!("{} ({})", st.name, crate::commands::simulate_table::human_bytes(bytes)),
-            timing.kernels(&one),
-        ));
+        let amount = Amount::Bytes(st.values * cluster.precision.activation_bytes);
+        out.push(BreakdownRow { name: st.name.to_string(), amount, seconds: timing.kernels(&one) });
     }
     for c in collectives(s, &cluster.precision) {
-        out.push((format!("{} (x{})", c.name, c.count), timing.collective(&c)));
+        out.push(BreakdownRow {
+            name: c.name.to_string(),
+            amount: Amount::Calls(c.count),
+            seconds: timing.collective(&c),
+        });
     }
     out
+}
+
+/// One line of [`breakdown`]: a kernel or collective, how much it does per
+/// step, and its predicted time. The caller formats it (the model has no
+/// presentation code).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BreakdownRow {
+    pub name: String,
+    pub amount: Amount,
+    pub seconds: f64,
+}
+
+/// How much a breakdown row does per step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Amount {
+    /// Floating-point operations of a matrix product.
+    Flops(f64),
+    /// Bytes an elementwise pass streams.
+    Bytes(f64),
+    /// Calls of a collective.
+    Calls(f64),
 }
 
 /// Kernel and collective times on one device, for ranks placed as given.

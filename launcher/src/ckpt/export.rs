@@ -5,7 +5,8 @@ use checkpoint::is_optimizer_state;
 use std::path::Path;
 use std::time::Instant;
 
-use super::ckpt::{human_bytes, open_step};
+use crate::ckpt::open_step;
+use crate::format::human_bytes;
 
 /// Exports the model tensors of a step (and the optimizer moments with
 /// `with_optimizer`) to `to`.
@@ -16,7 +17,7 @@ pub fn run(arg: &str, to: &Path, with_optimizer: bool) -> Result<()> {
     println!(
         "exported {} tensors ({}) of {} to {} in {:.2}s",
         report.num_tensors,
-        human_bytes(report.num_bytes),
+        human_bytes(report.num_bytes as f64),
         store.step_url(step),
         to.display(),
         started.elapsed().as_secs_f64()

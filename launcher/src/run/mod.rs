@@ -1,7 +1,26 @@
-//! `switchyard train`.
+//! `switchyard train` and `switchyard worker`: resolve the job, run its
+//! coordinator, start the ranks (threads here, or processes under mpirun
+//! from a typed launch plan), and restart after a failure as the restart
+//! policy says.
+//!
+//! Parts: `launch_plan` (how MPI ranks are started), `restart` (the policy,
+//! pure functions), `mpirun`, `coordinator_process` (the coordinator of a
+//! run on this machine), `coordinator_cmd` (`switchyard coordinator`),
+//! `progress` (what the console shows) and `step_summary` (reading
+//! metrics.jsonl back).
 
-use crate::coordinator_run::RunningCoordinator;
-use crate::progress::ConsoleProgress;
+pub mod coordinator_cmd;
+pub mod coordinator_process;
+pub mod launch_plan;
+pub mod mpirun;
+pub mod progress;
+pub mod restart;
+pub mod step_summary;
+
+use crate::run::coordinator_process::RunningCoordinator;
+use crate::run::launch_plan::RankLaunch;
+use crate::run::progress::ConsoleProgress;
+use crate::run::restart::{AttemptEnd, Next};
 use anyhow::{bail, Context, Result};
 use checkpoint::CheckpointStore;
 use clap::Args;
@@ -102,45 +121,51 @@ pub fn run(args: TrainArgs) -> Result<()> {
         // Checked here so a bad layout is reported once, not by every rank.
         job.parallel_dims()?;
     }
-    let mut attempt = 0;
+    let mut restarts = 0;
     loop {
         // A fresh coordinator per attempt: the ranks of a restart register anew.
         let coordinator = RunningCoordinator::start(&job, &run_dir)?;
         eprintln!("{}", coordinator.banner());
         let result = if job.parallel.backend == Backend::Mpi {
-            run_mpi(&job, &resume, &coordinator)
+            let launch =
+                RankLaunch { job: &job, run_dir: &run_dir, resume: &resume, stop_at: args.stop_at, quiet: args.quiet };
+            run_mpi(&launch, &coordinator)
         } else {
             run_here(&job, &args, &run_dir, resume.clone(), Some(coordinator.link()), true)
         };
-        let lost = coordinator.first_lost();
+        let lost = coordinator.first_lost().map(|rank| rank as usize);
         drop(coordinator);
-        let error = match result {
-            Ok(()) => return Ok(()),
+        let end = match &result {
+            Ok(()) => AttemptEnd::Finished,
             // Pre-emption is the scheduler's decision, not a failure to retry.
-            Err(e) if e.is::<Preempted>() => return Err(e),
-            Err(e) if attempt < args.max_restarts => e,
-            Err(e) => return Err(e),
+            Err(e) if e.is::<Preempted>() => AttemptEnd::Preempted,
+            Err(_) => AttemptEnd::Failed { lost_rank: lost },
         };
-        attempt += 1;
-        eprintln!("error: {error:#}");
-        if let (Some(rank), false) = (lost, job.launch.hosts.is_empty()) {
-            job = without_host_of(job, rank as usize, &args, &overrides)?;
+        let (attempt, drop_host_of) =
+            match restart::after_attempt(end, restarts, args.max_restarts, !job.launch.hosts.is_empty()) {
+                Next::Stop => return result,
+                Next::Restart { attempt, drop_host_of } => (attempt, drop_host_of),
+            };
+        restarts = attempt;
+        if let Err(error) = result {
+            eprintln!("error: {error:#}");
+        }
+        if let Some(rank) = drop_host_of {
+            job = without_host_of(job, rank, &args, &overrides)?;
         }
         let store = CheckpointStore::open_with(&checkpoint_url(&job, &run_dir), &job.checkpoint.store_options())?;
-        resume = match store.latest_step()? {
-            Some(step) => {
-                eprintln!(
-                    "restart {attempt}/{}: resuming from step {step} ({})",
-                    args.max_restarts,
-                    store.step_url(step)
-                );
-                Resume::Latest
-            }
+        let latest = store.latest_step()?;
+        match latest {
+            Some(step) => eprintln!(
+                "restart {attempt}/{}: resuming from step {step} ({})",
+                args.max_restarts,
+                store.step_url(step)
+            ),
             None => {
-                eprintln!("restart {attempt}/{}: no checkpoint was committed yet, starting over", args.max_restarts);
-                Resume::No
+                eprintln!("restart {attempt}/{}: no checkpoint was committed yet, starting over", args.max_restarts)
             }
-        };
+        }
+        resume = restart::resume_after_restart(latest);
     }
 }
 
@@ -164,34 +189,23 @@ fn toml_list(items: &[String]) -> String {
     format!("[{}]", quoted.join(", "))
 }
 
-/// The job without the host that ran `lost_rank` (mpirun fills each host's
-/// slots in order), on the ranks that remain; the layout is recomputed and
-/// checked for the smaller world.
+/// The job without the host that ran `lost_rank`, on the ranks that
+/// remain; the layout is recomputed and checked for the smaller world.
 fn without_host_of(job: JobConfig, lost_rank: usize, args: &TrainArgs, overrides: &[String]) -> Result<JobConfig> {
-    let mut first = 0;
-    let mut remaining = Vec::new();
-    let mut gone = None;
-    for entry in &job.launch.hosts {
-        let slots: usize = entry.rsplit_once(':').and_then(|(_, n)| n.parse().ok()).unwrap_or(1);
-        if (first..first + slots).contains(&lost_rank) {
-            gone = Some(entry.clone());
-        } else {
-            remaining.push(entry.clone());
-        }
-        first += slots;
-    }
-    let Some(gone) = gone else {
+    let Some(loss) = restart::without_host_of(&job.launch.hosts, lost_rank) else {
         return Ok(job);
     };
-    let world: usize =
-        remaining.iter().map(|e| e.rsplit_once(':').and_then(|(_, n)| n.parse().ok()).unwrap_or(1)).sum();
+    let (gone, world) = (&loss.gone, loss.world);
     if world == 0 {
         bail!("host {gone} (rank {lost_rank}) is gone and no host remains");
     }
-    eprintln!("host {gone} (rank {lost_rank}) is gone: continuing on {} with {world} rank(s)", remaining.join(","));
+    eprintln!(
+        "host {gone} (rank {lost_rank}) is gone: continuing on {} with {world} rank(s)",
+        loss.remaining.join(",")
+    );
     let mut overrides = overrides.to_vec();
     overrides.push(format!("parallel.ranks={world}"));
-    overrides.push(format!("launch.hosts={}", toml_list(&remaining)));
+    overrides.push(format!("launch.hosts={}", toml_list(&loss.remaining)));
     JobConfig::load(args.config.as_deref(), &overrides)
         .with_context(|| format!("the job cannot continue on {world} rank(s) without {gone}"))
 }
@@ -240,35 +254,14 @@ impl std::fmt::Display for Preempted {
 
 impl std::error::Error for Preempted {}
 
-/// Runs the ranks as processes under mpirun: this command line again, with
-/// the attempt's resume choice and the coordinator in the environment.
-fn run_mpi(job: &JobConfig, resume: &Resume, coordinator: &RunningCoordinator) -> Result<()> {
-    let mut forwarded = Vec::new();
-    let mut given = std::env::args().skip(1);
-    while let Some(arg) = given.next() {
-        match arg.as_str() {
-            "--resume" | "--resume-if-any" => {}
-            // The attempt decides these below.
-            "--resume-from" | "--max-restarts" | "--ranks" | "--hosts" => {
-                given.next();
-            }
-            a if ["--resume-from=", "--max-restarts=", "--ranks=", "--hosts="].iter().any(|p| a.starts_with(p)) => {}
-            _ => forwarded.push(arg),
-        }
-    }
-    forwarded.extend(["--ranks".to_string(), job.parallel.ranks.to_string()]);
-    if !job.launch.hosts.is_empty() {
-        forwarded.extend(["--hosts".to_string(), job.launch.hosts.join(",")]);
-    }
-    match resume {
-        Resume::No => {}
-        Resume::Latest => forwarded.push("--resume".into()),
-        Resume::LatestOrFresh => forwarded.push("--resume-if-any".into()),
-        Resume::From(url) => forwarded.extend(["--resume-from".to_string(), url.clone()]),
-    }
+/// Runs the ranks as processes under mpirun, started from the attempt's
+/// typed launch plan, with the coordinator in the environment.
+fn run_mpi(launch: &RankLaunch, coordinator: &RunningCoordinator) -> Result<()> {
+    launch.write_config()?;
     let link = coordinator.link();
     let env = [(ADDR_VAR, link.addr), (TOKEN_VAR, link.token)];
-    let code = crate::mpirun::run_self(job.parallel.ranks, &forwarded, &env, &job.launch)?;
+    let job = launch.job;
+    let code = mpirun::run_self(job.parallel.ranks, &launch.args(), &env, &job.launch)?;
     if code != 0 && worker::preemption::requested() {
         return Err(Preempted { step: 0, run_dir: String::new(), quiet: false }.into());
     }

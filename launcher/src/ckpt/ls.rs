@@ -3,7 +3,8 @@
 use anyhow::{bail, Result};
 use checkpoint::{step_dir_name, CheckpointStore, StepFolder};
 
-use super::ckpt::{human_bytes, utc_time};
+use crate::ckpt::utc_time;
+use crate::format::human_bytes;
 
 /// What one table row says about a step beyond what the listing knows.
 struct Row {
@@ -49,7 +50,7 @@ pub fn run(root: &str) -> Result<()> {
             row.state,
             row.tokens,
             row.shards,
-            human_bytes(folder.num_bytes),
+            human_bytes(folder.num_bytes as f64),
             row.created
         );
     }

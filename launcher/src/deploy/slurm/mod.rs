@@ -2,7 +2,9 @@
 //! (slurm_script.rs), checked before anything reaches the scheduler: the
 //! layout, the backend, the binary, and that the checkpoint store answers.
 
-use crate::commands::slurm_script::{render, SlurmJob};
+pub mod script;
+
+use crate::deploy::slurm::script::{render, SlurmJob};
 use anyhow::{bail, Context, Result};
 use checkpoint::CheckpointStore;
 use clap::{Args, Subcommand};

@@ -1,9 +1,9 @@
 //! One sweep point: a real `switchyard train` in its own run folder, its
 //! peak memory taken from the kernel, its metrics reduced to a result row.
 
-use super::sweep_grid::Point;
-use super::sweep_results::PointResult;
-use crate::step_summary::{read_metrics, StepSummary};
+use crate::experiments::sweep::grid::Point;
+use crate::experiments::sweep::results::PointResult;
+use crate::run::step_summary::{read_metrics, StepSummary};
 use anyhow::{bail, Context, Result};
 use std::io::Read;
 use std::os::unix::process::ExitStatusExt;

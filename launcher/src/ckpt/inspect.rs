@@ -6,7 +6,8 @@ use layout::{ParallelDims, PlacementPlan};
 use serde_json::Value;
 use std::collections::BTreeMap;
 
-use super::ckpt::{human_bytes, open_step, read_manifest, utc_time};
+use crate::ckpt::{open_step, read_manifest, utc_time};
+use crate::format::human_bytes;
 
 /// Prints what the step holds, or its manifest as JSON with `json`.
 pub fn run(arg: &str, json: bool) -> Result<()> {
@@ -143,7 +144,7 @@ fn print_tensors(manifest: &Manifest) {
         "tensors: {} in {} shards, {} ({} model, {} optimizer state)",
         manifest.tensors.len(),
         manifest.shards.len(),
-        human_bytes(total),
+        human_bytes(total as f64),
         model.len(),
         optim.len()
     );

@@ -4,11 +4,16 @@
 //! and the sweep goes on; running the same command again skips the points
 //! already measured and retries the failed ones.
 
-use super::sweep_grid::Grid;
-use super::sweep_point::{self, PointJob};
-use super::sweep_results::{self, PointResult};
+pub mod grid;
+pub mod plots;
+pub mod point;
+pub mod results;
+
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use grid::Grid;
+use point::PointJob;
+use results::PointResult;
 use std::path::PathBuf;
 
 /// Arguments of `switchyard sweep`.
@@ -56,7 +61,7 @@ pub fn run(args: SweepArgs) -> Result<()> {
         warmup: grid.warmup,
     };
     let axes: Vec<String> = grid.axes.iter().map(|a| a.key.clone()).collect();
-    let previous = sweep_results::load(&out)?;
+    let previous = results::load(&out)?;
     let points = grid.points();
     let mut rows: Vec<PointResult> = Vec::new();
     let (mut ran, mut skipped, mut failed) = (0, 0, 0);
@@ -72,7 +77,7 @@ pub fn run(args: SweepArgs) -> Result<()> {
             }
             None => {
                 eprintln!("{label} ...");
-                let row = sweep_point::run(&job, point, &out.join("points").join(&id));
+                let row = point::run(&job, point, &out.join("points").join(&id));
                 eprintln!("{label} {}", summary(&row));
                 ran += 1;
                 row
@@ -84,9 +89,9 @@ pub fn run(args: SweepArgs) -> Result<()> {
         // rows of points still to come are kept until they are reached.
         let pending = previous.iter().filter(|r| points[i + 1..].iter().any(|p| p.id() == r.id));
         let kept: Vec<PointResult> = rows.iter().chain(pending).cloned().collect();
-        sweep_results::save(&out, &axes, &kept)?;
+        results::save(&out, &axes, &kept)?;
     }
-    let plots = super::sweep_plots::draw(&out, &grid, &rows)?;
+    let plots = crate::experiments::sweep::plots::draw(&out, &grid, &rows)?;
     eprintln!(
         "sweep: {} point(s): {ran} run, {skipped} skipped (already done), {failed} failed; results in {}",
         points.len(),

@@ -17,7 +17,7 @@
 //! anything: scripts/bench-overlap.sh runs it over network-namespace hosts
 //! with rate-limited links.
 
-use crate::step_summary::read_metrics;
+use crate::run::step_summary::read_metrics;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use std::path::{Path, PathBuf};

@@ -21,7 +21,8 @@
 //! which mpi4py calls, in turns with switchyard's exchange on the same
 //! buffers: that column compares the algorithms with everything else equal.
 
-use super::bench_turns::{Turns, TURNS_VAR};
+use crate::bench::turns::{Turns, TURNS_VAR};
+use crate::format::human_bytes;
 use anyhow::{bail, Context, Result};
 use collectives::launch::launched_rank;
 use collectives::local::LocalWorld;
@@ -297,8 +298,9 @@ fn measure_ours(
         "mpi" => {
             let args = ["bench", "alltoall", "--backend", "mpi", "--max-mib", &max_mib.to_string()].map(String::from);
             let env: Vec<(&str, String)> = turns.map(|t| (TURNS_VAR, t.env_value())).into_iter().collect();
-            let out =
-                crate::mpirun::self_command(ranks, &args, &env, None)?.output().map_err(crate::mpirun::not_started)?;
+            let out = crate::run::mpirun::self_command(ranks, &args, &env, None)?
+                .output()
+                .map_err(crate::run::mpirun::not_started)?;
             parse_rows(&out.stdout, "the MPI benchmark ranks")
         }
         other => bail!("--backend {other}: use local or mpi"),
@@ -348,14 +350,14 @@ fn peer_missing() -> Option<String> {
 /// Starts the same exchange through mpi4py under mpirun, taking `turns`.
 fn start_peer(ranks: usize, plan: &[Case], turns: &Turns) -> Result<std::process::Child> {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../bench/mpi4py_alltoallv.py");
-    crate::mpirun::command(ranks)
+    crate::run::mpirun::command(ranks)
         .args(["-x", TURNS_VAR])
         .env(TURNS_VAR, turns.env_value())
         .args(["python3", script, &serde_json::to_string(plan)?])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
-        .map_err(crate::mpirun::not_started)
+        .map_err(crate::run::mpirun::not_started)
 }
 
 /// The peer's rows; `abandon` (switchyard's side failed, so no turn will
@@ -371,14 +373,6 @@ fn finish_peer(mut job: std::process::Child, abandon: bool) -> Result<Vec<Measur
     parse_rows(&out.stdout, "the mpi4py script")
 }
 
-fn human_bytes(n: usize) -> String {
-    if n >= 1 << 20 {
-        format!("{} MiB", n >> 20)
-    } else {
-        format!("{} KiB", n >> 10)
-    }
-}
-
 fn print_table(r: &Report) {
     println!("switchyard bench alltoall: {} backend, {} ranks (bytes sent per rank per call)", r.backend, r.ranks);
     println!("peer: {}", r.peer_note);
@@ -391,7 +385,7 @@ fn print_table(r: &Report) {
     for row in &r.rows {
         println!(
             "| {} | {} | {:.2} | {} | {} | {} | {} | {} | {} |",
-            human_bytes(row.bytes),
+            human_bytes(row.bytes as f64),
             ms(row.seconds),
             row.gb_per_s,
             row.mpi4py_seconds.map_or("-".into(), ms),

@@ -1,27 +1,16 @@
 //! What `switchyard simulate` prints: one point in full, or a grid's
 //! points as a table (against measured rows when there are some).
 
-use super::sweep_results::PointResult;
+use crate::experiments::sweep::results::PointResult;
+use crate::format::human_bytes;
 use crate::simulate::cluster::Cluster;
 use crate::simulate::kernels::Part;
 use crate::simulate::shape::Routing;
-use crate::simulate::step::{Options, Prediction};
+use crate::simulate::step::{Amount, BreakdownRow, Options, Prediction};
 use worker::JobConfig;
 
 fn ms(s: f64) -> String {
     format!("{:.3} ms", s * 1e3)
-}
-
-/// Bytes in the largest binary unit that keeps the number above 1.
-pub fn human_bytes(b: f64) -> String {
-    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = b;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < units.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    format!("{value:.2} {}", units[unit])
 }
 
 fn flops(f: f64) -> String {
@@ -190,11 +179,16 @@ fn label(r: &PointResult) -> String {
 }
 
 /// Where the predicted time goes, kernel by kernel and collective by collective.
-pub fn print_breakdown(items: &[(String, f64)]) {
+pub fn print_breakdown(rows: &[BreakdownRow]) {
     println!();
     println!("| kernel or collective (per step, busiest rank) | predicted |");
     println!("|---|---:|");
-    for (name, seconds) in items {
-        println!("| {name} | {} |", ms(*seconds));
+    for row in rows {
+        let amount = match row.amount {
+            Amount::Flops(f) => format!("{:.3} GFLOP", f / 1e9),
+            Amount::Bytes(b) => human_bytes(b),
+            Amount::Calls(n) => format!("x{n}"),
+        };
+        println!("| {} ({amount}) | {} |", row.name, ms(row.seconds));
     }
 }

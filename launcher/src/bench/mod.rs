@@ -1,5 +1,12 @@
 //! `switchyard bench`.
 
+pub mod alltoall;
+pub mod checkpoint;
+pub mod layer;
+pub mod overlap;
+pub mod step;
+pub mod turns;
+
 use anyhow::Result;
 use clap::Subcommand;
 
@@ -108,7 +115,7 @@ pub enum BenchCommand {
 /// Runs a benchmark.
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
-        BenchCommand::Layer { json } => crate::commands::bench_layer::run(json),
+        BenchCommand::Layer { json } => crate::bench::layer::run(json),
         BenchCommand::Step { ranks, backends, config, overrides, steps, json } => {
             let backends = backends.unwrap_or_else(|| {
                 let mut all = vec!["local".to_string()];
@@ -117,17 +124,10 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                 }
                 all
             });
-            crate::commands::bench_step::run(crate::commands::bench_step::StepBench {
-                ranks,
-                backends,
-                config,
-                overrides,
-                steps,
-                json,
-            })
+            crate::bench::step::run(crate::bench::step::StepBench { ranks, backends, config, overrides, steps, json })
         }
         BenchCommand::Checkpoint { urls, config, overrides, rounds, json } => {
-            crate::commands::bench_checkpoint::run(crate::commands::bench_checkpoint::CheckpointBench {
+            crate::bench::checkpoint::run(crate::bench::checkpoint::CheckpointBench {
                 urls,
                 config,
                 overrides,
@@ -136,7 +136,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             })
         }
         BenchCommand::Overlap { config, overrides, ranks, backend, launcher, chunks, steps, rounds, json } => {
-            crate::commands::bench_overlap::run(crate::commands::bench_overlap::OverlapBench {
+            crate::bench::overlap::run(crate::bench::overlap::OverlapBench {
                 config,
                 overrides,
                 ranks,
@@ -149,7 +149,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             })
         }
         BenchCommand::Alltoall { ranks, backend, max_mib, rounds, json } => {
-            crate::commands::bench_alltoall::run(ranks, &backend, max_mib, rounds.max(1), json)
+            crate::bench::alltoall::run(ranks, &backend, max_mib, rounds.max(1), json)
         }
     }
 }

@@ -4,9 +4,10 @@
 //! `sweep.toml`, results files and plots, rows marked `predicted`).
 //! `switchyard simulate calibrate` writes a cluster file for this machine.
 
-use super::simulate_table;
-use super::sweep_grid::{Grid, Point};
-use super::sweep_results::{self, PointResult};
+pub mod table;
+
+use crate::experiments::sweep::grid::{Grid, Point};
+use crate::experiments::sweep::results::{self, PointResult};
 use crate::simulate::calibrate;
 use crate::simulate::cluster::Cluster;
 use crate::simulate::shape::{RankShape, Routing};
@@ -86,9 +87,9 @@ pub fn run(args: SimulateArgs) -> Result<()> {
         let options = Options { overlap: args.overlap || job_overlap(&job) };
         let shape = RankShape::of(&job, routing)?;
         let prediction = predict(&shape, &cluster, options);
-        simulate_table::print_point(&job, &cluster, options, routing, &prediction);
+        table::print_point(&job, &cluster, options, routing, &prediction);
         if args.kernels {
-            simulate_table::print_breakdown(&breakdown(&shape, &cluster));
+            table::print_breakdown(&breakdown(&shape, &cluster));
         }
         return Ok(());
     };
@@ -106,7 +107,7 @@ pub fn run(args: SimulateArgs) -> Result<()> {
         .collect();
     let measured = match &args.measured {
         Some(dir) => {
-            let found = sweep_results::load(dir)?;
+            let found = results::load(dir)?;
             if found.is_empty() {
                 bail!("{} holds no sweep results (results.json)", dir.display());
             }
@@ -114,12 +115,12 @@ pub fn run(args: SimulateArgs) -> Result<()> {
         }
         None => Vec::new(),
     };
-    simulate_table::print_grid(&cluster, &rows, &measured);
+    table::print_grid(&cluster, &rows, &measured);
     // Measured first, so that a chart's colours follow the grid's order per source.
     rows.splice(0..0, measured);
     let axes: Vec<String> = grid.axes.iter().map(|a| a.key.clone()).collect();
-    sweep_results::save(&out, &axes, &rows)?;
-    let plots = super::sweep_plots::draw(&out, &grid, &rows)?;
+    results::save(&out, &axes, &rows)?;
+    let plots = crate::experiments::sweep::plots::draw(&out, &grid, &rows)?;
     eprintln!("simulate: {} point(s) predicted; results in {}", grid.points().len(), out.display());
     for plot in plots {
         eprintln!("  {}", plot.display());

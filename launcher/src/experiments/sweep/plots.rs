@@ -6,14 +6,14 @@
 //! launcher/assets/DejaVu-LICENSE.txt) through ab_glyph, so neither format
 //! needs fontconfig, freetype or any font installed.
 
-use super::sweep_grid::Grid;
-use super::sweep_results::PointResult;
+use crate::experiments::sweep::grid::Grid;
+use crate::experiments::sweep::results::PointResult;
 use anyhow::{anyhow, Result};
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use std::path::{Path, PathBuf};
 
-static FONT: &[u8] = include_bytes!("../../assets/DejaVuSansMono.ttf");
+static FONT: &[u8] = include_bytes!("../../../assets/DejaVuSansMono.ttf");
 const SIZE: (u32, u32) = (900, 560);
 
 /// Reads one part of the step split from a row.
@@ -140,7 +140,7 @@ fn by_dimension(
                     grid.axes
                         .iter()
                         .find(|a| a.key == *k)
-                        .map_or(String::new(), |a| super::sweep_grid::plain_text(&a.values[v]))
+                        .map_or(String::new(), |a| crate::experiments::sweep::grid::plain_text(&a.values[v]))
                 })
                 .collect::<Vec<_>>()
                 .join(" / ")

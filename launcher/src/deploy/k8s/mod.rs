@@ -1,8 +1,12 @@
 //! `switchyard k8s render`: manifests for a job on Kubernetes (docs/kubernetes.md).
 
-use crate::k8s::manifests::{kustomization, manifests};
-use crate::k8s::plan::{plan, RenderRequest};
-use crate::k8s::yaml::to_yaml;
+pub mod manifests;
+pub mod plan;
+pub mod yaml;
+
+use crate::deploy::k8s::manifests::{kustomization, manifests};
+use crate::deploy::k8s::plan::{plan, RenderRequest};
+use crate::deploy::k8s::yaml::to_yaml;
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use std::path::PathBuf;

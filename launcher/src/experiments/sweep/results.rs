@@ -3,7 +3,7 @@
 //! simulator writes the same rows, marked `predicted`, so measured and
 //! predicted points share one file format and one set of plots.
 
-use super::sweep_grid::{plain_text, Point};
+use crate::experiments::sweep::grid::{plain_text, Point};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;

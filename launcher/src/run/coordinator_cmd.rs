@@ -5,7 +5,7 @@
 //! rank said goodbye (0 when all finished well), or non-zero after a rank
 //! was lost (every other rank is told to stop).
 
-use crate::coordinator_run::{commit_line, start_server};
+use crate::run::coordinator_process::{commit_line, start_server};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use coordinator::server::Event;

@@ -4,6 +4,10 @@
 //! Everything here opens roots read-only ([`CheckpointStore::open_existing`]),
 //! so a mistyped path is an error rather than a new empty folder.
 
+pub mod export;
+pub mod inspect;
+pub mod ls;
+
 use anyhow::{anyhow, Context, Result};
 use checkpoint::{CheckpointStore, Manifest};
 use clap::Subcommand;
@@ -47,10 +51,10 @@ pub enum CkptCommand {
 /// Runs a checkpoint subcommand.
 pub fn run(cmd: CkptCommand) -> Result<()> {
     match cmd {
-        CkptCommand::Ls { root } => super::ckpt_ls::run(&root),
-        CkptCommand::Inspect { step, json } => super::ckpt_inspect::run(&step, json),
+        CkptCommand::Ls { root } => crate::ckpt::ls::run(&root),
+        CkptCommand::Inspect { step, json } => crate::ckpt::inspect::run(&step, json),
         CkptCommand::Verify { step } => verify(&step),
-        CkptCommand::Export { step, to, with_optimizer } => super::ckpt_export::run(&step, &to, with_optimizer),
+        CkptCommand::Export { step, to, with_optimizer } => crate::ckpt::export::run(&step, &to, with_optimizer),
     }
 }
 
@@ -105,22 +109,6 @@ pub(crate) fn read_manifest(store: &CheckpointStore, step: u64) -> Result<Manife
     })
 }
 
-/// Bytes for people: B, KiB, MiB or GiB with one decimal.
-pub(crate) fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
-    let mut value = n as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
-}
-
 /// `YYYY-MM-DD HH:MM:SS` (UTC) of a Unix time, without a date crate: days
 /// to a civil date by Howard Hinnant's algorithm (proleptic Gregorian).
 pub(crate) fn utc_time(unix_s: u64) -> String {
@@ -149,13 +137,5 @@ mod tests {
         assert_eq!(utc_time(951_782_400), "2000-02-29 00:00:00");
         assert_eq!(utc_time(1_700_000_000), "2023-11-14 22:13:20");
         assert_eq!(utc_time(4_107_542_399), "2100-02-28 23:59:59");
-    }
-
-    #[test]
-    fn human_bytes_units() {
-        assert_eq!(human_bytes(0), "0 B");
-        assert_eq!(human_bytes(1023), "1023 B");
-        assert_eq!(human_bytes(1536), "1.5 KiB");
-        assert_eq!(human_bytes(5 << 30), "5.0 GiB");
     }
 }

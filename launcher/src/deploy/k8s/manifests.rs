@@ -3,7 +3,7 @@
 //! Secret. Secret values appear only in the Secret; pods read them with
 //! `envFrom`.
 
-use super::plan::{K8sJob, COORDINATOR_PORT, HTTP_PORT};
+use crate::deploy::k8s::plan::{K8sJob, COORDINATOR_PORT, HTTP_PORT};
 use serde_json::{json, Value};
 use worker::Backend;
 

@@ -9,7 +9,7 @@
 //! compute = the micro-batches (tokens, forward, backward) without all-to-all, other = optimizer
 //! and metrics.
 
-use crate::step_summary::{read_metrics, StepSummary};
+use crate::run::step_summary::{read_metrics, StepSummary};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
