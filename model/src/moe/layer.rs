@@ -1,9 +1,9 @@
 //! The MoE sub-layer assembled from its stages: route → gather → experts →
 //! combine, plus shared experts — forward and backward.
 
+use super::{route_backward, route_sharded, DispatchPlan, ExpertExecutor, Routing, Started};
 use crate::config::ModelConfig;
 use crate::error::ModelError;
-use crate::moe::{route_backward, route_sharded, DispatchPlan, ExpertExecutor, Routing, Started};
 use crate::ops::swiglu::{swiglu_backward, swiglu_forward, SwigluCache};
 use crate::shards::TokenShards;
 use crate::weights::DenseLayerWeights;

@@ -1,0 +1,21 @@
+//! The MoE layer as stages: route → dispatch → expert compute → combine.
+//!
+//! `route` decides, per token, its top-k experts, their gates and (with a
+//! capacity factor) which assignments are dropped. A [`DispatchPlan`] lists
+//! the kept assignments grouped by expert. The expert compute stage is an
+//! [`ExpertExecutor`]: [`LocalExperts`] runs every expert on this rank (the
+//! EP=1 reference); the worker's expert-parallel executor sends the rows to
+//! the experts' owners with all-to-all instead. `combine` weights the expert
+//! outputs by their gates and sums them back per token.
+//!
+//! Legend: `t` tokens, `d` d_model, `e` experts, `k` top-k slots, `a` kept
+//! assignments (rows of the dispatch buffer).
+
+mod dispatch_plan;
+mod experts;
+pub mod layer;
+mod router;
+
+pub use dispatch_plan::DispatchPlan;
+pub use experts::{ExpertExecutor, LocalExperts, Started};
+pub use router::{route, route_backward, route_sharded, Routing};
