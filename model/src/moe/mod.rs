@@ -15,7 +15,9 @@ mod dispatch_plan;
 mod experts;
 pub mod layer;
 mod router;
+mod score;
 
 pub use dispatch_plan::DispatchPlan;
 pub use experts::{ExpertExecutor, LocalExperts, Started};
 pub use router::{route, route_backward, route_sharded, Routing};
+pub use score::RouterScore;

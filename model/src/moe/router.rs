@@ -1,49 +1,15 @@
 //! The router: scores each token's experts, picks its top-k with their
 //! gates, drops assignments past an expert's capacity, and computes the
-//! load-balancing (aux) and z losses — forward and backward.
+//! load-balancing (aux) and z losses — forward and backward. The scoring
+//! function itself is [`RouterScore`] (`score.rs`), the router's seam.
 //!
 //! Legend: `t` tokens, `d` d_model, `e` experts, `k` top-k slots.
 
+use super::score::{logsumexp, RouterScore};
 use crate::config::ModelConfig;
 use crate::error::ModelError;
 use crate::gemm::{matmul_nn, matmul_nt, matmul_tn};
 use crate::shards::{NoShards, TokenShards};
-
-/// Softmax of one row of logits into `p`; returns `logsumexp(l)`.
-fn softmax_row(l: &[f32], p: &mut [f32]) -> f32 {
-    let max = l.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0f32;
-    for (pe, &le) in p.iter_mut().zip(l) {
-        *pe = (le - max).exp();
-        sum += *pe;
-    }
-    p.iter_mut().for_each(|pe| *pe /= sum);
-    max + sum.ln()
-}
-
-/// `logsumexp(l)` of one row.
-fn logsumexp(l: &[f32]) -> f32 {
-    let max = l.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    max + l.iter().map(|&le| (le - max).exp()).sum::<f32>().ln()
-}
-
-/// Writes the `out.len()` largest entries of `p` into `out`, highest first;
-/// ties go to the lower index. `k * E` comparisons (E is small).
-fn top_k(p: &[f32], out: &mut [u32]) {
-    for slot in 0..out.len() {
-        let mut best: Option<usize> = None;
-        for (e, &pe) in p.iter().enumerate() {
-            if out[..slot].contains(&(e as u32)) {
-                continue;
-            }
-            // Strict `>`: an equal later expert never displaces a lower id.
-            if best.is_none_or(|b| pe > p[b]) {
-                best = Some(e);
-            }
-        }
-        out[slot] = best.expect("top_k <= n_experts") as u32;
-    }
-}
 
 /// The router's decisions for one micro-batch on one rank.
 #[derive(Debug, Clone, Default)]
@@ -51,11 +17,11 @@ pub struct Routing {
     pub num_tokens: usize,
     /// `[t, e]` router logits `x W_r^T`.
     pub logits_te: Vec<f32>,
-    /// `[t, e]` softmax of the logits.
-    pub probs_te: Vec<f32>,
-    /// `[t, k]` chosen expert ids, highest probability first (ties → lower id).
+    /// `[t, e]` the scores of [`RouterScore`] (softmax of the logits).
+    pub scores_te: Vec<f32>,
+    /// `[t, k]` chosen expert ids, highest score first (ties → lower id).
     pub expert_tk: Vec<u32>,
-    /// `[t, k]` gates (top-k probabilities, renormalised when `norm_topk_prob`).
+    /// `[t, k]` gates (the chosen scores, renormalised when `norm_topk_prob`).
     pub gate_tk: Vec<f32>,
     /// `[t, k]` false where capacity dropped the assignment.
     pub kept_tk: Vec<bool>,
@@ -101,16 +67,18 @@ pub fn route_sharded(
     assert!(router_ed.len() >= e_n * d, "route: router has {} values, needs {e_n}x{d}", router_ed.len());
     let mut logits_te = vec![0.0f32; n * e_n];
     matmul_nt(n, d, e_n, x_td, router_ed, &mut logits_te, false);
-    let mut probs_te = vec![0.0f32; n * e_n];
+    let score = RouterScore::of(cfg);
+    let mut scores_te = vec![0.0f32; n * e_n];
     let mut z_sum = 0.0f64;
-    for (l, p) in logits_te.chunks_exact(e_n).zip(probs_te.chunks_exact_mut(e_n)) {
-        let lse = softmax_row(l, p);
+    for (l, p) in logits_te.chunks_exact(e_n).zip(scores_te.chunks_exact_mut(e_n)) {
+        let lse = score.forward_row(l, p);
         z_sum += (lse as f64) * (lse as f64);
     }
     let mut expert_tk = vec![0u32; n * k];
     let mut gate_tk = vec![0.0f32; n * k];
-    for ((p, ex), g) in probs_te.chunks_exact(e_n).zip(expert_tk.chunks_exact_mut(k)).zip(gate_tk.chunks_exact_mut(k)) {
-        top_k(p, ex);
+    for ((p, ex), g) in scores_te.chunks_exact(e_n).zip(expert_tk.chunks_exact_mut(k)).zip(gate_tk.chunks_exact_mut(k))
+    {
+        score.select_row(p, ex);
         for (gj, &e) in g.iter_mut().zip(ex.iter()) {
             *gj = p[e as usize];
         }
@@ -138,7 +106,7 @@ pub fn route_sharded(
     // P_e = mean_t p_te; f_e = share of the N*k assignments (before drops),
     // over every shard's tokens: [sum_t p_te (E), assignments (E), z sum, N].
     let mut stats = vec![0.0f64; 2 * e_n + 2];
-    for p in probs_te.chunks_exact(e_n) {
+    for p in scores_te.chunks_exact(e_n) {
         for (m, &pe) in stats[..e_n].iter_mut().zip(p) {
             *m += pe as f64;
         }
@@ -166,7 +134,7 @@ pub fn route_sharded(
     Ok(Routing {
         num_tokens: n,
         logits_te,
-        probs_te,
+        scores_te,
         expert_tk,
         gate_tk,
         kept_tk,
@@ -207,10 +175,11 @@ pub fn route_backward(
     let aux_dp: Vec<f32> =
         routing.share_e.iter().map(|f| (aux_scale as f64 * e_n as f64 * f / n_all as f64) as f32).collect();
     let z_coef = z_scale * 2.0 / n_all as f32;
+    let score = RouterScore::of(cfg);
     let mut dlogits_te = vec![0.0f32; n * e_n];
     let mut dp = vec![0.0f32; e_n];
     for t in 0..n {
-        let p = &routing.probs_te[t * e_n..(t + 1) * e_n];
+        let p = &routing.scores_te[t * e_n..(t + 1) * e_n];
         let l = &routing.logits_te[t * e_n..(t + 1) * e_n];
         let ex = &routing.expert_tk[t * k..(t + 1) * k];
         let dg = &dgate_tk[t * k..(t + 1) * k];
@@ -230,12 +199,9 @@ pub fn route_backward(
                 dp[e as usize] += dgj;
             }
         }
-        // Softmax: dl_e = p_e (dp_e - sum_i p_i dp_i); z-loss: 2 lse p_e / N.
-        let dot: f32 = p.iter().zip(&dp).map(|(a, b)| a * b).sum();
-        let zc = if z_scale != 0.0 { z_coef * logsumexp(l) } else { 0.0 };
-        for ((dl, &pe), &dpe) in dlogits_te[t * e_n..(t + 1) * e_n].iter_mut().zip(p).zip(&dp) {
-            *dl = pe * (dpe - dot) + zc * pe;
-        }
+        // z-loss: d/d lse of z_scale * sum_t lse_t^2 / N is 2 z_scale lse / N.
+        let dlse = if z_scale != 0.0 { z_coef * logsumexp(l) } else { 0.0 };
+        score.backward_row(p, &dp, dlse, &mut dlogits_te[t * e_n..(t + 1) * e_n]);
     }
     // dx += dlogits W_r; dW_r += dlogits^T x.
     matmul_nn(n, e_n, d, &dlogits_te, router_ed, dx_td, true);
