@@ -5,7 +5,8 @@ mod common;
 
 use common::{check_gradient, probe_loss, values};
 use model::moe::{route, route_backward, DispatchPlan, ExpertExecutor, LocalExperts, Routing};
-use model::ops::swiglu::{swiglu_backward, swiglu_forward, SwigluCache};
+use model::moe::{ExpertKind, Rows};
+use model::ops::swiglu::{SwiGlu, SwigluCache};
 use model::{ExpertStore, ExpertWeights, ModelConfig, ModelError};
 use std::collections::BTreeMap;
 
@@ -41,7 +42,7 @@ fn store(cfg: &ModelConfig, seed: u64) -> ExpertStore {
 
 fn swiglu_loss(w: &ExpertWeights, d: usize, f: usize, x: &[f32], rows: usize, probe: &[f32]) -> f64 {
     let mut y = vec![0.0; rows * d];
-    swiglu_forward(w, d, f, x, rows, &mut y, &mut SwigluCache::default());
+    SwiGlu { d, f }.forward(w, Rows { x_rd: x, rows }, &mut y, &mut SwigluCache::default());
     probe_loss(&y, probe)
 }
 
@@ -54,12 +55,12 @@ fn swiglu_gradients_match_finite_differences() {
     let probe = values(rows * d, 2);
     let mut y = vec![f32::NAN; rows * d];
     let mut cache = SwigluCache::default();
-    swiglu_forward(&w, d, f, &x, rows, &mut y, &mut cache);
+    SwiGlu { d, f }.forward(&w, Rows { x_rd: &x, rows }, &mut y, &mut cache);
     assert!(y.iter().all(|v| v.is_finite()), "forward must overwrite y");
     // The backward adds: start from non-zero buffers and subtract afterwards.
     let mut dx = vec![0.5; rows * d];
     let mut g = ExpertWeights { w1: vec![0.25; d * f], w3: vec![-0.25; d * f], w2: vec![1.0; d * f] };
-    swiglu_backward(&w, d, f, &x, rows, &cache, &probe, &mut dx, &mut g);
+    SwiGlu { d, f }.backward(&w, Rows { x_rd: &x, rows }, &cache, &probe, &mut dx, &mut g);
     dx.iter_mut().for_each(|v| *v -= 0.5);
     g.w1.iter_mut().for_each(|v| *v -= 0.25);
     g.w3.iter_mut().for_each(|v| *v += 0.25);
@@ -88,9 +89,9 @@ fn swiglu_zero_rows_is_a_no_op() {
     let (d, f) = (cfg.d_model, cfg.ffn_hidden);
     let w = expert(&cfg, 3);
     let mut cache = SwigluCache::default();
-    swiglu_forward(&w, d, f, &[], 0, &mut [], &mut cache);
+    SwiGlu { d, f }.forward(&w, Rows { x_rd: &[], rows: 0 }, &mut [], &mut cache);
     let mut g = ExpertWeights::zeros(&cfg);
-    swiglu_backward(&w, d, f, &[], 0, &cache, &[], &mut [], &mut g);
+    SwiGlu { d, f }.backward(&w, Rows { x_rd: &[], rows: 0 }, &cache, &[], &mut [], &mut g);
     assert_eq!(g, ExpertWeights::zeros(&cfg));
 }
 
@@ -360,13 +361,20 @@ fn check_local_experts_against_per_token(d: usize, f: usize, n: usize) {
             let (id, gate) = (r.expert_tk[t * k + s] as usize, r.gate_tk[t * k + s]);
             let (xt, mut yt, mut cache) = (&x[t * d..(t + 1) * d], vec![0.0; d], SwigluCache::default());
             let w = &experts.layers[0][&id];
-            swiglu_forward(w, d, f, xt, 1, &mut yt, &mut cache);
+            SwiGlu { d, f }.forward(w, Rows { x_rd: xt, rows: 1 }, &mut yt, &mut cache);
             for (o, v) in expect.iter_mut().zip(&yt) {
                 *o += gate * v;
             }
             let dyt: Vec<f32> = dout[t * d..(t + 1) * d].iter().map(|v| gate * v).collect();
             let g = expect_grads.layers[0].get_mut(&id).unwrap();
-            swiglu_backward(w, d, f, xt, 1, &cache, &dyt, &mut expect_dx[t * d..(t + 1) * d], g);
+            SwiGlu { d, f }.backward(
+                w,
+                Rows { x_rd: xt, rows: 1 },
+                &cache,
+                &dyt,
+                &mut expect_dx[t * d..(t + 1) * d],
+                g,
+            );
         }
         for (a, b) in out[t * d..(t + 1) * d].iter().zip(&expect) {
             assert!((a - b).abs() < 1e-5 * (1.0 + b.abs()), "out token {t}: {a} vs {b}");

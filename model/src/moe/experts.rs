@@ -1,19 +1,21 @@
 //! Expert compute: the [`ExpertExecutor`] stage of the MoE layer, and
-//! [`LocalExperts`], which runs every expert on this rank.
+//! [`LocalExperts`], which runs every expert on this rank through an
+//! [`ExpertKind`] (`expert_kind.rs`).
 //!
 //! Legend: `d` d_model, `f` ffn_hidden, `e` experts, `a` rows of the
 //! dispatch buffer (kept assignments, grouped by expert).
 
 use super::dispatch_plan::DispatchPlan;
+use super::expert_kind::{ExpertKind, Rows};
 use crate::config::ModelConfig;
 use crate::error::ModelError;
-use crate::ops::swiglu::{swiglu_backward, swiglu_forward, SwigluCache};
+use crate::ops::swiglu::SwiGlu;
 use crate::weights::{ExpertStore, ExpertWeights};
 use rayon::prelude::*;
 use std::collections::BTreeMap;
 
-/// Below this many multiply-adds per SwiGLU product (`rows * d * f`
-/// summed over the call's experts) the experts run one after another.
+/// Below this many multiply-adds per expert product (`rows * d * f` for
+/// SwiGLU, summed over the call's experts) the experts run one after another.
 const RAYON_MIN_WORK: usize = 1 << 18;
 
 /// Whether to run the experts of one call as parallel rayon tasks (each
@@ -23,8 +25,8 @@ const RAYON_MIN_WORK: usize = 1 << 18;
 /// about equal (rayon ~0.65 s, serial ~0.75 s, noisy); E=8, d=64, f=128,
 /// 512 rows: rayon 1.5x faster (each gemm is below gemm's own parallel
 /// threshold); E=4, d=6, f=5, 32 rows: serial 4x faster (task overhead).
-fn use_rayon(rows: usize, d: usize, f: usize, active_experts: usize) -> bool {
-    active_experts > 1 && rows * d * f >= RAYON_MIN_WORK
+fn use_rayon(rows: usize, work_per_row: usize, active_experts: usize) -> bool {
+    active_experts > 1 && rows * work_per_row >= RAYON_MIN_WORK
 }
 
 /// Where expert compute happens. Rows arrive in [`DispatchPlan`] order;
@@ -78,28 +80,32 @@ impl Started {
 }
 
 /// Runs every expert on this rank: the EP=1 executor and the reference.
-pub struct LocalExperts<'a> {
+/// Each expert's rows go through the expert kind `K` ([`SwiGlu`] in v1).
+pub struct LocalExperts<'a, K: ExpertKind = SwiGlu> {
+    kind: K,
     d: usize,
-    f: usize,
     weights: &'a ExpertStore,
     grads: &'a mut ExpertStore,
     n_layers: usize,
-    /// Per (slot, layer): the forward input rows and per-expert caches.
-    saved: Vec<Option<(Vec<f32>, Vec<SwigluCache>)>>,
+    /// Per (slot, layer): what its backward pass needs.
+    saved: Vec<Option<Saved<K::Cache>>>,
 }
 
+/// One forward pass's input rows and its per-expert caches.
+type Saved<C> = (Vec<f32>, Vec<C>);
+
 impl<'a> LocalExperts<'a> {
-    /// Experts from `weights` (which must hold every expert id the plans
-    /// use); gradients are added into `grads`.
+    /// SwiGLU experts from `weights` (which must hold every expert id the
+    /// plans use); gradients are added into `grads`.
     pub fn new(cfg: &ModelConfig, weights: &'a ExpertStore, grads: &'a mut ExpertStore) -> Self {
-        Self {
-            d: cfg.d_model,
-            f: cfg.ffn_hidden,
-            weights,
-            grads,
-            n_layers: cfg.n_layers,
-            saved: vec![None; cfg.n_layers],
-        }
+        Self::with_kind(SwiGlu::of(cfg), cfg, weights, grads)
+    }
+}
+
+impl<'a, K: ExpertKind> LocalExperts<'a, K> {
+    /// [`LocalExperts::new`] with experts of kind `kind`.
+    pub fn with_kind(kind: K, cfg: &ModelConfig, weights: &'a ExpertStore, grads: &'a mut ExpertStore) -> Self {
+        Self { kind, d: cfg.d_model, weights, grads, n_layers: cfg.n_layers, saved: vec![None; cfg.n_layers] }
     }
 
     /// Room for `slots` forward passes per layer whose backward passes are
@@ -122,7 +128,7 @@ impl<'a> LocalExperts<'a> {
     }
 }
 
-impl ExpertExecutor for LocalExperts<'_> {
+impl<K: ExpertKind> ExpertExecutor for LocalExperts<'_, K> {
     fn forward(&mut self, layer: usize, plan: &DispatchPlan, x_ad: &[f32]) -> Result<Vec<f32>, ModelError> {
         self.forward_in(0, layer, plan, x_ad)
     }
@@ -132,7 +138,7 @@ impl ExpertExecutor for LocalExperts<'_> {
     }
 }
 
-impl LocalExperts<'_> {
+impl<K: ExpertKind> LocalExperts<'_, K> {
     /// [`ExpertExecutor::forward`] keeping its cache in `slot` (see [`LocalExperts::with_slots`]).
     pub fn forward_in(
         &mut self,
@@ -141,7 +147,7 @@ impl LocalExperts<'_> {
         plan: &DispatchPlan,
         x_ad: &[f32],
     ) -> Result<Vec<f32>, ModelError> {
-        let (d, f) = (self.d, self.f);
+        let (d, kind) = (self.d, &self.kind);
         let index = self.slot_index(slot, layer)?;
         let rows = plan.num_rows();
         if x_ad.len() != rows * d {
@@ -152,7 +158,7 @@ impl LocalExperts<'_> {
         }
         let weights = layer_experts(self.weights, self.n_layers, layer, plan)?;
         let mut y_ad = vec![0.0f32; rows * d];
-        let mut caches = vec![SwigluCache::default(); plan.num_experts];
+        let mut caches = vec![K::Cache::default(); plan.num_experts];
         {
             // Per expert with rows: (weights, input rows, output rows, cache), all disjoint.
             let mut tasks = Vec::with_capacity(weights.len());
@@ -165,10 +171,10 @@ impl LocalExperts<'_> {
                     tasks.push((w, &x_ad[lo * d..hi * d], hi - lo, y_e, cache));
                 }
             }
-            let run = |(w, x, r, y, c): (&ExpertWeights, &[f32], usize, &mut [f32], &mut SwigluCache)| {
-                swiglu_forward(w, d, f, x, r, y, c)
+            let run = |(w, x_rd, rows, y, c): (&ExpertWeights, &[f32], usize, &mut [f32], &mut K::Cache)| {
+                kind.forward(w, Rows { x_rd, rows }, y, c)
             };
-            if use_rayon(rows, d, f, tasks.len()) {
+            if use_rayon(rows, kind.work_per_row(), tasks.len()) {
                 tasks.into_par_iter().for_each(run);
             } else {
                 tasks.into_iter().for_each(run);
@@ -186,7 +192,7 @@ impl LocalExperts<'_> {
         plan: &DispatchPlan,
         dy_ad: &[f32],
     ) -> Result<Vec<f32>, ModelError> {
-        let (d, f) = (self.d, self.f);
+        let (d, kind) = (self.d, &self.kind);
         let index = self.slot_index(slot, layer)?;
         let rows = plan.num_rows();
         if dy_ad.len() != rows * d {
@@ -229,10 +235,11 @@ impl LocalExperts<'_> {
                 })?;
                 tasks.push((w, &x_ad[lo * d..hi * d], hi - lo, &caches[e], &dy_ad[lo * d..hi * d], dx_e, g));
             }
-            type Task<'t> =
-                (&'t ExpertWeights, &'t [f32], usize, &'t SwigluCache, &'t [f32], &'t mut [f32], &'t mut ExpertWeights);
-            let run = |(w, x, r, c, dy, dx, g): Task<'_>| swiglu_backward(w, d, f, x, r, c, dy, dx, g);
-            if use_rayon(rows, d, f, tasks.len()) {
+            type Task<'t, C> =
+                (&'t ExpertWeights, &'t [f32], usize, &'t C, &'t [f32], &'t mut [f32], &'t mut ExpertWeights);
+            let run =
+                |(w, x_rd, rows, c, dy, dx, g): Task<'_, K::Cache>| kind.backward(w, Rows { x_rd, rows }, c, dy, dx, g);
+            if use_rayon(rows, kind.work_per_row(), tasks.len()) {
                 tasks.into_par_iter().for_each(run);
             } else {
                 tasks.into_iter().for_each(run);

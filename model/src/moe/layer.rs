@@ -1,10 +1,12 @@
 //! The MoE sub-layer assembled from its stages: route → gather → experts →
 //! combine, plus shared experts — forward and backward.
 
+use super::ExpertKind;
+use super::Rows;
 use super::{route_backward, route_sharded, DispatchPlan, ExpertExecutor, Routing, Started};
 use crate::config::ModelConfig;
 use crate::error::ModelError;
-use crate::ops::swiglu::{swiglu_backward, swiglu_forward, SwigluCache};
+use crate::ops::swiglu::{SwiGlu, SwigluCache};
 use crate::shards::TokenShards;
 use crate::weights::DenseLayerWeights;
 
@@ -71,13 +73,13 @@ pub fn moe_forward_finish(
     experts: &mut dyn ExpertExecutor,
 ) -> Result<(Vec<f32>, MoeCache), ModelError> {
     let MoeForwardStarted { routing, plan, experts: in_flight } = started;
-    let (t, d, f) = (routing.num_tokens, cfg.d_model, cfg.ffn_hidden);
+    let (t, d, swiglu) = (routing.num_tokens, cfg.d_model, SwiGlu::of(cfg));
     let mut shared_caches = Vec::with_capacity(w.shared.len());
     let mut shared_outputs = Vec::with_capacity(w.shared.len());
     for shared in &w.shared {
         let mut cache = SwigluCache::default();
         let mut y_td = vec![0.0; t * d];
-        swiglu_forward(shared, d, f, x_td, t, &mut y_td, &mut cache);
+        swiglu.forward(shared, Rows { x_rd: x_td, rows: t }, &mut y_td, &mut cache);
         shared_outputs.push(y_td);
         shared_caches.push(cache);
     }
@@ -151,9 +153,9 @@ pub fn moe_backward_finish(
     started: MoeBackwardStarted,
     experts: &mut dyn ExpertExecutor,
 ) -> Result<(), ModelError> {
-    let (t, d, f) = (cache.routing.num_tokens, cfg.d_model, cfg.ffn_hidden);
+    let (t, d, swiglu) = (cache.routing.num_tokens, cfg.d_model, SwiGlu::of(cfg));
     for ((shared, gshared), sc) in w.shared.iter().zip(gw.shared.iter_mut()).zip(&cache.shared) {
-        swiglu_backward(shared, d, f, x_td, t, sc, dout_td, dx_td, gshared);
+        swiglu.backward(shared, Rows { x_rd: x_td, rows: t }, sc, dout_td, dx_td, gshared);
     }
     let dx_ad = experts.finish_backward(layer, started.experts)?;
     cache.plan.gather_backward(&dx_ad, d, dx_td);

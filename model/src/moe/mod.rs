@@ -12,12 +12,14 @@
 //! assignments (rows of the dispatch buffer).
 
 mod dispatch_plan;
+mod expert_kind;
 mod experts;
 pub mod layer;
 mod router;
 mod score;
 
 pub use dispatch_plan::DispatchPlan;
+pub use expert_kind::{ExpertKind, Rows};
 pub use experts::{ExpertExecutor, LocalExperts, Started};
 pub use router::{route, route_backward, route_sharded, Routing};
 pub use score::RouterScore;
