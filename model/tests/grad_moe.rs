@@ -4,7 +4,9 @@
 mod common;
 
 use common::{check_gradient, probe_loss, values};
-use model::moe::{route, route_backward, DispatchPlan, ExpertExecutor, LocalExperts, Routing};
+use model::moe::{
+    route, route_backward, DispatchPlan, ExpertExecutor, LocalExperts, RouterGrads, RouterLossScales, Routing,
+};
 use model::moe::{ExpertKind, Rows};
 use model::ops::swiglu::{SwiGlu, SwigluCache};
 use model::{ExpertStore, ExpertWeights, ModelConfig, ModelError};
@@ -136,7 +138,8 @@ fn check_router(norm_topk_prob: bool, which: RouterLoss) {
     // Adds into the outputs: start them non-zero.
     let mut dx = vec![1.0; n * d];
     let mut drouter = vec![-1.0; e * d];
-    route_backward(&cfg, &x, &router, &base, &dgate, aux_scale, z_scale, &mut dx, &mut drouter);
+    let scales = RouterLossScales { aux: aux_scale, z: z_scale };
+    route_backward(&cfg, &x, &router, &base, &dgate, scales, RouterGrads { dx_td: &mut dx, drouter_ed: &mut drouter });
     dx.iter_mut().for_each(|v| *v -= 1.0);
     drouter.iter_mut().for_each(|v| *v += 1.0);
     assert!(dx.iter().any(|v| v.abs() > 1e-4), "{which:?}: gradient is trivially zero");
@@ -278,7 +281,9 @@ fn check_layer(capacity_factor: f32, norm_topk_prob: bool) {
         let dy = plan.combine_backward(&routing, &y, &probe, d, &mut dgate);
         let dx_ad = exec.backward(0, &plan, &dy).unwrap();
         plan.gather_backward(&dx_ad, d, &mut dx);
-        route_backward(&cfg, &x, &router, &routing, &dgate, layer.aux_scale, layer.z_scale, &mut dx, &mut drouter);
+        let scales = RouterLossScales { aux: layer.aux_scale, z: layer.z_scale };
+        let grads = RouterGrads { dx_td: &mut dx, drouter_ed: &mut drouter };
+        route_backward(&cfg, &x, &router, &routing, &dgate, scales, grads);
         // The saved state was taken: a second backward is an error.
         assert!(matches!(exec.backward(0, &plan, &dy), Err(ModelError::Executor(_))));
     }

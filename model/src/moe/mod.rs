@@ -21,5 +21,5 @@ mod score;
 pub use dispatch_plan::DispatchPlan;
 pub use expert_kind::{ExpertKind, Rows};
 pub use experts::{ExpertExecutor, LocalExperts, Started};
-pub use router::{route, route_backward, route_sharded, Routing};
+pub use router::{route, route_backward, route_sharded, RouterGrads, RouterLossScales, Routing};
 pub use score::RouterScore;

@@ -147,21 +147,37 @@ pub fn route_sharded(
     })
 }
 
+/// How much the router's losses weigh in the total loss: the aux and z
+/// losses are multiplied by these (their coefficients, averaged over the
+/// micro-batches of a step).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct RouterLossScales {
+    pub aux: f32,
+    pub z: f32,
+}
+
+/// Where [`route_backward`] adds its gradients.
+#[derive(Debug)]
+pub struct RouterGrads<'g> {
+    /// `[t, d]` the router input's gradient.
+    pub dx_td: &'g mut [f32],
+    /// `[e, d]` the router weight's gradient.
+    pub drouter_ed: &'g mut [f32],
+}
+
 /// Backward of [`route`]. `dgate_tk` is the loss gradient w.r.t. the gates
-/// (zero for dropped assignments); `aux_scale` and `z_scale` multiply the
-/// aux and z losses in the total loss. Adds into `dx_td` and `drouter_ed`.
-#[allow(clippy::too_many_arguments)]
+/// (zero for dropped assignments); `scales` weigh the aux and z losses.
+/// Adds into `grads`.
 pub fn route_backward(
     cfg: &ModelConfig,
     x_td: &[f32],
     router_ed: &[f32],
     routing: &Routing,
     dgate_tk: &[f32],
-    aux_scale: f32,
-    z_scale: f32,
-    dx_td: &mut [f32],
-    drouter_ed: &mut [f32],
+    scales: RouterLossScales,
+    grads: RouterGrads<'_>,
 ) {
+    let (RouterLossScales { aux: aux_scale, z: z_scale }, RouterGrads { dx_td, drouter_ed }) = (scales, grads);
     let (e_n, k, d) = (cfg.n_experts, cfg.top_k, cfg.d_model);
     let n = routing.num_tokens;
     if n == 0 {
