@@ -121,10 +121,11 @@ impl Dims {
         let hd = cfg.head_dim();
         let a = batch * cfg.seq_len;
         if !a.is_multiple_of(shards) || !cfg.n_heads.is_multiple_of(shards) || !cfg.n_kv_heads.is_multiple_of(shards) {
-            return Err(ModelError::Executor(format!(
-                "{shards} attention shards must divide the micro-batch's {a} tokens, n_heads = {} and n_kv_heads = {}",
+            let reason = format!(
+                "they must divide the micro-batch's {a} tokens, n_heads = {} and n_kv_heads = {}",
                 cfg.n_heads, cfg.n_kv_heads
-            )));
+            );
+            return Err(ModelError::Shards { shards, reason });
         }
         let (n_heads, n_kv_heads) = (cfg.n_heads / shards, cfg.n_kv_heads / shards);
         Ok(Self {

@@ -285,7 +285,7 @@ fn check_layer(capacity_factor: f32, norm_topk_prob: bool) {
         let grads = RouterGrads { dx_td: &mut dx, drouter_ed: &mut drouter };
         route_backward(&cfg, &x, &router, &routing, &dgate, scales, grads);
         // The saved state was taken: a second backward is an error.
-        assert!(matches!(exec.backward(0, &plan, &dy), Err(ModelError::Executor(_))));
+        assert!(matches!(exec.backward(0, &plan, &dy), Err(ModelError::Executor { .. })));
     }
     let base = Some(&routing);
     let name = format!("moe layer c={capacity_factor} norm={norm_topk_prob}");
@@ -421,7 +421,9 @@ fn local_experts_report_missing_experts() {
     let mut grads = partial.zeros_like();
     let mut exec = LocalExperts::new(&cfg, &partial, &mut grads);
     match exec.forward(0, &plan, &plan.gather(&x, d)) {
-        Err(ModelError::Executor(msg)) => assert!(msg.contains(&format!("expert {used}")), "{msg}"),
+        Err(e @ ModelError::Executor { layer: 0, .. }) => {
+            assert!(e.to_string().contains(&format!("expert {used}")), "{e}")
+        }
         other => panic!("expected an executor error, got {other:?}"),
     }
     // Gradients must hold the experts the weights hold.
@@ -429,11 +431,11 @@ fn local_experts_report_missing_experts() {
     let mut grads = partial.zeros_like();
     let mut exec = LocalExperts::new(&cfg, &full, &mut grads);
     let y = exec.forward(0, &plan, &plan.gather(&x, d)).unwrap();
-    assert!(matches!(exec.backward(0, &plan, &y), Err(ModelError::Executor(_))));
+    assert!(matches!(exec.backward(0, &plan, &y), Err(ModelError::Executor { .. })));
     // Backward without forward.
     let mut grads = full.zeros_like();
     let mut exec = LocalExperts::new(&cfg, &full, &mut grads);
-    assert!(matches!(exec.backward(0, &plan, &y), Err(ModelError::Executor(_))));
+    assert!(matches!(exec.backward(0, &plan, &y), Err(ModelError::Executor { .. })));
 }
 
 // ---------------------------------------------------------------- semantics

@@ -72,9 +72,7 @@ impl Started {
     fn into_done(self, layer: usize) -> Result<Vec<f32>, ModelError> {
         match self {
             Started::Done(rows) => Ok(rows),
-            Started::InFlight => {
-                Err(ModelError::Executor(format!("layer {layer}: this executor left no pass in flight to finish")))
-            }
+            Started::InFlight => Err(ModelError::executor(layer, "this executor left no pass in flight to finish")),
         }
     }
 }
@@ -118,11 +116,12 @@ impl<'a, K: ExpertKind> LocalExperts<'a, K> {
     fn slot_index(&self, slot: usize, layer: usize) -> Result<usize, ModelError> {
         let index = slot * self.n_layers + layer;
         if layer >= self.n_layers || index >= self.saved.len() {
-            return Err(ModelError::Executor(format!(
-                "layer {layer}, slot {slot}: out of range ({} layers, {} slots)",
+            let reason = format!(
+                "slot {slot} out of range ({} layers, {} slots)",
                 self.n_layers,
                 self.saved.len() / self.n_layers.max(1)
-            )));
+            );
+            return Err(ModelError::executor(layer, reason));
         }
         Ok(index)
     }
@@ -151,10 +150,8 @@ impl<K: ExpertKind> LocalExperts<'_, K> {
         let index = self.slot_index(slot, layer)?;
         let rows = plan.num_rows();
         if x_ad.len() != rows * d {
-            return Err(ModelError::Executor(format!(
-                "layer {layer}: dispatch buffer has {} values, the plan needs {rows}x{d}",
-                x_ad.len()
-            )));
+            let reason = format!("dispatch buffer has {} values, the plan needs {rows}x{d}", x_ad.len());
+            return Err(ModelError::executor(layer, reason));
         }
         let weights = layer_experts(self.weights, self.n_layers, layer, plan)?;
         let mut y_ad = vec![0.0f32; rows * d];
@@ -196,25 +193,23 @@ impl<K: ExpertKind> LocalExperts<'_, K> {
         let index = self.slot_index(slot, layer)?;
         let rows = plan.num_rows();
         if dy_ad.len() != rows * d {
-            return Err(ModelError::Executor(format!(
-                "layer {layer}: output gradient has {} values, the plan needs {rows}x{d}",
-                dy_ad.len()
-            )));
+            let reason = format!("output gradient has {} values, the plan needs {rows}x{d}", dy_ad.len());
+            return Err(ModelError::executor(layer, reason));
         }
         let weights = layer_experts(self.weights, self.n_layers, layer, plan)?;
         let (x_ad, caches) = self
             .saved
             .get_mut(index)
             .and_then(Option::take)
-            .ok_or_else(|| ModelError::Executor(format!("layer {layer}: backward without a saved forward")))?;
+            .ok_or_else(|| ModelError::executor(layer, "backward without a saved forward"))?;
         if x_ad.len() != rows * d || caches.len() != plan.num_experts {
-            return Err(ModelError::Executor(format!("layer {layer}: backward plan does not match the forward plan")));
+            return Err(ModelError::executor(layer, "backward plan does not match the forward plan"));
         }
         let grads_layer = self
             .grads
             .layers
             .get_mut(layer)
-            .ok_or_else(|| ModelError::Executor(format!("layer {layer}: no gradient store for this layer")))?;
+            .ok_or_else(|| ModelError::executor(layer, "no gradient store for this layer"))?;
         // Disjoint &mut to every gradient entry the plan uses.
         let mut grad_of: BTreeMap<usize, &mut ExpertWeights> = grads_layer
             .iter_mut()
@@ -231,7 +226,7 @@ impl<K: ExpertKind> LocalExperts<'_, K> {
                 dx_rest = dx_next;
                 let Some(w) = w else { continue };
                 let g = grad_of.remove(&e).ok_or_else(|| {
-                    ModelError::Executor(format!("layer {layer}: expert {e} has no gradient entry on this rank"))
+                    ModelError::executor(layer, format!("expert {e} has no gradient entry on this rank"))
                 })?;
                 tasks.push((w, &x_ad[lo * d..hi * d], hi - lo, &caches[e], &dy_ad[lo * d..hi * d], dx_e, g));
             }
@@ -258,7 +253,7 @@ fn layer_experts<'w>(
     plan: &DispatchPlan,
 ) -> Result<Vec<Option<&'w ExpertWeights>>, ModelError> {
     if layer >= n_layers {
-        return Err(ModelError::Executor(format!("layer {layer} out of range: model has {n_layers} layers")));
+        return Err(ModelError::executor(layer, format!("out of range: the model has {n_layers} layers")));
     }
     let consistent = plan.counts_e.len() == plan.num_experts
         && plan.offsets_e.len() == plan.num_experts + 1
@@ -266,22 +261,18 @@ fn layer_experts<'w>(
         && plan.offsets_e[plan.num_experts] == plan.num_rows()
         && (0..plan.num_experts).all(|e| plan.offsets_e[e] + plan.counts_e[e] == plan.offsets_e[e + 1]);
     if !consistent {
-        return Err(ModelError::Executor(format!("layer {layer}: malformed dispatch plan")));
+        return Err(ModelError::executor(layer, "malformed dispatch plan"));
     }
-    let store = weights
-        .layers
-        .get(layer)
-        .ok_or_else(|| ModelError::Executor(format!("layer {layer}: the expert store has no such layer")))?;
+    let store =
+        weights.layers.get(layer).ok_or_else(|| ModelError::executor(layer, "the expert store has no such layer"))?;
     (0..plan.num_experts)
         .map(|e| {
             if plan.counts_e[e] == 0 {
                 return Ok(None);
             }
             store.get(&e).map(Some).ok_or_else(|| {
-                ModelError::Executor(format!(
-                    "layer {layer}: expert {e} has {} rows but is not held on this rank",
-                    plan.counts_e[e]
-                ))
+                let reason = format!("expert {e} has {} rows but is not held on this rank", plan.counts_e[e]);
+                ModelError::executor(layer, reason)
             })
         })
         .collect()
