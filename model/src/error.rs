@@ -15,7 +15,29 @@ pub enum ModelError {
     /// A token id outside the vocabulary.
     #[error("token id {token} is outside the vocabulary of {vocab}")]
     TokenOutOfRange { token: u32, vocab: usize },
-    /// The expert executor failed (in parallel runs: a collective failed).
-    #[error("expert compute failed: {0}")]
-    Executor(String),
+    /// The expert executor was handed something it cannot run at `layer`
+    /// (a plan or buffer of the wrong shape, an expert this rank lacks, a
+    /// backward pass without its forward): a bug in the caller.
+    #[error("expert compute failed at layer {layer}: {reason}")]
+    Executor { layer: usize, reason: String },
+    /// The attention shards cannot split this micro-batch and its heads.
+    #[error("{shards} attention shards: {reason}")]
+    Shards { shards: usize, reason: String },
+    /// Communication between ranks failed inside an executor or a shard
+    /// group; `source` is the communicator's own error, kept so callers can
+    /// tell an abort or a timeout by its type.
+    #[error("communication between ranks failed: {source}")]
+    Comm { source: Box<dyn std::error::Error + Send + Sync + 'static> },
+}
+
+impl ModelError {
+    /// A [`ModelError::Comm`] carrying `source`.
+    pub fn comm(source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        ModelError::Comm { source: Box::new(source) }
+    }
+
+    /// A [`ModelError::Executor`] at `layer`.
+    pub fn executor(layer: usize, reason: impl Into<String>) -> Self {
+        ModelError::Executor { layer, reason: reason.into() }
+    }
 }

@@ -25,19 +25,16 @@ fn parallelism(m: usize, k: usize, n: usize) -> Parallelism {
     }
 }
 
-/// Strided product; `a_trans`/`b_trans` read A or B transposed.
-#[allow(clippy::too_many_arguments)]
-fn product(
-    m: usize,
-    k: usize,
-    n: usize,
-    a: &[f32],
-    a_trans: bool,
-    b: &[f32],
-    b_trans: bool,
-    c: &mut [f32],
-    accumulate: bool,
-) {
+/// One factor of a product: its row-major values, read transposed or not.
+#[derive(Clone, Copy)]
+struct Operand<'a> {
+    values: &'a [f32],
+    transposed: bool,
+}
+
+/// Strided product `C[m,n] (+)= op(A) op(B)`.
+fn product(m: usize, k: usize, n: usize, a: Operand<'_>, b: Operand<'_>, c: &mut [f32], accumulate: bool) {
+    let (Operand { values: a, transposed: a_trans }, Operand { values: b, transposed: b_trans }) = (a, b);
     assert!(a.len() >= m * k, "A has {} values, needs {m}x{k}", a.len());
     assert!(b.len() >= k * n, "B has {} values, needs {k}x{n}", b.len());
     assert!(c.len() >= m * n, "C has {} values, needs {m}x{n}", c.len());
@@ -82,17 +79,17 @@ fn product(
 
 /// `C[m,n] (+)= A[m,k] · B[n,k]^T` — a linear layer's forward pass.
 pub fn matmul_nt(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32], accumulate: bool) {
-    product(m, k, n, a, false, b, true, c, accumulate)
+    product(m, k, n, Operand { values: a, transposed: false }, Operand { values: b, transposed: true }, c, accumulate)
 }
 
 /// `C[m,n] (+)= A[m,k] · B[k,n]` — a linear layer's input gradient.
 pub fn matmul_nn(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32], accumulate: bool) {
-    product(m, k, n, a, false, b, false, c, accumulate)
+    product(m, k, n, Operand { values: a, transposed: false }, Operand { values: b, transposed: false }, c, accumulate)
 }
 
 /// `C[m,n] (+)= A[k,m]^T · B[k,n]` — a linear layer's weight gradient.
 pub fn matmul_tn(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32], accumulate: bool) {
-    product(m, k, n, a, true, b, false, c, accumulate)
+    product(m, k, n, Operand { values: a, transposed: true }, Operand { values: b, transposed: false }, c, accumulate)
 }
 
 #[cfg(test)]

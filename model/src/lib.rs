@@ -16,7 +16,6 @@ pub mod error;
 pub mod gemm;
 pub mod model;
 pub mod moe;
-pub mod moe_layer;
 pub mod ops;
 pub mod optim;
 pub mod rng;
@@ -26,4 +25,6 @@ pub mod weights;
 
 pub use config::{BlockKind, ModelConfig};
 pub use error::ModelError;
+/// The MoE sub-layer, also reachable as `moe::layer`.
+pub use moe::layer as moe_layer;
 pub use weights::{DenseLayerWeights, DenseWeights, ExpertStore, ExpertWeights, ModelWeights};

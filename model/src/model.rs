@@ -13,11 +13,12 @@
 use crate::config::{BlockKind, ModelConfig};
 use crate::error::ModelError;
 use crate::gemm::{matmul_nn, matmul_nt, matmul_tn};
-use crate::moe::ExpertExecutor;
-use crate::moe_layer::{
-    moe_backward, moe_backward_finish, moe_backward_start, moe_forward_finish, moe_forward_start, MoeCache,
+use crate::moe::layer::{
+    moe_backward, moe_backward_finish, moe_backward_start, moe_forward_finish, moe_forward_start, MoeBackwardInput,
+    MoeCache, MoeGrads, MoeLayer,
 };
-use crate::ops::attention::{attention_backward, attention_forward, AttentionShape};
+use crate::moe::{ExpertExecutor, RouterLossScales};
+use crate::ops::attention::{attention_backward, attention_forward, AttentionShape, Qkv, QkvGrads};
 use crate::ops::loss::{cross_entropy_forward_backward, cross_entropy_sum};
 use crate::ops::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
 use crate::ops::rope::RopeTable;
@@ -43,6 +44,13 @@ pub struct LossScales {
     pub aux: f32,
     /// `z_loss_coef / (micro-batches in the global batch)`.
     pub z: f32,
+}
+
+impl LossScales {
+    /// The weights of the router's losses.
+    pub fn router(self) -> RouterLossScales {
+        RouterLossScales { aux: self.aux, z: self.z }
+    }
 }
 
 /// What one micro-batch's forward pass measured.
@@ -113,10 +121,11 @@ impl Dims {
         let hd = cfg.head_dim();
         let a = batch * cfg.seq_len;
         if !a.is_multiple_of(shards) || !cfg.n_heads.is_multiple_of(shards) || !cfg.n_kv_heads.is_multiple_of(shards) {
-            return Err(ModelError::Executor(format!(
-                "{shards} attention shards must divide the micro-batch's {a} tokens, n_heads = {} and n_kv_heads = {}",
+            let reason = format!(
+                "they must divide the micro-batch's {a} tokens, n_heads = {} and n_kv_heads = {}",
                 cfg.n_heads, cfg.n_kv_heads
-            )));
+            );
+            return Err(ModelError::Shards { shards, reason });
         }
         let (n_heads, n_kv_heads) = (cfg.n_heads / shards, cfg.n_kv_heads / shards);
         Ok(Self {
@@ -129,6 +138,18 @@ impl Dims {
             attn: AttentionShape { batch, seq: cfg.seq_len, n_heads, n_kv_heads, head_dim: hd },
         })
     }
+}
+
+/// What every block of one pass works with: the model, the sizes, where
+/// the expert rows go and how attention is split, and the order of work.
+struct Pass<'p> {
+    cfg: &'p ModelConfig,
+    rope: &'p RopeTable,
+    dims: Dims,
+    experts: &'p mut dyn ExpertExecutor,
+    shards: &'p mut dyn TokenShards,
+    /// See [`PassOptions::attention_during_moe`].
+    attention_during_moe: bool,
 }
 
 /// Splits a micro-batch into inputs and targets, checking the vocabulary.
@@ -161,259 +182,231 @@ fn head_weight(dense: &DenseWeights) -> &[f32] {
     dense.output.as_deref().unwrap_or(&dense.tok_embeddings)
 }
 
-/// Attention sub-layer on normalised input `n_td`: returns `Wo · attn(q,k,v)`.
-/// With shards: on every shard's tokens, this rank's heads, and the output
-/// projection's partial sums reduce-scattered back to this rank's tokens.
-fn attention_block_forward(
-    w: &DenseLayerWeights,
-    rope: &RopeTable,
-    dims: &Dims,
-    n_td: &[f32],
-    cache: &mut BlockCache,
-    shards: &mut dyn TokenShards,
-) -> Result<Vec<f32>, ModelError> {
-    if dims.shards > 1 {
-        cache.attn_in_ad = shards.gather_rows(n_td)?;
+impl Pass<'_> {
+    /// Attention sub-layer on normalised input `n_td`: returns `Wo · attn(q,k,v)`.
+    /// With shards: on every shard's tokens, this rank's heads, and the output
+    /// projection's partial sums reduce-scattered back to this rank's tokens.
+    fn attention_forward(
+        &mut self,
+        w: &DenseLayerWeights,
+        n_td: &[f32],
+        cache: &mut BlockCache,
+    ) -> Result<Vec<f32>, ModelError> {
+        let (dims, rope) = (&self.dims, self.rope);
+        if dims.shards > 1 {
+            cache.attn_in_ad = self.shards.gather_rows(n_td)?;
+        }
+        let n_ad = if dims.shards > 1 { &cache.attn_in_ad } else { n_td };
+        let (t, d, q, g) = (dims.a, dims.d, dims.q, dims.g);
+        let shape = dims.attn;
+        cache.q_tq = vec![0.0; t * q];
+        cache.k_tg = vec![0.0; t * g];
+        cache.v_tg = vec![0.0; t * g];
+        matmul_nt(t, d, q, n_ad, &w.wq, &mut cache.q_tq, false);
+        matmul_nt(t, d, g, n_ad, &w.wk, &mut cache.k_tg, false);
+        matmul_nt(t, d, g, n_ad, &w.wv, &mut cache.v_tg, false);
+        rope.apply(&mut cache.q_tq, shape.batch, shape.seq, shape.n_heads);
+        rope.apply(&mut cache.k_tg, shape.batch, shape.seq, shape.n_kv_heads);
+        cache.probs = vec![0.0; shape.probs_len()];
+        cache.attn_tq = vec![0.0; t * q];
+        attention_forward(shape, &cache.q_tq, &cache.k_tg, &cache.v_tg, &mut cache.attn_tq, &mut cache.probs);
+        let mut out_ad = vec![0.0; t * d];
+        matmul_nt(t, q, d, &cache.attn_tq, &w.wo, &mut out_ad, false);
+        if dims.shards > 1 {
+            return self.shards.reduce_scatter_rows(&out_ad);
+        }
+        Ok(out_ad)
     }
-    let n_ad = if dims.shards > 1 { &cache.attn_in_ad } else { n_td };
-    let (t, d, q, g) = (dims.a, dims.d, dims.q, dims.g);
-    let shape = dims.attn;
-    cache.q_tq = vec![0.0; t * q];
-    cache.k_tg = vec![0.0; t * g];
-    cache.v_tg = vec![0.0; t * g];
-    matmul_nt(t, d, q, n_ad, &w.wq, &mut cache.q_tq, false);
-    matmul_nt(t, d, g, n_ad, &w.wk, &mut cache.k_tg, false);
-    matmul_nt(t, d, g, n_ad, &w.wv, &mut cache.v_tg, false);
-    rope.apply(&mut cache.q_tq, shape.batch, shape.seq, shape.n_heads);
-    rope.apply(&mut cache.k_tg, shape.batch, shape.seq, shape.n_kv_heads);
-    cache.probs = vec![0.0; shape.probs_len()];
-    cache.attn_tq = vec![0.0; t * q];
-    attention_forward(shape, &cache.q_tq, &cache.k_tg, &cache.v_tg, &mut cache.attn_tq, &mut cache.probs);
-    let mut out_ad = vec![0.0; t * d];
-    matmul_nt(t, q, d, &cache.attn_tq, &w.wo, &mut out_ad, false);
-    if dims.shards > 1 {
-        return shards.reduce_scatter_rows(&out_ad);
-    }
-    Ok(out_ad)
-}
 
-/// Backward of [`attention_block_forward`]: adds into `dn_td` and grads.
-/// With shards the output gradient is gathered (the forward's
-/// reduce-scatter) and the input gradient reduce-scattered (its gather).
-#[allow(clippy::too_many_arguments)]
-fn attention_block_backward(
-    w: &DenseLayerWeights,
-    gw: &mut DenseLayerWeights,
-    rope: &RopeTable,
-    dims: &Dims,
-    cache: &BlockCache,
-    dout_td: &[f32],
-    dn_td: &mut [f32],
-    shards: &mut dyn TokenShards,
-) -> Result<(), ModelError> {
-    let gathered;
-    let dout_td = if dims.shards > 1 {
-        gathered = shards.gather_rows(dout_td)?;
-        &gathered[..]
-    } else {
-        dout_td
-    };
-    let mut dn_ad = if dims.shards > 1 { vec![0.0; dims.a * dims.d] } else { Vec::new() };
-    let (t, d, q, g) = (dims.a, dims.d, dims.q, dims.g);
-    let shape = dims.attn;
-    // out = attn Wo^T: dWo += dout^T attn, dattn = dout Wo.
-    matmul_tn(d, t, q, dout_td, &cache.attn_tq, &mut gw.wo, true);
-    let mut dattn_tq = vec![0.0; t * q];
-    matmul_nn(t, d, q, dout_td, &w.wo, &mut dattn_tq, false);
-    let mut dq_tq = vec![0.0; t * q];
-    let mut dk_tg = vec![0.0; t * g];
-    let mut dv_tg = vec![0.0; t * g];
-    attention_backward(
-        shape,
-        &cache.q_tq,
-        &cache.k_tg,
-        &cache.v_tg,
-        &cache.probs,
-        &dattn_tq,
-        &mut dq_tq,
-        &mut dk_tg,
-        &mut dv_tg,
-    );
-    rope.apply_backward(&mut dq_tq, shape.batch, shape.seq, shape.n_heads);
-    rope.apply_backward(&mut dk_tg, shape.batch, shape.seq, shape.n_kv_heads);
-    let n_td = if dims.shards > 1 { &cache.attn_in_ad } else { &cache.attn_in_td };
-    let dn_out: &mut [f32] = if dims.shards > 1 { &mut dn_ad } else { dn_td };
-    for (dp_tw, wp, gp, width) in
-        [(&dq_tq, &w.wq, &mut gw.wq, q), (&dk_tg, &w.wk, &mut gw.wk, g), (&dv_tg, &w.wv, &mut gw.wv, g)]
-    {
-        matmul_tn(width, t, d, dp_tw, n_td, gp, true);
-        matmul_nn(t, width, d, dp_tw, wp, dn_out, true);
+    /// Backward of [`Pass::attention_forward`]: adds into `dn_td` and grads.
+    /// With shards the output gradient is gathered (the forward's
+    /// reduce-scatter) and the input gradient reduce-scattered (its gather).
+    fn attention_backward(
+        &mut self,
+        w: &DenseLayerWeights,
+        gw: &mut DenseLayerWeights,
+        cache: &BlockCache,
+        dout_td: &[f32],
+        dn_td: &mut [f32],
+    ) -> Result<(), ModelError> {
+        let (dims, rope) = (&self.dims, self.rope);
+        let gathered;
+        let dout_td = if dims.shards > 1 {
+            gathered = self.shards.gather_rows(dout_td)?;
+            &gathered[..]
+        } else {
+            dout_td
+        };
+        let mut dn_ad = if dims.shards > 1 { vec![0.0; dims.a * dims.d] } else { Vec::new() };
+        let (t, d, q, g) = (dims.a, dims.d, dims.q, dims.g);
+        let shape = dims.attn;
+        // out = attn Wo^T: dWo += dout^T attn, dattn = dout Wo.
+        matmul_tn(d, t, q, dout_td, &cache.attn_tq, &mut gw.wo, true);
+        let mut dattn_tq = vec![0.0; t * q];
+        matmul_nn(t, d, q, dout_td, &w.wo, &mut dattn_tq, false);
+        let mut dq_tq = vec![0.0; t * q];
+        let mut dk_tg = vec![0.0; t * g];
+        let mut dv_tg = vec![0.0; t * g];
+        let qkv = Qkv { q_th: &cache.q_tq, k_tg: &cache.k_tg, v_tg: &cache.v_tg };
+        let grads = QkvGrads { dq_th: &mut dq_tq, dk_tg: &mut dk_tg, dv_tg: &mut dv_tg };
+        attention_backward(shape, qkv, &cache.probs, &dattn_tq, grads);
+        rope.apply_backward(&mut dq_tq, shape.batch, shape.seq, shape.n_heads);
+        rope.apply_backward(&mut dk_tg, shape.batch, shape.seq, shape.n_kv_heads);
+        let n_td = if dims.shards > 1 { &cache.attn_in_ad } else { &cache.attn_in_td };
+        let dn_out: &mut [f32] = if dims.shards > 1 { &mut dn_ad } else { dn_td };
+        for (dp_tw, wp, gp, width) in
+            [(&dq_tq, &w.wq, &mut gw.wq, q), (&dk_tg, &w.wk, &mut gw.wk, g), (&dv_tg, &w.wv, &mut gw.wv, g)]
+        {
+            matmul_tn(width, t, d, dp_tw, n_td, gp, true);
+            matmul_nn(t, width, d, dp_tw, wp, dn_out, true);
+        }
+        if dims.shards > 1 {
+            add_into(dn_td, &self.shards.reduce_scatter_rows(&dn_ad)?);
+        }
+        Ok(())
     }
-    if dims.shards > 1 {
-        add_into(dn_td, &shards.reduce_scatter_rows(&dn_ad)?);
+
+    /// One block forward; returns its output and what backward needs.
+    fn block_forward(
+        &mut self,
+        layer: usize,
+        w: &DenseLayerWeights,
+        x_td: Vec<f32>,
+    ) -> Result<(Vec<f32>, BlockCache), ModelError> {
+        let cfg = self.cfg;
+        let (t, d) = (self.dims.t, self.dims.d);
+        let moe_layer = MoeLayer { cfg, layer, w };
+        let mut cache = BlockCache {
+            x_td,
+            attn_in_td: vec![0.0; t * d],
+            attn_rstd_t: vec![0.0; t],
+            q_tq: Vec::new(),
+            k_tg: Vec::new(),
+            v_tg: Vec::new(),
+            probs: Vec::new(),
+            attn_tq: Vec::new(),
+            attn_in_ad: Vec::new(),
+            h_td: Vec::new(),
+            ffn_in_td: Vec::new(),
+            ffn_rstd_t: Vec::new(),
+            moe: MoeCache::default(),
+        };
+        rmsnorm_forward(&cache.x_td, &w.attn_norm, cfg.norm_eps, &mut cache.attn_in_td, &mut cache.attn_rstd_t);
+        // BAM: the MoE reads the same normalised input as attention, so its
+        // rows may leave before attention runs.
+        let early = cfg.block == BlockKind::Parallel && self.attention_during_moe;
+        let mut moe_started = None;
+        if early {
+            cache.ffn_in_td = cache.attn_in_td.clone();
+            moe_started = Some(moe_forward_start(moe_layer, &cache.ffn_in_td, t, self.experts, self.shards)?);
+        }
+        let attn_in_td = std::mem::take(&mut cache.attn_in_td);
+        let attn_td = self.attention_forward(w, &attn_in_td, &mut cache)?;
+        cache.attn_in_td = attn_in_td;
+        let mut out_td = cache.x_td.clone();
+        add_into(&mut out_td, &attn_td);
+        let moe_started = match moe_started {
+            Some(started) => started,
+            None => {
+                match cfg.block {
+                    BlockKind::Sequential => {
+                        let ffn_norm = w.ffn_norm.as_ref().expect("sequential blocks have ffn_norm");
+                        cache.h_td = out_td.clone();
+                        cache.ffn_in_td = vec![0.0; t * d];
+                        cache.ffn_rstd_t = vec![0.0; t];
+                        rmsnorm_forward(
+                            &cache.h_td,
+                            ffn_norm,
+                            cfg.norm_eps,
+                            &mut cache.ffn_in_td,
+                            &mut cache.ffn_rstd_t,
+                        );
+                    }
+                    BlockKind::Parallel => cache.ffn_in_td = cache.attn_in_td.clone(),
+                }
+                moe_forward_start(moe_layer, &cache.ffn_in_td, t, self.experts, self.shards)?
+            }
+        };
+        let (moe_td, moe) = moe_forward_finish(moe_layer, &cache.ffn_in_td, moe_started, self.experts)?;
+        add_into(&mut out_td, &moe_td);
+        cache.moe = moe;
+        Ok((out_td, cache))
     }
-    Ok(())
+
+    /// One block backward: returns `d loss / d x` of the block's input.
+    fn block_backward(
+        &mut self,
+        layer: usize,
+        w: &DenseLayerWeights,
+        gw: &mut DenseLayerWeights,
+        cache: &BlockCache,
+        scales: LossScales,
+        dout_td: Vec<f32>,
+    ) -> Result<Vec<f32>, ModelError> {
+        let cfg = self.cfg;
+        let (t, d) = (self.dims.t, self.dims.d);
+        let moe_layer = MoeLayer { cfg, layer, w };
+        let moe_in = MoeBackwardInput { x_td: &cache.ffn_in_td, cache: &cache.moe, dout_td: &dout_td };
+        // Both residual branches see dout; the skip path passes it through.
+        let mut dx_td = dout_td.clone();
+        let mut dn_td = vec![0.0; t * d];
+        match cfg.block {
+            BlockKind::Sequential => {
+                // out = h + MoE(RMSNorm(h)): dh = dout + RMSNorm'(dmoe_in).
+                let mut dffn_in_td = vec![0.0; t * d];
+                let grads = MoeGrads { gw: &mut *gw, dx_td: &mut dffn_in_td };
+                moe_backward(moe_layer, moe_in, scales.router(), grads, self.experts)?;
+                let ffn_norm = w.ffn_norm.as_ref().expect("sequential blocks have ffn_norm");
+                let gffn_norm = gw.ffn_norm.as_mut().expect("sequential blocks have ffn_norm");
+                rmsnorm_backward(&cache.h_td, ffn_norm, &cache.ffn_rstd_t, &dffn_in_td, &mut dx_td, gffn_norm);
+                // h = x + Attn(n): the attention branch sees dh.
+                let dh_td = dx_td.clone();
+                self.attention_backward(w, gw, cache, &dh_td, &mut dn_td)?;
+            }
+            BlockKind::Parallel => {
+                // Attention's input gradient first, then the MoE's, in both
+                // orders of work, so overlapping them changes no bits.
+                let mut started = None;
+                if self.attention_during_moe {
+                    started = Some(moe_backward_start(moe_layer, moe_in, self.experts)?);
+                }
+                self.attention_backward(w, gw, cache, &dout_td, &mut dn_td)?;
+                let started = match started {
+                    Some(started) => started,
+                    None => moe_backward_start(moe_layer, moe_in, self.experts)?,
+                };
+                let grads = MoeGrads { gw: &mut *gw, dx_td: &mut dn_td };
+                moe_backward_finish(moe_layer, moe_in, scales.router(), grads, started, self.experts)?;
+            }
+        }
+        rmsnorm_backward(&cache.x_td, &w.attn_norm, &cache.attn_rstd_t, &dn_td, &mut dx_td, &mut gw.attn_norm);
+        Ok(dx_td)
+    }
+
+    /// Runs every block; returns the final hidden states and the caches.
+    fn trunk_forward(
+        &mut self,
+        dense: &DenseWeights,
+        inputs: &[u32],
+        stats: &mut ForwardStats,
+    ) -> Result<(Vec<f32>, Vec<BlockCache>), ModelError> {
+        let mut x_td = embed(dense, self.dims.d, inputs);
+        let mut caches = Vec::with_capacity(self.cfg.n_layers);
+        for (layer, w) in dense.layers.iter().enumerate() {
+            let (out_td, cache) = self.block_forward(layer, w, x_td)?;
+            stats.aux_loss.push(cache.moe.routing.aux_loss);
+            stats.z_loss.push(cache.moe.routing.z_loss);
+            stats.tokens_per_expert.push(cache.moe.routing.tokens_per_expert.clone());
+            stats.dropped.push(cache.moe.routing.dropped);
+            caches.push(cache);
+            x_td = out_td;
+        }
+        Ok((x_td, caches))
+    }
 }
 
 fn add_into(acc: &mut [f32], x: &[f32]) {
     acc.iter_mut().zip(x).for_each(|(a, b)| *a += b);
-}
-
-/// One block forward; returns its output and what backward needs.
-#[allow(clippy::too_many_arguments)]
-fn block_forward(
-    cfg: &ModelConfig,
-    layer: usize,
-    w: &DenseLayerWeights,
-    rope: &RopeTable,
-    dims: &Dims,
-    x_td: Vec<f32>,
-    experts: &mut dyn ExpertExecutor,
-    shards: &mut dyn TokenShards,
-    attention_during_moe: bool,
-) -> Result<(Vec<f32>, BlockCache), ModelError> {
-    let (t, d) = (dims.t, dims.d);
-    let mut cache = BlockCache {
-        x_td,
-        attn_in_td: vec![0.0; t * d],
-        attn_rstd_t: vec![0.0; t],
-        q_tq: Vec::new(),
-        k_tg: Vec::new(),
-        v_tg: Vec::new(),
-        probs: Vec::new(),
-        attn_tq: Vec::new(),
-        attn_in_ad: Vec::new(),
-        h_td: Vec::new(),
-        ffn_in_td: Vec::new(),
-        ffn_rstd_t: Vec::new(),
-        moe: MoeCache::default(),
-    };
-    rmsnorm_forward(&cache.x_td, &w.attn_norm, cfg.norm_eps, &mut cache.attn_in_td, &mut cache.attn_rstd_t);
-    // BAM: the MoE reads the same normalised input as attention, so its
-    // rows may leave before attention runs.
-    let early = cfg.block == BlockKind::Parallel && attention_during_moe;
-    let mut moe_started = None;
-    if early {
-        cache.ffn_in_td = cache.attn_in_td.clone();
-        moe_started = Some(moe_forward_start(cfg, layer, w, &cache.ffn_in_td, t, experts, shards)?);
-    }
-    let attn_in_td = std::mem::take(&mut cache.attn_in_td);
-    let attn_td = attention_block_forward(w, rope, dims, &attn_in_td, &mut cache, shards)?;
-    cache.attn_in_td = attn_in_td;
-    let mut out_td = cache.x_td.clone();
-    add_into(&mut out_td, &attn_td);
-    let moe_started = match moe_started {
-        Some(started) => started,
-        None => {
-            match cfg.block {
-                BlockKind::Sequential => {
-                    let ffn_norm = w.ffn_norm.as_ref().expect("sequential blocks have ffn_norm");
-                    cache.h_td = out_td.clone();
-                    cache.ffn_in_td = vec![0.0; t * d];
-                    cache.ffn_rstd_t = vec![0.0; t];
-                    rmsnorm_forward(&cache.h_td, ffn_norm, cfg.norm_eps, &mut cache.ffn_in_td, &mut cache.ffn_rstd_t);
-                }
-                BlockKind::Parallel => cache.ffn_in_td = cache.attn_in_td.clone(),
-            }
-            moe_forward_start(cfg, layer, w, &cache.ffn_in_td, t, experts, shards)?
-        }
-    };
-    let (moe_td, moe) = moe_forward_finish(cfg, layer, w, &cache.ffn_in_td, moe_started, experts)?;
-    add_into(&mut out_td, &moe_td);
-    cache.moe = moe;
-    Ok((out_td, cache))
-}
-
-/// One block backward: returns `d loss / d x` of the block's input.
-#[allow(clippy::too_many_arguments)]
-fn block_backward(
-    cfg: &ModelConfig,
-    layer: usize,
-    w: &DenseLayerWeights,
-    gw: &mut DenseLayerWeights,
-    rope: &RopeTable,
-    dims: &Dims,
-    cache: &BlockCache,
-    scales: LossScales,
-    dout_td: Vec<f32>,
-    experts: &mut dyn ExpertExecutor,
-    shards: &mut dyn TokenShards,
-    attention_during_moe: bool,
-) -> Result<Vec<f32>, ModelError> {
-    let (t, d) = (dims.t, dims.d);
-    // Both residual branches see dout; the skip path passes it through.
-    let mut dx_td = dout_td.clone();
-    let mut dn_td = vec![0.0; t * d];
-    match cfg.block {
-        BlockKind::Sequential => {
-            // out = h + MoE(RMSNorm(h)): dh = dout + RMSNorm'(dmoe_in).
-            let mut dffn_in_td = vec![0.0; t * d];
-            moe_backward(
-                cfg,
-                layer,
-                w,
-                gw,
-                &cache.ffn_in_td,
-                &cache.moe,
-                scales.aux,
-                scales.z,
-                &dout_td,
-                &mut dffn_in_td,
-                experts,
-            )?;
-            let ffn_norm = w.ffn_norm.as_ref().expect("sequential blocks have ffn_norm");
-            let gffn_norm = gw.ffn_norm.as_mut().expect("sequential blocks have ffn_norm");
-            rmsnorm_backward(&cache.h_td, ffn_norm, &cache.ffn_rstd_t, &dffn_in_td, &mut dx_td, gffn_norm);
-            // h = x + Attn(n): the attention branch sees dh.
-            let dh_td = dx_td.clone();
-            attention_block_backward(w, gw, rope, dims, cache, &dh_td, &mut dn_td, shards)?;
-        }
-        BlockKind::Parallel => {
-            // Attention's input gradient first, then the MoE's, in both
-            // orders of work, so overlapping them changes no bits.
-            let (moe, x) = (&cache.moe, &cache.ffn_in_td);
-            let mut started = None;
-            if attention_during_moe {
-                started = Some(moe_backward_start(cfg, layer, moe, &dout_td, experts)?);
-            }
-            attention_block_backward(w, gw, rope, dims, cache, &dout_td, &mut dn_td, shards)?;
-            let started = match started {
-                Some(started) => started,
-                None => moe_backward_start(cfg, layer, moe, &dout_td, experts)?,
-            };
-            let scales = (scales.aux, scales.z);
-            moe_backward_finish(cfg, layer, w, gw, x, moe, scales, &dout_td, &mut dn_td, started, experts)?;
-        }
-    }
-    rmsnorm_backward(&cache.x_td, &w.attn_norm, &cache.attn_rstd_t, &dn_td, &mut dx_td, &mut gw.attn_norm);
-    Ok(dx_td)
-}
-
-/// Runs every block; returns the final hidden states and the caches.
-#[allow(clippy::too_many_arguments)]
-fn trunk_forward(
-    cfg: &ModelConfig,
-    rope: &RopeTable,
-    dense: &DenseWeights,
-    dims: &Dims,
-    inputs: &[u32],
-    experts: &mut dyn ExpertExecutor,
-    shards: &mut dyn TokenShards,
-    stats: &mut ForwardStats,
-    attention_during_moe: bool,
-) -> Result<(Vec<f32>, Vec<BlockCache>), ModelError> {
-    let mut x_td = embed(dense, dims.d, inputs);
-    let mut caches = Vec::with_capacity(cfg.n_layers);
-    for (layer, w) in dense.layers.iter().enumerate() {
-        let (out_td, cache) = block_forward(cfg, layer, w, rope, dims, x_td, experts, shards, attention_during_moe)?;
-        stats.aux_loss.push(cache.moe.routing.aux_loss);
-        stats.z_loss.push(cache.moe.routing.z_loss);
-        stats.tokens_per_expert.push(cache.moe.routing.tokens_per_expert.clone());
-        stats.dropped.push(cache.moe.routing.dropped);
-        caches.push(cache);
-        x_td = out_td;
-    }
-    Ok((x_td, caches))
 }
 
 /// Final norm and LM head: returns (normalised states, rstd, logits).
@@ -456,15 +449,15 @@ pub fn forward_backward_with(
     scales: LossScales,
     mut opts: PassOptions,
 ) -> Result<ForwardStats, ModelError> {
-    let early = opts.attention_during_moe;
     let (inputs, targets) = inputs_and_targets(cfg, mb)?;
     let dims = Dims::new(cfg, mb.batch, shards.count())?;
     let (t, d, v) = (dims.t, dims.d, cfg.vocab);
     let mine = shards.index() * t..(shards.index() + 1) * t;
     let (inputs, targets) = (&inputs[mine.clone()], &targets[mine]);
     let mut stats = ForwardStats { num_tokens: t, ..Default::default() };
-    let (x_td, caches) = trunk_forward(cfg, rope, dense, &dims, inputs, experts, shards, &mut stats, early)?;
-    let (xf_td, rstd_t, logits_tv) = head_forward(cfg, dense, &dims, &x_td);
+    let mut pass = Pass { cfg, rope, dims, experts, shards, attention_during_moe: opts.attention_during_moe };
+    let (x_td, caches) = pass.trunk_forward(dense, inputs, &mut stats)?;
+    let (xf_td, rstd_t, logits_tv) = head_forward(cfg, dense, &pass.dims, &x_td);
     let mut dlogits_tv = vec![0.0; t * v];
     stats.ce_sum = cross_entropy_forward_backward(&logits_tv, targets, v, scales.ce, &mut dlogits_tv);
     drop(logits_tv);
@@ -480,7 +473,7 @@ pub fn forward_backward_with(
 
     for (layer, cache) in caches.iter().enumerate().rev() {
         let (w, gw) = (&dense.layers[layer], &mut grads.layers[layer]);
-        dx_td = block_backward(cfg, layer, w, gw, rope, &dims, cache, scales, dx_td, experts, shards, early)?;
+        dx_td = pass.block_backward(layer, w, gw, cache, scales, dx_td)?;
         if let Some(hook) = opts.on_layer_grads.as_mut() {
             hook(layer, gw);
         }
@@ -504,8 +497,9 @@ pub fn forward(
     let (inputs, targets) = inputs_and_targets(cfg, mb)?;
     let dims = Dims::new(cfg, mb.batch, 1)?;
     let mut stats = ForwardStats { num_tokens: dims.t, ..Default::default() };
-    let (x_td, _caches) = trunk_forward(cfg, rope, dense, &dims, &inputs, experts, &mut NoShards, &mut stats, false)?;
-    let (_, _, logits_tv) = head_forward(cfg, dense, &dims, &x_td);
+    let mut pass = Pass { cfg, rope, dims, experts, shards: &mut NoShards, attention_during_moe: false };
+    let (x_td, _caches) = pass.trunk_forward(dense, &inputs, &mut stats)?;
+    let (_, _, logits_tv) = head_forward(cfg, dense, &pass.dims, &x_td);
     stats.ce_sum = cross_entropy_sum(&logits_tv, &targets, cfg.vocab);
     Ok(stats)
 }

@@ -7,6 +7,8 @@
 //! global expert id.
 
 use crate::config::{BlockKind, ModelConfig};
+use crate::moe::ExpertKind;
+use crate::ops::swiglu::SwiGlu;
 use crate::rng::Rng;
 use std::collections::BTreeMap;
 
@@ -241,7 +243,7 @@ impl ModelWeights {
 
 /// The global shape of a named tensor under `cfg`, or None for an unknown name.
 pub fn tensor_shape(cfg: &ModelConfig, name: &str) -> Option<Vec<usize>> {
-    let (d, f, v, hd) = (cfg.d_model, cfg.ffn_hidden, cfg.vocab, cfg.head_dim());
+    let (d, v, hd) = (cfg.d_model, cfg.vocab, cfg.head_dim());
     let parts: Vec<&str> = name.split('.').collect();
     let shape = match parts.as_slice() {
         ["tok_embeddings", "weight"] | ["output", "weight"] => vec![v, d],
@@ -252,8 +254,7 @@ pub fn tensor_shape(cfg: &ModelConfig, name: &str) -> Option<Vec<usize>> {
             ["attn", "wk", "weight"] | ["attn", "wv", "weight"] => vec![cfg.n_kv_heads * hd, d],
             ["attn", "wo", "weight"] => vec![d, cfg.n_heads * hd],
             ["moe", "router", "weight"] => vec![cfg.n_experts, d],
-            ["moe", "experts" | "shared", _, "w1" | "w3", "weight"] => vec![f, d],
-            ["moe", "experts" | "shared", _, "w2", "weight"] => vec![d, f],
+            ["moe", "experts" | "shared", _, part, "weight"] => return SwiGlu::of(cfg).tensor_shape(part),
             _ => return None,
         },
         _ => return None,

@@ -4,7 +4,7 @@
 mod common;
 
 use common::{check_gradient, probe_loss, values};
-use model::ops::attention::{attention_backward, attention_forward, AttentionShape};
+use model::ops::attention::{attention_backward, attention_forward, AttentionShape, Qkv, QkvGrads};
 use model::ops::loss::{cross_entropy_forward_backward, cross_entropy_sum};
 use model::ops::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
 use model::ops::rope::RopeTable;
@@ -274,7 +274,8 @@ fn attention_gradients_match_finite_differences() {
         let mut probs = vec![0.0; shape.probs_len()];
         attention_forward(shape, &q, &k, &v, &mut out, &mut probs);
         let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
-        attention_backward(shape, &q, &k, &v, &probs, &probe, &mut dq, &mut dk, &mut dv);
+        let qkv = Qkv { q_th: &q, k_tg: &k, v_tg: &v };
+        attention_backward(shape, qkv, &probs, &probe, QkvGrads { dq_th: &mut dq, dk_tg: &mut dk, dv_tg: &mut dv });
 
         let name = format!("{}h/{}kv", shape.n_heads, shape.n_kv_heads);
         // S = q k^T / sqrt(hd), P = causal softmax(S), O = P v, dO = probe:
@@ -286,7 +287,8 @@ fn attention_gradients_match_finite_differences() {
         check_gradient(&format!("attention dv {name}"), &v, &dv, |v| probe_loss(&attn_out(shape, &q, &k, v), &probe));
 
         let (mut dq2, mut dk2, mut dv2) = (dq.clone(), dk.clone(), dv.clone());
-        attention_backward(shape, &q, &k, &v, &probs, &probe, &mut dq2, &mut dk2, &mut dv2);
+        let qkv = Qkv { q_th: &q, k_tg: &k, v_tg: &v };
+        attention_backward(shape, qkv, &probs, &probe, QkvGrads { dq_th: &mut dq2, dk_tg: &mut dk2, dv_tg: &mut dv2 });
         assert_doubled("attention dq", &dq, &dq2);
         assert_doubled("attention dk", &dk, &dk2);
         assert_doubled("attention dv", &dv, &dv2);

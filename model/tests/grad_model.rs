@@ -93,10 +93,7 @@ fn check_model(cfg: ModelConfig, names: &[&str]) {
                 tensor(&mut w, name).copy_from_slice(xp);
                 total_loss(&cfg, &w, &toks)
             },
-            2e-3,
-            5e-4,
-            3e-2,
-            24,
+            common::Fd { eps: 2e-3, atol: 5e-4, rtol: 3e-2, max_checks: 24 },
         );
     }
 }

@@ -4,8 +4,11 @@
 mod common;
 
 use common::{check_gradient, probe_loss, values};
-use model::moe::{route, route_backward, DispatchPlan, ExpertExecutor, LocalExperts, Routing};
-use model::ops::swiglu::{swiglu_backward, swiglu_forward, SwigluCache};
+use model::moe::{
+    route, route_backward, DispatchPlan, ExpertExecutor, LocalExperts, RouterGrads, RouterLossScales, Routing,
+};
+use model::moe::{ExpertKind, Rows};
+use model::ops::swiglu::{SwiGlu, SwigluCache};
 use model::{ExpertStore, ExpertWeights, ModelConfig, ModelError};
 use std::collections::BTreeMap;
 
@@ -41,7 +44,7 @@ fn store(cfg: &ModelConfig, seed: u64) -> ExpertStore {
 
 fn swiglu_loss(w: &ExpertWeights, d: usize, f: usize, x: &[f32], rows: usize, probe: &[f32]) -> f64 {
     let mut y = vec![0.0; rows * d];
-    swiglu_forward(w, d, f, x, rows, &mut y, &mut SwigluCache::default());
+    SwiGlu { d, f }.forward(w, Rows { x_rd: x, rows }, &mut y, &mut SwigluCache::default());
     probe_loss(&y, probe)
 }
 
@@ -54,12 +57,12 @@ fn swiglu_gradients_match_finite_differences() {
     let probe = values(rows * d, 2);
     let mut y = vec![f32::NAN; rows * d];
     let mut cache = SwigluCache::default();
-    swiglu_forward(&w, d, f, &x, rows, &mut y, &mut cache);
+    SwiGlu { d, f }.forward(&w, Rows { x_rd: &x, rows }, &mut y, &mut cache);
     assert!(y.iter().all(|v| v.is_finite()), "forward must overwrite y");
     // The backward adds: start from non-zero buffers and subtract afterwards.
     let mut dx = vec![0.5; rows * d];
     let mut g = ExpertWeights { w1: vec![0.25; d * f], w3: vec![-0.25; d * f], w2: vec![1.0; d * f] };
-    swiglu_backward(&w, d, f, &x, rows, &cache, &probe, &mut dx, &mut g);
+    SwiGlu { d, f }.backward(&w, Rows { x_rd: &x, rows }, &cache, &probe, &mut dx, &mut g);
     dx.iter_mut().for_each(|v| *v -= 0.5);
     g.w1.iter_mut().for_each(|v| *v -= 0.25);
     g.w3.iter_mut().for_each(|v| *v += 0.25);
@@ -88,9 +91,9 @@ fn swiglu_zero_rows_is_a_no_op() {
     let (d, f) = (cfg.d_model, cfg.ffn_hidden);
     let w = expert(&cfg, 3);
     let mut cache = SwigluCache::default();
-    swiglu_forward(&w, d, f, &[], 0, &mut [], &mut cache);
+    SwiGlu { d, f }.forward(&w, Rows { x_rd: &[], rows: 0 }, &mut [], &mut cache);
     let mut g = ExpertWeights::zeros(&cfg);
-    swiglu_backward(&w, d, f, &[], 0, &cache, &[], &mut [], &mut g);
+    SwiGlu { d, f }.backward(&w, Rows { x_rd: &[], rows: 0 }, &cache, &[], &mut [], &mut g);
     assert_eq!(g, ExpertWeights::zeros(&cfg));
 }
 
@@ -135,7 +138,8 @@ fn check_router(norm_topk_prob: bool, which: RouterLoss) {
     // Adds into the outputs: start them non-zero.
     let mut dx = vec![1.0; n * d];
     let mut drouter = vec![-1.0; e * d];
-    route_backward(&cfg, &x, &router, &base, &dgate, aux_scale, z_scale, &mut dx, &mut drouter);
+    let scales = RouterLossScales { aux: aux_scale, z: z_scale };
+    route_backward(&cfg, &x, &router, &base, &dgate, scales, RouterGrads { dx_td: &mut dx, drouter_ed: &mut drouter });
     dx.iter_mut().for_each(|v| *v -= 1.0);
     drouter.iter_mut().for_each(|v| *v += 1.0);
     assert!(dx.iter().any(|v| v.abs() > 1e-4), "{which:?}: gradient is trivially zero");
@@ -277,9 +281,11 @@ fn check_layer(capacity_factor: f32, norm_topk_prob: bool) {
         let dy = plan.combine_backward(&routing, &y, &probe, d, &mut dgate);
         let dx_ad = exec.backward(0, &plan, &dy).unwrap();
         plan.gather_backward(&dx_ad, d, &mut dx);
-        route_backward(&cfg, &x, &router, &routing, &dgate, layer.aux_scale, layer.z_scale, &mut dx, &mut drouter);
+        let scales = RouterLossScales { aux: layer.aux_scale, z: layer.z_scale };
+        let grads = RouterGrads { dx_td: &mut dx, drouter_ed: &mut drouter };
+        route_backward(&cfg, &x, &router, &routing, &dgate, scales, grads);
         // The saved state was taken: a second backward is an error.
-        assert!(matches!(exec.backward(0, &plan, &dy), Err(ModelError::Executor(_))));
+        assert!(matches!(exec.backward(0, &plan, &dy), Err(ModelError::Executor { .. })));
     }
     let base = Some(&routing);
     let name = format!("moe layer c={capacity_factor} norm={norm_topk_prob}");
@@ -360,13 +366,20 @@ fn check_local_experts_against_per_token(d: usize, f: usize, n: usize) {
             let (id, gate) = (r.expert_tk[t * k + s] as usize, r.gate_tk[t * k + s]);
             let (xt, mut yt, mut cache) = (&x[t * d..(t + 1) * d], vec![0.0; d], SwigluCache::default());
             let w = &experts.layers[0][&id];
-            swiglu_forward(w, d, f, xt, 1, &mut yt, &mut cache);
+            SwiGlu { d, f }.forward(w, Rows { x_rd: xt, rows: 1 }, &mut yt, &mut cache);
             for (o, v) in expect.iter_mut().zip(&yt) {
                 *o += gate * v;
             }
             let dyt: Vec<f32> = dout[t * d..(t + 1) * d].iter().map(|v| gate * v).collect();
             let g = expect_grads.layers[0].get_mut(&id).unwrap();
-            swiglu_backward(w, d, f, xt, 1, &cache, &dyt, &mut expect_dx[t * d..(t + 1) * d], g);
+            SwiGlu { d, f }.backward(
+                w,
+                Rows { x_rd: xt, rows: 1 },
+                &cache,
+                &dyt,
+                &mut expect_dx[t * d..(t + 1) * d],
+                g,
+            );
         }
         for (a, b) in out[t * d..(t + 1) * d].iter().zip(&expect) {
             assert!((a - b).abs() < 1e-5 * (1.0 + b.abs()), "out token {t}: {a} vs {b}");
@@ -408,7 +421,9 @@ fn local_experts_report_missing_experts() {
     let mut grads = partial.zeros_like();
     let mut exec = LocalExperts::new(&cfg, &partial, &mut grads);
     match exec.forward(0, &plan, &plan.gather(&x, d)) {
-        Err(ModelError::Executor(msg)) => assert!(msg.contains(&format!("expert {used}")), "{msg}"),
+        Err(e @ ModelError::Executor { layer: 0, .. }) => {
+            assert!(e.to_string().contains(&format!("expert {used}")), "{e}")
+        }
         other => panic!("expected an executor error, got {other:?}"),
     }
     // Gradients must hold the experts the weights hold.
@@ -416,11 +431,11 @@ fn local_experts_report_missing_experts() {
     let mut grads = partial.zeros_like();
     let mut exec = LocalExperts::new(&cfg, &full, &mut grads);
     let y = exec.forward(0, &plan, &plan.gather(&x, d)).unwrap();
-    assert!(matches!(exec.backward(0, &plan, &y), Err(ModelError::Executor(_))));
+    assert!(matches!(exec.backward(0, &plan, &y), Err(ModelError::Executor { .. })));
     // Backward without forward.
     let mut grads = full.zeros_like();
     let mut exec = LocalExperts::new(&cfg, &full, &mut grads);
-    assert!(matches!(exec.backward(0, &plan, &y), Err(ModelError::Executor(_))));
+    assert!(matches!(exec.backward(0, &plan, &y), Err(ModelError::Executor { .. })));
 }
 
 // ---------------------------------------------------------------- semantics

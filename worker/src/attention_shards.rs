@@ -14,8 +14,9 @@ pub struct ShardGroup<'a> {
     pub comm: &'a mut dyn Communicator,
 }
 
+/// Keeps the communicator's error as the source, so an abort stays recognisable by type.
 fn comm_error(e: collectives::CommError) -> ModelError {
-    ModelError::Executor(e.to_string())
+    ModelError::comm(e)
 }
 
 impl TokenShards for ShardGroup<'_> {

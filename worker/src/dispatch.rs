@@ -160,8 +160,9 @@ fn piece(n: usize, c: usize, pieces: usize) -> std::ops::Range<usize> {
     n * c / pieces..n * (c + 1) / pieces
 }
 
+/// Keeps the communicator's error as the source, so an abort stays recognisable by type.
 fn comm_error(e: collectives::CommError) -> ModelError {
-    ModelError::Executor(e.to_string())
+    ModelError::comm(e)
 }
 
 impl<'a> AllToAllExperts<'a> {
@@ -354,11 +355,9 @@ impl<'a> AllToAllExperts<'a> {
         let d = self.d;
         let Flight { pass: started_as, exchange, mut outbound } = self.flights[layer]
             .take()
-            .ok_or_else(|| ModelError::Executor(format!("layer {layer}: no expert pass in flight to finish")))?;
+            .ok_or_else(|| ModelError::executor(layer, "no expert pass in flight to finish"))?;
         if started_as != pass {
-            return Err(ModelError::Executor(format!(
-                "layer {layer}: finishing a {pass:?} pass started as {started_as:?}"
-            )));
+            return Err(ModelError::executor(layer, format!("finishing a {pass:?} pass started as {started_as:?}")));
         }
         let mut inbound = VecDeque::with_capacity(exchange.chunks.len());
         for (c, chunk) in exchange.chunks.iter().enumerate() {
@@ -415,9 +414,8 @@ impl ExpertExecutor for AllToAllExperts<'_> {
 
     fn start_backward(&mut self, layer: usize, _plan: &DispatchPlan, dy_ad: &[f32]) -> Result<Started, ModelError> {
         // Combine's backward is a dispatch along the forward's exchange.
-        let exchange = self.saved[layer]
-            .take()
-            .ok_or_else(|| ModelError::Executor(format!("layer {layer}: backward without a forward")))?;
+        let exchange =
+            self.saved[layer].take().ok_or_else(|| ModelError::executor(layer, "backward without a forward"))?;
         self.start(layer, Pass::Backward, exchange, dy_ad)?;
         Ok(Started::InFlight)
     }

@@ -51,8 +51,14 @@ pub enum WorkerError {
 impl WorkerError {
     /// True when this rank stopped only because another rank failed.
     pub fn is_abort(&self) -> bool {
-        matches!(self, Self::Comm(collectives::CommError::Aborted { .. }))
-            || matches!(self, Self::Model(model::ModelError::Executor(m)) if m.contains("was aborted"))
+        let comm = match self {
+            Self::Comm(e) => Some(e),
+            // Failures of the expert executor's or shard group's collectives
+            // keep the CommError as their source.
+            Self::Model(model::ModelError::Comm { source }) => source.downcast_ref::<collectives::CommError>(),
+            _ => None,
+        };
+        matches!(comm, Some(collectives::CommError::Aborted { .. }))
     }
 
     /// Wraps an I/O error with what was being done and to which path.
@@ -66,5 +72,22 @@ impl WorkerError {
             ClientError::Stopped { reason } => Self::Stopped { reason },
             source => Self::Coordinator { rank, source },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use collectives::CommError;
+
+    #[test]
+    fn an_abort_is_recognised_by_type_through_the_model_error() {
+        let aborted = CommError::Aborted { op: "all_to_all_v", rank: 1, reason: "rank 0 failed".into() };
+        assert!(WorkerError::Comm(aborted.clone()).is_abort());
+        assert!(WorkerError::Model(model::ModelError::comm(aborted)).is_abort());
+        let timeout = CommError::Timeout { op: "all_to_all_v", rank: 1, missing: vec![0], seconds: 1.0 };
+        assert!(!WorkerError::Model(model::ModelError::comm(timeout)).is_abort());
+        // An executor's own message mentioning an abort is not one.
+        assert!(!WorkerError::Model(model::ModelError::executor(0, "was aborted")).is_abort());
     }
 }

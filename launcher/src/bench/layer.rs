@@ -12,8 +12,8 @@
 use anyhow::{Context, Result};
 use model::gemm::matmul_nt;
 use model::model::{forward_backward, LossScales, MicroBatch};
-use model::moe::LocalExperts;
-use model::moe_layer::{moe_backward, moe_forward};
+use model::moe::layer::{moe_backward, moe_forward, MoeBackwardInput, MoeGrads, MoeLayer};
+use model::moe::{LocalExperts, RouterLossScales};
 use model::ops::rope::RopeTable;
 use model::rng::Rng;
 use model::{ModelConfig, ModelWeights};
@@ -129,11 +129,12 @@ fn bench_moe_layer(case: &LayerCase) -> f64 {
     let s = time_median(5, || {
         let mut gdense = grads.dense.layers[0].clone();
         let mut experts = LocalExperts::new(&cfg, &weights.experts, &mut grads.experts);
-        let (_, cache) =
-            moe_forward(&cfg, 0, layer, &x_td, case.tokens, &mut experts, &mut model::shards::NoShards).unwrap();
+        let moe = MoeLayer { cfg: &cfg, layer: 0, w: layer };
+        let (_, cache) = moe_forward(moe, &x_td, case.tokens, &mut experts, &mut model::shards::NoShards).unwrap();
         let mut dx_td = vec![0.0; x_td.len()];
-        moe_backward(&cfg, 0, layer, &mut gdense, &x_td, &cache, 0.01, 0.001, &dout_td, &mut dx_td, &mut experts)
-            .unwrap();
+        let input = MoeBackwardInput { x_td: &x_td, cache: &cache, dout_td: &dout_td };
+        let grads = MoeGrads { gw: &mut gdense, dx_td: &mut dx_td };
+        moe_backward(moe, input, RouterLossScales { aux: 0.01, z: 0.001 }, grads, &mut experts).unwrap();
     });
     case.tokens as f64 / s
 }

@@ -108,19 +108,25 @@ pub fn attention_forward(
     });
 }
 
-/// Backward of [`attention_forward`]: adds into `dq_th`, `dk_tg`, `dv_tg`.
-#[allow(clippy::too_many_arguments)]
-pub fn attention_backward(
-    shape: AttentionShape,
-    q_th: &[f32],
-    k_tg: &[f32],
-    v_tg: &[f32],
-    probs: &[f32],
-    dout_th: &[f32],
-    dq_th: &mut [f32],
-    dk_tg: &mut [f32],
-    dv_tg: &mut [f32],
-) {
+/// The forward pass's rotated projections, read by [`attention_backward`].
+#[derive(Debug, Clone, Copy)]
+pub struct Qkv<'a> {
+    pub q_th: &'a [f32],
+    pub k_tg: &'a [f32],
+    pub v_tg: &'a [f32],
+}
+
+/// Where [`attention_backward`] adds the gradients of q, k and v.
+#[derive(Debug)]
+pub struct QkvGrads<'a> {
+    pub dq_th: &'a mut [f32],
+    pub dk_tg: &'a mut [f32],
+    pub dv_tg: &'a mut [f32],
+}
+
+/// Backward of [`attention_forward`]: adds into `grads`.
+pub fn attention_backward(shape: AttentionShape, qkv: Qkv<'_>, probs: &[f32], dout_th: &[f32], grads: QkvGrads<'_>) {
+    let (Qkv { q_th, k_tg, v_tg }, QkvGrads { dq_th, dk_tg, dv_tg }) = (qkv, grads);
     check_shapes(&shape, q_th.len(), k_tg.len(), v_tg.len());
     let AttentionShape { batch: _, seq, n_heads, n_kv_heads, head_dim: hd } = shape;
     assert_eq!(probs.len(), shape.probs_len(), "attention: probs length");

@@ -1,6 +1,11 @@
-//! SwiGLU expert FFN: `y = W2 (silu(W1 x) * (W3 x))`, for routed and shared experts.
+//! SwiGLU expert FFN: `y = W2 (silu(W1 x) * (W3 x))`, for routed and shared
+//! experts; routed experts reach it as an [`ExpertKind`].
+//!
+//! Legend: `r` rows, `d` d_model, `f` ffn_hidden.
 
+use crate::config::ModelConfig;
 use crate::gemm::{matmul_nn, matmul_nt, matmul_tn};
+use crate::moe::{ExpertKind, Rows};
 use crate::weights::ExpertWeights;
 
 #[inline]
@@ -22,78 +27,102 @@ pub struct SwigluCache {
     pub h3: Vec<f32>,
 }
 
-/// Runs one expert on `rows` input rows `x_rd` (`[rows, d]`), writing
-/// `y_rd` (overwritten) and filling `cache` (resized as needed).
-pub fn swiglu_forward(
-    w: &ExpertWeights,
-    d: usize,
-    f: usize,
-    x_rd: &[f32],
-    rows: usize,
-    y_rd: &mut [f32],
-    cache: &mut SwigluCache,
-) {
-    if rows == 0 {
-        cache.h1.clear();
-        cache.h3.clear();
-        return;
-    }
-    let n = rows * f;
-    assert!(x_rd.len() >= rows * d, "swiglu_forward: x has {} values, needs {rows}x{d}", x_rd.len());
-    assert!(y_rd.len() >= rows * d, "swiglu_forward: y has {} values, needs {rows}x{d}", y_rd.len());
-    cache.h1.resize(n, 0.0);
-    cache.h3.resize(n, 0.0);
-    // h1 = x W1^T, h3 = x W3^T: [rows, f].
-    matmul_nt(rows, d, f, x_rd, &w.w1, &mut cache.h1, false);
-    matmul_nt(rows, d, f, x_rd, &w.w3, &mut cache.h3, false);
-    // act = silu(h1) * h3, then y = act W2^T: [rows, d].
-    let act: Vec<f32> = cache.h1.iter().zip(&cache.h3).map(|(&a, &b)| silu(a) * b).collect();
-    matmul_nt(rows, f, d, &act, &w.w2, &mut y_rd[..rows * d], false);
+/// The SwiGLU expert of width `f` on `d`-wide rows (DESIGN section 5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SwiGlu {
+    pub d: usize,
+    pub f: usize,
 }
 
-/// Backward of [`swiglu_forward`]: adds into `dx_rd` and into `grads`
-/// (`w1`, `w3`, `w2`).
-#[allow(clippy::too_many_arguments)]
-pub fn swiglu_backward(
-    w: &ExpertWeights,
-    d: usize,
-    f: usize,
-    x_rd: &[f32],
-    rows: usize,
-    cache: &SwigluCache,
-    dy_rd: &[f32],
-    dx_rd: &mut [f32],
-    grads: &mut ExpertWeights,
-) {
-    if rows == 0 {
-        return;
+impl SwiGlu {
+    /// The routed and shared experts of `cfg`: `d_model` wide, `ffn_hidden` inside.
+    pub fn of(cfg: &ModelConfig) -> Self {
+        Self { d: cfg.d_model, f: cfg.ffn_hidden }
     }
-    let n = rows * f;
-    assert!(cache.h1.len() >= n && cache.h3.len() >= n, "swiglu_backward: cache holds fewer than {rows} rows");
-    assert!(dy_rd.len() >= rows * d && dx_rd.len() >= rows * d, "swiglu_backward: dy/dx need {rows}x{d} values");
-    // One scratch buffer: [act | d_act], later reused in place as [dh3 | dh1].
-    let mut scratch = vec![0.0f32; 2 * n];
-    let (act, dact) = scratch.split_at_mut(n);
-    for ((a, &h1), &h3) in act.iter_mut().zip(&cache.h1[..n]).zip(&cache.h3[..n]) {
-        *a = silu(h1) * h3;
+}
+
+impl ExpertKind for SwiGlu {
+    type Cache = SwigluCache;
+
+    fn tensor_shape(&self, part: &str) -> Option<Vec<usize>> {
+        let (d, f) = (self.d, self.f);
+        match part {
+            "w1" | "w3" => Some(vec![f, d]),
+            "w2" => Some(vec![d, f]),
+            _ => None,
+        }
     }
-    // dW2 += dy^T act: [d, f].
-    matmul_tn(d, rows, f, dy_rd, act, &mut grads.w2, true);
-    // d_act = dy W2: [rows, f].
-    matmul_nn(rows, d, f, dy_rd, &w.w2, dact, false);
-    // dh3 = d_act * silu(h1); dh1 = d_act * h3 * silu'(h1),
-    // silu'(z) = s (1 + z (1 - s)) with s = sigmoid(z).
-    for (((dh3, dh1), &h1), &h3) in act.iter_mut().zip(dact.iter_mut()).zip(&cache.h1[..n]).zip(&cache.h3[..n]) {
-        let s = sigmoid(h1);
-        let g = *dh1;
-        *dh3 = g * h1 * s;
-        *dh1 = g * h3 * s * (1.0 + h1 * (1.0 - s));
+
+    fn work_per_row(&self) -> usize {
+        self.d * self.f
     }
-    let (dh3, dh1) = (&*act, &*dact);
-    // dW1 += dh1^T x, dW3 += dh3^T x: [f, d].
-    matmul_tn(f, rows, d, dh1, x_rd, &mut grads.w1, true);
-    matmul_tn(f, rows, d, dh3, x_rd, &mut grads.w3, true);
-    // dx += dh1 W1 + dh3 W3: [rows, d].
-    matmul_nn(rows, f, d, dh1, &w.w1, dx_rd, true);
-    matmul_nn(rows, f, d, dh3, &w.w3, dx_rd, true);
+
+    /// Runs one expert on the block's rows `x_rd` (`[rows, d]`), writing
+    /// `y_rd` (overwritten) and filling `cache` (resized as needed).
+    fn forward(&self, w: &ExpertWeights, x: Rows<'_>, y_rd: &mut [f32], cache: &mut SwigluCache) {
+        let (d, f) = (self.d, self.f);
+        let Rows { x_rd, rows } = x;
+        if rows == 0 {
+            cache.h1.clear();
+            cache.h3.clear();
+            return;
+        }
+        let n = rows * f;
+        assert!(x_rd.len() >= rows * d, "SwiGlu::forward: x has {} values, needs {rows}x{d}", x_rd.len());
+        assert!(y_rd.len() >= rows * d, "SwiGlu::forward: y has {} values, needs {rows}x{d}", y_rd.len());
+        cache.h1.resize(n, 0.0);
+        cache.h3.resize(n, 0.0);
+        // h1 = x W1^T, h3 = x W3^T: [rows, f].
+        matmul_nt(rows, d, f, x_rd, &w.w1, &mut cache.h1, false);
+        matmul_nt(rows, d, f, x_rd, &w.w3, &mut cache.h3, false);
+        // act = silu(h1) * h3, then y = act W2^T: [rows, d].
+        let act: Vec<f32> = cache.h1.iter().zip(&cache.h3).map(|(&a, &b)| silu(a) * b).collect();
+        matmul_nt(rows, f, d, &act, &w.w2, &mut y_rd[..rows * d], false);
+    }
+
+    /// Backward of [`ExpertKind::forward`]: adds into `dx_rd` and into
+    /// `grads` (`w1`, `w3`, `w2`).
+    fn backward(
+        &self,
+        w: &ExpertWeights,
+        x: Rows<'_>,
+        cache: &SwigluCache,
+        dy_rd: &[f32],
+        dx_rd: &mut [f32],
+        grads: &mut ExpertWeights,
+    ) {
+        let (d, f) = (self.d, self.f);
+        let Rows { x_rd, rows } = x;
+        if rows == 0 {
+            return;
+        }
+        let n = rows * f;
+        assert!(cache.h1.len() >= n && cache.h3.len() >= n, "SwiGlu::backward: cache holds fewer than {rows} rows");
+        assert!(dy_rd.len() >= rows * d && dx_rd.len() >= rows * d, "SwiGlu::backward: dy/dx need {rows}x{d} values");
+        // One scratch buffer: [act | d_act], later reused in place as [dh3 | dh1].
+        let mut scratch = vec![0.0f32; 2 * n];
+        let (act, dact) = scratch.split_at_mut(n);
+        for ((a, &h1), &h3) in act.iter_mut().zip(&cache.h1[..n]).zip(&cache.h3[..n]) {
+            *a = silu(h1) * h3;
+        }
+        // dW2 += dy^T act: [d, f].
+        matmul_tn(d, rows, f, dy_rd, act, &mut grads.w2, true);
+        // d_act = dy W2: [rows, f].
+        matmul_nn(rows, d, f, dy_rd, &w.w2, dact, false);
+        // dh3 = d_act * silu(h1); dh1 = d_act * h3 * silu'(h1),
+        // silu'(z) = s (1 + z (1 - s)) with s = sigmoid(z).
+        for (((dh3, dh1), &h1), &h3) in act.iter_mut().zip(dact.iter_mut()).zip(&cache.h1[..n]).zip(&cache.h3[..n]) {
+            let s = sigmoid(h1);
+            let g = *dh1;
+            *dh3 = g * h1 * s;
+            *dh1 = g * h3 * s * (1.0 + h1 * (1.0 - s));
+        }
+        let (dh3, dh1) = (&*act, &*dact);
+        // dW1 += dh1^T x, dW3 += dh3^T x: [f, d].
+        matmul_tn(f, rows, d, dh1, x_rd, &mut grads.w1, true);
+        matmul_tn(f, rows, d, dh3, x_rd, &mut grads.w3, true);
+        // dx += dh1 W1 + dh3 W3: [rows, d].
+        matmul_nn(rows, f, d, dh1, &w.w1, dx_rd, true);
+        matmul_nn(rows, f, d, dh3, &w.w3, dx_rd, true);
+    }
 }

@@ -17,21 +17,21 @@ pub fn probe_loss(y: &[f32], probe: &[f32]) -> f64 {
 /// f32 forward passes limit the precision, so the tolerance is
 /// `atol + rtol * |numeric|` with the step `eps`.
 pub fn check_gradient(name: &str, x: &[f32], analytic: &[f32], loss: impl Fn(&[f32]) -> f64) {
-    check_gradient_with(name, x, analytic, loss, 1e-2, 2e-3, 2e-2, 48)
+    check_gradient_with(name, x, analytic, loss, Fd { eps: 1e-2, atol: 2e-3, rtol: 2e-2, max_checks: 48 })
+}
+
+/// Step, tolerances and number of positions of a finite-difference check.
+#[derive(Debug, Clone, Copy)]
+pub struct Fd {
+    pub eps: f32,
+    pub atol: f64,
+    pub rtol: f64,
+    pub max_checks: usize,
 }
 
 /// [`check_gradient`] with explicit step and tolerances.
-#[allow(clippy::too_many_arguments)]
-pub fn check_gradient_with(
-    name: &str,
-    x: &[f32],
-    analytic: &[f32],
-    loss: impl Fn(&[f32]) -> f64,
-    eps: f32,
-    atol: f64,
-    rtol: f64,
-    max_checks: usize,
-) {
+pub fn check_gradient_with(name: &str, x: &[f32], analytic: &[f32], loss: impl Fn(&[f32]) -> f64, fd: Fd) {
+    let Fd { eps, atol, rtol, max_checks } = fd;
     assert_eq!(x.len(), analytic.len(), "{name}: gradient length");
     let stride = (x.len() / max_checks).max(1);
     let mut xp = x.to_vec();

@@ -1,10 +1,18 @@
 //! The MoE sub-layer assembled from its stages: route → gather → experts →
-//! combine, plus shared experts — forward and backward.
+//! combine, plus shared experts — forward and backward. Each stage pair is
+//! split into a start and a finish so the caller can run other work (the
+//! shared experts here, attention in the block) while expert rows travel.
+//!
+//! Legend: `t` tokens, `d` d_model, `k` top-k slots, `a` rows of the
+//! dispatch buffer.
 
+use super::{
+    route_backward, route_sharded, DispatchPlan, ExpertExecutor, ExpertKind, RouterGrads, RouterLossScales, Routing,
+    Rows, Started,
+};
 use crate::config::ModelConfig;
 use crate::error::ModelError;
-use crate::moe::{route_backward, route_sharded, DispatchPlan, ExpertExecutor, Routing, Started};
-use crate::ops::swiglu::{swiglu_backward, swiglu_forward, SwigluCache};
+use crate::ops::swiglu::{SwiGlu, SwigluCache};
 use crate::shards::TokenShards;
 use crate::weights::DenseLayerWeights;
 
@@ -25,34 +33,60 @@ pub struct MoeForwardStarted {
     experts: Started,
 }
 
+/// Which MoE sub-layer a call is about: the model, the layer index (the
+/// executor's key) and the layer's dense weights (router, shared experts).
+#[derive(Debug, Clone, Copy)]
+pub struct MoeLayer<'w> {
+    pub cfg: &'w ModelConfig,
+    pub layer: usize,
+    pub w: &'w DenseLayerWeights,
+}
+
+/// What the MoE backward pass reads: the forward pass's input and cache,
+/// and the gradient of the sub-layer's output.
+#[derive(Debug, Clone, Copy)]
+pub struct MoeBackwardInput<'a> {
+    /// `[t, d]` the input the forward pass routed.
+    pub x_td: &'a [f32],
+    pub cache: &'a MoeCache,
+    /// `[t, d]` d loss / d out.
+    pub dout_td: &'a [f32],
+}
+
+/// Where the MoE backward pass adds its gradients.
+#[derive(Debug)]
+pub struct MoeGrads<'g> {
+    /// The layer's dense gradients (router, shared experts).
+    pub gw: &'g mut DenseLayerWeights,
+    /// `[t, d]` the input's gradient.
+    pub dx_td: &'g mut [f32],
+}
+
 /// `out_td = sum_chosen gate * Expert(x) + sum_shared Shared(x)` for the
 /// `num_tokens` rows of `x_td`; returns the output and the cache. With
 /// attention shards, `x_td` is this shard's tokens and `shards` sums the
 /// router statistics over the micro-batch.
 pub fn moe_forward(
-    cfg: &ModelConfig,
-    layer: usize,
-    w: &DenseLayerWeights,
+    moe: MoeLayer<'_>,
     x_td: &[f32],
     num_tokens: usize,
     experts: &mut dyn ExpertExecutor,
     shards: &mut dyn TokenShards,
 ) -> Result<(Vec<f32>, MoeCache), ModelError> {
-    let started = moe_forward_start(cfg, layer, w, x_td, num_tokens, experts, shards)?;
-    moe_forward_finish(cfg, layer, w, x_td, started, experts)
+    let started = moe_forward_start(moe, x_td, num_tokens, experts, shards)?;
+    moe_forward_finish(moe, x_td, started, experts)
 }
 
 /// First half of [`moe_forward`]: routes and hands the rows to the experts
 /// (which may start sending them to other ranks).
 pub fn moe_forward_start(
-    cfg: &ModelConfig,
-    layer: usize,
-    w: &DenseLayerWeights,
+    moe: MoeLayer<'_>,
     x_td: &[f32],
     num_tokens: usize,
     experts: &mut dyn ExpertExecutor,
     shards: &mut dyn TokenShards,
 ) -> Result<MoeForwardStarted, ModelError> {
+    let MoeLayer { cfg, layer, w } = moe;
     let routing = route_sharded(cfg, x_td, &w.router, num_tokens, shards)?;
     let plan = DispatchPlan::from_routing(&routing, cfg.n_experts, cfg.top_k);
     let x_ad = plan.gather(x_td, cfg.d_model);
@@ -63,21 +97,20 @@ pub fn moe_forward_start(
 /// Second half of [`moe_forward`]: the shared experts run while the routed
 /// rows may still travel, then the routed outputs are combined.
 pub fn moe_forward_finish(
-    cfg: &ModelConfig,
-    layer: usize,
-    w: &DenseLayerWeights,
+    moe: MoeLayer<'_>,
     x_td: &[f32],
     started: MoeForwardStarted,
     experts: &mut dyn ExpertExecutor,
 ) -> Result<(Vec<f32>, MoeCache), ModelError> {
+    let MoeLayer { cfg, layer, w } = moe;
     let MoeForwardStarted { routing, plan, experts: in_flight } = started;
-    let (t, d, f) = (routing.num_tokens, cfg.d_model, cfg.ffn_hidden);
+    let (t, d, swiglu) = (routing.num_tokens, cfg.d_model, SwiGlu::of(cfg));
     let mut shared_caches = Vec::with_capacity(w.shared.len());
     let mut shared_outputs = Vec::with_capacity(w.shared.len());
     for shared in &w.shared {
         let mut cache = SwigluCache::default();
         let mut y_td = vec![0.0; t * d];
-        swiglu_forward(shared, d, f, x_td, t, &mut y_td, &mut cache);
+        swiglu.forward(shared, Rows { x_rd: x_td, rows: t }, &mut y_td, &mut cache);
         shared_outputs.push(y_td);
         shared_caches.push(cache);
     }
@@ -90,26 +123,18 @@ pub fn moe_forward_finish(
     Ok((out_td, MoeCache { routing, plan, y_ad, shared: shared_caches }))
 }
 
-/// Backward of [`moe_forward`]: adds into `dx_td` and the layer's gradients
-/// `gw` (router, shared experts); routed experts' gradients go wherever
-/// `experts` keeps them. `aux_scale`/`z_scale` weight the router losses.
-#[allow(clippy::too_many_arguments)]
+/// Backward of [`moe_forward`]: adds into `grads` (the input's gradient and
+/// the layer's router and shared experts); routed experts' gradients go
+/// wherever `experts` keeps them. `scales` weigh the router losses.
 pub fn moe_backward(
-    cfg: &ModelConfig,
-    layer: usize,
-    w: &DenseLayerWeights,
-    gw: &mut DenseLayerWeights,
-    x_td: &[f32],
-    cache: &MoeCache,
-    aux_scale: f32,
-    z_scale: f32,
-    dout_td: &[f32],
-    dx_td: &mut [f32],
+    moe: MoeLayer<'_>,
+    input: MoeBackwardInput<'_>,
+    scales: RouterLossScales,
+    grads: MoeGrads<'_>,
     experts: &mut dyn ExpertExecutor,
 ) -> Result<(), ModelError> {
-    let started = moe_backward_start(cfg, layer, cache, dout_td, experts)?;
-    let scales = (aux_scale, z_scale);
-    moe_backward_finish(cfg, layer, w, gw, x_td, cache, scales, dout_td, dx_td, started, experts)
+    let started = moe_backward_start(moe, input, experts)?;
+    moe_backward_finish(moe, input, scales, grads, started, experts)
 }
 
 /// The routed part of an MoE backward pass whose rows are in flight.
@@ -122,12 +147,11 @@ pub struct MoeBackwardStarted {
 /// gradients handed to the experts (which may start sending them). Touches
 /// no gradient, so the caller may run other backward work before finishing.
 pub fn moe_backward_start(
-    cfg: &ModelConfig,
-    layer: usize,
-    cache: &MoeCache,
-    dout_td: &[f32],
+    moe: MoeLayer<'_>,
+    input: MoeBackwardInput<'_>,
     experts: &mut dyn ExpertExecutor,
 ) -> Result<MoeBackwardStarted, ModelError> {
+    let (MoeLayer { cfg, layer, .. }, MoeBackwardInput { cache, dout_td, .. }) = (moe, input);
     let mut dgate_tk = vec![0.0; cache.routing.num_tokens * cfg.top_k];
     let dy_ad = cache.plan.combine_backward(&cache.routing, &cache.y_ad, dout_td, cfg.d_model, &mut dgate_tk);
     let started = experts.start_backward(layer, &cache.plan, &dy_ad)?;
@@ -136,28 +160,23 @@ pub fn moe_backward_start(
 
 /// Second half of [`moe_backward`]: shared experts (while routed rows may
 /// still travel), then the routed input gradients and the router's.
-/// `scales` are the aux and z loss weights.
-#[allow(clippy::too_many_arguments)]
 pub fn moe_backward_finish(
-    cfg: &ModelConfig,
-    layer: usize,
-    w: &DenseLayerWeights,
-    gw: &mut DenseLayerWeights,
-    x_td: &[f32],
-    cache: &MoeCache,
-    scales: (f32, f32),
-    dout_td: &[f32],
-    dx_td: &mut [f32],
+    moe: MoeLayer<'_>,
+    input: MoeBackwardInput<'_>,
+    scales: RouterLossScales,
+    grads: MoeGrads<'_>,
     started: MoeBackwardStarted,
     experts: &mut dyn ExpertExecutor,
 ) -> Result<(), ModelError> {
-    let (t, d, f) = (cache.routing.num_tokens, cfg.d_model, cfg.ffn_hidden);
+    let (MoeLayer { cfg, layer, w }, MoeBackwardInput { x_td, cache, dout_td }) = (moe, input);
+    let MoeGrads { gw, dx_td } = grads;
+    let (t, d, swiglu) = (cache.routing.num_tokens, cfg.d_model, SwiGlu::of(cfg));
     for ((shared, gshared), sc) in w.shared.iter().zip(gw.shared.iter_mut()).zip(&cache.shared) {
-        swiglu_backward(shared, d, f, x_td, t, sc, dout_td, dx_td, gshared);
+        swiglu.backward(shared, Rows { x_rd: x_td, rows: t }, sc, dout_td, dx_td, gshared);
     }
     let dx_ad = experts.finish_backward(layer, started.experts)?;
     cache.plan.gather_backward(&dx_ad, d, dx_td);
-    let (aux_scale, z_scale) = scales;
-    route_backward(cfg, x_td, &w.router, &cache.routing, &started.dgate_tk, aux_scale, z_scale, dx_td, &mut gw.router);
+    let router_grads = RouterGrads { dx_td, drouter_ed: &mut gw.router };
+    route_backward(cfg, x_td, &w.router, &cache.routing, &started.dgate_tk, scales, router_grads);
     Ok(())
 }
