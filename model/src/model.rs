@@ -431,24 +431,32 @@ pub fn forward_backward(
     mb: MicroBatch,
     scales: LossScales,
 ) -> Result<ForwardStats, ModelError> {
-    forward_backward_with(cfg, rope, dense, grads, experts, &mut NoShards, mb, scales, PassOptions::default())
+    let inputs = PassInputs { cfg, rope, dense, mb, scales };
+    forward_backward_with(inputs, grads, experts, &mut NoShards, PassOptions::default())
+}
+
+/// What one micro-batch's pass reads: the model, its dense weights, the
+/// tokens and how the losses are scaled.
+#[derive(Clone, Copy)]
+pub struct PassInputs<'a> {
+    pub cfg: &'a ModelConfig,
+    pub rope: &'a RopeTable,
+    pub dense: &'a DenseWeights,
+    pub mb: MicroBatch<'a>,
+    pub scales: LossScales,
 }
 
 /// [`forward_backward`] of this rank's shard of the micro-batch (its slice
 /// of the tokens, its heads: `dense` holds only those, the CE of its
 /// tokens), with the order of work and hooks of `opts`.
-#[allow(clippy::too_many_arguments)]
 pub fn forward_backward_with(
-    cfg: &ModelConfig,
-    rope: &RopeTable,
-    dense: &DenseWeights,
+    inputs: PassInputs,
     grads: &mut DenseWeights,
     experts: &mut dyn ExpertExecutor,
     shards: &mut dyn TokenShards,
-    mb: MicroBatch,
-    scales: LossScales,
     mut opts: PassOptions,
 ) -> Result<ForwardStats, ModelError> {
+    let PassInputs { cfg, rope, dense, mb, scales } = inputs;
     let (inputs, targets) = inputs_and_targets(cfg, mb)?;
     let dims = Dims::new(cfg, mb.batch, shards.count())?;
     let (t, d, v) = (dims.t, dims.d, cfg.vocab);

@@ -61,21 +61,29 @@ impl OptimConfig {
     }
 }
 
+/// One optimizer step's settings, shared by every tensor it updates.
+#[derive(Debug, Clone, Copy)]
+pub struct AdamwStep<'a> {
+    pub cfg: &'a OptimConfig,
+    pub lr: f32,
+    /// 1-based update count.
+    pub t: u64,
+}
+
+/// One tensor's parameter and AdamW moments, updated in place.
+pub struct AdamwTensor<'a> {
+    pub param: &'a mut [f32],
+    pub exp_avg: &'a mut [f32],
+    pub exp_avg_sq: &'a mut [f32],
+}
+
 /// One AdamW update of one tensor, PyTorch's `torch.optim.AdamW` semantics:
 /// `p -= lr*wd*p; m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
 ///  p -= lr * (m/(1-b1^t)) / (sqrt(v/(1-b2^t)) + eps)`, with `t` the
 /// 1-based update count. `decay` is false for tensors exempt from decay.
-#[allow(clippy::too_many_arguments)]
-pub fn adamw_update(
-    cfg: &OptimConfig,
-    lr: f32,
-    t: u64,
-    decay: bool,
-    param: &mut [f32],
-    grad: &[f32],
-    exp_avg: &mut [f32],
-    exp_avg_sq: &mut [f32],
-) {
+pub fn adamw_update(step: AdamwStep, decay: bool, tensor: AdamwTensor, grad: &[f32]) {
+    let AdamwStep { cfg, lr, t } = step;
+    let AdamwTensor { param, exp_avg, exp_avg_sq } = tensor;
     let (b1, b2) = (cfg.beta1, cfg.beta2);
     let bias1 = 1.0 - b1.powi(t as i32);
     let bias2_sqrt = (1.0 - b2.powi(t as i32)).sqrt();
@@ -118,18 +126,33 @@ mod tests {
         let (mut p, mut m, mut v) = (vec![1.0f32], vec![0.0f32], vec![0.0f32]);
         // t=1, g=0.5: p = 1*(1-0.01*0.1) = 0.999; m = 0.05, v = 0.0025;
         // mhat = 0.5, vhat = 0.25 → p -= 0.01 * 0.5/0.5 → 0.989.
-        adamw_update(&cfg, 0.01, 1, true, &mut p, &[0.5], &mut m, &mut v);
+        adamw_update(
+            AdamwStep { cfg: &cfg, lr: 0.01, t: 1 },
+            true,
+            AdamwTensor { param: &mut p, exp_avg: &mut m, exp_avg_sq: &mut v },
+            &[0.5],
+        );
         assert!((p[0] - 0.989).abs() < 1e-6, "{}", p[0]);
         assert!((m[0] - 0.05).abs() < 1e-7 && (v[0] - 0.0025).abs() < 1e-8);
         // t=2, g=-1: p = 0.989*0.999 = 0.988011; m = 0.045-0.1 = -0.055;
         // v = 0.002475+0.01 = 0.012475; mhat = -0.055/0.19 = -0.289474;
         // vhat = 0.012475/0.0199 = 0.626884, sqrt = 0.791760;
         // p -= 0.01 * -0.289474/0.791760 → 0.988011 + 0.003656 = 0.991667.
-        adamw_update(&cfg, 0.01, 2, true, &mut p, &[-1.0], &mut m, &mut v);
+        adamw_update(
+            AdamwStep { cfg: &cfg, lr: 0.01, t: 2 },
+            true,
+            AdamwTensor { param: &mut p, exp_avg: &mut m, exp_avg_sq: &mut v },
+            &[-1.0],
+        );
         assert!((p[0] - 0.991667).abs() < 2e-6, "{}", p[0]);
         // No decay for exempt tensors: only the Adam step moves p.
         let (mut q, mut m, mut v) = (vec![1.0f32], vec![0.0f32], vec![0.0f32]);
-        adamw_update(&cfg, 0.01, 1, false, &mut q, &[0.5], &mut m, &mut v);
+        adamw_update(
+            AdamwStep { cfg: &cfg, lr: 0.01, t: 1 },
+            false,
+            AdamwTensor { param: &mut q, exp_avg: &mut m, exp_avg_sq: &mut v },
+            &[0.5],
+        );
         assert!((q[0] - 0.99).abs() < 1e-6, "{}", q[0]);
     }
 

@@ -18,7 +18,7 @@ use crate::overlap::Techniques;
 use collectives::comm_thread::CommThread;
 use collectives::Communicator;
 use layout::{ParallelDims, PlacementPlan};
-use model::model::{forward_backward_with, ForwardStats, LossScales, MicroBatch, PassOptions};
+use model::model::{forward_backward_with, ForwardStats, LossScales, MicroBatch, PassInputs, PassOptions};
 use model::moe::LocalExperts;
 use model::ops::rope::RopeTable;
 use model::shards::NoShards;
@@ -82,12 +82,11 @@ fn run_one(
         attention_during_moe: t.attention_during_moe,
         on_layer_grads: hook.map(|h| h as &mut dyn FnMut(usize, &DenseLayerWeights)),
     };
-    let (dense, rope, scales) = (&inputs.weights.dense, inputs.rope, inputs.scales);
+    let pass = PassInputs { cfg, rope: inputs.rope, dense: &inputs.weights.dense, mb, scales: inputs.scales };
     let grads = &mut *lane.grads;
     let mut experts = LocalExperts::new(cfg, &inputs.weights.experts, &mut grads.experts);
     let (stats, dispatch) = if inputs.dims.world == 1 {
-        let stats =
-            forward_backward_with(cfg, rope, dense, &mut grads.dense, &mut experts, &mut NoShards, mb, scales, opts)?;
+        let stats = forward_backward_with(pass, &mut grads.dense, &mut experts, &mut NoShards, opts)?;
         (stats, DispatchStats::default())
     } else {
         let mut a2a = AllToAllExperts::new(cfg, &mut *lane.ep, inputs.placement, experts).exposed_to(inputs.exposure);
@@ -97,11 +96,9 @@ fn run_one(
         let stats = match lane.tp.as_deref_mut() {
             Some(tp) => {
                 let mut shards = ShardGroup { comm: tp };
-                forward_backward_with(cfg, rope, dense, &mut grads.dense, &mut a2a, &mut shards, mb, scales, opts)?
+                forward_backward_with(pass, &mut grads.dense, &mut a2a, &mut shards, opts)?
             }
-            None => {
-                forward_backward_with(cfg, rope, dense, &mut grads.dense, &mut a2a, &mut NoShards, mb, scales, opts)?
-            }
+            None => forward_backward_with(pass, &mut grads.dense, &mut a2a, &mut NoShards, opts)?,
         };
         (stats, a2a.stats)
     };

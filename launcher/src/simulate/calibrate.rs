@@ -17,6 +17,7 @@ use anyhow::{bail, Context, Result};
 use collectives::local::LocalWorld;
 use collectives::Communicator;
 use model::gemm::{matmul_nn, matmul_nt, matmul_tn};
+use model::optim::{adamw_update, AdamwStep, AdamwTensor};
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -136,7 +137,8 @@ fn measure_kernels(ranks: usize) -> Result<Calibration> {
     let cfg = model::optim::OptimConfig::default();
     let (mut p, g, mut m, mut v) = (vec![0.1f32; n], vec![0.01f32; n], vec![0.0f32; n], vec![0.0f32; n]);
     let adam = fastest_per_call(5, 0.02, || {
-        model::optim::adamw_update(&cfg, 1e-3, 1, true, &mut p, &g, &mut m, &mut v);
+        let tensor = AdamwTensor { param: &mut p, exp_avg: &mut m, exp_avg_sq: &mut v };
+        adamw_update(AdamwStep { cfg: &cfg, lr: 1e-3, t: 1 }, true, tensor, &g);
     });
     let optimizer_mparams_core = n as f64 / adam / 1e6;
 

@@ -3,7 +3,7 @@
 
 use crate::config::JobConfig;
 use crate::state::TrainState;
-use model::optim::{adamw_update, clip_factor, takes_weight_decay};
+use model::optim::{adamw_update, clip_factor, takes_weight_decay, AdamwStep, AdamwTensor};
 use model::ModelWeights;
 
 /// Clips `grads` to `[optim] grad_clip` given their global norm and
@@ -23,6 +23,7 @@ pub(crate) fn optimizer_step(
         if factor < 1.0 {
             g.iter_mut().for_each(|x| *x *= factor);
         }
-        adamw_update(&job.optim, lr, t, takes_weight_decay(&name), p, g, m, v);
+        let tensor = AdamwTensor { param: p, exp_avg: m, exp_avg_sq: v };
+        adamw_update(AdamwStep { cfg: &job.optim, lr, t }, takes_weight_decay(&name), tensor, g);
     }
 }
