@@ -10,7 +10,6 @@ mod eval;
 mod experiments;
 mod format;
 mod run;
-mod simulate;
 
 use clap::{Parser, Subcommand};
 

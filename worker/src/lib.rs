@@ -10,7 +10,6 @@ pub mod data;
 pub mod dispatch;
 pub mod error;
 pub mod eval;
-pub mod memory;
 pub mod metrics;
 pub mod micro_batches;
 pub mod overlap;

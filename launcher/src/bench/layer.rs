@@ -211,7 +211,10 @@ fn bench_memory(job: &JobConfig) -> Result<MemoryRow> {
         .context("cannot start the memory probe")?;
     let _ = std::fs::remove_dir_all(&dir);
     let peak_kib: f64 = String::from_utf8_lossy(&status.stdout).trim().parse().context("memory probe gave no VmHWM")?;
-    let analytic = worker::memory::analytic_bytes(job) as f64;
+    // One rank holding the whole job in fp32: the simulator's memory model.
+    let shape = crate::experiments::simulate::shape_of(job, simulator::Routing::default())?;
+    let memory = simulator::memory::RankMemory::of(&shape, &simulator::cluster::Precision::default());
+    let analytic = memory.total();
     let peak = peak_kib * 1024.0;
     Ok(MemoryRow {
         peak_rss_mib: peak / (1 << 20) as f64,

@@ -4,11 +4,13 @@ pub mod alltoall;
 pub mod checkpoint;
 pub mod layer;
 pub mod overlap;
+pub mod simulator;
 pub mod step;
 pub mod turns;
 
 use anyhow::Result;
 use clap::Subcommand;
+use worker::Backend;
 
 /// Benchmarks.
 #[derive(Subcommand)]
@@ -25,8 +27,8 @@ pub enum BenchCommand {
         #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
         ranks: Vec<usize>,
         /// Backends to measure: local, and mpi when this binary has it.
-        #[arg(long, value_delimiter = ',')]
-        backends: Option<Vec<String>>,
+        #[arg(long, value_delimiter = ',', value_name = "local|mpi")]
+        backends: Option<Vec<Backend>>,
         /// Job config (default: the built-in tiny job).
         #[arg(long)]
         config: Option<std::path::PathBuf>,
@@ -73,8 +75,8 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 4)]
         ranks: usize,
         /// local (threads) or mpi (processes).
-        #[arg(long, default_value = "local")]
-        backend: String,
+        #[arg(long, default_value = "local", value_name = "local|mpi")]
+        backend: Backend,
         /// A program that starts the ranks itself (e.g. scripts/netns-mpirun.sh
         /// for MPI over namespace hosts): run as `PROGRAM switchyard train ...`.
         #[arg(long)]
@@ -98,13 +100,26 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 4)]
         ranks: usize,
         /// local (threads) or mpi (processes; needs a build with --features mpi).
-        #[arg(long, default_value = "local")]
-        backend: String,
+        #[arg(long, default_value = "local", value_name = "local|mpi")]
+        backend: Backend,
         /// Largest message per rank, in MiB (sizes 4 KiB ... this).
         #[arg(long, default_value_t = 64)]
         max_mib: usize,
         /// Rounds of switchyard and mpi4py running in turns; each side's best per size is reported.
         #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// How well the calibrated simulator predicts this machine: `simulate calibrate`,
+    /// a measured sweep over ranks and experts, and `simulate` of the same grid.
+    Simulator {
+        /// Job config swept and simulated.
+        #[arg(long, default_value = "examples/sweeps/job.toml")]
+        config: std::path::PathBuf,
+        /// Rounds of the measured sweep; each point keeps its best.
+        #[arg(long, default_value_t = 4)]
         rounds: usize,
         /// Print JSON instead of a table.
         #[arg(long)]
@@ -118,12 +133,13 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Layer { json } => crate::bench::layer::run(json),
         BenchCommand::Step { ranks, backends, config, overrides, steps, json } => {
             let backends = backends.unwrap_or_else(|| {
-                let mut all = vec!["local".to_string()];
+                let mut all = vec![Backend::Local];
                 if collectives::mpi::COMPILED {
-                    all.push("mpi".into());
+                    all.push(Backend::Mpi);
                 }
                 all
             });
+            let backends = backends.iter().map(|b| b.as_str().to_string()).collect();
             crate::bench::step::run(crate::bench::step::StepBench { ranks, backends, config, overrides, steps, json })
         }
         BenchCommand::Checkpoint { urls, config, overrides, rounds, json } => {
@@ -140,7 +156,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                 config,
                 overrides,
                 ranks,
-                backend,
+                backend: backend.as_str().to_string(),
                 launcher,
                 chunks,
                 steps,
@@ -149,7 +165,14 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             })
         }
         BenchCommand::Alltoall { ranks, backend, max_mib, rounds, json } => {
-            crate::bench::alltoall::run(ranks, &backend, max_mib, rounds.max(1), json)
+            crate::bench::alltoall::run(ranks, backend.as_str(), max_mib, rounds.max(1), json)
+        }
+        BenchCommand::Simulator { config, rounds, json } => {
+            crate::bench::simulator::run(crate::bench::simulator::SimulatorBench {
+                config,
+                rounds: rounds.max(1),
+                json,
+            })
         }
     }
 }

@@ -4,16 +4,16 @@
 //! `sweep.toml`, results files and plots, rows marked `predicted`).
 //! `switchyard simulate calibrate` writes a cluster file for this machine.
 
+pub mod calibrate;
 pub mod table;
 
 use crate::experiments::sweep::grid::{Grid, Point};
 use crate::experiments::sweep::results::{self, PointResult};
-use crate::simulate::calibrate;
-use crate::simulate::cluster::Cluster;
-use crate::simulate::shape::{RankShape, Routing};
-use crate::simulate::step::{breakdown, predict, Options, Prediction};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
+use simulator::cluster::Cluster;
+use simulator::shape::{JobSizes, RankShape, Routing};
+use simulator::step::{breakdown, predict, Options, Prediction};
 use std::path::{Path, PathBuf};
 use worker::overlap::{dense_layer_values, RankLayout, Techniques};
 use worker::JobConfig;
@@ -85,7 +85,7 @@ pub fn run(args: SimulateArgs) -> Result<()> {
     let Some(grid_path) = &args.grid else {
         let job = JobConfig::load(Some(config), &args.overrides)?;
         let options = Options { overlap: args.overlap || job_overlap(&job) };
-        let shape = RankShape::of(&job, routing)?;
+        let shape = shape_of(&job, routing)?;
         let prediction = predict(&shape, &cluster, options);
         table::print_point(&job, &cluster, options, routing, &prediction);
         if args.kernels {
@@ -142,7 +142,7 @@ fn predict_point(
     let sets: Vec<String> = overrides.iter().cloned().chain(point.overrides()).collect();
     let predicted = JobConfig::load(Some(config), &sets).map_err(anyhow::Error::from).and_then(|job| {
         let options = Options { overlap: overlap || job_overlap(&job) };
-        Ok((job.parallel.ranks, predict(&RankShape::of(&job, routing)?, cluster, options)))
+        Ok((job.parallel.ranks, predict(&shape_of(&job, routing)?, cluster, options)))
     });
     match predicted {
         Ok((ranks, p)) => fill(&mut row, ranks, &p),
@@ -208,4 +208,15 @@ fn run_calibrate(out: &Path, ranks: Option<usize>) -> Result<()> {
     std::fs::write(out, &text).with_context(|| format!("cannot write {}", out.display()))?;
     eprintln!("calibrate: done in {:.1} s; wrote {}", started.elapsed().as_secs_f64(), out.display());
     Ok(())
+}
+
+/// `job`'s shape on one rank under `routing`, after checking its layout.
+pub fn shape_of(job: &JobConfig, routing: Routing) -> Result<RankShape> {
+    let sizes = JobSizes {
+        model: job.model.clone(),
+        micro_batch_size: job.train.micro_batch_size,
+        global_batch_size: job.train.global_batch_size,
+        dims: job.parallel_dims().context("the job's [parallel] layout")?,
+    };
+    Ok(RankShape::of(&sizes, routing))
 }

@@ -3,10 +3,10 @@
 
 use crate::experiments::sweep::results::PointResult;
 use crate::format::human_bytes;
-use crate::simulate::cluster::Cluster;
-use crate::simulate::kernels::Part;
-use crate::simulate::shape::Routing;
-use crate::simulate::step::{Amount, BreakdownRow, Options, Prediction};
+use simulator::cluster::Cluster;
+use simulator::kernels::Part;
+use simulator::shape::Routing;
+use simulator::step::{Amount, BreakdownRow, Options, Prediction};
 use worker::JobConfig;
 
 fn ms(s: f64) -> String {

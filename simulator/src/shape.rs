@@ -5,8 +5,20 @@
 //! slice of them (`a / attn_tp`), `d` d_model, `f` ffn_hidden, `v` vocab,
 //! `e` experts, `k` top-k, `L` layers.
 
-use anyhow::{Context, Result};
-use worker::JobConfig;
+use layout::ParallelDims;
+use model::{BlockKind, ModelConfig};
+
+/// What the step model reads of a job: the model, the batch sizes and the
+/// checked parallel layout (the launcher builds it from the job config).
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobSizes {
+    pub model: ModelConfig,
+    /// Sequences per rank per forward pass.
+    pub micro_batch_size: usize,
+    /// Sequences per optimizer step, over all ranks.
+    pub global_batch_size: usize,
+    pub dims: ParallelDims,
+}
 
 /// What the simulator assumes about routing, beyond the config.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -66,11 +78,11 @@ pub struct RankShape {
 }
 
 impl RankShape {
-    /// The shape of `job` under `routing`; the layout must be valid.
-    pub fn of(job: &JobConfig, routing: Routing) -> Result<Self> {
+    /// The shape of `job` under `routing`.
+    pub fn of(job: &JobSizes, routing: Routing) -> Self {
         let m = &job.model;
-        let dims = job.parallel_dims().context("the job's [parallel] layout")?;
-        let micro = job.train.micro_batch_size;
+        let dims = job.dims;
+        let micro = job.micro_batch_size;
         let a = micro * m.seq_len;
         let t = a / dims.attn_tp;
         let assignments = (t * m.top_k) as f64;
@@ -84,13 +96,13 @@ impl RankShape {
             let cap = m.capacity(t) as f64 * m.n_experts as f64 / assignments;
             (cap.min(1.0), imbalance.min(cap))
         };
-        Ok(Self {
+        Self {
             ranks: dims.world,
             attn_tp: dims.attn_tp,
             dp: dims.dp,
             ep: dims.ep,
             edp: dims.edp,
-            micro_batches: job.grad_accumulation(dims.dp),
+            micro_batches: job.global_batch_size / (dims.dp * micro),
             micro,
             seq: m.seq_len,
             a,
@@ -105,7 +117,7 @@ impl RankShape {
             heads: m.n_heads / dims.attn_tp,
             kv_heads: m.n_kv_heads / dims.attn_tp,
             head_dim: m.head_dim(),
-            sequential: m.block == model::BlockKind::Sequential,
+            sequential: m.block == BlockKind::Sequential,
             tied_embeddings: m.tie_embeddings,
             local_experts: m.n_experts / dims.ep,
             kept,
@@ -113,8 +125,8 @@ impl RankShape {
             // share them, so the mean rank computes as many rows as it sends.
             expert_rows_mean: assignments * kept,
             expert_rows_max: assignments * busiest_share,
-            tokens_per_step: job.train.global_batch_size * m.seq_len,
-        })
+            tokens_per_step: job.global_batch_size * m.seq_len,
+        }
     }
 
     /// Query and kv widths of this rank's heads.

@@ -29,9 +29,28 @@
 //! ```
 //! Unknown keys are an error naming the key and the file, as for job configs.
 
-use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
+
+/// A cluster file that cannot be used, naming the file and key.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("cannot read the cluster file {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("in the cluster file {path}: {source}")]
+    In { path: String, source: Box<ClusterError> },
+    #[error("{0}")]
+    Parse(#[from] toml::de::Error),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+type Result<T> = std::result::Result<T, ClusterError>;
+
+/// Returns a [`ClusterError::Invalid`] with a formatted message.
+macro_rules! invalid {
+    ($($arg:tt)*) => { return Err(ClusterError::Invalid(format!($($arg)*))) };
+}
 
 /// How ranks on different nodes reach each other.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -177,9 +196,9 @@ pub struct Host {
 impl Cluster {
     /// Reads and checks a cluster file.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read the cluster file {}", path.display()))?;
-        Self::parse(&text).with_context(|| format!("in the cluster file {}", path.display()))
+        let named = || path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ClusterError::Read { path: named(), source })?;
+        Self::parse(&text).map_err(|e| ClusterError::In { path: named(), source: Box::new(e) })
     }
 
     /// Parses and checks the text of a cluster file.
@@ -203,7 +222,7 @@ impl Cluster {
         ];
         for (key, value) in positive {
             if !(value.is_finite() && value > 0.0) {
-                bail!("`{key}` must be a positive number, got {value}");
+                invalid!("`{key}` must be a positive number, got {value}");
             }
         }
         for (key, value) in [
@@ -211,7 +230,7 @@ impl Cluster {
             ("device.memory_efficiency", self.device.memory_efficiency),
         ] {
             if value > 1.0 {
-                bail!("`{key}` is a share of the peak: at most 1, got {value}");
+                invalid!("`{key}` is a share of the peak: at most 1, got {value}");
             }
         }
         for (key, curve) in [
@@ -219,14 +238,14 @@ impl Cluster {
             ("device.matrix_curve_device", &self.device.matrix_curve_device),
         ] {
             if curve.windows(2).any(|w| w[1][0] <= w[0][0]) || curve.iter().any(|p| !(p[0] > 0.0 && p[1] > 0.0)) {
-                bail!("`{key}` needs [flops, TFLOP/s] pairs with positive values and ascending flops");
+                invalid!("`{key}` needs [flops, TFLOP/s] pairs with positive values and ascending flops");
             }
         }
         if self.intra_node.latency_us < 0.0 || self.device.kernel_overhead_us < 0.0 {
-            bail!("latencies and overheads must be >= 0");
+            invalid!("latencies and overheads must be >= 0");
         }
         if self.topology == Topology::TwoLevel && self.node.count > 1 && self.inter_node.is_none() {
-            bail!("`topology = \"two-level\"` with {} nodes needs an [inter_node] link", self.node.count);
+            invalid!("`topology = \"two-level\"` with {} nodes needs an [inter_node] link", self.node.count);
         }
         Ok(())
     }
@@ -268,14 +287,14 @@ impl Placement {
 mod tests {
     use super::*;
 
-    pub const H100: &str = include_str!("../../../examples/clusters/h100-8x-nvlink-ib400.toml");
+    pub const H100: &str = include_str!("../../examples/clusters/h100-8x-nvlink-ib400.toml");
 
     #[test]
     fn example_clusters_load() {
         let h100 = Cluster::parse(H100).unwrap();
         assert_eq!(h100.devices(), 128 * 8);
         assert_eq!(h100.topology, Topology::TwoLevel);
-        Cluster::parse(include_str!("../../../examples/clusters/a100-8x-nvlink-ib200.toml")).unwrap();
+        Cluster::parse(include_str!("../../examples/clusters/a100-8x-nvlink-ib200.toml")).unwrap();
     }
 
     #[test]

@@ -205,7 +205,7 @@ pub fn expert_params(s: &RankShape) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::simulate::shape::Routing;
+    use crate::shape::Routing;
     use worker::JobConfig;
 
     fn at(ranks_per_node: usize) -> Placement {
@@ -231,7 +231,7 @@ mod tests {
         // Default job on 2 ranks: 16 sequences of 64 tokens per rank (2
         // micro-batches of 8), top-2, d 128, fp32, 2 layers; half the rows leave.
         let job = JobConfig::load(None, &["parallel.ranks=2".to_string()]).unwrap();
-        let s = RankShape::of(&job, Routing::default()).unwrap();
+        let s = crate::test_jobs::shape_of(&job, Routing::default());
         let all = collectives(&s, &Precision::default());
         let rows = all.iter().find(|c| c.name == "all-to-all: expert rows").unwrap();
         assert_eq!(rows.bytes, 8.0 * 64.0 * 2.0 * 128.0 * 4.0);
@@ -242,7 +242,7 @@ mod tests {
         let experts = (job.model.n_layers * job.model.n_experts * 3 * 128 * 256) as f64;
         assert_eq!(grads.bytes, 4.0 * (job.model.num_params() as f64 - experts));
         assert!(collectives(
-            &RankShape::of(&JobConfig::load(None, &[]).unwrap(), Routing::default()).unwrap(),
+            &crate::test_jobs::shape_of(&JobConfig::load(None, &[]).unwrap(), Routing::default()),
             &Precision::default()
         )
         .is_empty());

@@ -158,12 +158,12 @@ pub fn model_flops_per_step(s: &RankShape) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::simulate::shape::Routing;
+    use crate::shape::Routing;
     use worker::JobConfig;
 
     fn shape(sets: &[&str]) -> RankShape {
         let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
-        RankShape::of(&JobConfig::load(None, &sets).unwrap(), Routing::default()).unwrap()
+        crate::test_jobs::shape_of(&JobConfig::load(None, &sets).unwrap(), Routing::default())
     }
 
     #[test]
@@ -195,8 +195,8 @@ mod tests {
         assert!((Kernels::of(&half).flops_of(Part::Experts) - expected / 2.0).abs() < 1e-6 * expected);
         // The busiest rank of an imbalanced router computes more.
         let job = JobConfig::load(None, &["parallel.ranks=4".to_string()]).unwrap();
-        let skewed = RankShape::of(&job, Routing { imbalance: 1.5 }).unwrap();
-        let even = RankShape::of(&job, Routing::default()).unwrap();
+        let skewed = crate::test_jobs::shape_of(&job, Routing { imbalance: 1.5 });
+        let even = crate::test_jobs::shape_of(&job, Routing::default());
         let ratio = Kernels::of(&skewed).flops_of(Part::Experts) / Kernels::of(&even).flops_of(Part::Experts);
         assert!((ratio - 1.5).abs() < 1e-12, "{ratio}");
     }

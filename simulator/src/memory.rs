@@ -43,8 +43,7 @@ impl RankMemory {
 }
 
 /// Values one micro-batch's forward pass saves for its backward pass on
-/// this rank (the same accounting as `worker::memory::activation_values`,
-/// per rank: attention on all of the micro-batch's tokens with shards,
+/// this rank (per rank: attention on all of the micro-batch's tokens with shards,
 /// the experts on the rows they received).
 pub fn activation_values(s: &RankShape) -> f64 {
     let f = |x: usize| x as f64;
@@ -72,31 +71,51 @@ pub fn activation_values(s: &RankShape) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::simulate::shape::Routing;
+    use crate::shape::Routing;
     use worker::JobConfig;
 
     fn job(sets: &[&str]) -> JobConfig {
         JobConfig::load(None, &sets.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap()
     }
 
+    /// An independent count for one rank holding the whole job: what one
+    /// micro-batch's forward pass keeps for backward, tensor by tensor.
+    fn whole_job_activation_values(job: &JobConfig) -> f64 {
+        let cfg = &job.model;
+        let (b, s) = (job.train.micro_batch_size, cfg.seq_len);
+        let t = b * s;
+        let (d, f, v, e, k) = (cfg.d_model, cfg.ffn_hidden, cfg.vocab, cfg.n_experts, cfg.top_k);
+        let (q, g) = (cfg.n_heads * cfg.head_dim(), cfg.n_kv_heads * cfg.head_dim());
+        // x, normalised input, q, k, v, attention output, probabilities
+        let attention = t * (2 * d + 2 * q + 2 * g) + b * cfg.n_heads * s * s;
+        // h and its normalisation (sequential), or a copy of the shared input (parallel)
+        let residual = if cfg.block == model::BlockKind::Sequential { 2 * t * d } else { t * d };
+        // router logits and probabilities, dispatched inputs and outputs, SwiGLU h1 and h3
+        let moe = 2 * t * e + 2 * t * k * d + 2 * t * k * f + 2 * t * f * cfg.n_shared_experts;
+        // final normalised states, logits and their gradient
+        let head = t * d + 2 * t * v;
+        (cfg.n_layers * (attention + residual + moe) + head) as f64
+    }
+
     #[test]
-    fn one_rank_matches_the_workers_own_accounting() {
+    fn one_rank_matches_a_count_of_the_whole_job() {
         for sets in [&[][..], &["model.block=\"parallel\"", "model.n_shared_experts=1"][..]] {
             let job = job(sets);
-            let s = RankShape::of(&job, Routing::default()).unwrap();
-            assert_eq!(activation_values(&s), worker::memory::activation_values(&job) as f64, "{sets:?}");
+            let s = crate::test_jobs::shape_of(&job, Routing::default());
+            assert_eq!(activation_values(&s), whole_job_activation_values(&job), "{sets:?}");
             let m = RankMemory::of(&s, &Precision::default());
             let params = job.model.num_params() as f64;
             assert_eq!(m.params, 4.0 * params);
-            assert_eq!(m.params + m.grads + m.optimizer + m.activations, worker::memory::analytic_bytes(&job) as f64);
+            assert_eq!((m.grads, m.optimizer), (4.0 * params, 8.0 * params));
+            assert_eq!(m.activations, 4.0 * whole_job_activation_values(&job));
             assert_eq!(m.buffers, 0.0, "one rank exchanges nothing");
         }
     }
 
     #[test]
     fn experts_split_over_ep_and_optimizer_over_dp() {
-        let one = RankShape::of(&job(&[]), Routing::default()).unwrap();
-        let four = RankShape::of(&job(&["parallel.ranks=4"]), Routing::default()).unwrap();
+        let one = crate::test_jobs::shape_of(&job(&[]), Routing::default());
+        let four = crate::test_jobs::shape_of(&job(&["parallel.ranks=4"]), Routing::default());
         let p = Precision::default();
         let (m1, m4) = (RankMemory::of(&one, &p), RankMemory::of(&four, &p));
         let experts = expert_params(&one);

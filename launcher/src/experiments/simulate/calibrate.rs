@@ -9,15 +9,16 @@
 //! (threads), and the per-step cost of the training loop itself from a real
 //! job too small to compute anything.
 
-use super::cluster::Cluster;
-use super::shape::{RankShape, Routing};
-use super::step::{kernel_parts, predict, KernelParts, Options};
+use super::shape_of;
 use crate::run::step_summary::read_metrics;
 use anyhow::{bail, Context, Result};
 use collectives::local::LocalWorld;
 use collectives::Communicator;
 use model::gemm::{matmul_nn, matmul_nt, matmul_tn};
 use model::optim::{adamw_update, AdamwStep, AdamwTensor};
+use simulator::cluster::Cluster;
+use simulator::shape::Routing;
+use simulator::step::{kernel_parts, predict, KernelParts, Options};
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -264,7 +265,7 @@ fn loop_overheads(found: &Calibration, best: [(f64, f64); 2]) -> Result<(f64, f6
     for sets in [&TINY_JOB[..], &REFERENCE_JOB[..]] {
         let overrides: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
         let job = worker::JobConfig::load(None, &overrides)?;
-        let shape = RankShape::of(&job, Routing::default())?;
+        let shape = shape_of(&job, Routing::default())?;
         parts.push((kernel_parts(&shape, &cluster), predict(&shape, &cluster, Options::default()).other_s));
     }
     // compute_j = busy_j / efficiency + launch x launches_j.

@@ -342,16 +342,16 @@ pub fn interpolate(curve: &[[f64; 2]], x: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::simulate::shape::Routing;
+    use crate::shape::Routing;
     use worker::JobConfig;
 
     fn h100() -> Cluster {
-        Cluster::parse(include_str!("../../../examples/clusters/h100-8x-nvlink-ib400.toml")).unwrap()
+        Cluster::parse(include_str!("../../examples/clusters/h100-8x-nvlink-ib400.toml")).unwrap()
     }
 
     fn shape(sets: &[&str]) -> RankShape {
         let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
-        RankShape::of(&JobConfig::load(None, &sets).unwrap(), Routing::default()).unwrap()
+        crate::test_jobs::shape_of(&JobConfig::load(None, &sets).unwrap(), Routing::default())
     }
 
     #[test]
