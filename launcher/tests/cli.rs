@@ -2,13 +2,13 @@
 //! prepare, and every kind of bad input → a clear error, a non-zero exit,
 //! and nothing already saved touched.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
 mod common;
 use common::{switchyard, text, SMALL};
 
-fn temp_dir(name: &str) -> PathBuf {
+fn temp_dir(name: &str) -> common::Scratch {
     common::temp_dir("cli", name)
 }
 

@@ -6,13 +6,13 @@
 //! worker pods run with.
 
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
 mod common;
 use common::{repo, text, EXE as BIN, SMALL};
 
-fn temp_dir(name: &str) -> PathBuf {
+fn temp_dir(name: &str) -> common::Scratch {
     common::temp_dir("k8s", name)
 }
 

@@ -17,7 +17,7 @@ use common::{text, EXE};
 
 const STEPS: usize = 20;
 
-fn temp_dir(name: &str) -> PathBuf {
+fn temp_dir(name: &str) -> common::Scratch {
     common::temp_dir("mpi", name)
 }
 

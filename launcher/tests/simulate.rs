@@ -4,7 +4,7 @@
 //! how close the prediction lands is a measurement of the machine, printed
 //! by `switchyard bench simulator` (docs/scaling.md), never a test.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Output;
 
 mod common;
@@ -16,7 +16,7 @@ fn switchyard(args: &[&str], cwd: &Path) -> Output {
     out
 }
 
-fn temp_dir(name: &str) -> PathBuf {
+fn temp_dir(name: &str) -> common::Scratch {
     common::temp_dir("simulate", name)
 }
 

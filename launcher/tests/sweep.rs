@@ -2,13 +2,13 @@
 //! results files and plots, a failing point recorded while the others are
 //! measured, and a second run that skips what is done.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Output;
 
 mod common;
 use common::{switchyard, text as stderr};
 
-fn temp_dir(name: &str) -> PathBuf {
+fn temp_dir(name: &str) -> common::Scratch {
     common::temp_dir("sweep", name)
 }
 

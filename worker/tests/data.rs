@@ -9,12 +9,12 @@ use worker::data::{
     PreparedData, Tokenizer, DATA_STREAM_TAG,
 };
 
-/// A fresh, empty folder under the system temp dir, unique per test.
-fn fresh_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("switchyard-data-test-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+mod common;
+
+/// A fresh, empty folder under the system temp dir, unique per test and
+/// removed after it.
+fn fresh_dir(name: &str) -> common::Scratch {
+    common::temp_dir(&format!("data-{name}"))
 }
 
 fn write(path: &Path, text: &[u8]) {
@@ -183,16 +183,19 @@ fn open_without_index_says_to_run_prepare() {
     assert!(msg.contains("switchyard data prepare") && msg.contains(&*root.to_string_lossy()), "{msg}");
 }
 
-fn prepared_bytes(name: &str, text: &[u8]) -> PathBuf {
+/// `text` prepared into `<scratch>/out`; the scratch folder lives as long
+/// as the caller keeps it.
+fn prepared_bytes(name: &str, text: &[u8]) -> (common::Scratch, PathBuf) {
     let root = fresh_dir(name);
     write(&root.join("doc.txt"), text);
     prepare(&[root.join("doc.txt")], &root.join("out"), &Tokenizer::Byte).unwrap();
-    root.join("out")
+    let out = root.join("out");
+    (root, out)
 }
 
 #[test]
 fn open_truncated_shard_names_the_file() {
-    let out = prepared_bytes("truncated", b"hello world");
+    let (_root, out) = prepared_bytes("truncated", b"hello world");
     let shard = out.join("tokens-00000.bin");
     let bytes = std::fs::read(&shard).unwrap();
     std::fs::write(&shard, &bytes[..bytes.len() - 3]).unwrap();
@@ -203,7 +206,7 @@ fn open_truncated_shard_names_the_file() {
 
 #[test]
 fn open_out_of_vocab_token_names_the_file() {
-    let out = prepared_bytes("oov", b"hello world");
+    let (_root, out) = prepared_bytes("oov", b"hello world");
     let shard = out.join("tokens-00000.bin");
     let mut bytes = std::fs::read(&shard).unwrap();
     bytes[4..8].copy_from_slice(&300u32.to_le_bytes());
@@ -219,7 +222,7 @@ fn batch_is_independent_of_layout() {
     let text: Vec<u8> = (0..5000u32).map(|i| (i * 7 % 251) as u8).collect();
     let sources = [
         DataSource::Builtin(BuiltinCorpus::new()),
-        DataSource::Prepared(PreparedData::open(&prepared_bytes("layout", &text)).unwrap()),
+        DataSource::Prepared(PreparedData::open(&prepared_bytes("layout", &text).1).unwrap()),
     ];
     for src in &sources {
         for step in [0, 3] {
@@ -241,7 +244,7 @@ fn batch_is_independent_of_layout() {
 fn every_epoch_visits_every_window_once() {
     // 200 windows of 4 tokens whose first token is the window's number.
     let text: Vec<u8> = (0..200u8).flat_map(|w| [w, 1, 2, 3]).chain([9, 9]).collect();
-    let src = DataSource::Prepared(PreparedData::open(&prepared_bytes("epochs", &text)).unwrap());
+    let src = DataSource::Prepared(PreparedData::open(&prepared_bytes("epochs", &text).1).unwrap());
     let mut orders = Vec::new();
     for epoch in 0..2u64 {
         let mut seen: Vec<u32> = (0..200)
@@ -262,7 +265,7 @@ fn every_epoch_visits_every_window_once() {
 
 #[test]
 fn too_little_data_for_one_sequence_is_an_error() {
-    let src = DataSource::Prepared(PreparedData::open(&prepared_bytes("short", b"tiny")).unwrap());
+    let src = DataSource::Prepared(PreparedData::open(&prepared_bytes("short", b"tiny").1).unwrap());
     let err = src.check_len(5).unwrap_err();
     assert!(matches!(err, DataError::TooShort { tokens: 4, len: 5, .. }), "{err}");
     assert!(src.batch_for_step(1, 0, 1, 0, 1, 5).is_err());

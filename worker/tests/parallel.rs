@@ -126,7 +126,7 @@ fn balanced_placement_moves_experts_without_changing_the_losses() {
     );
     let dir = temp_dir("place-balanced");
     let mut rec = Recorder::default();
-    let opts = RunOptions { run_dir: dir.clone(), resume: Resume::No, stop_at: None, coordinator: None };
+    let opts = RunOptions { run_dir: dir.to_path_buf(), resume: Resume::No, stop_at: None, coordinator: None };
     train(&balanced_job, &opts, &mut rec).unwrap();
     let balanced: Vec<f64> = rec.steps.iter().map(|m| m.loss).collect();
     assert_close(&contiguous, &balanced, "balanced placement");
@@ -147,7 +147,7 @@ fn per_rank_metrics_account_for_every_token() {
     let mut rec = Recorder::default();
     train(
         &job(4, &["train.steps=2"]),
-        &RunOptions { run_dir: dir.clone(), resume: Resume::No, stop_at: None, coordinator: None },
+        &RunOptions { run_dir: dir.to_path_buf(), resume: Resume::No, stop_at: None, coordinator: None },
         &mut rec,
     )
     .unwrap();
