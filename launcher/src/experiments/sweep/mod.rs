@@ -27,14 +27,36 @@ pub struct SweepArgs {
     grid: PathBuf,
     /// How each point's ranks run: local (threads), mpi (processes under mpirun) or
     /// slurm (each point a job submitted with `switchyard slurm submit`, one node).
-    #[arg(long, default_value = "local", value_parser = ["local", "mpi", "slurm"])]
-    launcher: String,
+    #[arg(long, value_enum, default_value_t = SweepLauncher::Local)]
+    launcher: SweepLauncher,
     /// Results folder; default sweeps/<grid file name>.
     #[arg(long)]
     out: Option<PathBuf>,
     /// Steps per point (overrides the grid's `steps`).
     #[arg(long)]
     steps: Option<u64>,
+}
+
+/// How a sweep runs each point's ranks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SweepLauncher {
+    /// Threads of one process.
+    Local,
+    /// Processes under mpirun.
+    Mpi,
+    /// A one-node job submitted with `switchyard slurm submit`.
+    Slurm,
+}
+
+impl SweepLauncher {
+    /// The name written in the results files.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SweepLauncher::Local => "local",
+            SweepLauncher::Mpi => "mpi",
+            SweepLauncher::Slurm => "slurm",
+        }
+    }
 }
 
 /// Runs the points not yet measured, then writes the results and plots.
@@ -56,7 +78,7 @@ pub fn run(args: SweepArgs) -> Result<()> {
         // Absolute, so the jobs do not depend on where they run.
         config: std::fs::canonicalize(&args.config)
             .with_context(|| format!("cannot find {}", args.config.display()))?,
-        launcher: args.launcher.clone(),
+        launcher: args.launcher,
         steps: grid.steps,
         warmup: grid.warmup,
     };
@@ -105,7 +127,7 @@ pub fn run(args: SweepArgs) -> Result<()> {
 
 /// A finished point counts as done only for the same steps and launcher.
 fn same_job(row: &PointResult, job: &PointJob) -> bool {
-    row.steps == job.steps && row.warmup == job.warmup && row.launcher == job.launcher
+    row.steps == job.steps && row.warmup == job.warmup && row.launcher == job.launcher.as_str()
 }
 
 /// The result as the progress line shows it.

@@ -1,6 +1,7 @@
 //! One sweep point: a real `switchyard train` in its own run folder, its
 //! peak memory taken from the kernel, its metrics reduced to a result row.
 
+use super::SweepLauncher;
 use crate::experiments::sweep::grid::Point;
 use crate::experiments::sweep::results::PointResult;
 use crate::run::step_summary::{read_metrics, StepSummary};
@@ -10,11 +11,12 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::Instant;
+use worker::Backend;
 
 /// What every point of a sweep shares.
 pub struct PointJob {
     pub config: PathBuf,
-    pub launcher: String,
+    pub launcher: SweepLauncher,
     pub steps: u64,
     pub warmup: u64,
 }
@@ -24,7 +26,7 @@ pub struct PointJob {
 pub fn run(job: &PointJob, point: &Point, run_dir: &Path) -> PointResult {
     let start = Instant::now();
     let measured = measure(job, point, run_dir);
-    let mut row = PointResult::blank(point, "measured", &job.launcher, job.steps, job.warmup);
+    let mut row = PointResult::blank(point, "measured", job.launcher.as_str(), job.steps, job.warmup);
     match measured {
         Ok((s, ranks, peak_mib)) => {
             row.ranks = Some(ranks);
@@ -42,7 +44,7 @@ pub fn run(job: &PointJob, point: &Point, run_dir: &Path) -> PointResult {
             row.peak_rss_process_mib = peak_mib;
             // Threads of one process share one resident set: per rank it is
             // only known where every rank is its own process.
-            row.peak_rss_per_rank_mib = peak_mib.filter(|_| job.launcher == "mpi");
+            row.peak_rss_per_rank_mib = peak_mib.filter(|_| job.launcher == SweepLauncher::Mpi);
             row.loss_at_end = Some(s.loss_at_end);
         }
         Err(e) => {
@@ -61,11 +63,19 @@ fn measure(job: &PointJob, point: &Point, run_dir: &Path) -> Result<(StepSummary
     std::fs::create_dir_all(run_dir).with_context(|| format!("cannot create {}", run_dir.display()))?;
     let exe = std::env::current_exe().context("cannot find this program to run the training jobs")?;
     let mut cmd = Command::new(exe);
-    if job.launcher == "slurm" {
-        cmd.args(["slurm", "submit", "--config"]).arg(&job.config).arg("--run-dir").arg(run_dir);
-    } else {
-        cmd.args(["train", "--quiet", "--config"]).arg(&job.config).arg("--run-dir").arg(run_dir);
-        cmd.args(["--backend", &job.launcher]);
+    let backend = match job.launcher {
+        SweepLauncher::Slurm => None,
+        SweepLauncher::Local => Some(Backend::Local),
+        SweepLauncher::Mpi => Some(Backend::Mpi),
+    };
+    match backend {
+        None => {
+            cmd.args(["slurm", "submit", "--config"]).arg(&job.config).arg("--run-dir").arg(run_dir);
+        }
+        Some(backend) => {
+            cmd.args(["train", "--quiet", "--config"]).arg(&job.config).arg("--run-dir").arg(run_dir);
+            cmd.args(["--backend", backend.as_str()]);
+        }
     }
     for set in point.overrides() {
         cmd.args(["--set", &set]);
@@ -77,7 +87,7 @@ fn measure(job: &PointJob, point: &Point, run_dir: &Path) -> Result<(StepSummary
     if !status.success() {
         bail!("training failed ({status}): {}", error_lines(&output));
     }
-    let peak_kib = if job.launcher == "slurm" { wait_for_slurm_job(&output, run_dir)? } else { peak_kib };
+    let peak_kib = if job.launcher == SweepLauncher::Slurm { wait_for_slurm_job(&output, run_dir)? } else { peak_kib };
     let steps = read_metrics(run_dir)?;
     let ranks = steps.last().map_or(0, |m| m.per_rank.len());
     let summary = StepSummary::of(&steps, job.warmup as usize)?;
