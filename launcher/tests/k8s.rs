@@ -67,7 +67,8 @@ fn render_valid(name: &str, extra: &[&str]) -> Vec<Value> {
     let out = render(extra);
     assert!(out.status.success(), "{}", text(&out));
     let yaml = String::from_utf8(out.stdout).unwrap();
-    let file = temp_dir(name).join("all.yaml");
+    let scratch = temp_dir(name);
+    let file = scratch.join("all.yaml");
     std::fs::write(&file, &yaml).unwrap();
     validate(&file);
     // Secret values only in the Secret.
@@ -180,7 +181,8 @@ fn committed_k8s_tree_is_what_the_renderer_writes_and_valid() {
         let out = out.expect("kubectl runs (/usr/bin/kubectl)");
         assert!(out.status.success(), "kubectl kustomize k8s/{dir}: {}", text(&out));
         let built = String::from_utf8(out.stdout).unwrap();
-        let file = temp_dir("kustomize").join(format!("{}.yaml", dir.replace('/', "-")));
+        let scratch = temp_dir("kustomize");
+        let file = scratch.join(format!("{}.yaml", dir.replace('/', "-")));
         std::fs::write(&file, &built).unwrap();
         validate(&file);
         let args: Vec<&str> = base.iter().chain(extra.iter()).copied().collect();
@@ -196,7 +198,8 @@ fn committed_k8s_tree_is_what_the_renderer_writes_and_valid() {
 
 #[test]
 fn out_writes_one_file_per_object_and_a_kustomization() {
-    let dir = temp_dir("out").join("job");
+    let scratch = temp_dir("out");
+    let dir = scratch.join("job");
     let out = render(&["--workers", "1", "--image", "i:1", "--out", dir.to_str().unwrap()]);
     assert!(out.status.success(), "{}", text(&out));
     let mut files: Vec<String> =
@@ -221,7 +224,8 @@ fn out_writes_one_file_per_object_and_a_kustomization() {
 
 /// Renders with `--out` and expects a refusal mentioning `want`, with nothing written.
 fn refused(extra: &[&str], want: &str) {
-    let dir = temp_dir("refused").join("out");
+    let scratch = temp_dir("refused");
+    let dir = scratch.join("out");
     let mut args = extra.to_vec();
     args.extend(["--out", dir.to_str().unwrap()]);
     let out = render(&args);
@@ -284,7 +288,8 @@ fn resume_if_any_starts_fresh_then_resumes_the_last_commit() {
 
 #[test]
 fn an_unreachable_checkpoint_store_is_refused_before_anything_is_written() {
-    let out_dir = temp_dir("unreachable").join("out");
+    let scratch = temp_dir("unreachable");
+    let out_dir = scratch.join("out");
     let out = Command::new(BIN)
         .args(["k8s", "render", "--config"])
         .arg(repo().join("examples/k8s.toml"))

@@ -2,6 +2,10 @@
 //! output, scratch folders and a job small enough to train in a second.
 #![allow(dead_code)]
 
+#[path = "../../../worker/tests/common/scratch.rs"]
+mod scratch;
+pub use scratch::Scratch;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -30,35 +34,7 @@ pub fn temp_dir(suite: &str, name: &str) -> Scratch {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
     let dir = std::env::temp_dir().join(format!("switchyard-{suite}-{name}-{}-{n}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    Scratch(dir)
-}
-
-/// A scratch folder removed when the test is done with it; kept when the
-/// test panicked, so what it left can be looked at.
-pub struct Scratch(PathBuf);
-
-impl std::ops::Deref for Scratch {
-    type Target = Path;
-
-    fn deref(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl AsRef<Path> for Scratch {
-    fn as_ref(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        if !std::thread::panicking() {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    Scratch::fresh(dir)
 }
 
 /// `--set` flags for a job small enough to train in about a second

@@ -1,7 +1,9 @@
 //! Helpers for the training-loop tests.
 #![allow(dead_code)]
 
-use std::path::{Path, PathBuf};
+mod scratch;
+pub use scratch::Scratch;
+
 use worker::api::{Observer, StartInfo};
 use worker::metrics::StepMetrics;
 use worker::JobConfig;
@@ -25,36 +27,7 @@ impl Observer for Recorder {
 
 /// A fresh, empty folder under the system temp dir, removed when dropped.
 pub fn temp_dir(name: &str) -> Scratch {
-    let dir = std::env::temp_dir().join(format!("switchyard-test-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    Scratch(dir)
-}
-
-/// A scratch folder removed when the test is done with it; kept when the
-/// test panicked, so what it left can be looked at.
-pub struct Scratch(PathBuf);
-
-impl std::ops::Deref for Scratch {
-    type Target = Path;
-
-    fn deref(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl AsRef<Path> for Scratch {
-    fn as_ref(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        if !std::thread::panicking() {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    Scratch::fresh(std::env::temp_dir().join(format!("switchyard-test-{name}-{}", std::process::id())))
 }
 
 /// A very small MoE job that runs a step in milliseconds.
