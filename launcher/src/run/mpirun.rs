@@ -1,7 +1,7 @@
 //! Starting an MPI job from `switchyard train --backend mpi`: the launcher
-//! runs `mpirun` on its own binary with the same arguments, and each
-//! process it starts finds its rank in the environment (see
-//! `collectives::launch::launched_rank`).
+//! runs `mpirun` on its own binary with the arguments of a typed launch
+//! plan (`launch_plan.rs`), and each process it starts finds its rank in
+//! the environment (see `collectives::launch::launched_rank`).
 
 use anyhow::{bail, Context, Result};
 use std::process::Command;
