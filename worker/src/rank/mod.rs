@@ -109,18 +109,8 @@ fn train_rank(
         update::optimizer_step(job, &mut run.state, &mut run.grads, metrics.lr, grad_norm);
         run.state.step += 1;
         run.state.tokens_seen += run.tokens_per_step;
-        // SIGTERM on any rank (agreed in the metrics reduction): every rank
-        // saves this step and stops. The save's copy (and any wait for the
-        // previous upload) is part of the step.
-        let (step, every) = (run.state.step, job.checkpoint.every);
-        if step == run.end || preempted || (every > 0 && step.is_multiple_of(every)) {
-            let stall = run.save_checkpoint()?;
-            metrics.checkpoint_s = stall.waited_s + stall.save_s;
-            if step == run.end || preempted {
-                // The job is done only when its last checkpoint is committed.
-                run.saver.finish()?;
-            }
-        }
+        // The save's copy (and any wait for the previous upload) is part of the step.
+        metrics.checkpoint_s = run.checkpoint_if_due(preempted)?;
         metrics.step_time_s = step_started.elapsed().as_secs_f64();
         metrics.tokens_per_s = run.tokens_per_step as f64 / metrics.step_time_s;
         first_loss.get_or_insert(metrics.loss);
@@ -297,6 +287,24 @@ impl<'a> RankRun<'a> {
             bucketed,
         };
         grad_sync::sync_gradients(self.comm, &mut self.groups, &mut self.grads, self.grads_b.as_ref(), &inputs)
+    }
+
+    /// Saves this step when it is a checkpoint step, the last one, or the
+    /// ranks agreed to stop on SIGTERM (`preempted`); returns the seconds
+    /// the step spent on it. The job is done only when its last checkpoint
+    /// is committed, so the last save is waited for.
+    fn checkpoint_if_due(&mut self, preempted: bool) -> Result<f64, WorkerError> {
+        let (step, every) = (self.state.step, self.job.checkpoint.every);
+        let last = step == self.end || preempted;
+        let periodic = every > 0 && step.is_multiple_of(every);
+        if !(last || periodic) {
+            return Ok(0.0);
+        }
+        let stall = self.save_checkpoint()?;
+        if last {
+            self.saver.finish()?;
+        }
+        Ok(stall.waited_s + stall.save_s)
     }
 
     /// Starts saving this step (every rank at once). Checkpoints hold full
