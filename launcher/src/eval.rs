@@ -70,7 +70,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
 /// The job's own tokenizer: a prepared folder's tokenizer.json when it has
 /// one, else the `[data] tokenizer` setting.
 fn eval_tokenizer(job: &JobConfig) -> Result<Tokenizer> {
-    if job.data.source != "builtin" {
+    if !job.data.is_builtin() {
         if let Ok(data) = worker::data::PreparedData::open(std::path::Path::new(&job.data.source)) {
             if let Some(path) = data.tokenizer_path() {
                 return Ok(Tokenizer::load(&path)?);

@@ -24,7 +24,7 @@ impl CorpusEntropy {
     /// The built-in corpus has both numbers analytically; prepared data
     /// gets its unigram entropy from token counts.
     pub fn of_job(job: &JobConfig) -> Option<Self> {
-        if job.data.source == "builtin" {
+        if job.data.is_builtin() {
             let corpus = worker::data::BuiltinCorpus::new();
             return Some(Self { unigram: corpus.unigram_entropy_nats(), floor: Some(corpus.entropy_floor_nats()) });
         }
@@ -154,7 +154,7 @@ impl ConsoleProgress {
         let dir = run_dir.display();
         let config_flag = format!("--run-dir {dir} --config {dir}/config.toml");
         self.line(&format!("checkpoint: {ckpt}"));
-        let data_hint = if job.data.source == "builtin" {
+        let data_hint = if job.data.is_builtin() {
             self.line("held-out text: switchyard data sample --out heldout.txt");
             "heldout.txt"
         } else {

@@ -20,11 +20,19 @@ pub struct DataConfig {
 
 impl Default for DataConfig {
     fn default() -> Self {
-        Self { source: "builtin".into(), tokenizer: "byte".into() }
+        Self { source: BUILTIN_SOURCE.into(), tokenizer: "byte".into() }
     }
 }
 
+/// `[data] source` naming the built-in corpus rather than a folder.
+pub const BUILTIN_SOURCE: &str = "builtin";
+
 impl DataConfig {
+    /// Whether the job trains on the built-in corpus (not a prepared folder).
+    pub fn is_builtin(&self) -> bool {
+        self.source == BUILTIN_SOURCE
+    }
+
     /// Checks the settings without touching the filesystem (the config may be
     /// validated on a machine that does not hold the data).
     pub fn validate(&self) -> Result<(), DataError> {
@@ -49,7 +57,7 @@ impl DataConfig {
     /// Opens the training data the config names.
     pub fn open_source(&self) -> Result<DataSource, DataError> {
         self.validate()?;
-        if self.source == "builtin" {
+        if self.is_builtin() {
             Ok(DataSource::Builtin(BuiltinCorpus::new()))
         } else {
             PreparedData::open(Path::new(&self.source)).map(DataSource::Prepared)
