@@ -100,6 +100,29 @@ fn the_launchers_mpirun_on_2_and_4_ranks_matches_one_rank() {
 }
 
 #[test]
+fn ranks_start_from_the_launch_plan_whatever_flags_the_launcher_was_given() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = temp_dir("plan");
+    let run_dir = dir.join("plan");
+    // Flags only the launcher acts on (--max-restarts, --set in = form), and
+    // one the ranks must honour (--stop-at): the ranks get the resolved
+    // config and typed flags, so they start and stop where they were told.
+    let out = run(
+        Command::new(EXE)
+            .args(job_args(&run_dir))
+            .args(["--backend", "mpi", "--ranks", "2", "--max-restarts=1", "--stop-at", "8"])
+            .arg("--set=model.n_experts=4"),
+        "switchyard train --backend mpi with launcher flags",
+    );
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    assert_eq!(losses(&run_dir).len(), 8, "the ranks stopped at --stop-at 8: {log}");
+    let plan = std::fs::read_to_string(run_dir.join("launch.toml")).expect("the ranks' resolved config");
+    assert!(plan.contains("n_experts = 4") && plan.contains("backend = \"mpi\""), "{plan}");
+    assert!(run_dir.join("checkpoints/step-00000008/manifest.json").exists(), "{log}");
+}
+
+#[test]
 fn ranks_started_by_mpirun_read_their_rank_from_the_environment() {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let dir = temp_dir("direct");
