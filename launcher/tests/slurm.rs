@@ -90,9 +90,9 @@ fn job_output(run_dir: &Path, id: &str) -> String {
 
 #[test]
 fn a_submitted_job_trains_and_a_cancelled_one_resumes_when_submitted_again() {
-    let dir = std::env::temp_dir().join(format!("switchyard-slurm-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    // Declared before the cluster, so the cluster is taken down first and
+    // its daemons write nothing into the folder once it is removed.
+    let dir = common::temp_dir("slurm", "cluster");
     let cluster = Cluster::up(&dir);
 
     // A job that runs to its end: the coordinator and both ranks finish, the loss falls.
@@ -158,5 +158,4 @@ fn a_submitted_job_trains_and_a_cancelled_one_resumes_when_submitted_again() {
         assert_eq!(row["status"], "ok", "{row}");
         assert!(row["tokens_per_s"].as_f64().unwrap() > 0.0, "{row}");
     }
-    std::fs::remove_dir_all(&dir).ok();
 }
