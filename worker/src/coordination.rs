@@ -123,7 +123,7 @@ pub fn register(
                 return Err(WorkerError::NotTheSameJob {
                     rank,
                     what: "job config",
-                    detail: format!("coordinator at {}; give every worker its --config and --set options", link.addr),
+                    detail: format!("coordinator at {}", link.addr),
                 });
             }
             Ok(client) => return Ok(client),

@@ -33,7 +33,8 @@ pub enum WorkerError {
     #[error("rank {rank}: {source}")]
     Coordinator { rank: usize, source: ClientError },
     #[error(
-        "rank {rank}: the coordinator's {what} differs from this rank's ({detail}): start every role with the same job"
+        "rank {rank}: this rank's {what} differs from the coordinator's ({detail}): start every worker with the \
+         same --config and --set options as the coordinator"
     )]
     NotTheSameJob { rank: usize, what: &'static str, detail: String },
     #[error("stopped by the coordinator: {reason}")]

@@ -88,7 +88,7 @@ fn train_rank(
     let resumed = matches!(opts.resume, Resume::Latest | Resume::LatestOrFresh);
     let mut last_checkpoint = start.resumed_from.filter(|_| resumed);
     let mut preempted = false;
-    while run.state.step < run.end && !preempted {
+    while run.state.step < run.end {
         let step_started = Instant::now();
         let mut local = run.passes()?;
         let sync_started = Instant::now();
@@ -96,8 +96,7 @@ fn train_rank(
         let sync_s = sync_started.elapsed().as_secs_f64();
         local.step.comm_s = local.step.dispatch.alltoall_s + local.bucket_s.unwrap_or(0.0) + sync_s;
         local.step.exposed_comm_s = run.exposure.take().as_secs_f64() + sync_s;
-        let shape = run.shape();
-        let (mut metrics, stop) = local.step.reduce(run.comm, &shape)?;
+        let (mut metrics, stop) = local.step.reduce(run.comm, &run.shape)?;
         preempted = stop;
         metrics.step = run.state.step + 1;
         metrics.sync_s = sync_s;
@@ -170,6 +169,8 @@ pub(crate) struct RankRun<'a> {
     /// Micro-batches per rank per step.
     accumulation: usize,
     tokens_per_step: u64,
+    /// The sizes the step's metrics are reduced with.
+    shape: StepShape,
     /// The step the run stops at (`train.steps`, or `--stop-at`).
     end: u64,
     placement: PlacementPlan,
@@ -215,15 +216,13 @@ impl<'a> RankRun<'a> {
         let groups = Groups::split(comm, &dims, &techniques)?;
         let data = open_data(job)?;
         let (store, mut state, resumed_from) = starting_state(job, opts, &placement, dims.ep_rank(rank))?;
-        if dims.attn_tp > 1 {
-            cut_to_shard(&mut state, cfg.d_model, dims.tp_rank(rank), dims.attn_tp);
-        }
+        cut_to_rank_shard(&mut state, cfg.d_model, &dims, rank);
         let metrics_out =
             if rank == 0 { prepare_run_folder(job, &opts.run_dir, &store, client.is_some())? } else { None };
         let saver = Checkpointer::new(store, client, job.checkpoint.keep_last);
         let tokens_per_step = (job.train.global_batch_size * cfg.seq_len) as u64;
         // Every micro-batch of the global batch counts once in the aux and z terms.
-        let micro_batches = (dims.dp * accumulation) as f32;
+        let micro_batches = dims.dp * accumulation;
         let info = StartInfo {
             start_step: state.step,
             total_steps: job.train.steps,
@@ -252,11 +251,18 @@ impl<'a> RankRun<'a> {
             rope: RopeTable::new(cfg.seq_len, cfg.head_dim(), cfg.rope_theta),
             scales: LossScales {
                 ce: 1.0 / tokens_per_step as f32,
-                aux: cfg.aux_loss_coef / micro_batches,
-                z: cfg.z_loss_coef / micro_batches,
+                aux: cfg.aux_loss_coef / micro_batches as f32,
+                z: cfg.z_loss_coef / micro_batches as f32,
             },
             accumulation,
             tokens_per_step,
+            shape: StepShape {
+                world: dims.world,
+                rank,
+                tokens_per_step,
+                micro_batches: micro_batches as f64,
+                n_experts: cfg.n_experts,
+            },
             end: opts.stop_at.map_or(job.train.steps, |s| s.min(job.train.steps)),
             expert_loads: vec![vec![0.0f64; cfg.n_experts]; cfg.n_layers],
             placement,
@@ -268,13 +274,9 @@ impl<'a> RankRun<'a> {
         Ok((run, info))
     }
 
-    /// With attention shards, keeps only this rank's part of the dense
-    /// attention tensors of a state loaded whole (a rebalance).
+    /// Keeps this rank's attention shard of a state loaded whole (a rebalance).
     fn cut_to_this_shard(&mut self) {
-        let dims = self.dims;
-        if dims.attn_tp > 1 {
-            cut_to_shard(&mut self.state, self.job.model.d_model, dims.tp_rank(self.rank), dims.attn_tp);
-        }
+        cut_to_rank_shard(&mut self.state, self.job.model.d_model, &self.dims, self.rank);
     }
 
     /// Gradient sync over the layout's groups; returns the global norm.
@@ -319,16 +321,12 @@ impl<'a> RankRun<'a> {
             None => self.saver.save(self.comm, job, dims, &self.placement, &self.state),
         }
     }
+}
 
-    /// The sizes the step's metrics are reduced with.
-    fn shape(&self) -> StepShape {
-        let train = &self.job.train;
-        StepShape {
-            world: self.dims.world,
-            rank: self.rank,
-            tokens_per_step: self.tokens_per_step,
-            micro_batches: (train.global_batch_size / train.micro_batch_size) as f64,
-            n_experts: self.job.model.n_experts,
-        }
+/// With attention shards, keeps only `rank`'s part of the dense attention
+/// tensors (checkpoints and fresh starts hold full tensors).
+fn cut_to_rank_shard(state: &mut TrainState, d_model: usize, dims: &ParallelDims, rank: usize) {
+    if dims.attn_tp > 1 {
+        cut_to_shard(state, d_model, dims.tp_rank(rank), dims.attn_tp);
     }
 }
