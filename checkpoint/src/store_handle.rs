@@ -46,8 +46,8 @@ impl CheckpointStore {
     }
 
     fn open_at(url: &str, create: Create, options: &StoreOptions) -> Result<Self> {
-        let Location { store, prefix, display_url } = location::resolve(url, create, options)?;
-        Self::build(ObjectIo::new(store, prefix, display_url), options.part_bytes)
+        let Location { store, prefix, display_url, part_bytes } = location::resolve(url, create, options)?;
+        Self::build(ObjectIo::new(store, prefix, display_url), part_bytes)
     }
 
     /// Use an existing object store (e.g. one `InMemory` shared by a test's

@@ -16,15 +16,15 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use checkpoint::{CheckpointStore, Manifest, ShardReport};
+use checkpoint::{CheckpointStore, Manifest, ShardReport, TensorRef};
 use collectives::Communicator;
 use layout::{ParallelDims, PlacementPlan};
-use wire::client::CoordinatorClient;
+use wire::client::{CoordinatorClient, ShardSender};
 use wire::protocol::ShardWritten;
 
 use crate::config::JobConfig;
 use crate::error::WorkerError;
-use crate::state::{write_snapshot, OwnedTensor, TrainState};
+use crate::state::{write_snapshot, OwnedTensor, ShardTensor, TrainState};
 use crate::sync::gather_json;
 
 /// Fault injection for the test suite: every upload first sleeps this many
@@ -49,10 +49,60 @@ pub struct SaveStall {
 /// snapshot's buffers for the next save to reuse.
 type UploadResult = (Result<Option<ShardReport>, WorkerError>, Vec<OwnedTensor>);
 
-/// One save whose upload may still be running.
-struct InFlight {
+/// Where a save's tensors go in the checkpoint: the job and its layout.
+#[derive(Clone, Copy)]
+pub(crate) struct SaveAt<'a> {
+    pub job: &'a JobConfig,
+    pub dims: &'a ParallelDims,
+    pub placement: &'a PlacementPlan,
+}
+
+/// How a save writes its tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SaveKind {
+    /// Training goes on: copy the tensors, upload them from a thread.
+    Background,
+    /// The caller waits for it (the job's last save, a rebalance): write
+    /// the tensors in place, on this thread, without a second copy.
+    InPlace,
+}
+
+/// One rank's shard upload and its report to the coordinator.
+struct Upload {
+    store: Arc<CheckpointStore>,
     step: u64,
-    upload: JoinHandle<UploadResult>,
+    rank: usize,
+    sender: Option<ShardSender>,
+    /// Rank 0's manifest, for the coordinator to commit.
+    manifest_json: Option<String>,
+}
+
+impl Upload {
+    /// Writes the shard and, with a coordinator, reports it there.
+    fn run(self, tensors: &[TensorRef<'_>]) -> Result<Option<ShardReport>, WorkerError> {
+        let started = Instant::now();
+        if let Some(delay) = injected_upload_delay() {
+            std::thread::sleep(delay);
+        }
+        let result = write_snapshot(&self.store, self.step, self.rank, tensors);
+        if let Some(sender) = self.sender {
+            let outcome = match &result {
+                Ok(report) => Ok(report.as_ref().map(|r| serde_json::to_string(r).expect("reports serialise"))),
+                Err(e) => Err(e.to_string()),
+            };
+            let bytes = result.as_ref().ok().and_then(Option::as_ref).map_or(0, |r| r.size_bytes);
+            // A lost coordinator stops the job by itself; nothing to add here.
+            let _ = sender.send(ShardWritten {
+                rank: self.rank as u32,
+                step: self.step,
+                outcome,
+                manifest: self.manifest_json,
+                bytes,
+                upload_s: started.elapsed().as_secs_f64(),
+            });
+        }
+        result
+    }
 }
 
 /// A rank's checkpoint writer.
@@ -60,9 +110,12 @@ pub(crate) struct Checkpointer<'c> {
     store: Arc<CheckpointStore>,
     client: Option<&'c CoordinatorClient>,
     keep_last: usize,
-    in_flight: Option<InFlight>,
+    /// The background upload still running, if any.
+    in_flight: Option<JoinHandle<UploadResult>>,
     /// The last snapshot's buffers, reused by the next one.
     spare: Vec<OwnedTensor>,
+    /// Newest step saved (written, perhaps not yet committed).
+    last_saved: Option<u64>,
     /// Newest step committed without a coordinator (the ranks did it).
     committed_here: Option<u64>,
     /// Newest commit already handed out by [`Self::newly_committed`].
@@ -77,6 +130,7 @@ impl<'c> Checkpointer<'c> {
             keep_last,
             in_flight: None,
             spare: Vec::new(),
+            last_saved: None,
             committed_here: None,
             announced: None,
         }
@@ -90,61 +144,65 @@ impl<'c> Checkpointer<'c> {
     /// Starts saving `state` (full tensors): every rank calls this at the
     /// same step. Dense tensors are written by rank 0; each expert by its
     /// owner in the first expert-data-parallel group.
+    ///
+    /// With [`SaveKind::Background`] the step's tensors are copied and
+    /// uploaded by a thread while training goes on; [`SaveKind::InPlace`]
+    /// writes them in place on this thread, so the end of a job never
+    /// holds a second copy of the state.
     pub fn save(
         &mut self,
         comm: &mut dyn Communicator,
-        job: &JobConfig,
-        dims: &ParallelDims,
-        placement: &PlacementPlan,
+        at: SaveAt<'_>,
         state: &TrainState,
+        kind: SaveKind,
     ) -> Result<SaveStall, WorkerError> {
         let started = Instant::now();
         self.wait_upload()?;
         let waited_s = started.elapsed().as_secs_f64();
         let rank = comm.rank();
-        let (ep_rank, first_group) = (dims.ep_rank(rank), dims.edp_rank(rank) == 0);
-        let writes_expert = |layer: usize, expert: usize| first_group && placement.owner(layer, expert) == ep_rank;
-        let mut tensors = std::mem::take(&mut self.spare);
-        state.snapshot_into(job, rank == 0, &writes_expert, &mut tensors);
-        let manifest = (rank == 0).then(|| state.manifest(job, dims, placement, Vec::new()));
-        let step = state.step;
-        let store = Arc::clone(&self.store);
-        let sender = self.client.map(CoordinatorClient::shard_sender);
-        let manifest_json = manifest
-            .as_ref()
-            .filter(|_| sender.is_some())
-            .map(|m| serde_json::to_string(m).expect("a manifest serialises"));
-        let upload = std::thread::Builder::new()
-            .name(format!("checkpoint-upload-{step}"))
-            .spawn(move || {
-                let upload_started = Instant::now();
-                if let Some(delay) = injected_upload_delay() {
-                    std::thread::sleep(delay);
+        let (ep_rank, first_group) = (at.dims.ep_rank(rank), at.dims.edp_rank(rank) == 0);
+        let writes_expert = |layer: usize, expert: usize| first_group && at.placement.owner(layer, expert) == ep_rank;
+        let manifest = (rank == 0).then(|| state.manifest(at.job, at.dims, at.placement, Vec::new()));
+        let upload = Upload {
+            store: Arc::clone(&self.store),
+            step: state.step,
+            rank,
+            sender: self.client.map(CoordinatorClient::shard_sender),
+            manifest_json: manifest
+                .as_ref()
+                .filter(|_| self.client.is_some())
+                .map(|m| serde_json::to_string(m).expect("a manifest serialises")),
+        };
+        self.last_saved = Some(state.step);
+        let report = match kind {
+            SaveKind::InPlace => {
+                let tensors = state.shard_tensors(at.job, rank == 0, &writes_expert);
+                let refs: Vec<TensorRef> = tensors.iter().map(ShardTensor::as_ref).collect();
+                upload.run(&refs)?
+            }
+            SaveKind::Background => {
+                let mut tensors = std::mem::take(&mut self.spare);
+                state.snapshot_into(at.job, rank == 0, &writes_expert, &mut tensors);
+                let step = state.step;
+                let thread = std::thread::Builder::new()
+                    .name(format!("checkpoint-upload-{step}"))
+                    .spawn(move || {
+                        let refs: Vec<TensorRef> = tensors.iter().map(OwnedTensor::as_ref).collect();
+                        let result = upload.run(&refs);
+                        drop(refs);
+                        (result, tensors)
+                    })
+                    .expect("spawn the checkpoint upload thread");
+                self.in_flight = Some(thread);
+                if self.client.is_some() {
+                    None
+                } else {
+                    self.wait_upload()?
                 }
-                let result = write_snapshot(&store, step, rank, &tensors);
-                if let Some(sender) = sender {
-                    let outcome = match &result {
-                        Ok(report) => Ok(report.as_ref().map(|r| serde_json::to_string(r).expect("reports serialise"))),
-                        Err(e) => Err(e.to_string()),
-                    };
-                    let bytes = result.as_ref().ok().and_then(Option::as_ref).map_or(0, |r| r.size_bytes);
-                    let upload_s = upload_started.elapsed().as_secs_f64();
-                    // A lost coordinator stops the job by itself; nothing to add here.
-                    let _ = sender.send(ShardWritten {
-                        rank: rank as u32,
-                        step,
-                        outcome,
-                        manifest: manifest_json,
-                        bytes,
-                        upload_s,
-                    });
-                }
-                (result, tensors)
-            })
-            .expect("spawn the checkpoint upload thread");
-        self.in_flight = Some(InFlight { step, upload });
+            }
+        };
         if self.client.is_none() {
-            self.commit_together(comm, manifest)?;
+            self.commit_together(comm, manifest, report)?;
         }
         Ok(SaveStall { waited_s, save_s: started.elapsed().as_secs_f64() - waited_s })
     }
@@ -155,10 +213,10 @@ impl<'c> Checkpointer<'c> {
         let Some(client) = self.client else {
             return Ok(self.committed_here);
         };
-        let Some(step) = self.in_flight.as_ref().map(|f| f.step) else {
+        self.wait_upload()?;
+        let Some(step) = self.last_saved.filter(|&s| client.last_committed().is_none_or(|c| c < s)) else {
             return Ok(client.last_committed());
         };
-        self.wait_upload()?;
         client.wait_committed(step).map_err(|e| WorkerError::coordinator(client.welcome().rank as usize, e))?;
         Ok(Some(step))
     }
@@ -175,19 +233,24 @@ impl<'c> Checkpointer<'c> {
 
     /// Joins the running upload, if any; its error is this rank's error.
     fn wait_upload(&mut self) -> Result<Option<ShardReport>, WorkerError> {
-        let Some(flight) = self.in_flight.take() else {
+        let Some(thread) = self.in_flight.take() else {
             return Ok(None);
         };
-        let (result, buffers) = flight.upload.join().map_err(|_| WorkerError::RankPanicked)?;
+        let (result, buffers) = thread.join().map_err(|_| WorkerError::RankPanicked)?;
         self.spare = buffers;
         result
     }
 
-    /// Without a coordinator: every rank waits for its upload, rank 0 commits.
-    fn commit_together(&mut self, comm: &mut dyn Communicator, manifest: Option<Manifest>) -> Result<(), WorkerError> {
-        let step = self.in_flight.as_ref().map(|f| f.step).expect("a save was just started");
-        let report = self.wait_upload()?;
+    /// Without a coordinator: every rank has written its shard (`report`),
+    /// the reports are gathered and rank 0 commits.
+    fn commit_together(
+        &mut self,
+        comm: &mut dyn Communicator,
+        manifest: Option<Manifest>,
+        report: Option<ShardReport>,
+    ) -> Result<(), WorkerError> {
         let reports: Vec<Option<ShardReport>> = gather_json(comm, &report)?;
+        let step = self.last_saved.expect("a save was just made");
         if let Some(mut manifest) = manifest {
             for report in reports.into_iter().flatten() {
                 manifest.add_shard(report);

@@ -46,19 +46,37 @@ pub struct OwnedTensor {
     pub data: Vec<f32>,
 }
 
+/// A tensor of a rank's checkpoint shard, read in place from the state.
+#[derive(Debug, Clone)]
+pub struct ShardTensor<'s> {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub data: &'s [f32],
+}
+
+impl OwnedTensor {
+    pub fn as_ref(&self) -> TensorRef<'_> {
+        TensorRef { name: &self.name, shape: &self.shape, data: &self.data }
+    }
+}
+
+impl ShardTensor<'_> {
+    pub fn as_ref(&self) -> TensorRef<'_> {
+        TensorRef { name: &self.name, shape: &self.shape, data: self.data }
+    }
+}
+
 /// Writes `tensors` as shard `rank-XXXXX` of `step`; `None` when there is nothing to write.
 pub fn write_snapshot(
     store: &CheckpointStore,
     step: u64,
     rank: usize,
-    tensors: &[OwnedTensor],
+    tensors: &[TensorRef<'_>],
 ) -> Result<Option<ShardReport>, WorkerError> {
     if tensors.is_empty() {
         return Ok(None);
     }
-    let refs: Vec<TensorRef> =
-        tensors.iter().map(|t| TensorRef { name: &t.name, shape: &t.shape, data: &t.data }).collect();
-    Ok(Some(store.write_shard(step, &format!("rank-{rank:05}"), &refs)?))
+    Ok(Some(store.write_shard(step, &format!("rank-{rank:05}"), tensors)?))
 }
 
 /// The learning-rate schedule's position, saved in the manifest.
@@ -89,20 +107,16 @@ impl TrainState {
         DataCursor { sequences_consumed: self.step * job.train.global_batch_size as u64 }
     }
 
-    /// Copies this rank's share of the checkpoint into `out`, ready to
-    /// upload while training goes on: the dense tensors (replicated
-    /// everywhere) only when `with_dense`, and the experts it holds for
-    /// which `writes_expert(layer, expert)` — so every tensor is written
-    /// once — each with its two AdamW moments. Buffers of a previous
-    /// snapshot with the same tensors are reused: a save then costs one
-    /// memory copy, without fresh allocations to fault in.
-    pub fn snapshot_into(
+    /// This rank's share of the checkpoint, read in place: the dense
+    /// tensors (replicated everywhere) only when `with_dense`, and the
+    /// experts it holds for which `writes_expert(layer, expert)` — so every
+    /// tensor is written once — each with its two AdamW moments.
+    pub fn shard_tensors(
         &self,
         job: &JobConfig,
         with_dense: bool,
         writes_expert: &dyn Fn(usize, usize) -> bool,
-        out: &mut Vec<OwnedTensor>,
-    ) {
+    ) -> Vec<ShardTensor<'_>> {
         fn select<'w>(
             w: &'w ModelWeights,
             with_dense: bool,
@@ -117,41 +131,40 @@ impl TrainState {
             out
         }
         let select = |w| select(w, with_dense, writes_expert);
-        let mut wanted: Vec<(String, &Vec<f32>)> = Vec::new();
+        let shape = |name: &str| tensor_shape(&job.model, name).expect("names come from the model crate");
+        let mut out = Vec::new();
         let moments = select(&self.exp_avg).into_iter().zip(select(&self.exp_avg_sq));
         for ((name, w), ((_, m), (_, v))) in select(&self.weights).into_iter().zip(moments) {
-            wanted.push((format!("optim.{name}.exp_avg"), m));
-            wanted.push((format!("optim.{name}.exp_avg_sq"), v));
-            wanted.push((name, w));
+            let shape = shape(&name);
+            out.push(ShardTensor { name: format!("optim.{name}.exp_avg"), shape: shape.clone(), data: m });
+            out.push(ShardTensor { name: format!("optim.{name}.exp_avg_sq"), shape: shape.clone(), data: v });
+            out.push(ShardTensor { name, shape, data: w });
         }
-        let reusable = out.len() == wanted.len()
-            && out.iter().zip(&wanted).all(|(t, (name, data))| t.name == *name && t.data.len() == data.len());
-        if reusable {
-            // Memory-bandwidth bound: every core copies a part.
-            use rayon::prelude::*;
-            out.par_iter_mut().zip(wanted.par_iter()).for_each(|(t, (_, data))| t.data.copy_from_slice(data));
-            return;
-        }
-        out.clear();
-        for (name, data) in wanted {
-            let weight = name.strip_prefix("optim.").map_or(name.as_str(), |rest| {
-                rest.strip_suffix(".exp_avg_sq").or_else(|| rest.strip_suffix(".exp_avg")).unwrap_or(rest)
-            });
-            let shape = tensor_shape(&job.model, weight).expect("names come from the model crate");
-            out.push(OwnedTensor { name, shape, data: data.clone() });
-        }
+        out
     }
 
-    /// [`Self::snapshot_into`] a fresh buffer.
-    pub fn snapshot(
+    /// Copies [`Self::shard_tensors`] into `out`, ready to upload while
+    /// training goes on. Buffers of a previous snapshot with the same
+    /// tensors are reused: a save then costs one memory copy, without
+    /// fresh allocations to fault in.
+    pub fn snapshot_into(
         &self,
         job: &JobConfig,
         with_dense: bool,
         writes_expert: &dyn Fn(usize, usize) -> bool,
-    ) -> Vec<OwnedTensor> {
-        let mut out = Vec::new();
-        self.snapshot_into(job, with_dense, writes_expert, &mut out);
-        out
+        out: &mut Vec<OwnedTensor>,
+    ) {
+        let wanted = self.shard_tensors(job, with_dense, writes_expert);
+        let reusable = out.len() == wanted.len()
+            && out.iter().zip(&wanted).all(|(t, w)| t.name == w.name && t.data.len() == w.data.len());
+        if reusable {
+            // Memory-bandwidth bound: every core copies a part.
+            use rayon::prelude::*;
+            out.par_iter_mut().zip(wanted.par_iter()).for_each(|(t, w)| t.data.copy_from_slice(w.data));
+            return;
+        }
+        *out =
+            wanted.into_iter().map(|w| OwnedTensor { name: w.name, shape: w.shape, data: w.data.to_vec() }).collect();
     }
 
     /// The manifest of this state's step, listing the shards every rank wrote.

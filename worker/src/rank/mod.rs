@@ -27,7 +27,7 @@ mod update;
 
 use crate::api::{checkpoint_url, Observer, Resume, RunOptions, StartInfo, TrainSummary};
 use crate::attention_shards::{cut_to_shard, joined};
-use crate::checkpointing::{Checkpointer, SaveStall};
+use crate::checkpointing::{Checkpointer, SaveAt, SaveKind, SaveStall};
 use crate::config::JobConfig;
 use crate::coordination::register;
 use crate::data::DataSource;
@@ -302,7 +302,8 @@ impl<'a> RankRun<'a> {
         if !(last || periodic) {
             return Ok(0.0);
         }
-        let stall = self.save_checkpoint()?;
+        let kind = if last { SaveKind::InPlace } else { SaveKind::Background };
+        let stall = self.save_checkpoint(kind)?;
         if last {
             self.saver.finish()?;
         }
@@ -311,14 +312,14 @@ impl<'a> RankRun<'a> {
 
     /// Starts saving this step (every rank at once). Checkpoints hold full
     /// tensors, so attention shards are joined first.
-    fn save_checkpoint(&mut self) -> Result<SaveStall, WorkerError> {
-        let (job, dims) = (self.job, &self.dims);
+    fn save_checkpoint(&mut self, kind: SaveKind) -> Result<SaveStall, WorkerError> {
+        let at = SaveAt { job: self.job, dims: &self.dims, placement: &self.placement };
         match self.groups.tp.as_mut() {
             Some(tp) => {
-                let full = joined(&self.state, tp.as_mut(), job.model.d_model)?;
-                self.saver.save(self.comm, job, dims, &self.placement, &full)
+                let full = joined(&self.state, tp.as_mut(), at.job.model.d_model)?;
+                self.saver.save(self.comm, at, &full, kind)
             }
-            None => self.saver.save(self.comm, job, dims, &self.placement, &self.state),
+            None => self.saver.save(self.comm, at, &self.state, kind),
         }
     }
 }

@@ -3,6 +3,7 @@
 //! measured since the last one, and taken when it is clearly better.
 
 use super::RankRun;
+use crate::checkpointing::SaveKind;
 use crate::error::WorkerError;
 use crate::state::TrainState;
 use layout::{ParallelDims, Placement, PlacementPlan};
@@ -37,7 +38,7 @@ impl RankRun<'_> {
         // Expert weights and their optimizer state move to their new ranks
         // through a committed checkpoint of this step, loaded onto the new
         // plan: the same path as a resume on another layout.
-        self.save_checkpoint()?;
+        self.save_checkpoint(SaveKind::InPlace)?;
         self.saver.finish()?;
         let ep_rank = dims.ep_rank(self.rank);
         self.state = TrainState::load(self.saver.store(), step, job, &plan, ep_rank)?;
