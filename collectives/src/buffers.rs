@@ -1,22 +1,27 @@
-//! Message buffers backed by transparent huge pages.
+//! [`MessageBuffer`]: the buffer collectives receive into, backed by
+//! transparent huge pages when it is large.
 //!
 //! Where the kernel gives huge pages only on request (THP "madvise", the
 //! common default), a large buffer in 4 KiB pages costs the MPI transport
 //! thousands of page pins per transfer (single-copy CMA) and the CPU TLB
 //! misses; numpy asks for huge pages on large arrays, and so must we to
-//! move large messages as fast. Small buffers are left alone.
+//! move large messages as fast.
 //!
 //! A huge page covers an aligned 2 MiB of memory, and `malloc` puts a
-//! large block just past a page boundary, so a 4 MiB buffer held one whole
-//! huge page and 2 MiB of small ones. Under [`HugePageAligned`], the
-//! `switchyard` binary's global allocator, the buffers made here start on a
-//! 2 MiB boundary instead, and are all huge pages. Every other allocation
-//! is plain `malloc`: aligning all large blocks made each one allocated per
-//! call a fresh mapping (the local backend's 4 MiB exchange went from 0.43
-//! to 6.2 ms).
+//! large block just past a page boundary, so a 4 MiB buffer would hold one
+//! whole huge page and 2 MiB of small ones. A large message buffer is
+//! therefore allocated on a 2 MiB boundary and advised to use huge pages
+//! before anything touches it. Only message buffers get this: aligning
+//! every large block of the process made each one a fresh mapping per call
+//! (the local backend's 4 MiB exchange went from 0.43 to 6.2 ms), so the
+//! policy belongs to this type, which callers keep and reuse, not to the
+//! allocator.
 
-use std::alloc::{GlobalAlloc, Layout};
-use std::cell::Cell;
+use std::alloc::{self, Layout};
+use std::fmt;
+use std::mem::{self, ManuallyDrop};
+use std::ops::{Deref, DerefMut};
+use std::ptr::NonNull;
 
 /// Buffers from this size up are worth a huge-page request.
 const HUGE_FROM_BYTES: usize = 4 << 20;
@@ -25,122 +30,266 @@ const HUGE_FROM_BYTES: usize = 4 << 20;
 /// with 4 KiB pages).
 const HUGE_PAGE: usize = 2 << 20;
 
-/// The alignment glibc's `malloc` gives every block on 64-bit systems.
-const MALLOC_ALIGN: usize = 16;
-
-thread_local! {
-    /// Set while [`with_capacity_huge`] allocates: the allocation is a message buffer.
-    static MESSAGE_BUFFER: Cell<bool> = const { Cell::new(false) };
+/// A growable array of plain values (`f32`, `u64`) that messages are
+/// received into. Large ones start on a huge-page boundary and are advised
+/// to use huge pages; small ones are ordinary allocations. It dereferences
+/// to a slice, and converts from and to `Vec` without copying when it is
+/// not huge-page aligned.
+pub struct MessageBuffer<T: Copy> {
+    ptr: NonNull<T>,
+    len: usize,
+    capacity: usize,
+    /// The alignment the block was allocated with: `T`'s, or a huge page's.
+    align: usize,
 }
 
-/// The C library's allocator (as Rust's `System` on Unix), except that a
-/// message buffer from [`with_capacity_huge`] starts on a huge-page
-/// boundary. Every block comes from the `malloc` family and goes back
-/// through `free`, whatever its alignment. Install it with `#[global_allocator]`.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct HugePageAligned;
+// SAFETY: the buffer owns its values like a Vec does.
+unsafe impl<T: Copy + Send> Send for MessageBuffer<T> {}
+// SAFETY: shared access only reads, as for a Vec.
+unsafe impl<T: Copy + Sync> Sync for MessageBuffer<T> {}
 
-/// A block of `size` bytes aligned to `align` (a power of two), or null.
-fn aligned_block(align: usize, size: usize) -> *mut u8 {
-    let mut out = std::ptr::null_mut();
-    // SAFETY: align is a power of two and a multiple of the pointer size.
-    let failed = unsafe { libc::posix_memalign(&mut out, align.max(std::mem::size_of::<usize>()), size) };
-    if failed == 0 {
-        out.cast()
-    } else {
-        std::ptr::null_mut()
+impl<T: Copy> MessageBuffer<T> {
+    /// An empty buffer; allocates nothing.
+    pub const fn new() -> Self {
+        Self { ptr: NonNull::dangling(), len: 0, capacity: 0, align: mem::align_of::<T>() }
     }
-}
 
-/// Whether plain `malloc` gives what `layout` asks for.
-fn malloc_suffices(layout: Layout) -> bool {
-    layout.align() <= MALLOC_ALIGN && layout.align() <= layout.size()
-}
+    /// An empty buffer with room for `capacity` values, huge-page backed
+    /// when that is large.
+    pub fn with_capacity(capacity: usize) -> Self {
+        let bytes = capacity.checked_mul(mem::size_of::<T>()).expect("message buffer capacity overflows");
+        if bytes == 0 {
+            return Self::new();
+        }
+        let align = if bytes >= HUGE_FROM_BYTES { HUGE_PAGE.max(mem::align_of::<T>()) } else { mem::align_of::<T>() };
+        let layout = Layout::from_size_align(bytes, align).expect("message buffer layout");
+        // SAFETY: the layout has a non-zero size.
+        let raw = unsafe { alloc::alloc(layout) };
+        let Some(ptr) = NonNull::new(raw.cast::<T>()) else { alloc::handle_alloc_error(layout) };
+        if align == HUGE_PAGE {
+            advise_huge(raw, bytes);
+        }
+        Self { ptr, len: 0, capacity, align }
+    }
 
-// SAFETY: every block is allocated by the malloc family with at least the
-// alignment and size asked for, and released by `free`, which takes any
-// block of that family; realloc keeps the contents up to the smaller size.
-unsafe impl GlobalAlloc for HugePageAligned {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if layout.size() >= HUGE_FROM_BYTES && MESSAGE_BUFFER.get() {
-            aligned_block(HUGE_PAGE.max(layout.align()), layout.size())
-        } else if malloc_suffices(layout) {
-            unsafe { libc::malloc(layout.size()).cast() }
-        } else {
-            aligned_block(layout.align(), layout.size())
+    /// Values held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Values the allocation has room for.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Whether the allocation starts on a huge-page boundary.
+    pub fn is_huge_page_aligned(&self) -> bool {
+        self.align >= HUGE_PAGE
+    }
+
+    /// Empties the buffer; the allocation stays for the next message.
+    pub fn clear(&mut self) {
+        self.len = 0;
+    }
+
+    /// Empties the buffer and makes room for `len` values: the allocation
+    /// is reused when large enough (a fresh buffer of tens of MiB costs
+    /// more in page faults than the transfer), else replaced.
+    pub fn clear_for(&mut self, len: usize) {
+        self.len = 0;
+        if self.capacity < len {
+            *self = Self::with_capacity(len);
         }
     }
 
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        if malloc_suffices(layout) && !MESSAGE_BUFFER.get() {
-            // calloc skips the zeroing where the memory is fresh from the kernel.
-            return unsafe { libc::calloc(layout.size(), 1).cast() };
-        }
-        let block = unsafe { self.alloc(layout) };
-        if !block.is_null() {
-            unsafe { std::ptr::write_bytes(block, 0, layout.size()) };
-        }
-        block
+    /// Sets the number of values held.
+    ///
+    /// # Safety
+    /// `len` is at most the capacity and the first `len` values are written.
+    pub unsafe fn set_len(&mut self, len: usize) {
+        debug_assert!(len <= self.capacity);
+        self.len = len;
     }
 
-    unsafe fn dealloc(&self, ptr: *mut u8, _layout: Layout) {
-        unsafe { libc::free(ptr.cast()) }
+    pub fn as_ptr(&self) -> *const T {
+        self.ptr.as_ptr()
     }
 
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        // SAFETY: the caller guarantees new_size, rounded to the alignment, fits an isize.
-        let new_layout = unsafe { Layout::from_size_align_unchecked(new_size, layout.align()) };
-        if malloc_suffices(new_layout) {
-            return unsafe { libc::realloc(ptr.cast(), new_size).cast() };
+    pub fn as_mut_ptr(&mut self) -> *mut T {
+        self.ptr.as_ptr()
+    }
+
+    pub fn as_slice(&self) -> &[T] {
+        // SAFETY: the first `len` values are initialised (and `ptr` is
+        // dangling but aligned when nothing is allocated).
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [T] {
+        // SAFETY: as in as_slice; `&mut self` makes the access unique.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// Appends `values`, growing the allocation when needed.
+    pub fn extend_from_slice(&mut self, values: &[T]) {
+        self.reserve(values.len());
+        // SAFETY: reserve made room for `values.len()` more; the source is
+        // a distinct borrow, so the ranges do not overlap.
+        unsafe {
+            std::ptr::copy_nonoverlapping(values.as_ptr(), self.ptr.as_ptr().add(self.len), values.len());
         }
-        let new = unsafe { self.alloc(new_layout) };
-        if !new.is_null() {
-            unsafe {
-                std::ptr::copy_nonoverlapping(ptr, new, layout.size().min(new_size));
-                libc::free(ptr.cast());
-            }
+        self.len += values.len();
+    }
+
+    /// Sets the length to `len`, filling new places with `value`.
+    pub fn resize(&mut self, len: usize, value: T) {
+        if len <= self.len {
+            self.len = len;
+            return;
         }
-        new
+        self.reserve(len - self.len);
+        for i in self.len..len {
+            // SAFETY: reserve made room for `len` values.
+            unsafe { self.ptr.as_ptr().add(i).write(value) };
+        }
+        self.len = len;
+    }
+
+    /// Makes room for `more` values beyond the length, keeping the values.
+    fn reserve(&mut self, more: usize) {
+        let needed = self.len.checked_add(more).expect("message buffer capacity overflows");
+        if needed <= self.capacity {
+            return;
+        }
+        let mut grown = Self::with_capacity(needed.max(2 * self.capacity));
+        // SAFETY: `grown` has room for `needed >= len` values; two allocations never overlap.
+        unsafe { std::ptr::copy_nonoverlapping(self.ptr.as_ptr(), grown.ptr.as_ptr(), self.len) };
+        grown.len = self.len;
+        *self = grown;
+    }
+
+    /// The values as a `Vec`: the same allocation when it has `T`'s own
+    /// alignment (what `Vec` allocates), else a copy.
+    pub fn into_vec(self) -> Vec<T> {
+        if self.align != mem::align_of::<T>() || self.capacity == 0 {
+            return self.as_slice().to_vec();
+        }
+        let this = ManuallyDrop::new(self);
+        // SAFETY: the block came from the global allocator with the layout
+        // of `[T; capacity]`, exactly what Vec allocates, and holds `len`
+        // values; ManuallyDrop keeps it from being freed twice.
+        unsafe { Vec::from_raw_parts(this.ptr.as_ptr(), this.len, this.capacity) }
+    }
+
+    fn layout(&self) -> Option<Layout> {
+        let bytes = self.capacity * mem::size_of::<T>();
+        (bytes > 0).then(|| Layout::from_size_align(bytes, self.align).expect("the layout it was allocated with"))
     }
 }
 
-/// An empty vector with room for `capacity` elements, its memory advised
-/// to use huge pages before anything touches it (so the first faults
-/// already bring huge pages).
-pub fn with_capacity_huge<T>(capacity: usize) -> Vec<T> {
-    // Under HugePageAligned a large one starts on a huge-page boundary.
-    MESSAGE_BUFFER.set(true);
-    let mut v = Vec::with_capacity(capacity);
-    MESSAGE_BUFFER.set(false);
-    advise_huge(&mut v);
-    v
-}
-
-/// Makes room for `len` elements in `v` (cleared); a new allocation is
-/// advised to use huge pages, an existing one is reused.
-pub fn reserve_huge<T>(v: &mut Vec<T>, len: usize) {
-    v.clear();
-    if v.capacity() < len {
-        *v = with_capacity_huge(len);
-    }
-}
-
-fn advise_huge<T>(v: &mut Vec<T>) {
-    let bytes = v.capacity() * std::mem::size_of::<T>();
-    if bytes < HUGE_FROM_BYTES {
-        return;
-    }
+/// Asks the kernel to back `bytes` at `start` (a fresh, untouched block)
+/// with huge pages, so the first faults already bring them. A refusal (no
+/// THP support) is harmless and ignored.
+fn advise_huge(start: *mut u8, bytes: usize) {
     #[cfg(target_os = "linux")]
-    {
-        const PAGE: usize = 4096;
-        let start = v.as_mut_ptr() as usize;
-        let aligned = start.next_multiple_of(PAGE);
-        let end = (start + bytes) / PAGE * PAGE;
-        if end > aligned {
-            // SAFETY: the range lies inside this vector's allocation; the
-            // advice changes how pages are backed, never their contents.
-            // A refusal (no THP support) is harmless, so it is ignored.
-            unsafe { libc::madvise(aligned as *mut libc::c_void, end - aligned, libc::MADV_HUGEPAGE) };
+    // SAFETY: the range is one allocation of ours; the advice changes how
+    // its pages are backed, never their contents.
+    unsafe {
+        libc::madvise(start.cast(), bytes, libc::MADV_HUGEPAGE);
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (start, bytes);
+}
+
+impl<T: Copy> Drop for MessageBuffer<T> {
+    fn drop(&mut self) {
+        if let Some(layout) = self.layout() {
+            // SAFETY: allocated by `with_capacity` (or a Vec) with this layout.
+            unsafe { alloc::dealloc(self.ptr.as_ptr().cast(), layout) };
+        }
+    }
+}
+
+impl<T: Copy> Default for MessageBuffer<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<T: Copy> Deref for MessageBuffer<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        self.as_slice()
+    }
+}
+
+impl<T: Copy> DerefMut for MessageBuffer<T> {
+    fn deref_mut(&mut self) -> &mut [T] {
+        self.as_mut_slice()
+    }
+}
+
+impl<T: Copy> Clone for MessageBuffer<T> {
+    fn clone(&self) -> Self {
+        Self::from(self.as_slice())
+    }
+}
+
+impl<T: Copy + fmt::Debug> fmt::Debug for MessageBuffer<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.as_slice().fmt(f)
+    }
+}
+
+impl<T: Copy + PartialEq> PartialEq for MessageBuffer<T> {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_slice() == other.as_slice()
+    }
+}
+
+impl<T: Copy + PartialEq> PartialEq<Vec<T>> for MessageBuffer<T> {
+    fn eq(&self, other: &Vec<T>) -> bool {
+        self.as_slice() == other.as_slice()
+    }
+}
+
+impl<'a, T: Copy> IntoIterator for &'a MessageBuffer<T> {
+    type Item = &'a T;
+    type IntoIter = std::slice::Iter<'a, T>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.as_slice().iter()
+    }
+}
+
+impl<T: Copy> From<Vec<T>> for MessageBuffer<T> {
+    /// Takes over the vector's allocation (no copy).
+    fn from(values: Vec<T>) -> Self {
+        let mut values = ManuallyDrop::new(values);
+        let capacity = if mem::size_of::<T>() == 0 { 0 } else { values.capacity() };
+        let ptr = NonNull::new(values.as_mut_ptr()).expect("a Vec's pointer is never null");
+        Self { ptr, len: values.len(), capacity, align: mem::align_of::<T>() }
+    }
+}
+
+impl<T: Copy> From<&[T]> for MessageBuffer<T> {
+    fn from(values: &[T]) -> Self {
+        let mut out = Self::with_capacity(values.len());
+        out.extend_from_slice(values);
+        out
+    }
+}
+
+impl<T: Copy> FromIterator<T> for MessageBuffer<T> {
+    fn from_iter<I: IntoIterator<Item = T>>(iter: I) -> Self {
+        let values: Vec<T> = iter.into_iter().collect();
+        if values.len() * mem::size_of::<T>() >= HUGE_FROM_BYTES {
+            Self::from(values.as_slice())
+        } else {
+            Self::from(values)
         }
     }
 }
@@ -150,46 +299,48 @@ mod tests {
     use super::*;
 
     #[test]
-    fn message_buffers_start_on_huge_pages_and_other_blocks_keep_their_contents() {
-        let a = HugePageAligned;
-        let large = Layout::from_size_align(HUGE_FROM_BYTES + 12, 4).unwrap();
-        let small = Layout::from_size_align(1000, 4).unwrap();
-        unsafe {
-            MESSAGE_BUFFER.set(true);
-            let buffer = a.alloc(large);
-            MESSAGE_BUFFER.set(false);
-            assert_eq!(buffer as usize % HUGE_PAGE, 0, "a message buffer starts on a huge page");
-            a.dealloc(buffer, large);
-
-            let zeroed = a.alloc_zeroed(large);
-            assert!(std::slice::from_raw_parts(zeroed, large.size()).iter().all(|&b| b == 0));
-            a.dealloc(zeroed, large);
-
-            let over = Layout::from_size_align(64, 4096).unwrap();
-            let p = a.alloc(over);
-            assert_eq!(p as usize % 4096, 0, "alignments above malloc's are honoured");
-            a.dealloc(p, over);
-
-            let p = a.alloc(small);
-            for i in 0..small.size() {
-                *p.add(i) = i as u8;
-            }
-            let p = a.realloc(p, small, large.size());
-            assert!((0..small.size()).all(|i| *p.add(i) == i as u8), "growing keeps the bytes");
-            let p = a.realloc(p, large, small.size());
-            assert!((0..small.size()).all(|i| *p.add(i) == i as u8), "shrinking keeps the bytes");
-            a.dealloc(p, small);
-        }
+    fn large_buffers_start_on_a_huge_page_and_small_ones_are_plain() {
+        let large: MessageBuffer<f32> = MessageBuffer::with_capacity(HUGE_FROM_BYTES / 4);
+        assert_eq!(large.as_ptr() as usize % HUGE_PAGE, 0, "a large message buffer starts on a huge page");
+        assert!(large.is_huge_page_aligned());
+        let small: MessageBuffer<f32> = MessageBuffer::with_capacity(1000);
+        assert!(!small.is_huge_page_aligned() && small.capacity() == 1000);
     }
 
     #[test]
-    fn reserve_reuses_and_grows() {
-        let mut v: Vec<f32> = with_capacity_huge(8 << 20);
+    fn clear_for_reuses_a_large_enough_allocation_and_grows_otherwise() {
+        let mut v: MessageBuffer<f32> = MessageBuffer::with_capacity(8 << 20);
         v.resize(8 << 20, 1.0);
         let ptr = v.as_ptr();
-        reserve_huge(&mut v, 1 << 20);
+        v.clear_for(1 << 20);
         assert!(v.is_empty() && v.as_ptr() == ptr, "a large enough buffer is reused");
-        reserve_huge(&mut v, 16 << 20);
-        assert!(v.capacity() >= 16 << 20);
+        v.clear_for(16 << 20);
+        assert!(v.capacity() >= 16 << 20 && v.is_huge_page_aligned());
+    }
+
+    #[test]
+    fn values_survive_growth_and_conversions() {
+        let mut v: MessageBuffer<u64> = MessageBuffer::new();
+        for chunk in (0..1000u64).collect::<Vec<_>>().chunks(7) {
+            v.extend_from_slice(chunk);
+        }
+        assert_eq!(v, (0..1000).collect::<Vec<u64>>());
+        // Growing past the huge-page threshold keeps the values.
+        v.resize(HUGE_FROM_BYTES / 8 + 1, 7);
+        assert!(v.is_huge_page_aligned());
+        assert!(v[..1000].iter().copied().eq(0..1000) && v[1000..].iter().all(|&x| x == 7));
+        let copied = v.clone().into_vec();
+        assert_eq!(v, copied);
+
+        // A Vec moves in and out without a copy.
+        let vec = vec![1.5f32; 300];
+        let ptr = vec.as_ptr();
+        let buffer = MessageBuffer::from(vec);
+        assert_eq!(buffer.as_ptr(), ptr);
+        let back = buffer.into_vec();
+        assert_eq!((back.as_ptr(), back.len()), (ptr, 300));
+
+        let empty: MessageBuffer<f32> = Vec::new().into();
+        assert!(empty.is_empty() && empty.into_vec().is_empty());
     }
 }

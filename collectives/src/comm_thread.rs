@@ -13,7 +13,7 @@
 //! long the caller waited for it: the difference is communication hidden
 //! behind computation.
 
-use crate::{CommError, Communicator, Received};
+use crate::{CommError, Communicator, MessageBuffer, Received};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -25,7 +25,7 @@ enum Work {
     AllToAllV {
         send: Vec<f32>,
         counts: Vec<usize>,
-        known: Option<(Vec<usize>, Vec<f32>)>,
+        known: Option<(Vec<usize>, MessageBuffer<f32>)>,
     },
     AllReduceSum {
         buf: Vec<f32>,
@@ -130,7 +130,7 @@ impl CommThread {
         send: Vec<f32>,
         counts: Vec<usize>,
         recv_counts: Vec<usize>,
-        recv: Vec<f32>,
+        recv: MessageBuffer<f32>,
     ) -> Ticket {
         self.submit("all_to_all_v", Work::AllToAllV { send, counts, known: Some((recv_counts, recv)) })
     }
@@ -170,7 +170,7 @@ fn serve(mut comm: Box<dyn Communicator>, inbox: mpsc::Receiver<Job>) {
                 .all_to_all_v_known_into(&send, &counts, &recv_counts, &mut values)
                 .map(|()| Received { values, counts: recv_counts }),
             Work::AllReduceSum { mut buf } => {
-                comm.all_reduce_sum(&mut buf).map(|()| Received { values: buf, counts: Vec::new() })
+                comm.all_reduce_sum(&mut buf).map(|()| Received { values: buf.into(), counts: Vec::new() })
             }
         };
         // The caller may have given up on the ticket; nothing to do then.
@@ -201,7 +201,7 @@ mod tests {
                             vec![r; 3 * (r as usize + 1)],
                             vec![r as usize + 1; 3],
                             vec![1, 2, 3],
-                            vec![9.0; 7],
+                            MessageBuffer::from(vec![9.0; 7]),
                         );
                         let (sum, _) = sum.wait().unwrap();
                         let (got, times) = a2a.wait().unwrap();
@@ -209,7 +209,7 @@ mod tests {
                         assert_eq!((&known.values, &known.counts), (&got.values, &got.counts));
                         assert_eq!(got.counts, vec![1, 2, 3]);
                         assert!(times.busy > Duration::ZERO);
-                        (got.values, sum.values)
+                        (got.values.into_vec(), sum.values.into_vec())
                     })
                 })
                 .collect();

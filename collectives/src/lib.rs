@@ -20,6 +20,7 @@ pub mod nccl;
 pub mod stop;
 pub mod stream_copy;
 
+pub use buffers::MessageBuffer;
 use std::time::Duration;
 
 /// Checks the counts `rank` received (`got`, one per sender) against those
@@ -80,7 +81,7 @@ pub trait PendingOp: Send {
 /// What a non-blocking operation delivers.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Received {
-    pub values: Vec<f32>,
+    pub values: MessageBuffer<f32>,
     /// For all-to-all-v: how many values came from each rank.
     pub counts: Vec<usize>,
 }
@@ -128,7 +129,7 @@ pub trait Communicator: Send {
         &mut self,
         send: &[f32],
         send_counts: &[usize],
-        recv: &mut Vec<f32>,
+        recv: &mut MessageBuffer<f32>,
     ) -> Result<Vec<usize>, CommError> {
         let got = self.all_to_all_v(send, send_counts)?;
         *recv = got.values;
@@ -147,7 +148,7 @@ pub trait Communicator: Send {
         send: &[f32],
         send_counts: &[usize],
         recv_counts: &[usize],
-        recv: &mut Vec<f32>,
+        recv: &mut MessageBuffer<f32>,
     ) -> Result<(), CommError> {
         let got = self.all_to_all_v_into(send, send_counts, recv)?;
         check_received_counts("all_to_all_v", self.rank(), recv_counts, &got)
@@ -200,7 +201,7 @@ impl Communicator for SelfComm {
         Ok(())
     }
     fn all_gather_v(&mut self, send: &[f32]) -> Result<Received, CommError> {
-        Ok(Received { values: send.to_vec(), counts: vec![send.len()] })
+        Ok(Received { values: send.into(), counts: vec![send.len()] })
     }
     fn all_gather_u64(&mut self, send: &[u64]) -> Result<Vec<Vec<u64>>, CommError> {
         Ok(vec![send.to_vec()])
@@ -209,17 +210,17 @@ impl Communicator for SelfComm {
         Ok(send.to_vec())
     }
     fn all_to_all_v(&mut self, send: &[f32], _send_counts: &[usize]) -> Result<Received, CommError> {
-        Ok(Received { values: send.to_vec(), counts: vec![send.len()] })
+        Ok(Received { values: send.into(), counts: vec![send.len()] })
     }
     fn all_to_all_v_u64(&mut self, send: &[u64], _send_counts: &[usize]) -> Result<(Vec<u64>, Vec<usize>), CommError> {
         Ok((send.to_vec(), vec![send.len()]))
     }
     fn start_all_to_all_v(&mut self, send: Vec<f32>, _send_counts: Vec<usize>) -> Result<Pending, CommError> {
         let counts = vec![send.len()];
-        Ok(Pending(Box::new(Done(Received { values: send, counts }))))
+        Ok(Pending(Box::new(Done(Received { values: send.into(), counts }))))
     }
     fn start_all_reduce_sum(&mut self, buf: Vec<f32>) -> Result<Pending, CommError> {
-        Ok(Pending(Box::new(Done(Received { values: buf, counts: vec![] }))))
+        Ok(Pending(Box::new(Done(Received { values: buf.into(), counts: vec![] }))))
     }
     fn split(&mut self, _color: usize, _key: usize) -> Result<Box<dyn Communicator>, CommError> {
         Ok(Box::new(SelfComm))

@@ -18,7 +18,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::{CommError, Communicator, Pending, PendingOp, Received};
+use crate::{CommError, Communicator, MessageBuffer, Pending, PendingOp, Received};
 use exchange::{Data, Elem, Family, Group, Post, Posts, Ticket};
 
 /// Blocking exchanges lend send buffers from this size up (see
@@ -175,7 +175,7 @@ impl LocalComm {
         send: &[f32],
         send_counts: &[usize],
         expect: Option<&[usize]>,
-        recv: &mut Vec<f32>,
+        recv: &mut MessageBuffer<f32>,
     ) -> Result<Vec<usize>, CommError> {
         self.check_counts(op, send_counts, send.len())?;
         let data = if std::mem::size_of_val(send) >= LEND_FROM_BYTES {
@@ -221,7 +221,7 @@ struct AllToAllPending(Ticket);
 impl PendingOp for AllToAllPending {
     fn wait(self: Box<Self>) -> Result<Received, CommError> {
         let (values, counts) = assemble::segments::<f32>(&self.0.wait_posts()?, self.0.rank());
-        Ok(Received { values, counts })
+        Ok(Received { values: values.into(), counts })
     }
 }
 
@@ -234,7 +234,7 @@ struct AllReducePending {
 
 impl PendingOp for AllReducePending {
     fn wait(self: Box<Self>) -> Result<Received, CommError> {
-        let mut values = Vec::with_capacity(self.len);
+        let mut values = MessageBuffer::with_capacity(self.len);
         self.ticket.wait_sum::<f32>(&mut |piece| values.extend_from_slice(piece))?;
         Ok(Received { values, counts: Vec::new() })
     }
@@ -283,7 +283,7 @@ impl Communicator for LocalComm {
 
     fn all_gather_v(&mut self, send: &[f32]) -> Result<Received, CommError> {
         let (values, counts) = assemble::concat::<f32>(&self.all_gather("all_gather_v", send)?);
-        Ok(Received { values, counts })
+        Ok(Received { values: values.into(), counts })
     }
 
     fn all_gather_u64(&mut self, send: &[u64]) -> Result<Vec<Vec<u64>>, CommError> {
@@ -303,7 +303,7 @@ impl Communicator for LocalComm {
     }
 
     fn all_to_all_v(&mut self, send: &[f32], send_counts: &[usize]) -> Result<Received, CommError> {
-        let mut values = Vec::new();
+        let mut values = MessageBuffer::new();
         let counts = self.all_to_all_lent("all_to_all_v", send, send_counts, None, &mut values)?;
         Ok(Received { values, counts })
     }
@@ -312,7 +312,7 @@ impl Communicator for LocalComm {
         &mut self,
         send: &[f32],
         send_counts: &[usize],
-        recv: &mut Vec<f32>,
+        recv: &mut MessageBuffer<f32>,
     ) -> Result<Vec<usize>, CommError> {
         self.all_to_all_lent("all_to_all_v", send, send_counts, None, recv)
     }
@@ -322,7 +322,7 @@ impl Communicator for LocalComm {
         send: &[f32],
         send_counts: &[usize],
         recv_counts: &[usize],
-        recv: &mut Vec<f32>,
+        recv: &mut MessageBuffer<f32>,
     ) -> Result<(), CommError> {
         self.all_to_all_lent("all_to_all_v", send, send_counts, Some(recv_counts), recv).map(drop)
     }

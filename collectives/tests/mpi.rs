@@ -12,7 +12,7 @@
 
 use collectives::launch::launched_rank;
 use collectives::mpi::MpiWorld;
-use collectives::Communicator;
+use collectives::{Communicator, MessageBuffer};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -193,7 +193,7 @@ fn every_collective(comm: &mut dyn Communicator) {
 
     let (send, counts) = a2a_send(rank, size);
     let got = comm.all_to_all_v(&send, &counts).unwrap();
-    assert_eq!((got.values, got.counts), a2a_expected(rank, size));
+    assert_eq!((got.values.into_vec(), got.counts), a2a_expected(rank, size));
     let send_u64: Vec<u64> = send.iter().map(|&v| v as u64).collect();
     let (got, got_counts) = comm.all_to_all_v_u64(&send_u64, &counts).unwrap();
     let (expected, expected_counts) = a2a_expected(rank, size);
@@ -202,7 +202,7 @@ fn every_collective(comm: &mut dyn Communicator) {
     let got = comm.all_to_all_v(&[], &vec![0; size]).unwrap();
     assert!(got.values.is_empty() && got.counts == vec![0; size]);
     // Receive counts known: nothing travels first; the buffer is reused.
-    let mut recv = vec![-1.0; 3];
+    let mut recv = MessageBuffer::from(vec![-1.0; 3]);
     for _ in 0..2 {
         comm.all_to_all_v_known_into(&send, &counts, &expected_counts, &mut recv).unwrap();
         assert_eq!(recv, expected);
@@ -286,7 +286,7 @@ fn every_collective(comm: &mut dyn Communicator) {
     let (expected, expected_counts) = a2a_expected(rank, size);
     let got2 = second.wait().unwrap();
     let got1 = first.wait().unwrap();
-    assert_eq!((got1.values, got1.counts), (expected.clone(), expected_counts.clone()));
+    assert_eq!((got1.values.into_vec(), got1.counts), (expected.clone(), expected_counts.clone()));
     assert_eq!(got2.values, expected.iter().map(|v| 2.0 * v).collect::<Vec<_>>());
     assert_eq!(got2.counts, expected_counts);
 }
@@ -300,7 +300,7 @@ fn large_messages(comm: &mut dyn Communicator) {
     for (j, v) in got.values.iter().enumerate().step_by(997).chain(got.values.iter().enumerate().rev().take(3)) {
         assert_eq!(v.to_bits(), large_value(size, j / block, rank, j % block).to_bits(), "value {j}");
     }
-    let mut known = Vec::new();
+    let mut known = MessageBuffer::new();
     comm.all_to_all_v_known_into(&send, &vec![block; size], &vec![block; size], &mut known).unwrap();
     assert_eq!(known.len(), LARGE);
     assert!(known.iter().zip(&got.values).all(|(a, b)| a.to_bits() == b.to_bits()), "known counts, same values");
@@ -319,7 +319,7 @@ fn exchange_with_rank_1_expecting_5(comm: &mut dyn Communicator, sent: usize) ->
     let counts: Vec<usize> = (0..size).map(|dst| if rank == 0 && dst == 1 { sent } else { 1 }).collect();
     let expected: Vec<usize> = (0..size).map(|src| if rank == 1 && src == 0 { 5 } else { 1 }).collect();
     let send = vec![rank as f32; counts.iter().sum()];
-    comm.all_to_all_v_known_into(&send, &counts, &expected, &mut Vec::new())
+    comm.all_to_all_v_known_into(&send, &counts, &expected, &mut MessageBuffer::new())
 }
 
 /// Rank 0 sends rank 1 one value fewer than rank 1 expects: rank 1 fails
@@ -335,7 +335,7 @@ fn fewer_than_expected(comm: &mut dyn Communicator) {
     }
     let (send, counts) = a2a_send(rank, comm.size());
     let (expected, expected_counts) = a2a_expected(rank, comm.size());
-    let mut recv = Vec::new();
+    let mut recv = MessageBuffer::new();
     comm.all_to_all_v_known_into(&send, &counts, &expected_counts, &mut recv).unwrap();
     assert_eq!(recv, expected);
 }

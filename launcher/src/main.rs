@@ -13,11 +13,6 @@ mod run;
 
 use clap::{Parser, Subcommand};
 
-/// `malloc`, except that message buffers start on huge-page boundaries
-/// (see `collectives::buffers`).
-#[global_allocator]
-static ALLOCATOR: collectives::buffers::HugePageAligned = collectives::buffers::HugePageAligned;
-
 /// Train Mixture-of-Experts language models across many machines.
 #[derive(Parser)]
 #[command(name = "switchyard", version, about, long_about = None)]

@@ -27,7 +27,7 @@ impl TokenShards for ShardGroup<'_> {
         self.comm.rank()
     }
     fn gather_rows(&mut self, local: &[f32]) -> Result<Vec<f32>, ModelError> {
-        Ok(self.comm.all_gather_v(local).map_err(comm_error)?.values)
+        Ok(self.comm.all_gather_v(local).map_err(comm_error)?.values.into_vec())
     }
     fn reduce_scatter_rows(&mut self, full: &[f32]) -> Result<Vec<f32>, ModelError> {
         let counts = vec![full.len() / self.count(); self.count()];

@@ -27,7 +27,7 @@
 
 use crate::overlap::exposure::Exposure;
 use collectives::comm_thread::{CommThread, OpTimes, Ticket};
-use collectives::Communicator;
+use collectives::{Communicator, MessageBuffer};
 use layout::PlacementPlan;
 use model::moe::{DispatchPlan, ExpertExecutor, LocalExperts, Started};
 use model::{ModelConfig, ModelError};
@@ -125,9 +125,9 @@ pub struct AllToAllExperts<'a> {
     flights: Vec<Option<Flight>>,
     /// The rows of the exchange received last; its allocation is reused
     /// (a fresh buffer costs page faults).
-    received: Vec<f32>,
+    received: MessageBuffer<f32>,
     /// Receive buffers done with, handed to the pipe's next exchanges.
-    spare: Vec<Vec<f32>>,
+    spare: Vec<MessageBuffer<f32>>,
     /// Totals since construction.
     pub stats: DispatchStats,
 }
@@ -186,7 +186,7 @@ impl<'a> AllToAllExperts<'a> {
             chunk_count: 1,
             saved: vec![None; cfg.n_layers],
             flights: (0..cfg.n_layers).map(|_| None).collect(),
-            received: Vec::new(),
+            received: MessageBuffer::new(),
             spare: Vec::new(),
             stats: DispatchStats::default(),
         }

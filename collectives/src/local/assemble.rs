@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use super::exchange::{Elem, Post};
 use crate::stream_copy::{copy_bytes, STREAM_FROM_BYTES};
-use crate::CommError;
+use crate::{CommError, MessageBuffer};
 
 /// `[0, c0, c0 + c1, ...]`: where each rank's block starts in a buffer cut
 /// by `counts`, and (last) where the buffer ends.
@@ -94,7 +94,7 @@ pub(super) fn segments_into(
     posts: &[Arc<Post>],
     rank: usize,
     expect: Option<&[usize]>,
-    recv: &mut Vec<f32>,
+    recv: &mut MessageBuffer<f32>,
 ) -> Result<Vec<usize>, CommError> {
     let blocks: Vec<Range<usize>> = posts.iter().map(|p| p.meta[rank]..p.meta[rank + 1]).collect();
     let counts: Vec<usize> = blocks.iter().map(|b| b.len()).collect();
@@ -102,7 +102,7 @@ pub(super) fn segments_into(
         crate::check_received_counts(op, rank, expect, &counts)?;
     }
     let total: usize = counts.iter().sum();
-    crate::buffers::reserve_huge(recv, total);
+    recv.clear_for(total);
     let mut at = 0;
     for (post, block) in posts.iter().zip(blocks) {
         let values = &f32::slice(&post.data)[block];

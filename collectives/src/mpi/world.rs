@@ -3,7 +3,7 @@
 use super::ffi_util::{c_count, check, counts_and_displs, null_request, poll, set_spin_tests, MpiElem, Polled};
 use super::roll_call::missing_ranks;
 use crate::stream_copy::{copy_bytes, STREAM_FROM_BYTES};
-use crate::{CommError, Communicator, Pending, PendingOp, Received};
+use crate::{CommError, Communicator, MessageBuffer, Pending, PendingOp, Received};
 use mpi::ffi;
 use std::os::raw::{c_int, c_void};
 use std::sync::Arc;
@@ -11,6 +11,16 @@ use std::time::{Duration, Instant};
 
 /// Bytes of the own block copied between two progress tests.
 const SELF_COPY_PIECE: usize = 1 << 20;
+
+/// The own block is copied with streaming stores only in exchanges that
+/// move at least this much in all (this rank's send times the ranks):
+/// smaller ones fit the last-level cache, where an ordinary copy is faster.
+/// Measured on the 2-core machine (docs/parallel.md): on 2 ranks, 16 and
+/// 32 MiB per rank (32 and 64 MiB in all) took 1.26 and 2.64-2.72 ms with
+/// `memcpy` against 1.40 and 3.08 ms streamed; 64 MiB per rank (128 MiB in
+/// all) 10.25 ms against 8.06 ms streamed, and on 4 ranks 32 MiB per rank
+/// 11.4 ms against 10.0 ms streamed.
+const STREAM_EXCHANGE_FROM_BYTES: usize = 128 << 20;
 
 /// First tag of the point-to-point messages of the all-to-all; call `seq`
 /// uses `P2P_TAG + seq % P2P_TAGS` (within the 32767 MPI guarantees).
@@ -343,7 +353,7 @@ impl MpiComm {
         op: &'static str,
         send: &[T],
         send_counts: &[usize],
-        recv: &mut Vec<T>,
+        recv: &mut MessageBuffer<T>,
     ) -> Result<Vec<usize>, CommError> {
         self.check_counts(op, send_counts, send.len())?;
         let (recv_counts, largest_send) = self.exchange_counts(op, send_counts)?;
@@ -366,7 +376,7 @@ impl MpiComm {
         send: &[T],
         send_counts: &[usize],
         recv_counts: &[usize],
-        recv: &mut Vec<T>,
+        recv: &mut MessageBuffer<T>,
     ) -> Result<(), CommError> {
         self.check_counts(op, send_counts, send.len())?;
         if recv_counts.len() != self.size || recv_counts[self.rank] != send_counts[self.rank] {
@@ -388,10 +398,10 @@ impl MpiComm {
         send: &[T],
         send_counts: &[usize],
         recv_counts: &[usize],
-        recv: &mut Vec<T>,
+        recv: &mut MessageBuffer<T>,
     ) -> Result<(), CommError> {
         let total: usize = recv_counts.iter().sum();
-        crate::buffers::reserve_huge(recv, total);
+        recv.clear_for(total);
         // SAFETY: `send` and the `total` reserved elements of `recv` stay
         // put until the request completes below.
         let (mut request, seq, _arrays) =
@@ -454,12 +464,12 @@ impl MpiComm {
         send: &[T],
         send_counts: &[usize],
         recv_counts: &[usize],
-        recv: &mut Vec<T>,
+        recv: &mut MessageBuffer<T>,
     ) -> Result<(), CommError> {
         let (send_c, send_displs) = counts_and_displs(op, send_counts)?;
         let (recv_c, recv_displs) = counts_and_displs(op, recv_counts)?;
         let total: usize = recv_counts.iter().sum();
-        crate::buffers::reserve_huge(recv, total);
+        recv.clear_for(total);
         let recv_ptr = recv.as_mut_ptr();
         let (rank, size) = (self.rank, self.size);
         let seq = self.seq;
@@ -514,9 +524,12 @@ impl MpiComm {
         // This rank's own block moves while the peers' transfers run, in
         // pieces with a test between them: the receiver drives the
         // single-copy transfers, so a long copy without tests stalls them.
-        // A large one with streaming stores: see `stream_copy`.
+        // A large one, in an exchange larger than the cache, with streaming
+        // stores: see `stream_copy` and STREAM_EXCHANGE_FROM_BYTES.
         let (own_from, own_to) = (send_displs[rank] as usize, recv_displs[rank] as usize);
-        let stream = send_counts[rank] * std::mem::size_of::<T>() >= STREAM_FROM_BYTES;
+        let elem = std::mem::size_of::<T>();
+        let stream = send_counts[rank] * elem >= STREAM_FROM_BYTES
+            && std::mem::size_of_val(send) * size >= STREAM_EXCHANGE_FROM_BYTES;
         let mut copied = 0;
         let mut done = false;
         let waited = (|| {
@@ -574,8 +587,8 @@ impl MpiComm {
         op: &'static str,
         send: &[T],
         send_counts: &[usize],
-    ) -> Result<(Vec<T>, Vec<usize>), CommError> {
-        let mut recv = Vec::new();
+    ) -> Result<(MessageBuffer<T>, Vec<usize>), CommError> {
+        let mut recv = MessageBuffer::new();
         let counts = self.all_to_all_into(op, send, send_counts, &mut recv)?;
         Ok((recv, counts))
     }
@@ -591,7 +604,8 @@ impl MpiComm {
     ) -> Result<Transfer<T>, CommError> {
         self.check_counts(op, send_counts, send.len())?;
         let (recv_counts, _) = self.exchange_counts(op, send_counts)?;
-        let mut recv = vec![T::default(); recv_counts.iter().sum()];
+        let mut recv = MessageBuffer::new();
+        recv.resize(recv_counts.iter().sum(), T::default());
         // SAFETY: `send`, `recv` and the arrays move into the Transfer (their
         // heap blocks stay put) until the request completes.
         let (request, seq, arrays) =
@@ -644,9 +658,9 @@ fn wait_or_abort(
 }
 
 /// An all-to-all-v in flight with everything MPI may touch.
-struct Transfer<T> {
+struct Transfer<T: Copy> {
     request: ffi::MPI_Request,
-    recv: Vec<T>,
+    recv: MessageBuffer<T>,
     recv_counts: Vec<usize>,
     _arrays: [Vec<c_int>; 4],
     /// The send buffer.
@@ -706,7 +720,7 @@ impl Communicator for MpiComm {
     }
     fn all_gather_v(&mut self, send: &[f32]) -> Result<Received, CommError> {
         let (values, counts) = self.all_gather(send)?;
-        Ok(Received { values, counts })
+        Ok(Received { values: values.into(), counts })
     }
     fn all_gather_u64(&mut self, send: &[u64]) -> Result<Vec<Vec<u64>>, CommError> {
         let (values, counts) = self.all_gather(send)?;
@@ -747,7 +761,7 @@ impl Communicator for MpiComm {
         &mut self,
         send: &[f32],
         send_counts: &[usize],
-        recv: &mut Vec<f32>,
+        recv: &mut MessageBuffer<f32>,
     ) -> Result<Vec<usize>, CommError> {
         self.all_to_all_into("all_to_all_v", send, send_counts, recv)
     }
@@ -756,12 +770,13 @@ impl Communicator for MpiComm {
         send: &[f32],
         send_counts: &[usize],
         recv_counts: &[usize],
-        recv: &mut Vec<f32>,
+        recv: &mut MessageBuffer<f32>,
     ) -> Result<(), CommError> {
         self.all_to_all_known_into("all_to_all_v", send, send_counts, recv_counts, recv)
     }
     fn all_to_all_v_u64(&mut self, send: &[u64], send_counts: &[usize]) -> Result<(Vec<u64>, Vec<usize>), CommError> {
-        self.all_to_all("all_to_all_v_u64", send, send_counts)
+        let (values, counts) = self.all_to_all("all_to_all_v_u64", send, send_counts)?;
+        Ok((values.into_vec(), counts))
     }
     fn start_all_to_all_v(&mut self, send: Vec<f32>, send_counts: Vec<usize>) -> Result<Pending, CommError> {
         let op = "all_to_all_v";
@@ -773,7 +788,8 @@ impl Communicator for MpiComm {
     fn start_all_reduce_sum(&mut self, buf: Vec<f32>) -> Result<Pending, CommError> {
         let op = "all_reduce_sum";
         let n = c_count(op, buf.len())?;
-        let mut recv = vec![0.0f32; buf.len()];
+        let mut recv = MessageBuffer::new();
+        recv.resize(buf.len(), 0.0f32);
         let seq = self.seq;
         self.seq += 1;
         let mut request = null_request();

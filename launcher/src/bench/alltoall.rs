@@ -27,7 +27,7 @@ use anyhow::{bail, Context, Result};
 use collectives::launch::launched_rank;
 use collectives::local::LocalWorld;
 use collectives::mpi::MpiWorld;
-use collectives::Communicator;
+use collectives::{Communicator, MessageBuffer};
 use serde::{Deserialize, Serialize};
 use std::time::{Duration, Instant};
 
@@ -126,10 +126,10 @@ fn measure(
     let mut first_turn = 0;
     for case in plan {
         let per_dst = case.bytes / 4 / size;
-        let mut send = collectives::buffers::with_capacity_huge(per_dst * size);
-        send.extend((0..per_dst * size).map(|i| i as f32));
+        // Sent from a message buffer, as mpi4py sends numpy arrays (huge pages).
+        let send: MessageBuffer<f32> = (0..per_dst * size).map(|i| i as f32).collect();
         let counts = vec![per_dst; size];
-        let mut recv = Vec::new();
+        let mut recv = MessageBuffer::new();
         let mut exchange = |way: Way, comm: &mut dyn Communicator| -> Result<()> {
             match (way, library) {
                 (Way::Known, _) => comm.all_to_all_v_known_into(&send, &counts, &counts, &mut recv)?,

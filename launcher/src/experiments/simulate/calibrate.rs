@@ -192,7 +192,7 @@ fn collective_time(ranks: usize, values: usize, all_to_all: bool) -> Result<f64>
                     let per = values / ranks;
                     let send = vec![1.0f32; per * ranks];
                     let counts = vec![per; ranks];
-                    let mut recv = Vec::new();
+                    let mut recv = collectives::MessageBuffer::new();
                     let mut buf = vec![1.0f32; values];
                     let iters = if values > 10_000 { 20 } else { 200 };
                     let mut samples = Vec::new();
