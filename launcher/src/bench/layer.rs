@@ -40,7 +40,7 @@ struct Report {
     expert_gemm: Vec<GemmRow>,
     layers: Vec<LayerRow>,
     step: Option<StepRow>,
-    memory: Option<MemoryRow>,
+    memory: Vec<MemoryRow>,
 }
 
 #[derive(Debug, Serialize)]
@@ -68,6 +68,7 @@ struct StepRow {
 
 #[derive(Debug, Serialize)]
 struct MemoryRow {
+    job: String,
     peak_rss_mib: f64,
     analytic_mib: f64,
     ratio: f64,
@@ -191,16 +192,32 @@ fn bench_step(job: &JobConfig) -> StepRow {
     StepRow { tokens_per_s: tokens / s, seconds_per_step: s }
 }
 
-/// Peak RSS of a child `switchyard train` of the default job against the
-/// analytic sum of what it must hold.
-fn bench_memory(job: &JobConfig) -> Result<MemoryRow> {
+/// The jobs whose peak memory `bench layer` measures: the default job, and
+/// the same job at the width of the first MoE-layer row, where the model
+/// rather than the program's fixed costs (its code, the GEMM library's
+/// per-thread packing buffers) makes up the memory.
+const MEMORY_JOBS: [(&str, &[&str]); 2] = [
+    ("default job", &[]),
+    (
+        "default job at D512 F1024 (8 heads)",
+        &["model.d_model=512", "model.ffn_hidden=1024", "model.n_heads=8", "model.n_kv_heads=4"],
+    ),
+];
+
+/// Peak RSS of a child `switchyard train` of the default job with `sets`
+/// against the analytic sum of what it must hold.
+fn bench_memory(name: &str, sets: &[&str]) -> Result<MemoryRow> {
+    let mut sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+    sets.extend(["train.steps=10".to_string(), "checkpoint.every=0".to_string()]);
+    let job = JobConfig::load(None, &sets)?;
     let exe = std::env::current_exe()?;
     let dir = std::env::temp_dir().join(format!("switchyard-bench-mem-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
+    let set_flags: String = sets.iter().map(|s| format!(" --set {s}")).collect();
     let status = Command::new("sh")
         .arg("-c")
         .arg(format!(
-            "\"{}\" train --quiet --set train.steps=20 --set checkpoint.every=0 --run-dir \"{}\" >/dev/null 2>&1 & \
+            "\"{}\" train --quiet{set_flags} --run-dir \"{}\" >/dev/null 2>&1 & \
              pid=$!; peak=0; while kill -0 $pid 2>/dev/null; do \
              v=$(awk '/VmHWM/ {{print $2}}' /proc/$pid/status 2>/dev/null); [ -n \"$v\" ] && peak=$v; sleep 0.05; done; \
              wait $pid; echo $peak",
@@ -212,11 +229,12 @@ fn bench_memory(job: &JobConfig) -> Result<MemoryRow> {
     let _ = std::fs::remove_dir_all(&dir);
     let peak_kib: f64 = String::from_utf8_lossy(&status.stdout).trim().parse().context("memory probe gave no VmHWM")?;
     // One rank holding the whole job in fp32: the simulator's memory model.
-    let shape = crate::experiments::simulate::shape_of(job, simulator::Routing::default())?;
+    let shape = crate::experiments::simulate::shape_of(&job, simulator::Routing::default())?;
     let memory = simulator::memory::RankMemory::of(&shape, &simulator::cluster::Precision::default());
     let analytic = memory.total();
     let peak = peak_kib * 1024.0;
     Ok(MemoryRow {
+        job: name.to_string(),
         peak_rss_mib: peak / (1 << 20) as f64,
         analytic_mib: analytic / (1 << 20) as f64,
         ratio: peak / analytic,
@@ -277,8 +295,10 @@ pub fn run(json: bool) -> Result<()> {
     }
     eprintln!("measuring a full forward+backward step of the default job ...");
     report.step = Some(bench_step(&job));
-    eprintln!("measuring peak memory of the default job ...");
-    report.memory = Some(bench_memory(&job)?);
+    for (name, sets) in MEMORY_JOBS {
+        eprintln!("measuring peak memory of the {name} ...");
+        report.memory.push(bench_memory(name, sets)?);
+    }
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -326,10 +346,12 @@ fn print_table(r: &Report) {
             s.tokens_per_s, s.seconds_per_step
         );
     }
-    if let Some(m) = &r.memory {
-        println!(
-            "default job peak RSS {:.1} MiB vs analytic {:.1} MiB (params+grads+Adam+activations): {:.2}x",
-            m.peak_rss_mib, m.analytic_mib, m.ratio
-        );
+    if !r.memory.is_empty() {
+        println!();
+        println!("{:<36} {:>14} {:>14} {:>7}", "peak RSS of `train`", "measured MiB", "analytic MiB", "ratio");
+        for m in &r.memory {
+            println!("{:<36} {:>14.1} {:>14.1} {:>6.2}x", m.job, m.peak_rss_mib, m.analytic_mib, m.ratio);
+        }
+        println!("(analytic: params + grads + AdamW moments + one micro-batch's saved activations)");
     }
 }
