@@ -82,6 +82,9 @@ fn bad_config_files_are_named_with_the_key() {
         ("types.toml", "[train]\nsteps = \"many\"\n", &["types.toml", "steps"]),
         ("unknown.toml", "[model]\nd_modle = 64\n", &["unknown.toml", "d_modle"]),
         ("impossible.toml", "[model]\nn_experts = 2\ntop_k = 4\n", &["impossible.toml", "top_k"]),
+        // NaN is not equal to itself: it once passed here and failed later as "a different job".
+        ("nan.toml", "[model]\ncapacity_factor = nan\n", &["nan.toml", "capacity_factor", "finite"]),
+        ("inf.toml", "[model]\ncapacity_factor = inf\n", &["inf.toml", "capacity_factor", "finite"]),
     ];
     for (file, body, needles) in cases {
         if !body.is_empty() {
@@ -97,6 +100,17 @@ fn bad_config_files_are_named_with_the_key() {
     }
     let out = switchyard(&["train", "--quiet", "--set", "train.nope=3"], &dir);
     assert!(!out.status.success() && text(&out).contains("nope"), "{}", text(&out));
+    // A flag and a --set of the same key that disagree: neither silently wins.
+    let out = switchyard(&["train", "--quiet", "--ranks", "2", "--set", "parallel.ranks=3", "--run-dir", "run"], &dir);
+    let log = text(&out);
+    assert!(!out.status.success() && log.contains("--ranks 2") && log.contains("parallel.ranks=3"), "{log}");
+    assert!(!dir.join("run").exists(), "a run folder was created");
+    // Allowed but probably not meant: said before the job starts.
+    let short = ["train", "--quiet", "--set", "train.steps=2", "--set", "optim.warmup_steps=5", "--run-dir", "short"];
+    let out = switchyard(&short, &dir);
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("warning:") && log.contains("warmup_steps = 5") && log.contains("steps = 2"), "{log}");
     std::fs::remove_dir_all(&dir).ok();
 }
 
@@ -126,7 +140,9 @@ fn an_incompatible_checkpoint_is_refused_and_left_intact() {
     assert_eq!(std::fs::read(dir.join("run/metrics.jsonl")).unwrap(), metrics_before);
     // A fresh start over an existing run is refused too.
     let out = train(&dir, &[]);
-    assert!(!out.status.success() && text(&out).contains("--resume"), "{}", text(&out));
+    let log = text(&out);
+    assert!(!out.status.success() && log.contains("already hold step 12") && log.contains("--resume"), "{log}");
+    assert!(!log.contains("cannot load") && !log.contains("cannot resume"), "a fresh start is not a resume: {log}");
     std::fs::remove_dir_all(&dir).ok();
 }
 

@@ -130,6 +130,12 @@ impl ModelConfig {
                 return bad(key, format!("must be a positive number, got {value}"));
             }
         }
+        if !self.capacity_factor.is_finite() {
+            return bad(
+                "capacity_factor",
+                format!("must be a finite number (0 or less: dropless), got {}", self.capacity_factor),
+            );
+        }
         for (key, value) in [("aux_loss_coef", self.aux_loss_coef), ("z_loss_coef", self.z_loss_coef)] {
             if !(value >= 0.0 && value.is_finite()) {
                 return bad(key, format!("must be >= 0, got {value}"));

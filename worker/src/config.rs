@@ -388,6 +388,20 @@ impl JobConfig {
         Ok(())
     }
 
+    /// Settings that are allowed but probably not meant, one line each, for
+    /// the launcher to print before the job starts.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.optim.warmup_steps > self.train.steps {
+            out.push(format!(
+                "[optim] warmup_steps = {} is more than [train] steps = {}: the learning rate never reaches \
+                 [optim] lr = {} (lower warmup_steps, or raise steps)",
+                self.optim.warmup_steps, self.train.steps, self.optim.lr
+            ));
+        }
+        out
+    }
+
     /// The resolved config as TOML, for the run folder, checkpoints and
     /// workers; the auth token is left out (it is a secret).
     pub fn to_toml(&self) -> String {

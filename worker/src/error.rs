@@ -41,8 +41,24 @@ pub enum WorkerError {
     Stopped { reason: String },
     #[error("a rank thread panicked (a bug): see the message above")]
     RankPanicked,
-    #[error("cannot resume from {url}: {reason}")]
+    /// A checkpoint that cannot be loaded into this job (resume, eval, export).
+    #[error("cannot load the checkpoint {url}: {reason}")]
     Incompatible { url: String, reason: String },
+    /// `--resume` where nothing was committed.
+    #[error(
+        "cannot resume: there is no committed checkpoint at {url}. Start without --resume, or point --run-dir / \
+         [checkpoint] url at the run to continue"
+    )]
+    NothingToResume { url: String },
+    /// A fresh start where checkpoints already are: starting would overwrite them.
+    #[error(
+        "the checkpoints at {url} already hold step {step}: add --resume to continue that run, or pick another \
+         --run-dir so nothing saved is overwritten"
+    )]
+    RunFolderInUse { url: String, step: u64 },
+    /// Training data that the model cannot read.
+    #[error("the data {source_name} does not fit the model: {reason}")]
+    DataDoesNotFit { source_name: String, reason: String },
     #[error("{what} {path}: {source}")]
     Io { what: &'static str, path: String, source: std::io::Error },
     #[error("the loss became {loss} at step {step}: training diverged. Lower [optim] lr or raise warmup_steps, and resume from the last checkpoint")]

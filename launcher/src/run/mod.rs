@@ -76,9 +76,29 @@ pub struct TrainArgs {
     max_restarts: u32,
 }
 
+/// A flag that stands for a config key (`--ranks` for `parallel.ranks`)
+/// must not contradict a `--set` of that key: which one was meant cannot
+/// be known, so neither silently wins.
+fn flag_agrees_with_sets(sets: &[String], flag: &str, key: &str, value: &str) -> Result<()> {
+    for set in sets {
+        let Some((set_key, set_value)) = set.split_once('=') else { continue };
+        let set_value = set_value.trim().trim_matches('"');
+        if set_key.trim() == key && set_value != value {
+            bail!("--{flag} {value} and --set {key}={set_value} disagree: give only one of them");
+        }
+    }
+    Ok(())
+}
+
 /// Runs a training job on this machine, or this process's rank of an MPI job.
 pub fn run(args: TrainArgs) -> Result<()> {
     let mut overrides = args.overrides.clone();
+    if let Some(backend) = &args.backend {
+        flag_agrees_with_sets(&args.overrides, "backend", "parallel.backend", &backend.to_string())?;
+    }
+    if let Some(ranks) = args.ranks {
+        flag_agrees_with_sets(&args.overrides, "ranks", "parallel.ranks", &ranks.to_string())?;
+    }
     if let Some(backend) = &args.backend {
         overrides.push(format!("parallel.backend=\"{backend}\""));
     }
@@ -95,6 +115,13 @@ pub fn run(args: TrainArgs) -> Result<()> {
     if let (Some(size), None) = (launched.as_ref().and_then(|l| l.size), args.ranks) {
         overrides.push(format!("parallel.ranks={size}"));
         job = JobConfig::load(args.config.as_deref(), &overrides)?;
+    }
+    // Once per job: by the launcher, or by rank 0 of ranks a user's own mpirun started.
+    let first_to_read = launched.as_ref().is_none_or(|l| l.rank == 0 && CoordinatorLink::from_env().is_none());
+    if first_to_read {
+        for warning in job.warnings() {
+            eprintln!("warning: {warning}");
+        }
     }
     let run_dir = args.run_dir.clone().unwrap_or_else(|| PathBuf::from("runs").join(&job.name));
     let mut resume = match (args.resume, args.resume_from.clone()) {

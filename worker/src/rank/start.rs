@@ -97,25 +97,14 @@ pub(crate) fn starting_state(
         (Resume::Latest, _) => {
             let latest = store.latest_step()?;
             if latest.is_none() {
-                return Err(WorkerError::Incompatible {
-                    url: root.clone(),
-                    reason: "there is no committed checkpoint there. Start without --resume, or point \
-                             --run-dir / [checkpoint] url at the run to continue"
-                        .into(),
-                });
+                return Err(WorkerError::NothingToResume { url: root.clone() });
             }
             latest
         }
         (Resume::LatestOrFresh, _) => store.latest_step()?,
         (Resume::No, _) => {
             if let Some(existing) = store.latest_step()? {
-                return Err(WorkerError::Incompatible {
-                    url: root.clone(),
-                    reason: format!(
-                        "the run folder already holds a checkpoint (step {existing}). Add --resume to continue it, \
-                         or pick another --run-dir so nothing saved is overwritten"
-                    ),
-                });
+                return Err(WorkerError::RunFolderInUse { url: root.clone(), step: existing });
             }
             None
         }
@@ -141,8 +130,8 @@ pub(crate) fn open_data(job: &JobConfig) -> Result<DataSource, WorkerError> {
     let data = job.data.open_source()?;
     data.check_len(job.model.seq_len + 1)?;
     if data.vocab() > job.model.vocab {
-        return Err(WorkerError::Incompatible {
-            url: job.data.source.clone(),
+        return Err(WorkerError::DataDoesNotFit {
+            source_name: job.data.source.clone(),
             reason: format!(
                 "the data's vocabulary has {} tokens but [model] vocab is {}: set model.vocab to at least {}",
                 data.vocab(),
