@@ -93,8 +93,16 @@ impl CheckpointStore {
             }
             _ => {}
         }
-        let ranges: Vec<_> = entries.iter().map(|t| t.offset..t.offset + t.length).collect();
-        let parts = self.io.get_ranges(&rel, &ranges).await?;
+        // The header too (it ends where the first tensor starts), checked
+        // against the manifest: a damaged header can make other readers
+        // (safetensors, `ckpt export`) see different tensors than ours.
+        let in_shard: Vec<&TensorEntry> = manifest.tensors.iter().filter(|t| t.shard == file).collect();
+        let header_end = in_shard.iter().map(|t| t.offset).min().unwrap_or(0);
+        let ranges: Vec<_> =
+            std::iter::once(0..header_end).chain(entries.iter().map(|t| t.offset..t.offset + t.length)).collect();
+        let mut parts = self.io.get_ranges(&rel, &ranges).await?.into_iter();
+        let header = parts.next().unwrap_or_default();
+        check_header(&header, &in_shard, &url)?;
         entries
             .into_iter()
             .zip(parts)
@@ -154,6 +162,47 @@ impl CheckpointStore {
         }
         Ok(steps)
     }
+}
+
+/// Check a shard's safetensors header (`prefix`: the file's first bytes)
+/// against the manifest's entries of that shard (`in_shard`: all of them):
+/// the same tensors, each with the same dtype, shape and bytes.
+pub(crate) fn check_header(prefix: &[u8], in_shard: &[&TensorEntry], url: &str) -> Result<()> {
+    let (data_start, header) = shard::parse_header(prefix).map_err(|reason| Error::CorruptShard {
+        url: url.to_string(),
+        reason: format!("its safetensors header: {reason}"),
+    })?;
+    if header.len() != in_shard.len() {
+        return Err(Error::CorruptShard {
+            url: url.to_string(),
+            reason: format!("its header lists {} tensors, the manifest {}", header.len(), in_shard.len()),
+        });
+    }
+    for t in in_shard {
+        let corrupt = |reason: String| Error::CorruptTensor { url: url.to_string(), tensor: t.name.clone(), reason };
+        let Some(info) = header.get(&t.name) else {
+            return Err(corrupt("it is missing from the shard's header".into()));
+        };
+        let (begin, end) = info.data_offsets;
+        let agrees = info.dtype == t.dtype
+            && info.shape == t.shape
+            && data_start.checked_add(begin) == Some(t.offset)
+            && end.checked_sub(begin) == Some(t.length);
+        if !agrees {
+            return Err(corrupt(format!(
+                "the shard header says {} {:?} at bytes {}..{}, the manifest says {} {:?} at {}..{}",
+                info.dtype,
+                info.shape,
+                data_start.saturating_add(begin),
+                data_start.saturating_add(end),
+                t.dtype,
+                t.shape,
+                t.offset,
+                t.offset + t.length
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Check a tensor's bytes against its manifest entry: dtype this build can

@@ -92,6 +92,12 @@ pub struct Manifest {
     pub code_version: String,
     /// Wall-clock time the manifest was created, seconds since the Unix epoch.
     pub created_unix_s: u64,
+    /// CRC-32 of this manifest's pretty JSON without this field, written
+    /// at commit and checked by every reader, so an edited or damaged
+    /// manifest (its config included) is refused. Absent in manifests
+    /// written before it existed, which are read unchecked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crc32: Option<u32>,
 }
 
 impl Manifest {
@@ -113,6 +119,7 @@ impl Manifest {
             schedule: Value::Null,
             code_version: code_version.into(),
             created_unix_s,
+            crc32: None,
         }
     }
 
@@ -140,12 +147,33 @@ impl Manifest {
                 expected: FORMAT_VERSION,
             });
         }
-        serde_json::from_value(value).map_err(json_err)
+        let manifest: Self = serde_json::from_value(value).map_err(json_err)?;
+        if let Some(written) = manifest.crc32 {
+            let now = manifest.contents_crc32();
+            if now != written {
+                return Err(Error::InvalidManifest {
+                    url: url.to_string(),
+                    reason: format!(
+                        "its contents no longer match its CRC-32 (written {written:08x}, now {now:08x}): it was \
+                         edited or damaged after the commit. Restore it, or resume from another step"
+                    ),
+                });
+            }
+        }
+        Ok(manifest)
     }
 
-    /// Pretty JSON, since people read manifests when debugging runs.
+    /// CRC-32 of the pretty JSON of everything but the `crc32` field.
+    fn contents_crc32(&self) -> u32 {
+        let contents = Self { crc32: None, ..self.clone() };
+        crc32fast::hash(&serde_json::to_vec_pretty(&contents).expect("a Manifest always serializes to JSON"))
+    }
+
+    /// Pretty JSON, since people read manifests when debugging runs, with
+    /// the CRC-32 of its contents.
     pub(crate) fn to_json(&self) -> Vec<u8> {
-        let mut bytes = serde_json::to_vec_pretty(self).expect("a Manifest always serializes to JSON");
+        let sealed = Self { crc32: Some(self.contents_crc32()), ..self.clone() };
+        let mut bytes = serde_json::to_vec_pretty(&sealed).expect("a Manifest always serializes to JSON");
         bytes.push(b'\n');
         bytes
     }
@@ -195,4 +223,29 @@ pub(crate) fn expected_length(t: &TensorEntry) -> Option<u64> {
         _ => return None,
     };
     t.shape.iter().try_fold(elem_bytes, |acc, &d| acc.checked_mul(d as u64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_manifest_is_sealed_with_its_crc_and_an_edit_breaks_the_seal() {
+        let mut m = Manifest::new(7, 100, "test");
+        m.config = serde_json::json!({"model": {"top_k": 2, "lr": 3e-3}});
+        let json = m.to_json();
+        let read = Manifest::from_json(&json, "memory://m").unwrap();
+        assert!(read.crc32.is_some());
+        assert_eq!(Manifest { crc32: None, ..read }, m);
+
+        let edited = String::from_utf8(json.clone()).unwrap().replace("\"top_k\": 2", "\"top_k\": 3");
+        let err = Manifest::from_json(edited.as_bytes(), "memory://m").unwrap_err().to_string();
+        assert!(err.contains("memory://m") && err.contains("CRC-32"), "{err}");
+
+        // Written before the seal existed: read as it is.
+        let mut old: Value = serde_json::from_slice(&json).unwrap();
+        old.as_object_mut().unwrap().remove("crc32");
+        let unsealed = Manifest::from_json(&serde_json::to_vec(&old).unwrap(), "memory://m").unwrap();
+        assert_eq!(unsealed, m);
+    }
 }

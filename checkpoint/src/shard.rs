@@ -1,9 +1,9 @@
 //! Encoding tensors into a safetensors shard and decoding them back.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use safetensors::tensor::{Metadata, TensorInfo};
-use safetensors::{Dtype, SafeTensorError, SafeTensors};
+use safetensors::{Dtype, SafeTensorError};
 
 use crate::store::ByteSource;
 
@@ -217,10 +217,38 @@ pub(crate) fn collect(source: &mut dyn ByteSource, size: u64) -> Vec<u8> {
     bytes
 }
 
-/// Parse the header of a whole shard file: header length and tensor index.
-pub(crate) fn read_header(bytes: &[u8]) -> Result<(u64, Metadata), SafeTensorError> {
-    let (header_len, metadata) = SafeTensors::read_metadata(bytes)?;
-    Ok((8 + header_len as u64, metadata))
+/// One tensor's entry in a shard's safetensors header.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+pub(crate) struct HeaderEntry {
+    pub dtype: String,
+    pub shape: Vec<usize>,
+    /// Byte range within the data that follows the header.
+    pub data_offsets: (u64, u64),
+}
+
+/// Parses the safetensors header at the start of a shard file from
+/// `prefix`, the file's first bytes (the header at least; the tensors'
+/// data is not needed): where the data starts, and each tensor's entry.
+pub(crate) fn parse_header(prefix: &[u8]) -> Result<(u64, BTreeMap<String, HeaderEntry>), String> {
+    let len_bytes: [u8; 8] =
+        prefix.get(..8).and_then(|b| b.try_into().ok()).ok_or("the file is shorter than 8 bytes")?;
+    let header_len = u64::from_le_bytes(len_bytes);
+    let data_start = header_len.checked_add(8).ok_or("its header length is impossible")?;
+    let header = usize::try_from(data_start)
+        .ok()
+        .and_then(|end| prefix.get(8..end))
+        .ok_or_else(|| format!("its header length ({header_len} bytes) runs past the header"))?;
+    let mut entries: BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(header).map_err(|e| format!("its header is not valid JSON: {e}"))?;
+    entries.remove("__metadata__");
+    let entries = entries
+        .into_iter()
+        .map(|(name, value)| {
+            let entry = serde_json::from_value(value).map_err(|e| format!("its header entry of {name}: {e}"))?;
+            Ok((name, entry))
+        })
+        .collect::<Result<_, String>>()?;
+    Ok((data_start, entries))
 }
 
 /// Little-endian F32 bytes to values (the length is checked by the caller).

@@ -1,12 +1,9 @@
 //! Full verification of a committed step: every shard re-read end to end.
 
-use safetensors::Dtype;
-
 use crate::error::{Error, Result};
 use crate::layout;
-use crate::load::check_tensor_bytes;
-use crate::manifest::DTYPE_F32;
-use crate::shard;
+use crate::load::{check_header, check_tensor_bytes};
+use crate::manifest::TensorEntry;
 use crate::store_handle::CheckpointStore;
 
 /// What [`CheckpointStore::verify`] checked.
@@ -44,33 +41,10 @@ impl CheckpointStore {
                         shard_entry.size_bytes
                     )));
                 }
-                let (data_start, header) = shard::read_header(&bytes)
-                    .map_err(|e| corrupt_shard(format!("its safetensors header is unreadable: {e}")))?;
-                for t in manifest.tensors.iter().filter(|t| t.shard == shard_entry.file) {
-                    let corrupt =
-                        |reason: String| Error::CorruptTensor { url: url.clone(), tensor: t.name.clone(), reason };
-                    let Some(info) = header.info(&t.name) else {
-                        return Err(corrupt("it is missing from the shard's header".into()));
-                    };
-                    let (begin, end) = info.data_offsets;
-                    let header_agrees = info.dtype == Dtype::F32
-                        && t.dtype == DTYPE_F32
-                        && info.shape == t.shape
-                        && data_start + begin as u64 == t.offset
-                        && (end - begin) as u64 == t.length;
-                    if !header_agrees {
-                        return Err(corrupt(format!(
-                            "the shard header says {:?} {:?} at bytes {}..{}, the manifest says {} {:?} at {}..{}",
-                            info.dtype,
-                            info.shape,
-                            data_start + begin as u64,
-                            data_start + end as u64,
-                            t.dtype,
-                            t.shape,
-                            t.offset,
-                            t.offset + t.length
-                        )));
-                    }
+                let in_shard: Vec<&TensorEntry> =
+                    manifest.tensors.iter().filter(|t| t.shard == shard_entry.file).collect();
+                check_header(&bytes, &in_shard, &url)?;
+                for t in in_shard {
                     let range = t.offset as usize..(t.offset + t.length) as usize;
                     check_tensor_bytes(t, &bytes[range], &url)?;
                     report.num_tensors += 1;

@@ -83,7 +83,8 @@ fn step_url_root_reopens_the_same_checkpoint() {
 
     let (root_url, step) = parse_step_url(&format!("{}/step-00000020", store.url())).unwrap();
     let reopened = CheckpointStore::open(&root_url).unwrap();
-    assert_eq!(reopened.read_manifest(step).unwrap(), manifest);
+    let read = reopened.read_manifest(step).unwrap();
+    assert_eq!(checkpoint::Manifest { crc32: None, ..read }, manifest);
 }
 
 #[test]

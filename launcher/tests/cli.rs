@@ -342,6 +342,70 @@ fn ckpt_ls_inspect_verify_export_and_a_flipped_byte() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// Every reader of a checkpoint (resume, eval, export, verify) refuses a
+/// shard whose safetensors header was damaged and a manifest that was
+/// edited after its commit, naming the object; a manifest from before the
+/// manifest checksum is still read.
+#[test]
+fn every_reader_refuses_a_damaged_header_or_an_edited_manifest() {
+    let dir = temp_dir("integrity");
+    assert!(train(&dir, &[]).status.success());
+    std::fs::write(dir.join("eval.txt"), "the quick brown fox jumps over the lazy dog. ".repeat(20)).unwrap();
+    let step12 = dir.join("run/checkpoints/step-00000012");
+    let readers: [&[&str]; 4] = [
+        &["ckpt", "verify", "run/checkpoints"],
+        &["eval", "--checkpoint", "run/checkpoints", "--data", "eval.txt"],
+        &["ckpt", "export", "run/checkpoints", "--to", "model.safetensors"],
+        &["train", "--quiet", "--run-dir", "run", "--resume", "--set", "train.steps=14"],
+    ];
+    let all_refuse = |damage: &str, needles: &[&str]| {
+        for reader in readers {
+            let mut args = reader.to_vec();
+            if reader[0] == "train" {
+                args.extend_from_slice(SMALL);
+                args.extend_from_slice(&["--set", "train.steps=14"]);
+            }
+            let out = switchyard(&args, &dir);
+            let log = text(&out);
+            assert!(!out.status.success(), "{reader:?} accepted {damage}: {log}");
+            for needle in needles {
+                assert!(log.contains(needle), "{reader:?} on {damage}: the error does not say {needle:?}: {log}");
+            }
+        }
+        assert!(!dir.join("model.safetensors").exists(), "a refused export left a file ({damage})");
+        assert!(!step12.join("../step-00000014").exists(), "a refused resume saved a step ({damage})");
+    };
+
+    // One bit of the header's JSON (in a tensor's offsets or name): the
+    // tensors' own checksums still pass, the header no longer agrees.
+    let shard = step12.join("shards/rank-00000.safetensors");
+    let original = std::fs::read(&shard).unwrap();
+    let header_len = u64::from_le_bytes(original[..8].try_into().unwrap()) as usize;
+    let header = std::str::from_utf8(&original[8..8 + header_len]).unwrap();
+    let at = 8 + header.find("data_offsets").unwrap() + "data_offsets\":[".len();
+    let mut damaged = original.clone();
+    damaged[at] ^= 0x01; // one digit of an offset becomes another digit
+    std::fs::write(&shard, &damaged).unwrap();
+    all_refuse("a damaged shard header", &["step-00000012/shards/rank-00000.safetensors", "header"]);
+    std::fs::write(&shard, &original).unwrap();
+
+    // top_k 2 -> 3 in the manifest's config: a different model, refused.
+    let manifest_path = step12.join("manifest.json");
+    let manifest = std::fs::read_to_string(&manifest_path).unwrap();
+    assert!(manifest.contains("\"crc32\""), "a committed manifest carries its checksum");
+    assert_eq!(manifest.matches("\"top_k\": 2").count(), 1);
+    std::fs::write(&manifest_path, manifest.replace("\"top_k\": 2", "\"top_k\": 3")).unwrap();
+    all_refuse("an edited manifest", &["step-00000012/manifest.json", "CRC-32"]);
+
+    // A manifest written before the checksum existed is read as before.
+    let mut old: serde_json::Value = serde_json::from_str(&manifest).unwrap();
+    old.as_object_mut().unwrap().remove("crc32");
+    std::fs::write(&manifest_path, serde_json::to_vec_pretty(&old).unwrap()).unwrap();
+    let out = switchyard(&["ckpt", "verify", "run/checkpoints"], &dir);
+    assert!(out.status.success(), "{}", text(&out));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 #[path = "../../checkpoint/tests/common/s3_server.rs"]
 #[allow(dead_code)] // the checkpoint tests use the rest
 mod s3_server;
