@@ -242,6 +242,61 @@ fn the_coordinator_stops_the_job_when_a_rank_stops_heartbeating() {
     eprintln!("stopped rank 2 (heartbeats): the job ended {took:?} after the signal");
 }
 
+/// SIGTERM (a pod's or a batch system's, which often reach only the
+/// launcher) and SIGINT (Ctrl-C) to the launcher of an MPI job: the ranks
+/// save the current step, the launcher exits 143, and the job resumes
+/// from that step.
+#[test]
+fn sigterm_and_sigint_to_the_mpi_launcher_save_the_step_and_exit_143() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = temp_dir("launcher-signals");
+    let run_dir = dir.join("run");
+    let metrics = run_dir.join("metrics.jsonl");
+    let steps_done = || std::fs::read_to_string(&metrics).map_or(0, |t| t.lines().count());
+    let mut resume: &[&str] = &[];
+    for signal in ["-TERM", "-INT"] {
+        let before = steps_done();
+        let child = Command::new(EXE)
+            .args(job_args(&run_dir))
+            .args(["--backend", "mpi", "--ranks", "2", "--set", "train.steps=100000", "--set", "train.log_every=1"])
+            .args(resume)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("switchyard starts");
+        wait_for_progress(&run_dir, before + 3, false);
+        assert!(Command::new("kill").args([signal, &child.id().to_string()]).status().unwrap().success());
+        let out = wait_guarded(child, Duration::from_secs(120), "the MPI job after a signal to its launcher");
+        let log = text(&out);
+        let name = if signal == "-TERM" { "SIGTERM" } else { "SIGINT" };
+        assert_eq!(out.status.code(), Some(143), "{name}: {log}");
+        assert!(log.contains(&format!("stopped on {name}")) && log.contains("committed a checkpoint"), "{log}");
+        let latest = std::fs::read_to_string(run_dir.join("checkpoints/latest")).unwrap();
+        assert_eq!(latest.trim(), format!("step-{:08}", steps_done()), "{name}: the checkpoint is of the last step");
+        resume = &["--resume"];
+    }
+    let end = format!("train.steps={}", steps_done() + 2);
+    let out = run(
+        Command::new(EXE).args(job_args(&run_dir)).args([
+            "--backend",
+            "mpi",
+            "--ranks",
+            "2",
+            "--resume",
+            "--set",
+            &end,
+        ]),
+        "the resumed job",
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let steps: Vec<u64> = std::fs::read_to_string(&metrics)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, (1..=steps.len() as u64).collect::<Vec<_>>(), "every step once, in order");
+}
+
 #[test]
 fn max_restarts_resumes_a_job_whose_rank_was_killed() {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());

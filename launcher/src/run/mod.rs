@@ -273,9 +273,11 @@ pub struct Preempted {
 impl std::fmt::Display for Preempted {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         if self.step == 0 {
-            return write!(f, "stopped on SIGTERM; the ranks committed a checkpoint before exiting (see above)");
+            let signal = worker::preemption::signal_name();
+            return write!(f, "stopped on {signal}; the ranks committed a checkpoint before exiting (see above)");
         }
-        write!(f, "stopped on SIGTERM at step {} after committing its checkpoint in {}", self.step, self.run_dir)
+        let signal = worker::preemption::signal_name();
+        write!(f, "stopped on {signal} at step {} after committing its checkpoint in {}", self.step, self.run_dir)
     }
 }
 

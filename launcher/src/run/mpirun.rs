@@ -10,9 +10,31 @@ use worker::config::LaunchConfig;
 /// Runs this binary with `args` as `ranks` MPI processes, on this machine
 /// or on `launch.hosts`, with the variables `env` exported to every rank;
 /// returns mpirun's exit code.
+///
+/// A stop asked of this process (SIGTERM, SIGINT: see
+/// `worker::preemption`) is passed on as SIGUSR1, which mpirun forwards to
+/// every rank: the ranks then save the step together and exit. mpirun runs
+/// in its own process group, so that a Ctrl-C in the terminal reaches this
+/// process only; mpirun itself would end the job on it without a save.
 pub fn run_self(ranks: usize, args: &[String], env: &[(&str, String)], launch: &LaunchConfig) -> Result<i32> {
-    let status = self_command(ranks, args, env, Some(launch))?.status().map_err(not_started)?;
-    Ok(status.code().unwrap_or(1))
+    use std::os::unix::process::CommandExt;
+    let mut cmd = self_command(ranks, args, env, Some(launch))?;
+    // Outside the terminal's foreground group, a read of the terminal
+    // would stop mpirun (SIGTTIN); the ranks read no input.
+    cmd.process_group(0).stdin(std::process::Stdio::null());
+    let mut child = cmd.spawn().map_err(not_started)?;
+    let mut forwarded = false;
+    loop {
+        if let Some(status) = child.try_wait().context("cannot wait for mpirun")? {
+            return Ok(status.code().unwrap_or(1));
+        }
+        if worker::preemption::requested() && !forwarded {
+            // SAFETY: kill(2) with a pid this process started and still waits for.
+            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGUSR1) };
+            forwarded = true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }
 
 /// `mpirun` starting this binary with `args` as `ranks` processes, each

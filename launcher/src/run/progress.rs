@@ -131,7 +131,8 @@ impl ConsoleProgress {
     /// the commands to evaluate and resume it.
     pub fn finish(&mut self, summary: &TrainSummary, job: &JobConfig, run_dir: &Path) {
         let fmt = |x: Option<f64>| x.map(|l| format!("{l:.4}")).unwrap_or_else(|| "-".into());
-        let ended = if summary.preempted { "stopped on SIGTERM" } else { "done" };
+        let stopped = format!("stopped on {}", worker::preemption::signal_name());
+        let ended = if summary.preempted { stopped.as_str() } else { "done" };
         self.line(&format!(
             "{ended}: {} steps in {} | loss {} -> {} nats ({})",
             summary.steps_run,
