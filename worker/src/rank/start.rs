@@ -55,22 +55,25 @@ pub(crate) fn node_name() -> String {
 }
 
 /// Rank 0, once every input is checked: the run folder with the resolved
-/// config, uncommitted steps of an earlier attempt cleaned up, and
-/// `metrics.jsonl` opened unless a coordinator writes it (it has every
-/// rank's report).
+/// config, uncommitted steps of an earlier attempt cleaned up,
+/// `metrics.jsonl` cut back to `start_step` (whoever writes it next, the
+/// rows of re-run steps are not kept twice) and opened unless a
+/// coordinator writes it (it has every rank's report).
 pub(crate) fn prepare_run_folder(
     job: &JobConfig,
     run_dir: &Path,
     store: &CheckpointStore,
     coordinated: bool,
+    start_step: u64,
 ) -> Result<Option<MetricsWriter>, WorkerError> {
     std::fs::create_dir_all(run_dir).map_err(|e| WorkerError::io("cannot create run folder", run_dir, e))?;
     let config_path = run_dir.join("config.toml");
     std::fs::write(&config_path, job.to_toml()).map_err(|e| WorkerError::io("cannot write", &config_path, e))?;
+    let path = run_dir.join("metrics.jsonl");
+    crate::metrics::truncate_after(&path, start_step).map_err(|e| WorkerError::io("cannot rewrite", &path, e))?;
     let metrics = if coordinated {
         None
     } else {
-        let path = run_dir.join("metrics.jsonl");
         Some(MetricsWriter::append(&path).map_err(|e| WorkerError::io("cannot open", &path, e))?)
     };
     store.cleanup_uncommitted()?;
