@@ -150,6 +150,8 @@ pub(crate) struct State {
     committer: Option<Committer>,
     last_checkpoint: Option<u64>,
     metrics_failed: bool,
+    /// Why every rank was asked to save and stop, once it was.
+    save_and_stop: Option<String>,
 }
 
 pub(crate) type Shared = Arc<Mutex<State>>;
@@ -188,6 +190,7 @@ impl Coordinator {
             committer: None,
             last_checkpoint: None,
             metrics_failed: false,
+            save_and_stop: None,
         }));
         if let Some(target) = target {
             // Weak: the commit thread must not keep the state (and itself) alive.
@@ -233,6 +236,16 @@ impl Coordinator {
     /// The job now.
     pub fn status(&self) -> Status {
         status_of(&lock(&self.shared))
+    }
+
+    /// Asks every rank to save a checkpoint of the current step and stop,
+    /// as SIGTERM does (ranks that register later are asked too).
+    pub fn ask_to_save_and_stop(&self, reason: &str) {
+        let mut state = lock(&self.shared);
+        state.save_and_stop = Some(reason.to_string());
+        for slot in state.ranks.iter().flatten() {
+            let _ = slot.outbox.send(Message::SaveAndStop { reason: reason.to_string() });
+        }
     }
 
     /// Tells every connected rank to stop.
@@ -370,6 +383,7 @@ fn kind(message: &Message) -> &'static str {
         Message::Goodbye { .. } => "goodbye",
         Message::ShardWritten(_) => "shard report",
         Message::Committed { .. } => "commit notice",
+        Message::SaveAndStop { .. } => "save-and-stop request",
     }
 }
 
@@ -419,6 +433,10 @@ fn admit(shared: &Shared, reg: &Registration, outbox: UnboundedSender<Message>) 
         finished: false,
         outbox,
     });
+    if let (Some(reason), Some(slot)) = (&state.save_and_stop, &state.ranks[rank]) {
+        // A rank that joins after the request (a late or restarted one) gets it too.
+        let _ = slot.outbox.send(Message::SaveAndStop { reason: reason.clone() });
+    }
     let _ = state.events.send(Event::Registered { rank: rank as u32, host: reg.host.clone(), pid: reg.pid });
     Ok(Welcome {
         rank: rank as u32,

@@ -252,7 +252,7 @@ impl Gen {
         (0..len).map(|_| char::from_u32((self.next() % 0x2FF) as u32 + 0x20).unwrap_or('?')).collect()
     }
     fn message(&mut self) -> Message {
-        match self.next() % 9 {
+        match self.next() % 10 {
             0 => Message::Register(Registration {
                 token: self.text(),
                 host: self.text(),
@@ -299,6 +299,7 @@ impl Gen {
                 upload_s: (self.next() % 1000) as f64 / 3.0,
             }),
             7 => Message::Committed { step: self.next() },
+            8 => Message::SaveAndStop { reason: self.text() },
             _ => Message::Goodbye { rank: self.next() as u32, ok: self.coin() },
         }
     }

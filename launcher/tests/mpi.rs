@@ -331,6 +331,54 @@ fn max_restarts_resumes_a_job_whose_rank_was_killed() {
     assert_eq!(steps, (1..=40).collect::<Vec<u64>>(), "the job reached its last step, every step once");
 }
 
+/// SIGTERM to a coordinator started on its own (a coordinator pod being
+/// deleted): it asks every rank to save the current step and stop; the
+/// ranks commit and exit 143, and so does the coordinator.
+#[test]
+fn sigterm_to_a_separate_coordinator_saves_the_step_and_stops_the_job() {
+    use std::io::{BufRead, BufReader, Read};
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = temp_dir("coordinator-sigterm");
+    let run_dir = dir.join("run");
+    let job = ["--set", "train.steps=100000", "--set", "checkpoint.every=0", "--set", "train.log_every=1"];
+    let mut coordinator = Command::new(EXE)
+        .args(["coordinator", "--ranks", "2", "--addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--run-dir"])
+        .arg(&run_dir)
+        .args(job)
+        .env("SWITCHYARD_TOKEN", "t0ken")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("switchyard coordinator starts");
+    let mut stdout = BufReader::new(coordinator.stdout.take().unwrap());
+    let mut banner = String::new();
+    stdout.read_line(&mut banner).unwrap();
+    let addr = banner.split_whitespace().nth(1).expect("coordinator <addr> waiting ...").to_string();
+    let workers = allow_root(Command::new("mpirun").args(["-n", "2", "--oversubscribe", "--bind-to", "none", EXE]))
+        .args(["worker", "--coordinator", &addr, "--backend", "mpi", "--quiet", "--run-dir"])
+        .arg(&run_dir)
+        .args(job)
+        .env("SWITCHYARD_TOKEN", "t0ken")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("mpirun starts");
+    let metrics = wait_for_progress(&run_dir, 3, false);
+    assert!(Command::new("kill").args(["-TERM", &coordinator.id().to_string()]).status().unwrap().success());
+    let ended = wait_guarded(coordinator, Duration::from_secs(120), "the coordinator after SIGTERM");
+    let workers = wait_guarded(workers, Duration::from_secs(60), "the workers after the coordinator's request");
+    let mut log = String::new();
+    stdout.read_to_string(&mut log).unwrap();
+    assert_eq!(ended.status.code(), Some(143), "{log}{}", text(&ended));
+    assert!(log.contains("SIGTERM: asking every rank to save"), "{log}");
+    assert!(text(&ended).contains("stopped on SIGTERM"), "{}", text(&ended));
+    assert!(!workers.status.success(), "the workers stopped early, so not with success: {}", text(&workers));
+    let steps = std::fs::read_to_string(&metrics).unwrap().lines().count();
+    let latest = std::fs::read_to_string(run_dir.join("checkpoints/latest")).unwrap();
+    assert_eq!(latest.trim(), format!("step-{steps:08}"), "the checkpoint is of the last step");
+    assert!(log.contains(&format!("checkpoint step {steps} committed")), "{log}");
+}
+
 #[test]
 fn a_separate_coordinator_serves_workers_started_by_mpirun() {
     use std::io::{BufRead, BufReader, Read};

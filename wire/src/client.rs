@@ -43,6 +43,8 @@ pub struct CoordinatorClient {
     writer: Arc<Mutex<TcpStream>>,
     step: Arc<AtomicU64>,
     stop: Arc<Mutex<Option<String>>>,
+    /// The coordinator's request to save the current step and stop, if made.
+    save_and_stop: Arc<Mutex<Option<String>>>,
     closed: Arc<AtomicBool>,
     /// The newest step the coordinator committed; notified on commits and on stop.
     committed: Arc<(Mutex<Option<u64>>, Condvar)>,
@@ -108,6 +110,7 @@ impl CoordinatorClient {
             writer: Arc::new(Mutex::new(stream)),
             step: Arc::new(AtomicU64::new(0)),
             stop: Arc::new(Mutex::new(None)),
+            save_and_stop: Arc::new(Mutex::new(None)),
             closed: Arc::new(AtomicBool::new(false)),
             committed: Arc::new((Mutex::new(None), Condvar::new())),
         };
@@ -136,11 +139,16 @@ impl CoordinatorClient {
     fn spawn_listener(&self, mut reader: TcpStream, on_stop: Box<dyn Fn(&str) + Send>) {
         let (stop, closed, addr) = (Arc::clone(&self.stop), Arc::clone(&self.closed), self.addr.clone());
         let committed = Arc::clone(&self.committed);
+        let save_and_stop = Arc::clone(&self.save_and_stop);
         std::thread::Builder::new()
             .name("coordinator-listener".into())
             .spawn(move || loop {
                 let reason = match read_blocking(&mut reader) {
                     Ok(Message::Stop { reason }) => reason,
+                    Ok(Message::SaveAndStop { reason }) => {
+                        lock(&save_and_stop).get_or_insert(reason);
+                        continue;
+                    }
                     Ok(Message::Committed { step }) => {
                         let mut newest = lock(&committed.0);
                         *newest = Some(newest.map_or(step, |s| s.max(step)));
@@ -159,6 +167,12 @@ impl CoordinatorClient {
                 return;
             })
             .expect("spawn the coordinator listener thread");
+    }
+
+    /// Why the coordinator asked this rank to save the current step and
+    /// stop, once it has (it was told to stop itself).
+    pub fn save_and_stop_asked(&self) -> Option<String> {
+        lock(&self.save_and_stop).clone()
     }
 
     /// What the coordinator said at registration.

@@ -11,7 +11,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Version of the messages below; bump on any change to them.
-pub const PROTOCOL_VERSION: u16 = 5;
+pub const PROTOCOL_VERSION: u16 = 6;
 /// Largest payload accepted (the resolved config and the placement plan fit easily).
 pub const MAX_FRAME_BYTES: usize = 16 << 20;
 /// Frame header length: magic (2), version (2), payload length (4).
@@ -122,6 +122,9 @@ pub enum Message {
     ShardWritten(ShardWritten),
     /// Coordinator → every worker: this step's manifest and `latest` are written.
     Committed { step: u64 },
+    /// Coordinator → every worker: save the current step and stop, as on
+    /// SIGTERM (the coordinator itself was told to stop).
+    SaveAndStop { reason: String },
 }
 
 /// Why a frame could not be read.

@@ -51,6 +51,16 @@ pub fn requested() -> bool {
     REQUESTED.load(Ordering::SeqCst)
 }
 
+/// Asks for the same checkpoint-and-stop as a stop signal, from code: a
+/// rank whose coordinator was told to stop calls it.
+pub fn request_by_coordinator() {
+    let _ = FIRST_SIGNAL.compare_exchange(0, BY_COORDINATOR, Ordering::SeqCst, Ordering::SeqCst);
+    REQUESTED.store(true, Ordering::SeqCst);
+}
+
+/// [`FIRST_SIGNAL`]'s value for a stop the coordinator asked for.
+const BY_COORDINATOR: libc::c_int = -1;
+
 /// The name of the first stop signal this process received, for messages
 /// ("stopped on SIGINT"); "a stop signal" when it is not known.
 pub fn signal_name() -> &'static str {
@@ -58,6 +68,7 @@ pub fn signal_name() -> &'static str {
         libc::SIGTERM => "SIGTERM",
         libc::SIGINT => "SIGINT",
         libc::SIGUSR1 => "SIGUSR1",
+        BY_COORDINATOR => "the coordinator's request",
         _ => "a stop signal",
     }
 }

@@ -6,6 +6,7 @@
 //! was lost (every other rank is told to stop).
 
 use crate::run::coordinator_process::{commit_line, start_server};
+use crate::run::Preempted;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use coordinator::server::Event;
@@ -63,8 +64,17 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
         coordinator.addr()
     );
     let (mut done, mut failures) = (0, Vec::new());
+    let mut asked_to_stop = false;
     while done < world {
-        let Some(event) = coordinator.next_event(Duration::from_secs(1)) else {
+        // SIGTERM or Ctrl-C here (a coordinator pod deleted): every rank
+        // saves the current step, then the job stops as if they had the signal.
+        if worker::preemption::requested() && !asked_to_stop {
+            let signal = worker::preemption::signal_name();
+            println!("{signal}: asking every rank to save a checkpoint of the current step and stop");
+            coordinator.ask_to_save_and_stop(&format!("the coordinator got {signal}"));
+            asked_to_stop = true;
+        }
+        let Some(event) = coordinator.next_event(Duration::from_millis(200)) else {
             continue;
         };
         match event {
@@ -98,5 +108,8 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
         bail!("the job failed: {}", failures.join("; "));
     }
     println!("every rank finished");
+    if asked_to_stop {
+        return Err(Preempted { step: 0, run_dir: String::new(), quiet: false }.into());
+    }
     Ok(())
 }
