@@ -48,10 +48,50 @@ pub fn launched_rank_from(var: impl Fn(&str) -> Option<String>) -> Option<Launch
     })
 }
 
+/// This process's place among the ranks its launcher started on the same
+/// machine: (local rank, ranks on this machine), from OpenMPI
+/// (OMPI_COMM_WORLD_LOCAL_*), PMIx (PMIX_LOCAL_*), Slurm's srun
+/// (SLURM_LOCALID, SLURM_STEP_TASKS_PER_NODE), MPICH/Hydra
+/// (MPI_LOCALRANKID, MPI_LOCALNRANKS) or torchrun (LOCAL_RANK,
+/// LOCAL_WORLD_SIZE). `None` when the launcher does not say.
+pub fn local_place() -> Option<(usize, usize)> {
+    local_place_from(|name| std::env::var(name).ok())
+}
+
+/// [`local_place`] over any variable lookup (tests pass a map).
+pub fn local_place_from(var: impl Fn(&str) -> Option<String>) -> Option<(usize, usize)> {
+    // Slurm writes tasks per node as "2(x3),1": this node's count comes first
+    // only on the first nodes, so any count is an estimate; take the largest.
+    let number = |name: &str| {
+        let value = var(name)?;
+        value.split([',', '(']).filter_map(|part| part.trim().parse::<usize>().ok()).max()
+    };
+    let pairs = [
+        ("OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"),
+        ("PMIX_LOCAL_RANK", "PMIX_LOCAL_SIZE"),
+        ("SLURM_LOCALID", "SLURM_STEP_TASKS_PER_NODE"),
+        ("MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
+        ("LOCAL_RANK", "LOCAL_WORLD_SIZE"),
+    ];
+    pairs.into_iter().find_map(|(rank, size)| Some((number(rank)?, number(size)?)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::collections::HashMap;
+
+    #[test]
+    fn local_place_comes_from_the_launchers_variables() {
+        let place = |vars: &[(&str, &str)]| {
+            let map: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+            local_place_from(|name| map.get(name).cloned())
+        };
+        assert_eq!(place(&[("OMPI_COMM_WORLD_LOCAL_RANK", "1"), ("OMPI_COMM_WORLD_LOCAL_SIZE", "4")]), Some((1, 4)));
+        assert_eq!(place(&[("SLURM_LOCALID", "0"), ("SLURM_STEP_TASKS_PER_NODE", "2(x3),1")]), Some((0, 2)));
+        assert_eq!(place(&[("LOCAL_RANK", "3"), ("LOCAL_WORLD_SIZE", "8")]), Some((3, 8)));
+        assert_eq!(place(&[("OMPI_COMM_WORLD_LOCAL_RANK", "1")]), None, "a rank without a size says nothing");
+    }
 
     fn from(vars: &[(&str, &str)]) -> Option<LaunchedRank> {
         let map: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();

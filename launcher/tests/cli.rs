@@ -114,6 +114,28 @@ fn bad_config_files_are_named_with_the_key() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// A job larger than the machine is refused with its numbers before any
+/// rank allocates (it once aborted allocating 512 GB, or grew until the
+/// kernel killed it).
+#[test]
+fn a_job_that_cannot_fit_in_memory_is_refused_before_it_allocates() {
+    let dir = temp_dir("too-big");
+    for sets in [&["model.vocab=1000000000"][..], &["model.d_model=65536", "model.n_experts=1024"]] {
+        let mut args = vec!["train", "--quiet", "--run-dir", "run"];
+        for set in sets {
+            args.extend(["--set", set]);
+        }
+        let started = std::time::Instant::now();
+        let out = switchyard(&args, &dir);
+        let log = text(&out);
+        assert_eq!(out.status.code(), Some(1), "{sets:?}: {log}");
+        assert!(log.contains("cannot fit in this machine's memory") && log.contains("parameters"), "{log}");
+        assert!(log.contains("available") && !log.contains("memory allocation of"), "{log}");
+        assert!(started.elapsed().as_secs() < 30, "{sets:?}: refused only after {:?}", started.elapsed());
+        assert!(!dir.join("run").exists(), "{sets:?}: a run folder was created");
+    }
+}
+
 #[test]
 fn unreadable_data_is_a_clear_error() {
     let dir = temp_dir("baddata");

@@ -13,6 +13,7 @@ pub mod coordinator_cmd;
 pub mod coordinator_process;
 pub mod launch_plan;
 pub mod mpirun;
+pub mod preflight;
 pub mod progress;
 pub mod restart;
 pub mod step_summary;
@@ -123,6 +124,13 @@ pub fn run(args: TrainArgs) -> Result<()> {
             eprintln!("warning: {warning}");
         }
     }
+    if let (Some(ranks_here), Some(available)) =
+        (ranks_on_this_machine(&job, launched.as_ref()), preflight::available_bytes())
+    {
+        if let Some(warning) = preflight::check(&job, ranks_here, available)? {
+            eprintln!("warning: {warning}");
+        }
+    }
     let run_dir = args.run_dir.clone().unwrap_or_else(|| PathBuf::from("runs").join(&job.name));
     let mut resume = match (args.resume, args.resume_from.clone()) {
         (_, Some(url)) => Resume::From(url),
@@ -208,6 +216,32 @@ pub fn run_worker(mut args: TrainArgs) -> Result<()> {
         );
     }
     run(args)
+}
+
+/// How many of the job's ranks this process answers for in the memory
+/// preflight, which runs once per machine before any rank allocates: all
+/// of them for a launcher (the ranks of its mpirun on this machine), the
+/// machine's ranks for the first rank there of a job started by another
+/// launcher (the others wait for it in their first collective), none
+/// (`None`) for the other ranks, and for GPU jobs, whose memory is the
+/// devices'.
+fn ranks_on_this_machine(job: &JobConfig, launched: Option<&collectives::launch::LaunchedRank>) -> Option<usize> {
+    if job.parallel.backend == Backend::Nccl {
+        return None;
+    }
+    if launched.is_some() {
+        return match collectives::launch::local_place() {
+            Some((0, here)) => Some(here),
+            Some(_) => None,
+            None => launched.filter(|l| l.rank == 0).map(|_| 1),
+        };
+    }
+    if job.parallel.backend == Backend::Mpi && !job.launch.hosts.is_empty() {
+        // host:slots entries; the fullest machine decides.
+        let slots = |h: &String| h.rsplit_once(':').and_then(|(_, n)| n.parse().ok()).unwrap_or(1);
+        return job.launch.hosts.iter().map(slots).max();
+    }
+    Some(job.parallel.ranks)
 }
 
 /// A TOML list of strings, for an override.
