@@ -331,34 +331,52 @@ fn max_restarts_resumes_a_job_whose_rank_was_killed() {
     assert_eq!(steps, (1..=40).collect::<Vec<u64>>(), "the job reached its last step, every step once");
 }
 
-/// SIGTERM to a coordinator started on its own (a coordinator pod being
-/// deleted): it asks every rank to save the current step and stop; the
-/// ranks commit and exit 143, and so does the coordinator.
-#[test]
-fn sigterm_to_a_separate_coordinator_saves_the_step_and_stops_the_job() {
-    use std::io::{BufRead, BufReader, Read};
-    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = temp_dir("coordinator-sigterm");
-    let run_dir = dir.join("run");
-    let job = ["--set", "train.steps=100000", "--set", "checkpoint.every=0", "--set", "train.log_every=1"];
+/// `switchyard coordinator` for 2 ranks of `job` writing to `run_dir`,
+/// with the stdout it is still writing and the address it printed.
+fn separate_coordinator(
+    run_dir: &Path,
+    job: &[&str],
+) -> (Child, std::io::BufReader<std::process::ChildStdout>, String) {
+    use std::io::BufRead;
     let mut coordinator = Command::new(EXE)
         .args(["coordinator", "--ranks", "2", "--addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--run-dir"])
-        .arg(&run_dir)
+        .arg(run_dir)
         .args(job)
         .env("SWITCHYARD_TOKEN", "t0ken")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("switchyard coordinator starts");
-    let mut stdout = BufReader::new(coordinator.stdout.take().unwrap());
+    let mut stdout = std::io::BufReader::new(coordinator.stdout.take().unwrap());
     let mut banner = String::new();
     stdout.read_line(&mut banner).unwrap();
     let addr = banner.split_whitespace().nth(1).expect("coordinator <addr> waiting ...").to_string();
-    let workers = allow_root(Command::new("mpirun").args(["-n", "2", "--oversubscribe", "--bind-to", "none", EXE]))
-        .args(["worker", "--coordinator", &addr, "--backend", "mpi", "--quiet", "--run-dir"])
-        .arg(&run_dir)
+    (coordinator, stdout, addr)
+}
+
+/// `mpirun -n 2 switchyard worker` of `job` for the coordinator at `addr`.
+fn mpirun_workers(addr: &str, run_dir: &Path, job: &[&str]) -> Command {
+    let mut cmd = Command::new("mpirun");
+    allow_root(cmd.args(["-n", "2", "--oversubscribe", "--bind-to", "none", EXE]))
+        .args(["worker", "--coordinator", addr, "--backend", "mpi", "--quiet", "--run-dir"])
+        .arg(run_dir)
         .args(job)
-        .env("SWITCHYARD_TOKEN", "t0ken")
+        .env("SWITCHYARD_TOKEN", "t0ken");
+    cmd
+}
+
+/// SIGTERM to a coordinator started on its own (a coordinator pod being
+/// deleted): it asks every rank to save the current step and stop; the
+/// ranks commit and exit 143, and so does the coordinator.
+#[test]
+fn sigterm_to_a_separate_coordinator_saves_the_step_and_stops_the_job() {
+    use std::io::Read;
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = temp_dir("coordinator-sigterm");
+    let run_dir = dir.join("run");
+    let job = ["--set", "train.steps=100000", "--set", "checkpoint.every=0", "--set", "train.log_every=1"];
+    let (coordinator, mut stdout, addr) = separate_coordinator(&run_dir, &job);
+    let workers = mpirun_workers(&addr, &run_dir, &job)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -381,23 +399,11 @@ fn sigterm_to_a_separate_coordinator_saves_the_step_and_stops_the_job() {
 
 #[test]
 fn a_separate_coordinator_serves_workers_started_by_mpirun() {
-    use std::io::{BufRead, BufReader, Read};
+    use std::io::Read;
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let dir = temp_dir("roles");
     let job = ["--set", "train.steps=12", "--set", "checkpoint.every=0"];
-    let mut coordinator = Command::new(EXE)
-        .args(["coordinator", "--ranks", "2", "--addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--run-dir"])
-        .arg(dir.join("run"))
-        .args(job)
-        .env("SWITCHYARD_TOKEN", "t0ken")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("switchyard coordinator starts");
-    let mut stdout = BufReader::new(coordinator.stdout.take().unwrap());
-    let mut banner = String::new();
-    stdout.read_line(&mut banner).unwrap();
-    let addr = banner.split_whitespace().nth(1).expect("coordinator <addr> waiting ...").to_string();
+    let (coordinator, mut stdout, addr) = separate_coordinator(&dir.join("run"), &job);
 
     // A worker with the wrong token is refused, clearly; the job goes on.
     let bad = run(
@@ -410,14 +416,7 @@ fn a_separate_coordinator_serves_workers_started_by_mpirun() {
     );
     assert!(!bad.status.success() && text(&bad).contains("wrong auth token"), "{}", text(&bad));
 
-    let out = run(
-        allow_root(Command::new("mpirun").args(["-n", "2", "--oversubscribe", "--bind-to", "none", EXE]))
-            .args(["worker", "--coordinator", &addr, "--backend", "mpi", "--quiet", "--run-dir"])
-            .arg(dir.join("run"))
-            .args(job)
-            .env("SWITCHYARD_TOKEN", "t0ken"),
-        "mpirun -n 2 switchyard worker",
-    );
+    let out = run(&mut mpirun_workers(&addr, &dir.join("run"), &job), "mpirun -n 2 switchyard worker");
     assert!(out.status.success(), "{}", text(&out));
     let ended = wait_guarded(coordinator, Duration::from_secs(60), "the coordinator after its workers finished");
     let mut log = String::new();
