@@ -148,11 +148,14 @@ impl Error {
     }
 }
 
-/// Errors about the request itself will not go away on retry; the rest
-/// (Generic covers HTTP 5xx, timeouts, connection resets) may.
+/// Errors about the request itself will not go away on retry: the kinds
+/// below, and a store's HTTP 4xx answer (a missing or misnamed bucket,
+/// refused credentials) other than 408 and 429, which are a timeout and
+/// throttling. The rest (Generic covers HTTP 5xx, timeouts, connection
+/// resets) may.
 fn storage_retryable(source: &object_store::Error) -> bool {
     use object_store::Error as E;
-    !matches!(
+    let request_error = matches!(
         source,
         E::NotFound { .. }
             | E::InvalidPath { .. }
@@ -163,15 +166,45 @@ fn storage_retryable(source: &object_store::Error) -> bool {
             | E::PermissionDenied { .. }
             | E::Unauthenticated { .. }
             | E::UnknownConfigurationKey { .. }
-    )
+    );
+    let client_error =
+        http_status(&source.to_string()).is_some_and(|s| (400..500).contains(&s) && s != 408 && s != 429);
+    !(request_error || client_error)
+}
+
+/// The HTTP status a store's error text reports ("... status code: 404 Not Found").
+fn http_status(text: &str) -> Option<u16> {
+    let (_, after) = text.split_once("status code: ")?;
+    after.get(..3)?.parse().ok()
+}
+
+/// The S3 error code in an error body (`<Code>NoSuchBucket</Code>`).
+fn s3_code(text: &str) -> Option<&str> {
+    let (_, after) = text.split_once("<Code>")?;
+    after.split_once("</Code>").map(|(code, _)| code)
 }
 
 fn storage_hint(source: &object_store::Error) -> &'static str {
+    let text = source.to_string();
     // object_store falls back to the EC2 instance metadata service when the
     // environment has no AWS credentials; off EC2 that is what fails.
-    if source.to_string().contains("169.254.169.254") {
+    if text.contains("169.254.169.254") {
         return "no AWS credentials were found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY \
                 (and AWS_ENDPOINT_URL, AWS_ALLOW_HTTP=true for an S3-compatible server)";
+    }
+    match s3_code(&text) {
+        Some("NoSuchBucket") => {
+            return "not retryable: the bucket does not exist: create it, or fix the bucket name in the checkpoint URL";
+        }
+        Some("InvalidBucketName") => {
+            return "not retryable: that is not a valid bucket name (S3: 3-63 lowercase letters, digits, dots and \
+                    hyphens): fix the checkpoint URL";
+        }
+        Some("AccessDenied" | "InvalidAccessKeyId" | "SignatureDoesNotMatch") => {
+            return "not retryable: the store refused these credentials: check AWS_ACCESS_KEY_ID, \
+                    AWS_SECRET_ACCESS_KEY and the bucket's permissions";
+        }
+        _ => {}
     }
     if storage_retryable(source) {
         "this may be transient (retryable): check that the store is reachable and try again"

@@ -20,6 +20,7 @@ fn s3_store_end_to_end() {
     server.use_in_env(SECRET_KEY);
 
     round_trip_with_multipart_shards(&server);
+    missing_and_misnamed_buckets_are_not_retried(&server);
     wrong_credentials_are_refused_clearly(&server);
     server.use_in_env(SECRET_KEY);
     refused_connections_are_retried_then_fail_without_damage(server);
@@ -67,6 +68,18 @@ fn round_trip_with_multipart_shards(server: &S3Server) {
     assert_eq!(store.prune(1).unwrap(), [10]);
     assert_eq!(store.committed_steps().unwrap(), [20]);
     assert!(!server.root.join("ckpt/runs/a/step-00000030").join("shards/rank-00000.safetensors").exists());
+}
+
+fn missing_and_misnamed_buckets_are_not_retried(server: &S3Server) {
+    server.use_in_env(SECRET_KEY);
+    for (url, says) in
+        [("s3://nosuchbucket/runs/a", "bucket does not exist"), ("s3://Bad_Bucket/a", "valid bucket name")]
+    {
+        let err = CheckpointStore::open(url).unwrap().latest_step().unwrap_err();
+        let msg = err.to_string();
+        assert!(!err.is_retryable(), "a request error does not get better by retrying: {msg}");
+        assert!(msg.contains(url) && msg.contains(says) && !msg.contains("transient"), "{msg}");
+    }
 }
 
 fn wrong_credentials_are_refused_clearly(server: &S3Server) {
