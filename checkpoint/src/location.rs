@@ -121,6 +121,9 @@ fn cloud(input: &str, scheme: &str, shown: String, options: &StoreOptions) -> Re
             reason: "it names no bucket (expected s3://bucket/prefix)".into(),
         });
     }
+    if matches!(scheme, "s3" | "s3a") {
+        check_s3_credentials(&shown, |name| std::env::var(name).ok())?;
+    }
     let retry = options.retry_config();
     let built: object_store::Result<Arc<dyn ObjectStore>> = match scheme {
         "s3" | "s3a" => {
@@ -139,6 +142,32 @@ fn cloud(input: &str, scheme: &str, shown: String, options: &StoreOptions) -> Re
         reason: format!("its path is not a valid object prefix: {e}"),
     })?;
     Ok(Location { store, prefix, display_url: shown.trim_end_matches('/').to_string(), part_bytes: options.part_bytes })
+}
+
+/// An S3-compatible server named by AWS_ENDPOINT_URL (not AWS itself)
+/// with no credentials in the environment: the S3 client would next ask
+/// the cloud's instance-metadata address (169.254.169.254) for some, which
+/// off a cloud machine only times out, and sends traffic where none
+/// should go. Said at once instead. On AWS (no endpoint), instance and
+/// container credentials stay available.
+fn check_s3_credentials(shown: &str, var: impl Fn(&str) -> Option<String>) -> Result<()> {
+    let set = |name: &str| var(name).is_some_and(|v| !v.trim().is_empty());
+    let endpoint = var("AWS_ENDPOINT_URL").or_else(|| var("AWS_ENDPOINT")).filter(|v| !v.trim().is_empty());
+    let anonymous = var("AWS_SKIP_SIGNATURE").is_some_and(|v| v.eq_ignore_ascii_case("true"));
+    let has_credentials = set("AWS_ACCESS_KEY_ID")
+        || set("AWS_WEB_IDENTITY_TOKEN_FILE")
+        || set("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")
+        || set("AWS_CONTAINER_CREDENTIALS_FULL_URI");
+    match endpoint {
+        Some(endpoint) if !has_credentials && !anonymous => Err(Error::InvalidUrl {
+            url: shown.to_string(),
+            reason: format!(
+                "no AWS credentials are set for the S3-compatible server at {endpoint}: set AWS_ACCESS_KEY_ID and \
+                 AWS_SECRET_ACCESS_KEY (or AWS_SKIP_SIGNATURE=true for a public bucket)"
+            ),
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// The scheme of `input` when it looks like `scheme://...`, lower-cased; a
@@ -218,6 +247,22 @@ mod tests {
         assert_eq!(url_scheme("/abs/path"), None);
         assert_eq!(url_scheme("rel/a:b"), None);
         assert_eq!(url_scheme("./x://y"), None);
+    }
+
+    #[test]
+    fn an_s3_compatible_server_without_credentials_is_refused_before_any_request() {
+        let check = |vars: &[(&str, &str)]| {
+            let vars: Vec<(String, String)> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+            check_s3_credentials("s3://b/p", |name| vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()))
+        };
+        let err = check(&[("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")]).unwrap_err().to_string();
+        assert!(
+            err.contains("s3://b/p") && err.contains("AWS_ACCESS_KEY_ID") && err.contains("127.0.0.1:9000"),
+            "{err}"
+        );
+        assert!(check(&[("AWS_ENDPOINT_URL", "http://x"), ("AWS_ACCESS_KEY_ID", "k")]).is_ok());
+        assert!(check(&[("AWS_ENDPOINT_URL", "http://x"), ("AWS_SKIP_SIGNATURE", "true")]).is_ok(), "public bucket");
+        assert!(check(&[]).is_ok(), "on AWS itself, instance credentials may serve");
     }
 
     #[test]
