@@ -138,6 +138,24 @@ fn cpu_job_renders_every_object_valid_and_wired() {
     assert!(worker["resources"]["limits"]["nvidia.com/gpu"].is_null());
 }
 
+/// A CPU worker pod asks for the memory its ranks hold by the memory
+/// model, so the scheduler places it on a node where it fits.
+#[test]
+fn a_cpu_worker_pod_requests_the_memory_its_model_needs() {
+    let request_mib = |docs: &[Value]| {
+        let memory = worker_container(docs)["resources"]["requests"]["memory"].as_str().unwrap().to_string();
+        memory.strip_suffix("Mi").unwrap_or_else(|| panic!("{memory} is not in Mi")).parse::<u64>().unwrap()
+    };
+    assert_eq!(request_mib(&render_valid("mem-small", &["--workers", "1", "--image", "i:1"])), 1024, "at least 1 GiB");
+    // 2 layers x 16 experts x 3 x 1024 x 4096 = 403M expert parameters, 16 bytes
+    // each with their gradient and AdamW moments: 6.0 GiB before activations.
+    let big = ["--workers", "1", "--image", "i:1", "--set", "model.d_model=1024", "--set", "model.ffn_hidden=4096"];
+    let big =
+        render_valid("mem-big", &[&big[..], &["--set", "model.n_experts=16", "--set", "model.n_heads=8"]].concat());
+    let mib = request_mib(&big);
+    assert!((6 * 1024 * 5 / 4..24 * 1024).contains(&mib), "{mib} MiB");
+}
+
 #[test]
 fn gpu_jobs_run_one_rank_per_gpu_pod_at_any_size() {
     for workers in [1, 2, 4] {

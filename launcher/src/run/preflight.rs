@@ -52,6 +52,12 @@ fn worst_imbalance(job: &JobConfig) -> Result<f64> {
     Ok(dims.ep as f64 * k.min(experts_here) as f64 / k as f64)
 }
 
+/// The memory `ranks` ranks of `job` hold together with balanced routing
+/// (the model's lower bound), in bytes.
+pub fn estimate_bytes(job: &JobConfig, ranks: usize) -> Result<f64> {
+    Ok(per_rank(job, Routing::default())?.total() * ranks as f64)
+}
+
 /// One line of the estimate, by kind.
 fn breakdown(m: &RankMemory) -> String {
     format!(

@@ -233,7 +233,7 @@ fn worker_job(job: &K8sJob) -> Value {
             "periodSeconds": 15,
             "failureThreshold": 4,
         },
-        "resources": { "requests": { "cpu": "1", "memory": "1Gi" } },
+        "resources": { "requests": { "cpu": "1", "memory": format!("{}Mi", job.worker_memory_mib) } },
         "volumeMounts": volume_mounts(job),
     });
     let env = worker_env(job);

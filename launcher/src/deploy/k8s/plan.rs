@@ -12,6 +12,23 @@ pub const HTTP_PORT: u16 = 29501;
 /// Stands in for a secret value the user must fill in.
 pub const PLACEHOLDER: &str = "REPLACE_ME";
 
+/// The smallest memory request of a worker container, MiB.
+const MIN_WORKER_MEMORY_MIB: u64 = 1024;
+
+/// A CPU worker pod's memory request: its ranks' memory by the model
+/// (`run::preflight`), plus a quarter (measured: 1.10x of the model on a
+/// D512 job) and 256 MiB for the program, its libraries and buffers (about
+/// 25 MiB measured with one rank), at least 1 GiB. A GPU pod's ranks hold
+/// the model on the device, so it asks for the minimum.
+fn worker_memory_mib(job: &JobConfig, ranks_per_pod: usize, gpu: bool) -> Result<u64> {
+    if gpu {
+        return Ok(MIN_WORKER_MEMORY_MIB);
+    }
+    let bytes = crate::run::preflight::estimate_bytes(job, ranks_per_pod)? * 1.25 + (256u64 << 20) as f64;
+    let mib = (bytes / (1u64 << 20) as f64).ceil() as u64;
+    Ok(mib.next_multiple_of(64).max(MIN_WORKER_MEMORY_MIB))
+}
+
 /// A checked job ready to be turned into manifests.
 #[derive(Debug, Clone)]
 pub struct K8sJob {
@@ -23,6 +40,9 @@ pub struct K8sJob {
     pub workers: usize,
     /// Ranks each worker pod runs (threads for `local`, mpirun processes for `mpi`, 1 for `nccl`).
     pub ranks_per_pod: usize,
+    /// The worker container's memory request, MiB: what its ranks hold by
+    /// the memory model, with room for what the model leaves out.
+    pub worker_memory_mib: u64,
     pub backend: Backend,
     pub gpu: bool,
     /// The resolved job config, token removed: the ConfigMap's `job.toml`.
@@ -91,6 +111,7 @@ pub fn plan(job: &JobConfig, req: &RenderRequest, env: impl Fn(&str) -> Option<S
             ranks
         }
     };
+    let worker_memory_mib = worker_memory_mib(job, ranks_per_pod, req.gpu)?;
     let mut notes = Vec::new();
     let url = job.checkpoint.url.trim();
     let scheme = url.split_once("://").map(|(s, _)| s);
@@ -127,6 +148,7 @@ pub fn plan(job: &JobConfig, req: &RenderRequest, env: impl Fn(&str) -> Option<S
         image,
         workers,
         ranks_per_pod,
+        worker_memory_mib,
         backend,
         gpu: req.gpu,
         config_toml: job.to_toml(),
