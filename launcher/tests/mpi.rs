@@ -214,6 +214,17 @@ fn a_stopped_rank_makes_the_others_fail_naming_it() {
     eprintln!("stopped rank 2: the job ended {took:?} after the signal; missing ranks reported: {named:?}");
 }
 
+/// SIGTERM to one rank only: every rank saves the step and stops, and the
+/// launcher reports a stop (143), not a failed job.
+#[test]
+fn sigterm_to_one_rank_stops_the_job_with_a_checkpoint_and_143() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let (out, _) = signal_a_rank("rank-sigterm", "-TERM", 1, &[]);
+    let log = text(&out);
+    assert_eq!(out.status.code(), Some(143), "{log}");
+    assert!(log.contains("the ranks committed a checkpoint") && !log.contains("the MPI job failed"), "{log}");
+}
+
 #[test]
 fn a_killed_rank_ends_the_job_with_an_error() {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());

@@ -307,8 +307,12 @@ pub struct Preempted {
 impl std::fmt::Display for Preempted {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         if self.step == 0 {
-            let signal = worker::preemption::signal_name();
-            return write!(f, "stopped on {signal}; the ranks committed a checkpoint before exiting (see above)");
+            let why = if worker::preemption::requested() {
+                format!("stopped on {}", worker::preemption::signal_name())
+            } else {
+                "stopped: a rank got a stop signal (SIGTERM, SIGINT or SIGUSR1)".to_string()
+            };
+            return write!(f, "{why}; the ranks committed a checkpoint before exiting (see above)");
         }
         let signal = worker::preemption::signal_name();
         write!(f, "stopped on {signal} at step {} after committing its checkpoint in {}", self.step, self.run_dir)
@@ -325,7 +329,10 @@ fn run_mpi(launch: &RankLaunch, coordinator: &RunningCoordinator) -> Result<()> 
     let env = [(ADDR_VAR, link.addr), (TOKEN_VAR, link.token)];
     let job = launch.job;
     let code = mpirun::run_self(job.parallel.ranks, &launch.args(), &env, &job.launch)?;
-    if code != 0 && worker::preemption::requested() {
+    // 143 from mpirun: a rank got the stop signal itself (and every rank
+    // saved and stopped with it); the job stopped as if this process had.
+    let preempted_rank = code == worker::preemption::PREEMPTED_EXIT_CODE;
+    if code != 0 && (worker::preemption::requested() || preempted_rank) {
         return Err(Preempted { step: 0, run_dir: String::new(), quiet: false }.into());
     }
     if code != 0 {
