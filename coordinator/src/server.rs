@@ -154,6 +154,16 @@ pub(crate) struct State {
     save_and_stop: Option<String>,
 }
 
+impl State {
+    /// Sends `message` to every registered rank (a closed connection is
+    /// that rank's own failure, reported elsewhere).
+    fn send_to_all(&self, message: &Message) {
+        for slot in self.ranks.iter().flatten() {
+            let _ = slot.outbox.send(message.clone());
+        }
+    }
+}
+
 pub(crate) type Shared = Arc<Mutex<State>>;
 
 pub(crate) fn lock(shared: &Shared) -> MutexGuard<'_, State> {
@@ -243,17 +253,12 @@ impl Coordinator {
     pub fn ask_to_save_and_stop(&self, reason: &str) {
         let mut state = lock(&self.shared);
         state.save_and_stop = Some(reason.to_string());
-        for slot in state.ranks.iter().flatten() {
-            let _ = slot.outbox.send(Message::SaveAndStop { reason: reason.to_string() });
-        }
+        state.send_to_all(&Message::SaveAndStop { reason: reason.to_string() });
     }
 
     /// Tells every connected rank to stop.
     pub fn stop_all(&self, reason: &str) {
-        let state = lock(&self.shared);
-        for slot in state.ranks.iter().flatten() {
-            let _ = slot.outbox.send(Message::Stop { reason: reason.to_string() });
-        }
+        lock(&self.shared).send_to_all(&Message::Stop { reason: reason.to_string() });
     }
 }
 
@@ -545,9 +550,7 @@ fn committed(state: &mut State, outcome: Result<Committed, (u64, String)>) {
     match outcome {
         Ok(done) => {
             state.last_checkpoint = Some(done.step);
-            for slot in state.ranks.iter().flatten() {
-                let _ = slot.outbox.send(Message::Committed { step: done.step });
-            }
+            state.send_to_all(&Message::Committed { step: done.step });
             let _ = state.events.send(Event::Committed(done));
         }
         Err((step, reason)) => {
@@ -555,10 +558,7 @@ fn committed(state: &mut State, outcome: Result<Committed, (u64, String)>) {
                 Some(last) => format!("step {last} is the last committed checkpoint"),
                 None => "no step was committed by this run".to_string(),
             };
-            let stop = format!("checkpoint step {step} failed: {reason}; {kept}");
-            for slot in state.ranks.iter().flatten() {
-                let _ = slot.outbox.send(Message::Stop { reason: stop.clone() });
-            }
+            state.send_to_all(&Message::Stop { reason: format!("checkpoint step {step} failed: {reason}; {kept}") });
             let _ = state.events.send(Event::CheckpointFailed { step, reason });
         }
     }

@@ -43,8 +43,8 @@ pub struct CoordinatorClient {
     writer: Arc<Mutex<TcpStream>>,
     step: Arc<AtomicU64>,
     stop: Arc<Mutex<Option<String>>>,
-    /// The coordinator's request to save the current step and stop, if made.
-    save_and_stop: Arc<Mutex<Option<String>>>,
+    /// Whether the coordinator asked to save the current step and stop.
+    save_and_stop: Arc<AtomicBool>,
     closed: Arc<AtomicBool>,
     /// The newest step the coordinator committed; notified on commits and on stop.
     committed: Arc<(Mutex<Option<u64>>, Condvar)>,
@@ -110,7 +110,7 @@ impl CoordinatorClient {
             writer: Arc::new(Mutex::new(stream)),
             step: Arc::new(AtomicU64::new(0)),
             stop: Arc::new(Mutex::new(None)),
-            save_and_stop: Arc::new(Mutex::new(None)),
+            save_and_stop: Arc::new(AtomicBool::new(false)),
             closed: Arc::new(AtomicBool::new(false)),
             committed: Arc::new((Mutex::new(None), Condvar::new())),
         };
@@ -145,8 +145,8 @@ impl CoordinatorClient {
             .spawn(move || loop {
                 let reason = match read_blocking(&mut reader) {
                     Ok(Message::Stop { reason }) => reason,
-                    Ok(Message::SaveAndStop { reason }) => {
-                        lock(&save_and_stop).get_or_insert(reason);
+                    Ok(Message::SaveAndStop { .. }) => {
+                        save_and_stop.store(true, Ordering::Relaxed);
                         continue;
                     }
                     Ok(Message::Committed { step }) => {
@@ -169,10 +169,10 @@ impl CoordinatorClient {
             .expect("spawn the coordinator listener thread");
     }
 
-    /// Why the coordinator asked this rank to save the current step and
-    /// stop, once it has (it was told to stop itself).
-    pub fn save_and_stop_asked(&self) -> Option<String> {
-        lock(&self.save_and_stop).clone()
+    /// Whether the coordinator asked this rank to save the current step
+    /// and stop (it was told to stop itself); checked once per step.
+    pub fn save_and_stop_asked(&self) -> bool {
+        self.save_and_stop.load(Ordering::Relaxed)
     }
 
     /// What the coordinator said at registration.

@@ -125,6 +125,36 @@ impl<'a, K: ExpertKind> LocalExperts<'a, K> {
         }
         Ok(index)
     }
+
+    /// What a pass over `layer` with `plan` starts from, checked: the slot's
+    /// index, the plan's rows, and each expert's weights. `values_ad` (named
+    /// `what` in errors) must hold one row per planned row.
+    fn start_pass(
+        &self,
+        slot: usize,
+        layer: usize,
+        plan: &DispatchPlan,
+        values_ad: &[f32],
+        what: &str,
+    ) -> Result<(usize, usize, Vec<Option<&'a ExpertWeights>>), ModelError> {
+        let index = self.slot_index(slot, layer)?;
+        let (rows, d) = (plan.num_rows(), self.d);
+        if values_ad.len() != rows * d {
+            let reason = format!("{what} has {} values, the plan needs {rows}x{d}", values_ad.len());
+            return Err(ModelError::executor(layer, reason));
+        }
+        Ok((index, rows, layer_experts(self.weights, self.n_layers, layer, plan)?))
+    }
+}
+
+/// Runs `run` on every expert's task (`rows` planned rows in all): on the
+/// thread pool when [`use_rayon`] says the work is worth it.
+fn run_tasks<T: Send>(tasks: Vec<T>, rows: usize, work_per_row: usize, run: impl Fn(T) + Sync + Send) {
+    if use_rayon(rows, work_per_row, tasks.len()) {
+        tasks.into_par_iter().for_each(run);
+    } else {
+        tasks.into_iter().for_each(run);
+    }
 }
 
 impl<K: ExpertKind> ExpertExecutor for LocalExperts<'_, K> {
@@ -147,13 +177,7 @@ impl<K: ExpertKind> LocalExperts<'_, K> {
         x_ad: &[f32],
     ) -> Result<Vec<f32>, ModelError> {
         let (d, kind) = (self.d, &self.kind);
-        let index = self.slot_index(slot, layer)?;
-        let rows = plan.num_rows();
-        if x_ad.len() != rows * d {
-            let reason = format!("dispatch buffer has {} values, the plan needs {rows}x{d}", x_ad.len());
-            return Err(ModelError::executor(layer, reason));
-        }
-        let weights = layer_experts(self.weights, self.n_layers, layer, plan)?;
+        let (index, rows, weights) = self.start_pass(slot, layer, plan, x_ad, "dispatch buffer")?;
         let mut y_ad = vec![0.0f32; rows * d];
         let mut caches = vec![K::Cache::default(); plan.num_experts];
         {
@@ -171,11 +195,7 @@ impl<K: ExpertKind> LocalExperts<'_, K> {
             let run = |(w, x_rd, rows, y, c): (&ExpertWeights, &[f32], usize, &mut [f32], &mut K::Cache)| {
                 kind.forward(w, Rows { x_rd, rows }, y, c)
             };
-            if use_rayon(rows, kind.work_per_row(), tasks.len()) {
-                tasks.into_par_iter().for_each(run);
-            } else {
-                tasks.into_iter().for_each(run);
-            }
+            run_tasks(tasks, rows, kind.work_per_row(), run);
         }
         self.saved[index] = Some((x_ad.to_vec(), caches));
         Ok(y_ad)
@@ -190,13 +210,7 @@ impl<K: ExpertKind> LocalExperts<'_, K> {
         dy_ad: &[f32],
     ) -> Result<Vec<f32>, ModelError> {
         let (d, kind) = (self.d, &self.kind);
-        let index = self.slot_index(slot, layer)?;
-        let rows = plan.num_rows();
-        if dy_ad.len() != rows * d {
-            let reason = format!("output gradient has {} values, the plan needs {rows}x{d}", dy_ad.len());
-            return Err(ModelError::executor(layer, reason));
-        }
-        let weights = layer_experts(self.weights, self.n_layers, layer, plan)?;
+        let (index, rows, weights) = self.start_pass(slot, layer, plan, dy_ad, "output gradient")?;
         let (x_ad, caches) = self
             .saved
             .get_mut(index)
@@ -234,11 +248,7 @@ impl<K: ExpertKind> LocalExperts<'_, K> {
                 (&'t ExpertWeights, &'t [f32], usize, &'t C, &'t [f32], &'t mut [f32], &'t mut ExpertWeights);
             let run =
                 |(w, x_rd, rows, c, dy, dx, g): Task<'_, K::Cache>| kind.backward(w, Rows { x_rd, rows }, c, dy, dx, g);
-            if use_rayon(rows, kind.work_per_row(), tasks.len()) {
-                tasks.into_par_iter().for_each(run);
-            } else {
-                tasks.into_iter().for_each(run);
-            }
+            run_tasks(tasks, rows, kind.work_per_row(), run);
         }
         Ok(dx_ad)
     }

@@ -96,7 +96,7 @@ fn train_rank(
         let sync_s = sync_started.elapsed().as_secs_f64();
         local.step.comm_s = local.step.dispatch.alltoall_s + local.bucket_s.unwrap_or(0.0) + sync_s;
         local.step.exposed_comm_s = run.exposure.take().as_secs_f64() + sync_s;
-        if client.is_some_and(|c| c.save_and_stop_asked().is_some()) {
+        if client.is_some_and(CoordinatorClient::save_and_stop_asked) {
             crate::preemption::request_by_coordinator();
         }
         let (mut metrics, stop) = local.step.reduce(run.comm, &run.shape)?;
