@@ -6,6 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")"
 export CARGO_TERM_COLOR=never
 export CARGO_INCREMENTAL=0
+# The suites never ask a cloud metadata address for credentials (the AWS
+# tools' standard opt-out; switchyard refuses S3 without credentials then).
+export AWS_EC2_METADATA_DISABLED=true
 
 # rustfmt and clippy come with rustup's default profile; add them if this
 # toolchain was installed without them.

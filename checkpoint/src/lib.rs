@@ -6,6 +6,7 @@
 //! <root>/step-00001200/shards/<shard>.safetensors   written first, by each rank
 //! <root>/step-00001200/manifest.json                written LAST: its presence = committed
 //! <root>/latest                                     text "step-00001200", after the manifest
+//! <root>/uploads/step-00001200/<id>.json            while a multipart upload to a bucket runs
 //! ```
 //!
 //! [`CheckpointStore`] is a blocking handle (the trainer is synchronous) that
@@ -24,6 +25,7 @@ mod save;
 mod shard;
 mod store;
 mod store_handle;
+mod uploads;
 mod verify;
 
 pub use error::{Error, Result};
@@ -34,6 +36,7 @@ pub use load::LoadedTensors;
 pub use location::StoreOptions;
 pub use manifest::{is_optimizer_state, Manifest, ShardReport, TensorEntry, DTYPE_F32, FORMAT_VERSION, OPTIM_PREFIX};
 pub use shard::TensorRef;
+pub use store::PART_STALL_VAR;
 pub use store_handle::CheckpointStore;
 pub use verify::VerifyReport;
 

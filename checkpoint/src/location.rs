@@ -9,6 +9,7 @@ use object_store::azure::MicrosoftAzureBuilder;
 use object_store::gcp::GoogleCloudStorageBuilder;
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
+use object_store::multipart::MultipartStore;
 use object_store::path::Path;
 use object_store::{BackoffConfig, ObjectStore, RetryConfig};
 use url::Url;
@@ -18,6 +19,9 @@ use crate::error::{Error, Result};
 /// A resolved checkpoint root: where objects go and how to name it to users.
 pub(crate) struct Location {
     pub store: Arc<dyn ObjectStore>,
+    /// The same store's upload-by-id interface where abandoned uploads keep
+    /// their parts (buckets, and memory:// so tests can watch them).
+    pub multipart: Option<Arc<dyn MultipartStore>>,
     pub prefix: Path,
     pub display_url: String,
     /// The upload part size for this store (see [`StoreOptions::part_bytes`]).
@@ -97,8 +101,10 @@ pub(crate) fn resolve(input: &str, create: Create, options: &StoreOptions) -> Re
         "memory" => {
             // Everything after "memory://" is a key prefix inside the fresh store.
             let prefix = input["memory://".len().min(input.len())..].trim_matches('/');
+            let store = Arc::new(InMemory::new());
             Ok(Location {
-                store: Arc::new(InMemory::new()),
+                store: store.clone(),
+                multipart: Some(store),
                 prefix: Path::from(prefix),
                 display_url: shown,
                 part_bytes: options.part_bytes,
@@ -125,49 +131,65 @@ fn cloud(input: &str, scheme: &str, shown: String, options: &StoreOptions) -> Re
         check_s3_credentials(&shown, |name| std::env::var(name).ok())?;
     }
     let retry = options.retry_config();
-    let built: object_store::Result<Arc<dyn ObjectStore>> = match scheme {
+    // Each client serves as both interfaces: objects, and uploads by id.
+    fn both<S: ObjectStore + MultipartStore>(store: S) -> (Arc<dyn ObjectStore>, Arc<dyn MultipartStore>) {
+        let store = Arc::new(store);
+        (store.clone(), store)
+    }
+    let built = match scheme {
         "s3" | "s3a" => {
             // S3-compatible servers (MinIO, s3s, Ceph) want path-style requests,
             // which is the builder's default unless AWS_VIRTUAL_HOSTED_STYLE_REQUEST says otherwise.
-            AmazonS3Builder::from_env().with_url(input).with_retry(retry).build().map(|s| Arc::new(s) as _)
+            AmazonS3Builder::from_env().with_url(input).with_retry(retry).build().map(both)
         }
-        "gs" => {
-            GoogleCloudStorageBuilder::from_env().with_url(input).with_retry(retry).build().map(|s| Arc::new(s) as _)
-        }
-        _ => MicrosoftAzureBuilder::from_env().with_url(input).with_retry(retry).build().map(|s| Arc::new(s) as _),
+        "gs" => GoogleCloudStorageBuilder::from_env().with_url(input).with_retry(retry).build().map(both),
+        _ => MicrosoftAzureBuilder::from_env().with_url(input).with_retry(retry).build().map(both),
     };
-    let store = built.map_err(|source| Error::Storage { op: "open", url: shown.clone(), cause: source })?;
+    let (store, multipart) =
+        built.map_err(|source| Error::Storage { op: "open", url: shown.clone(), cause: source })?;
     let prefix = Path::from_url_path(url.path()).map_err(|e| Error::InvalidUrl {
         url: shown.clone(),
         reason: format!("its path is not a valid object prefix: {e}"),
     })?;
-    Ok(Location { store, prefix, display_url: shown.trim_end_matches('/').to_string(), part_bytes: options.part_bytes })
+    Ok(Location {
+        store,
+        multipart: Some(multipart),
+        prefix,
+        display_url: shown.trim_end_matches('/').to_string(),
+        part_bytes: options.part_bytes,
+    })
 }
 
-/// An S3-compatible server named by AWS_ENDPOINT_URL (not AWS itself)
-/// with no credentials in the environment: the S3 client would next ask
-/// the cloud's instance-metadata address (169.254.169.254) for some, which
-/// off a cloud machine only times out, and sends traffic where none
-/// should go. Said at once instead. On AWS (no endpoint), instance and
-/// container credentials stay available.
+/// Refuses, before any request, an S3 store whose client would next ask
+/// the cloud's instance-metadata address (169.254.169.254) for credentials
+/// where that cannot be meant:
+/// - an S3-compatible server named by AWS_ENDPOINT_URL (not AWS itself)
+///   with no credentials in the environment: off a cloud machine the lookup
+///   only times out, and it sends traffic where none should go;
+/// - no credentials with AWS_EC2_METADATA_DISABLED=true, the AWS tools'
+///   standard opt-out of that lookup (the object_store client ignores it).
+///
+/// On AWS otherwise (no endpoint), instance and container credentials stay available.
 fn check_s3_credentials(shown: &str, var: impl Fn(&str) -> Option<String>) -> Result<()> {
     let set = |name: &str| var(name).is_some_and(|v| !v.trim().is_empty());
     let endpoint = var("AWS_ENDPOINT_URL").or_else(|| var("AWS_ENDPOINT")).filter(|v| !v.trim().is_empty());
-    let anonymous = var("AWS_SKIP_SIGNATURE").is_some_and(|v| v.eq_ignore_ascii_case("true"));
+    let is_true = |name: &str| var(name).is_some_and(|v| v.trim().eq_ignore_ascii_case("true"));
     let has_credentials = set("AWS_ACCESS_KEY_ID")
         || set("AWS_WEB_IDENTITY_TOKEN_FILE")
         || set("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")
         || set("AWS_CONTAINER_CREDENTIALS_FULL_URI");
-    match endpoint {
-        Some(endpoint) if !has_credentials && !anonymous => Err(Error::InvalidUrl {
-            url: shown.to_string(),
-            reason: format!(
-                "no AWS credentials are set for the S3-compatible server at {endpoint}: set AWS_ACCESS_KEY_ID and \
-                 AWS_SECRET_ACCESS_KEY (or AWS_SKIP_SIGNATURE=true for a public bucket)"
-            ),
-        }),
-        _ => Ok(()),
+    if has_credentials || is_true("AWS_SKIP_SIGNATURE") {
+        return Ok(());
     }
+    let what = "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_SKIP_SIGNATURE=true for a public bucket)";
+    let reason = match endpoint {
+        Some(endpoint) => format!("no AWS credentials are set for the S3-compatible server at {endpoint}: {what}"),
+        None if is_true("AWS_EC2_METADATA_DISABLED") => format!(
+            "no AWS credentials are set, and AWS_EC2_METADATA_DISABLED=true rules out the instance's own: {what}"
+        ),
+        None => return Ok(()),
+    };
+    Err(Error::InvalidUrl { url: shown.to_string(), reason })
 }
 
 /// The scheme of `input` when it looks like `scheme://...`, lower-cased; a
@@ -207,6 +229,7 @@ fn local_folder(path: &FsPath, create: Create, options: &StoreOptions) -> Result
         .with_fsync(true);
     Ok(Location {
         store: Arc::new(store),
+        multipart: None,
         prefix: Path::default(),
         display_url,
         part_bytes: options.part_bytes.min(LOCAL_PART_BYTES),
@@ -263,6 +286,10 @@ mod tests {
         assert!(check(&[("AWS_ENDPOINT_URL", "http://x"), ("AWS_ACCESS_KEY_ID", "k")]).is_ok());
         assert!(check(&[("AWS_ENDPOINT_URL", "http://x"), ("AWS_SKIP_SIGNATURE", "true")]).is_ok(), "public bucket");
         assert!(check(&[]).is_ok(), "on AWS itself, instance credentials may serve");
+        let err = check(&[("AWS_EC2_METADATA_DISABLED", "true")]).unwrap_err().to_string();
+        assert!(err.contains("AWS_EC2_METADATA_DISABLED") && err.contains("AWS_ACCESS_KEY_ID"), "{err}");
+        assert!(check(&[("AWS_EC2_METADATA_DISABLED", "false")]).is_ok());
+        assert!(check(&[("AWS_EC2_METADATA_DISABLED", "true"), ("AWS_ACCESS_KEY_ID", "k")]).is_ok());
     }
 
     #[test]

@@ -46,8 +46,8 @@ impl CheckpointStore {
     }
 
     fn open_at(url: &str, create: Create, options: &StoreOptions) -> Result<Self> {
-        let Location { store, prefix, display_url, part_bytes } = location::resolve(url, create, options)?;
-        Self::build(ObjectIo::new(store, prefix, display_url), part_bytes)
+        let Location { store, multipart, prefix, display_url, part_bytes } = location::resolve(url, create, options)?;
+        Self::build(ObjectIo::new(store, multipart, prefix, display_url), part_bytes)
     }
 
     /// Use an existing object store (e.g. one `InMemory` shared by a test's
@@ -55,7 +55,7 @@ impl CheckpointStore {
     pub fn from_object_store(store: Arc<dyn ObjectStore>, prefix: &str, display_url: &str) -> Result<Self> {
         let prefix = Path::from(prefix.trim_matches('/'));
         let display_url = location::redact(display_url);
-        Self::build(ObjectIo::new(store, prefix, display_url), StoreOptions::default().part_bytes)
+        Self::build(ObjectIo::new(store, None, prefix, display_url), StoreOptions::default().part_bytes)
     }
 
     fn build(io: ObjectIo, part_bytes: usize) -> Result<Self> {

@@ -37,6 +37,9 @@ pub struct Committed {
     /// Slowest rank's upload, and the commit itself (checks, manifest, prune).
     pub upload_s: f64,
     pub commit_s: f64,
+    /// Unfinished multipart uploads of earlier saves (of processes killed
+    /// while uploading) that this commit aborted, or why it could not.
+    pub abandoned_uploads: Result<Vec<String>, String>,
 }
 
 /// The shards reported so far for one step.
@@ -144,6 +147,8 @@ impl Committer {
                             bytes,
                             upload_s,
                             commit_s: started.elapsed().as_secs_f64(),
+                            // Not a failed commit: the step is safe, only the cleanup is left.
+                            abandoned_uploads: store.abort_abandoned_uploads(Some(step)).map_err(|e| e.to_string()),
                         })
                         .map_err(|e| (step, e.to_string()));
                     done(result);

@@ -484,6 +484,88 @@ fn training_checkpoints_to_s3_and_resumes_from_it() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// Files s3s-fs keeps for unfinished multipart uploads (`.upload-<id>.json`
+/// and `.upload_id-<id>.part-<n>`, in its root folder).
+fn unfinished_uploads(server_root: &Path) -> Vec<String> {
+    std::fs::read_dir(server_root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with(".upload"))
+        .collect()
+}
+
+/// A process killed -9 in the middle of a multipart upload to a real S3
+/// server leaves parts in the bucket; the resumed run aborts that upload
+/// before training, so nothing stays billed, and trains on to the end.
+#[test]
+fn an_upload_cut_by_a_kill_is_aborted_when_the_run_resumes() {
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+    let dir = temp_dir("s3-cut-upload");
+    let server = s3_server::S3Server::start(&dir.join("s3"), &["ckpt"]);
+    let s3_env = |cmd: &mut Command| {
+        cmd.current_dir(&dir)
+            .env("AWS_ENDPOINT_URL", server.endpoint())
+            .env("AWS_ALLOW_HTTP", "true")
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_ACCESS_KEY_ID", s3_server::ACCESS_KEY)
+            .env("AWS_SECRET_ACCESS_KEY", s3_server::SECRET_KEY);
+    };
+    // The built-in tiny model's shard (about 20 MiB) goes up in 5 MiB parts.
+    let args = [
+        "train",
+        "--quiet",
+        "--run-dir",
+        "run",
+        "--set",
+        "checkpoint.url=s3://ckpt/runs/tiny",
+        "--set",
+        "checkpoint.part_mib=5",
+        "--set",
+        "train.steps=4",
+        "--set",
+        "checkpoint.every=2",
+    ];
+    let mut first = Command::new(env!("CARGO_BIN_EXE_switchyard"));
+    s3_env(first.args(args).args(["--stop-at", "2"]));
+    let out = first.output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(unfinished_uploads(&server.root).is_empty(), "finished uploads leave nothing behind");
+
+    // The save of step 4 stalls after its first part; kill -9 it there.
+    let mut cut = Command::new(env!("CARGO_BIN_EXE_switchyard"));
+    s3_env(cut.args(args).arg("--resume").env(checkpoint::PART_STALL_VAR, "120000"));
+    let mut child = cut.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let marker_dir = dir.join("s3/ckpt/runs/tiny/uploads/step-00000004");
+    let started = Instant::now();
+    while !(marker_dir.is_dir() && unfinished_uploads(&server.root).iter().any(|f| f.starts_with(".upload_id-"))) {
+        assert!(started.elapsed() < Duration::from_secs(120), "step 4's upload never sent a part");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let left = unfinished_uploads(&server.root);
+    assert!(left.iter().any(|f| f.ends_with(".json")), "the cut upload is still open on the server: {left:?}");
+
+    let mut resumed = Command::new(env!("CARGO_BIN_EXE_switchyard"));
+    s3_env(resumed.args(args).arg("--resume"));
+    let out = resumed.output().unwrap();
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("step 2"), "resumed from the last commit: {log}");
+    assert!(
+        log.contains("aborted 1 unfinished upload(s) of an earlier, interrupted save: step-00000004/shards/"),
+        "{log}"
+    );
+    assert_eq!(unfinished_uploads(&server.root), Vec::<String>::new(), "the cut upload was aborted");
+    assert!(!marker_dir.exists() || std::fs::read_dir(&marker_dir).unwrap().next().is_none(), "no marker is left");
+    let mut verify = Command::new(env!("CARGO_BIN_EXE_switchyard"));
+    s3_env(verify.args(["ckpt", "verify", "s3://ckpt/runs/tiny"]));
+    let out = verify.output().unwrap();
+    assert!(out.status.success() && text(&out).contains("step-00000004"), "{}", text(&out));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 #[test]
 fn sigterm_saves_a_checkpoint_stops_with_143_and_the_job_resumes_from_it() {
     use std::process::Stdio;

@@ -52,6 +52,9 @@ pub struct StartInfo {
     pub nodes: Vec<String>,
     /// The overlap techniques this layout runs (docs/overlap.md).
     pub overlap: crate::overlap::Techniques,
+    /// Objects whose multipart uploads, left unfinished by an earlier run
+    /// that was killed while saving, were aborted before this one started.
+    pub aborted_uploads: Vec<String>,
 }
 
 /// The end of a run.

@@ -257,6 +257,8 @@ impl<'c> Checkpointer<'c> {
             }
             self.store.commit(&manifest)?;
             self.store.prune(self.keep_last)?;
+            // A later save would fail the same way; nothing here is lost.
+            self.store.abort_abandoned_uploads(Some(step))?;
         }
         comm.barrier()?;
         self.committed_here = Some(step);

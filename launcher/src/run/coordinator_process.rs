@@ -78,6 +78,11 @@ impl RunningCoordinator {
                         Some(Event::CheckpointFailed { step, reason }) => {
                             eprintln!("coordinator: checkpoint step {step} failed: {reason}; stopping every rank")
                         }
+                        Some(Event::Committed(c)) => {
+                            if let Some(line) = abandoned_uploads_line(&c) {
+                                eprintln!("coordinator: {line}")
+                            }
+                        }
                         _ => {}
                     }
                 }
@@ -170,12 +175,33 @@ fn job_token(cfg: &CoordinatorConfig) -> Result<String> {
 
 /// One line for a committed checkpoint.
 pub fn commit_line(c: &Committed) -> String {
-    format!(
+    let line = format!(
         "checkpoint step {} committed: {} ({:.1} MiB, slowest upload {:.2}s, commit {:.2}s)",
         c.step,
         c.url,
         c.bytes as f64 / (1u64 << 20) as f64,
         c.upload_s,
         c.commit_s
-    )
+    );
+    match abandoned_uploads_line(c) {
+        Some(more) => format!("{line}\n{more}"),
+        None => line,
+    }
+}
+
+/// What a commit did about uploads that killed processes left unfinished,
+/// when there were any.
+pub fn abandoned_uploads_line(c: &Committed) -> Option<String> {
+    match &c.abandoned_uploads {
+        Ok(aborted) if aborted.is_empty() => None,
+        Ok(aborted) => Some(format!(
+            "aborted {} unfinished upload(s) of an earlier, interrupted save: {}",
+            aborted.len(),
+            aborted.join(", ")
+        )),
+        Err(reason) => Some(format!(
+            "warning: could not abort the unfinished uploads of an earlier save ({reason}); the next commit tries \
+             again, or a bucket lifecycle rule (AbortIncompleteMultipartUpload) removes them"
+        )),
+    }
 }

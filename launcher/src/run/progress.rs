@@ -185,6 +185,13 @@ impl Observer for ConsoleProgress {
             info.grad_accumulation,
             info.total_steps,
         ));
+        if !info.aborted_uploads.is_empty() {
+            self.line(&format!(
+                "aborted {} unfinished upload(s) of an earlier, interrupted save: {}",
+                info.aborted_uploads.len(),
+                info.aborted_uploads.join(", ")
+            ));
+        }
         let d = info.dims;
         if d.world > 1 {
             self.line(&format!(

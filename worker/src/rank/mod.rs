@@ -220,10 +220,10 @@ impl<'a> RankRun<'a> {
         let data = open_data(job)?;
         let (store, mut state, resumed_from) = starting_state(job, opts, &placement, dims.ep_rank(rank))?;
         cut_to_rank_shard(&mut state, cfg.d_model, &dims, rank);
-        let metrics_out = if rank == 0 {
+        let (metrics_out, aborted_uploads) = if rank == 0 {
             prepare_run_folder(job, &opts.run_dir, &store, client.is_some(), state.step)?
         } else {
-            None
+            (None, Vec::new())
         };
         let saver = Checkpointer::new(store, client, job.checkpoint.keep_last);
         let tokens_per_step = (job.train.global_batch_size * cfg.seq_len) as u64;
@@ -241,6 +241,7 @@ impl<'a> RankRun<'a> {
             dims,
             nodes: nodes.clone(),
             overlap: techniques,
+            aborted_uploads,
         };
         let grads = state.weights.zeros_like();
         let run = RankRun {

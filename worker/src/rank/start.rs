@@ -55,7 +55,8 @@ pub(crate) fn node_name() -> String {
 }
 
 /// Rank 0, once every input is checked: the run folder with the resolved
-/// config, uncommitted steps of an earlier attempt cleaned up,
+/// config, uncommitted steps and unfinished uploads of an earlier attempt
+/// cleaned up (the aborted uploads' objects are returned),
 /// `metrics.jsonl` cut back to `start_step` (whoever writes it next, the
 /// rows of re-run steps are not kept twice) and opened unless a
 /// coordinator writes it (it has every rank's report).
@@ -65,7 +66,7 @@ pub(crate) fn prepare_run_folder(
     store: &CheckpointStore,
     coordinated: bool,
     start_step: u64,
-) -> Result<Option<MetricsWriter>, WorkerError> {
+) -> Result<(Option<MetricsWriter>, Vec<String>), WorkerError> {
     std::fs::create_dir_all(run_dir).map_err(|e| WorkerError::io("cannot create run folder", run_dir, e))?;
     let config_path = run_dir.join("config.toml");
     std::fs::write(&config_path, job.to_toml()).map_err(|e| WorkerError::io("cannot write", &config_path, e))?;
@@ -77,7 +78,8 @@ pub(crate) fn prepare_run_folder(
         Some(MetricsWriter::append(&path).map_err(|e| WorkerError::io("cannot open", &path, e))?)
     };
     store.cleanup_uncommitted()?;
-    Ok(metrics)
+    let aborted_uploads = store.abort_abandoned_uploads(None)?;
+    Ok((metrics, aborted_uploads))
 }
 
 /// Opens the store and finds the starting state; errors before anything is written.
