@@ -34,6 +34,10 @@ pub struct RunOptions {
     pub stop_at: Option<u64>,
     /// The job's coordinator, when the launcher runs one.
     pub coordinator: Option<CoordinatorLink>,
+    /// Rows one rank's experts may take per exchange by the launcher's
+    /// memory check of this machine, used when `parallel.max_expert_rows`
+    /// is 0; `None`: no bound unless the config sets one.
+    pub expert_rows_that_fit: Option<usize>,
 }
 
 /// Facts about the run, given to the observer before the first step.

@@ -59,6 +59,27 @@ pub struct ParallelConfig {
     /// Balanced placement: extra expert slots for replicas of hot experts,
     /// over the expert-parallel group; 0 = one per rank.
     pub redundant_experts: usize,
+    /// Most rows one rank's experts take from one layer's exchange of a
+    /// micro-batch (dropless routing can send them all of it); 0 = what the
+    /// launcher's memory check says this machine can hold, no bound where
+    /// it cannot tell.
+    pub max_expert_rows: usize,
+    /// What a rank does when its experts would get more rows than that.
+    pub expert_overflow: ExpertOverflow,
+}
+
+/// `[parallel] expert_overflow`: a rank's experts were sent more rows than
+/// `max_expert_rows` (a skewed router, usually early in training).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExpertOverflow {
+    /// The step fails with an error naming the layer, rank and expert,
+    /// before the rows are received (a clear error, never an OOM kill).
+    Fail,
+    /// The most loaded experts drop rows (they contribute nothing, like
+    /// tokens over capacity) until the rank is within the bound; the step
+    /// goes on and metrics count the dropped rows.
+    Cap,
 }
 
 impl Default for ParallelConfig {
@@ -72,6 +93,8 @@ impl Default for ParallelConfig {
             placement: layout::Placement::Contiguous,
             rebalance_every: 100,
             redundant_experts: 0,
+            max_expert_rows: 0,
+            expert_overflow: ExpertOverflow::Fail,
         }
     }
 }

@@ -25,6 +25,7 @@
 //!
 //! Legend: `a` dispatch rows, `d` d_model.
 
+use crate::config::ExpertOverflow;
 use crate::overlap::exposure::Exposure;
 use collectives::comm_thread::{CommThread, OpTimes, Ticket};
 use collectives::{Communicator, MessageBuffer};
@@ -48,6 +49,9 @@ pub struct DispatchStats {
     pub expert_s: f64,
     /// Rows this rank's experts processed (forward).
     pub rows_computed: u64,
+    /// Rows this rank's experts dropped to stay within their row budget
+    /// (`parallel.expert_overflow = "cap"`).
+    pub rows_over_budget: u64,
 }
 
 impl DispatchStats {
@@ -59,6 +63,7 @@ impl DispatchStats {
         self.alltoall_exposed_s += other.alltoall_exposed_s;
         self.expert_s += other.expert_s;
         self.rows_computed += other.rows_computed;
+        self.rows_over_budget += other.rows_over_budget;
     }
 }
 
@@ -72,7 +77,8 @@ struct Chunk {
     send_counts: Vec<usize>,
     /// Rows this chunk receives from each rank.
     recv_counts: Vec<usize>,
-    /// For each row received (source-major), its row in `plan`.
+    /// For each row received (source-major), its row in `plan`, or
+    /// [`DROPPED`] for a row over the rank's budget (no expert runs it).
     recv_to_plan: Vec<usize>,
     /// The expert-major grouping of the rows received.
     plan: DispatchPlan,
@@ -108,6 +114,18 @@ struct Flight {
     outbound: VecDeque<Transfer>,
 }
 
+/// In place of an expert id or a plan row: a row over the rank's budget,
+/// which no expert runs and whose output is zero (a dropped token).
+const DROPPED: usize = usize::MAX;
+
+/// At most `rows` rows go to one rank's experts in one exchange; past it,
+/// `overflow` says what happens.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RowBudget {
+    pub rows: usize,
+    pub overflow: ExpertOverflow,
+}
+
 /// Runs the experts where the placement plan puts them.
 pub struct AllToAllExperts<'a> {
     comm: &'a mut dyn Communicator,
@@ -121,6 +139,8 @@ pub struct AllToAllExperts<'a> {
     top_k: usize,
     /// Pieces each exchange is cut in (1 without a pipe).
     chunk_count: usize,
+    /// The bound on rows this rank's experts take per exchange, if any.
+    budget: Option<RowBudget>,
     saved: Vec<Option<Exchange>>,
     flights: Vec<Option<Flight>>,
     /// The rows of the exchange received last; its allocation is reused
@@ -133,26 +153,47 @@ pub struct AllToAllExperts<'a> {
 }
 
 /// `out[i] = src[order[i]]`, row by row.
+/// A [`DROPPED`] entry gives a row of zeros.
 fn gather_rows(src: &[f32], d: usize, order: &[usize]) -> Vec<f32> {
     let mut out = Vec::with_capacity(order.len() * d);
     for &row in order {
-        out.extend_from_slice(&src[row * d..(row + 1) * d]);
+        match row {
+            DROPPED => out.resize(out.len() + d, 0.0),
+            row => out.extend_from_slice(&src[row * d..(row + 1) * d]),
+        }
     }
     out
 }
 
-/// `out[order[i]] = src[i]`, row by row (the inverse of [`gather_rows`]).
-fn scatter_rows(src: &[f32], d: usize, order: &[usize]) -> Vec<f32> {
-    let mut out = vec![0.0; order.len() * d];
+/// `out[order[i]] = src[i]`, row by row, into `rows` rows (the inverse of
+/// [`gather_rows`]); rows whose entry is [`DROPPED`] are left out.
+fn scatter_rows(src: &[f32], d: usize, order: &[usize], rows: usize) -> Vec<f32> {
+    let mut out = vec![0.0; rows * d];
     scatter_rows_into(src, d, order, &mut out);
     out
 }
 
 /// `out[order[i]] = src[i]`, row by row, into an existing buffer.
 fn scatter_rows_into(src: &[f32], d: usize, order: &[usize], out: &mut [f32]) {
-    for (i, &row) in order.iter().enumerate() {
+    for (i, &row) in order.iter().enumerate().filter(|(_, &row)| row != DROPPED) {
         out[row * d..(row + 1) * d].copy_from_slice(&src[i * d..(i + 1) * d]);
     }
+}
+
+/// The largest per-expert cap `c` with `sum(min(rows_e, c)) <= budget`:
+/// the most loaded experts give up rows first, the others none.
+fn cap_per_expert(rows_e: &[usize], budget: usize) -> usize {
+    let kept = |cap: usize| rows_e.iter().map(|&n| n.min(cap)).sum::<usize>();
+    let (mut lo, mut hi) = (0, rows_e.iter().copied().max().unwrap_or(0));
+    while lo < hi {
+        let mid = lo + (hi - lo).div_ceil(2);
+        if kept(mid) <= budget {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    lo
 }
 
 /// Rows `[lo, hi)` of piece `c` of `n` rows cut in `pieces` near-equal pieces.
@@ -184,6 +225,7 @@ impl<'a> AllToAllExperts<'a> {
             d: cfg.d_model,
             top_k: cfg.top_k,
             chunk_count: 1,
+            budget: None,
             saved: vec![None; cfg.n_layers],
             flights: (0..cfg.n_layers).map(|_| None).collect(),
             received: MessageBuffer::new(),
@@ -200,6 +242,13 @@ impl<'a> AllToAllExperts<'a> {
         self.pipe = Some(pipe);
         self.local = self.local.with_slots(chunks);
         self.chunk_count = chunks;
+        self
+    }
+
+    /// Bounds the rows this rank's experts take per exchange (a skewed
+    /// dropless router could otherwise send one rank every row).
+    pub fn with_row_budget(mut self, budget: Option<RowBudget>) -> Self {
+        self.budget = budget;
         self
     }
 
@@ -294,6 +343,7 @@ impl<'a> AllToAllExperts<'a> {
                 cursor += 1;
             }
         }
+        self.apply_row_budget(layer, plan.num_experts, &mut expert_rows)?;
         let pieces = self.chunk_count;
         let mut send_offsets = vec![0usize; ranks + 1];
         for r in 0..ranks {
@@ -316,7 +366,9 @@ impl<'a> AllToAllExperts<'a> {
                     let rows = piece(experts.len(), c, pieces);
                     recv_counts[s] = rows.len();
                     for &e in &experts[rows] {
-                        counts_e[e] += 1;
+                        if e != DROPPED {
+                            counts_e[e] += 1;
+                        }
                         arriving.push(e);
                     }
                 }
@@ -325,6 +377,9 @@ impl<'a> AllToAllExperts<'a> {
                 let recv_to_plan = arriving
                     .into_iter()
                     .map(|e| {
+                        if e == DROPPED {
+                            return DROPPED;
+                        }
                         next_free[e] += 1;
                         next_free[e] - 1
                     })
@@ -333,6 +388,54 @@ impl<'a> AllToAllExperts<'a> {
             })
             .collect();
         Ok(Exchange { rows: plan.num_rows(), chunks })
+    }
+
+    /// Holds this rank's experts to the row budget, before any row is
+    /// received: `expert_rows[s]` is the expert of each row source `s`
+    /// sends. Over the budget, fails naming the layer, rank and busiest
+    /// expert, or (`cap`) marks the rows past each expert's cap [`DROPPED`],
+    /// in source order so every layout of chunks drops the same rows.
+    fn apply_row_budget(
+        &mut self,
+        layer: usize,
+        num_experts: usize,
+        expert_rows: &mut [Vec<usize>],
+    ) -> Result<(), ModelError> {
+        let Some(RowBudget { rows: budget, overflow }) = self.budget else { return Ok(()) };
+        let mut rows_e = vec![0usize; num_experts];
+        expert_rows.iter().flatten().for_each(|&e| rows_e[e] += 1);
+        let total: usize = rows_e.iter().sum();
+        if total <= budget {
+            return Ok(());
+        }
+        let (busiest, most) =
+            rows_e.iter().copied().enumerate().max_by_key(|&(e, n)| (n, std::cmp::Reverse(e))).unwrap_or_default();
+        let rank = self.comm.rank();
+        match overflow {
+            ExpertOverflow::Fail => Err(ModelError::executor(
+                layer,
+                format!(
+                    "the router sends rank {rank}'s experts {total} rows of one micro-batch (expert {busiest}: \
+                     {most}), more than its budget of {budget} (parallel.max_expert_rows, or when that is 0 what \
+                     the memory check found room for on its machine). Set parallel.expert_overflow = \"cap\" to \
+                     drop the excess rows and go on, or model.capacity_factor to bound every expert, or give the \
+                     ranks more memory"
+                ),
+            )),
+            ExpertOverflow::Cap => {
+                let cap = cap_per_expert(&rows_e, budget);
+                let mut kept = vec![0usize; num_experts];
+                for e in expert_rows.iter_mut().flatten() {
+                    if kept[*e] < cap {
+                        kept[*e] += 1;
+                    } else {
+                        *e = DROPPED;
+                        self.stats.rows_over_budget += 1;
+                    }
+                }
+                Ok(())
+            }
+        }
     }
 
     /// Sends every chunk of `rows_ad` (rows in dispatch-plan order).
@@ -363,7 +466,7 @@ impl<'a> AllToAllExperts<'a> {
         for (c, chunk) in exchange.chunks.iter().enumerate() {
             let transfer = outbound.pop_front().expect("one transfer per chunk");
             self.receive(transfer)?;
-            let x_local = scatter_rows(&self.received, d, &chunk.recv_to_plan);
+            let x_local = scatter_rows(&self.received, d, &chunk.recv_to_plan, chunk.plan.num_rows());
             let started = Instant::now();
             let y_local = match pass {
                 Pass::Forward => self.local.forward_in(c, layer, &chunk.plan, &x_local)?,
@@ -430,11 +533,31 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_cap_takes_rows_from_the_busiest_experts_first() {
+        assert_eq!(cap_per_expert(&[100, 10, 5], 40), 25);
+        assert_eq!(cap_per_expert(&[100, 10, 5], 115), 100, "within budget: no cap");
+        assert_eq!(cap_per_expert(&[30, 30], 41), 20);
+        assert_eq!(cap_per_expert(&[7], 0), 0);
+        for (rows, budget) in [(vec![100, 10, 5], 40), (vec![3, 9, 9, 1], 12), (vec![50, 50], 99)] {
+            let cap = cap_per_expert(&rows, budget);
+            let kept = |c: usize| rows.iter().map(|&n| n.min(c)).sum::<usize>();
+            assert!(kept(cap) <= budget && kept(cap + 1) > budget, "{rows:?} {budget}: cap {cap}");
+        }
+    }
+
+    #[test]
+    fn dropped_rows_gather_as_zeros_and_scatter_nowhere() {
+        let src = [1.0, 2.0, 3.0, 4.0];
+        assert_eq!(gather_rows(&src, 2, &[1, DROPPED, 0]), [3.0, 4.0, 0.0, 0.0, 1.0, 2.0]);
+        assert_eq!(scatter_rows(&[9.0, 9.0, 5.0, 6.0], 2, &[DROPPED, 0], 1), [5.0, 6.0]);
+    }
+
+    #[test]
     fn scatter_undoes_gather() {
         let src: Vec<f32> = (0..12).map(|x| x as f32).collect();
         let order = [2, 0, 3, 1, 5, 4];
         let there = gather_rows(&src, 2, &order);
         assert_eq!(&there[..4], &[4.0, 5.0, 0.0, 1.0]);
-        assert_eq!(scatter_rows(&there, 2, &order), src);
+        assert_eq!(scatter_rows(&there, 2, &order, order.len()), src);
     }
 }

@@ -52,6 +52,11 @@ pub struct StepMetrics {
     /// wait for the previous upload); uploads themselves run in the background.
     #[serde(default)]
     pub checkpoint_s: f64,
+    /// Expert rows dropped because a rank's experts reached their row
+    /// budget (`parallel.max_expert_rows` with `expert_overflow = "cap"`),
+    /// all ranks together; 0 in every step that was not capped.
+    #[serde(default)]
+    pub rows_over_budget: u64,
     /// Per rank detail.
     pub per_rank: Vec<RankMetrics>,
 }
@@ -77,6 +82,9 @@ pub struct RankMetrics {
     /// Time this rank's lanes waited for all-to-all (hidden or not).
     #[serde(default)]
     pub alltoall_waited_s: f64,
+    /// Rows its experts dropped at their row budget (`expert_overflow = "cap"`).
+    #[serde(default)]
+    pub rows_over_budget: u64,
 }
 
 /// Makes `path` (a metrics.jsonl) end at step `start`, where training

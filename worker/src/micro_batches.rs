@@ -10,7 +10,7 @@
 use crate::attention_shards::ShardGroup;
 use crate::config::JobConfig;
 use crate::data::DataSource;
-use crate::dispatch::{AllToAllExperts, DispatchStats};
+use crate::dispatch::{AllToAllExperts, DispatchStats, RowBudget};
 use crate::error::WorkerError;
 use crate::overlap::exposure::Exposure;
 use crate::overlap::grad_buckets::GradBuckets;
@@ -40,6 +40,8 @@ pub struct StepInputs<'a> {
     pub first_sequence: usize,
     pub techniques: Techniques,
     pub exposure: &'a Exposure,
+    /// The bound on rows this rank's experts take per exchange.
+    pub row_budget: Option<RowBudget>,
 }
 
 /// The groups and gradient buffers micro-batches run on.
@@ -89,7 +91,9 @@ fn run_one(
         let stats = forward_backward_with(pass, &mut grads.dense, &mut experts, &mut NoShards, opts)?;
         (stats, DispatchStats::default())
     } else {
-        let mut a2a = AllToAllExperts::new(cfg, &mut *lane.ep, inputs.placement, experts).exposed_to(inputs.exposure);
+        let mut a2a = AllToAllExperts::new(cfg, &mut *lane.ep, inputs.placement, experts)
+            .exposed_to(inputs.exposure)
+            .with_row_budget(inputs.row_budget);
         if let (Some(pipe), Some(chunks)) = (lane.pipe, t.pipe_chunks) {
             a2a = a2a.pipelined(pipe, chunks);
         }

@@ -28,7 +28,13 @@ fn run(name: &str, sets: &[&str]) -> Vec<StepMetrics> {
     let job = micro_job(&all);
     let dir = temp_dir(name);
     let mut rec = Recorder::default();
-    let opts = RunOptions { run_dir: dir.to_path_buf(), resume: Resume::No, stop_at: None, coordinator: None };
+    let opts = RunOptions {
+        run_dir: dir.to_path_buf(),
+        resume: Resume::No,
+        stop_at: None,
+        coordinator: None,
+        expert_rows_that_fit: None,
+    };
     train(&job, &opts, &mut rec).unwrap();
     assert_eq!(rec.steps.len(), 20, "{name}: steps");
     rec.steps

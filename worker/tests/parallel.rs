@@ -28,7 +28,12 @@ fn losses(
         }
     };
     let mut rec = Recorder::default();
-    train(job, &RunOptions { run_dir: dir.to_path_buf(), resume, stop_at, coordinator: None }, &mut rec).unwrap();
+    train(
+        job,
+        &RunOptions { run_dir: dir.to_path_buf(), resume, stop_at, coordinator: None, expert_rows_that_fit: None },
+        &mut rec,
+    )
+    .unwrap();
     rec.steps.iter().map(|m| m.loss).collect()
 }
 
@@ -126,7 +131,13 @@ fn balanced_placement_moves_experts_without_changing_the_losses() {
     );
     let dir = temp_dir("place-balanced");
     let mut rec = Recorder::default();
-    let opts = RunOptions { run_dir: dir.to_path_buf(), resume: Resume::No, stop_at: None, coordinator: None };
+    let opts = RunOptions {
+        run_dir: dir.to_path_buf(),
+        resume: Resume::No,
+        stop_at: None,
+        coordinator: None,
+        expert_rows_that_fit: None,
+    };
     train(&balanced_job, &opts, &mut rec).unwrap();
     let balanced: Vec<f64> = rec.steps.iter().map(|m| m.loss).collect();
     assert_close(&contiguous, &balanced, "balanced placement");
@@ -147,7 +158,13 @@ fn per_rank_metrics_account_for_every_token() {
     let mut rec = Recorder::default();
     train(
         &job(4, &["train.steps=2"]),
-        &RunOptions { run_dir: dir.to_path_buf(), resume: Resume::No, stop_at: None, coordinator: None },
+        &RunOptions {
+            run_dir: dir.to_path_buf(),
+            resume: Resume::No,
+            stop_at: None,
+            coordinator: None,
+            expert_rows_that_fit: None,
+        },
         &mut rec,
     )
     .unwrap();
@@ -159,4 +176,63 @@ fn per_rank_metrics_account_for_every_token() {
     let kept: usize = m.tokens_per_expert.iter().flatten().sum();
     assert_eq!(rows as usize, kept);
     assert!(m.alltoall_bytes_sent > 0 && m.alltoall_bytes_sent == m.alltoall_bytes_received);
+}
+
+/// Trains `job` on 2 local ranks and returns the recorded steps, or the error.
+fn run(job: &worker::JobConfig, name: &str, rows_that_fit: Option<usize>) -> Result<Recorder, String> {
+    let dir = temp_dir(name);
+    let opts = RunOptions {
+        run_dir: dir.to_path_buf(),
+        resume: Resume::No,
+        stop_at: None,
+        coordinator: None,
+        expert_rows_that_fit: rows_that_fit,
+    };
+    let mut rec = Recorder::default();
+    train(job, &opts, &mut rec).map_err(|e| format!("{e:#}"))?;
+    Ok(rec)
+}
+
+/// A router that sends one rank's experts more rows than their budget
+/// (here a tiny `parallel.max_expert_rows`): by default the step fails
+/// before the rows arrive, naming the layer, rank and busiest expert; with
+/// `expert_overflow = "cap"` the busiest experts drop rows, the metrics
+/// count them, and training goes on. A budget nothing reaches changes no bit.
+#[test]
+fn the_expert_row_budget_fails_or_caps_a_step_and_a_roomy_one_changes_nothing() {
+    let steps = |rec: &Recorder| rec.steps.iter().map(|m| m.loss).collect::<Vec<_>>();
+    let reference = steps(&run(&job(2, &["train.steps=4"]), "budget-none", None).unwrap());
+    let roomy = run(&job(2, &["train.steps=4", "parallel.max_expert_rows=100000"]), "budget-roomy", None).unwrap();
+    assert_eq!(steps(&roomy), reference, "a budget nothing reaches");
+    let from_memory = run(&job(2, &["train.steps=4"]), "budget-memory", Some(100_000)).unwrap();
+    assert_eq!(steps(&from_memory), reference, "the memory check's budget, nothing reaches");
+    assert!(roomy.steps.iter().all(|m| m.rows_over_budget == 0));
+
+    let err = run(&job(2, &["train.steps=4", "parallel.max_expert_rows=8"]), "budget-fail", None).err().expect("fails");
+    assert!(
+        err.contains("layer 0") && err.contains("rank ") && err.contains("expert ") && err.contains("budget of 8"),
+        "{err}"
+    );
+    assert!(err.contains("expert_overflow"), "the message says how to go on: {err}");
+    // The memory check's budget is obeyed the same way when the config leaves it to it.
+    let err = run(&job(2, &["train.steps=4"]), "budget-memory-fail", Some(8)).err().expect("fails");
+    assert!(err.contains("budget of 8"), "{err}");
+
+    let capped = run(
+        &job(2, &["train.steps=4", "parallel.max_expert_rows=8", "parallel.expert_overflow=\"cap\""]),
+        "budget-cap",
+        None,
+    )
+    .unwrap();
+    for m in &capped.steps {
+        assert!(m.loss.is_finite(), "{m:?}");
+        let kept: usize = m.tokens_per_expert.iter().flatten().sum();
+        let computed: u64 = m.per_rank.iter().map(|r| r.expert_rows).sum();
+        assert!(m.rows_over_budget > 0, "step {} was capped", m.step);
+        assert_eq!(computed + m.rows_over_budget, kept as u64, "every routed row computed or counted as dropped");
+        // 8 rows per exchange: one per layer and micro-batch (global 8 / micro 2 / 2 ranks).
+        let exchanges = m.tokens_per_expert.len() as u64 * 2;
+        assert!(m.per_rank.iter().all(|r| r.expert_rows <= 8 * exchanges), "{m:?}");
+    }
+    assert_ne!(steps(&capped), reference, "dropped rows change the model");
 }

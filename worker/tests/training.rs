@@ -17,7 +17,7 @@ fn run_until(job: &worker::JobConfig, dir: &std::path::Path, resume: Resume, sto
 }
 
 fn options(dir: &std::path::Path, resume: Resume, stop_at: Option<u64>) -> RunOptions {
-    RunOptions { run_dir: dir.to_path_buf(), resume, stop_at, coordinator: None }
+    RunOptions { run_dir: dir.to_path_buf(), resume, stop_at, coordinator: None, expert_rows_that_fit: None }
 }
 
 fn losses(rec: &Recorder) -> Vec<f64> {

@@ -124,12 +124,14 @@ pub fn run(args: TrainArgs) -> Result<()> {
             eprintln!("warning: {warning}");
         }
     }
+    let mut rows_that_fit = None;
     if let (Some(ranks_here), Some(available)) =
         (ranks_on_this_machine(&job, launched.as_ref()), preflight::available_bytes())
     {
         if let Some(warning) = preflight::check(&job, ranks_here, available)? {
             eprintln!("warning: {warning}");
         }
+        rows_that_fit = preflight::expert_rows_that_fit(&job, ranks_here, available)?;
     }
     let run_dir = args.run_dir.clone().unwrap_or_else(|| PathBuf::from("runs").join(&job.name));
     let mut resume = match (args.resume, args.resume_from.clone()) {
@@ -146,11 +148,12 @@ pub fn run(args: TrainArgs) -> Result<()> {
         let token = configured_token(&job.coordinator)?
             .context("a worker needs the job's token: set SWITCHYARD_TOKEN (or [coordinator] token_file)")?;
         let link = CoordinatorLink { addr: addr.clone(), token };
-        return run_here(&job, &args, &run_dir, resume, Some(link), launched.as_ref().is_none_or(|l| l.rank == 0));
+        let lead = launched.as_ref().is_none_or(|l| l.rank == 0);
+        return run_here(&job, &args, &run_dir, resume, Some(link), lead, rows_that_fit);
     }
     if let Some(rank) = launched {
         // One rank of an MPI job: its coordinator (if any) is in the environment.
-        return run_here(&job, &args, &run_dir, resume, CoordinatorLink::from_env(), rank.rank == 0);
+        return run_here(&job, &args, &run_dir, resume, CoordinatorLink::from_env(), rank.rank == 0, rows_that_fit);
     }
     if job.parallel.backend == Backend::Mpi {
         // Checked here so a bad layout is reported once, not by every rank.
@@ -166,7 +169,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
                 RankLaunch { job: &job, run_dir: &run_dir, resume: &resume, stop_at: args.stop_at, quiet: args.quiet };
             run_mpi(&launch, &coordinator)
         } else {
-            run_here(&job, &args, &run_dir, resume.clone(), Some(coordinator.link()), true)
+            run_here(&job, &args, &run_dir, resume.clone(), Some(coordinator.link()), true, rows_that_fit)
         };
         let lost = coordinator.first_lost().map(|rank| rank as usize);
         drop(coordinator);
@@ -279,9 +282,11 @@ fn run_here(
     resume: Resume,
     coordinator: Option<CoordinatorLink>,
     lead: bool,
+    expert_rows_that_fit: Option<usize>,
 ) -> Result<()> {
     let mut progress = ConsoleProgress::new(job, run_dir, args.quiet)?;
-    let opts = RunOptions { run_dir: run_dir.to_path_buf(), resume, stop_at: args.stop_at, coordinator };
+    let opts =
+        RunOptions { run_dir: run_dir.to_path_buf(), resume, stop_at: args.stop_at, coordinator, expert_rows_that_fit };
     let summary = train(job, &opts, &mut progress).context("training failed")?;
     if lead {
         progress.finish(&summary, job, run_dir);

@@ -94,7 +94,9 @@ pub fn check(job: &JobConfig, ranks_here: usize, available: f64) -> Result<Optio
         format!(
             "with balanced routing each rank needs about {} ({} in all here), but if the router sends every \
              token of a micro-batch to one rank's experts (dropless MoE, early in training) a rank needs {} \
-             ({} here), more than the {} available: set model.capacity_factor to bound it",
+             ({} here), more than the {} available. The ranks hold their experts to what fits: past it the step \
+             fails naming the layer, rank and expert (parallel.expert_overflow = \"cap\" drops the excess rows \
+             instead); model.capacity_factor bounds every expert from the start",
             human_bytes(balanced.total()),
             human_bytes(need),
             human_bytes(worst.total()),
@@ -102,6 +104,27 @@ pub fn check(job: &JobConfig, ranks_here: usize, available: f64) -> Result<Optio
             human_bytes(available)
         )
     }))
+}
+
+/// Rows one rank's experts can take from one layer's exchange of a
+/// micro-batch before `ranks_here` ranks outgrow `available` bytes: the
+/// balanced rows plus what the memory left over holds at the model's
+/// bytes per routed row (its saved activations in every layer, its
+/// exchange buffers). The ranks hold their experts to it
+/// (`parallel.max_expert_rows = 0`); `None` when one rank's experts can
+/// only get its own rows (no expert parallelism).
+pub fn expert_rows_that_fit(job: &JobConfig, ranks_here: usize, available: f64) -> Result<Option<usize>> {
+    let shape = crate::experiments::simulate::shape_of(job, Routing::default())?;
+    if shape.ep <= 1 || shape.expert_rows_max <= 0.0 {
+        return Ok(None);
+    }
+    let precision = Precision::default();
+    let balanced = RankMemory::of(&shape, &precision).total();
+    let mut doubled = shape.clone();
+    doubled.expert_rows_max *= 2.0;
+    let per_row = (RankMemory::of(&doubled, &precision).total() - balanced) / shape.expert_rows_max;
+    let spare = (available / ranks_here.max(1) as f64 - balanced).max(0.0);
+    Ok(Some((shape.expert_rows_max + spare / per_row).floor() as usize))
 }
 
 #[cfg(test)]
@@ -138,5 +161,22 @@ mod tests {
         let capped = job(&["parallel.ranks=4", "model.capacity_factor=1.0"]);
         let capped_worst = per_rank(&capped, Routing { imbalance: 4.0 }).unwrap().total();
         assert!(capped_worst < worst, "capacity bounds the worst case");
+    }
+
+    #[test]
+    fn the_expert_row_budget_is_what_the_spare_memory_holds() {
+        let four = job(&["parallel.ranks=4"]);
+        let balanced = per_rank(&four, Routing::default()).unwrap().total();
+        let shape = crate::experiments::simulate::shape_of(&four, Routing::default()).unwrap();
+        let mean = shape.expert_rows_max;
+        // With no memory to spare, the balanced rows; the worst case fits
+        // exactly when the memory holds the worst case.
+        assert_eq!(expert_rows_that_fit(&four, 1, balanced).unwrap(), Some(mean.floor() as usize));
+        let worst = per_rank(&four, Routing { imbalance: 4.0 }).unwrap().total();
+        let rows = expert_rows_that_fit(&four, 1, worst).unwrap().unwrap() as f64;
+        assert!((rows - 4.0 * mean).abs() <= 1.0, "{rows} rows vs 4 x {mean}");
+        // Two ranks on the machine share it.
+        assert!(expert_rows_that_fit(&four, 2, worst).unwrap().unwrap() < rows as usize);
+        assert_eq!(expert_rows_that_fit(&job(&[]), 1, 16e9).unwrap(), None, "one rank gets only its own rows");
     }
 }

@@ -31,6 +31,7 @@ use crate::checkpointing::{Checkpointer, SaveAt, SaveKind, SaveStall};
 use crate::config::JobConfig;
 use crate::coordination::register;
 use crate::data::DataSource;
+use crate::dispatch::RowBudget;
 use crate::error::WorkerError;
 use crate::metrics::MetricsWriter;
 use crate::overlap::exposure::Exposure;
@@ -177,6 +178,8 @@ pub(crate) struct RankRun<'a> {
     /// The step the run stops at (`train.steps`, or `--stop-at`).
     end: u64,
     placement: PlacementPlan,
+    /// The bound on rows this rank's experts take per exchange.
+    row_budget: Option<RowBudget>,
     /// Balanced placement: tokens per expert since the last plan.
     expert_loads: Vec<Vec<f64>>,
     state: TrainState,
@@ -185,6 +188,15 @@ pub(crate) struct RankRun<'a> {
     grads_b: Option<ModelWeights>,
     saver: Checkpointer<'a>,
     metrics_out: Option<MetricsWriter>,
+}
+
+/// The configured bound on rows per exchange, else what fits this machine.
+fn row_budget(job: &JobConfig, opts: &RunOptions) -> Option<RowBudget> {
+    let rows = match job.parallel.max_expert_rows {
+        0 => opts.expert_rows_that_fit?,
+        rows => rows,
+    };
+    Some(RowBudget { rows, overflow: job.parallel.expert_overflow })
 }
 
 impl<'a> RankRun<'a> {
@@ -273,6 +285,7 @@ impl<'a> RankRun<'a> {
             end: opts.stop_at.map_or(job.train.steps, |s| s.min(job.train.steps)),
             expert_loads: vec![vec![0.0f64; cfg.n_experts]; cfg.n_layers],
             placement,
+            row_budget: row_budget(job, opts),
             state,
             grads,
             saver,

@@ -35,6 +35,7 @@ impl RankRun<'_> {
             first_sequence: self.dims.dp_rank(self.rank) * per_rank,
             techniques: self.techniques,
             exposure: &self.exposure,
+            row_budget: self.row_budget,
         };
         let groups = &mut self.groups;
         let mut lane_a = Lane {

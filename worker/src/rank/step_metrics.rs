@@ -72,6 +72,7 @@ packed_f64! {
         comm_s,
         exposed_comm_s,
         alltoall_waited_s,
+        rows_over_budget,
     }
 }
 
@@ -132,6 +133,7 @@ impl LocalStep {
             comm_s: self.comm_s,
             exposed_comm_s: self.exposed_comm_s,
             alltoall_waited_s: self.dispatch.alltoall_exposed_s,
+            rows_over_budget: self.dispatch.rows_over_budget as f64,
         }
     }
 
@@ -177,6 +179,7 @@ impl LocalStep {
                 comm_s: v.comm_s,
                 exposed_comm_s: v.exposed_comm_s,
                 alltoall_waited_s: v.alltoall_waited_s,
+                rows_over_budget: v.rows_over_budget as u64,
             })
             .collect();
         let slowest = |f: fn(&RankMetrics) -> f64| per_rank.iter().map(f).fold(0.0, f64::max);
@@ -195,6 +198,7 @@ impl LocalStep {
             comm_s: slowest(|r| r.comm_s),
             exposed_comm_s: slowest(|r| r.exposed_comm_s),
             overlap_efficiency: overlap_efficiency(per_rank.iter().map(|r| (r.comm_s, r.exposed_comm_s))),
+            rows_over_budget: per_rank.iter().map(|r| r.rows_over_budget).sum(),
             per_rank,
             ..Default::default()
         };
