@@ -41,6 +41,9 @@ if ! pgrep -x munged >/dev/null; then
 fi
 
 host=$(hostname -s)
+# The node's memory, so jobs that ask for memory (`slurm render` writes
+# --mem from the memory model) fit when they fit the machine.
+mem_mb=$(awk '/^MemTotal:/ { print int($2 / 1024) }' /proc/meminfo)
 mkdir -p "$state/spool/ctld" "$state/spool/d" "$state/log"
 cat > "$conf" <<CONF
 ClusterName=switchyard
@@ -66,7 +69,7 @@ MpiDefault=none
 ReturnToService=2
 KillWait=30
 JobRequeue=1
-NodeName=$host CPUs=8 State=UNKNOWN
+NodeName=$host CPUs=8 RealMemory=$mem_mb State=UNKNOWN
 PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 CONF
 

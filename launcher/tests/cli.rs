@@ -630,12 +630,25 @@ fn slurm_render_writes_a_requeueable_script_and_refuses_bad_jobs_before_submitti
     }
     let job = std::fs::read_to_string(dir.join("run/job.toml")).unwrap();
     assert!(job.contains("ranks = 4") && job.contains("backend = \"mpi\""), "{job}");
+    // Memory per node from the memory model: a bigger model asks for more.
+    let mem_mib = |script: &str| -> u64 {
+        let line = script.lines().find_map(|l| l.strip_prefix("#SBATCH --mem=")).expect("a --mem line");
+        line.strip_suffix('M').unwrap().parse().unwrap()
+    };
+    let small = mem_mib(&script);
+    assert!(small >= 1024, "at least 1 GiB: {small}");
+    let out =
+        render(&["--nodes", "2", "--set", "parallel.ranks=4", "--set", "model.vocab=400000", "--out", "big.sbatch"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let big = mem_mib(&std::fs::read_to_string(dir.join("big.sbatch")).unwrap());
+    assert!(big > small + 1024, "a 400k vocabulary needs more: {big} MiB vs {small}");
 
     // GPU: one task per GPU over NCCL.
     let out = render(&["--gpu", "--ntasks-per-node", "4", "--out", "gpu.sbatch"]);
     assert!(out.status.success(), "{}", text(&out));
     let gpu = std::fs::read_to_string(dir.join("gpu.sbatch")).unwrap();
     assert!(gpu.contains("#SBATCH --gpus-per-node=4") && gpu.contains("worker --backend nccl"), "{gpu}");
+    assert!(!gpu.contains("--mem="), "GPU ranks hold the model on the device: {gpu}");
 
     // Bad jobs: a clear error, nothing written.
     let refused = |extra: &[&str], want: &[&str]| {

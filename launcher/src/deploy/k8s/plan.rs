@@ -12,21 +12,14 @@ pub const HTTP_PORT: u16 = 29501;
 /// Stands in for a secret value the user must fill in.
 pub const PLACEHOLDER: &str = "REPLACE_ME";
 
-/// The smallest memory request of a worker container, MiB.
-const MIN_WORKER_MEMORY_MIB: u64 = 1024;
-
-/// A CPU worker pod's memory request: its ranks' memory by the model
-/// (`run::preflight`), plus a quarter (measured: 1.10x of the model on a
-/// D512 job) and 256 MiB for the program, its libraries and buffers (about
-/// 25 MiB measured with one rank), at least 1 GiB. A GPU pod's ranks hold
-/// the model on the device, so it asks for the minimum.
+/// A worker pod's memory request: what its CPU ranks need
+/// ([`crate::run::preflight::request_mib`]); a GPU pod's ranks hold the
+/// model on the device, so it asks for the minimum.
 fn worker_memory_mib(job: &JobConfig, ranks_per_pod: usize, gpu: bool) -> Result<u64> {
     if gpu {
-        return Ok(MIN_WORKER_MEMORY_MIB);
+        return Ok(crate::run::preflight::MIN_REQUEST_MIB);
     }
-    let bytes = crate::run::preflight::estimate_bytes(job, ranks_per_pod)? * 1.25 + (256u64 << 20) as f64;
-    let mib = (bytes / (1u64 << 20) as f64).ceil() as u64;
-    Ok(mib.next_multiple_of(64).max(MIN_WORKER_MEMORY_MIB))
+    crate::run::preflight::request_mib(job, ranks_per_pod)
 }
 
 /// A checked job ready to be turned into manifests.

@@ -166,6 +166,7 @@ fn prepare(args: &SlurmArgs) -> Result<PathBuf> {
         nodes: args.nodes,
         tasks_per_node,
         gpu: args.gpu,
+        mem_per_node_mib: if args.gpu { None } else { Some(crate::run::preflight::request_mib(&job, tasks_per_node)?) },
         partition: args.partition.as_deref(),
         time: args.time.as_deref(),
         exe: &exe,

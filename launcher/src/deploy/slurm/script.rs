@@ -20,6 +20,8 @@ pub struct SlurmJob<'a> {
     pub tasks_per_node: usize,
     /// One GPU per task and the NCCL backend, else CPU ranks over MPI.
     pub gpu: bool,
+    /// Memory per node for CPU ranks (`--mem`), MiB; `None`: the partition's default.
+    pub mem_per_node_mib: Option<u64>,
     pub partition: Option<&'a str>,
     pub time: Option<&'a str>,
     /// The switchyard binary on the compute nodes.
@@ -48,6 +50,10 @@ pub fn render(job: &SlurmJob) -> String {
     let _ = writeln!(s, "#SBATCH --ntasks-per-node={}", job.tasks_per_node);
     if job.gpu {
         let _ = writeln!(s, "#SBATCH --gpus-per-node={}", job.tasks_per_node);
+    }
+    if let Some(mib) = job.mem_per_node_mib {
+        let _ = writeln!(s, "# Memory per node: the ranks' memory by the model, plus headroom (docs/slurm.md).");
+        let _ = writeln!(s, "#SBATCH --mem={mib}M");
     }
     if let Some(partition) = job.partition {
         let _ = writeln!(s, "#SBATCH --partition={partition}");
