@@ -136,7 +136,7 @@ impl Manifest {
 
     /// Parse manifest.json, checking the format version before anything else
     /// so an old or future file gets a version error, not a field error.
-    pub(crate) fn from_json(bytes: &[u8], url: &str) -> Result<Self> {
+    pub fn from_json(bytes: &[u8], url: &str) -> Result<Self> {
         let json_err = |source| Error::ManifestJson { url: url.to_string(), source };
         let value: Value = serde_json::from_slice(bytes).map_err(json_err)?;
         let version = value.get("format_version");
@@ -171,7 +171,7 @@ impl Manifest {
 
     /// Pretty JSON, since people read manifests when debugging runs, with
     /// the CRC-32 of its contents.
-    pub(crate) fn to_json(&self) -> Vec<u8> {
+    pub fn to_json(&self) -> Vec<u8> {
         let sealed = Self { crc32: Some(self.contents_crc32()), ..self.clone() };
         let mut bytes = serde_json::to_vec_pretty(&sealed).expect("a Manifest always serializes to JSON");
         bytes.push(b'\n');
@@ -180,7 +180,7 @@ impl Manifest {
 
     /// Internal consistency: one entry per tensor name and per shard, every
     /// tensor inside a listed shard, sizes that add up.
-    pub(crate) fn check_consistent(&self) -> Result<(), String> {
+    pub fn check_consistent(&self) -> Result<(), String> {
         if self.format_version != FORMAT_VERSION {
             return Err(format!("format_version is {}, this build writes {FORMAT_VERSION}", self.format_version));
         }

@@ -324,7 +324,7 @@ fn every_message_round_trips_and_cut_frames_are_errors() {
 
 #[test]
 fn random_bytes_never_panic_the_decoder() {
-    // The suite's short stand-in for the cargo-fuzz target (coordinator/fuzz).
+    // The suite's short stand-in for the cargo-fuzz target (fuzz/fuzz_targets/frame.rs).
     let mut gen = Gen(0xD1B5_4A32_D192_ED03);
     for round in 0..20_000 {
         let len = (gen.next() % 64) as usize;

@@ -155,6 +155,19 @@ fn bincode_config() -> bincode::config::Configuration {
     bincode::config::standard()
 }
 
+/// Decoding trusts no length inside a payload: without a limit, a string
+/// or list that claims 2^58 bytes in a 29-byte frame makes bincode try to
+/// allocate them, and the allocation failure aborts the coordinator (found
+/// by fuzzing, `fuzz/fuzz_targets/frame.rs`). With it, claims beyond a
+/// frame's size are a decode error before anything is allocated.
+fn bincode_decode_config() -> bincode::config::Configuration<
+    bincode::config::LittleEndian,
+    bincode::config::Varint,
+    bincode::config::Limit<MAX_FRAME_BYTES>,
+> {
+    bincode::config::standard().with_limit::<MAX_FRAME_BYTES>()
+}
+
 /// One message as a frame (header and payload).
 pub fn encode(message: &Message) -> Vec<u8> {
     encode_with_version(message, PROTOCOL_VERSION)
@@ -189,7 +202,7 @@ pub fn decode_header(header: &[u8; HEADER_BYTES]) -> Result<usize, ProtocolError
 
 /// Decodes a payload; every byte must belong to the message.
 pub fn decode_payload(payload: &[u8]) -> Result<Message, ProtocolError> {
-    let (message, used) = bincode::serde::decode_from_slice(payload, bincode_config())
+    let (message, used) = bincode::serde::decode_from_slice(payload, bincode_decode_config())
         .map_err(|e| ProtocolError::Decode(e.to_string()))?;
     if used != payload.len() {
         return Err(ProtocolError::Decode(format!("{} trailing bytes", payload.len() - used)));
@@ -224,5 +237,20 @@ mod tests {
         let mut huge = header;
         huge[4..].copy_from_slice(&u32::MAX.to_be_bytes());
         assert!(matches!(decode_header(&huge), Err(ProtocolError::TooLarge { .. })));
+    }
+
+    /// The fuzzer's first find: a registration whose string claims about
+    /// 2^58 bytes. It must be a decode error, not an abort on allocation.
+    #[test]
+    fn a_length_claim_beyond_the_frame_is_an_error_not_an_allocation() {
+        let frame: [u8; 37] = [
+            0x53, 0x59, 0x00, 0x06, 0x00, 0x00, 0x00, 0x1d, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0xfd, 0xff, 0xff, 0xff,
+            0x01, 0x00, 0x00, 0x00, 0x06, 0x00, 0x00, 0x00, 0x1d, 0x00, 0x00, 0x00, 0x6c, 0x6c, 0x6c, 0x6c, 0x6c, 0x6c,
+            0x6c,
+        ];
+        let mut frame = frame.to_vec();
+        frame[3] = PROTOCOL_VERSION as u8;
+        let err = read_blocking(&mut std::io::Cursor::new(&frame)).unwrap_err();
+        assert!(matches!(err, ProtocolError::Decode(_)), "{err}");
     }
 }
