@@ -11,8 +11,8 @@
 
 mod common;
 
-use common::{micro_job, temp_dir, Recorder};
-use worker::api::{Resume, RunOptions};
+use common::{micro_job, options, temp_dir, Recorder};
+use worker::api::Resume;
 use worker::metrics::StepMetrics;
 use worker::train::train;
 
@@ -28,14 +28,7 @@ fn run(name: &str, sets: &[&str]) -> Vec<StepMetrics> {
     let job = micro_job(&all);
     let dir = temp_dir(name);
     let mut rec = Recorder::default();
-    let opts = RunOptions {
-        run_dir: dir.to_path_buf(),
-        resume: Resume::No,
-        stop_at: None,
-        coordinator: None,
-        expert_rows_that_fit: None,
-    };
-    train(&job, &opts, &mut rec).unwrap();
+    train(&job, &options(&dir, Resume::No, None), &mut rec).unwrap();
     assert_eq!(rec.steps.len(), 20, "{name}: steps");
     rec.steps
 }

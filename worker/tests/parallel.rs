@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{micro_job, temp_dir, Recorder};
+use common::{micro_job, options, temp_dir, Recorder};
 use worker::api::{Resume, RunOptions};
 use worker::train::train;
 
@@ -28,12 +28,7 @@ fn losses(
         }
     };
     let mut rec = Recorder::default();
-    train(
-        job,
-        &RunOptions { run_dir: dir.to_path_buf(), resume, stop_at, coordinator: None, expert_rows_that_fit: None },
-        &mut rec,
-    )
-    .unwrap();
+    train(job, &options(dir, resume, stop_at), &mut rec).unwrap();
     rec.steps.iter().map(|m| m.loss).collect()
 }
 
@@ -131,14 +126,7 @@ fn balanced_placement_moves_experts_without_changing_the_losses() {
     );
     let dir = temp_dir("place-balanced");
     let mut rec = Recorder::default();
-    let opts = RunOptions {
-        run_dir: dir.to_path_buf(),
-        resume: Resume::No,
-        stop_at: None,
-        coordinator: None,
-        expert_rows_that_fit: None,
-    };
-    train(&balanced_job, &opts, &mut rec).unwrap();
+    train(&balanced_job, &options(&dir, Resume::No, None), &mut rec).unwrap();
     let balanced: Vec<f64> = rec.steps.iter().map(|m| m.loss).collect();
     assert_close(&contiguous, &balanced, "balanced placement");
     let manifest = std::fs::read_to_string(dir.join("checkpoints/step-00000020/manifest.json")).unwrap();
@@ -156,18 +144,7 @@ fn balanced_placement_moves_experts_without_changing_the_losses() {
 fn per_rank_metrics_account_for_every_token() {
     let dir = temp_dir("metrics4");
     let mut rec = Recorder::default();
-    train(
-        &job(4, &["train.steps=2"]),
-        &RunOptions {
-            run_dir: dir.to_path_buf(),
-            resume: Resume::No,
-            stop_at: None,
-            coordinator: None,
-            expert_rows_that_fit: None,
-        },
-        &mut rec,
-    )
-    .unwrap();
+    train(&job(4, &["train.steps=2"]), &options(&dir, Resume::No, None), &mut rec).unwrap();
     let m = &rec.steps[0];
     assert_eq!(m.per_rank.len(), 4);
     assert_eq!(m.per_rank.iter().map(|r| r.tokens).sum::<u64>(), m.tokens);
@@ -181,13 +158,7 @@ fn per_rank_metrics_account_for_every_token() {
 /// Trains `job` on 2 local ranks and returns the recorded steps, or the error.
 fn run(job: &worker::JobConfig, name: &str, rows_that_fit: Option<usize>) -> Result<Recorder, String> {
     let dir = temp_dir(name);
-    let opts = RunOptions {
-        run_dir: dir.to_path_buf(),
-        resume: Resume::No,
-        stop_at: None,
-        coordinator: None,
-        expert_rows_that_fit: rows_that_fit,
-    };
+    let opts = RunOptions { expert_rows_that_fit: rows_that_fit, ..options(&dir, Resume::No, None) };
     let mut rec = Recorder::default();
     train(job, &opts, &mut rec).map_err(|e| format!("{e:#}"))?;
     Ok(rec)

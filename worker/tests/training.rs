@@ -2,8 +2,8 @@
 
 mod common;
 
-use common::{micro_job, temp_dir, Recorder};
-use worker::api::{Resume, RunOptions};
+use common::{micro_job, options, temp_dir, Recorder};
+use worker::api::Resume;
 use worker::train::train;
 
 fn run(job: &worker::JobConfig, dir: &std::path::Path, resume: Resume) -> Recorder {
@@ -14,10 +14,6 @@ fn run_until(job: &worker::JobConfig, dir: &std::path::Path, resume: Resume, sto
     let mut rec = Recorder::default();
     train(job, &options(dir, resume, stop_at), &mut rec).unwrap();
     rec
-}
-
-fn options(dir: &std::path::Path, resume: Resume, stop_at: Option<u64>) -> RunOptions {
-    RunOptions { run_dir: dir.to_path_buf(), resume, stop_at, coordinator: None, expert_rows_that_fit: None }
 }
 
 fn losses(rec: &Recorder) -> Vec<f64> {

@@ -131,6 +131,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
         if let Some(warning) = preflight::check(&job, ranks_here, available)? {
             eprintln!("warning: {warning}");
         }
+        if first_to_read && !args.quiet {
+            eprintln!("{}", preflight::summary(&job, ranks_here, available)?);
+        }
         rows_that_fit = preflight::expert_rows_that_fit(&job, ranks_here, available)?;
     }
     let run_dir = args.run_dir.clone().unwrap_or_else(|| PathBuf::from("runs").join(&job.name));

@@ -84,6 +84,18 @@ fn breakdown(m: &RankMemory) -> String {
     )
 }
 
+/// One line for the start: what the memory model says the ranks here need.
+pub fn summary(job: &JobConfig, ranks_here: usize, available: f64) -> Result<String> {
+    let rank = per_rank(job, Routing::default())?;
+    Ok(format!(
+        "memory check: about {} per rank by the model ({}), {ranks_here} rank(s) on this machine: {} of {} available",
+        human_bytes(rank.total()),
+        breakdown(&rank),
+        human_bytes(rank.total() * ranks_here as f64),
+        human_bytes(available)
+    ))
+}
+
 /// Refuses `job` when `ranks_here` of its ranks cannot fit in `available`
 /// bytes; returns a warning when only a skewed router's worst case would
 /// not fit.

@@ -4,9 +4,14 @@
 mod scratch;
 pub use scratch::Scratch;
 
-use worker::api::{Observer, StartInfo};
+use worker::api::{Observer, Resume, RunOptions, StartInfo};
 use worker::metrics::StepMetrics;
 use worker::JobConfig;
+
+/// How a test runs a job in `dir`: no coordinator, no memory-check budget.
+pub fn options(dir: &std::path::Path, resume: Resume, stop_at: Option<u64>) -> RunOptions {
+    RunOptions { run_dir: dir.to_path_buf(), resume, stop_at, coordinator: None, expert_rows_that_fit: None }
+}
 
 /// Records every step's metrics.
 #[derive(Default)]
