@@ -62,17 +62,160 @@ fn object<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no {kind} {name} among {:?}", docs.iter().map(|d| &d["kind"]).collect::<Vec<_>>()))
 }
 
+/// Validates rendered documents: built-in kinds with `kubernetes-validate
+/// --strict`; an MPIJob against the operator's API ([`check_mpijob`]), and
+/// its launcher and worker pod templates, wrapped as Pods, like built-ins.
+fn validate_docs(name: &str, docs: &[Value]) {
+    let mut built_in: Vec<Value> = docs.iter().filter(|d| d["kind"] != "MPIJob").cloned().collect();
+    for job in docs.iter().filter(|d| d["kind"] == "MPIJob") {
+        check_mpijob(job);
+        for (role, spec) in job["spec"]["mpiReplicaSpecs"].as_object().unwrap() {
+            let template = &spec["template"];
+            built_in.push(serde_json::json!({
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": { "name": format!("{}-{}", job["metadata"]["name"].as_str().unwrap(), role.to_lowercase()),
+                              "labels": template["metadata"]["labels"] },
+                "spec": template["spec"],
+            }));
+        }
+    }
+    let scratch = temp_dir(name);
+    let file = scratch.join("all.yaml");
+    let yaml: Vec<String> = built_in.iter().map(|d| serde_json::to_string_pretty(d).unwrap()).collect();
+    std::fs::write(&file, format!("---\n{}\n", yaml.join("\n---\n"))).unwrap();
+    validate(&file);
+}
+
+/// Kinds of values in the MPIJob v2beta1 API (the operator's
+/// pkg/apis/kubeflow/v2beta1/types.go, its CRD and validation.go).
+enum Field {
+    Int {
+        min: i64,
+        max: Option<i64>,
+    },
+    Bool,
+    Text {
+        one_of: &'static [&'static str],
+    },
+    Object(&'static [(&'static str, Field)]),
+    /// Left to the Kubernetes schema (a PodTemplateSpec, quantities, ...).
+    Any,
+}
+
+use Field::{Any, Bool, Int, Object, Text};
+
+const NONEMPTY: &[&str] = &[];
+const RUN_POLICY: &[(&str, Field)] = &[
+    ("cleanPodPolicy", Text { one_of: &["None", "Running", "All"] }),
+    ("ttlSecondsAfterFinished", Int { min: 0, max: None }),
+    ("activeDeadlineSeconds", Int { min: 0, max: None }),
+    ("backoffLimit", Int { min: 0, max: None }),
+    ("schedulingPolicy", Any),
+    ("suspend", Bool),
+    ("managedBy", Text { one_of: &["kubeflow.org/mpi-operator", "kueue.x-k8s.io/multikueue"] }),
+];
+const LAUNCHER: &[(&str, Field)] = &[
+    ("replicas", Int { min: 1, max: Some(1) }),
+    ("restartPolicy", Text { one_of: &["OnFailure", "Never", "ExitCode"] }),
+    ("template", Any),
+];
+const WORKER: &[(&str, Field)] = &[
+    ("replicas", Int { min: 1, max: None }),
+    ("restartPolicy", Text { one_of: &["Always", "OnFailure", "Never", "ExitCode"] }),
+    ("template", Any),
+];
+const REPLICA_SPECS: &[(&str, Field)] = &[("Launcher", Object(LAUNCHER)), ("Worker", Object(WORKER))];
+const MPIJOB_SPEC: &[(&str, Field)] = &[
+    ("slotsPerWorker", Int { min: 0, max: None }),
+    ("runLauncherAsWorker", Bool),
+    ("runPolicy", Object(RUN_POLICY)),
+    ("sshAuthMountPath", Text { one_of: NONEMPTY }),
+    ("mpiImplementation", Text { one_of: &["OpenMPI", "Intel", "MPICH"] }),
+    ("launcherCreationPolicy", Text { one_of: &["AtStartup", "WaitForWorkersReady"] }),
+    ("mpiReplicaSpecs", Object(REPLICA_SPECS)),
+];
+
+/// Checks `value` at `path` against `field`: no unknown keys, the right
+/// types, enums and bounds, so a misspelt or mistyped field fails here as
+/// it would at the API server or in the operator.
+fn check_field(path: &str, value: &Value, field: &Field) {
+    match field {
+        Int { min, max } => {
+            let n = value.as_i64().unwrap_or_else(|| panic!("{path} must be an integer, is {value}"));
+            assert!(n >= *min && max.is_none_or(|m| n <= m), "{path} = {n} is out of range");
+        }
+        Bool => assert!(value.is_boolean(), "{path} must be true or false, is {value}"),
+        Text { one_of } => {
+            let s = value.as_str().unwrap_or_else(|| panic!("{path} must be a string, is {value}"));
+            assert!(!s.is_empty(), "{path} must not be empty");
+            assert!(one_of.is_empty() || one_of.contains(&s), "{path} = {s:?} is not one of {one_of:?}");
+        }
+        Object(fields) => {
+            let map = value.as_object().unwrap_or_else(|| panic!("{path} must be an object, is {value}"));
+            for (key, v) in map {
+                let (_, f) = fields
+                    .iter()
+                    .find(|(name, _)| name == key)
+                    .unwrap_or_else(|| panic!("{path}.{key} is not a field of the MPIJob v2beta1 API"));
+                check_field(&format!("{path}.{key}"), v, f);
+            }
+        }
+        Any => assert!(!value.is_null(), "{path} is null"),
+    }
+}
+
+/// An MPIJob as the operator's v2beta1 API defines it (field names, types,
+/// enums, required parts), and names the operator can derive pods from.
+fn check_mpijob(job: &Value) {
+    assert_eq!(job["apiVersion"], "kubeflow.org/v2beta1");
+    let top: Vec<&String> = job.as_object().unwrap().keys().collect();
+    assert!(top.iter().all(|k| ["apiVersion", "kind", "metadata", "spec"].contains(&k.as_str())), "{top:?}");
+    check_field("spec", &job["spec"], &Object(MPIJOB_SPEC));
+    let specs = &job["spec"]["mpiReplicaSpecs"];
+    assert!(specs["Launcher"].is_object(), "an MPIJob needs a Launcher");
+    for role in ["Launcher", "Worker"] {
+        let template = &specs[role]["template"];
+        assert!(specs[role]["replicas"].is_i64(), "{role}.replicas is required");
+        let containers = template["spec"]["containers"].as_array().expect("template.spec.containers");
+        assert!(!containers.is_empty(), "{role} has no container");
+        assert!(template["spec"]["restartPolicy"].is_null(), "{role}: restartPolicy belongs to the replica spec");
+    }
+    // Pod names are <job>-worker-<i>: a DNS-1035 job name, labels of at most 63.
+    let name = job["metadata"]["name"].as_str().unwrap();
+    assert!(name.starts_with(|c: char| c.is_ascii_lowercase()), "{name} must start with a letter");
+    let last = format!("{name}-worker-{}", specs["Worker"]["replicas"].as_i64().unwrap() - 1);
+    assert!(last.len() <= 63 && last.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'));
+}
+
+#[test]
+fn the_mpijob_check_catches_misspelt_and_mistyped_fields() {
+    let docs = render_valid("mpijob-check", &mpijob_args());
+    let good = object(&docs, "MPIJob", "tiny-k8s-mpi").clone();
+    check_mpijob(&good);
+    let broken = |edit: &dyn Fn(&mut Value)| {
+        let mut job = good.clone();
+        edit(&mut job);
+        std::panic::catch_unwind(|| check_mpijob(&job)).is_err()
+    };
+    assert!(broken(&|j| j["spec"]["slotsPerWorkers"] = 2.into()), "misspelt field");
+    assert!(broken(&|j| j["spec"]["slotsPerWorker"] = "2".into()), "string for an integer");
+    assert!(broken(&|j| j["spec"]["mpiImplementation"] = "OpenMpi".into()), "unknown implementation");
+    assert!(broken(&|j| j["spec"]["runPolicy"]["cleanPodPolicy"] = "Finished".into()), "unknown policy");
+    assert!(broken(&|j| j["spec"]["mpiReplicaSpecs"]["Launcher"]["replicas"] = 2.into()), "two launchers");
+    assert!(broken(&|j| j["spec"]["mpiReplicaSpecs"]["Launcher"]["restartPolicy"] = "Always".into()));
+    assert!(broken(&|j| j["spec"]["mpiReplicaSpecs"]["launcher"] = Value::Null), "lowercase role");
+    assert!(broken(&|j| j["apiVersion"] = "kubeflow.org/v1".into()), "old API");
+}
+
 /// Renders to stdout, validates the documents and returns them.
 fn render_valid(name: &str, extra: &[&str]) -> Vec<Value> {
     let out = render(extra);
     assert!(out.status.success(), "{}", text(&out));
     let yaml = String::from_utf8(out.stdout).unwrap();
-    let scratch = temp_dir(name);
-    let file = scratch.join("all.yaml");
-    std::fs::write(&file, &yaml).unwrap();
-    validate(&file);
     // Secret values only in the Secret.
     let docs = parse(&yaml);
+    validate_docs(name, &docs);
     for doc in docs.iter().filter(|d| d["kind"] != "Secret") {
         let shown = doc.to_string();
         for secret in SECRETS {
@@ -183,12 +326,60 @@ fn mpi_job_starts_its_ranks_with_mpirun_in_the_worker_pod() {
     assert!(command.contains(&"worker"));
 }
 
+/// A CPU job over 2 pods of 2 MPI ranks each.
+fn mpijob_args() -> Vec<&'static str> {
+    vec!["--workers", "2", "--set", "parallel.backend=\"mpi\"", "--set", "parallel.ranks=4", "--image", "i:1"]
+}
+
+#[test]
+fn a_cpu_job_over_several_pods_is_an_mpijob_of_ssh_workers_and_an_mpirun_launcher() {
+    let docs = render_valid("mpijob", &mpijob_args());
+    let kinds: Vec<&str> = docs.iter().map(|d| d["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["ConfigMap", "MPIJob", "Pod", "Secret", "Service", "Service"], "no Indexed Job");
+    let job = object(&docs, "MPIJob", "tiny-k8s-mpi");
+    let spec = &job["spec"];
+    assert_eq!(spec["slotsPerWorker"], 2, "2 ranks per worker pod");
+    assert_eq!(spec["runPolicy"]["backoffLimit"], 3, "--max-restarts runs of the launcher");
+    assert_eq!(spec["launcherCreationPolicy"], "WaitForWorkersReady");
+    assert_eq!(spec["sshAuthMountPath"], "/home/switchyard/.ssh");
+    let launcher = &spec["mpiReplicaSpecs"]["Launcher"];
+    let command = strings(&launcher["template"]["spec"]["containers"][0]["command"]);
+    assert_eq!(command[..3], ["mpirun", "-n", "4"], "{command:?}");
+    // Every Secret variable reaches the ranks by name (SSH gives them a clean environment).
+    for var in ["SWITCHYARD_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"] {
+        assert!(command.windows(2).any(|w| w == ["-x", var]), "{var} not passed on: {command:?}");
+    }
+    let rank = command.iter().position(|&c| c == "switchyard").expect("the rank command");
+    assert_eq!(command[rank..rank + 4], ["switchyard", "worker", "--coordinator", "tiny-k8s-coordinator-reg:29500"]);
+    assert!(command.contains(&"--resume-if-any"), "{command:?}");
+    assert_eq!(launcher["template"]["spec"]["containers"][0]["envFrom"][0]["secretRef"]["name"], "tiny-k8s-secrets");
+    let workers = &spec["mpiReplicaSpecs"]["Worker"];
+    assert_eq!(workers["replicas"], 2);
+    let worker = &workers["template"]["spec"]["containers"][0];
+    assert_eq!(strings(&worker["command"]), ["/usr/sbin/sshd", "-De", "-f", "/home/switchyard/.sshd_config"]);
+    assert_eq!(worker["ports"][0]["containerPort"], 2222);
+    assert_eq!(worker["readinessProbe"]["tcpSocket"]["port"], "ssh");
+    assert_eq!(worker["resources"]["requests"]["cpu"], "2", "a core per rank");
+    let mounts = worker["volumeMounts"].to_string();
+    assert!(mounts.contains("/etc/switchyard"), "the ranks read the job's config in the worker pods: {mounts}");
+    for role in ["Launcher", "Worker"] {
+        let security = &spec["mpiReplicaSpecs"][role]["template"]["spec"]["securityContext"];
+        assert_eq!((security["runAsUser"].as_i64(), security["runAsNonRoot"].as_bool()), (Some(1000), Some(true)));
+    }
+    // Its objects (<name>-config, -ssh) must not be the job's own.
+    assert!(docs.iter().all(|d| d["metadata"]["name"] != "tiny-k8s-mpi-config"));
+}
+
 #[test]
 fn committed_k8s_tree_is_what_the_renderer_writes_and_valid() {
     let base = ["--image", "switchyard:latest", "--placeholder-secrets"];
-    let variants: [(&str, Vec<&str>); 3] = [
+    let variants: [(&str, Vec<&str>); 4] = [
         ("base", vec!["--workers", "1"]),
         ("overlays/cpu-mpi", vec!["--workers", "1", "--set", "parallel.backend=\"mpi\""]),
+        (
+            "overlays/cpu-mpijob",
+            vec!["--workers", "2", "--set", "parallel.backend=\"mpi\"", "--set", "parallel.ranks=4"],
+        ),
         (
             "overlays/gpu-nccl",
             vec!["--workers", "4", "--gpu", "--set", "parallel.backend=\"nccl\"", "--set", "parallel.ranks=4"],
@@ -199,10 +390,7 @@ fn committed_k8s_tree_is_what_the_renderer_writes_and_valid() {
         let out = out.expect("kubectl runs (/usr/bin/kubectl)");
         assert!(out.status.success(), "kubectl kustomize k8s/{dir}: {}", text(&out));
         let built = String::from_utf8(out.stdout).unwrap();
-        let scratch = temp_dir("kustomize");
-        let file = scratch.join(format!("{}.yaml", dir.replace('/', "-")));
-        std::fs::write(&file, &built).unwrap();
-        validate(&file);
+        validate_docs(&format!("kustomize-{}", dir.replace('/', "-")), &parse(&built));
         let args: Vec<&str> = base.iter().chain(extra.iter()).copied().collect();
         let rendered = render(&args);
         assert!(rendered.status.success(), "{}", text(&rendered));
@@ -258,7 +446,12 @@ fn bad_input_is_refused_before_anything_is_written() {
     refused(&["--workers", "0", "--image", "i"], "--workers must be at least 1");
     refused(&["--workers", "-2", "--image", "i"], "--workers must be at least 1");
     // Local ranks are threads: one pod holds them all.
-    refused(&["--workers", "2", "--image", "i"], "a CPU job has --workers 1");
+    refused(&["--workers", "2", "--image", "i"], "as threads of one worker pod");
+    // MPI ranks over pods: the same number in each.
+    refused(
+        &["--workers", "3", "--set", "parallel.backend=\"mpi\"", "--image", "i"],
+        "cannot hold [parallel] ranks = 2",
+    );
     let nccl = ["--gpu", "--set", "parallel.backend=\"nccl\"", "--image", "i"];
     let more: Vec<&str> = [&["--workers", "3"], &nccl[..]].concat();
     refused(&more, "[parallel] ranks = 2");

@@ -1,16 +1,17 @@
 //! The Kubernetes objects of a job (DESIGN section 2): coordinator Pod and
-//! Services, the workers' Indexed Job, the config's ConfigMap and the
-//! Secret. Secret values appear only in the Secret; pods read them with
-//! `envFrom`.
+//! Services, the workers' Indexed Job (or MPIJob, `super::mpijob`), the
+//! config's ConfigMap and the Secret. Secret values appear only in the
+//! Secret; pods read them with `envFrom`.
 
-use crate::deploy::k8s::plan::{K8sJob, COORDINATOR_PORT, HTTP_PORT};
+use crate::deploy::k8s::mpijob::mpi_job;
+use crate::deploy::k8s::plan::{K8sJob, WorkerForm, COORDINATOR_PORT, HTTP_PORT};
 use serde_json::{json, Value};
 use worker::Backend;
 
 /// Where the ConfigMap's `job.toml` is mounted in every pod.
-const CONFIG_DIR: &str = "/etc/switchyard";
+pub(super) const CONFIG_DIR: &str = "/etc/switchyard";
 /// Each pod's run folder (log, resolved config); checkpoints go to the configured URL.
-const RUN_DIR: &str = "/var/lib/switchyard/run";
+pub(super) const RUN_DIR: &str = "/var/lib/switchyard/run";
 
 /// Every object, each with the file name `--out` writes it to, in apply order.
 pub fn manifests(job: &K8sJob) -> Vec<(&'static str, Value)> {
@@ -20,7 +21,10 @@ pub fn manifests(job: &K8sJob) -> Vec<(&'static str, Value)> {
         ("coordinator-service.yaml", coordinator_service(job)),
         ("registration-service.yaml", registration_service(job)),
         ("coordinator-pod.yaml", coordinator_pod(job)),
-        ("worker-job.yaml", worker_job(job)),
+        match job.form {
+            WorkerForm::IndexedJob => ("worker-job.yaml", worker_job(job)),
+            WorkerForm::MpiJob => ("worker-mpijob.yaml", mpi_job(job)),
+        },
     ]
 }
 
@@ -33,7 +37,7 @@ pub fn kustomization(files: &[&str]) -> Value {
     })
 }
 
-fn metadata(job: &K8sJob, name: String, component: &str) -> Value {
+pub(super) fn metadata(job: &K8sJob, name: String, component: &str) -> Value {
     let mut meta = json!({ "name": name, "labels": labels(job, component) });
     if let Some(ns) = &job.namespace {
         meta["namespace"] = json!(ns);
@@ -41,7 +45,7 @@ fn metadata(job: &K8sJob, name: String, component: &str) -> Value {
     meta
 }
 
-fn labels(job: &K8sJob, component: &str) -> Value {
+pub(super) fn labels(job: &K8sJob, component: &str) -> Value {
     json!({
         "app.kubernetes.io/name": "switchyard",
         "app.kubernetes.io/instance": job.name,
@@ -105,11 +109,11 @@ fn registration_service(job: &K8sJob) -> Value {
     })
 }
 
-fn registration_name(job: &K8sJob) -> String {
+pub(super) fn registration_name(job: &K8sJob) -> String {
     format!("{}-coordinator-reg", job.name)
 }
 
-fn volumes(job: &K8sJob) -> Value {
+pub(super) fn volumes(job: &K8sJob) -> Value {
     let mut list = vec![
         json!({ "name": "config", "configMap": { "name": format!("{}-config", job.name) } }),
         json!({ "name": "run", "emptyDir": {} }),
@@ -121,7 +125,7 @@ fn volumes(job: &K8sJob) -> Value {
     json!(list)
 }
 
-fn volume_mounts(job: &K8sJob) -> Value {
+pub(super) fn volume_mounts(job: &K8sJob) -> Value {
     let mut list = vec![
         json!({ "name": "config", "mountPath": CONFIG_DIR, "readOnly": true }),
         json!({ "name": "run", "mountPath": "/var/lib/switchyard" }),
@@ -132,7 +136,7 @@ fn volume_mounts(job: &K8sJob) -> Value {
     json!(list)
 }
 
-fn env_from(job: &K8sJob) -> Value {
+pub(super) fn env_from(job: &K8sJob) -> Value {
     json!([{ "secretRef": { "name": secret_name(job) } }])
 }
 
@@ -189,13 +193,19 @@ fn worker_command(job: &K8sJob) -> Vec<String> {
         let n = job.ranks_per_pod.to_string();
         cmd.extend(["mpirun", "-n", &n, "--oversubscribe", "--bind-to", "none"].map(String::from));
     }
-    let coordinator = format!("{}:{COORDINATOR_PORT}", registration_name(job));
-    cmd.extend(
-        ["switchyard", "worker", "--coordinator", &coordinator, "--config", &format!("{CONFIG_DIR}/job.toml")]
-            .map(String::from),
-    );
-    cmd.extend(["--run-dir", RUN_DIR, "--resume-if-any", "--quiet"].map(String::from));
+    cmd.extend(rank_command(job));
     cmd
+}
+
+/// What every rank runs, whoever starts it (the pod, or mpirun).
+pub(super) fn rank_command(job: &K8sJob) -> Vec<String> {
+    let coordinator = format!("{}:{COORDINATOR_PORT}", registration_name(job));
+    let config = format!("{CONFIG_DIR}/job.toml");
+    ["switchyard", "worker", "--coordinator", &coordinator, "--config", &config]
+        .into_iter()
+        .chain(["--run-dir", RUN_DIR, "--resume-if-any", "--quiet"])
+        .map(String::from)
+        .collect()
 }
 
 fn worker_env(job: &K8sJob) -> Value {

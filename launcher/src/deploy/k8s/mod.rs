@@ -1,6 +1,7 @@
 //! `switchyard k8s render`: manifests for a job on Kubernetes (docs/kubernetes.md).
 
 pub mod manifests;
+pub mod mpijob;
 pub mod plan;
 pub mod yaml;
 

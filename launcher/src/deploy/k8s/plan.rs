@@ -22,6 +22,18 @@ fn worker_memory_mib(job: &JobConfig, ranks_per_pod: usize, gpu: bool) -> Result
     crate::run::preflight::request_mib(job, ranks_per_pod)
 }
 
+/// How the worker pods are made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerForm {
+    /// A batch/v1 Indexed Job: one pod per index (`local` and `mpi` in one
+    /// pod, `nccl` with one GPU per pod).
+    IndexedJob,
+    /// A Kubeflow MPI Operator `MPIJob` (kubeflow.org/v2beta1): a launcher
+    /// pod runs `mpirun` over SSH to worker pods running `sshd` (`mpi`
+    /// over several pods).
+    MpiJob,
+}
+
 /// A checked job ready to be turned into manifests.
 #[derive(Debug, Clone)]
 pub struct K8sJob {
@@ -29,8 +41,9 @@ pub struct K8sJob {
     pub name: String,
     pub namespace: Option<String>,
     pub image: String,
-    /// Pods of the worker Indexed Job.
+    /// Worker pods (of the Indexed Job, or the MPIJob's workers).
     pub workers: usize,
+    pub form: WorkerForm,
     /// Ranks each worker pod runs (threads for `local`, mpirun processes for `mpi`, 1 for `nccl`).
     pub ranks_per_pod: usize,
     /// The worker container's memory request, MiB: what its ranks hold by
@@ -91,19 +104,31 @@ pub fn plan(job: &JobConfig, req: &RenderRequest, env: impl Fn(&str) -> Option<S
             "--gpu needs [parallel] backend = \"nccl\" but the config says \"{other}\": \
              add --set parallel.backend=nccl, or drop --gpu for a CPU job"
         ),
-        (Backend::Local | Backend::Mpi, false) => {
-            // `local` ranks are threads of one process and `mpi` ranks need
-            // one mpirun to start them all: either way, one pod holds the world.
+        (Backend::Local, false) => {
+            // `local` ranks are threads of one process: one pod holds the world.
             if workers != 1 {
                 bail!(
-                    "--workers {workers}: [parallel] backend = \"{backend}\" runs all {ranks} rank(s) in one worker \
-                     pod ({}), so a CPU job has --workers 1; ranks across pods need --gpu with backend nccl",
-                    if backend == Backend::Mpi { "processes under mpirun" } else { "threads" }
+                    "--workers {workers}: [parallel] backend = \"local\" runs all {ranks} rank(s) as threads of one \
+                     worker pod, so it has --workers 1; for ranks across pods use --set parallel.backend=mpi (an \
+                     MPIJob of the Kubeflow MPI Operator), or --gpu with backend nccl"
                 );
             }
             ranks
         }
+        (Backend::Mpi, false) => {
+            // mpirun starts the ranks: in the one worker pod, or over SSH in
+            // the MPIJob's worker pods, the same number in each.
+            if ranks % workers != 0 {
+                bail!(
+                    "--workers {workers} cannot hold [parallel] ranks = {ranks} evenly (each pod runs the same \
+                     number of ranks): use a --workers that divides {ranks}, or --set parallel.ranks to a multiple \
+                     of {workers}"
+                );
+            }
+            ranks / workers
+        }
     };
+    let form = if backend == Backend::Mpi && workers > 1 { WorkerForm::MpiJob } else { WorkerForm::IndexedJob };
     let worker_memory_mib = worker_memory_mib(job, ranks_per_pod, req.gpu)?;
     let mut notes = Vec::new();
     let url = job.checkpoint.url.trim();
@@ -140,6 +165,7 @@ pub fn plan(job: &JobConfig, req: &RenderRequest, env: impl Fn(&str) -> Option<S
         namespace: req.namespace.clone(),
         image,
         workers,
+        form,
         ranks_per_pod,
         worker_memory_mib,
         backend,
