@@ -118,7 +118,7 @@ pub fn plan(job: &JobConfig, req: &RenderRequest, env: impl Fn(&str) -> Option<S
         (Backend::Mpi, false) => {
             // mpirun starts the ranks: in the one worker pod, or over SSH in
             // the MPIJob's worker pods, the same number in each.
-            if ranks % workers != 0 {
+            if !ranks.is_multiple_of(workers) {
                 bail!(
                     "--workers {workers} cannot hold [parallel] ranks = {ranks} evenly (each pod runs the same \
                      number of ranks): use a --workers that divides {ranks}, or --set parallel.ranks to a multiple \
