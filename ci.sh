@@ -20,12 +20,16 @@ done
 
 # System packages the suites use: OpenMPI for the MPI backend (and bindgen's
 # libclang to build its bindings), iproute2 for the network-namespace hosts,
-# Slurm and munge for the one-node cluster the Slurm test starts.
+# Slurm and munge for the one-node cluster the Slurm test starts, OpenSSH
+# for the MPIJob test.
 mapfile -t need < <(scripts/missing-mpi-packages.sh)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v unshare >/dev/null 2>&1 || need+=(util-linux)
 command -v slurmctld >/dev/null 2>&1 || need+=(slurm-wlm)
 command -v munged >/dev/null 2>&1 || need+=(munge)
+# sshd and ssh: the MPIJob test runs mpirun over SSH between namespace hosts.
+[ -x /usr/sbin/sshd ] || need+=(openssh-server)
+command -v ssh-keygen >/dev/null 2>&1 || need+=(openssh-client)
 if [ ${#need[@]} -gt 0 ]; then
   echo "== installing ${need[*]}"
   sudo=""

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
+use wire::metrics_file::{append_line, truncate_after};
 use wire::protocol::{
     decode_header, decode_payload, encode, overlap_efficiency, Message, ProtocolError, Registration, ShardWritten,
     StepReport, Welcome, HEADER_BYTES,
@@ -150,6 +151,8 @@ pub(crate) struct State {
     committer: Option<Committer>,
     last_checkpoint: Option<u64>,
     metrics_failed: bool,
+    /// The step whose row metrics.jsonl expects next; `None` before the first.
+    metrics_next_step: Option<u64>,
     /// Why every rank was asked to save and stop, once it was.
     save_and_stop: Option<String>,
 }
@@ -200,6 +203,7 @@ impl Coordinator {
             committer: None,
             last_checkpoint: None,
             metrics_failed: false,
+            metrics_next_step: None,
             save_and_stop: None,
         }));
         if let Some(target) = target {
@@ -496,7 +500,17 @@ fn record_step(shared: &Shared, rank: u32, report: StepReport) {
     if let Some(path) = state.cfg.metrics_path.clone() {
         let line = reports.iter().find_map(|r| r.detail.as_deref());
         if let Some(line) = line {
-            if let Err(e) = append_line(&path, line) {
+            // A new coordinator, or ranks that resumed from an earlier
+            // commit: rows from this step on are of an attempt that did not
+            // last, and go before this one is written (one row per step).
+            let restarted = state.metrics_next_step != Some(step);
+            state.metrics_next_step = Some(step + 1);
+            let written = if restarted {
+                truncate_after(&path, step.saturating_sub(1)).and_then(|_| append_line(&path, line))
+            } else {
+                append_line(&path, line)
+            };
+            if let Err(e) = written {
                 // Said once; training goes on without the file.
                 if !std::mem::replace(&mut state.metrics_failed, true) {
                     let _ = state.events.send(Event::MetricsFailed { reason: format!("{}: {e}", path.display()) });
@@ -562,17 +576,6 @@ fn committed(state: &mut State, outcome: Result<Committed, (u64, String)>) {
             let _ = state.events.send(Event::CheckpointFailed { step, reason });
         }
     }
-}
-
-/// Appends one line to a metrics file (created on first use; a resumed
-/// run continues it).
-fn append_line(path: &std::path::Path, line: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)?;
-    }
-    let mut file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
-    writeln!(file, "{line}")
 }
 
 /// Declares ranks lost when their heartbeats stop.

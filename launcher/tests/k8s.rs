@@ -43,17 +43,8 @@ fn validate(file: &Path) {
     assert!(!text(&out).contains("ERROR"), "{}", text(&out));
 }
 
-/// The YAML documents of `yaml` as JSON values (PyYAML comes with kubernetes-validate).
 fn parse(yaml: &str) -> Vec<Value> {
-    let dir = temp_dir("parse");
-    let file = dir.join("docs.yaml");
-    std::fs::write(&file, yaml).unwrap();
-    let script = "import json,sys,yaml; print(json.dumps([d for d in yaml.safe_load_all(open(sys.argv[1])) if d]))";
-    let out = Command::new("python3").args(["-c", script]).arg(&file).output().expect("python3 runs");
-    assert!(out.status.success(), "PyYAML (pip install kubernetes-validate) cannot read it: {}", text(&out));
-    let mut docs: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
-    docs.sort_by_key(|d| (d["kind"].to_string(), d["metadata"]["name"].to_string()));
-    docs
+    common::parse_yaml(yaml)
 }
 
 fn object<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {

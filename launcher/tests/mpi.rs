@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 mod common;
+use common::processes::{allow_root, wait_guarded, NamespaceHosts};
 use common::{text, EXE};
 
 const STEPS: usize = 20;
@@ -27,25 +28,6 @@ fn job_args(run_dir: &Path) -> Vec<String> {
         ["train", "--quiet", "--set", "checkpoint.every=0", "--set", "train.log_every=10"].map(String::from).to_vec();
     args.extend(["--set".into(), format!("train.steps={STEPS}"), "--run-dir".into(), run_dir.display().to_string()]);
     args
-}
-
-/// OpenMPI refuses root (containers, CI) unless told.
-fn allow_root(cmd: &mut Command) -> &mut Command {
-    cmd.env("OMPI_ALLOW_RUN_AS_ROOT", "1").env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-}
-
-/// Waits for `child` at most `guard`; a child still running then is a hang.
-fn wait_guarded(mut child: Child, guard: Duration, what: &str) -> Output {
-    let started = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if started.elapsed() > guard {
-            let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            panic!("{what} still running after {guard:?}: it hung\n{}", text(&out));
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    child.wait_with_output().unwrap()
 }
 
 fn run(cmd: &mut Command, what: &str) -> Output {
@@ -518,30 +500,6 @@ fn a_rank_killed_during_an_upload_leaves_the_last_commit_to_resume_from() {
 fn the_coordinator_killed_during_an_upload_leaves_the_last_commit_to_resume_from() {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     kill_during_upload("coordinator");
-}
-
-/// Removes the namespace hosts when the test ends, passing or not.
-struct NamespaceHosts {
-    script: PathBuf,
-}
-
-impl NamespaceHosts {
-    fn up(repo: &Path) -> Self {
-        let script = repo.join("scripts/netns-hosts.sh");
-        let out = Command::new(&script).arg("up").output().expect("scripts/netns-hosts.sh runs");
-        assert!(
-            out.status.success(),
-            "cannot make network-namespace hosts (needs root and iproute2; ./ci.sh installs iproute2): {}",
-            text(&out)
-        );
-        Self { script }
-    }
-}
-
-impl Drop for NamespaceHosts {
-    fn drop(&mut self) {
-        let _ = Command::new(&self.script).arg("down").status();
-    }
 }
 
 #[test]

@@ -5,6 +5,7 @@
 //! `coordinator` crate, so a worker links no server.
 
 pub mod client;
+pub mod metrics_file;
 pub mod protocol;
 
 pub use client::{ClientError, CoordinatorClient};

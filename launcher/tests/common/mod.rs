@@ -6,6 +6,8 @@
 mod scratch;
 pub use scratch::Scratch;
 
+pub mod processes;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -53,3 +55,17 @@ pub const SMALL: &[&str] = &[
     "--set",
     "checkpoint.every=6",
 ];
+
+/// The YAML documents of `yaml` as JSON values, sorted by kind and name
+/// (PyYAML comes with kubernetes-validate, which ci.sh installs).
+pub fn parse_yaml(yaml: &str) -> Vec<serde_json::Value> {
+    let dir = temp_dir("yaml", "parse");
+    let file = dir.join("docs.yaml");
+    std::fs::write(&file, yaml).unwrap();
+    let script = "import json,sys,yaml; print(json.dumps([d for d in yaml.safe_load_all(open(sys.argv[1])) if d]))";
+    let out = Command::new("python3").args(["-c", script]).arg(&file).output().expect("python3 runs");
+    assert!(out.status.success(), "PyYAML (pip install kubernetes-validate) cannot read it: {}", text(&out));
+    let mut docs: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    docs.sort_by_key(|d| (d["kind"].to_string(), d["metadata"]["name"].to_string()));
+    docs
+}

@@ -71,7 +71,7 @@ pub(crate) fn prepare_run_folder(
     let config_path = run_dir.join("config.toml");
     std::fs::write(&config_path, job.to_toml()).map_err(|e| WorkerError::io("cannot write", &config_path, e))?;
     let path = run_dir.join("metrics.jsonl");
-    crate::metrics::truncate_after(&path, start_step).map_err(|e| WorkerError::io("cannot rewrite", &path, e))?;
+    wire::metrics_file::truncate_after(&path, start_step).map_err(|e| WorkerError::io("cannot rewrite", &path, e))?;
     let metrics = if coordinated {
         None
     } else {
