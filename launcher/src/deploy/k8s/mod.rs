@@ -16,7 +16,8 @@ use worker::JobConfig;
 /// `switchyard k8s ...`
 #[derive(Subcommand)]
 pub enum K8sCommand {
-    /// Write a job's manifests: ConfigMap, Secret, coordinator Pod and Services, worker Indexed Job.
+    /// Write a job's manifests: ConfigMap, Secret, coordinator Pod and Services, and the workers
+    /// (an Indexed Job, or an MPIJob for MPI ranks over several pods).
     Render(RenderArgs),
 }
 
@@ -29,7 +30,8 @@ pub struct RenderArgs {
     /// Override a config key, e.g. --set parallel.ranks=4 (repeatable); the ConfigMap holds the result.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     overrides: Vec<String>,
-    /// Worker pods: 1 for a CPU job (all ranks in one pod), [parallel] ranks with --gpu (one GPU each).
+    /// Worker pods: 1 holds every CPU rank; N > 1 with backend mpi is an MPIJob of ranks/N ranks per pod
+    /// (Kubeflow MPI Operator); with --gpu, [parallel] ranks (one GPU each).
     #[arg(long, allow_negative_numbers = true)]
     workers: i64,
     /// Container image with the switchyard binary (see the Dockerfile).

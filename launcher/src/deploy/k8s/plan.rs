@@ -160,6 +160,13 @@ pub fn plan(job: &JobConfig, req: &RenderRequest, env: impl Fn(&str) -> Option<S
         }
     }
     let secret_env = secret_values(job, scheme.unwrap_or(""), req.placeholder_secrets, &env, &mut notes)?;
+    if form == WorkerForm::MpiJob {
+        notes.push(format!(
+            "the workers are an MPIJob ({workers} pods of {ranks_per_pod} rank(s), started over SSH): the cluster needs \
+             the Kubeflow MPI Operator (kubeflow.org/v2beta1), and the image must be this project's Dockerfile \
+             (sshd, user 1000); docs/kubernetes.md, \"Several nodes\""
+        ));
+    }
     Ok(K8sJob {
         name,
         namespace: req.namespace.clone(),
