@@ -248,4 +248,19 @@ mod tests {
         let unsealed = Manifest::from_json(&serde_json::to_vec(&old).unwrap(), "memory://m").unwrap();
         assert_eq!(unsealed, m);
     }
+
+    /// Found by fuzzing: a float the default JSON parser did not read back made
+    /// a manifest fail its own seal once written and read again. Every
+    /// number must read back as the number written.
+    #[test]
+    fn a_written_manifest_reads_back_sealed_whatever_its_floats() {
+        let mut m = Manifest::new(7, 100, "test");
+        m.config = serde_json::json!({"optim": {"eps": 9.99999993922539e-9, "lr": 0.003000000026077032}});
+        let mut read = Manifest::from_json(&m.to_json(), "memory://m").unwrap();
+        for value in [9.99999993922539e-9_f64, 1e-300, 5e-324, 1.7976931348623157e308, 0.1 + 0.2] {
+            read.config["optim"]["eps"] = serde_json::json!(value);
+            let again = Manifest::from_json(&read.to_json(), "memory://m").unwrap();
+            assert_eq!(again.config["optim"]["eps"].as_f64().unwrap().to_bits(), value.to_bits(), "{value:e}");
+        }
+    }
 }
