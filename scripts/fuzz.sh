@@ -3,7 +3,7 @@
 # time: the control protocol's frames, job configs (files and --set flags)
 # and checkpoint manifests. Prints executions and crashes per target; a
 # crash leaves its input under fuzz/artifacts/<target>/ (turn it into a
-# regression test: docs/faults.md, "Fuzzing").
+# regression test: docs/fuzzing.md).
 #
 #   scripts/fuzz.sh [SECONDS_PER_TARGET] [TARGET...]   (default 300, all)
 #
