@@ -55,16 +55,20 @@ pub struct StoreOptions {
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        Self { retries: 5, retry_timeout: Duration::from_secs(60), part_bytes: 32 << 20 }
+        Self { retries: 10, retry_timeout: Duration::from_secs(60), part_bytes: 32 << 20 }
     }
 }
 
 impl StoreOptions {
     fn retry_config(&self) -> RetryConfig {
-        // Start at 200 ms and double: five retries span about six seconds,
-        // enough to ride out a restarting server without stalling a save long.
+        // object_store draws each wait at random between the first wait and
+        // twice the last one, so waits grow by about half the first wait per
+        // retry: from 1 s, ten retries wait about half a minute in all (a
+        // store restarting, a short network outage), never past
+        // `retry_timeout`. From 200 ms, five retries had given up within
+        // 1.2-2.2 s of an S3 server's restart (scripts/chaos.sh, s3-restart).
         let backoff =
-            BackoffConfig { init_backoff: Duration::from_millis(200), max_backoff: Duration::from_secs(10), base: 2.0 };
+            BackoffConfig { init_backoff: Duration::from_secs(1), max_backoff: Duration::from_secs(10), base: 2.0 };
         RetryConfig { backoff, max_retries: self.retries, retry_timeout: self.retry_timeout }
     }
 }

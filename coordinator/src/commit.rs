@@ -40,6 +40,9 @@ pub struct Committed {
     /// Unfinished multipart uploads of earlier saves (of processes killed
     /// while uploading) that this commit aborted, or why it could not.
     pub abandoned_uploads: Result<Vec<String>, String>,
+    /// Why deleting the steps beyond `keep_last` failed, if it did: the
+    /// step is committed all the same, and the next commit prunes again.
+    pub prune_failed: Option<String>,
 }
 
 /// The shards reported so far for one step.
@@ -138,17 +141,19 @@ impl Committer {
                         }
                     }
                     let store = store.as_ref().expect("opened above");
+                    // Once the manifest and `latest` are written the step is
+                    // committed: what fails after (pruning, aborting old
+                    // uploads) is cleanup, reported, never a failed checkpoint.
                     let result = store
                         .commit(&manifest)
-                        .and_then(|()| store.prune(target.keep_last))
-                        .map(|_| Committed {
+                        .map(|()| Committed {
                             step,
                             url: store.step_url(step),
                             bytes,
                             upload_s,
-                            commit_s: started.elapsed().as_secs_f64(),
-                            // Not a failed commit: the step is safe, only the cleanup is left.
+                            prune_failed: store.prune(target.keep_last).err().map(|e| e.to_string()),
                             abandoned_uploads: store.abort_abandoned_uploads(Some(step)).map_err(|e| e.to_string()),
+                            commit_s: started.elapsed().as_secs_f64(),
                         })
                         .map_err(|e| (step, e.to_string()));
                     done(result);

@@ -256,9 +256,10 @@ impl<'c> Checkpointer<'c> {
                 manifest.add_shard(report);
             }
             self.store.commit(&manifest)?;
-            self.store.prune(self.keep_last)?;
-            // A later save would fail the same way; nothing here is lost.
-            self.store.abort_abandoned_uploads(Some(step))?;
+            // Committed: cleanup that fails is left to the next commit, as
+            // the coordinator does (this path has no console to say so).
+            let _ = self.store.prune(self.keep_last);
+            let _ = self.store.abort_abandoned_uploads(Some(step));
         }
         comm.barrier()?;
         self.committed_here = Some(step);

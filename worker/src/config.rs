@@ -173,7 +173,7 @@ pub struct CheckpointConfig {
 
 impl Default for CheckpointConfig {
     fn default() -> Self {
-        Self { url: String::new(), every: 250, keep_last: 2, retries: 5, retry_timeout_s: 60.0, part_mib: 32 }
+        Self { url: String::new(), every: 250, keep_last: 2, retries: 10, retry_timeout_s: 60.0, part_mib: 32 }
     }
 }
 

@@ -79,7 +79,7 @@ impl RunningCoordinator {
                             eprintln!("coordinator: checkpoint step {step} failed: {reason}; stopping every rank")
                         }
                         Some(Event::Committed(c)) => {
-                            if let Some(line) = abandoned_uploads_line(&c) {
+                            for line in cleanup_lines(&c) {
                                 eprintln!("coordinator: {line}")
                             }
                         }
@@ -183,25 +183,31 @@ pub fn commit_line(c: &Committed) -> String {
         c.upload_s,
         c.commit_s
     );
-    match abandoned_uploads_line(c) {
-        Some(more) => format!("{line}\n{more}"),
-        None => line,
-    }
+    std::iter::once(line).chain(cleanup_lines(c)).collect::<Vec<_>>().join("\n")
 }
 
-/// What a commit did about uploads that killed processes left unfinished,
-/// when there were any.
-pub fn abandoned_uploads_line(c: &Committed) -> Option<String> {
+/// What a commit's cleanup did or could not do: old steps it could not
+/// delete, unfinished uploads of killed processes it aborted.
+pub fn cleanup_lines(c: &Committed) -> Vec<String> {
+    let mut lines = Vec::new();
+    if let Some(reason) = &c.prune_failed {
+        lines.push(format!(
+            "warning: step {} is committed, but deleting the steps beyond keep_last failed ({reason}); they stay \
+             until a later commit deletes them",
+            c.step
+        ));
+    }
     match &c.abandoned_uploads {
-        Ok(aborted) if aborted.is_empty() => None,
-        Ok(aborted) => Some(format!(
+        Ok(aborted) if aborted.is_empty() => {}
+        Ok(aborted) => lines.push(format!(
             "aborted {} unfinished upload(s) of an earlier, interrupted save: {}",
             aborted.len(),
             aborted.join(", ")
         )),
-        Err(reason) => Some(format!(
+        Err(reason) => lines.push(format!(
             "warning: could not abort the unfinished uploads of an earlier save ({reason}); the next commit tries \
              again, or a bucket lifecycle rule (AbortIncompleteMultipartUpload) removes them"
         )),
     }
+    lines
 }

@@ -336,7 +336,7 @@ fn run_mpi(launch: &RankLaunch, coordinator: &RunningCoordinator) -> Result<()> 
     let link = coordinator.link();
     let env = [(ADDR_VAR, link.addr), (TOKEN_VAR, link.token)];
     let job = launch.job;
-    let code = mpirun::run_self(job.parallel.ranks, &launch.args(), &env, &job.launch)?;
+    let code = mpirun::run_self(job.parallel.ranks, &launch.args(), &env, &job.launch, &|| coordinator.first_lost())?;
     // 143 from mpirun: a rank got the stop signal itself (and every rank
     // saved and stopped with it); the job stopped as if this process had.
     let preempted_rank = code == worker::preemption::PREEMPTED_EXIT_CODE;

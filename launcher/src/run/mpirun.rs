@@ -16,7 +16,13 @@ use worker::config::LaunchConfig;
 /// every rank: the ranks then save the step together and exit. mpirun runs
 /// in its own process group, so that a Ctrl-C in the terminal reaches this
 /// process only; mpirun itself would end the job on it without a save.
-pub fn run_self(ranks: usize, args: &[String], env: &[(&str, String)], launch: &LaunchConfig) -> Result<i32> {
+pub fn run_self(
+    ranks: usize,
+    args: &[String],
+    env: &[(&str, String)],
+    launch: &LaunchConfig,
+    lost_rank: &dyn Fn() -> Option<u32>,
+) -> Result<i32> {
     use std::os::unix::process::CommandExt;
     let mut cmd = self_command(ranks, args, env, Some(launch))?;
     // Outside the terminal's foreground group, a read of the terminal
@@ -24,6 +30,7 @@ pub fn run_self(ranks: usize, args: &[String], env: &[(&str, String)], launch: &
     cmd.process_group(0).stdin(std::process::Stdio::null());
     let mut child = cmd.spawn().map_err(not_started)?;
     let mut forwarded = false;
+    let mut lost_at = None;
     loop {
         if let Some(status) = child.try_wait().context("cannot wait for mpirun")? {
             return Ok(status.code().unwrap_or(1));
@@ -33,9 +40,31 @@ pub fn run_self(ranks: usize, args: &[String], env: &[(&str, String)], launch: &
             unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGUSR1) };
             forwarded = true;
         }
+        if let Some(rank) = lost_rank() {
+            let since = *lost_at.get_or_insert_with(std::time::Instant::now);
+            if since.elapsed() > MPIRUN_GRACE_AFTER_A_LOSS {
+                // mpirun waits for its daemon on a host it cannot reach (a
+                // cut link) and would never end: end it, so the job can
+                // restart without that host.
+                eprintln!(
+                    "mpirun did not end {}s after rank {rank} was lost (it waits for a host it cannot reach): \
+                     stopping it",
+                    MPIRUN_GRACE_AFTER_A_LOSS.as_secs()
+                );
+                // SAFETY: kill(2) of the process group mpirun leads (process_group(0) above).
+                unsafe { libc::kill(-(child.id() as libc::pid_t), libc::SIGKILL) };
+                let status = child.wait().context("cannot wait for mpirun")?;
+                return Ok(status.code().unwrap_or(128 + libc::SIGKILL));
+            }
+        }
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
+
+/// How long mpirun may go on after the coordinator declared a rank lost.
+/// The other ranks stop within about a second of being told; mpirun then
+/// ends unless it waits for a daemon on a host it cannot reach.
+const MPIRUN_GRACE_AFTER_A_LOSS: std::time::Duration = std::time::Duration::from_secs(15);
 
 /// `mpirun` starting this binary with `args` as `ranks` processes, each
 /// given the variables `env`, placed as `launch` says.
