@@ -73,6 +73,14 @@ cargo test --workspace --all-targets --locked --no-fail-fast --features "$featur
 echo "== tests with Hugging Face tokenizer support (--features hf-tokenizer)"
 cargo test -p worker --all-targets --features hf-tokenizer --locked --no-fail-fast 2>&1 | tee -a "$log" || status=1
 
+# Real faults on real jobs, counted (docs/faults.md): a few trials of every
+# kind, on the MPI build the tests above made.
+echo "== chaos suite: 2 trials of every fault kind"
+rm -rf target/chaos
+chaos=ok
+SWITCHYARD=target/debug/switchyard scripts/chaos.sh --trials 2 --seed 20261206 --out target/chaos || { chaos=FAILED; status=1; }
+
 # One closing line over every test binary above.
-awk '/^test result:/ { p += $4; f += $6 } END { printf "%d passed, %d failed\n", p, f }' "$log"
+awk '/^test result:/ { p += $4; f += $6 } END { printf "%d passed, %d failed", p, f }' "$log"
+echo "; chaos suite $chaos (target/chaos/summary.md)"
 exit $status
