@@ -429,35 +429,32 @@ send() {  # signal pid
 
 # ---------------------------------------------------------------- fault kinds
 
-# worker-kill: kill -9 of a random rank at a random step; the launcher restarts the job.
-trial_worker_kill() {
+# A random rank of a job run with --max-restarts 1 gets SIGNAL (named
+# NAME in the trial line) at a random step; the launcher must restart it.
+signal_a_rank_and_restart() {  # SIGNAL NAME
   local k; rand k 1 $((STEPS - 2))
   LATEST_FILE="$RUN/checkpoints/latest"
   start_train "$TAG" "$RUN" "$TDIR/job.log" --max-restarts 1; JOB_WATCH_PID=$JOB_PID
-  wait_step "$k" || return
-  pick_rank "" || { fail "no rank process found"; return; }
+  wait_step "$k" || return 1
+  pick_rank "" || { fail "no rank process found"; return 1; }
   jitter
   BEFORE=$(step_num "$(cat "$LATEST_FILE" 2>/dev/null)")
   remember_lines "$TDIR/job.log"
-  WHAT="kill -9 rank $VICTIM_RANK at step $(grep -c . "$RUN/metrics.jsonl")"
-  send KILL "$VICTIM_PID" || return
+  WHAT="$2 rank $VICTIM_RANK at step $(grep -c . "$RUN/metrics.jsonl")"
+  send "$1" "$VICTIM_PID" || return 1
   after_restart_kind
+  return 0  # the trial ran; its verdict is in FINISHED, HUNG, COMMIT_LOST
+}
+
+# worker-kill: kill -9 of a random rank at a random step; the launcher restarts the job.
+trial_worker_kill() {
+  signal_a_rank_and_restart KILL "kill -9"
 }
 
 # rank-stop: SIGSTOP of a random rank; the job must notice (heartbeat or
 # collective timeout, 10 s) and the launcher restarts it.
 trial_rank_stop() {
-  local k; rand k 1 $((STEPS - 2))
-  LATEST_FILE="$RUN/checkpoints/latest"
-  start_train "$TAG" "$RUN" "$TDIR/job.log" --max-restarts 1; JOB_WATCH_PID=$JOB_PID
-  wait_step "$k" || return
-  pick_rank "" || { fail "no rank process found"; return; }
-  jitter
-  BEFORE=$(step_num "$(cat "$LATEST_FILE" 2>/dev/null)")
-  remember_lines "$TDIR/job.log"
-  WHAT="SIGSTOP rank $VICTIM_RANK at step $(grep -c . "$RUN/metrics.jsonl")"
-  send STOP "$VICTIM_PID" || return
-  after_restart_kind
+  signal_a_rank_and_restart STOP SIGSTOP || return
   if kill -0 "$VICTIM_PID" 2>/dev/null && [ -d "/proc/$VICTIM_PID" ] && [ "$(awk '{print $3}' "/proc/$VICTIM_PID/stat" 2>/dev/null)" != Z ]; then
     NOTE="the stopped rank (pid $VICTIM_PID) outlived the job"; kill -KILL "$VICTIM_PID" 2>/dev/null
   fi
