@@ -248,7 +248,7 @@ mod tests {
 
     #[test]
     fn packed_values_round_trip_by_name() {
-        let v = RankValues { tokens: 1.0, alltoall_waited_s: 10.0, comm_s: 8.0, ..Default::default() };
+        let v = RankValues { tokens: 1.0, rows_over_budget: 10.0, comm_s: 8.0, ..Default::default() };
         let flat = v.to_values();
         assert_eq!(flat.len(), RankValues::LEN);
         assert_eq!((flat[0], flat[RankValues::LEN - 1]), (1.0, 10.0));
