@@ -164,7 +164,7 @@ impl ObjectIo {
                     }
                     send(std::mem::replace(&mut part, Vec::with_capacity(part_bytes)), parts, &mut sending);
                     parts += 1;
-                    if let Some(stall) = injected_part_stall().filter(|_| parts == 1) {
+                    if let Some(stall) = (parts == 1).then(injected_part_stall).flatten() {
                         sent.push(self.part_sent(&mut sending, rel).await?);
                         std::thread::sleep(stall);
                     }

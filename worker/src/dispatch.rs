@@ -402,12 +402,13 @@ impl<'a> AllToAllExperts<'a> {
         expert_rows: &mut [Vec<usize>],
     ) -> Result<(), ModelError> {
         let Some(RowBudget { rows: budget, overflow }) = self.budget else { return Ok(()) };
-        let mut rows_e = vec![0usize; num_experts];
-        expert_rows.iter().flatten().for_each(|&e| rows_e[e] += 1);
-        let total: usize = rows_e.iter().sum();
+        // Most steps are within budget: count rows by their runs, not one by one.
+        let total: usize = expert_rows.iter().map(Vec::len).sum();
         if total <= budget {
             return Ok(());
         }
+        let mut rows_e = vec![0usize; num_experts];
+        expert_rows.iter().flatten().for_each(|&e| rows_e[e] += 1);
         let (busiest, most) =
             rows_e.iter().copied().enumerate().max_by_key(|&(e, n)| (n, std::cmp::Reverse(e))).unwrap_or_default();
         let rank = self.comm.rank();
