@@ -12,6 +12,17 @@ pub enum BlockKind {
     Parallel,
 }
 
+/// How the router turns logits into scores (docs/model.md, "Routers beyond v1").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RouterScoreKind {
+    /// `softmax(logits)` (v1, Mixtral, Qwen).
+    #[default]
+    Softmax,
+    /// `sigmoid(logits)` per expert (DeepSeek-V3).
+    Sigmoid,
+}
+
 /// Model hyper-parameters; key names are part of the user interface.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -38,6 +49,25 @@ pub struct ModelConfig {
     /// Standard deviation of the initial weights (output projections are
     /// further scaled by `1/sqrt(2 n_layers)` as in GPT-2).
     pub init_std: f32,
+    /// Router scores: softmax (v1) or DeepSeek-V3's sigmoid.
+    pub router_score: RouterScoreKind,
+    /// Gates are multiplied by this after any renormalisation (DeepSeek-V3: 2.5).
+    pub routed_scaling_factor: f32,
+    /// Group-limited routing: experts form `n_groups` groups of consecutive
+    /// ids and a token chooses inside its `topk_groups` best groups.
+    pub n_groups: usize,
+    pub topk_groups: usize,
+    /// A per-expert selection bias, updated after each step from the global
+    /// loads (aux-loss-free balancing), saved as `layers.{l}.moe.expert_bias`.
+    pub expert_bias: bool,
+    /// The bias update's step `gamma` (DeepSeek-V3: 0.001).
+    pub bias_update_speed: f32,
+    /// Subtract the mean of each bias update (torchtitan does).
+    pub bias_update_centered: bool,
+    /// Sequence-wise balance loss coefficient `alpha` (DeepSeek-V3: 1e-4).
+    pub seq_aux_loss_coef: f32,
+    /// Qwen2-MoE: the shared experts' output times `sigmoid(w_g . x)`.
+    pub shared_expert_gate: bool,
 }
 
 impl Default for ModelConfig {
@@ -62,6 +92,15 @@ impl Default for ModelConfig {
             aux_loss_coef: 0.01,
             z_loss_coef: 0.001,
             init_std: 0.02,
+            router_score: RouterScoreKind::Softmax,
+            routed_scaling_factor: 1.0,
+            n_groups: 1,
+            topk_groups: 1,
+            expert_bias: false,
+            bias_update_speed: 0.001,
+            bias_update_centered: false,
+            seq_aux_loss_coef: 0.0,
+            shared_expert_gate: false,
         }
     }
 }
@@ -100,6 +139,8 @@ impl ModelConfig {
             ("n_experts", self.n_experts),
             ("top_k", self.top_k),
             ("seq_len", self.seq_len),
+            ("n_groups", self.n_groups),
+            ("topk_groups", self.topk_groups),
         ];
         for (key, value) in positive {
             if value == 0 {
@@ -121,6 +162,10 @@ impl ModelConfig {
         if self.top_k > self.n_experts {
             return bad("top_k", format!("top_k {} exceeds n_experts {}", self.top_k, self.n_experts));
         }
+        self.validate_groups()?;
+        if self.shared_expert_gate && self.n_shared_experts == 0 {
+            return bad("shared_expert_gate", "gates the shared experts, but n_shared_experts = 0".into());
+        }
         if self.vocab > u32::MAX as usize {
             return bad("vocab", "must fit in 32 bits".into());
         }
@@ -136,10 +181,49 @@ impl ModelConfig {
                 format!("must be a finite number (0 or less: dropless), got {}", self.capacity_factor),
             );
         }
-        for (key, value) in [("aux_loss_coef", self.aux_loss_coef), ("z_loss_coef", self.z_loss_coef)] {
+        if !(self.routed_scaling_factor > 0.0 && self.routed_scaling_factor.is_finite()) {
+            return bad(
+                "routed_scaling_factor",
+                format!("must be a positive number, got {}", self.routed_scaling_factor),
+            );
+        }
+        for (key, value) in [
+            ("aux_loss_coef", self.aux_loss_coef),
+            ("z_loss_coef", self.z_loss_coef),
+            ("seq_aux_loss_coef", self.seq_aux_loss_coef),
+            ("bias_update_speed", self.bias_update_speed),
+        ] {
             if !(value >= 0.0 && value.is_finite()) {
                 return bad(key, format!("must be >= 0, got {value}"));
             }
+        }
+        Ok(())
+    }
+
+    /// Experts per routing group (`n_experts / n_groups`).
+    pub fn group_size(&self) -> usize {
+        self.n_experts / self.n_groups
+    }
+
+    /// Group-limited routing must leave `top_k` experts to choose from.
+    fn validate_groups(&self) -> Result<(), ModelError> {
+        let bad = |key: &'static str, reason: String| Err(ModelError::InvalidConfig { key, reason });
+        if !self.n_experts.is_multiple_of(self.n_groups) {
+            let reason = format!("{} groups do not divide n_experts = {}", self.n_groups, self.n_experts);
+            return bad("n_groups", reason);
+        }
+        if self.topk_groups > self.n_groups {
+            return bad("topk_groups", format!("{} exceeds n_groups = {}", self.topk_groups, self.n_groups));
+        }
+        let choosable = self.topk_groups * self.group_size();
+        if self.top_k > choosable {
+            let reason = format!(
+                "top_k {} exceeds the {choosable} experts of the topk_groups = {} kept groups of {} experts",
+                self.top_k,
+                self.topk_groups,
+                self.group_size()
+            );
+            return bad("top_k", reason);
         }
         Ok(())
     }
@@ -151,7 +235,8 @@ impl ModelConfig {
         let attn = d * self.n_heads * hd * 2 + d * self.n_kv_heads * hd * 2;
         let norms = d * if self.block == BlockKind::Sequential { 2 } else { 1 };
         let experts = (self.n_experts + self.n_shared_experts) * 3 * d * f;
-        let layer = attn + norms + self.n_experts * d + experts;
+        let gate = if self.shared_expert_gate { d } else { 0 };
+        let layer = attn + norms + self.n_experts * d + experts + gate;
         let output = if self.tie_embeddings { 0 } else { v * d };
         v * d + self.n_layers * layer + d + output
     }

@@ -23,7 +23,7 @@ pub mod schedule;
 pub mod shards;
 pub mod weights;
 
-pub use config::{BlockKind, ModelConfig};
+pub use config::{BlockKind, ModelConfig, RouterScoreKind};
 pub use error::ModelError;
 /// The MoE sub-layer, also reachable as `moe::layer`.
 pub use moe::layer as moe_layer;

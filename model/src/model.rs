@@ -44,12 +44,14 @@ pub struct LossScales {
     pub aux: f32,
     /// `z_loss_coef / (micro-batches in the global batch)`.
     pub z: f32,
+    /// `seq_aux_loss_coef / (micro-batches in the global batch)`.
+    pub seq: f32,
 }
 
 impl LossScales {
     /// The weights of the router's losses.
     pub fn router(self) -> RouterLossScales {
-        RouterLossScales { aux: self.aux, z: self.z }
+        RouterLossScales { aux: self.aux, z: self.z, seq: self.seq }
     }
 }
 
@@ -59,12 +61,17 @@ pub struct ForwardStats {
     /// Sum of next-token cross-entropy over the micro-batch's tokens (nats).
     pub ce_sum: f64,
     pub num_tokens: usize,
-    /// Per layer: the aux loss and z-loss (before coefficients).
+    /// Per layer: the aux loss, z-loss and sequence-wise balance loss
+    /// (before coefficients).
     pub aux_loss: Vec<f32>,
     pub z_loss: Vec<f32>,
+    pub seq_aux_loss: Vec<f32>,
     /// Per layer: kept assignments per expert, and dropped assignments.
     pub tokens_per_expert: Vec<Vec<usize>>,
     pub dropped: Vec<usize>,
+    /// Per layer: assignments per expert before capacity drops (the load
+    /// the aux-loss-free bias balances).
+    pub chosen_per_expert: Vec<Vec<usize>>,
 }
 
 /// How a forward-backward pass orders its work (DESIGN section 4, overlap).
@@ -396,7 +403,9 @@ impl Pass<'_> {
             let (out_td, cache) = self.block_forward(layer, w, x_td)?;
             stats.aux_loss.push(cache.moe.routing.aux_loss);
             stats.z_loss.push(cache.moe.routing.z_loss);
+            stats.seq_aux_loss.push(cache.moe.routing.seq_aux_loss);
             stats.tokens_per_expert.push(cache.moe.routing.tokens_per_expert.clone());
+            stats.chosen_per_expert.push(cache.moe.routing.chosen_per_expert.clone());
             stats.dropped.push(cache.moe.routing.dropped);
             caches.push(cache);
             x_td = out_td;

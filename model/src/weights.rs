@@ -45,23 +45,33 @@ macro_rules! list_tensors {
         $out.push((format!("{prefix}.w3.weight"), & $($m)? $w.w3));
         $out.push((format!("{prefix}.w2.weight"), & $($m)? $w.w2));
     }};
+    (layer $layer:expr, $iter:ident, $opt:ident, $($m:tt)?) => {{
+        let layer = $layer;
+        let mut out = vec![
+            ("attn_norm.weight".to_string(), & $($m)? layer.attn_norm),
+            ("attn.wq.weight".to_string(), & $($m)? layer.wq),
+            ("attn.wk.weight".to_string(), & $($m)? layer.wk),
+            ("attn.wv.weight".to_string(), & $($m)? layer.wv),
+            ("attn.wo.weight".to_string(), & $($m)? layer.wo),
+        ];
+        if let Some(w) = layer.ffn_norm.$opt() {
+            out.push(("ffn_norm.weight".to_string(), w));
+        }
+        out.push(("moe.router.weight".to_string(), & $($m)? layer.router));
+        for (s, shared) in layer.shared.$iter().enumerate() {
+            list_tensors!(expert shared, format!("moe.shared.{s}"), out, $($m)?);
+        }
+        if let Some(w) = layer.shared_gate.$opt() {
+            out.push(("moe.shared_gate.weight".to_string(), w));
+        }
+        out
+    }};
     (dense $w:expr, $iter:ident, $opt:ident, $($m:tt)?) => {{
         let mut out = Vec::new();
         out.push(("tok_embeddings.weight".to_string(), & $($m)? $w.tok_embeddings));
         for (l, layer) in $w.layers.$iter().enumerate() {
-            let p = format!("layers.{l}");
-            out.push((format!("{p}.attn_norm.weight"), & $($m)? layer.attn_norm));
-            out.push((format!("{p}.attn.wq.weight"), & $($m)? layer.wq));
-            out.push((format!("{p}.attn.wk.weight"), & $($m)? layer.wk));
-            out.push((format!("{p}.attn.wv.weight"), & $($m)? layer.wv));
-            out.push((format!("{p}.attn.wo.weight"), & $($m)? layer.wo));
-            if let Some(w) = layer.ffn_norm.$opt() {
-                out.push((format!("{p}.ffn_norm.weight"), w));
-            }
-            out.push((format!("{p}.moe.router.weight"), & $($m)? layer.router));
-            for (s, shared) in layer.shared.$iter().enumerate() {
-                list_tensors!(expert shared, format!("{p}.moe.shared.{s}"), out, $($m)?);
-            }
+            let params = list_tensors!(layer layer, $iter, $opt, $($m)?);
+            out.extend(params.into_iter().map(|(part, t)| (format!("layers.{l}.{part}"), t)));
         }
         out.push(("norm.weight".to_string(), & $($m)? $w.norm));
         if let Some(w) = $w.output.$opt() {
@@ -92,6 +102,24 @@ pub struct DenseLayerWeights {
     pub ffn_norm: Option<Vec<f32>>,
     pub router: Vec<f32>,
     pub shared: Vec<ExpertWeights>,
+    /// `[1, D]` the shared experts' gate (`shared_expert_gate` only).
+    pub shared_gate: Option<Vec<f32>>,
+    /// `[E]` the aux-loss-free selection bias (`expert_bias` only): state
+    /// the optimizer never touches, so it is a buffer, not a parameter.
+    pub expert_bias: Option<Vec<f32>>,
+}
+
+impl DenseLayerWeights {
+    /// The layer's parameters with their names inside the layer
+    /// (`attn.wq.weight`, ...), in the fixed order every list uses.
+    pub fn params(&self) -> Vec<(String, &Vec<f32>)> {
+        list_tensors!(layer self, iter, as_ref,)
+    }
+
+    /// [`DenseLayerWeights::params`], mutable.
+    pub fn params_mut(&mut self) -> Vec<(String, &mut Vec<f32>)> {
+        list_tensors!(layer self, iter_mut, as_mut, mut)
+    }
 }
 
 /// Every tensor replicated across data-parallel ranks.
@@ -141,6 +169,10 @@ impl DenseWeights {
                 ffn_norm: (cfg.block == BlockKind::Sequential).then(|| vec![1.0; d]),
                 router: rng.normal_vec(cfg.n_experts * d, std),
                 shared: (0..cfg.n_shared_experts).map(|_| ExpertWeights::init(cfg, rng)).collect(),
+                // Drawn last, and only when asked for, so that models
+                // without a gate keep every other weight of v1's draw order.
+                shared_gate: cfg.shared_expert_gate.then(|| rng.normal_vec(d, std)),
+                expert_bias: cfg.expert_bias.then(|| vec![0.0; cfg.n_experts]),
             })
             .collect();
         let norm = vec![1.0; d];
@@ -158,10 +190,29 @@ impl DenseWeights {
         list_tensors!(dense self, iter, as_ref,)
     }
 
+    /// The non-trained state with its names: each layer's expert bias.
+    pub fn buffers(&self) -> Vec<(String, &Vec<f32>)> {
+        let biases = self.layers.iter().enumerate();
+        biases
+            .filter_map(|(l, layer)| Some((format!("layers.{l}.moe.expert_bias"), layer.expert_bias.as_ref()?)))
+            .collect()
+    }
+
+    /// [`DenseWeights::buffers`], mutable.
+    pub fn buffers_mut(&mut self) -> Vec<(String, &mut Vec<f32>)> {
+        let biases = self.layers.iter_mut().enumerate();
+        biases
+            .filter_map(|(l, layer)| Some((format!("layers.{l}.moe.expert_bias"), layer.expert_bias.as_mut()?)))
+            .collect()
+    }
+
     /// A zeroed copy with the same structure (for gradients and moments).
     pub fn zeros_like(&self) -> Self {
         let mut z = self.clone();
         for (_, t) in z.tensors_mut() {
+            t.fill(0.0);
+        }
+        for (_, t) in z.buffers_mut() {
             t.fill(0.0);
         }
         z
@@ -254,6 +305,8 @@ pub fn tensor_shape(cfg: &ModelConfig, name: &str) -> Option<Vec<usize>> {
             ["attn", "wk", "weight"] | ["attn", "wv", "weight"] => vec![cfg.n_kv_heads * hd, d],
             ["attn", "wo", "weight"] => vec![d, cfg.n_heads * hd],
             ["moe", "router", "weight"] => vec![cfg.n_experts, d],
+            ["moe", "shared_gate", "weight"] if cfg.shared_expert_gate => vec![1, d],
+            ["moe", "expert_bias"] if cfg.expert_bias => vec![cfg.n_experts],
             ["moe", "experts" | "shared", _, part, "weight"] => return SwiGlu::of(cfg).tensor_shape(part),
             _ => return None,
         },

@@ -8,7 +8,7 @@ mod common;
 use model::model::{forward, forward_backward, LossScales, MicroBatch};
 use model::moe::LocalExperts;
 use model::ops::rope::RopeTable;
-use model::{BlockKind, ModelConfig, ModelWeights};
+use model::{BlockKind, ModelConfig, ModelWeights, RouterScoreKind};
 
 fn config(block: BlockKind, kv_heads: usize, capacity: f32, shared: usize, tied: bool) -> ModelConfig {
     ModelConfig {
@@ -32,7 +32,7 @@ fn config(block: BlockKind, kv_heads: usize, capacity: f32, shared: usize, tied:
     }
 }
 
-const SCALES: LossScales = LossScales { ce: 1.0 / 10.0, aux: 0.3, z: 0.05 };
+const SCALES: LossScales = LossScales { ce: 1.0 / 10.0, aux: 0.3, z: 0.05, seq: 0.4 };
 
 fn tokens(cfg: &ModelConfig, batch: usize) -> Vec<u32> {
     let mut rng = model::rng::Rng::new(5);
@@ -47,6 +47,7 @@ fn total_loss(cfg: &ModelConfig, w: &ModelWeights, toks: &[u32]) -> f64 {
     stats.ce_sum * SCALES.ce as f64
         + SCALES.aux as f64 * stats.aux_loss.iter().map(|&a| a as f64).sum::<f64>()
         + SCALES.z as f64 * stats.z_loss.iter().map(|&z| z as f64).sum::<f64>()
+        + SCALES.seq as f64 * stats.seq_aux_loss.iter().map(|&s| s as f64).sum::<f64>()
 }
 
 fn tensor<'a>(w: &'a mut ModelWeights, name: &str) -> &'a mut Vec<f32> {
@@ -54,8 +55,12 @@ fn tensor<'a>(w: &'a mut ModelWeights, name: &str) -> &'a mut Vec<f32> {
 }
 
 fn check_model(cfg: ModelConfig, names: &[&str]) {
+    let mut weights = ModelWeights::init(&cfg, 3);
+    // A bias that moves the choice (it starts at zero in training).
+    for (l, (_, bias)) in weights.dense.buffers_mut().into_iter().enumerate() {
+        bias.iter_mut().enumerate().for_each(|(e, b)| *b = 0.05 * ((e + l) % 3) as f32);
+    }
     cfg.validate().unwrap();
-    let weights = ModelWeights::init(&cfg, 3);
     let toks = tokens(&cfg, 2);
     let rope = RopeTable::new(cfg.seq_len, cfg.head_dim(), cfg.rope_theta);
     let mut grads = weights.zeros_like();
@@ -152,4 +157,41 @@ fn token_outside_the_vocabulary_is_an_error() {
     let mut experts = LocalExperts::new(&cfg, &weights.experts, &mut scratch);
     let err = forward(&cfg, &rope, &weights.dense, &mut experts, MicroBatch { tokens: &toks, batch: 2 }).unwrap_err();
     assert!(err.to_string().contains("99"), "{err}");
+}
+
+/// DeepSeek-V3's router: sigmoid scores, a selection bias, two groups of
+/// which one is kept, scaled gates, the sequence-wise loss beside the aux
+/// and z losses, a shared expert.
+#[test]
+fn deepseek_v3_router() {
+    let cfg = ModelConfig {
+        router_score: RouterScoreKind::Sigmoid,
+        n_groups: 2,
+        topk_groups: 1,
+        expert_bias: true,
+        routed_scaling_factor: 2.5,
+        seq_aux_loss_coef: 1e-4,
+        ..config(BlockKind::Sequential, 1, 0.0, 1, false)
+    };
+    let mut names = DENSE.to_vec();
+    names.extend(["layers.0.moe.shared.0.w1.weight", "output.weight"]);
+    check_model(cfg, &names);
+}
+
+/// Qwen2-MoE: softmax without renormalised gates, a gated shared expert.
+#[test]
+fn qwen2_moe_gated_shared_expert() {
+    let cfg = ModelConfig {
+        norm_topk_prob: false,
+        shared_expert_gate: true,
+        seq_aux_loss_coef: 1e-4,
+        ..config(BlockKind::Parallel, 2, 0.0, 1, false)
+    };
+    let mut names = DENSE.to_vec();
+    names.extend([
+        "layers.0.moe.shared_gate.weight",
+        "layers.1.moe.shared_gate.weight",
+        "layers.1.moe.shared.0.w3.weight",
+    ]);
+    check_model(cfg, &names);
 }

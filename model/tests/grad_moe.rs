@@ -5,7 +5,8 @@ mod common;
 
 use common::{check_gradient, probe_loss, values};
 use model::moe::{
-    route, route_backward, DispatchPlan, ExpertExecutor, LocalExperts, RouterGrads, RouterLossScales, Routing,
+    route, route_backward, DispatchPlan, ExpertExecutor, LocalExperts, RouterGrads, RouterLossScales, RouterWeights,
+    Routing,
 };
 use model::moe::{ExpertKind, Rows};
 use model::ops::swiglu::{SwiGlu, SwigluCache};
@@ -102,7 +103,7 @@ fn swiglu_zero_rows_is_a_no_op() {
 /// `route`, asserting that the top-k choices (and so the piecewise-constant
 /// selection) are those of the unperturbed input.
 fn route_same(cfg: &ModelConfig, x: &[f32], router: &[f32], n: usize, base: &Routing) -> Routing {
-    let r = route(cfg, x, router, n);
+    let r = route(cfg, x, RouterWeights::plain(router), n);
     assert_eq!(r.expert_tk, base.expert_tk, "perturbation changed the top-k order: pick other inputs");
     assert_eq!(r.kept_tk, base.kept_tk, "perturbation changed the capacity drops");
     r
@@ -122,7 +123,7 @@ fn check_router(norm_topk_prob: bool, which: RouterLoss) {
     let x = scaled(n * d, 21, 1.0);
     let router = scaled(e * d, 22, 1.5);
     let gate_probe = values(n * k, 23);
-    let base = route(&cfg, &x, &router, n);
+    let base = route(&cfg, &x, RouterWeights::plain(&router), n);
     let (dgate, aux_scale, z_scale) = match which {
         RouterLoss::Gates => (gate_probe.clone(), 0.0, 0.0),
         RouterLoss::Aux => (vec![0.0; n * k], 1.0, 0.0),
@@ -138,7 +139,7 @@ fn check_router(norm_topk_prob: bool, which: RouterLoss) {
     // Adds into the outputs: start them non-zero.
     let mut dx = vec![1.0; n * d];
     let mut drouter = vec![-1.0; e * d];
-    let scales = RouterLossScales { aux: aux_scale, z: z_scale };
+    let scales = RouterLossScales { aux: aux_scale, z: z_scale, seq: 0.0 };
     route_backward(&cfg, &x, &router, &base, &dgate, scales, RouterGrads { dx_td: &mut dx, drouter_ed: &mut drouter });
     dx.iter_mut().for_each(|v| *v -= 1.0);
     drouter.iter_mut().for_each(|v| *v += 1.0);
@@ -184,7 +185,7 @@ fn dropping_routing() -> (ModelConfig, Vec<f32>, Routing) {
     let n = 10;
     let x = scaled(n * cfg.d_model, 31, 1.0);
     let router = scaled(cfg.n_experts * cfg.d_model, 32, 1.5);
-    let r = route(&cfg, &x, &router, n);
+    let r = route(&cfg, &x, RouterWeights::plain(&router), n);
     assert!(r.dropped > 0, "test routing must drop something");
     (cfg, x, r)
 }
@@ -243,7 +244,7 @@ impl Layer<'_> {
         let (cfg, n, d) = (self.cfg, self.n, self.cfg.d_model);
         let r = match base {
             Some(b) => route_same(cfg, x, router, n, b),
-            None => route(cfg, x, router, n),
+            None => route(cfg, x, RouterWeights::plain(router), n),
         };
         let plan = DispatchPlan::from_routing(&r, cfg.n_experts, cfg.top_k);
         let mut grads = experts.zeros_like();
@@ -264,7 +265,7 @@ fn check_layer(capacity_factor: f32, norm_topk_prob: bool) {
     let probe = values(n * d, 43);
     let layer = Layer { cfg: &cfg, n, probe: &probe, aux_scale: 0.3, z_scale: 0.05 };
 
-    let routing = route(&cfg, &x, &router, n);
+    let routing = route(&cfg, &x, RouterWeights::plain(&router), n);
     if capacity_factor > 0.0 {
         assert!(routing.dropped > 0, "capacity test must drop something");
     } else {
@@ -281,7 +282,7 @@ fn check_layer(capacity_factor: f32, norm_topk_prob: bool) {
         let dy = plan.combine_backward(&routing, &y, &probe, d, &mut dgate);
         let dx_ad = exec.backward(0, &plan, &dy).unwrap();
         plan.gather_backward(&dx_ad, d, &mut dx);
-        let scales = RouterLossScales { aux: layer.aux_scale, z: layer.z_scale };
+        let scales = RouterLossScales { aux: layer.aux_scale, z: layer.z_scale, seq: 0.0 };
         let grads = RouterGrads { dx_td: &mut dx, drouter_ed: &mut drouter };
         route_backward(&cfg, &x, &router, &routing, &dgate, scales, grads);
         // The saved state was taken: a second backward is an error.
@@ -343,7 +344,7 @@ fn check_local_experts_against_per_token(d: usize, f: usize, n: usize) {
     let x = scaled(n * d, 51, 1.0);
     let router = scaled(e * d, 52, 1.5);
     let experts = store(&cfg, 200);
-    let r = route(&cfg, &x, &router, n);
+    let r = route(&cfg, &x, RouterWeights::plain(&router), n);
     let plan = DispatchPlan::from_routing(&r, e, k);
     let dout = values(n * d, 53);
     let mut grads = experts.zeros_like();
@@ -413,7 +414,7 @@ fn local_experts_report_missing_experts() {
     let (n, d, e, k) = (8, cfg.d_model, cfg.n_experts, cfg.top_k);
     let x = scaled(n * d, 61, 1.0);
     let router = scaled(e * d, 62, 1.5);
-    let r = route(&cfg, &x, &router, n);
+    let r = route(&cfg, &x, RouterWeights::plain(&router), n);
     let plan = DispatchPlan::from_routing(&r, e, k);
     let used = r.expert_tk[0] as usize;
     let mut partial = store(&cfg, 300);
@@ -453,7 +454,7 @@ fn capacity_keeps_first_assignments_in_token_order() {
     let choice = [0, 1, 0, 0, 1, 0];
     let x: Vec<f32> = choice.iter().flat_map(|&c| if c == 0 { [1.0, 0.0] } else { [0.0, 1.0] }).collect();
     let router = [1.0, 0.0, 0.0, 1.0];
-    let r = route(&cfg, &x, &router, 6);
+    let r = route(&cfg, &x, RouterWeights::plain(&router), 6);
     assert_eq!(r.expert_tk, vec![0, 1, 0, 0, 1, 0]);
     // Expert 0 was chosen by tokens 0, 2, 3, 5: it keeps 0 and 2.
     assert_eq!(r.kept_tk, vec![true, true, true, false, true, false]);
@@ -473,13 +474,13 @@ fn capacity_keeps_first_assignments_in_token_order() {
     assert_eq!(cfg.capacity(4), 2);
     let x = [3.0, 1.0, 0.0, 3.0, 0.0, 1.0, 3.0, 1.0, 0.0, 3.0, 0.0, 1.0];
     let router = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0];
-    let r = route(&cfg, &x, &router, 4);
+    let r = route(&cfg, &x, RouterWeights::plain(&router), 4);
     assert_eq!(r.expert_tk, vec![0, 1, 0, 2, 0, 1, 0, 2]);
     assert_eq!(r.kept_tk, vec![true, true, true, true, false, true, false, true]);
     assert_eq!(r.tokens_per_expert, vec![2, 2, 2]);
     assert_eq!(r.dropped, 2);
     // Gates are not renormalised after a drop: same as the dropless routing.
-    let dropless = route(&ModelConfig { capacity_factor: 0.0, ..cfg.clone() }, &x, &router, 4);
+    let dropless = route(&ModelConfig { capacity_factor: 0.0, ..cfg.clone() }, &x, RouterWeights::plain(&router), 4);
     assert_eq!(r.gate_tk, dropless.gate_tk);
     assert!(dropless.kept_tk.iter().all(|&k| k));
     assert_eq!(dropless.tokens_per_expert, vec![4, 2, 2]);
@@ -491,7 +492,7 @@ fn ties_go_to_the_lower_expert_id() {
     let router: Vec<f32> = (0..16).map(|i| if i % 5 == 0 { 1.0 } else { 0.0 }).collect();
     // Logits equal x: all equal; (1, 2, 2, 0); (2, 1, 2, 1).
     let x = [0.0, 0.0, 0.0, 0.0, 1.0, 2.0, 2.0, 0.0, 2.0, 1.0, 2.0, 1.0];
-    let r = route(&cfg, &x, &router, 3);
+    let r = route(&cfg, &x, RouterWeights::plain(&router), 3);
     assert_eq!(r.expert_tk, vec![0, 1, 2, 1, 2, 0, 0, 2, 1]);
     // Highest probability first.
     for t in 0..3 {
@@ -505,7 +506,7 @@ fn aux_and_z_loss_values() {
     // Uniform probabilities (zero router) give aux = E * sum_e f_e / E = 1.
     let cfg = moe_cfg(0.0, true);
     let x = values(10 * cfg.d_model, 71);
-    let r = route(&cfg, &x, &vec![0.0; cfg.n_experts * cfg.d_model], 10);
+    let r = route(&cfg, &x, RouterWeights::plain(&vec![0.0; cfg.n_experts * cfg.d_model]), 10);
     assert!((r.aux_loss - 1.0).abs() < 1e-6, "aux {}", r.aux_loss);
     // z = lse^2 = ln(E)^2 for zero logits.
     assert!((r.z_loss - (4f32).ln().powi(2)).abs() < 1e-5, "z {}", r.z_loss);
@@ -514,13 +515,13 @@ fn aux_and_z_loss_values() {
     let cfg = two_expert_cfg(1, 0.0);
     let router = [1.0, 0.0, 0.0, 1.0];
     let x = [2.0, 0.0, 0.0, 2.0];
-    let r = route(&cfg, &x, &router, 2);
+    let r = route(&cfg, &x, RouterWeights::plain(&router), 2);
     assert_eq!(r.expert_tk, vec![0, 1]);
     assert!((r.aux_loss - 1.0).abs() < 1e-6, "aux {}", r.aux_loss);
 
     // Imbalanced: both tokens pick expert 0 with p0 = q: aux = 2 * (1 * q + 0) = 2q.
     let x = [2.0, 0.0, 2.0, 0.0];
-    let r = route(&cfg, &x, &router, 2);
+    let r = route(&cfg, &x, RouterWeights::plain(&router), 2);
     let q = 1.0 / (1.0 + (-2f32).exp());
     assert!((r.aux_loss - 2.0 * q).abs() < 1e-6, "aux {} vs {}", r.aux_loss, 2.0 * q);
     let lse = (2f32.exp() + 1.0).ln();

@@ -41,6 +41,12 @@ pub enum WorkerError {
     Stopped { reason: String },
     #[error("a rank thread panicked (a bug): see the message above")]
     RankPanicked,
+    /// The aux-loss-free expert bias must be the same on every rank.
+    #[error(
+        "ranks {ranks:?} route with another expert bias than rank 0: the ranks no longer compute one model (a bug); \
+         resume from the last checkpoint, and report it with the run folder"
+    )]
+    BiasMismatch { ranks: Vec<usize> },
     /// A checkpoint that cannot be loaded into this job (resume, eval, export).
     #[error("cannot load the checkpoint {url}: {reason}")]
     Incompatible { url: String, reason: String },

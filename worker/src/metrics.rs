@@ -15,6 +15,10 @@ pub struct StepMetrics {
     pub aux_loss: f64,
     /// Sum over layers of the router z-loss, mean over micro-batches.
     pub z_loss: f64,
+    /// Sum over layers of the sequence-wise balance loss, mean over
+    /// micro-batches (0 unless `seq_aux_loss_coef > 0`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub seq_aux_loss: f64,
     pub lr: f32,
     /// Global gradient norm before clipping.
     pub grad_norm: f64,
@@ -26,6 +30,13 @@ pub struct StepMetrics {
     pub tokens_per_expert: Vec<Vec<usize>>,
     /// Per layer: assignments dropped by capacity.
     pub dropped: Vec<usize>,
+    /// With `expert_bias`: per layer, the global batch's tokens that chose
+    /// each expert (before drops), the load the bias update balances ...
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub expert_load: Vec<Vec<usize>>,
+    /// ... and each layer's expert bias after this step's update.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub expert_bias: Vec<Vec<f32>>,
     /// All-to-all bytes sent / received between different ranks, all ranks together.
     pub alltoall_bytes_sent: u64,
     pub alltoall_bytes_received: u64,
@@ -61,6 +72,10 @@ pub struct StepMetrics {
     pub per_rank: Vec<RankMetrics>,
 }
 
+fn is_zero(v: &f64) -> bool {
+    *v == 0.0
+}
+
 /// One rank's share of a step.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct RankMetrics {
@@ -85,6 +100,14 @@ pub struct RankMetrics {
     /// Rows its experts dropped at their row budget (`expert_overflow = "cap"`).
     #[serde(default)]
     pub rows_over_budget: u64,
+    /// With `expert_bias`: a 32-bit hash of the bias this rank routed with
+    /// (the step fails when ranks differ).
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub expert_bias_hash: u64,
+}
+
+fn is_zero_u64(v: &u64) -> bool {
+    *v == 0
 }
 
 /// Appends one JSON object per line to a metrics file.

@@ -140,6 +140,13 @@ impl TrainState {
             out.push(ShardTensor { name: format!("optim.{name}.exp_avg_sq"), shape: shape.clone(), data: v });
             out.push(ShardTensor { name, shape, data: w });
         }
+        // Buffers (the expert bias) are state without moments, replicated
+        // like the dense tensors.
+        if with_dense {
+            for (name, data) in self.weights.dense.buffers() {
+                out.push(ShardTensor { shape: shape(&name), name, data });
+            }
+        }
         out
     }
 
@@ -219,11 +226,13 @@ impl TrainState {
             needed.insert(format!("optim.{name}.exp_avg_sq"));
             needed.insert(name);
         }
+        needed.extend(state.weights.dense.buffers().into_iter().map(|(name, _)| name));
         let mut tensors = store.read_tensors(step, &manifest, |name| needed.contains(name))?;
         let url = store.step_url(step);
-        fill(&mut state.weights, &mut tensors, "", &url)?;
-        fill(&mut state.exp_avg, &mut tensors, ".exp_avg", &url)?;
-        fill(&mut state.exp_avg_sq, &mut tensors, ".exp_avg_sq", &url)?;
+        fill(state.weights.dense.buffers_mut(), &mut tensors, "", &url)?;
+        fill(state.weights.tensors_mut(), &mut tensors, "", &url)?;
+        fill(state.exp_avg.tensors_mut(), &mut tensors, ".exp_avg", &url)?;
+        fill(state.exp_avg_sq.tensors_mut(), &mut tensors, ".exp_avg_sq", &url)?;
         state.step = manifest.step;
         state.tokens_seen = manifest.tokens_seen;
         state.rng = serde_json::from_value(manifest.rng.clone())
@@ -232,15 +241,15 @@ impl TrainState {
     }
 }
 
-/// Copies saved tensors into `weights`; `suffix` selects weights ("") or a
-/// moment (".exp_avg", ".exp_avg_sq").
+/// Copies saved tensors into the named `targets`; `suffix` selects
+/// weights ("") or a moment (".exp_avg", ".exp_avg_sq").
 fn fill(
-    weights: &mut ModelWeights,
+    targets: Vec<(String, &mut Vec<f32>)>,
     tensors: &mut BTreeMap<String, (Vec<usize>, Vec<f32>)>,
     suffix: &str,
     url: &str,
 ) -> Result<(), WorkerError> {
-    for (name, dst) in weights.tensors_mut() {
+    for (name, dst) in targets {
         let key = if suffix.is_empty() { name.clone() } else { format!("optim.{name}{suffix}") };
         let (_, data) = tensors.remove(&key).ok_or_else(|| WorkerError::Incompatible {
             url: url.to_string(),

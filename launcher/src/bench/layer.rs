@@ -135,7 +135,7 @@ fn bench_moe_layer(case: &LayerCase) -> f64 {
         let mut dx_td = vec![0.0; x_td.len()];
         let input = MoeBackwardInput { x_td: &x_td, cache: &cache, dout_td: &dout_td };
         let grads = MoeGrads { gw: &mut gdense, dx_td: &mut dx_td };
-        moe_backward(moe, input, RouterLossScales { aux: 0.01, z: 0.001 }, grads, &mut experts).unwrap();
+        moe_backward(moe, input, RouterLossScales { aux: 0.01, z: 0.001, seq: 0.0 }, grads, &mut experts).unwrap();
     });
     case.tokens as f64 / s
 }
@@ -176,7 +176,7 @@ fn bench_step(job: &JobConfig) -> StepRow {
     let micro = job.train.micro_batch_size;
     let accumulation = job.grad_accumulation(1);
     let tokens = (job.train.global_batch_size * cfg.seq_len) as f64;
-    let scales = LossScales { ce: 1.0 / tokens as f32, aux: 0.01, z: 0.001 };
+    let scales = LossScales { ce: 1.0 / tokens as f32, aux: 0.01, z: 0.001, seq: 0.0 };
     let mut step = 0;
     let s = time_median(5, || {
         for m in 0..accumulation {

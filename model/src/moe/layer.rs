@@ -7,8 +7,8 @@
 //! dispatch buffer.
 
 use super::{
-    route_backward, route_sharded, DispatchPlan, ExpertExecutor, ExpertKind, RouterGrads, RouterLossScales, Routing,
-    Rows, Started,
+    route_backward, route_sharded, DispatchPlan, ExpertExecutor, ExpertKind, RouterGrads, RouterLossScales,
+    RouterWeights, Routing, Rows, Started,
 };
 use crate::config::ModelConfig;
 use crate::error::ModelError;
@@ -24,6 +24,10 @@ pub struct MoeCache {
     /// Expert outputs per dispatched row (combine's backward needs them).
     pub y_ad: Vec<f32>,
     pub shared: Vec<SwigluCache>,
+    /// With `shared_expert_gate`: the shared experts' summed output `[t, d]`
+    /// and the gate per token `sigmoid(x . w_g)` `[t]`.
+    pub shared_sum_td: Vec<f32>,
+    pub shared_gate_t: Vec<f32>,
 }
 
 /// The routed part of an MoE forward pass whose expert rows are in flight.
@@ -87,7 +91,8 @@ pub fn moe_forward_start(
     shards: &mut dyn TokenShards,
 ) -> Result<MoeForwardStarted, ModelError> {
     let MoeLayer { cfg, layer, w } = moe;
-    let routing = route_sharded(cfg, x_td, &w.router, num_tokens, shards)?;
+    let router = RouterWeights { weight_ed: &w.router, expert_bias_e: w.expert_bias.as_deref() };
+    let routing = route_sharded(cfg, x_td, router, num_tokens, shards)?;
     let plan = DispatchPlan::from_routing(&routing, cfg.n_experts, cfg.top_k);
     let x_ad = plan.gather(x_td, cfg.d_model);
     let started = experts.start_forward(layer, &plan, &x_ad)?;
@@ -117,10 +122,61 @@ pub fn moe_forward_finish(
     let y_ad = experts.finish_forward(layer, in_flight)?;
     let mut out_td = vec![0.0; t * d];
     plan.combine(&routing, &y_ad, d, &mut out_td);
-    for y_td in &shared_outputs {
-        out_td.iter_mut().zip(y_td).for_each(|(o, y)| *o += y);
+    let (mut shared_sum_td, mut shared_gate_t) = (Vec::new(), Vec::new());
+    match &w.shared_gate {
+        None => {
+            for y_td in &shared_outputs {
+                out_td.iter_mut().zip(y_td).for_each(|(o, y)| *o += y);
+            }
+        }
+        Some(w_g) => {
+            // Qwen2-MoE: out += sigmoid(x . w_g) * sum_s Shared_s(x), per token.
+            shared_sum_td = vec![0.0; t * d];
+            for y_td in &shared_outputs {
+                shared_sum_td.iter_mut().zip(y_td).for_each(|(o, y)| *o += y);
+            }
+            shared_gate_t = x_td.chunks_exact(d).map(|x| sigmoid(dot(x, w_g))).collect();
+            for ((o, y), &g) in out_td.chunks_exact_mut(d).zip(shared_sum_td.chunks_exact(d)).zip(&shared_gate_t) {
+                o.iter_mut().zip(y).for_each(|(oi, yi)| *oi += g * yi);
+            }
+        }
     }
-    Ok((out_td, MoeCache { routing, plan, y_ad, shared: shared_caches }))
+    let cache = MoeCache { routing, plan, y_ad, shared: shared_caches, shared_sum_td, shared_gate_t };
+    Ok((out_td, cache))
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+fn sigmoid(z: f32) -> f32 {
+    1.0 / (1.0 + (-z).exp())
+}
+
+/// Backward of the shared experts' gate: returns the gradient of the
+/// shared experts' summed output `g_t dout_t`, and adds the gate's own
+/// gradients: with `z_t = x_t . w_g`, `dz_t = (dout_t . y_t) g_t (1 - g_t)`,
+/// `dw_g += sum_t dz_t x_t`, `dx_t += dz_t w_g`.
+fn shared_gate_backward(
+    x_td: &[f32],
+    w_g: &[f32],
+    cache: &MoeCache,
+    dout_td: &[f32],
+    dw_g: &mut [f32],
+    dx_td: &mut [f32],
+) -> Vec<f32> {
+    let d = w_g.len();
+    let mut dshared_td = dout_td.to_vec();
+    let rows = dshared_td.chunks_exact_mut(d).zip(dout_td.chunks_exact(d)).zip(cache.shared_sum_td.chunks_exact(d));
+    for (t, ((dshared, dout), y)) in rows.enumerate() {
+        let g = cache.shared_gate_t[t];
+        dshared.iter_mut().for_each(|v| *v *= g);
+        let dz = dot(dout, y) * g * (1.0 - g);
+        let x = &x_td[t * d..(t + 1) * d];
+        dw_g.iter_mut().zip(x).for_each(|(dw, &xi)| *dw += dz * xi);
+        dx_td[t * d..(t + 1) * d].iter_mut().zip(w_g).for_each(|(dx, &wi)| *dx += dz * wi);
+    }
+    dshared_td
 }
 
 /// Backward of [`moe_forward`]: adds into `grads` (the input's gradient and
@@ -171,8 +227,16 @@ pub fn moe_backward_finish(
     let (MoeLayer { cfg, layer, w }, MoeBackwardInput { x_td, cache, dout_td }) = (moe, input);
     let MoeGrads { gw, dx_td } = grads;
     let (t, d, swiglu) = (cache.routing.num_tokens, cfg.d_model, SwiGlu::of(cfg));
+    let gated;
+    let dshared_td = match (&w.shared_gate, gw.shared_gate.as_mut()) {
+        (Some(w_g), Some(dw_g)) if !w.shared.is_empty() => {
+            gated = shared_gate_backward(x_td, w_g, cache, dout_td, dw_g, dx_td);
+            &gated[..]
+        }
+        _ => dout_td,
+    };
     for ((shared, gshared), sc) in w.shared.iter().zip(gw.shared.iter_mut()).zip(&cache.shared) {
-        swiglu.backward(shared, Rows { x_rd: x_td, rows: t }, sc, dout_td, dx_td, gshared);
+        swiglu.backward(shared, Rows { x_rd: x_td, rows: t }, sc, dshared_td, dx_td, gshared);
     }
     let dx_ad = experts.finish_backward(layer, started.experts)?;
     cache.plan.gather_backward(&dx_ad, d, dx_td);

@@ -8,8 +8,10 @@
 //! the experts' owners with all-to-all instead. `combine` weights the expert
 //! outputs by their gates and sums them back per token.
 //!
-//! Files, one job each: `router.rs` (route, aux and z losses, backward),
-//! `score.rs` (the scoring function), `dispatch_plan.rs` (grouping rows by
+//! Files, one job each: `router.rs` (route, gates, balance and z losses,
+//! backward), `score.rs` (the scoring function), `select.rs` (the choice
+//! of experts: top-k, expert bias, group limit), `bias_update.rs` (the
+//! aux-loss-free bias step), `dispatch_plan.rs` (grouping rows by
 //! expert, gather and combine), `experts.rs` (the executor trait and
 //! [`LocalExperts`]), `expert_kind.rs` (the math of one expert), `layer.rs`
 //! (the stages assembled into the sub-layer, shared experts included).
@@ -23,15 +25,19 @@
 //! Legend: `t` tokens, `d` d_model, `e` experts, `k` top-k slots, `a` kept
 //! assignments (rows of the dispatch buffer).
 
+mod bias_update;
 mod dispatch_plan;
 mod expert_kind;
 mod experts;
 pub mod layer;
 mod router;
 mod score;
+mod select;
 
+pub use bias_update::update_expert_bias;
 pub use dispatch_plan::DispatchPlan;
 pub use expert_kind::{ExpertKind, Rows};
 pub use experts::{ExpertExecutor, LocalExperts, Started};
-pub use router::{route, route_backward, route_sharded, RouterGrads, RouterLossScales, Routing};
+pub use router::{route, route_backward, route_sharded, RouterGrads, RouterLossScales, RouterWeights, Routing};
 pub use score::RouterScore;
+pub use select::Selection;

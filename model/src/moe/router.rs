@@ -6,10 +6,28 @@
 //! Legend: `t` tokens, `d` d_model, `e` experts, `k` top-k slots.
 
 use super::score::{logsumexp, RouterScore};
+use super::select::Selection;
 use crate::config::ModelConfig;
 use crate::error::ModelError;
 use crate::gemm::{matmul_nn, matmul_nt, matmul_tn};
 use crate::shards::{NoShards, TokenShards};
+
+/// A layer's router tensors: the weight and, with `expert_bias`, the
+/// selection bias.
+#[derive(Debug, Clone, Copy)]
+pub struct RouterWeights<'w> {
+    /// `[e, d]`.
+    pub weight_ed: &'w [f32],
+    /// `[e]`, added to the scores for the choice only.
+    pub expert_bias_e: Option<&'w [f32]>,
+}
+
+impl<'w> RouterWeights<'w> {
+    /// A router without a selection bias.
+    pub fn plain(weight_ed: &'w [f32]) -> Self {
+        Self { weight_ed, expert_bias_e: None }
+    }
+}
 
 /// The router's decisions for one micro-batch on one rank.
 #[derive(Debug, Clone, Default)]
@@ -17,11 +35,12 @@ pub struct Routing {
     pub num_tokens: usize,
     /// `[t, e]` router logits `x W_r^T`.
     pub logits_te: Vec<f32>,
-    /// `[t, e]` the scores of [`RouterScore`] (softmax of the logits).
+    /// `[t, e]` the scores of [`RouterScore`] (softmax or sigmoid of the logits).
     pub scores_te: Vec<f32>,
-    /// `[t, k]` chosen expert ids, highest score first (ties → lower id).
+    /// `[t, k]` chosen expert ids, highest biased score first (ties → lower id).
     pub expert_tk: Vec<u32>,
-    /// `[t, k]` gates (the chosen scores, renormalised when `norm_topk_prob`).
+    /// `[t, k]` gates (the chosen scores, renormalised when `norm_topk_prob`,
+    /// times `routed_scaling_factor`).
     pub gate_tk: Vec<f32>,
     /// `[t, k]` false where capacity dropped the assignment.
     pub kept_tk: Vec<bool>,
@@ -29,8 +48,13 @@ pub struct Routing {
     pub aux_loss: f32,
     /// `mean_t logsumexp(logits_t)^2` (before its coefficient).
     pub z_loss: f32,
+    /// Sequence-wise balance loss (before its coefficient; 0 when off).
+    pub seq_aux_loss: f32,
     /// Kept assignments per expert (len E).
     pub tokens_per_expert: Vec<usize>,
+    /// Assignments per expert before capacity drops (len E): the load the
+    /// aux-loss-free bias balances.
+    pub chosen_per_expert: Vec<usize>,
     /// Assignments dropped by capacity.
     pub dropped: usize,
     /// `f_e`: each expert's share of the micro-batch's assignments (all
@@ -38,14 +62,30 @@ pub struct Routing {
     pub share_e: Vec<f64>,
     /// Tokens the aux and z losses average over (the whole micro-batch's).
     pub stat_tokens: usize,
+    /// Sequence-wise loss: `[sequence, e]` its gradient w.r.t. the balance
+    /// probabilities `q` of a token of that sequence, `f_qe / (Q T_q)`.
+    pub seq_grad_qe: Vec<f64>,
+    /// The micro-batch index of this rank's first token (attention shards
+    /// hold slices): token `t` is in sequence `(first_token + t) / seq_len`.
+    pub first_token: usize,
 }
 
 /// Computes router logits, probabilities, top-k, gates, capacity drops
 /// (per DESIGN section 5, capacity from `cfg.capacity(num_tokens)`, token
-/// order), the aux loss and the z-loss. `x_td` is `[num_tokens, d]`,
-/// `router_ed` is `[E, d]`.
-pub fn route(cfg: &ModelConfig, x_td: &[f32], router_ed: &[f32], num_tokens: usize) -> Routing {
-    route_sharded(cfg, x_td, router_ed, num_tokens, &mut NoShards).expect("one shard has nothing to fail")
+/// order), the aux loss and the z-loss. `x_td` is `[num_tokens, d]`.
+pub fn route(cfg: &ModelConfig, x_td: &[f32], router: RouterWeights<'_>, num_tokens: usize) -> Routing {
+    route_sharded(cfg, x_td, router, num_tokens, &mut NoShards).expect("one shard has nothing to fail")
+}
+
+/// `q = s / sum(s)`: one token's balance probabilities (the scores when
+/// they already sum to 1).
+fn balance_probs(score: RouterScore, s: &[f32], q: &mut [f32]) {
+    if score.sums_to_one() {
+        q.copy_from_slice(s);
+    } else {
+        let sum: f32 = s.iter().sum();
+        q.iter_mut().zip(s).for_each(|(qe, &se)| *qe = se / sum);
+    }
 }
 
 /// [`route`] for this shard's tokens of a micro-batch split over attention
@@ -56,7 +96,7 @@ pub fn route(cfg: &ModelConfig, x_td: &[f32], router_ed: &[f32], num_tokens: usi
 pub fn route_sharded(
     cfg: &ModelConfig,
     x_td: &[f32],
-    router_ed: &[f32],
+    router: RouterWeights<'_>,
     num_tokens: usize,
     shards: &mut dyn TokenShards,
 ) -> Result<Routing, ModelError> {
@@ -64,6 +104,7 @@ pub fn route_sharded(
     let n = num_tokens;
     assert!(k <= e_n, "route: top_k {k} exceeds n_experts {e_n}");
     assert!(x_td.len() >= n * d, "route: x has {} values, needs {n}x{d}", x_td.len());
+    let router_ed = router.weight_ed;
     assert!(router_ed.len() >= e_n * d, "route: router has {} values, needs {e_n}x{d}", router_ed.len());
     let mut logits_te = vec![0.0f32; n * e_n];
     matmul_nt(n, d, e_n, x_td, router_ed, &mut logits_te, false);
@@ -74,11 +115,13 @@ pub fn route_sharded(
         let lse = score.forward_row(l, p);
         z_sum += (lse as f64) * (lse as f64);
     }
+    let selection = Selection::of(cfg, router.expert_bias_e);
     let mut expert_tk = vec![0u32; n * k];
     let mut gate_tk = vec![0.0f32; n * k];
+    let mut choice_e = vec![0.0f32; e_n];
     for ((p, ex), g) in scores_te.chunks_exact(e_n).zip(expert_tk.chunks_exact_mut(k)).zip(gate_tk.chunks_exact_mut(k))
     {
-        score.select_row(p, ex);
+        selection.select_row(p, &mut choice_e, ex);
         for (gj, &e) in g.iter_mut().zip(ex.iter()) {
             *gj = p[e as usize];
         }
@@ -88,13 +131,18 @@ pub fn route_sharded(
                 g.iter_mut().for_each(|gj| *gj /= sum);
             }
         }
+        if cfg.routed_scaling_factor != 1.0 {
+            g.iter_mut().for_each(|gj| *gj *= cfg.routed_scaling_factor);
+        }
     }
     // Capacity: tokens in ascending order; each expert keeps its first `cap`.
     let cap = cfg.capacity(n);
     let mut kept_tk = vec![true; n * k];
     let mut tokens_per_expert = vec![0usize; e_n];
+    let mut chosen_per_expert = vec![0usize; e_n];
     let mut dropped = 0;
     for (&e, kept) in expert_tk.iter().zip(kept_tk.iter_mut()) {
+        chosen_per_expert[e as usize] += 1;
         let c = &mut tokens_per_expert[e as usize];
         if *c < cap {
             *c += 1;
@@ -103,34 +151,49 @@ pub fn route_sharded(
             dropped += 1;
         }
     }
-    // P_e = mean_t p_te; f_e = share of the N*k assignments (before drops),
-    // over every shard's tokens: [sum_t p_te (E), assignments (E), z sum, N].
-    let mut stats = vec![0.0f64; 2 * e_n + 2];
-    for p in scores_te.chunks_exact(e_n) {
-        for (m, &pe) in stats[..e_n].iter_mut().zip(p) {
-            *m += pe as f64;
+    // P_e = mean_t q_te; f_e = share of the N*k assignments (before drops),
+    // over every shard's tokens: [sum_t q_te (E), assignments (E), z sum, N],
+    // then per sequence (with the sequence loss) [T_q, choices (E), sum_t q (E)].
+    let first_token = shards.index() * n;
+    let seq_stats = SeqStats::new(cfg, n * shards.count());
+    let mut stats = vec![0.0f64; 2 * e_n + 2 + seq_stats.len()];
+    let (global, per_seq) = stats.split_at_mut(2 * e_n + 2);
+    let mut q = vec![0.0f32; e_n];
+    for (t, (s, ex)) in scores_te.chunks_exact(e_n).zip(expert_tk.chunks_exact(k)).enumerate() {
+        balance_probs(score, s, &mut q);
+        for (m, &qe) in global[..e_n].iter_mut().zip(&q) {
+            *m += qe as f64;
+        }
+        if let Some(row) = seq_stats.row(per_seq, first_token + t) {
+            row[0] += 1.0;
+            for &e in ex {
+                row[1 + e as usize] += 1.0;
+            }
+            row[1 + e_n..].iter_mut().zip(&q).for_each(|(m, &qe)| *m += qe as f64);
         }
     }
-    for &e in &expert_tk {
-        stats[e_n + e as usize] += 1.0;
+    for (c, &chosen) in global[e_n..2 * e_n].iter_mut().zip(&chosen_per_expert) {
+        *c = chosen as f64;
     }
-    stats[2 * e_n] = z_sum;
-    stats[2 * e_n + 1] = n as f64;
+    global[2 * e_n] = z_sum;
+    global[2 * e_n + 1] = n as f64;
     if shards.count() > 1 {
         shards.sum_stats(&mut stats)?;
     }
-    let stat_tokens = stats[2 * e_n + 1] as usize;
-    let mut share_e = stats[e_n..2 * e_n].to_vec();
+    let (global, per_seq) = stats.split_at(2 * e_n + 2);
+    let stat_tokens = global[2 * e_n + 1] as usize;
+    let mut share_e = global[e_n..2 * e_n].to_vec();
     if stat_tokens > 0 {
         share_e.iter_mut().for_each(|s| *s /= (stat_tokens * k) as f64);
     }
     let (aux_loss, z_loss) = if stat_tokens == 0 {
         (0.0, 0.0)
     } else {
-        let aux: f64 = stats[..e_n].iter().zip(&share_e).map(|(m, f)| m / stat_tokens as f64 * f).sum();
+        let aux: f64 = global[..e_n].iter().zip(&share_e).map(|(m, f)| m / stat_tokens as f64 * f).sum();
         let aux_part = e_n as f64 * aux / shards.count() as f64;
         (aux_part as f32, (z_sum / stat_tokens as f64) as f32)
     };
+    let (seq_loss, seq_grad_qe) = seq_stats.loss(per_seq);
     Ok(Routing {
         num_tokens: n,
         logits_te,
@@ -140,11 +203,67 @@ pub fn route_sharded(
         kept_tk,
         aux_loss,
         z_loss,
+        seq_aux_loss: (seq_loss / shards.count() as f64) as f32,
         tokens_per_expert,
+        chosen_per_expert,
         dropped,
         share_e,
         stat_tokens,
+        seq_grad_qe,
+        first_token,
     })
+}
+
+/// The layout of the sequence-wise loss's statistics: one row of
+/// `[T_q, choices (E), sum_t q (E)]` per sequence of the micro-batch
+/// (none when the loss is off).
+struct SeqStats {
+    sequences: usize,
+    seq_len: usize,
+    experts: usize,
+    top_k: usize,
+}
+
+impl SeqStats {
+    fn new(cfg: &ModelConfig, micro_batch_tokens: usize) -> Self {
+        let sequences = if cfg.seq_aux_loss_coef > 0.0 { micro_batch_tokens.div_ceil(cfg.seq_len) } else { 0 };
+        Self { sequences, seq_len: cfg.seq_len, experts: cfg.n_experts, top_k: cfg.top_k }
+    }
+
+    fn width(&self) -> usize {
+        1 + 2 * self.experts
+    }
+
+    fn len(&self) -> usize {
+        self.sequences * self.width()
+    }
+
+    /// The row of the sequence holding micro-batch token `token`.
+    fn row<'s>(&self, stats: &'s mut [f64], token: usize) -> Option<&'s mut [f64]> {
+        let q = token / self.seq_len;
+        (q < self.sequences).then(|| &mut stats[q * self.width()..(q + 1) * self.width()])
+    }
+
+    /// The loss `mean_q sum_i f_qi P_qi` and its gradient per sequence
+    /// w.r.t. a token's `q_i`: `f_qi / (Q T_q)`, `f_qi = E/(k T_q) choices_qi`.
+    fn loss(&self, stats: &[f64]) -> (f64, Vec<f64>) {
+        let (e_n, seqs) = (self.experts, self.sequences as f64);
+        let mut loss = 0.0;
+        let mut grad_qe = vec![0.0; self.sequences * e_n];
+        for (row, grad) in stats.chunks_exact(self.width()).zip(grad_qe.chunks_exact_mut(e_n)) {
+            let tokens = row[0];
+            if tokens == 0.0 {
+                continue;
+            }
+            let (choices, q_sums) = row[1..].split_at(e_n);
+            for ((g, &c), &qs) in grad.iter_mut().zip(choices).zip(q_sums) {
+                let f = e_n as f64 / (self.top_k as f64 * tokens) * c;
+                loss += f * qs / tokens / seqs;
+                *g = f / (seqs * tokens);
+            }
+        }
+        (loss, grad_qe)
+    }
 }
 
 /// How much the router's losses weigh in the total loss: the aux and z
@@ -154,6 +273,8 @@ pub fn route_sharded(
 pub struct RouterLossScales {
     pub aux: f32,
     pub z: f32,
+    /// The sequence-wise balance loss's weight.
+    pub seq: f32,
 }
 
 /// Where [`route_backward`] adds its gradients.
@@ -166,7 +287,7 @@ pub struct RouterGrads<'g> {
 }
 
 /// Backward of [`route`]. `dgate_tk` is the loss gradient w.r.t. the gates
-/// (zero for dropped assignments); `scales` weigh the aux and z losses.
+/// (zero for dropped assignments); `scales` weigh the router's losses.
 /// Adds into `grads`.
 pub fn route_backward(
     cfg: &ModelConfig,
@@ -177,7 +298,7 @@ pub fn route_backward(
     scales: RouterLossScales,
     grads: RouterGrads<'_>,
 ) {
-    let (RouterLossScales { aux: aux_scale, z: z_scale }, RouterGrads { dx_td, drouter_ed }) = (scales, grads);
+    let RouterGrads { dx_td, drouter_ed } = grads;
     let (e_n, k, d) = (cfg.n_experts, cfg.top_k, cfg.d_model);
     let n = routing.num_tokens;
     if n == 0 {
@@ -186,38 +307,57 @@ pub fn route_backward(
     assert!(dgate_tk.len() >= n * k, "route_backward: dgate has {} values, needs {n}x{k}", dgate_tk.len());
     assert!(dx_td.len() >= n * d && x_td.len() >= n * d, "route_backward: x/dx need {n}x{d} values");
     assert!(drouter_ed.len() >= e_n * d, "route_backward: drouter needs {e_n}x{d} values");
-    // d aux / d p_te = E f_e / N (f_e constant; N and f_e of the whole micro-batch).
+    // d aux / d q_te = E f_e / N (f_e constant; N and f_e of the whole micro-batch).
     let n_all = routing.stat_tokens;
-    let aux_dp: Vec<f32> =
-        routing.share_e.iter().map(|f| (aux_scale as f64 * e_n as f64 * f / n_all as f64) as f32).collect();
-    let z_coef = z_scale * 2.0 / n_all as f32;
+    let aux_dq: Vec<f32> =
+        routing.share_e.iter().map(|f| (scales.aux as f64 * e_n as f64 * f / n_all as f64) as f32).collect();
+    let z_coef = scales.z * 2.0 / n_all as f32;
     let score = RouterScore::of(cfg);
+    let rsf = cfg.routed_scaling_factor;
     let mut dlogits_te = vec![0.0f32; n * e_n];
-    let mut dp = vec![0.0f32; e_n];
+    let (mut dq, mut ds, mut q) = (vec![0.0f32; e_n], vec![0.0f32; e_n], vec![0.0f32; e_n]);
     for t in 0..n {
-        let p = &routing.scores_te[t * e_n..(t + 1) * e_n];
+        let s = &routing.scores_te[t * e_n..(t + 1) * e_n];
         let l = &routing.logits_te[t * e_n..(t + 1) * e_n];
         let ex = &routing.expert_tk[t * k..(t + 1) * k];
         let dg = &dgate_tk[t * k..(t + 1) * k];
-        dp.copy_from_slice(&aux_dp);
+        // The balance losses reach q: the aux loss's constant, plus the
+        // sequence loss's f_qe / (Q T_q) for this token's sequence.
+        dq.copy_from_slice(&aux_dq);
+        if scales.seq != 0.0 && !routing.seq_grad_qe.is_empty() {
+            let seq = (routing.first_token + t) / cfg.seq_len;
+            let grad = &routing.seq_grad_qe[seq * e_n..(seq + 1) * e_n];
+            dq.iter_mut().zip(grad).for_each(|(a, &g)| *a += (scales.seq as f64 * g) as f32);
+        }
+        // q = s / S: ds_j = (dq_j - sum_i q_i dq_i) / S (q = s for softmax).
+        if score.sums_to_one() {
+            ds.copy_from_slice(&dq);
+        } else {
+            balance_probs(score, s, &mut q);
+            let sum: f32 = s.iter().sum();
+            let dot: f32 = q.iter().zip(&dq).map(|(a, b)| a * b).sum();
+            ds.iter_mut().zip(&dq).for_each(|(dsj, &dqj)| *dsj = (dqj - dot) / sum);
+        }
+        // Gates g_j = r s_j / S (S = sum of the chosen s) when normalised,
+        // else r s_j, with r = routed_scaling_factor:
+        // ds_j += (r dg_j - sum_i dg_i g_i) / S, or r dg_j.
         if cfg.norm_topk_prob {
-            // g_j = p_j / S, S = sum_sel p: dp_j = (dg_j - sum_i dg_i g_i) / S.
-            let sum: f32 = ex.iter().map(|&e| p[e as usize]).sum();
+            let sum: f32 = ex.iter().map(|&e| s[e as usize]).sum();
             if sum > 0.0 {
                 let g = &routing.gate_tk[t * k..(t + 1) * k];
                 let dot: f32 = dg.iter().zip(g).map(|(a, b)| a * b).sum();
                 for (&e, &dgj) in ex.iter().zip(dg) {
-                    dp[e as usize] += (dgj - dot) / sum;
+                    ds[e as usize] += (rsf * dgj - dot) / sum;
                 }
             }
         } else {
             for (&e, &dgj) in ex.iter().zip(dg) {
-                dp[e as usize] += dgj;
+                ds[e as usize] += rsf * dgj;
             }
         }
         // z-loss: d/d lse of z_scale * sum_t lse_t^2 / N is 2 z_scale lse / N.
-        let dlse = if z_scale != 0.0 { z_coef * logsumexp(l) } else { 0.0 };
-        score.backward_row(p, &dp, dlse, &mut dlogits_te[t * e_n..(t + 1) * e_n]);
+        let dlse = if scales.z != 0.0 { z_coef * logsumexp(l) } else { 0.0 };
+        score.backward_row(l, s, &ds, dlse, &mut dlogits_te[t * e_n..(t + 1) * e_n]);
     }
     // dx += dlogits W_r; dW_r += dlogits^T x.
     matmul_nn(n, e_n, d, &dlogits_te, router_ed, dx_td, true);

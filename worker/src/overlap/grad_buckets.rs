@@ -19,23 +19,11 @@ use std::time::Duration;
 
 /// A layer's gradients in a fixed order (the same on every rank).
 fn layer_tensors(g: &DenseLayerWeights) -> Vec<&Vec<f32>> {
-    let mut out = vec![&g.attn_norm, &g.wq, &g.wk, &g.wv, &g.wo];
-    out.extend(g.ffn_norm.as_ref());
-    out.push(&g.router);
-    for s in &g.shared {
-        out.extend([&s.w1, &s.w3, &s.w2]);
-    }
-    out
+    g.params().into_iter().map(|(_, t)| t).collect()
 }
 
 fn layer_tensors_mut(g: &mut DenseLayerWeights) -> Vec<&mut Vec<f32>> {
-    let mut out = vec![&mut g.attn_norm, &mut g.wq, &mut g.wk, &mut g.wv, &mut g.wo];
-    out.extend(g.ffn_norm.as_mut());
-    out.push(&mut g.router);
-    for s in &mut g.shared {
-        out.extend([&mut s.w1, &mut s.w3, &mut s.w2]);
-    }
-    out
+    g.params_mut().into_iter().map(|(_, t)| t).collect()
 }
 
 fn flatten(g: &DenseLayerWeights) -> Vec<f32> {

@@ -139,7 +139,8 @@ pub fn dense_layer_values(cfg: &ModelConfig) -> usize {
     let (d, hd) = (cfg.d_model, cfg.head_dim());
     let norms = if cfg.block == BlockKind::Sequential { 2 * d } else { d };
     let attention = 2 * cfg.n_heads * hd * d + 2 * cfg.n_kv_heads * hd * d;
-    let per_layer = norms + attention + cfg.n_experts * d + cfg.n_shared_experts * 3 * cfg.ffn_hidden * d;
+    let gate = if cfg.shared_expert_gate { d } else { 0 };
+    let per_layer = norms + attention + cfg.n_experts * d + cfg.n_shared_experts * 3 * cfg.ffn_hidden * d + gate;
     per_layer * cfg.n_layers
 }
 

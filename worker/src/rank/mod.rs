@@ -92,6 +92,7 @@ fn train_rank(
     while run.state.step < run.end {
         let step_started = Instant::now();
         let mut local = run.passes()?;
+        local.step.expert_bias_hash = update::expert_bias_hash(&run.state.weights.dense);
         let sync_started = Instant::now();
         let grad_norm = run.sync_gradients(local.bucket_s.is_some())?;
         let sync_s = sync_started.elapsed().as_secs_f64();
@@ -110,6 +111,7 @@ fn train_rank(
         metrics.lr = learning_rate(&job.optim, run.state.step, job.train.steps);
         metrics.grad_norm = grad_norm;
         update::optimizer_step(job, &mut run.state, &mut run.grads, metrics.lr, grad_norm);
+        metrics.expert_bias = update::expert_bias_step(job, &mut run.state, &metrics.expert_load);
         run.state.step += 1;
         run.state.tokens_seen += run.tokens_per_step;
         // The save's copy (and any wait for the previous upload) is part of the step.
@@ -272,6 +274,7 @@ impl<'a> RankRun<'a> {
                 ce: 1.0 / tokens_per_step as f32,
                 aux: cfg.aux_loss_coef / micro_batches as f32,
                 z: cfg.z_loss_coef / micro_batches as f32,
+                seq: cfg.seq_aux_loss_coef / micro_batches as f32,
             },
             accumulation,
             tokens_per_step,
@@ -281,6 +284,7 @@ impl<'a> RankRun<'a> {
                 tokens_per_step,
                 micro_batches: micro_batches as f64,
                 n_experts: cfg.n_experts,
+                loads: cfg.expert_bias,
             },
             end: opts.stop_at.map_or(job.train.steps, |s| s.min(job.train.steps)),
             expert_loads: vec![vec![0.0f64; cfg.n_experts]; cfg.n_layers],

@@ -53,6 +53,7 @@ packed_f64! {
         ce_sum,
         aux,
         z,
+        seq_aux,
         /// 1 on a rank that got SIGTERM: the flag rides in the same
         /// all-reduce so pre-emption costs the step no extra collective.
         preempted,
@@ -73,6 +74,8 @@ packed_f64! {
         exposed_comm_s,
         alltoall_waited_s,
         rows_over_budget,
+        /// A 32-bit hash of the expert bias this rank routed with (0 without one).
+        expert_bias_hash,
     }
 }
 
@@ -82,8 +85,12 @@ pub(crate) struct LocalStep {
     pub ce_sum: f64,
     pub aux: f64,
     pub z: f64,
+    pub seq_aux: f64,
     pub tokens_per_expert: Vec<Vec<usize>>,
     pub dropped: Vec<usize>,
+    /// Per layer: assignments per expert before drops, kept only when the
+    /// aux-loss-free bias needs the global loads (else empty).
+    pub chosen_per_expert: Vec<Vec<usize>>,
     pub tokens: usize,
     pub compute_s: f64,
     pub dispatch: DispatchStats,
@@ -91,6 +98,8 @@ pub(crate) struct LocalStep {
     /// and the part of it no computation hid.
     pub comm_s: f64,
     pub exposed_comm_s: f64,
+    /// [`RankValues::expert_bias_hash`].
+    pub expert_bias_hash: f64,
 }
 
 /// The step's sizes the reduction divides by.
@@ -101,6 +110,8 @@ pub(crate) struct StepShape {
     /// Micro-batches of the global batch (each counts once in aux and z).
     pub micro_batches: f64,
     pub n_experts: usize,
+    /// Whether the step's global expert loads are summed (`expert_bias`).
+    pub loads: bool,
 }
 
 impl LocalStep {
@@ -109,16 +120,15 @@ impl LocalStep {
         self.ce_sum += stats.ce_sum;
         self.aux += stats.aux_loss.iter().map(|&a| a as f64).sum::<f64>();
         self.z += stats.z_loss.iter().map(|&z| z as f64).sum::<f64>();
+        self.seq_aux += stats.seq_aux_loss.iter().map(|&s| s as f64).sum::<f64>();
         self.tokens += stats.num_tokens;
-        if self.tokens_per_expert.is_empty() {
-            self.tokens_per_expert = stats.tokens_per_expert.clone();
+        add_counts(&mut self.tokens_per_expert, &stats.tokens_per_expert);
+        add_counts(&mut self.chosen_per_expert, &stats.chosen_per_expert);
+        if self.dropped.is_empty() {
             self.dropped = stats.dropped.clone();
-            return;
+        } else {
+            self.dropped.iter_mut().zip(&stats.dropped).for_each(|(a, b)| *a += b);
         }
-        for (acc, layer) in self.tokens_per_expert.iter_mut().zip(&stats.tokens_per_expert) {
-            acc.iter_mut().zip(layer).for_each(|(a, b)| *a += b);
-        }
-        self.dropped.iter_mut().zip(&stats.dropped).for_each(|(a, b)| *a += b);
     }
 
     fn rank_values(&self) -> RankValues {
@@ -134,6 +144,7 @@ impl LocalStep {
             exposed_comm_s: self.exposed_comm_s,
             alltoall_waited_s: self.dispatch.alltoall_exposed_s,
             rows_over_budget: self.dispatch.rows_over_budget as f64,
+            expert_bias_hash: self.expert_bias_hash,
         }
     }
 
@@ -144,20 +155,30 @@ impl LocalStep {
             ce_sum: self.ce_sum,
             aux: self.aux,
             z: self.z,
+            seq_aux: self.seq_aux,
             preempted: if preemption::requested() { 1.0 } else { 0.0 },
         };
-        // [sums | tokens per expert, layer by layer | dropped per layer]
+        // [sums | tokens per expert, layer by layer | dropped per layer | loads, layer by layer]
         let mut totals = sums.to_values().to_vec();
         totals.extend(self.tokens_per_expert.iter().flatten().map(|&c| c as f64));
         totals.extend(self.dropped.iter().map(|&c| c as f64));
+        if shape.loads {
+            totals.extend(self.chosen_per_expert.iter().flatten().map(|&c| c as f64));
+        }
         sum_over_ranks(comm, &mut totals)?;
         let (sums, counts) = totals.split_at(StepSums::LEN);
         let sums = StepSums::from_values(sums);
-        let (expert_counts, dropped) = counts.split_at(self.tokens_per_expert.len() * shape.n_experts);
-        let tokens_per_expert = expert_counts
-            .chunks_exact(shape.n_experts.max(1))
-            .map(|layer| layer.iter().map(|&c| c as usize).collect())
-            .collect();
+        let layer_counts = self.tokens_per_expert.len() * shape.n_experts;
+        let (expert_counts, rest) = counts.split_at(layer_counts);
+        let (dropped, loads) = rest.split_at(self.dropped.len());
+        let per_layer = |counts: &[f64]| -> Vec<Vec<usize>> {
+            counts
+                .chunks_exact(shape.n_experts.max(1))
+                .map(|layer| layer.iter().map(|&c| c as usize).collect())
+                .collect()
+        };
+        let tokens_per_expert = per_layer(expert_counts);
+        let expert_load = per_layer(loads);
         let dropped = dropped.iter().map(|&c| c as usize).collect();
 
         let mut slots = vec![0.0; shape.world * RankValues::LEN];
@@ -180,14 +201,22 @@ impl LocalStep {
                 exposed_comm_s: v.exposed_comm_s,
                 alltoall_waited_s: v.alltoall_waited_s,
                 rows_over_budget: v.rows_over_budget as u64,
+                expert_bias_hash: v.expert_bias_hash as u64,
             })
             .collect();
+        let other_bias: Vec<usize> =
+            per_rank.iter().filter(|r| r.expert_bias_hash != per_rank[0].expert_bias_hash).map(|r| r.rank).collect();
+        if !other_bias.is_empty() {
+            return Err(WorkerError::BiasMismatch { ranks: other_bias });
+        }
         let slowest = |f: fn(&RankMetrics) -> f64| per_rank.iter().map(f).fold(0.0, f64::max);
         let metrics = StepMetrics {
             loss: sums.ce_sum / shape.tokens_per_step as f64,
             aux_loss: sums.aux / shape.micro_batches,
             z_loss: sums.z / shape.micro_batches,
+            seq_aux_loss: sums.seq_aux / shape.micro_batches,
             tokens: shape.tokens_per_step,
+            expert_load,
             tokens_per_expert,
             dropped,
             alltoall_bytes_sent: per_rank.iter().map(|r| r.alltoall_bytes_sent).sum(),
@@ -203,6 +232,18 @@ impl LocalStep {
             ..Default::default()
         };
         Ok((metrics, sums.preempted > 0.0))
+    }
+}
+
+/// Adds one micro-batch's per-layer expert counts into `acc` (which takes
+/// them as they are the first time).
+fn add_counts(acc: &mut Vec<Vec<usize>>, counts: &[Vec<usize>]) {
+    if acc.is_empty() {
+        *acc = counts.to_vec();
+        return;
+    }
+    for (acc, layer) in acc.iter_mut().zip(counts) {
+        acc.iter_mut().zip(layer).for_each(|(a, b)| *a += b);
     }
 }
 
@@ -248,12 +289,12 @@ mod tests {
 
     #[test]
     fn packed_values_round_trip_by_name() {
-        let v = RankValues { tokens: 1.0, rows_over_budget: 10.0, comm_s: 8.0, ..Default::default() };
+        let v = RankValues { tokens: 1.0, expert_bias_hash: 10.0, comm_s: 8.0, ..Default::default() };
         let flat = v.to_values();
         assert_eq!(flat.len(), RankValues::LEN);
         assert_eq!((flat[0], flat[RankValues::LEN - 1]), (1.0, 10.0));
         assert_eq!(RankValues::from_values(&flat), v);
-        assert_eq!(StepSums::LEN, 4);
+        assert_eq!(StepSums::LEN, 5);
     }
 
     #[test]
@@ -267,7 +308,7 @@ mod tests {
             tokens: 6,
             ..Default::default()
         };
-        let shape = StepShape { world: 1, rank: 0, tokens_per_step: 6, micro_batches: 2.0, n_experts: 3 };
+        let shape = StepShape { world: 1, rank: 0, tokens_per_step: 6, micro_batches: 2.0, n_experts: 3, loads: false };
         let (m, preempted) = local.reduce(&mut collectives::SelfComm, &shape).unwrap();
         assert!(!preempted);
         assert_eq!((m.loss, m.aux_loss, m.z_loss), (2.0, 0.25, 0.125));

@@ -1,0 +1,185 @@
+//! The routers beyond v1 (docs/model.md, "Routers beyond v1"): sigmoid
+//! scores, the selection bias, group-limited choice, scaled gates and the
+//! sequence-wise balance loss — finite-difference checks of every term's
+//! backward, and the forward values against a direct computation.
+
+mod common;
+
+use common::{check_gradient, probe_loss, values};
+use model::moe::{route, route_backward, RouterGrads, RouterLossScales, RouterWeights, Routing};
+use model::{ModelConfig, RouterScoreKind};
+
+fn scaled(n: usize, seed: u64, s: f32) -> Vec<f32> {
+    values(n, seed).into_iter().map(|v| v * s).collect()
+}
+
+/// DeepSeek-V3's router in small: 8 experts in 4 groups, 2 kept, top-3.
+fn deepseek(norm_topk_prob: bool) -> ModelConfig {
+    ModelConfig {
+        d_model: 8,
+        n_heads: 2,
+        n_kv_heads: 1,
+        n_experts: 8,
+        top_k: 3,
+        n_layers: 1,
+        seq_len: 4,
+        router_score: RouterScoreKind::Sigmoid,
+        n_groups: 4,
+        topk_groups: 2,
+        expert_bias: true,
+        routed_scaling_factor: 2.5,
+        seq_aux_loss_coef: 1e-4,
+        norm_topk_prob,
+        ..ModelConfig::default()
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Loss {
+    Gates,
+    Aux,
+    Z,
+    Seq,
+}
+
+fn check(cfg: &ModelConfig, which: Loss) {
+    cfg.validate().unwrap();
+    let (n, d, e, k) = (12, cfg.d_model, cfg.n_experts, cfg.top_k);
+    let x = scaled(n * d, 41, 1.0);
+    let router = scaled(e * d, 42, 1.5);
+    let bias = scaled(e, 43, 0.3);
+    let run = |x: &[f32], w: &[f32]| {
+        route(cfg, x, RouterWeights { weight_ed: w, expert_bias_e: cfg.expert_bias.then_some(&bias[..]) }, n)
+    };
+    let base = run(&x, &router);
+    let probe = values(n * k, 44);
+    let mut scales = RouterLossScales::default();
+    let mut dgate = vec![0.0; n * k];
+    match which {
+        Loss::Gates => dgate.copy_from_slice(&probe),
+        Loss::Aux => scales.aux = 1.0,
+        Loss::Z => scales.z = 1.0,
+        Loss::Seq => scales.seq = 1.0,
+    }
+    let loss = |r: &Routing| -> f64 {
+        assert_eq!(r.expert_tk, base.expert_tk, "perturbation changed the choice: pick other inputs");
+        match which {
+            Loss::Gates => probe_loss(&r.gate_tk, &probe),
+            Loss::Aux => r.aux_loss as f64,
+            Loss::Z => r.z_loss as f64,
+            Loss::Seq => r.seq_aux_loss as f64,
+        }
+    };
+    let (mut dx, mut drouter) = (vec![0.0; n * d], vec![0.0; e * d]);
+    route_backward(cfg, &x, &router, &base, &dgate, scales, RouterGrads { dx_td: &mut dx, drouter_ed: &mut drouter });
+    assert!(dx.iter().any(|v| v.abs() > 1e-5), "{which:?}: gradient is trivially zero");
+    // Sigmoid: ds/dl = s (1 - s); gates g = r s_j / S: ds_j = (r dg_j - sum dg_i g_i) / S;
+    // balance losses through q = s / sum s; the z-loss through softmax(l).
+    let name = format!("{which:?} norm={}", cfg.norm_topk_prob);
+    check_gradient(&format!("{name} dx"), &x, &dx, |xp| loss(&run(xp, &router)));
+    check_gradient(&format!("{name} drouter"), &router, &drouter, |wp| loss(&run(&x, wp)));
+}
+
+#[test]
+fn sigmoid_gates_renormalised_and_scaled() {
+    check(&deepseek(true), Loss::Gates);
+}
+
+#[test]
+fn sigmoid_gates_unnormalised_and_scaled() {
+    check(&deepseek(false), Loss::Gates);
+}
+
+#[test]
+fn sigmoid_balance_and_z_losses() {
+    for which in [Loss::Aux, Loss::Z, Loss::Seq] {
+        check(&deepseek(true), which);
+    }
+}
+
+#[test]
+fn softmax_sequence_loss() {
+    let cfg = ModelConfig {
+        router_score: RouterScoreKind::Softmax,
+        n_groups: 1,
+        topk_groups: 1,
+        expert_bias: false,
+        ..deepseek(true)
+    };
+    check(&cfg, Loss::Seq);
+}
+
+/// The forward values by the definitions, computed here from the routing's
+/// own scores and choices.
+#[test]
+fn gates_choice_and_sequence_loss_follow_the_definitions() {
+    let cfg = deepseek(true);
+    let (n, d, e, k) = (12, cfg.d_model, cfg.n_experts, cfg.top_k);
+    let x = scaled(n * d, 51, 1.0);
+    let router = scaled(e * d, 52, 1.5);
+    let bias = scaled(e, 53, 0.3);
+    let r = route(&cfg, &x, RouterWeights { weight_ed: &router, expert_bias_e: Some(&bias) }, n);
+    let (group, seqs) = (e / cfg.n_groups, n / cfg.seq_len);
+    let mut seq_loss = 0.0f64;
+    let mut counts = vec![vec![0.0f64; e]; seqs];
+    let mut q_sums = vec![vec![0.0f64; e]; seqs];
+    for t in 0..n {
+        let s = &r.scores_te[t * e..(t + 1) * e];
+        let logits = &r.logits_te[t * e..(t + 1) * e];
+        for (se, l) in s.iter().zip(logits) {
+            assert!((se - 1.0 / (1.0 + (-l).exp())).abs() < 1e-6);
+        }
+        let ex = &r.expert_tk[t * k..(t + 1) * k];
+        // Every chosen expert lies in one of the two best groups by the
+        // sum of their two largest biased scores.
+        let c: Vec<f32> = s.iter().zip(&bias).map(|(a, b)| a + b).collect();
+        let mut group_scores: Vec<(f32, usize)> = c
+            .chunks(group)
+            .enumerate()
+            .map(|(g, cs)| {
+                let mut v = cs.to_vec();
+                v.sort_by(|a, b| b.total_cmp(a));
+                (v[0] + v[1], g)
+            })
+            .collect();
+        group_scores.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        let kept: Vec<usize> = group_scores[..cfg.topk_groups].iter().map(|&(_, g)| g).collect();
+        assert!(ex.iter().all(|&j| kept.contains(&(j as usize / group))), "token {t}: {ex:?} outside groups {kept:?}");
+        // Gates: the unbiased scores, renormalised, times 2.5.
+        let sum: f32 = ex.iter().map(|&j| s[j as usize]).sum();
+        for (slot, &j) in ex.iter().enumerate() {
+            let want = s[j as usize] / sum * 2.5;
+            assert!((r.gate_tk[t * k + slot] - want).abs() < 1e-6, "gate of token {t}");
+        }
+        let total: f32 = s.iter().sum();
+        for (j, &se) in s.iter().enumerate() {
+            q_sums[t / cfg.seq_len][j] += (se / total) as f64;
+        }
+        for &j in ex {
+            counts[t / cfg.seq_len][j as usize] += 1.0;
+        }
+    }
+    let t_q = cfg.seq_len as f64;
+    for (c, qs) in counts.iter().zip(&q_sums) {
+        for (ci, qi) in c.iter().zip(qs) {
+            seq_loss += (e as f64 / (k as f64 * t_q) * ci) * (qi / t_q) / seqs as f64;
+        }
+    }
+    assert!((r.seq_aux_loss as f64 - seq_loss).abs() < 1e-6, "{} vs {seq_loss}", r.seq_aux_loss);
+    assert_eq!(r.chosen_per_expert.iter().sum::<usize>(), n * k);
+}
+
+#[test]
+fn bad_group_settings_name_their_key() {
+    let cases = [
+        (ModelConfig { n_groups: 3, ..deepseek(true) }, "n_groups"),
+        (ModelConfig { topk_groups: 5, ..deepseek(true) }, "topk_groups"),
+        (ModelConfig { top_k: 5, ..deepseek(true) }, "top_k"),
+        (ModelConfig { routed_scaling_factor: 0.0, ..deepseek(true) }, "routed_scaling_factor"),
+        (ModelConfig { shared_expert_gate: true, n_shared_experts: 0, ..deepseek(true) }, "shared_expert_gate"),
+    ];
+    for (cfg, key) in cases {
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains(key), "{key}: {err}");
+    }
+}
