@@ -121,6 +121,57 @@ fn ranks_started_by_mpirun_read_their_rank_from_the_environment() {
     assert_close(&reference, &losses(&run_dir), "mpirun -n 4");
 }
 
+/// `metrics.jsonl`'s lines as JSON.
+fn metric_lines(run_dir: &Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(run_dir.join("metrics.jsonl")).expect("metrics.jsonl written");
+    text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+#[test]
+fn deepseek_v3_example_on_4_mpi_ranks_matches_one_rank_bias_included() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = temp_dir("deepseek");
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/deepseek-v3-mini.toml");
+    let args = |run_dir: &Path| {
+        let mut args = job_args(run_dir);
+        args.extend(
+            ["--config", example, "--set", "train.global_batch_size=8", "--set", "train.micro_batch_size=2"]
+                .map(String::from),
+        );
+        args
+    };
+    let one = dir.join("one");
+    let out = run(Command::new(EXE).args(args(&one)), "one-rank run");
+    assert!(out.status.success(), "{}", text(&out));
+    for attn_tp in [1, 2] {
+        let run_dir = dir.join(format!("mpi4-tp{attn_tp}"));
+        let out = run(
+            Command::new(EXE).args(args(&run_dir)).args([
+                "--backend",
+                "mpi",
+                "--ranks",
+                "4",
+                "--set",
+                &format!("parallel.attn_tp={attn_tp}"),
+            ]),
+            "switchyard train --backend mpi",
+        );
+        assert!(out.status.success(), "{}", text(&out));
+        let (reference, other) = (metric_lines(&one), metric_lines(&run_dir));
+        assert_eq!(reference.len(), other.len());
+        for (a, b) in reference.iter().zip(&other) {
+            let (la, lb) = (a["loss"].as_f64().unwrap(), b["loss"].as_f64().unwrap());
+            assert!((la - lb).abs() <= 1e-6 * la, "attn_tp {attn_tp}, step {}: loss {lb} vs {la}", a["step"]);
+            assert!(a["expert_bias"].as_array().is_some_and(|layers| layers.len() == 2), "{a}");
+            assert_eq!(a["expert_bias"], b["expert_bias"], "attn_tp {attn_tp}, step {}: expert bias", a["step"]);
+            // Every rank checked it routes with rank 0's bias.
+            let hashes: Vec<&serde_json::Value> =
+                b["per_rank"].as_array().unwrap().iter().map(|r| &r["expert_bias_hash"]).collect();
+            assert!(hashes.len() == 4 && hashes.iter().all(|h| *h == hashes[0] && h.as_u64().is_some()), "{hashes:?}");
+        }
+    }
+}
+
 /// Waits (3 minutes at most) until the run has `steps` lines of metrics
 /// and, when asked, a committed checkpoint; returns the metrics file.
 fn wait_for_progress(run_dir: &Path, steps: usize, with_checkpoint: bool) -> PathBuf {

@@ -72,6 +72,23 @@ pub struct StepMetrics {
     pub per_rank: Vec<RankMetrics>,
 }
 
+impl StepMetrics {
+    /// The busiest expert's kept tokens over the mean per expert, in the
+    /// most unbalanced layer (1 is perfect balance, `n_experts / top_k`
+    /// a collapse onto `top_k` experts).
+    pub fn busiest_expert_ratio(&self) -> f64 {
+        let ratio = |load: &Vec<usize>| {
+            let mean = load.iter().sum::<usize>() as f64 / load.len().max(1) as f64;
+            if mean > 0.0 {
+                *load.iter().max().unwrap_or(&0) as f64 / mean
+            } else {
+                0.0
+            }
+        };
+        self.tokens_per_expert.iter().map(ratio).fold(0.0, f64::max)
+    }
+}
+
 fn is_zero(v: &f64) -> bool {
     *v == 0.0
 }

@@ -228,8 +228,9 @@ impl Observer for ConsoleProgress {
             } else {
                 String::new()
             };
+            let seq = if m.seq_aux_loss > 0.0 { format!(" | seq {:.4}", m.seq_aux_loss) } else { String::new() };
             self.line(&format!(
-                "step {:>6}/{} | loss {:.4} | aux {:.4} | z {:.3} | lr {:.2e} | gnorm {:.3} | {} tok/s | dropped {}{comm} | ETA {}",
+                "step {:>6}/{} | loss {:.4} | aux {:.4}{seq} | z {:.3} | lr {:.2e} | gnorm {:.3} | {} tok/s | load max/mean {:.2} | dropped {}{comm} | ETA {}",
                 m.step,
                 self.total_steps,
                 m.loss,
@@ -238,6 +239,7 @@ impl Observer for ConsoleProgress {
                 m.lr,
                 m.grad_norm,
                 human_count(m.tokens_per_s),
+                m.busiest_expert_ratio(),
                 dropped,
                 human_duration(eta)
             ));
