@@ -127,11 +127,14 @@ fn metric_lines(run_dir: &Path) -> Vec<serde_json::Value> {
     text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
 
-#[test]
-fn deepseek_v3_example_on_4_mpi_ranks_matches_one_rank_bias_included() {
+/// An example config's 20 steps on 1 rank, then on 4 MPI ranks (with and
+/// without attention shards): the same losses and, with an expert bias,
+/// the same bias bits, every rank checked against rank 0's.
+fn example_on_4_mpi_ranks_matches_one_rank(example: &str) {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = temp_dir("deepseek");
-    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/deepseek-v3-mini.toml");
+    let dir = temp_dir(example);
+    let example = format!("{}/../examples/{example}.toml", env!("CARGO_MANIFEST_DIR"));
+    let example = example.as_str();
     let args = |run_dir: &Path| {
         let mut args = job_args(run_dir);
         args.extend(
@@ -162,6 +165,10 @@ fn deepseek_v3_example_on_4_mpi_ranks_matches_one_rank_bias_included() {
         for (a, b) in reference.iter().zip(&other) {
             let (la, lb) = (a["loss"].as_f64().unwrap(), b["loss"].as_f64().unwrap());
             assert!((la - lb).abs() <= 1e-6 * la, "attn_tp {attn_tp}, step {}: loss {lb} vs {la}", a["step"]);
+            assert_eq!(a["computation_free_share"], b["computation_free_share"], "step {}", a["step"]);
+            if a.get("expert_bias").is_none() {
+                continue;
+            }
             assert!(a["expert_bias"].as_array().is_some_and(|layers| layers.len() == 2), "{a}");
             assert_eq!(a["expert_bias"], b["expert_bias"], "attn_tp {attn_tp}, step {}: expert bias", a["step"]);
             // Every rank checked it routes with rank 0's bias.
@@ -169,7 +176,22 @@ fn deepseek_v3_example_on_4_mpi_ranks_matches_one_rank_bias_included() {
                 b["per_rank"].as_array().unwrap().iter().map(|r| &r["expert_bias_hash"]).collect();
             assert!(hashes.len() == 4 && hashes.iter().all(|h| *h == hashes[0] && h.as_u64().is_some()), "{hashes:?}");
         }
+        let last = &metric_lines(&one)[STEPS - 1];
+        assert!(
+            last.get("expert_bias").is_some() || last["computation_free_share"].as_f64().is_some_and(|s| s > 0.0),
+            "{last}"
+        );
     }
+}
+
+#[test]
+fn deepseek_v3_example_on_4_mpi_ranks_matches_one_rank_bias_included() {
+    example_on_4_mpi_ranks_matches_one_rank("deepseek-v3-mini");
+}
+
+#[test]
+fn moe_plus_plus_example_on_4_mpi_ranks_matches_one_rank() {
+    example_on_4_mpi_ranks_matches_one_rank("moe-plus-plus");
 }
 
 /// Waits (3 minutes at most) until the run has `steps` lines of metrics

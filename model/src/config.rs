@@ -23,6 +23,20 @@ pub enum RouterScoreKind {
     Sigmoid,
 }
 
+/// What one router output stands for (MoE++ orders them FFN, constant,
+/// copy, zero).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RoutedKind {
+    /// A SwiGLU expert, placed on ranks and reached by all-to-all.
+    Ffn,
+    /// Constant expert `j`: `a1 x + a2 v_j`, `[a1, a2] = softmax(W_c,j x)`.
+    Constant(usize),
+    /// `x`.
+    Copy,
+    /// `0` (its gate is forced to 0).
+    Zero,
+}
+
 /// Model hyper-parameters; key names are part of the user interface.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -68,6 +82,18 @@ pub struct ModelConfig {
     pub seq_aux_loss_coef: f32,
     /// Qwen2-MoE: the shared experts' output times `sigmoid(w_g . x)`.
     pub shared_expert_gate: bool,
+    /// MoE++'s computation-free experts, routed beside the FFN experts:
+    /// constant (`a1 x + a2 v`), copy (`x`) and zero (`0`) experts. They run
+    /// on the token's own rank and never travel.
+    pub constant_experts: usize,
+    pub copy_experts: usize,
+    pub zero_experts: usize,
+    /// MoE++'s heterogeneous balance loss: the weight `tau` of the
+    /// computation-free experts' terms (FFN experts weigh 1).
+    pub zero_computation_tau: f32,
+    /// MoE++'s gating residuals: a layer's router logits add `W_map` times
+    /// the previous MoE layer's logits.
+    pub gating_residuals: bool,
 }
 
 impl Default for ModelConfig {
@@ -101,6 +127,11 @@ impl Default for ModelConfig {
             bias_update_centered: false,
             seq_aux_loss_coef: 0.0,
             shared_expert_gate: false,
+            constant_experts: 0,
+            copy_experts: 0,
+            zero_experts: 0,
+            zero_computation_tau: 0.75,
+            gating_residuals: false,
         }
     }
 }
@@ -159,8 +190,15 @@ impl ModelConfig {
                 format!("n_heads {} is not divisible by n_kv_heads {}", self.n_heads, self.n_kv_heads),
             );
         }
-        if self.top_k > self.n_experts {
-            return bad("top_k", format!("top_k {} exceeds n_experts {}", self.top_k, self.n_experts));
+        if self.top_k > self.n_router_outputs() {
+            let reason = format!(
+                "top_k {} exceeds the {} experts (n_experts {} + computation-free {})",
+                self.top_k,
+                self.n_router_outputs(),
+                self.n_experts,
+                self.computation_free_experts()
+            );
+            return bad("top_k", reason);
         }
         self.validate_groups()?;
         if self.shared_expert_gate && self.n_shared_experts == 0 {
@@ -192,12 +230,48 @@ impl ModelConfig {
             ("z_loss_coef", self.z_loss_coef),
             ("seq_aux_loss_coef", self.seq_aux_loss_coef),
             ("bias_update_speed", self.bias_update_speed),
+            ("zero_computation_tau", self.zero_computation_tau),
         ] {
             if !(value >= 0.0 && value.is_finite()) {
                 return bad(key, format!("must be >= 0, got {value}"));
             }
         }
         Ok(())
+    }
+
+    /// The router's outputs: FFN experts, then constant, copy and zero
+    /// experts (MoE++'s order), in that id order.
+    pub fn n_router_outputs(&self) -> usize {
+        self.n_experts + self.computation_free_experts()
+    }
+
+    /// MoE++'s constant, copy and zero experts together.
+    pub fn computation_free_experts(&self) -> usize {
+        self.constant_experts + self.copy_experts + self.zero_experts
+    }
+
+    /// What router output `id` is.
+    pub fn routed_kind(&self, id: usize) -> RoutedKind {
+        let constants = self.n_experts + self.constant_experts;
+        if id < self.n_experts {
+            RoutedKind::Ffn
+        } else if id < constants {
+            RoutedKind::Constant(id - self.n_experts)
+        } else if id < constants + self.copy_experts {
+            RoutedKind::Copy
+        } else {
+            RoutedKind::Zero
+        }
+    }
+
+    /// The weight of router output `id` in the balance losses: 1 for FFN
+    /// experts, `zero_computation_tau` for the others (MoE++).
+    pub fn balance_weight(&self, id: usize) -> f32 {
+        if id < self.n_experts {
+            1.0
+        } else {
+            self.zero_computation_tau
+        }
     }
 
     /// Experts per routing group (`n_experts / n_groups`).
@@ -208,6 +282,11 @@ impl ModelConfig {
     /// Group-limited routing must leave `top_k` experts to choose from.
     fn validate_groups(&self) -> Result<(), ModelError> {
         let bad = |key: &'static str, reason: String| Err(ModelError::InvalidConfig { key, reason });
+        if self.n_groups > 1 && self.computation_free_experts() > 0 {
+            let reason = "group-limited routing places FFN experts on nodes; it cannot be combined with \
+                          computation-free experts (constant_experts, copy_experts, zero_experts)";
+            return bad("n_groups", reason.into());
+        }
         if !self.n_experts.is_multiple_of(self.n_groups) {
             let reason = format!("{} groups do not divide n_experts = {}", self.n_groups, self.n_experts);
             return bad("n_groups", reason);
@@ -236,14 +315,18 @@ impl ModelConfig {
         let norms = d * if self.block == BlockKind::Sequential { 2 } else { 1 };
         let experts = (self.n_experts + self.n_shared_experts) * 3 * d * f;
         let gate = if self.shared_expert_gate { d } else { 0 };
-        let layer = attn + norms + self.n_experts * d + experts + gate;
+        let router = self.n_router_outputs() * d;
+        let constants = self.constant_experts * 3 * d;
+        let layer = attn + norms + router + experts + gate + constants;
+        let residuals =
+            if self.gating_residuals { self.n_layers.saturating_sub(1) * self.n_router_outputs().pow(2) } else { 0 };
         let output = if self.tie_embeddings { 0 } else { v * d };
-        v * d + self.n_layers * layer + d + output
+        v * d + self.n_layers * layer + residuals + d + output
     }
 
     /// Parameters touched by one token (top-k of the routed experts).
     pub fn num_active_params(&self) -> usize {
-        let inactive = (self.n_experts - self.top_k) * 3 * self.d_model * self.ffn_hidden;
+        let inactive = self.n_experts.saturating_sub(self.top_k) * 3 * self.d_model * self.ffn_hidden;
         self.num_params() - self.n_layers * inactive
     }
 }

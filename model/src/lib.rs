@@ -23,8 +23,8 @@ pub mod schedule;
 pub mod shards;
 pub mod weights;
 
-pub use config::{BlockKind, ModelConfig, RouterScoreKind};
+pub use config::{BlockKind, ModelConfig, RoutedKind, RouterScoreKind};
 pub use error::ModelError;
 /// The MoE sub-layer, also reachable as `moe::layer`.
 pub use moe::layer as moe_layer;
-pub use weights::{DenseLayerWeights, DenseWeights, ExpertStore, ExpertWeights, ModelWeights};
+pub use weights::{ConstantExpertWeights, DenseLayerWeights, DenseWeights, ExpertStore, ExpertWeights, ModelWeights};

@@ -69,9 +69,11 @@ pub struct ForwardStats {
     /// Per layer: kept assignments per expert, and dropped assignments.
     pub tokens_per_expert: Vec<Vec<usize>>,
     pub dropped: Vec<usize>,
-    /// Per layer: assignments per expert before capacity drops (the load
-    /// the aux-loss-free bias balances).
+    /// Per layer: assignments per router output before capacity drops (the
+    /// load the aux-loss-free bias balances).
     pub chosen_per_expert: Vec<Vec<usize>>,
+    /// Per layer: assignments to MoE++'s computation-free experts.
+    pub free_assignments: Vec<usize>,
 }
 
 /// How a forward-backward pass orders its work (DESIGN section 4, overlap).
@@ -107,6 +109,17 @@ struct BlockCache {
     ffn_in_td: Vec<f32>,
     ffn_rstd_t: Vec<f32>,
     moe: MoeCache,
+}
+
+/// How one layer's router is tied to its neighbours' by MoE++'s gating
+/// residuals (all None without them).
+struct RouterLinks<'a> {
+    /// The previous layer's logits, which this layer's residual read.
+    prev_logits_te: Option<&'a [f32]>,
+    /// The gradient of this layer's logits from the next layer's residual.
+    dlogits_in_te: Option<&'a [f32]>,
+    /// Where the gradient of the previous layer's logits goes.
+    dprev_logits_te: Option<&'a mut [f32]>,
 }
 
 /// Sizes shared by every block of one micro-batch.
@@ -279,10 +292,11 @@ impl Pass<'_> {
         layer: usize,
         w: &DenseLayerWeights,
         x_td: Vec<f32>,
+        prev_logits_te: Option<&[f32]>,
     ) -> Result<(Vec<f32>, BlockCache), ModelError> {
         let cfg = self.cfg;
         let (t, d) = (self.dims.t, self.dims.d);
-        let moe_layer = MoeLayer { cfg, layer, w };
+        let moe_layer = MoeLayer { cfg, layer, w, prev_logits_te };
         let mut cache = BlockCache {
             x_td,
             attn_in_td: vec![0.0; t * d],
@@ -341,6 +355,7 @@ impl Pass<'_> {
     }
 
     /// One block backward: returns `d loss / d x` of the block's input.
+    #[allow(clippy::too_many_arguments)] // the block's weights, cache and router links, each its own thing
     fn block_backward(
         &mut self,
         layer: usize,
@@ -349,10 +364,12 @@ impl Pass<'_> {
         cache: &BlockCache,
         scales: LossScales,
         dout_td: Vec<f32>,
+        links: RouterLinks<'_>,
     ) -> Result<Vec<f32>, ModelError> {
         let cfg = self.cfg;
         let (t, d) = (self.dims.t, self.dims.d);
-        let moe_layer = MoeLayer { cfg, layer, w };
+        let RouterLinks { prev_logits_te, dlogits_in_te, dprev_logits_te } = links;
+        let moe_layer = MoeLayer { cfg, layer, w, prev_logits_te };
         let moe_in = MoeBackwardInput { x_td: &cache.ffn_in_td, cache: &cache.moe, dout_td: &dout_td };
         // Both residual branches see dout; the skip path passes it through.
         let mut dx_td = dout_td.clone();
@@ -361,7 +378,7 @@ impl Pass<'_> {
             BlockKind::Sequential => {
                 // out = h + MoE(RMSNorm(h)): dh = dout + RMSNorm'(dmoe_in).
                 let mut dffn_in_td = vec![0.0; t * d];
-                let grads = MoeGrads { gw: &mut *gw, dx_td: &mut dffn_in_td };
+                let grads = MoeGrads { gw: &mut *gw, dx_td: &mut dffn_in_td, dlogits_in_te, dprev_logits_te };
                 moe_backward(moe_layer, moe_in, scales.router(), grads, self.experts)?;
                 let ffn_norm = w.ffn_norm.as_ref().expect("sequential blocks have ffn_norm");
                 let gffn_norm = gw.ffn_norm.as_mut().expect("sequential blocks have ffn_norm");
@@ -382,7 +399,7 @@ impl Pass<'_> {
                     Some(started) => started,
                     None => moe_backward_start(moe_layer, moe_in, self.experts)?,
                 };
-                let grads = MoeGrads { gw: &mut *gw, dx_td: &mut dn_td };
+                let grads = MoeGrads { gw: &mut *gw, dx_td: &mut dn_td, dlogits_in_te, dprev_logits_te };
                 moe_backward_finish(moe_layer, moe_in, scales.router(), grads, started, self.experts)?;
             }
         }
@@ -400,12 +417,15 @@ impl Pass<'_> {
         let mut x_td = embed(dense, self.dims.d, inputs);
         let mut caches = Vec::with_capacity(self.cfg.n_layers);
         for (layer, w) in dense.layers.iter().enumerate() {
-            let (out_td, cache) = self.block_forward(layer, w, x_td)?;
+            let prev_logits =
+                caches.last().filter(|_| self.cfg.gating_residuals).map(|c: &BlockCache| &c.moe.routing.logits_te[..]);
+            let (out_td, cache) = self.block_forward(layer, w, x_td, prev_logits)?;
             stats.aux_loss.push(cache.moe.routing.aux_loss);
             stats.z_loss.push(cache.moe.routing.z_loss);
             stats.seq_aux_loss.push(cache.moe.routing.seq_aux_loss);
             stats.tokens_per_expert.push(cache.moe.routing.tokens_per_expert.clone());
             stats.chosen_per_expert.push(cache.moe.routing.chosen_per_expert.clone());
+            stats.free_assignments.push(cache.moe.routing.free_assignments);
             stats.dropped.push(cache.moe.routing.dropped);
             caches.push(cache);
             x_td = out_td;
@@ -488,9 +508,19 @@ pub fn forward_backward_with(
     let mut dx_td = vec![0.0; t * d];
     rmsnorm_backward(&x_td, &dense.norm, &rstd_t, &dxf_td, &mut dx_td, &mut grads.norm);
 
+    // Gating residuals: the gradient of layer l-1's logits, from layer l.
+    let mut dlogits_in: Option<Vec<f32>> = None;
     for (layer, cache) in caches.iter().enumerate().rev() {
         let (w, gw) = (&dense.layers[layer], &mut grads.layers[layer]);
-        dx_td = pass.block_backward(layer, w, gw, cache, scales, dx_td)?;
+        let prev = (layer > 0 && cfg.gating_residuals).then(|| &caches[layer - 1].moe.routing.logits_te[..]);
+        let mut dprev = prev.map(|p| vec![0.0; p.len()]);
+        let links = RouterLinks {
+            prev_logits_te: prev,
+            dlogits_in_te: dlogits_in.as_deref(),
+            dprev_logits_te: dprev.as_deref_mut(),
+        };
+        dx_td = pass.block_backward(layer, w, gw, cache, scales, dx_td, links)?;
+        dlogits_in = dprev;
         if let Some(hook) = opts.on_layer_grads.as_mut() {
             hook(layer, gw);
         }

@@ -64,6 +64,13 @@ macro_rules! list_tensors {
         if let Some(w) = layer.shared_gate.$opt() {
             out.push(("moe.shared_gate.weight".to_string(), w));
         }
+        for (j, constant) in layer.constant.$iter().enumerate() {
+            out.push((format!("moe.constant.{j}.gate.weight"), & $($m)? constant.gate));
+            out.push((format!("moe.constant.{j}.value.weight"), & $($m)? constant.value));
+        }
+        if let Some(w) = layer.router_residual.$opt() {
+            out.push(("moe.router_residual.weight".to_string(), w));
+        }
         out
     }};
     (dense $w:expr, $iter:ident, $opt:ident, $($m:tt)?) => {{
@@ -104,9 +111,23 @@ pub struct DenseLayerWeights {
     pub shared: Vec<ExpertWeights>,
     /// `[1, D]` the shared experts' gate (`shared_expert_gate` only).
     pub shared_gate: Option<Vec<f32>>,
-    /// `[E]` the aux-loss-free selection bias (`expert_bias` only): state
-    /// the optimizer never touches, so it is a buffer, not a parameter.
+    /// `[R]` the aux-loss-free selection bias (`expert_bias` only; R router
+    /// outputs): state the optimizer never touches, so a buffer, not a parameter.
     pub expert_bias: Option<Vec<f32>>,
+    /// MoE++'s constant experts (`constant_experts`).
+    pub constant: Vec<ConstantExpertWeights>,
+    /// `[R, R]` MoE++'s gating residual `W_map` (`gating_residuals`, every
+    /// layer but the first).
+    pub router_residual: Option<Vec<f32>>,
+}
+
+/// One MoE++ constant expert: `y = a1 x + a2 v`, `[a1, a2] = softmax(W_c x)`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConstantExpertWeights {
+    /// `[2, D]` `W_c`.
+    pub gate: Vec<f32>,
+    /// `[D]` `v`.
+    pub value: Vec<f32>,
 }
 
 impl DenseLayerWeights {
@@ -159,20 +180,27 @@ impl DenseWeights {
         let (d, hd) = (cfg.d_model, cfg.head_dim());
         let std = cfg.init_std;
         let tok_embeddings = rng.normal_vec(cfg.vocab * d, std);
+        let routed = cfg.n_router_outputs();
         let layers = (0..cfg.n_layers)
-            .map(|_| DenseLayerWeights {
+            .map(|l| DenseLayerWeights {
                 attn_norm: vec![1.0; d],
                 wq: rng.normal_vec(cfg.n_heads * hd * d, std),
                 wk: rng.normal_vec(cfg.n_kv_heads * hd * d, std),
                 wv: rng.normal_vec(cfg.n_kv_heads * hd * d, std),
                 wo: rng.normal_vec(d * cfg.n_heads * hd, residual_std(cfg)),
                 ffn_norm: (cfg.block == BlockKind::Sequential).then(|| vec![1.0; d]),
-                router: rng.normal_vec(cfg.n_experts * d, std),
+                router: rng.normal_vec(routed * d, std),
                 shared: (0..cfg.n_shared_experts).map(|_| ExpertWeights::init(cfg, rng)).collect(),
                 // Drawn last, and only when asked for, so that models
                 // without a gate keep every other weight of v1's draw order.
                 shared_gate: cfg.shared_expert_gate.then(|| rng.normal_vec(d, std)),
-                expert_bias: cfg.expert_bias.then(|| vec![0.0; cfg.n_experts]),
+                expert_bias: cfg.expert_bias.then(|| vec![0.0; routed]),
+                // MoE++'s reference code draws v from normal(0, 1): the scale
+                // of the normalised rows it stands in for.
+                constant: (0..cfg.constant_experts)
+                    .map(|_| ConstantExpertWeights { gate: rng.normal_vec(2 * d, std), value: rng.normal_vec(d, 1.0) })
+                    .collect(),
+                router_residual: (cfg.gating_residuals && l > 0).then(|| rng.normal_vec(routed * routed, std)),
             })
             .collect();
         let norm = vec![1.0; d];
@@ -304,9 +332,14 @@ pub fn tensor_shape(cfg: &ModelConfig, name: &str) -> Option<Vec<usize>> {
             ["attn", "wq", "weight"] => vec![cfg.n_heads * hd, d],
             ["attn", "wk", "weight"] | ["attn", "wv", "weight"] => vec![cfg.n_kv_heads * hd, d],
             ["attn", "wo", "weight"] => vec![d, cfg.n_heads * hd],
-            ["moe", "router", "weight"] => vec![cfg.n_experts, d],
+            ["moe", "router", "weight"] => vec![cfg.n_router_outputs(), d],
             ["moe", "shared_gate", "weight"] if cfg.shared_expert_gate => vec![1, d],
-            ["moe", "expert_bias"] if cfg.expert_bias => vec![cfg.n_experts],
+            ["moe", "expert_bias"] if cfg.expert_bias => vec![cfg.n_router_outputs()],
+            ["moe", "constant", _, "gate", "weight"] if cfg.constant_experts > 0 => vec![2, d],
+            ["moe", "constant", _, "value", "weight"] if cfg.constant_experts > 0 => vec![d],
+            ["moe", "router_residual", "weight"] if cfg.gating_residuals => {
+                vec![cfg.n_router_outputs(), cfg.n_router_outputs()]
+            }
             ["moe", "experts" | "shared", _, part, "weight"] => return SwiGlu::of(cfg).tensor_shape(part),
             _ => return None,
         },

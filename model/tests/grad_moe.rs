@@ -140,7 +140,15 @@ fn check_router(norm_topk_prob: bool, which: RouterLoss) {
     let mut dx = vec![1.0; n * d];
     let mut drouter = vec![-1.0; e * d];
     let scales = RouterLossScales { aux: aux_scale, z: z_scale, seq: 0.0 };
-    route_backward(&cfg, &x, &router, &base, &dgate, scales, RouterGrads { dx_td: &mut dx, drouter_ed: &mut drouter });
+    route_backward(
+        &cfg,
+        &x,
+        RouterWeights::plain(&router),
+        &base,
+        &dgate,
+        scales,
+        RouterGrads::plain(&mut dx, &mut drouter),
+    );
     dx.iter_mut().for_each(|v| *v -= 1.0);
     drouter.iter_mut().for_each(|v| *v += 1.0);
     assert!(dx.iter().any(|v| v.abs() > 1e-4), "{which:?}: gradient is trivially zero");
@@ -283,8 +291,8 @@ fn check_layer(capacity_factor: f32, norm_topk_prob: bool) {
         let dx_ad = exec.backward(0, &plan, &dy).unwrap();
         plan.gather_backward(&dx_ad, d, &mut dx);
         let scales = RouterLossScales { aux: layer.aux_scale, z: layer.z_scale, seq: 0.0 };
-        let grads = RouterGrads { dx_td: &mut dx, drouter_ed: &mut drouter };
-        route_backward(&cfg, &x, &router, &routing, &dgate, scales, grads);
+        let grads = RouterGrads::plain(&mut dx, &mut drouter);
+        route_backward(&cfg, &x, RouterWeights::plain(&router), &routing, &dgate, scales, grads);
         // The saved state was taken: a second backward is an error.
         assert!(matches!(exec.backward(0, &plan, &dy), Err(ModelError::Executor { .. })));
     }

@@ -44,12 +44,17 @@ enum Loss {
 
 fn check(cfg: &ModelConfig, which: Loss) {
     cfg.validate().unwrap();
-    let (n, d, e, k) = (12, cfg.d_model, cfg.n_experts, cfg.top_k);
+    let (n, d, e, k) = (12, cfg.d_model, cfg.n_router_outputs(), cfg.top_k);
     let x = scaled(n * d, 41, 1.0);
     let router = scaled(e * d, 42, 1.5);
     let bias = scaled(e, 43, 0.3);
     let run = |x: &[f32], w: &[f32]| {
-        route(cfg, x, RouterWeights { weight_ed: w, expert_bias_e: cfg.expert_bias.then_some(&bias[..]) }, n)
+        route(
+            cfg,
+            x,
+            RouterWeights { weight_ed: w, expert_bias_e: cfg.expert_bias.then_some(&bias[..]), residual: None },
+            n,
+        )
     };
     let base = run(&x, &router);
     let probe = values(n * k, 44);
@@ -71,7 +76,15 @@ fn check(cfg: &ModelConfig, which: Loss) {
         }
     };
     let (mut dx, mut drouter) = (vec![0.0; n * d], vec![0.0; e * d]);
-    route_backward(cfg, &x, &router, &base, &dgate, scales, RouterGrads { dx_td: &mut dx, drouter_ed: &mut drouter });
+    route_backward(
+        cfg,
+        &x,
+        RouterWeights::plain(&router),
+        &base,
+        &dgate,
+        scales,
+        RouterGrads::plain(&mut dx, &mut drouter),
+    );
     assert!(dx.iter().any(|v| v.abs() > 1e-5), "{which:?}: gradient is trivially zero");
     // Sigmoid: ds/dl = s (1 - s); gates g = r s_j / S: ds_j = (r dg_j - sum dg_i g_i) / S;
     // balance losses through q = s / sum s; the z-loss through softmax(l).
@@ -118,7 +131,7 @@ fn gates_choice_and_sequence_loss_follow_the_definitions() {
     let x = scaled(n * d, 51, 1.0);
     let router = scaled(e * d, 52, 1.5);
     let bias = scaled(e, 53, 0.3);
-    let r = route(&cfg, &x, RouterWeights { weight_ed: &router, expert_bias_e: Some(&bias) }, n);
+    let r = route(&cfg, &x, RouterWeights { weight_ed: &router, expert_bias_e: Some(&bias), residual: None }, n);
     let (group, seqs) = (e / cfg.n_groups, n / cfg.seq_len);
     let mut seq_loss = 0.0f64;
     let mut counts = vec![vec![0.0f64; e]; seqs];
@@ -182,4 +195,60 @@ fn bad_group_settings_name_their_key() {
         let err = cfg.validate().unwrap_err().to_string();
         assert!(err.contains(key), "{key}: {err}");
     }
+}
+
+/// MoE++ in small: 5 FFN experts beside a constant, a copy and a zero expert.
+fn moe_plus_plus() -> ModelConfig {
+    ModelConfig {
+        d_model: 8,
+        n_heads: 2,
+        n_kv_heads: 1,
+        n_experts: 5,
+        constant_experts: 1,
+        copy_experts: 1,
+        zero_experts: 1,
+        top_k: 3,
+        n_layers: 1,
+        seq_len: 4,
+        seq_aux_loss_coef: 1e-4,
+        ..ModelConfig::default()
+    }
+}
+
+#[test]
+fn computation_free_experts_gates_and_balance_losses() {
+    for which in [Loss::Gates, Loss::Aux, Loss::Seq] {
+        check(&moe_plus_plus(), which);
+    }
+}
+
+#[test]
+fn a_zero_expert_gets_no_gate_and_its_share_goes_to_the_others() {
+    let cfg = moe_plus_plus();
+    let (n, d, k) = (12, cfg.d_model, cfg.top_k);
+    let e = cfg.n_router_outputs();
+    // A router that favours the zero expert (id 7) for every token.
+    let mut router = scaled(e * d, 61, 0.5);
+    router[7 * d..8 * d].iter_mut().for_each(|w| *w = 3.0);
+    let x: Vec<f32> = scaled(n * d, 62, 1.0).into_iter().map(|v| v.abs() + 0.1).collect();
+    let r = route(&cfg, &x, RouterWeights::plain(&router), n);
+    let mut saw_zero = false;
+    for t in 0..n {
+        let ex = &r.expert_tk[t * k..(t + 1) * k];
+        let g = &r.gate_tk[t * k..(t + 1) * k];
+        for (&id, &gate) in ex.iter().zip(g) {
+            if id == 7 {
+                saw_zero = true;
+                assert_eq!(gate, 0.0, "token {t}: the zero expert's gate");
+            }
+        }
+        assert!(
+            (g.iter().sum::<f32>() - 1.0).abs() < 1e-6,
+            "token {t}: gates {g:?} renormalised without the zero expert"
+        );
+    }
+    assert!(saw_zero, "the test router must choose the zero expert");
+    // Only FFN assignments count as expert tokens; the others are free.
+    assert_eq!(r.tokens_per_expert.iter().sum::<usize>() + r.free_assignments, n * k);
+    assert_eq!(r.tokens_per_expert.len(), 5);
 }

@@ -30,6 +30,10 @@ pub struct StepMetrics {
     pub tokens_per_expert: Vec<Vec<usize>>,
     /// Per layer: assignments dropped by capacity.
     pub dropped: Vec<usize>,
+    /// The share of all expert assignments (tokens x top_k x layers) that
+    /// took one of MoE++'s computation-free experts (0 without them).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub computation_free_share: f64,
     /// With `expert_bias`: per layer, the global batch's tokens that chose
     /// each expert (before drops), the load the bias update balances ...
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

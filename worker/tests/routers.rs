@@ -30,6 +30,17 @@ const DEEPSEEK: &[&str] = &[
     "model.aux_loss_coef=0.0",
 ];
 
+/// MoE++ in small: 4 FFN experts beside a constant, a copy and a zero
+/// expert, gating residuals, the sequence-wise loss weighted by tau.
+const MOE_PLUS_PLUS: &[&str] = &[
+    "model.constant_experts=1",
+    "model.copy_experts=1",
+    "model.zero_experts=1",
+    "model.gating_residuals=true",
+    "model.seq_aux_loss_coef=1e-4",
+    "model.expert_bias=true",
+];
+
 /// Qwen2-MoE in small: a gated shared expert, gates not renormalised.
 const QWEN: &[&str] = &["model.n_shared_experts=1", "model.shared_expert_gate=true", "model.norm_topk_prob=false"];
 
@@ -152,5 +163,35 @@ fn qwen_gated_shared_expert_matches_on_every_layout() {
             &run(&job(QWEN, ranks, extra), &format!("qwen-{i}")),
             &format!("{ranks} ranks {extra:?}"),
         );
+    }
+}
+
+#[test]
+fn moe_plus_plus_matches_on_every_layout_and_resumes_bit_exactly() {
+    let one = run(&job(MOE_PLUS_PLUS, 1, &[]), "mpp-1");
+    assert!(one[19].loss < one[0].loss - 0.3, "the job learns");
+    let share = one[0].computation_free_share;
+    assert!(share > 0.0 && share < 1.0, "some assignments take computation-free experts: {share}");
+    // FFN loads count FFN experts only; the bias covers every router output.
+    assert_eq!((one[0].tokens_per_expert[0].len(), one[0].expert_bias[0].len()), (4, 7));
+    let layouts: [(usize, &[&str]); 4] = [
+        (2, &[]),
+        (4, &[]),
+        (4, &["parallel.attn_tp=2"]),
+        (4, &["parallel.placement=\"balanced\"", "parallel.rebalance_every=4", "parallel.redundant_experts=4"]),
+    ];
+    for (i, (ranks, extra)) in layouts.into_iter().enumerate() {
+        let other = run(&job(MOE_PLUS_PLUS, ranks, extra), &format!("mpp-layout-{i}"));
+        assert_same_run(&one, &other, &format!("{ranks} ranks {extra:?}"));
+        for (a, b) in one.iter().zip(&other) {
+            assert_eq!(a.computation_free_share, b.computation_free_share, "step {}", a.step);
+        }
+    }
+    let dir = temp_dir("mpp-resume");
+    let mut joined = steps(&job(MOE_PLUS_PLUS, 2, &[]), &dir, Resume::No, Some(10));
+    joined.extend(steps(&job(MOE_PLUS_PLUS, 2, &[]), &dir, Resume::Latest, None));
+    let reference = run(&job(MOE_PLUS_PLUS, 2, &[]), "mpp-resume-ref");
+    for (a, b) in reference.iter().zip(&joined) {
+        assert_eq!(a.loss.to_bits(), b.loss.to_bits(), "step {}: resumed loss", a.step);
     }
 }

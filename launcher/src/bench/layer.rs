@@ -130,11 +130,11 @@ fn bench_moe_layer(case: &LayerCase) -> f64 {
     let s = time_median(5, || {
         let mut gdense = grads.dense.layers[0].clone();
         let mut experts = LocalExperts::new(&cfg, &weights.experts, &mut grads.experts);
-        let moe = MoeLayer { cfg: &cfg, layer: 0, w: layer };
+        let moe = MoeLayer { cfg: &cfg, layer: 0, w: layer, prev_logits_te: None };
         let (_, cache) = moe_forward(moe, &x_td, case.tokens, &mut experts, &mut model::shards::NoShards).unwrap();
         let mut dx_td = vec![0.0; x_td.len()];
         let input = MoeBackwardInput { x_td: &x_td, cache: &cache, dout_td: &dout_td };
-        let grads = MoeGrads { gw: &mut gdense, dx_td: &mut dx_td };
+        let grads = MoeGrads { gw: &mut gdense, dx_td: &mut dx_td, dlogits_in_te: None, dprev_logits_te: None };
         moe_backward(moe, input, RouterLossScales { aux: 0.01, z: 0.001, seq: 0.0 }, grads, &mut experts).unwrap();
     });
     case.tokens as f64 / s

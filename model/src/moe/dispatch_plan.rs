@@ -22,12 +22,14 @@ pub struct DispatchPlan {
 }
 
 impl DispatchPlan {
-    /// Groups the kept assignments of `routing` by expert.
+    /// Groups the kept assignments of `routing` to the `num_experts` FFN
+    /// experts by expert (router outputs past them are MoE++'s
+    /// computation-free experts, which the layer computes in place).
     pub fn from_routing(routing: &Routing, num_experts: usize, top_k: usize) -> Self {
         let k = top_k;
         let mut counts_e = vec![0usize; num_experts];
         for (&e, &kept) in routing.expert_tk.iter().zip(&routing.kept_tk) {
-            if kept {
+            if kept && (e as usize) < num_experts {
                 counts_e[e as usize] += 1;
             }
         }
@@ -41,7 +43,7 @@ impl DispatchPlan {
         let mut source_a = vec![0u32; total];
         for (i, (&e, &kept)) in routing.expert_tk.iter().zip(&routing.kept_tk).enumerate().take(routing.num_tokens * k)
         {
-            if kept {
+            if kept && (e as usize) < num_experts {
                 let c = &mut cursor[e as usize];
                 source_a[*c] = i as u32;
                 *c += 1;

@@ -7,7 +7,8 @@
 //! on each, possibly on parallel rayon tasks. v1's only kind is
 //! [`SwiGlu`] (`ops/swiglu.rs`, DESIGN section 5).
 //!
-//! To add an expert kind (e.g. MoE++'s zero, copy and constant experts):
+//! To add an expert kind that runs where the experts are placed (MoE++'s
+//! computation-free experts run where the token is instead: `free_experts.rs`):
 //! 1. write its math, config key and tensors in docs/model.md (DESIGN 5a);
 //! 2. implement [`ExpertKind`] for it: its cache, `tensor_shape` for the
 //!    tensors it owns (none for a zero or copy expert), forward and backward

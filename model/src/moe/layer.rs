@@ -6,9 +6,10 @@
 //! Legend: `t` tokens, `d` d_model, `k` top-k slots, `a` rows of the
 //! dispatch buffer.
 
+use super::free_experts;
 use super::{
-    route_backward, route_sharded, DispatchPlan, ExpertExecutor, ExpertKind, RouterGrads, RouterLossScales,
-    RouterWeights, Routing, Rows, Started,
+    route_backward, route_sharded, DispatchPlan, ExpertExecutor, ExpertKind, GatingResidual, RouterGrads,
+    RouterLossScales, RouterWeights, Routing, Rows, Started,
 };
 use crate::config::ModelConfig;
 use crate::error::ModelError;
@@ -38,12 +39,26 @@ pub struct MoeForwardStarted {
 }
 
 /// Which MoE sub-layer a call is about: the model, the layer index (the
-/// executor's key) and the layer's dense weights (router, shared experts).
+/// executor's key) and the layer's dense weights (router, shared experts),
+/// and with MoE++'s gating residuals the previous MoE layer's logits.
 #[derive(Debug, Clone, Copy)]
 pub struct MoeLayer<'w> {
     pub cfg: &'w ModelConfig,
     pub layer: usize,
     pub w: &'w DenseLayerWeights,
+    /// `[t, e]` the previous MoE layer's router logits (gating residuals only).
+    pub prev_logits_te: Option<&'w [f32]>,
+}
+
+impl<'w> MoeLayer<'w> {
+    /// The router's tensors, and its gating residual when it has one.
+    fn router(&self) -> RouterWeights<'w> {
+        let residual = match (&self.w.router_residual, self.prev_logits_te) {
+            (Some(map_ee), Some(prev_logits_te)) => Some(GatingResidual { map_ee, prev_logits_te }),
+            _ => None,
+        };
+        RouterWeights { weight_ed: &self.w.router, expert_bias_e: self.w.expert_bias.as_deref(), residual }
+    }
 }
 
 /// What the MoE backward pass reads: the forward pass's input and cache,
@@ -64,6 +79,10 @@ pub struct MoeGrads<'g> {
     pub gw: &'g mut DenseLayerWeights,
     /// `[t, d]` the input's gradient.
     pub dx_td: &'g mut [f32],
+    /// Gating residuals: the gradient of this layer's logits from the next
+    /// layer (an input), and where the previous layer's logits' gradient goes.
+    pub dlogits_in_te: Option<&'g [f32]>,
+    pub dprev_logits_te: Option<&'g mut [f32]>,
 }
 
 /// `out_td = sum_chosen gate * Expert(x) + sum_shared Shared(x)` for the
@@ -90,9 +109,8 @@ pub fn moe_forward_start(
     experts: &mut dyn ExpertExecutor,
     shards: &mut dyn TokenShards,
 ) -> Result<MoeForwardStarted, ModelError> {
-    let MoeLayer { cfg, layer, w } = moe;
-    let router = RouterWeights { weight_ed: &w.router, expert_bias_e: w.expert_bias.as_deref() };
-    let routing = route_sharded(cfg, x_td, router, num_tokens, shards)?;
+    let MoeLayer { cfg, layer, .. } = moe;
+    let routing = route_sharded(cfg, x_td, moe.router(), num_tokens, shards)?;
     let plan = DispatchPlan::from_routing(&routing, cfg.n_experts, cfg.top_k);
     let x_ad = plan.gather(x_td, cfg.d_model);
     let started = experts.start_forward(layer, &plan, &x_ad)?;
@@ -107,7 +125,7 @@ pub fn moe_forward_finish(
     started: MoeForwardStarted,
     experts: &mut dyn ExpertExecutor,
 ) -> Result<(Vec<f32>, MoeCache), ModelError> {
-    let MoeLayer { cfg, layer, w } = moe;
+    let MoeLayer { cfg, layer, w, .. } = moe;
     let MoeForwardStarted { routing, plan, experts: in_flight } = started;
     let (t, d, swiglu) = (routing.num_tokens, cfg.d_model, SwiGlu::of(cfg));
     let mut shared_caches = Vec::with_capacity(w.shared.len());
@@ -122,6 +140,7 @@ pub fn moe_forward_finish(
     let y_ad = experts.finish_forward(layer, in_flight)?;
     let mut out_td = vec![0.0; t * d];
     plan.combine(&routing, &y_ad, d, &mut out_td);
+    free_experts::forward(cfg, w, &routing, x_td, &mut out_td);
     let (mut shared_sum_td, mut shared_gate_t) = (Vec::new(), Vec::new());
     match &w.shared_gate {
         None => {
@@ -224,8 +243,9 @@ pub fn moe_backward_finish(
     started: MoeBackwardStarted,
     experts: &mut dyn ExpertExecutor,
 ) -> Result<(), ModelError> {
-    let (MoeLayer { cfg, layer, w }, MoeBackwardInput { x_td, cache, dout_td }) = (moe, input);
-    let MoeGrads { gw, dx_td } = grads;
+    let (MoeLayer { cfg, layer, w, .. }, MoeBackwardInput { x_td, cache, dout_td }) = (moe, input);
+    let MoeGrads { gw, dx_td, dlogits_in_te, dprev_logits_te } = grads;
+    let MoeBackwardStarted { mut dgate_tk, experts: in_flight } = started;
     let (t, d, swiglu) = (cache.routing.num_tokens, cfg.d_model, SwiGlu::of(cfg));
     let gated;
     let dshared_td = match (&w.shared_gate, gw.shared_gate.as_mut()) {
@@ -238,9 +258,17 @@ pub fn moe_backward_finish(
     for ((shared, gshared), sc) in w.shared.iter().zip(gw.shared.iter_mut()).zip(&cache.shared) {
         swiglu.backward(shared, Rows { x_rd: x_td, rows: t }, sc, dshared_td, dx_td, gshared);
     }
-    let dx_ad = experts.finish_backward(layer, started.experts)?;
+    let dx_ad = experts.finish_backward(layer, in_flight)?;
     cache.plan.gather_backward(&dx_ad, d, dx_td);
-    let router_grads = RouterGrads { dx_td, drouter_ed: &mut gw.router };
-    route_backward(cfg, x_td, &w.router, &cache.routing, &started.dgate_tk, scales, router_grads);
+    let free_grads = free_experts::FreeGrads { gw: &mut *gw, dgate_tk: &mut dgate_tk, dx_td: &mut *dx_td };
+    free_experts::backward(cfg, w, &cache.routing, (x_td, dout_td), free_grads);
+    let router_grads = RouterGrads {
+        dx_td,
+        drouter_ed: &mut gw.router,
+        dlogits_in_te,
+        dmap_ee: gw.router_residual.as_deref_mut(),
+        dprev_logits_te,
+    };
+    route_backward(cfg, x_td, moe.router(), &cache.routing, &dgate_tk, scales, router_grads);
     Ok(())
 }

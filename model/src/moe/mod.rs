@@ -11,7 +11,8 @@
 //! Files, one job each: `router.rs` (route, gates, balance and z losses,
 //! backward), `score.rs` (the scoring function), `select.rs` (the choice
 //! of experts: top-k, expert bias, group limit), `bias_update.rs` (the
-//! aux-loss-free bias step), `dispatch_plan.rs` (grouping rows by
+//! aux-loss-free bias step), `free_experts.rs` (MoE++'s constant, copy
+//! and zero experts, computed where the token is), `dispatch_plan.rs` (grouping rows by
 //! expert, gather and combine), `experts.rs` (the executor trait and
 //! [`LocalExperts`]), `expert_kind.rs` (the math of one expert), `layer.rs`
 //! (the stages assembled into the sub-layer, shared experts included).
@@ -29,6 +30,7 @@ mod bias_update;
 mod dispatch_plan;
 mod expert_kind;
 mod experts;
+mod free_experts;
 pub mod layer;
 mod router;
 mod score;
@@ -38,6 +40,8 @@ pub use bias_update::update_expert_bias;
 pub use dispatch_plan::DispatchPlan;
 pub use expert_kind::{ExpertKind, Rows};
 pub use experts::{ExpertExecutor, LocalExperts, Started};
-pub use router::{route, route_backward, route_sharded, RouterGrads, RouterLossScales, RouterWeights, Routing};
+pub use router::{
+    route, route_backward, route_sharded, GatingResidual, RouterGrads, RouterLossScales, RouterWeights, Routing,
+};
 pub use score::RouterScore;
 pub use select::Selection;

@@ -7,25 +7,36 @@
 
 use super::score::{logsumexp, RouterScore};
 use super::select::Selection;
-use crate::config::ModelConfig;
+use crate::config::{ModelConfig, RoutedKind};
 use crate::error::ModelError;
 use crate::gemm::{matmul_nn, matmul_nt, matmul_tn};
 use crate::shards::{NoShards, TokenShards};
 
 /// A layer's router tensors: the weight and, with `expert_bias`, the
-/// selection bias.
+/// selection bias; with MoE++'s gating residuals, the map and the previous
+/// MoE layer's logits it reads.
 #[derive(Debug, Clone, Copy)]
 pub struct RouterWeights<'w> {
-    /// `[e, d]`.
+    /// `[e, d]` (e: every router output, computation-free experts included).
     pub weight_ed: &'w [f32],
     /// `[e]`, added to the scores for the choice only.
     pub expert_bias_e: Option<&'w [f32]>,
+    pub residual: Option<GatingResidual<'w>>,
+}
+
+/// MoE++'s gating residual: `logits += prev_logits W_map^T`.
+#[derive(Debug, Clone, Copy)]
+pub struct GatingResidual<'w> {
+    /// `[e, e]` `W_map`.
+    pub map_ee: &'w [f32],
+    /// `[t, e]` the previous MoE layer's logits (its residual included).
+    pub prev_logits_te: &'w [f32],
 }
 
 impl<'w> RouterWeights<'w> {
-    /// A router without a selection bias.
+    /// A router without a selection bias or gating residual.
     pub fn plain(weight_ed: &'w [f32]) -> Self {
-        Self { weight_ed, expert_bias_e: None }
+        Self { weight_ed, expert_bias_e: None, residual: None }
     }
 }
 
@@ -40,7 +51,8 @@ pub struct Routing {
     /// `[t, k]` chosen expert ids, highest biased score first (ties → lower id).
     pub expert_tk: Vec<u32>,
     /// `[t, k]` gates (the chosen scores, renormalised when `norm_topk_prob`,
-    /// times `routed_scaling_factor`).
+    /// times `routed_scaling_factor`; 0 for a zero expert, which the
+    /// renormalisation leaves out).
     pub gate_tk: Vec<f32>,
     /// `[t, k]` false where capacity dropped the assignment.
     pub kept_tk: Vec<bool>,
@@ -50,13 +62,15 @@ pub struct Routing {
     pub z_loss: f32,
     /// Sequence-wise balance loss (before its coefficient; 0 when off).
     pub seq_aux_loss: f32,
-    /// Kept assignments per expert (len E).
+    /// Kept assignments per FFN expert (len `n_experts`).
     pub tokens_per_expert: Vec<usize>,
-    /// Assignments per expert before capacity drops (len E): the load the
-    /// aux-loss-free bias balances.
+    /// Assignments per router output before capacity drops (len e): the
+    /// load the aux-loss-free bias balances.
     pub chosen_per_expert: Vec<usize>,
-    /// Assignments dropped by capacity.
+    /// Assignments dropped by capacity (FFN experts only: the others never drop).
     pub dropped: usize,
+    /// Assignments to MoE++'s computation-free experts.
+    pub free_assignments: usize,
     /// `f_e`: each expert's share of the micro-batch's assignments (all
     /// attention shards' tokens, before drops); the aux loss's gradient uses it.
     pub share_e: Vec<f64>,
@@ -100,14 +114,17 @@ pub fn route_sharded(
     num_tokens: usize,
     shards: &mut dyn TokenShards,
 ) -> Result<Routing, ModelError> {
-    let (e_n, k, d) = (cfg.n_experts, cfg.top_k, cfg.d_model);
+    let (e_n, k, d) = (cfg.n_router_outputs(), cfg.top_k, cfg.d_model);
     let n = num_tokens;
-    assert!(k <= e_n, "route: top_k {k} exceeds n_experts {e_n}");
+    assert!(k <= e_n, "route: top_k {k} exceeds the {e_n} router outputs");
     assert!(x_td.len() >= n * d, "route: x has {} values, needs {n}x{d}", x_td.len());
     let router_ed = router.weight_ed;
     assert!(router_ed.len() >= e_n * d, "route: router has {} values, needs {e_n}x{d}", router_ed.len());
     let mut logits_te = vec![0.0f32; n * e_n];
     matmul_nt(n, d, e_n, x_td, router_ed, &mut logits_te, false);
+    if let Some(GatingResidual { map_ee, prev_logits_te }) = router.residual {
+        matmul_nt(n, e_n, e_n, prev_logits_te, map_ee, &mut logits_te, true);
+    }
     let score = RouterScore::of(cfg);
     let mut scores_te = vec![0.0f32; n * e_n];
     let mut z_sum = 0.0f64;
@@ -123,7 +140,8 @@ pub fn route_sharded(
     {
         selection.select_row(p, &mut choice_e, ex);
         for (gj, &e) in g.iter_mut().zip(ex.iter()) {
-            *gj = p[e as usize];
+            // MoE++: a zero expert's gate is 0 and out of the renormalisation.
+            *gj = if cfg.routed_kind(e as usize) == RoutedKind::Zero { 0.0 } else { p[e as usize] };
         }
         if cfg.norm_topk_prob {
             let sum: f32 = g.iter().sum();
@@ -135,15 +153,19 @@ pub fn route_sharded(
             g.iter_mut().for_each(|gj| *gj *= cfg.routed_scaling_factor);
         }
     }
-    // Capacity: tokens in ascending order; each expert keeps its first `cap`.
+    // Capacity: tokens in ascending order; each FFN expert keeps its first
+    // `cap` (computation-free experts never drop).
     let cap = cfg.capacity(n);
     let mut kept_tk = vec![true; n * k];
-    let mut tokens_per_expert = vec![0usize; e_n];
+    let mut tokens_per_expert = vec![0usize; cfg.n_experts];
     let mut chosen_per_expert = vec![0usize; e_n];
-    let mut dropped = 0;
+    let (mut dropped, mut free_assignments) = (0, 0);
     for (&e, kept) in expert_tk.iter().zip(kept_tk.iter_mut()) {
         chosen_per_expert[e as usize] += 1;
-        let c = &mut tokens_per_expert[e as usize];
+        let Some(c) = tokens_per_expert.get_mut(e as usize) else {
+            free_assignments += 1;
+            continue;
+        };
         if *c < cap {
             *c += 1;
         } else {
@@ -189,7 +211,9 @@ pub fn route_sharded(
     let (aux_loss, z_loss) = if stat_tokens == 0 {
         (0.0, 0.0)
     } else {
-        let aux: f64 = global[..e_n].iter().zip(&share_e).map(|(m, f)| m / stat_tokens as f64 * f).sum();
+        // MoE++'s heterogeneous weights: 1 for FFN experts, tau for the others.
+        let terms = global[..e_n].iter().zip(&share_e).enumerate();
+        let aux: f64 = terms.map(|(e, (m, f))| cfg.balance_weight(e) as f64 * m / stat_tokens as f64 * f).sum();
         let aux_part = e_n as f64 * aux / shards.count() as f64;
         (aux_part as f32, (z_sum / stat_tokens as f64) as f32)
     };
@@ -207,6 +231,7 @@ pub fn route_sharded(
         tokens_per_expert,
         chosen_per_expert,
         dropped,
+        free_assignments,
         share_e,
         stat_tokens,
         seq_grad_qe,
@@ -222,12 +247,17 @@ struct SeqStats {
     seq_len: usize,
     experts: usize,
     top_k: usize,
+    /// Per router output, its weight in the loss (MoE++'s tau for
+    /// computation-free experts).
+    weights: Vec<f64>,
 }
 
 impl SeqStats {
     fn new(cfg: &ModelConfig, micro_batch_tokens: usize) -> Self {
         let sequences = if cfg.seq_aux_loss_coef > 0.0 { micro_batch_tokens.div_ceil(cfg.seq_len) } else { 0 };
-        Self { sequences, seq_len: cfg.seq_len, experts: cfg.n_experts, top_k: cfg.top_k }
+        let experts = cfg.n_router_outputs();
+        let weights = (0..experts).map(|e| cfg.balance_weight(e) as f64).collect();
+        Self { sequences, seq_len: cfg.seq_len, experts, top_k: cfg.top_k, weights }
     }
 
     fn width(&self) -> usize {
@@ -244,8 +274,8 @@ impl SeqStats {
         (q < self.sequences).then(|| &mut stats[q * self.width()..(q + 1) * self.width()])
     }
 
-    /// The loss `mean_q sum_i f_qi P_qi` and its gradient per sequence
-    /// w.r.t. a token's `q_i`: `f_qi / (Q T_q)`, `f_qi = E/(k T_q) choices_qi`.
+    /// The loss `mean_q sum_i eta_i f_qi P_qi` and its gradient per sequence
+    /// w.r.t. a token's `q_i`: `eta_i f_qi / (Q T_q)`, `f_qi = E/(k T_q) choices_qi`.
     fn loss(&self, stats: &[f64]) -> (f64, Vec<f64>) {
         let (e_n, seqs) = (self.experts, self.sequences as f64);
         let mut loss = 0.0;
@@ -256,8 +286,8 @@ impl SeqStats {
                 continue;
             }
             let (choices, q_sums) = row[1..].split_at(e_n);
-            for ((g, &c), &qs) in grad.iter_mut().zip(choices).zip(q_sums) {
-                let f = e_n as f64 / (self.top_k as f64 * tokens) * c;
+            for (((g, &c), &qs), &eta) in grad.iter_mut().zip(choices).zip(q_sums).zip(&self.weights) {
+                let f = eta * e_n as f64 / (self.top_k as f64 * tokens) * c;
                 loss += f * qs / tokens / seqs;
                 *g = f / (seqs * tokens);
             }
@@ -284,6 +314,20 @@ pub struct RouterGrads<'g> {
     pub dx_td: &'g mut [f32],
     /// `[e, d]` the router weight's gradient.
     pub drouter_ed: &'g mut [f32],
+    /// With gating residuals: the gradient that reached this layer's logits
+    /// from the next layer's residual (`[t, e]`, an input) ...
+    pub dlogits_in_te: Option<&'g [f32]>,
+    /// ... and where this layer's residual adds `dW_map` (`[e, e]`) and the
+    /// previous layer's logits' gradient (`[t, e]`).
+    pub dmap_ee: Option<&'g mut [f32]>,
+    pub dprev_logits_te: Option<&'g mut [f32]>,
+}
+
+impl<'g> RouterGrads<'g> {
+    /// The input's and the weight's gradients only (no gating residual).
+    pub fn plain(dx_td: &'g mut [f32], drouter_ed: &'g mut [f32]) -> Self {
+        Self { dx_td, drouter_ed, dlogits_in_te: None, dmap_ee: None, dprev_logits_te: None }
+    }
 }
 
 /// Backward of [`route`]. `dgate_tk` is the loss gradient w.r.t. the gates
@@ -292,14 +336,15 @@ pub struct RouterGrads<'g> {
 pub fn route_backward(
     cfg: &ModelConfig,
     x_td: &[f32],
-    router_ed: &[f32],
+    router: RouterWeights<'_>,
     routing: &Routing,
     dgate_tk: &[f32],
     scales: RouterLossScales,
     grads: RouterGrads<'_>,
 ) {
-    let RouterGrads { dx_td, drouter_ed } = grads;
-    let (e_n, k, d) = (cfg.n_experts, cfg.top_k, cfg.d_model);
+    let RouterGrads { dx_td, drouter_ed, dlogits_in_te, dmap_ee, dprev_logits_te } = grads;
+    let router_ed = router.weight_ed;
+    let (e_n, k, d) = (cfg.n_router_outputs(), cfg.top_k, cfg.d_model);
     let n = routing.num_tokens;
     if n == 0 {
         return;
@@ -309,8 +354,9 @@ pub fn route_backward(
     assert!(drouter_ed.len() >= e_n * d, "route_backward: drouter needs {e_n}x{d} values");
     // d aux / d q_te = E f_e / N (f_e constant; N and f_e of the whole micro-batch).
     let n_all = routing.stat_tokens;
-    let aux_dq: Vec<f32> =
-        routing.share_e.iter().map(|f| (scales.aux as f64 * e_n as f64 * f / n_all as f64) as f32).collect();
+    let aux_dq: Vec<f32> = (routing.share_e.iter().enumerate())
+        .map(|(e, f)| (scales.aux as f64 * cfg.balance_weight(e) as f64 * e_n as f64 * f / n_all as f64) as f32)
+        .collect();
     let z_coef = scales.z * 2.0 / n_all as f32;
     let score = RouterScore::of(cfg);
     let rsf = cfg.routed_scaling_factor;
@@ -340,18 +386,20 @@ pub fn route_backward(
         }
         // Gates g_j = r s_j / S (S = sum of the chosen s) when normalised,
         // else r s_j, with r = routed_scaling_factor:
-        // ds_j += (r dg_j - sum_i dg_i g_i) / S, or r dg_j.
+        // ds_j += (r dg_j - sum_i dg_i g_i) / S, or r dg_j. A zero expert's
+        // gate is the constant 0, outside S.
+        let gated = || ex.iter().zip(dg).filter(|(&e, _)| cfg.routed_kind(e as usize) != RoutedKind::Zero);
         if cfg.norm_topk_prob {
-            let sum: f32 = ex.iter().map(|&e| s[e as usize]).sum();
+            let sum: f32 = gated().map(|(&e, _)| s[e as usize]).sum();
             if sum > 0.0 {
                 let g = &routing.gate_tk[t * k..(t + 1) * k];
                 let dot: f32 = dg.iter().zip(g).map(|(a, b)| a * b).sum();
-                for (&e, &dgj) in ex.iter().zip(dg) {
+                for (&e, &dgj) in gated() {
                     ds[e as usize] += (rsf * dgj - dot) / sum;
                 }
             }
         } else {
-            for (&e, &dgj) in ex.iter().zip(dg) {
+            for (&e, &dgj) in gated() {
                 ds[e as usize] += rsf * dgj;
             }
         }
@@ -359,7 +407,20 @@ pub fn route_backward(
         let dlse = if scales.z != 0.0 { z_coef * logsumexp(l) } else { 0.0 };
         score.backward_row(l, s, &ds, dlse, &mut dlogits_te[t * e_n..(t + 1) * e_n]);
     }
+    // The next layer's residual read these logits: its gradient adds here.
+    if let Some(din) = dlogits_in_te {
+        dlogits_te.iter_mut().zip(din).for_each(|(a, &b)| *a += b);
+    }
     // dx += dlogits W_r; dW_r += dlogits^T x.
     matmul_nn(n, e_n, d, &dlogits_te, router_ed, dx_td, true);
     matmul_tn(e_n, n, d, &dlogits_te, x_td, drouter_ed, true);
+    // logits += prev W_map^T: dW_map += dlogits^T prev; dprev += dlogits W_map.
+    if let Some(GatingResidual { map_ee, prev_logits_te }) = router.residual {
+        if let Some(dmap) = dmap_ee {
+            matmul_tn(e_n, n, e_n, &dlogits_te, prev_logits_te, dmap, true);
+        }
+        if let Some(dprev) = dprev_logits_te {
+            matmul_nn(n, e_n, e_n, &dlogits_te, map_ee, dprev, true);
+        }
+    }
 }

@@ -285,6 +285,8 @@ impl<'a> RankRun<'a> {
                 micro_batches: micro_batches as f64,
                 n_experts: cfg.n_experts,
                 loads: cfg.expert_bias,
+                router_outputs: cfg.n_router_outputs(),
+                assignments_per_token: cfg.top_k * cfg.n_layers,
             },
             end: opts.stop_at.map_or(job.train.steps, |s| s.min(job.train.steps)),
             expert_loads: vec![vec![0.0f64; cfg.n_experts]; cfg.n_layers],

@@ -54,6 +54,8 @@ packed_f64! {
         aux,
         z,
         seq_aux,
+        /// Assignments to computation-free experts (MoE++).
+        free_assignments,
         /// 1 on a rank that got SIGTERM: the flag rides in the same
         /// all-reduce so pre-emption costs the step no extra collective.
         preempted,
@@ -86,6 +88,7 @@ pub(crate) struct LocalStep {
     pub aux: f64,
     pub z: f64,
     pub seq_aux: f64,
+    pub free_assignments: usize,
     pub tokens_per_expert: Vec<Vec<usize>>,
     pub dropped: Vec<usize>,
     /// Per layer: assignments per expert before drops, kept only when the
@@ -112,6 +115,10 @@ pub(crate) struct StepShape {
     pub n_experts: usize,
     /// Whether the step's global expert loads are summed (`expert_bias`).
     pub loads: bool,
+    /// Router outputs per layer (FFN and computation-free experts).
+    pub router_outputs: usize,
+    /// Expert assignments per token over all layers (`top_k * n_layers`).
+    pub assignments_per_token: usize,
 }
 
 impl LocalStep {
@@ -121,6 +128,7 @@ impl LocalStep {
         self.aux += stats.aux_loss.iter().map(|&a| a as f64).sum::<f64>();
         self.z += stats.z_loss.iter().map(|&z| z as f64).sum::<f64>();
         self.seq_aux += stats.seq_aux_loss.iter().map(|&s| s as f64).sum::<f64>();
+        self.free_assignments += stats.free_assignments.iter().sum::<usize>();
         self.tokens += stats.num_tokens;
         add_counts(&mut self.tokens_per_expert, &stats.tokens_per_expert);
         add_counts(&mut self.chosen_per_expert, &stats.chosen_per_expert);
@@ -156,6 +164,7 @@ impl LocalStep {
             aux: self.aux,
             z: self.z,
             seq_aux: self.seq_aux,
+            free_assignments: self.free_assignments as f64,
             preempted: if preemption::requested() { 1.0 } else { 0.0 },
         };
         // [sums | tokens per expert, layer by layer | dropped per layer | loads, layer by layer]
@@ -171,14 +180,11 @@ impl LocalStep {
         let layer_counts = self.tokens_per_expert.len() * shape.n_experts;
         let (expert_counts, rest) = counts.split_at(layer_counts);
         let (dropped, loads) = rest.split_at(self.dropped.len());
-        let per_layer = |counts: &[f64]| -> Vec<Vec<usize>> {
-            counts
-                .chunks_exact(shape.n_experts.max(1))
-                .map(|layer| layer.iter().map(|&c| c as usize).collect())
-                .collect()
+        let per_layer = |counts: &[f64], width: usize| -> Vec<Vec<usize>> {
+            counts.chunks_exact(width.max(1)).map(|layer| layer.iter().map(|&c| c as usize).collect()).collect()
         };
-        let tokens_per_expert = per_layer(expert_counts);
-        let expert_load = per_layer(loads);
+        let tokens_per_expert = per_layer(expert_counts, shape.n_experts);
+        let expert_load = per_layer(loads, shape.router_outputs);
         let dropped = dropped.iter().map(|&c| c as usize).collect();
 
         let mut slots = vec![0.0; shape.world * RankValues::LEN];
@@ -215,6 +221,8 @@ impl LocalStep {
             aux_loss: sums.aux / shape.micro_batches,
             z_loss: sums.z / shape.micro_batches,
             seq_aux_loss: sums.seq_aux / shape.micro_batches,
+            computation_free_share: sums.free_assignments
+                / (shape.tokens_per_step as f64 * shape.assignments_per_token.max(1) as f64),
             tokens: shape.tokens_per_step,
             expert_load,
             tokens_per_expert,
@@ -294,7 +302,7 @@ mod tests {
         assert_eq!(flat.len(), RankValues::LEN);
         assert_eq!((flat[0], flat[RankValues::LEN - 1]), (1.0, 10.0));
         assert_eq!(RankValues::from_values(&flat), v);
-        assert_eq!(StepSums::LEN, 5);
+        assert_eq!(StepSums::LEN, 6);
     }
 
     #[test]
@@ -308,7 +316,16 @@ mod tests {
             tokens: 6,
             ..Default::default()
         };
-        let shape = StepShape { world: 1, rank: 0, tokens_per_step: 6, micro_batches: 2.0, n_experts: 3, loads: false };
+        let shape = StepShape {
+            world: 1,
+            rank: 0,
+            tokens_per_step: 6,
+            micro_batches: 2.0,
+            n_experts: 3,
+            loads: false,
+            router_outputs: 3,
+            assignments_per_token: 2,
+        };
         let (m, preempted) = local.reduce(&mut collectives::SelfComm, &shape).unwrap();
         assert!(!preempted);
         assert_eq!((m.loss, m.aux_loss, m.z_loss), (2.0, 0.25, 0.125));
