@@ -575,6 +575,68 @@ fn the_coordinator_killed_during_an_upload_leaves_the_last_commit_to_resume_from
     kill_during_upload("coordinator");
 }
 
+/// A DeepSeek-style router on 3 ranks over 3 namespace hosts: with its 3
+/// groups placed one per node (`placement = "grouped"`) and 1 kept per
+/// token, a token's 4 experts sit on one node, so it reaches at most one
+/// other node; without the group limit its experts spread over all three.
+#[test]
+fn grouped_placement_keeps_each_token_on_one_other_node_at_most() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
+    let dir = temp_dir("grouped");
+    let _hosts = NamespaceHosts::up(&repo);
+    let agent = repo.join("scripts/netns-rsh.sh");
+    let mpirun = format!(
+        "hostname sy-h1; exec mpirun -n 3 --host 10.77.0.1:1,10.77.0.2:1,10.77.0.3:1 --mca plm_rsh_agent {} \
+         --mca btl tcp,self --mca btl_tcp_if_include 10.77.0.0/24 --mca oob_tcp_if_include 10.77.0.0/24 \
+         --bind-to none -x RAYON_NUM_THREADS=1 \"$@\"",
+        agent.display()
+    );
+    let example = format!("{}/../examples/deepseek-v3-mini.toml", env!("CARGO_MANIFEST_DIR"));
+    let model = ["model.n_experts=12", "model.top_k=4", "train.global_batch_size=6", "train.micro_batch_size=2"];
+    let run_on_hosts = |name: &str, sets: &[&str]| -> Vec<serde_json::Value> {
+        let run_dir = dir.join(name);
+        let mut cmd = Command::new("ip");
+        allow_root(cmd.args(["netns", "exec", "sy-h1", "unshare", "--uts", "sh", "-c", &mpirun, "sh"]))
+            .arg(EXE)
+            .args(job_args(&run_dir))
+            .args(["--backend", "mpi", "--config", &example]);
+        for set in model.iter().chain(sets) {
+            cmd.args(["--set", set]);
+        }
+        let out = run(&mut cmd, "mpirun over namespace hosts");
+        assert!(out.status.success(), "{}", text(&out));
+        metric_lines(&run_dir)
+    };
+    let limited =
+        run_on_hosts("limited", &["model.n_groups=3", "model.topk_groups=1", "parallel.placement=\"grouped\""]);
+    let spread = run_on_hosts("spread", &["model.n_groups=1", "model.topk_groups=1"]);
+    // Token-layer visits: 6 sequences of 64 tokens, 2 layers.
+    let visits = 6.0 * 64.0 * 2.0;
+    let pairs = |lines: &[serde_json::Value]| -> f64 {
+        lines.iter().map(|l| l["internode_token_nodes"].as_f64().unwrap_or(0.0)).sum::<f64>() / lines.len() as f64
+    };
+    let (limited_pairs, spread_pairs) = (pairs(&limited), pairs(&spread));
+    let rows = |lines: &[serde_json::Value]| {
+        lines.iter().map(|l| l["internode_rows"].as_f64().unwrap_or(0.0)).sum::<f64>() / lines.len() as f64
+    };
+    eprintln!(
+        "per step, {visits} token-layer visits: (token, other node) pairs {limited_pairs:.0} grouped and limited, \
+         {spread_pairs:.0} without the limit; rows to other nodes {:.0} and {:.0}",
+        rows(&limited),
+        rows(&spread)
+    );
+    assert!(limited_pairs > 0.0 && limited_pairs <= visits, "at most one other node per token: {limited_pairs}");
+    assert!(
+        limited_pairs < 0.8 * spread_pairs,
+        "(token, node) pairs crossing nodes per step: {limited_pairs:.0} with groups on nodes, {spread_pairs:.0} without"
+    );
+    for lines in [&limited, &spread] {
+        let rows = lines[0]["internode_rows"].as_u64().unwrap();
+        assert!(rows >= lines[0]["internode_token_nodes"].as_u64().unwrap(), "{}", lines[0]);
+    }
+}
+
 #[test]
 fn four_ranks_over_three_namespace_hosts_match_one_rank() {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());

@@ -14,6 +14,9 @@ pub enum Placement {
     Contiguous,
     /// Re-planned from measured expert loads ([`PlacementPlan::balanced_on_nodes`]).
     Balanced,
+    /// Routing groups aligned with nodes ([`PlacementPlan::grouped`]): with
+    /// group-limited routing a token's experts are on at most `topk_groups` nodes.
+    Grouped,
 }
 
 /// Per layer, for every global expert id, the ranks that hold it.
@@ -37,6 +40,46 @@ impl PlacementPlan {
         let per_rank = num_experts.div_ceil(num_ranks);
         let layer: Vec<Vec<usize>> = (0..num_experts).map(|e| vec![e / per_rank]).collect();
         Self { num_ranks, owners: vec![layer; num_layers], nodes: Vec::new() }
+    }
+
+    /// DeepSeek-V3's node-limited layout: the `n_groups` routing groups
+    /// (consecutive expert ids) go to the nodes in order, `n_groups / nodes`
+    /// whole groups each, and a node's experts are spread over its ranks in
+    /// contiguous blocks. `nodes[position]` is the node of each
+    /// expert-parallel position. The number of nodes must divide `n_groups`.
+    pub fn grouped(
+        num_layers: usize,
+        num_experts: usize,
+        n_groups: usize,
+        nodes: &[usize],
+    ) -> Result<Self, crate::LayoutError> {
+        let mut node_ids: Vec<usize> = nodes.to_vec();
+        node_ids.sort_unstable();
+        node_ids.dedup();
+        let n_nodes = node_ids.len();
+        if n_groups < 2 || !n_groups.is_multiple_of(n_nodes) || !num_experts.is_multiple_of(n_groups) {
+            let reason = format!(
+                "placement = \"grouped\" puts whole routing groups on each node: [model] n_groups = {n_groups} must be \
+                 at least 2, divide n_experts = {num_experts} and be a multiple of the {n_nodes} node(s) the \
+                 expert-parallel ranks run on"
+            );
+            return Err(crate::LayoutError { key: "placement", reason });
+        }
+        let per_node = num_experts / n_nodes;
+        let mut layer = vec![Vec::new(); num_experts];
+        for (i, &node) in node_ids.iter().enumerate() {
+            let ranks: Vec<usize> = (0..nodes.len()).filter(|&r| nodes[r] == node).collect();
+            let per_rank = per_node.div_ceil(ranks.len());
+            for (j, owners) in layer[i * per_node..(i + 1) * per_node].iter_mut().enumerate() {
+                owners.push(ranks[j / per_rank]);
+            }
+        }
+        let several = n_nodes > 1;
+        Ok(Self {
+            num_ranks: nodes.len(),
+            owners: vec![layer; num_layers],
+            nodes: if several { nodes.to_vec() } else { Vec::new() },
+        })
     }
 
     /// The first owner of expert `expert` in `layer` (it writes the expert's checkpoint).
@@ -208,6 +251,25 @@ mod tests {
         assert_eq!(plan.nodes, nodes);
         // On one node the plan is the plain balanced one.
         assert_eq!(PlacementPlan::balanced_on_nodes(&loads, &[0; 4], 4), PlacementPlan::balanced(&loads, 4, 4));
+    }
+
+    #[test]
+    fn grouped_plans_put_whole_groups_on_each_node() {
+        // Positions 0 and 2 on node 0, 1 and 3 on node 1 (not node-major);
+        // 16 experts in 4 groups of 4: groups 0-1 on node 0, 2-3 on node 1.
+        let nodes = [0, 1, 0, 1];
+        let plan = PlacementPlan::grouped(2, 16, 4, &nodes).unwrap();
+        for e in 0..16 {
+            let owner = plan.owner(1, e);
+            assert_eq!(nodes[owner], e / 8, "expert {e} on position {owner}");
+        }
+        assert_eq!(plan.owned_by(0)[0], (0..4).collect::<Vec<_>>());
+        assert_eq!(plan.owned_by(2)[0], (4..8).collect::<Vec<_>>());
+        assert_eq!(plan.owned_by(3)[0], (12..16).collect::<Vec<_>>());
+        // 3 nodes cannot take 4 groups whole.
+        let err = PlacementPlan::grouped(1, 12, 4, &[0, 1, 2]).unwrap_err();
+        assert!(err.reason.contains("multiple of the 3 node(s)"), "{err}");
+        assert!(PlacementPlan::grouped(1, 8, 1, &[0, 0]).is_err(), "one group cannot be grouped");
     }
 
     #[test]

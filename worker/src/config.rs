@@ -398,6 +398,11 @@ impl JobConfig {
             return Err(invalid("train", "log_every", "must be at least 1".into()));
         }
         self.parallel_dims().map_err(|e| invalid("parallel", e.key.trim_start_matches("parallel."), e.reason))?;
+        if self.parallel.placement == layout::Placement::Grouped && self.model.n_groups < 2 {
+            let reason = "\"grouped\" aligns the routing groups of group-limited routing with nodes: set \
+                          [model] n_groups (and topk_groups) first";
+            return Err(invalid("parallel", "placement", reason.into()));
+        }
         if self.parallel.collective_timeout_s.is_nan() || self.parallel.collective_timeout_s <= 0.0 {
             return Err(invalid("parallel", "collective_timeout_s", "must be a positive number of seconds".into()));
         }
@@ -478,7 +483,7 @@ mod tests {
         assert_eq!(job.parallel.placement, layout::Placement::Balanced);
         for (set, valid) in [
             ("parallel.backend=\"gloo\"", ["local", "mpi", "nccl"].as_slice()),
-            ("parallel.placement=\"random\"", &["contiguous", "balanced"]),
+            ("parallel.placement=\"random\"", &["contiguous", "balanced", "grouped"]),
             ("overlap.mode=\"sometimes\"", &["auto", "on", "off"]),
             ("model.block=\"diagonal\"", &["sequential", "parallel"]),
         ] {

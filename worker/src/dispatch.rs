@@ -52,6 +52,11 @@ pub struct DispatchStats {
     /// Rows this rank's experts dropped to stay within their row budget
     /// (`parallel.expert_overflow = "cap"`).
     pub rows_over_budget: u64,
+    /// Forward rows this rank sent to an expert on another node, and the
+    /// distinct (token, other node) pairs among them: what a dispatch that
+    /// sends a token once per node would carry between nodes. 0 on one node.
+    pub internode_rows: u64,
+    pub internode_token_nodes: u64,
 }
 
 impl DispatchStats {
@@ -64,6 +69,8 @@ impl DispatchStats {
         self.expert_s += other.expert_s;
         self.rows_computed += other.rows_computed;
         self.rows_over_budget += other.rows_over_budget;
+        self.internode_rows += other.internode_rows;
+        self.internode_token_nodes += other.internode_token_nodes;
     }
 }
 
@@ -129,6 +136,8 @@ pub struct RowBudget {
 /// Runs the experts where the placement plan puts them.
 pub struct AllToAllExperts<'a> {
     comm: &'a mut dyn Communicator,
+    /// The node of each rank of `comm` when they span several (else empty).
+    nodes: Vec<usize>,
     /// When set, rows travel on this thread's group while this rank computes.
     pipe: Option<&'a CommThread>,
     /// Where waits for rows are counted as exposed communication.
@@ -217,6 +226,7 @@ impl<'a> AllToAllExperts<'a> {
         local: LocalExperts<'a>,
     ) -> Self {
         Self {
+            nodes: Vec::new(),
             comm,
             pipe: None,
             exposure: None,
@@ -305,6 +315,41 @@ impl<'a> AllToAllExperts<'a> {
         self.stats.alltoall_s += times.busy.as_secs_f64();
         self.stats.alltoall_exposed_s += times.waited.as_secs_f64();
         Ok(())
+    }
+
+    /// Counts node crossings: `nodes[position]` is the node of each rank
+    /// of the expert-parallel group (empty, or all equal: nothing to count).
+    pub fn on_nodes(mut self, nodes: Vec<usize>) -> Self {
+        self.nodes = if nodes.iter().any(|&n| n != nodes[0]) { nodes } else { Vec::new() };
+        self
+    }
+
+    /// Adds this layer's forward rows that cross nodes, and the distinct
+    /// (token, node) pairs among them, to the stats.
+    fn count_node_crossings(&mut self, layer: usize, plan: &DispatchPlan) {
+        if self.nodes.is_empty() {
+            return;
+        }
+        let me = self.comm.rank();
+        let (k, here) = (plan.top_k, self.nodes[me]);
+        // Per token, a bit per node it already sends to (past 64 nodes each
+        // row counts as a new pair: an over-count, never an under-count).
+        let mut sent: std::collections::HashMap<usize, u64> = std::collections::HashMap::new();
+        for e in 0..plan.num_experts {
+            let node = self.nodes[self.placement.owner_for(layer, e, me)];
+            if node == here {
+                continue;
+            }
+            for &src in &plan.source_a[plan.offsets_e[e]..plan.offsets_e[e + 1]] {
+                self.stats.internode_rows += 1;
+                let seen = sent.entry(src as usize / k).or_insert(0);
+                let bit = if node < 64 { 1u64 << node } else { 0 };
+                if bit == 0 || *seen & bit == 0 {
+                    *seen |= bit;
+                    self.stats.internode_token_nodes += 1;
+                }
+            }
+        }
     }
 
     /// Works out who sends what to whom for one layer's dispatch plan. An
@@ -505,6 +550,7 @@ impl ExpertExecutor for AllToAllExperts<'_> {
     }
 
     fn start_forward(&mut self, layer: usize, plan: &DispatchPlan, x_ad: &[f32]) -> Result<Started, ModelError> {
+        self.count_node_crossings(layer, plan);
         let exchange = self.plan_exchange(layer, plan)?;
         self.start(layer, Pass::Forward, exchange, x_ad)?;
         Ok(Started::InFlight)

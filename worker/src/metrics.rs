@@ -72,6 +72,14 @@ pub struct StepMetrics {
     /// all ranks together; 0 in every step that was not capped.
     #[serde(default)]
     pub rows_over_budget: u64,
+    /// Forward expert rows sent between nodes, all ranks and layers
+    /// together, and the distinct (token, node) pairs among them: what a
+    /// dispatch that sends a token once per node would carry (DeepSeek-V3's;
+    /// switchyard's all-to-all sends every row). 0 on one node.
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub internode_rows: u64,
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub internode_token_nodes: u64,
     /// Per rank detail.
     pub per_rank: Vec<RankMetrics>,
 }
@@ -125,6 +133,12 @@ pub struct RankMetrics {
     /// (the step fails when ranks differ).
     #[serde(default, skip_serializing_if = "is_zero_u64")]
     pub expert_bias_hash: u64,
+    /// Forward expert rows it sent to another node, and the distinct
+    /// (token, node) pairs among them (0 when the ranks share one node).
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub internode_rows: u64,
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub internode_token_nodes: u64,
 }
 
 fn is_zero_u64(v: &u64) -> bool {

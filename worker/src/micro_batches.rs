@@ -42,6 +42,8 @@ pub struct StepInputs<'a> {
     pub exposure: &'a Exposure,
     /// The bound on rows this rank's experts take per exchange.
     pub row_budget: Option<RowBudget>,
+    /// The node of each rank of this rank's expert-parallel group.
+    pub ep_nodes: &'a [usize],
 }
 
 /// The groups and gradient buffers micro-batches run on.
@@ -93,7 +95,8 @@ fn run_one(
     } else {
         let mut a2a = AllToAllExperts::new(cfg, &mut *lane.ep, inputs.placement, experts)
             .exposed_to(inputs.exposure)
-            .with_row_budget(inputs.row_budget);
+            .with_row_budget(inputs.row_budget)
+            .on_nodes(inputs.ep_nodes.to_vec());
         if let (Some(pipe), Some(chunks)) = (lane.pipe, t.pipe_chunks) {
             a2a = a2a.pipelined(pipe, chunks);
         }

@@ -31,6 +31,10 @@ struct LayerCase {
     n_experts: usize,
     top_k: usize,
     tokens: usize,
+    /// MoE++'s computation-free experts beside the FFN experts: (constant,
+    /// copy, zero); the JAX peer has none of these.
+    #[serde(skip)]
+    free: (usize, usize, usize),
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -39,6 +43,7 @@ struct Report {
     peak_gflops: f64,
     expert_gemm: Vec<GemmRow>,
     layers: Vec<LayerRow>,
+    computation_free: Vec<FreeRow>,
     step: Option<StepRow>,
     memory: Vec<MemoryRow>,
 }
@@ -58,6 +63,18 @@ struct LayerRow {
     share_of_peak: f64,
     jax_tokens_per_s: Option<f64>,
     jax_note: String,
+}
+
+/// The MoE layer with and without MoE++'s computation-free experts.
+#[derive(Debug, Serialize)]
+struct FreeRow {
+    name: String,
+    tokens: usize,
+    /// FFN expert rows per token (top_k without computation-free experts).
+    ffn_rows_per_token: f64,
+    tokens_per_s: f64,
+    /// Over the same layer without computation-free experts.
+    speedup: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -114,12 +131,16 @@ fn layer_config(case: &LayerCase) -> ModelConfig {
         n_heads: 4,
         n_kv_heads: 4,
         capacity_factor: 0.0,
+        constant_experts: case.free.0,
+        copy_experts: case.free.1,
+        zero_experts: case.free.2,
         ..ModelConfig::default()
     }
 }
 
-/// Tokens/s of one MoE layer forward+backward (router, dispatch, experts, combine).
-fn bench_moe_layer(case: &LayerCase) -> f64 {
+/// Tokens/s of one MoE layer forward+backward (router, dispatch, experts,
+/// combine), and its FFN expert rows per token.
+fn bench_moe_layer(case: &LayerCase) -> (f64, f64) {
     let cfg = layer_config(case);
     let weights = ModelWeights::init(&cfg, 7);
     let mut grads = weights.zeros_like();
@@ -127,17 +148,19 @@ fn bench_moe_layer(case: &LayerCase) -> f64 {
     let x_td = rng.normal_vec(case.tokens * case.d_model, 1.0);
     let dout_td = rng.normal_vec(case.tokens * case.d_model, 1.0);
     let layer = &weights.dense.layers[0];
+    let mut ffn_rows = 0;
     let s = time_median(5, || {
         let mut gdense = grads.dense.layers[0].clone();
         let mut experts = LocalExperts::new(&cfg, &weights.experts, &mut grads.experts);
         let moe = MoeLayer { cfg: &cfg, layer: 0, w: layer, prev_logits_te: None };
         let (_, cache) = moe_forward(moe, &x_td, case.tokens, &mut experts, &mut model::shards::NoShards).unwrap();
+        ffn_rows = cache.plan.num_rows();
         let mut dx_td = vec![0.0; x_td.len()];
         let input = MoeBackwardInput { x_td: &x_td, cache: &cache, dout_td: &dout_td };
         let grads = MoeGrads { gw: &mut gdense, dx_td: &mut dx_td, dlogits_in_te: None, dprev_logits_te: None };
         moe_backward(moe, input, RouterLossScales { aux: 0.01, z: 0.001, seq: 0.0 }, grads, &mut experts).unwrap();
     });
-    case.tokens as f64 / s
+    (case.tokens as f64 / s, ffn_rows as f64 / case.tokens as f64)
 }
 
 /// The same layer in JAX, run by `bench/jax_moe_layer.py` (XLA's CPU
@@ -259,6 +282,7 @@ pub fn run(json: bool) -> Result<()> {
             n_experts: 8,
             top_k: 2,
             tokens: 4096,
+            free: (0, 0, 0),
         },
         LayerCase {
             name: "default model".into(),
@@ -267,6 +291,7 @@ pub fn run(json: bool) -> Result<()> {
             n_experts: job.model.n_experts,
             top_k: job.model.top_k,
             tokens: job.train.micro_batch_size * job.model.seq_len,
+            free: (0, 0, 0),
         },
     ];
     for case in &cases {
@@ -280,7 +305,7 @@ pub fn run(json: bool) -> Result<()> {
             share_of_peak: gflops / report.peak_gflops,
         });
         eprintln!("measuring MoE layer {} ...", case.name);
-        let tps = bench_moe_layer(case);
+        let (tps, _) = bench_moe_layer(case);
         let gflops = layer_flops(case) * tps / case.tokens as f64 / 1e9;
         eprintln!("measuring the same layer in JAX ...");
         let (jax, jax_note) = bench_jax(case);
@@ -293,6 +318,31 @@ pub fn run(json: bool) -> Result<()> {
             jax_note,
         });
     }
+    // MoE++: the first case with 2 constant, 1 copy and 1 zero expert beside
+    // its 8 FFN experts (MoE++-7B's 16 + 4 in proportion); the router is
+    // untrained, so the share of tokens that skip FFN work is the
+    // initial one, not a trained model's.
+    let base = &report.layers[0];
+    let free_case =
+        LayerCase { name: format!("{} + 2c 1copy 1zero", cases[0].name), free: (2, 1, 1), ..cases[0].clone() };
+    eprintln!("measuring MoE layer {} ...", free_case.name);
+    let (tps, rows) = bench_moe_layer(&free_case);
+    report.computation_free = vec![
+        FreeRow {
+            name: cases[0].name.clone(),
+            tokens: cases[0].tokens,
+            ffn_rows_per_token: cases[0].top_k as f64,
+            tokens_per_s: base.tokens_per_s,
+            speedup: 1.0,
+        },
+        FreeRow {
+            name: free_case.name.clone(),
+            tokens: free_case.tokens,
+            ffn_rows_per_token: rows,
+            tokens_per_s: tps,
+            speedup: tps / base.tokens_per_s,
+        },
+    ];
     eprintln!("measuring a full forward+backward step of the default job ...");
     report.step = Some(bench_step(&job));
     for (name, sets) in MEMORY_JOBS {
@@ -338,6 +388,20 @@ fn print_table(r: &Report) {
         if l.jax_tokens_per_s.is_none() {
             println!("    peer: {}", l.jax_note);
         }
+    }
+    if !r.computation_free.is_empty() {
+        println!();
+        println!(
+            "{:<36} {:>7} {:>15} {:>12} {:>9}",
+            "MoE++ computation-free experts", "tokens", "FFN rows/token", "tokens/s", "speedup"
+        );
+        for f in &r.computation_free {
+            println!(
+                "{:<36} {:>7} {:>15.2} {:>12.0} {:>8.2}x",
+                f.name, f.tokens, f.ffn_rows_per_token, f.tokens_per_s, f.speedup
+            );
+        }
+        println!("(untrained router: the share of assignments to computation-free experts is the initial one)");
     }
     if let Some(s) = &r.step {
         println!();

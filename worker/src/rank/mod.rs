@@ -19,6 +19,7 @@
 
 mod grad_sync;
 mod groups;
+mod nodes;
 mod passes;
 mod rebalance;
 pub(crate) mod start;
@@ -40,7 +41,7 @@ use crate::state::TrainState;
 use crate::sync::gather_json;
 use collectives::Communicator;
 use groups::Groups;
-use layout::{ParallelDims, PlacementPlan};
+use layout::{ParallelDims, Placement, PlacementPlan};
 use model::model::LossScales;
 use model::ops::rope::RopeTable;
 use model::schedule::learning_rate;
@@ -167,6 +168,8 @@ pub(crate) struct RankRun<'a> {
     rank: usize,
     /// The node (host name) of every rank, in rank order.
     nodes: Vec<String>,
+    /// The node number of each rank of this rank's expert-parallel group.
+    ep_nodes: Vec<usize>,
     techniques: Techniques,
     exposure: Exposure,
     data: DataSource,
@@ -217,6 +220,12 @@ impl<'a> RankRun<'a> {
         // Which node each rank runs on: for the overlap choice, the banner
         // (and proof of a multi-node run) and node-aware placement.
         let nodes: Vec<String> = gather_json(comm, &node_name())?;
+        let placement = match job.parallel.placement {
+            Placement::Grouped => {
+                PlacementPlan::grouped(cfg.n_layers, cfg.n_experts, cfg.n_groups, &nodes::ep_nodes(&dims, &nodes, 0))?
+            }
+            _ => placement,
+        };
         let accumulation = job.grad_accumulation(dims.dp);
         let techniques = Techniques::choose(
             &job.overlap,
@@ -265,6 +274,7 @@ impl<'a> RankRun<'a> {
             groups,
             dims,
             rank,
+            ep_nodes: nodes::ep_nodes(&dims, &nodes, dims.edp_rank(rank)),
             nodes,
             techniques,
             exposure: Exposure::new(1),

@@ -36,6 +36,7 @@ impl RankRun<'_> {
             techniques: self.techniques,
             exposure: &self.exposure,
             row_budget: self.row_budget,
+            ep_nodes: &self.ep_nodes,
         };
         let groups = &mut self.groups;
         let mut lane_a = Lane {

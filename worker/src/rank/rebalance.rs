@@ -2,11 +2,12 @@
 //! `rebalance_every` steps a new plan is made from the expert loads
 //! measured since the last one, and taken when it is clearly better.
 
+use super::nodes::ep_nodes;
 use super::RankRun;
 use crate::checkpointing::SaveKind;
 use crate::error::WorkerError;
 use crate::state::TrainState;
-use layout::{ParallelDims, Placement, PlacementPlan};
+use layout::{Placement, PlacementPlan};
 
 impl RankRun<'_> {
     /// Adds the step's tokens per expert to the loads, and at a re-plan
@@ -27,7 +28,7 @@ impl RankRun<'_> {
         }
         let dims = self.dims;
         let redundant = if job.parallel.redundant_experts == 0 { dims.ep } else { job.parallel.redundant_experts };
-        let plan = PlacementPlan::balanced_on_nodes(&self.expert_loads, &ep_nodes(&dims, &self.nodes), redundant);
+        let plan = PlacementPlan::balanced_on_nodes(&self.expert_loads, &ep_nodes(&dims, &self.nodes, 0), redundant);
         let before = max_over_mean(&self.placement, &self.expert_loads);
         let after = max_over_mean(&plan, &self.expert_loads);
         self.expert_loads.iter_mut().for_each(|l| l.fill(0.0));
@@ -49,22 +50,6 @@ impl RankRun<'_> {
         self.placement = plan;
         Ok(Some((before, after)))
     }
-}
-
-/// The node of each expert-parallel position (as node numbers, from the
-/// ranks' host names): every EP group holds the same plan, so the first
-/// group's machines stand for all of them.
-fn ep_nodes(dims: &ParallelDims, hosts: &[String]) -> Vec<usize> {
-    let mut names: Vec<&str> = Vec::new();
-    let mut nodes = vec![0; dims.ep];
-    for (rank, host) in hosts.iter().enumerate().filter(|&(rank, _)| dims.edp_rank(rank) == 0) {
-        let id = names.iter().position(|n| n == host).unwrap_or_else(|| {
-            names.push(host);
-            names.len() - 1
-        });
-        nodes[dims.ep_rank(rank)] = id;
-    }
-    nodes
 }
 
 /// The busiest rank's expert tokens over the mean, worst layer, under `plan`.

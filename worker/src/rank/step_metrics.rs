@@ -78,6 +78,8 @@ packed_f64! {
         rows_over_budget,
         /// A 32-bit hash of the expert bias this rank routed with (0 without one).
         expert_bias_hash,
+        internode_rows,
+        internode_token_nodes,
     }
 }
 
@@ -153,6 +155,8 @@ impl LocalStep {
             alltoall_waited_s: self.dispatch.alltoall_exposed_s,
             rows_over_budget: self.dispatch.rows_over_budget as f64,
             expert_bias_hash: self.expert_bias_hash,
+            internode_rows: self.dispatch.internode_rows as f64,
+            internode_token_nodes: self.dispatch.internode_token_nodes as f64,
         }
     }
 
@@ -208,6 +212,8 @@ impl LocalStep {
                 alltoall_waited_s: v.alltoall_waited_s,
                 rows_over_budget: v.rows_over_budget as u64,
                 expert_bias_hash: v.expert_bias_hash as u64,
+                internode_rows: v.internode_rows as u64,
+                internode_token_nodes: v.internode_token_nodes as u64,
             })
             .collect();
         let other_bias: Vec<usize> =
@@ -236,6 +242,8 @@ impl LocalStep {
             exposed_comm_s: slowest(|r| r.exposed_comm_s),
             overlap_efficiency: overlap_efficiency(per_rank.iter().map(|r| (r.comm_s, r.exposed_comm_s))),
             rows_over_budget: per_rank.iter().map(|r| r.rows_over_budget).sum(),
+            internode_rows: per_rank.iter().map(|r| r.internode_rows).sum(),
+            internode_token_nodes: per_rank.iter().map(|r| r.internode_token_nodes).sum(),
             per_rank,
             ..Default::default()
         };
@@ -297,7 +305,7 @@ mod tests {
 
     #[test]
     fn packed_values_round_trip_by_name() {
-        let v = RankValues { tokens: 1.0, expert_bias_hash: 10.0, comm_s: 8.0, ..Default::default() };
+        let v = RankValues { tokens: 1.0, internode_token_nodes: 10.0, comm_s: 8.0, ..Default::default() };
         let flat = v.to_values();
         assert_eq!(flat.len(), RankValues::LEN);
         assert_eq!((flat[0], flat[RankValues::LEN - 1]), (1.0, 10.0));
