@@ -169,7 +169,12 @@ fn example_on_4_mpi_ranks_matches_one_rank(example: &str) {
             if a.get("expert_bias").is_none() {
                 continue;
             }
-            assert!(a["expert_bias"].as_array().is_some_and(|layers| layers.len() == 2), "{a}");
+            assert!(
+                a["expert_bias"]
+                    .as_array()
+                    .is_some_and(|layers| layers.iter().any(|l| l.as_array().is_some_and(|b| !b.is_empty()))),
+                "{a}"
+            );
             assert_eq!(a["expert_bias"], b["expert_bias"], "attn_tp {attn_tp}, step {}: expert bias", a["step"]);
             // Every rank checked it routes with rank 0's bias.
             let hashes: Vec<&serde_json::Value> =

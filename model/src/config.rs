@@ -94,6 +94,10 @@ pub struct ModelConfig {
     /// MoE++'s gating residuals: a layer's router logits add `W_map` times
     /// the previous MoE layer's logits.
     pub gating_residuals: bool,
+    /// DeepSeek-V3: the first layers have a dense SwiGLU FFN instead of an
+    /// MoE (DeepSeek-V3: 3), of hidden width `dense_ffn_hidden` (0: `ffn_hidden`).
+    pub first_dense_layers: usize,
+    pub dense_ffn_hidden: usize,
 }
 
 impl Default for ModelConfig {
@@ -132,6 +136,8 @@ impl Default for ModelConfig {
             zero_experts: 0,
             zero_computation_tau: 0.75,
             gating_residuals: false,
+            first_dense_layers: 0,
+            dense_ffn_hidden: 0,
         }
     }
 }
@@ -201,6 +207,13 @@ impl ModelConfig {
             return bad("top_k", reason);
         }
         self.validate_groups()?;
+        if self.first_dense_layers >= self.n_layers {
+            let reason = format!(
+                "{} dense layers leave none of the n_layers = {} for experts: an MoE model needs at least one MoE layer",
+                self.first_dense_layers, self.n_layers
+            );
+            return bad("first_dense_layers", reason);
+        }
         if self.shared_expert_gate && self.n_shared_experts == 0 {
             return bad("shared_expert_gate", "gates the shared experts, but n_shared_experts = 0".into());
         }
@@ -237,6 +250,20 @@ impl ModelConfig {
             }
         }
         Ok(())
+    }
+
+    /// Whether layer `l` is an MoE layer (else a dense FFN: `first_dense_layers`).
+    pub fn is_moe_layer(&self, l: usize) -> bool {
+        l >= self.first_dense_layers
+    }
+
+    /// The hidden width of the dense layers' FFN.
+    pub fn dense_ffn_width(&self) -> usize {
+        if self.dense_ffn_hidden == 0 {
+            self.ffn_hidden
+        } else {
+            self.dense_ffn_hidden
+        }
     }
 
     /// The router's outputs: FFN experts, then constant, copy and zero
@@ -307,26 +334,38 @@ impl ModelConfig {
         Ok(())
     }
 
-    /// Number of parameters of the whole model (all experts).
-    pub fn num_params(&self) -> usize {
-        let (d, f, v) = (self.d_model, self.ffn_hidden, self.vocab);
-        let hd = self.head_dim();
+    /// Values of layer `l`'s dense (replicated) parameters: attention,
+    /// norms and either the dense FFN or the router, shared experts and the
+    /// later families' tensors (not the routed experts). What the layer's
+    /// gradient buckets carry; `DenseLayerWeights::params` lists the same.
+    pub fn layer_dense_values(&self, l: usize) -> usize {
+        let (d, hd, r) = (self.d_model, self.head_dim(), self.n_router_outputs());
         let attn = d * self.n_heads * hd * 2 + d * self.n_kv_heads * hd * 2;
         let norms = d * if self.block == BlockKind::Sequential { 2 } else { 1 };
-        let experts = (self.n_experts + self.n_shared_experts) * 3 * d * f;
+        if !self.is_moe_layer(l) {
+            return attn + norms + 3 * d * self.dense_ffn_width();
+        }
+        let shared = self.n_shared_experts * 3 * d * self.ffn_hidden;
         let gate = if self.shared_expert_gate { d } else { 0 };
-        let router = self.n_router_outputs() * d;
         let constants = self.constant_experts * 3 * d;
-        let layer = attn + norms + router + experts + gate + constants;
-        let residuals =
-            if self.gating_residuals { self.n_layers.saturating_sub(1) * self.n_router_outputs().pow(2) } else { 0 };
+        let residual = if self.gating_residuals && l > self.first_dense_layers { r * r } else { 0 };
+        attn + norms + r * d + shared + gate + constants + residual
+    }
+
+    /// Number of parameters of the whole model (all experts).
+    pub fn num_params(&self) -> usize {
+        let (d, v) = (self.d_model, self.vocab);
+        let layers: usize = (0..self.n_layers).map(|l| self.layer_dense_values(l)).sum();
+        let moe_layers = (0..self.n_layers).filter(|&l| self.is_moe_layer(l)).count();
+        let experts = moe_layers * self.n_experts * 3 * d * self.ffn_hidden;
         let output = if self.tie_embeddings { 0 } else { v * d };
-        v * d + self.n_layers * layer + residuals + d + output
+        v * d + layers + experts + d + output
     }
 
     /// Parameters touched by one token (top-k of the routed experts).
     pub fn num_active_params(&self) -> usize {
         let inactive = self.n_experts.saturating_sub(self.top_k) * 3 * self.d_model * self.ffn_hidden;
-        self.num_params() - self.n_layers * inactive
+        let moe_layers = (0..self.n_layers).filter(|&l| self.is_moe_layer(l)).count();
+        self.num_params() - moe_layers * inactive
     }
 }

@@ -18,10 +18,12 @@ use crate::moe::layer::{
     MoeCache, MoeGrads, MoeLayer,
 };
 use crate::moe::{ExpertExecutor, RouterLossScales};
+use crate::moe::{ExpertKind, Rows};
 use crate::ops::attention::{attention_backward, attention_forward, AttentionShape, Qkv, QkvGrads};
 use crate::ops::loss::{cross_entropy_forward_backward, cross_entropy_sum};
 use crate::ops::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
 use crate::ops::rope::RopeTable;
+use crate::ops::swiglu::{SwiGlu, SwigluCache};
 use crate::shards::{NoShards, TokenShards};
 use crate::weights::{DenseLayerWeights, DenseWeights};
 
@@ -109,6 +111,8 @@ struct BlockCache {
     ffn_in_td: Vec<f32>,
     ffn_rstd_t: Vec<f32>,
     moe: MoeCache,
+    /// A dense layer's FFN (`first_dense_layers`).
+    dense_ffn: SwigluCache,
 }
 
 /// How one layer's router is tied to its neighbours' by MoE++'s gating
@@ -311,11 +315,13 @@ impl Pass<'_> {
             ffn_in_td: Vec::new(),
             ffn_rstd_t: Vec::new(),
             moe: MoeCache::default(),
+            dense_ffn: SwigluCache::default(),
         };
         rmsnorm_forward(&cache.x_td, &w.attn_norm, cfg.norm_eps, &mut cache.attn_in_td, &mut cache.attn_rstd_t);
         // BAM: the MoE reads the same normalised input as attention, so its
         // rows may leave before attention runs.
-        let early = cfg.block == BlockKind::Parallel && self.attention_during_moe;
+        let is_moe = cfg.is_moe_layer(layer);
+        let early = cfg.block == BlockKind::Parallel && self.attention_during_moe && is_moe;
         let mut moe_started = None;
         if early {
             cache.ffn_in_td = cache.attn_in_td.clone();
@@ -344,6 +350,14 @@ impl Pass<'_> {
                         );
                     }
                     BlockKind::Parallel => cache.ffn_in_td = cache.attn_in_td.clone(),
+                }
+                if let Some(ffn) = &w.dense_ffn {
+                    // A dense layer: one SwiGLU FFN where the MoE would be.
+                    let mut ffn_td = vec![0.0; t * d];
+                    let rows = Rows { x_rd: &cache.ffn_in_td, rows: t };
+                    SwiGlu { d, f: cfg.dense_ffn_width() }.forward(ffn, rows, &mut ffn_td, &mut cache.dense_ffn);
+                    add_into(&mut out_td, &ffn_td);
+                    return Ok((out_td, cache));
                 }
                 moe_forward_start(moe_layer, &cache.ffn_in_td, t, self.experts, self.shards)?
             }
@@ -375,6 +389,29 @@ impl Pass<'_> {
         let mut dx_td = dout_td.clone();
         let mut dn_td = vec![0.0; t * d];
         match cfg.block {
+            _ if w.dense_ffn.is_some() => {
+                // A dense layer: the FFN's backward where the MoE's would be.
+                let (ffn, gffn) = (w.dense_ffn.as_ref(), gw.dense_ffn.as_mut());
+                let (ffn, gffn) = ffn.zip(gffn).expect("dense layers have an FFN and its gradient");
+                let rows = Rows { x_rd: &cache.ffn_in_td, rows: t };
+                let swiglu = SwiGlu { d, f: cfg.dense_ffn_width() };
+                match cfg.block {
+                    BlockKind::Sequential => {
+                        let mut dffn_in_td = vec![0.0; t * d];
+                        swiglu.backward(ffn, rows, &cache.dense_ffn, &dout_td, &mut dffn_in_td, gffn);
+                        let ffn_norm = w.ffn_norm.as_ref().expect("sequential blocks have ffn_norm");
+                        let gffn_norm = gw.ffn_norm.as_mut().expect("sequential blocks have ffn_norm");
+                        rmsnorm_backward(&cache.h_td, ffn_norm, &cache.ffn_rstd_t, &dffn_in_td, &mut dx_td, gffn_norm);
+                        let dh_td = dx_td.clone();
+                        self.attention_backward(w, gw, cache, &dh_td, &mut dn_td)?;
+                    }
+                    BlockKind::Parallel => {
+                        self.attention_backward(w, gw, cache, &dout_td, &mut dn_td)?;
+                        let gffn = gw.dense_ffn.as_mut().expect("dense layers have an FFN gradient");
+                        swiglu.backward(ffn, rows, &cache.dense_ffn, &dout_td, &mut dn_td, gffn);
+                    }
+                }
+            }
             BlockKind::Sequential => {
                 // out = h + MoE(RMSNorm(h)): dh = dout + RMSNorm'(dmoe_in).
                 let mut dffn_in_td = vec![0.0; t * d];
@@ -417,16 +454,25 @@ impl Pass<'_> {
         let mut x_td = embed(dense, self.dims.d, inputs);
         let mut caches = Vec::with_capacity(self.cfg.n_layers);
         for (layer, w) in dense.layers.iter().enumerate() {
+            // Gating residuals read the previous MoE layer's logits.
+            let previous_is_moe = layer > self.cfg.first_dense_layers && self.cfg.gating_residuals;
             let prev_logits =
-                caches.last().filter(|_| self.cfg.gating_residuals).map(|c: &BlockCache| &c.moe.routing.logits_te[..]);
+                caches.last().filter(|_| previous_is_moe).map(|c: &BlockCache| &c.moe.routing.logits_te[..]);
             let (out_td, cache) = self.block_forward(layer, w, x_td, prev_logits)?;
-            stats.aux_loss.push(cache.moe.routing.aux_loss);
-            stats.z_loss.push(cache.moe.routing.z_loss);
-            stats.seq_aux_loss.push(cache.moe.routing.seq_aux_loss);
-            stats.tokens_per_expert.push(cache.moe.routing.tokens_per_expert.clone());
-            stats.chosen_per_expert.push(cache.moe.routing.chosen_per_expert.clone());
-            stats.free_assignments.push(cache.moe.routing.free_assignments);
-            stats.dropped.push(cache.moe.routing.dropped);
+            let routing = &cache.moe.routing;
+            stats.aux_loss.push(routing.aux_loss);
+            stats.z_loss.push(routing.z_loss);
+            stats.seq_aux_loss.push(routing.seq_aux_loss);
+            if self.cfg.is_moe_layer(layer) {
+                stats.tokens_per_expert.push(routing.tokens_per_expert.clone());
+                stats.chosen_per_expert.push(routing.chosen_per_expert.clone());
+            } else {
+                // A dense layer: every layer keeps its row of counts (zeros).
+                stats.tokens_per_expert.push(vec![0; self.cfg.n_experts]);
+                stats.chosen_per_expert.push(vec![0; self.cfg.n_router_outputs()]);
+            }
+            stats.free_assignments.push(routing.free_assignments);
+            stats.dropped.push(routing.dropped);
             caches.push(cache);
             x_td = out_td;
         }
@@ -512,7 +558,8 @@ pub fn forward_backward_with(
     let mut dlogits_in: Option<Vec<f32>> = None;
     for (layer, cache) in caches.iter().enumerate().rev() {
         let (w, gw) = (&dense.layers[layer], &mut grads.layers[layer]);
-        let prev = (layer > 0 && cfg.gating_residuals).then(|| &caches[layer - 1].moe.routing.logits_te[..]);
+        let previous_is_moe = layer > cfg.first_dense_layers && cfg.gating_residuals;
+        let prev = previous_is_moe.then(|| &caches[layer - 1].moe.routing.logits_te[..]);
         let mut dprev = prev.map(|p| vec![0.0; p.len()]);
         let links = RouterLinks {
             prev_logits_te: prev,

@@ -28,7 +28,12 @@ impl ExpertWeights {
     }
 
     fn init(cfg: &ModelConfig, rng: &mut Rng) -> Self {
-        let n = cfg.ffn_hidden * cfg.d_model;
+        Self::init_width(cfg, cfg.ffn_hidden, rng)
+    }
+
+    /// A SwiGLU FFN of hidden width `f`.
+    fn init_width(cfg: &ModelConfig, f: usize, rng: &mut Rng) -> Self {
+        let n = f * cfg.d_model;
         let std = cfg.init_std;
         let out_std = residual_std(cfg);
         Self { w1: rng.normal_vec(n, std), w3: rng.normal_vec(n, std), w2: rng.normal_vec(n, out_std) }
@@ -57,7 +62,11 @@ macro_rules! list_tensors {
         if let Some(w) = layer.ffn_norm.$opt() {
             out.push(("ffn_norm.weight".to_string(), w));
         }
-        out.push(("moe.router.weight".to_string(), & $($m)? layer.router));
+        if let Some(ffn) = layer.dense_ffn.$opt() {
+            list_tensors!(expert ffn, "ffn", out, $($m)?);
+        } else {
+            out.push(("moe.router.weight".to_string(), & $($m)? layer.router));
+        }
         for (s, shared) in layer.shared.$iter().enumerate() {
             list_tensors!(expert shared, format!("moe.shared.{s}"), out, $($m)?);
         }
@@ -117,8 +126,11 @@ pub struct DenseLayerWeights {
     /// MoE++'s constant experts (`constant_experts`).
     pub constant: Vec<ConstantExpertWeights>,
     /// `[R, R]` MoE++'s gating residual `W_map` (`gating_residuals`, every
-    /// layer but the first).
+    /// MoE layer but the first).
     pub router_residual: Option<Vec<f32>>,
+    /// A dense layer's SwiGLU FFN (`first_dense_layers`); such a layer has
+    /// no router (an empty `router`) and none of the MoE's tensors.
+    pub dense_ffn: Option<ExpertWeights>,
 }
 
 /// One MoE++ constant expert: `y = a1 x + a2 v`, `[a1, a2] = softmax(W_c x)`.
@@ -166,6 +178,55 @@ pub struct ModelWeights {
     pub experts: ExpertStore,
 }
 
+/// One MoE layer's dense tensors, drawn in v1's order (attention, router,
+/// shared experts), then the later families' tensors, each only when
+/// configured, so that v1 models keep their draws.
+fn moe_layer(cfg: &ModelConfig, l: usize, rng: &mut Rng) -> DenseLayerWeights {
+    let (d, hd, std, routed) = (cfg.d_model, cfg.head_dim(), cfg.init_std, cfg.n_router_outputs());
+    // The first MoE layer after the dense ones has no previous logits.
+    let has_previous = l > cfg.first_dense_layers;
+    DenseLayerWeights {
+        attn_norm: vec![1.0; d],
+        wq: rng.normal_vec(cfg.n_heads * hd * d, std),
+        wk: rng.normal_vec(cfg.n_kv_heads * hd * d, std),
+        wv: rng.normal_vec(cfg.n_kv_heads * hd * d, std),
+        wo: rng.normal_vec(d * cfg.n_heads * hd, residual_std(cfg)),
+        ffn_norm: (cfg.block == BlockKind::Sequential).then(|| vec![1.0; d]),
+        router: rng.normal_vec(routed * d, std),
+        shared: (0..cfg.n_shared_experts).map(|_| ExpertWeights::init(cfg, rng)).collect(),
+        shared_gate: cfg.shared_expert_gate.then(|| rng.normal_vec(d, std)),
+        expert_bias: cfg.expert_bias.then(|| vec![0.0; routed]),
+        // MoE++'s reference code draws v from normal(0, 1): the scale of
+        // the normalised rows it stands in for.
+        constant: (0..cfg.constant_experts)
+            .map(|_| ConstantExpertWeights { gate: rng.normal_vec(2 * d, std), value: rng.normal_vec(d, 1.0) })
+            .collect(),
+        router_residual: (cfg.gating_residuals && has_previous).then(|| rng.normal_vec(routed * routed, std)),
+        dense_ffn: None,
+    }
+}
+
+/// A dense layer (`first_dense_layers`): attention, then one SwiGLU FFN
+/// of width `dense_ffn_hidden`; no router, no experts.
+fn dense_ffn_layer(cfg: &ModelConfig, rng: &mut Rng) -> DenseLayerWeights {
+    let (d, hd, std) = (cfg.d_model, cfg.head_dim(), cfg.init_std);
+    DenseLayerWeights {
+        attn_norm: vec![1.0; d],
+        wq: rng.normal_vec(cfg.n_heads * hd * d, std),
+        wk: rng.normal_vec(cfg.n_kv_heads * hd * d, std),
+        wv: rng.normal_vec(cfg.n_kv_heads * hd * d, std),
+        wo: rng.normal_vec(d * cfg.n_heads * hd, residual_std(cfg)),
+        ffn_norm: (cfg.block == BlockKind::Sequential).then(|| vec![1.0; d]),
+        router: Vec::new(),
+        shared: Vec::new(),
+        shared_gate: None,
+        expert_bias: None,
+        constant: Vec::new(),
+        router_residual: None,
+        dense_ffn: Some(ExpertWeights::init_width(cfg, cfg.dense_ffn_width(), rng)),
+    }
+}
+
 /// Output projections (wo, w2) start smaller so the residual stream's
 /// variance does not grow with depth (GPT-2's `1/sqrt(2L)`).
 fn residual_std(cfg: &ModelConfig) -> f32 {
@@ -177,31 +238,11 @@ impl DenseWeights {
     /// The draw order is fixed (embeddings, then layer by layer), so a seed
     /// gives the same model on any layout.
     pub fn init(cfg: &ModelConfig, rng: &mut Rng) -> Self {
-        let (d, hd) = (cfg.d_model, cfg.head_dim());
+        let d = cfg.d_model;
         let std = cfg.init_std;
         let tok_embeddings = rng.normal_vec(cfg.vocab * d, std);
-        let routed = cfg.n_router_outputs();
         let layers = (0..cfg.n_layers)
-            .map(|l| DenseLayerWeights {
-                attn_norm: vec![1.0; d],
-                wq: rng.normal_vec(cfg.n_heads * hd * d, std),
-                wk: rng.normal_vec(cfg.n_kv_heads * hd * d, std),
-                wv: rng.normal_vec(cfg.n_kv_heads * hd * d, std),
-                wo: rng.normal_vec(d * cfg.n_heads * hd, residual_std(cfg)),
-                ffn_norm: (cfg.block == BlockKind::Sequential).then(|| vec![1.0; d]),
-                router: rng.normal_vec(routed * d, std),
-                shared: (0..cfg.n_shared_experts).map(|_| ExpertWeights::init(cfg, rng)).collect(),
-                // Drawn last, and only when asked for, so that models
-                // without a gate keep every other weight of v1's draw order.
-                shared_gate: cfg.shared_expert_gate.then(|| rng.normal_vec(d, std)),
-                expert_bias: cfg.expert_bias.then(|| vec![0.0; routed]),
-                // MoE++'s reference code draws v from normal(0, 1): the scale
-                // of the normalised rows it stands in for.
-                constant: (0..cfg.constant_experts)
-                    .map(|_| ConstantExpertWeights { gate: rng.normal_vec(2 * d, std), value: rng.normal_vec(d, 1.0) })
-                    .collect(),
-                router_residual: (cfg.gating_residuals && l > 0).then(|| rng.normal_vec(routed * routed, std)),
-            })
+            .map(|l| if cfg.is_moe_layer(l) { moe_layer(cfg, l, rng) } else { dense_ffn_layer(cfg, rng) })
             .collect();
         let norm = vec![1.0; d];
         let output = (!cfg.tie_embeddings).then(|| rng.normal_vec(cfg.vocab * d, std));
@@ -295,9 +336,13 @@ impl ModelWeights {
     }
 
     /// Dense tensors plus only the experts in `owned` (per layer).
+    /// Dense layers (`first_dense_layers`) hold no experts whatever the plan says.
     pub fn init_owned(cfg: &ModelConfig, seed: u64, owned: &[Vec<usize>]) -> Self {
         let mut rng = Rng::for_stream(seed, &[0xD0]);
-        Self { dense: DenseWeights::init(cfg, &mut rng), experts: ExpertStore::init(cfg, seed, owned) }
+        let owned: Vec<Vec<usize>> = (owned.iter().enumerate())
+            .map(|(l, ids)| if cfg.is_moe_layer(l) { ids.clone() } else { Vec::new() })
+            .collect();
+        Self { dense: DenseWeights::init(cfg, &mut rng), experts: ExpertStore::init(cfg, seed, &owned) }
     }
 
     /// Every tensor with its name: dense first, then experts.
@@ -341,6 +386,9 @@ pub fn tensor_shape(cfg: &ModelConfig, name: &str) -> Option<Vec<usize>> {
                 vec![cfg.n_router_outputs(), cfg.n_router_outputs()]
             }
             ["moe", "experts" | "shared", _, part, "weight"] => return SwiGlu::of(cfg).tensor_shape(part),
+            ["ffn", part, "weight"] if cfg.first_dense_layers > 0 => {
+                return SwiGlu { d, f: cfg.dense_ffn_width() }.tensor_shape(part)
+            }
             _ => return None,
         },
         _ => return None,

@@ -225,3 +225,36 @@ fn moe_plus_plus_experts_and_gating_residuals() {
     // two experts of 7 (checked: seeds 4, 5 and 6 pass, 3 and 7 flip).
     check_model_seeded(cfg, &names, 5);
 }
+
+/// DeepSeek-V3's dense first layers: layer 0 a SwiGLU FFN of its own
+/// width, layer 1 an MoE layer; both block styles.
+#[test]
+fn dense_first_layers() {
+    for block in [BlockKind::Sequential, BlockKind::Parallel] {
+        let cfg = ModelConfig {
+            first_dense_layers: 1,
+            dense_ffn_hidden: 10,
+            gating_residuals: true,
+            copy_experts: 1,
+            ..config(block, 1, 0.0, 0, false)
+        };
+        let mut names = vec![
+            "tok_embeddings.weight",
+            "layers.0.attn.wq.weight",
+            "layers.0.ffn.w1.weight",
+            "layers.0.ffn.w3.weight",
+            "layers.0.ffn.w2.weight",
+            "layers.1.moe.router.weight",
+            "layers.1.moe.experts.2.w2.weight",
+            "norm.weight",
+        ];
+        if block == BlockKind::Sequential {
+            names.push("layers.0.ffn_norm.weight");
+        }
+        let weights = ModelWeights::init(&cfg, 3);
+        assert!(weights.experts.layers[0].is_empty(), "a dense layer holds no experts");
+        assert!(weights.tensors().iter().all(|(n, _)| !n.starts_with("layers.0.moe")), "nor any MoE tensor");
+        assert_eq!(weights.tensors().iter().map(|(_, t)| t.len()).sum::<usize>(), cfg.num_params());
+        check_model(cfg, &names);
+    }
+}

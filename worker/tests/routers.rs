@@ -195,3 +195,22 @@ fn moe_plus_plus_matches_on_every_layout_and_resumes_bit_exactly() {
         assert_eq!(a.loss.to_bits(), b.loss.to_bits(), "step {}: resumed loss", a.step);
     }
 }
+
+#[test]
+fn dense_first_layers_match_on_every_layout_and_resume() {
+    // 3 layers: a dense FFN layer, then the DeepSeek router on two MoE layers.
+    let dense = [DEEPSEEK, &["model.n_layers=3", "model.first_dense_layers=1", "model.dense_ffn_hidden=96"]].concat();
+    let one = run(&job(&dense, 1, &[]), "dense-1");
+    assert!(one[19].loss < one[0].loss - 0.3, "the job learns");
+    assert!(one[0].expert_bias[0].is_empty() && one[0].expert_bias[1].len() == 8, "no bias in the dense layer");
+    assert_eq!(one[0].tokens_per_expert[0].iter().sum::<usize>(), 0, "no expert tokens in the dense layer");
+    for (i, (ranks, extra)) in [(4, &[][..]), (4, &["parallel.attn_tp=2"][..])].into_iter().enumerate() {
+        assert_same_run(&one, &run(&job(&dense, ranks, extra), &format!("dense-{i}")), &format!("{ranks} {extra:?}"));
+    }
+    let dir = temp_dir("dense-resume");
+    let mut joined = steps(&job(&dense, 4, &[]), &dir, Resume::No, Some(10));
+    joined.extend(steps(&job(&dense, 2, &[]), &dir, Resume::Latest, None));
+    assert_same_run(&one, &joined, "4 ranks then 2");
+    let manifest = std::fs::read_to_string(dir.join("checkpoints/step-00000020/manifest.json")).unwrap();
+    assert!(manifest.contains("\"layers.0.ffn.w2.weight\"") && !manifest.contains("\"layers.0.moe."), "dense layer 0");
+}

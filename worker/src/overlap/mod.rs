@@ -20,7 +20,7 @@ pub mod exposure;
 pub mod grad_buckets;
 
 use crate::config::Backend;
-use model::{BlockKind, ModelConfig};
+use model::ModelConfig;
 use serde::{Deserialize, Serialize};
 
 /// `[overlap] mode`: when the technique switches apply.
@@ -136,12 +136,7 @@ pub struct RankLayout {
 
 /// Values of the dense tensors of all layers (what gradient buckets carry).
 pub fn dense_layer_values(cfg: &ModelConfig) -> usize {
-    let (d, hd) = (cfg.d_model, cfg.head_dim());
-    let norms = if cfg.block == BlockKind::Sequential { 2 * d } else { d };
-    let attention = 2 * cfg.n_heads * hd * d + 2 * cfg.n_kv_heads * hd * d;
-    let gate = if cfg.shared_expert_gate { d } else { 0 };
-    let per_layer = norms + attention + cfg.n_experts * d + cfg.n_shared_experts * 3 * cfg.ffn_hidden * d + gate;
-    per_layer * cfg.n_layers
+    (0..cfg.n_layers).map(|l| cfg.layer_dense_values(l)).sum()
 }
 
 impl Techniques {
@@ -237,10 +232,24 @@ mod tests {
 
     #[test]
     fn dense_layer_values_count_every_layer_tensor() {
-        let cfg = ModelConfig::default();
-        let weights = model::DenseWeights::init(&cfg, &mut model::rng::Rng::new(1));
-        let counted: usize =
-            weights.tensors().iter().filter(|(n, _)| n.starts_with("layers.")).map(|(_, t)| t.len()).sum();
-        assert_eq!(dense_layer_values(&cfg), counted);
+        let families = [
+            ModelConfig::default(),
+            ModelConfig { n_shared_experts: 1, shared_expert_gate: true, ..ModelConfig::default() },
+            ModelConfig {
+                n_layers: 3,
+                first_dense_layers: 1,
+                dense_ffn_hidden: 200,
+                constant_experts: 2,
+                copy_experts: 1,
+                gating_residuals: true,
+                ..ModelConfig::default()
+            },
+        ];
+        for cfg in families {
+            let weights = model::DenseWeights::init(&cfg, &mut model::rng::Rng::new(1));
+            let counted: usize =
+                weights.tensors().iter().filter(|(n, _)| n.starts_with("layers.")).map(|(_, t)| t.len()).sum();
+            assert_eq!(dense_layer_values(&cfg), counted, "{cfg:?}");
+        }
     }
 }

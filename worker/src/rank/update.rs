@@ -37,13 +37,16 @@ pub(crate) fn expert_bias_step(job: &JobConfig, state: &mut TrainState, loads: &
     if !job.model.expert_bias {
         return Vec::new();
     }
+    // Dense layers (`first_dense_layers`) have no bias: an empty row.
     let layers = state.weights.dense.layers.iter_mut().zip(loads);
     layers
-        .map(|(layer, load)| {
-            let bias = layer.expert_bias.as_mut().expect("expert_bias models hold a bias per layer");
-            let load: Vec<f64> = load.iter().map(|&c| c as f64).collect();
-            update_expert_bias(&job.model, bias, &load);
-            bias.clone()
+        .map(|(layer, load)| match layer.expert_bias.as_mut() {
+            Some(bias) => {
+                let load: Vec<f64> = load.iter().map(|&c| c as f64).collect();
+                update_expert_bias(&job.model, bias, &load);
+                bias.clone()
+            }
+            None => Vec::new(),
         })
         .collect()
 }
