@@ -389,40 +389,25 @@ impl Pass<'_> {
         let mut dx_td = dout_td.clone();
         let mut dn_td = vec![0.0; t * d];
         match cfg.block {
-            _ if w.dense_ffn.is_some() => {
-                // A dense layer: the FFN's backward where the MoE's would be.
-                let (ffn, gffn) = (w.dense_ffn.as_ref(), gw.dense_ffn.as_mut());
-                let (ffn, gffn) = ffn.zip(gffn).expect("dense layers have an FFN and its gradient");
-                let rows = Rows { x_rd: &cache.ffn_in_td, rows: t };
-                let swiglu = SwiGlu { d, f: cfg.dense_ffn_width() };
-                match cfg.block {
-                    BlockKind::Sequential => {
-                        let mut dffn_in_td = vec![0.0; t * d];
-                        swiglu.backward(ffn, rows, &cache.dense_ffn, &dout_td, &mut dffn_in_td, gffn);
-                        let ffn_norm = w.ffn_norm.as_ref().expect("sequential blocks have ffn_norm");
-                        let gffn_norm = gw.ffn_norm.as_mut().expect("sequential blocks have ffn_norm");
-                        rmsnorm_backward(&cache.h_td, ffn_norm, &cache.ffn_rstd_t, &dffn_in_td, &mut dx_td, gffn_norm);
-                        let dh_td = dx_td.clone();
-                        self.attention_backward(w, gw, cache, &dh_td, &mut dn_td)?;
-                    }
-                    BlockKind::Parallel => {
-                        self.attention_backward(w, gw, cache, &dout_td, &mut dn_td)?;
-                        let gffn = gw.dense_ffn.as_mut().expect("dense layers have an FFN gradient");
-                        swiglu.backward(ffn, rows, &cache.dense_ffn, &dout_td, &mut dn_td, gffn);
-                    }
-                }
-            }
             BlockKind::Sequential => {
                 // out = h + MoE(RMSNorm(h)): dh = dout + RMSNorm'(dmoe_in).
                 let mut dffn_in_td = vec![0.0; t * d];
-                let grads = MoeGrads { gw: &mut *gw, dx_td: &mut dffn_in_td, dlogits_in_te, dprev_logits_te };
-                moe_backward(moe_layer, moe_in, scales.router(), grads, self.experts)?;
+                if w.dense_ffn.is_some() {
+                    dense_ffn_backward(cfg, w, gw, cache, &dout_td, &mut dffn_in_td);
+                } else {
+                    let grads = MoeGrads { gw: &mut *gw, dx_td: &mut dffn_in_td, dlogits_in_te, dprev_logits_te };
+                    moe_backward(moe_layer, moe_in, scales.router(), grads, self.experts)?;
+                }
                 let ffn_norm = w.ffn_norm.as_ref().expect("sequential blocks have ffn_norm");
                 let gffn_norm = gw.ffn_norm.as_mut().expect("sequential blocks have ffn_norm");
                 rmsnorm_backward(&cache.h_td, ffn_norm, &cache.ffn_rstd_t, &dffn_in_td, &mut dx_td, gffn_norm);
                 // h = x + Attn(n): the attention branch sees dh.
                 let dh_td = dx_td.clone();
                 self.attention_backward(w, gw, cache, &dh_td, &mut dn_td)?;
+            }
+            BlockKind::Parallel if w.dense_ffn.is_some() => {
+                self.attention_backward(w, gw, cache, &dout_td, &mut dn_td)?;
+                dense_ffn_backward(cfg, w, gw, cache, &dout_td, &mut dn_td);
             }
             BlockKind::Parallel => {
                 // Attention's input gradient first, then the MoE's, in both
@@ -478,6 +463,29 @@ impl Pass<'_> {
         }
         Ok((x_td, caches))
     }
+}
+
+/// Backward of a dense layer's FFN (`first_dense_layers`): adds its input's
+/// gradient into `dffn_in_td` and its weights' into `gw`.
+fn dense_ffn_backward(
+    cfg: &ModelConfig,
+    w: &DenseLayerWeights,
+    gw: &mut DenseLayerWeights,
+    cache: &BlockCache,
+    dout_td: &[f32],
+    dffn_in_td: &mut [f32],
+) {
+    let (ffn, gffn) =
+        w.dense_ffn.as_ref().zip(gw.dense_ffn.as_mut()).expect("dense layers have an FFN and its gradient");
+    let rows = Rows { x_rd: &cache.ffn_in_td, rows: cache.ffn_in_td.len() / cfg.d_model };
+    SwiGlu { d: cfg.d_model, f: cfg.dense_ffn_width() }.backward(
+        ffn,
+        rows,
+        &cache.dense_ffn,
+        dout_td,
+        dffn_in_td,
+        gffn,
+    );
 }
 
 fn add_into(acc: &mut [f32], x: &[f32]) {

@@ -178,37 +178,9 @@ pub struct ModelWeights {
     pub experts: ExpertStore,
 }
 
-/// One MoE layer's dense tensors, drawn in v1's order (attention, router,
-/// shared experts), then the later families' tensors, each only when
-/// configured, so that v1 models keep their draws.
-fn moe_layer(cfg: &ModelConfig, l: usize, rng: &mut Rng) -> DenseLayerWeights {
-    let (d, hd, std, routed) = (cfg.d_model, cfg.head_dim(), cfg.init_std, cfg.n_router_outputs());
-    // The first MoE layer after the dense ones has no previous logits.
-    let has_previous = l > cfg.first_dense_layers;
-    DenseLayerWeights {
-        attn_norm: vec![1.0; d],
-        wq: rng.normal_vec(cfg.n_heads * hd * d, std),
-        wk: rng.normal_vec(cfg.n_kv_heads * hd * d, std),
-        wv: rng.normal_vec(cfg.n_kv_heads * hd * d, std),
-        wo: rng.normal_vec(d * cfg.n_heads * hd, residual_std(cfg)),
-        ffn_norm: (cfg.block == BlockKind::Sequential).then(|| vec![1.0; d]),
-        router: rng.normal_vec(routed * d, std),
-        shared: (0..cfg.n_shared_experts).map(|_| ExpertWeights::init(cfg, rng)).collect(),
-        shared_gate: cfg.shared_expert_gate.then(|| rng.normal_vec(d, std)),
-        expert_bias: cfg.expert_bias.then(|| vec![0.0; routed]),
-        // MoE++'s reference code draws v from normal(0, 1): the scale of
-        // the normalised rows it stands in for.
-        constant: (0..cfg.constant_experts)
-            .map(|_| ConstantExpertWeights { gate: rng.normal_vec(2 * d, std), value: rng.normal_vec(d, 1.0) })
-            .collect(),
-        router_residual: (cfg.gating_residuals && has_previous).then(|| rng.normal_vec(routed * routed, std)),
-        dense_ffn: None,
-    }
-}
-
-/// A dense layer (`first_dense_layers`): attention, then one SwiGLU FFN
-/// of width `dense_ffn_hidden`; no router, no experts.
-fn dense_ffn_layer(cfg: &ModelConfig, rng: &mut Rng) -> DenseLayerWeights {
+/// A layer's attention tensors and norms, drawn first in every layer,
+/// with nothing yet where the MoE or the dense FFN goes.
+fn attention_layer(cfg: &ModelConfig, rng: &mut Rng) -> DenseLayerWeights {
     let (d, hd, std) = (cfg.d_model, cfg.head_dim(), cfg.init_std);
     DenseLayerWeights {
         attn_norm: vec![1.0; d],
@@ -223,8 +195,37 @@ fn dense_ffn_layer(cfg: &ModelConfig, rng: &mut Rng) -> DenseLayerWeights {
         expert_bias: None,
         constant: Vec::new(),
         router_residual: None,
-        dense_ffn: Some(ExpertWeights::init_width(cfg, cfg.dense_ffn_width(), rng)),
+        dense_ffn: None,
     }
+}
+
+/// One MoE layer's dense tensors, drawn in v1's order (attention, router,
+/// shared experts), then the later families' tensors, each only when
+/// configured, so that v1 models keep their draws.
+fn moe_layer(cfg: &ModelConfig, l: usize, rng: &mut Rng) -> DenseLayerWeights {
+    let (d, std, routed) = (cfg.d_model, cfg.init_std, cfg.n_router_outputs());
+    let mut layer = attention_layer(cfg, rng);
+    layer.router = rng.normal_vec(routed * d, std);
+    layer.shared = (0..cfg.n_shared_experts).map(|_| ExpertWeights::init(cfg, rng)).collect();
+    layer.shared_gate = cfg.shared_expert_gate.then(|| rng.normal_vec(d, std));
+    layer.expert_bias = cfg.expert_bias.then(|| vec![0.0; routed]);
+    // MoE++'s reference code draws v from normal(0, 1): the scale of the
+    // normalised rows it stands in for.
+    layer.constant = (0..cfg.constant_experts)
+        .map(|_| ConstantExpertWeights { gate: rng.normal_vec(2 * d, std), value: rng.normal_vec(d, 1.0) })
+        .collect();
+    // The first MoE layer after the dense ones has no previous logits.
+    let has_previous = l > cfg.first_dense_layers;
+    layer.router_residual = (cfg.gating_residuals && has_previous).then(|| rng.normal_vec(routed * routed, std));
+    layer
+}
+
+/// A dense layer (`first_dense_layers`): attention, then one SwiGLU FFN
+/// of width `dense_ffn_hidden`; no router, no experts.
+fn dense_ffn_layer(cfg: &ModelConfig, rng: &mut Rng) -> DenseLayerWeights {
+    let mut layer = attention_layer(cfg, rng);
+    layer.dense_ffn = Some(ExpertWeights::init_width(cfg, cfg.dense_ffn_width(), rng));
+    layer
 }
 
 /// Output projections (wo, w2) start smaller so the residual stream's
