@@ -94,6 +94,8 @@ pub struct ModelConfig {
     /// MoE++'s gating residuals: a layer's router logits add `W_map` times
     /// the previous MoE layer's logits.
     pub gating_residuals: bool,
+    /// MoE++'s 2-layer router: `logits = W_2 tanh(W_1 x)`, `W_1: [8R, D]`.
+    pub router_mlp: bool,
     /// DeepSeek-V3: the first layers have a dense SwiGLU FFN instead of an
     /// MoE (DeepSeek-V3: 3), of hidden width `dense_ffn_hidden` (0: `ffn_hidden`).
     pub first_dense_layers: usize,
@@ -136,6 +138,7 @@ impl Default for ModelConfig {
             zero_experts: 0,
             zero_computation_tau: 0.75,
             gating_residuals: false,
+            router_mlp: false,
             first_dense_layers: 0,
             dense_ffn_hidden: 0,
         }
@@ -277,6 +280,16 @@ impl ModelConfig {
         self.constant_experts + self.copy_experts + self.zero_experts
     }
 
+    /// The width the router's output layer reads: `D`, or the MLP router's
+    /// hidden width `8R` (MoE++'s `num_experts * 8`).
+    pub fn router_input_width(&self) -> usize {
+        if self.router_mlp {
+            8 * self.n_router_outputs()
+        } else {
+            self.d_model
+        }
+    }
+
     /// What router output `id` is.
     pub fn routed_kind(&self, id: usize) -> RoutedKind {
         let constants = self.n_experts + self.constant_experts;
@@ -349,7 +362,8 @@ impl ModelConfig {
         let gate = if self.shared_expert_gate { d } else { 0 };
         let constants = self.constant_experts * 3 * d;
         let residual = if self.gating_residuals && l > self.first_dense_layers { r * r } else { 0 };
-        attn + norms + r * d + shared + gate + constants + residual
+        let hidden = if self.router_mlp { self.router_input_width() * d } else { 0 };
+        attn + norms + r * self.router_input_width() + hidden + shared + gate + constants + residual
     }
 
     /// Number of parameters of the whole model (all experts).

@@ -80,6 +80,9 @@ macro_rules! list_tensors {
         if let Some(w) = layer.router_residual.$opt() {
             out.push(("moe.router_residual.weight".to_string(), w));
         }
+        if let Some(w) = layer.router_hidden.$opt() {
+            out.push(("moe.router_hidden.weight".to_string(), w));
+        }
         out
     }};
     (dense $w:expr, $iter:ident, $opt:ident, $($m:tt)?) => {{
@@ -131,6 +134,9 @@ pub struct DenseLayerWeights {
     /// A dense layer's SwiGLU FFN (`first_dense_layers`); such a layer has
     /// no router (an empty `router`) and none of the MoE's tensors.
     pub dense_ffn: Option<ExpertWeights>,
+    /// `[8R, D]` the MLP router's first layer `W_1` (`router_mlp`); `router`
+    /// is then its output layer `[R, 8R]`.
+    pub router_hidden: Option<Vec<f32>>,
 }
 
 /// One MoE++ constant expert: `y = a1 x + a2 v`, `[a1, a2] = softmax(W_c x)`.
@@ -196,6 +202,7 @@ fn attention_layer(cfg: &ModelConfig, rng: &mut Rng) -> DenseLayerWeights {
         constant: Vec::new(),
         router_residual: None,
         dense_ffn: None,
+        router_hidden: None,
     }
 }
 
@@ -205,7 +212,7 @@ fn attention_layer(cfg: &ModelConfig, rng: &mut Rng) -> DenseLayerWeights {
 fn moe_layer(cfg: &ModelConfig, l: usize, rng: &mut Rng) -> DenseLayerWeights {
     let (d, std, routed) = (cfg.d_model, cfg.init_std, cfg.n_router_outputs());
     let mut layer = attention_layer(cfg, rng);
-    layer.router = rng.normal_vec(routed * d, std);
+    layer.router = rng.normal_vec(routed * cfg.router_input_width(), std);
     layer.shared = (0..cfg.n_shared_experts).map(|_| ExpertWeights::init(cfg, rng)).collect();
     layer.shared_gate = cfg.shared_expert_gate.then(|| rng.normal_vec(d, std));
     layer.expert_bias = cfg.expert_bias.then(|| vec![0.0; routed]);
@@ -217,6 +224,7 @@ fn moe_layer(cfg: &ModelConfig, l: usize, rng: &mut Rng) -> DenseLayerWeights {
     // The first MoE layer after the dense ones has no previous logits.
     let has_previous = l > cfg.first_dense_layers;
     layer.router_residual = (cfg.gating_residuals && has_previous).then(|| rng.normal_vec(routed * routed, std));
+    layer.router_hidden = cfg.router_mlp.then(|| rng.normal_vec(cfg.router_input_width() * d, std));
     layer
 }
 
@@ -378,7 +386,8 @@ pub fn tensor_shape(cfg: &ModelConfig, name: &str) -> Option<Vec<usize>> {
             ["attn", "wq", "weight"] => vec![cfg.n_heads * hd, d],
             ["attn", "wk", "weight"] | ["attn", "wv", "weight"] => vec![cfg.n_kv_heads * hd, d],
             ["attn", "wo", "weight"] => vec![d, cfg.n_heads * hd],
-            ["moe", "router", "weight"] => vec![cfg.n_router_outputs(), d],
+            ["moe", "router", "weight"] => vec![cfg.n_router_outputs(), cfg.router_input_width()],
+            ["moe", "router_hidden", "weight"] if cfg.router_mlp => vec![cfg.router_input_width(), d],
             ["moe", "shared_gate", "weight"] if cfg.shared_expert_gate => vec![1, d],
             ["moe", "expert_bias"] if cfg.expert_bias => vec![cfg.n_router_outputs()],
             ["moe", "constant", _, "gate", "weight"] if cfg.constant_experts > 0 => vec![2, d],

@@ -52,7 +52,12 @@ fn check(cfg: &ModelConfig, which: Loss) {
         route(
             cfg,
             x,
-            RouterWeights { weight_ed: w, expert_bias_e: cfg.expert_bias.then_some(&bias[..]), residual: None },
+            RouterWeights {
+                weight_ed: w,
+                expert_bias_e: cfg.expert_bias.then_some(&bias[..]),
+                residual: None,
+                hidden_hd: None,
+            },
             n,
         )
     };
@@ -131,7 +136,12 @@ fn gates_choice_and_sequence_loss_follow_the_definitions() {
     let x = scaled(n * d, 51, 1.0);
     let router = scaled(e * d, 52, 1.5);
     let bias = scaled(e, 53, 0.3);
-    let r = route(&cfg, &x, RouterWeights { weight_ed: &router, expert_bias_e: Some(&bias), residual: None }, n);
+    let r = route(
+        &cfg,
+        &x,
+        RouterWeights { weight_ed: &router, expert_bias_e: Some(&bias), residual: None, hidden_hd: None },
+        n,
+    );
     let (group, seqs) = (e / cfg.n_groups, n / cfg.seq_len);
     let mut seq_loss = 0.0f64;
     let mut counts = vec![vec![0.0f64; e]; seqs];
@@ -251,4 +261,34 @@ fn a_zero_expert_gets_no_gate_and_its_share_goes_to_the_others() {
     // Only FFN assignments count as expert tokens; the others are free.
     assert_eq!(r.tokens_per_expert.iter().sum::<usize>() + r.free_assignments, n * k);
     assert_eq!(r.tokens_per_expert.len(), 5);
+}
+
+#[test]
+fn mlp_router_gradients() {
+    let cfg = ModelConfig { router_mlp: true, ..moe_plus_plus() };
+    let (n, d, e, k) = (12, cfg.d_model, cfg.n_router_outputs(), cfg.top_k);
+    let h = cfg.router_input_width();
+    let x = scaled(n * d, 71, 1.0);
+    let w2 = scaled(e * h, 72, 1.0);
+    let w1 = scaled(h * d, 73, 0.8);
+    let run = |x: &[f32], w1: &[f32], w2: &[f32]| {
+        route(&cfg, x, RouterWeights { weight_ed: w2, expert_bias_e: None, residual: None, hidden_hd: Some(w1) }, n)
+    };
+    let base = run(&x, &w1, &w2);
+    let probe = values(n * k, 74);
+    let scales = RouterLossScales { aux: 1.0, z: 0.5, seq: 1.0 };
+    let loss = |r: &Routing| -> f64 {
+        assert_eq!(r.expert_tk, base.expert_tk, "perturbation changed the choice: pick other inputs");
+        probe_loss(&r.gate_tk, &probe) + r.aux_loss as f64 + 0.5 * r.z_loss as f64 + r.seq_aux_loss as f64
+    };
+    let (mut dx, mut dw2, mut dw1) = (vec![0.0; n * d], vec![0.0; e * h], vec![0.0; h * d]);
+    let mut grads = RouterGrads::plain(&mut dx, &mut dw2);
+    grads.dhidden_hd = Some(&mut dw1);
+    let weights = RouterWeights { weight_ed: &w2, expert_bias_e: None, residual: None, hidden_hd: Some(&w1) };
+    route_backward(&cfg, &x, weights, &base, &probe, scales, grads);
+    // logits = tanh(x W1^T) W2^T: dW2 = dlogits^T h, dpre = dlogits W2 (1 - h^2),
+    // dW1 = dpre^T x, dx = dpre W1.
+    check_gradient("mlp router dx", &x, &dx, |xp| loss(&run(xp, &w1, &w2)));
+    check_gradient("mlp router dw1", &w1, &dw1, |wp| loss(&run(&x, wp, &w2)));
+    check_gradient("mlp router dw2", &w2, &dw2, |wp| loss(&run(&x, &w1, wp)));
 }

@@ -31,12 +31,14 @@ const DEEPSEEK: &[&str] = &[
 ];
 
 /// MoE++ in small: 4 FFN experts beside a constant, a copy and a zero
-/// expert, gating residuals, the sequence-wise loss weighted by tau.
+/// expert, the 2-layer router with gating residuals, the sequence-wise loss
+/// weighted by tau.
 const MOE_PLUS_PLUS: &[&str] = &[
     "model.constant_experts=1",
     "model.copy_experts=1",
     "model.zero_experts=1",
     "model.gating_residuals=true",
+    "model.router_mlp=true",
     "model.seq_aux_loss_coef=1e-4",
     "model.expert_bias=true",
 ];

@@ -57,7 +57,12 @@ impl<'w> MoeLayer<'w> {
             (Some(map_ee), Some(prev_logits_te)) => Some(GatingResidual { map_ee, prev_logits_te }),
             _ => None,
         };
-        RouterWeights { weight_ed: &self.w.router, expert_bias_e: self.w.expert_bias.as_deref(), residual }
+        RouterWeights {
+            weight_ed: &self.w.router,
+            expert_bias_e: self.w.expert_bias.as_deref(),
+            residual,
+            hidden_hd: self.w.router_hidden.as_deref(),
+        }
     }
 }
 
@@ -268,6 +273,7 @@ pub fn moe_backward_finish(
         dlogits_in_te,
         dmap_ee: gw.router_residual.as_deref_mut(),
         dprev_logits_te,
+        dhidden_hd: gw.router_hidden.as_deref_mut(),
     };
     route_backward(cfg, x_td, moe.router(), &cache.routing, &dgate_tk, scales, router_grads);
     Ok(())

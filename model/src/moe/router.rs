@@ -22,6 +22,9 @@ pub struct RouterWeights<'w> {
     /// `[e]`, added to the scores for the choice only.
     pub expert_bias_e: Option<&'w [f32]>,
     pub residual: Option<GatingResidual<'w>>,
+    /// `[h, d]` the MLP router's first layer (`router_mlp`; `weight_ed` is
+    /// then `[e, h]`).
+    pub hidden_hd: Option<&'w [f32]>,
 }
 
 /// MoE++'s gating residual: `logits += prev_logits W_map^T`.
@@ -36,7 +39,7 @@ pub struct GatingResidual<'w> {
 impl<'w> RouterWeights<'w> {
     /// A router without a selection bias or gating residual.
     pub fn plain(weight_ed: &'w [f32]) -> Self {
-        Self { weight_ed, expert_bias_e: None, residual: None }
+        Self { weight_ed, expert_bias_e: None, residual: None, hidden_hd: None }
     }
 }
 
@@ -44,8 +47,11 @@ impl<'w> RouterWeights<'w> {
 #[derive(Debug, Clone, Default)]
 pub struct Routing {
     pub num_tokens: usize,
-    /// `[t, e]` router logits `x W_r^T`.
+    /// `[t, e]` router logits `x W_r^T` (plus the gating residual).
     pub logits_te: Vec<f32>,
+    /// `[t, h]` the MLP router's hidden activations `tanh(x W_1^T)` (empty
+    /// without `router_mlp`).
+    pub hidden_th: Vec<f32>,
     /// `[t, e]` the scores of [`RouterScore`] (softmax or sigmoid of the logits).
     pub scores_te: Vec<f32>,
     /// `[t, k]` chosen expert ids, highest biased score first (ties → lower id).
@@ -118,10 +124,20 @@ pub fn route_sharded(
     let n = num_tokens;
     assert!(k <= e_n, "route: top_k {k} exceeds the {e_n} router outputs");
     assert!(x_td.len() >= n * d, "route: x has {} values, needs {n}x{d}", x_td.len());
+    // The router's input: x, or the MLP router's hidden tanh(x W_1^T).
+    let mut hidden_th = Vec::new();
+    if let Some(w1) = router.hidden_hd {
+        let h = w1.len() / d;
+        hidden_th = vec![0.0f32; n * h];
+        matmul_nt(n, d, h, x_td, w1, &mut hidden_th, false);
+        hidden_th.iter_mut().for_each(|v| *v = v.tanh());
+    }
+    let (input_ti, width) =
+        if router.hidden_hd.is_some() { (&hidden_th[..], hidden_th.len() / n.max(1)) } else { (x_td, d) };
     let router_ed = router.weight_ed;
-    assert!(router_ed.len() >= e_n * d, "route: router has {} values, needs {e_n}x{d}", router_ed.len());
+    assert!(router_ed.len() >= e_n * width, "route: router has {} values, needs {e_n}x{width}", router_ed.len());
     let mut logits_te = vec![0.0f32; n * e_n];
-    matmul_nt(n, d, e_n, x_td, router_ed, &mut logits_te, false);
+    matmul_nt(n, width, e_n, input_ti, router_ed, &mut logits_te, false);
     if let Some(GatingResidual { map_ee, prev_logits_te }) = router.residual {
         matmul_nt(n, e_n, e_n, prev_logits_te, map_ee, &mut logits_te, true);
     }
@@ -221,6 +237,7 @@ pub fn route_sharded(
     Ok(Routing {
         num_tokens: n,
         logits_te,
+        hidden_th,
         scores_te,
         expert_tk,
         gate_tk,
@@ -321,12 +338,14 @@ pub struct RouterGrads<'g> {
     /// previous layer's logits' gradient (`[t, e]`).
     pub dmap_ee: Option<&'g mut [f32]>,
     pub dprev_logits_te: Option<&'g mut [f32]>,
+    /// The MLP router's `dW_1` (`[h, d]`).
+    pub dhidden_hd: Option<&'g mut [f32]>,
 }
 
 impl<'g> RouterGrads<'g> {
     /// The input's and the weight's gradients only (no gating residual).
     pub fn plain(dx_td: &'g mut [f32], drouter_ed: &'g mut [f32]) -> Self {
-        Self { dx_td, drouter_ed, dlogits_in_te: None, dmap_ee: None, dprev_logits_te: None }
+        Self { dx_td, drouter_ed, dlogits_in_te: None, dmap_ee: None, dprev_logits_te: None, dhidden_hd: None }
     }
 }
 
@@ -342,7 +361,7 @@ pub fn route_backward(
     scales: RouterLossScales,
     grads: RouterGrads<'_>,
 ) {
-    let RouterGrads { dx_td, drouter_ed, dlogits_in_te, dmap_ee, dprev_logits_te } = grads;
+    let RouterGrads { dx_td, drouter_ed, dlogits_in_te, dmap_ee, dprev_logits_te, dhidden_hd } = grads;
     let router_ed = router.weight_ed;
     let (e_n, k, d) = (cfg.n_router_outputs(), cfg.top_k, cfg.d_model);
     let n = routing.num_tokens;
@@ -351,7 +370,7 @@ pub fn route_backward(
     }
     assert!(dgate_tk.len() >= n * k, "route_backward: dgate has {} values, needs {n}x{k}", dgate_tk.len());
     assert!(dx_td.len() >= n * d && x_td.len() >= n * d, "route_backward: x/dx need {n}x{d} values");
-    assert!(drouter_ed.len() >= e_n * d, "route_backward: drouter needs {e_n}x{d} values");
+    assert!(drouter_ed.len() == router_ed.len(), "route_backward: drouter needs {} values", router_ed.len());
     // d aux / d q_te = E f_e / N (f_e constant; N and f_e of the whole micro-batch).
     let n_all = routing.stat_tokens;
     let aux_dq: Vec<f32> = (routing.share_e.iter().enumerate())
@@ -411,9 +430,27 @@ pub fn route_backward(
     if let Some(din) = dlogits_in_te {
         dlogits_te.iter_mut().zip(din).for_each(|(a, &b)| *a += b);
     }
-    // dx += dlogits W_r; dW_r += dlogits^T x.
-    matmul_nn(n, e_n, d, &dlogits_te, router_ed, dx_td, true);
-    matmul_tn(e_n, n, d, &dlogits_te, x_td, drouter_ed, true);
+    match router.hidden_hd {
+        None => {
+            // dx += dlogits W_r; dW_r += dlogits^T x.
+            matmul_nn(n, e_n, d, &dlogits_te, router_ed, dx_td, true);
+            matmul_tn(e_n, n, d, &dlogits_te, x_td, drouter_ed, true);
+        }
+        Some(w1) => {
+            // logits = h W_2^T, h = tanh(x W_1^T): dW_2 += dlogits^T h;
+            // dh = dlogits W_2; dpre = dh (1 - h^2); dW_1 += dpre^T x; dx += dpre W_1.
+            let h_w = w1.len() / d;
+            let h = &routing.hidden_th;
+            matmul_tn(e_n, n, h_w, &dlogits_te, h, drouter_ed, true);
+            let mut dpre_th = vec![0.0f32; n * h_w];
+            matmul_nn(n, e_n, h_w, &dlogits_te, router_ed, &mut dpre_th, false);
+            dpre_th.iter_mut().zip(h).for_each(|(g, &hv)| *g *= 1.0 - hv * hv);
+            if let Some(dw1) = dhidden_hd {
+                matmul_tn(h_w, n, d, &dpre_th, x_td, dw1, true);
+            }
+            matmul_nn(n, h_w, d, &dpre_th, w1, dx_td, true);
+        }
+    }
     // logits += prev W_map^T: dW_map += dlogits^T prev; dprev += dlogits W_map.
     if let Some(GatingResidual { map_ee, prev_logits_te }) = router.residual {
         if let Some(dmap) = dmap_ee {
