@@ -228,12 +228,14 @@ impl Observer for ConsoleProgress {
             } else {
                 String::new()
             };
-            let mut seq = if m.seq_aux_loss > 0.0 { format!(" | seq {:.4}", m.seq_aux_loss) } else { String::new() };
-            if m.computation_free_share > 0.0 {
-                seq += &format!(" | computation-free {:.0}%", m.computation_free_share * 100.0);
-            }
+            let seq = if m.seq_aux_loss > 0.0 { format!(" | seq {:.4}", m.seq_aux_loss) } else { String::new() };
+            let free = if m.computation_free_share > 0.0 {
+                format!(" | computation-free {:.0}%", m.computation_free_share * 100.0)
+            } else {
+                String::new()
+            };
             self.line(&format!(
-                "step {:>6}/{} | loss {:.4} | aux {:.4}{seq} | z {:.3} | lr {:.2e} | gnorm {:.3} | {} tok/s | load max/mean {:.2} | dropped {}{comm} | ETA {}",
+                "step {:>6}/{} | loss {:.4} | aux {:.4}{seq} | z {:.3} | lr {:.2e} | gnorm {:.3} | {} tok/s | load max/mean {:.2}{free} | dropped {}{comm} | ETA {}",
                 m.step,
                 self.total_steps,
                 m.loss,
