@@ -52,6 +52,14 @@ if ! python3 -c 'import kubernetes_validate' >/dev/null 2>&1; then
   pip install --quiet kubernetes-validate
 fi
 
+# transformers (and torch, CPU use) for the Hugging Face export tests
+# (launcher/tests/hf.rs loads exports with AutoModelForCausalLM). Pinned:
+# the tests compare against these versions' Mixtral and Qwen2-MoE code.
+if ! python3 -c 'import torch, transformers' >/dev/null 2>&1; then
+  echo "== installing torch and transformers (Hugging Face export tests of launcher/tests/hf.rs)"
+  pip install --quiet torch==2.5.1 transformers==4.46.3
+fi
+
 # Every optional backend that builds on this machine: MPI is tested, the
 # CUDA switch (NCCL stub) must at least compile.
 features="collectives/mpi,worker/mpi,launcher/mpi"

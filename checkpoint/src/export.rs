@@ -52,6 +52,16 @@ impl CheckpointStore {
     }
 }
 
+/// Writes `tensors` (F32, row-major, in the given order) as one safetensors
+/// file at `path`, atomically like [`CheckpointStore::export_safetensors`]:
+/// for exports whose names or tensors differ from the checkpoint's (the
+/// Hugging Face layout). Returns the file's size in bytes.
+pub fn write_safetensors(path: &Path, tensors: &[TensorRef<'_>]) -> Result<u64> {
+    let plan = shard::plan(tensors).map_err(|source| Error::Encode { url: path.display().to_string(), source })?;
+    write_atomically(path, &mut ShardStream::new(&plan, tensors))?;
+    Ok(plan.size())
+}
+
 /// Write `source` to a hidden temporary file beside `path`, flush it to
 /// disk, then rename it over `path`; the temporary file is removed on failure.
 fn write_atomically(path: &Path, source: &mut dyn ByteSource) -> Result<()> {

@@ -29,7 +29,7 @@ mod uploads;
 mod verify;
 
 pub use error::{Error, Result};
-pub use export::ExportReport;
+pub use export::{write_safetensors, ExportReport};
 pub use layout::{parse_step_url, step_dir_name};
 pub use listing::{RootListing, StepFolder};
 pub use load::LoadedTensors;

@@ -21,6 +21,11 @@ pub struct EvalArgs {
     /// Print one JSON object: {"loss": .., "tokens": .., "windows": ..}.
     #[arg(long)]
     json: bool,
+    /// Also write the first window's logits to this file, as JSON
+    /// {"seq_len", "vocab", "tokens", "logits": [seq_len x vocab]}, to
+    /// compare with another tool (docs/interop.md).
+    #[arg(long)]
+    logits_out: Option<PathBuf>,
 }
 
 /// Evaluates a checkpoint on a text file.
@@ -52,6 +57,17 @@ pub fn run(args: EvalArgs) -> Result<()> {
         );
     }
     let result = worker::eval::evaluate(&job.model, &state.weights, &tokens)?;
+    if let Some(path) = &args.logits_out {
+        let logits = worker::eval::first_window_logits(&job.model, &state.weights, &tokens)?;
+        let dump = serde_json::json!({
+            "seq_len": job.model.seq_len,
+            "vocab": job.model.vocab,
+            "tokens": &tokens[..job.model.seq_len + 1],
+            "logits": logits,
+        });
+        std::fs::write(path, dump.to_string())
+            .with_context(|| format!("cannot write --logits-out {}", path.display()))?;
+    }
     if args.json {
         println!("{}", serde_json::to_string(&result)?);
     } else {

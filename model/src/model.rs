@@ -588,6 +588,23 @@ pub fn forward_backward_with(
     Ok(stats)
 }
 
+/// Forward only: the logits `[batch * seq_len, vocab]` of a micro-batch
+/// (what `switchyard eval --logits-out` writes, to compare with other tools).
+pub fn forward_logits(
+    cfg: &ModelConfig,
+    rope: &RopeTable,
+    dense: &DenseWeights,
+    experts: &mut dyn ExpertExecutor,
+    mb: MicroBatch,
+) -> Result<Vec<f32>, ModelError> {
+    let (inputs, _) = inputs_and_targets(cfg, mb)?;
+    let dims = Dims::new(cfg, mb.batch, 1)?;
+    let mut stats = ForwardStats::default();
+    let mut pass = Pass { cfg, rope, dims, experts, shards: &mut NoShards, attention_during_moe: false };
+    let (x_td, _caches) = pass.trunk_forward(dense, &inputs, &mut stats)?;
+    Ok(head_forward(cfg, dense, &pass.dims, &x_td).2)
+}
+
 /// Forward only (evaluation): returns the stats with `ce_sum` filled in.
 pub fn forward(
     cfg: &ModelConfig,

@@ -8,7 +8,7 @@
 
 use crate::data::eval_windows;
 use crate::error::WorkerError;
-use model::model::{forward, MicroBatch};
+use model::model::{forward, forward_logits, MicroBatch};
 use model::moe::LocalExperts;
 use model::ops::rope::RopeTable;
 use model::{ModelConfig, ModelWeights};
@@ -52,4 +52,15 @@ pub fn evaluate(cfg: &ModelConfig, weights: &ModelWeights, tokens: &[u32]) -> Re
         tokens: predicted,
         windows: windows.len() as u64,
     })
+}
+
+/// The logits `[seq_len, vocab]` of the first evaluation window of
+/// `tokens` (dropless), for comparing the model with another tool.
+pub fn first_window_logits(cfg: &ModelConfig, weights: &ModelWeights, tokens: &[u32]) -> Result<Vec<f32>, WorkerError> {
+    let cfg = ModelConfig { capacity_factor: 0.0, ..cfg.clone() };
+    let rope = RopeTable::new(cfg.seq_len, cfg.head_dim(), cfg.rope_theta);
+    let window = eval_windows(tokens, cfg.seq_len).next().unwrap_or(tokens);
+    let mut scratch_grads = weights.experts.zeros_like();
+    let mut experts = LocalExperts::new(&cfg, &weights.experts, &mut scratch_grads);
+    Ok(forward_logits(&cfg, &rope, &weights.dense, &mut experts, MicroBatch { tokens: window, batch: 1 })?)
 }

@@ -5,6 +5,7 @@
 //! so a mistyped path is an error rather than a new empty folder.
 
 pub mod export;
+pub mod hf;
 pub mod inspect;
 pub mod ls;
 
@@ -35,17 +36,36 @@ pub enum CkptCommand {
         /// A step folder (<root>/step-XXXXXXXX) or a checkpoint root (its newest committed step).
         step: String,
     },
-    /// Write a step's model tensors into one safetensors file (DESIGN section 5 names).
+    /// Write a step's model: one safetensors file with switchyard's names
+    /// (DESIGN section 5), or with `--format hf` a Hugging Face model folder
+    /// that `transformers` loads (Mixtral or Qwen2-MoE; docs/interop.md).
     Export {
         /// A step folder (<root>/step-XXXXXXXX) or a checkpoint root (its newest committed step).
         step: String,
-        /// The safetensors file to write (replaced if it exists).
+        /// The safetensors file to write (replaced if it exists), or with
+        /// `--format hf` the folder to create (refused if it exists).
         #[arg(long)]
         to: PathBuf,
-        /// Also write the AdamW moments (`optim.<name>.exp_avg` / `.exp_avg_sq`).
+        /// `safetensors` (switchyard's names) or `hf` (a transformers model folder).
+        #[arg(long, default_value = "safetensors")]
+        format: ExportFormat,
+        /// Also write the AdamW moments (`optim.<name>.exp_avg` / `.exp_avg_sq`; safetensors only).
         #[arg(long)]
         with_optimizer: bool,
+        /// `--format hf`: the largest weights file, in MiB, before the
+        /// export is sharded with an index (transformers' default, 5 GB).
+        #[arg(long, default_value_t = 4768.0)]
+        shard_mib: f64,
     },
+}
+
+/// What `ckpt export` writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExportFormat {
+    /// One safetensors file, switchyard's tensor names.
+    Safetensors,
+    /// A Hugging Face model folder (config.json, model.safetensors, ...).
+    Hf,
 }
 
 /// Runs a checkpoint subcommand.
@@ -54,7 +74,15 @@ pub fn run(cmd: CkptCommand) -> Result<()> {
         CkptCommand::Ls { root } => crate::ckpt::ls::run(&root),
         CkptCommand::Inspect { step, json } => crate::ckpt::inspect::run(&step, json),
         CkptCommand::Verify { step } => verify(&step),
-        CkptCommand::Export { step, to, with_optimizer } => crate::ckpt::export::run(&step, &to, with_optimizer),
+        CkptCommand::Export { step, to, format: ExportFormat::Safetensors, with_optimizer, .. } => {
+            crate::ckpt::export::run(&step, &to, with_optimizer)
+        }
+        CkptCommand::Export { step, to, format: ExportFormat::Hf, with_optimizer, shard_mib } => {
+            if with_optimizer {
+                anyhow::bail!("--with-optimizer: a Hugging Face folder holds the model only; export --format safetensors for the moments");
+            }
+            crate::ckpt::hf::run(&step, &to, (shard_mib * 1048576.0).max(1024.0) as u64)
+        }
     }
 }
 

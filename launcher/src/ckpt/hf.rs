@@ -1,0 +1,331 @@
+//! `switchyard ckpt export --format hf`: a committed step as a Hugging Face
+//! model folder (`config.json`, `model.safetensors`, `generation_config.json`,
+//! the tokenizer when the run had one), in the `transformers` architecture
+//! that computes the same function: Mixtral or Qwen2-MoE. A model no
+//! `transformers` architecture computes exactly is refused, naming the
+//! config key, and nothing is written (docs/interop.md).
+
+use anyhow::{anyhow, bail, Context, Result};
+use checkpoint::{is_optimizer_state, TensorRef};
+use model::{BlockKind, ModelConfig, RouterScoreKind};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use worker::JobConfig;
+
+use crate::ckpt::open_step;
+use crate::format::human_bytes;
+
+/// The `transformers` architecture an export uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HfArch {
+    /// `MixtralForCausalLM`: softmax top-k, gates renormalised, no shared experts.
+    Mixtral,
+    /// `Qwen2MoeForCausalLM`: a gated shared expert, gates renormalised or
+    /// not, dense first layers (`mlp_only_layers`).
+    Qwen2Moe,
+}
+
+impl HfArch {
+    fn model_type(self) -> &'static str {
+        match self {
+            HfArch::Mixtral => "mixtral",
+            HfArch::Qwen2Moe => "qwen2_moe",
+        }
+    }
+
+    fn class(self) -> &'static str {
+        match self {
+            HfArch::Mixtral => "MixtralForCausalLM",
+            HfArch::Qwen2Moe => "Qwen2MoeForCausalLM",
+        }
+    }
+}
+
+/// The architecture that computes `cfg`'s forward pass exactly, or why none
+/// does (naming the `[model]` key).
+pub fn choose(cfg: &ModelConfig) -> std::result::Result<HfArch, String> {
+    if cfg.block == BlockKind::Parallel {
+        return Err("[model] block = \"parallel\": no transformers decoder adds attention and MoE read from one \
+                    norm (BAM blocks)"
+            .into());
+    }
+    if cfg.router_score != RouterScoreKind::Softmax
+        || cfg.expert_bias
+        || cfg.n_groups > 1
+        || cfg.routed_scaling_factor != 1.0
+    {
+        return Err("DeepSeek-V3 routing ([model] router_score, expert_bias, n_groups, routed_scaling_factor): \
+                    transformers' DeepseekV3 pairs it with multi-head latent attention, not switchyard's \
+                    grouped-query attention, so no transformers model computes this one"
+            .into());
+    }
+    if cfg.computation_free_experts() > 0 || cfg.gating_residuals || cfg.router_mlp {
+        return Err("MoE++ ([model] constant_experts, copy_experts, zero_experts, gating_residuals, router_mlp) \
+                    has no transformers architecture"
+            .into());
+    }
+    if cfg.n_shared_experts > 0 && !cfg.shared_expert_gate {
+        return Err("[model] n_shared_experts without shared_expert_gate: transformers' Qwen2-MoE gates its shared \
+                    expert by sigmoid(w_g . x), and its shared-expert models with ungated ones (DeepSeek) use \
+                    another attention"
+            .into());
+    }
+    if cfg.n_shared_experts > 0 || !cfg.norm_topk_prob || cfg.first_dense_layers > 0 {
+        if cfg.n_shared_experts == 0 {
+            return Err("[model] norm_topk_prob = false or first_dense_layers > 0 without a shared expert: \
+                        Qwen2-MoE (the transformers model with those) always has a gated shared expert; set \
+                        norm_topk_prob = true for Mixtral, or add n_shared_experts with shared_expert_gate"
+                .into());
+        }
+        return Ok(HfArch::Qwen2Moe);
+    }
+    Ok(HfArch::Mixtral)
+}
+
+/// One tensor of the export.
+struct HfTensor {
+    name: String,
+    shape: Vec<usize>,
+    data: Vec<f32>,
+}
+
+/// Takes a switchyard tensor out of the step's tensors, or says which is missing.
+fn take(tensors: &mut checkpoint::LoadedTensors, name: &str, url: &str) -> Result<(Vec<usize>, Vec<f32>)> {
+    tensors.remove(name).ok_or_else(|| {
+        anyhow!("{url} has no tensor `{name}`: the checkpoint does not hold every tensor of its model (every expert is exported once; a missing one is an error)")
+    })
+}
+
+/// The Hugging Face tensors of the model, in a fixed order.
+fn hf_tensors(cfg: &ModelConfig, arch: HfArch, mut t: checkpoint::LoadedTensors, url: &str) -> Result<Vec<HfTensor>> {
+    let mut out = Vec::new();
+    let mut put = |name: String, (shape, data): (Vec<usize>, Vec<f32>)| out.push(HfTensor { name, shape, data });
+    put("model.embed_tokens.weight".into(), take(&mut t, "tok_embeddings.weight", url)?);
+    let (d, hd) = (cfg.d_model, cfg.head_dim());
+    for l in 0..cfg.n_layers {
+        let (src, dst) = (format!("layers.{l}"), format!("model.layers.{l}"));
+        put(format!("{dst}.input_layernorm.weight"), take(&mut t, &format!("{src}.attn_norm.weight"), url)?);
+        for (ours, theirs) in [("wq", "q_proj"), ("wk", "k_proj"), ("wv", "v_proj"), ("wo", "o_proj")] {
+            put(format!("{dst}.self_attn.{theirs}.weight"), take(&mut t, &format!("{src}.attn.{ours}.weight"), url)?);
+        }
+        if arch == HfArch::Qwen2Moe {
+            // Qwen2's q, k and v projections have biases: zeros compute ours.
+            for (proj, width) in
+                [("q_proj", cfg.n_heads * hd), ("k_proj", cfg.n_kv_heads * hd), ("v_proj", cfg.n_kv_heads * hd)]
+            {
+                put(format!("{dst}.self_attn.{proj}.bias"), (vec![width], vec![0.0; width]));
+            }
+        }
+        put(format!("{dst}.post_attention_layernorm.weight"), take(&mut t, &format!("{src}.ffn_norm.weight"), url)?);
+        let swiglu = |t: &mut checkpoint::LoadedTensors, from: &str| -> Result<[(Vec<usize>, Vec<f32>); 3]> {
+            Ok([
+                take(t, &format!("{from}.w1.weight"), url)?,
+                take(t, &format!("{from}.w3.weight"), url)?,
+                take(t, &format!("{from}.w2.weight"), url)?,
+            ])
+        };
+        if !cfg.is_moe_layer(l) {
+            // Qwen2-MoE's mlp_only_layers: a plain MLP.
+            let [gate, up, down] = swiglu(&mut t, &format!("{src}.ffn"))?;
+            put(format!("{dst}.mlp.gate_proj.weight"), gate);
+            put(format!("{dst}.mlp.up_proj.weight"), up);
+            put(format!("{dst}.mlp.down_proj.weight"), down);
+            continue;
+        }
+        let router = take(&mut t, &format!("{src}.moe.router.weight"), url)?;
+        match arch {
+            HfArch::Mixtral => {
+                put(format!("{dst}.block_sparse_moe.gate.weight"), router);
+                for e in 0..cfg.n_experts {
+                    let [w1, w3, w2] = swiglu(&mut t, &format!("{src}.moe.experts.{e}"))?;
+                    let at = format!("{dst}.block_sparse_moe.experts.{e}");
+                    put(format!("{at}.w1.weight"), w1);
+                    put(format!("{at}.w3.weight"), w3);
+                    put(format!("{at}.w2.weight"), w2);
+                }
+            }
+            HfArch::Qwen2Moe => {
+                put(format!("{dst}.mlp.gate.weight"), router);
+                for e in 0..cfg.n_experts {
+                    let [gate, up, down] = swiglu(&mut t, &format!("{src}.moe.experts.{e}"))?;
+                    let at = format!("{dst}.mlp.experts.{e}");
+                    put(format!("{at}.gate_proj.weight"), gate);
+                    put(format!("{at}.up_proj.weight"), up);
+                    put(format!("{at}.down_proj.weight"), down);
+                }
+                // S shared experts of width F sum to one SwiGLU of width S*F:
+                // gate and up rows stacked, down columns side by side.
+                let (f, s) = (cfg.ffn_hidden, cfg.n_shared_experts);
+                let (mut gate, mut up, mut down) = (Vec::new(), Vec::new(), vec![0.0f32; d * s * f]);
+                for i in 0..s {
+                    let [g, u, dn] = swiglu(&mut t, &format!("{src}.moe.shared.{i}"))?;
+                    gate.extend(g.1);
+                    up.extend(u.1);
+                    for (row, piece) in dn.1.chunks_exact(f).enumerate() {
+                        down[row * s * f + i * f..row * s * f + (i + 1) * f].copy_from_slice(piece);
+                    }
+                }
+                put(format!("{dst}.mlp.shared_expert.gate_proj.weight"), (vec![s * f, d], gate));
+                put(format!("{dst}.mlp.shared_expert.up_proj.weight"), (vec![s * f, d], up));
+                put(format!("{dst}.mlp.shared_expert.down_proj.weight"), (vec![d, s * f], down));
+                put(
+                    format!("{dst}.mlp.shared_expert_gate.weight"),
+                    take(&mut t, &format!("{src}.moe.shared_gate.weight"), url)?,
+                );
+            }
+        }
+    }
+    put("model.norm.weight".into(), take(&mut t, "norm.weight", url)?);
+    if !cfg.tie_embeddings {
+        put("lm_head.weight".into(), take(&mut t, "output.weight", url)?);
+    }
+    Ok(out)
+}
+
+/// `config.json` for `arch`.
+fn hf_config(cfg: &ModelConfig, arch: HfArch) -> serde_json::Value {
+    let mut c = json!({
+        "architectures": [arch.class()],
+        "model_type": arch.model_type(),
+        "vocab_size": cfg.vocab,
+        "hidden_size": cfg.d_model,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim(),
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.seq_len,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "num_experts_per_tok": cfg.top_k,
+        "router_aux_loss_coef": cfg.aux_loss_coef,
+        "output_router_logits": false,
+        "attention_dropout": 0.0,
+        "initializer_range": cfg.init_std,
+        "use_cache": true,
+        "torch_dtype": "float32",
+        "sliding_window": null,
+    });
+    let extra = match arch {
+        HfArch::Mixtral => json!({
+            "intermediate_size": cfg.ffn_hidden,
+            "num_local_experts": cfg.n_experts,
+        }),
+        HfArch::Qwen2Moe => json!({
+            "intermediate_size": cfg.dense_ffn_width(),
+            "moe_intermediate_size": cfg.ffn_hidden,
+            "shared_expert_intermediate_size": cfg.n_shared_experts * cfg.ffn_hidden,
+            "num_experts": cfg.n_experts,
+            "norm_topk_prob": cfg.norm_topk_prob,
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": (0..cfg.first_dense_layers).collect::<Vec<_>>(),
+            "use_sliding_window": false,
+            "max_window_layers": cfg.n_layers,
+        }),
+    };
+    for (k, v) in extra.as_object().expect("an object") {
+        c[k] = v.clone();
+    }
+    c
+}
+
+/// Writes `tensors` as `model.safetensors`, or in files of at most
+/// `max_shard_bytes` with `model.safetensors.index.json` (transformers'
+/// layout) when they are larger.
+fn write_weights(dir: &Path, tensors: &[HfTensor], max_shard_bytes: u64) -> Result<u64> {
+    let mut groups: Vec<Vec<&HfTensor>> = vec![Vec::new()];
+    let mut size = 0u64;
+    for t in tensors {
+        let bytes = 4 * t.data.len() as u64;
+        if size > 0 && size + bytes > max_shard_bytes {
+            groups.push(Vec::new());
+            size = 0;
+        }
+        size += bytes;
+        groups.last_mut().expect("a group").push(t);
+    }
+    fn refs<'t>(group: &[&'t HfTensor]) -> Vec<TensorRef<'t>> {
+        group.iter().map(|t| TensorRef { name: &t.name, shape: &t.shape, data: &t.data }).collect()
+    }
+    if groups.len() == 1 {
+        return Ok(checkpoint::write_safetensors(&dir.join("model.safetensors"), &refs(&groups[0]))?);
+    }
+    let (mut total, mut map) = (0u64, serde_json::Map::new());
+    for (i, group) in groups.iter().enumerate() {
+        let file = format!("model-{:05}-of-{:05}.safetensors", i + 1, groups.len());
+        total += checkpoint::write_safetensors(&dir.join(&file), &refs(group))?;
+        for t in group {
+            map.insert(t.name.clone(), json!(file));
+        }
+    }
+    let weights: u64 = tensors.iter().map(|t| 4 * t.data.len() as u64).sum();
+    let index = json!({ "metadata": { "total_size": weights }, "weight_map": map });
+    std::fs::write(dir.join("model.safetensors.index.json"), serde_json::to_string_pretty(&index)?)?;
+    Ok(total)
+}
+
+/// Exports the model of a step to the folder `to` (created; an existing
+/// folder is refused so nothing is overwritten).
+pub fn run(arg: &str, to: &Path, max_shard_bytes: u64) -> Result<()> {
+    let (store, step) = open_step(arg)?;
+    let url = store.step_url(step);
+    let manifest = store.read_manifest(step)?;
+    let job: JobConfig = serde_json::from_value(manifest.config.clone())
+        .with_context(|| format!("the config saved in {url} cannot be read by this version"))?;
+    let cfg = &job.model;
+    let arch = choose(cfg).map_err(|reason| anyhow!("cannot export {url} as a Hugging Face model: {reason}"))?;
+    if to.exists() {
+        bail!("{} already exists: give --to a new folder (nothing was written)", to.display());
+    }
+    let tensors = store.read_tensors(step, &manifest, |name| !is_optimizer_state(name))?;
+    let hf = hf_tensors(cfg, arch, tensors, &url)?;
+    // Everything goes to a temporary folder first: a failed export leaves nothing.
+    let temp = temp_dir_beside(to)?;
+    let written = (|| -> Result<u64> {
+        std::fs::create_dir_all(&temp)?;
+        let bytes = write_weights(&temp, &hf, max_shard_bytes)?;
+        std::fs::write(temp.join("config.json"), serde_json::to_string_pretty(&hf_config(cfg, arch))?)?;
+        let generation = json!({ "_from_model_config": true, "do_sample": false });
+        std::fs::write(temp.join("generation_config.json"), serde_json::to_string_pretty(&generation)?)?;
+        if job.data.tokenizer != "byte" {
+            std::fs::copy(&job.data.tokenizer, temp.join("tokenizer.json"))
+                .with_context(|| format!("cannot copy the run's tokenizer {}", job.data.tokenizer))?;
+        }
+        Ok(bytes)
+    })();
+    let bytes = match written.and_then(|b| std::fs::rename(&temp, to).map(|_| b).map_err(Into::into)) {
+        Ok(bytes) => bytes,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&temp);
+            return Err(e.context(format!("cannot write the export to {}", to.display())));
+        }
+    };
+    println!(
+        "exported {url} as {} ({}): {} tensors, {} in {}",
+        arch.class(),
+        arch.model_type(),
+        hf.len(),
+        human_bytes(bytes as f64),
+        to.display()
+    );
+    if job.data.tokenizer == "byte" {
+        println!("tokenizer: bytes (token id = byte value), which transformers has no file for; decode ids yourself");
+    }
+    if cfg.capacity_factor > 0.0 {
+        println!(
+            "note: trained with capacity_factor {} (dropped tokens); transformers runs every token through its \
+             experts, as `switchyard eval` does",
+            cfg.capacity_factor
+        );
+    }
+    println!("load it: AutoModelForCausalLM.from_pretrained(\"{}\")", to.display());
+    Ok(())
+}
+
+/// A hidden folder next to `to` for the export to be written into.
+fn temp_dir_beside(to: &Path) -> Result<PathBuf> {
+    let name = to.file_name().ok_or_else(|| anyhow!("--to {} names no folder", to.display()))?;
+    let parent = to.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    Ok(parent.join(format!(".{}.partial-{}", name.to_string_lossy(), std::process::id())))
+}
