@@ -48,11 +48,17 @@ fn python(args: &[&str]) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("compare.py printed no JSON ({e}): {}", text(&out)))
 }
 
-/// Exports `root` to `dir/hf` and compares it with switchyard's own eval.
-fn export_and_compare(dir: &Path, root: &str, export_flags: &[&str], architecture: &str) {
+/// Held-out text of the built-in corpus, 2 KiB, in `dir/held.txt`.
+fn held_out(dir: &Path) -> std::path::PathBuf {
     let held = dir.join("held.txt");
     let out = switchyard(&["data", "sample", "--out", held.to_str().unwrap(), "--sequences", "8"], dir);
     assert!(out.status.success(), "{}", text(&out));
+    held
+}
+
+/// switchyard's eval loss and first-window logits of checkpoint `root` on
+/// `held`, against the transformers model in `folder`.
+fn compare(dir: &Path, root: &str, held: &Path, folder: &Path) -> serde_json::Value {
     let logits = dir.join("logits.json");
     let out = switchyard(
         &[
@@ -69,20 +75,134 @@ fn export_and_compare(dir: &Path, root: &str, export_flags: &[&str], architectur
     );
     assert!(out.status.success(), "{}", text(&out));
     let eval: serde_json::Value = serde_json::from_slice(&out.stdout).expect("eval --json");
+    let loss = eval["loss"].as_f64().unwrap().to_string();
+    python(&["logits", folder.to_str().unwrap(), logits.to_str().unwrap(), held.to_str().unwrap(), &loss])
+}
+
+/// Asserts the logits (1e-4 of the largest) and the losses (1e-4 relative) agree.
+fn assert_same_function(r: &serde_json::Value, what: &str) {
+    let rel = r["max_rel_diff"].as_f64().unwrap();
+    assert!(rel <= 1e-4, "{what}: logits differ by {rel:.2e} of the largest: {r}");
+    let (theirs, ours) = (r["hf_loss"].as_f64().unwrap(), r["switchyard_loss"].as_f64().unwrap());
+    assert!((theirs - ours).abs() <= 1e-4 * ours, "{what}: loss {theirs} in transformers, {ours} here");
+}
+
+/// Exports `root` to `dir/hf` and compares it with switchyard's own eval.
+fn export_and_compare(dir: &Path, root: &str, export_flags: &[&str], architecture: &str) {
+    let held = held_out(dir);
     let hf = dir.join("hf");
     let mut args = vec!["ckpt", "export", root, "--format", "hf", "--to", hf.to_str().unwrap()];
     args.extend(export_flags);
     let out = switchyard(&args, dir);
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains(architecture), "{}", text(&out));
-    let loss = eval["loss"].as_f64().unwrap().to_string();
-    let r = python(&["logits", hf.to_str().unwrap(), logits.to_str().unwrap(), held.to_str().unwrap(), &loss]);
+    let r = compare(dir, root, &held, &hf);
     eprintln!("{architecture}: {r}");
     assert_eq!(r["architecture"], architecture, "{r}");
-    let rel = r["max_rel_diff"].as_f64().unwrap();
-    assert!(rel <= 1e-4, "{architecture}: logits differ by {rel:.2e} of the largest: {r}");
-    let (theirs, ours) = (r["hf_loss"].as_f64().unwrap(), r["switchyard_loss"].as_f64().unwrap());
-    assert!((theirs - ours).abs() <= 1e-4 * ours, "{architecture}: loss {theirs} in transformers, {ours} here");
+    assert_same_function(&r, architecture);
+}
+
+#[test]
+fn transformers_models_import_compute_the_same_logits_and_train_on_several_ranks() {
+    for kind in ["llama", "mixtral", "qwen2_moe"] {
+        let dir = common::temp_dir("hf", &format!("import-{kind}"));
+        let folder = dir.join("hf-model");
+        python(&["make", kind, folder.to_str().unwrap()]);
+        let run = dir.join("run");
+        let out = switchyard(
+            &[
+                "ckpt",
+                "import",
+                "--from",
+                folder.to_str().unwrap(),
+                "--run-dir",
+                run.to_str().unwrap(),
+                "--seq-len",
+                "16",
+            ],
+            &dir,
+        );
+        assert!(out.status.success(), "{kind}: {}", text(&out));
+        let root = run.join("checkpoints").display().to_string();
+        let r = compare(&dir, &root, &held_out(&dir), &folder);
+        eprintln!("import {kind}: {r}");
+        assert_same_function(&r, &format!("import {kind}"));
+        // The imported run resumes on 2 ranks and trains on the built-in corpus.
+        let config = run.join("config.toml");
+        let args =
+            ["train", "--run-dir", run.to_str().unwrap(), "--config", config.to_str().unwrap(), "--resume", "--quiet"];
+        let sets = [
+            "--set",
+            "train.steps=8",
+            "--set",
+            "parallel.ranks=2",
+            "--set",
+            "train.global_batch_size=4",
+            "--set",
+            "train.micro_batch_size=2",
+        ];
+        let out = switchyard(&[&args[..], &sets[..]].concat(), &dir);
+        assert!(out.status.success(), "{kind}: {}", text(&out));
+        assert!(text(&out).contains("resuming from") && text(&out).contains("(step 0)"), "{kind}: {}", text(&out));
+    }
+}
+
+#[test]
+fn bad_model_folders_are_refused_naming_the_file_and_nothing_is_written() {
+    let dir = common::temp_dir("hf", "import-bad");
+    let good = dir.join("good");
+    python(&["make", "mixtral", good.to_str().unwrap()]);
+    let import = |from: &Path, name: &str| -> (bool, String, bool) {
+        let run = dir.join(format!("run-{name}"));
+        let out = switchyard(
+            &[
+                "ckpt",
+                "import",
+                "--from",
+                from.to_str().unwrap(),
+                "--run-dir",
+                run.to_str().unwrap(),
+                "--seq-len",
+                "16",
+            ],
+            &dir,
+        );
+        (out.status.success(), text(&out), run.exists())
+    };
+    // An unknown model_type.
+    let unknown = dir.join("unknown");
+    std::fs::create_dir_all(&unknown).unwrap();
+    let config = std::fs::read_to_string(good.join("config.json")).unwrap().replace("\"mixtral\"", "\"gpt_neox\"");
+    std::fs::write(unknown.join("config.json"), config).unwrap();
+    std::fs::copy(good.join("model.safetensors"), unknown.join("model.safetensors")).unwrap();
+    let (ok, log, written) = import(&unknown, "unknown");
+    assert!(!ok && log.contains("gpt_neox") && log.contains("config.json") && !written, "{log}");
+    // A truncated safetensors file.
+    let truncated = dir.join("truncated");
+    std::fs::create_dir_all(&truncated).unwrap();
+    std::fs::copy(good.join("config.json"), truncated.join("config.json")).unwrap();
+    let bytes = std::fs::read(good.join("model.safetensors")).unwrap();
+    std::fs::write(truncated.join("model.safetensors"), &bytes[..bytes.len() / 2]).unwrap();
+    let (ok, log, written) = import(&truncated, "truncated");
+    assert!(!ok && log.contains("model.safetensors") && log.contains("truncated") && !written, "{log}");
+    // A shard the index names but the folder lacks.
+    let missing = dir.join("missing");
+    std::fs::create_dir_all(&missing).unwrap();
+    std::fs::copy(good.join("config.json"), missing.join("config.json")).unwrap();
+    let index = r#"{"metadata": {}, "weight_map": {"model.embed_tokens.weight": "model-00001-of-00002.safetensors"}}"#;
+    std::fs::write(missing.join("model.safetensors.index.json"), index).unwrap();
+    let (ok, log, written) = import(&missing, "missing");
+    assert!(!ok && log.contains("model-00001-of-00002.safetensors") && log.contains("missing") && !written, "{log}");
+    // A shape that does not fit config.json.
+    let shapes = dir.join("shapes");
+    std::fs::create_dir_all(&shapes).unwrap();
+    let config = std::fs::read_to_string(good.join("config.json"))
+        .unwrap()
+        .replace("\"intermediate_size\": 40", "\"intermediate_size\": 44");
+    std::fs::write(shapes.join("config.json"), config).unwrap();
+    std::fs::copy(good.join("model.safetensors"), shapes.join("model.safetensors")).unwrap();
+    let (ok, log, written) = import(&shapes, "shapes");
+    assert!(!ok && log.contains("w1.weight") && !written, "{log}");
 }
 
 #[test]

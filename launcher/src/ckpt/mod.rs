@@ -6,6 +6,7 @@
 
 pub mod export;
 pub mod hf;
+pub mod hf_import;
 pub mod inspect;
 pub mod ls;
 
@@ -36,6 +37,9 @@ pub enum CkptCommand {
         /// A step folder (<root>/step-XXXXXXXX) or a checkpoint root (its newest committed step).
         step: String,
     },
+    /// Read a Hugging Face model folder (Llama, Mistral, Qwen2, Mixtral,
+    /// Qwen2-MoE) into a new run folder, ready for `train --resume`.
+    Import(ImportArgs),
     /// Write a step's model: one safetensors file with switchyard's names
     /// (DESIGN section 5), or with `--format hf` a Hugging Face model folder
     /// that `transformers` loads (Mixtral or Qwen2-MoE; docs/interop.md).
@@ -59,6 +63,23 @@ pub enum CkptCommand {
     },
 }
 
+/// `ckpt import`'s arguments.
+#[derive(Debug, clap::Args)]
+pub struct ImportArgs {
+    /// A Hugging Face model folder (config.json, model.safetensors or an index).
+    #[arg(long)]
+    pub from: PathBuf,
+    /// The run folder to create: its checkpoints/ gets step 0, config.toml the job.
+    #[arg(long)]
+    pub run_dir: PathBuf,
+    /// Tokens per training sequence of the imported job.
+    #[arg(long, default_value_t = 1024)]
+    pub seq_len: usize,
+    /// Further settings of the job, as in `train --set` (e.g. data.source=...).
+    #[arg(long = "set")]
+    pub sets: Vec<String>,
+}
+
 /// What `ckpt export` writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ExportFormat {
@@ -68,12 +89,18 @@ pub enum ExportFormat {
     Hf,
 }
 
+/// Runs `ckpt import`.
+fn import(args: ImportArgs) -> Result<()> {
+    crate::ckpt::hf_import::run(&args.from, &args.run_dir, args.seq_len, &args.sets)
+}
+
 /// Runs a checkpoint subcommand.
 pub fn run(cmd: CkptCommand) -> Result<()> {
     match cmd {
         CkptCommand::Ls { root } => crate::ckpt::ls::run(&root),
         CkptCommand::Inspect { step, json } => crate::ckpt::inspect::run(&step, json),
         CkptCommand::Verify { step } => verify(&step),
+        CkptCommand::Import(args) => import(args),
         CkptCommand::Export { step, to, format: ExportFormat::Safetensors, with_optimizer, .. } => {
             crate::ckpt::export::run(&step, &to, with_optimizer)
         }

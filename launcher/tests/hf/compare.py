@@ -6,6 +6,10 @@
       window of TEXT (bytes, windows of seq_len + 1 without overlap, as
       `switchyard eval`), and prints JSON: the largest logit difference
       relative to the largest logit, and both mean cross-entropies.
+  compare.py make KIND FOLDER
+      writes a small random transformers model (KIND: llama, mixtral,
+      qwen2_moe; vocab 256 so byte text fits) to FOLDER with save_pretrained,
+      no downloads.
   compare.py same FOLDER_A FOLDER_B
       prints JSON: whether both folders hold the same tensor names, and the
       largest difference relative to the largest value.
@@ -65,8 +69,39 @@ def same(a, b):
     print(json.dumps({"same_names": names, "tensors": len(ta), "max_rel_diff": worst}))
 
 
+def make(kind, folder):
+    from transformers import AutoConfig
+    torch.manual_seed(0)
+    common = dict(vocab_size=256, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, rope_theta=10000.0,
+                  tie_word_embeddings=False, initializer_range=0.2)
+    if kind == "llama":
+        config = AutoConfig.for_model("llama", intermediate_size=48, **common)
+    elif kind == "mixtral":
+        config = AutoConfig.for_model("mixtral", intermediate_size=40, num_local_experts=4, num_experts_per_tok=2,
+                                      sliding_window=None, **common)
+    elif kind == "qwen2_moe":
+        common.update(num_hidden_layers=3)
+        config = AutoConfig.for_model("qwen2_moe", intermediate_size=56, moe_intermediate_size=24,
+                                      shared_expert_intermediate_size=48, num_experts=6, num_experts_per_tok=2,
+                                      norm_topk_prob=False, mlp_only_layers=[0], use_sliding_window=False, **common)
+    else:
+        sys.exit(f"unknown kind {kind}")
+    model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.zero_()  # switchyard's attention has no biases
+            elif "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+    model.save_pretrained(folder, safe_serialization=True)
+    print(json.dumps({"architecture": config.architectures[0] if config.architectures else type(model).__name__}))
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "logits":
         logits(*sys.argv[2:6])
+    elif sys.argv[1] == "make":
+        make(*sys.argv[2:4])
     else:
         same(*sys.argv[2:4])
