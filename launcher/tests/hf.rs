@@ -288,3 +288,78 @@ fn models_transformers_cannot_compute_are_refused_and_nothing_is_written() {
         assert!(leftovers.is_empty(), "no partial folder");
     }
 }
+
+#[test]
+fn an_upcycled_dense_model_computes_the_same_function_then_learns() {
+    let dir = common::temp_dir("hf", "upcycle");
+    let folder = dir.join("llama");
+    python(&["make", "llama", folder.to_str().unwrap()]);
+    let dense = dir.join("dense");
+    let out = switchyard(
+        &[
+            "ckpt",
+            "import",
+            "--from",
+            folder.to_str().unwrap(),
+            "--run-dir",
+            dense.to_str().unwrap(),
+            "--seq-len",
+            "16",
+        ],
+        &dir,
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let moe = dir.join("moe");
+    let dense_root = dense.join("checkpoints").display().to_string();
+    let args = [
+        "ckpt",
+        "upcycle",
+        "--from",
+        &dense_root,
+        "--run-dir",
+        moe.to_str().unwrap(),
+        "--experts",
+        "4",
+        "--top-k",
+        "2",
+    ];
+    let out = switchyard(&args, &dir);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("into 4 experts, top-2"), "{}", text(&out));
+    // Before any training the MoE computes the dense Llama's function.
+    let held = held_out(&dir);
+    let r = compare(&dir, &moe.join("checkpoints").display().to_string(), &held, &folder);
+    eprintln!("upcycled: {r}");
+    assert_same_function(&r, "upcycled llama");
+    // Then it trains: the experts drift apart and the loss falls.
+    let config = moe.join("config.toml");
+    let train =
+        ["train", "--run-dir", moe.to_str().unwrap(), "--config", config.to_str().unwrap(), "--resume", "--quiet"];
+    let sets = ["--set", "train.steps=30", "--set", "train.global_batch_size=8", "--set", "train.micro_batch_size=4"];
+    let out = switchyard(&[&train[..], &sets[..]].concat(), &dir);
+    assert!(out.status.success(), "{}", text(&out));
+    let metrics = std::fs::read_to_string(moe.join("metrics.jsonl")).unwrap();
+    let losses: Vec<f64> = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap())
+        .collect();
+    eprintln!("upcycled training: step 1 loss {:.4}, step 30 loss {:.4}", losses[0], losses[29]);
+    assert!(losses[29] < losses[0] - 0.5, "the upcycled model learns: {losses:?}");
+    // Upcycling needs a dense (one-expert) model.
+    let again = dir.join("again");
+    let moe_root = moe.join("checkpoints").display().to_string();
+    let args = [
+        "ckpt",
+        "upcycle",
+        "--from",
+        &moe_root,
+        "--run-dir",
+        again.to_str().unwrap(),
+        "--experts",
+        "8",
+        "--top-k",
+        "2",
+    ];
+    let out = switchyard(&args, &dir);
+    assert!(!out.status.success() && text(&out).contains("not a dense model") && !again.exists(), "{}", text(&out));
+}

@@ -327,6 +327,32 @@ fn fill_weights(job: &JobConfig, arch: Arch, mut t: Tensors, state: &mut TrainSt
     Ok(())
 }
 
+/// Commits `state` as step 0 of `run_dir`'s checkpoints (one rank's
+/// layout; any layout resumes from it) and writes the job as
+/// `run_dir/config.toml`; returns the store and that file.
+pub fn write_step_zero(
+    job: &JobConfig,
+    state: &TrainState,
+    plan: &PlacementPlan,
+    run_dir: &Path,
+) -> Result<(CheckpointStore, PathBuf)> {
+    let root = std::fs::canonicalize(run_dir)?.join("checkpoints");
+    let store = CheckpointStore::open(&format!("file://{}", root.display()))?;
+    let tensors = state.shard_tensors(job, true, &|_, _| true);
+    let refs: Vec<_> = tensors.iter().map(|t| t.as_ref()).collect();
+    let report = write_snapshot(&store, 0, 0, &refs)?.expect("a model has tensors");
+    let sizes = layout::ModelSizes {
+        n_heads: job.model.n_heads,
+        n_kv_heads: job.model.n_kv_heads,
+        n_experts: job.model.n_experts,
+    };
+    let dims = ParallelDims::new(1, 1, 1, sizes)?;
+    store.commit(&state.manifest(job, &dims, plan, vec![report]))?;
+    let config_out = run_dir.join("config.toml");
+    std::fs::write(&config_out, job.to_toml())?;
+    Ok((store, config_out))
+}
+
 /// Imports the model folder `from` into the run folder `run_dir`.
 pub fn run(from: &Path, run_dir: &Path, seq_len: usize, sets: &[String]) -> Result<()> {
     let config_path = from.join("config.json");
@@ -354,20 +380,7 @@ pub fn run(from: &Path, run_dir: &Path, seq_len: usize, sets: &[String]) -> Resu
     if tokenizer.exists() {
         std::fs::copy(&tokenizer, run_dir.join("tokenizer.json"))?;
     }
-    let store =
-        CheckpointStore::open(&format!("file://{}", std::fs::canonicalize(run_dir)?.join("checkpoints").display()))?;
-    let tensors = state.shard_tensors(&job, true, &|_, _| true);
-    let refs: Vec<_> = tensors.iter().map(|t| t.as_ref()).collect();
-    let report = write_snapshot(&store, 0, 0, &refs)?.expect("a model has tensors");
-    let sizes = layout::ModelSizes {
-        n_heads: job.model.n_heads,
-        n_kv_heads: job.model.n_kv_heads,
-        n_experts: job.model.n_experts,
-    };
-    let dims = ParallelDims::new(1, 1, 1, sizes)?;
-    store.commit(&state.manifest(&job, &dims, &plan, vec![report]))?;
-    let config_out: PathBuf = run_dir.join("config.toml");
-    std::fs::write(&config_out, job.to_toml())?;
+    let (store, config_out) = write_step_zero(&job, &state, &plan, run_dir)?;
     println!(
         "imported {} ({}) as {}: {} parameters, step 0 committed at {}",
         from.display(),

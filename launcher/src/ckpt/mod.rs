@@ -9,6 +9,7 @@ pub mod hf;
 pub mod hf_import;
 pub mod inspect;
 pub mod ls;
+pub mod upcycle;
 
 use anyhow::{anyhow, Context, Result};
 use checkpoint::{CheckpointStore, Manifest};
@@ -40,6 +41,9 @@ pub enum CkptCommand {
     /// Read a Hugging Face model folder (Llama, Mistral, Qwen2, Mixtral,
     /// Qwen2-MoE) into a new run folder, ready for `train --resume`.
     Import(ImportArgs),
+    /// Sparse Upcycling: a one-expert (dense) model into E experts, each a
+    /// copy of its FFN, with a new router (docs/interop.md).
+    Upcycle(crate::ckpt::upcycle::UpcycleArgs),
     /// Write a step's model: one safetensors file with switchyard's names
     /// (DESIGN section 5), or with `--format hf` a Hugging Face model folder
     /// that `transformers` loads (Mixtral or Qwen2-MoE; docs/interop.md).
@@ -101,6 +105,7 @@ pub fn run(cmd: CkptCommand) -> Result<()> {
         CkptCommand::Inspect { step, json } => crate::ckpt::inspect::run(&step, json),
         CkptCommand::Verify { step } => verify(&step),
         CkptCommand::Import(args) => import(args),
+        CkptCommand::Upcycle(args) => crate::ckpt::upcycle::run(args),
         CkptCommand::Export { step, to, format: ExportFormat::Safetensors, with_optimizer, .. } => {
             crate::ckpt::export::run(&step, &to, with_optimizer)
         }
