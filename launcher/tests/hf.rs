@@ -87,6 +87,12 @@ fn assert_same_function(r: &serde_json::Value, what: &str) {
     assert!((theirs - ours).abs() <= 1e-4 * ours, "{what}: loss {theirs} in transformers, {ours} here");
 }
 
+/// `switchyard ckpt import --from FOLDER --run-dir RUN --seq-len 16`, run in `dir`.
+fn import(dir: &Path, folder: &Path, run: &Path) -> std::process::Output {
+    let (from, to) = (folder.to_str().unwrap(), run.to_str().unwrap());
+    switchyard(&["ckpt", "import", "--from", from, "--run-dir", to, "--seq-len", "16"], dir)
+}
+
 /// Exports `root` to `dir/hf` and compares it with switchyard's own eval.
 fn export_and_compare(dir: &Path, root: &str, export_flags: &[&str], architecture: &str) {
     let held = held_out(dir);
@@ -109,19 +115,7 @@ fn transformers_models_import_compute_the_same_logits_and_train_on_several_ranks
         let folder = dir.join("hf-model");
         python(&["make", kind, folder.to_str().unwrap()]);
         let run = dir.join("run");
-        let out = switchyard(
-            &[
-                "ckpt",
-                "import",
-                "--from",
-                folder.to_str().unwrap(),
-                "--run-dir",
-                run.to_str().unwrap(),
-                "--seq-len",
-                "16",
-            ],
-            &dir,
-        );
+        let out = import(&dir, &folder, &run);
         assert!(out.status.success(), "{kind}: {}", text(&out));
         let root = run.join("checkpoints").display().to_string();
         let r = compare(&dir, &root, &held_out(&dir), &folder);
@@ -154,19 +148,7 @@ fn bad_model_folders_are_refused_naming_the_file_and_nothing_is_written() {
     python(&["make", "mixtral", good.to_str().unwrap()]);
     let import = |from: &Path, name: &str| -> (bool, String, bool) {
         let run = dir.join(format!("run-{name}"));
-        let out = switchyard(
-            &[
-                "ckpt",
-                "import",
-                "--from",
-                from.to_str().unwrap(),
-                "--run-dir",
-                run.to_str().unwrap(),
-                "--seq-len",
-                "16",
-            ],
-            &dir,
-        );
+        let out = import(&dir, from, &run);
         (out.status.success(), text(&out), run.exists())
     };
     // An unknown model_type.
@@ -295,19 +277,7 @@ fn an_upcycled_dense_model_computes_the_same_function_then_learns() {
     let folder = dir.join("llama");
     python(&["make", "llama", folder.to_str().unwrap()]);
     let dense = dir.join("dense");
-    let out = switchyard(
-        &[
-            "ckpt",
-            "import",
-            "--from",
-            folder.to_str().unwrap(),
-            "--run-dir",
-            dense.to_str().unwrap(),
-            "--seq-len",
-            "16",
-        ],
-        &dir,
-    );
+    let out = import(&dir, &folder, &dense);
     assert!(out.status.success(), "{}", text(&out));
     let moe = dir.join("moe");
     let dense_root = dense.join("checkpoints").display().to_string();
