@@ -27,7 +27,9 @@ pub fn run(arg: &str, json: bool) -> Result<()> {
     field("code version", &manifest.code_version);
     field("created", &format!("{} UTC", utc_time(manifest.created_unix_s)));
     field("parallel", &parallel_summary(&manifest.parallel));
-    let (plan_line, plan_layers) = plan_summary(&manifest.plan);
+    // DeepSeek-style dense first layers hold no experts whatever the plan lists.
+    let dense_layers = manifest.config["model"]["first_dense_layers"].as_u64().unwrap_or(0) as usize;
+    let (plan_line, plan_layers) = plan_summary(&manifest.plan, dense_layers);
     field("plan", &plan_line);
     for line in plan_layers {
         println!("  {line}");
@@ -62,7 +64,7 @@ fn parallel_summary(value: &Value) -> String {
 
 /// A headline plus one line per run of layers with the same placement,
 /// e.g. `layers 0-1: rank 0: experts 0-3 | rank 1: experts 4-7`.
-fn plan_summary(value: &Value) -> (String, Vec<String>) {
+fn plan_summary(value: &Value, dense_layers: usize) -> (String, Vec<String>) {
     let Ok(plan) = serde_json::from_value::<PlacementPlan>(value.clone()) else {
         return (value.to_string(), Vec::new());
     };
@@ -74,7 +76,12 @@ fn plan_summary(value: &Value) -> (String, Vec<String>) {
         plan.owners.len()
     );
     let mut lines = Vec::new();
-    let mut start = 0;
+    let mut start = dense_layers.min(plan.owners.len());
+    match start {
+        0 => {}
+        1 => lines.push("layer 0: a dense FFN, no experts".to_string()),
+        n => lines.push(format!("layers 0-{}: dense FFNs, no experts", n - 1)),
+    }
     while start < plan.owners.len() {
         // Layers usually share a placement (always, with contiguous blocks): one line for the run.
         let end =
@@ -203,13 +210,18 @@ mod tests {
     #[test]
     fn plan_summary_groups_equal_layers_and_counts_replicas() {
         let contiguous = serde_json::to_value(PlacementPlan::contiguous(3, 8, 2)).unwrap();
-        let (headline, lines) = plan_summary(&contiguous);
+        let (headline, lines) = plan_summary(&contiguous, 0);
         assert_eq!(headline, "2 expert-parallel ranks, 3 layers x 8 experts, 0 extra replicas");
         assert_eq!(lines, ["layers 0-2: rank 0: experts 0-3 | rank 1: experts 4-7"]);
+        let (_, lines) = plan_summary(&contiguous, 1);
+        assert_eq!(
+            lines,
+            ["layer 0: a dense FFN, no experts", "layers 1-2: rank 0: experts 0-3 | rank 1: experts 4-7"]
+        );
 
         // Layer 1 replicates expert 0 on rank 1 and leaves rank 2 empty.
         let plan = json!({"num_ranks": 3, "owners": [[[0], [1], [2]], [[0, 1], [1], [1]]]});
-        let (headline, lines) = plan_summary(&plan);
+        let (headline, lines) = plan_summary(&plan, 0);
         assert!(headline.ends_with("1 extra replicas"), "{headline}");
         assert_eq!(
             lines,
@@ -219,6 +231,6 @@ mod tests {
             ]
         );
         // Not a plan this version knows: shown as it is.
-        assert_eq!(plan_summary(&json!({"x": 1})).0, r#"{"x":1}"#);
+        assert_eq!(plan_summary(&json!({"x": 1}), 0).0, r#"{"x":1}"#);
     }
 }
