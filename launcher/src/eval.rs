@@ -86,12 +86,21 @@ pub fn run(args: EvalArgs) -> Result<()> {
 /// The job's own tokenizer: a prepared folder's tokenizer.json when it has
 /// one, else the `[data] tokenizer` setting.
 fn eval_tokenizer(job: &JobConfig) -> Result<Tokenizer> {
+    match tokenizer_file(job) {
+        Some(path) => Ok(Tokenizer::load(&path)?),
+        None => Ok(job.data.open_tokenizer()?),
+    }
+}
+
+/// The tokenizer.json a job's tokens came from: its prepared folder's copy,
+/// else `[data] tokenizer` when that is a file; None for bytes.
+pub fn tokenizer_file(job: &JobConfig) -> Option<PathBuf> {
     if !job.data.is_builtin() {
         if let Ok(data) = worker::data::PreparedData::open(std::path::Path::new(&job.data.source)) {
             if let Some(path) = data.tokenizer_path() {
-                return Ok(Tokenizer::load(&path)?);
+                return Some(path);
             }
         }
     }
-    Ok(job.data.open_tokenizer()?)
+    (job.data.tokenizer != "byte").then(|| PathBuf::from(&job.data.tokenizer))
 }

@@ -280,6 +280,8 @@ pub fn run(arg: &str, to: &Path, max_shard_bytes: u64) -> Result<()> {
     }
     let tensors = store.read_tensors(step, &manifest, |name| !is_optimizer_state(name))?;
     let hf = hf_tensors(cfg, arch, tensors, &url)?;
+    // The run's tokenizer: a prepared data folder's copy, or [data] tokenizer.
+    let tokenizer = crate::eval::tokenizer_file(&job);
     // Everything goes to a temporary folder first: a failed export leaves nothing.
     let temp = temp_dir_beside(to)?;
     let written = (|| -> Result<u64> {
@@ -288,9 +290,9 @@ pub fn run(arg: &str, to: &Path, max_shard_bytes: u64) -> Result<()> {
         std::fs::write(temp.join("config.json"), serde_json::to_string_pretty(&hf_config(cfg, arch))?)?;
         let generation = json!({ "_from_model_config": true, "do_sample": false });
         std::fs::write(temp.join("generation_config.json"), serde_json::to_string_pretty(&generation)?)?;
-        if job.data.tokenizer != "byte" {
-            std::fs::copy(&job.data.tokenizer, temp.join("tokenizer.json"))
-                .with_context(|| format!("cannot copy the run's tokenizer {}", job.data.tokenizer))?;
+        if let Some(file) = &tokenizer {
+            std::fs::copy(file, temp.join("tokenizer.json"))
+                .with_context(|| format!("cannot copy the run's tokenizer {}", file.display()))?;
         }
         Ok(bytes)
     })();
@@ -309,7 +311,7 @@ pub fn run(arg: &str, to: &Path, max_shard_bytes: u64) -> Result<()> {
         human_bytes(bytes as f64),
         to.display()
     );
-    if job.data.tokenizer == "byte" {
+    if tokenizer.is_none() {
         println!("tokenizer: bytes (token id = byte value), which transformers has no file for; decode ids yourself");
     }
     if cfg.capacity_factor > 0.0 {
