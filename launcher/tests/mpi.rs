@@ -624,23 +624,51 @@ fn grouped_placement_keeps_each_token_on_one_other_node_at_most() {
         lines.iter().map(|l| l["internode_token_nodes"].as_f64().unwrap_or(0.0)).sum::<f64>() / lines.len() as f64
     };
     let (limited_pairs, spread_pairs) = (pairs(&limited), pairs(&spread));
-    let rows = |lines: &[serde_json::Value]| {
-        lines.iter().map(|l| l["internode_rows"].as_f64().unwrap_or(0.0)).sum::<f64>() / lines.len() as f64
+    let mean = |lines: &[serde_json::Value], key: &str| {
+        lines.iter().map(|l| l[key].as_f64().unwrap_or(0.0)).sum::<f64>() / lines.len() as f64
     };
+    let (limited_sent, spread_sent) = (mean(&limited, "internode_rows_sent"), mean(&spread, "internode_rows_sent"));
     eprintln!(
         "per step, {visits} token-layer visits: (token, other node) pairs {limited_pairs:.0} grouped and limited, \
-         {spread_pairs:.0} without the limit; rows to other nodes {:.0} and {:.0}",
-        rows(&limited),
-        rows(&spread)
+         {spread_pairs:.0} without the limit; rows for experts on other nodes {:.0} and {:.0}; rows sent to other \
+         nodes {limited_sent:.0} and {spread_sent:.0}; all-to-all bytes sent {:.0} and {:.0}",
+        mean(&limited, "internode_rows"),
+        mean(&spread, "internode_rows"),
+        mean(&limited, "alltoall_bytes_sent"),
+        mean(&spread, "alltoall_bytes_sent"),
     );
     assert!(limited_pairs > 0.0 && limited_pairs <= visits, "at most one other node per token: {limited_pairs}");
     assert!(
         limited_pairs < 0.8 * spread_pairs,
         "(token, node) pairs crossing nodes per step: {limited_pairs:.0} with groups on nodes, {spread_pairs:.0} without"
     );
+    assert!(
+        limited_sent < 0.8 * spread_sent,
+        "rows sent between nodes per step: {limited_sent:.0} with groups on nodes, {spread_sent:.0} without"
+    );
+    // The simulator's count for a uniform router: each visit goes to the
+    // ranks of its experts, two thirds of them on other nodes.
+    for (sets, measured) in [
+        (&["model.n_groups=3", "model.topk_groups=1"], limited_sent),
+        (&["model.n_groups=1", "model.topk_groups=1"], spread_sent),
+    ] {
+        let overrides: Vec<String> = model.iter().chain(sets).map(|s| s.to_string()).collect();
+        let job = worker::JobConfig::load(Some(Path::new(&example)), &overrides).unwrap();
+        let predicted = visits * simulator::shape::owners_per_token(&job.model, 3) * 2.0 / 3.0;
+        assert!(
+            (measured - predicted).abs() <= 0.1 * predicted,
+            "{sets:?}: rows sent between nodes per step {measured:.0}, simulator {predicted:.0}"
+        );
+        eprintln!("{sets:?}: rows sent between nodes per step {measured:.0}, simulator {predicted:.0}");
+    }
     for lines in [&limited, &spread] {
-        let rows = lines[0]["internode_rows"].as_u64().unwrap();
-        assert!(rows >= lines[0]["internode_token_nodes"].as_u64().unwrap(), "{}", lines[0]);
+        for line in lines.iter() {
+            let rows = line["internode_rows"].as_u64().unwrap();
+            let pairs = line["internode_token_nodes"].as_u64().unwrap();
+            // One rank per node: a token travels to a node once.
+            assert_eq!(line["internode_rows_sent"].as_u64().unwrap(), pairs, "{line}");
+            assert!(line["rows_deduplicated"].as_u64().unwrap() >= rows - pairs, "{line}");
+        }
     }
 }
 

@@ -73,8 +73,34 @@ pub struct RankShape {
     pub expert_rows_max: f64,
     /// The mean over ranks.
     pub expert_rows_mean: f64,
+    /// Rows whose input travels per micro-batch per layer, the mean over
+    /// ranks: a token goes once to each rank holding some of its experts
+    /// (`worker::dispatch`), so with top-k > 1 fewer than the rows.
+    pub travel_rows_mean: f64,
     /// Tokens of the global batch per step.
     pub tokens_per_step: usize,
+}
+
+/// The expected number of expert-parallel ranks a token's top-k experts
+/// live on, for a router that picks uniformly among the experts it may
+/// choose: with group-limited routing those of its `topk_groups` groups
+/// (consecutive ids, so a group lies on `ep / n_groups` ranks, or shares a
+/// rank with others when groups outnumber ranks: then the kept groups are
+/// taken as on different ranks, the most they can spread).
+pub fn owners_per_token(m: &ModelConfig, ep: usize) -> f64 {
+    let (e, k, ep) = (m.n_experts as f64, m.top_k, ep.max(1) as f64);
+    let limited = m.n_groups > 1 && m.topk_groups < m.n_groups;
+    let (groups, kept) = (m.n_groups as f64, m.topk_groups as f64);
+    // Experts a token may choose, and the ranks they live on.
+    let (choosable, ranks) = match (limited, m.n_groups as f64 <= ep) {
+        (false, _) => (e, ep),
+        (true, true) => (e * kept / groups, ep * kept / groups),
+        (true, false) => (e * kept / groups, kept.min(ep)),
+    };
+    let per_rank = choosable / ranks;
+    // A rank is missed when all k picks (without replacement) avoid its experts.
+    let missed: f64 = (0..k).map(|i| ((choosable - per_rank - i as f64) / (choosable - i as f64)).max(0.0)).product();
+    ranks * (1.0 - missed)
 }
 
 impl RankShape {
@@ -124,6 +150,7 @@ impl RankShape {
             // Every rank of an EP group sends its kept rows; the group's experts
             // share them, so the mean rank computes as many rows as it sends.
             expert_rows_mean: assignments * kept,
+            travel_rows_mean: t as f64 * kept * owners_per_token(m, dims.ep),
             expert_rows_max: assignments * busiest_share,
             tokens_per_step: job.global_batch_size * m.seq_len,
         }
@@ -136,5 +163,31 @@ impl RankShape {
 
     pub fn kv_width(&self) -> usize {
         self.kv_heads * self.head_dim
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model(experts: usize, top_k: usize, groups: usize, kept: usize) -> ModelConfig {
+        ModelConfig { n_experts: experts, top_k, n_groups: groups, topk_groups: kept, ..Default::default() }
+    }
+
+    #[test]
+    fn a_token_reaches_at_most_top_k_owners_and_fewer_with_groups_kept() {
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-12;
+        assert!(close(owners_per_token(&model(8, 1, 1, 1), 4), 1.0));
+        assert!(close(owners_per_token(&model(8, 2, 1, 1), 1), 1.0), "one rank holds everything");
+        assert!(close(owners_per_token(&model(8, 2, 1, 1), 8), 2.0), "one expert per rank");
+        // DeepSeek-V3 on 64 ranks: 8 groups of 32 experts, 4 kept, top-8.
+        // Limited, the 128 choosable experts live on 32 ranks, 4 each.
+        let limited = owners_per_token(&model(256, 8, 8, 4), 64);
+        let missed: f64 = (0..8).map(|i| (124.0 - i as f64) / (128.0 - i as f64)).product();
+        assert!(close(limited, 32.0 * (1.0 - missed)), "{limited}");
+        let spread = owners_per_token(&model(256, 8, 1, 1), 64);
+        assert!(limited < spread && spread < 8.0, "{limited} vs {spread}");
+        // Groups outnumbering ranks: at most one rank per kept group.
+        assert!(owners_per_token(&model(16, 4, 8, 2), 2) <= 2.0);
     }
 }

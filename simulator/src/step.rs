@@ -13,7 +13,7 @@ use super::cluster::{Cluster, Placement};
 use super::kernels::{model_flops_per_step, Kernels, Part};
 use super::memory::RankMemory;
 use super::shape::RankShape;
-use super::traffic::{collectives, dense_params, expert_params, Collective, Kind, LinkBytes, Phase};
+use super::traffic::{collectives, dense_params, expert_params, moves_expert_rows, Collective, Kind, LinkBytes, Phase};
 
 /// What the simulator is asked beyond the job and the cluster.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -83,7 +83,7 @@ pub fn predict(s: &RankShape, cluster: &Cluster, options: Options) -> Prediction
     let model_flops = model_flops_per_step(s);
     let devices_used = s.ranks.div_ceil(at.ranks_per_device) as f64;
     let peak = cluster.device.matrix_tflops * 1e12 * devices_used;
-    let rows: Vec<&Collective> = comms.iter().filter(|c| c.name == "all-to-all: expert rows").collect();
+    let rows: Vec<&Collective> = comms.iter().filter(|c| moves_expert_rows(c)).collect();
     let alltoall_bytes = rows.iter().fold(LinkBytes::default(), |acc, c| {
         let b = c.link_bytes(&at);
         let n = c.count * s.ranks as f64;

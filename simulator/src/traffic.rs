@@ -75,6 +75,18 @@ impl Collective {
     }
 }
 
+/// The expert exchanges whose rows are a token's once per owner rank
+/// (inputs forward, input gradients backward).
+pub const ROWS_ONCE_PER_OWNER: &str = "all-to-all: expert inputs / input gradients";
+/// The expert exchanges that carry every row (outputs forward, output
+/// gradients backward).
+pub const ROWS_EACH: &str = "all-to-all: expert outputs / output gradients";
+
+/// Whether `c` moves expert rows (the bytes `alltoall_bytes_sent` counts).
+pub fn moves_expert_rows(c: &Collective) -> bool {
+    c.name == ROWS_ONCE_PER_OWNER || c.name == ROWS_EACH
+}
+
 /// The collectives of one step on one rank.
 pub fn collectives(s: &RankShape, precision: &Precision) -> Vec<Collective> {
     let f = |x: usize| x as f64;
@@ -82,25 +94,36 @@ pub fn collectives(s: &RankShape, precision: &Precision) -> Vec<Collective> {
     let mut out = Vec::new();
     let per_layer = f(s.layers * s.micro_batches);
     if s.ep > 1 {
-        // Rows out to the experts and back, forward; the same in reverse
-        // backward (combine's backward is a dispatch). The busiest rank
-        // receives more, but sends its own tokens' rows: the mean.
-        let rows = s.expert_rows_mean * f(s.d) * value;
+        // Forward, inputs out to the experts (a token once per owner rank)
+        // and outputs back (row by row); backward the reverse: output
+        // gradients out row by row, input gradients back summed per token
+        // and owner. The busiest rank receives more, but sends its own
+        // tokens' rows: the mean.
         out.push(Collective {
-            name: "all-to-all: expert rows",
+            name: ROWS_ONCE_PER_OWNER,
             kind: Kind::Exchange,
             phase: Phase::Exchange,
             group: s.ep,
-            bytes: rows,
-            count: 4.0 * per_layer,
+            bytes: s.travel_rows_mean * f(s.d) * value,
+            count: 2.0 * per_layer,
         });
-        // Row counts per expert, once per layer forward (backward reuses them).
+        out.push(Collective {
+            name: ROWS_EACH,
+            kind: Kind::Exchange,
+            phase: Phase::Exchange,
+            group: s.ep,
+            bytes: s.expert_rows_mean * f(s.d) * value,
+            count: 2.0 * per_layer,
+        });
+        // Row counts per expert and chunk, and with top-k > 1 each row's
+        // travelling row, once per layer forward (backward reuses them).
+        let slots = if s.top_k > 1 { s.expert_rows_mean } else { 0.0 };
         out.push(Collective {
             name: "all-to-all: row counts",
             kind: Kind::Exchange,
             phase: Phase::Exchange,
             group: s.ep,
-            bytes: 8.0 * f(s.experts),
+            bytes: 8.0 * (f(s.experts) + slots),
             count: per_layer,
         });
     }
@@ -229,14 +252,21 @@ mod tests {
     #[test]
     fn expert_rows_travel_four_times_per_layer() {
         // Default job on 2 ranks: 16 sequences of 64 tokens per rank (2
-        // micro-batches of 8), top-2, d 128, fp32, 2 layers; half the rows leave.
+        // micro-batches of 8), top-2 of 8 experts, d 128, fp32, 2 layers;
+        // half the rows leave.
         let job = JobConfig::load(None, &["parallel.ranks=2".to_string()]).unwrap();
         let s = crate::test_jobs::shape_of(&job, Routing::default());
         let all = collectives(&s, &Precision::default());
-        let rows = all.iter().find(|c| c.name == "all-to-all: expert rows").unwrap();
-        assert_eq!(rows.bytes, 8.0 * 64.0 * 2.0 * 128.0 * 4.0);
-        assert_eq!(rows.count, 4.0 * 2.0 * 2.0);
-        assert_eq!(rows.link_bytes(&at(2)).intra, rows.bytes / 2.0);
+        let each = all.iter().find(|c| c.name == ROWS_EACH).unwrap();
+        assert_eq!(each.bytes, 8.0 * 64.0 * 2.0 * 128.0 * 4.0);
+        assert_eq!(each.count, 2.0 * 2.0 * 2.0);
+        assert_eq!(each.link_bytes(&at(2)).intra, each.bytes / 2.0);
+        // Inputs: a token misses a rank when both picks avoid its 4 experts
+        // (4/8 x 3/7), so it goes to 2 (1 - 3/14) ranks on average.
+        let once = all.iter().find(|c| c.name == ROWS_ONCE_PER_OWNER).unwrap();
+        let owners = 2.0 * (1.0 - 4.0 / 8.0 * 3.0 / 7.0);
+        assert!((once.bytes - 8.0 * 64.0 * owners * 128.0 * 4.0).abs() < 1e-6, "{}", once.bytes);
+        assert_eq!(once.count, each.count);
         // Dense gradients: everything but the experts, over both ranks.
         let grads = all.iter().find(|c| c.name == "gradient all-reduce: dense").unwrap();
         let experts = (job.model.n_layers * job.model.n_experts * 3 * 128 * 256) as f64;

@@ -11,6 +11,16 @@
 //!    the single-rank reference);
 //! 3. sends the outputs back (all-to-all-v) and undoes the permutation.
 //!
+//! A token whose top-k experts share an owner travels to it once: with
+//! top-k > 1 the forward rows to one rank are numbered by token (in order
+//! of first appearance) and only the first of each token's rows is sent;
+//! the owner copies it to the token's other rows. The backward pass sends
+//! back, per token and rank, the sum of the input gradients of its rows
+//! there (what the sender would sum anyway). The other two exchanges, the
+//! outputs and the output gradients, differ row by row (gates) and travel
+//! whole. With `placement = "grouped"` and node-limited routing this is
+//! what makes the limit save bytes: a token's experts crowd onto fewer ranks.
+//!
 //! Overlap: with a communication thread ([`AllToAllExperts::pipelined`]),
 //! rows travel while this rank computes. Each exchange is cut in chunks
 //! (a share of every rank's block): the experts run on chunk i as soon as
@@ -57,6 +67,12 @@ pub struct DispatchStats {
     /// sends a token once per node would carry between nodes. 0 on one node.
     pub internode_rows: u64,
     pub internode_token_nodes: u64,
+    /// Forward rows to other nodes that travelled (after the per-rank
+    /// deduplication: one per token and destination rank).
+    pub internode_rows_sent: u64,
+    /// Forward rows that did not travel because their token already went
+    /// to that rank for another of its experts (the backward pass saves as many).
+    pub rows_deduplicated: u64,
 }
 
 impl DispatchStats {
@@ -71,6 +87,8 @@ impl DispatchStats {
         self.rows_over_budget += other.rows_over_budget;
         self.internode_rows += other.internode_rows;
         self.internode_token_nodes += other.internode_token_nodes;
+        self.internode_rows_sent += other.internode_rows_sent;
+        self.rows_deduplicated += other.rows_deduplicated;
     }
 }
 
@@ -82,13 +100,76 @@ struct Chunk {
     send_rows: Vec<usize>,
     /// Rows this chunk sends to each rank.
     send_counts: Vec<usize>,
+    /// Of `send_rows`, the first row of each token to each rank: the rows
+    /// whose input travels (see the module comment).
+    send_travel: Vec<usize>,
+    send_travel_counts: Vec<usize>,
     /// Rows this chunk receives from each rank.
     recv_counts: Vec<usize>,
+    /// For each row received (source-major), the travelling row that
+    /// carried its input (an index into the received travelling rows).
+    recv_slot: Vec<usize>,
+    recv_travel_counts: Vec<usize>,
     /// For each row received (source-major), its row in `plan`, or
     /// [`DROPPED`] for a row over the rank's budget (no expert runs it).
     recv_to_plan: Vec<usize>,
     /// The expert-major grouping of the rows received.
     plan: DispatchPlan,
+}
+
+/// What one chunk sends: its rows to every rank in turn, and the
+/// travelling rows among them.
+#[derive(Debug, Default)]
+struct SendSide {
+    rows: Vec<usize>,
+    counts: Vec<usize>,
+    travel: Vec<usize>,
+    travel_counts: Vec<usize>,
+}
+
+/// Numbers the distinct tokens of a block of rows in order of first
+/// appearance, one block after another without clearing per block.
+struct TokenNumbering {
+    /// Per token, the last block it appeared in and its slot there.
+    block_of: Vec<usize>,
+    slot_of: Vec<usize>,
+    block: usize,
+}
+
+impl TokenNumbering {
+    fn new(tokens: usize) -> Self {
+        Self { block_of: vec![0; tokens], slot_of: vec![0; tokens], block: 0 }
+    }
+
+    /// Pushes each row's slot (its token's number in this block) onto
+    /// `slots`, and each token's first row onto `firsts`.
+    fn number(
+        &mut self,
+        rows: &[usize],
+        token: impl Fn(usize) -> usize,
+        slots: &mut Vec<usize>,
+        firsts: &mut Vec<usize>,
+    ) {
+        self.block += 1;
+        let mut next = 0;
+        for &row in rows {
+            let t = token(row);
+            if self.block_of[t] != self.block {
+                self.block_of[t] = self.block;
+                self.slot_of[t] = next;
+                next += 1;
+                firsts.push(row);
+            }
+            slots.push(self.slot_of[t]);
+        }
+    }
+}
+
+impl Chunk {
+    /// Travelling rows this chunk receives.
+    fn recv_slot_count(&self) -> usize {
+        self.recv_travel_counts.iter().sum()
+    }
 }
 
 /// How one layer's rows were exchanged, kept for the backward pass.
@@ -187,6 +268,29 @@ fn scatter_rows_into(src: &[f32], d: usize, order: &[usize], out: &mut [f32]) {
     for (i, &row) in order.iter().enumerate().filter(|(_, &row)| row != DROPPED) {
         out[row * d..(row + 1) * d].copy_from_slice(&src[i * d..(i + 1) * d]);
     }
+}
+
+/// The rows the experts run on: `out[to_plan[i]] = src[slot[i]]` for each
+/// row received, `src` holding the rows that travelled. [`DROPPED`] rows
+/// are left out.
+fn expand_rows(src: &[f32], d: usize, slot: &[usize], to_plan: &[usize], rows: usize) -> Vec<f32> {
+    let mut out = vec![0.0; rows * d];
+    for (&s, &row) in slot.iter().zip(to_plan).filter(|(_, &row)| row != DROPPED) {
+        out[row * d..(row + 1) * d].copy_from_slice(&src[s * d..(s + 1) * d]);
+    }
+    out
+}
+
+/// The backward of [`expand_rows`]: `out[slot[i]] += src[from_plan[i]]`,
+/// into `slots` rows ([`DROPPED`] rows add nothing).
+fn sum_rows(src: &[f32], d: usize, from_plan: &[usize], slot: &[usize], slots: usize) -> Vec<f32> {
+    let mut out = vec![0.0; slots * d];
+    for (&row, &s) in from_plan.iter().zip(slot).filter(|(&row, _)| row != DROPPED) {
+        for (o, &v) in out[s * d..(s + 1) * d].iter_mut().zip(&src[row * d..(row + 1) * d]) {
+            *o += v;
+        }
+    }
+    out
 }
 
 /// The largest per-expert cap `c` with `sum(min(rows_e, c)) <= budget`:
@@ -334,7 +438,8 @@ impl<'a> AllToAllExperts<'a> {
         let (k, here) = (plan.top_k, self.nodes[me]);
         // Per token, a bit per node it already sends to (past 64 nodes each
         // row counts as a new pair: an over-count, never an under-count).
-        let mut sent: std::collections::HashMap<usize, u64> = std::collections::HashMap::new();
+        let tokens = plan.source_a.iter().map(|&src| src as usize / k + 1).max().unwrap_or(0);
+        let mut sent = vec![0u64; tokens];
         for e in 0..plan.num_experts {
             let node = self.nodes[self.placement.owner_for(layer, e, me)];
             if node == here {
@@ -342,7 +447,7 @@ impl<'a> AllToAllExperts<'a> {
             }
             for &src in &plan.source_a[plan.offsets_e[e]..plan.offsets_e[e + 1]] {
                 self.stats.internode_rows += 1;
-                let seen = sent.entry(src as usize / k).or_insert(0);
+                let seen = &mut sent[src as usize / k];
                 let bit = if node < 64 { 1u64 << node } else { 0 };
                 if bit == 0 || *seen & bit == 0 {
                     *seen |= bit;
@@ -356,6 +461,10 @@ impl<'a> AllToAllExperts<'a> {
     /// expert with replicas gets each source's rows at the replica the plan
     /// picks for that source, so every rank can tell which of its experts
     /// each source sends to it.
+    ///
+    /// Chunk c carries the rows of the c-th range of this rank's tokens
+    /// (all of a token's rows in one chunk, so it travels once per rank);
+    /// to each owner, chunk by chunk, expert by expert, in token order.
     fn plan_exchange(&mut self, layer: usize, plan: &DispatchPlan) -> Result<Exchange, ModelError> {
         let ranks = self.comm.size();
         let me = self.comm.rank();
@@ -363,53 +472,111 @@ impl<'a> AllToAllExperts<'a> {
         // Experts in (owner, id) order: rows grouped by destination rank.
         let mut by_owner: Vec<usize> = (0..plan.num_experts).collect();
         by_owner.sort_by_key(|&e| (owner(e, me), e));
-        let mut send_order = Vec::with_capacity(plan.num_rows());
-        let mut send_counts = vec![0usize; ranks];
-        let mut meta = Vec::with_capacity(plan.num_experts);
-        let mut meta_counts = vec![0usize; ranks];
-        for &e in &by_owner {
-            send_order.extend(plan.offsets_e[e]..plan.offsets_e[e + 1]);
-            send_counts[owner(e, me)] += plan.counts_e[e];
-            meta.push(plan.counts_e[e] as u64);
-            meta_counts[owner(e, me)] += 1;
-        }
-        // Every owner learns, per source, how many rows of each of its experts come.
-        let (recv_meta, _) = self.comm.all_to_all_v_u64(&meta, &meta_counts).map_err(comm_error)?;
+        let (k, pieces, dedup) = (plan.top_k, self.chunk_count, self.top_k > 1);
+        let token = |row: usize| plan.source_a[row] as usize / k;
+        let tokens = plan.source_a.iter().map(|&src| src as usize / k + 1).max().unwrap_or(0);
+        // The plan rows of expert e whose token lies in chunk c's range
+        // (an expert's rows are in token order).
+        let rows_of = |e: usize, c: usize| {
+            let (first, last) = (plan.offsets_e[e], plan.offsets_e[e + 1]);
+            let starting =
+                |bound: usize| first + plan.source_a[first..last].partition_point(|&src| (src as usize / k) < bound);
+            starting(piece(tokens, c, pieces).start)..starting(piece(tokens, c, pieces).end)
+        };
+        // To each owner: how many rows of each of its experts come in each
+        // chunk, then (top-k > 1) the travelling row of each row.
+        let mut counts_to: Vec<Vec<u64>> = vec![Vec::new(); ranks];
+        let mut slots_to: Vec<Vec<u64>> = vec![Vec::new(); ranks];
+        let mut numbering = TokenNumbering::new(tokens);
+        let send_sides: Vec<SendSide> = (0..pieces)
+            .map(|c| {
+                let mut side = SendSide { counts: vec![0; ranks], travel_counts: vec![0; ranks], ..Default::default() };
+                for r in 0..ranks {
+                    let first = side.rows.len();
+                    for &e in by_owner.iter().filter(|&&e| owner(e, me) == r) {
+                        let rows = rows_of(e, c);
+                        counts_to[r].push(rows.len() as u64);
+                        side.rows.extend(rows);
+                    }
+                    let rows = &side.rows[first..];
+                    let before = side.travel.len();
+                    if dedup {
+                        let mut slots = Vec::with_capacity(rows.len());
+                        numbering.number(rows, token, &mut slots, &mut side.travel);
+                        slots_to[r].extend(slots.iter().map(|&x| x as u64));
+                    } else {
+                        side.travel.extend_from_slice(rows);
+                    }
+                    side.counts[r] = rows.len();
+                    side.travel_counts[r] = side.travel.len() - before;
+                }
+                side
+            })
+            .collect();
+        let meta_counts: Vec<usize> = (0..ranks).map(|r| counts_to[r].len() + slots_to[r].len()).collect();
+        let meta: Vec<u64> = counts_to.into_iter().zip(slots_to).flat_map(|(c, s)| c.into_iter().chain(s)).collect();
+        let (recv_meta, recv_meta_counts) = self.comm.all_to_all_v_u64(&meta, &meta_counts).map_err(comm_error)?;
         // Per source, the experts it sends here (ascending id, as it sent them).
         let from: Vec<Vec<usize>> =
             (0..ranks).map(|s| (0..plan.num_experts).filter(|&e| owner(e, s) == me).collect()).collect();
-        debug_assert_eq!(recv_meta.len(), from.iter().map(Vec::len).sum::<usize>());
-        // Per source, the expert of each row it sends here, in its send order.
+        // Per source, the expert of each row it sends here, in its send
+        // order; where each chunk's rows start; the travelling row (within
+        // its chunk) of each row.
         let mut expert_rows: Vec<Vec<usize>> = vec![Vec::new(); ranks];
+        let mut chunk_starts: Vec<Vec<usize>> = vec![Vec::new(); ranks];
+        let mut slots_from: Vec<&[u64]> = vec![&[]; ranks];
         let mut cursor = 0;
         for (s, experts) in from.iter().enumerate() {
-            for &e in experts {
-                expert_rows[s].extend(std::iter::repeat_n(e, recv_meta[cursor] as usize));
-                cursor += 1;
+            let message = &recv_meta[cursor..cursor + recv_meta_counts[s]];
+            cursor += recv_meta_counts[s];
+            let counted = (pieces * experts.len()).min(message.len());
+            for (i, &count) in message[..counted].iter().enumerate() {
+                if i % experts.len() == 0 {
+                    chunk_starts[s].push(expert_rows[s].len());
+                }
+                expert_rows[s].extend(std::iter::repeat_n(experts[i % experts.len()], count as usize));
+            }
+            chunk_starts[s].resize(pieces, expert_rows[s].len());
+            chunk_starts[s].push(expert_rows[s].len());
+            slots_from[s] = &message[counted..];
+            let expected = if dedup { expert_rows[s].len() } else { 0 };
+            if counted != pieces * experts.len() || slots_from[s].len() != expected {
+                return Err(ModelError::executor(
+                    layer,
+                    format!(
+                        "rank {s} sent {} values announcing its rows for this rank's {} experts in {pieces} \
+                         chunks; expected {} counts and a slot per row (do all ranks run the same build and config?)",
+                        message.len(),
+                        experts.len(),
+                        pieces * experts.len()
+                    ),
+                ));
             }
         }
         self.apply_row_budget(layer, plan.num_experts, &mut expert_rows)?;
-        let pieces = self.chunk_count;
-        let mut send_offsets = vec![0usize; ranks + 1];
-        for r in 0..ranks {
-            send_offsets[r + 1] = send_offsets[r] + send_counts[r];
-        }
-        let chunks = (0..pieces)
-            .map(|c| {
-                let mut send_rows = Vec::new();
-                let mut chunk_send = vec![0usize; ranks];
-                for r in 0..ranks {
-                    let rows = piece(send_counts[r], c, pieces);
-                    chunk_send[r] = rows.len();
-                    send_rows.extend(rows.map(|i| send_order[send_offsets[r] + i]));
-                }
+        let chunks = send_sides
+            .into_iter()
+            .enumerate()
+            .map(|(c, side)| {
                 // Received rows are source-major; the local experts want expert-major.
                 let mut recv_counts = vec![0usize; ranks];
+                let mut recv_travel_counts = vec![0usize; ranks];
+                let mut recv_slot = Vec::new();
                 let mut counts_e = vec![0usize; plan.num_experts];
                 let mut arriving = Vec::new();
                 for (s, experts) in expert_rows.iter().enumerate() {
-                    let rows = piece(experts.len(), c, pieces);
+                    let rows = chunk_starts[s][c]..chunk_starts[s][c + 1];
                     recv_counts[s] = rows.len();
+                    // Travelling rows from earlier sources come first.
+                    let base: usize = recv_travel_counts.iter().sum();
+                    if dedup {
+                        let slots = &slots_from[s][rows.clone()];
+                        recv_travel_counts[s] = slots.iter().map(|&x| x as usize + 1).max().unwrap_or(0);
+                        recv_slot.extend(slots.iter().map(|&x| base + x as usize));
+                    } else {
+                        recv_travel_counts[s] = rows.len();
+                        recv_slot.extend(base..base + rows.len());
+                    }
                     for &e in &experts[rows] {
                         if e != DROPPED {
                             counts_e[e] += 1;
@@ -429,10 +596,35 @@ impl<'a> AllToAllExperts<'a> {
                         next_free[e] - 1
                     })
                     .collect();
-                Chunk { send_rows, send_counts: chunk_send, recv_counts, recv_to_plan, plan: chunk_plan }
+                Chunk {
+                    send_rows: side.rows,
+                    send_counts: side.counts,
+                    send_travel: side.travel,
+                    send_travel_counts: side.travel_counts,
+                    recv_counts,
+                    recv_slot,
+                    recv_travel_counts,
+                    recv_to_plan,
+                    plan: chunk_plan,
+                }
             })
-            .collect();
+            .collect::<Vec<_>>();
+        self.count_sent_rows(&chunks);
         Ok(Exchange { rows: plan.num_rows(), chunks })
+    }
+
+    /// Adds the forward rows that did not travel, and those that crossed
+    /// nodes, to the stats.
+    fn count_sent_rows(&mut self, chunks: &[Chunk]) {
+        let me = self.comm.rank();
+        for chunk in chunks {
+            self.stats.rows_deduplicated += (chunk.send_rows.len() - chunk.send_travel.len()) as u64;
+            if !self.nodes.is_empty() {
+                let remote =
+                    chunk.send_travel_counts.iter().enumerate().filter(|&(r, _)| self.nodes[r] != self.nodes[me]);
+                self.stats.internode_rows_sent += remote.map(|(_, &n)| n as u64).sum::<u64>();
+            }
+        }
     }
 
     /// Holds this rank's experts to the row budget, before any row is
@@ -488,11 +680,17 @@ impl<'a> AllToAllExperts<'a> {
     fn start(&mut self, layer: usize, pass: Pass, exchange: Exchange, rows_ad: &[f32]) -> Result<(), ModelError> {
         let mut outbound = VecDeque::with_capacity(exchange.chunks.len());
         for chunk in &exchange.chunks {
-            outbound.push_back(self.send(
-                gather_rows(rows_ad, self.d, &chunk.send_rows),
-                &chunk.send_counts,
-                &chunk.recv_counts,
-            )?);
+            // Inputs travel once per token and rank; output gradients row by row.
+            outbound.push_back(match pass {
+                Pass::Forward => self.send(
+                    gather_rows(rows_ad, self.d, &chunk.send_travel),
+                    &chunk.send_travel_counts,
+                    &chunk.recv_travel_counts,
+                )?,
+                Pass::Backward => {
+                    self.send(gather_rows(rows_ad, self.d, &chunk.send_rows), &chunk.send_counts, &chunk.recv_counts)?
+                }
+            });
         }
         self.flights[layer] = Some(Flight { pass, exchange, outbound });
         Ok(())
@@ -512,7 +710,12 @@ impl<'a> AllToAllExperts<'a> {
         for (c, chunk) in exchange.chunks.iter().enumerate() {
             let transfer = outbound.pop_front().expect("one transfer per chunk");
             self.receive(transfer)?;
-            let x_local = scatter_rows(&self.received, d, &chunk.recv_to_plan, chunk.plan.num_rows());
+            let x_local = match pass {
+                Pass::Forward => {
+                    expand_rows(&self.received, d, &chunk.recv_slot, &chunk.recv_to_plan, chunk.plan.num_rows())
+                }
+                Pass::Backward => scatter_rows(&self.received, d, &chunk.recv_to_plan, chunk.plan.num_rows()),
+            };
             let started = Instant::now();
             let y_local = match pass {
                 Pass::Forward => self.local.forward_in(c, layer, &chunk.plan, &x_local)?,
@@ -522,17 +725,29 @@ impl<'a> AllToAllExperts<'a> {
             if pass == Pass::Forward {
                 self.stats.rows_computed += chunk.plan.num_rows() as u64;
             }
-            inbound.push_back(self.send(
-                gather_rows(&y_local, d, &chunk.recv_to_plan),
-                &chunk.recv_counts,
-                &chunk.send_counts,
-            )?);
+            // Outputs go back row by row; input gradients summed per travelling row.
+            inbound.push_back(match pass {
+                Pass::Forward => {
+                    self.send(gather_rows(&y_local, d, &chunk.recv_to_plan), &chunk.recv_counts, &chunk.send_counts)?
+                }
+                Pass::Backward => self.send(
+                    sum_rows(&y_local, d, &chunk.recv_to_plan, &chunk.recv_slot, chunk.recv_slot_count()),
+                    &chunk.recv_travel_counts,
+                    &chunk.send_travel_counts,
+                )?,
+            });
         }
         let mut out_ad = vec![0.0; exchange.rows * d];
         for chunk in &exchange.chunks {
             let transfer = inbound.pop_front().expect("one transfer per chunk");
             self.receive(transfer)?;
-            scatter_rows_into(&self.received, d, &chunk.send_rows, &mut out_ad);
+            // A token's summed input gradient lands in its first row, zeros in
+            // the others: the layer sums a token's rows.
+            let rows = match pass {
+                Pass::Forward => &chunk.send_rows,
+                Pass::Backward => &chunk.send_travel,
+            };
+            scatter_rows_into(&self.received, d, rows, &mut out_ad);
         }
         Ok((exchange, out_ad))
     }
@@ -597,6 +812,112 @@ mod tests {
         let src = [1.0, 2.0, 3.0, 4.0];
         assert_eq!(gather_rows(&src, 2, &[1, DROPPED, 0]), [3.0, 4.0, 0.0, 0.0, 1.0, 2.0]);
         assert_eq!(scatter_rows(&[9.0, 9.0, 5.0, 6.0], 2, &[DROPPED, 0], 1), [5.0, 6.0]);
+    }
+
+    #[test]
+    fn a_token_travels_once_to_each_rank() {
+        let mut numbering = TokenNumbering::new(4);
+        let token = |row: usize| [3, 1, 3, 0, 1][row];
+        let (mut slots, mut firsts) = (Vec::new(), Vec::new());
+        numbering.number(&[0, 1, 2, 3, 4], token, &mut slots, &mut firsts);
+        assert_eq!((slots.as_slice(), firsts.as_slice()), ([0, 1, 0, 2, 1].as_slice(), [0, 1, 3].as_slice()));
+        // A new block numbers afresh.
+        let (mut slots, mut firsts) = (Vec::new(), Vec::new());
+        numbering.number(&[2, 4], token, &mut slots, &mut firsts);
+        assert_eq!((slots, firsts), (vec![0, 1], vec![2, 4]));
+    }
+
+    #[test]
+    fn summing_rows_is_the_backward_of_expanding_them() {
+        // Two travelling rows fan out to three rows (one dropped); the
+        // gradients of the rows sharing a slot add up.
+        let travelled = [1.0, 2.0, 3.0, 4.0];
+        let (slot, to_plan) = ([0, 1, 0, 1], [2, 0, 1, DROPPED]);
+        assert_eq!(expand_rows(&travelled, 2, &slot, &to_plan, 3), [3.0, 4.0, 1.0, 2.0, 1.0, 2.0]);
+        let grads = [1.0, 1.0, 10.0, 10.0, 100.0, 100.0];
+        assert_eq!(sum_rows(&grads, 2, &to_plan, &slot, 2), [110.0, 110.0, 1.0, 1.0]);
+    }
+
+    /// Runs one layer of `plans` (one per rank) through the experts of
+    /// two thread ranks (experts 0-1 on rank 0, 2-3 on rank 1): each
+    /// rank's outputs, input gradients per token, and stats.
+    fn two_rank_layer(plans: [DispatchPlan; 2], x: [Vec<f32>; 2]) -> Vec<(Vec<f32>, Vec<f32>, DispatchStats)> {
+        let cfg = ModelConfig { d_model: 8, ffn_hidden: 12, n_experts: 4, top_k: 2, n_layers: 1, ..Default::default() };
+        let placement = PlacementPlan::contiguous(1, 4, 2);
+        let comms = collectives::local::LocalWorld::new(2, std::time::Duration::from_secs(10));
+        let runs: Vec<_> = comms
+            .into_iter()
+            .zip(plans.into_iter().zip(x))
+            .map(|(mut comm, (plan, x_td))| {
+                let (cfg, placement) = (cfg.clone(), placement.clone());
+                std::thread::spawn(move || {
+                    let mine = vec![(2 * comm.rank()..2 * comm.rank() + 2).collect::<Vec<_>>()];
+                    let weights = model::ExpertStore::init(&cfg, 7, &mine);
+                    let mut grads = model::ExpertStore::init(&cfg, 7, &mine);
+                    let local = LocalExperts::new(&cfg, &weights, &mut grads);
+                    let mut exec = AllToAllExperts::new(&cfg, &mut comm, &placement, local);
+                    let y = exec.forward(0, &plan, &plan.gather(&x_td, cfg.d_model)).unwrap();
+                    let dx_ad = exec.backward(0, &plan, &y).unwrap();
+                    let mut dx_td = vec![0.0; x_td.len()];
+                    plan.gather_backward(&dx_ad, cfg.d_model, &mut dx_td);
+                    (y, dx_td, exec.stats.clone())
+                })
+            })
+            .collect();
+        runs.into_iter().map(|r| r.join().unwrap()).collect()
+    }
+
+    /// The plan of `choices[t] = [expert, expert]`, every assignment kept.
+    fn plan_of(choices: &[[usize; 2]]) -> DispatchPlan {
+        let mut counts_e = vec![0; 4];
+        choices.iter().flatten().for_each(|&e| counts_e[e] += 1);
+        let mut plan = DispatchPlan::grouped(counts_e, 2);
+        let mut next = plan.offsets_e.clone();
+        for (t, pair) in choices.iter().enumerate() {
+            for (slot, &e) in pair.iter().enumerate() {
+                plan.source_a[next[e]] = (2 * t + slot) as u32;
+                next[e] += 1;
+            }
+        }
+        plan
+    }
+
+    #[test]
+    fn rows_of_one_token_to_one_rank_travel_once_and_compute_the_same() {
+        // Rank 0's token 0 chose experts 2 and 3 (both on rank 1), token 1
+        // experts 0 and 2; rank 1's token chose 0 and 1 (both on rank 0).
+        let plans = [plan_of(&[[2, 3], [0, 2]]), plan_of(&[[0, 1]])];
+        let x: [Vec<f32>; 2] =
+            [(0..16).map(|i| (i as f32 * 0.37).sin()).collect(), (0..8).map(|i| i as f32 * 0.1).collect()];
+        let runs = two_rank_layer(plans.clone(), x.clone());
+        // The same rows, each its own token (no two rows of a token share a rank).
+        let spread = |p: &DispatchPlan, x: &[f32]| {
+            let mut one = p.clone();
+            one.top_k = 1;
+            one.source_a = (0..p.num_rows() as u32).collect();
+            (one, p.gather(x, 8))
+        };
+        let ((p0, x0), (p1, x1)) = (spread(&plans[0], &x[0]), spread(&plans[1], &x[1]));
+        let apart = two_rank_layer([p0, p1], [x0, x1]);
+        for rank in 0..2 {
+            let (y, dx, stats) = &runs[rank];
+            assert_eq!(y, &apart[rank].0, "rank {rank}: forward outputs are the same bits");
+            let mut dx_apart = vec![0.0; x[rank].len()];
+            plans[rank].gather_backward(&apart[rank].1, 8, &mut dx_apart);
+            for (a, b) in dx.iter().zip(&dx_apart) {
+                assert!((a - b).abs() <= 1e-6 * (1.0 + b.abs()), "rank {rank}: input gradient {a} vs {b}");
+            }
+            assert_eq!(stats.rows_deduplicated, 1, "rank {rank}: {stats:?}");
+            assert_eq!(apart[rank].2.rows_deduplicated, 0);
+        }
+        // Rank 0 sends rank 1 its inputs (2 rows, not 3) and output
+        // gradients (3), and returns rank 1's outputs (2) and input
+        // gradients (1, summed); rank 1 the same the other way.
+        let row = 8 * 4;
+        assert_eq!(runs[0].2.bytes_sent, (2 + 3 + 2 + 1) * row);
+        assert_eq!(apart[0].2.bytes_sent, (3 + 3 + 2 + 2) * row);
+        assert_eq!(runs[1].2.bytes_sent, (1 + 2 + 3 + 2) * row);
+        assert_eq!(apart[1].2.bytes_sent, (2 + 2 + 3 + 3) * row);
     }
 
     #[test]

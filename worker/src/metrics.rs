@@ -72,14 +72,21 @@ pub struct StepMetrics {
     /// all ranks together; 0 in every step that was not capped.
     #[serde(default)]
     pub rows_over_budget: u64,
-    /// Forward expert rows sent between nodes, all ranks and layers
-    /// together, and the distinct (token, node) pairs among them: what a
-    /// dispatch that sends a token once per node would carry (DeepSeek-V3's;
-    /// switchyard's all-to-all sends every row). 0 on one node.
+    /// Forward expert rows (token, expert) whose expert is on another
+    /// node, all ranks and layers together; the distinct (token, node)
+    /// pairs among them (what a dispatch that sends a token once per node
+    /// would carry, as DeepSeek-V3's does); and the rows that travelled
+    /// between nodes (switchyard sends a token once per rank). 0 on one node.
     #[serde(default, skip_serializing_if = "is_zero_u64")]
     pub internode_rows: u64,
     #[serde(default, skip_serializing_if = "is_zero_u64")]
     pub internode_token_nodes: u64,
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub internode_rows_sent: u64,
+    /// Forward expert rows that did not travel because their token already
+    /// went to that rank for another of its experts (as many again backward).
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub rows_deduplicated: u64,
     /// Per rank detail.
     pub per_rank: Vec<RankMetrics>,
 }
@@ -139,6 +146,12 @@ pub struct RankMetrics {
     pub internode_rows: u64,
     #[serde(default, skip_serializing_if = "is_zero_u64")]
     pub internode_token_nodes: u64,
+    /// Of its forward rows: those that travelled to another node, and
+    /// those that did not travel (token already sent to that rank).
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub internode_rows_sent: u64,
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub rows_deduplicated: u64,
 }
 
 fn is_zero_u64(v: &u64) -> bool {

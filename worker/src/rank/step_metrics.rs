@@ -80,6 +80,8 @@ packed_f64! {
         expert_bias_hash,
         internode_rows,
         internode_token_nodes,
+        internode_rows_sent,
+        rows_deduplicated,
     }
 }
 
@@ -157,6 +159,8 @@ impl LocalStep {
             expert_bias_hash: self.expert_bias_hash,
             internode_rows: self.dispatch.internode_rows as f64,
             internode_token_nodes: self.dispatch.internode_token_nodes as f64,
+            internode_rows_sent: self.dispatch.internode_rows_sent as f64,
+            rows_deduplicated: self.dispatch.rows_deduplicated as f64,
         }
     }
 
@@ -214,6 +218,8 @@ impl LocalStep {
                 expert_bias_hash: v.expert_bias_hash as u64,
                 internode_rows: v.internode_rows as u64,
                 internode_token_nodes: v.internode_token_nodes as u64,
+                internode_rows_sent: v.internode_rows_sent as u64,
+                rows_deduplicated: v.rows_deduplicated as u64,
             })
             .collect();
         let other_bias: Vec<usize> =
@@ -244,6 +250,8 @@ impl LocalStep {
             rows_over_budget: per_rank.iter().map(|r| r.rows_over_budget).sum(),
             internode_rows: per_rank.iter().map(|r| r.internode_rows).sum(),
             internode_token_nodes: per_rank.iter().map(|r| r.internode_token_nodes).sum(),
+            internode_rows_sent: per_rank.iter().map(|r| r.internode_rows_sent).sum(),
+            rows_deduplicated: per_rank.iter().map(|r| r.rows_deduplicated).sum(),
             per_rank,
             ..Default::default()
         };
@@ -305,7 +313,7 @@ mod tests {
 
     #[test]
     fn packed_values_round_trip_by_name() {
-        let v = RankValues { tokens: 1.0, internode_token_nodes: 10.0, comm_s: 8.0, ..Default::default() };
+        let v = RankValues { tokens: 1.0, rows_deduplicated: 10.0, comm_s: 8.0, ..Default::default() };
         let flat = v.to_values();
         assert_eq!(flat.len(), RankValues::LEN);
         assert_eq!((flat[0], flat[RankValues::LEN - 1]), (1.0, 10.0));
