@@ -54,10 +54,11 @@ fi
 
 # transformers (and torch, CPU use) for the Hugging Face export tests
 # (launcher/tests/hf.rs loads exports with AutoModelForCausalLM). Pinned:
-# the tests compare against these versions' Mixtral and Qwen2-MoE code.
-if ! python3 -c 'import torch, transformers' >/dev/null 2>&1; then
+# the tests compare against these versions' Mixtral, Qwen2-MoE and
+# GLM-4-MoE code (GLM-4-MoE came in transformers 4.54).
+if ! python3 -c 'import torch, transformers, sys; sys.exit(transformers.__version__ != "4.57.6")' >/dev/null 2>&1; then
   echo "== installing torch and transformers (Hugging Face export tests of launcher/tests/hf.rs)"
-  pip install --quiet torch==2.5.1 transformers==4.46.3
+  pip install --quiet torch==2.5.1 transformers==4.57.6
 fi
 
 # Every optional backend that builds on this machine: MPI is tested, the

@@ -209,6 +209,21 @@ fn a_qwen2_moe_export_loads_in_transformers_and_computes_the_same_logits() {
 }
 
 #[test]
+fn a_deepseek_v3_routed_export_loads_in_transformers_as_glm4_moe_with_its_bias() {
+    // The DeepSeek example: sigmoid router, 4 groups of which 2 kept,
+    // aux-loss-free bias, scaling 2.5, a shared expert, a dense first layer.
+    let dir = common::temp_dir("hf", "deepseek");
+    let root = train(&dir, Some("deepseek-v3-mini"), &[]);
+    export_and_compare(&dir, &root, &[], "Glm4MoeForCausalLM");
+    // The bias the run learned (20 steps of +-0.001) under transformers' name.
+    let hf = dir.join("hf");
+    let bias = python(&["tensor", hf.to_str().unwrap(), "model.layers.1.mlp.gate.e_score_correction_bias"]);
+    assert_eq!(bias["shape"], serde_json::json!([16]), "{bias}");
+    let most = bias["max_abs"].as_f64().unwrap();
+    assert!(most > 0.0 && most <= 0.020001, "a bias of at most 20 steps of 0.001: {bias}");
+}
+
+#[test]
 fn an_export_from_4_ranks_with_balanced_placement_holds_every_expert_once() {
     let dir = common::temp_dir("hf", "ranks");
     let one = common::temp_dir("hf", "ranks-one");
@@ -247,7 +262,7 @@ fn an_export_from_4_ranks_with_balanced_placement_holds_every_expert_once() {
 fn models_transformers_cannot_compute_are_refused_and_nothing_is_written() {
     let dir = common::temp_dir("hf", "refused");
     let cases: [(Option<&str>, &[&str], &str); 3] = [
-        (Some("deepseek-v3-mini"), &["train.steps=2"], "DeepSeek-V3 routing"),
+        (Some("deepseek-v3-mini"), &["model.shared_expert_gate=true", "train.steps=2"], "shared_expert_gate"),
         (Some("moe-plus-plus"), &["train.steps=2"], "MoE++"),
         (None, &["model.block=\"parallel\"", "train.steps=2"], "block = \"parallel\""),
     ];

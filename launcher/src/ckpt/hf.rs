@@ -1,9 +1,10 @@
 //! `switchyard ckpt export --format hf`: a committed step as a Hugging Face
 //! model folder (`config.json`, `model.safetensors`, `generation_config.json`,
 //! the tokenizer when the run had one), in the `transformers` architecture
-//! that computes the same function: Mixtral or Qwen2-MoE. A model no
-//! `transformers` architecture computes exactly is refused, naming the
-//! config key, and nothing is written (docs/interop.md).
+//! that computes the same function: Mixtral, Qwen2-MoE, or for DeepSeek-V3
+//! routing GLM-4-MoE (DeepSeek-V3's router with grouped-query attention).
+//! A model no `transformers` architecture computes exactly is refused,
+//! naming the config key, and nothing is written (docs/interop.md).
 
 use anyhow::{anyhow, bail, Context, Result};
 use checkpoint::{is_optimizer_state, TensorRef};
@@ -23,6 +24,11 @@ pub enum HfArch {
     /// `Qwen2MoeForCausalLM`: a gated shared expert, gates renormalised or
     /// not, dense first layers (`mlp_only_layers`).
     Qwen2Moe,
+    /// `Glm4MoeForCausalLM`: DeepSeek-V3's router (sigmoid scores, the
+    /// selection bias `e_score_correction_bias`, groups, scaling factor),
+    /// ungated shared experts, dense first layers, and grouped-query
+    /// attention (DeepSeek-V3's own model needs latent attention).
+    Glm4Moe,
 }
 
 impl HfArch {
@@ -30,6 +36,7 @@ impl HfArch {
         match self {
             HfArch::Mixtral => "mixtral",
             HfArch::Qwen2Moe => "qwen2_moe",
+            HfArch::Glm4Moe => "glm4_moe",
         }
     }
 
@@ -37,6 +44,7 @@ impl HfArch {
         match self {
             HfArch::Mixtral => "MixtralForCausalLM",
             HfArch::Qwen2Moe => "Qwen2MoeForCausalLM",
+            HfArch::Glm4Moe => "Glm4MoeForCausalLM",
         }
     }
 }
@@ -49,19 +57,29 @@ pub fn choose(cfg: &ModelConfig) -> std::result::Result<HfArch, String> {
                     norm (BAM blocks)"
             .into());
     }
-    if cfg.router_score != RouterScoreKind::Softmax
-        || cfg.expert_bias
-        || cfg.n_groups > 1
-        || cfg.routed_scaling_factor != 1.0
-    {
-        return Err("DeepSeek-V3 routing ([model] router_score, expert_bias, n_groups, routed_scaling_factor): \
-                    transformers' DeepseekV3 pairs it with multi-head latent attention, not switchyard's \
-                    grouped-query attention, so no transformers model computes this one"
-            .into());
-    }
     if cfg.computation_free_experts() > 0 || cfg.gating_residuals || cfg.router_mlp {
         return Err("MoE++ ([model] constant_experts, copy_experts, zero_experts, gating_residuals, router_mlp) \
                     has no transformers architecture"
+            .into());
+    }
+    let deepseek_routing = cfg.expert_bias || cfg.n_groups > 1 || cfg.routed_scaling_factor != 1.0;
+    if cfg.router_score == RouterScoreKind::Sigmoid {
+        if cfg.shared_expert_gate {
+            return Err("DeepSeek-V3 routing with [model] shared_expert_gate: GLM-4-MoE (the transformers model \
+                        with DeepSeek-V3's router and grouped-query attention) does not gate its shared experts"
+                .into());
+        }
+        if cfg.n_groups > 1 && cfg.group_size() < 2 {
+            return Err("[model] n_groups = n_experts: GLM-4-MoE scores a group by its two best experts, so \
+                        groups need 2 experts or more"
+                .into());
+        }
+        return Ok(HfArch::Glm4Moe);
+    }
+    if deepseek_routing {
+        return Err("DeepSeek-V3 routing ([model] expert_bias, n_groups, routed_scaling_factor) with \
+                    router_score = \"softmax\": the transformers models with those (GLM-4-MoE; DeepSeek-V3 needs \
+                    latent attention) score by sigmoid; set router_score = \"sigmoid\""
             .into());
     }
     if cfg.n_shared_experts > 0 && !cfg.shared_expert_gate {
@@ -96,12 +114,50 @@ fn take(tensors: &mut checkpoint::LoadedTensors, name: &str, url: &str) -> Resul
     })
 }
 
+/// transformers' names of a SwiGLU's w1, w3 and w2 (Llama's MLP).
+const PROJECTIONS: [&str; 3] = ["gate_proj", "up_proj", "down_proj"];
+
+/// A SwiGLU's w1, w3 and w2 from the step's tensors under `from`.
+fn swiglu(t: &mut checkpoint::LoadedTensors, from: &str, url: &str) -> Result<[(Vec<usize>, Vec<f32>); 3]> {
+    Ok([
+        take(t, &format!("{from}.w1.weight"), url)?,
+        take(t, &format!("{from}.w3.weight"), url)?,
+        take(t, &format!("{from}.w2.weight"), url)?,
+    ])
+}
+
+/// The shared experts of the MoE layer `src` as one SwiGLU: S experts of
+/// width F sum to one of width S*F (gate and up rows stacked, down columns
+/// side by side). Without shared experts, one of width F of zeros, which
+/// adds nothing (GLM-4-MoE always has one).
+fn shared_merged(
+    cfg: &ModelConfig,
+    t: &mut checkpoint::LoadedTensors,
+    src: &str,
+    url: &str,
+) -> Result<[(Vec<usize>, Vec<f32>); 3]> {
+    let (d, f, s) = (cfg.d_model, cfg.ffn_hidden, cfg.n_shared_experts);
+    let width = s.max(1) * f;
+    let (mut gate, mut up, mut down) = (Vec::new(), Vec::new(), vec![0.0f32; d * width]);
+    for i in 0..s {
+        let [g, u, dn] = swiglu(t, &format!("{src}.moe.shared.{i}"), url)?;
+        gate.extend(g.1);
+        up.extend(u.1);
+        for (row, piece) in dn.1.chunks_exact(f).enumerate() {
+            down[row * width + i * f..row * width + (i + 1) * f].copy_from_slice(piece);
+        }
+    }
+    gate.resize(width * d, 0.0);
+    up.resize(width * d, 0.0);
+    Ok([(vec![width, d], gate), (vec![width, d], up), (vec![d, width], down)])
+}
+
 /// The Hugging Face tensors of the model, in a fixed order.
 fn hf_tensors(cfg: &ModelConfig, arch: HfArch, mut t: checkpoint::LoadedTensors, url: &str) -> Result<Vec<HfTensor>> {
     let mut out = Vec::new();
     let mut put = |name: String, (shape, data): (Vec<usize>, Vec<f32>)| out.push(HfTensor { name, shape, data });
     put("model.embed_tokens.weight".into(), take(&mut t, "tok_embeddings.weight", url)?);
-    let (d, hd) = (cfg.d_model, cfg.head_dim());
+    let hd = cfg.head_dim();
     for l in 0..cfg.n_layers {
         let (src, dst) = (format!("layers.{l}"), format!("model.layers.{l}"));
         put(format!("{dst}.input_layernorm.weight"), take(&mut t, &format!("{src}.attn_norm.weight"), url)?);
@@ -117,19 +173,12 @@ fn hf_tensors(cfg: &ModelConfig, arch: HfArch, mut t: checkpoint::LoadedTensors,
             }
         }
         put(format!("{dst}.post_attention_layernorm.weight"), take(&mut t, &format!("{src}.ffn_norm.weight"), url)?);
-        let swiglu = |t: &mut checkpoint::LoadedTensors, from: &str| -> Result<[(Vec<usize>, Vec<f32>); 3]> {
-            Ok([
-                take(t, &format!("{from}.w1.weight"), url)?,
-                take(t, &format!("{from}.w3.weight"), url)?,
-                take(t, &format!("{from}.w2.weight"), url)?,
-            ])
-        };
+        let swiglu = |t: &mut checkpoint::LoadedTensors, from: &str| swiglu(t, from, url);
         if !cfg.is_moe_layer(l) {
-            // Qwen2-MoE's mlp_only_layers: a plain MLP.
-            let [gate, up, down] = swiglu(&mut t, &format!("{src}.ffn"))?;
-            put(format!("{dst}.mlp.gate_proj.weight"), gate);
-            put(format!("{dst}.mlp.up_proj.weight"), up);
-            put(format!("{dst}.mlp.down_proj.weight"), down);
+            // Qwen2-MoE's mlp_only_layers, GLM-4-MoE's first_k_dense_replace: a plain MLP.
+            for (name, tensor) in PROJECTIONS.into_iter().zip(swiglu(&mut t, &format!("{src}.ffn"))?) {
+                put(format!("{dst}.mlp.{name}.weight"), tensor);
+            }
             continue;
         }
         let router = take(&mut t, &format!("{src}.moe.router.weight"), url)?;
@@ -137,41 +186,45 @@ fn hf_tensors(cfg: &ModelConfig, arch: HfArch, mut t: checkpoint::LoadedTensors,
             HfArch::Mixtral => {
                 put(format!("{dst}.block_sparse_moe.gate.weight"), router);
                 for e in 0..cfg.n_experts {
-                    let [w1, w3, w2] = swiglu(&mut t, &format!("{src}.moe.experts.{e}"))?;
-                    let at = format!("{dst}.block_sparse_moe.experts.{e}");
-                    put(format!("{at}.w1.weight"), w1);
-                    put(format!("{at}.w3.weight"), w3);
-                    put(format!("{at}.w2.weight"), w2);
+                    let experts = swiglu(&mut t, &format!("{src}.moe.experts.{e}"))?;
+                    for (name, tensor) in ["w1", "w3", "w2"].into_iter().zip(experts) {
+                        put(format!("{dst}.block_sparse_moe.experts.{e}.{name}.weight"), tensor);
+                    }
                 }
             }
             HfArch::Qwen2Moe => {
                 put(format!("{dst}.mlp.gate.weight"), router);
                 for e in 0..cfg.n_experts {
-                    let [gate, up, down] = swiglu(&mut t, &format!("{src}.moe.experts.{e}"))?;
-                    let at = format!("{dst}.mlp.experts.{e}");
-                    put(format!("{at}.gate_proj.weight"), gate);
-                    put(format!("{at}.up_proj.weight"), up);
-                    put(format!("{at}.down_proj.weight"), down);
-                }
-                // S shared experts of width F sum to one SwiGLU of width S*F:
-                // gate and up rows stacked, down columns side by side.
-                let (f, s) = (cfg.ffn_hidden, cfg.n_shared_experts);
-                let (mut gate, mut up, mut down) = (Vec::new(), Vec::new(), vec![0.0f32; d * s * f]);
-                for i in 0..s {
-                    let [g, u, dn] = swiglu(&mut t, &format!("{src}.moe.shared.{i}"))?;
-                    gate.extend(g.1);
-                    up.extend(u.1);
-                    for (row, piece) in dn.1.chunks_exact(f).enumerate() {
-                        down[row * s * f + i * f..row * s * f + (i + 1) * f].copy_from_slice(piece);
+                    let expert = swiglu(&mut t, &format!("{src}.moe.experts.{e}"))?;
+                    for (name, tensor) in PROJECTIONS.into_iter().zip(expert) {
+                        put(format!("{dst}.mlp.experts.{e}.{name}.weight"), tensor);
                     }
                 }
-                put(format!("{dst}.mlp.shared_expert.gate_proj.weight"), (vec![s * f, d], gate));
-                put(format!("{dst}.mlp.shared_expert.up_proj.weight"), (vec![s * f, d], up));
-                put(format!("{dst}.mlp.shared_expert.down_proj.weight"), (vec![d, s * f], down));
+                for (name, tensor) in PROJECTIONS.into_iter().zip(shared_merged(cfg, &mut t, &src, url)?) {
+                    put(format!("{dst}.mlp.shared_expert.{name}.weight"), tensor);
+                }
                 put(
                     format!("{dst}.mlp.shared_expert_gate.weight"),
                     take(&mut t, &format!("{src}.moe.shared_gate.weight"), url)?,
                 );
+            }
+            HfArch::Glm4Moe => {
+                put(format!("{dst}.mlp.gate.weight"), router);
+                // Without expert_bias, zeros select as switchyard does.
+                let bias = match cfg.expert_bias {
+                    true => take(&mut t, &format!("{src}.moe.expert_bias"), url)?,
+                    false => (vec![cfg.n_experts], vec![0.0; cfg.n_experts]),
+                };
+                put(format!("{dst}.mlp.gate.e_score_correction_bias"), bias);
+                for e in 0..cfg.n_experts {
+                    let expert = swiglu(&mut t, &format!("{src}.moe.experts.{e}"))?;
+                    for (name, tensor) in PROJECTIONS.into_iter().zip(expert) {
+                        put(format!("{dst}.mlp.experts.{e}.{name}.weight"), tensor);
+                    }
+                }
+                for (name, tensor) in PROJECTIONS.into_iter().zip(shared_merged(cfg, &mut t, &src, url)?) {
+                    put(format!("{dst}.mlp.shared_experts.{name}.weight"), tensor);
+                }
             }
         }
     }
@@ -222,6 +275,21 @@ fn hf_config(cfg: &ModelConfig, arch: HfArch) -> serde_json::Value {
             "mlp_only_layers": (0..cfg.first_dense_layers).collect::<Vec<_>>(),
             "use_sliding_window": false,
             "max_window_layers": cfg.n_layers,
+        }),
+        HfArch::Glm4Moe => json!({
+            "intermediate_size": cfg.dense_ffn_width(),
+            "moe_intermediate_size": cfg.ffn_hidden,
+            "n_routed_experts": cfg.n_experts,
+            "n_shared_experts": cfg.n_shared_experts.max(1),
+            "routed_scaling_factor": cfg.routed_scaling_factor,
+            "n_group": cfg.n_groups,
+            "topk_group": cfg.topk_groups,
+            "first_k_dense_replace": cfg.first_dense_layers,
+            "norm_topk_prob": cfg.norm_topk_prob,
+            "partial_rotary_factor": 1.0,
+            "attention_bias": false,
+            "use_qk_norm": false,
+            "num_nextn_predict_layers": 0,
         }),
     };
     for (k, v) in extra.as_object().expect("an object") {

@@ -13,6 +13,9 @@
   compare.py same FOLDER_A FOLDER_B
       prints JSON: whether both folders hold the same tensor names, and the
       largest difference relative to the largest value.
+  compare.py tensor FOLDER NAME
+      prints JSON: the shape of tensor NAME in FOLDER and its largest
+      absolute value.
 """
 import glob
 import json
@@ -24,13 +27,13 @@ try:
     from transformers import AutoModelForCausalLM
 except ImportError as e:
     sys.exit(f"compare.py needs torch and transformers ({e}): ./ci.sh installs them "
-             "(pip install torch==2.5.1 transformers==4.46.3)")
+             "(pip install torch==2.5.1 transformers==4.57.6)")
 
 
 def logits(folder, dump_path, text_path, eval_loss):
     dump = json.load(open(dump_path))
     t, v = dump["seq_len"], dump["vocab"]
-    model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32, attn_implementation="eager")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")
     model.eval()
     ours = torch.tensor(dump["logits"], dtype=torch.float32).view(t, v)
     with torch.no_grad():
@@ -87,7 +90,7 @@ def make(kind, folder):
                                       norm_topk_prob=False, mlp_only_layers=[0], use_sliding_window=False, **common)
     else:
         sys.exit(f"unknown kind {kind}")
-    model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith(".bias"):
@@ -98,8 +101,15 @@ def make(kind, folder):
     print(json.dumps({"architecture": config.architectures[0] if config.architectures else type(model).__name__}))
 
 
+def tensor(folder, name):
+    t = tensors(folder)[name]
+    print(json.dumps({"shape": list(t.shape), "max_abs": t.abs().max().item()}))
+
+
 if __name__ == "__main__":
-    if sys.argv[1] == "logits":
+    if sys.argv[1] == "tensor":
+        tensor(*sys.argv[2:4])
+    elif sys.argv[1] == "logits":
         logits(*sys.argv[2:6])
     elif sys.argv[1] == "make":
         make(*sys.argv[2:4])
