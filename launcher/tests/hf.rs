@@ -316,6 +316,19 @@ fn an_upcycled_dense_model_computes_the_same_function_then_learns() {
     let r = compare(&dir, &moe.join("checkpoints").display().to_string(), &held, &folder);
     eprintln!("upcycled: {r}");
     assert_same_function(&r, "upcycled llama");
+    // Fine-grained: 4 copies each cut in 2 (width 24), a token takes 2 copies.
+    let fine = dir.join("fine");
+    let fine_args = ["--run-dir", fine.to_str().unwrap(), "--experts", "8", "--top-k", "4", "--granularity", "2"];
+    let out = switchyard(&[&["ckpt", "upcycle", "--from", &dense_root][..], &fine_args[..]].concat(), &dir);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("into 8 experts (each FFN copy cut into 2, width 24), top-4"), "{}", text(&out));
+    let r = compare(&dir, &fine.join("checkpoints").display().to_string(), &held, &folder);
+    eprintln!("upcycled, granularity 2: {r}");
+    assert_same_function(&r, "fine-grained upcycled llama");
+    let odd = dir.join("odd");
+    let odd_args = ["--run-dir", odd.to_str().unwrap(), "--experts", "8", "--top-k", "3", "--granularity", "2"];
+    let out = switchyard(&[&["ckpt", "upcycle", "--from", &dense_root][..], &odd_args[..]].concat(), &dir);
+    assert!(!out.status.success() && text(&out).contains("--granularity 2") && !odd.exists(), "{}", text(&out));
     // Then it trains: the experts drift apart and the loss falls.
     let config = moe.join("config.toml");
     let train =

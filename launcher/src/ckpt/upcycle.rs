@@ -5,6 +5,14 @@
 //! and randomly initialised, the gates renormalised over the top-k. With
 //! identical experts and gates that sum to 1, the upcycled model computes
 //! the dense model's function before any training (docs/interop.md).
+//!
+//! With `--granularity G` (fine-grained upcycling, He et al., "Upcycling
+//! Large Language Models into Mixture of Experts", arXiv 2410.07524) each
+//! copy of the FFN is cut into G experts of width F/G along its hidden
+//! units; the G pieces of one copy form a virtual group whose router rows
+//! are the same, so a token's top-k (a multiple of G) takes whole copies,
+//! and each piece's w2 is scaled by G, which the renormalised gates (1/G of
+//! a copy's share each) take back: the function is again the dense one.
 
 use anyhow::{bail, Context, Result};
 use layout::PlacementPlan;
@@ -35,6 +43,11 @@ pub struct UpcycleArgs {
     /// standard deviation of the tensor it is added to (0: exact copies).
     #[arg(long, default_value_t = 0.0)]
     pub noise: f32,
+    /// Cut each copy of the dense FFN into this many experts (fine-grained
+    /// upcycling); `--experts` and `--top-k` count the pieces and must be
+    /// multiples of it, and it must divide the FFN width.
+    #[arg(long, default_value_t = 1)]
+    pub granularity: usize,
     /// Seed of the router's initialisation and of the noise.
     #[arg(long, default_value_t = 1234)]
     pub seed: u64,
@@ -59,6 +72,17 @@ pub fn run(args: UpcycleArgs) -> Result<()> {
     if args.experts < 2 || args.top_k == 0 || args.top_k > args.experts {
         bail!("--experts {} --top-k {}: need at least 2 experts and 1 <= top-k <= experts", args.experts, args.top_k);
     }
+    let g = args.granularity;
+    if g == 0 || ![args.experts, args.top_k, d.ffn_hidden].iter().all(|n| n.is_multiple_of(g)) {
+        bail!(
+            "--granularity {g}: it must divide --experts ({}), --top-k ({}) and the dense FFN width ({}, \
+             ffn_hidden of {url}), so that every copy of the FFN is cut into {g} whole experts and a token takes \
+             whole copies",
+            args.experts,
+            args.top_k,
+            d.ffn_hidden
+        );
+    }
     if !(args.noise >= 0.0 && args.noise.is_finite()) {
         bail!("--noise {}: a standard deviation >= 0", args.noise);
     }
@@ -73,6 +97,7 @@ pub fn run(args: UpcycleArgs) -> Result<()> {
     let mut job = dense_job.clone();
     job.model.n_experts = args.experts;
     job.model.top_k = args.top_k;
+    job.model.ffn_hidden = d.ffn_hidden / g;
     // Renormalised gates sum to 1, so identical experts give the FFN's output.
     job.model.norm_topk_prob = true;
     job.model.aux_loss_coef = model::ModelConfig::default().aux_loss_coef;
@@ -85,8 +110,14 @@ pub fn run(args: UpcycleArgs) -> Result<()> {
     seeded.train.seed = args.seed;
     let mut state = TrainState::fresh(&seeded, &plan, 0);
     let dense_tensors: std::collections::BTreeMap<String, &Vec<f32>> = dense.weights.tensors().into_iter().collect();
+    let dim = job.model.d_model;
     for (name, dst) in state.weights.dense.tensors_mut() {
         if name.ends_with(".moe.router.weight") {
+            // A virtual group (the G pieces of one copy) shares its first row.
+            for e in 0..args.experts {
+                let first = e / g * g;
+                dst.copy_within(first * dim..(first + 1) * dim, e * dim);
+            }
             continue;
         }
         dst.copy_from_slice(dense_tensors[&name]);
@@ -95,8 +126,8 @@ pub fn run(args: UpcycleArgs) -> Result<()> {
         let Some(source) = dense.weights.experts.layers.get(l).and_then(|m| m.get(&0)) else { continue };
         for (&e, expert) in layer.iter_mut() {
             let mut rng = Rng::for_stream(args.seed, &[0x0C, l as u64, e as u64]);
-            for (dst, src) in [(&mut expert.w1, &source.w1), (&mut expert.w3, &source.w3), (&mut expert.w2, &source.w2)]
-            {
+            let piece = piece_of(source, dim, g, e % g);
+            for (dst, src) in [(&mut expert.w1, &piece.w1), (&mut expert.w3, &piece.w3), (&mut expert.w2, &piece.w2)] {
                 dst.copy_from_slice(src);
                 if args.noise > 0.0 {
                     let std = (src.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / src.len() as f64).sqrt() as f32;
@@ -107,8 +138,10 @@ pub fn run(args: UpcycleArgs) -> Result<()> {
     }
     std::fs::create_dir_all(&args.run_dir).with_context(|| format!("cannot create {}", args.run_dir.display()))?;
     let (new_store, config) = write_step_zero(&job, &state, &plan, &args.run_dir)?;
+    let pieces =
+        if g > 1 { format!(" (each FFN copy cut into {g}, width {})", job.model.ffn_hidden) } else { String::new() };
     println!(
-        "upcycled {url} into {} experts, top-{} ({} parameters, {} active per token){}: step 0 committed at {}",
+        "upcycled {url} into {} experts{pieces}, top-{} ({} parameters, {} active per token){}: step 0 committed at {}",
         args.experts,
         args.top_k,
         job.model.num_params(),
@@ -118,4 +151,34 @@ pub fn run(args: UpcycleArgs) -> Result<()> {
     );
     println!("train: switchyard train --run-dir {} --config {} --resume", args.run_dir.display(), config.display());
     Ok(())
+}
+
+/// Piece `s` of `g` of a SwiGLU of width F: hidden units `s F/g ..
+/// (s+1) F/g` (rows of w1 and w3, columns of w2), w2 times `g`.
+fn piece_of(ffn: &model::ExpertWeights, d: usize, g: usize, s: usize) -> model::ExpertWeights {
+    let f = ffn.w1.len() / d;
+    let (w, rows) = (f / g, s * f / g * d..(s + 1) * f / g * d);
+    let w2 = ffn.w2.chunks_exact(f).flat_map(|row| row[s * w..(s + 1) * w].iter().map(|v| v * g as f32)).collect();
+    model::ExpertWeights { w1: ffn.w1[rows.clone()].to_vec(), w3: ffn.w3[rows].to_vec(), w2 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pieces_of_an_ffn_sum_to_it_once_scaled_back() {
+        // d 2, F 4: w1 rows are hidden units, w2 rows are outputs.
+        let ffn = model::ExpertWeights {
+            w1: (0..8).map(|v| v as f32).collect(),
+            w3: (10..18).map(|v| v as f32).collect(),
+            w2: (20..28).map(|v| v as f32).collect(),
+        };
+        let second = piece_of(&ffn, 2, 2, 1);
+        assert_eq!(second.w1, [4.0, 5.0, 6.0, 7.0]);
+        assert_eq!(second.w3, [14.0, 15.0, 16.0, 17.0]);
+        assert_eq!(second.w2, [44.0, 46.0, 52.0, 54.0], "columns 2-3 of each output row, times 2");
+        let whole = piece_of(&ffn, 2, 1, 0);
+        assert_eq!(whole, ffn);
+    }
 }
