@@ -79,8 +79,8 @@ status=0
 echo "== tests (with the MPI backend: real mpirun, namespace hosts)"
 cargo test --workspace --all-targets --locked --no-fail-fast --features "$features" 2>&1 | tee -a "$log" || status=1
 
-echo "== tests with Hugging Face tokenizer support (--features hf-tokenizer)"
-cargo test -p worker --all-targets --features hf-tokenizer --locked --no-fail-fast 2>&1 | tee -a "$log" || status=1
+echo "== data tests of a lean worker (--no-default-features: no Hugging Face tokenizer)"
+cargo test -p worker --test data --no-default-features --locked --no-fail-fast 2>&1 | tee -a "$log" || status=1
 
 # Real faults on real jobs, counted (docs/faults.md): a few trials of every
 # kind, on the MPI build the tests above made.

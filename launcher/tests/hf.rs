@@ -224,6 +224,41 @@ fn a_deepseek_v3_routed_export_loads_in_transformers_as_glm4_moe_with_its_bias()
 }
 
 #[test]
+fn a_run_on_a_tokenizer_json_exports_it_for_autotokenizer() {
+    // A byte-level BPE of 300 tokens trained on held-out text; the data
+    // prepared with it; a short run; the export carries the tokenizer.
+    let dir = common::temp_dir("hf", "tokenizer");
+    let held = held_out(&dir);
+    let tok = dir.join("tok.json");
+    let made = python(&["bpe", held.to_str().unwrap(), tok.to_str().unwrap()]);
+    assert_eq!(made["vocab"], 300, "{made}");
+    let data = dir.join("data");
+    let prepare = ["data", "prepare", "--input", held.to_str().unwrap(), "--out", data.to_str().unwrap()];
+    let out = switchyard(&[&prepare[..], &["--tokenizer", tok.to_str().unwrap()]].concat(), &dir);
+    assert!(out.status.success(), "{}", text(&out));
+    let source = format!("data.source=\"{}\"", data.display());
+    let root = train(&dir, None, &["model.vocab=300", &source, "train.steps=2"]);
+    let hf = dir.join("hf");
+    let out = switchyard(&["ckpt", "export", &root, "--format", "hf", "--to", hf.to_str().unwrap()], &dir);
+    assert!(out.status.success() && text(&out).contains("copied as tokenizer.json"), "{}", text(&out));
+    let copied = std::fs::read(hf.join("tokenizer.json")).unwrap();
+    assert_eq!(copied, std::fs::read(&tok).unwrap(), "the run's tokenizer, byte for byte");
+    // transformers loads it from the folder and encodes as the tokenizer does.
+    let theirs = python(&["encode", hf.to_str().unwrap(), held.to_str().unwrap()]);
+    assert_eq!(theirs["class"], "PreTrainedTokenizerFast", "{theirs}");
+    let ids: Vec<u64> = theirs["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+    assert!(ids.len() > 10 && ids.len() < 200, "BPE merges bytes: {} ids for 200 characters", ids.len());
+    assert!(ids.iter().any(|&id| id >= 256), "merged tokens past the bytes: {theirs}");
+    // The same ids as switchyard's prepared shard (the cut at 200 characters
+    // may split the last token).
+    let index: serde_json::Value = serde_json::from_slice(&std::fs::read(data.join("index.json")).unwrap()).unwrap();
+    let shard = std::fs::read(data.join(index["shards"][0]["file"].as_str().unwrap())).unwrap();
+    let ours: Vec<u64> =
+        shard.chunks_exact(4).take(ids.len() - 1).map(|b| u32::from_le_bytes(b.try_into().unwrap()) as u64).collect();
+    assert_eq!(ours, ids[..ids.len() - 1], "switchyard's tokens and transformers' for the same text");
+}
+
+#[test]
 fn an_export_from_4_ranks_with_balanced_placement_holds_every_expert_once() {
     let dir = common::temp_dir("hf", "ranks");
     let one = common::temp_dir("hf", "ranks-one");

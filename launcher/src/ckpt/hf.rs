@@ -361,6 +361,14 @@ pub fn run(arg: &str, to: &Path, max_shard_bytes: u64) -> Result<()> {
         if let Some(file) = &tokenizer {
             std::fs::copy(file, temp.join("tokenizer.json"))
                 .with_context(|| format!("cannot copy the run's tokenizer {}", file.display()))?;
+            // Names the class AutoTokenizer should build around tokenizer.json
+            // (else it guesses from model_type, e.g. Llama's, which expects <s>).
+            let config = json!({
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "model_max_length": cfg.seq_len,
+                "clean_up_tokenization_spaces": false,
+            });
+            std::fs::write(temp.join("tokenizer_config.json"), serde_json::to_string_pretty(&config)?)?;
         }
         Ok(bytes)
     })();
@@ -379,8 +387,17 @@ pub fn run(arg: &str, to: &Path, max_shard_bytes: u64) -> Result<()> {
         human_bytes(bytes as f64),
         to.display()
     );
-    if tokenizer.is_none() {
-        println!("tokenizer: bytes (token id = byte value), which transformers has no file for; decode ids yourself");
+    match &tokenizer {
+        Some(file) => println!(
+            "tokenizer: {} copied as tokenizer.json: AutoTokenizer.from_pretrained(\"{}\")",
+            file.display(),
+            to.display()
+        ),
+        None => {
+            println!(
+                "tokenizer: bytes (token id = byte value), which transformers has no file for; decode ids yourself"
+            )
+        }
     }
     if cfg.capacity_factor > 0.0 {
         println!(

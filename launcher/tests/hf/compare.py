@@ -13,6 +13,12 @@
   compare.py same FOLDER_A FOLDER_B
       prints JSON: whether both folders hold the same tensor names, and the
       largest difference relative to the largest value.
+  compare.py bpe TEXT OUT
+      trains a byte-level BPE tokenizer of 300 tokens on TEXT with the
+      `tokenizers` library and saves it as OUT (a tokenizer.json).
+  compare.py encode FOLDER TEXT
+      loads FOLDER's tokenizer with AutoTokenizer and prints JSON: the ids
+      of TEXT's first 200 characters and the tokenizer's class.
   compare.py tensor FOLDER NAME
       prints JSON: the shape of tensor NAME in FOLDER and its largest
       absolute value.
@@ -101,6 +107,24 @@ def make(kind, folder):
     print(json.dumps({"architecture": config.architectures[0] if config.architectures else type(model).__name__}))
 
 
+def bpe(text, out):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train([text], trainer)
+    tok.save(out)
+    print(json.dumps({"vocab": tok.get_vocab_size()}))
+
+
+def encode(folder, text):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(folder)
+    ids = tok(open(text, encoding="utf-8").read()[:200])["input_ids"]
+    print(json.dumps({"ids": ids, "class": type(tok).__name__}))
+
+
 def tensor(folder, name):
     t = tensors(folder)[name]
     print(json.dumps({"shape": list(t.shape), "max_abs": t.abs().max().item()}))
@@ -109,6 +133,10 @@ def tensor(folder, name):
 if __name__ == "__main__":
     if sys.argv[1] == "tensor":
         tensor(*sys.argv[2:4])
+    elif sys.argv[1] == "bpe":
+        bpe(*sys.argv[2:4])
+    elif sys.argv[1] == "encode":
+        encode(*sys.argv[2:4])
     elif sys.argv[1] == "logits":
         logits(*sys.argv[2:6])
     elif sys.argv[1] == "make":

@@ -73,7 +73,8 @@ pub enum DataError {
     /// Hugging Face tokenizer.
     #[error(
         "{} is a Hugging Face tokenizer, but this build has no support for it: \
-         rebuild with `cargo build --release --features worker/hf-tokenizer`",
+         it was built with --no-default-features; rebuild without that flag (or with \
+         `--features worker/hf-tokenizer`)",
         path.display()
     )]
     HfTokenizerNotCompiled { path: PathBuf },
