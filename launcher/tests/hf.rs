@@ -26,7 +26,7 @@ fn train(dir: &Path, config: Option<&str>, sets: &[&str]) -> String {
         "model.n_kv_heads=2",
         "model.ffn_hidden=48",
         "model.seq_len=16",
-        "train.steps=20",
+        "train.steps=50",
         "train.global_batch_size=8",
         "train.micro_batch_size=4",
         "checkpoint.every=0",
@@ -215,12 +215,12 @@ fn a_deepseek_v3_routed_export_loads_in_transformers_as_glm4_moe_with_its_bias()
     let dir = common::temp_dir("hf", "deepseek");
     let root = train(&dir, Some("deepseek-v3-mini"), &[]);
     export_and_compare(&dir, &root, &[], "Glm4MoeForCausalLM");
-    // The bias the run learned (20 steps of +-0.001) under transformers' name.
+    // The bias the run learned (50 steps of +-0.001) under transformers' name.
     let hf = dir.join("hf");
     let bias = python(&["tensor", hf.to_str().unwrap(), "model.layers.1.mlp.gate.e_score_correction_bias"]);
     assert_eq!(bias["shape"], serde_json::json!([16]), "{bias}");
     let most = bias["max_abs"].as_f64().unwrap();
-    assert!(most > 0.0 && most <= 0.020001, "a bias of at most 20 steps of 0.001: {bias}");
+    assert!(most > 0.0 && most <= 0.050001, "a bias of at most 50 steps of 0.001: {bias}");
 }
 
 #[test]
@@ -272,7 +272,7 @@ fn an_export_from_4_ranks_with_balanced_placement_holds_every_expert_once() {
     ];
     let root4 = train(&dir, None, &balanced);
     let root1 = train(&one, None, &["model.aux_loss_coef=0.0", "train.micro_batch_size=2"]);
-    let manifest = std::fs::read_to_string(Path::new(&root4).join("step-00000020/manifest.json")).unwrap();
+    let manifest = std::fs::read_to_string(Path::new(&root4).join("step-00000050/manifest.json")).unwrap();
     let plan: serde_json::Value = serde_json::from_str(&manifest).unwrap();
     let replicated = plan["plan"]["owners"]
         .as_array()
@@ -351,12 +351,28 @@ fn an_upcycled_dense_model_computes_the_same_function_then_learns() {
     let r = compare(&dir, &moe.join("checkpoints").display().to_string(), &held, &folder);
     eprintln!("upcycled: {r}");
     assert_same_function(&r, "upcycled llama");
-    // Fine-grained: 4 copies each cut in 2 (width 24), a token takes 2 copies.
+    // Fine-grained: 4 copies each cut in 2 (width 24), a token takes 2
+    // copies, and 2 shared experts (one more copy).
     let fine = dir.join("fine");
-    let fine_args = ["--run-dir", fine.to_str().unwrap(), "--experts", "8", "--top-k", "4", "--granularity", "2"];
+    let fine_args = [
+        "--run-dir",
+        fine.to_str().unwrap(),
+        "--experts",
+        "8",
+        "--top-k",
+        "4",
+        "--granularity",
+        "2",
+        "--shared-experts",
+        "2",
+    ];
     let out = switchyard(&[&["ckpt", "upcycle", "--from", &dense_root][..], &fine_args[..]].concat(), &dir);
     assert!(out.status.success(), "{}", text(&out));
-    assert!(text(&out).contains("into 8 experts (each FFN copy cut into 2, width 24), top-4"), "{}", text(&out));
+    assert!(
+        text(&out).contains("into 8 experts (each FFN copy cut into 2, width 24) and 2 shared, top-4"),
+        "{}",
+        text(&out)
+    );
     let r = compare(&dir, &fine.join("checkpoints").display().to_string(), &held, &folder);
     eprintln!("upcycled, granularity 2: {r}");
     assert_same_function(&r, "fine-grained upcycled llama");

@@ -13,6 +13,11 @@
 //! are the same, so a token's top-k (a multiple of G) takes whole copies,
 //! and each piece's w2 is scaled by G, which the renormalised gates (1/G of
 //! a copy's share each) take back: the function is again the dense one.
+//!
+//! With `--shared-experts N` the layer also gets N always-on experts, the
+//! pieces of N/G more copies of the FFN. The layer then adds `N/G + 1`
+//! copies of the dense output, so every w2 (shared and routed) is divided
+//! by `N/G + 1`: the function stays the dense one (docs/interop.md).
 
 use anyhow::{bail, Context, Result};
 use layout::PlacementPlan;
@@ -48,6 +53,10 @@ pub struct UpcycleArgs {
     /// multiples of it, and it must divide the FFN width.
     #[arg(long, default_value_t = 1)]
     pub granularity: usize,
+    /// Shared experts (always on, beside the routed ones): pieces of more
+    /// copies of the FFN, so a multiple of --granularity.
+    #[arg(long, default_value_t = 0)]
+    pub shared_experts: usize,
     /// Seed of the router's initialisation and of the noise.
     #[arg(long, default_value_t = 1234)]
     pub seed: u64,
@@ -83,6 +92,13 @@ pub fn run(args: UpcycleArgs) -> Result<()> {
             d.ffn_hidden
         );
     }
+    if !args.shared_experts.is_multiple_of(g) {
+        bail!(
+            "--shared-experts {}: a multiple of --granularity {g}, so that the shared experts are whole copies of \
+             the FFN",
+            args.shared_experts
+        );
+    }
     if !(args.noise >= 0.0 && args.noise.is_finite()) {
         bail!("--noise {}: a standard deviation >= 0", args.noise);
     }
@@ -98,6 +114,7 @@ pub fn run(args: UpcycleArgs) -> Result<()> {
     job.model.n_experts = args.experts;
     job.model.top_k = args.top_k;
     job.model.ffn_hidden = d.ffn_hidden / g;
+    job.model.n_shared_experts = args.shared_experts;
     // Renormalised gates sum to 1, so identical experts give the FFN's output.
     job.model.norm_topk_prob = true;
     job.model.aux_loss_coef = model::ModelConfig::default().aux_loss_coef;
@@ -120,13 +137,24 @@ pub fn run(args: UpcycleArgs) -> Result<()> {
             }
             continue;
         }
+        if name.contains(".moe.shared.") {
+            continue; // pieces of the FFN, below
+        }
         dst.copy_from_slice(dense_tensors[&name]);
     }
+    // The layer sums `copies` dense outputs (the routed gates add up to one).
+    let copies = (args.shared_experts / g + 1) as f32;
     for (l, layer) in state.weights.experts.layers.iter_mut().enumerate() {
         let Some(source) = dense.weights.experts.layers.get(l).and_then(|m| m.get(&0)) else { continue };
+        for (i, shared) in state.weights.dense.layers[l].shared.iter_mut().enumerate() {
+            let mut piece = piece_of(source, dim, g, i % g);
+            piece.w2.iter_mut().for_each(|v| *v /= g as f32 * copies);
+            *shared = piece;
+        }
         for (&e, expert) in layer.iter_mut() {
             let mut rng = Rng::for_stream(args.seed, &[0x0C, l as u64, e as u64]);
-            let piece = piece_of(source, dim, g, e % g);
+            let mut piece = piece_of(source, dim, g, e % g);
+            piece.w2.iter_mut().for_each(|v| *v /= copies);
             for (dst, src) in [(&mut expert.w1, &piece.w1), (&mut expert.w3, &piece.w3), (&mut expert.w2, &piece.w2)] {
                 dst.copy_from_slice(src);
                 if args.noise > 0.0 {
@@ -138,8 +166,11 @@ pub fn run(args: UpcycleArgs) -> Result<()> {
     }
     std::fs::create_dir_all(&args.run_dir).with_context(|| format!("cannot create {}", args.run_dir.display()))?;
     let (new_store, config) = write_step_zero(&job, &state, &plan, &args.run_dir)?;
-    let pieces =
+    let mut pieces =
         if g > 1 { format!(" (each FFN copy cut into {g}, width {})", job.model.ffn_hidden) } else { String::new() };
+    if args.shared_experts > 0 {
+        pieces += &format!(" and {} shared", args.shared_experts);
+    }
     println!(
         "upcycled {url} into {} experts{pieces}, top-{} ({} parameters, {} active per token){}: step 0 committed at {}",
         args.experts,
