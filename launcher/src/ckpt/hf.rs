@@ -192,38 +192,32 @@ fn hf_tensors(cfg: &ModelConfig, arch: HfArch, mut t: checkpoint::LoadedTensors,
                     }
                 }
             }
-            HfArch::Qwen2Moe => {
+            // Qwen2-MoE and GLM-4-MoE name the router and experts alike.
+            HfArch::Qwen2Moe | HfArch::Glm4Moe => {
                 put(format!("{dst}.mlp.gate.weight"), router);
+                if arch == HfArch::Glm4Moe {
+                    // Without expert_bias, zeros select as switchyard does.
+                    let bias = match cfg.expert_bias {
+                        true => take(&mut t, &format!("{src}.moe.expert_bias"), url)?,
+                        false => (vec![cfg.n_experts], vec![0.0; cfg.n_experts]),
+                    };
+                    put(format!("{dst}.mlp.gate.e_score_correction_bias"), bias);
+                }
                 for e in 0..cfg.n_experts {
                     let expert = swiglu(&mut t, &format!("{src}.moe.experts.{e}"))?;
                     for (name, tensor) in PROJECTIONS.into_iter().zip(expert) {
                         put(format!("{dst}.mlp.experts.{e}.{name}.weight"), tensor);
                     }
                 }
+                let shared = if arch == HfArch::Qwen2Moe { "shared_expert" } else { "shared_experts" };
                 for (name, tensor) in PROJECTIONS.into_iter().zip(shared_merged(cfg, &mut t, &src, url)?) {
-                    put(format!("{dst}.mlp.shared_expert.{name}.weight"), tensor);
+                    put(format!("{dst}.mlp.{shared}.{name}.weight"), tensor);
                 }
-                put(
-                    format!("{dst}.mlp.shared_expert_gate.weight"),
-                    take(&mut t, &format!("{src}.moe.shared_gate.weight"), url)?,
-                );
-            }
-            HfArch::Glm4Moe => {
-                put(format!("{dst}.mlp.gate.weight"), router);
-                // Without expert_bias, zeros select as switchyard does.
-                let bias = match cfg.expert_bias {
-                    true => take(&mut t, &format!("{src}.moe.expert_bias"), url)?,
-                    false => (vec![cfg.n_experts], vec![0.0; cfg.n_experts]),
-                };
-                put(format!("{dst}.mlp.gate.e_score_correction_bias"), bias);
-                for e in 0..cfg.n_experts {
-                    let expert = swiglu(&mut t, &format!("{src}.moe.experts.{e}"))?;
-                    for (name, tensor) in PROJECTIONS.into_iter().zip(expert) {
-                        put(format!("{dst}.mlp.experts.{e}.{name}.weight"), tensor);
-                    }
-                }
-                for (name, tensor) in PROJECTIONS.into_iter().zip(shared_merged(cfg, &mut t, &src, url)?) {
-                    put(format!("{dst}.mlp.shared_experts.{name}.weight"), tensor);
+                if arch == HfArch::Qwen2Moe {
+                    put(
+                        format!("{dst}.mlp.shared_expert_gate.weight"),
+                        take(&mut t, &format!("{src}.moe.shared_gate.weight"), url)?,
+                    );
                 }
             }
         }
