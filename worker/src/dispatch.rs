@@ -457,21 +457,16 @@ impl<'a> AllToAllExperts<'a> {
         }
     }
 
-    /// Works out who sends what to whom for one layer's dispatch plan. An
-    /// expert with replicas gets each source's rows at the replica the plan
-    /// picks for that source, so every rank can tell which of its experts
-    /// each source sends to it.
-    ///
-    /// Chunk c carries the rows of the c-th range of this rank's tokens
-    /// (all of a token's rows in one chunk, so it travels once per rank);
-    /// to each owner, chunk by chunk, expert by expert, in token order.
-    fn plan_exchange(&mut self, layer: usize, plan: &DispatchPlan) -> Result<Exchange, ModelError> {
-        let ranks = self.comm.size();
-        let me = self.comm.rank();
-        let owner = |e: usize, source: usize| self.placement.owner_for(layer, e, source);
-        // Experts in (owner, id) order: rows grouped by destination rank.
-        let mut by_owner: Vec<usize> = (0..plan.num_experts).collect();
-        by_owner.sort_by_key(|&e| (owner(e, me), e));
+    /// This rank's side of [`Self::plan_exchange`]: what each chunk sends
+    /// to each owner, and the message telling each owner how many rows of
+    /// each of its experts come in each chunk, then (top-k > 1) the
+    /// travelling row of each row.
+    fn plan_sends(&self, layer: usize, plan: &DispatchPlan) -> (Vec<SendSide>, Vec<Vec<u64>>) {
+        let (ranks, me) = (self.comm.size(), self.comm.rank());
+        let owner = |e: usize| self.placement.owner_for(layer, e, me);
+        // Per owner, its experts in id order.
+        let mut owned: Vec<Vec<usize>> = vec![Vec::new(); ranks];
+        (0..plan.num_experts).for_each(|e| owned[owner(e)].push(e));
         let (k, pieces, dedup) = (plan.top_k, self.chunk_count, self.top_k > 1);
         let token = |row: usize| plan.source_a[row] as usize / k;
         let tokens = plan.source_a.iter().map(|&src| src as usize / k + 1).max().unwrap_or(0);
@@ -483,17 +478,15 @@ impl<'a> AllToAllExperts<'a> {
                 |bound: usize| first + plan.source_a[first..last].partition_point(|&src| (src as usize / k) < bound);
             starting(piece(tokens, c, pieces).start)..starting(piece(tokens, c, pieces).end)
         };
-        // To each owner: how many rows of each of its experts come in each
-        // chunk, then (top-k > 1) the travelling row of each row.
         let mut counts_to: Vec<Vec<u64>> = vec![Vec::new(); ranks];
         let mut slots_to: Vec<Vec<u64>> = vec![Vec::new(); ranks];
         let mut numbering = TokenNumbering::new(tokens);
-        let send_sides: Vec<SendSide> = (0..pieces)
+        let sides = (0..pieces)
             .map(|c| {
                 let mut side = SendSide { counts: vec![0; ranks], travel_counts: vec![0; ranks], ..Default::default() };
                 for r in 0..ranks {
                     let first = side.rows.len();
-                    for &e in by_owner.iter().filter(|&&e| owner(e, me) == r) {
+                    for &e in &owned[r] {
                         let rows = rows_of(e, c);
                         counts_to[r].push(rows.len() as u64);
                         side.rows.extend(rows);
@@ -513,9 +506,27 @@ impl<'a> AllToAllExperts<'a> {
                 side
             })
             .collect();
-        let meta_counts: Vec<usize> = (0..ranks).map(|r| counts_to[r].len() + slots_to[r].len()).collect();
-        let meta: Vec<u64> = counts_to.into_iter().zip(slots_to).flat_map(|(c, s)| c.into_iter().chain(s)).collect();
+        let meta_to = counts_to.into_iter().zip(slots_to).map(|(counts, slots)| [counts, slots].concat()).collect();
+        (sides, meta_to)
+    }
+
+    /// Works out who sends what to whom for one layer's dispatch plan. An
+    /// expert with replicas gets each source's rows at the replica the plan
+    /// picks for that source, so every rank can tell which of its experts
+    /// each source sends to it.
+    ///
+    /// Chunk c carries the rows of the c-th range of this rank's tokens
+    /// (all of a token's rows in one chunk, so it travels once per rank);
+    /// to each owner, chunk by chunk, expert by expert, in token order.
+    fn plan_exchange(&mut self, layer: usize, plan: &DispatchPlan) -> Result<Exchange, ModelError> {
+        let ranks = self.comm.size();
+        let me = self.comm.rank();
+        let (pieces, dedup) = (self.chunk_count, self.top_k > 1);
+        let (send_sides, meta_to) = self.plan_sends(layer, plan);
+        let meta_counts: Vec<usize> = meta_to.iter().map(Vec::len).collect();
+        let meta = meta_to.concat();
         let (recv_meta, recv_meta_counts) = self.comm.all_to_all_v_u64(&meta, &meta_counts).map_err(comm_error)?;
+        let owner = |e: usize, source: usize| self.placement.owner_for(layer, e, source);
         // Per source, the experts it sends here (ascending id, as it sent them).
         let from: Vec<Vec<usize>> =
             (0..ranks).map(|s| (0..plan.num_experts).filter(|&e| owner(e, s) == me).collect()).collect();
