@@ -110,7 +110,7 @@ fn export_and_compare(dir: &Path, root: &str, export_flags: &[&str], architectur
 
 #[test]
 fn transformers_models_import_compute_the_same_logits_and_train_on_several_ranks() {
-    for kind in ["llama", "mixtral", "qwen2_moe"] {
+    for kind in ["llama", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe"] {
         let dir = common::temp_dir("hf", &format!("import-{kind}"));
         let folder = dir.join("hf-model");
         python(&["make", kind, folder.to_str().unwrap()]);
@@ -209,6 +209,14 @@ fn a_qwen2_moe_export_loads_in_transformers_and_computes_the_same_logits() {
 }
 
 #[test]
+fn a_qk_norm_export_loads_in_transformers_as_qwen3_moe() {
+    // Query/key head norms (Qwen3) with a softmax router, no shared expert.
+    let dir = common::temp_dir("hf", "qwen3");
+    let root = train(&dir, None, &["model.qk_norm=true", "model.norm_topk_prob=false"]);
+    export_and_compare(&dir, &root, &[], "Qwen3MoeForCausalLM");
+}
+
+#[test]
 fn a_deepseek_v3_routed_export_loads_in_transformers_as_glm4_moe_with_its_bias() {
     // The DeepSeek example: sigmoid router, 4 groups of which 2 kept,
     // aux-loss-free bias, scaling 2.5, a shared expert, a dense first layer.
@@ -296,10 +304,11 @@ fn an_export_from_4_ranks_with_balanced_placement_holds_every_expert_once() {
 #[test]
 fn models_transformers_cannot_compute_are_refused_and_nothing_is_written() {
     let dir = common::temp_dir("hf", "refused");
-    let cases: [(Option<&str>, &[&str], &str); 3] = [
+    let cases: [(Option<&str>, &[&str], &str); 4] = [
         (Some("deepseek-v3-mini"), &["model.shared_expert_gate=true", "train.steps=2"], "shared_expert_gate"),
         (Some("moe-plus-plus"), &["train.steps=2"], "MoE++"),
         (None, &["model.block=\"parallel\"", "train.steps=2"], "block = \"parallel\""),
+        (None, &["model.qk_norm=true", "model.n_shared_experts=1", "train.steps=2"], "qk_norm"),
     ];
     for (i, (config, sets, why)) in cases.into_iter().enumerate() {
         let case = dir.join(format!("case{i}"));

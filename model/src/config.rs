@@ -96,6 +96,9 @@ pub struct ModelConfig {
     pub gating_residuals: bool,
     /// MoE++'s 2-layer router: `logits = W_2 tanh(W_1 x)`, `W_1: [8R, D]`.
     pub router_mlp: bool,
+    /// Qwen3's query/key norm: every query and key head vector RMS-normalised
+    /// (weights `[hd]` per layer) after the projections, before RoPE.
+    pub qk_norm: bool,
     /// DeepSeek-V3: the first layers have a dense SwiGLU FFN instead of an
     /// MoE (DeepSeek-V3: 3), of hidden width `dense_ffn_hidden` (0: `ffn_hidden`).
     pub first_dense_layers: usize,
@@ -139,6 +142,7 @@ impl Default for ModelConfig {
             zero_computation_tau: 0.75,
             gating_residuals: false,
             router_mlp: false,
+            qk_norm: false,
             first_dense_layers: 0,
             dense_ffn_hidden: 0,
         }
@@ -353,7 +357,8 @@ impl ModelConfig {
     /// gradient buckets carry; `DenseLayerWeights::params` lists the same.
     pub fn layer_dense_values(&self, l: usize) -> usize {
         let (d, hd, r) = (self.d_model, self.head_dim(), self.n_router_outputs());
-        let attn = d * self.n_heads * hd * 2 + d * self.n_kv_heads * hd * 2;
+        let qk_norm = if self.qk_norm { 2 * hd } else { 0 };
+        let attn = d * self.n_heads * hd * 2 + d * self.n_kv_heads * hd * 2 + qk_norm;
         let norms = d * if self.block == BlockKind::Sequential { 2 } else { 1 };
         if !self.is_moe_layer(l) {
             return attn + norms + 3 * d * self.dense_ffn_width();

@@ -102,6 +102,11 @@ struct BlockCache {
     q_tq: Vec<f32>,
     k_tg: Vec<f32>,
     v_tg: Vec<f32>,
+    /// `qk_norm`: q and k before their head norms, and each head row's 1/rms.
+    q_raw_tq: Vec<f32>,
+    k_raw_tg: Vec<f32>,
+    q_rstd: Vec<f32>,
+    k_rstd: Vec<f32>,
     probs: Vec<f32>,
     attn_tq: Vec<f32>,
     /// With shards: the attention input of every shard's tokens `[a, d]`.
@@ -229,6 +234,13 @@ impl Pass<'_> {
         matmul_nt(t, d, q, n_ad, &w.wq, &mut cache.q_tq, false);
         matmul_nt(t, d, g, n_ad, &w.wk, &mut cache.k_tg, false);
         matmul_nt(t, d, g, n_ad, &w.wv, &mut cache.v_tg, false);
+        if let (Some(wq_n), Some(wk_n)) = (&w.q_norm, &w.k_norm) {
+            let eps = self.cfg.norm_eps;
+            cache.q_raw_tq = std::mem::take(&mut cache.q_tq);
+            cache.k_raw_tg = std::mem::take(&mut cache.k_tg);
+            (cache.q_tq, cache.q_rstd) = head_norm(&cache.q_raw_tq, wq_n, eps);
+            (cache.k_tg, cache.k_rstd) = head_norm(&cache.k_raw_tg, wk_n, eps);
+        }
         rope.apply(&mut cache.q_tq, shape.batch, shape.seq, shape.n_heads);
         rope.apply(&mut cache.k_tg, shape.batch, shape.seq, shape.n_kv_heads);
         cache.probs = vec![0.0; shape.probs_len()];
@@ -276,6 +288,16 @@ impl Pass<'_> {
         attention_backward(shape, qkv, &cache.probs, &dattn_tq, grads);
         rope.apply_backward(&mut dq_tq, shape.batch, shape.seq, shape.n_heads);
         rope.apply_backward(&mut dk_tg, shape.batch, shape.seq, shape.n_kv_heads);
+        if let (Some(wq_n), Some(wk_n), Some(gq_n), Some(gk_n)) = (&w.q_norm, &w.k_norm, &mut gw.q_norm, &mut gw.k_norm)
+        {
+            // Back through the head norms: gradients of the raw projections.
+            let mut dq_raw = vec![0.0; t * q];
+            rmsnorm_backward(&cache.q_raw_tq, wq_n, &cache.q_rstd, &dq_tq, &mut dq_raw, gq_n);
+            dq_tq = dq_raw;
+            let mut dk_raw = vec![0.0; t * g];
+            rmsnorm_backward(&cache.k_raw_tg, wk_n, &cache.k_rstd, &dk_tg, &mut dk_raw, gk_n);
+            dk_tg = dk_raw;
+        }
         let n_td = if dims.shards > 1 { &cache.attn_in_ad } else { &cache.attn_in_td };
         let dn_out: &mut [f32] = if dims.shards > 1 { &mut dn_ad } else { dn_td };
         for (dp_tw, wp, gp, width) in
@@ -308,6 +330,10 @@ impl Pass<'_> {
             q_tq: Vec::new(),
             k_tg: Vec::new(),
             v_tg: Vec::new(),
+            q_raw_tq: Vec::new(),
+            k_raw_tg: Vec::new(),
+            q_rstd: Vec::new(),
+            k_rstd: Vec::new(),
             probs: Vec::new(),
             attn_tq: Vec::new(),
             attn_in_ad: Vec::new(),
@@ -486,6 +512,15 @@ fn dense_ffn_backward(
         dffn_in_td,
         gffn,
     );
+}
+
+/// Qwen3's head norm: every `w.len()`-wide head row of `x` RMS-normalised
+/// with weight `w`; returns the result and each row's 1/rms.
+fn head_norm(x: &[f32], w: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
+    let mut y = vec![0.0; x.len()];
+    let mut rstd = vec![0.0; x.len() / w.len()];
+    rmsnorm_forward(x, w, eps, &mut y, &mut rstd);
+    (y, rstd)
 }
 
 fn add_into(acc: &mut [f32], x: &[f32]) {

@@ -59,6 +59,12 @@ macro_rules! list_tensors {
             ("attn.wv.weight".to_string(), & $($m)? layer.wv),
             ("attn.wo.weight".to_string(), & $($m)? layer.wo),
         ];
+        if let Some(w) = layer.q_norm.$opt() {
+            out.push(("attn.q_norm.weight".to_string(), w));
+        }
+        if let Some(w) = layer.k_norm.$opt() {
+            out.push(("attn.k_norm.weight".to_string(), w));
+        }
         if let Some(w) = layer.ffn_norm.$opt() {
             out.push(("ffn_norm.weight".to_string(), w));
         }
@@ -117,6 +123,9 @@ pub struct DenseLayerWeights {
     pub wk: Vec<f32>,
     pub wv: Vec<f32>,
     pub wo: Vec<f32>,
+    /// `[hd]` each: the query and key head norms (`qk_norm` only).
+    pub q_norm: Option<Vec<f32>>,
+    pub k_norm: Option<Vec<f32>>,
     /// Absent in parallel (BAM) blocks, which share `attn_norm`.
     pub ffn_norm: Option<Vec<f32>>,
     pub router: Vec<f32>,
@@ -194,6 +203,8 @@ fn attention_layer(cfg: &ModelConfig, rng: &mut Rng) -> DenseLayerWeights {
         wk: rng.normal_vec(cfg.n_kv_heads * hd * d, std),
         wv: rng.normal_vec(cfg.n_kv_heads * hd * d, std),
         wo: rng.normal_vec(d * cfg.n_heads * hd, residual_std(cfg)),
+        q_norm: cfg.qk_norm.then(|| vec![1.0; hd]),
+        k_norm: cfg.qk_norm.then(|| vec![1.0; hd]),
         ffn_norm: (cfg.block == BlockKind::Sequential).then(|| vec![1.0; d]),
         router: Vec::new(),
         shared: Vec::new(),
@@ -386,6 +397,7 @@ pub fn tensor_shape(cfg: &ModelConfig, name: &str) -> Option<Vec<usize>> {
             ["attn", "wq", "weight"] => vec![cfg.n_heads * hd, d],
             ["attn", "wk", "weight"] | ["attn", "wv", "weight"] => vec![cfg.n_kv_heads * hd, d],
             ["attn", "wo", "weight"] => vec![d, cfg.n_heads * hd],
+            ["attn", "q_norm" | "k_norm", "weight"] if cfg.qk_norm => vec![hd],
             ["moe", "router", "weight"] => vec![cfg.n_router_outputs(), cfg.router_input_width()],
             ["moe", "router_hidden", "weight"] if cfg.router_mlp => vec![cfg.router_input_width(), d],
             ["moe", "shared_gate", "weight"] if cfg.shared_expert_gate => vec![1, d],

@@ -61,7 +61,13 @@ fn check_model(cfg: ModelConfig, names: &[&str]) {
 /// The loss is smooth only while every token keeps its experts: `seed`
 /// picks weights where no finite-difference step flips a choice.
 fn check_model_seeded(cfg: ModelConfig, names: &[&str], seed: u64) {
+    check_model_prepared(cfg, names, seed, |_| {});
+}
+
+/// [`check_model_seeded`] on weights that `prepare` changes first.
+fn check_model_prepared(cfg: ModelConfig, names: &[&str], seed: u64, prepare: impl Fn(&mut ModelWeights)) {
     let mut weights = ModelWeights::init(&cfg, seed);
+    prepare(&mut weights);
     // A bias that moves the choice (it starts at zero in training).
     for (l, (_, bias)) in weights.dense.buffers_mut().into_iter().enumerate() {
         bias.iter_mut().enumerate().for_each(|(e, b)| *b = 0.05 * ((e + l) % 3) as f32);
@@ -182,6 +188,30 @@ fn deepseek_v3_router() {
     let mut names = DENSE.to_vec();
     names.extend(["layers.0.moe.shared.0.w1.weight", "output.weight"]);
     check_model(cfg, &names);
+}
+
+/// Qwen3's query/key head norms (the weights perturbed from their ones so
+/// that every term of the backward pass matters), in both block kinds.
+#[test]
+fn qwen3_query_and_key_norms() {
+    for block in [BlockKind::Sequential, BlockKind::Parallel] {
+        let cfg = ModelConfig { qk_norm: true, ..config(block, 1, 0.0, 0, false) };
+        let names = [
+            "layers.0.attn.q_norm.weight",
+            "layers.1.attn.k_norm.weight",
+            "layers.0.attn.wq.weight",
+            "layers.1.attn.wk.weight",
+        ];
+        let weights = ModelWeights::init(&cfg, 6);
+        assert_eq!(weights.tensors().iter().map(|(_, t)| t.len()).sum::<usize>(), cfg.num_params());
+        check_model_prepared(cfg, &names, 3, |w| {
+            for (name, t) in w.dense.tensors_mut() {
+                if name.ends_with("q_norm.weight") || name.ends_with("k_norm.weight") {
+                    t.iter_mut().enumerate().for_each(|(i, v)| *v = 1.0 + 0.3 * (i as f32 * 1.7).sin());
+                }
+            }
+        });
+    }
 }
 
 /// Qwen2-MoE: softmax without renormalised gates, a gated shared expert.

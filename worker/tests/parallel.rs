@@ -88,11 +88,15 @@ fn a_run_on_4_ranks_resumes_on_2_and_on_1() {
 #[test]
 fn attention_shards_match_one_rank() {
     // attn_tp = 2: heads in two groups, each micro-batch's tokens in two
-    // slices; on 2 ranks (dp 1) and on 4 (dp 2).
-    let one = losses(&job(1, &[]), "tp1", Resume::No, None, None);
-    for ranks in [2, 4] {
-        let sharded = losses(&job(ranks, &["parallel.attn_tp=2"]), &format!("tp2-{ranks}"), Resume::No, None, None);
-        assert_close(&one, &sharded, &format!("attn_tp 2 on {ranks} ranks"));
+    // slices; on 2 ranks (dp 1) and on 4 (dp 2). Also with Qwen3's
+    // query/key head norms, whose weights every shard's heads share.
+    for extra in [&[][..], &["model.qk_norm=true"][..]] {
+        let one = losses(&job(1, extra), &format!("tp1-{}", extra.len()), Resume::No, None, None);
+        for ranks in [2, 4] {
+            let sets = [extra, &["parallel.attn_tp=2"][..]].concat();
+            let sharded = losses(&job(ranks, &sets), &format!("tp2-{ranks}-{}", extra.len()), Resume::No, None, None);
+            assert_close(&one, &sharded, &format!("attn_tp 2 on {ranks} ranks {extra:?}"));
+        }
     }
 }
 

@@ -85,11 +85,21 @@ fn golden_losses_are_reproduced_exactly() {
 /// the cosine schedule spans `train.steps`.)
 #[test]
 fn resume_continues_bit_exactly() {
-    let job = micro_job(&[]);
-    let straight_dir = temp_dir("straight");
+    resumes_bit_exactly(&[], "");
+}
+
+/// The same with Qwen3's query/key head norms (their weights are resumed too).
+#[test]
+fn resume_with_query_key_norms_continues_bit_exactly() {
+    resumes_bit_exactly(&["model.qk_norm=true"], "-qk");
+}
+
+fn resumes_bit_exactly(sets: &[&str], tag: &str) {
+    let job = micro_job(sets);
+    let straight_dir = temp_dir(&format!("straight{tag}"));
     let straight = run(&job, &straight_dir, Resume::No);
 
-    let split_dir = temp_dir("split");
+    let split_dir = temp_dir(&format!("split{tag}"));
     let head = run_until(&job, &split_dir, Resume::No, Some(10));
     let tail = run(&job, &split_dir, Resume::Latest);
     let mut joined = losses(&head);
@@ -108,6 +118,9 @@ fn resume_continues_bit_exactly() {
     };
     let (a, b) = (load(&straight_dir), load(&split_dir));
     assert_eq!(a.len(), b.len());
+    for set in sets.iter().filter(|s| s.starts_with("model.qk_norm")) {
+        assert!(a.contains_key("layers.1.attn.k_norm.weight"), "{set}: the head norms are checkpointed");
+    }
     for (name, (_, data)) in &a {
         let other = &b[name].1;
         assert!(data.iter().zip(other).all(|(x, y)| x.to_bits() == y.to_bits()), "tensor {name} differs");

@@ -24,6 +24,9 @@ pub enum HfArch {
     /// `Qwen2MoeForCausalLM`: a gated shared expert, gates renormalised or
     /// not, dense first layers (`mlp_only_layers`).
     Qwen2Moe,
+    /// `Qwen3MoeForCausalLM`: softmax top-k with per-head query/key norms,
+    /// no shared expert, gates renormalised or not, dense first layers.
+    Qwen3Moe,
     /// `Glm4MoeForCausalLM`: DeepSeek-V3's router (sigmoid scores, the
     /// selection bias `e_score_correction_bias`, groups, scaling factor),
     /// ungated shared experts, dense first layers, and grouped-query
@@ -36,6 +39,7 @@ impl HfArch {
         match self {
             HfArch::Mixtral => "mixtral",
             HfArch::Qwen2Moe => "qwen2_moe",
+            HfArch::Qwen3Moe => "qwen3_moe",
             HfArch::Glm4Moe => "glm4_moe",
         }
     }
@@ -44,6 +48,7 @@ impl HfArch {
         match self {
             HfArch::Mixtral => "MixtralForCausalLM",
             HfArch::Qwen2Moe => "Qwen2MoeForCausalLM",
+            HfArch::Qwen3Moe => "Qwen3MoeForCausalLM",
             HfArch::Glm4Moe => "Glm4MoeForCausalLM",
         }
     }
@@ -75,6 +80,15 @@ pub fn choose(cfg: &ModelConfig) -> std::result::Result<HfArch, String> {
                 .into());
         }
         return Ok(HfArch::Glm4Moe);
+    }
+    if cfg.qk_norm {
+        if cfg.n_shared_experts > 0 || deepseek_routing {
+            return Err("[model] qk_norm with softmax routing and n_shared_experts or DeepSeek-V3 routing keys: \
+                        Qwen3-MoE (the transformers model with query/key norms and a softmax router) has no shared \
+                        expert, bias or groups; GLM-4-MoE takes qk_norm with router_score = \"sigmoid\""
+                .into());
+        }
+        return Ok(HfArch::Qwen3Moe);
     }
     if deepseek_routing {
         return Err("DeepSeek-V3 routing ([model] expert_bias, n_groups, routed_scaling_factor) with \
@@ -172,6 +186,11 @@ fn hf_tensors(cfg: &ModelConfig, arch: HfArch, mut t: checkpoint::LoadedTensors,
                 put(format!("{dst}.self_attn.{proj}.bias"), (vec![width], vec![0.0; width]));
             }
         }
+        if cfg.qk_norm {
+            for norm in ["q_norm", "k_norm"] {
+                put(format!("{dst}.self_attn.{norm}.weight"), take(&mut t, &format!("{src}.attn.{norm}.weight"), url)?);
+            }
+        }
         put(format!("{dst}.post_attention_layernorm.weight"), take(&mut t, &format!("{src}.ffn_norm.weight"), url)?);
         let swiglu = |t: &mut checkpoint::LoadedTensors, from: &str| swiglu(t, from, url);
         if !cfg.is_moe_layer(l) {
@@ -193,7 +212,7 @@ fn hf_tensors(cfg: &ModelConfig, arch: HfArch, mut t: checkpoint::LoadedTensors,
                 }
             }
             // Qwen2-MoE and GLM-4-MoE name the router and experts alike.
-            HfArch::Qwen2Moe | HfArch::Glm4Moe => {
+            HfArch::Qwen2Moe | HfArch::Qwen3Moe | HfArch::Glm4Moe => {
                 put(format!("{dst}.mlp.gate.weight"), router);
                 if arch == HfArch::Glm4Moe {
                     // Without expert_bias, zeros select as switchyard does.
@@ -208,6 +227,9 @@ fn hf_tensors(cfg: &ModelConfig, arch: HfArch, mut t: checkpoint::LoadedTensors,
                     for (name, tensor) in PROJECTIONS.into_iter().zip(expert) {
                         put(format!("{dst}.mlp.experts.{e}.{name}.weight"), tensor);
                     }
+                }
+                if arch == HfArch::Qwen3Moe {
+                    continue; // no shared expert
                 }
                 let shared = if arch == HfArch::Qwen2Moe { "shared_expert" } else { "shared_experts" };
                 for (name, tensor) in PROJECTIONS.into_iter().zip(shared_merged(cfg, &mut t, &src, url)?) {
@@ -270,6 +292,17 @@ fn hf_config(cfg: &ModelConfig, arch: HfArch) -> serde_json::Value {
             "use_sliding_window": false,
             "max_window_layers": cfg.n_layers,
         }),
+        HfArch::Qwen3Moe => json!({
+            "intermediate_size": cfg.dense_ffn_width(),
+            "moe_intermediate_size": cfg.ffn_hidden,
+            "num_experts": cfg.n_experts,
+            "norm_topk_prob": cfg.norm_topk_prob,
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": (0..cfg.first_dense_layers).collect::<Vec<_>>(),
+            "attention_bias": false,
+            "use_sliding_window": false,
+            "max_window_layers": cfg.n_layers,
+        }),
         HfArch::Glm4Moe => json!({
             "intermediate_size": cfg.dense_ffn_width(),
             "moe_intermediate_size": cfg.ffn_hidden,
@@ -282,7 +315,7 @@ fn hf_config(cfg: &ModelConfig, arch: HfArch) -> serde_json::Value {
             "norm_topk_prob": cfg.norm_topk_prob,
             "partial_rotary_factor": 1.0,
             "attention_bias": false,
-            "use_qk_norm": false,
+            "use_qk_norm": cfg.qk_norm,
             "num_nextn_predict_layers": 0,
         }),
     };

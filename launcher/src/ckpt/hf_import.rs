@@ -1,5 +1,5 @@
 //! `switchyard ckpt import`: a Hugging Face model folder (Llama, Mistral,
-//! Qwen2 dense; Mixtral, Qwen2-MoE) as a switchyard run folder whose
+//! Qwen2, Qwen3 dense; Mixtral, Qwen2-MoE, Qwen3-MoE) as a switchyard run folder whose
 //! checkpoint step 0 holds its weights, ready for `train --resume` on any
 //! layout. A dense model becomes an MoE of one expert with top-1 routing
 //! (its router's one softmax output is always 1): the same function, and
@@ -119,14 +119,17 @@ fn num(cfg: &Value, key: &str, file: &Path) -> Result<f64> {
 fn model_sets(cfg: &Value, file: &Path, seq_len: usize) -> Result<(Vec<String>, Arch)> {
     let model_type = cfg["model_type"].as_str().unwrap_or("?");
     let arch = match model_type {
-        "llama" | "mistral" | "qwen2" => Arch::Dense,
+        "llama" | "mistral" | "qwen2" | "qwen3" => Arch::Dense,
         "mixtral" => Arch::Mixtral,
         "qwen2_moe" => Arch::Qwen2Moe,
+        "qwen3_moe" => Arch::Qwen3Moe,
         other => bail!(
-            "{}: model_type `{other}` cannot be imported; import reads llama, mistral, qwen2 (dense), mixtral and qwen2_moe (qwen3 and qwen3_moe normalise queries and keys per head, which switchyard does not)",
+            "{}: model_type `{other}` cannot be imported; import reads llama, mistral, qwen2, qwen3 (dense), mixtral, qwen2_moe and qwen3_moe",
             file.display()
         ),
     };
+    // Qwen3's query and key head norms.
+    let qk_norm = model_type.starts_with("qwen3");
     if cfg["hidden_act"].as_str().is_some_and(|a| a != "silu") {
         bail!("{}: hidden_act `{}`: switchyard's FFN is SwiGLU (silu)", file.display(), cfg["hidden_act"]);
     }
@@ -158,6 +161,7 @@ fn model_sets(cfg: &Value, file: &Path, seq_len: usize) -> Result<(Vec<String>, 
         format!("model.tie_embeddings={}", cfg["tie_word_embeddings"].as_bool().unwrap_or(false)),
         "model.capacity_factor=0.0".into(),
         "model.block=\"sequential\"".into(),
+        format!("model.qk_norm={qk_norm}"),
     ];
     match arch {
         Arch::Dense => sets.extend([
@@ -179,34 +183,43 @@ fn model_sets(cfg: &Value, file: &Path, seq_len: usize) -> Result<(Vec<String>, 
             if shared == 0 || !shared.is_multiple_of(f) {
                 bail!("{}: shared_expert_intermediate_size {shared} is not a multiple of moe_intermediate_size {f}: switchyard's shared experts have the routed experts' width", file.display());
             }
-            if cfg["decoder_sparse_step"].as_u64().unwrap_or(1) != 1 {
-                bail!(
-                    "{}: decoder_sparse_step {}: switchyard's dense layers come first (mlp_only_layers)",
-                    file.display(),
-                    cfg["decoder_sparse_step"]
-                );
-            }
-            let dense: Vec<u64> =
-                (cfg["mlp_only_layers"].as_array().into_iter().flatten()).filter_map(|v| v.as_u64()).collect();
-            if dense.iter().enumerate().any(|(i, &l)| l != i as u64) {
-                bail!(
-                    "{}: mlp_only_layers {dense:?}: switchyard's dense layers are the first ones (0, 1, ...)",
-                    file.display()
-                );
-            }
-            sets.extend([
-                format!("model.ffn_hidden={f}"),
-                format!("model.n_experts={}", num(cfg, "num_experts", file)?),
-                format!("model.top_k={}", num(cfg, "num_experts_per_tok", file)?),
-                format!("model.n_shared_experts={}", shared / f),
-                "model.shared_expert_gate=true".into(),
-                format!("model.norm_topk_prob={}", cfg["norm_topk_prob"].as_bool().unwrap_or(false)),
-                format!("model.first_dense_layers={}", dense.len()),
-                format!("model.dense_ffn_hidden={}", num(cfg, "intermediate_size", file)?),
-            ]);
+            sets.extend(qwen_moe_sets(cfg, file, f)?);
+            sets.extend([format!("model.n_shared_experts={}", shared / f), "model.shared_expert_gate=true".into()]);
+        }
+        Arch::Qwen3Moe => {
+            let f = num(cfg, "moe_intermediate_size", file)? as usize;
+            sets.extend(qwen_moe_sets(cfg, file, f)?);
         }
     }
     Ok((sets, arch))
+}
+
+/// What Qwen2-MoE and Qwen3-MoE configure alike: experts of width `f`,
+/// top-k, gates renormalised or not, dense first layers (`mlp_only_layers`).
+fn qwen_moe_sets(cfg: &Value, file: &Path, f: usize) -> Result<Vec<String>> {
+    if cfg["decoder_sparse_step"].as_u64().unwrap_or(1) != 1 {
+        bail!(
+            "{}: decoder_sparse_step {}: switchyard's dense layers come first (mlp_only_layers)",
+            file.display(),
+            cfg["decoder_sparse_step"]
+        );
+    }
+    let dense: Vec<u64> =
+        (cfg["mlp_only_layers"].as_array().into_iter().flatten()).filter_map(|v| v.as_u64()).collect();
+    if dense.iter().enumerate().any(|(i, &l)| l != i as u64) {
+        bail!(
+            "{}: mlp_only_layers {dense:?}: switchyard's dense layers are the first ones (0, 1, ...)",
+            file.display()
+        );
+    }
+    Ok(vec![
+        format!("model.ffn_hidden={f}"),
+        format!("model.n_experts={}", num(cfg, "num_experts", file)?),
+        format!("model.top_k={}", num(cfg, "num_experts_per_tok", file)?),
+        format!("model.norm_topk_prob={}", cfg["norm_topk_prob"].as_bool().unwrap_or(false)),
+        format!("model.first_dense_layers={}", dense.len()),
+        format!("model.dense_ffn_hidden={}", num(cfg, "intermediate_size", file)?),
+    ])
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -214,6 +227,7 @@ enum Arch {
     Dense,
     Mixtral,
     Qwen2Moe,
+    Qwen3Moe,
 }
 
 /// Moves the folder's tensors into switchyard's names on `state`'s weights,
@@ -249,6 +263,14 @@ fn fill_weights(job: &JobConfig, arch: Arch, mut t: Tensors, state: &mut TrainSt
                 }
             }
         }
+        if cfg.qk_norm {
+            for norm in ["q_norm", "k_norm"] {
+                names.insert(
+                    format!("{dst}.attn.{norm}.weight"),
+                    take(&mut t, &format!("{src}.self_attn.{norm}.weight"))?,
+                );
+            }
+        }
         let swiglu = |t: &mut Tensors, from: &str, to: &str, names: &mut BTreeMap<String, Vec<f32>>| -> Result<()> {
             names.insert(format!("{to}.w1.weight"), take(t, &format!("{from}.gate_proj.weight"))?);
             names.insert(format!("{to}.w3.weight"), take(t, &format!("{from}.up_proj.weight"))?);
@@ -261,13 +283,16 @@ fn fill_weights(job: &JobConfig, arch: Arch, mut t: Tensors, state: &mut TrainSt
                 // One expert: its softmax gate is 1 whatever the router says.
                 names.insert(format!("{dst}.moe.router.weight"), vec![0.0; cfg.d_model]);
             }
-            Arch::Qwen2Moe if !cfg.is_moe_layer(l) => {
+            Arch::Qwen2Moe | Arch::Qwen3Moe if !cfg.is_moe_layer(l) => {
                 swiglu(&mut t, &format!("{src}.mlp"), &format!("{dst}.ffn"), &mut names)?
             }
-            Arch::Qwen2Moe => {
+            Arch::Qwen2Moe | Arch::Qwen3Moe => {
                 names.insert(format!("{dst}.moe.router.weight"), take(&mut t, &format!("{src}.mlp.gate.weight"))?);
                 for e in 0..cfg.n_experts {
                     swiglu(&mut t, &format!("{src}.mlp.experts.{e}"), &format!("{dst}.moe.experts.{e}"), &mut names)?;
+                }
+                if arch == Arch::Qwen3Moe {
+                    continue; // no shared expert
                 }
                 // One shared expert of width S x F: S experts of width F
                 // (gate and up rows in blocks, down columns in blocks).
@@ -388,7 +413,7 @@ pub fn run(from: &Path, run_dir: &Path, seq_len: usize, sets: &[String]) -> Resu
         match arch {
             Arch::Dense =>
                 "an MoE of one expert, top-1 (the dense FFN: the same function; `ckpt upcycle` splits it later)",
-            Arch::Mixtral => "a top-k softmax MoE",
+            Arch::Mixtral | Arch::Qwen3Moe => "a top-k softmax MoE",
             Arch::Qwen2Moe => "an MoE with a gated shared expert",
         },
         job.model.num_params(),

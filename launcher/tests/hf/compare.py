@@ -7,8 +7,8 @@
       `switchyard eval`), and prints JSON: the largest logit difference
       relative to the largest logit, and both mean cross-entropies.
   compare.py make KIND FOLDER
-      writes a small random transformers model (KIND: llama, mixtral,
-      qwen2_moe; vocab 256 so byte text fits) to FOLDER with save_pretrained,
+      writes a small random transformers model (KIND: llama, qwen3, mixtral,
+      qwen2_moe, qwen3_moe; vocab 256 so byte text fits) to FOLDER with save_pretrained,
       no downloads.
   compare.py same FOLDER_A FOLDER_B
       prints JSON: whether both folders hold the same tensor names, and the
@@ -86,6 +86,14 @@ def make(kind, folder):
                   tie_word_embeddings=False, initializer_range=0.2)
     if kind == "llama":
         config = AutoConfig.for_model("llama", intermediate_size=48, **common)
+    elif kind == "qwen3":
+        config = AutoConfig.for_model("qwen3", intermediate_size=48, head_dim=8, attention_bias=False,
+                                      use_sliding_window=False, **common)
+    elif kind == "qwen3_moe":
+        common.update(num_hidden_layers=3)
+        config = AutoConfig.for_model("qwen3_moe", intermediate_size=56, moe_intermediate_size=24, num_experts=6,
+                                      num_experts_per_tok=2, norm_topk_prob=True, mlp_only_layers=[0],
+                                      head_dim=8, attention_bias=False, use_sliding_window=False, **common)
     elif kind == "mixtral":
         config = AutoConfig.for_model("mixtral", intermediate_size=40, num_local_experts=4, num_experts_per_tok=2,
                                       sliding_window=None, **common)
