@@ -338,21 +338,13 @@ fn an_upcycled_dense_model_computes_the_same_function_then_learns() {
     let dense = dir.join("dense");
     let out = import(&dir, &folder, &dense);
     assert!(out.status.success(), "{}", text(&out));
-    let moe = dir.join("moe");
-    let dense_root = dense.join("checkpoints").display().to_string();
-    let args = [
-        "ckpt",
-        "upcycle",
-        "--from",
-        &dense_root,
-        "--run-dir",
-        moe.to_str().unwrap(),
-        "--experts",
-        "4",
-        "--top-k",
-        "2",
-    ];
-    let out = switchyard(&args, &dir);
+    // `ckpt upcycle --from ROOT --run-dir DIR/NAME FLAGS...`: the run folder and the output.
+    let upcycle = |from: &Path, name: &str, flags: &[&str]| {
+        let (root, run) = (from.join("checkpoints").display().to_string(), dir.join(name));
+        let args = [&["ckpt", "upcycle", "--from", &root, "--run-dir", run.to_str().unwrap()][..], flags].concat();
+        (run.clone(), switchyard(&args, &dir))
+    };
+    let (moe, out) = upcycle(&dense, "moe", &["--experts", "4", "--top-k", "2"]);
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("into 4 experts, top-2"), "{}", text(&out));
     // Before any training the MoE computes the dense Llama's function.
@@ -362,20 +354,8 @@ fn an_upcycled_dense_model_computes_the_same_function_then_learns() {
     assert_same_function(&r, "upcycled llama");
     // Fine-grained: 4 copies each cut in 2 (width 24), a token takes 2
     // copies, and 2 shared experts (one more copy).
-    let fine = dir.join("fine");
-    let fine_args = [
-        "--run-dir",
-        fine.to_str().unwrap(),
-        "--experts",
-        "8",
-        "--top-k",
-        "4",
-        "--granularity",
-        "2",
-        "--shared-experts",
-        "2",
-    ];
-    let out = switchyard(&[&["ckpt", "upcycle", "--from", &dense_root][..], &fine_args[..]].concat(), &dir);
+    let fine_flags = ["--experts", "8", "--top-k", "4", "--granularity", "2", "--shared-experts", "2"];
+    let (fine, out) = upcycle(&dense, "fine", &fine_flags);
     assert!(out.status.success(), "{}", text(&out));
     assert!(
         text(&out).contains("into 8 experts (each FFN copy cut into 2, width 24) and 2 shared, top-4"),
@@ -385,9 +365,7 @@ fn an_upcycled_dense_model_computes_the_same_function_then_learns() {
     let r = compare(&dir, &fine.join("checkpoints").display().to_string(), &held, &folder);
     eprintln!("upcycled, granularity 2: {r}");
     assert_same_function(&r, "fine-grained upcycled llama");
-    let odd = dir.join("odd");
-    let odd_args = ["--run-dir", odd.to_str().unwrap(), "--experts", "8", "--top-k", "3", "--granularity", "2"];
-    let out = switchyard(&[&["ckpt", "upcycle", "--from", &dense_root][..], &odd_args[..]].concat(), &dir);
+    let (odd, out) = upcycle(&dense, "odd", &["--experts", "8", "--top-k", "3", "--granularity", "2"]);
     assert!(!out.status.success() && text(&out).contains("--granularity 2") && !odd.exists(), "{}", text(&out));
     // Then it trains: the experts drift apart and the loss falls.
     let config = moe.join("config.toml");
@@ -404,20 +382,6 @@ fn an_upcycled_dense_model_computes_the_same_function_then_learns() {
     eprintln!("upcycled training: step 1 loss {:.4}, step 30 loss {:.4}", losses[0], losses[29]);
     assert!(losses[29] < losses[0] - 0.5, "the upcycled model learns: {losses:?}");
     // Upcycling needs a dense (one-expert) model.
-    let again = dir.join("again");
-    let moe_root = moe.join("checkpoints").display().to_string();
-    let args = [
-        "ckpt",
-        "upcycle",
-        "--from",
-        &moe_root,
-        "--run-dir",
-        again.to_str().unwrap(),
-        "--experts",
-        "8",
-        "--top-k",
-        "2",
-    ];
-    let out = switchyard(&args, &dir);
+    let (again, out) = upcycle(&moe, "again", &["--experts", "8", "--top-k", "2"]);
     assert!(!out.status.success() && text(&out).contains("not a dense model") && !again.exists(), "{}", text(&out));
 }

@@ -421,6 +421,12 @@ impl<'a> AllToAllExperts<'a> {
         Ok(())
     }
 
+    /// Whether a token's rows to one rank travel once (top-k > 1; see the
+    /// module comment): both sides of an exchange must agree.
+    fn deduplicates(&self) -> bool {
+        self.top_k > 1
+    }
+
     /// Counts node crossings: `nodes[position]` is the node of each rank
     /// of the expert-parallel group (empty, or all equal: nothing to count).
     pub fn on_nodes(mut self, nodes: Vec<usize>) -> Self {
@@ -438,8 +444,7 @@ impl<'a> AllToAllExperts<'a> {
         let (k, here) = (plan.top_k, self.nodes[me]);
         // Per token, a bit per node it already sends to (past 64 nodes each
         // row counts as a new pair: an over-count, never an under-count).
-        let tokens = plan.source_a.iter().map(|&src| src as usize / k + 1).max().unwrap_or(0);
-        let mut sent = vec![0u64; tokens];
+        let mut sent = vec![0u64; plan.token_bound()];
         for e in 0..plan.num_experts {
             let node = self.nodes[self.placement.owner_for(layer, e, me)];
             if node == here {
@@ -467,9 +472,8 @@ impl<'a> AllToAllExperts<'a> {
         // Per owner, its experts in id order.
         let mut owned: Vec<Vec<usize>> = vec![Vec::new(); ranks];
         (0..plan.num_experts).for_each(|e| owned[owner(e)].push(e));
-        let (k, pieces, dedup) = (plan.top_k, self.chunk_count, self.top_k > 1);
+        let (k, pieces, dedup, tokens) = (plan.top_k, self.chunk_count, self.deduplicates(), plan.token_bound());
         let token = |row: usize| plan.source_a[row] as usize / k;
-        let tokens = plan.source_a.iter().map(|&src| src as usize / k + 1).max().unwrap_or(0);
         // The plan rows of expert e whose token lies in chunk c's range
         // (an expert's rows are in token order).
         let rows_of = |e: usize, c: usize| {
@@ -521,7 +525,7 @@ impl<'a> AllToAllExperts<'a> {
     fn plan_exchange(&mut self, layer: usize, plan: &DispatchPlan) -> Result<Exchange, ModelError> {
         let ranks = self.comm.size();
         let me = self.comm.rank();
-        let (pieces, dedup) = (self.chunk_count, self.top_k > 1);
+        let (pieces, dedup) = (self.chunk_count, self.deduplicates());
         let (send_sides, meta_to) = self.plan_sends(layer, plan);
         let meta_counts: Vec<usize> = meta_to.iter().map(Vec::len).collect();
         let meta = meta_to.concat();

@@ -211,7 +211,7 @@ fn hf_tensors(cfg: &ModelConfig, arch: HfArch, mut t: checkpoint::LoadedTensors,
                     }
                 }
             }
-            // Qwen2-MoE and GLM-4-MoE name the router and experts alike.
+            // Qwen2-MoE, Qwen3-MoE and GLM-4-MoE name the router and experts alike.
             HfArch::Qwen2Moe | HfArch::Qwen3Moe | HfArch::Glm4Moe => {
                 put(format!("{dst}.mlp.gate.weight"), router);
                 if arch == HfArch::Glm4Moe {

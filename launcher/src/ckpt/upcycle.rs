@@ -78,6 +78,10 @@ pub fn run(args: UpcycleArgs) -> Result<()> {
             d.n_shared_experts
         );
     }
+    // Their tensors are sized by the number of experts, so no copy of them fits the new model.
+    if d.router_mlp || d.gating_residuals {
+        bail!("{url} has [model] router_mlp or gating_residuals (MoE++ router parts): upcycling starts from a plain dense model");
+    }
     if args.experts < 2 || args.top_k == 0 || args.top_k > args.experts {
         bail!("--experts {} --top-k {}: need at least 2 experts and 1 <= top-k <= experts", args.experts, args.top_k);
     }
@@ -140,7 +144,10 @@ pub fn run(args: UpcycleArgs) -> Result<()> {
         if name.contains(".moe.shared.") {
             continue; // pieces of the FFN, below
         }
-        dst.copy_from_slice(dense_tensors[&name]);
+        match dense_tensors.get(&name) {
+            Some(src) if src.len() == dst.len() => dst.copy_from_slice(src),
+            _ => bail!("{url} has no tensor `{name}` of the upcycled model's size: cannot upcycle this model"),
+        }
     }
     // The layer sums `copies` dense outputs (the routed gates add up to one).
     let copies = (args.shared_experts / g + 1) as f32;
@@ -198,18 +205,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_pieces_of_an_ffn_sum_to_it_once_scaled_back() {
+    fn the_pieces_of_an_ffn_put_back_together_are_the_ffn() {
         // d 2, F 4: w1 rows are hidden units, w2 rows are outputs.
         let ffn = model::ExpertWeights {
             w1: (0..8).map(|v| v as f32).collect(),
             w3: (10..18).map(|v| v as f32).collect(),
             w2: (20..28).map(|v| v as f32).collect(),
         };
-        let second = piece_of(&ffn, 2, 2, 1);
-        assert_eq!(second.w1, [4.0, 5.0, 6.0, 7.0]);
-        assert_eq!(second.w3, [14.0, 15.0, 16.0, 17.0]);
-        assert_eq!(second.w2, [44.0, 46.0, 52.0, 54.0], "columns 2-3 of each output row, times 2");
-        let whole = piece_of(&ffn, 2, 1, 0);
-        assert_eq!(whole, ffn);
+        let pieces = [piece_of(&ffn, 2, 2, 0), piece_of(&ffn, 2, 2, 1)];
+        assert_eq!(pieces[1].w1, [4.0, 5.0, 6.0, 7.0]);
+        assert_eq!(pieces[1].w2, [44.0, 46.0, 52.0, 54.0], "columns 2-3 of each output row, times 2");
+        // Rows of w1 and w3 stacked, columns of w2 side by side (scaled back): the FFN again.
+        let stacked = |part: fn(&model::ExpertWeights) -> &Vec<f32>| -> Vec<f32> {
+            pieces.iter().flat_map(part).copied().collect()
+        };
+        assert_eq!(stacked(|p| &p.w1), ffn.w1);
+        assert_eq!(stacked(|p| &p.w3), ffn.w3);
+        let w2: Vec<f32> = (0..2)
+            .flat_map(|row| pieces.iter().flat_map(move |p| p.w2[row * 2..row * 2 + 2].iter().map(|v| v / 2.0)))
+            .collect();
+        assert_eq!(w2, ffn.w2);
+        assert_eq!(piece_of(&ffn, 2, 1, 0), ffn, "granularity 1: the FFN itself");
     }
 }

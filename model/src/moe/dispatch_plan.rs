@@ -70,6 +70,17 @@ impl DispatchPlan {
         self.source_a.len()
     }
 
+    /// One past the highest token id with a row: the size of a per-token
+    /// table over this plan (0 for a plan without sources).
+    pub fn token_bound(&self) -> usize {
+        self.source_a
+            .iter()
+            .filter(|&&src| src != u32::MAX)
+            .map(|&src| src as usize / self.top_k + 1)
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Copies each row's token vector: `x_ad[a] = x_td[source_a[a] / k]`.
     pub fn gather(&self, x_td: &[f32], d: usize) -> Vec<f32> {
         let k = self.top_k;
