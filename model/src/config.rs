@@ -12,6 +12,18 @@ pub enum BlockKind {
     Parallel,
 }
 
+/// The attention block of every layer (docs/model.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttentionKind {
+    /// One grouped-query attention block (v1).
+    #[default]
+    Dense,
+    /// JetMoE's Mixture of Attention: `attn_experts` experts with their own
+    /// query and output projections, keys and values shared.
+    Moa,
+}
+
 /// How the router turns logits into scores (docs/model.md, "Routers beyond v1").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -103,6 +115,12 @@ pub struct ModelConfig {
     /// MoE (DeepSeek-V3: 3), of hidden width `dense_ffn_hidden` (0: `ffn_hidden`).
     pub first_dense_layers: usize,
     pub dense_ffn_hidden: usize,
+    /// Dense attention (v1) or JetMoE's attention experts.
+    pub attention: AttentionKind,
+    /// MoA: attention experts per layer (each with `n_heads` query heads).
+    pub attn_experts: usize,
+    /// MoA: attention experts per token (`attn_experts`: BAM's soft routing).
+    pub attn_top_k: usize,
 }
 
 impl Default for ModelConfig {
@@ -145,6 +163,9 @@ impl Default for ModelConfig {
             qk_norm: false,
             first_dense_layers: 0,
             dense_ffn_hidden: 0,
+            attention: AttentionKind::Dense,
+            attn_experts: 0,
+            attn_top_k: 0,
         }
     }
 }
@@ -214,6 +235,7 @@ impl ModelConfig {
             return bad("top_k", reason);
         }
         self.validate_groups()?;
+        self.validate_attention()?;
         if self.first_dense_layers >= self.n_layers {
             let reason = format!(
                 "{} dense layers leave none of the n_layers = {} for experts: an MoE model needs at least one MoE layer",
@@ -323,6 +345,88 @@ impl ModelConfig {
         self.n_experts / self.n_groups
     }
 
+    /// MoA needs experts and a top-k among them; dense attention neither.
+    fn validate_attention(&self) -> Result<(), ModelError> {
+        let bad = |key: &'static str, reason: String| Err(ModelError::InvalidConfig { key, reason });
+        match self.attention {
+            AttentionKind::Dense => {
+                for (key, value) in [("attn_experts", self.attn_experts), ("attn_top_k", self.attn_top_k)] {
+                    if value != 0 {
+                        return bad(key, format!("is {value}, but attention = \"dense\" has no attention experts: set attention = \"moa\" or remove the key"));
+                    }
+                }
+            }
+            AttentionKind::Moa => {
+                if self.attn_experts == 0 {
+                    return bad(
+                        "attn_experts",
+                        "attention = \"moa\" needs at least 1 attention expert (JetMoE: 8)".into(),
+                    );
+                }
+                if self.attn_top_k == 0 || self.attn_top_k > self.attn_experts {
+                    let reason = format!(
+                        "must be between 1 and attn_experts = {} (JetMoE: 2; attn_experts for BAM's soft routing), got {}",
+                        self.attn_experts, self.attn_top_k
+                    );
+                    return bad("attn_top_k", reason);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Query heads a token attends with: `n_heads`, or with MoA its
+    /// `attn_top_k` experts' `n_heads` each (what attention costs scale with).
+    pub fn query_heads_per_token(&self) -> usize {
+        if self.is_moa() {
+            self.n_heads * self.attn_top_k
+        } else {
+            self.n_heads
+        }
+    }
+
+    /// Whether attention is JetMoE's attention experts.
+    pub fn is_moa(&self) -> bool {
+        self.attention == AttentionKind::Moa
+    }
+
+    /// The router of the attention experts as a router config: softmax,
+    /// top-`attn_top_k` of `attn_experts`, renormalised, dropless, no bias,
+    /// groups or computation-free experts; the model's aux and z coefficients.
+    pub fn attention_router(&self) -> ModelConfig {
+        ModelConfig {
+            n_experts: self.attn_experts,
+            top_k: self.attn_top_k,
+            capacity_factor: 0.0,
+            norm_topk_prob: true,
+            router_score: RouterScoreKind::Softmax,
+            routed_scaling_factor: 1.0,
+            n_groups: 1,
+            topk_groups: 1,
+            expert_bias: false,
+            seq_aux_loss_coef: 0.0,
+            constant_experts: 0,
+            copy_experts: 0,
+            zero_experts: 0,
+            gating_residuals: false,
+            router_mlp: false,
+            ..self.clone()
+        }
+    }
+
+    /// Values of one layer's attention parameters (projections, head
+    /// norms; with MoA the experts, router and bias).
+    pub fn attention_values(&self) -> usize {
+        let (d, hd) = (self.d_model, self.head_dim());
+        let qk_norm = if self.qk_norm { 2 * hd } else { 0 };
+        let kv = d * self.n_kv_heads * hd * 2;
+        let q_and_o = d * self.n_heads * hd * 2;
+        match self.attention {
+            AttentionKind::Dense => q_and_o + kv + qk_norm,
+            AttentionKind::Moa => self.attn_experts * (q_and_o + d) + d + kv + qk_norm,
+        }
+    }
+
     /// Group-limited routing must leave `top_k` experts to choose from.
     fn validate_groups(&self) -> Result<(), ModelError> {
         let bad = |key: &'static str, reason: String| Err(ModelError::InvalidConfig { key, reason });
@@ -356,9 +460,8 @@ impl ModelConfig {
     /// later families' tensors (not the routed experts). What the layer's
     /// gradient buckets carry; `DenseLayerWeights::params` lists the same.
     pub fn layer_dense_values(&self, l: usize) -> usize {
-        let (d, hd, r) = (self.d_model, self.head_dim(), self.n_router_outputs());
-        let qk_norm = if self.qk_norm { 2 * hd } else { 0 };
-        let attn = d * self.n_heads * hd * 2 + d * self.n_kv_heads * hd * 2 + qk_norm;
+        let (d, r) = (self.d_model, self.n_router_outputs());
+        let attn = self.attention_values();
         let norms = d * if self.block == BlockKind::Sequential { 2 } else { 1 };
         if !self.is_moe_layer(l) {
             return attn + norms + 3 * d * self.dense_ffn_width();
@@ -381,10 +484,13 @@ impl ModelConfig {
         v * d + layers + experts + d + output
     }
 
-    /// Parameters touched by one token (top-k of the routed experts).
+    /// Parameters touched by one token (top-k of the routed experts, and
+    /// of the attention experts with MoA).
     pub fn num_active_params(&self) -> usize {
         let inactive = self.n_experts.saturating_sub(self.top_k) * 3 * self.d_model * self.ffn_hidden;
         let moe_layers = (0..self.n_layers).filter(|&l| self.is_moe_layer(l)).count();
-        self.num_params() - moe_layers * inactive
+        let attn_expert = 2 * self.d_model * self.n_heads * self.head_dim();
+        let inactive_attn = self.attn_experts.saturating_sub(self.attn_top_k) * attn_expert * self.n_layers;
+        self.num_params() - moe_layers * inactive - inactive_attn
     }
 }

@@ -11,6 +11,7 @@
 //! `e` experts, `k` top-k, `f` ffn_hidden, `h` query heads, `g` kv heads,
 //! `a` expert assignments (rows sent to experts), `s` sequence positions.
 
+pub mod attention_experts;
 pub mod config;
 pub mod error;
 pub mod gemm;
@@ -23,8 +24,10 @@ pub mod schedule;
 pub mod shards;
 pub mod weights;
 
-pub use config::{BlockKind, ModelConfig, RoutedKind, RouterScoreKind};
+pub use config::{AttentionKind, BlockKind, ModelConfig, RoutedKind, RouterScoreKind};
 pub use error::ModelError;
 /// The MoE sub-layer, also reachable as `moe::layer`.
 pub use moe::layer as moe_layer;
-pub use weights::{ConstantExpertWeights, DenseLayerWeights, DenseWeights, ExpertStore, ExpertWeights, ModelWeights};
+pub use weights::{
+    AttnExpertWeights, ConstantExpertWeights, DenseLayerWeights, DenseWeights, ExpertStore, ExpertWeights, ModelWeights,
+};

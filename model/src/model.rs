@@ -10,6 +10,7 @@
 //! without shards), `a` all tokens of the micro-batch, `d` d_model, `v`
 //! vocab, `q` query width of this rank's heads, `g` their kv width, `k` top-k.
 
+use crate::attention_experts::{moa_backward, moa_forward, MoaCache};
 use crate::config::{BlockKind, ModelConfig};
 use crate::error::ModelError;
 use crate::gemm::{matmul_nn, matmul_nt, matmul_tn};
@@ -118,6 +119,8 @@ struct BlockCache {
     moe: MoeCache,
     /// A dense layer's FFN (`first_dense_layers`).
     dense_ffn: SwigluCache,
+    /// MoA's attention experts (`attention = "moa"`).
+    moa: MoaCache,
 }
 
 /// How one layer's router is tied to its neighbours' by MoE++'s gating
@@ -222,6 +225,15 @@ impl Pass<'_> {
         cache: &mut BlockCache,
     ) -> Result<Vec<f32>, ModelError> {
         let (dims, rope) = (&self.dims, self.rope);
+        if self.cfg.is_moa() {
+            if dims.shards > 1 {
+                let reason = "attention experts (attention = \"moa\") are not split over attention shards yet".into();
+                return Err(ModelError::Shards { shards: dims.shards, reason });
+            }
+            let (out_td, moa) = moa_forward(self.cfg, rope, w, n_td, dims.attn.batch);
+            cache.moa = moa;
+            return Ok(out_td);
+        }
         if dims.shards > 1 {
             cache.attn_in_ad = self.shards.gather_rows(n_td)?;
         }
@@ -257,15 +269,22 @@ impl Pass<'_> {
     /// Backward of [`Pass::attention_forward`]: adds into `dn_td` and grads.
     /// With shards the output gradient is gathered (the forward's
     /// reduce-scatter) and the input gradient reduce-scattered (its gather).
+    #[allow(clippy::too_many_arguments)] // weights, gradients, cache, loss scales and the two sides of the gradient
     fn attention_backward(
         &mut self,
         w: &DenseLayerWeights,
         gw: &mut DenseLayerWeights,
         cache: &BlockCache,
+        scales: LossScales,
         dout_td: &[f32],
         dn_td: &mut [f32],
     ) -> Result<(), ModelError> {
         let (dims, rope) = (&self.dims, self.rope);
+        if self.cfg.is_moa() {
+            let x_td = &cache.attn_in_td;
+            moa_backward(self.cfg, rope, w, gw, &cache.moa, x_td, dout_td, scales.router(), dn_td);
+            return Ok(());
+        }
         let gathered;
         let dout_td = if dims.shards > 1 {
             gathered = self.shards.gather_rows(dout_td)?;
@@ -342,6 +361,7 @@ impl Pass<'_> {
             ffn_rstd_t: Vec::new(),
             moe: MoeCache::default(),
             dense_ffn: SwigluCache::default(),
+            moa: MoaCache::default(),
         };
         rmsnorm_forward(&cache.x_td, &w.attn_norm, cfg.norm_eps, &mut cache.attn_in_td, &mut cache.attn_rstd_t);
         // BAM: the MoE reads the same normalised input as attention, so its
@@ -429,10 +449,10 @@ impl Pass<'_> {
                 rmsnorm_backward(&cache.h_td, ffn_norm, &cache.ffn_rstd_t, &dffn_in_td, &mut dx_td, gffn_norm);
                 // h = x + Attn(n): the attention branch sees dh.
                 let dh_td = dx_td.clone();
-                self.attention_backward(w, gw, cache, &dh_td, &mut dn_td)?;
+                self.attention_backward(w, gw, cache, scales, &dh_td, &mut dn_td)?;
             }
             BlockKind::Parallel if w.dense_ffn.is_some() => {
-                self.attention_backward(w, gw, cache, &dout_td, &mut dn_td)?;
+                self.attention_backward(w, gw, cache, scales, &dout_td, &mut dn_td)?;
                 dense_ffn_backward(cfg, w, gw, cache, &dout_td, &mut dn_td);
             }
             BlockKind::Parallel => {
@@ -442,7 +462,7 @@ impl Pass<'_> {
                 if self.attention_during_moe {
                     started = Some(moe_backward_start(moe_layer, moe_in, self.experts)?);
                 }
-                self.attention_backward(w, gw, cache, &dout_td, &mut dn_td)?;
+                self.attention_backward(w, gw, cache, scales, &dout_td, &mut dn_td)?;
                 let started = match started {
                     Some(started) => started,
                     None => moe_backward_start(moe_layer, moe_in, self.experts)?,
@@ -471,8 +491,10 @@ impl Pass<'_> {
                 caches.last().filter(|_| previous_is_moe).map(|c: &BlockCache| &c.moe.routing.logits_te[..]);
             let (out_td, cache) = self.block_forward(layer, w, x_td, prev_logits)?;
             let routing = &cache.moe.routing;
-            stats.aux_loss.push(routing.aux_loss);
-            stats.z_loss.push(routing.z_loss);
+            // MoA's router losses are reported with the FFN router's.
+            let attn_routing = &cache.moa.routing;
+            stats.aux_loss.push(routing.aux_loss + attn_routing.aux_loss);
+            stats.z_loss.push(routing.z_loss + attn_routing.z_loss);
             stats.seq_aux_loss.push(routing.seq_aux_loss);
             if self.cfg.is_moe_layer(layer) {
                 stats.tokens_per_expert.push(routing.tokens_per_expert.clone());
@@ -516,7 +538,7 @@ fn dense_ffn_backward(
 
 /// Qwen3's head norm: every `w.len()`-wide head row of `x` RMS-normalised
 /// with weight `w`; returns the result and each row's 1/rms.
-fn head_norm(x: &[f32], w: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
+pub(crate) fn head_norm(x: &[f32], w: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
     let mut y = vec![0.0; x.len()];
     let mut rstd = vec![0.0; x.len() / w.len()];
     rmsnorm_forward(x, w, eps, &mut y, &mut rstd);

@@ -52,13 +52,27 @@ macro_rules! list_tensors {
     }};
     (layer $layer:expr, $iter:ident, $opt:ident, $($m:tt)?) => {{
         let layer = $layer;
-        let mut out = vec![
-            ("attn_norm.weight".to_string(), & $($m)? layer.attn_norm),
-            ("attn.wq.weight".to_string(), & $($m)? layer.wq),
-            ("attn.wk.weight".to_string(), & $($m)? layer.wk),
-            ("attn.wv.weight".to_string(), & $($m)? layer.wv),
-            ("attn.wo.weight".to_string(), & $($m)? layer.wo),
-        ];
+        let mut out = vec![("attn_norm.weight".to_string(), & $($m)? layer.attn_norm)];
+        // MoA keeps its query and output projections per expert.
+        let dense_attention = layer.attn_experts.is_empty();
+        if dense_attention {
+            out.push(("attn.wq.weight".to_string(), & $($m)? layer.wq));
+        }
+        out.push(("attn.wk.weight".to_string(), & $($m)? layer.wk));
+        out.push(("attn.wv.weight".to_string(), & $($m)? layer.wv));
+        if dense_attention {
+            out.push(("attn.wo.weight".to_string(), & $($m)? layer.wo));
+        }
+        for (e, expert) in layer.attn_experts.$iter().enumerate() {
+            out.push((format!("attn.experts.{e}.wq.weight"), & $($m)? expert.wq));
+            out.push((format!("attn.experts.{e}.wo.weight"), & $($m)? expert.wo));
+        }
+        if let Some(w) = layer.attn_router.$opt() {
+            out.push(("attn.router.weight".to_string(), w));
+        }
+        if let Some(w) = layer.attn_bias.$opt() {
+            out.push(("attn.bias".to_string(), w));
+        }
         if let Some(w) = layer.q_norm.$opt() {
             out.push(("attn.q_norm.weight".to_string(), w));
         }
@@ -115,14 +129,29 @@ macro_rules! list_tensors {
     }};
 }
 
+/// One MoA attention expert (JetMoE): its query projection `wq: [H*hd, D]`
+/// and output projection `wo: [D, H*hd]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttnExpertWeights {
+    pub wq: Vec<f32>,
+    pub wo: Vec<f32>,
+}
+
 /// The dense (non-routed) tensors of one layer.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DenseLayerWeights {
     pub attn_norm: Vec<f32>,
+    /// Empty with MoA (each expert has its own `wq`, `wo`).
     pub wq: Vec<f32>,
     pub wk: Vec<f32>,
     pub wv: Vec<f32>,
     pub wo: Vec<f32>,
+    /// MoA's attention experts (`attention = "moa"`; empty otherwise), ...
+    pub attn_experts: Vec<AttnExpertWeights>,
+    /// ... their router `[Ea, D]` ...
+    pub attn_router: Option<Vec<f32>>,
+    /// ... and their shared output bias `[D]`.
+    pub attn_bias: Option<Vec<f32>>,
     /// `[hd]` each: the query and key head norms (`qk_norm` only).
     pub q_norm: Option<Vec<f32>>,
     pub k_norm: Option<Vec<f32>>,
@@ -197,12 +226,29 @@ pub struct ModelWeights {
 /// with nothing yet where the MoE or the dense FFN goes.
 fn attention_layer(cfg: &ModelConfig, rng: &mut Rng) -> DenseLayerWeights {
     let (d, hd, std) = (cfg.d_model, cfg.head_dim(), cfg.init_std);
+    let (q, kv) = (cfg.n_heads * hd * d, cfg.n_kv_heads * hd * d);
+    // v1 draws wq, wk, wv, wo; MoA wk, wv, then each expert's wq and wo,
+    // then its router (the bias starts at zero).
+    let (wq, wk, wv, wo, attn_experts, attn_router, attn_bias) = if cfg.is_moa() {
+        let (wk, wv) = (rng.normal_vec(kv, std), rng.normal_vec(kv, std));
+        let experts = (0..cfg.attn_experts)
+            .map(|_| AttnExpertWeights { wq: rng.normal_vec(q, std), wo: rng.normal_vec(q, residual_std(cfg)) })
+            .collect();
+        let router = rng.normal_vec(cfg.attn_experts * d, std);
+        (Vec::new(), wk, wv, Vec::new(), experts, Some(router), Some(vec![0.0; d]))
+    } else {
+        let (wq, wk, wv) = (rng.normal_vec(q, std), rng.normal_vec(kv, std), rng.normal_vec(kv, std));
+        (wq, wk, wv, rng.normal_vec(q, residual_std(cfg)), Vec::new(), None, None)
+    };
     DenseLayerWeights {
         attn_norm: vec![1.0; d],
-        wq: rng.normal_vec(cfg.n_heads * hd * d, std),
-        wk: rng.normal_vec(cfg.n_kv_heads * hd * d, std),
-        wv: rng.normal_vec(cfg.n_kv_heads * hd * d, std),
-        wo: rng.normal_vec(d * cfg.n_heads * hd, residual_std(cfg)),
+        wq,
+        wk,
+        wv,
+        wo,
+        attn_experts,
+        attn_router,
+        attn_bias,
         q_norm: cfg.qk_norm.then(|| vec![1.0; hd]),
         k_norm: cfg.qk_norm.then(|| vec![1.0; hd]),
         ffn_norm: (cfg.block == BlockKind::Sequential).then(|| vec![1.0; d]),
@@ -394,10 +440,14 @@ pub fn tensor_shape(cfg: &ModelConfig, name: &str) -> Option<Vec<usize>> {
         ["norm", "weight"] => vec![d],
         ["layers", _, rest @ ..] => match rest {
             ["attn_norm", "weight"] | ["ffn_norm", "weight"] => vec![d],
-            ["attn", "wq", "weight"] => vec![cfg.n_heads * hd, d],
+            ["attn", "wq", "weight"] if !cfg.is_moa() => vec![cfg.n_heads * hd, d],
             ["attn", "wk", "weight"] | ["attn", "wv", "weight"] => vec![cfg.n_kv_heads * hd, d],
-            ["attn", "wo", "weight"] => vec![d, cfg.n_heads * hd],
+            ["attn", "wo", "weight"] if !cfg.is_moa() => vec![d, cfg.n_heads * hd],
             ["attn", "q_norm" | "k_norm", "weight"] if cfg.qk_norm => vec![hd],
+            ["attn", "experts", _, "wq", "weight"] if cfg.is_moa() => vec![cfg.n_heads * hd, d],
+            ["attn", "experts", _, "wo", "weight"] if cfg.is_moa() => vec![d, cfg.n_heads * hd],
+            ["attn", "router", "weight"] if cfg.is_moa() => vec![cfg.attn_experts, d],
+            ["attn", "bias"] if cfg.is_moa() => vec![d],
             ["moe", "router", "weight"] => vec![cfg.n_router_outputs(), cfg.router_input_width()],
             ["moe", "router_hidden", "weight"] if cfg.router_mlp => vec![cfg.router_input_width(), d],
             ["moe", "shared_gate", "weight"] if cfg.shared_expert_gate => vec![1, d],

@@ -299,3 +299,32 @@ fn dense_first_layers() {
         check_model(cfg, &names);
     }
 }
+
+/// JetMoE's attention experts (MoA) in both block styles: top-2 of 3 with
+/// GQA, and BAM's soft routing over every expert with MHA.
+#[test]
+fn attention_experts() {
+    let names = [
+        "layers.0.attn.experts.0.wq.weight",
+        "layers.1.attn.experts.2.wo.weight",
+        "layers.0.attn.wk.weight",
+        "layers.1.attn.wv.weight",
+        "layers.0.attn.router.weight",
+        "layers.1.attn.bias",
+        "layers.0.moe.router.weight",
+        "tok_embeddings.weight",
+    ];
+    for (block, kv_heads, top_k) in [(BlockKind::Sequential, 1, 2), (BlockKind::Parallel, 2, 3)] {
+        let cfg = ModelConfig {
+            attention: model::AttentionKind::Moa,
+            attn_experts: 3,
+            attn_top_k: top_k,
+            ..config(block, kv_heads, 0.0, 0, false)
+        };
+        check_model_prepared(cfg, &names, 3, |w| {
+            for layer in &mut w.dense.layers {
+                layer.attn_bias.as_mut().unwrap().iter_mut().enumerate().for_each(|(i, b)| *b = 0.05 * i as f32);
+            }
+        });
+    }
+}

@@ -1,0 +1,240 @@
+//! JetMoE's Mixture of Attention (MoA, `attention = "moa"`; docs/model.md):
+//! each of a layer's `Ea` attention experts has its own query and output
+//! projection, the keys and values are shared, and a token's `Ka` chosen
+//! experts give it `Ka * H` query heads, whose outputs are projected back by
+//! their experts and summed with the router's gates, plus a shared bias.
+//!
+//! The router is the v1 router (softmax, top-k, renormalised, dropless) on
+//! [`ModelConfig::attention_router`], and the rows of each expert are found
+//! with the same [`DispatchPlan`] as the FFN experts.
+//!
+//! A token's query row holds its `Ka * H` heads head-major: head `(j, h)`
+//! (slot j, the expert's head h) sits at position `h * Ka + j`, so the
+//! grouped-query attention core pairs it with kv head `h / (H / G)` (its
+//! `n_heads / n_kv_heads` consecutive heads share one kv head), which is
+//! JetMoE's pairing.
+//!
+//! Legend: `t` tokens (all of the micro-batch), `d` d_model, `r` rows (one
+//! per token and slot, grouped by expert), `w` one expert's query width
+//! `H * hd`, `s` all slots' query width `Ka * H * hd`, `g` the kv width.
+
+use crate::config::ModelConfig;
+use crate::gemm::{matmul_nn, matmul_nt, matmul_tn};
+use crate::model::head_norm;
+use crate::moe::{route, route_backward, DispatchPlan, RouterGrads, RouterLossScales, RouterWeights, Routing};
+use crate::ops::attention::{attention_backward, attention_forward, AttentionShape, Qkv, QkvGrads};
+use crate::ops::rmsnorm::rmsnorm_backward;
+use crate::ops::rope::RopeTable;
+use crate::weights::DenseLayerWeights;
+
+/// What the backward pass needs from [`moa_forward`].
+#[derive(Debug, Clone, Default)]
+pub struct MoaCache {
+    pub routing: Routing,
+    plan: DispatchPlan,
+    /// `[t, s]` queries after the head norms and RoPE; `[t, g]` keys (the
+    /// same) and values.
+    q_ts: Vec<f32>,
+    k_tg: Vec<f32>,
+    v_tg: Vec<f32>,
+    /// `qk_norm`: q and k before their head norms, and each head's 1/rms.
+    q_raw_ts: Vec<f32>,
+    k_raw_tg: Vec<f32>,
+    q_rstd: Vec<f32>,
+    k_rstd: Vec<f32>,
+    probs: Vec<f32>,
+    /// `[r, w]` each row's head outputs, `[r, d]` its expert's projection
+    /// of them (before the gate).
+    a_rw: Vec<f32>,
+    y_rd: Vec<f32>,
+}
+
+/// The sizes of one MoA call.
+#[derive(Debug, Clone, Copy)]
+struct MoaDims {
+    t: usize,
+    d: usize,
+    /// Heads per expert, slots per token, head width.
+    heads: usize,
+    slots: usize,
+    hd: usize,
+    shape: AttentionShape,
+}
+
+impl MoaDims {
+    fn new(cfg: &ModelConfig, batch: usize) -> Self {
+        let (heads, slots, hd) = (cfg.n_heads, cfg.attn_top_k, cfg.head_dim());
+        let shape = AttentionShape {
+            batch,
+            seq: cfg.seq_len,
+            n_heads: slots * heads,
+            n_kv_heads: cfg.n_kv_heads,
+            head_dim: hd,
+        };
+        Self { t: batch * cfg.seq_len, d: cfg.d_model, heads, slots, hd, shape }
+    }
+
+    fn w(&self) -> usize {
+        self.heads * self.hd
+    }
+
+    fn s(&self) -> usize {
+        self.slots * self.w()
+    }
+
+    /// Moves row `a`'s heads (`[w]`, from token `t`, slot `j`) into or out
+    /// of the token's head-major row `[s]`: `to_tokens` copies row → token.
+    fn move_heads(&self, plan: &DispatchPlan, rows_rw: &mut [f32], tokens_ts: &mut [f32], to_tokens: bool) {
+        let (hd, w, s, k) = (self.hd, self.w(), self.s(), self.slots);
+        for (row, &src) in rows_rw.chunks_exact_mut(w).zip(&plan.source_a) {
+            let (t, j) = (src as usize / k, src as usize % k);
+            for (h, head) in row.chunks_exact_mut(hd).enumerate() {
+                let at = t * s + (h * k + j) * hd;
+                let token = &mut tokens_ts[at..at + hd];
+                if to_tokens {
+                    token.copy_from_slice(head);
+                } else {
+                    head.copy_from_slice(token);
+                }
+            }
+        }
+    }
+}
+
+/// The rows of expert `e` in a `[r, width]` buffer grouped by expert.
+fn expert_rows(plan: &DispatchPlan, e: usize, width: usize) -> std::ops::Range<usize> {
+    plan.offsets_e[e] * width..plan.offsets_e[e + 1] * width
+}
+
+/// The MoA sub-layer on the normalised input `x_td` of a whole micro-batch
+/// of `batch` sequences: returns its output `[t, d]` and the cache.
+pub fn moa_forward(
+    cfg: &ModelConfig,
+    rope: &RopeTable,
+    w: &DenseLayerWeights,
+    x_td: &[f32],
+    batch: usize,
+) -> (Vec<f32>, MoaCache) {
+    let dims = MoaDims::new(cfg, batch);
+    let (t, d, wd, s, g) = (dims.t, dims.d, dims.w(), dims.s(), cfg.n_kv_heads * dims.hd);
+    let router = w.attn_router.as_deref().expect("MoA layers have an attention router");
+    let rcfg = cfg.attention_router();
+    let routing = route(&rcfg, x_td, RouterWeights::plain(router), t);
+    let plan = DispatchPlan::from_routing(&routing, cfg.attn_experts, dims.slots);
+
+    // Queries: each row through its expert's W_q, then into its token's slot.
+    let x_rd = plan.gather(x_td, d);
+    let mut q_rw = vec![0.0; plan.num_rows() * wd];
+    for (e, expert) in w.attn_experts.iter().enumerate() {
+        let rows = plan.counts_e[e];
+        let (xs, qs) = (&x_rd[expert_rows(&plan, e, d)], &mut q_rw[expert_rows(&plan, e, wd)]);
+        matmul_nt(rows, d, wd, xs, &expert.wq, qs, false);
+    }
+    let mut cache = MoaCache { q_ts: vec![0.0; t * s], ..Default::default() };
+    dims.move_heads(&plan, &mut q_rw, &mut cache.q_ts, true);
+    cache.k_tg = vec![0.0; t * g];
+    cache.v_tg = vec![0.0; t * g];
+    matmul_nt(t, d, g, x_td, &w.wk, &mut cache.k_tg, false);
+    matmul_nt(t, d, g, x_td, &w.wv, &mut cache.v_tg, false);
+    if let (Some(wq_n), Some(wk_n)) = (&w.q_norm, &w.k_norm) {
+        cache.q_raw_ts = std::mem::take(&mut cache.q_ts);
+        cache.k_raw_tg = std::mem::take(&mut cache.k_tg);
+        (cache.q_ts, cache.q_rstd) = head_norm(&cache.q_raw_ts, wq_n, cfg.norm_eps);
+        (cache.k_tg, cache.k_rstd) = head_norm(&cache.k_raw_tg, wk_n, cfg.norm_eps);
+    }
+    let shape = dims.shape;
+    rope.apply(&mut cache.q_ts, shape.batch, shape.seq, shape.n_heads);
+    rope.apply(&mut cache.k_tg, shape.batch, shape.seq, shape.n_kv_heads);
+    cache.probs = vec![0.0; shape.probs_len()];
+    let mut attn_ts = vec![0.0; t * s];
+    attention_forward(shape, &cache.q_ts, &cache.k_tg, &cache.v_tg, &mut attn_ts, &mut cache.probs);
+
+    // Outputs: each row's heads through its expert's W_o, gated, summed.
+    cache.a_rw = vec![0.0; plan.num_rows() * wd];
+    dims.move_heads(&plan, &mut cache.a_rw, &mut attn_ts, false);
+    cache.y_rd = vec![0.0; plan.num_rows() * d];
+    for (e, expert) in w.attn_experts.iter().enumerate() {
+        let rows = plan.counts_e[e];
+        let (a, y) = (&cache.a_rw[expert_rows(&plan, e, wd)], &mut cache.y_rd[expert_rows(&plan, e, d)]);
+        matmul_nt(rows, wd, d, a, &expert.wo, y, false);
+    }
+    let bias = w.attn_bias.as_deref().expect("MoA layers have an output bias");
+    let mut out_td: Vec<f32> = (0..t).flat_map(|_| bias.iter().copied()).collect();
+    plan.combine(&routing, &cache.y_rd, d, &mut out_td);
+    cache.routing = routing;
+    cache.plan = plan;
+    (out_td, cache)
+}
+
+/// Backward of [`moa_forward`]: adds the input's gradient into `dx_td` and
+/// the weights' into `gw` (the router's losses weighted by `scales`).
+#[allow(clippy::too_many_arguments)] // the layer's weights and gradients, the cache, the two sides of the gradient
+pub fn moa_backward(
+    cfg: &ModelConfig,
+    rope: &RopeTable,
+    w: &DenseLayerWeights,
+    gw: &mut DenseLayerWeights,
+    cache: &MoaCache,
+    x_td: &[f32],
+    dout_td: &[f32],
+    scales: RouterLossScales,
+    dx_td: &mut [f32],
+) {
+    let batch = cache.routing.num_tokens / cfg.seq_len;
+    let dims = MoaDims::new(cfg, batch);
+    let (t, d, wd, s, g) = (dims.t, dims.d, dims.w(), dims.s(), cfg.n_kv_heads * dims.hd);
+    let (plan, routing) = (&cache.plan, &cache.routing);
+    let gbias = gw.attn_bias.as_mut().expect("MoA layers have an output bias");
+    for row in dout_td.chunks_exact(d) {
+        gbias.iter_mut().zip(row).for_each(|(b, &v)| *b += v);
+    }
+    // y = sum_j g_j Y_j: dY_j = g_j dy, dg_j = dy . Y_j.
+    let mut dgate_tk = vec![0.0; t * dims.slots];
+    let dy_rd = plan.combine_backward(routing, &cache.y_rd, dout_td, d, &mut dgate_tk);
+    // Y = A W_o^T: dW_o += dY^T A, dA = dY W_o.
+    let mut da_rw = vec![0.0; plan.num_rows() * wd];
+    for (e, (expert, gexpert)) in w.attn_experts.iter().zip(gw.attn_experts.iter_mut()).enumerate() {
+        let rows = plan.counts_e[e];
+        let (dy, a) = (&dy_rd[expert_rows(plan, e, d)], &cache.a_rw[expert_rows(plan, e, wd)]);
+        matmul_tn(d, rows, wd, dy, a, &mut gexpert.wo, true);
+        matmul_nn(rows, d, wd, dy, &expert.wo, &mut da_rw[expert_rows(plan, e, wd)], false);
+    }
+    let mut dattn_ts = vec![0.0; t * s];
+    dims.move_heads(plan, &mut da_rw, &mut dattn_ts, true);
+    let (mut dq_ts, mut dk_tg, mut dv_tg) = (vec![0.0; t * s], vec![0.0; t * g], vec![0.0; t * g]);
+    let shape = dims.shape;
+    let qkv = Qkv { q_th: &cache.q_ts, k_tg: &cache.k_tg, v_tg: &cache.v_tg };
+    let grads = QkvGrads { dq_th: &mut dq_ts, dk_tg: &mut dk_tg, dv_tg: &mut dv_tg };
+    attention_backward(shape, qkv, &cache.probs, &dattn_ts, grads);
+    rope.apply_backward(&mut dq_ts, shape.batch, shape.seq, shape.n_heads);
+    rope.apply_backward(&mut dk_tg, shape.batch, shape.seq, shape.n_kv_heads);
+    if let (Some(wq_n), Some(wk_n), Some(gq_n), Some(gk_n)) = (&w.q_norm, &w.k_norm, &mut gw.q_norm, &mut gw.k_norm) {
+        let mut dq_raw = vec![0.0; t * s];
+        rmsnorm_backward(&cache.q_raw_ts, wq_n, &cache.q_rstd, &dq_ts, &mut dq_raw, gq_n);
+        dq_ts = dq_raw;
+        let mut dk_raw = vec![0.0; t * g];
+        rmsnorm_backward(&cache.k_raw_tg, wk_n, &cache.k_rstd, &dk_tg, &mut dk_raw, gk_n);
+        dk_tg = dk_raw;
+    }
+    // Q_row = x W_q,e^T: dW_q,e += dQ^T x, dx_row = dQ W_q,e.
+    let mut dq_rw = vec![0.0; plan.num_rows() * wd];
+    dims.move_heads(plan, &mut dq_rw, &mut dq_ts, false);
+    let x_rd = plan.gather(x_td, d);
+    let mut dx_rd = vec![0.0; plan.num_rows() * d];
+    for (e, (expert, gexpert)) in w.attn_experts.iter().zip(gw.attn_experts.iter_mut()).enumerate() {
+        let rows = plan.counts_e[e];
+        let (dq, x) = (&dq_rw[expert_rows(plan, e, wd)], &x_rd[expert_rows(plan, e, d)]);
+        matmul_tn(wd, rows, d, dq, x, &mut gexpert.wq, true);
+        matmul_nn(rows, wd, d, dq, &expert.wq, &mut dx_rd[expert_rows(plan, e, d)], false);
+    }
+    plan.gather_backward(&dx_rd, d, dx_td);
+    // k = x W_k^T, v = x W_v^T.
+    for (dp, wp, gp) in [(&dk_tg, &w.wk, &mut gw.wk), (&dv_tg, &w.wv, &mut gw.wv)] {
+        matmul_tn(g, t, d, dp, x_td, gp, true);
+        matmul_nn(t, g, d, dp, wp, dx_td, true);
+    }
+    let router = w.attn_router.as_deref().expect("MoA layers have an attention router");
+    let grouter = gw.attn_router.as_mut().expect("MoA layers have an attention router");
+    let rgrads = RouterGrads::plain(dx_td, grouter);
+    route_backward(&cfg.attention_router(), x_td, RouterWeights::plain(router), routing, &dgate_tk, scales, rgrads);
+}
