@@ -85,9 +85,9 @@ mod tests {
         let (b, s) = (job.train.micro_batch_size, cfg.seq_len);
         let t = b * s;
         let (d, f, v, e, k) = (cfg.d_model, cfg.ffn_hidden, cfg.vocab, cfg.n_experts, cfg.top_k);
-        let (q, g) = (cfg.n_heads * cfg.head_dim(), cfg.n_kv_heads * cfg.head_dim());
+        let (q, g) = (cfg.query_heads_per_token() * cfg.head_dim(), cfg.n_kv_heads * cfg.head_dim());
         // x, normalised input, q, k, v, attention output, probabilities
-        let attention = t * (2 * d + 2 * q + 2 * g) + b * cfg.n_heads * s * s;
+        let attention = t * (2 * d + 2 * q + 2 * g) + b * cfg.query_heads_per_token() * s * s;
         // h and its normalisation (sequential), or a copy of the shared input (parallel)
         let residual = if cfg.block == model::BlockKind::Sequential { 2 * t * d } else { t * d };
         // router logits and probabilities, dispatched inputs and outputs, SwiGLU h1 and h3

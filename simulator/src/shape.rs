@@ -140,7 +140,7 @@ impl RankShape {
             experts: m.n_experts,
             top_k: m.top_k,
             shared_experts: m.n_shared_experts,
-            heads: m.n_heads / dims.attn_tp,
+            heads: m.query_heads_per_token() / dims.attn_tp,
             kv_heads: m.n_kv_heads / dims.attn_tp,
             head_dim: m.head_dim(),
             sequential: m.block == BlockKind::Sequential,
