@@ -232,6 +232,19 @@ fn a_deepseek_v3_routed_export_loads_in_transformers_as_glm4_moe_with_its_bias()
 }
 
 #[test]
+fn a_jetmoe_export_with_attention_experts_loads_in_transformers_and_computes_the_same_logits() {
+    // The JetMoE example: 8 attention experts top-2 beside 8 FFN experts
+    // top-2, 2 query heads per expert over 2 shared kv heads, tied embeddings.
+    let dir = common::temp_dir("hf", "jetmoe");
+    let root = train(&dir, Some("jetmoe-mini"), &["model.n_heads=2", "model.n_kv_heads=2"]);
+    export_and_compare(&dir, &root, &[], "JetMoeForCausalLM");
+    // The output bias the run learned, under JetMoE's name.
+    let bias = python(&["tensor", dir.join("hf").to_str().unwrap(), "model.layers.1.self_attention.experts.bias"]);
+    assert_eq!(bias["shape"], serde_json::json!([32]), "{bias}");
+    assert!(bias["max_abs"].as_f64().unwrap() > 0.0, "a trained bias: {bias}");
+}
+
+#[test]
 fn a_run_on_a_tokenizer_json_exports_it_for_autotokenizer() {
     // A byte-level BPE of 300 tokens trained on held-out text; the data
     // prepared with it; a short run; the export carries the tokenizer.
@@ -304,11 +317,13 @@ fn an_export_from_4_ranks_with_balanced_placement_holds_every_expert_once() {
 #[test]
 fn models_transformers_cannot_compute_are_refused_and_nothing_is_written() {
     let dir = common::temp_dir("hf", "refused");
-    let cases: [(Option<&str>, &[&str], &str); 4] = [
+    let cases: [(Option<&str>, &[&str], &str); 5] = [
         (Some("deepseek-v3-mini"), &["model.shared_expert_gate=true", "train.steps=2"], "shared_expert_gate"),
         (Some("moe-plus-plus"), &["train.steps=2"], "MoE++"),
         (None, &["model.block=\"parallel\"", "train.steps=2"], "block = \"parallel\""),
         (None, &["model.qk_norm=true", "model.n_shared_experts=1", "train.steps=2"], "qk_norm"),
+        // JetMoE gives each attention expert as many heads as kv heads.
+        (Some("jetmoe-mini"), &["train.steps=2"], "n_kv_heads = 2 is not n_heads = 4"),
     ];
     for (i, (config, sets, why)) in cases.into_iter().enumerate() {
         let case = dir.join(format!("case{i}"));
@@ -365,6 +380,18 @@ fn an_upcycled_dense_model_computes_the_same_function_then_learns() {
     let r = compare(&dir, &fine.join("checkpoints").display().to_string(), &held, &folder);
     eprintln!("upcycled, granularity 2: {r}");
     assert_same_function(&r, "fine-grained upcycled llama");
+    // BAM: the attention too, into 3 attention experts routed softly (all
+    // of them, the default), and into 3 routed top-2.
+    for (name, flags, says) in [
+        ("bam", &["--attention-experts", "3"][..], "attention into 3 experts top-3"),
+        ("bam2", &["--attention-experts", "3", "--attention-top-k", "2"][..], "attention into 3 experts top-2"),
+    ] {
+        let (bam, out) = upcycle(&dense, name, &[&["--experts", "4", "--top-k", "2"][..], flags].concat());
+        assert!(out.status.success() && text(&out).contains(says), "{}", text(&out));
+        let r = compare(&dir, &bam.join("checkpoints").display().to_string(), &held, &folder);
+        eprintln!("upcycled with attention experts ({name}): {r}");
+        assert_same_function(&r, "llama upcycled with attention experts");
+    }
     let (odd, out) = upcycle(&dense, "odd", &["--experts", "8", "--top-k", "3", "--granularity", "2"]);
     assert!(!out.status.success() && text(&out).contains("--granularity 2") && !odd.exists(), "{}", text(&out));
     // Then it trains: the experts drift apart and the loss falls.

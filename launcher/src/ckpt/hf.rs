@@ -2,7 +2,8 @@
 //! model folder (`config.json`, `model.safetensors`, `generation_config.json`,
 //! the tokenizer when the run had one), in the `transformers` architecture
 //! that computes the same function: Mixtral, Qwen2-MoE, or for DeepSeek-V3
-//! routing GLM-4-MoE (DeepSeek-V3's router with grouped-query attention).
+//! routing GLM-4-MoE (DeepSeek-V3's router with grouped-query attention),
+//! for attention experts JetMoE.
 //! A model no `transformers` architecture computes exactly is refused,
 //! naming the config key, and nothing is written (docs/interop.md).
 
@@ -32,6 +33,9 @@ pub enum HfArch {
     /// ungated shared experts, dense first layers, and grouped-query
     /// attention (DeepSeek-V3's own model needs latent attention).
     Glm4Moe,
+    /// `JetMoeForCausalLM`: attention experts (MoA) and FFN experts with one
+    /// expert count and top-k, softmax over the top-k logits.
+    JetMoe,
 }
 
 impl HfArch {
@@ -41,6 +45,7 @@ impl HfArch {
             HfArch::Qwen2Moe => "qwen2_moe",
             HfArch::Qwen3Moe => "qwen3_moe",
             HfArch::Glm4Moe => "glm4_moe",
+            HfArch::JetMoe => "jetmoe",
         }
     }
 
@@ -50,6 +55,7 @@ impl HfArch {
             HfArch::Qwen2Moe => "Qwen2MoeForCausalLM",
             HfArch::Qwen3Moe => "Qwen3MoeForCausalLM",
             HfArch::Glm4Moe => "Glm4MoeForCausalLM",
+            HfArch::JetMoe => "JetMoeForCausalLM",
         }
     }
 }
@@ -68,6 +74,9 @@ pub fn choose(cfg: &ModelConfig) -> std::result::Result<HfArch, String> {
             .into());
     }
     let deepseek_routing = cfg.expert_bias || cfg.n_groups > 1 || cfg.routed_scaling_factor != 1.0;
+    if cfg.is_moa() {
+        return choose_jetmoe(cfg, deepseek_routing);
+    }
     if cfg.router_score == RouterScoreKind::Sigmoid {
         if cfg.shared_expert_gate {
             return Err("DeepSeek-V3 routing with [model] shared_expert_gate: GLM-4-MoE (the transformers model \
@@ -112,6 +121,44 @@ pub fn choose(cfg: &ModelConfig) -> std::result::Result<HfArch, String> {
         return Ok(HfArch::Qwen2Moe);
     }
     Ok(HfArch::Mixtral)
+}
+
+/// JetMoE is the one transformers model with attention experts; what it
+/// cannot express is refused naming the key.
+fn choose_jetmoe(cfg: &ModelConfig, deepseek_routing: bool) -> std::result::Result<HfArch, String> {
+    let jetmoe = "JetMoE (the transformers model with attention experts)";
+    if cfg.attn_experts != cfg.n_experts || cfg.attn_top_k != cfg.top_k {
+        return Err(format!(
+            "[model] attn_experts = {} and attn_top_k = {} differ from n_experts = {} and top_k = {}: {jetmoe} \
+             has one expert count and top-k for both",
+            cfg.attn_experts, cfg.attn_top_k, cfg.n_experts, cfg.top_k
+        ));
+    }
+    if cfg.n_kv_heads != cfg.n_heads {
+        return Err(format!(
+            "[model] n_kv_heads = {} is not n_heads = {}: {jetmoe} gives each expert as many query heads as there \
+             are key/value heads",
+            cfg.n_kv_heads, cfg.n_heads
+        ));
+    }
+    if cfg.norm_eps != 1e-6 {
+        return Err(format!(
+            "[model] norm_eps = {}: {jetmoe} normalises inside its blocks with eps 1e-6 whatever its config says",
+            cfg.norm_eps
+        ));
+    }
+    let unsupported = [
+        ("router_score = \"sigmoid\"", cfg.router_score == RouterScoreKind::Sigmoid),
+        ("expert_bias, n_groups or routed_scaling_factor", deepseek_routing),
+        ("norm_topk_prob = false", !cfg.norm_topk_prob),
+        ("n_shared_experts", cfg.n_shared_experts > 0),
+        ("first_dense_layers", cfg.first_dense_layers > 0),
+        ("qk_norm", cfg.qk_norm),
+    ];
+    if let Some((key, _)) = unsupported.iter().find(|(_, set)| *set) {
+        return Err(format!("[model] {key} with attention experts: {jetmoe} has no such option"));
+    }
+    Ok(HfArch::JetMoe)
 }
 
 /// One tensor of the export.
@@ -174,6 +221,12 @@ fn hf_tensors(cfg: &ModelConfig, arch: HfArch, mut t: checkpoint::LoadedTensors,
     let hd = cfg.head_dim();
     for l in 0..cfg.n_layers {
         let (src, dst) = (format!("layers.{l}"), format!("model.layers.{l}"));
+        if arch == HfArch::JetMoe {
+            for HfTensor { name, shape, data } in jetmoe_layer(cfg, &mut t, &src, url)? {
+                put(format!("{dst}.{name}"), (shape, data));
+            }
+            continue;
+        }
         put(format!("{dst}.input_layernorm.weight"), take(&mut t, &format!("{src}.attn_norm.weight"), url)?);
         for (ours, theirs) in [("wq", "q_proj"), ("wk", "k_proj"), ("wv", "v_proj"), ("wo", "o_proj")] {
             put(format!("{dst}.self_attn.{theirs}.weight"), take(&mut t, &format!("{src}.attn.{ours}.weight"), url)?);
@@ -202,6 +255,7 @@ fn hf_tensors(cfg: &ModelConfig, arch: HfArch, mut t: checkpoint::LoadedTensors,
         }
         let router = take(&mut t, &format!("{src}.moe.router.weight"), url)?;
         match arch {
+            HfArch::JetMoe => unreachable!("JetMoE layers are written whole above"),
             HfArch::Mixtral => {
                 put(format!("{dst}.block_sparse_moe.gate.weight"), router);
                 for e in 0..cfg.n_experts {
@@ -248,6 +302,42 @@ fn hf_tensors(cfg: &ModelConfig, arch: HfArch, mut t: checkpoint::LoadedTensors,
     if !cfg.tie_embeddings {
         put("lm_head.weight".into(), take(&mut t, "output.weight", url)?);
     }
+    Ok(out)
+}
+
+/// JetMoE's tensors of layer `src` (names inside `model.layers.{l}`): its
+/// experts stacked `[E, out, in]`, keys and values in one projection, FFN
+/// gate and up rows in one, and an FFN output bias of zeros.
+fn jetmoe_layer(cfg: &ModelConfig, t: &mut checkpoint::LoadedTensors, src: &str, url: &str) -> Result<Vec<HfTensor>> {
+    let (d, e_n, f, w) = (cfg.d_model, cfg.n_experts, cfg.ffn_hidden, cfg.n_heads * cfg.head_dim());
+    let mut take = |name: String| take(t, &name, url).map(|(_, data)| data);
+    let mut out = Vec::new();
+    let mut put = |name: &str, shape: Vec<usize>, data: Vec<f32>| out.push(HfTensor { name: name.into(), shape, data });
+    put("input_layernorm.weight", vec![d], take(format!("{src}.attn_norm.weight"))?);
+    let mut kv = take(format!("{src}.attn.wk.weight"))?;
+    kv.extend(take(format!("{src}.attn.wv.weight"))?);
+    put("self_attention.kv_proj.weight", vec![kv.len() / d, d], kv);
+    let (mut wq, mut wo) = (Vec::new(), Vec::new());
+    for e in 0..e_n {
+        wq.extend(take(format!("{src}.attn.experts.{e}.wq.weight"))?);
+        wo.extend(take(format!("{src}.attn.experts.{e}.wo.weight"))?);
+    }
+    put("self_attention.experts.input_linear.weight", vec![e_n, w, d], wq);
+    put("self_attention.experts.output_linear.weight", vec![e_n, d, w], wo);
+    put("self_attention.experts.router.layer.weight", vec![e_n, d], take(format!("{src}.attn.router.weight"))?);
+    put("self_attention.experts.bias", vec![d], take(format!("{src}.attn.bias"))?);
+    put("post_attention_layernorm.weight", vec![d], take(format!("{src}.ffn_norm.weight"))?);
+    let (mut gate_up, mut down) = (Vec::new(), Vec::new());
+    for e in 0..e_n {
+        // JetMoE's input_linear computes [gate; up]: silu of the first half.
+        gate_up.extend(take(format!("{src}.moe.experts.{e}.w1.weight"))?);
+        gate_up.extend(take(format!("{src}.moe.experts.{e}.w3.weight"))?);
+        down.extend(take(format!("{src}.moe.experts.{e}.w2.weight"))?);
+    }
+    put("mlp.input_linear.weight", vec![e_n, 2 * f, d], gate_up);
+    put("mlp.output_linear.weight", vec![e_n, d, f], down);
+    put("mlp.router.layer.weight", vec![e_n, d], take(format!("{src}.moe.router.weight"))?);
+    put("mlp.bias", vec![d], vec![0.0; d]);
     Ok(out)
 }
 
@@ -317,6 +407,15 @@ fn hf_config(cfg: &ModelConfig, arch: HfArch) -> serde_json::Value {
             "attention_bias": false,
             "use_qk_norm": cfg.qk_norm,
             "num_nextn_predict_layers": 0,
+        }),
+        // JetMoE's query heads per token are the top-k experts' heads.
+        HfArch::JetMoe => json!({
+            "num_attention_heads": cfg.n_heads * cfg.attn_top_k,
+            "kv_channels": cfg.head_dim(),
+            "intermediate_size": cfg.ffn_hidden,
+            "num_local_experts": cfg.n_experts,
+            "activation_function": "silu",
+            "aux_loss_coef": cfg.aux_loss_coef,
         }),
     };
     for (k, v) in extra.as_object().expect("an object") {

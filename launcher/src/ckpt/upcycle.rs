@@ -18,6 +18,13 @@
 //! pieces of N/G more copies of the FFN. The layer then adds `N/G + 1`
 //! copies of the dense output, so every w2 (shared and routed) is divided
 //! by `N/G + 1`: the function stays the dense one (docs/interop.md).
+//!
+//! With `--attention-experts A` the attention is upcycled too, as BAM does
+//! (Zhang et al., arXiv 2408.08274): A attention experts (JetMoE's MoA,
+//! docs/model.md) each start as a copy of the dense query and output
+//! projections, keys and values stay the dense ones, a new router weighs
+//! them (by default softly, every expert, BAM's choice), the output bias
+//! starts at zero: gates summing to 1 give the dense attention again.
 
 use anyhow::{bail, Context, Result};
 use layout::PlacementPlan;
@@ -57,6 +64,14 @@ pub struct UpcycleArgs {
     /// copies of the FFN, so a multiple of --granularity.
     #[arg(long, default_value_t = 0)]
     pub shared_experts: usize,
+    /// Attention experts per layer (BAM's attention upcycling into JetMoE's
+    /// MoA): each a copy of the dense query and output projections; 0 keeps
+    /// dense attention.
+    #[arg(long, default_value_t = 0)]
+    pub attention_experts: usize,
+    /// Attention experts per token (default: all of them, BAM's soft routing).
+    #[arg(long)]
+    pub attention_top_k: Option<usize>,
     /// Seed of the router's initialisation and of the noise.
     #[arg(long, default_value_t = 1234)]
     pub seed: u64,
@@ -106,6 +121,16 @@ pub fn run(args: UpcycleArgs) -> Result<()> {
     if !(args.noise >= 0.0 && args.noise.is_finite()) {
         bail!("--noise {}: a standard deviation >= 0", args.noise);
     }
+    let attention_top_k = args.attention_top_k.unwrap_or(args.attention_experts);
+    if args.attention_experts > 0 && d.is_moa() {
+        bail!("{url} already has attention experts ([model] attention = \"moa\"): --attention-experts upcycles dense attention");
+    }
+    if args.attention_experts == 0 && args.attention_top_k.is_some() {
+        bail!("--attention-top-k without --attention-experts: give the number of attention experts too");
+    }
+    if args.attention_experts > 0 && (attention_top_k == 0 || attention_top_k > args.attention_experts) {
+        bail!("--attention-top-k {attention_top_k}: between 1 and --attention-experts ({})", args.attention_experts);
+    }
     if args.run_dir.join("checkpoints").exists() {
         bail!(
             "{} already holds checkpoints: upcycle into a new --run-dir (nothing was written)",
@@ -119,6 +144,11 @@ pub fn run(args: UpcycleArgs) -> Result<()> {
     job.model.top_k = args.top_k;
     job.model.ffn_hidden = d.ffn_hidden / g;
     job.model.n_shared_experts = args.shared_experts;
+    if args.attention_experts > 0 {
+        job.model.attention = model::AttentionKind::Moa;
+        job.model.attn_experts = args.attention_experts;
+        job.model.attn_top_k = attention_top_k;
+    }
     // Renormalised gates sum to 1, so identical experts give the FFN's output.
     job.model.norm_topk_prob = true;
     job.model.aux_loss_coef = model::ModelConfig::default().aux_loss_coef;
@@ -141,8 +171,19 @@ pub fn run(args: UpcycleArgs) -> Result<()> {
             }
             continue;
         }
-        if name.contains(".moe.shared.") {
-            continue; // pieces of the FFN, below
+        if name.contains(".moe.shared.") || name.ends_with(".attn.router.weight") || name.ends_with(".attn.bias") {
+            continue; // pieces of the FFN, below; the attention router new, its bias zero
+        }
+        if let Some((layer, expert, part)) = attention_expert_source(&name) {
+            // BAM: every attention expert a copy of the dense projection.
+            let src = format!("layers.{layer}.attn.{part}.weight");
+            let stream = [0xA7, layer as u64, expert as u64, (part == "wo") as u64];
+            let mut rng = Rng::for_stream(args.seed, &stream);
+            match dense_tensors.get(&src) {
+                Some(src) if src.len() == dst.len() => copy_with_noise(dst, src, args.noise, &mut rng),
+                _ => bail!("{url} has no tensor `{src}` of the attention experts' size: cannot upcycle its attention"),
+            }
+            continue;
         }
         match dense_tensors.get(&name) {
             Some(src) if src.len() == dst.len() => dst.copy_from_slice(src),
@@ -163,11 +204,7 @@ pub fn run(args: UpcycleArgs) -> Result<()> {
             let mut piece = piece_of(source, dim, g, e % g);
             piece.w2.iter_mut().for_each(|v| *v /= copies);
             for (dst, src) in [(&mut expert.w1, &piece.w1), (&mut expert.w3, &piece.w3), (&mut expert.w2, &piece.w2)] {
-                dst.copy_from_slice(src);
-                if args.noise > 0.0 {
-                    let std = (src.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / src.len() as f64).sqrt() as f32;
-                    dst.iter_mut().zip(rng.normal_vec(src.len(), args.noise * std)).for_each(|(v, n)| *v += n);
-                }
+                copy_with_noise(dst, src, args.noise, &mut rng);
             }
         }
     }
@@ -177,6 +214,9 @@ pub fn run(args: UpcycleArgs) -> Result<()> {
         if g > 1 { format!(" (each FFN copy cut into {g}, width {})", job.model.ffn_hidden) } else { String::new() };
     if args.shared_experts > 0 {
         pieces += &format!(" and {} shared", args.shared_experts);
+    }
+    if args.attention_experts > 0 {
+        pieces += &format!(", attention into {} experts top-{attention_top_k}", args.attention_experts);
     }
     println!(
         "upcycled {url} into {} experts{pieces}, top-{} ({} parameters, {} active per token){}: step 0 committed at {}",
@@ -189,6 +229,26 @@ pub fn run(args: UpcycleArgs) -> Result<()> {
     );
     println!("train: switchyard train --run-dir {} --config {} --resume", args.run_dir.display(), config.display());
     Ok(())
+}
+
+/// `src` into `dst`, plus normal noise of `noise` times `src`'s RMS.
+fn copy_with_noise(dst: &mut [f32], src: &[f32], noise: f32, rng: &mut Rng) {
+    dst.copy_from_slice(src);
+    if noise > 0.0 {
+        let std = (src.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / src.len() as f64).sqrt() as f32;
+        dst.iter_mut().zip(rng.normal_vec(src.len(), noise * std)).for_each(|(v, n)| *v += n);
+    }
+}
+
+/// For `layers.{l}.attn.experts.{e}.{wq|wo}.weight`: the layer, the expert
+/// and the dense projection (`wq` or `wo`) it starts from.
+fn attention_expert_source(name: &str) -> Option<(usize, usize, &str)> {
+    match name.split('.').collect::<Vec<_>>().as_slice() {
+        ["layers", l, "attn", "experts", e, part @ ("wq" | "wo"), "weight"] => {
+            Some((l.parse().ok()?, e.parse().ok()?, part))
+        }
+        _ => None,
+    }
 }
 
 /// Piece `s` of `g` of a SwiGLU of width F: hidden units `s F/g ..
