@@ -127,10 +127,10 @@ fn metric_lines(run_dir: &Path) -> Vec<serde_json::Value> {
     text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
 
-/// An example config's 20 steps on 1 rank, then on 4 MPI ranks (with and
-/// without attention shards): the same losses and, with an expert bias,
-/// the same bias bits, every rank checked against rank 0's.
-fn example_on_4_mpi_ranks_matches_one_rank(example: &str) {
+/// An example config's 20 steps on 1 rank, then on 4 MPI ranks (with each
+/// of `attn_tps` attention shards): the same losses and, with an expert
+/// bias, the same bias bits, every rank checked against rank 0's.
+fn example_on_4_mpi_ranks_matches_one_rank(example: &str, attn_tps: &[usize]) {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let dir = temp_dir(example);
     let example = format!("{}/../examples/{example}.toml", env!("CARGO_MANIFEST_DIR"));
@@ -146,7 +146,7 @@ fn example_on_4_mpi_ranks_matches_one_rank(example: &str) {
     let one = dir.join("one");
     let out = run(Command::new(EXE).args(args(&one)), "one-rank run");
     assert!(out.status.success(), "{}", text(&out));
-    for attn_tp in [1, 2] {
+    for &attn_tp in attn_tps {
         let run_dir = dir.join(format!("mpi4-tp{attn_tp}"));
         let out = run(
             Command::new(EXE).args(args(&run_dir)).args([
@@ -188,17 +188,23 @@ fn example_on_4_mpi_ranks_matches_one_rank(example: &str) {
 
 #[test]
 fn deepseek_v3_example_on_4_mpi_ranks_matches_one_rank_bias_included() {
-    example_on_4_mpi_ranks_matches_one_rank("deepseek-v3-mini");
+    example_on_4_mpi_ranks_matches_one_rank("deepseek-v3-mini", &[1, 2]);
 }
 
 #[test]
 fn moe_plus_plus_example_on_4_mpi_ranks_matches_one_rank() {
-    example_on_4_mpi_ranks_matches_one_rank("moe-plus-plus");
+    example_on_4_mpi_ranks_matches_one_rank("moe-plus-plus", &[1, 2]);
+}
+
+#[test]
+fn jetmoe_example_with_attention_experts_on_4_mpi_ranks_matches_one_rank() {
+    // Attention experts are replicated and not split over attention shards.
+    example_on_4_mpi_ranks_matches_one_rank("jetmoe-mini", &[1]);
 }
 
 #[test]
 fn qwen_moe_example_on_4_mpi_ranks_matches_one_rank() {
-    example_on_4_mpi_ranks_matches_one_rank("qwen-moe");
+    example_on_4_mpi_ranks_matches_one_rank("qwen-moe", &[1, 2]);
 }
 
 /// Waits (3 minutes at most) until the run has `steps` lines of metrics

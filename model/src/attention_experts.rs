@@ -20,10 +20,9 @@
 
 use crate::config::ModelConfig;
 use crate::gemm::{matmul_nn, matmul_nt, matmul_tn};
-use crate::model::head_norm;
+use crate::model::HeadNorms;
 use crate::moe::{route, route_backward, DispatchPlan, RouterGrads, RouterLossScales, RouterWeights, Routing};
 use crate::ops::attention::{attention_backward, attention_forward, AttentionShape, Qkv, QkvGrads};
-use crate::ops::rmsnorm::rmsnorm_backward;
 use crate::ops::rope::RopeTable;
 use crate::weights::DenseLayerWeights;
 
@@ -37,11 +36,8 @@ pub struct MoaCache {
     q_ts: Vec<f32>,
     k_tg: Vec<f32>,
     v_tg: Vec<f32>,
-    /// `qk_norm`: q and k before their head norms, and each head's 1/rms.
-    q_raw_ts: Vec<f32>,
-    k_raw_tg: Vec<f32>,
-    q_rstd: Vec<f32>,
-    k_rstd: Vec<f32>,
+    /// `qk_norm`: q and k before their head norms.
+    head_norms: HeadNorms,
     probs: Vec<f32>,
     /// `[r, w]` each row's head outputs, `[r, d]` its expert's projection
     /// of them (before the gate).
@@ -136,12 +132,7 @@ pub fn moa_forward(
     cache.v_tg = vec![0.0; t * g];
     matmul_nt(t, d, g, x_td, &w.wk, &mut cache.k_tg, false);
     matmul_nt(t, d, g, x_td, &w.wv, &mut cache.v_tg, false);
-    if let (Some(wq_n), Some(wk_n)) = (&w.q_norm, &w.k_norm) {
-        cache.q_raw_ts = std::mem::take(&mut cache.q_ts);
-        cache.k_raw_tg = std::mem::take(&mut cache.k_tg);
-        (cache.q_ts, cache.q_rstd) = head_norm(&cache.q_raw_ts, wq_n, cfg.norm_eps);
-        (cache.k_tg, cache.k_rstd) = head_norm(&cache.k_raw_tg, wk_n, cfg.norm_eps);
-    }
+    cache.head_norms = HeadNorms::forward(w, cfg.norm_eps, &mut cache.q_ts, &mut cache.k_tg);
     let shape = dims.shape;
     rope.apply(&mut cache.q_ts, shape.batch, shape.seq, shape.n_heads);
     rope.apply(&mut cache.k_tg, shape.batch, shape.seq, shape.n_kv_heads);
@@ -208,14 +199,7 @@ pub fn moa_backward(
     attention_backward(shape, qkv, &cache.probs, &dattn_ts, grads);
     rope.apply_backward(&mut dq_ts, shape.batch, shape.seq, shape.n_heads);
     rope.apply_backward(&mut dk_tg, shape.batch, shape.seq, shape.n_kv_heads);
-    if let (Some(wq_n), Some(wk_n), Some(gq_n), Some(gk_n)) = (&w.q_norm, &w.k_norm, &mut gw.q_norm, &mut gw.k_norm) {
-        let mut dq_raw = vec![0.0; t * s];
-        rmsnorm_backward(&cache.q_raw_ts, wq_n, &cache.q_rstd, &dq_ts, &mut dq_raw, gq_n);
-        dq_ts = dq_raw;
-        let mut dk_raw = vec![0.0; t * g];
-        rmsnorm_backward(&cache.k_raw_tg, wk_n, &cache.k_rstd, &dk_tg, &mut dk_raw, gk_n);
-        dk_tg = dk_raw;
-    }
+    cache.head_norms.backward(w, gw, &mut dq_ts, &mut dk_tg);
     // Q_row = x W_q,e^T: dW_q,e += dQ^T x, dx_row = dQ W_q,e.
     let mut dq_rw = vec![0.0; plan.num_rows() * wd];
     dims.move_heads(plan, &mut dq_rw, &mut dq_ts, false);

@@ -103,11 +103,8 @@ struct BlockCache {
     q_tq: Vec<f32>,
     k_tg: Vec<f32>,
     v_tg: Vec<f32>,
-    /// `qk_norm`: q and k before their head norms, and each head row's 1/rms.
-    q_raw_tq: Vec<f32>,
-    k_raw_tg: Vec<f32>,
-    q_rstd: Vec<f32>,
-    k_rstd: Vec<f32>,
+    /// `qk_norm`: q and k before their head norms.
+    head_norms: HeadNorms,
     probs: Vec<f32>,
     attn_tq: Vec<f32>,
     /// With shards: the attention input of every shard's tokens `[a, d]`.
@@ -246,13 +243,7 @@ impl Pass<'_> {
         matmul_nt(t, d, q, n_ad, &w.wq, &mut cache.q_tq, false);
         matmul_nt(t, d, g, n_ad, &w.wk, &mut cache.k_tg, false);
         matmul_nt(t, d, g, n_ad, &w.wv, &mut cache.v_tg, false);
-        if let (Some(wq_n), Some(wk_n)) = (&w.q_norm, &w.k_norm) {
-            let eps = self.cfg.norm_eps;
-            cache.q_raw_tq = std::mem::take(&mut cache.q_tq);
-            cache.k_raw_tg = std::mem::take(&mut cache.k_tg);
-            (cache.q_tq, cache.q_rstd) = head_norm(&cache.q_raw_tq, wq_n, eps);
-            (cache.k_tg, cache.k_rstd) = head_norm(&cache.k_raw_tg, wk_n, eps);
-        }
+        cache.head_norms = HeadNorms::forward(w, self.cfg.norm_eps, &mut cache.q_tq, &mut cache.k_tg);
         rope.apply(&mut cache.q_tq, shape.batch, shape.seq, shape.n_heads);
         rope.apply(&mut cache.k_tg, shape.batch, shape.seq, shape.n_kv_heads);
         cache.probs = vec![0.0; shape.probs_len()];
@@ -307,16 +298,7 @@ impl Pass<'_> {
         attention_backward(shape, qkv, &cache.probs, &dattn_tq, grads);
         rope.apply_backward(&mut dq_tq, shape.batch, shape.seq, shape.n_heads);
         rope.apply_backward(&mut dk_tg, shape.batch, shape.seq, shape.n_kv_heads);
-        if let (Some(wq_n), Some(wk_n), Some(gq_n), Some(gk_n)) = (&w.q_norm, &w.k_norm, &mut gw.q_norm, &mut gw.k_norm)
-        {
-            // Back through the head norms: gradients of the raw projections.
-            let mut dq_raw = vec![0.0; t * q];
-            rmsnorm_backward(&cache.q_raw_tq, wq_n, &cache.q_rstd, &dq_tq, &mut dq_raw, gq_n);
-            dq_tq = dq_raw;
-            let mut dk_raw = vec![0.0; t * g];
-            rmsnorm_backward(&cache.k_raw_tg, wk_n, &cache.k_rstd, &dk_tg, &mut dk_raw, gk_n);
-            dk_tg = dk_raw;
-        }
+        cache.head_norms.backward(w, gw, &mut dq_tq, &mut dk_tg);
         let n_td = if dims.shards > 1 { &cache.attn_in_ad } else { &cache.attn_in_td };
         let dn_out: &mut [f32] = if dims.shards > 1 { &mut dn_ad } else { dn_td };
         for (dp_tw, wp, gp, width) in
@@ -349,10 +331,7 @@ impl Pass<'_> {
             q_tq: Vec::new(),
             k_tg: Vec::new(),
             v_tg: Vec::new(),
-            q_raw_tq: Vec::new(),
-            k_raw_tg: Vec::new(),
-            q_rstd: Vec::new(),
-            k_rstd: Vec::new(),
+            head_norms: HeadNorms::default(),
             probs: Vec::new(),
             attn_tq: Vec::new(),
             attn_in_ad: Vec::new(),
@@ -536,13 +515,55 @@ fn dense_ffn_backward(
     );
 }
 
-/// Qwen3's head norm: every `w.len()`-wide head row of `x` RMS-normalised
-/// with weight `w`; returns the result and each row's 1/rms.
-pub(crate) fn head_norm(x: &[f32], w: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
-    let mut y = vec![0.0; x.len()];
-    let mut rstd = vec![0.0; x.len() / w.len()];
-    rmsnorm_forward(x, w, eps, &mut y, &mut rstd);
-    (y, rstd)
+/// Qwen3's query and key head norms of one attention call (`qk_norm`):
+/// every head row RMS-normalised with the layer's `q_norm` / `k_norm`
+/// weights. Keeps the raw projections and each row's 1/rms for backward
+/// (all empty for a layer without head norms).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct HeadNorms {
+    q_raw: Vec<f32>,
+    k_raw: Vec<f32>,
+    q_rstd: Vec<f32>,
+    k_rstd: Vec<f32>,
+}
+
+impl HeadNorms {
+    /// Normalises `q` and `k` in place when layer `w` has head norms.
+    pub(crate) fn forward(w: &DenseLayerWeights, eps: f32, q: &mut Vec<f32>, k: &mut Vec<f32>) -> Self {
+        let (Some(wq), Some(wk)) = (&w.q_norm, &w.k_norm) else { return Self::default() };
+        let norm = |x: &[f32], weight: &[f32]| {
+            let mut y = vec![0.0; x.len()];
+            let mut rstd = vec![0.0; x.len() / weight.len()];
+            rmsnorm_forward(x, weight, eps, &mut y, &mut rstd);
+            (y, rstd)
+        };
+        let (q_raw, k_raw) = (std::mem::take(q), std::mem::take(k));
+        let (q_rstd, k_rstd);
+        (*q, q_rstd) = norm(&q_raw, wq);
+        (*k, k_rstd) = norm(&k_raw, wk);
+        Self { q_raw, k_raw, q_rstd, k_rstd }
+    }
+
+    /// Backward: turns the gradients of the normalised `q` and `k` into the
+    /// raw projections' and adds the norm weights' into `gw`.
+    pub(crate) fn backward(
+        &self,
+        w: &DenseLayerWeights,
+        gw: &mut DenseLayerWeights,
+        dq: &mut Vec<f32>,
+        dk: &mut Vec<f32>,
+    ) {
+        let (Some(wq), Some(wk), Some(gq), Some(gk)) = (&w.q_norm, &w.k_norm, &mut gw.q_norm, &mut gw.k_norm) else {
+            return;
+        };
+        for (raw, weight, rstd, d, g) in
+            [(&self.q_raw, wq, &self.q_rstd, dq, gq), (&self.k_raw, wk, &self.k_rstd, dk, gk)]
+        {
+            let mut d_raw = vec![0.0; d.len()];
+            rmsnorm_backward(raw, weight, rstd, d, &mut d_raw, g);
+            *d = d_raw;
+        }
+    }
 }
 
 fn add_into(acc: &mut [f32], x: &[f32]) {

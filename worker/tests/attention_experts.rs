@@ -6,31 +6,12 @@
 
 mod common;
 
-use common::{micro_job, options, temp_dir, Recorder};
+use common::{fresh_run as run, layout_job as job, temp_dir, train_steps as steps};
 use worker::api::Resume;
 use worker::metrics::StepMetrics;
-use worker::train::train;
 
 /// 4 attention experts of 4 heads over 2 shared kv heads, top-2.
 const MOA: &[&str] = &["model.attention=\"moa\"", "model.attn_experts=4", "model.attn_top_k=2"];
-
-fn job(model: &[&str], ranks: usize, extra: &[&str]) -> worker::JobConfig {
-    let ranks = format!("parallel.ranks={ranks}");
-    let mut sets = vec!["train.global_batch_size=8", "train.micro_batch_size=2", ranks.as_str()];
-    sets.extend_from_slice(model);
-    sets.extend_from_slice(extra);
-    micro_job(&sets)
-}
-
-fn steps(job: &worker::JobConfig, dir: &std::path::Path, resume: Resume, stop_at: Option<u64>) -> Vec<StepMetrics> {
-    let mut rec = Recorder::default();
-    train(job, &options(dir, resume, stop_at), &mut rec).unwrap();
-    rec.steps
-}
-
-fn run(job: &worker::JobConfig, name: &str) -> Vec<StepMetrics> {
-    steps(job, &temp_dir(name), Resume::No, None)
-}
 
 fn assert_close(reference: &[StepMetrics], other: &[StepMetrics], what: &str) {
     assert_eq!(reference.len(), other.len(), "{what}: step count");

@@ -8,10 +8,9 @@
 
 mod common;
 
-use common::{micro_job, options, temp_dir, Recorder};
+use common::{fresh_run as run, layout_job as job, temp_dir, train_steps as steps};
 use worker::api::Resume;
 use worker::metrics::StepMetrics;
-use worker::train::train;
 
 /// DeepSeek-V3 in small: 8 experts in 4 groups of which 2 are kept, top-2,
 /// a shared expert, sigmoid scores scaled by 2.5, the sequence-wise loss
@@ -45,24 +44,6 @@ const MOE_PLUS_PLUS: &[&str] = &[
 
 /// Qwen2-MoE in small: a gated shared expert, gates not renormalised.
 const QWEN: &[&str] = &["model.n_shared_experts=1", "model.shared_expert_gate=true", "model.norm_topk_prob=false"];
-
-fn job(model: &[&str], ranks: usize, extra: &[&str]) -> worker::JobConfig {
-    let ranks = format!("parallel.ranks={ranks}");
-    let mut sets = vec!["train.global_batch_size=8", "train.micro_batch_size=2", ranks.as_str()];
-    sets.extend_from_slice(model);
-    sets.extend_from_slice(extra);
-    micro_job(&sets)
-}
-
-fn steps(job: &worker::JobConfig, dir: &std::path::Path, resume: Resume, stop_at: Option<u64>) -> Vec<StepMetrics> {
-    let mut rec = Recorder::default();
-    train(job, &options(dir, resume, stop_at), &mut rec).unwrap();
-    rec.steps
-}
-
-fn run(job: &worker::JobConfig, name: &str) -> Vec<StepMetrics> {
-    steps(job, &temp_dir(name), Resume::No, None)
-}
 
 /// Losses within 1e-6 (relative) and, with an expert bias, the same bias bits.
 fn assert_same_run(reference: &[StepMetrics], other: &[StepMetrics], what: &str) {

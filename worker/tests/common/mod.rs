@@ -58,3 +58,26 @@ pub fn micro_job(overrides: &[&str]) -> JobConfig {
     sets.extend(overrides.iter().map(|s| s.to_string()));
     JobConfig::load(None, &sets).unwrap()
 }
+
+/// [`micro_job`] with global batch 8 in micro-batches of 2 on `ranks`
+/// ranks, the model options `model`, then `extra`.
+pub fn layout_job(model: &[&str], ranks: usize, extra: &[&str]) -> JobConfig {
+    let ranks = format!("parallel.ranks={ranks}");
+    let mut sets = vec!["train.global_batch_size=8", "train.micro_batch_size=2", ranks.as_str()];
+    sets.extend_from_slice(model);
+    sets.extend_from_slice(extra);
+    micro_job(&sets)
+}
+
+/// Trains `job` in `dir` (resuming as told, stopping at `stop_at`) and
+/// returns every step's metrics.
+pub fn train_steps(job: &JobConfig, dir: &std::path::Path, resume: Resume, stop_at: Option<u64>) -> Vec<StepMetrics> {
+    let mut rec = Recorder::default();
+    worker::train::train(job, &options(dir, resume, stop_at), &mut rec).unwrap();
+    rec.steps
+}
+
+/// [`train_steps`] of a fresh run in a new folder named after `name`.
+pub fn fresh_run(job: &JobConfig, name: &str) -> Vec<StepMetrics> {
+    train_steps(job, &temp_dir(name), Resume::No, None)
+}
