@@ -317,13 +317,14 @@ fn an_export_from_4_ranks_with_balanced_placement_holds_every_expert_once() {
 #[test]
 fn models_transformers_cannot_compute_are_refused_and_nothing_is_written() {
     let dir = common::temp_dir("hf", "refused");
-    let cases: [(Option<&str>, &[&str], &str); 5] = [
+    let cases: [(Option<&str>, &[&str], &str); 6] = [
         (Some("deepseek-v3-mini"), &["model.shared_expert_gate=true", "train.steps=2"], "shared_expert_gate"),
         (Some("moe-plus-plus"), &["train.steps=2"], "MoE++"),
         (None, &["model.block=\"parallel\"", "train.steps=2"], "block = \"parallel\""),
         (None, &["model.qk_norm=true", "model.n_shared_experts=1", "train.steps=2"], "qk_norm"),
         // JetMoE gives each attention expert as many heads as kv heads.
         (Some("jetmoe-mini"), &["train.steps=2"], "n_kv_heads = 2 is not n_heads = 4"),
+        (Some("moh-mini"), &["model.n_heads=8", "train.steps=2"], "attention = \"moh\""),
     ];
     for (i, (config, sets, why)) in cases.into_iter().enumerate() {
         let case = dir.join(format!("case{i}"));

@@ -22,6 +22,21 @@ pub enum AttentionKind {
     /// JetMoE's Mixture of Attention: `attn_experts` experts with their own
     /// query and output projections, keys and values shared.
     Moa,
+    /// MoH's routed heads: `attn_shared_heads` always on, `attn_top_k` of
+    /// the others per token, each head's output times its gate.
+    Moh,
+}
+
+/// How MoH chooses a token's routed heads (docs/model.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttnRouterKind {
+    /// Softmax routers with MoH's shared/routed two-way weights.
+    #[default]
+    Learned,
+    /// MoH-LLaMA3's parameter-free choice: the routed heads whose queries
+    /// have the largest norms, gates 1.
+    QueryNorm,
 }
 
 /// How the router turns logits into scores (docs/model.md, "Routers beyond v1").
@@ -119,8 +134,15 @@ pub struct ModelConfig {
     pub attention: AttentionKind,
     /// MoA: attention experts per layer (each with `n_heads` query heads).
     pub attn_experts: usize,
-    /// MoA: attention experts per token (`attn_experts`: BAM's soft routing).
+    /// MoA: attention experts per token (`attn_experts`: BAM's soft
+    /// routing); MoH: routed heads per token.
     pub attn_top_k: usize,
+    /// MoH: the first heads, always on.
+    pub attn_shared_heads: usize,
+    /// MoH: the learned router or MoH-LLaMA3's query norms.
+    pub attn_router: AttnRouterKind,
+    /// MoH's balance loss weight (its mean over layers is added).
+    pub attn_aux_loss_coef: f32,
 }
 
 impl Default for ModelConfig {
@@ -166,6 +188,9 @@ impl Default for ModelConfig {
             attention: AttentionKind::Dense,
             attn_experts: 0,
             attn_top_k: 0,
+            attn_shared_heads: 0,
+            attn_router: AttnRouterKind::Learned,
+            attn_aux_loss_coef: 0.01,
         }
     }
 }
@@ -348,15 +373,50 @@ impl ModelConfig {
     /// MoA needs experts and a top-k among them; dense attention neither.
     fn validate_attention(&self) -> Result<(), ModelError> {
         let bad = |key: &'static str, reason: String| Err(ModelError::InvalidConfig { key, reason });
+        let unused = |keys: &[(&'static str, usize)], what: &str| {
+            for &(key, value) in keys {
+                if value != 0 {
+                    return bad(key, format!("is {value}, but attention = \"{what}\" does not use it: remove the key"));
+                }
+            }
+            Ok(())
+        };
+        if self.attention != AttentionKind::Moh && self.attn_router != AttnRouterKind::Learned {
+            return bad("attn_router", "chooses MoH's routed heads: it needs attention = \"moh\"".into());
+        }
+        if !(self.attn_aux_loss_coef >= 0.0 && self.attn_aux_loss_coef.is_finite()) {
+            return bad("attn_aux_loss_coef", format!("must be >= 0, got {}", self.attn_aux_loss_coef));
+        }
         match self.attention {
             AttentionKind::Dense => {
-                for (key, value) in [("attn_experts", self.attn_experts), ("attn_top_k", self.attn_top_k)] {
-                    if value != 0 {
-                        return bad(key, format!("is {value}, but attention = \"dense\" has no attention experts: set attention = \"moa\" or remove the key"));
-                    }
+                let keys = [
+                    ("attn_experts", self.attn_experts),
+                    ("attn_top_k", self.attn_top_k),
+                    ("attn_shared_heads", self.attn_shared_heads),
+                ];
+                unused(&keys, "dense")?;
+            }
+            AttentionKind::Moh => {
+                unused(&[("attn_experts", self.attn_experts)], "moh")?;
+                if self.attn_shared_heads >= self.n_heads {
+                    let reason = format!(
+                        "{} shared heads leave none of the n_heads = {} to route (MoH: half of them)",
+                        self.attn_shared_heads, self.n_heads
+                    );
+                    return bad("attn_shared_heads", reason);
+                }
+                let routed = self.n_heads - self.attn_shared_heads;
+                if self.attn_top_k == 0 || self.attn_top_k > routed {
+                    let reason = format!(
+                        "must be between 1 and the {routed} routed heads (n_heads {} - attn_shared_heads {}), got {} \
+                         (MoH-LLaMA3: 8 of 16)",
+                        self.n_heads, self.attn_shared_heads, self.attn_top_k
+                    );
+                    return bad("attn_top_k", reason);
                 }
             }
             AttentionKind::Moa => {
+                unused(&[("attn_shared_heads", self.attn_shared_heads)], "moa")?;
                 if self.attn_experts == 0 {
                     return bad(
                         "attn_experts",
@@ -383,6 +443,27 @@ impl ModelConfig {
         } else {
             self.n_heads
         }
+    }
+
+    /// Whether attention is MoH's routed heads.
+    pub fn is_moh(&self) -> bool {
+        self.attention == AttentionKind::Moh
+    }
+
+    /// MoH: the routed heads (those after the shared ones).
+    pub fn routed_heads(&self) -> usize {
+        self.n_heads - self.attn_shared_heads
+    }
+
+    /// MoH's learned router's weights: routed `[Hr, D]`, shared `[Hs, D]`
+    /// (when `Hs > 1`) and two-way `[2, D]` (when `Hs > 0`); none with the
+    /// query-norm router or without MoH.
+    pub fn head_router_rows(&self) -> [usize; 3] {
+        if !self.is_moh() || self.attn_router != AttnRouterKind::Learned {
+            return [0; 3];
+        }
+        let hs = self.attn_shared_heads;
+        [self.routed_heads(), if hs > 1 { hs } else { 0 }, if hs > 0 { 2 } else { 0 }]
     }
 
     /// Whether attention is JetMoE's attention experts.
@@ -423,6 +504,7 @@ impl ModelConfig {
         let q_and_o = d * self.n_heads * hd * 2;
         match self.attention {
             AttentionKind::Dense => q_and_o + kv + qk_norm,
+            AttentionKind::Moh => q_and_o + kv + qk_norm + self.head_router_rows().iter().sum::<usize>() * d,
             AttentionKind::Moa => self.attn_experts * (q_and_o + d) + d + kv + qk_norm,
         }
     }
@@ -490,7 +572,12 @@ impl ModelConfig {
         let inactive = self.n_experts.saturating_sub(self.top_k) * 3 * self.d_model * self.ffn_hidden;
         let moe_layers = (0..self.n_layers).filter(|&l| self.is_moe_layer(l)).count();
         let attn_expert = 2 * self.d_model * self.n_heads * self.head_dim();
-        let inactive_attn = self.attn_experts.saturating_sub(self.attn_top_k) * attn_expert * self.n_layers;
+        let inactive_attn = match self.attention {
+            AttentionKind::Dense => 0,
+            AttentionKind::Moa => (self.attn_experts - self.attn_top_k) * attn_expert,
+            // A head's query rows and output columns.
+            AttentionKind::Moh => (self.routed_heads() - self.attn_top_k) * 2 * self.d_model * self.head_dim(),
+        } * self.n_layers;
         self.num_params() - moe_layers * inactive - inactive_attn
     }
 }

@@ -12,6 +12,7 @@
 //! `a` expert assignments (rows sent to experts), `s` sequence positions.
 
 pub mod attention_experts;
+pub mod attention_heads;
 pub mod config;
 pub mod error;
 pub mod gemm;
@@ -24,7 +25,7 @@ pub mod schedule;
 pub mod shards;
 pub mod weights;
 
-pub use config::{AttentionKind, BlockKind, ModelConfig, RoutedKind, RouterScoreKind};
+pub use config::{AttentionKind, AttnRouterKind, BlockKind, ModelConfig, RoutedKind, RouterScoreKind};
 pub use error::ModelError;
 /// The MoE sub-layer, also reachable as `moe::layer`.
 pub use moe::layer as moe_layer;

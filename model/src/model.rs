@@ -11,6 +11,7 @@
 //! vocab, `q` query width of this rank's heads, `g` their kv width, `k` top-k.
 
 use crate::attention_experts::{moa_backward, moa_forward, MoaCache};
+use crate::attention_heads::{head_gates, head_gates_backward, HeadGates};
 use crate::config::{BlockKind, ModelConfig};
 use crate::error::ModelError;
 use crate::gemm::{matmul_nn, matmul_nt, matmul_tn};
@@ -49,6 +50,9 @@ pub struct LossScales {
     pub z: f32,
     /// `seq_aux_loss_coef / (micro-batches in the global batch)`.
     pub seq: f32,
+    /// `attn_aux_loss_coef / (micro-batches in the global batch)` (MoH's
+    /// balance loss; the model divides it by the layers, MoH's mean).
+    pub attn_aux: f32,
 }
 
 impl LossScales {
@@ -118,6 +122,8 @@ struct BlockCache {
     dense_ffn: SwigluCache,
     /// MoA's attention experts (`attention = "moa"`).
     moa: MoaCache,
+    /// MoH's head gates (`attention = "moh"`).
+    head_gates: HeadGates,
 }
 
 /// How one layer's router is tied to its neighbours' by MoE++'s gating
@@ -222,11 +228,13 @@ impl Pass<'_> {
         cache: &mut BlockCache,
     ) -> Result<Vec<f32>, ModelError> {
         let (dims, rope) = (&self.dims, self.rope);
+        if dims.shards > 1 && (self.cfg.is_moa() || self.cfg.is_moh()) {
+            let reason = "attention experts and routed heads (attention = \"moa\", \"moh\") are not split over \
+                          attention shards yet"
+                .into();
+            return Err(ModelError::Shards { shards: dims.shards, reason });
+        }
         if self.cfg.is_moa() {
-            if dims.shards > 1 {
-                let reason = "attention experts (attention = \"moa\") are not split over attention shards yet".into();
-                return Err(ModelError::Shards { shards: dims.shards, reason });
-            }
             let (out_td, moa) = moa_forward(self.cfg, rope, w, n_td, dims.attn.batch);
             cache.moa = moa;
             return Ok(out_td);
@@ -243,6 +251,10 @@ impl Pass<'_> {
         matmul_nt(t, d, q, n_ad, &w.wq, &mut cache.q_tq, false);
         matmul_nt(t, d, g, n_ad, &w.wk, &mut cache.k_tg, false);
         matmul_nt(t, d, g, n_ad, &w.wv, &mut cache.v_tg, false);
+        if self.cfg.is_moh() {
+            // MoH: gates from the input (or the raw queries' norms).
+            cache.head_gates = head_gates(self.cfg, w, n_ad, &cache.q_tq);
+        }
         cache.head_norms = HeadNorms::forward(w, self.cfg.norm_eps, &mut cache.q_tq, &mut cache.k_tg);
         rope.apply(&mut cache.q_tq, shape.batch, shape.seq, shape.n_heads);
         rope.apply(&mut cache.k_tg, shape.batch, shape.seq, shape.n_kv_heads);
@@ -250,7 +262,8 @@ impl Pass<'_> {
         cache.attn_tq = vec![0.0; t * q];
         attention_forward(shape, &cache.q_tq, &cache.k_tg, &cache.v_tg, &mut cache.attn_tq, &mut cache.probs);
         let mut out_ad = vec![0.0; t * d];
-        matmul_nt(t, q, d, &cache.attn_tq, &w.wo, &mut out_ad, false);
+        let gated = gate_heads(&cache.attn_tq, &cache.head_gates.gates_th);
+        matmul_nt(t, q, d, gated.as_deref().unwrap_or(&cache.attn_tq), &w.wo, &mut out_ad, false);
         if dims.shards > 1 {
             return self.shards.reduce_scatter_rows(&out_ad);
         }
@@ -287,9 +300,13 @@ impl Pass<'_> {
         let (t, d, q, g) = (dims.a, dims.d, dims.q, dims.g);
         let shape = dims.attn;
         // out = attn Wo^T: dWo += dout^T attn, dattn = dout Wo.
-        matmul_tn(d, t, q, dout_td, &cache.attn_tq, &mut gw.wo, true);
+        let gated = gate_heads(&cache.attn_tq, &cache.head_gates.gates_th);
+        matmul_tn(d, t, q, dout_td, gated.as_deref().unwrap_or(&cache.attn_tq), &mut gw.wo, true);
+        drop(gated);
         let mut dattn_tq = vec![0.0; t * q];
         matmul_nn(t, d, q, dout_td, &w.wo, &mut dattn_tq, false);
+        // MoH: each head's output was times its gate.
+        let dgates_th = ungate_heads(&mut dattn_tq, &cache.attn_tq, &cache.head_gates.gates_th);
         let mut dq_tq = vec![0.0; t * q];
         let mut dk_tg = vec![0.0; t * g];
         let mut dv_tg = vec![0.0; t * g];
@@ -306,6 +323,10 @@ impl Pass<'_> {
         {
             matmul_tn(width, t, d, dp_tw, n_td, gp, true);
             matmul_nn(t, width, d, dp_tw, wp, dn_out, true);
+        }
+        if let Some(dgates_th) = dgates_th {
+            let aux_scale = scales.attn_aux / self.cfg.n_layers as f32;
+            head_gates_backward(self.cfg, w, gw, n_td, &cache.head_gates, &dgates_th, aux_scale, dn_out);
         }
         if dims.shards > 1 {
             add_into(dn_td, &self.shards.reduce_scatter_rows(&dn_ad)?);
@@ -341,6 +362,7 @@ impl Pass<'_> {
             moe: MoeCache::default(),
             dense_ffn: SwigluCache::default(),
             moa: MoaCache::default(),
+            head_gates: HeadGates::default(),
         };
         rmsnorm_forward(&cache.x_td, &w.attn_norm, cfg.norm_eps, &mut cache.attn_in_td, &mut cache.attn_rstd_t);
         // BAM: the MoE reads the same normalised input as attention, so its
@@ -472,7 +494,8 @@ impl Pass<'_> {
             let routing = &cache.moe.routing;
             // MoA's router losses are reported with the FFN router's.
             let attn_routing = &cache.moa.routing;
-            stats.aux_loss.push(routing.aux_loss + attn_routing.aux_loss);
+            let head_aux = cache.head_gates.aux_loss;
+            stats.aux_loss.push(routing.aux_loss + attn_routing.aux_loss + head_aux);
             stats.z_loss.push(routing.z_loss + attn_routing.z_loss);
             stats.seq_aux_loss.push(routing.seq_aux_loss);
             if self.cfg.is_moe_layer(layer) {
@@ -564,6 +587,38 @@ impl HeadNorms {
             *d = d_raw;
         }
     }
+}
+
+/// MoH: the head outputs `[t, heads * hd]` times their gates `[t, heads]`
+/// (None without gates).
+fn gate_heads(attn_tq: &[f32], gates_th: &[f32]) -> Option<Vec<f32>> {
+    if gates_th.is_empty() {
+        return None;
+    }
+    let hd = attn_tq.len() / gates_th.len();
+    let mut gated = attn_tq.to_vec();
+    for (head, &g) in gated.chunks_exact_mut(hd).zip(gates_th) {
+        head.iter_mut().for_each(|v| *v *= g);
+    }
+    Some(gated)
+}
+
+/// Backward of [`gate_heads`]: turns the gated outputs' gradient in
+/// `dattn_tq` into the head outputs' (times the gate) and returns the
+/// gates' (`dot(dgated, attn)` per token and head); None without gates.
+fn ungate_heads(dattn_tq: &mut [f32], attn_tq: &[f32], gates_th: &[f32]) -> Option<Vec<f32>> {
+    if gates_th.is_empty() {
+        return None;
+    }
+    let hd = attn_tq.len() / gates_th.len();
+    let mut dgates = vec![0.0; gates_th.len()];
+    for (((dg, &g), dhead), head) in
+        dgates.iter_mut().zip(gates_th).zip(dattn_tq.chunks_exact_mut(hd)).zip(attn_tq.chunks_exact(hd))
+    {
+        *dg = dhead.iter().zip(head).map(|(a, b)| a * b).sum();
+        dhead.iter_mut().for_each(|v| *v *= g);
+    }
+    Some(dgates)
 }
 
 fn add_into(acc: &mut [f32], x: &[f32]) {

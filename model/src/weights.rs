@@ -73,6 +73,15 @@ macro_rules! list_tensors {
         if let Some(w) = layer.attn_bias.$opt() {
             out.push(("attn.bias".to_string(), w));
         }
+        if let Some(w) = layer.head_router.$opt() {
+            out.push(("attn.head_router.weight".to_string(), w));
+        }
+        if let Some(w) = layer.shared_head_router.$opt() {
+            out.push(("attn.shared_head_router.weight".to_string(), w));
+        }
+        if let Some(w) = layer.head_mix.$opt() {
+            out.push(("attn.head_mix.weight".to_string(), w));
+        }
         if let Some(w) = layer.q_norm.$opt() {
             out.push(("attn.q_norm.weight".to_string(), w));
         }
@@ -152,6 +161,12 @@ pub struct DenseLayerWeights {
     pub attn_router: Option<Vec<f32>>,
     /// ... and their shared output bias `[D]`.
     pub attn_bias: Option<Vec<f32>>,
+    /// MoH's learned router (`attention = "moh"`): routed heads `[Hr, D]`,
+    /// shared heads `[Hs, D]` (when `Hs > 1`), two-way weights `[2, D]`
+    /// (when `Hs > 0`).
+    pub head_router: Option<Vec<f32>>,
+    pub shared_head_router: Option<Vec<f32>>,
+    pub head_mix: Option<Vec<f32>>,
     /// `[hd]` each: the query and key head norms (`qk_norm` only).
     pub q_norm: Option<Vec<f32>>,
     pub k_norm: Option<Vec<f32>>,
@@ -240,6 +255,8 @@ fn attention_layer(cfg: &ModelConfig, rng: &mut Rng) -> DenseLayerWeights {
         let (wq, wk, wv) = (rng.normal_vec(q, std), rng.normal_vec(kv, std), rng.normal_vec(kv, std));
         (wq, wk, wv, rng.normal_vec(q, residual_std(cfg)), Vec::new(), None, None)
     };
+    // MoH's routers, drawn after the projections (none for v1).
+    let [routed, shared, mix] = cfg.head_router_rows().map(|rows| (rows > 0).then(|| rng.normal_vec(rows * d, std)));
     DenseLayerWeights {
         attn_norm: vec![1.0; d],
         wq,
@@ -249,6 +266,9 @@ fn attention_layer(cfg: &ModelConfig, rng: &mut Rng) -> DenseLayerWeights {
         attn_experts,
         attn_router,
         attn_bias,
+        head_router: routed,
+        shared_head_router: shared,
+        head_mix: mix,
         q_norm: cfg.qk_norm.then(|| vec![1.0; hd]),
         k_norm: cfg.qk_norm.then(|| vec![1.0; hd]),
         ffn_norm: (cfg.block == BlockKind::Sequential).then(|| vec![1.0; d]),
@@ -448,6 +468,11 @@ pub fn tensor_shape(cfg: &ModelConfig, name: &str) -> Option<Vec<usize>> {
             ["attn", "experts", _, "wo", "weight"] if cfg.is_moa() => vec![d, cfg.n_heads * hd],
             ["attn", "router", "weight"] if cfg.is_moa() => vec![cfg.attn_experts, d],
             ["attn", "bias"] if cfg.is_moa() => vec![d],
+            ["attn", "head_router", "weight"] if cfg.head_router_rows()[0] > 0 => vec![cfg.head_router_rows()[0], d],
+            ["attn", "shared_head_router", "weight"] if cfg.head_router_rows()[1] > 0 => {
+                vec![cfg.head_router_rows()[1], d]
+            }
+            ["attn", "head_mix", "weight"] if cfg.head_router_rows()[2] > 0 => vec![2, d],
             ["moe", "router", "weight"] => vec![cfg.n_router_outputs(), cfg.router_input_width()],
             ["moe", "router_hidden", "weight"] if cfg.router_mlp => vec![cfg.router_input_width(), d],
             ["moe", "shared_gate", "weight"] if cfg.shared_expert_gate => vec![1, d],

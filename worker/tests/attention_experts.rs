@@ -1,5 +1,5 @@
-//! JetMoE's attention experts (MoA, docs/model.md) in training, over the
-//! local (threads) backend: the attention experts are dense tensors
+//! JetMoE's attention experts (MoA) and MoH's routed heads (docs/model.md)
+//! in training, over the local (threads) backend: their tensors are dense,
 //! replicated on every rank, so every layout of the FFN experts gives the
 //! same losses (within 1e-6 over 20 steps); resume on the same layout is
 //! bit-exact and on another within 1e-6; attention shards are refused.
@@ -12,6 +12,9 @@ use worker::metrics::StepMetrics;
 
 /// 4 attention experts of 4 heads over 2 shared kv heads, top-2.
 const MOA: &[&str] = &["model.attention=\"moa\"", "model.attn_experts=4", "model.attn_top_k=2"];
+
+/// 8 heads, 2 shared, 3 of the other 6 per token, MoH's learned router.
+const MOH: &[&str] = &["model.attention=\"moh\"", "model.n_heads=8", "model.attn_shared_heads=2", "model.attn_top_k=3"];
 
 fn assert_close(reference: &[StepMetrics], other: &[StepMetrics], what: &str) {
     assert_eq!(reference.len(), other.len(), "{what}: step count");
@@ -62,12 +65,37 @@ fn attention_experts_resume_bit_exactly_and_on_another_layout() {
 }
 
 #[test]
+fn routed_heads_match_on_every_layout_and_resume_bit_exactly() {
+    for (router, name) in [("learned", "learned"), ("query_norm", "qnorm")] {
+        let router_set = format!("model.attn_router=\"{router}\"");
+        let model = [MOH, &[router_set.as_str(), "model.block=\"parallel\""][..]].concat();
+        let one = run(&job(&model, 1, &[]), &format!("moh-{name}-1"));
+        assert!(one[19].loss < one[0].loss - 0.3, "{router}: the job learns: {} -> {}", one[0].loss, one[19].loss);
+        for (i, (ranks, extra)) in [(2, &[][..]), (4, &["parallel.ep=2"][..])].into_iter().enumerate() {
+            let other = run(&job(&model, ranks, extra), &format!("moh-{name}-layout-{i}"));
+            assert_close(&one, &other, &format!("{router}, {ranks} ranks {extra:?}"));
+        }
+        let dir = temp_dir(&format!("moh-{name}-resume"));
+        let mut joined = steps(&job(&model, 2, &[]), &dir, Resume::No, Some(10));
+        joined.extend(steps(&job(&model, 2, &[]), &dir, Resume::Latest, None));
+        let reference = run(&job(&model, 2, &[]), &format!("moh-{name}-ref"));
+        for (a, b) in reference.iter().zip(&joined) {
+            assert_eq!(a.loss.to_bits(), b.loss.to_bits(), "{router}, step {}: resumed loss", a.step);
+        }
+    }
+}
+
+#[test]
 fn bad_attention_expert_settings_name_the_key() {
-    let cases: [(&[&str], &str); 4] = [
+    let cases: [(&[&str], &str); 8] = [
         (&["model.attention=\"moa\"", "model.attn_top_k=2"], "attn_experts"),
         (&["model.attention=\"moa\"", "model.attn_experts=2", "model.attn_top_k=3"], "attn_top_k"),
         (&["model.attn_experts=4"], "attn_experts"),
         (&[MOA, &["parallel.ranks=2", "parallel.attn_tp=2"][..]].concat(), "attn_tp"),
+        (&["model.attention=\"moh\"", "model.attn_shared_heads=4", "model.attn_top_k=1"], "attn_shared_heads"),
+        (&["model.attention=\"moh\"", "model.attn_shared_heads=2", "model.attn_top_k=3"], "attn_top_k"),
+        (&["model.attn_router=\"query_norm\""], "attn_router"),
+        (&[MOH, &["parallel.ranks=2", "parallel.attn_tp=2"][..]].concat(), "attn_tp"),
     ];
     for (sets, key) in cases {
         let mut all: Vec<String> =

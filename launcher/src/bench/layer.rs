@@ -199,7 +199,7 @@ fn bench_step(job: &JobConfig) -> StepRow {
     let micro = job.train.micro_batch_size;
     let accumulation = job.grad_accumulation(1);
     let tokens = (job.train.global_batch_size * cfg.seq_len) as f64;
-    let scales = LossScales { ce: 1.0 / tokens as f32, aux: 0.01, z: 0.001, seq: 0.0 };
+    let scales = LossScales { ce: 1.0 / tokens as f32, aux: 0.01, z: 0.001, seq: 0.0, attn_aux: 0.01 };
     let mut step = 0;
     let s = time_median(5, || {
         for m in 0..accumulation {

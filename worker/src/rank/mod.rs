@@ -285,6 +285,7 @@ impl<'a> RankRun<'a> {
                 aux: cfg.aux_loss_coef / micro_batches as f32,
                 z: cfg.z_loss_coef / micro_batches as f32,
                 seq: cfg.seq_aux_loss_coef / micro_batches as f32,
+                attn_aux: cfg.attn_aux_loss_coef / micro_batches as f32,
             },
             accumulation,
             tokens_per_step,
