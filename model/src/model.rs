@@ -21,7 +21,7 @@ use crate::moe::layer::{
 };
 use crate::moe::{ExpertExecutor, RouterLossScales};
 use crate::moe::{ExpertKind, Rows};
-use crate::ops::attention::{attention_backward, attention_forward, AttentionShape, Qkv, QkvGrads};
+use crate::ops::attention::{attention_backward_gated, attention_forward_gated, AttentionShape, Qkv, QkvGrads};
 use crate::ops::loss::{cross_entropy_forward_backward, cross_entropy_sum};
 use crate::ops::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
 use crate::ops::rope::RopeTable;
@@ -260,7 +260,10 @@ impl Pass<'_> {
         rope.apply(&mut cache.k_tg, shape.batch, shape.seq, shape.n_kv_heads);
         cache.probs = vec![0.0; shape.probs_len()];
         cache.attn_tq = vec![0.0; t * q];
-        attention_forward(shape, &cache.q_tq, &cache.k_tg, &cache.v_tg, &mut cache.attn_tq, &mut cache.probs);
+        // MoH: the query rows of heads a token did not choose are skipped.
+        let qkv = Qkv { q_th: &cache.q_tq, k_tg: &cache.k_tg, v_tg: &cache.v_tg };
+        let gates = self.cfg.is_moh().then_some(&cache.head_gates.gates_th[..]);
+        attention_forward_gated(shape, qkv, gates, &mut cache.attn_tq, &mut cache.probs);
         let mut out_ad = vec![0.0; t * d];
         let gated = gate_heads(&cache.attn_tq, &cache.head_gates.gates_th);
         matmul_nt(t, q, d, gated.as_deref().unwrap_or(&cache.attn_tq), &w.wo, &mut out_ad, false);
@@ -312,7 +315,8 @@ impl Pass<'_> {
         let mut dv_tg = vec![0.0; t * g];
         let qkv = Qkv { q_th: &cache.q_tq, k_tg: &cache.k_tg, v_tg: &cache.v_tg };
         let grads = QkvGrads { dq_th: &mut dq_tq, dk_tg: &mut dk_tg, dv_tg: &mut dv_tg };
-        attention_backward(shape, qkv, &cache.probs, &dattn_tq, grads);
+        let gates = self.cfg.is_moh().then_some(&cache.head_gates.gates_th[..]);
+        attention_backward_gated(shape, qkv, gates, &cache.probs, &dattn_tq, grads);
         rope.apply_backward(&mut dq_tq, shape.batch, shape.seq, shape.n_heads);
         rope.apply_backward(&mut dk_tg, shape.batch, shape.seq, shape.n_kv_heads);
         cache.head_norms.backward(w, gw, &mut dq_tq, &mut dk_tg);

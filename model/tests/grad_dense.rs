@@ -4,7 +4,10 @@
 mod common;
 
 use common::{check_gradient, probe_loss, values};
-use model::ops::attention::{attention_backward, attention_forward, AttentionShape, Qkv, QkvGrads};
+use model::ops::attention::{
+    attention_backward, attention_backward_gated, attention_forward, attention_forward_gated, AttentionShape, Qkv,
+    QkvGrads,
+};
 use model::ops::loss::{cross_entropy_forward_backward, cross_entropy_sum};
 use model::ops::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
 use model::ops::rope::RopeTable;
@@ -292,6 +295,58 @@ fn attention_gradients_match_finite_differences() {
         assert_doubled("attention dq", &dq, &dq2);
         assert_doubled("attention dk", &dk, &dk2);
         assert_doubled("attention dv", &dv, &dv2);
+    }
+}
+
+/// [`assert_close`] against f32 values.
+fn assert_close_f32(name: &str, got: &[f32], want: &[f32], tol: f64) {
+    assert_close(name, got, &want.iter().map(|&v| v as f64).collect::<Vec<_>>(), tol);
+}
+
+/// MoH's skipped rows: with some gates 0 the gated kernel computes the live
+/// rows as the full kernel does, zeros elsewhere, and its backward equals
+/// the full backward of the output gradient with the dead rows zeroed.
+#[test]
+fn gated_attention_skips_dead_rows_exactly() {
+    for (n, shape) in SHAPES.iter().enumerate() {
+        let shape = *shape;
+        let (q, k, v) = attention_inputs(shape, 50 + n as u64);
+        let t = shape.batch * shape.seq;
+        // Every third (token, head) dead, and one head of sequence 0 wholly dead.
+        let gates: Vec<f32> = (0..t * shape.n_heads)
+            .map(|i| if i % 3 == 1 || (i / shape.n_heads < shape.seq && i % shape.n_heads == 0) { 0.0 } else { 0.5 })
+            .collect();
+        let hd = shape.head_dim;
+        let (mut full, mut full_probs) = (vec![0.0; q.len()], vec![0.0; shape.probs_len()]);
+        attention_forward(shape, &q, &k, &v, &mut full, &mut full_probs);
+        let (mut gated, mut probs) = (vec![f32::NAN; q.len()], vec![f32::NAN; shape.probs_len()]);
+        let qkv = Qkv { q_th: &q, k_tg: &k, v_tg: &v };
+        attention_forward_gated(shape, qkv, Some(&gates), &mut gated, &mut probs);
+        for (i, &g) in gates.iter().enumerate() {
+            let (ours, reference) = (&gated[i * hd..(i + 1) * hd], &full[i * hd..(i + 1) * hd]);
+            if g == 0.0 {
+                assert!(ours.iter().all(|&x| x == 0.0), "dead row {i} computed: {ours:?}");
+            } else {
+                assert_close_f32("live row", ours, reference, 1e-6);
+            }
+        }
+        let mut probe = values(q.len(), 60 + n as u64);
+        for (i, &g) in gates.iter().enumerate() {
+            if g == 0.0 {
+                probe[i * hd..(i + 1) * hd].fill(0.0);
+            }
+        }
+        let grads = |gates: Option<&[f32]>, probs: &[f32]| {
+            let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
+            let qkv = Qkv { q_th: &q, k_tg: &k, v_tg: &v };
+            let out = QkvGrads { dq_th: &mut dq, dk_tg: &mut dk, dv_tg: &mut dv };
+            attention_backward_gated(shape, qkv, gates, probs, &probe, out);
+            (dq, dk, dv)
+        };
+        let (a, b) = (grads(None, &full_probs), grads(Some(&gates), &probs));
+        assert_close_f32("gated dq", &b.0, &a.0, 1e-5);
+        assert_close_f32("gated dk", &b.1, &a.1, 1e-5);
+        assert_close_f32("gated dv", &b.2, &a.2, 1e-5);
     }
 }
 

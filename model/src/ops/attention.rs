@@ -46,6 +46,42 @@ fn check_shapes(shape: &AttentionShape, q_len: usize, k_len: usize, v_len: usize
     assert_eq!(v_len, k_len, "attention: v length");
 }
 
+/// The query rows of head `h` in sequence `b` whose gate is not 0 (None:
+/// all of them, the common case, computed without gathering).
+fn live_rows(gates_th: Option<&[f32]>, b: usize, h: usize, seq: usize, n_heads: usize) -> Option<Vec<usize>> {
+    let gates = gates_th?;
+    let rows: Vec<usize> = (0..seq).filter(|&s| gates[(b * seq + s) * n_heads + h] != 0.0).collect();
+    (rows.len() < seq).then_some(rows)
+}
+
+/// Copies rows `rows` of head `head` (rows `[seq, row_width]` from token
+/// `t0`) into a contiguous `[rows.len(), hd]` buffer.
+fn gather_head_rows(src: &[f32], t0: usize, rows: &[usize], row_width: usize, head: usize, hd: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(rows.len() * hd);
+    for &s in rows {
+        let off = (t0 + s) * row_width + head * hd;
+        out.extend_from_slice(&src[off..off + hd]);
+    }
+    out
+}
+
+/// Causal softmax of score rows in place: row `i` sits at position
+/// `pos(i)`, sees keys `0..=pos(i)`, and is scaled by `scale` first.
+fn causal_softmax(scores: &mut [f32], seq: usize, scale: f32, pos: impl Fn(usize) -> usize) {
+    for (i, row) in scores.chunks_mut(seq).enumerate() {
+        let (live, future) = row.split_at_mut(pos(i) + 1);
+        let max = live.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s)) * scale;
+        let mut sum = 0.0f32;
+        for s in live.iter_mut() {
+            *s = (*s * scale - max).exp();
+            sum += *s;
+        }
+        let inv = 1.0 / sum;
+        live.iter_mut().for_each(|s| *s *= inv);
+        future.fill(0.0);
+    }
+}
+
 /// `q_th`: `[batch*seq, n_heads*head_dim]`, `k_tg`/`v_tg`: `[batch*seq, n_kv_heads*head_dim]`.
 /// Writes `out_th` (`[batch*seq, n_heads*head_dim]`, overwritten) and the
 /// softmax probabilities `probs` (`[batch, n_heads, seq, seq]`, zero above
@@ -58,6 +94,20 @@ pub fn attention_forward(
     out_th: &mut [f32],
     probs: &mut [f32],
 ) {
+    attention_forward_gated(shape, Qkv { q_th, k_tg, v_tg }, None, out_th, probs);
+}
+
+/// [`attention_forward`] that skips the query rows whose gate in `gates_th`
+/// (`[batch*seq, n_heads]`, MoH's head gates) is 0: their output and
+/// probabilities are 0, and their scores are never computed.
+pub fn attention_forward_gated(
+    shape: AttentionShape,
+    qkv: Qkv<'_>,
+    gates_th: Option<&[f32]>,
+    out_th: &mut [f32],
+    probs: &mut [f32],
+) {
+    let Qkv { q_th, k_tg, v_tg } = qkv;
     check_shapes(&shape, q_th.len(), k_tg.len(), v_tg.len());
     let AttentionShape { batch: _, seq, n_heads, n_kv_heads, head_dim: hd } = shape;
     assert_eq!(out_th.len(), q_th.len(), "attention: out length");
@@ -77,23 +127,28 @@ pub fn attention_forward(
         |(qs, ks, vs), (bh, (p, o))| {
             let (b, h) = (bh / n_heads, bh % n_heads);
             let g = h / group;
-            gather_head(q_th, b * seq, seq, qw, h, hd, qs);
             gather_head(k_tg, b * seq, seq, kw, g, hd, ks);
             gather_head(v_tg, b * seq, seq, kw, g, hd, vs);
+            if let Some(rows) = live_rows(gates_th, b, h, seq, n_heads) {
+                // Only the live rows: scores [rows, seq], then P v.
+                let (n, q_rows) = (rows.len(), gather_head_rows(q_th, b * seq, &rows, qw, h, hd));
+                let mut scores = vec![0.0f32; n * seq];
+                matmul_nt(n, hd, seq, &q_rows, ks, &mut scores, false);
+                causal_softmax(&mut scores, seq, scale, |i| rows[i]);
+                let mut out_rows = vec![0.0f32; n * hd];
+                matmul_nn(n, seq, hd, &scores, vs, &mut out_rows, false);
+                p.fill(0.0);
+                o.fill(0.0);
+                for (i, &s) in rows.iter().enumerate() {
+                    p[s * seq..(s + 1) * seq].copy_from_slice(&scores[i * seq..(i + 1) * seq]);
+                    o[s * hd..(s + 1) * hd].copy_from_slice(&out_rows[i * hd..(i + 1) * hd]);
+                }
+                return;
+            }
+            gather_head(q_th, b * seq, seq, qw, h, hd, qs);
             // scores = q k^T (scaled in the softmax below).
             matmul_nt(seq, hd, seq, qs, ks, p, false);
-            for (i, row) in p.chunks_mut(seq).enumerate() {
-                let (live, future) = row.split_at_mut(i + 1);
-                let max = live.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s)) * scale;
-                let mut sum = 0.0f32;
-                for s in live.iter_mut() {
-                    *s = (*s * scale - max).exp();
-                    sum += *s;
-                }
-                let inv = 1.0 / sum;
-                live.iter_mut().for_each(|s| *s *= inv);
-                future.fill(0.0);
-            }
+            causal_softmax(p, seq, scale, |i| i);
             // out = P v.
             matmul_nn(seq, seq, hd, p, vs, o, false);
         },
@@ -126,6 +181,20 @@ pub struct QkvGrads<'a> {
 
 /// Backward of [`attention_forward`]: adds into `grads`.
 pub fn attention_backward(shape: AttentionShape, qkv: Qkv<'_>, probs: &[f32], dout_th: &[f32], grads: QkvGrads<'_>) {
+    attention_backward_gated(shape, qkv, None, probs, dout_th, grads);
+}
+
+/// Backward of [`attention_forward_gated`] with the same `gates_th`: the
+/// skipped rows (whose output gradient is 0 through their zero gate) are
+/// skipped again.
+pub fn attention_backward_gated(
+    shape: AttentionShape,
+    qkv: Qkv<'_>,
+    gates_th: Option<&[f32]>,
+    probs: &[f32],
+    dout_th: &[f32],
+    grads: QkvGrads<'_>,
+) {
     let (Qkv { q_th, k_tg, v_tg }, QkvGrads { dq_th, dk_tg, dv_tg }) = (qkv, grads);
     check_shapes(&shape, q_th.len(), k_tg.len(), v_tg.len());
     let AttentionShape { batch: _, seq, n_heads, n_kv_heads, head_dim: hd } = shape;
@@ -166,9 +235,34 @@ pub fn attention_backward(shape: AttentionShape, qkv: Qkv<'_>, probs: &[f32], do
             |(qs, ks, vs, dos, ds), (bh, (((p, dq), dk), dv))| {
                 let (b, h) = (bh / n_heads, bh % n_heads);
                 let g = h / group;
-                gather_head(q_th, b * seq, seq, qw, h, hd, qs);
                 gather_head(k_tg, b * seq, seq, kw, g, hd, ks);
                 gather_head(v_tg, b * seq, seq, kw, g, hd, vs);
+                if let Some(rows) = live_rows(gates_th, b, h, seq, n_heads) {
+                    // The live rows only: P and dout of those rows.
+                    let n = rows.len();
+                    let q_rows = gather_head_rows(q_th, b * seq, &rows, qw, h, hd);
+                    let do_rows = gather_head_rows(dout_th, b * seq, &rows, qw, h, hd);
+                    let p_rows: Vec<f32> =
+                        rows.iter().flat_map(|&s| p[s * seq..(s + 1) * seq].iter().copied()).collect();
+                    matmul_tn(seq, n, hd, &p_rows, &do_rows, dv, false);
+                    let mut ds_rows = vec![0.0f32; n * seq];
+                    matmul_nt(n, hd, seq, &do_rows, vs, &mut ds_rows, false);
+                    for (prow, drow) in p_rows.chunks(seq).zip(ds_rows.chunks_mut(seq)) {
+                        let dot: f32 = prow.iter().zip(drow.iter()).map(|(&a, &b)| a * b).sum();
+                        for (d, &pv) in drow.iter_mut().zip(prow) {
+                            *d = pv * (*d - dot) * scale;
+                        }
+                    }
+                    let mut dq_rows = vec![0.0f32; n * hd];
+                    matmul_nn(n, seq, hd, &ds_rows, ks, &mut dq_rows, false);
+                    dq.fill(0.0);
+                    for (i, &s) in rows.iter().enumerate() {
+                        dq[s * hd..(s + 1) * hd].copy_from_slice(&dq_rows[i * hd..(i + 1) * hd]);
+                    }
+                    matmul_tn(seq, n, hd, &ds_rows, &q_rows, dk, false);
+                    return;
+                }
+                gather_head(q_th, b * seq, seq, qw, h, hd, qs);
                 gather_head(dout_th, b * seq, seq, qw, h, hd, dos);
                 // out = P v: dv = P^T dout, dP = dout v^T.
                 matmul_tn(seq, seq, hd, p, dos, dv, false);
