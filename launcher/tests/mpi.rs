@@ -204,7 +204,7 @@ fn jetmoe_example_with_attention_experts_on_4_mpi_ranks_matches_one_rank() {
 
 #[test]
 fn moh_example_with_routed_heads_on_4_mpi_ranks_matches_one_rank() {
-    example_on_4_mpi_ranks_matches_one_rank("moh-mini", &[1]);
+    example_on_4_mpi_ranks_matches_one_rank("moh-mini", &[1, 2]);
 }
 
 #[test]

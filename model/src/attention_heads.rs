@@ -63,22 +63,31 @@ fn choose_top_k(scores: &[f32], k: usize, chosen: &mut [bool]) {
     order.iter().take(k).for_each(|&i| chosen[i] = true);
 }
 
+impl HeadGates {
+    /// The gates `[t, h / count]` of the heads of attention shard `index`
+    /// of `count` (consecutive blocks of heads).
+    pub fn of_shard(&self, n_heads: usize, index: usize, count: usize) -> Vec<f32> {
+        let per = n_heads / count;
+        self.gates_th.chunks_exact(n_heads).flat_map(|g| g[index * per..(index + 1) * per].iter().copied()).collect()
+    }
+}
+
+/// The L2 norm of each head row (`hd` values) of `q_th`: `[t, heads]`.
+pub fn head_norms(q_th: &[f32], hd: usize) -> Vec<f32> {
+    q_th.chunks_exact(hd).map(|head| head.iter().map(|v| v * v).sum::<f32>().sqrt()).collect()
+}
+
 /// The gates of every head for the normalised input `x_td` (`[t, d]`);
-/// `q_raw_tq` is the query projection before head norms and RoPE (the
-/// query-norm router reads it).
-pub fn head_gates(cfg: &ModelConfig, w: &DenseLayerWeights, x_td: &[f32], q_raw_tq: &[f32]) -> HeadGates {
+/// the query-norm router reads `query_norms_th`, every head's query norm
+/// (before head norms and RoPE; [`head_norms`]), the learned router `x_td`.
+pub fn head_gates(cfg: &ModelConfig, w: &DenseLayerWeights, x_td: &[f32], query_norms_th: &[f32]) -> HeadGates {
     let (d, h, hs, hr, k) = (cfg.d_model, cfg.n_heads, cfg.attn_shared_heads, cfg.routed_heads(), cfg.attn_top_k);
     let t = x_td.len() / d;
     let mut out = HeadGates { gates_th: vec![0.0; t * h], chosen_per_head: vec![0; hr], ..Default::default() };
     let mut chosen = vec![false; hr];
     if cfg.attn_router == AttnRouterKind::QueryNorm {
-        let hd = cfg.head_dim();
-        let mut norms = vec![0.0; hr];
-        for (q, g) in q_raw_tq.chunks_exact(h * hd).zip(out.gates_th.chunks_exact_mut(h)) {
-            for (n, head) in norms.iter_mut().zip(q.chunks_exact(hd).skip(hs)) {
-                *n = head.iter().map(|v| v * v).sum::<f32>().sqrt();
-            }
-            choose_top_k(&norms, k, &mut chosen);
+        for (norms, g) in query_norms_th.chunks_exact(h).zip(out.gates_th.chunks_exact_mut(h)) {
+            choose_top_k(&norms[hs..], k, &mut chosen);
             g[..hs].fill(1.0);
             for ((gi, &c), count) in g[hs..].iter_mut().zip(&chosen).zip(out.chosen_per_head.iter_mut()) {
                 *gi = if c { 1.0 } else { 0.0 };
@@ -148,10 +157,11 @@ fn router_softmax_backward(
     matmul_nn(t, rows, d, &dp, w, dx_td, true);
 }
 
-/// Backward of [`head_gates`]: from the gates' gradient `dgates_th`, adds
-/// the routers' weight gradients into `gw` and the input's into `dx_td`;
-/// `aux_scale` weighs the balance loss. The query-norm router has no
-/// gradient.
+/// Backward of [`head_gates`] for the tokens `tokens` (an attention
+/// shard's slice; all of them without shards): from the gates' gradient
+/// `dgates_th` (every token and head), adds the routers' weight gradients
+/// into `gw` and those tokens' input gradients into `dx_td`; `aux_scale`
+/// weighs the balance loss. The query-norm router has no gradient.
 #[allow(clippy::too_many_arguments)] // the layer's weights and gradients, the gates, both sides of the gradient
 pub fn head_gates_backward(
     cfg: &ModelConfig,
@@ -160,7 +170,7 @@ pub fn head_gates_backward(
     x_td: &[f32],
     gates: &HeadGates,
     dgates_th: &[f32],
-    aux_scale: f32,
+    (aux_scale, tokens): (f32, std::ops::Range<usize>),
     dx_td: &mut [f32],
 ) {
     if cfg.attn_router == AttnRouterKind::QueryNorm {
@@ -174,7 +184,7 @@ pub fn head_gates_backward(
     // The balance loss reaches p_i as Hr c_i / N (c a constant).
     let aux_dp: Vec<f32> =
         gates.chosen_share_r.iter().map(|&c| (aux_scale as f64 * hr as f64 * c / t as f64) as f32).collect();
-    for tok in 0..t {
+    for tok in tokens {
         let dg = &dgates_th[tok * h..(tok + 1) * h];
         let p = &gates.p_tr[tok * hr..(tok + 1) * hr];
         let chosen = &gates.chosen_tr[tok * hr..(tok + 1) * hr];

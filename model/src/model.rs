@@ -11,8 +11,8 @@
 //! vocab, `q` query width of this rank's heads, `g` their kv width, `k` top-k.
 
 use crate::attention_experts::{moa_backward, moa_forward, MoaCache};
-use crate::attention_heads::{head_gates, head_gates_backward, HeadGates};
-use crate::config::{BlockKind, ModelConfig};
+use crate::attention_heads::{head_gates, head_gates_backward, head_norms, HeadGates};
+use crate::config::{AttnRouterKind, BlockKind, ModelConfig};
 use crate::error::ModelError;
 use crate::gemm::{matmul_nn, matmul_nt, matmul_tn};
 use crate::moe::layer::{
@@ -122,8 +122,9 @@ struct BlockCache {
     dense_ffn: SwigluCache,
     /// MoA's attention experts (`attention = "moa"`).
     moa: MoaCache,
-    /// MoH's head gates (`attention = "moh"`).
+    /// MoH's head gates (`attention = "moh"`), and those of this shard's heads.
     head_gates: HeadGates,
+    shard_gates: Vec<f32>,
 }
 
 /// How one layer's router is tied to its neighbours' by MoE++'s gating
@@ -228,10 +229,8 @@ impl Pass<'_> {
         cache: &mut BlockCache,
     ) -> Result<Vec<f32>, ModelError> {
         let (dims, rope) = (&self.dims, self.rope);
-        if dims.shards > 1 && (self.cfg.is_moa() || self.cfg.is_moh()) {
-            let reason = "attention experts and routed heads (attention = \"moa\", \"moh\") are not split over \
-                          attention shards yet"
-                .into();
+        if dims.shards > 1 && self.cfg.is_moa() {
+            let reason = "attention experts (attention = \"moa\") are not split over attention shards yet".into();
             return Err(ModelError::Shards { shards: dims.shards, reason });
         }
         if self.cfg.is_moa() {
@@ -252,8 +251,15 @@ impl Pass<'_> {
         matmul_nt(t, d, g, n_ad, &w.wk, &mut cache.k_tg, false);
         matmul_nt(t, d, g, n_ad, &w.wv, &mut cache.v_tg, false);
         if self.cfg.is_moh() {
-            // MoH: gates from the input (or the raw queries' norms).
-            cache.head_gates = head_gates(self.cfg, w, n_ad, &cache.q_tq);
+            // MoH: every shard computes every head's gates from the input
+            // (or from every head's query norm, summed over the shards).
+            let mut norms = Vec::new();
+            if self.cfg.attn_router == AttnRouterKind::QueryNorm {
+                let local = head_norms(&cache.q_tq, self.cfg.head_dim());
+                norms = all_heads(self.shards, self.cfg.n_heads, &local)?;
+            }
+            cache.head_gates = head_gates(self.cfg, w, n_ad, &norms);
+            cache.shard_gates = cache.head_gates.of_shard(self.cfg.n_heads, self.shards.index(), dims.shards);
         }
         cache.head_norms = HeadNorms::forward(w, self.cfg.norm_eps, &mut cache.q_tq, &mut cache.k_tg);
         rope.apply(&mut cache.q_tq, shape.batch, shape.seq, shape.n_heads);
@@ -262,10 +268,10 @@ impl Pass<'_> {
         cache.attn_tq = vec![0.0; t * q];
         // MoH: the query rows of heads a token did not choose are skipped.
         let qkv = Qkv { q_th: &cache.q_tq, k_tg: &cache.k_tg, v_tg: &cache.v_tg };
-        let gates = self.cfg.is_moh().then_some(&cache.head_gates.gates_th[..]);
+        let gates = self.cfg.is_moh().then_some(&cache.shard_gates[..]);
         attention_forward_gated(shape, qkv, gates, &mut cache.attn_tq, &mut cache.probs);
         let mut out_ad = vec![0.0; t * d];
-        let gated = gate_heads(&cache.attn_tq, &cache.head_gates.gates_th);
+        let gated = gate_heads(&cache.attn_tq, &cache.shard_gates);
         matmul_nt(t, q, d, gated.as_deref().unwrap_or(&cache.attn_tq), &w.wo, &mut out_ad, false);
         if dims.shards > 1 {
             return self.shards.reduce_scatter_rows(&out_ad);
@@ -303,19 +309,19 @@ impl Pass<'_> {
         let (t, d, q, g) = (dims.a, dims.d, dims.q, dims.g);
         let shape = dims.attn;
         // out = attn Wo^T: dWo += dout^T attn, dattn = dout Wo.
-        let gated = gate_heads(&cache.attn_tq, &cache.head_gates.gates_th);
+        let gated = gate_heads(&cache.attn_tq, &cache.shard_gates);
         matmul_tn(d, t, q, dout_td, gated.as_deref().unwrap_or(&cache.attn_tq), &mut gw.wo, true);
         drop(gated);
         let mut dattn_tq = vec![0.0; t * q];
         matmul_nn(t, d, q, dout_td, &w.wo, &mut dattn_tq, false);
         // MoH: each head's output was times its gate.
-        let dgates_th = ungate_heads(&mut dattn_tq, &cache.attn_tq, &cache.head_gates.gates_th);
+        let dgates_th = ungate_heads(&mut dattn_tq, &cache.attn_tq, &cache.shard_gates);
         let mut dq_tq = vec![0.0; t * q];
         let mut dk_tg = vec![0.0; t * g];
         let mut dv_tg = vec![0.0; t * g];
         let qkv = Qkv { q_th: &cache.q_tq, k_tg: &cache.k_tg, v_tg: &cache.v_tg };
         let grads = QkvGrads { dq_th: &mut dq_tq, dk_tg: &mut dk_tg, dv_tg: &mut dv_tg };
-        let gates = self.cfg.is_moh().then_some(&cache.head_gates.gates_th[..]);
+        let gates = self.cfg.is_moh().then_some(&cache.shard_gates[..]);
         attention_backward_gated(shape, qkv, gates, &cache.probs, &dattn_tq, grads);
         rope.apply_backward(&mut dq_tq, shape.batch, shape.seq, shape.n_heads);
         rope.apply_backward(&mut dk_tg, shape.batch, shape.seq, shape.n_kv_heads);
@@ -329,8 +335,13 @@ impl Pass<'_> {
             matmul_nn(t, width, d, dp_tw, wp, dn_out, true);
         }
         if let Some(dgates_th) = dgates_th {
+            // Every head's gate gradient (each shard has its heads'); the
+            // router's backward runs for this shard's slice of the tokens.
+            let dgates_th = all_heads(self.shards, self.cfg.n_heads, &dgates_th)?;
             let aux_scale = scales.attn_aux / self.cfg.n_layers as f32;
-            head_gates_backward(self.cfg, w, gw, n_td, &cache.head_gates, &dgates_th, aux_scale, dn_out);
+            let tokens = self.shards.index() * dims.t..(self.shards.index() + 1) * dims.t;
+            let (x, gates) = (n_td, &cache.head_gates);
+            head_gates_backward(self.cfg, w, gw, x, gates, &dgates_th, (aux_scale, tokens), dn_out);
         }
         if dims.shards > 1 {
             add_into(dn_td, &self.shards.reduce_scatter_rows(&dn_ad)?);
@@ -367,6 +378,7 @@ impl Pass<'_> {
             dense_ffn: SwigluCache::default(),
             moa: MoaCache::default(),
             head_gates: HeadGates::default(),
+            shard_gates: Vec::new(),
         };
         rmsnorm_forward(&cache.x_td, &w.attn_norm, cfg.norm_eps, &mut cache.attn_in_td, &mut cache.attn_rstd_t);
         // BAM: the MoE reads the same normalised input as attention, so its
@@ -498,7 +510,8 @@ impl Pass<'_> {
             let routing = &cache.moe.routing;
             // MoA's router losses are reported with the FFN router's.
             let attn_routing = &cache.moa.routing;
-            let head_aux = cache.head_gates.aux_loss;
+            // Every shard computes MoH's loss on all tokens: report its part.
+            let head_aux = cache.head_gates.aux_loss / self.dims.shards as f32;
             stats.aux_loss.push(routing.aux_loss + attn_routing.aux_loss + head_aux);
             stats.z_loss.push(routing.z_loss + attn_routing.z_loss);
             stats.seq_aux_loss.push(routing.seq_aux_loss);
@@ -591,6 +604,23 @@ impl HeadNorms {
             *d = d_raw;
         }
     }
+}
+
+/// Per-head values `[a, heads of this shard]` of every attention shard put
+/// together: `[a, n_heads]` (summed over the group, each shard's block of
+/// heads zero elsewhere).
+fn all_heads(shards: &mut dyn TokenShards, n_heads: usize, local_th: &[f32]) -> Result<Vec<f32>, ModelError> {
+    let (count, index) = (shards.count(), shards.index());
+    if count == 1 {
+        return Ok(local_th.to_vec());
+    }
+    let per = n_heads / count;
+    let mut all = vec![0.0f64; local_th.len() * count];
+    for (row, local) in all.chunks_exact_mut(n_heads).zip(local_th.chunks_exact(per)) {
+        row[index * per..(index + 1) * per].iter_mut().zip(local).for_each(|(a, &v)| *a = v as f64);
+    }
+    shards.sum_stats(&mut all)?;
+    Ok(all.into_iter().map(|v| v as f32).collect())
 }
 
 /// MoH: the head outputs `[t, heads * hd]` times their gates `[t, heads]`

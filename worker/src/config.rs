@@ -398,12 +398,11 @@ impl JobConfig {
             return Err(invalid("train", "log_every", "must be at least 1".into()));
         }
         self.parallel_dims().map_err(|e| invalid("parallel", e.key.trim_start_matches("parallel."), e.reason))?;
-        if (self.model.is_moa() || self.model.is_moh()) && self.parallel.attn_tp > 1 {
+        if self.model.is_moa() && self.parallel.attn_tp > 1 {
             let reason = format!(
-                "{} attention shards with attention = \"{}\": attention experts and routed heads are not split \
-                 over shards yet; use attn_tp = 1 (the attention is replicated on every rank)",
-                self.parallel.attn_tp,
-                if self.model.is_moa() { "moa" } else { "moh" }
+                "{} attention shards with attention = \"moa\": attention experts are not split over shards yet; \
+                 use attn_tp = 1 (the experts are replicated on every rank)",
+                self.parallel.attn_tp
             );
             return Err(invalid("parallel", "attn_tp", reason));
         }
