@@ -198,8 +198,7 @@ fn moe_plus_plus_example_on_4_mpi_ranks_matches_one_rank() {
 
 #[test]
 fn jetmoe_example_with_attention_experts_on_4_mpi_ranks_matches_one_rank() {
-    // Attention experts are replicated and not split over attention shards.
-    example_on_4_mpi_ranks_matches_one_rank("jetmoe-mini", &[1]);
+    example_on_4_mpi_ranks_matches_one_rank("jetmoe-mini", &[1, 2]);
 }
 
 #[test]

@@ -6,7 +6,15 @@
 //!
 //! The router is the v1 router (softmax, top-k, renormalised, dropless) on
 //! [`ModelConfig::attention_router`], and the rows of each expert are found
-//! with the same [`DispatchPlan`] as the FFN experts.
+//! with the same [`DispatchPlan`] as the FFN experts. The shared output
+//! bias is the block's to add (after the shards' partial sums are reduced).
+//!
+//! With attention shards each rank holds a block of every expert's heads
+//! (rows of `W_q,e`, columns of `W_o,e`) and of the kv heads, as for dense
+//! attention: it routes its own tokens (statistics summed over the group),
+//! gathers every token's choice, runs its heads on all tokens and returns
+//! partial output sums; backward, the gates' gradients are summed over the
+//! group and each rank runs the router's backward for its own tokens.
 //!
 //! A token's query row holds its `Ka * H` heads head-major: head `(j, h)`
 //! (slot j, the expert's head h) sits at position `h * Ka + j`, so the
@@ -19,17 +27,22 @@
 //! `H * hd`, `s` all slots' query width `Ka * H * hd`, `g` the kv width.
 
 use crate::config::ModelConfig;
+use crate::error::ModelError;
 use crate::gemm::{matmul_nn, matmul_nt, matmul_tn};
 use crate::model::HeadNorms;
-use crate::moe::{route, route_backward, DispatchPlan, RouterGrads, RouterLossScales, RouterWeights, Routing};
+use crate::moe::{route_backward, route_sharded, DispatchPlan, RouterGrads, RouterLossScales, RouterWeights, Routing};
 use crate::ops::attention::{attention_backward, attention_forward, AttentionShape, Qkv, QkvGrads};
 use crate::ops::rope::RopeTable;
+use crate::shards::TokenShards;
 use crate::weights::DenseLayerWeights;
 
 /// What the backward pass needs from [`moa_forward`].
 #[derive(Debug, Clone, Default)]
 pub struct MoaCache {
+    /// The router's decisions for this rank's tokens (its losses).
     pub routing: Routing,
+    /// Every token's chosen experts and gates (all shards' tokens).
+    choices: Routing,
     plan: DispatchPlan,
     /// `[t, s]` queries after the head norms and RoPE; `[t, g]` keys (the
     /// same) and values.
@@ -58,15 +71,11 @@ struct MoaDims {
 }
 
 impl MoaDims {
-    fn new(cfg: &ModelConfig, batch: usize) -> Self {
-        let (heads, slots, hd) = (cfg.n_heads, cfg.attn_top_k, cfg.head_dim());
-        let shape = AttentionShape {
-            batch,
-            seq: cfg.seq_len,
-            n_heads: slots * heads,
-            n_kv_heads: cfg.n_kv_heads,
-            head_dim: hd,
-        };
+    /// The sizes for one rank of `shards` (its block of the heads).
+    fn new(cfg: &ModelConfig, batch: usize, shards: usize) -> Self {
+        let (heads, slots, hd) = (cfg.n_heads / shards, cfg.attn_top_k, cfg.head_dim());
+        let kv = cfg.n_kv_heads / shards;
+        let shape = AttentionShape { batch, seq: cfg.seq_len, n_heads: slots * heads, n_kv_heads: kv, head_dim: hd };
         Self { t: batch * cfg.seq_len, d: cfg.d_model, heads, slots, hd, shape }
     }
 
@@ -102,21 +111,54 @@ fn expert_rows(plan: &DispatchPlan, e: usize, width: usize) -> std::ops::Range<u
     plan.offsets_e[e] * width..plan.offsets_e[e + 1] * width
 }
 
-/// The MoA sub-layer on the normalised input `x_td` of a whole micro-batch
-/// of `batch` sequences: returns its output `[t, d]` and the cache.
+/// The normalised input of the sub-layer: this rank's tokens and, with
+/// attention shards, every shard's (the same slice without shards).
+#[derive(Debug, Clone, Copy)]
+pub struct MoaInput<'a> {
+    pub own_td: &'a [f32],
+    pub all_td: &'a [f32],
+}
+
+/// Every token's chosen experts and gates: this rank's routing, or with
+/// shards every shard's gathered (only what the plan and the gates use).
+fn all_choices(routing: &Routing, shards: &mut dyn TokenShards) -> Result<Routing, ModelError> {
+    if shards.count() == 1 {
+        return Ok(Routing {
+            num_tokens: routing.num_tokens,
+            expert_tk: routing.expert_tk.clone(),
+            gate_tk: routing.gate_tk.clone(),
+            kept_tk: routing.kept_tk.clone(),
+            ..Default::default()
+        });
+    }
+    // Expert ids travel as f32, exact for any count an f32 holds.
+    let ids: Vec<f32> = routing.expert_tk.iter().map(|&e| e as f32).collect();
+    let expert_tk: Vec<u32> = shards.gather_rows(&ids)?.into_iter().map(|e| e as u32).collect();
+    let gate_tk = shards.gather_rows(&routing.gate_tk)?;
+    let kept_tk = vec![true; expert_tk.len()];
+    Ok(Routing { num_tokens: routing.num_tokens * shards.count(), expert_tk, gate_tk, kept_tk, ..Default::default() })
+}
+
+/// The MoA sub-layer of a micro-batch of `batch` sequences: returns the
+/// output `[t, d]` of this rank's heads for every token (without the
+/// bias; partial sums with attention shards) and the cache.
 pub fn moa_forward(
     cfg: &ModelConfig,
     rope: &RopeTable,
     w: &DenseLayerWeights,
-    x_td: &[f32],
+    x: MoaInput<'_>,
     batch: usize,
-) -> (Vec<f32>, MoaCache) {
-    let dims = MoaDims::new(cfg, batch);
-    let (t, d, wd, s, g) = (dims.t, dims.d, dims.w(), dims.s(), cfg.n_kv_heads * dims.hd);
+    shards: &mut dyn TokenShards,
+) -> Result<(Vec<f32>, MoaCache), ModelError> {
+    let dims = MoaDims::new(cfg, batch, shards.count());
+    let (t, d, wd, s, g) = (dims.t, dims.d, dims.w(), dims.s(), dims.shape.n_kv_heads * dims.hd);
+    let x_td = x.all_td;
     let router = w.attn_router.as_deref().expect("MoA layers have an attention router");
     let rcfg = cfg.attention_router();
-    let routing = route(&rcfg, x_td, RouterWeights::plain(router), t);
-    let plan = DispatchPlan::from_routing(&routing, cfg.attn_experts, dims.slots);
+    let own_tokens = x.own_td.len() / d;
+    let routing = route_sharded(&rcfg, x.own_td, RouterWeights::plain(router), own_tokens, shards)?;
+    let choices = all_choices(&routing, shards)?;
+    let plan = DispatchPlan::from_routing(&choices, cfg.attn_experts, dims.slots);
 
     // Queries: each row through its expert's W_q, then into its token's slot.
     let x_rd = plan.gather(x_td, d);
@@ -149,39 +191,49 @@ pub fn moa_forward(
         let (a, y) = (&cache.a_rw[expert_rows(&plan, e, wd)], &mut cache.y_rd[expert_rows(&plan, e, d)]);
         matmul_nt(rows, wd, d, a, &expert.wo, y, false);
     }
-    let bias = w.attn_bias.as_deref().expect("MoA layers have an output bias");
-    let mut out_td: Vec<f32> = (0..t).flat_map(|_| bias.iter().copied()).collect();
-    plan.combine(&routing, &cache.y_rd, d, &mut out_td);
-    cache.routing = routing;
-    cache.plan = plan;
-    (out_td, cache)
+    let mut out_td = vec![0.0; t * d];
+    plan.combine(&choices, &cache.y_rd, d, &mut out_td);
+    (cache.routing, cache.choices, cache.plan) = (routing, choices, plan);
+    Ok((out_td, cache))
 }
 
-/// Backward of [`moa_forward`]: adds the input's gradient into `dx_td` and
-/// the weights' into `gw` (the router's losses weighted by `scales`).
-#[allow(clippy::too_many_arguments)] // the layer's weights and gradients, the cache, the two sides of the gradient
+/// Where [`moa_backward`] adds the input's gradients: this rank's tokens
+/// (the router's part) and every shard's tokens (the projections'; the
+/// block reduce-scatters them, or adds them to `own_td` without shards).
+#[derive(Debug)]
+pub struct MoaInputGrads<'a> {
+    pub own_td: &'a mut [f32],
+    pub all_td: &'a mut [f32],
+}
+
+/// Backward of [`moa_forward`] from the output gradient of every token
+/// `dout_td` (gathered with shards): adds the input's gradients into `dx`
+/// and the weights' into `gw` (the router's losses weighted by `scales`).
+#[allow(clippy::too_many_arguments)] // the layer's weights and gradients, the cache, both sides of the gradient, the shards
 pub fn moa_backward(
     cfg: &ModelConfig,
     rope: &RopeTable,
-    w: &DenseLayerWeights,
-    gw: &mut DenseLayerWeights,
+    (w, gw): (&DenseLayerWeights, &mut DenseLayerWeights),
     cache: &MoaCache,
-    x_td: &[f32],
+    x: MoaInput<'_>,
     dout_td: &[f32],
     scales: RouterLossScales,
-    dx_td: &mut [f32],
-) {
-    let batch = cache.routing.num_tokens / cfg.seq_len;
-    let dims = MoaDims::new(cfg, batch);
-    let (t, d, wd, s, g) = (dims.t, dims.d, dims.w(), dims.s(), cfg.n_kv_heads * dims.hd);
-    let (plan, routing) = (&cache.plan, &cache.routing);
-    let gbias = gw.attn_bias.as_mut().expect("MoA layers have an output bias");
-    for row in dout_td.chunks_exact(d) {
-        gbias.iter_mut().zip(row).for_each(|(b, &v)| *b += v);
-    }
-    // y = sum_j g_j Y_j: dY_j = g_j dy, dg_j = dy . Y_j.
+    dx: MoaInputGrads<'_>,
+    shards: &mut dyn TokenShards,
+) -> Result<(), ModelError> {
+    let batch = cache.choices.num_tokens / cfg.seq_len;
+    let dims = MoaDims::new(cfg, batch, shards.count());
+    let (t, d, wd, s, g) = (dims.t, dims.d, dims.w(), dims.s(), dims.shape.n_kv_heads * dims.hd);
+    let (plan, x_td, dx_td) = (&cache.plan, x.all_td, dx.all_td);
+    // y = sum_j g_j Y_j: dY_j = g_j dy, dg_j = dy . Y_j (Y_j summed over
+    // the shards' heads, so the gates' gradients are too).
     let mut dgate_tk = vec![0.0; t * dims.slots];
-    let dy_rd = plan.combine_backward(routing, &cache.y_rd, dout_td, d, &mut dgate_tk);
+    let dy_rd = plan.combine_backward(&cache.choices, &cache.y_rd, dout_td, d, &mut dgate_tk);
+    if shards.count() > 1 {
+        let mut sum: Vec<f64> = dgate_tk.iter().map(|&v| v as f64).collect();
+        shards.sum_stats(&mut sum)?;
+        dgate_tk = sum.into_iter().map(|v| v as f32).collect();
+    }
     // Y = A W_o^T: dW_o += dY^T A, dA = dY W_o.
     let mut da_rw = vec![0.0; plan.num_rows() * wd];
     for (e, (expert, gexpert)) in w.attn_experts.iter().zip(gw.attn_experts.iter_mut()).enumerate() {
@@ -217,8 +269,13 @@ pub fn moa_backward(
         matmul_tn(g, t, d, dp, x_td, gp, true);
         matmul_nn(t, g, d, dp, wp, dx_td, true);
     }
+    // The router saw this rank's tokens: their slice of the gates' gradient.
     let router = w.attn_router.as_deref().expect("MoA layers have an attention router");
     let grouter = gw.attn_router.as_mut().expect("MoA layers have an attention router");
-    let rgrads = RouterGrads::plain(dx_td, grouter);
-    route_backward(&cfg.attention_router(), x_td, RouterWeights::plain(router), routing, &dgate_tk, scales, rgrads);
+    let own = cache.routing.num_tokens * dims.slots;
+    let dgate_own = &dgate_tk[shards.index() * own..(shards.index() + 1) * own];
+    let rgrads = RouterGrads::plain(dx.own_td, grouter);
+    let weights = RouterWeights::plain(router);
+    route_backward(&cfg.attention_router(), x.own_td, weights, &cache.routing, dgate_own, scales, rgrads);
+    Ok(())
 }

@@ -10,7 +10,7 @@
 //! without shards), `a` all tokens of the micro-batch, `d` d_model, `v`
 //! vocab, `q` query width of this rank's heads, `g` their kv width, `k` top-k.
 
-use crate::attention_experts::{moa_backward, moa_forward, MoaCache};
+use crate::attention_experts::{moa_backward, moa_forward, MoaCache, MoaInput, MoaInputGrads};
 use crate::attention_heads::{head_gates, head_gates_backward, head_norms, HeadGates};
 use crate::config::{AttnRouterKind, BlockKind, ModelConfig};
 use crate::error::ModelError;
@@ -228,16 +228,10 @@ impl Pass<'_> {
         n_td: &[f32],
         cache: &mut BlockCache,
     ) -> Result<Vec<f32>, ModelError> {
-        let (dims, rope) = (&self.dims, self.rope);
-        if dims.shards > 1 && self.cfg.is_moa() {
-            let reason = "attention experts (attention = \"moa\") are not split over attention shards yet".into();
-            return Err(ModelError::Shards { shards: dims.shards, reason });
-        }
         if self.cfg.is_moa() {
-            let (out_td, moa) = moa_forward(self.cfg, rope, w, n_td, dims.attn.batch);
-            cache.moa = moa;
-            return Ok(out_td);
+            return self.moa_forward(w, n_td, cache);
         }
+        let (dims, rope) = (&self.dims, self.rope);
         if dims.shards > 1 {
             cache.attn_in_ad = self.shards.gather_rows(n_td)?;
         }
@@ -292,12 +286,10 @@ impl Pass<'_> {
         dout_td: &[f32],
         dn_td: &mut [f32],
     ) -> Result<(), ModelError> {
-        let (dims, rope) = (&self.dims, self.rope);
         if self.cfg.is_moa() {
-            let x_td = &cache.attn_in_td;
-            moa_backward(self.cfg, rope, w, gw, &cache.moa, x_td, dout_td, scales.router(), dn_td);
-            return Ok(());
+            return self.moa_backward(w, gw, cache, scales, dout_td, dn_td);
         }
+        let (dims, rope) = (&self.dims, self.rope);
         let gathered;
         let dout_td = if dims.shards > 1 {
             gathered = self.shards.gather_rows(dout_td)?;
@@ -346,6 +338,58 @@ impl Pass<'_> {
         if dims.shards > 1 {
             add_into(dn_td, &self.shards.reduce_scatter_rows(&dn_ad)?);
         }
+        Ok(())
+    }
+
+    /// MoA's attention experts on normalised input `n_td`: with shards on
+    /// every shard's tokens and this rank's heads, the partial sums
+    /// reduce-scattered back to this rank's tokens; then the shared bias.
+    fn moa_forward(
+        &mut self,
+        w: &DenseLayerWeights,
+        n_td: &[f32],
+        cache: &mut BlockCache,
+    ) -> Result<Vec<f32>, ModelError> {
+        let (shards, batch) = (self.dims.shards, self.dims.attn.batch);
+        if shards > 1 {
+            cache.attn_in_ad = self.shards.gather_rows(n_td)?;
+        }
+        let all_td = if shards > 1 { &cache.attn_in_ad[..] } else { n_td };
+        let x = MoaInput { own_td: n_td, all_td };
+        let (partial, moa) = moa_forward(self.cfg, self.rope, w, x, batch, self.shards)?;
+        cache.moa = moa;
+        let mut out_td = if shards > 1 { self.shards.reduce_scatter_rows(&partial)? } else { partial };
+        let bias = w.attn_bias.as_deref().expect("MoA layers have an output bias");
+        for row in out_td.chunks_exact_mut(self.dims.d) {
+            add_into(row, bias);
+        }
+        Ok(out_td)
+    }
+
+    /// Backward of [`Pass::moa_forward`]: adds into `dn_td` and grads.
+    #[allow(clippy::too_many_arguments)] // weights, gradients, cache, loss scales and the two sides of the gradient
+    fn moa_backward(
+        &mut self,
+        w: &DenseLayerWeights,
+        gw: &mut DenseLayerWeights,
+        cache: &BlockCache,
+        scales: LossScales,
+        dout_td: &[f32],
+        dn_td: &mut [f32],
+    ) -> Result<(), ModelError> {
+        let shards = self.dims.shards;
+        let gbias = gw.attn_bias.as_mut().expect("MoA layers have an output bias");
+        for row in dout_td.chunks_exact(self.dims.d) {
+            add_into(gbias, row);
+        }
+        let dout_ad = if shards > 1 { self.shards.gather_rows(dout_td)? } else { dout_td.to_vec() };
+        let all_td = if shards > 1 { &cache.attn_in_ad } else { &cache.attn_in_td };
+        let x = MoaInput { own_td: &cache.attn_in_td, all_td };
+        let mut dn_ad = vec![0.0; dout_ad.len()];
+        let dx = MoaInputGrads { own_td: &mut *dn_td, all_td: &mut dn_ad };
+        moa_backward(self.cfg, self.rope, (w, gw), &cache.moa, x, &dout_ad, scales.router(), dx, self.shards)?;
+        let dn_own = if shards > 1 { self.shards.reduce_scatter_rows(&dn_ad)? } else { dn_ad };
+        add_into(dn_td, &dn_own);
         Ok(())
     }
 

@@ -61,9 +61,15 @@ pub enum ShardSplit {
 
 /// The split of tensor `name` (DESIGN section 5 names) in a model of width `d_model`.
 pub fn shard_split(name: &str, d_model: usize) -> ShardSplit {
-    if name.ends_with(".attn.wq.weight") || name.ends_with(".attn.wk.weight") || name.ends_with(".attn.wv.weight") {
+    // MoA's experts split by heads like the dense projections.
+    let expert = |part: &str| name.contains(".attn.experts.") && name.ends_with(part);
+    if name.ends_with(".attn.wq.weight")
+        || name.ends_with(".attn.wk.weight")
+        || name.ends_with(".attn.wv.weight")
+        || expert(".wq.weight")
+    {
         ShardSplit::Rows
-    } else if name.ends_with(".attn.wo.weight") {
+    } else if name.ends_with(".attn.wo.weight") || expert(".wo.weight") {
         ShardSplit::Columns { rows: d_model }
     } else {
         ShardSplit::Replicated
@@ -118,5 +124,8 @@ mod tests {
         assert_eq!(take_shard(ShardSplit::Columns { rows: 3 }, &full, 1, 2)[..4], [4.0, 5.0, 6.0, 7.0]);
         assert_eq!(shard_split("layers.0.attn.wo.weight", 3), ShardSplit::Columns { rows: 3 });
         assert_eq!(shard_split("layers.0.attn_norm.weight", 3), ShardSplit::Replicated);
+        assert_eq!(shard_split("layers.1.attn.experts.7.wq.weight", 3), ShardSplit::Rows);
+        assert_eq!(shard_split("layers.1.attn.experts.7.wo.weight", 3), ShardSplit::Columns { rows: 3 });
+        assert_eq!(shard_split("layers.1.attn.router.weight", 3), ShardSplit::Replicated);
     }
 }

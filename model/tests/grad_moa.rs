@@ -5,10 +5,11 @@
 
 mod common;
 
-use model::attention_experts::{moa_backward, moa_forward};
+use model::attention_experts::{moa_backward, moa_forward, MoaInput, MoaInputGrads};
 use model::model::{forward_logits, MicroBatch};
 use model::moe::{LocalExperts, RouterLossScales};
 use model::ops::rope::RopeTable;
+use model::shards::NoShards;
 use model::{AttentionKind, AttnExpertWeights, DenseLayerWeights, ModelConfig, ModelWeights};
 
 const SCALES: RouterLossScales = RouterLossScales { aux: 0.3, z: 0.05, seq: 0.0 };
@@ -34,10 +35,15 @@ fn config(experts: usize, top_k: usize, kv_heads: usize, qk_norm: bool) -> Model
 /// The sub-layer's loss: `sum(out * probe) + aux * a + z * z`.
 fn loss(cfg: &ModelConfig, w: &DenseLayerWeights, x: &[f32], probe: &[f32]) -> f64 {
     let rope = RopeTable::new(cfg.seq_len, cfg.head_dim(), cfg.rope_theta);
-    let (out, cache) = moa_forward(cfg, &rope, w, x, BATCH);
+    let (out, cache) = moa_forward(cfg, &rope, w, input(x), BATCH, &mut NoShards).unwrap();
     common::probe_loss(&out, probe)
         + SCALES.aux as f64 * cache.routing.aux_loss as f64
         + SCALES.z as f64 * cache.routing.z_loss as f64
+}
+
+/// One rank's input: its tokens are all of them.
+fn input(x: &[f32]) -> MoaInput<'_> {
+    MoaInput { own_td: x, all_td: x }
 }
 
 fn tensor<'a>(w: &'a mut DenseLayerWeights, name: &str) -> &'a mut Vec<f32> {
@@ -49,7 +55,6 @@ fn check(cfg: ModelConfig, seed: u64) {
     let label = format!("{}of{}/{}kv/qk_norm={}", cfg.attn_top_k, cfg.attn_experts, cfg.n_kv_heads, cfg.qk_norm);
     let mut w = ModelWeights::init(&cfg, seed).dense.layers.remove(0);
     // Non-trivial bias and head norms, so their gradients are exercised.
-    w.attn_bias.as_mut().unwrap().iter_mut().enumerate().for_each(|(i, b)| *b = 0.1 * i as f32);
     for norm in [&mut w.q_norm, &mut w.k_norm].into_iter().flatten() {
         norm.iter_mut().enumerate().for_each(|(i, v)| *v = 1.0 + 0.1 * i as f32);
     }
@@ -57,17 +62,19 @@ fn check(cfg: ModelConfig, seed: u64) {
     let x = common::values(t * cfg.d_model, seed + 10);
     let probe = common::values(t * cfg.d_model, seed + 20);
     let rope = RopeTable::new(cfg.seq_len, cfg.head_dim(), cfg.rope_theta);
-    let (_, cache) = moa_forward(&cfg, &rope, &w, &x, BATCH);
+    let (_, cache) = moa_forward(&cfg, &rope, &w, input(&x), BATCH, &mut NoShards).unwrap();
     let mut gw = w.clone();
     for (_, p) in gw.params_mut() {
         p.fill(0.0);
     }
-    let mut dx = vec![0.0; x.len()];
-    moa_backward(&cfg, &rope, &w, &mut gw, &cache, &x, &probe, SCALES, &mut dx);
+    // The router's and the projections' parts of the input gradient.
+    let (mut dx, mut dx_all) = (vec![0.0; x.len()], vec![0.0; x.len()]);
+    let grads = MoaInputGrads { own_td: &mut dx, all_td: &mut dx_all };
+    moa_backward(&cfg, &rope, (&w, &mut gw), &cache, input(&x), &probe, SCALES, grads, &mut NoShards).unwrap();
+    dx.iter_mut().zip(&dx_all).for_each(|(a, b)| *a += b);
     let fd = common::Fd { eps: 1e-3, atol: 3e-4, rtol: 2e-2, max_checks: 32 };
     common::check_gradient_with(&format!("{label} x"), &x, &dx, |xp| loss(&cfg, &w, xp, &probe), fd);
-    let mut names: Vec<String> =
-        ["attn.wk.weight", "attn.wv.weight", "attn.router.weight", "attn.bias"].map(String::from).into();
+    let mut names: Vec<String> = ["attn.wk.weight", "attn.wv.weight", "attn.router.weight"].map(String::from).into();
     // The first and the last expert any token chose (an unchosen one has no gradient).
     let chosen: Vec<usize> = (0..cfg.attn_experts).filter(|&e| cache.routing.chosen_per_expert[e] > 0).collect();
     assert!(chosen.len() >= 2, "{label}: the test wants tokens on two experts at least, got {chosen:?}");

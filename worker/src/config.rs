@@ -398,14 +398,6 @@ impl JobConfig {
             return Err(invalid("train", "log_every", "must be at least 1".into()));
         }
         self.parallel_dims().map_err(|e| invalid("parallel", e.key.trim_start_matches("parallel."), e.reason))?;
-        if self.model.is_moa() && self.parallel.attn_tp > 1 {
-            let reason = format!(
-                "{} attention shards with attention = \"moa\": attention experts are not split over shards yet; \
-                 use attn_tp = 1 (the experts are replicated on every rank)",
-                self.parallel.attn_tp
-            );
-            return Err(invalid("parallel", "attn_tp", reason));
-        }
         if self.parallel.placement == layout::Placement::Grouped && self.model.n_groups < 2 {
             let reason = "\"grouped\" aligns the routing groups of group-limited routing with nodes: set \
                           [model] n_groups (and topk_groups) first";

@@ -2,8 +2,8 @@
 //! in training, over the local (threads) backend: their tensors are dense,
 //! replicated on every rank, so every layout of the FFN experts gives the
 //! same losses (within 1e-6 over 20 steps); resume on the same layout is
-//! bit-exact and on another within 1e-6. MoH's heads split over attention
-//! shards like dense heads; attention shards are refused with MoA.
+//! bit-exact and on another within 1e-6. Attention shards split MoA's
+//! experts and MoH's heads by heads, like dense attention's.
 
 mod common;
 
@@ -32,11 +32,13 @@ fn attention_experts_match_on_every_layout() {
         let model = [MOA, &[block_set.as_str()][..]].concat();
         let one = run(&job(&model, 1, &[]), &format!("moa-{name}-1"));
         assert!(one[19].loss < one[0].loss - 0.3, "{block}: the job learns: {} -> {}", one[0].loss, one[19].loss);
-        let layouts: [(usize, &[&str]); 4] = [
+        let layouts: [(usize, &[&str]); 6] = [
             (2, &[]),
             (4, &[]),
             (4, &["parallel.ep=2"]),
             (4, &["parallel.placement=\"balanced\"", "parallel.rebalance_every=4", "parallel.redundant_experts=4"]),
+            (2, &["parallel.attn_tp=2"]),
+            (4, &["parallel.attn_tp=2"]),
         ];
         for (i, (ranks, extra)) in layouts.into_iter().enumerate() {
             let other = run(&job(&model, ranks, extra), &format!("moa-{name}-layout-{i}"));
@@ -55,9 +57,9 @@ fn attention_experts_resume_bit_exactly_and_on_another_layout() {
         assert_eq!(a.loss.to_bits(), b.loss.to_bits(), "step {}: resumed loss", a.step);
     }
     let dir = temp_dir("moa-reshard");
-    let mut joined = steps(&job(MOA, 4, &[]), &dir, Resume::No, Some(10));
+    let mut joined = steps(&job(MOA, 4, &["parallel.attn_tp=2"]), &dir, Resume::No, Some(10));
     joined.extend(steps(&job(MOA, 1, &[]), &dir, Resume::Latest, None));
-    assert_close(&reference, &joined, "4 ranks then 1");
+    assert_close(&reference, &joined, "4 ranks in 2 attention shards, then 1");
     let manifest = std::fs::read_to_string(dir.join("checkpoints/step-00000020/manifest.json")).unwrap();
     for name in ["layers.1.attn.experts.3.wq.weight", "layers.0.attn.router.weight", "layers.0.attn.bias"] {
         assert!(manifest.contains(&format!("\"{name}\"")), "{name} in the checkpoint");
@@ -90,11 +92,10 @@ fn routed_heads_match_on_every_layout_and_resume_bit_exactly() {
 
 #[test]
 fn bad_attention_expert_settings_name_the_key() {
-    let cases: [(&[&str], &str); 7] = [
+    let cases: [(&[&str], &str); 6] = [
         (&["model.attention=\"moa\"", "model.attn_top_k=2"], "attn_experts"),
         (&["model.attention=\"moa\"", "model.attn_experts=2", "model.attn_top_k=3"], "attn_top_k"),
         (&["model.attn_experts=4"], "attn_experts"),
-        (&[MOA, &["parallel.ranks=2", "parallel.attn_tp=2"][..]].concat(), "attn_tp"),
         (&["model.attention=\"moh\"", "model.attn_shared_heads=4", "model.attn_top_k=1"], "attn_shared_heads"),
         (&["model.attention=\"moh\"", "model.attn_shared_heads=2", "model.attn_top_k=3"], "attn_top_k"),
         (&["model.attn_router=\"query_norm\""], "attn_router"),
