@@ -81,6 +81,9 @@ pub struct ForwardStats {
     pub chosen_per_expert: Vec<Vec<usize>>,
     /// Per layer: assignments to MoE++'s computation-free experts.
     pub free_assignments: Vec<usize>,
+    /// Per layer: this rank's tokens per attention expert (MoA) or routed
+    /// head (MoH) chosen; empty with dense attention.
+    pub attn_load: Vec<Vec<usize>>,
 }
 
 /// How a forward-backward pass orders its work (DESIGN section 4, overlap).
@@ -568,11 +571,36 @@ impl Pass<'_> {
                 stats.chosen_per_expert.push(vec![0; self.cfg.n_router_outputs()]);
             }
             stats.free_assignments.push(routing.free_assignments);
+            if let Some(load) = self.attention_load(&cache) {
+                stats.attn_load.push(load);
+            }
             stats.dropped.push(routing.dropped);
             caches.push(cache);
             x_td = out_td;
         }
         Ok((x_td, caches))
+    }
+}
+
+impl Pass<'_> {
+    /// The layer's attention choices by this rank's tokens: per MoA expert,
+    /// or per MoH routed head (every shard has every token's gates: its own
+    /// slice counts); None with dense attention.
+    fn attention_load(&self, cache: &BlockCache) -> Option<Vec<usize>> {
+        let cfg = self.cfg;
+        if cfg.is_moa() {
+            return Some(cache.moa.routing.chosen_per_expert.clone());
+        }
+        if !cfg.is_moh() {
+            return None;
+        }
+        let (h, hs, t) = (cfg.n_heads, cfg.attn_shared_heads, self.dims.t);
+        let own = &cache.head_gates.gates_th[self.shards.index() * t * h..(self.shards.index() + 1) * t * h];
+        let mut load = vec![0; h - hs];
+        for gates in own.chunks_exact(h) {
+            load.iter_mut().zip(&gates[hs..]).for_each(|(c, &g)| *c += (g != 0.0) as usize);
+        }
+        Some(load)
     }
 }
 

@@ -41,6 +41,10 @@ pub struct StepMetrics {
     /// ... and each layer's expert bias after this step's update.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub expert_bias: Vec<Vec<f32>>,
+    /// With attention experts (MoA) or routed heads (MoH): per layer, the
+    /// global batch's tokens that chose each attention expert / routed head.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attn_load: Vec<Vec<usize>>,
     /// All-to-all bytes sent / received between different ranks, all ranks together.
     pub alltoall_bytes_sent: u64,
     pub alltoall_bytes_received: u64,
@@ -96,16 +100,27 @@ impl StepMetrics {
     /// most unbalanced layer (1 is perfect balance, `n_experts / top_k`
     /// a collapse onto `top_k` experts).
     pub fn busiest_expert_ratio(&self) -> f64 {
-        let ratio = |load: &Vec<usize>| {
-            let mean = load.iter().sum::<usize>() as f64 / load.len().max(1) as f64;
-            if mean > 0.0 {
-                *load.iter().max().unwrap_or(&0) as f64 / mean
-            } else {
-                0.0
-            }
-        };
-        self.tokens_per_expert.iter().map(ratio).fold(0.0, f64::max)
+        busiest_over_mean(&self.tokens_per_expert)
     }
+
+    /// [`StepMetrics::busiest_expert_ratio`] of the attention experts or
+    /// routed heads (0 without them).
+    pub fn busiest_attention_ratio(&self) -> f64 {
+        busiest_over_mean(&self.attn_load)
+    }
+}
+
+/// The busiest entry over the mean, in the most unbalanced layer.
+fn busiest_over_mean(layers: &[Vec<usize>]) -> f64 {
+    let ratio = |load: &Vec<usize>| {
+        let mean = load.iter().sum::<usize>() as f64 / load.len().max(1) as f64;
+        if mean > 0.0 {
+            *load.iter().max().unwrap_or(&0) as f64 / mean
+        } else {
+            0.0
+        }
+    };
+    layers.iter().map(ratio).fold(0.0, f64::max)
 }
 
 fn is_zero(v: &f64) -> bool {

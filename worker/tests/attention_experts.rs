@@ -22,6 +22,18 @@ fn assert_close(reference: &[StepMetrics], other: &[StepMetrics], what: &str) {
     for (a, b) in reference.iter().zip(other) {
         let rel = (a.loss - b.loss).abs() / a.loss.abs();
         assert!(rel <= 1e-6, "{what}: step {} loss {} vs {} (relative {rel:.2e})", a.step, b.loss, a.loss);
+        assert_eq!(a.attn_load, b.attn_load, "{what}: step {} attention loads", a.step);
+    }
+}
+
+/// Every layer's attention loads count each token's `top_k` choices once.
+fn assert_loads_count_every_choice(run: &[StepMetrics], experts: usize, top_k: usize) {
+    for m in run {
+        assert_eq!(m.attn_load.len(), 2, "a row of loads per layer");
+        for layer in &m.attn_load {
+            assert_eq!(layer.len(), experts);
+            assert_eq!(layer.iter().sum::<usize>(), m.tokens as usize * top_k, "step {}: {layer:?}", m.step);
+        }
     }
 }
 
@@ -31,6 +43,7 @@ fn attention_experts_match_on_every_layout() {
         let block_set = format!("model.block=\"{block}\"");
         let model = [MOA, &[block_set.as_str()][..]].concat();
         let one = run(&job(&model, 1, &[]), &format!("moa-{name}-1"));
+        assert_loads_count_every_choice(&one, 4, 2);
         assert!(one[19].loss < one[0].loss - 0.3, "{block}: the job learns: {} -> {}", one[0].loss, one[19].loss);
         let layouts: [(usize, &[&str]); 6] = [
             (2, &[]),
@@ -73,6 +86,7 @@ fn routed_heads_match_on_every_layout_and_resume_bit_exactly() {
         let router_set = format!("model.attn_router=\"{router}\"");
         let model = [MOH, &[router_set.as_str(), "model.block=\"parallel\""][..]].concat();
         let one = run(&job(&model, 1, &[]), &format!("moh-{name}-1"));
+        assert_loads_count_every_choice(&one, 6, 3);
         assert!(one[19].loss < one[0].loss - 0.3, "{router}: the job learns: {} -> {}", one[0].loss, one[19].loss);
         let layouts: [(usize, &[&str]); 4] =
             [(2, &[]), (4, &["parallel.ep=2"]), (2, &["parallel.attn_tp=2"]), (4, &["parallel.attn_tp=2"])];

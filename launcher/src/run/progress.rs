@@ -229,11 +229,14 @@ impl Observer for ConsoleProgress {
                 String::new()
             };
             let seq = if m.seq_aux_loss > 0.0 { format!(" | seq {:.4}", m.seq_aux_loss) } else { String::new() };
-            let free = if m.computation_free_share > 0.0 {
+            let mut free = if m.computation_free_share > 0.0 {
                 format!(" | computation-free {:.0}%", m.computation_free_share * 100.0)
             } else {
                 String::new()
             };
+            if !m.attn_load.is_empty() {
+                free += &format!(" | attn load max/mean {:.2}", m.busiest_attention_ratio());
+            }
             self.line(&format!(
                 "step {:>6}/{} | loss {:.4} | aux {:.4}{seq} | z {:.3} | lr {:.2e} | gnorm {:.3} | {} tok/s | load max/mean {:.2}{free} | dropped {}{comm} | ETA {}",
                 m.step,

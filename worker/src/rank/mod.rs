@@ -298,6 +298,13 @@ impl<'a> RankRun<'a> {
                 loads: cfg.expert_bias,
                 router_outputs: cfg.n_router_outputs(),
                 assignments_per_token: cfg.top_k * cfg.n_layers,
+                attn_outputs: if cfg.is_moa() {
+                    cfg.attn_experts
+                } else if cfg.is_moh() {
+                    cfg.routed_heads()
+                } else {
+                    0
+                },
             },
             end: opts.stop_at.map_or(job.train.steps, |s| s.min(job.train.steps)),
             expert_loads: vec![vec![0.0f64; cfg.n_experts]; cfg.n_layers],

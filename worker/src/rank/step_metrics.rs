@@ -98,6 +98,8 @@ pub(crate) struct LocalStep {
     /// Per layer: assignments per expert before drops, kept only when the
     /// aux-loss-free bias needs the global loads (else empty).
     pub chosen_per_expert: Vec<Vec<usize>>,
+    /// Per layer: tokens per attention expert (MoA) or routed head (MoH).
+    pub attn_load: Vec<Vec<usize>>,
     pub tokens: usize,
     pub compute_s: f64,
     pub dispatch: DispatchStats,
@@ -123,6 +125,8 @@ pub(crate) struct StepShape {
     pub router_outputs: usize,
     /// Expert assignments per token over all layers (`top_k * n_layers`).
     pub assignments_per_token: usize,
+    /// Attention experts (MoA) or routed heads (MoH) per layer; 0 for dense attention.
+    pub attn_outputs: usize,
 }
 
 impl LocalStep {
@@ -136,6 +140,7 @@ impl LocalStep {
         self.tokens += stats.num_tokens;
         add_counts(&mut self.tokens_per_expert, &stats.tokens_per_expert);
         add_counts(&mut self.chosen_per_expert, &stats.chosen_per_expert);
+        add_counts(&mut self.attn_load, &stats.attn_load);
         if self.dropped.is_empty() {
             self.dropped = stats.dropped.clone();
         } else {
@@ -175,24 +180,29 @@ impl LocalStep {
             free_assignments: self.free_assignments as f64,
             preempted: if preemption::requested() { 1.0 } else { 0.0 },
         };
-        // [sums | tokens per expert, layer by layer | dropped per layer | loads, layer by layer]
+        // [sums | tokens per expert, layer by layer | dropped per layer | loads, layer by layer
+        //  | attention loads, layer by layer]
         let mut totals = sums.to_values().to_vec();
         totals.extend(self.tokens_per_expert.iter().flatten().map(|&c| c as f64));
         totals.extend(self.dropped.iter().map(|&c| c as f64));
         if shape.loads {
             totals.extend(self.chosen_per_expert.iter().flatten().map(|&c| c as f64));
         }
+        let loads_len = if shape.loads { self.chosen_per_expert.iter().map(Vec::len).sum() } else { 0 };
+        totals.extend(self.attn_load.iter().flatten().map(|&c| c as f64));
         sum_over_ranks(comm, &mut totals)?;
         let (sums, counts) = totals.split_at(StepSums::LEN);
         let sums = StepSums::from_values(sums);
         let layer_counts = self.tokens_per_expert.len() * shape.n_experts;
         let (expert_counts, rest) = counts.split_at(layer_counts);
-        let (dropped, loads) = rest.split_at(self.dropped.len());
+        let (dropped, rest) = rest.split_at(self.dropped.len());
+        let (loads, attn_loads) = rest.split_at(loads_len);
         let per_layer = |counts: &[f64], width: usize| -> Vec<Vec<usize>> {
             counts.chunks_exact(width.max(1)).map(|layer| layer.iter().map(|&c| c as usize).collect()).collect()
         };
         let tokens_per_expert = per_layer(expert_counts, shape.n_experts);
         let expert_load = per_layer(loads, shape.router_outputs);
+        let attn_load = if shape.attn_outputs > 0 { per_layer(attn_loads, shape.attn_outputs) } else { Vec::new() };
         let dropped = dropped.iter().map(|&c| c as usize).collect();
 
         let mut slots = vec![0.0; shape.world * RankValues::LEN];
@@ -237,6 +247,7 @@ impl LocalStep {
                 / (shape.tokens_per_step as f64 * shape.assignments_per_token.max(1) as f64),
             tokens: shape.tokens_per_step,
             expert_load,
+            attn_load,
             tokens_per_expert,
             dropped,
             alltoall_bytes_sent: per_rank.iter().map(|r| r.alltoall_bytes_sent).sum(),
@@ -330,6 +341,7 @@ mod tests {
             tokens_per_expert: vec![vec![1, 2, 3], vec![4, 5, 6]],
             dropped: vec![7, 8],
             tokens: 6,
+            attn_load: vec![vec![2, 4], vec![5, 1]],
             ..Default::default()
         };
         let shape = StepShape {
@@ -341,12 +353,14 @@ mod tests {
             loads: false,
             router_outputs: 3,
             assignments_per_token: 2,
+            attn_outputs: 2,
         };
         let (m, preempted) = local.reduce(&mut collectives::SelfComm, &shape).unwrap();
         assert!(!preempted);
         assert_eq!((m.loss, m.aux_loss, m.z_loss), (2.0, 0.25, 0.125));
         assert_eq!(m.tokens_per_expert, vec![vec![1, 2, 3], vec![4, 5, 6]]);
         assert_eq!(m.dropped, vec![7, 8]);
+        assert_eq!(m.attn_load, vec![vec![2, 4], vec![5, 1]], "attention loads after the dropped counts");
         assert_eq!(m.per_rank[0].tokens, 6);
     }
 }
