@@ -9,6 +9,7 @@
 
 use crate::config::{AttnRouterKind, ModelConfig};
 use crate::gemm::{matmul_nn, matmul_nt, matmul_tn};
+use crate::moe::RouterScore;
 use crate::weights::DenseLayerWeights;
 
 /// The gates of one micro-batch and what their backward needs.
@@ -29,29 +30,20 @@ pub struct HeadGates {
     chosen_share_r: Vec<f64>,
     /// MoH's balance loss `Hr sum_i P_i c_i` (before its coefficient).
     pub aux_loss: f32,
-    /// Routed heads chosen per token, summed over tokens, per head.
-    pub chosen_per_head: Vec<usize>,
+    /// Tokens that chose each routed head.
+    chosen_per_head: Vec<usize>,
 }
 
-/// Row-wise softmax of `[rows, width]` logits, in place.
-fn softmax_rows(x: &mut [f32], width: usize) {
-    for row in x.chunks_exact_mut(width) {
-        let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-        let mut sum = 0.0;
-        for v in row.iter_mut() {
-            *v = (*v - max).exp();
-            sum += *v;
-        }
-        row.iter_mut().for_each(|v| *v /= sum);
-    }
-}
-
-/// `softmax(x W^T)` over the rows of `w` (`[rows, d]`), per token.
+/// `softmax(x W^T)` over the rows of `w` (`[rows, d]`), per token: the
+/// router's softmax.
 fn router_softmax(x_td: &[f32], w: &[f32], t: usize, d: usize) -> Vec<f32> {
     let rows = w.len() / d;
+    let mut logits = vec![0.0; t * rows];
+    matmul_nt(t, d, rows, x_td, w, &mut logits, false);
     let mut p = vec![0.0; t * rows];
-    matmul_nt(t, d, rows, x_td, w, &mut p, false);
-    softmax_rows(&mut p, rows);
+    for (l, pr) in logits.chunks_exact(rows).zip(p.chunks_exact_mut(rows)) {
+        RouterScore::Softmax.forward_row(l, pr);
+    }
     p
 }
 
@@ -142,19 +134,19 @@ pub fn head_gates(cfg: &ModelConfig, w: &DenseLayerWeights, x_td: &[f32], query_
 fn router_softmax_backward(
     d: usize,
     p: &[f32],
-    mut dp: Vec<f32>,
+    dp: Vec<f32>,
     x_td: &[f32],
     (w, gw): (&[f32], &mut [f32]),
     dx_td: &mut [f32],
 ) {
     let (rows, t) = (w.len() / d, x_td.len() / d);
-    // dl_j = p_j (dp_j - sum_m p_m dp_m).
-    for (pr, dr) in p.chunks_exact(rows).zip(dp.chunks_exact_mut(rows)) {
-        let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
-        dr.iter_mut().zip(pr).for_each(|(g, &pv)| *g = pv * (*g - dot));
+    // The softmax's backward reads only p (its logits argument is unused).
+    let mut dl = vec![0.0; dp.len()];
+    for ((pr, dr), out) in p.chunks_exact(rows).zip(dp.chunks_exact(rows)).zip(dl.chunks_exact_mut(rows)) {
+        RouterScore::Softmax.backward_row(pr, pr, dr, 0.0, out);
     }
-    matmul_tn(rows, t, d, &dp, x_td, gw, true);
-    matmul_nn(t, rows, d, &dp, w, dx_td, true);
+    matmul_tn(rows, t, d, &dl, x_td, gw, true);
+    matmul_nn(t, rows, d, &dl, w, dx_td, true);
 }
 
 /// Backward of [`head_gates`] for the tokens `tokens` (an attention
