@@ -445,6 +445,16 @@ impl ModelConfig {
         }
     }
 
+    /// Query heads whose attention core runs per token: MoH's shared heads
+    /// and its `attn_top_k` chosen ones, else every query head of a token.
+    pub fn attention_core_heads(&self) -> usize {
+        if self.is_moh() {
+            self.attn_shared_heads + self.attn_top_k
+        } else {
+            self.query_heads_per_token()
+        }
+    }
+
     /// Whether attention is MoH's routed heads.
     pub fn is_moh(&self) -> bool {
         self.attention == AttentionKind::Moh

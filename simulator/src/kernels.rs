@@ -65,6 +65,8 @@ impl Kernels {
         let (q, g, hd, seq) = (f(s.q_width()), f(s.kv_width()), f(s.head_dim), f(s.seq));
         let (layers, mb) = (f(s.layers), f(s.micro_batches));
         let heads = f(s.micro * s.heads);
+        // MoH skips the core of the heads a token did not choose.
+        let core_heads = f(s.micro * s.core_heads);
         let rows = s.expert_rows_max;
         let per_layer = layers * mb;
         let mut gemms = Vec::new();
@@ -78,7 +80,8 @@ impl Kernels {
         linear("attention k, v projections", Part::Attention, a, d, g, 2.0 * per_layer, 1.0);
         linear("attention output projection", Part::Attention, a, q, d, per_layer, 1.0);
         // Per sequence and head: scores q k^T [T, hd] x [hd, T], then P v.
-        linear("attention scores and weighted sum", Part::Attention, seq, hd, seq, 2.0 * heads * per_layer, heads);
+        let core = 2.0 * core_heads * per_layer;
+        linear("attention scores and weighted sum", Part::Attention, seq, hd, seq, core, heads);
         linear("router", Part::Router, t, d, f(s.experts), per_layer, 1.0);
         // w1 and w3 [f, d], then w2 [d, f], over the rows each local expert got.
         let local = f(s.local_experts).max(1.0);
@@ -90,7 +93,7 @@ impl Kernels {
 
         // Values each elementwise pass reads and writes (forward and backward).
         let k = f(s.top_k);
-        let probs = heads * seq * seq;
+        let probs = core_heads * seq * seq;
         let ep = s.ep > 1;
         let mut streams = Vec::new();
         let mut stream = |name, values: f64, launches: f64, parallel| {
@@ -147,7 +150,8 @@ pub fn model_flops_per_step(s: &RankShape) -> f64 {
     let tokens = f(s.tokens_per_step);
     let (d, ff, v, seq, hd) = (f(s.d), f(s.f), f(s.v), f(s.seq), f(s.head_dim));
     let (q, g) = (f(s.heads * s.attn_tp) * hd, f(s.kv_heads * s.attn_tp) * hd);
-    let attention = 2.0 * d * (2.0 * q + 2.0 * g) + 2.0 * 2.0 * seq * q;
+    let core = f(s.core_heads * s.attn_tp) * hd;
+    let attention = 2.0 * d * (2.0 * q + 2.0 * g) + 2.0 * 2.0 * seq * core;
     let router = 2.0 * d * f(s.experts);
     let experts = f(s.top_k) * s.kept * 3.0 * 2.0 * d * ff;
     let shared = f(s.shared_experts) * 3.0 * 2.0 * d * ff;
@@ -210,5 +214,28 @@ mod tests {
         let scores = k.gemms.iter().find(|g| g.name.starts_with("attention scores")).unwrap();
         assert_eq!(scores.flops_each * scores.count, 3.0 * 2.0 * 4.0 * 2.0 * 64.0 * 32.0 * 64.0);
         assert_eq!(scores.concurrent, 4.0);
+    }
+
+    #[test]
+    fn routed_heads_skip_the_core_of_unchosen_heads() {
+        // MoH with 8 heads, 4 shared and 2 of the other 4 chosen: the core of
+        // 6 heads, the projections of all 8; every layout counts it once.
+        let dense = ["model.n_heads=8", "model.n_layers=1"];
+        let moh =
+            [&dense[..], &["model.attention=\"moh\"", "model.attn_shared_heads=4", "model.attn_top_k=2"]].concat();
+        let core = |s: &RankShape| {
+            let k = Kernels::of(s);
+            let scores = k.gemms.iter().find(|g| g.name.starts_with("attention scores")).unwrap();
+            scores.flops_each * scores.count
+        };
+        let (d, m) = (shape(&dense), shape(&moh));
+        assert_eq!(core(&m) / core(&d), 6.0 / 8.0);
+        assert!(Kernels::of(&m).flops_of(Part::Attention) < Kernels::of(&d).flops_of(Part::Attention));
+        for sets in [&["parallel.ranks=1"][..], &["parallel.ranks=4", "parallel.attn_tp=2"][..]] {
+            let s = shape(&[&moh[..], sets].concat());
+            let total = Kernels::of(&s).flops() * s.ranks as f64;
+            let model = model_flops_per_step(&s);
+            assert!((total - model).abs() <= 1e-9 * model, "{sets:?}: {total} vs {model}");
+        }
     }
 }

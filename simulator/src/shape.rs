@@ -61,6 +61,9 @@ pub struct RankShape {
     /// Query and kv heads this rank computes.
     pub heads: usize,
     pub kv_heads: usize,
+    /// Query heads whose attention core (scores, softmax, `P v`) runs per
+    /// token: `heads`, or with MoH's routed heads the shared and chosen ones.
+    pub core_heads: usize,
     pub head_dim: usize,
     pub sequential: bool,
     pub tied_embeddings: bool,
@@ -142,6 +145,7 @@ impl RankShape {
             shared_experts: m.n_shared_experts,
             heads: m.query_heads_per_token() / dims.attn_tp,
             kv_heads: m.n_kv_heads / dims.attn_tp,
+            core_heads: m.attention_core_heads() / dims.attn_tp,
             head_dim: m.head_dim(),
             sequential: m.block == BlockKind::Sequential,
             tied_embeddings: m.tie_embeddings,
