@@ -33,7 +33,7 @@ use crate::model::HeadNorms;
 use crate::moe::{route_backward, route_sharded, DispatchPlan, RouterGrads, RouterLossScales, RouterWeights, Routing};
 use crate::ops::attention::{attention_backward, attention_forward, AttentionShape, Qkv, QkvGrads};
 use crate::ops::rope::RopeTable;
-use crate::shards::TokenShards;
+use crate::shards::{sum_over_group, TokenShards};
 use crate::weights::DenseLayerWeights;
 
 /// What the backward pass needs from [`moa_forward`].
@@ -41,8 +41,9 @@ use crate::weights::DenseLayerWeights;
 pub struct MoaCache {
     /// The router's decisions for this rank's tokens (its losses).
     pub routing: Routing,
-    /// Every token's chosen experts and gates (all shards' tokens).
-    choices: Routing,
+    /// With attention shards: every shard's tokens' chosen experts and
+    /// gates (None: this rank's routing holds every token).
+    gathered: Option<Routing>,
     plan: DispatchPlan,
     /// `[t, s]` queries after the head norms and RoPE; `[t, g]` keys (the
     /// same) and values.
@@ -119,24 +120,26 @@ pub struct MoaInput<'a> {
     pub all_td: &'a [f32],
 }
 
-/// Every token's chosen experts and gates: this rank's routing, or with
-/// shards every shard's gathered (only what the plan and the gates use).
-fn all_choices(routing: &Routing, shards: &mut dyn TokenShards) -> Result<Routing, ModelError> {
+impl MoaCache {
+    /// Every token's chosen experts and gates.
+    fn choices(&self) -> &Routing {
+        self.gathered.as_ref().unwrap_or(&self.routing)
+    }
+}
+
+/// With attention shards, every shard's chosen experts and gates gathered
+/// (only what the plan and the gates use); None without shards.
+fn gather_choices(routing: &Routing, shards: &mut dyn TokenShards) -> Result<Option<Routing>, ModelError> {
     if shards.count() == 1 {
-        return Ok(Routing {
-            num_tokens: routing.num_tokens,
-            expert_tk: routing.expert_tk.clone(),
-            gate_tk: routing.gate_tk.clone(),
-            kept_tk: routing.kept_tk.clone(),
-            ..Default::default()
-        });
+        return Ok(None);
     }
     // Expert ids travel as f32, exact for any count an f32 holds.
     let ids: Vec<f32> = routing.expert_tk.iter().map(|&e| e as f32).collect();
     let expert_tk: Vec<u32> = shards.gather_rows(&ids)?.into_iter().map(|e| e as u32).collect();
     let gate_tk = shards.gather_rows(&routing.gate_tk)?;
     let kept_tk = vec![true; expert_tk.len()];
-    Ok(Routing { num_tokens: routing.num_tokens * shards.count(), expert_tk, gate_tk, kept_tk, ..Default::default() })
+    let num_tokens = routing.num_tokens * shards.count();
+    Ok(Some(Routing { num_tokens, expert_tk, gate_tk, kept_tk, ..Default::default() }))
 }
 
 /// The MoA sub-layer of a micro-batch of `batch` sequences: returns the
@@ -157,8 +160,9 @@ pub fn moa_forward(
     let rcfg = cfg.attention_router();
     let own_tokens = x.own_td.len() / d;
     let routing = route_sharded(&rcfg, x.own_td, RouterWeights::plain(router), own_tokens, shards)?;
-    let choices = all_choices(&routing, shards)?;
-    let plan = DispatchPlan::from_routing(&choices, cfg.attn_experts, dims.slots);
+    let gathered = gather_choices(&routing, shards)?;
+    let choices = gathered.as_ref().unwrap_or(&routing);
+    let plan = DispatchPlan::from_routing(choices, cfg.attn_experts, dims.slots);
 
     // Queries: each row through its expert's W_q, then into its token's slot.
     let x_rd = plan.gather(x_td, d);
@@ -192,8 +196,8 @@ pub fn moa_forward(
         matmul_nt(rows, wd, d, a, &expert.wo, y, false);
     }
     let mut out_td = vec![0.0; t * d];
-    plan.combine(&choices, &cache.y_rd, d, &mut out_td);
-    (cache.routing, cache.choices, cache.plan) = (routing, choices, plan);
+    plan.combine(choices, &cache.y_rd, d, &mut out_td);
+    (cache.routing, cache.gathered, cache.plan) = (routing, gathered, plan);
     Ok((out_td, cache))
 }
 
@@ -221,19 +225,15 @@ pub fn moa_backward(
     dx: MoaInputGrads<'_>,
     shards: &mut dyn TokenShards,
 ) -> Result<(), ModelError> {
-    let batch = cache.choices.num_tokens / cfg.seq_len;
+    let batch = cache.choices().num_tokens / cfg.seq_len;
     let dims = MoaDims::new(cfg, batch, shards.count());
     let (t, d, wd, s, g) = (dims.t, dims.d, dims.w(), dims.s(), dims.shape.n_kv_heads * dims.hd);
     let (plan, x_td, dx_td) = (&cache.plan, x.all_td, dx.all_td);
     // y = sum_j g_j Y_j: dY_j = g_j dy, dg_j = dy . Y_j (Y_j summed over
     // the shards' heads, so the gates' gradients are too).
     let mut dgate_tk = vec![0.0; t * dims.slots];
-    let dy_rd = plan.combine_backward(&cache.choices, &cache.y_rd, dout_td, d, &mut dgate_tk);
-    if shards.count() > 1 {
-        let mut sum: Vec<f64> = dgate_tk.iter().map(|&v| v as f64).collect();
-        shards.sum_stats(&mut sum)?;
-        dgate_tk = sum.into_iter().map(|v| v as f32).collect();
-    }
+    let dy_rd = plan.combine_backward(cache.choices(), &cache.y_rd, dout_td, d, &mut dgate_tk);
+    sum_over_group(shards, &mut dgate_tk)?;
     // Y = A W_o^T: dW_o += dY^T A, dA = dY W_o.
     let mut da_rw = vec![0.0; plan.num_rows() * wd];
     for (e, (expert, gexpert)) in w.attn_experts.iter().zip(gw.attn_experts.iter_mut()).enumerate() {

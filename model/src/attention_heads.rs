@@ -30,7 +30,7 @@ pub struct HeadGates {
     chosen_share_r: Vec<f64>,
     /// MoH's balance loss `Hr sum_i P_i c_i` (before its coefficient).
     pub aux_loss: f32,
-    /// Tokens that chose each routed head.
+    /// Tokens that chose each routed head (learned router: its balance loss).
     chosen_per_head: Vec<usize>,
 }
 
@@ -81,10 +81,7 @@ pub fn head_gates(cfg: &ModelConfig, w: &DenseLayerWeights, x_td: &[f32], query_
         for (norms, g) in query_norms_th.chunks_exact(h).zip(out.gates_th.chunks_exact_mut(h)) {
             choose_top_k(&norms[hs..], k, &mut chosen);
             g[..hs].fill(1.0);
-            for ((gi, &c), count) in g[hs..].iter_mut().zip(&chosen).zip(out.chosen_per_head.iter_mut()) {
-                *gi = if c { 1.0 } else { 0.0 };
-                *count += c as usize;
-            }
+            g[hs..].iter_mut().zip(&chosen).for_each(|(gi, &c)| *gi = if c { 1.0 } else { 0.0 });
         }
         return out;
     }

@@ -455,6 +455,16 @@ impl ModelConfig {
         }
     }
 
+    /// What a token's attention router chooses among: MoA's experts, MoH's
+    /// routed heads, or nothing (0) for dense attention.
+    pub fn attention_choices(&self) -> usize {
+        match self.attention {
+            AttentionKind::Dense => 0,
+            AttentionKind::Moa => self.attn_experts,
+            AttentionKind::Moh => self.routed_heads(),
+        }
+    }
+
     /// Whether attention is MoH's routed heads.
     pub fn is_moh(&self) -> bool {
         self.attention == AttentionKind::Moh
@@ -581,13 +591,10 @@ impl ModelConfig {
     pub fn num_active_params(&self) -> usize {
         let inactive = self.n_experts.saturating_sub(self.top_k) * 3 * self.d_model * self.ffn_hidden;
         let moe_layers = (0..self.n_layers).filter(|&l| self.is_moe_layer(l)).count();
-        let attn_expert = 2 * self.d_model * self.n_heads * self.head_dim();
-        let inactive_attn = match self.attention {
-            AttentionKind::Dense => 0,
-            AttentionKind::Moa => (self.attn_experts - self.attn_top_k) * attn_expert,
-            // A head's query rows and output columns.
-            AttentionKind::Moh => (self.routed_heads() - self.attn_top_k) * 2 * self.d_model * self.head_dim(),
-        } * self.n_layers;
+        // A head's query rows and output columns, for each unchosen head.
+        let heads_per_choice = if self.is_moa() { self.n_heads } else { 1 };
+        let unchosen = self.attention_choices().saturating_sub(self.attn_top_k) * heads_per_choice;
+        let inactive_attn = unchosen * 2 * self.d_model * self.head_dim() * self.n_layers;
         self.num_params() - moe_layers * inactive - inactive_attn
     }
 }

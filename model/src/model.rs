@@ -26,7 +26,7 @@ use crate::ops::loss::{cross_entropy_forward_backward, cross_entropy_sum};
 use crate::ops::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
 use crate::ops::rope::RopeTable;
 use crate::ops::swiglu::{SwiGlu, SwigluCache};
-use crate::shards::{NoShards, TokenShards};
+use crate::shards::{sum_over_group, NoShards, TokenShards};
 use crate::weights::{DenseLayerWeights, DenseWeights};
 
 /// One micro-batch: `batch` sequences of `seq_len + 1` tokens each
@@ -125,9 +125,20 @@ struct BlockCache {
     dense_ffn: SwigluCache,
     /// MoA's attention experts (`attention = "moa"`).
     moa: MoaCache,
-    /// MoH's head gates (`attention = "moh"`), and those of this shard's heads.
+    /// MoH's head gates (`attention = "moh"`), and with attention shards
+    /// those of this shard's heads (empty: all heads are this rank's).
     head_gates: HeadGates,
     shard_gates: Vec<f32>,
+}
+
+/// MoH: the gates `[a, heads]` of this rank's heads (empty without MoH):
+/// the shard's copy, or every head's without shards.
+fn this_shard_gates<'c>(head_gates: &'c HeadGates, shard_gates: &'c [f32]) -> &'c [f32] {
+    if shard_gates.is_empty() {
+        &head_gates.gates_th
+    } else {
+        shard_gates
+    }
 }
 
 /// How one layer's router is tied to its neighbours' by MoE++'s gating
@@ -256,7 +267,9 @@ impl Pass<'_> {
                 norms = all_heads(self.shards, self.cfg.n_heads, &local)?;
             }
             cache.head_gates = head_gates(self.cfg, w, n_ad, &norms);
-            cache.shard_gates = cache.head_gates.of_shard(self.cfg.n_heads, self.shards.index(), dims.shards);
+            if dims.shards > 1 {
+                cache.shard_gates = cache.head_gates.of_shard(self.cfg.n_heads, self.shards.index(), dims.shards);
+            }
         }
         cache.head_norms = HeadNorms::forward(w, self.cfg.norm_eps, &mut cache.q_tq, &mut cache.k_tg);
         rope.apply(&mut cache.q_tq, shape.batch, shape.seq, shape.n_heads);
@@ -265,10 +278,10 @@ impl Pass<'_> {
         cache.attn_tq = vec![0.0; t * q];
         // MoH: the query rows of heads a token did not choose are skipped.
         let qkv = Qkv { q_th: &cache.q_tq, k_tg: &cache.k_tg, v_tg: &cache.v_tg };
-        let gates = self.cfg.is_moh().then_some(&cache.shard_gates[..]);
+        let gates = self.cfg.is_moh().then_some(this_shard_gates(&cache.head_gates, &cache.shard_gates));
         attention_forward_gated(shape, qkv, gates, &mut cache.attn_tq, &mut cache.probs);
         let mut out_ad = vec![0.0; t * d];
-        let gated = gate_heads(&cache.attn_tq, &cache.shard_gates);
+        let gated = gate_heads(&cache.attn_tq, this_shard_gates(&cache.head_gates, &cache.shard_gates));
         matmul_nt(t, q, d, gated.as_deref().unwrap_or(&cache.attn_tq), &w.wo, &mut out_ad, false);
         if dims.shards > 1 {
             return self.shards.reduce_scatter_rows(&out_ad);
@@ -304,19 +317,20 @@ impl Pass<'_> {
         let (t, d, q, g) = (dims.a, dims.d, dims.q, dims.g);
         let shape = dims.attn;
         // out = attn Wo^T: dWo += dout^T attn, dattn = dout Wo.
-        let gated = gate_heads(&cache.attn_tq, &cache.shard_gates);
+        let gated = gate_heads(&cache.attn_tq, this_shard_gates(&cache.head_gates, &cache.shard_gates));
         matmul_tn(d, t, q, dout_td, gated.as_deref().unwrap_or(&cache.attn_tq), &mut gw.wo, true);
         drop(gated);
         let mut dattn_tq = vec![0.0; t * q];
         matmul_nn(t, d, q, dout_td, &w.wo, &mut dattn_tq, false);
         // MoH: each head's output was times its gate.
-        let dgates_th = ungate_heads(&mut dattn_tq, &cache.attn_tq, &cache.shard_gates);
+        let dgates_th =
+            ungate_heads(&mut dattn_tq, &cache.attn_tq, this_shard_gates(&cache.head_gates, &cache.shard_gates));
         let mut dq_tq = vec![0.0; t * q];
         let mut dk_tg = vec![0.0; t * g];
         let mut dv_tg = vec![0.0; t * g];
         let qkv = Qkv { q_th: &cache.q_tq, k_tg: &cache.k_tg, v_tg: &cache.v_tg };
         let grads = QkvGrads { dq_th: &mut dq_tq, dk_tg: &mut dk_tg, dv_tg: &mut dv_tg };
-        let gates = self.cfg.is_moh().then_some(&cache.shard_gates[..]);
+        let gates = self.cfg.is_moh().then_some(this_shard_gates(&cache.head_gates, &cache.shard_gates));
         attention_backward_gated(shape, qkv, gates, &cache.probs, &dattn_tq, grads);
         rope.apply_backward(&mut dq_tq, shape.batch, shape.seq, shape.n_heads);
         rope.apply_backward(&mut dk_tg, shape.batch, shape.seq, shape.n_kv_heads);
@@ -687,12 +701,12 @@ fn all_heads(shards: &mut dyn TokenShards, n_heads: usize, local_th: &[f32]) -> 
         return Ok(local_th.to_vec());
     }
     let per = n_heads / count;
-    let mut all = vec![0.0f64; local_th.len() * count];
+    let mut all = vec![0.0f32; local_th.len() * count];
     for (row, local) in all.chunks_exact_mut(n_heads).zip(local_th.chunks_exact(per)) {
-        row[index * per..(index + 1) * per].iter_mut().zip(local).for_each(|(a, &v)| *a = v as f64);
+        row[index * per..(index + 1) * per].copy_from_slice(local);
     }
-    shards.sum_stats(&mut all)?;
-    Ok(all.into_iter().map(|v| v as f32).collect())
+    sum_over_group(shards, &mut all)?;
+    Ok(all)
 }
 
 /// MoH: the head outputs `[t, heads * hd]` times their gates `[t, heads]`

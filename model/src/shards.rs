@@ -26,6 +26,18 @@ pub trait TokenShards {
     fn sum_stats(&mut self, stats: &mut [f64]) -> Result<(), ModelError>;
 }
 
+/// Sums f32 values over the shard group in place (through
+/// [`TokenShards::sum_stats`], in f64).
+pub fn sum_over_group(shards: &mut dyn TokenShards, values: &mut [f32]) -> Result<(), ModelError> {
+    if shards.count() == 1 {
+        return Ok(());
+    }
+    let mut sum: Vec<f64> = values.iter().map(|&v| v as f64).collect();
+    shards.sum_stats(&mut sum)?;
+    values.iter_mut().zip(sum).for_each(|(v, s)| *v = s as f32);
+    Ok(())
+}
+
 /// A group of one: every operation is the identity.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct NoShards;

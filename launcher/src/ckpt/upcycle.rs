@@ -122,8 +122,8 @@ pub fn run(args: UpcycleArgs) -> Result<()> {
         bail!("--noise {}: a standard deviation >= 0", args.noise);
     }
     let attention_top_k = args.attention_top_k.unwrap_or(args.attention_experts);
-    if args.attention_experts > 0 && d.is_moa() {
-        bail!("{url} already has attention experts ([model] attention = \"moa\"): --attention-experts upcycles dense attention");
+    if args.attention_experts > 0 && d.attention != model::AttentionKind::Dense {
+        bail!("{url} has [model] attention = {:?}: --attention-experts upcycles dense attention", d.attention);
     }
     if args.attention_experts == 0 && args.attention_top_k.is_some() {
         bail!("--attention-top-k without --attention-experts: give the number of attention experts too");

@@ -82,6 +82,18 @@ fn causal_softmax(scores: &mut [f32], seq: usize, scale: f32, pos: impl Fn(usize
     }
 }
 
+/// Backward of [`causal_softmax`] in place: `ds` holds `dP` and becomes
+/// `dS_ij = P_ij (dP_ij - sum_l P_il dP_il)`, with the scores' `scale`
+/// folded in.
+fn causal_softmax_backward(p: &[f32], ds: &mut [f32], seq: usize, scale: f32) {
+    for (prow, drow) in p.chunks(seq).zip(ds.chunks_mut(seq)) {
+        let dot: f32 = prow.iter().zip(drow.iter()).map(|(&a, &b)| a * b).sum();
+        for (d, &pv) in drow.iter_mut().zip(prow) {
+            *d = pv * (*d - dot) * scale;
+        }
+    }
+}
+
 /// `q_th`: `[batch*seq, n_heads*head_dim]`, `k_tg`/`v_tg`: `[batch*seq, n_kv_heads*head_dim]`.
 /// Writes `out_th` (`[batch*seq, n_heads*head_dim]`, overwritten) and the
 /// softmax probabilities `probs` (`[batch, n_heads, seq, seq]`, zero above
@@ -247,12 +259,7 @@ pub fn attention_backward_gated(
                     matmul_tn(seq, n, hd, &p_rows, &do_rows, dv, false);
                     let mut ds_rows = vec![0.0f32; n * seq];
                     matmul_nt(n, hd, seq, &do_rows, vs, &mut ds_rows, false);
-                    for (prow, drow) in p_rows.chunks(seq).zip(ds_rows.chunks_mut(seq)) {
-                        let dot: f32 = prow.iter().zip(drow.iter()).map(|(&a, &b)| a * b).sum();
-                        for (d, &pv) in drow.iter_mut().zip(prow) {
-                            *d = pv * (*d - dot) * scale;
-                        }
-                    }
+                    causal_softmax_backward(&p_rows, &mut ds_rows, seq, scale);
                     let mut dq_rows = vec![0.0f32; n * hd];
                     matmul_nn(n, seq, hd, &ds_rows, ks, &mut dq_rows, false);
                     dq.fill(0.0);
@@ -267,14 +274,8 @@ pub fn attention_backward_gated(
                 // out = P v: dv = P^T dout, dP = dout v^T.
                 matmul_tn(seq, seq, hd, p, dos, dv, false);
                 matmul_nt(seq, hd, seq, dos, vs, ds, false);
-                // Softmax: dS_ij = P_ij (dP_ij - sum_l P_il dP_il); the
-                // 1/sqrt(hd) of the scores is folded in here too.
-                for (prow, drow) in p.chunks(seq).zip(ds.chunks_mut(seq)) {
-                    let dot: f32 = prow.iter().zip(drow.iter()).map(|(&a, &b)| a * b).sum();
-                    for (d, &pv) in drow.iter_mut().zip(prow) {
-                        *d = pv * (*d - dot) * scale;
-                    }
-                }
+                // Softmax (the 1/sqrt(hd) of the scores folded in).
+                causal_softmax_backward(p, ds, seq, scale);
                 // scores = q k^T: dq = dS k, dk = dS^T q.
                 matmul_nn(seq, seq, hd, ds, ks, dq, false);
                 matmul_tn(seq, seq, hd, ds, qs, dk, false);

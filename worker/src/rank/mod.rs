@@ -298,13 +298,7 @@ impl<'a> RankRun<'a> {
                 loads: cfg.expert_bias,
                 router_outputs: cfg.n_router_outputs(),
                 assignments_per_token: cfg.top_k * cfg.n_layers,
-                attn_outputs: if cfg.is_moa() {
-                    cfg.attn_experts
-                } else if cfg.is_moh() {
-                    cfg.routed_heads()
-                } else {
-                    0
-                },
+                attn_outputs: cfg.attention_choices(),
             },
             end: opts.stop_at.map_or(job.train.steps, |s| s.min(job.train.steps)),
             expert_loads: vec![vec![0.0f64; cfg.n_experts]; cfg.n_layers],
