@@ -384,8 +384,8 @@ fn an_upcycled_dense_model_computes_the_same_function_then_learns() {
     // BAM: the attention too, into 3 attention experts routed softly (all
     // of them, the default), and into 3 routed top-2.
     for (name, flags, says) in [
-        ("bam", &["--attention-experts", "3"][..], "attention into 3 experts top-3"),
-        ("bam2", &["--attention-experts", "3", "--attention-top-k", "2"][..], "attention into 3 experts top-2"),
+        ("bam", &["--attention-experts", "3"][..], "top-2, and its attention into 3 experts, top-3"),
+        ("bam2", &["--attention-experts", "3", "--attention-top-k", "2"][..], "its attention into 3 experts, top-2"),
     ] {
         let (bam, out) = upcycle(&dense, name, &[&["--experts", "4", "--top-k", "2"][..], flags].concat());
         assert!(out.status.success() && text(&out).contains(says), "{}", text(&out));

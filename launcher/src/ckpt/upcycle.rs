@@ -215,11 +215,13 @@ pub fn run(args: UpcycleArgs) -> Result<()> {
     if args.shared_experts > 0 {
         pieces += &format!(" and {} shared", args.shared_experts);
     }
-    if args.attention_experts > 0 {
-        pieces += &format!(", attention into {} experts top-{attention_top_k}", args.attention_experts);
-    }
+    let attention = match args.attention_experts {
+        0 => String::new(),
+        a => format!(", and its attention into {a} experts, top-{attention_top_k}"),
+    };
     println!(
-        "upcycled {url} into {} experts{pieces}, top-{} ({} parameters, {} active per token){}: step 0 committed at {}",
+        "upcycled {url} into {} experts{pieces}, top-{}{attention} ({} parameters, {} active per token){}: step 0 \
+         committed at {}",
         args.experts,
         args.top_k,
         job.model.num_params(),
