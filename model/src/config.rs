@@ -143,6 +143,9 @@ pub struct ModelConfig {
     pub attn_router: AttnRouterKind,
     /// MoH's balance loss weight (its mean over layers is added).
     pub attn_aux_loss_coef: f32,
+    /// Mixture-of-Transformers: modalities with their own attention
+    /// projections, norms, dense FFNs and block of experts (1: off).
+    pub modalities: usize,
 }
 
 impl Default for ModelConfig {
@@ -191,6 +194,7 @@ impl Default for ModelConfig {
             attn_shared_heads: 0,
             attn_router: AttnRouterKind::Learned,
             attn_aux_loss_coef: 0.01,
+            modalities: 1,
         }
     }
 }
@@ -261,6 +265,7 @@ impl ModelConfig {
         }
         self.validate_groups()?;
         self.validate_attention()?;
+        self.validate_modalities()?;
         if self.first_dense_layers >= self.n_layers {
             let reason = format!(
                 "{} dense layers leave none of the n_layers = {} for experts: an MoE model needs at least one MoE layer",
@@ -529,6 +534,72 @@ impl ModelConfig {
         }
     }
 
+    /// Mixture-of-Transformers: modality `m`'s experts are the global ids
+    /// `m * E/M .. (m+1) * E/M` (all of them without modalities).
+    pub fn modality_experts(&self, m: usize) -> std::ops::Range<usize> {
+        let per = self.n_experts / self.modalities;
+        m * per..(m + 1) * per
+    }
+
+    /// Whether the model unties its non-embedding weights by modality.
+    pub fn is_mot(&self) -> bool {
+        self.modalities > 1
+    }
+
+    /// Values of one modality's own tensors of layer `l`: attention
+    /// projections, norms and, in a dense layer, the FFN (what each
+    /// modality beyond the first adds to the layer).
+    pub fn modality_values(&self, l: usize) -> usize {
+        let d = self.d_model;
+        let norms = d * if self.block == BlockKind::Sequential { 2 } else { 1 };
+        let ffn = if self.is_moe_layer(l) { 0 } else { 3 * d * self.dense_ffn_width() };
+        self.attention_values() + norms + ffn
+    }
+
+    /// Mixture-of-Transformers (docs/model.md): the modalities split the
+    /// experts evenly, and only what is built per modality may be on.
+    fn validate_modalities(&self) -> Result<(), ModelError> {
+        let bad = |key: &'static str, reason: String| Err(ModelError::InvalidConfig { key, reason });
+        if self.modalities == 0 || self.modalities > u8::MAX as usize {
+            return bad("modalities", format!("must be between 1 and 255, got {}", self.modalities));
+        }
+        if !self.is_mot() {
+            return Ok(());
+        }
+        if !self.n_experts.is_multiple_of(self.modalities) {
+            let reason = format!(
+                "the {} modalities must split n_experts = {} evenly (each modality routes among its own block)",
+                self.modalities, self.n_experts
+            );
+            return bad("modalities", reason);
+        }
+        let per = self.n_experts / self.modalities;
+        if self.top_k > per {
+            let reason =
+                format!("top_k {} exceeds the {per} experts of each of the {} modalities", self.top_k, self.modalities);
+            return bad("top_k", reason);
+        }
+        let unsupported = [
+            ("attention", self.attention != AttentionKind::Dense, "attention experts or routed heads per modality"),
+            ("qk_norm", self.qk_norm, "head norms per modality"),
+            ("n_shared_experts", self.n_shared_experts > 0, "shared experts per modality"),
+            ("n_groups", self.n_groups > 1, "group-limited routing across modality blocks"),
+            ("router_mlp", self.router_mlp, "an MLP router per modality"),
+            ("gating_residuals", self.gating_residuals, "gating residuals across modality blocks"),
+            ("constant_experts", self.computation_free_experts() > 0, "computation-free experts per modality"),
+        ];
+        for (key, on, what) in unsupported {
+            if on {
+                let reason = format!(
+                    "is set, but modalities = {} does not build {what} yet: remove the key or set modalities = 1",
+                    self.modalities
+                );
+                return bad(key, reason);
+            }
+        }
+        Ok(())
+    }
+
     /// Group-limited routing must leave `top_k` experts to choose from.
     fn validate_groups(&self) -> Result<(), ModelError> {
         let bad = |key: &'static str, reason: String| Err(ModelError::InvalidConfig { key, reason });
@@ -565,15 +636,16 @@ impl ModelConfig {
         let (d, r) = (self.d_model, self.n_router_outputs());
         let attn = self.attention_values();
         let norms = d * if self.block == BlockKind::Sequential { 2 } else { 1 };
+        let other_modalities = (self.modalities - 1) * self.modality_values(l);
         if !self.is_moe_layer(l) {
-            return attn + norms + 3 * d * self.dense_ffn_width();
+            return attn + norms + 3 * d * self.dense_ffn_width() + other_modalities;
         }
         let shared = self.n_shared_experts * 3 * d * self.ffn_hidden;
         let gate = if self.shared_expert_gate { d } else { 0 };
         let constants = self.constant_experts * 3 * d;
         let residual = if self.gating_residuals && l > self.first_dense_layers { r * r } else { 0 };
         let hidden = if self.router_mlp { self.router_input_width() * d } else { 0 };
-        attn + norms + r * self.router_input_width() + hidden + shared + gate + constants + residual
+        attn + norms + r * self.router_input_width() + hidden + shared + gate + constants + residual + other_modalities
     }
 
     /// Number of parameters of the whole model (all experts).
@@ -595,6 +667,8 @@ impl ModelConfig {
         let heads_per_choice = if self.is_moa() { self.n_heads } else { 1 };
         let unchosen = self.attention_choices().saturating_sub(self.attn_top_k) * heads_per_choice;
         let inactive_attn = unchosen * 2 * self.d_model * self.head_dim() * self.n_layers;
-        self.num_params() - moe_layers * inactive - inactive_attn
+        // A token uses its own modality's tensors only.
+        let other_modalities: usize = (0..self.n_layers).map(|l| (self.modalities - 1) * self.modality_values(l)).sum();
+        self.num_params() - moe_layers * inactive - inactive_attn - other_modalities
     }
 }

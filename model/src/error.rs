@@ -15,6 +15,12 @@ pub enum ModelError {
     /// A token id outside the vocabulary.
     #[error("token id {token} is outside the vocabulary of {vocab}")]
     TokenOutOfRange { token: u32, vocab: usize },
+    /// Mixture-of-Transformers: a token's modality id is not below `modalities`.
+    #[error(
+        "modality id {modality} at token {position} of the micro-batch is outside [model] modalities = {modalities}; \
+         the data marks more modalities than the model has: raise modalities or re-prepare the data"
+    )]
+    ModalityOutOfRange { modality: u8, position: usize, modalities: usize },
     /// The expert executor was handed something it cannot run at `layer`
     /// (a plan or buffer of the wrong shape, an expert this rank lacks, a
     /// backward pass without its forward): a bug in the caller.

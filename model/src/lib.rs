@@ -16,6 +16,7 @@ pub mod attention_heads;
 pub mod config;
 pub mod error;
 pub mod gemm;
+pub mod modality;
 pub mod model;
 pub mod moe;
 pub mod ops;
@@ -30,5 +31,6 @@ pub use error::ModelError;
 /// The MoE sub-layer, also reachable as `moe::layer`.
 pub use moe::layer as moe_layer;
 pub use weights::{
-    AttnExpertWeights, ConstantExpertWeights, DenseLayerWeights, DenseWeights, ExpertStore, ExpertWeights, ModelWeights,
+    AttnExpertWeights, ConstantExpertWeights, DenseLayerWeights, DenseWeights, ExpertStore, ExpertWeights, ModalTensor,
+    ModalityWeights, ModelWeights,
 };

@@ -15,19 +15,19 @@ use crate::attention_heads::{head_gates, head_gates_backward, head_norms, HeadGa
 use crate::config::{AttnRouterKind, BlockKind, ModelConfig};
 use crate::error::ModelError;
 use crate::gemm::{matmul_nn, matmul_nt, matmul_tn};
+use crate::modality::ModalityRows;
 use crate::moe::layer::{
     moe_backward, moe_backward_finish, moe_backward_start, moe_forward_finish, moe_forward_start, MoeBackwardInput,
     MoeCache, MoeGrads, MoeLayer,
 };
 use crate::moe::{ExpertExecutor, RouterLossScales};
-use crate::moe::{ExpertKind, Rows};
 use crate::ops::attention::{attention_backward_gated, attention_forward_gated, AttentionShape, Qkv, QkvGrads};
 use crate::ops::loss::{cross_entropy_forward_backward, cross_entropy_sum};
 use crate::ops::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
 use crate::ops::rope::RopeTable;
 use crate::ops::swiglu::{SwiGlu, SwigluCache};
 use crate::shards::{sum_over_group, NoShards, TokenShards};
-use crate::weights::{DenseLayerWeights, DenseWeights};
+use crate::weights::{DenseLayerWeights, DenseWeights, ModalTensor};
 
 /// One micro-batch: `batch` sequences of `seq_len + 1` tokens each
 /// (inputs are positions `0..T`, targets `1..T+1`).
@@ -35,6 +35,9 @@ use crate::weights::{DenseLayerWeights, DenseWeights};
 pub struct MicroBatch<'a> {
     pub tokens: &'a [u32],
     pub batch: usize,
+    /// Mixture-of-Transformers: each token's modality id, aligned with
+    /// `tokens`; empty: every token is modality 0.
+    pub modality: &'a [u8],
 }
 
 /// How this micro-batch's losses enter the optimised total: the loss is the
@@ -121,8 +124,8 @@ struct BlockCache {
     ffn_in_td: Vec<f32>,
     ffn_rstd_t: Vec<f32>,
     moe: MoeCache,
-    /// A dense layer's FFN (`first_dense_layers`).
-    dense_ffn: SwigluCache,
+    /// A dense layer's FFN (`first_dense_layers`), one cache per modality.
+    dense_ffn: Vec<SwigluCache>,
     /// MoA's attention experts (`attention = "moa"`).
     moa: MoaCache,
     /// MoH's head gates (`attention = "moh"`), and with attention shards
@@ -200,6 +203,55 @@ struct Pass<'p> {
     shards: &'p mut dyn TokenShards,
     /// See [`PassOptions::attention_during_moe`].
     attention_during_moe: bool,
+    /// Mixture-of-Transformers: the modalities of this rank's tokens and of
+    /// all the micro-batch's (one group each without MoT).
+    modal: &'p PassModalities,
+}
+
+/// The modality ids of one pass: this rank's tokens grouped, all tokens
+/// grouped (attention with shards runs on all), and this rank's ids for
+/// the router (empty without MoT).
+#[derive(Default)]
+struct PassModalities {
+    own: ModalityRows,
+    all: ModalityRows,
+    own_ids: Vec<u8>,
+}
+
+impl PassModalities {
+    /// The groups of a micro-batch's `a` input tokens of modalities
+    /// `all_ids` (empty without MoT), this rank holding the slice `mine`.
+    fn new(cfg: &ModelConfig, all_ids: &[u8], a: usize, mine: std::ops::Range<usize>) -> Self {
+        let t = mine.len();
+        if !cfg.is_mot() {
+            return Self { own: ModalityRows::new(&[], t, 1), all: ModalityRows::new(&[], a, 1), own_ids: Vec::new() };
+        }
+        let own_ids = all_ids[mine].to_vec();
+        Self {
+            own: ModalityRows::new(&own_ids, t, cfg.modalities),
+            all: ModalityRows::new(all_ids, a, cfg.modalities),
+            own_ids,
+        }
+    }
+}
+
+/// The modality ids of a micro-batch's inputs (positions `0..T` of each
+/// sequence; all 0 when the micro-batch carries none), checked against
+/// `modalities`; empty without MoT.
+fn input_modalities(cfg: &ModelConfig, mb: MicroBatch) -> Result<Vec<u8>, ModelError> {
+    if !cfg.is_mot() {
+        return Ok(Vec::new());
+    }
+    if mb.modality.is_empty() {
+        return Ok(vec![0; mb.batch * cfg.seq_len]);
+    }
+    assert_eq!(mb.modality.len(), mb.tokens.len(), "one modality id per token");
+    if let Some(position) = mb.modality.iter().position(|&m| m as usize >= cfg.modalities) {
+        let modality = mb.modality[position];
+        return Err(ModelError::ModalityOutOfRange { modality, position, modalities: cfg.modalities });
+    }
+    let len = cfg.seq_len + 1;
+    Ok(mb.modality.chunks_exact(len).flat_map(|seq| seq[..cfg.seq_len].iter().copied()).collect())
 }
 
 /// Splits a micro-batch into inputs and targets, checking the vocabulary.
@@ -255,9 +307,10 @@ impl Pass<'_> {
         cache.q_tq = vec![0.0; t * q];
         cache.k_tg = vec![0.0; t * g];
         cache.v_tg = vec![0.0; t * g];
-        matmul_nt(t, d, q, n_ad, &w.wq, &mut cache.q_tq, false);
-        matmul_nt(t, d, g, n_ad, &w.wk, &mut cache.k_tg, false);
-        matmul_nt(t, d, g, n_ad, &w.wv, &mut cache.v_tg, false);
+        let rows = &self.modal.all;
+        rows.matmul_nt(n_ad, &w.modal(ModalTensor::Wq), (d, q), &mut cache.q_tq, false);
+        rows.matmul_nt(n_ad, &w.modal(ModalTensor::Wk), (d, g), &mut cache.k_tg, false);
+        rows.matmul_nt(n_ad, &w.modal(ModalTensor::Wv), (d, g), &mut cache.v_tg, false);
         if self.cfg.is_moh() {
             // MoH: every shard computes every head's gates from the input
             // (or from every head's query norm, summed over the shards).
@@ -282,7 +335,8 @@ impl Pass<'_> {
         attention_forward_gated(shape, qkv, gates, &mut cache.attn_tq, &mut cache.probs);
         let mut out_ad = vec![0.0; t * d];
         let gated = gate_heads(&cache.attn_tq, this_shard_gates(&cache.head_gates, &cache.shard_gates));
-        matmul_nt(t, q, d, gated.as_deref().unwrap_or(&cache.attn_tq), &w.wo, &mut out_ad, false);
+        let wo = w.modal(ModalTensor::Wo);
+        self.modal.all.matmul_nt(gated.as_deref().unwrap_or(&cache.attn_tq), &wo, (q, d), &mut out_ad, false);
         if dims.shards > 1 {
             return self.shards.reduce_scatter_rows(&out_ad);
         }
@@ -318,10 +372,12 @@ impl Pass<'_> {
         let shape = dims.attn;
         // out = attn Wo^T: dWo += dout^T attn, dattn = dout Wo.
         let gated = gate_heads(&cache.attn_tq, this_shard_gates(&cache.head_gates, &cache.shard_gates));
-        matmul_tn(d, t, q, dout_td, gated.as_deref().unwrap_or(&cache.attn_tq), &mut gw.wo, true);
+        let rows = &self.modal.all;
+        let attn = gated.as_deref().unwrap_or(&cache.attn_tq);
+        rows.weight_grads(dout_td, attn, (q, d), &mut gw.modal_mut(ModalTensor::Wo));
         drop(gated);
         let mut dattn_tq = vec![0.0; t * q];
-        matmul_nn(t, d, q, dout_td, &w.wo, &mut dattn_tq, false);
+        rows.input_grads(dout_td, &w.modal(ModalTensor::Wo), (q, d), &mut dattn_tq);
         // MoH: each head's output was times its gate.
         let dgates_th =
             ungate_heads(&mut dattn_tq, &cache.attn_tq, this_shard_gates(&cache.head_gates, &cache.shard_gates));
@@ -337,11 +393,12 @@ impl Pass<'_> {
         cache.head_norms.backward(w, gw, &mut dq_tq, &mut dk_tg);
         let n_td = if dims.shards > 1 { &cache.attn_in_ad } else { &cache.attn_in_td };
         let dn_out: &mut [f32] = if dims.shards > 1 { &mut dn_ad } else { dn_td };
-        for (dp_tw, wp, gp, width) in
-            [(&dq_tq, &w.wq, &mut gw.wq, q), (&dk_tg, &w.wk, &mut gw.wk, g), (&dv_tg, &w.wv, &mut gw.wv, g)]
+        let rows = &self.modal.all;
+        for (dp_tw, which, width) in
+            [(&dq_tq, ModalTensor::Wq, q), (&dk_tg, ModalTensor::Wk, g), (&dv_tg, ModalTensor::Wv, g)]
         {
-            matmul_tn(width, t, d, dp_tw, n_td, gp, true);
-            matmul_nn(t, width, d, dp_tw, wp, dn_out, true);
+            rows.weight_grads(dp_tw, n_td, (d, width), &mut gw.modal_mut(which));
+            rows.input_grads(dp_tw, &w.modal(which), (d, width), dn_out);
         }
         if let Some(dgates_th) = dgates_th {
             // Every head's gate gradient (each shard has its heads'); the
@@ -420,7 +477,8 @@ impl Pass<'_> {
     ) -> Result<(Vec<f32>, BlockCache), ModelError> {
         let cfg = self.cfg;
         let (t, d) = (self.dims.t, self.dims.d);
-        let moe_layer = MoeLayer { cfg, layer, w, prev_logits_te };
+        let modal = self.modal;
+        let moe_layer = MoeLayer { cfg, layer, w, prev_logits_te, modality_t: &modal.own_ids };
         let mut cache = BlockCache {
             x_td,
             attn_in_td: vec![0.0; t * d],
@@ -436,12 +494,19 @@ impl Pass<'_> {
             ffn_in_td: Vec::new(),
             ffn_rstd_t: Vec::new(),
             moe: MoeCache::default(),
-            dense_ffn: SwigluCache::default(),
+            dense_ffn: Vec::new(),
             moa: MoaCache::default(),
             head_gates: HeadGates::default(),
             shard_gates: Vec::new(),
         };
-        rmsnorm_forward(&cache.x_td, &w.attn_norm, cfg.norm_eps, &mut cache.attn_in_td, &mut cache.attn_rstd_t);
+        let attn_norm = w.modal(ModalTensor::AttnNorm);
+        self.modal.own.rmsnorm_forward(
+            &cache.x_td,
+            &attn_norm,
+            cfg.norm_eps,
+            &mut cache.attn_in_td,
+            &mut cache.attn_rstd_t,
+        );
         // BAM: the MoE reads the same normalised input as attention, so its
         // rows may leave before attention runs.
         let is_moe = cfg.is_moe_layer(layer);
@@ -461,25 +526,20 @@ impl Pass<'_> {
             None => {
                 match cfg.block {
                     BlockKind::Sequential => {
-                        let ffn_norm = w.ffn_norm.as_ref().expect("sequential blocks have ffn_norm");
+                        let ffn_norm = w.modal(ModalTensor::FfnNorm);
                         cache.h_td = out_td.clone();
                         cache.ffn_in_td = vec![0.0; t * d];
                         cache.ffn_rstd_t = vec![0.0; t];
-                        rmsnorm_forward(
-                            &cache.h_td,
-                            ffn_norm,
-                            cfg.norm_eps,
-                            &mut cache.ffn_in_td,
-                            &mut cache.ffn_rstd_t,
-                        );
+                        let (y, rstd) = (&mut cache.ffn_in_td, &mut cache.ffn_rstd_t);
+                        self.modal.own.rmsnorm_forward(&cache.h_td, &ffn_norm, cfg.norm_eps, y, rstd);
                     }
                     BlockKind::Parallel => cache.ffn_in_td = cache.attn_in_td.clone(),
                 }
-                if let Some(ffn) = &w.dense_ffn {
+                if w.dense_ffn.is_some() {
                     // A dense layer: one SwiGLU FFN where the MoE would be.
                     let mut ffn_td = vec![0.0; t * d];
-                    let rows = Rows { x_rd: &cache.ffn_in_td, rows: t };
-                    SwiGlu { d, f: cfg.dense_ffn_width() }.forward(ffn, rows, &mut ffn_td, &mut cache.dense_ffn);
+                    let ffn = SwiGlu { d, f: cfg.dense_ffn_width() };
+                    cache.dense_ffn = self.modal.own.swiglu_forward(ffn, &w.modal_ffn(), &cache.ffn_in_td, &mut ffn_td);
                     add_into(&mut out_td, &ffn_td);
                     return Ok((out_td, cache));
                 }
@@ -507,7 +567,8 @@ impl Pass<'_> {
         let cfg = self.cfg;
         let (t, d) = (self.dims.t, self.dims.d);
         let RouterLinks { prev_logits_te, dlogits_in_te, dprev_logits_te } = links;
-        let moe_layer = MoeLayer { cfg, layer, w, prev_logits_te };
+        let modal = self.modal;
+        let moe_layer = MoeLayer { cfg, layer, w, prev_logits_te, modality_t: &modal.own_ids };
         let moe_in = MoeBackwardInput { x_td: &cache.ffn_in_td, cache: &cache.moe, dout_td: &dout_td };
         // Both residual branches see dout; the skip path passes it through.
         let mut dx_td = dout_td.clone();
@@ -517,21 +578,21 @@ impl Pass<'_> {
                 // out = h + MoE(RMSNorm(h)): dh = dout + RMSNorm'(dmoe_in).
                 let mut dffn_in_td = vec![0.0; t * d];
                 if w.dense_ffn.is_some() {
-                    dense_ffn_backward(cfg, w, gw, cache, &dout_td, &mut dffn_in_td);
+                    self.dense_ffn_backward(w, gw, cache, &dout_td, &mut dffn_in_td);
                 } else {
                     let grads = MoeGrads { gw: &mut *gw, dx_td: &mut dffn_in_td, dlogits_in_te, dprev_logits_te };
                     moe_backward(moe_layer, moe_in, scales.router(), grads, self.experts)?;
                 }
-                let ffn_norm = w.ffn_norm.as_ref().expect("sequential blocks have ffn_norm");
-                let gffn_norm = gw.ffn_norm.as_mut().expect("sequential blocks have ffn_norm");
-                rmsnorm_backward(&cache.h_td, ffn_norm, &cache.ffn_rstd_t, &dffn_in_td, &mut dx_td, gffn_norm);
+                let (ffn_norm, mut gffn_norm) = (w.modal(ModalTensor::FfnNorm), gw.modal_mut(ModalTensor::FfnNorm));
+                let x = (&cache.h_td[..], &cache.ffn_rstd_t[..]);
+                self.modal.own.rmsnorm_backward(x, &ffn_norm, &dffn_in_td, &mut dx_td, &mut gffn_norm);
                 // h = x + Attn(n): the attention branch sees dh.
                 let dh_td = dx_td.clone();
                 self.attention_backward(w, gw, cache, scales, &dh_td, &mut dn_td)?;
             }
             BlockKind::Parallel if w.dense_ffn.is_some() => {
                 self.attention_backward(w, gw, cache, scales, &dout_td, &mut dn_td)?;
-                dense_ffn_backward(cfg, w, gw, cache, &dout_td, &mut dn_td);
+                self.dense_ffn_backward(w, gw, cache, &dout_td, &mut dn_td);
             }
             BlockKind::Parallel => {
                 // Attention's input gradient first, then the MoE's, in both
@@ -549,7 +610,9 @@ impl Pass<'_> {
                 moe_backward_finish(moe_layer, moe_in, scales.router(), grads, started, self.experts)?;
             }
         }
-        rmsnorm_backward(&cache.x_td, &w.attn_norm, &cache.attn_rstd_t, &dn_td, &mut dx_td, &mut gw.attn_norm);
+        let (attn_norm, mut gattn_norm) = (w.modal(ModalTensor::AttnNorm), gw.modal_mut(ModalTensor::AttnNorm));
+        let x = (&cache.x_td[..], &cache.attn_rstd_t[..]);
+        self.modal.own.rmsnorm_backward(x, &attn_norm, &dn_td, &mut dx_td, &mut gattn_norm);
         Ok(dx_td)
     }
 
@@ -618,27 +681,22 @@ impl Pass<'_> {
     }
 }
 
-/// Backward of a dense layer's FFN (`first_dense_layers`): adds its input's
-/// gradient into `dffn_in_td` and its weights' into `gw`.
-fn dense_ffn_backward(
-    cfg: &ModelConfig,
-    w: &DenseLayerWeights,
-    gw: &mut DenseLayerWeights,
-    cache: &BlockCache,
-    dout_td: &[f32],
-    dffn_in_td: &mut [f32],
-) {
-    let (ffn, gffn) =
-        w.dense_ffn.as_ref().zip(gw.dense_ffn.as_mut()).expect("dense layers have an FFN and its gradient");
-    let rows = Rows { x_rd: &cache.ffn_in_td, rows: cache.ffn_in_td.len() / cfg.d_model };
-    SwiGlu { d: cfg.d_model, f: cfg.dense_ffn_width() }.backward(
-        ffn,
-        rows,
-        &cache.dense_ffn,
-        dout_td,
-        dffn_in_td,
-        gffn,
-    );
+impl Pass<'_> {
+    /// Backward of a dense layer's FFN (`first_dense_layers`, one per
+    /// modality): adds its input's gradient into `dffn_in_td` and its
+    /// weights' into `gw`.
+    fn dense_ffn_backward(
+        &self,
+        w: &DenseLayerWeights,
+        gw: &mut DenseLayerWeights,
+        cache: &BlockCache,
+        dout_td: &[f32],
+        dffn_in_td: &mut [f32],
+    ) {
+        let ffn = SwiGlu { d: self.cfg.d_model, f: self.cfg.dense_ffn_width() };
+        let x = (&cache.ffn_in_td[..], &cache.dense_ffn[..]);
+        self.modal.own.swiglu_backward((ffn, &w.modal_ffn()), x, dout_td, dffn_in_td, &mut gw.modal_ffn_mut());
+    }
 }
 
 /// Qwen3's query and key head norms of one attention call (`qk_norm`):
@@ -797,9 +855,11 @@ pub fn forward_backward_with(
     let dims = Dims::new(cfg, mb.batch, shards.count())?;
     let (t, d, v) = (dims.t, dims.d, cfg.vocab);
     let mine = shards.index() * t..(shards.index() + 1) * t;
+    let modal = PassModalities::new(cfg, &input_modalities(cfg, mb)?, dims.a, mine.clone());
     let (inputs, targets) = (&inputs[mine.clone()], &targets[mine]);
     let mut stats = ForwardStats { num_tokens: t, ..Default::default() };
-    let mut pass = Pass { cfg, rope, dims, experts, shards, attention_during_moe: opts.attention_during_moe };
+    let attention_during_moe = opts.attention_during_moe;
+    let mut pass = Pass { cfg, rope, dims, experts, shards, attention_during_moe, modal: &modal };
     let (x_td, caches) = pass.trunk_forward(dense, inputs, &mut stats)?;
     let (xf_td, rstd_t, logits_tv) = head_forward(cfg, dense, &pass.dims, &x_td);
     let mut dlogits_tv = vec![0.0; t * v];
@@ -853,7 +913,8 @@ pub fn forward_logits(
     let (inputs, _) = inputs_and_targets(cfg, mb)?;
     let dims = Dims::new(cfg, mb.batch, 1)?;
     let mut stats = ForwardStats::default();
-    let mut pass = Pass { cfg, rope, dims, experts, shards: &mut NoShards, attention_during_moe: false };
+    let modal = PassModalities::new(cfg, &input_modalities(cfg, mb)?, dims.a, 0..dims.t);
+    let mut pass = Pass { cfg, rope, dims, experts, shards: &mut NoShards, attention_during_moe: false, modal: &modal };
     let (x_td, _caches) = pass.trunk_forward(dense, &inputs, &mut stats)?;
     Ok(head_forward(cfg, dense, &pass.dims, &x_td).2)
 }
@@ -869,7 +930,8 @@ pub fn forward(
     let (inputs, targets) = inputs_and_targets(cfg, mb)?;
     let dims = Dims::new(cfg, mb.batch, 1)?;
     let mut stats = ForwardStats { num_tokens: dims.t, ..Default::default() };
-    let mut pass = Pass { cfg, rope, dims, experts, shards: &mut NoShards, attention_during_moe: false };
+    let modal = PassModalities::new(cfg, &input_modalities(cfg, mb)?, dims.a, 0..dims.t);
+    let mut pass = Pass { cfg, rope, dims, experts, shards: &mut NoShards, attention_during_moe: false, modal: &modal };
     let (x_td, _caches) = pass.trunk_forward(dense, &inputs, &mut stats)?;
     let (_, _, logits_tv) = head_forward(cfg, dense, &pass.dims, &x_td);
     stats.ce_sum = cross_entropy_sum(&logits_tv, &targets, cfg.vocab);

@@ -112,6 +112,21 @@ macro_rules! list_tensors {
         if let Some(w) = layer.router_hidden.$opt() {
             out.push(("moe.router_hidden.weight".to_string(), w));
         }
+        // Mixture-of-Transformers: modality m >= 1's own tensors.
+        for (i, modality) in layer.modalities.$iter().enumerate() {
+            let prefix = format!("modality.{}", i + 1);
+            out.push((format!("{prefix}.attn_norm.weight"), & $($m)? modality.attn_norm));
+            out.push((format!("{prefix}.attn.wq.weight"), & $($m)? modality.wq));
+            out.push((format!("{prefix}.attn.wk.weight"), & $($m)? modality.wk));
+            out.push((format!("{prefix}.attn.wv.weight"), & $($m)? modality.wv));
+            out.push((format!("{prefix}.attn.wo.weight"), & $($m)? modality.wo));
+            if let Some(w) = modality.ffn_norm.$opt() {
+                out.push((format!("{prefix}.ffn_norm.weight"), w));
+            }
+            if let Some(ffn) = modality.dense_ffn.$opt() {
+                list_tensors!(expert ffn, format!("{prefix}.ffn"), out, $($m)?);
+            }
+        }
         out
     }};
     (dense $w:expr, $iter:ident, $opt:ident, $($m:tt)?) => {{
@@ -190,6 +205,34 @@ pub struct DenseLayerWeights {
     /// `[8R, D]` the MLP router's first layer `W_1` (`router_mlp`); `router`
     /// is then its output layer `[R, 8R]`.
     pub router_hidden: Option<Vec<f32>>,
+    /// Mixture-of-Transformers: the own tensors of modalities `1..M`
+    /// (modality 0's are the fields above); empty with one modality.
+    pub modalities: Vec<ModalityWeights>,
+}
+
+/// One modality's own tensors of a layer (Mixture-of-Transformers): the
+/// attention projections and norms, and a dense layer's FFN. Shapes are
+/// those of the layer's own fields.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModalityWeights {
+    pub attn_norm: Vec<f32>,
+    pub wq: Vec<f32>,
+    pub wk: Vec<f32>,
+    pub wv: Vec<f32>,
+    pub wo: Vec<f32>,
+    pub ffn_norm: Option<Vec<f32>>,
+    pub dense_ffn: Option<ExpertWeights>,
+}
+
+/// A tensor every modality has its own copy of (see [`DenseLayerWeights::modal`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModalTensor {
+    AttnNorm,
+    Wq,
+    Wk,
+    Wv,
+    Wo,
+    FfnNorm,
 }
 
 /// One MoE++ constant expert: `y = a1 x + a2 v`, `[a1, a2] = softmax(W_c x)`.
@@ -202,6 +245,71 @@ pub struct ConstantExpertWeights {
 }
 
 impl DenseLayerWeights {
+    /// Tensor `which` of every modality, modality 0 (the layer's own) first.
+    pub fn modal(&self, which: ModalTensor) -> Vec<&[f32]> {
+        let own: &[f32] = match which {
+            ModalTensor::AttnNorm => &self.attn_norm,
+            ModalTensor::Wq => &self.wq,
+            ModalTensor::Wk => &self.wk,
+            ModalTensor::Wv => &self.wv,
+            ModalTensor::Wo => &self.wo,
+            ModalTensor::FfnNorm => self.ffn_norm.as_deref().expect("sequential blocks have ffn_norm"),
+        };
+        let others = self.modalities.iter().map(|m| -> &[f32] {
+            match which {
+                ModalTensor::AttnNorm => &m.attn_norm,
+                ModalTensor::Wq => &m.wq,
+                ModalTensor::Wk => &m.wk,
+                ModalTensor::Wv => &m.wv,
+                ModalTensor::Wo => &m.wo,
+                ModalTensor::FfnNorm => m.ffn_norm.as_deref().expect("sequential blocks have ffn_norm"),
+            }
+        });
+        std::iter::once(own).chain(others).collect()
+    }
+
+    /// [`DenseLayerWeights::modal`], mutable (for gradients).
+    pub fn modal_mut(&mut self, which: ModalTensor) -> Vec<&mut [f32]> {
+        fn pick<'a>(
+            which: ModalTensor,
+            [norm, wq, wk, wv, wo]: [&'a mut Vec<f32>; 5],
+            ffn_norm: Option<&'a mut Vec<f32>>,
+        ) -> &'a mut [f32] {
+            match which {
+                ModalTensor::AttnNorm => norm,
+                ModalTensor::Wq => wq,
+                ModalTensor::Wk => wk,
+                ModalTensor::Wv => wv,
+                ModalTensor::Wo => wo,
+                ModalTensor::FfnNorm => ffn_norm.expect("sequential blocks have ffn_norm"),
+            }
+        }
+        let own = pick(
+            which,
+            [&mut self.attn_norm, &mut self.wq, &mut self.wk, &mut self.wv, &mut self.wo],
+            self.ffn_norm.as_mut(),
+        );
+        let others = self
+            .modalities
+            .iter_mut()
+            .map(|m| pick(which, [&mut m.attn_norm, &mut m.wq, &mut m.wk, &mut m.wv, &mut m.wo], m.ffn_norm.as_mut()));
+        std::iter::once(own).chain(others).collect()
+    }
+
+    /// A dense layer's FFN of every modality, modality 0 first.
+    pub fn modal_ffn(&self) -> Vec<&ExpertWeights> {
+        let own = self.dense_ffn.as_ref().expect("dense layers have an FFN");
+        let others = self.modalities.iter().map(|m| m.dense_ffn.as_ref().expect("dense layers have an FFN"));
+        std::iter::once(own).chain(others).collect()
+    }
+
+    /// [`DenseLayerWeights::modal_ffn`], mutable.
+    pub fn modal_ffn_mut(&mut self) -> Vec<&mut ExpertWeights> {
+        let own = self.dense_ffn.as_mut().expect("dense layers have an FFN");
+        let others = self.modalities.iter_mut().map(|m| m.dense_ffn.as_mut().expect("dense layers have an FFN"));
+        std::iter::once(own).chain(others).collect()
+    }
+
     /// The layer's parameters with their names inside the layer
     /// (`attn.wq.weight`, ...), in the fixed order every list uses.
     pub fn params(&self) -> Vec<(String, &Vec<f32>)> {
@@ -280,7 +388,27 @@ fn attention_layer(cfg: &ModelConfig, rng: &mut Rng) -> DenseLayerWeights {
         router_residual: None,
         dense_ffn: None,
         router_hidden: None,
+        modalities: Vec::new(),
     }
+}
+
+/// Mixture-of-Transformers: modalities `1..M`'s own tensors of layer `l`,
+/// drawn after the layer's other tensors (so one modality keeps v1's draws)
+/// in the order of the layer's own.
+fn modality_layers(cfg: &ModelConfig, l: usize, rng: &mut Rng) -> Vec<ModalityWeights> {
+    let (d, hd, std) = (cfg.d_model, cfg.head_dim(), cfg.init_std);
+    let (q, kv) = (cfg.n_heads * hd * d, cfg.n_kv_heads * hd * d);
+    (1..cfg.modalities)
+        .map(|_| ModalityWeights {
+            attn_norm: vec![1.0; d],
+            wq: rng.normal_vec(q, std),
+            wk: rng.normal_vec(kv, std),
+            wv: rng.normal_vec(kv, std),
+            wo: rng.normal_vec(q, residual_std(cfg)),
+            ffn_norm: (cfg.block == BlockKind::Sequential).then(|| vec![1.0; d]),
+            dense_ffn: (!cfg.is_moe_layer(l)).then(|| ExpertWeights::init_width(cfg, cfg.dense_ffn_width(), rng)),
+        })
+        .collect()
 }
 
 /// One MoE layer's dense tensors, drawn in v1's order (attention, router,
@@ -328,7 +456,11 @@ impl DenseWeights {
         let std = cfg.init_std;
         let tok_embeddings = rng.normal_vec(cfg.vocab * d, std);
         let layers = (0..cfg.n_layers)
-            .map(|l| if cfg.is_moe_layer(l) { moe_layer(cfg, l, rng) } else { dense_ffn_layer(cfg, rng) })
+            .map(|l| {
+                let mut layer = if cfg.is_moe_layer(l) { moe_layer(cfg, l, rng) } else { dense_ffn_layer(cfg, rng) };
+                layer.modalities = modality_layers(cfg, l, rng);
+                layer
+            })
             .collect();
         let norm = vec![1.0; d];
         let output = (!cfg.tie_embeddings).then(|| rng.normal_vec(cfg.vocab * d, std));
@@ -458,6 +590,17 @@ pub fn tensor_shape(cfg: &ModelConfig, name: &str) -> Option<Vec<usize>> {
     let shape = match parts.as_slice() {
         ["tok_embeddings", "weight"] | ["output", "weight"] => vec![v, d],
         ["norm", "weight"] => vec![d],
+        // Mixture-of-Transformers: a modality's copy has its layer's shape.
+        ["layers", l, "modality", m, rest @ ..] => {
+            let m: usize = m.parse().ok()?;
+            let own =
+                matches!(rest, ["attn_norm" | "ffn_norm", "weight"] | ["attn", "wq" | "wk" | "wv" | "wo", "weight"])
+                    || matches!(rest, ["ffn", _, "weight"]);
+            if !(1..cfg.modalities).contains(&m) || !own {
+                return None;
+            }
+            return tensor_shape(cfg, &format!("layers.{l}.{}", rest.join(".")));
+        }
         ["layers", _, rest @ ..] => match rest {
             ["attn_norm", "weight"] | ["ffn_norm", "weight"] => vec![d],
             ["attn", "wq", "weight"] if !cfg.is_moa() => vec![cfg.n_heads * hd, d],

@@ -135,7 +135,8 @@ fn identical_experts_equal_dense_attention() {
         let mut scratch = w.experts.zeros_like();
         let mut experts = LocalExperts::new(cfg, &w.experts, &mut scratch);
         let toks: Vec<u32> = (0..BATCH * (cfg.seq_len + 1)).map(|i| (i * 5 % cfg.vocab) as u32).collect();
-        forward_logits(cfg, &rope, &w.dense, &mut experts, MicroBatch { tokens: &toks, batch: BATCH }).unwrap()
+        forward_logits(cfg, &rope, &w.dense, &mut experts, MicroBatch { tokens: &toks, batch: BATCH, modality: &[] })
+            .unwrap()
     };
     let (a, b) = (logits(&dense_cfg, &dense), logits(&moa_cfg, &moa));
     let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);

@@ -41,11 +41,21 @@ fn tokens(cfg: &ModelConfig, batch: usize) -> Vec<u32> {
     (0..batch * (cfg.seq_len + 1)).map(|_| rng.below(cfg.vocab as u64) as u32).collect()
 }
 
+/// Mixture-of-Transformers: modalities interleaved inside each sequence
+/// (runs of 2 tokens, so attention mixes them); empty with one modality.
+fn modalities(cfg: &ModelConfig, toks: &[u32]) -> Vec<u8> {
+    if cfg.modalities == 1 {
+        return Vec::new();
+    }
+    (0..toks.len()).map(|i| ((i / 2 + i / 7) % cfg.modalities) as u8).collect()
+}
+
 fn total_loss(cfg: &ModelConfig, w: &ModelWeights, toks: &[u32]) -> f64 {
     let rope = RopeTable::new(cfg.seq_len, cfg.head_dim(), cfg.rope_theta);
     let mut scratch = w.experts.zeros_like();
     let mut experts = LocalExperts::new(cfg, &w.experts, &mut scratch);
-    let stats = forward(cfg, &rope, &w.dense, &mut experts, MicroBatch { tokens: toks, batch: 2 }).unwrap();
+    let modality = &modalities(cfg, toks);
+    let stats = forward(cfg, &rope, &w.dense, &mut experts, MicroBatch { tokens: toks, batch: 2, modality }).unwrap();
     stats.ce_sum * SCALES.ce as f64
         + SCALES.aux as f64 * stats.aux_loss.iter().map(|&a| a as f64).sum::<f64>()
         + SCALES.z as f64 * stats.z_loss.iter().map(|&z| z as f64).sum::<f64>()
@@ -86,7 +96,7 @@ fn check_model_prepared(cfg: ModelConfig, names: &[&str], seed: u64, prepare: im
             &weights.dense,
             &mut grads.dense,
             &mut experts,
-            MicroBatch { tokens: &toks, batch: 2 },
+            MicroBatch { tokens: &toks, batch: 2, modality: &modalities(&cfg, &toks) },
             SCALES,
         )
         .unwrap()
@@ -169,7 +179,8 @@ fn token_outside_the_vocabulary_is_an_error() {
     let rope = RopeTable::new(cfg.seq_len, cfg.head_dim(), cfg.rope_theta);
     let mut scratch = weights.experts.zeros_like();
     let mut experts = LocalExperts::new(&cfg, &weights.experts, &mut scratch);
-    let err = forward(&cfg, &rope, &weights.dense, &mut experts, MicroBatch { tokens: &toks, batch: 2 }).unwrap_err();
+    let err = forward(&cfg, &rope, &weights.dense, &mut experts, MicroBatch { tokens: &toks, batch: 2, modality: &[] })
+        .unwrap_err();
     assert!(err.to_string().contains("99"), "{err}");
 }
 
@@ -370,5 +381,34 @@ fn routed_heads() {
         // Seed 4: no finite-difference step flips a token's heads or experts
         // (seeds 5 and 6 pass too; 3 and 7 flip one).
         check_model_seeded(cfg, &names, 4);
+    }
+}
+
+/// Mixture-of-Transformers: three modalities interleaved in each sequence,
+/// each with its own attention projections, norms, dense FFN (layer 0) and
+/// block of experts (layer 1, whose router is masked to the block).
+#[test]
+fn modalities_untie_attention_norms_ffn_and_experts() {
+    for block in [BlockKind::Sequential, BlockKind::Parallel] {
+        let cfg = ModelConfig { modalities: 3, n_experts: 6, first_dense_layers: 1, ..config(block, 1, 0.0, 0, false) };
+        let mut names = vec![
+            "layers.0.modality.1.attn_norm.weight",
+            "layers.0.modality.2.attn.wq.weight",
+            "layers.0.modality.1.attn.wk.weight",
+            "layers.1.modality.2.attn.wv.weight",
+            "layers.1.modality.1.attn.wo.weight",
+            "layers.0.modality.2.ffn.w1.weight",
+            "layers.0.modality.1.ffn.w2.weight",
+            "layers.0.ffn.w3.weight",
+            "layers.1.attn.wq.weight",
+            "layers.1.moe.router.weight",
+            "layers.1.moe.experts.1.w1.weight",
+            "layers.1.moe.experts.4.w2.weight",
+            "tok_embeddings.weight",
+        ];
+        if block == BlockKind::Sequential {
+            names.extend(["layers.1.modality.2.ffn_norm.weight", "layers.1.ffn_norm.weight"]);
+        }
+        check_model(cfg, &names);
     }
 }

@@ -57,6 +57,7 @@ fn check(cfg: &ModelConfig, which: Loss) {
                 expert_bias_e: cfg.expert_bias.then_some(&bias[..]),
                 residual: None,
                 hidden_hd: None,
+                modality_t: &[],
             },
             n,
         )
@@ -139,7 +140,13 @@ fn gates_choice_and_sequence_loss_follow_the_definitions() {
     let r = route(
         &cfg,
         &x,
-        RouterWeights { weight_ed: &router, expert_bias_e: Some(&bias), residual: None, hidden_hd: None },
+        RouterWeights {
+            weight_ed: &router,
+            expert_bias_e: Some(&bias),
+            residual: None,
+            hidden_hd: None,
+            modality_t: &[],
+        },
         n,
     );
     let (group, seqs) = (e / cfg.n_groups, n / cfg.seq_len);
@@ -272,7 +279,12 @@ fn mlp_router_gradients() {
     let w2 = scaled(e * h, 72, 1.0);
     let w1 = scaled(h * d, 73, 0.8);
     let run = |x: &[f32], w1: &[f32], w2: &[f32]| {
-        route(&cfg, x, RouterWeights { weight_ed: w2, expert_bias_e: None, residual: None, hidden_hd: Some(w1) }, n)
+        route(
+            &cfg,
+            x,
+            RouterWeights { weight_ed: w2, expert_bias_e: None, residual: None, hidden_hd: Some(w1), modality_t: &[] },
+            n,
+        )
     };
     let base = run(&x, &w1, &w2);
     let probe = values(n * k, 74);
@@ -284,11 +296,68 @@ fn mlp_router_gradients() {
     let (mut dx, mut dw2, mut dw1) = (vec![0.0; n * d], vec![0.0; e * h], vec![0.0; h * d]);
     let mut grads = RouterGrads::plain(&mut dx, &mut dw2);
     grads.dhidden_hd = Some(&mut dw1);
-    let weights = RouterWeights { weight_ed: &w2, expert_bias_e: None, residual: None, hidden_hd: Some(&w1) };
+    let weights =
+        RouterWeights { weight_ed: &w2, expert_bias_e: None, residual: None, hidden_hd: Some(&w1), modality_t: &[] };
     route_backward(&cfg, &x, weights, &base, &probe, scales, grads);
     // logits = tanh(x W1^T) W2^T: dW2 = dlogits^T h, dpre = dlogits W2 (1 - h^2),
     // dW1 = dpre^T x, dx = dpre W1.
     check_gradient("mlp router dx", &x, &dx, |xp| loss(&run(xp, &w1, &w2)));
     check_gradient("mlp router dw1", &w1, &dw1, |wp| loss(&run(&x, wp, &w2)));
     check_gradient("mlp router dw2", &w2, &dw2, |wp| loss(&run(&x, &w1, wp)));
+}
+
+/// Mixture-of-Transformers: a token scores and chooses only its modality's
+/// block of experts, even when the selection bias favours another block,
+/// and its block's scores are those of a router of the block's rows alone.
+#[test]
+fn modality_blocks_confine_scores_and_choice() {
+    for score in [RouterScoreKind::Softmax, RouterScoreKind::Sigmoid] {
+        let cfg = ModelConfig {
+            d_model: 8,
+            n_heads: 2,
+            n_kv_heads: 1,
+            n_experts: 6,
+            top_k: 2,
+            modalities: 3,
+            router_score: score,
+            expert_bias: true,
+            ..ModelConfig::default()
+        };
+        cfg.validate().unwrap();
+        let (n, d, e) = (9, cfg.d_model, cfg.n_experts);
+        let x = scaled(n * d, 61, 1.0);
+        let router = scaled(e * d, 62, 1.5);
+        // A bias far above any score, on a block no token of modality 0 may use.
+        let bias = [0.0, 0.0, 9.0, 9.0, 0.0, 0.0];
+        let modality: Vec<u8> = (0..n).map(|t| (t % 3) as u8).collect();
+        let weights = RouterWeights {
+            weight_ed: &router,
+            expert_bias_e: Some(&bias),
+            residual: None,
+            hidden_hd: None,
+            modality_t: &modality,
+        };
+        let r = route(&cfg, &x, weights, n);
+        for t in 0..n {
+            let own = cfg.modality_experts(modality[t] as usize);
+            for &ex in &r.expert_tk[t * 2..t * 2 + 2] {
+                assert!(own.contains(&(ex as usize)), "{score:?}: token {t} of modality {} chose {ex}", modality[t]);
+            }
+            let s = &r.scores_te[t * e..(t + 1) * e];
+            for (i, &si) in s.iter().enumerate() {
+                assert!(own.contains(&i) || si == 0.0, "{score:?}: token {t} scores expert {i} outside its block");
+            }
+            // The block's scores are a router of the block's rows alone.
+            let rows = &router[own.start * d..own.end * d];
+            let alone = route(
+                &ModelConfig { n_experts: 2, modalities: 1, ..cfg.clone() },
+                &x[t * d..(t + 1) * d],
+                RouterWeights::plain(rows),
+                1,
+            );
+            for (a, b) in alone.scores_te.iter().zip(&s[own]) {
+                assert!((a - b).abs() < 1e-6, "{score:?}: token {t}: {a} alone, {b} in the block");
+            }
+        }
+    }
 }

@@ -67,6 +67,8 @@ pub struct RankShape {
     pub head_dim: usize,
     pub sequential: bool,
     pub tied_embeddings: bool,
+    /// Mixture-of-Transformers: copies of the attention and norms (1: none).
+    pub modalities: usize,
     /// Experts of one layer held here (`e / ep`).
     pub local_experts: usize,
     /// Share of the `t x k` assignments the capacity keeps (1 when dropless).
@@ -149,6 +151,7 @@ impl RankShape {
             head_dim: m.head_dim(),
             sequential: m.block == BlockKind::Sequential,
             tied_embeddings: m.tie_embeddings,
+            modalities: m.modalities,
             local_experts: m.n_experts / dims.ep,
             kept,
             // Every rank of an EP group sends its kept rows; the group's experts

@@ -205,8 +205,10 @@ pub fn collectives(s: &RankShape, precision: &Precision) -> Vec<Collective> {
 pub fn dense_params(s: &RankShape) -> (f64, f64) {
     let f = |x: usize| x as f64;
     let (d, v) = (f(s.d), f(s.v));
-    let attention = d * (f(s.q_width()) * 2.0 + f(s.kv_width()) * 2.0);
-    let norms = d * if s.sequential { 2.0 } else { 1.0 };
+    // Mixture-of-Transformers: every modality its own projections and norms.
+    let modalities = f(s.modalities);
+    let attention = modalities * d * (f(s.q_width()) * 2.0 + f(s.kv_width()) * 2.0);
+    let norms = modalities * d * if s.sequential { 2.0 } else { 1.0 };
     let shared = f(s.shared_experts) * 3.0 * d * f(s.f);
     let per_layer = norms + f(s.experts) * d + shared;
     // Embeddings, final norm and the output head (unless tied to the embeddings).
@@ -271,6 +273,12 @@ mod tests {
         let grads = all.iter().find(|c| c.name == "gradient all-reduce: dense").unwrap();
         let experts = (job.model.n_layers * job.model.n_experts * 3 * 128 * 256) as f64;
         assert_eq!(grads.bytes, 4.0 * (job.model.num_params() as f64 - experts));
+        // Mixture-of-Transformers: every modality's projections and norms too.
+        let sets = ["parallel.ranks=2", "model.modalities=2", "model.block=\"parallel\""].map(String::from);
+        let mot = JobConfig::load(None, &sets).unwrap();
+        let all = collectives(&crate::test_jobs::shape_of(&mot, Routing::default()), &Precision::default());
+        let grads = all.iter().find(|c| c.name == "gradient all-reduce: dense").unwrap();
+        assert_eq!(grads.bytes, 4.0 * (mot.model.num_params() as f64 - experts));
         assert!(collectives(
             &crate::test_jobs::shape_of(&JobConfig::load(None, &[]).unwrap(), Routing::default()),
             &Precision::default()

@@ -152,7 +152,7 @@ fn bench_moe_layer(case: &LayerCase) -> (f64, f64) {
     let s = time_median(5, || {
         let mut gdense = grads.dense.layers[0].clone();
         let mut experts = LocalExperts::new(&cfg, &weights.experts, &mut grads.experts);
-        let moe = MoeLayer { cfg: &cfg, layer: 0, w: layer, prev_logits_te: None };
+        let moe = MoeLayer { cfg: &cfg, layer: 0, w: layer, prev_logits_te: None, modality_t: &[] };
         let (_, cache) = moe_forward(moe, &x_td, case.tokens, &mut experts, &mut model::shards::NoShards).unwrap();
         ffn_rows = cache.plan.num_rows();
         let mut dx_td = vec![0.0; x_td.len()];
@@ -207,7 +207,7 @@ fn bench_step(job: &JobConfig) -> StepRow {
                 .batch_for_step(job.train.seed, step, job.train.global_batch_size, m * micro, micro, cfg.seq_len + 1)
                 .unwrap();
             let mut experts = LocalExperts::new(cfg, &weights.experts, &mut grads.experts);
-            let mb = MicroBatch { tokens: &batch, batch: micro };
+            let mb = MicroBatch { tokens: &batch, batch: micro, modality: &[] };
             forward_backward(cfg, &rope, &weights.dense, &mut grads.dense, &mut experts, mb, scales).unwrap();
         }
         step += 1;

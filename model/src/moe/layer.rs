@@ -48,6 +48,9 @@ pub struct MoeLayer<'w> {
     pub w: &'w DenseLayerWeights,
     /// `[t, e]` the previous MoE layer's router logits (gating residuals only).
     pub prev_logits_te: Option<&'w [f32]>,
+    /// Mixture-of-Transformers: `[t]` each token's modality, whose block of
+    /// experts it routes among (empty: every expert).
+    pub modality_t: &'w [u8],
 }
 
 impl<'w> MoeLayer<'w> {
@@ -62,6 +65,7 @@ impl<'w> MoeLayer<'w> {
             expert_bias_e: self.w.expert_bias.as_deref(),
             residual,
             hidden_hd: self.w.router_hidden.as_deref(),
+            modality_t: self.modality_t,
         }
     }
 }

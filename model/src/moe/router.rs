@@ -25,6 +25,10 @@ pub struct RouterWeights<'w> {
     /// `[h, d]` the MLP router's first layer (`router_mlp`; `weight_ed` is
     /// then `[e, h]`).
     pub hidden_hd: Option<&'w [f32]>,
+    /// Mixture-of-Transformers: `[t]` each token's modality; a token's
+    /// logits outside its modality's block of experts are -inf, so it
+    /// scores and chooses only its own (empty: no blocks).
+    pub modality_t: &'w [u8],
 }
 
 /// MoE++'s gating residual: `logits += prev_logits W_map^T`.
@@ -39,7 +43,7 @@ pub struct GatingResidual<'w> {
 impl<'w> RouterWeights<'w> {
     /// A router without a selection bias or gating residual.
     pub fn plain(weight_ed: &'w [f32]) -> Self {
-        Self { weight_ed, expert_bias_e: None, residual: None, hidden_hd: None }
+        Self { weight_ed, expert_bias_e: None, residual: None, hidden_hd: None, modality_t: &[] }
     }
 }
 
@@ -97,6 +101,19 @@ pub fn route(cfg: &ModelConfig, x_td: &[f32], router: RouterWeights<'_>, num_tok
     route_sharded(cfg, x_td, router, num_tokens, &mut NoShards).expect("one shard has nothing to fail")
 }
 
+/// Mixture-of-Transformers: sets each token's logits outside its modality's
+/// block of experts to -inf. Softmax and sigmoid then score them 0, the
+/// choice never reaches them, and their gradients are 0, exactly as if the
+/// modality had a router of its own block's rows.
+fn mask_to_modality_blocks(cfg: &ModelConfig, modality_t: &[u8], logits_te: &mut [f32]) {
+    let e_n = cfg.n_router_outputs();
+    for (row, &m) in logits_te.chunks_exact_mut(e_n).zip(modality_t) {
+        let own = cfg.modality_experts(m as usize);
+        row[..own.start].fill(f32::NEG_INFINITY);
+        row[own.end..].fill(f32::NEG_INFINITY);
+    }
+}
+
 /// `q = s / sum(s)`: one token's balance probabilities (the scores when
 /// they already sum to 1).
 fn balance_probs(score: RouterScore, s: &[f32], q: &mut [f32]) {
@@ -141,6 +158,9 @@ pub fn route_sharded(
     if let Some(GatingResidual { map_ee, prev_logits_te }) = router.residual {
         matmul_nt(n, e_n, e_n, prev_logits_te, map_ee, &mut logits_te, true);
     }
+    if !router.modality_t.is_empty() {
+        mask_to_modality_blocks(cfg, router.modality_t, &mut logits_te);
+    }
     let score = RouterScore::of(cfg);
     let mut scores_te = vec![0.0f32; n * e_n];
     let mut z_sum = 0.0f64;
@@ -152,9 +172,13 @@ pub fn route_sharded(
     let mut expert_tk = vec![0u32; n * k];
     let mut gate_tk = vec![0.0f32; n * k];
     let mut choice_e = vec![0.0f32; e_n];
-    for ((p, ex), g) in scores_te.chunks_exact(e_n).zip(expert_tk.chunks_exact_mut(k)).zip(gate_tk.chunks_exact_mut(k))
-    {
-        selection.select_row(p, &mut choice_e, ex);
+    let rows = scores_te.chunks_exact(e_n).zip(expert_tk.chunks_exact_mut(k)).zip(gate_tk.chunks_exact_mut(k));
+    for (t, ((p, ex), g)) in rows.enumerate() {
+        let allowed = match router.modality_t.get(t) {
+            Some(&m) => cfg.modality_experts(m as usize),
+            None => 0..e_n,
+        };
+        selection.select_row(p, &mut choice_e, ex, allowed);
         for (gj, &e) in g.iter_mut().zip(ex.iter()) {
             // MoE++: a zero expert's gate is 0 and out of the renormalisation.
             *gj = if cfg.routed_kind(e as usize) == RoutedKind::Zero { 0.0 } else { p[e as usize] };

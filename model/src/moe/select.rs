@@ -10,6 +10,7 @@
 //! Legend: `e` experts, `k` top-k slots (one token's row throughout).
 
 use crate::config::ModelConfig;
+use std::ops::Range;
 
 /// How one layer chooses experts: its bias and group limit.
 #[derive(Debug, Clone, Copy)]
@@ -26,13 +27,16 @@ impl<'b> Selection<'b> {
         Self { bias_e, n_groups: cfg.n_groups, topk_groups: cfg.topk_groups }
     }
 
-    /// Writes into `experts_k` the token's chosen experts, highest `c` first;
-    /// ties go to the lower expert id. `choice_e` is scratch of len E.
-    pub fn select_row(&self, scores_e: &[f32], choice_e: &mut [f32], experts_k: &mut [u32]) {
+    /// Writes into `experts_k` the token's chosen experts among `allowed`
+    /// (a modality's block; every expert without modalities), highest `c`
+    /// first; ties go to the lower expert id. `choice_e` is scratch of len E.
+    pub fn select_row(&self, scores_e: &[f32], choice_e: &mut [f32], experts_k: &mut [u32], allowed: Range<usize>) {
         choice_e.copy_from_slice(scores_e);
         if let Some(bias) = self.bias_e {
             choice_e.iter_mut().zip(bias).for_each(|(c, b)| *c += b);
         }
+        choice_e[..allowed.start].fill(f32::NEG_INFINITY);
+        choice_e[allowed.end..].fill(f32::NEG_INFINITY);
         if self.n_groups > 1 && self.topk_groups < self.n_groups {
             self.mask_groups(choice_e);
         }
@@ -89,17 +93,17 @@ mod tests {
         let scores = [0.5, 0.4, 0.2, 0.8, 0.55, 0.05];
         let sel = Selection { bias_e: None, n_groups: 3, topk_groups: 2 };
         let (mut c, mut out) = (vec![0.0; 6], vec![0u32; 2]);
-        sel.select_row(&scores, &mut c, &mut out);
+        sel.select_row(&scores, &mut c, &mut out, 0..6);
         // Expert 4 (0.55) is in the dropped group 2.
         assert_eq!(out, [3, 0]);
         // A bias of +0.6 on expert 5 (c = 0.65) lifts group 2 (sum 1.2) and picks 5.
         let bias = [0.0, 0.0, 0.0, 0.0, 0.0, 0.6];
         let sel = Selection { bias_e: Some(&bias), ..sel };
-        sel.select_row(&scores, &mut c, &mut out);
+        sel.select_row(&scores, &mut c, &mut out, 0..6);
         assert_eq!(out, [3, 5]);
         // Ties go to the lower id, groups and experts alike.
         let sel = Selection { bias_e: None, n_groups: 2, topk_groups: 1 };
-        sel.select_row(&[0.5, 0.5, 0.5, 0.5], &mut c[..4], &mut out);
+        sel.select_row(&[0.5, 0.5, 0.5, 0.5], &mut c[..4], &mut out, 0..4);
         assert_eq!(out, [0, 1]);
     }
 }
