@@ -27,8 +27,24 @@ pub struct EvalResult {
 /// Windows evaluated per forward pass (bounds memory, not the result).
 const WINDOWS_PER_BATCH: usize = 16;
 
-/// Evaluates `weights` (all experts) on `tokens`.
-pub fn evaluate(cfg: &ModelConfig, weights: &ModelWeights, tokens: &[u32]) -> Result<EvalResult, WorkerError> {
+/// Each token's modality when the model has several (Mixture-of-Transformers):
+/// `modality` for all of them; empty otherwise.
+fn modality_of(cfg: &ModelConfig, tokens: usize, modality: u8) -> Vec<u8> {
+    if cfg.is_mot() {
+        vec![modality; tokens]
+    } else {
+        Vec::new()
+    }
+}
+
+/// Evaluates `weights` (all experts) on `tokens`, as `modality`
+/// (Mixture-of-Transformers; 0 otherwise).
+pub fn evaluate(
+    cfg: &ModelConfig,
+    weights: &ModelWeights,
+    tokens: &[u32],
+    modality: u8,
+) -> Result<EvalResult, WorkerError> {
     let cfg = ModelConfig { capacity_factor: 0.0, ..cfg.clone() };
     let rope = RopeTable::new(cfg.seq_len, cfg.head_dim(), cfg.rope_theta);
     let windows: Vec<&[u32]> = eval_windows(tokens, cfg.seq_len).collect();
@@ -36,13 +52,14 @@ pub fn evaluate(cfg: &ModelConfig, weights: &ModelWeights, tokens: &[u32]) -> Re
     let mut scratch_grads = weights.experts.zeros_like();
     for chunk in windows.chunks(WINDOWS_PER_BATCH) {
         let batch_tokens: Vec<u32> = chunk.concat();
+        let modality = &modality_of(&cfg, batch_tokens.len(), modality);
         let mut experts = LocalExperts::new(&cfg, &weights.experts, &mut scratch_grads);
         let stats = forward(
             &cfg,
             &rope,
             &weights.dense,
             &mut experts,
-            MicroBatch { tokens: &batch_tokens, batch: chunk.len() },
+            MicroBatch { tokens: &batch_tokens, batch: chunk.len(), modality },
         )?;
         ce_sum += stats.ce_sum;
     }
@@ -55,12 +72,18 @@ pub fn evaluate(cfg: &ModelConfig, weights: &ModelWeights, tokens: &[u32]) -> Re
 }
 
 /// The logits `[seq_len, vocab]` of the first evaluation window of
-/// `tokens` (dropless), for comparing the model with another tool.
-pub fn first_window_logits(cfg: &ModelConfig, weights: &ModelWeights, tokens: &[u32]) -> Result<Vec<f32>, WorkerError> {
+/// `tokens` (dropless) as `modality`, for comparing the model with another tool.
+pub fn first_window_logits(
+    cfg: &ModelConfig,
+    weights: &ModelWeights,
+    tokens: &[u32],
+    modality: u8,
+) -> Result<Vec<f32>, WorkerError> {
     let cfg = ModelConfig { capacity_factor: 0.0, ..cfg.clone() };
     let rope = RopeTable::new(cfg.seq_len, cfg.head_dim(), cfg.rope_theta);
     let window = eval_windows(tokens, cfg.seq_len).next().unwrap_or(tokens);
     let mut scratch_grads = weights.experts.zeros_like();
     let mut experts = LocalExperts::new(&cfg, &weights.experts, &mut scratch_grads);
-    Ok(forward_logits(&cfg, &rope, &weights.dense, &mut experts, MicroBatch { tokens: window, batch: 1 })?)
+    let modality = &modality_of(&cfg, window.len(), modality);
+    Ok(forward_logits(&cfg, &rope, &weights.dense, &mut experts, MicroBatch { tokens: window, batch: 1, modality })?)
 }

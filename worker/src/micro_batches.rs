@@ -9,7 +9,7 @@
 
 use crate::attention_shards::ShardGroup;
 use crate::config::JobConfig;
-use crate::data::DataSource;
+use crate::data::{DataSource, StepSlice};
 use crate::dispatch::{AllToAllExperts, DispatchStats, RowBudget};
 use crate::error::WorkerError;
 use crate::overlap::exposure::Exposure;
@@ -72,15 +72,16 @@ fn run_one(
     let job = inputs.job;
     let cfg = &job.model;
     let micro = job.train.micro_batch_size;
-    let tokens = inputs.data.batch_for_step(
-        job.train.seed,
-        inputs.step,
-        job.train.global_batch_size,
-        inputs.first_sequence + m * micro,
-        micro,
-        cfg.seq_len + 1,
-    )?;
-    let mb = MicroBatch { tokens: &tokens, batch: micro };
+    let at = StepSlice {
+        seed: job.train.seed,
+        step: inputs.step,
+        global_batch_size: job.train.global_batch_size,
+        first: inputs.first_sequence + m * micro,
+        count: micro,
+        len: cfg.seq_len + 1,
+    };
+    let (tokens, modality) = inputs.data.marked_batch_for_step(at, cfg.modalities)?;
+    let mb = MicroBatch { tokens: &tokens, batch: micro, modality: &modality };
     let t = inputs.techniques;
     let opts = PassOptions {
         attention_during_moe: t.attention_during_moe,

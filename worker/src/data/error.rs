@@ -50,6 +50,11 @@ pub enum DataError {
         source: std::io::Error,
     },
 
+    /// The data cannot give the model's `[model] modalities`
+    /// (Mixture-of-Transformers): `data` names the corpus or folder.
+    #[error("[model] modalities = {modalities} with data {data}: {reason}")]
+    Modalities { data: String, modalities: usize, reason: String },
+
     /// An input given to `prepare` does not exist or holds no documents.
     #[error("{}: {reason}", path.display())]
     BadInput { path: PathBuf, reason: String },

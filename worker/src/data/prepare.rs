@@ -7,7 +7,7 @@
 //! packing without EOS).
 
 use crate::data::error::DataError;
-use crate::data::prepared::{PreparedIndex, ShardEntry, FORMAT_VERSION, INDEX_FILE};
+use crate::data::prepared::{ModalitySpan, PreparedIndex, ShardEntry, FORMAT_VERSION, INDEX_FILE};
 use crate::data::tokenizer::Tokenizer;
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -43,18 +43,52 @@ pub fn prepare_with_shard_size(
     tokenizer: &Tokenizer,
     shard_tokens: u64,
 ) -> Result<PrepareReport, DataError> {
+    prepare_marked(inputs, out_dir, tokenizer, shard_tokens, false)
+}
+
+/// [`prepare`] marking each document's modality (Mixture-of-Transformers):
+/// the documents of the `i`-th input (file or folder) are modality `i`.
+pub fn prepare_with_modalities(
+    inputs: &[PathBuf],
+    out_dir: &Path,
+    tokenizer: &Tokenizer,
+) -> Result<PrepareReport, DataError> {
+    prepare_marked(inputs, out_dir, tokenizer, DEFAULT_SHARD_TOKENS, true)
+}
+
+fn prepare_marked(
+    inputs: &[PathBuf],
+    out_dir: &Path,
+    tokenizer: &Tokenizer,
+    shard_tokens: u64,
+    modality_per_input: bool,
+) -> Result<PrepareReport, DataError> {
     assert!(shard_tokens > 0, "shard size must be positive");
+    if modality_per_input && inputs.len() > u8::MAX as usize {
+        return Err(DataError::BadInput {
+            path: inputs[0].clone(),
+            reason: format!("{} inputs, but modality ids stop at 255: give at most 255 inputs", inputs.len()),
+        });
+    }
     let files = collect_documents(inputs)?;
     ensure_empty_dir(out_dir)?;
 
     let mut writer = ShardWriter::new(out_dir, shard_tokens);
     let mut bytes = 0u64;
-    for path in &files {
+    let mut modality_spans: Vec<ModalitySpan> = Vec::new();
+    let mut written = 0u64;
+    for (path, input) in &files {
         let text = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
         bytes += text.len() as u64;
         let ids = tokenizer.encode(&text).map_err(|source| DataError::Encode { path: path.clone(), source })?;
+        let modality = *input as u8;
+        if modality_per_input && !ids.is_empty() && modality_spans.last().is_none_or(|s| s.modality != modality) {
+            modality_spans.push(ModalitySpan { first_token: written, modality });
+        }
+        written += ids.len() as u64;
         writer.write(&ids)?;
     }
+    let files: Vec<PathBuf> = files.into_iter().map(|(path, _)| path).collect();
     let shards = writer.finish()?;
     let total_tokens: u64 = shards.iter().map(|s| s.tokens).sum();
     if total_tokens == 0 {
@@ -78,6 +112,7 @@ pub fn prepare_with_shard_size(
         shards: shards.clone(),
         total_tokens,
         documents: files.len() as u64,
+        modality_spans,
     };
     write_index(out_dir, &index)?;
     Ok(PrepareReport { documents: files.len() as u64, tokens: total_tokens, shards: shards.len(), bytes })
@@ -86,9 +121,10 @@ pub fn prepare_with_shard_size(
 /// Input files in a stable order: inputs as given, each folder's files
 /// sorted by path, hidden files and folders (names starting with `.`)
 /// skipped so editor and VCS debris never becomes training data.
-fn collect_documents(inputs: &[PathBuf]) -> Result<Vec<PathBuf>, DataError> {
+/// Each file comes with the index of the input it was found under.
+fn collect_documents(inputs: &[PathBuf]) -> Result<Vec<(PathBuf, usize)>, DataError> {
     let mut files = Vec::new();
-    for input in inputs {
+    for (i, input) in inputs.iter().enumerate() {
         let meta = std::fs::metadata(input).map_err(|e| DataError::BadInput {
             path: input.clone(),
             reason: format!("cannot read it ({e}); give existing files or folders"),
@@ -99,9 +135,9 @@ fn collect_documents(inputs: &[PathBuf]) -> Result<Vec<PathBuf>, DataError> {
             // `PathBuf` orders component by component, which is the order of
             // a depth-first walk with each folder's entries sorted by name.
             found.sort();
-            files.extend(found);
+            files.extend(found.into_iter().map(|path| (path, i)));
         } else {
-            files.push(input.clone());
+            files.push((input.clone(), i));
         }
     }
     if files.is_empty() {

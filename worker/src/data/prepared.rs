@@ -29,6 +29,19 @@ pub struct PreparedIndex {
     pub total_tokens: u64,
     /// Number of input documents (files) concatenated into the stream.
     pub documents: u64,
+    /// Mixture-of-Transformers: where each run of one modality starts
+    /// (`prepare --modality-per-input`); absent: no modalities marked.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub modality_spans: Vec<ModalitySpan>,
+}
+
+/// From token `first_token` on (until the next span), the stream is
+/// modality `modality`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModalitySpan {
+    pub first_token: u64,
+    pub modality: u8,
 }
 
 /// One shard file and how many tokens it holds.
@@ -45,6 +58,8 @@ pub struct PreparedData {
     dir: PathBuf,
     index: PreparedIndex,
     tokens: Vec<u32>,
+    /// Each token's modality (from the index's spans); empty when unmarked.
+    modality: Vec<u8>,
     /// The window order of the epoch asked for last: sequences of one step
     /// almost always share an epoch, and a shuffle costs O(windows).
     pub(crate) order_cache: Mutex<Option<EpochOrder>>,
@@ -89,7 +104,14 @@ impl PreparedData {
             }
             read_shard(&dir.join(&shard.file), shard.tokens, index.vocab, &mut tokens)?;
         }
-        Ok(Self { dir: dir.to_path_buf(), index, tokens, order_cache: Mutex::new(None) })
+        let modality = expand_spans(&index.modality_spans, index.total_tokens).map_err(bad)?;
+        Ok(Self { dir: dir.to_path_buf(), index, tokens, modality, order_cache: Mutex::new(None) })
+    }
+
+    /// Each token's modality id, aligned with [`PreparedData::tokens`];
+    /// empty when the folder marks none.
+    pub fn modality(&self) -> &[u8] {
+        &self.modality
     }
 
     /// The folder this was read from.
@@ -119,6 +141,29 @@ impl PreparedData {
 }
 
 /// Appends one shard's tokens to `out` after checking its size and ids.
+/// One modality id per token from the index's spans (which must start at
+/// token 0 and ascend within the stream); empty without spans.
+fn expand_spans(spans: &[ModalitySpan], total: u64) -> Result<Vec<u8>, String> {
+    if spans.is_empty() {
+        return Ok(Vec::new());
+    }
+    if spans[0].first_token != 0 {
+        return Err(format!("modality_spans must start at token 0, the first starts at {}", spans[0].first_token));
+    }
+    let mut out = Vec::with_capacity(total as usize);
+    for (i, span) in spans.iter().enumerate() {
+        let end = spans.get(i + 1).map_or(total, |next| next.first_token);
+        if end <= span.first_token || end > total {
+            return Err(format!(
+                "modality_spans[{i}] starts at token {} but the next starts at {end} (of {total} tokens): spans must ascend",
+                span.first_token
+            ));
+        }
+        out.resize(end as usize, span.modality);
+    }
+    Ok(out)
+}
+
 fn read_shard(path: &Path, expected_tokens: u64, vocab: usize, out: &mut Vec<u32>) -> Result<(), DataError> {
     let bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
     if bytes.len() as u64 != expected_tokens * 4 {

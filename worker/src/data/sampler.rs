@@ -7,7 +7,7 @@
 //! micro-batch simply asks for a contiguous range of `i`. Resuming needs
 //! nothing but the [`DataCursor`].
 
-use crate::data::builtin::BuiltinCorpus;
+use crate::data::builtin::{BuiltinCorpus, NUM_SOURCES};
 use crate::data::error::DataError;
 use crate::data::prepared::{EpochOrder, PreparedData};
 use model::rng::Rng;
@@ -28,6 +28,18 @@ pub enum DataSource {
     Builtin(BuiltinCorpus),
     /// A folder written by `switchyard data prepare`.
     Prepared(PreparedData),
+}
+
+/// Which sequences of which step a batch holds: sequences
+/// `first..first + count` of the global batch of `step`, `len` tokens each.
+#[derive(Debug, Clone, Copy)]
+pub struct StepSlice {
+    pub seed: u64,
+    pub step: u64,
+    pub global_batch_size: usize,
+    pub first: usize,
+    pub count: usize,
+    pub len: usize,
 }
 
 /// How far training has read, saved in checkpoints so that a resumed run
@@ -71,11 +83,26 @@ impl DataSource {
     /// Fills `out` (length `len` = seq_len + 1: inputs and shifted targets)
     /// with global sequence `global_index`.
     pub fn sequence(&self, seed: u64, global_index: u64, len: usize, out: &mut [u32]) -> Result<(), DataError> {
+        self.sequence_marked(seed, global_index, len, out, &mut [])
+    }
+
+    /// [`DataSource::sequence`], also writing each token's modality into
+    /// `modality` when it is not empty: the built-in corpus's source, or
+    /// the prepared folder's marks (checked by [`DataSource::check_modalities`]).
+    fn sequence_marked(
+        &self,
+        seed: u64,
+        global_index: u64,
+        len: usize,
+        out: &mut [u32],
+        modality: &mut [u8],
+    ) -> Result<(), DataError> {
         assert_eq!(out.len(), len, "output buffer must hold exactly one sequence");
         match self {
             DataSource::Builtin(corpus) => {
                 let mut rng = Rng::for_stream(seed, &[DATA_STREAM_TAG, global_index]);
-                corpus.generate(&mut rng, out);
+                let source = corpus.generate(&mut rng, out);
+                modality.fill(source as u8);
                 Ok(())
             }
             DataSource::Prepared(data) => {
@@ -84,7 +111,49 @@ impl DataSource {
                 let order = epoch_order(data, seed, epoch, len, windows);
                 let window = order[(global_index % windows) as usize] as usize;
                 out.copy_from_slice(&data.tokens()[window * len..(window + 1) * len]);
+                if !modality.is_empty() {
+                    modality.copy_from_slice(&data.modality()[window * len..(window + 1) * len]);
+                }
                 Ok(())
+            }
+        }
+    }
+
+    /// Checks that the data can give `modalities` modalities: the built-in
+    /// corpus has [`NUM_SOURCES`] sources (source `s` is modality
+    /// `s % modalities`); a prepared folder must mark modalities, all below
+    /// `modalities`. Call at start-up, with the check of the length.
+    pub fn check_modalities(&self, modalities: usize) -> Result<(), DataError> {
+        if modalities <= 1 {
+            return Ok(());
+        }
+        let err = |data: String, reason: String| Err(DataError::Modalities { data, modalities, reason });
+        match self {
+            DataSource::Builtin(_) if modalities > NUM_SOURCES => err(
+                "builtin".into(),
+                format!(
+                    "the built-in corpus has {NUM_SOURCES} sources to serve as modalities; use at most {NUM_SOURCES}"
+                ),
+            ),
+            DataSource::Builtin(_) => Ok(()),
+            DataSource::Prepared(data) => {
+                let folder = data.dir().display().to_string();
+                let spans = &data.index().modality_spans;
+                if spans.is_empty() {
+                    let reason = "the folder marks no modalities: prepare it with `switchyard data prepare \
+                                  --modality-per-input --input <modality 0> <modality 1> ...`";
+                    return err(folder, reason.into());
+                }
+                match spans.iter().find(|s| s.modality as usize >= modalities) {
+                    Some(span) => err(
+                        format!("{folder}/index.json"),
+                        format!(
+                            "modality id {} from token {} on is out of range: raise modalities or re-prepare with fewer inputs",
+                            span.modality, span.first_token
+                        ),
+                    ),
+                    None => Ok(()),
+                }
             }
         }
     }
@@ -100,6 +169,14 @@ impl DataSource {
         count: usize,
         len: usize,
     ) -> Result<Vec<u32>, DataError> {
+        let at = StepSlice { seed, step, global_batch_size, first, count, len };
+        Ok(self.marked_batch_for_step(at, 1)?.0)
+    }
+
+    /// [`DataSource::batch_for_step`] with each token's modality id among
+    /// `modalities` (empty with one modality).
+    pub fn marked_batch_for_step(&self, at: StepSlice, modalities: usize) -> Result<(Vec<u32>, Vec<u8>), DataError> {
+        let StepSlice { seed, step, global_batch_size, first, count, len } = at;
         assert!(
             first + count <= global_batch_size,
             "sequences {first}..{} are outside a global batch of {global_batch_size}",
@@ -107,10 +184,17 @@ impl DataSource {
         );
         let base = step * global_batch_size as u64 + first as u64;
         let mut out = vec![0u32; count * len];
+        let mut modality = vec![0u8; if modalities > 1 { count * len } else { 0 }];
         for i in 0..count {
-            self.sequence(seed, base + i as u64, len, &mut out[i * len..(i + 1) * len])?;
+            let span = i * len..(i + 1) * len;
+            let marks = if modality.is_empty() { &mut [][..] } else { &mut modality[span.clone()] };
+            self.sequence_marked(seed, base + i as u64, len, &mut out[span], marks)?;
         }
-        Ok(out)
+        if let DataSource::Builtin(_) = self {
+            // The corpus's source ids serve as modalities.
+            modality.iter_mut().for_each(|m| *m %= modalities as u8);
+        }
+        Ok((out, modality))
     }
 }
 

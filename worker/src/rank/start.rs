@@ -134,6 +134,7 @@ pub(crate) fn starting_state(
 pub(crate) fn open_data(job: &JobConfig) -> Result<DataSource, WorkerError> {
     let data = job.data.open_source()?;
     data.check_len(job.model.seq_len + 1)?;
+    data.check_modalities(job.model.modalities)?;
     if data.vocab() > job.model.vocab {
         return Err(WorkerError::DataDoesNotFit {
             source_name: job.data.source.clone(),
