@@ -19,6 +19,10 @@ pub enum DataCommand {
         /// A Hugging Face tokenizer.json; default: bytes (vocab 256).
         #[arg(long)]
         tokenizer: Option<PathBuf>,
+        /// Mark modalities for Mixture-of-Transformers (`[model] modalities`):
+        /// the documents of the i-th --input are modality i.
+        #[arg(long)]
+        modality_per_input: bool,
     },
     /// Write held-out text from the built-in corpus (for `switchyard eval`).
     Sample {
@@ -37,13 +41,22 @@ pub enum DataCommand {
 /// Runs a data subcommand.
 pub fn run(cmd: DataCommand) -> Result<()> {
     match cmd {
-        DataCommand::Prepare { inputs, out, tokenizer } => {
+        DataCommand::Prepare { inputs, out, tokenizer, modality_per_input } => {
             let tokenizer = match &tokenizer {
                 Some(path) => Tokenizer::load(path)?,
                 None => Tokenizer::Byte,
             };
-            let report = worker::data::prepare(&inputs, &out, &tokenizer)
-                .with_context(|| format!("data prepare into {} failed", out.display()))?;
+            let report = if modality_per_input {
+                worker::data::prepare_with_modalities(&inputs, &out, &tokenizer)
+            } else {
+                worker::data::prepare(&inputs, &out, &tokenizer)
+            }
+            .with_context(|| format!("data prepare into {} failed", out.display()))?;
+            if modality_per_input {
+                for (i, input) in inputs.iter().enumerate() {
+                    println!("modality {i}: the documents of {}", input.display());
+                }
+            }
             println!(
                 "prepared {} documents, {} tokens (vocab {}) in {} shard(s) under {}",
                 report.documents,

@@ -26,6 +26,10 @@ pub struct EvalArgs {
     /// compare with another tool (docs/interop.md).
     #[arg(long)]
     logits_out: Option<PathBuf>,
+    /// Mixture-of-Transformers (`[model] modalities`): score the text as
+    /// this modality, through its own weights.
+    #[arg(long, default_value_t = 0)]
+    modality: u8,
 }
 
 /// Evaluates a checkpoint on a text file.
@@ -45,6 +49,14 @@ pub fn run(args: EvalArgs) -> Result<()> {
         .with_context(|| format!("the config saved in {} cannot be read by this version", store.step_url(step)))?;
     let plan = PlacementPlan::contiguous(job.model.n_layers, job.model.n_experts, 1);
     let state = TrainState::load(&store, step, &job, &plan, 0)?;
+    if args.modality as usize >= job.model.modalities {
+        bail!(
+            "--modality {}: the model has [model] modalities = {}: give 0..{}",
+            args.modality,
+            job.model.modalities,
+            job.model.modalities - 1
+        );
+    }
     let tokenizer = eval_tokenizer(&job)?;
     let text = std::fs::read(&args.data).with_context(|| format!("cannot read --data {}", args.data.display()))?;
     let tokens = tokenizer.encode(&text).with_context(|| format!("cannot tokenize {}", args.data.display()))?;
@@ -56,9 +68,9 @@ pub fn run(args: EvalArgs) -> Result<()> {
             job.model.seq_len + 1
         );
     }
-    let result = worker::eval::evaluate(&job.model, &state.weights, &tokens)?;
+    let result = worker::eval::evaluate(&job.model, &state.weights, &tokens, args.modality)?;
     if let Some(path) = &args.logits_out {
-        let logits = worker::eval::first_window_logits(&job.model, &state.weights, &tokens)?;
+        let logits = worker::eval::first_window_logits(&job.model, &state.weights, &tokens, args.modality)?;
         let dump = serde_json::json!({
             "seq_len": job.model.seq_len,
             "vocab": job.model.vocab,

@@ -59,6 +59,11 @@ fn held_out(dir: &Path) -> std::path::PathBuf {
 /// switchyard's eval loss and first-window logits of checkpoint `root` on
 /// `held`, against the transformers model in `folder`.
 fn compare(dir: &Path, root: &str, held: &Path, folder: &Path) -> serde_json::Value {
+    compare_as(dir, root, held, folder, 0)
+}
+
+/// [`compare`], switchyard scoring the text as `modality` (Mixture-of-Transformers).
+fn compare_as(dir: &Path, root: &str, held: &Path, folder: &Path, modality: u8) -> serde_json::Value {
     let logits = dir.join("logits.json");
     let out = switchyard(
         &[
@@ -70,6 +75,8 @@ fn compare(dir: &Path, root: &str, held: &Path, folder: &Path) -> serde_json::Va
             "--json",
             "--logits-out",
             logits.to_str().unwrap(),
+            "--modality",
+            &modality.to_string(),
         ],
         dir,
     );
@@ -317,7 +324,7 @@ fn an_export_from_4_ranks_with_balanced_placement_holds_every_expert_once() {
 #[test]
 fn models_transformers_cannot_compute_are_refused_and_nothing_is_written() {
     let dir = common::temp_dir("hf", "refused");
-    let cases: [(Option<&str>, &[&str], &str); 6] = [
+    let cases: [(Option<&str>, &[&str], &str); 7] = [
         (Some("deepseek-v3-mini"), &["model.shared_expert_gate=true", "train.steps=2"], "shared_expert_gate"),
         (Some("moe-plus-plus"), &["train.steps=2"], "MoE++"),
         (None, &["model.block=\"parallel\"", "train.steps=2"], "block = \"parallel\""),
@@ -325,6 +332,7 @@ fn models_transformers_cannot_compute_are_refused_and_nothing_is_written() {
         // JetMoE gives each attention expert as many heads as kv heads.
         (Some("jetmoe-mini"), &["train.steps=2"], "n_kv_heads = 2 is not n_heads = 4"),
         (Some("moh-mini"), &["model.n_heads=8", "train.steps=2"], "attention = \"moh\""),
+        (Some("mot-mini"), &["train.steps=2"], "modalities = 2"),
     ];
     for (i, (config, sets, why)) in cases.into_iter().enumerate() {
         let case = dir.join(format!("case{i}"));
@@ -393,6 +401,28 @@ fn an_upcycled_dense_model_computes_the_same_function_then_learns() {
         eprintln!("upcycled with attention experts ({name}): {r}");
         assert_same_function(&r, "llama upcycled with attention experts");
     }
+    // Mixture-of-Transformers: 3 modalities, each tower a copy of the dense
+    // one with 2 experts of its own, top-1: every modality is the dense model.
+    let (mot, out) = upcycle(&dense, "mot", &["--modalities", "3", "--experts", "2", "--top-k", "1"]);
+    assert!(out.status.success() && text(&out).contains("top-1 per modality, 3 modalities"), "{}", text(&out));
+    for modality in 0..3 {
+        let r = compare_as(&dir, &mot.join("checkpoints").display().to_string(), &held, &folder, modality);
+        eprintln!("upcycled into modalities, as modality {modality}: {r}");
+        assert_same_function(&r, "llama upcycled into modalities");
+    }
+    let out = switchyard(
+        &[
+            "eval",
+            "--checkpoint",
+            &mot.join("checkpoints").display().to_string(),
+            "--data",
+            held.to_str().unwrap(),
+            "--modality",
+            "3",
+        ],
+        &dir,
+    );
+    assert!(!out.status.success() && text(&out).contains("--modality 3"), "{}", text(&out));
     let (odd, out) = upcycle(&dense, "odd", &["--experts", "8", "--top-k", "3", "--granularity", "2"]);
     assert!(!out.status.success() && text(&out).contains("--granularity 2") && !odd.exists(), "{}", text(&out));
     // Then it trains: the experts drift apart and the loss falls.

@@ -207,6 +207,11 @@ fn moh_example_with_routed_heads_on_4_mpi_ranks_matches_one_rank() {
 }
 
 #[test]
+fn mot_example_with_modalities_on_4_mpi_ranks_matches_one_rank() {
+    example_on_4_mpi_ranks_matches_one_rank("mot-mini", &[1, 2]);
+}
+
+#[test]
 fn qwen_moe_example_on_4_mpi_ranks_matches_one_rank() {
     example_on_4_mpi_ranks_matches_one_rank("qwen-moe", &[1, 2]);
 }

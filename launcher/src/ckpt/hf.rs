@@ -74,6 +74,13 @@ pub fn choose(cfg: &ModelConfig) -> std::result::Result<HfArch, String> {
             .into());
     }
     let deepseek_routing = cfg.expert_bias || cfg.n_groups > 1 || cfg.routed_scaling_factor != 1.0;
+    if cfg.is_mot() {
+        return Err(format!(
+            "[model] modalities = {}: no transformers architecture unties its weights by modality \
+             (Mixture-of-Transformers ships its own modeling code)",
+            cfg.modalities
+        ));
+    }
     if cfg.is_moh() {
         return Err("[model] attention = \"moh\": no transformers architecture gates its attention heads \
                     (MoH's models ship their own modeling code)"

@@ -25,6 +25,12 @@
 //! projections, keys and values stay the dense ones, a new router weighs
 //! them (by default softly, every expert, BAM's choice), the output bias
 //! starts at zero: gates summing to 1 give the dense attention again.
+//!
+//! With `--modalities M` the model becomes a Mixture-of-Transformers
+//! (docs/model.md): every modality's tower (attention projections, norms,
+//! dense FFNs) starts as a copy of the dense one, and `--experts` /
+//! `--top-k` count each modality's block of experts, copies of the FFN as
+//! above: every modality computes the dense function before training.
 
 use anyhow::{bail, Context, Result};
 use layout::PlacementPlan;
@@ -72,6 +78,10 @@ pub struct UpcycleArgs {
     /// Attention experts per token (default: all of them, BAM's soft routing).
     #[arg(long)]
     pub attention_top_k: Option<usize>,
+    /// Mixture-of-Transformers: modalities, each tower a copy of the dense
+    /// model's; `--experts` and `--top-k` are then per modality.
+    #[arg(long, default_value_t = 1)]
+    pub modalities: usize,
     /// Seed of the router's initialisation and of the noise.
     #[arg(long, default_value_t = 1234)]
     pub seed: u64,
@@ -97,8 +107,17 @@ pub fn run(args: UpcycleArgs) -> Result<()> {
     if d.router_mlp || d.gating_residuals {
         bail!("{url} has [model] router_mlp or gating_residuals (MoE++ router parts): upcycling starts from a plain dense model");
     }
-    if args.experts < 2 || args.top_k == 0 || args.top_k > args.experts {
-        bail!("--experts {} --top-k {}: need at least 2 experts and 1 <= top-k <= experts", args.experts, args.top_k);
+    // Modalities alone already make the model sparse: one expert each is an upcycling.
+    let fewest = if args.modalities > 1 { 1 } else { 2 };
+    if args.experts < fewest || args.top_k == 0 || args.top_k > args.experts {
+        bail!(
+            "--experts {} --top-k {}: need at least {fewest} experts and 1 <= top-k <= experts",
+            args.experts,
+            args.top_k
+        );
+    }
+    if args.modalities == 0 {
+        bail!("--modalities 0: give at least 1 (1: no Mixture-of-Transformers)");
     }
     let g = args.granularity;
     if g == 0 || ![args.experts, args.top_k, d.ffn_hidden].iter().all(|n| n.is_multiple_of(g)) {
@@ -140,7 +159,8 @@ pub fn run(args: UpcycleArgs) -> Result<()> {
     let dense_plan = PlacementPlan::contiguous(d.n_layers, 1, 1);
     let dense = TrainState::load(&store, step, &dense_job, &dense_plan, 0)?;
     let mut job = dense_job.clone();
-    job.model.n_experts = args.experts;
+    job.model.n_experts = args.experts * args.modalities;
+    job.model.modalities = args.modalities;
     job.model.top_k = args.top_k;
     job.model.ffn_hidden = d.ffn_hidden / g;
     job.model.n_shared_experts = args.shared_experts;
@@ -162,10 +182,19 @@ pub fn run(args: UpcycleArgs) -> Result<()> {
     let mut state = TrainState::fresh(&seeded, &plan, 0);
     let dense_tensors: std::collections::BTreeMap<String, &Vec<f32>> = dense.weights.tensors().into_iter().collect();
     let dim = job.model.d_model;
-    for (name, dst) in state.weights.dense.tensors_mut() {
+    for (i, (name, dst)) in state.weights.dense.tensors_mut().into_iter().enumerate() {
+        if let Some(src) = modality_source(&name) {
+            // MoT: every modality's tower a copy of the dense one.
+            let mut rng = Rng::for_stream(args.seed, &[0x30, i as u64]);
+            match dense_tensors.get(&src) {
+                Some(src) if src.len() == dst.len() => copy_with_noise(dst, src, args.noise, &mut rng),
+                _ => bail!("{url} has no tensor `{src}` of the modality copy's size: cannot upcycle into modalities"),
+            }
+            continue;
+        }
         if name.ends_with(".moe.router.weight") {
             // A virtual group (the G pieces of one copy) shares its first row.
-            for e in 0..args.experts {
+            for e in 0..job.model.n_experts {
                 let first = e / g * g;
                 dst.copy_within(first * dim..(first + 1) * dim, e * dim);
             }
@@ -219,9 +248,13 @@ pub fn run(args: UpcycleArgs) -> Result<()> {
         0 => String::new(),
         a => format!(", and its attention into {a} experts, top-{attention_top_k}"),
     };
+    let modalities = match args.modalities {
+        1 => String::new(),
+        m => format!(" per modality, {m} modalities (each tower a copy of the dense one)"),
+    };
     println!(
-        "upcycled {url} into {} experts{pieces}, top-{}{attention} ({} parameters, {} active per token){}: step 0 \
-         committed at {}",
+        "upcycled {url} into {} experts{pieces}, top-{}{modalities}{attention} ({} parameters, {} active per token){}: \
+         step 0 committed at {}",
         args.experts,
         args.top_k,
         job.model.num_params(),
@@ -249,6 +282,15 @@ fn attention_expert_source(name: &str) -> Option<(usize, usize, &str)> {
         ["layers", l, "attn", "experts", e, part @ ("wq" | "wo"), "weight"] => {
             Some((l.parse().ok()?, e.parse().ok()?, part))
         }
+        _ => None,
+    }
+}
+
+/// For `layers.{l}.modality.{m}.{rest}` (a modality's copy): the dense
+/// tensor it starts from, `layers.{l}.{rest}`.
+fn modality_source(name: &str) -> Option<String> {
+    match name.split('.').collect::<Vec<_>>().as_slice() {
+        ["layers", l, "modality", _, rest @ ..] => Some(format!("layers.{l}.{}", rest.join("."))),
         _ => None,
     }
 }
