@@ -52,6 +52,13 @@ if ! python3 -c 'import kubernetes_validate' >/dev/null 2>&1; then
   pip install --quiet kubernetes-validate
 fi
 
+# TensorBoard's own reader checks the event files a run writes
+# (launcher/tests/tensorboard.rs).
+if ! python3 -c 'import tensorboard' >/dev/null 2>&1; then
+  echo "== installing tensorboard (event file checks of launcher/tests/tensorboard.rs)"
+  pip install --quiet tensorboard
+fi
+
 # transformers (and torch, CPU use) for the Hugging Face export tests
 # (launcher/tests/hf.rs loads exports with AutoModelForCausalLM). Pinned:
 # the tests compare against these versions' Mixtral, Qwen2-MoE and

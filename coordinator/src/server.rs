@@ -20,6 +20,7 @@ use wire::protocol::{
     decode_header, decode_payload, encode, overlap_efficiency, Message, ProtocolError, Registration, ShardWritten,
     StepReport, Welcome, HEADER_BYTES,
 };
+use wire::tensorboard::EventWriter;
 
 /// How a coordinator runs.
 #[derive(Debug, Clone)]
@@ -74,7 +75,8 @@ pub enum Event {
     Step(StepSummary),
     /// A checkpoint step was committed.
     Committed(Committed),
-    /// metrics.jsonl could not be written (said once; training goes on).
+    /// metrics.jsonl or the TensorBoard event file could not be written
+    /// (said once each; training goes on).
     MetricsFailed {
         reason: String,
     },
@@ -153,6 +155,10 @@ pub(crate) struct State {
     metrics_failed: bool,
     /// The step whose row metrics.jsonl expects next; `None` before the first.
     metrics_next_step: Option<u64>,
+    /// This attempt's TensorBoard event file beside metrics.jsonl (opened
+    /// at its first step), and whether writing it failed (said once).
+    tensorboard: Option<EventWriter>,
+    tensorboard_failed: bool,
     /// Why every rank was asked to save and stop, once it was.
     save_and_stop: Option<String>,
 }
@@ -204,6 +210,8 @@ impl Coordinator {
             last_checkpoint: None,
             metrics_failed: false,
             metrics_next_step: None,
+            tensorboard: None,
+            tensorboard_failed: false,
             save_and_stop: None,
         }));
         if let Some(target) = target {
@@ -486,6 +494,28 @@ fn lost(shared: &Shared, rank: u32, reason: String) {
     let _ = state.events.send(Event::Lost { rank, host, reason });
 }
 
+/// The row of `step` into this attempt's TensorBoard file beside `metrics`
+/// (a new file when the attempt `restarted` at this step). After a failure,
+/// said once, training goes on without the file.
+fn write_tensorboard(state: &mut State, metrics: &std::path::Path, step: u64, restarted: bool, row: &str) {
+    if state.tensorboard_failed {
+        return;
+    }
+    let dir = metrics.parent().unwrap_or(std::path::Path::new("."));
+    let written = match state.tensorboard.as_mut().filter(|_| !restarted) {
+        Some(writer) => writer.write_row(row).map_err(|e| format!("{}: {e}", writer.path().display())),
+        None => EventWriter::create(dir, step)
+            .and_then(|mut writer| writer.write_row(row).map(|_| writer))
+            .map(|writer| state.tensorboard = Some(writer))
+            .map_err(|e| format!("cannot write a TensorBoard event file in {}: {e}", dir.display())),
+    };
+    if let Err(reason) = written {
+        state.tensorboard_failed = true;
+        state.tensorboard = None;
+        let _ = state.events.send(Event::MetricsFailed { reason });
+    }
+}
+
 /// Adds a report; when every rank reported the step, emits its summary.
 fn record_step(shared: &Shared, rank: u32, report: StepReport) {
     let mut state = lock(shared);
@@ -516,6 +546,7 @@ fn record_step(shared: &Shared, rank: u32, report: StepReport) {
                     let _ = state.events.send(Event::MetricsFailed { reason: format!("{}: {e}", path.display()) });
                 }
             }
+            write_tensorboard(&mut state, &path, step, restarted, line);
         }
     }
     let tokens: u64 = reports.iter().map(|r| r.tokens).sum();

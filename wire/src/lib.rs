@@ -7,6 +7,7 @@
 pub mod client;
 pub mod metrics_file;
 pub mod protocol;
+pub mod tensorboard;
 
 pub use client::{ClientError, CoordinatorClient};
 pub use protocol::{Message, ProtocolError};

@@ -85,7 +85,7 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
                 s.step, s.loss, s.tokens_per_s, s.step_time_s, s.expert_rows_per_rank, s.dropped
             ),
             Event::Committed(c) => println!("{}", commit_line(&c)),
-            Event::MetricsFailed { reason } => println!("cannot write metrics.jsonl ({reason}); training goes on"),
+            Event::MetricsFailed { reason } => println!("cannot write the run's metrics ({reason}); training goes on"),
             Event::CheckpointFailed { step, reason } => {
                 println!("checkpoint step {step} failed: {reason}; every rank was told to stop");
                 failures.push(format!("checkpoint step {step}: {reason}"));

@@ -73,7 +73,7 @@ impl RunningCoordinator {
                             eprintln!("coordinator: refused a connection from {peer}: {reason}")
                         }
                         Some(Event::MetricsFailed { reason }) => {
-                            eprintln!("coordinator: cannot write metrics.jsonl ({reason}); training goes on")
+                            eprintln!("coordinator: cannot write the run's metrics ({reason}); training goes on")
                         }
                         Some(Event::CheckpointFailed { step, reason }) => {
                             eprintln!("coordinator: checkpoint step {step} failed: {reason}; stopping every rank")
