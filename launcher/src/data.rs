@@ -30,10 +30,10 @@ pub enum DataCommand {
         #[arg(long)]
         out: PathBuf,
         /// Number of sequences of 256 bytes.
-        #[arg(long, default_value_t = 64)]
+        #[arg(long, default_value_t = worker::data::config::HELD_OUT_SEQUENCES)]
         sequences: usize,
         /// Seed of the sample; training draws from seeds' own streams, so any seed is held out.
-        #[arg(long, default_value_t = 987_654_321)]
+        #[arg(long, default_value_t = worker::data::config::HELD_OUT_SEED)]
         seed: u64,
     },
 }
@@ -70,13 +70,7 @@ pub fn run(cmd: DataCommand) -> Result<()> {
         }
         DataCommand::Sample { out, sequences, seed } => {
             let corpus = worker::data::BuiltinCorpus::new();
-            let mut text = Vec::with_capacity(sequences * 256);
-            let mut seq = vec![0u32; 256];
-            for i in 0..sequences {
-                let mut rng = model::rng::Rng::for_stream(seed, &[0x5A3F, i as u64]);
-                corpus.generate(&mut rng, &mut seq);
-                text.extend(seq.iter().map(|&t| t as u8));
-            }
+            let text = corpus.held_out_text(sequences, seed);
             std::fs::write(&out, &text).with_context(|| format!("cannot write {}", out.display()))?;
             println!(
                 "wrote {} bytes of the built-in corpus to {} (entropy floor {:.3} nats, unigram {:.3})",

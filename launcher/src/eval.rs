@@ -5,7 +5,6 @@ use checkpoint::CheckpointStore;
 use clap::Args;
 use layout::placement::PlacementPlan;
 use std::path::PathBuf;
-use worker::data::Tokenizer;
 use worker::state::TrainState;
 use worker::JobConfig;
 
@@ -57,7 +56,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
             job.model.modalities - 1
         );
     }
-    let tokenizer = eval_tokenizer(&job)?;
+    let tokenizer = job.data.job_tokenizer()?;
     let text = std::fs::read(&args.data).with_context(|| format!("cannot read --data {}", args.data.display()))?;
     let tokens = tokenizer.encode(&text).with_context(|| format!("cannot tokenize {}", args.data.display()))?;
     if tokens.len() < job.model.seq_len + 1 {
@@ -95,24 +94,8 @@ pub fn run(args: EvalArgs) -> Result<()> {
     Ok(())
 }
 
-/// The job's own tokenizer: a prepared folder's tokenizer.json when it has
-/// one, else the `[data] tokenizer` setting.
-fn eval_tokenizer(job: &JobConfig) -> Result<Tokenizer> {
-    match tokenizer_file(job) {
-        Some(path) => Ok(Tokenizer::load(&path)?),
-        None => Ok(job.data.open_tokenizer()?),
-    }
-}
-
 /// The tokenizer.json a job's tokens came from: its prepared folder's copy,
 /// else `[data] tokenizer` when that is a file; None for bytes.
 pub fn tokenizer_file(job: &JobConfig) -> Option<PathBuf> {
-    if !job.data.is_builtin() {
-        if let Ok(data) = worker::data::PreparedData::open(std::path::Path::new(&job.data.source)) {
-            if let Some(path) = data.tokenizer_path() {
-                return Some(path);
-            }
-        }
-    }
-    (job.data.tokenizer != "byte").then(|| PathBuf::from(&job.data.tokenizer))
+    job.data.tokenizer_file()
 }

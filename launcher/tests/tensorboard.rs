@@ -3,7 +3,8 @@
 //! `tensorboard` package): every step's scalars equal the metrics.jsonl
 //! rows, each layer's expert load is a histogram over expert ids, and a
 //! resumed run shows every step once (the resumed attempt's file purges the
-//! earlier attempt's later steps).
+//! earlier attempt's later steps). Validation during training (`eval_every`)
+//! is `switchyard eval`'s number and TensorBoard's `eval/loss`.
 
 mod common;
 
@@ -89,4 +90,33 @@ fn tensorboard_shows_every_step_once_with_the_metrics_values_and_expert_load() {
             assert_eq!(h[1].as_f64().unwrap(), ours.iter().sum::<f64>());
         }
     }
+}
+
+#[test]
+fn validation_during_training_is_switchyard_eval_and_shows_as_eval_loss() {
+    let dir = temp_dir("tensorboard", "validation");
+    let run = dir.join("run");
+    let mut args = vec!["train", "--quiet", "--run-dir", run.to_str().unwrap()];
+    args.extend(SMALL);
+    args.extend(["--set", "train.eval_every=6", "--set", "data.eval_source=\"builtin\""]);
+    let out = switchyard(&args, &dir);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("eval loss"), "the validation has its own line: {}", text(&out));
+    let rows = metrics(&run);
+    let evals: Vec<(u64, f64)> =
+        rows.iter().filter_map(|r| Some((r["step"].as_u64()?, r.get("eval_loss")?.as_f64()?))).collect();
+    assert_eq!(evals.iter().map(|e| e.0).collect::<Vec<_>>(), [6, 12], "{evals:?}");
+    // The same number as `switchyard eval` on the held-out text `data sample` writes.
+    let held = dir.join("held-out.txt");
+    let out = switchyard(&["data", "sample", "--out", held.to_str().unwrap()], &dir);
+    assert!(out.status.success(), "{}", text(&out));
+    let checkpoints = run.join("checkpoints").display().to_string();
+    let out = switchyard(&["eval", "--checkpoint", &checkpoints, "--data", held.to_str().unwrap(), "--json"], &dir);
+    assert!(out.status.success(), "{}", text(&out));
+    let eval: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (ours, theirs) = (evals[1].1, eval["loss"].as_f64().unwrap());
+    assert!((ours - theirs).abs() <= 1e-6 * theirs, "validation at step 12: {ours}, switchyard eval: {theirs}");
+    let events = read_events(&run);
+    let points = events["scalars"]["eval/loss"].as_array().expect("eval/loss in TensorBoard");
+    assert_eq!(points.iter().map(|p| p[0].as_u64().unwrap()).collect::<Vec<_>>(), [6, 12]);
 }

@@ -927,13 +927,26 @@ pub fn forward(
     experts: &mut dyn ExpertExecutor,
     mb: MicroBatch,
 ) -> Result<ForwardStats, ModelError> {
+    forward_with(cfg, (rope, dense), experts, mb, &mut NoShards)
+}
+
+/// [`forward`] of this rank's shard of a micro-batch (validation during
+/// training): `dense` holds this rank's heads, `ce_sum` is its tokens'.
+pub fn forward_with(
+    cfg: &ModelConfig,
+    (rope, dense): (&RopeTable, &DenseWeights),
+    experts: &mut dyn ExpertExecutor,
+    mb: MicroBatch,
+    shards: &mut dyn TokenShards,
+) -> Result<ForwardStats, ModelError> {
     let (inputs, targets) = inputs_and_targets(cfg, mb)?;
-    let dims = Dims::new(cfg, mb.batch, 1)?;
+    let dims = Dims::new(cfg, mb.batch, shards.count())?;
+    let mine = shards.index() * dims.t..(shards.index() + 1) * dims.t;
     let mut stats = ForwardStats { num_tokens: dims.t, ..Default::default() };
-    let modal = PassModalities::new(cfg, &input_modalities(cfg, mb)?, dims.a, 0..dims.t);
-    let mut pass = Pass { cfg, rope, dims, experts, shards: &mut NoShards, attention_during_moe: false, modal: &modal };
-    let (x_td, _caches) = pass.trunk_forward(dense, &inputs, &mut stats)?;
+    let modal = PassModalities::new(cfg, &input_modalities(cfg, mb)?, dims.a, mine.clone());
+    let mut pass = Pass { cfg, rope, dims, experts, shards, attention_during_moe: false, modal: &modal };
+    let (x_td, _caches) = pass.trunk_forward(dense, &inputs[mine.clone()], &mut stats)?;
     let (_, _, logits_tv) = head_forward(cfg, dense, &pass.dims, &x_td);
-    stats.ce_sum = cross_entropy_sum(&logits_tv, &targets, cfg.vocab);
+    stats.ce_sum = cross_entropy_sum(&logits_tv, &targets[mine], cfg.vocab);
     Ok(stats)
 }

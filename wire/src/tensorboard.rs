@@ -1,6 +1,7 @@
 //! TensorBoard event files beside `metrics.jsonl`: every step's row as
 //! scalars (`train/<key>` for each number in it) and each layer's tokens per
-//! expert as a histogram over expert ids, so `tensorboard --logdir runs/`
+//! expert as a histogram over expert ids (validation as `eval/<key>`), so
+//! `tensorboard --logdir runs/`
 //! shows a run's curves and expert load with no conversion.
 //!
 //! The format is TensorFlow's: TFRecord framing (length, masked CRC-32C of
@@ -78,7 +79,12 @@ impl EventWriter {
         let mut summary = Vec::new();
         for (key, value) in &fields {
             if let Some(x) = value.as_f64().filter(|_| key != "step") {
-                scalar_value(&mut summary, &format!("train/{key}"), x as f32);
+                // Validation (`eval_loss`) gets its own section: `eval/loss`.
+                let tag = match key.strip_prefix("eval_") {
+                    Some(rest) => format!("eval/{rest}"),
+                    None => format!("train/{key}"),
+                };
+                scalar_value(&mut summary, &tag, x as f32);
             }
         }
         let numbers = |v: &serde_json::Value| -> Vec<f64> {

@@ -29,11 +29,13 @@ pub struct TrainConfig {
     pub seed: u64,
     /// A summary line every this many steps.
     pub log_every: u64,
+    /// Validation every this many steps on `[data] eval_source` (0: never).
+    pub eval_every: u64,
 }
 
 impl Default for TrainConfig {
     fn default() -> Self {
-        Self { steps: 1000, global_batch_size: 32, micro_batch_size: 8, seed: 1234, log_every: 50 }
+        Self { steps: 1000, global_batch_size: 32, micro_batch_size: 8, seed: 1234, log_every: 50, eval_every: 0 }
     }
 }
 
@@ -396,6 +398,14 @@ impl JobConfig {
         }
         if t.log_every == 0 {
             return Err(invalid("train", "log_every", "must be at least 1".into()));
+        }
+        if t.eval_every > 0 && self.data.eval_source.trim().is_empty() {
+            let reason = format!(
+                "is {}, but [data] eval_source is empty: set it to \"builtin\" (the built-in corpus's held-out \
+                 text) or to a text file, or set eval_every = 0",
+                t.eval_every
+            );
+            return Err(invalid("train", "eval_every", reason));
         }
         self.parallel_dims().map_err(|e| invalid("parallel", e.key.trim_start_matches("parallel."), e.reason))?;
         if self.parallel.placement == layout::Placement::Grouped && self.model.n_groups < 2 {

@@ -91,6 +91,11 @@ pub struct StepMetrics {
     /// went to that rank for another of its experts (as many again backward).
     #[serde(default, skip_serializing_if = "is_zero_u64")]
     pub rows_deduplicated: u64,
+    /// Validation loss on `[data] eval_source` after this step's update
+    /// (every `[train] eval_every` steps; same windows and semantics as
+    /// `switchyard eval`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_loss: Option<f64>,
     /// Per rank detail.
     pub per_rank: Vec<RankMetrics>,
 }

@@ -252,6 +252,9 @@ impl Observer for ConsoleProgress {
                 human_duration(eta)
             ));
         }
+        if let Some(eval) = m.eval_loss {
+            self.line(&format!("step {:>6}/{} | eval loss {eval:.4} ([data] eval_source)", m.step, self.total_steps));
+        }
         if self.live {
             let width = 30;
             let filled = (m.step as f64 / self.total_steps as f64 * width as f64) as usize;

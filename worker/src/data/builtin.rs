@@ -150,6 +150,20 @@ impl BuiltinCorpus {
         p
     }
 
+    /// `sequences` sequences of 256 bytes drawn from `seed`'s own streams,
+    /// concatenated: held-out text (`switchyard data sample`, and
+    /// `[data] eval_source = "builtin"`).
+    pub fn held_out_text(&self, sequences: usize, seed: u64) -> Vec<u8> {
+        let mut text = Vec::with_capacity(sequences * 256);
+        let mut seq = vec![0u32; 256];
+        for i in 0..sequences {
+            let mut rng = Rng::for_stream(seed, &[0x5A3F, i as u64]);
+            self.generate(&mut rng, &mut seq);
+            text.extend(seq.iter().map(|&t| t as u8));
+        }
+        text
+    }
+
     /// Fills `out` with one sequence drawn with `rng`; returns the index of
     /// the source it came from (tests use it to check the entropy floor).
     pub fn generate(&self, rng: &mut Rng, out: &mut [u32]) -> usize {

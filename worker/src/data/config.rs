@@ -6,7 +6,12 @@ use crate::data::prepared::PreparedData;
 use crate::data::sampler::DataSource;
 use crate::data::tokenizer::Tokenizer;
 use serde::{Deserialize, Serialize};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+/// The built-in corpus's held-out text: sequences of 256 bytes drawn with
+/// this seed (training draws from its own streams, so it is held out).
+pub const HELD_OUT_SEQUENCES: usize = 64;
+pub const HELD_OUT_SEED: u64 = 987_654_321;
 
 /// Where training text comes from and how raw text is tokenized.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -16,11 +21,14 @@ pub struct DataConfig {
     pub source: String,
     /// `"byte"`, or the path of a tokenizer.json (used by eval on raw text).
     pub tokenizer: String,
+    /// Validation during training (`[train] eval_every`): `"builtin"`, the
+    /// built-in corpus's held-out text, or a text file; empty: none.
+    pub eval_source: String,
 }
 
 impl Default for DataConfig {
     fn default() -> Self {
-        Self { source: BUILTIN_SOURCE.into(), tokenizer: "byte".into() }
+        Self { source: BUILTIN_SOURCE.into(), tokenizer: "byte".into(), eval_source: String::new() }
     }
 }
 
@@ -68,5 +76,41 @@ impl DataConfig {
     pub fn open_tokenizer(&self) -> Result<Tokenizer, DataError> {
         self.validate()?;
         Tokenizer::from_setting(&self.tokenizer)
+    }
+
+    /// The tokenizer.json the job's tokens came from: its prepared folder's
+    /// copy, else `tokenizer` when that is a file; None for bytes.
+    pub fn tokenizer_file(&self) -> Option<PathBuf> {
+        if !self.is_builtin() {
+            if let Ok(data) = PreparedData::open(Path::new(&self.source)) {
+                if let Some(path) = data.tokenizer_path() {
+                    return Some(path);
+                }
+            }
+        }
+        (self.tokenizer != "byte").then(|| PathBuf::from(&self.tokenizer))
+    }
+
+    /// The tokenizer that turns raw text into the job's tokens (eval and
+    /// validation): the file of [`DataConfig::tokenizer_file`], else bytes.
+    pub fn job_tokenizer(&self) -> Result<Tokenizer, DataError> {
+        match self.tokenizer_file() {
+            Some(path) => Tokenizer::load(&path),
+            None => self.open_tokenizer(),
+        }
+    }
+
+    /// The tokens of `eval_source`: the built-in corpus's held-out text
+    /// (what `switchyard data sample` writes by default), or a text file
+    /// through the job's tokenizer.
+    pub fn eval_tokens(&self) -> Result<Vec<u32>, DataError> {
+        let source = self.eval_source.trim();
+        if source == BUILTIN_SOURCE {
+            let text = BuiltinCorpus::new().held_out_text(HELD_OUT_SEQUENCES, HELD_OUT_SEED);
+            return Ok(text.into_iter().map(u32::from).collect());
+        }
+        let path = PathBuf::from(source);
+        let text = std::fs::read(&path).map_err(|e| DataError::io(&path, e))?;
+        self.job_tokenizer()?.encode(&text).map_err(|e| DataError::Encode { path, source: e })
     }
 }

@@ -25,6 +25,7 @@ mod rebalance;
 pub(crate) mod start;
 mod step_metrics;
 mod update;
+mod validation;
 
 use crate::api::{checkpoint_url, Observer, Resume, RunOptions, StartInfo, TrainSummary};
 use crate::attention_shards::{cut_to_shard, joined};
@@ -119,6 +120,8 @@ fn train_rank(
         metrics.checkpoint_s = run.checkpoint_if_due(preempted)?;
         metrics.step_time_s = step_started.elapsed().as_secs_f64();
         metrics.tokens_per_s = run.tokens_per_step as f64 / metrics.step_time_s;
+        // After the update, outside the step's time.
+        metrics.eval_loss = run.validate_if_due()?;
         first_loss.get_or_insert(metrics.loss);
         last_loss = Some(metrics.loss);
         if let Some(out) = run.metrics_out.as_mut() {
@@ -193,6 +196,8 @@ pub(crate) struct RankRun<'a> {
     grads_b: Option<ModelWeights>,
     saver: Checkpointer<'a>,
     metrics_out: Option<MetricsWriter>,
+    /// `[data] eval_source`'s windows, when `[train] eval_every` is on.
+    eval_set: Option<validation::EvalSet>,
 }
 
 /// The configured bound on rows per exchange, else what fits this machine.
@@ -241,6 +246,7 @@ impl<'a> RankRun<'a> {
         );
         let groups = Groups::split(comm, &dims, &techniques)?;
         let data = open_data(job)?;
+        let eval_set = validation::EvalSet::load(job)?;
         let (store, mut state, resumed_from) = starting_state(job, opts, &placement, dims.ep_rank(rank))?;
         cut_to_rank_shard(&mut state, cfg.d_model, &dims, rank);
         let (metrics_out, aborted_uploads) = if rank == 0 {
@@ -308,6 +314,7 @@ impl<'a> RankRun<'a> {
             grads,
             saver,
             metrics_out,
+            eval_set,
         };
         Ok((run, info))
     }
