@@ -22,6 +22,12 @@ fn validation_loss_is_the_same_on_every_layout() {
     for m in &one {
         assert_eq!(m.eval_loss.is_some(), m.step % 10 == 0, "step {}: {:?}", m.step, m.eval_loss);
     }
+    // A folder made by `data prepare` of the same text: the same tokens, the same loss.
+    let folder = dir.join("prepared");
+    worker::data::prepare(&[path.clone()], &folder, &worker::data::Tokenizer::Byte).unwrap();
+    let source = format!("data.eval_source=\"{}\"", folder.display());
+    let prepared = run(&job(&["train.eval_every=10", source.as_str()], 1, &[]), "validation-prepared");
+    assert_eq!(prepared[19].eval_loss, one[19].eval_loss, "a prepared folder of the same text");
     let (first, last) = (one[9].eval_loss.unwrap(), one[19].eval_loss.unwrap());
     assert!(last < first, "the held-out loss falls as the model learns: {first} -> {last}");
     let layouts: [(usize, &[&str]); 5] =

@@ -22,7 +22,8 @@ pub struct DataConfig {
     /// `"byte"`, or the path of a tokenizer.json (used by eval on raw text).
     pub tokenizer: String,
     /// Validation during training (`[train] eval_every`): `"builtin"`, the
-    /// built-in corpus's held-out text, or a text file; empty: none.
+    /// built-in corpus's held-out text, a prepared folder or a text file;
+    /// empty: none.
     pub eval_source: String,
 }
 
@@ -101,8 +102,9 @@ impl DataConfig {
     }
 
     /// The tokens of `eval_source`: the built-in corpus's held-out text
-    /// (what `switchyard data sample` writes by default), or a text file
-    /// through the job's tokenizer.
+    /// (what `switchyard data sample` writes by default), a folder made by
+    /// `switchyard data prepare` (its token stream), or a text file through
+    /// the job's tokenizer.
     pub fn eval_tokens(&self) -> Result<Vec<u32>, DataError> {
         let source = self.eval_source.trim();
         if source == BUILTIN_SOURCE {
@@ -110,6 +112,10 @@ impl DataConfig {
             return Ok(text.into_iter().map(u32::from).collect());
         }
         let path = PathBuf::from(source);
+        if path.is_dir() {
+            // A folder made by `switchyard data prepare`: its tokens as they are.
+            return Ok(PreparedData::open(&path)?.tokens().to_vec());
+        }
         let text = std::fs::read(&path).map_err(|e| DataError::io(&path, e))?;
         self.job_tokenizer()?.encode(&text).map_err(|e| DataError::Encode { path, source: e })
     }
