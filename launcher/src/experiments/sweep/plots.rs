@@ -2,9 +2,12 @@
 //! dimension, scaling efficiency against ranks (when ranks are swept) and
 //! the step-time split as stacked bars.
 //!
-//! Text is drawn with an embedded DejaVu Sans Mono (Bitstream Vera licence,
+//! Text is drawn with an embedded DejaVu Sans (Bitstream Vera licence,
 //! launcher/assets/DejaVu-LICENSE.txt) through ab_glyph, so neither format
-//! needs fontconfig, freetype or any font installed.
+//! needs fontconfig, freetype or any font installed. It is proportional: a
+//! monospaced font gives '.' and '(' a whole digit's width, which read as
+//! gaps ("3500. 0"). Colours are Okabe and Ito's palette, told apart with
+//! the common colour-vision deficiencies.
 
 use crate::experiments::sweep::grid::Grid;
 use crate::experiments::sweep::results::PointResult;
@@ -13,8 +16,26 @@ use plotters::coord::Shift;
 use plotters::prelude::*;
 use std::path::{Path, PathBuf};
 
-static FONT: &[u8] = include_bytes!("../../../assets/DejaVuSansMono.ttf");
+static FONT: &[u8] = include_bytes!("../../../assets/DejaVuSans.ttf");
 const SIZE: (u32, u32) = (900, 560);
+
+/// Okabe and Ito's colour-blind-safe palette ("Color Universal Design",
+/// 2008), black left out for the lines and bars: blue, orange, bluish
+/// green, vermillion, reddish purple, sky blue, yellow.
+const PALETTE: [RGBColor; 7] = [
+    RGBColor(0, 114, 178),
+    RGBColor(230, 159, 0),
+    RGBColor(0, 158, 115),
+    RGBColor(213, 94, 0),
+    RGBColor(204, 121, 167),
+    RGBColor(86, 180, 233),
+    RGBColor(240, 228, 66),
+];
+
+/// Title, axis description and tick label sizes (pixels).
+const TITLE: u32 = 20;
+const AXIS: u32 = 16;
+const TICKS: u32 = 13;
 
 /// Reads one part of the step split from a row.
 type Part = fn(&PointResult) -> Option<f64>;
@@ -205,16 +226,20 @@ fn line_chart<DB: DrawingBackend>(
     let top =
         series.iter().flat_map(|(_, p)| p.iter().map(|p| p.1)).fold(if ideal_at_one { 1.0 } else { 0.0 }, f64::max);
     let mut chart = ChartBuilder::on(area)
-        .caption(title, ("sans-serif", 18))
+        .caption(title, ("sans-serif", TITLE))
         .margin(15)
-        .x_label_area_size(45)
-        .y_label_area_size(80)
+        .x_label_area_size(50)
+        .y_label_area_size(85)
         .build_cartesian_2d((0..ticks.len().max(1) - 1).into_segmented(), 0.0..top * 1.15)
         .map_err(|e| fail(&e))?;
     chart
         .configure_mesh()
         .x_desc(x_desc)
         .y_desc(y_desc)
+        .axis_desc_style(("sans-serif", AXIS))
+        .label_style(("sans-serif", TICKS))
+        .light_line_style(BLACK.mix(0.05))
+        .y_label_formatter(&|v| tick_number(*v))
         .x_labels(ticks.len() + 1)
         .x_label_formatter(&|v| segment_label(v, ticks))
         .draw()
@@ -227,7 +252,7 @@ fn line_chart<DB: DrawingBackend>(
             .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], BLACK.mix(0.4)));
     }
     for (i, (legend, points)) in series.iter().enumerate() {
-        let color = Palette99::pick(i).to_rgba();
+        let color = PALETTE[i % PALETTE.len()].to_rgba();
         let xy: Vec<(SegmentValue<usize>, f64)> = points.iter().map(|&(x, y)| (SegmentValue::CenterOf(x), y)).collect();
         chart.draw_series(LineSeries::new(xy.clone(), color.stroke_width(2))).map_err(|e| fail(&e))?;
         chart
@@ -238,6 +263,7 @@ fn line_chart<DB: DrawingBackend>(
     }
     chart
         .configure_series_labels()
+        .label_font(("sans-serif", TICKS + 1))
         .position(SeriesLabelPosition::LowerRight)
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
@@ -255,7 +281,7 @@ fn step_split<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, grid: &Grid, ro
         .map(|r| {
             let values = keys.iter().map(|k| r.values.get(*k).map_or("", |v| v.as_str())).collect::<Vec<_>>();
             let mark = if r.source == "measured" { "" } else { " p" };
-            format!("{}{mark}", values.join(","))
+            format!("{}{mark}", values.join(", "))
         })
         .collect();
     let ms = |v: Option<f64>| v.unwrap_or(0.0) * 1e3;
@@ -265,23 +291,27 @@ fn step_split<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, grid: &Grid, ro
         .fold(0.0, f64::max);
     area.fill(&WHITE).map_err(|e| fail(&e))?;
     let mut chart = ChartBuilder::on(area)
-        .caption("step time split (slowest rank; p = predicted)", ("sans-serif", 18))
+        .caption("step time split (slowest rank; p = predicted)", ("sans-serif", TITLE))
         .margin(15)
-        .x_label_area_size(45)
-        .y_label_area_size(80)
+        .x_label_area_size(50)
+        .y_label_area_size(85)
         .build_cartesian_2d((0..rows.len().max(1) - 1).into_segmented(), 0.0..top * 1.2)
         .map_err(|e| fail(&e))?;
     chart
         .configure_mesh()
-        .x_desc(keys.join(","))
+        .x_desc(keys.join(", "))
         .y_desc("ms per step")
+        .axis_desc_style(("sans-serif", AXIS))
+        .label_style(("sans-serif", TICKS))
+        .light_line_style(BLACK.mix(0.05))
+        .y_label_formatter(&|v| tick_number(*v))
         .x_labels(rows.len() + 1)
         .x_label_formatter(&|v| segment_label(v, &ticks))
         .draw()
         .map_err(|e| fail(&e))?;
     let parts: [(&str, RGBColor, Part); 3] = [
-        ("compute (without all-to-all)", BLUE, |r| r.compute_s),
-        ("exposed communication (all-to-all + grad sync)", RED, |r| r.exposed_comm_s),
+        ("compute (without all-to-all)", PALETTE[0], |r| r.compute_s),
+        ("exposed communication (all-to-all + grad sync)", PALETTE[1], |r| r.exposed_comm_s),
         ("other (data, optimizer, metrics)", RGBColor(150, 150, 150), |r| r.other_s),
     ];
     for (p, &(name, color, part)) in parts.iter().enumerate() {
@@ -302,11 +332,28 @@ fn step_split<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, grid: &Grid, ro
     }
     chart
         .configure_series_labels()
+        .label_font(("sans-serif", TICKS + 1))
         .position(SeriesLabelPosition::UpperLeft)
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
         .draw()
         .map_err(|e| fail(&e))
+}
+
+/// A tick's number as people write it: 25M, 120k, 3500, 12.5, 0.85.
+fn tick_number(v: f64) -> String {
+    let a = v.abs();
+    if a >= 1e6 {
+        format!("{:.1}M", v / 1e6)
+    } else if a >= 1e4 {
+        format!("{:.0}k", v / 1e3)
+    } else if a >= 100.0 {
+        format!("{v:.0}")
+    } else if a >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
 }
 
 fn segment_label(v: &SegmentValue<usize>, ticks: &[String]) -> String {
