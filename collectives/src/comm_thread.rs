@@ -33,6 +33,8 @@ enum Work {
 }
 
 struct Job {
+    /// The operation's name, for the timeline.
+    op: &'static str,
     work: Work,
     reply: mpsc::SyncSender<Finished>,
 }
@@ -104,7 +106,11 @@ impl CommThread {
     pub fn spawn(comm: Box<dyn Communicator>) -> std::io::Result<Self> {
         let (rank, size) = (comm.rank(), comm.size());
         let (jobs, inbox) = mpsc::channel::<Job>();
-        let thread = std::thread::Builder::new().name(format!("comm-r{rank}")).spawn(move || serve(comm, inbox))?;
+        let world_rank = crate::trace_rank::get();
+        let thread = std::thread::Builder::new().name(format!("comm-r{rank}")).spawn(move || {
+            crate::trace_rank::inherit(world_rank);
+            serve(comm, inbox)
+        })?;
         Ok(Self { jobs: Some(jobs), thread: Some(thread), rank, size })
     }
 
@@ -144,7 +150,7 @@ impl CommThread {
         let (reply, answer) = mpsc::sync_channel(1);
         // A thread that ended drops the job, and wait reports that.
         if let Some(jobs) = &self.jobs {
-            let _ = jobs.send(Job { work, reply });
+            let _ = jobs.send(Job { op, work, reply });
         }
         Ticket { reply: answer, op, early: None }
     }
@@ -163,6 +169,7 @@ impl Drop for CommThread {
 fn serve(mut comm: Box<dyn Communicator>, inbox: mpsc::Receiver<Job>) {
     crate::mpi::mark_background_thread();
     while let Ok(job) = inbox.recv() {
+        let _span = tracing::info_span!("comm thread", op = job.op).entered();
         let started = Instant::now();
         let result = match job.work {
             Work::AllToAllV { send, counts, known: None } => comm.all_to_all_v(&send, &counts),

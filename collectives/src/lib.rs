@@ -19,6 +19,7 @@ pub mod mpi;
 pub mod nccl;
 pub mod stop;
 pub mod stream_copy;
+pub mod trace_rank;
 
 pub use buffers::MessageBuffer;
 use std::time::Duration;

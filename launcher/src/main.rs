@@ -10,6 +10,7 @@ mod eval;
 mod experiments;
 mod format;
 mod run;
+mod trace;
 
 use clap::{Parser, Subcommand};
 
@@ -58,6 +59,15 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    let trace_file = match &cli.command {
+        Command::Train(args) | Command::Worker(args) => args.trace_file(),
+        _ => None,
+    };
+    let timeline = trace::install(trace_file.is_some());
+    // A launcher of MPI ranks merges their files at the end: none may be left from before.
+    if let Some(path) = trace_file.as_deref().filter(|_| collectives::launch::launched_rank().is_none()) {
+        trace::remove_rank_files(path);
+    }
     if matches!(cli.command, Command::Train(_) | Command::Worker(_) | Command::Coordinator(_)) {
         // SIGTERM (scancel, pre-emption, pod eviction) = checkpoint, then stop;
         // also in a launcher that only waits for mpirun, and in a coordinator,
@@ -77,6 +87,13 @@ fn main() -> std::process::ExitCode {
         Command::Sweep(args) => experiments::sweep::run(args),
         Command::Simulate(args) => experiments::simulate::run(args),
     };
+    // Also after a failure: the timeline shows where it stopped.
+    if let (Some(timeline), Some(path)) = (&timeline, &trace_file) {
+        match timeline.write(path) {
+            Ok(out) => eprintln!("trace: {} (open it in ui.perfetto.dev or chrome://tracing)", out.display()),
+            Err(e) => eprintln!("warning: {e:#}"),
+        }
+    }
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) if err.is::<run::Preempted>() => {

@@ -87,18 +87,35 @@ fn ranks_start_from_the_launch_plan_whatever_flags_the_launcher_was_given() {
     let dir = temp_dir("plan");
     let run_dir = dir.join("plan");
     // Flags only the launcher acts on (--max-restarts, --set in = form), and
-    // one the ranks must honour (--stop-at): the ranks get the resolved
-    // config and typed flags, so they start and stop where they were told.
+    // ones the ranks must honour (--stop-at, --trace): the ranks get the
+    // resolved config and typed flags, so they start and stop where they
+    // were told, and each writes its timeline, which the launcher merges.
+    let trace = dir.join("trace.json");
     let out = run(
         Command::new(EXE)
             .args(job_args(&run_dir))
             .args(["--backend", "mpi", "--ranks", "2", "--max-restarts=1", "--stop-at", "8"])
-            .arg("--set=model.n_experts=4"),
+            .arg("--set=model.n_experts=4")
+            .args(["--trace", trace.to_str().unwrap()]),
         "switchyard train --backend mpi with launcher flags",
     );
     let log = text(&out);
     assert!(out.status.success(), "{log}");
     assert_eq!(losses(&run_dir).len(), 8, "the ranks stopped at --stop-at 8: {log}");
+    let merged: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&trace).unwrap()).unwrap();
+    for rank in 0..2u64 {
+        let names: std::collections::BTreeSet<&str> = merged["traceEvents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["pid"].as_u64() == Some(rank) && e["ph"] == "X")
+            .filter_map(|e| e["name"].as_str())
+            .collect();
+        for phase in ["step", "forward", "backward", "dispatch", "expert compute", "combine", "gradient all-reduce"] {
+            assert!(names.contains(phase), "rank {rank}'s process wrote no {phase:?} into the merged trace: {names:?}");
+        }
+    }
+    assert!(!dir.join("trace.rank-0.json").exists(), "the ranks' own files are merged and removed");
     let plan = std::fs::read_to_string(run_dir.join("launch.toml")).expect("the ranks' resolved config");
     assert!(plan.contains("n_experts = 4") && plan.contains("backend = \"mpi\""), "{plan}");
     assert!(run_dir.join("checkpoints/step-00000008/manifest.json").exists(), "{log}");

@@ -860,8 +860,11 @@ pub fn forward_backward_with(
     let mut stats = ForwardStats { num_tokens: t, ..Default::default() };
     let attention_during_moe = opts.attention_during_moe;
     let mut pass = Pass { cfg, rope, dims, experts, shards, attention_during_moe, modal: &modal };
+    let forward = tracing::info_span!("forward", tokens = t).entered();
     let (x_td, caches) = pass.trunk_forward(dense, inputs, &mut stats)?;
     let (xf_td, rstd_t, logits_tv) = head_forward(cfg, dense, &pass.dims, &x_td);
+    drop(forward);
+    let _backward = tracing::info_span!("backward", tokens = t).entered();
     let mut dlogits_tv = vec![0.0; t * v];
     stats.ce_sum = cross_entropy_forward_backward(&logits_tv, targets, v, scales.ce, &mut dlogits_tv);
     drop(logits_tv);
@@ -945,6 +948,7 @@ pub fn forward_with(
     let mut stats = ForwardStats { num_tokens: dims.t, ..Default::default() };
     let modal = PassModalities::new(cfg, &input_modalities(cfg, mb)?, dims.a, mine.clone());
     let mut pass = Pass { cfg, rope, dims, experts, shards, attention_during_moe: false, modal: &modal };
+    let _forward = tracing::info_span!("forward", tokens = pass.dims.t, validation = true).entered();
     let (x_td, _caches) = pass.trunk_forward(dense, &inputs[mine.clone()], &mut stats)?;
     let (_, _, logits_tv) = head_forward(cfg, dense, &pass.dims, &x_td);
     stats.ce_sum = cross_entropy_sum(&logits_tv, &targets[mine], cfg.vocab);

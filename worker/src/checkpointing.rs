@@ -178,15 +178,21 @@ impl<'c> Checkpointer<'c> {
             SaveKind::InPlace => {
                 let tensors = state.shard_tensors(at.job, rank == 0, &writes_expert);
                 let refs: Vec<TensorRef> = tensors.iter().map(ShardTensor::as_ref).collect();
+                let _span = tracing::info_span!("checkpoint upload", step = state.step, in_place = true).entered();
                 upload.run(&refs)?
             }
             SaveKind::Background => {
+                let copy = tracing::info_span!("checkpoint copy", step = state.step).entered();
                 let mut tensors = std::mem::take(&mut self.spare);
                 state.snapshot_into(at.job, rank == 0, &writes_expert, &mut tensors);
+                drop(copy);
                 let step = state.step;
+                let world_rank = collectives::trace_rank::get();
                 let thread = std::thread::Builder::new()
                     .name(format!("checkpoint-upload-{step}"))
                     .spawn(move || {
+                        collectives::trace_rank::inherit(world_rank);
+                        let _span = tracing::info_span!("checkpoint upload", step).entered();
                         let refs: Vec<TensorRef> = tensors.iter().map(OwnedTensor::as_ref).collect();
                         let result = upload.run(&refs);
                         drop(refs);

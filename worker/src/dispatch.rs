@@ -693,6 +693,7 @@ impl<'a> AllToAllExperts<'a> {
 
     /// Sends every chunk of `rows_ad` (rows in dispatch-plan order).
     fn start(&mut self, layer: usize, pass: Pass, exchange: Exchange, rows_ad: &[f32]) -> Result<(), ModelError> {
+        let _span = tracing::info_span!("dispatch", layer, pass = ?pass).entered();
         let mut outbound = VecDeque::with_capacity(exchange.chunks.len());
         for chunk in &exchange.chunks {
             // Inputs travel once per token and rank; output gradients row by row.
@@ -724,7 +725,10 @@ impl<'a> AllToAllExperts<'a> {
         let mut inbound = VecDeque::with_capacity(exchange.chunks.len());
         for (c, chunk) in exchange.chunks.iter().enumerate() {
             let transfer = outbound.pop_front().expect("one transfer per chunk");
+            let arriving = tracing::info_span!("dispatch", layer, pass = ?pass, chunk = c).entered();
             self.receive(transfer)?;
+            drop(arriving);
+            let computing = tracing::info_span!("expert compute", layer, pass = ?pass, chunk = c).entered();
             let x_local = match pass {
                 Pass::Forward => {
                     expand_rows(&self.received, d, &chunk.recv_slot, &chunk.recv_to_plan, chunk.plan.num_rows())
@@ -740,6 +744,8 @@ impl<'a> AllToAllExperts<'a> {
             if pass == Pass::Forward {
                 self.stats.rows_computed += chunk.plan.num_rows() as u64;
             }
+            drop(computing);
+            let _returning = tracing::info_span!("combine", layer, pass = ?pass, chunk = c).entered();
             // Outputs go back row by row; input gradients summed per travelling row.
             inbound.push_back(match pass {
                 Pass::Forward => {
@@ -752,6 +758,7 @@ impl<'a> AllToAllExperts<'a> {
                 )?,
             });
         }
+        let _span = tracing::info_span!("combine", layer, pass = ?pass).entered();
         let mut out_ad = vec![0.0; exchange.rows * d];
         for chunk in &exchange.chunks {
             let transfer = inbound.pop_front().expect("one transfer per chunk");

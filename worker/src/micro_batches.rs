@@ -172,7 +172,11 @@ pub fn run_micro_batches(
             (&[m0, m1], Some(lane_b)) => {
                 let (mut hook_a, mut hook_b) = (hook_for(last), hook_for(last));
                 let (a, b) = std::thread::scope(|s| {
-                    let second = s.spawn(move || run_one(inputs, lane_b, m1, hook_b.as_mut().map(|h| h as LayerHook)));
+                    let rank = collectives::trace_rank::get();
+                    let second = s.spawn(move || {
+                        collectives::trace_rank::inherit(rank);
+                        run_one(inputs, lane_b, m1, hook_b.as_mut().map(|h| h as LayerHook))
+                    });
                     let first = run_one(inputs, lane_a, m0, hook_a.as_mut().map(|h| h as LayerHook));
                     (first, second.join().expect("the second lane does not panic"))
                 });

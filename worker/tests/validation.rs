@@ -24,7 +24,7 @@ fn validation_loss_is_the_same_on_every_layout() {
     }
     // A folder made by `data prepare` of the same text: the same tokens, the same loss.
     let folder = dir.join("prepared");
-    worker::data::prepare(&[path.clone()], &folder, &worker::data::Tokenizer::Byte).unwrap();
+    worker::data::prepare(std::slice::from_ref(&path), &folder, &worker::data::Tokenizer::Byte).unwrap();
     let source = format!("data.eval_source=\"{}\"", folder.display());
     let prepared = run(&job(&["train.eval_every=10", source.as_str()], 1, &[]), "validation-prepared");
     assert_eq!(prepared[19].eval_loss, one[19].eval_loss, "a prepared folder of the same text");

@@ -23,6 +23,8 @@ pub struct RankLaunch<'a> {
     pub resume: &'a Resume,
     pub stop_at: Option<u64>,
     pub quiet: bool,
+    /// `--trace FILE`: each rank writes its own file beside it.
+    pub trace: Option<&'a Path>,
 }
 
 impl RankLaunch<'_> {
@@ -56,6 +58,9 @@ impl RankLaunch<'_> {
         }
         if self.quiet {
             args.push("--quiet".into());
+        }
+        if let Some(trace) = self.trace {
+            args.extend(["--trace".to_string(), trace.display().to_string()]);
         }
         args
     }
@@ -108,7 +113,8 @@ mod tests {
         for resume in
             [Resume::No, Resume::Latest, Resume::LatestOrFresh, Resume::From("file:///x/step-00000004".into())]
         {
-            let plan = RankLaunch { job: &job, run_dir: &dir, resume: &resume, stop_at: Some(5), quiet: true };
+            let plan =
+                RankLaunch { job: &job, run_dir: &dir, resume: &resume, stop_at: Some(5), quiet: true, trace: None };
             let written = plan.write_config().unwrap();
             let args = plan.args();
             // The ranks' line parses as a `train` command ...

@@ -66,6 +66,10 @@ pub struct TrainArgs {
     /// Print only summary lines (no progress bar).
     #[arg(long)]
     quiet: bool,
+    /// Write a timeline of every rank's phases (Chrome trace JSON: ui.perfetto.dev,
+    /// chrome://tracing); MPI ranks each write FILE.rank-N first, merged at the end.
+    #[arg(long, value_name = "FILE")]
+    trace: Option<PathBuf>,
     /// MPI across machines: host:slots entries for mpirun (same as --set launch.hosts=[...]).
     #[arg(long, value_delimiter = ',', value_name = "HOST:SLOTS,...")]
     hosts: Vec<String>,
@@ -92,6 +96,13 @@ fn flag_agrees_with_sets(sets: &[String], flag: &str, key: &str, value: &str) ->
 }
 
 /// Runs a training job on this machine, or this process's rank of an MPI job.
+impl TrainArgs {
+    /// `--trace FILE`, when given.
+    pub fn trace_file(&self) -> Option<PathBuf> {
+        self.trace.clone()
+    }
+}
+
 pub fn run(args: TrainArgs) -> Result<()> {
     let mut overrides = args.overrides.clone();
     if let Some(backend) = &args.backend {
@@ -168,8 +179,14 @@ pub fn run(args: TrainArgs) -> Result<()> {
         let coordinator = RunningCoordinator::start(&job, &run_dir)?;
         eprintln!("{}", coordinator.banner());
         let result = if job.parallel.backend == Backend::Mpi {
-            let launch =
-                RankLaunch { job: &job, run_dir: &run_dir, resume: &resume, stop_at: args.stop_at, quiet: args.quiet };
+            let launch = RankLaunch {
+                job: &job,
+                run_dir: &run_dir,
+                resume: &resume,
+                stop_at: args.stop_at,
+                quiet: args.quiet,
+                trace: args.trace.as_deref(),
+            };
             run_mpi(&launch, &coordinator)
         } else {
             run_here(&job, &args, &run_dir, resume.clone(), Some(coordinator.link()), true, rows_that_fit)

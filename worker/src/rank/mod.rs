@@ -60,6 +60,8 @@ pub fn run_rank(
     comm: &mut dyn Communicator,
     observer: Option<&mut dyn Observer>,
 ) -> Result<TrainSummary, WorkerError> {
+    // The timeline's track (`train --trace`): this thread and those it starts.
+    collectives::trace_rank::set(comm.rank());
     let client = match &opts.coordinator {
         Some(link) => {
             let checkpoints = checkpoint_url(job, &opts.run_dir);
@@ -92,11 +94,14 @@ fn train_rank(
     let mut last_checkpoint = start.resumed_from.filter(|_| resumed);
     let mut preempted = false;
     while run.state.step < run.end {
+        let _step = tracing::info_span!("step", step = run.state.step + 1).entered();
         let step_started = Instant::now();
         let mut local = run.passes()?;
         local.step.expert_bias_hash = update::expert_bias_hash(&run.state.weights.dense);
         let sync_started = Instant::now();
+        let syncing = tracing::info_span!("gradient all-reduce").entered();
         let grad_norm = run.sync_gradients(local.bucket_s.is_some())?;
+        drop(syncing);
         let sync_s = sync_started.elapsed().as_secs_f64();
         local.step.comm_s = local.step.dispatch.alltoall_s + local.bucket_s.unwrap_or(0.0) + sync_s;
         local.step.exposed_comm_s = run.exposure.take().as_secs_f64() + sync_s;
@@ -112,7 +117,9 @@ fn train_rank(
         }
         metrics.lr = learning_rate(&job.optim, run.state.step, job.train.steps);
         metrics.grad_norm = grad_norm;
+        let optimizing = tracing::info_span!("optimizer").entered();
         update::optimizer_step(job, &mut run.state, &mut run.grads, metrics.lr, grad_norm);
+        drop(optimizing);
         metrics.expert_bias = update::expert_bias_step(job, &mut run.state, &metrics.expert_load);
         run.state.step += 1;
         run.state.tokens_seen += run.tokens_per_step;
