@@ -21,7 +21,7 @@ done
 # System packages the suites use: OpenMPI for the MPI backend (and bindgen's
 # libclang to build its bindings), iproute2 for the network-namespace hosts,
 # Slurm and munge for the one-node cluster the Slurm test starts, OpenSSH
-# for the MPIJob test.
+# for the MPIJob test, Chromium for the dashboard test.
 mapfile -t need < <(scripts/missing-mpi-packages.sh)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v unshare >/dev/null 2>&1 || need+=(util-linux)
@@ -30,6 +30,8 @@ command -v munged >/dev/null 2>&1 || need+=(munge)
 # sshd and ssh: the MPIJob test runs mpirun over SSH between namespace hosts.
 [ -x /usr/sbin/sshd ] || need+=(openssh-server)
 command -v ssh-keygen >/dev/null 2>&1 || need+=(openssh-client)
+# A real browser for the dashboard test (launcher/tests/dashboard.rs).
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
 if [ ${#need[@]} -gt 0 ]; then
   echo "== installing ${need[*]}"
   sudo=""

@@ -1,6 +1,7 @@
-//! `GET /metrics` (Prometheus text format 0.0.4) and `GET /status` (JSON)
-//! on the coordinator's HTTP port: a minimal HTTP/1.1 responder, enough
-//! for Prometheus, curl and Kubernetes probes (one request per connection).
+//! `GET /metrics` (Prometheus text format 0.0.4), `GET /status` (JSON), the
+//! dashboard `GET /` and its data `GET /api/history` on the coordinator's
+//! HTTP port: a minimal HTTP/1.1 responder, enough for Prometheus, curl,
+//! browsers and Kubernetes probes (one request per connection).
 
 use crate::server::{lock, status_of, Shared, Status};
 use std::fmt::Write as _;
@@ -35,14 +36,25 @@ async fn respond(mut stream: TcpStream, shared: Shared) -> std::io::Result<()> {
     let head = String::from_utf8_lossy(&head);
     let mut parts = head.split_whitespace();
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let status = status_of(&lock(&shared));
+    // The lock is held in this block only: the guard must not live across an await.
+    let (status, history) = {
+        let state = lock(&shared);
+        let status = status_of(&state);
+        let history = (path == "/api/history").then(|| {
+            let status = serde_json::to_value(&status).expect("status serialises");
+            crate::dashboard::history_json(&state.history, status, &[])
+        });
+        (status, history)
+    };
     let (code, content_type, body) = match (method, path) {
+        ("GET", "/") => ("200 OK", "text/html; charset=utf-8", crate::dashboard::PAGE.to_string()),
+        ("GET", "/api/history") => ("200 OK", "application/json", history.unwrap_or_default()),
         ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", prometheus(&status)),
         ("GET", "/status") => {
             ("200 OK", "application/json", serde_json::to_string_pretty(&status).expect("status serialises"))
         }
         ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
-        _ => ("404 Not Found", "text/plain", "try /metrics, /status or /healthz\n".to_string()),
+        _ => ("404 Not Found", "text/plain", "try /, /api/history, /metrics, /status or /healthz\n".to_string()),
     };
     let response = format!(
         "HTTP/1.1 {code}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",

@@ -159,6 +159,8 @@ pub(crate) struct State {
     /// at its first step), and whether writing it failed (said once).
     tensorboard: Option<EventWriter>,
     tensorboard_failed: bool,
+    /// The steps the dashboard draws (bounded, downsampled).
+    pub(crate) history: crate::dashboard::History,
     /// Why every rank was asked to save and stop, once it was.
     save_and_stop: Option<String>,
 }
@@ -212,6 +214,7 @@ impl Coordinator {
             metrics_next_step: None,
             tensorboard: None,
             tensorboard_failed: false,
+            history: crate::dashboard::History::default(),
             save_and_stop: None,
         }));
         if let Some(target) = target {
@@ -527,6 +530,9 @@ fn record_step(shared: &Shared, rank: u32, report: StepReport) {
         return;
     }
     let reports: Vec<StepReport> = state.pending.remove(&step).into_iter().flatten().flatten().collect();
+    if let Some(line) = reports.iter().find_map(|r| r.detail.as_deref()) {
+        state.history.push_row(line);
+    }
     if let Some(path) = state.cfg.metrics_path.clone() {
         let line = reports.iter().find_map(|r| r.detail.as_deref());
         if let Some(line) = line {

@@ -11,6 +11,7 @@ mod experiments;
 mod format;
 mod run;
 mod trace;
+mod watch;
 
 use clap::{Parser, Subcommand};
 
@@ -52,6 +53,10 @@ enum Command {
     /// point, or a sweep grid -> the sweep's results files and plots); `calibrate`
     /// measures this machine into a cluster file.
     Simulate(experiments::simulate::SimulateArgs),
+    /// Serve a run folder's dashboard (the page a running job's coordinator serves at /).
+    Dashboard(watch::DashboardArgs),
+    /// Write a run folder's dashboard as one self-contained HTML file.
+    Report(watch::ReportArgs),
     /// Benchmarks (print a table; --json for machines).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -86,6 +91,8 @@ fn main() -> std::process::ExitCode {
         Command::Slurm(cmd) => deploy::slurm::run(cmd),
         Command::Sweep(args) => experiments::sweep::run(args),
         Command::Simulate(args) => experiments::simulate::run(args),
+        Command::Dashboard(args) => watch::serve(args),
+        Command::Report(args) => watch::report(args),
     };
     // Also after a failure: the timeline shows where it stopped.
     if let (Some(timeline), Some(path)) = (&timeline, &trace_file) {

@@ -60,7 +60,7 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
     let world = job.parallel.ranks;
     let http = coordinator.http_addr().expect("started with HTTP");
     println!(
-        "coordinator {} waiting for {world} rank(s) | status http://{http}/status | metrics http://{http}/metrics",
+        "coordinator {} waiting for {world} rank(s) | dashboard http://{http}/ | status http://{http}/status | metrics http://{http}/metrics",
         coordinator.addr()
     );
     let (mut done, mut failures) = (0, Vec::new());

@@ -105,7 +105,10 @@ impl RunningCoordinator {
     pub fn banner(&self) -> String {
         match self.http {
             Some(http) => {
-                format!("coordinator {} | status http://{http}/status | metrics http://{http}/metrics", self.link.addr)
+                format!(
+                    "coordinator {} | dashboard http://{http}/ | status http://{http}/status | metrics http://{http}/metrics",
+                    self.link.addr
+                )
             }
             None => format!("coordinator {}", self.link.addr),
         }

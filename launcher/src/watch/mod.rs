@@ -1,0 +1,99 @@
+//! `switchyard dashboard --run-dir DIR` serves a run folder's dashboard
+//! (the page the coordinator serves live, drawn from the folder's
+//! metrics.jsonl, read again on every request so a running job's folder
+//! stays live too), and `switchyard report` writes it as one HTML file.
+
+use anyhow::{Context, Result};
+use clap::Args;
+use coordinator::dashboard::{history_json, history_of_file, report_html, PAGE};
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+
+/// `switchyard dashboard`'s arguments.
+#[derive(Args)]
+pub struct DashboardArgs {
+    /// The run folder (holds metrics.jsonl).
+    #[arg(long)]
+    run_dir: PathBuf,
+    /// Address to serve on.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    addr: String,
+}
+
+/// `switchyard report`'s arguments.
+#[derive(Args)]
+pub struct ReportArgs {
+    /// The run folder (holds metrics.jsonl).
+    #[arg(long)]
+    run_dir: PathBuf,
+    /// The HTML file to write (self-contained: it opens with no server).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+/// The folder's history as `/api/history` answers it, and its problems
+/// (no metrics.jsonl, lines cut short), which the page shows too.
+fn folder_history(run_dir: &Path) -> (String, Vec<String>) {
+    let path = run_dir.join("metrics.jsonl");
+    let (history, problems) = match std::fs::read_to_string(&path) {
+        Ok(text) => history_of_file(&text),
+        Err(e) => (
+            Default::default(),
+            vec![format!(
+                "cannot read {} ({e}): is {} a run folder (switchyard train --run-dir)?",
+                path.display(),
+                run_dir.display()
+            )],
+        ),
+    };
+    let problems: Vec<String> = problems.into_iter().map(|p| format!("{}: {p}", path.display())).collect();
+    (history_json(&history, serde_json::Value::Null, &problems), problems)
+}
+
+/// Serves the dashboard of `args.run_dir` until stopped.
+pub fn serve(args: DashboardArgs) -> Result<()> {
+    let (_, problems) = folder_history(&args.run_dir);
+    for problem in &problems {
+        eprintln!("warning: {problem}");
+    }
+    let listener = TcpListener::bind(&args.addr).with_context(|| format!("cannot listen on --addr {}", args.addr))?;
+    let addr = listener.local_addr()?;
+    println!("dashboard of {}: http://{addr}/ (Ctrl-C stops it)", args.run_dir.display());
+    for stream in listener.incoming().flatten() {
+        let _ = respond(stream, &args.run_dir);
+    }
+    Ok(())
+}
+
+fn respond(mut stream: TcpStream, run_dir: &Path) -> std::io::Result<()> {
+    let mut request = String::new();
+    BufReader::new(&stream).read_line(&mut request)?;
+    let path = request.split_whitespace().nth(1).unwrap_or("/");
+    let (code, content_type, body) = match path {
+        "/" => ("200 OK", "text/html; charset=utf-8", PAGE.to_string()),
+        "/api/history" => ("200 OK", "application/json", folder_history(run_dir).0),
+        _ => ("404 Not Found", "text/plain", "try / or /api/history\n".to_string()),
+    };
+    write!(
+        stream,
+        "HTTP/1.1 {code}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// Writes the run's dashboard with its data inside to `args.out`.
+pub fn report(args: ReportArgs) -> Result<()> {
+    let (data, problems) = folder_history(&args.run_dir);
+    for problem in &problems {
+        eprintln!("warning: {problem}");
+    }
+    std::fs::write(&args.out, report_html(&data))
+        .with_context(|| format!("cannot write --out {}", args.out.display()))?;
+    println!(
+        "wrote the dashboard of {} to {} (opens in a browser, no server needed)",
+        args.run_dir.display(),
+        args.out.display()
+    );
+    Ok(())
+}
