@@ -67,8 +67,14 @@ pub fn serve(args: DashboardArgs) -> Result<()> {
 }
 
 fn respond(mut stream: TcpStream, run_dir: &Path) -> std::io::Result<()> {
+    let mut reader = BufReader::new(&stream);
     let mut request = String::new();
-    BufReader::new(&stream).read_line(&mut request)?;
+    reader.read_line(&mut request)?;
+    // The rest of the head, so a client still sending it is not cut off.
+    let mut header = String::new();
+    while reader.read_line(&mut header)? > 0 && header.trim_end() != "" {
+        header.clear();
+    }
     let path = request.split_whitespace().nth(1).unwrap_or("/");
     let (code, content_type, body) = match path {
         "/" => ("200 OK", "text/html; charset=utf-8", PAGE.to_string()),
