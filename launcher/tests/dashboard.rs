@@ -40,17 +40,24 @@ fn address_after(reader: &mut impl BufRead, marker: &str) -> String {
     }
 }
 
-#[test]
-fn a_running_job_serves_its_dashboard_and_the_folder_serves_it_after() {
-    let dir = temp_dir("dashboard", "live");
-    let run = dir.join("run");
+/// A 4-rank job of `steps` in `run`, and its dashboard's address (from
+/// the banner on stderr, which is then drained).
+fn start_job(run: &std::path::Path, steps: &str) -> (std::process::Child, String) {
     let mut args = vec!["train", "--quiet", "--ranks", "4", "--run-dir", run.to_str().unwrap()];
     args.extend(SMALL);
-    args.extend(["--set", "train.steps=300", "--set", "checkpoint.every=0"]);
+    args.extend(["--set", steps, "--set", "checkpoint.every=0"]);
     let mut child = Command::new(EXE).args(&args).stderr(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
     let mut stderr = BufReader::new(child.stderr.take().unwrap());
     let addr = address_after(&mut stderr, "dashboard http://");
     std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+    (child, addr)
+}
+
+#[test]
+fn a_running_job_serves_its_dashboard_and_the_folder_serves_it_after() {
+    let dir = temp_dir("dashboard", "live");
+    let run = dir.join("run");
+    let (mut child, addr) = start_job(&run, "train.steps=300");
     let page = get(&addr, "/");
     assert!(page.contains("<canvas id=\"loss\"") && page.contains("api/history"), "the page: {page}");
     assert!(!page.contains("http://") && !page.contains("https://"), "nothing loaded from the internet");
@@ -153,13 +160,7 @@ fn attribute(dom: &str, element: &str, name: &str) -> Vec<u64> {
 fn a_browser_draws_the_live_page_of_a_4_rank_job() {
     let dir = temp_dir("dashboard", "browser");
     let run = dir.join("run");
-    let mut args = vec!["train", "--quiet", "--ranks", "4", "--run-dir", run.to_str().unwrap()];
-    args.extend(SMALL);
-    args.extend(["--set", "train.steps=1000000", "--set", "checkpoint.every=0"]);
-    let mut child = Command::new(EXE).args(&args).stderr(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let addr = address_after(&mut stderr, "dashboard http://");
-    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+    let (mut child, addr) = start_job(&run, "train.steps=1000000");
     let started = Instant::now();
     while serde_json::from_str::<serde_json::Value>(&get(&addr, "/api/history")).unwrap()["points"]
         .as_array()

@@ -18,12 +18,7 @@ const MOA: &[&str] = &["model.attention=\"moa\"", "model.attn_experts=4", "model
 const MOH: &[&str] = &["model.attention=\"moh\"", "model.n_heads=8", "model.attn_shared_heads=2", "model.attn_top_k=3"];
 
 fn assert_close(reference: &[StepMetrics], other: &[StepMetrics], what: &str) {
-    assert_eq!(reference.len(), other.len(), "{what}: step count");
-    for (a, b) in reference.iter().zip(other) {
-        let rel = (a.loss - b.loss).abs() / a.loss.abs();
-        assert!(rel <= 1e-6, "{what}: step {} loss {} vs {} (relative {rel:.2e})", a.step, b.loss, a.loss);
-        assert_eq!(a.attn_load, b.attn_load, "{what}: step {} attention loads", a.step);
-    }
+    common::assert_close_by(reference, other, what, |m| m.attn_load.clone());
 }
 
 /// Every layer's attention loads count each token's `top_k` choices once.

@@ -18,12 +18,7 @@ use worker::metrics::StepMetrics;
 const MOT: &[&str] = &["model.modalities=2", "model.n_experts=8", "model.n_layers=3", "model.first_dense_layers=1"];
 
 fn assert_close(reference: &[StepMetrics], other: &[StepMetrics], what: &str) {
-    assert_eq!(reference.len(), other.len(), "{what}: step count");
-    for (a, b) in reference.iter().zip(other) {
-        let rel = (a.loss - b.loss).abs() / a.loss.abs();
-        assert!(rel <= 1e-6, "{what}: step {} loss {} vs {} (relative {rel:.2e})", a.step, b.loss, a.loss);
-        assert_eq!(a.tokens_per_expert, b.tokens_per_expert, "{what}: step {} expert loads", a.step);
-    }
+    common::assert_close_by(reference, other, what, |m| m.tokens_per_expert.clone());
 }
 
 #[test]

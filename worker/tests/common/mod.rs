@@ -81,3 +81,19 @@ pub fn train_steps(job: &JobConfig, dir: &std::path::Path, resume: Resume, stop_
 pub fn fresh_run(job: &JobConfig, name: &str) -> Vec<StepMetrics> {
     train_steps(job, &temp_dir(name), Resume::No, None)
 }
+
+/// Asserts two runs' losses agree within 1e-6 (relative) step by step, and
+/// that `same` (a per-step value both must share exactly) agrees too.
+pub fn assert_close_by<T: PartialEq + std::fmt::Debug>(
+    reference: &[StepMetrics],
+    other: &[StepMetrics],
+    what: &str,
+    same: impl Fn(&StepMetrics) -> T,
+) {
+    assert_eq!(reference.len(), other.len(), "{what}: step count");
+    for (a, b) in reference.iter().zip(other) {
+        let rel = (a.loss - b.loss).abs() / a.loss.abs();
+        assert!(rel <= 1e-6, "{what}: step {} loss {} vs {} (relative {rel:.2e})", a.step, b.loss, a.loss);
+        assert_eq!(same(a), same(b), "{what}: step {}", a.step);
+    }
+}
