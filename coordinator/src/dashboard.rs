@@ -9,14 +9,33 @@
 //! other point and keeps one step in twice as many from then on, so a long
 //! run costs the coordinator bounded memory and the page shows the whole
 //! run at an even resolution.
+//!
+//! Beside the steps it keeps the run's events, never downsampled but
+//! bounded ([`MAX_EVENTS`], of them at most [`MAX_PLANS`] placements):
+//! from the rows, each checkpoint save's stall (`save`) and each placement
+//! plan (`placement`); from the coordinator (`events.jsonl` in the run
+//! folder), each attempt (`attempt`, with its restart number), lost rank
+//! (`lost`) and commit (`checkpoint`, `checkpoint_failed`).
 
 use serde_json::{json, Map, Value};
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
 
 /// The page (HTML, CSS and script in one file).
 pub const PAGE: &str = include_str!("dashboard.html");
 
 /// Points the history holds at most.
 pub const MAX_POINTS: usize = 1000;
+
+/// Events the history holds at most (the oldest go first).
+pub const MAX_EVENTS: usize = 500;
+
+/// Placement plans among them at most (a plan lists every expert's ranks).
+pub const MAX_PLANS: usize = 20;
+
+/// The events that come from metrics rows, and go with their rows when an
+/// attempt resumes from an earlier step.
+const ROW_EVENTS: [&str; 2] = ["save", "placement"];
 
 /// The keys of a metrics.jsonl row the page draws.
 const KEPT: [&str; 11] = [
@@ -40,6 +59,7 @@ pub struct History {
     /// Keep a step when its number is a multiple of this.
     stride: u64,
     cap: usize,
+    events: Vec<Value>,
 }
 
 impl Default for History {
@@ -51,7 +71,7 @@ impl Default for History {
 impl History {
     /// A history of at most `cap` (at least 2) points.
     pub fn with_capacity(cap: usize) -> Self {
-        Self { points: Vec::new(), stride: 1, cap: cap.max(2) }
+        Self { points: Vec::new(), stride: 1, cap: cap.max(2), events: Vec::new() }
     }
 
     /// Adds a metrics.jsonl row (a step); rows of steps at or after it (an
@@ -61,6 +81,20 @@ impl History {
         let Ok(Value::Object(fields)) = serde_json::from_str::<Value>(row) else { return false };
         let Some(step) = fields.get("step").and_then(Value::as_u64) else { return false };
         self.points.retain(|p| p["step"].as_u64().is_some_and(|s| s < step));
+        self.events.retain(|e| {
+            let from_row = ROW_EVENTS.iter().any(|&kind| e["event"] == kind);
+            !from_row || e["step"].as_u64().is_some_and(|s| s < step)
+        });
+        let stall = fields.get("checkpoint_s").and_then(Value::as_f64).unwrap_or(0.0);
+        if stall > 0.0 {
+            self.push_event(json!({"event": "save", "step": step, "stall_s": stall}));
+        }
+        if let Some(Value::Object(plan)) = fields.get("placement") {
+            let mut event = plan.clone();
+            event.insert("event".into(), json!("placement"));
+            event.insert("step".into(), json!(step));
+            self.push_event(Value::Object(event));
+        }
         // The last step always shows; a kept one replaces it when it is not.
         if let Some(last) = self.points.last() {
             let last_step = last["step"].as_u64().unwrap_or(0);
@@ -81,6 +115,31 @@ impl History {
             });
         }
         true
+    }
+
+    /// Adds an event (a JSON object with `event` and `step`), dropping the
+    /// oldest placement beyond [`MAX_PLANS`] and the oldest event beyond
+    /// [`MAX_EVENTS`].
+    pub fn push_event(&mut self, event: Value) {
+        self.events.push(event);
+        let is_plan = |e: &Value| e["event"] == "placement";
+        if self.events.iter().filter(|e| is_plan(e)).count() > MAX_PLANS {
+            let oldest = self.events.iter().position(is_plan).expect("counted above");
+            self.events.remove(oldest);
+        }
+        if self.events.len() > MAX_EVENTS {
+            self.events.remove(0);
+        }
+    }
+
+    /// Forgets every event (a fresh run in an old run folder).
+    pub fn clear_events(&mut self) {
+        self.events.clear();
+    }
+
+    /// The events, in the order they came.
+    pub fn events(&self) -> &[Value] {
+        &self.events
     }
 
     /// The points, oldest first.
@@ -110,34 +169,116 @@ fn compact(fields: &Map<String, Value>) -> Value {
         .and_then(Value::as_array)
         .into_iter()
         .flatten()
-        .map(|r| json!({"rank": r["rank"], "compute_s": r["compute_s"], "exposed_comm_s": r["exposed_comm_s"]}))
+        .map(|r| {
+            json!({"rank": r["rank"], "compute_s": r["compute_s"], "comm_s": r["comm_s"],
+                "exposed_comm_s": r["exposed_comm_s"]})
+        })
         .collect();
     out.insert("per_rank".into(), Value::Array(ranks));
     Value::Object(out)
 }
 
-/// The history of a metrics.jsonl file's text, and a message for each
-/// line that is not a step's row (a line cut short by a killed process).
-pub fn history_of_file(text: &str) -> (History, Vec<String>) {
+/// The history of a run folder's metrics.jsonl and events.jsonl texts,
+/// and a message for each line that is not a step's row or an event (a
+/// line cut short by a killed process).
+pub fn history_of_files(metrics: &str, events: &str) -> (History, Vec<String>) {
     let mut history = History::default();
     let mut problems = Vec::new();
-    for (n, line) in text.lines().enumerate() {
+    let shown = |line: &str| line.chars().take(60).collect::<String>();
+    for (n, line) in metrics.lines().enumerate() {
         if !line.trim().is_empty() && !history.push_row(line) {
-            let shown: String = line.chars().take(60).collect();
-            problems.push(format!("line {} is not a step's JSON row (cut short?): {shown}", n + 1));
+            problems.push(format!("line {} is not a step's JSON row (cut short?): {}", n + 1, shown(line)));
+        }
+    }
+    for (n, line) in events.lines().enumerate() {
+        match serde_json::from_str::<Value>(line) {
+            Ok(event) if event["event"].is_string() => history.push_event(event),
+            _ if line.trim().is_empty() => {}
+            _ => problems.push(format!("events.jsonl line {} is not an event (cut short?): {}", n + 1, shown(line))),
         }
     }
     (history, problems)
 }
 
-/// What `/api/history` answers: the points, how they were kept, the job's
-/// status (the coordinator's `/status`, or null from files) and problems.
-pub fn history_json(history: &History, status: Value, problems: &[String]) -> String {
+/// The events file the coordinator keeps beside metrics.jsonl.
+pub const EVENTS_FILE: &str = "events.jsonl";
+
+/// The history of a run folder: its metrics.jsonl (which must be there)
+/// and events.jsonl (when there is one), and every problem, naming the file.
+pub fn history_of_folder(run_dir: &Path) -> (History, Vec<String>) {
+    let metrics_path = run_dir.join("metrics.jsonl");
+    let metrics = match std::fs::read_to_string(&metrics_path) {
+        Ok(text) => text,
+        Err(e) => {
+            let problem = format!(
+                "cannot read {} ({e}): is {} a run folder (switchyard train --run-dir)?",
+                metrics_path.display(),
+                run_dir.display()
+            );
+            return (History::default(), vec![problem]);
+        }
+    };
+    let events = std::fs::read_to_string(run_dir.join(EVENTS_FILE)).unwrap_or_default();
+    let (history, problems) = history_of_files(&metrics, &events);
+    let named = problems
+        .into_iter()
+        .map(|p| if p.starts_with(EVENTS_FILE) { p } else { format!("metrics.jsonl {p}") })
+        .map(|p| format!("{}: {p}", run_dir.display()))
+        .collect();
+    (history, named)
+}
+
+/// The trace `switchyard train --trace` writes into the run folder, which
+/// the dashboard links (served at `/trace.json`).
+pub const TRACE_FILE: &str = "trace.json";
+
+/// Steps the live trace covers.
+pub const LIVE_TRACE_STEPS: usize = 5;
+
+/// A timeline this process records as it runs (`train --trace` with the
+/// ranks as threads here), which the running job's dashboard serves.
+pub trait LiveTrace: Send + Sync {
+    /// Whether a step was recorded yet.
+    fn has_steps(&self) -> bool;
+    /// The Chrome trace of the last `steps` steps of every rank.
+    fn last_steps(&self, steps: usize) -> Option<Vec<u8>>;
+}
+
+/// The process's live timeline, when it records one: like the `tracing`
+/// subscriber that fills it, there is one per process.
+static LIVE_TRACE: OnceLock<Arc<dyn LiveTrace>> = OnceLock::new();
+
+/// Lets the dashboard serve `trace` (the first one set stays).
+pub fn set_live_trace(trace: Arc<dyn LiveTrace>) {
+    let _ = LIVE_TRACE.set(trace);
+}
+
+/// Whether `/trace.json` has a trace: the live one, or the folder's file.
+pub fn has_trace(run_dir: Option<&Path>) -> bool {
+    LIVE_TRACE.get().is_some_and(|t| t.has_steps()) || run_dir.is_some_and(|d| d.join(TRACE_FILE).exists())
+}
+
+/// What `/trace.json` serves: the live trace of the last
+/// [`LIVE_TRACE_STEPS`] steps while this process records one, else the
+/// run folder's trace (written at the end of a `--trace` run).
+pub fn trace_to_serve(run_dir: Option<&Path>) -> Option<Vec<u8>> {
+    LIVE_TRACE
+        .get()
+        .and_then(|t| t.last_steps(LIVE_TRACE_STEPS))
+        .or_else(|| std::fs::read(run_dir?.join(TRACE_FILE)).ok())
+}
+
+/// What `/api/history` answers: the points and events, how the points were
+/// kept, the job's status (the coordinator's `/status`, or null from
+/// files), problems, and the link to the run's trace, if it has one.
+pub fn history_json(history: &History, status: Value, problems: &[String], trace: Option<&str>) -> String {
     json!({
         "points": history.points(),
+        "events": history.events(),
         "stride": history.stride(),
         "status": status,
         "problems": problems,
+        "trace": trace,
     })
     .to_string()
 }
@@ -178,12 +319,53 @@ mod tests {
     #[test]
     fn a_resumed_attempt_replaces_the_later_steps_and_bad_lines_are_named() {
         let text = format!("{}\n{}\n{}\n{}\n{{\"step\":4,\"lo", row(1), row(2), row(3), row(2));
-        let (h, problems) = history_of_file(&text);
+        let (h, problems) = history_of_files(&text, "");
         let steps: Vec<u64> = h.points().iter().map(|p| p["step"].as_u64().unwrap()).collect();
         assert_eq!(steps, [1, 2]);
         assert_eq!(problems.len(), 1);
         assert!(problems[0].contains("line 5"), "{problems:?}");
-        let page = report_html(&history_json(&h, Value::Null, &problems));
+        let page = report_html(&history_json(&h, Value::Null, &problems, None));
         assert!(page.contains("window.SWITCHYARD_DATA = {") && !page.contains("<!--DATA-->"));
+    }
+
+    #[test]
+    fn events_of_rows_go_with_their_steps_and_plans_stay_bounded() {
+        let mut h = History::default();
+        let saved = |step: u64| format!(r#"{{"step":{step},"loss":1.0,"checkpoint_s":0.5}}"#);
+        let planned = |step: u64| format!(r#"{{"step":{step},"loss":1.0,"placement":{{"reason":"start"}}}}"#);
+        h.push_row(&planned(1));
+        h.push_row(&saved(2));
+        h.push_event(json!({"event": "lost", "rank": 1, "step": 3}));
+        h.push_row(&saved(4));
+        // An attempt that resumed from step 2's commit: step 4's save is gone,
+        // what happened to the job is not.
+        h.push_row(&planned(3));
+        let kinds: Vec<(String, u64)> = h
+            .events()
+            .iter()
+            .map(|e| (e["event"].as_str().unwrap().to_string(), e["step"].as_u64().unwrap()))
+            .collect();
+        let want = [("placement", 1), ("save", 2), ("lost", 3), ("placement", 3)];
+        assert_eq!(kinds, want.map(|(k, s)| (k.to_string(), s)));
+        assert_eq!(h.events()[1]["stall_s"], 0.5);
+        for step in 4..100 {
+            h.push_row(&planned(step));
+        }
+        let plans = h.events().iter().filter(|e| e["event"] == "placement").count();
+        assert_eq!(plans, MAX_PLANS, "the newest plans only");
+        assert_eq!(h.events().last().unwrap()["step"], 99);
+        assert!(h.events().iter().any(|e| e["event"] == "lost"), "other events stay");
+    }
+
+    #[test]
+    fn a_folder_events_file_is_read_and_a_cut_line_named() {
+        let events = "{\"event\":\"attempt\",\"restart\":1,\"step\":10}\n{\"event\":\"chec";
+        let (h, problems) = history_of_files(&row(1), events);
+        assert_eq!(h.events().len(), 1);
+        assert_eq!(problems.len(), 1);
+        assert!(problems[0].starts_with("events.jsonl line 2"), "{problems:?}");
+        let data: Value = serde_json::from_str(&history_json(&h, Value::Null, &problems, Some("trace.json"))).unwrap();
+        assert_eq!(data["events"][0]["restart"], 1);
+        assert_eq!(data["trace"], "trace.json");
     }
 }

@@ -37,15 +37,27 @@ async fn respond(mut stream: TcpStream, shared: Shared) -> std::io::Result<()> {
     let mut parts = head.split_whitespace();
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     // The lock is held in this block only: the guard must not live across an await.
-    let (status, history) = {
+    let (status, history, run_dir) = {
         let state = lock(&shared);
         let status = status_of(&state);
+        let run_dir = state.run_dir().map(std::path::Path::to_path_buf);
         let history = (path == "/api/history").then(|| {
             let status = serde_json::to_value(&status).expect("status serialises");
-            crate::dashboard::history_json(&state.history, status, &[])
+            let trace = crate::dashboard::has_trace(run_dir.as_deref()).then_some(crate::dashboard::TRACE_FILE);
+            crate::dashboard::history_json(&state.history, status, &[], trace)
         });
-        (status, history)
+        (status, history, run_dir)
     };
+    let trace = (path == "/trace.json").then(|| crate::dashboard::trace_to_serve(run_dir.as_deref()));
+    if let Some(Some(trace)) = trace {
+        let head = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            trace.len()
+        );
+        stream.write_all(head.as_bytes()).await?;
+        stream.write_all(&trace).await?;
+        return stream.shutdown().await;
+    }
     let (code, content_type, body) = match (method, path) {
         ("GET", "/") => ("200 OK", "text/html; charset=utf-8", crate::dashboard::PAGE.to_string()),
         ("GET", "/api/history") => ("200 OK", "application/json", history.unwrap_or_default()),

@@ -7,7 +7,9 @@
 //! [`Event`]s, the current [`Status`], and `stop_all`.
 
 use crate::commit::{CommitTarget, Committed, Committer, PendingSaves, Progress};
+use crate::dashboard::EVENTS_FILE;
 use serde::Serialize;
+use serde_json::json;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{mpsc, Arc, Mutex, MutexGuard};
@@ -45,6 +47,9 @@ pub struct ServerConfig {
     /// Where each completed step's metrics line is appended (rank 0's
     /// detail); `None`: rank 0 keeps its own file.
     pub metrics_path: Option<std::path::PathBuf>,
+    /// Which restart of the job this coordinator serves (0: the launcher's
+    /// first attempt); recorded in the run's events.
+    pub restart: u32,
 }
 
 /// What happened, in order, for the launcher to print and act on.
@@ -159,13 +164,22 @@ pub(crate) struct State {
     /// at its first step), and whether writing it failed (said once).
     tensorboard: Option<EventWriter>,
     tensorboard_failed: bool,
-    /// The steps the dashboard draws (bounded, downsampled).
+    /// The steps and events the dashboard draws (bounded, downsampled),
+    /// starting from the run folder's files when there are some.
     pub(crate) history: crate::dashboard::History,
+    /// Whether this attempt's first step was seen (and its `attempt`
+    /// event written).
+    attempt_seen: bool,
     /// Why every rank was asked to save and stop, once it was.
     save_and_stop: Option<String>,
 }
 
 impl State {
+    /// The run folder (where metrics.jsonl is written), if the job has one.
+    pub(crate) fn run_dir(&self) -> Option<&std::path::Path> {
+        self.cfg.metrics_path.as_deref().and_then(std::path::Path::parent)
+    }
+
     /// Sends `message` to every registered rank (a closed connection is
     /// that rank's own failure, reported elsewhere).
     fn send_to_all(&self, message: &Message) {
@@ -201,6 +215,7 @@ impl Coordinator {
         let (events_tx, events) = mpsc::channel();
         let world = cfg.world;
         let target = cfg.checkpoint.clone();
+        let metrics_path = cfg.metrics_path.clone();
         let shared: Shared = Arc::new(Mutex::new(State {
             cfg,
             ranks: (0..world).map(|_| None).collect(),
@@ -214,7 +229,8 @@ impl Coordinator {
             metrics_next_step: None,
             tensorboard: None,
             tensorboard_failed: false,
-            history: crate::dashboard::History::default(),
+            history: earlier_history(metrics_path.as_deref()),
+            attempt_seen: false,
             save_and_stop: None,
         }));
         if let Some(target) = target {
@@ -487,14 +503,59 @@ fn lost(shared: &Shared, rank: u32, reason: String) {
         return;
     }
     slot.lost = Some(reason.clone());
-    let host = slot.host.clone();
+    let (host, step) = (slot.host.clone(), slot.step);
+    // After the first loss the others are told to stop: their endings are
+    // consequences, not events of the run.
+    let first = state.ranks.iter().flatten().filter(|s| s.lost.is_some()).count() == 1;
     let stop = format!("rank {rank} on {host} was lost: {reason}");
     for (other, slot) in state.ranks.iter().enumerate() {
         if let Some(slot) = slot.as_ref().filter(|_| other != rank as usize) {
             let _ = slot.outbox.send(Message::Stop { reason: stop.clone() });
         }
     }
+    if first {
+        run_event(&mut state, json!({"event": "lost", "rank": rank, "host": host, "reason": reason, "step": step}));
+    }
     let _ = state.events.send(Event::Lost { rank, host, reason });
+}
+
+/// The history of the run folder `metrics` is in: the steps and events of
+/// earlier attempts, which the dashboard keeps showing across a restart.
+fn earlier_history(metrics: Option<&std::path::Path>) -> crate::dashboard::History {
+    match metrics.and_then(std::path::Path::parent) {
+        Some(dir) if dir.join("metrics.jsonl").exists() => crate::dashboard::history_of_folder(dir).0,
+        _ => crate::dashboard::History::default(),
+    }
+}
+
+/// Records one of the run's events (with the time) in the dashboard's
+/// history and the run folder's events.jsonl.
+fn run_event(state: &mut State, mut event: serde_json::Value) {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    event["time"] = json!(now.as_secs_f64());
+    if let Some(path) = state.run_dir().map(|d| d.join(EVENTS_FILE)) {
+        if let Err(e) = append_line(&path, &event.to_string()) {
+            if !std::mem::replace(&mut state.metrics_failed, true) {
+                let _ = state.events.send(Event::MetricsFailed { reason: format!("{}: {e}", path.display()) });
+            }
+        }
+    }
+    state.history.push_event(event);
+}
+
+/// The attempt's first step: a fresh run (step 1 of the launcher's first
+/// attempt) forgets the folder's old events; then the attempt is recorded.
+fn attempt_started(state: &mut State, step: u64) {
+    state.attempt_seen = true;
+    let restart = state.cfg.restart;
+    if step == 1 && restart == 0 {
+        state.history.clear_events();
+        if let Some(path) = state.run_dir().map(|d| d.join(EVENTS_FILE)) {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+    let world = state.cfg.world;
+    run_event(state, json!({"event": "attempt", "restart": restart, "world": world, "step": step - 1}));
 }
 
 /// The row of `step` into this attempt's TensorBoard file beside `metrics`
@@ -530,6 +591,9 @@ fn record_step(shared: &Shared, rank: u32, report: StepReport) {
         return;
     }
     let reports: Vec<StepReport> = state.pending.remove(&step).into_iter().flatten().flatten().collect();
+    if !state.attempt_seen {
+        attempt_started(&mut state, step);
+    }
     if let Some(line) = reports.iter().find_map(|r| r.detail.as_deref()) {
         state.history.push_row(line);
     }
@@ -601,6 +665,9 @@ fn committed(state: &mut State, outcome: Result<Committed, (u64, String)>) {
     match outcome {
         Ok(done) => {
             state.last_checkpoint = Some(done.step);
+            let event = json!({"event": "checkpoint", "step": done.step, "bytes": done.bytes,
+                "upload_s": done.upload_s, "commit_s": done.commit_s, "url": done.url});
+            run_event(state, event);
             state.send_to_all(&Message::Committed { step: done.step });
             let _ = state.events.send(Event::Committed(done));
         }
@@ -610,6 +677,7 @@ fn committed(state: &mut State, outcome: Result<Committed, (u64, String)>) {
                 None => "no step was committed by this run".to_string(),
             };
             state.send_to_all(&Message::Stop { reason: format!("checkpoint step {step} failed: {reason}; {kept}") });
+            run_event(state, json!({"event": "checkpoint_failed", "step": step, "reason": reason}));
             let _ = state.events.send(Event::CheckpointFailed { step, reason });
         }
     }

@@ -32,6 +32,7 @@ fn config(world: usize) -> ServerConfig {
         register_timeout: Duration::from_secs(2),
         checkpoint: None,
         metrics_path: None,
+        restart: 0,
     }
 }
 

@@ -69,6 +69,9 @@ fn main() -> std::process::ExitCode {
         _ => None,
     };
     let timeline = trace::install(trace_file.is_some());
+    if let Some(timeline) = &timeline {
+        coordinator::dashboard::set_live_trace(timeline.clone());
+    }
     // A launcher of MPI ranks merges their files at the end: none may be left from before.
     if let Some(path) = trace_file.as_deref().filter(|_| collectives::launch::launched_rank().is_none()) {
         trace::remove_rank_files(path);

@@ -86,11 +86,24 @@ impl Timeline {
             Some(rank) => rank_file(path, rank.rank),
             None => path.to_path_buf(),
         };
+        let own_rank = launched.map(|l| l.rank);
+        let mut events = self.chrome_events(own_rank, 0.0);
+        if own_rank.is_none() {
+            events.extend(take_rank_files(path)?);
+        }
+        std::fs::write(&out, chrome_trace(&events))
+            .with_context(|| format!("cannot write the trace {}", out.display()))?;
+        Ok(out)
+    }
+
+    /// The spans that started at or after `since_us` as Chrome events, with
+    /// the names of their process (rank) and thread tracks; spans of no
+    /// rank go on `own_rank`'s track (an MPI rank's process).
+    fn chrome_events(&self, own_rank: Option<usize>, since_us: f64) -> Vec<String> {
         let mut events = Vec::new();
         let recorded = self.events.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let own_rank = launched.map(|l| l.rank);
         let mut tracks = std::collections::BTreeMap::new();
-        for e in recorded.iter() {
+        for e in recorded.iter().filter(|e| e.start_us >= since_us) {
             let rank = if e.rank == NO_RANK { own_rank.unwrap_or(NO_RANK) } else { e.rank };
             tracks.insert((rank, e.tid), e.thread.clone());
             events.push(format!(
@@ -118,13 +131,37 @@ impl Timeline {
                 json_string(thread)
             ));
         }
-        if own_rank.is_none() {
-            events.extend(take_rank_files(path)?);
-        }
-        let body = format!("{{\"displayTimeUnit\":\"ms\",\"traceEvents\":[\n{}\n]}}\n", events.join(",\n"));
-        std::fs::write(&out, body).with_context(|| format!("cannot write the trace {}", out.display()))?;
-        Ok(out)
+        events
     }
+
+    /// Where the last `steps` steps began: the earliest start among each
+    /// rank's `steps`-th newest step span; `None` before a step ended.
+    fn last_steps_start(&self, steps: usize) -> Option<f64> {
+        let recorded = self.events.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut starts: std::collections::BTreeMap<usize, Vec<f64>> = Default::default();
+        for e in recorded.iter().filter(|e| e.name == "step") {
+            starts.entry(e.rank).or_default().push(e.start_us);
+        }
+        starts.values().map(|s| s[s.len().saturating_sub(steps.max(1))]).min_by(f64::total_cmp)
+    }
+}
+
+/// The timeline of this process's ranks (threads of the local backend),
+/// which the running job's dashboard links at `/trace.json`.
+impl coordinator::dashboard::LiveTrace for Timeline {
+    fn has_steps(&self) -> bool {
+        self.last_steps_start(1).is_some()
+    }
+
+    fn last_steps(&self, steps: usize) -> Option<Vec<u8>> {
+        let since = self.last_steps_start(steps)?;
+        Some(chrome_trace(&self.chrome_events(None, since)).into_bytes())
+    }
+}
+
+/// A Chrome trace file's text holding `events`.
+fn chrome_trace(events: &[String]) -> String {
+    format!("{{\"displayTimeUnit\":\"ms\",\"traceEvents\":[\n{}\n]}}\n", events.join(",\n"))
 }
 
 /// The events of MPI ranks' files (`FILE.rank-<r>.json`) beside `path`,

@@ -2,8 +2,9 @@
 //! the history it draws (`/api/history`), then the same from the run folder
 //! (`switchyard dashboard --run-dir`, `switchyard report`), and a folder
 //! with a line cut short; and in a real browser (headless Chromium) the
-//! live page of a 4-rank job, read back from the DOM its script drew, with
-//! a screenshot under target/test-output/dashboard/.
+//! live page of a 4-rank job and, with MPI, of a job whose rank is killed
+//! and restarted, then of its folder after the run, read back from the DOM
+//! its script drew, with screenshots under target/test-output/dashboard/.
 
 mod common;
 
@@ -40,13 +41,20 @@ fn address_after(reader: &mut impl BufRead, marker: &str) -> String {
     }
 }
 
-/// A 4-rank job of `steps` in `run`, and its dashboard's address (from
-/// the banner on stderr, which is then drained).
-fn start_job(run: &std::path::Path, steps: &str) -> (std::process::Child, String) {
+/// A 4-rank job in `run` with `extra` arguments (after the small model's),
+/// and its dashboard's address (from the banner on stderr, which is then
+/// drained). `SWITCHYARD_TEST_TAG` = `tag` marks its processes.
+fn start_job(run: &std::path::Path, extra: &[&str], tag: &str) -> (std::process::Child, String) {
     let mut args = vec!["train", "--quiet", "--ranks", "4", "--run-dir", run.to_str().unwrap()];
     args.extend(SMALL);
-    args.extend(["--set", steps, "--set", "checkpoint.every=0"]);
-    let mut child = Command::new(EXE).args(&args).stderr(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
+    args.extend(extra);
+    let mut child = Command::new(EXE)
+        .args(&args)
+        .env("SWITCHYARD_TEST_TAG", tag)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
     let mut stderr = BufReader::new(child.stderr.take().unwrap());
     let addr = address_after(&mut stderr, "dashboard http://");
     std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
@@ -57,7 +65,7 @@ fn start_job(run: &std::path::Path, steps: &str) -> (std::process::Child, String
 fn a_running_job_serves_its_dashboard_and_the_folder_serves_it_after() {
     let dir = temp_dir("dashboard", "live");
     let run = dir.join("run");
-    let (mut child, addr) = start_job(&run, "train.steps=300");
+    let (mut child, addr) = start_job(&run, &["--set", "train.steps=300", "--set", "checkpoint.every=0"], "");
     let page = get(&addr, "/");
     assert!(page.contains("<canvas id=\"loss\"") && page.contains("api/history"), "the page: {page}");
     assert!(!page.contains("http://") && !page.contains("https://"), "nothing loaded from the internet");
@@ -81,6 +89,15 @@ fn a_running_job_serves_its_dashboard_and_the_folder_serves_it_after() {
     let ranks = history["status"]["ranks"].as_array().unwrap();
     assert_eq!(ranks.len(), 4);
     assert!(ranks.iter().all(|r| r["health"] == "healthy"), "{ranks:?}");
+    let events = history["events"].as_array().unwrap();
+    let attempt = events.iter().find(|e| e["event"] == "attempt").expect("the attempt is an event");
+    assert_eq!((attempt["restart"].as_u64(), attempt["world"].as_u64()), (Some(0), Some(4)), "{attempt}");
+    let plan = events.iter().find(|e| e["event"] == "placement").expect("the first step's plan");
+    assert_eq!(plan["reason"], "start");
+    assert_eq!(plan["ep_ranks"], serde_json::json!([[0], [1], [2], [3]]), "experts over 4 ranks: {plan}");
+    let owners = plan["owners"].as_array().unwrap();
+    assert_eq!(owners.len(), 2, "a plan per layer");
+    assert!(owners.iter().all(|l| l.as_array().unwrap().len() == 8), "every expert placed: {plan}");
     let status = child.wait().unwrap();
     assert!(status.success());
 
@@ -156,39 +173,155 @@ fn attribute(dom: &str, element: &str, name: &str) -> Vec<u64> {
         .collect()
 }
 
+/// The history once `enough` says so (at most 2 minutes).
+fn history_when(addr: &str, what: &str, enough: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    let started = Instant::now();
+    loop {
+        let history: serde_json::Value = serde_json::from_str(&get(addr, "/api/history")).unwrap();
+        if enough(&history) {
+            return history;
+        }
+        assert!(started.elapsed() < Duration::from_secs(120), "{what} in 2 minutes: {history}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn count(history: &serde_json::Value, key: &str, kind: &str) -> usize {
+    history[key].as_array().unwrap().iter().filter(|e| kind.is_empty() || e["event"] == kind).count()
+}
+
+/// The page at `url` as the browser's script left it, and a screenshot of
+/// it as `name` under target/test-output/dashboard/.
+fn browse(url: &str, name: &str) -> String {
+    let dom = chromium(&["--dump-dom", url]);
+    let shots = common::repo().join("target/test-output/dashboard");
+    std::fs::create_dir_all(&shots).unwrap();
+    let shot = shots.join(name);
+    chromium(&["--window-size=1300,1900", &format!("--screenshot={}", shot.display()), url]);
+    assert!(std::fs::metadata(&shot).is_ok_and(|m| m.len() > 10_000), "a screenshot at {}", shot.display());
+    dom
+}
+
+/// What the page drew of a 4-rank job of 2 layers of 8 experts: the loss
+/// chart, a heatmap cell per expert and step, the step split and plan.
+fn assert_drawn(dom: &str, min_points: u64) {
+    let drawn = attribute(dom, "<body", "data-points");
+    assert!(drawn.first().is_some_and(|&n| n >= min_points), "the page drew {min_points} steps: {drawn:?}");
+    let loss = attribute(dom, "<canvas id=\"loss\"", "data-points");
+    assert!(loss.first().is_some_and(|&n| n >= min_points), "the loss chart has its points: {loss:?}");
+    let cells = attribute(dom, "<canvas class=\"heatmap\"", "data-cells");
+    let experts = attribute(dom, "<canvas class=\"heatmap\"", "data-experts");
+    assert_eq!(cells.len(), 2, "a heatmap per layer: {dom}");
+    assert_eq!(experts, [8, 8], "every expert of every layer");
+    assert!(cells.iter().all(|&c| c >= min_points * 8), "a cell per expert and step: {cells:?}");
+    assert_eq!(attribute(dom, "<canvas id=\"split\"", "data-ranks"), [4], "the step split of every rank");
+    assert_eq!(attribute(dom, "<canvas id=\"plan\"", "data-experts"), [8], "the plan shows every expert");
+    assert_eq!(attribute(dom, "<canvas id=\"plan\"", "data-places"), [4], "on every rank");
+    let held = attribute(dom, "<canvas id=\"plan\"", "data-held");
+    assert!(held.first().is_some_and(|&n| n >= 8), "each expert on a rank at least: {held:?}");
+}
+
 #[test]
 fn a_browser_draws_the_live_page_of_a_4_rank_job() {
     let dir = temp_dir("dashboard", "browser");
     let run = dir.join("run");
-    let (mut child, addr) = start_job(&run, "train.steps=1000000");
-    let started = Instant::now();
-    while serde_json::from_str::<serde_json::Value>(&get(&addr, "/api/history")).unwrap()["points"]
-        .as_array()
-        .unwrap()
-        .len()
-        < 20
-    {
-        assert!(started.elapsed() < Duration::from_secs(120), "20 steps in 2 minutes");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    // What the page's script drew, read back from the DOM it left.
-    let dom = chromium(&["--dump-dom", &format!("http://{addr}/")]);
-    let shots = common::repo().join("target/test-output/dashboard");
-    std::fs::create_dir_all(&shots).unwrap();
-    let shot = shots.join("live-4-ranks.png");
-    chromium(&["--window-size=1300,1400", &format!("--screenshot={}", shot.display()), &format!("http://{addr}/")]);
+    let job = ["--trace", "--set", "train.steps=1000000", "--set", "checkpoint.every=5"];
+    let (mut child, addr) = start_job(&run, &job, "");
+    history_when(&addr, "20 steps and a commit", |h| {
+        count(h, "points", "") >= 20 && count(h, "events", "checkpoint") >= 1
+    });
+    let dom = browse(&format!("http://{addr}/"), "live-4-ranks.png");
+    // The timeline of the last steps, served live while the job runs.
+    let trace: serde_json::Value = serde_json::from_str(&get(&addr, "/trace.json")).expect("the trace is JSON");
     let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
     let _ = child.wait();
-    let drawn = attribute(&dom, "<body", "data-points");
-    assert!(drawn.first().is_some_and(|&n| n >= 20), "the page drew at least 20 steps: {drawn:?}");
-    let loss = attribute(&dom, "<canvas id=\"loss\"", "data-points");
-    assert!(loss.first().is_some_and(|&n| n >= 20), "the loss chart has its points: {loss:?}");
-    let cells = attribute(&dom, "<canvas class=\"heatmap\"", "data-cells");
-    let experts = attribute(&dom, "<canvas class=\"heatmap\"", "data-experts");
-    assert_eq!(cells.len(), 2, "a heatmap per layer: {dom}");
-    assert_eq!(experts, [8, 8], "every expert of every layer");
-    assert!(cells.iter().all(|&c| c >= 20 * 8), "a cell per expert and step: {cells:?}");
+    assert_drawn(&dom, 20);
     assert_eq!(dom.matches("<td>healthy</td>").count(), 4, "every rank's health: {dom}");
     assert!(dom.contains("ranks 4/4"), "the summary line");
-    assert!(std::fs::metadata(&shot).is_ok_and(|m| m.len() > 10_000), "a screenshot at {}", shot.display());
+    assert_eq!(attribute(&dom, "<div class=\"card\" id=\"health\"", "data-restarts"), [0]);
+    let commits = attribute(&dom, "<div class=\"list\" id=\"commits\"", "data-commits");
+    assert!(commits.first().is_some_and(|&n| n >= 1), "the checkpoint timeline: {commits:?}");
+    assert!(dom.contains("committed: ") && dom.contains("s stall"), "a commit with its stall: {dom}");
+    assert!(dom.contains("<a id=\"trace\" href=\"trace.json\""), "the page links the trace: {dom}");
+    let steps: std::collections::BTreeSet<u64> = trace["traceEvents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["name"] == "step")
+        .map(|e| e["pid"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, (0..4).collect(), "the live trace holds the steps of every rank");
+}
+
+/// A 4-rank MPI job with `--max-restarts 1`: the live page before rank 1
+/// is killed, the page after the restart (the same address), and the
+/// folder's page after the run.
+#[cfg(feature = "mpi")]
+#[test]
+fn a_browser_sees_a_killed_rank_restart_and_the_run_after_it_ends() {
+    let dir = temp_dir("dashboard", "restart");
+    let run = dir.join("run");
+    let tag = format!("dashboard-restart-{}", std::process::id());
+    let job = [
+        "--backend",
+        "mpi",
+        "--max-restarts",
+        "1",
+        "--set",
+        "train.steps=1000000",
+        "--set",
+        "checkpoint.every=10",
+        "--set",
+        "parallel.collective_timeout_s=10",
+    ];
+    let (child, addr) = start_job(&run, &job, &tag);
+    let url = format!("http://{addr}/");
+    history_when(&addr, "20 steps and a commit", |h| {
+        count(h, "points", "") >= 20 && count(h, "events", "checkpoint") >= 1
+    });
+    let before = browse(&url, "mpi-before-kill.png");
+    let pid = common::processes::find_rank(&tag, 1).expect("rank 1 found by its environment");
+    assert!(Command::new("kill").args(["-KILL", &pid.to_string()]).status().unwrap().success());
+    // The restart serves the same address; its ranks train on.
+    let restarted = history_when(&addr, "the restart training 5 steps", |h| {
+        let attempt = h["events"].as_array().unwrap().iter().rev().find(|e| e["event"] == "attempt");
+        let resumed_at = attempt.filter(|a| a["restart"] == 1).and_then(|a| a["step"].as_u64());
+        let last = h["points"].as_array().unwrap().last().and_then(|p| p["step"].as_u64());
+        let healthy = h["status"]["ranks"].as_array().unwrap().iter().filter(|r| r["health"] == "healthy").count();
+        resumed_at.zip(last).is_some_and(|(at, last)| last >= at + 5) && healthy == 4
+    });
+    let after = browse(&url, "mpi-restarted.png");
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let stopped = common::processes::wait_guarded(child, Duration::from_secs(120), "the job after SIGTERM");
+    assert_eq!(stopped.status.code(), Some(143), "stopped with a checkpoint on SIGTERM");
+    assert_drawn(&before, 20);
+    assert_eq!(before.matches("<td>healthy</td>").count(), 4, "every rank's health: {before}");
+    assert_eq!(attribute(&before, "<div class=\"card\" id=\"health\"", "data-restarts"), [0]);
+    let lost = restarted["events"].as_array().unwrap().iter().find(|e| e["event"] == "lost").unwrap();
+    assert_eq!(lost["rank"], 1, "the killed rank is the lost one: {lost}");
+    assert_drawn(&after, 20);
+    assert_eq!(attribute(&after, "<div class=\"card\" id=\"health\"", "data-restarts"), [1], "{after}");
+    assert_eq!(attribute(&after, "<div class=\"card\" id=\"health\"", "data-lost"), [1]);
+    assert!(after.contains("rank 1 on ") && after.contains("lost at step"), "the lost rank is named: {after}");
+    assert!(after.contains("restart 1: 4 ranks from step"), "the restart is listed: {after}");
+    assert!(after.contains("| restarts 1"), "the summary counts it");
+    assert_eq!(after.matches("<td>healthy</td>").count(), 4, "the restarted ranks are healthy: {after}");
+    let plans = attribute(&after, "<div class=\"card\" id=\"placement\"", "data-plans");
+    assert!(plans.first().is_some_and(|&n| n >= 2), "each attempt's plan: {plans:?}");
+
+    // After the run: the folder's own server shows the same story.
+    let mut server = Command::new(EXE)
+        .args(["dashboard", "--run-dir", run.to_str().unwrap(), "--addr", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let folder = address_after(&mut BufReader::new(server.stdout.take().unwrap()), "http://");
+    let served = browse(&format!("http://{folder}/"), "mpi-after-run.png");
+    server.kill().unwrap();
+    let _ = server.wait();
+    assert_drawn(&served, 20);
+    assert_eq!(attribute(&served, "<div class=\"card\" id=\"health\"", "data-restarts"), [1], "{served}");
+    assert!(served.contains("restart 1: 4 ranks from step") && served.contains("lost at step"), "{served}");
+    let commits = attribute(&served, "<div class=\"list\" id=\"commits\"", "data-commits");
+    assert!(commits.first().is_some_and(|&n| n >= 2), "the commits of both attempts: {commits:?}");
 }

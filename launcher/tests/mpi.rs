@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 mod common;
-use common::processes::{allow_root, wait_guarded, NamespaceHosts};
+use common::processes::{allow_root, find_rank, wait_guarded, NamespaceHosts};
 use common::{text, EXE};
 
 const STEPS: usize = 20;
@@ -245,19 +245,6 @@ fn wait_for_progress(run_dir: &Path, steps: usize, with_checkpoint: bool) -> Pat
         std::thread::sleep(Duration::from_millis(50));
     }
     metrics
-}
-
-/// The pid of the rank process started for `tag` with world rank `rank`.
-fn find_rank(tag: &str, rank: usize) -> Option<u32> {
-    let want_tag = format!("SWITCHYARD_TEST_TAG={tag}");
-    let want_rank = format!("OMPI_COMM_WORLD_RANK={rank}");
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|entry| {
-        let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
-        let environ = std::fs::read(entry.path().join("environ")).ok()?;
-        let vars: Vec<&[u8]> = environ.split(|&b| b == 0).collect();
-        let has = |want: &str| vars.contains(&want.as_bytes());
-        (has(&want_tag) && has(&want_rank)).then_some(pid)
-    })
 }
 
 /// Starts a long 4-rank job, waits until it trains, sends `signal` to rank

@@ -65,3 +65,25 @@ fn the_trace_holds_every_phase_of_every_rank() {
         assert_eq!(names[&rank], format!("rank {rank}"));
     }
 }
+
+#[test]
+fn trace_without_a_file_goes_into_the_run_folder_which_the_dashboard_links() {
+    let dir = temp_dir("trace", "run-folder");
+    let run = dir.join("run");
+    let mut args = vec!["train", "--quiet", "--ranks", "2", "--run-dir", run.to_str().unwrap(), "--trace"];
+    args.extend(SMALL);
+    args.extend(["--set", "train.steps=3"]);
+    let out = switchyard(&args, &dir);
+    assert!(out.status.success(), "{}", text(&out));
+    let file = run.join("trace.json");
+    let trace: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    let (phases, _) = tracks(&trace);
+    assert!((0..2u64).all(|r| phases.get(&r).is_some_and(|p| p.contains("step"))), "{phases:?}");
+    // The folder's report links it by its file URL.
+    let report = dir.join("report.html");
+    let out = switchyard(&["report", "--run-dir", run.to_str().unwrap(), "--out", report.to_str().unwrap()], &dir);
+    assert!(out.status.success(), "{}", text(&out));
+    let html = std::fs::read_to_string(&report).unwrap();
+    let link = format!("\"trace\":\"file://{}\"", std::path::absolute(&file).unwrap().display());
+    assert!(html.contains(&link), "the report links {link}");
+}

@@ -96,6 +96,11 @@ pub struct StepMetrics {
     /// `switchyard eval`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eval_loss: Option<f64>,
+    /// The expert placement this step ran on, in the row of an attempt's
+    /// first step and of the first step after a re-plan (the dashboard's
+    /// placement panel).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<PlacementReport>,
     /// Per rank detail.
     pub per_rank: Vec<RankMetrics>,
 }
@@ -126,6 +131,24 @@ fn busiest_over_mean(layers: &[Vec<usize>]) -> f64 {
         }
     };
     layers.iter().map(ratio).fold(0.0, f64::max)
+}
+
+/// Which ranks and nodes hold which experts, and why this plan.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PlacementReport {
+    /// "start" (the attempt's plan) or "rebalanced" (balanced placement
+    /// moved experts after the previous step).
+    pub reason: String,
+    /// `owners[layer][expert]`: the expert-parallel ranks holding a replica.
+    pub owners: Vec<Vec<Vec<usize>>>,
+    /// For each expert-parallel rank, the world ranks in that place (one
+    /// per expert-data-parallel group).
+    pub ep_ranks: Vec<Vec<usize>>,
+    /// The node (host name) of each world rank.
+    pub nodes: Vec<String>,
+    /// A re-plan's busiest rank over the mean expert tokens, before and after.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balance: Option<(f64, f64)>,
 }
 
 fn is_zero(v: &f64) -> bool {

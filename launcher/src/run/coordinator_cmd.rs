@@ -56,7 +56,7 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
     let addr = or_default(&args.addr, &job.coordinator.addr, "0.0.0.0:29500");
     let http = or_default(&args.http_addr, &job.coordinator.http_addr, "0.0.0.0:29501");
     let run_dir = args.run_dir.clone().unwrap_or_else(|| PathBuf::from("runs").join(&job.name));
-    let coordinator = start_server(&job, &run_dir, token, &addr, &http, "0.0.0.0:0")?;
+    let coordinator = start_server(&job, &run_dir, token, &addr, &http, "0.0.0.0:0", 0)?;
     let world = job.parallel.ranks;
     let http = coordinator.http_addr().expect("started with HTTP");
     println!(

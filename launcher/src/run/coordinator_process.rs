@@ -30,12 +30,15 @@ impl RunningCoordinator {
     /// Starts the coordinator for `job` on the configured (or free local) ports.
     /// Across hosts (`[launch] hosts`) it listens on every interface and
     /// tells ranks to reach it at the first host, where the launcher runs.
-    pub fn start(job: &JobConfig, run_dir: &Path) -> Result<Self> {
+    /// A restart (`restart` > 0) serves its dashboard where the first
+    /// attempt did (`http_addr`), so an open page goes on drawing the run.
+    pub fn start(job: &JobConfig, run_dir: &Path, restart: u32, http_addr: Option<SocketAddr>) -> Result<Self> {
         let cfg = &job.coordinator;
         let token = job_token(cfg)?;
         let first_host = job.launch.hosts.first().map(|h| h.split(':').next().unwrap_or(h).to_string());
         let default_bind = if first_host.is_some() { "0.0.0.0:0" } else { "127.0.0.1:0" };
-        let coordinator = start_server(job, run_dir, token.clone(), &cfg.addr, &cfg.http_addr, default_bind)?;
+        let http = http_addr.map_or_else(|| cfg.http_addr.clone(), |a| a.to_string());
+        let coordinator = start_server(job, run_dir, token.clone(), &cfg.addr, &http, default_bind, restart)?;
         let bound = coordinator.addr();
         let addr = match first_host {
             Some(host) if bound.ip().is_unspecified() => format!("{host}:{}", bound.port()),
@@ -101,6 +104,11 @@ impl RunningCoordinator {
         self.link.clone()
     }
 
+    /// Where the dashboard, `/status` and `/metrics` are served.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http
+    }
+
     /// One line saying where to watch the job.
     pub fn banner(&self) -> String {
         match self.http {
@@ -125,7 +133,7 @@ impl Drop for RunningCoordinator {
 }
 
 /// Starts a coordinator for `job` with `token` on `addr` / `http_addr`
-/// (`default_bind` where one is empty).
+/// (`default_bind` where one is empty), for the job's `restart`-th restart.
 pub fn start_server(
     job: &JobConfig,
     run_dir: &Path,
@@ -133,6 +141,7 @@ pub fn start_server(
     addr: &str,
     http_addr: &str,
     default_bind: &str,
+    restart: u32,
 ) -> Result<Coordinator> {
     let parse = |text: &str, key: &str| -> Result<SocketAddr> {
         let text = if text.is_empty() { default_bind } else { text };
@@ -158,6 +167,7 @@ pub fn start_server(
             options: job.checkpoint.store_options(),
             keep_last: job.checkpoint.keep_last,
         }),
+        restart,
     };
     Coordinator::start(server, bind, Some(http_bind))
         .with_context(|| format!("cannot start the coordinator on {bind} / {http_bind}"))

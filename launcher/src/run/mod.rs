@@ -67,9 +67,10 @@ pub struct TrainArgs {
     #[arg(long)]
     quiet: bool,
     /// Write a timeline of every rank's phases (Chrome trace JSON: ui.perfetto.dev,
-    /// chrome://tracing); MPI ranks each write FILE.rank-N first, merged at the end.
+    /// chrome://tracing) to FILE, or without FILE to the run folder's trace.json, which
+    /// the dashboard links; MPI ranks each write FILE.rank-N first, merged at the end.
     #[arg(long, value_name = "FILE")]
-    trace: Option<PathBuf>,
+    trace: Option<Option<PathBuf>>,
     /// MPI across machines: host:slots entries for mpirun (same as --set launch.hosts=[...]).
     #[arg(long, value_delimiter = ',', value_name = "HOST:SLOTS,...")]
     hosts: Vec<String>,
@@ -97,9 +98,17 @@ fn flag_agrees_with_sets(sets: &[String], flag: &str, key: &str, value: &str) ->
 
 /// Runs a training job on this machine, or this process's rank of an MPI job.
 impl TrainArgs {
-    /// `--trace FILE`, when given.
+    /// `--trace FILE`, when given; `--trace` alone: the run folder's trace.json.
     pub fn trace_file(&self) -> Option<PathBuf> {
-        self.trace.clone()
+        if let Some(file) = self.trace.clone()? {
+            return Some(file);
+        }
+        let run_dir = self.run_dir.clone().unwrap_or_else(|| {
+            // The default run folder is named after the job.
+            let name = JobConfig::load(self.config.as_deref(), &self.overrides).map(|job| job.name);
+            PathBuf::from("runs").join(name.unwrap_or_default())
+        });
+        Some(run_dir.join(coordinator::dashboard::TRACE_FILE))
     }
 }
 
@@ -173,10 +182,14 @@ pub fn run(args: TrainArgs) -> Result<()> {
         // Checked here so a bad layout is reported once, not by every rank.
         job.parallel_dims()?;
     }
+    let trace = args.trace_file();
     let mut restarts = 0;
+    let mut dashboard = None;
     loop {
-        // A fresh coordinator per attempt: the ranks of a restart register anew.
-        let coordinator = RunningCoordinator::start(&job, &run_dir)?;
+        // A fresh coordinator per attempt: the ranks of a restart register
+        // anew; its dashboard stays where the first one was.
+        let coordinator = RunningCoordinator::start(&job, &run_dir, restarts, dashboard)?;
+        dashboard = coordinator.http_addr();
         eprintln!("{}", coordinator.banner());
         let result = if job.parallel.backend == Backend::Mpi {
             let launch = RankLaunch {
@@ -185,7 +198,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
                 resume: &resume,
                 stop_at: args.stop_at,
                 quiet: args.quiet,
-                trace: args.trace.as_deref(),
+                trace: trace.as_deref(),
             };
             run_mpi(&launch, &coordinator)
         } else {

@@ -5,7 +5,9 @@
 
 use anyhow::{Context, Result};
 use clap::Args;
-use coordinator::dashboard::{history_json, history_of_file, report_html, PAGE};
+use coordinator::dashboard::{
+    has_trace, history_json, history_of_folder, report_html, trace_to_serve, PAGE, TRACE_FILE,
+};
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -34,26 +36,24 @@ pub struct ReportArgs {
 
 /// The folder's history as `/api/history` answers it, and its problems
 /// (no metrics.jsonl, lines cut short), which the page shows too.
-fn folder_history(run_dir: &Path) -> (String, Vec<String>) {
-    let path = run_dir.join("metrics.jsonl");
-    let (history, problems) = match std::fs::read_to_string(&path) {
-        Ok(text) => history_of_file(&text),
-        Err(e) => (
-            Default::default(),
-            vec![format!(
-                "cannot read {} ({e}): is {} a run folder (switchyard train --run-dir)?",
-                path.display(),
-                run_dir.display()
-            )],
-        ),
-    };
-    let problems: Vec<String> = problems.into_iter().map(|p| format!("{}: {p}", path.display())).collect();
-    (history_json(&history, serde_json::Value::Null, &problems), problems)
+/// The trace is linked as the server's `/trace.json`, or in a report
+/// (a file that may be opened anywhere) by its absolute `file://` URL.
+fn folder_history(run_dir: &Path, served: bool) -> (String, Vec<String>) {
+    let (history, problems) = history_of_folder(run_dir);
+    let trace = has_trace(Some(run_dir)).then(|| {
+        let file = run_dir.join(TRACE_FILE);
+        if served {
+            TRACE_FILE.to_string()
+        } else {
+            format!("file://{}", std::path::absolute(&file).unwrap_or(file).display())
+        }
+    });
+    (history_json(&history, serde_json::Value::Null, &problems, trace.as_deref()), problems)
 }
 
 /// Serves the dashboard of `args.run_dir` until stopped.
 pub fn serve(args: DashboardArgs) -> Result<()> {
-    let (_, problems) = folder_history(&args.run_dir);
+    let (_, problems) = folder_history(&args.run_dir, true);
     for problem in &problems {
         eprintln!("warning: {problem}");
     }
@@ -77,20 +77,25 @@ fn respond(mut stream: TcpStream, run_dir: &Path) -> std::io::Result<()> {
     }
     let path = request.split_whitespace().nth(1).unwrap_or("/");
     let (code, content_type, body) = match path {
-        "/" => ("200 OK", "text/html; charset=utf-8", PAGE.to_string()),
-        "/api/history" => ("200 OK", "application/json", folder_history(run_dir).0),
-        _ => ("404 Not Found", "text/plain", "try / or /api/history\n".to_string()),
+        "/" => ("200 OK", "text/html; charset=utf-8", PAGE.as_bytes().to_vec()),
+        "/api/history" => ("200 OK", "application/json", folder_history(run_dir, true).0.into_bytes()),
+        "/trace.json" => match trace_to_serve(Some(run_dir)) {
+            Some(trace) => ("200 OK", "application/json", trace),
+            None => ("404 Not Found", "text/plain", b"no trace.json in the run folder (train --trace)\n".to_vec()),
+        },
+        _ => ("404 Not Found", "text/plain", b"try /, /api/history or /trace.json\n".to_vec()),
     };
     write!(
         stream,
-        "HTTP/1.1 {code}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {code}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
-    )
+    )?;
+    stream.write_all(&body)
 }
 
 /// Writes the run's dashboard with its data inside to `args.out`.
 pub fn report(args: ReportArgs) -> Result<()> {
-    let (data, problems) = folder_history(&args.run_dir);
+    let (data, problems) = folder_history(&args.run_dir, false);
     for problem in &problems {
         eprintln!("warning: {problem}");
     }

@@ -25,6 +25,19 @@ pub fn wait_guarded(mut child: Child, guard: Duration, what: &str) -> Output {
     child.wait_with_output().unwrap()
 }
 
+/// The pid of the rank process started for `tag` with world rank `rank`.
+pub fn find_rank(tag: &str, rank: usize) -> Option<u32> {
+    let want_tag = format!("SWITCHYARD_TEST_TAG={tag}");
+    let want_rank = format!("OMPI_COMM_WORLD_RANK={rank}");
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|entry| {
+        let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+        let environ = std::fs::read(entry.path().join("environ")).ok()?;
+        let vars: Vec<&[u8]> = environ.split(|&b| b == 0).collect();
+        let has = |want: &str| vars.contains(&want.as_bytes());
+        (has(&want_tag) && has(&want_rank)).then_some(pid)
+    })
+}
+
 /// Removes the namespace hosts when the test ends, passing or not.
 pub struct NamespaceHosts {
     script: PathBuf,

@@ -112,6 +112,7 @@ fn train_rank(
         preempted = stop;
         metrics.step = run.state.step + 1;
         metrics.sync_s = sync_s;
+        metrics.placement = run.placement_news.take();
         if !metrics.loss.is_finite() {
             return Err(WorkerError::NonFinite { step: run.state.step + 1, loss: metrics.loss });
         }
@@ -193,6 +194,9 @@ pub(crate) struct RankRun<'a> {
     /// The step the run stops at (`train.steps`, or `--stop-at`).
     end: u64,
     placement: PlacementPlan,
+    /// The plan to report in the next step's metrics row: the attempt's
+    /// first plan, then each re-plan.
+    placement_news: Option<crate::metrics::PlacementReport>,
     /// The bound on rows this rank's experts take per exchange.
     row_budget: Option<RowBudget>,
     /// Balanced placement: tokens per expert since the last plan.
@@ -280,7 +284,7 @@ impl<'a> RankRun<'a> {
             aborted_uploads,
         };
         let grads = state.weights.zeros_like();
-        let run = RankRun {
+        let mut run = RankRun {
             job,
             comm,
             grads_b: groups.second.as_ref().map(|_| state.weights.zeros_like()),
@@ -316,6 +320,7 @@ impl<'a> RankRun<'a> {
             end: opts.stop_at.map_or(job.train.steps, |s| s.min(job.train.steps)),
             expert_loads: vec![vec![0.0f64; cfg.n_experts]; cfg.n_layers],
             placement,
+            placement_news: None,
             row_budget: row_budget(job, opts),
             state,
             grads,
@@ -323,6 +328,7 @@ impl<'a> RankRun<'a> {
             metrics_out,
             eval_set,
         };
+        run.placement_news = Some(run.placement_report("start", None));
         Ok((run, info))
     }
 

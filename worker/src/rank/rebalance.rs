@@ -6,6 +6,7 @@ use super::nodes::ep_nodes;
 use super::RankRun;
 use crate::checkpointing::SaveKind;
 use crate::error::WorkerError;
+use crate::metrics::PlacementReport;
 use crate::state::TrainState;
 use layout::{Placement, PlacementPlan};
 
@@ -48,7 +49,23 @@ impl RankRun<'_> {
         // The second lane holds gradients of the new placement's experts too.
         self.grads_b = self.grads_b.as_ref().map(|_| self.state.weights.zeros_like());
         self.placement = plan;
+        self.placement_news = Some(self.placement_report("rebalanced", Some((before, after))));
         Ok(Some((before, after)))
+    }
+
+    /// The plan now, for the metrics row (rank 0's reports it).
+    pub(super) fn placement_report(&self, reason: &str, balance: Option<(f64, f64)>) -> PlacementReport {
+        let mut ep_ranks = vec![Vec::new(); self.dims.ep];
+        for world_rank in 0..self.dims.world {
+            ep_ranks[self.dims.ep_rank(world_rank)].push(world_rank);
+        }
+        PlacementReport {
+            reason: reason.to_string(),
+            owners: self.placement.owners.clone(),
+            ep_ranks,
+            nodes: self.nodes.clone(),
+            balance,
+        }
     }
 }
 
