@@ -340,25 +340,40 @@ fn step_split<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, grid: &Grid, ro
         .map_err(|e| fail(&e))
 }
 
-/// A tick's number as people write it: 25M, 120k, 3500, 12.5, 0.85.
+/// A tick's number as people write it: 25M, 120k, 3500, 12.5, 0.85, 5
+/// (no trailing zeros, so one axis does not mix 5.00 and 10.0).
 fn tick_number(v: f64) -> String {
     let a = v.abs();
-    if a >= 1e6 {
-        format!("{:.1}M", v / 1e6)
+    let (number, unit) = if a >= 1e6 {
+        (format!("{:.1}", v / 1e6), "M")
     } else if a >= 1e4 {
-        format!("{:.0}k", v / 1e3)
+        (format!("{:.0}", v / 1e3), "k")
     } else if a >= 100.0 {
-        format!("{v:.0}")
+        (format!("{v:.0}"), "")
     } else if a >= 10.0 {
-        format!("{v:.1}")
+        (format!("{v:.1}"), "")
     } else {
-        format!("{v:.2}")
-    }
+        (format!("{v:.2}"), "")
+    };
+    let trimmed = if number.contains('.') { number.trim_end_matches('0').trim_end_matches('.') } else { &number };
+    format!("{trimmed}{unit}")
 }
 
 fn segment_label(v: &SegmentValue<usize>, ticks: &[String]) -> String {
     match v {
         SegmentValue::CenterOf(i) => ticks.get(*i).cloned().unwrap_or_default(),
         _ => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tick_number;
+
+    #[test]
+    fn ticks_read_as_people_write_numbers() {
+        let ticks = [0.0, 5.0, 10.0, 12.5, 0.85, 3500.0, 120_000.0, 25_000_000.0, 2_500_000.0, -2.5];
+        let want = ["0", "5", "10", "12.5", "0.85", "3500", "120k", "25M", "2.5M", "-2.5"];
+        assert_eq!(ticks.map(tick_number), want);
     }
 }
