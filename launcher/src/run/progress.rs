@@ -165,6 +165,7 @@ impl ConsoleProgress {
         let more =
             if summary.preempted { String::new() } else { format!(" --set train.steps={}", job.train.steps * 2) };
         self.line(&format!("resume:     switchyard train {config_flag} --resume{more}"));
+        self.line(&format!("dashboard:  switchyard dashboard --run-dir {dir}   (or: switchyard report --run-dir {dir} --out report.html)"));
     }
 }
 
