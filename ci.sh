@@ -21,7 +21,7 @@ done
 # System packages the suites use: OpenMPI for the MPI backend (and bindgen's
 # libclang to build its bindings), iproute2 for the network-namespace hosts,
 # Slurm and munge for the one-node cluster the Slurm test starts, OpenSSH
-# for the MPIJob test, Chromium for the dashboard test.
+# for the MPIJob test, Chromium for the dashboard test, oneDNN for bf16.
 mapfile -t need < <(scripts/missing-mpi-packages.sh)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v unshare >/dev/null 2>&1 || need+=(util-linux)
@@ -32,6 +32,9 @@ command -v munged >/dev/null 2>&1 || need+=(munge)
 command -v ssh-keygen >/dev/null 2>&1 || need+=(openssh-client)
 # A real browser for the dashboard test (launcher/tests/dashboard.rs).
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
+# oneDNN, the kernel library bf16 products run on (loaded at run time;
+# model/tests/gemm_kernels.rs tests it and the built-in fallback).
+ldconfig -p 2>/dev/null | grep -q 'libdnnl\.so\.2 ' || need+=(libdnnl2)
 if [ ${#need[@]} -gt 0 ]; then
   echo "== installing ${need[*]}"
   sudo=""

@@ -161,9 +161,11 @@ fn compact(fields: &Map<String, Value>) -> Value {
             out.insert(key.to_string(), v.clone());
         }
     }
-    let dropped: f64 =
-        fields.get("dropped").and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_f64).sum();
-    out.insert("dropped".into(), json!(dropped));
+    // Per layer (the heatmaps say each layer's), and in all (the summary).
+    let dropped: Vec<f64> =
+        fields.get("dropped").and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_f64).collect();
+    out.insert("dropped".into(), json!(dropped.iter().sum::<f64>()));
+    out.insert("dropped_per_layer".into(), json!(dropped));
     let ranks: Vec<Value> = fields
         .get("per_rank")
         .and_then(Value::as_array)

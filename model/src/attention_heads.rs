@@ -8,7 +8,8 @@
 //! heads.
 
 use crate::config::{AttnRouterKind, ModelConfig};
-use crate::gemm::{matmul_nn, matmul_nt, matmul_tn};
+// Routers choose in fp32 whatever the precision of the products around them.
+use crate::gemm::fp32::{matmul_nn, matmul_nt, matmul_tn};
 use crate::moe::RouterScore;
 use crate::weights::DenseLayerWeights;
 

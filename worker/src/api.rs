@@ -59,6 +59,8 @@ pub struct StartInfo {
     /// Objects whose multipart uploads, left unfinished by an earlier run
     /// that was killed while saving, were aborted before this one started.
     pub aborted_uploads: Vec<String>,
+    /// The banner line of `[train] precision`: what the products run in, on which kernels, and why.
+    pub precision: String,
 }
 
 /// The end of a run.

@@ -31,11 +31,23 @@ pub struct TrainConfig {
     pub log_every: u64,
     /// Validation every this many steps on `[data] eval_source` (0: never).
     pub eval_every: u64,
+    /// The element type of the matrix products: "fp32", "bf16" (bf16
+    /// factors, fp32 accumulation) or "auto" (bf16 where the CPU has bf16
+    /// matrix units and oneDNN is installed).
+    pub precision: crate::precision::PrecisionChoice,
 }
 
 impl Default for TrainConfig {
     fn default() -> Self {
-        Self { steps: 1000, global_batch_size: 32, micro_batch_size: 8, seed: 1234, log_every: 50, eval_every: 0 }
+        Self {
+            steps: 1000,
+            global_batch_size: 32,
+            micro_batch_size: 8,
+            seed: 1234,
+            log_every: 50,
+            eval_every: 0,
+            precision: Default::default(),
+        }
     }
 }
 

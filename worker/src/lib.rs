@@ -13,6 +13,7 @@ pub mod eval;
 pub mod metrics;
 pub mod micro_batches;
 pub mod overlap;
+pub mod precision;
 pub mod preemption;
 pub mod rank;
 pub mod state;

@@ -2,15 +2,17 @@
 //! this machine's own peak GEMM and against JAX in the same run.
 //!
 //! Rows: a large square GEMM (the peak), the expert GEMMs at the layer's
-//! shapes, the MoE layer forward+backward at a few sizes, and a full
-//! training step of the default model. The peer is the same MoE layer in
-//! JAX (`bench/jax_moe_layer.py`, jit on CPU, same thread count); when JAX
-//! is missing the row says how to get it (`scripts/bench-layer.sh` installs it).
+//! shapes, the MoE layer forward+backward at a few sizes in fp32 and bf16
+//! (`[train] precision`), and a full training step of the default model in
+//! both. The peers are the same MoE layer in JAX (`bench/jax_moe_layer.py`,
+//! jit on CPU, fp32) and in PyTorch (`bench/torch_moe_layer.py`, eager fp32
+//! and bf16 autocast), same thread count; when one is missing the row says
+//! how to get it (`scripts/bench-layer.sh` installs them).
 //! Memory: the default job's peak resident set against the analytic sum of
 //! parameters, gradients, optimizer state and saved activations.
 
 use anyhow::{Context, Result};
-use model::gemm::matmul_nt;
+use model::gemm::{self, matmul_nt, Precision};
 use model::model::{forward_backward, LossScales, MicroBatch};
 use model::moe::layer::{moe_backward, moe_forward, MoeBackwardInput, MoeGrads, MoeLayer};
 use model::moe::{LocalExperts, RouterLossScales};
@@ -63,6 +65,11 @@ struct LayerRow {
     share_of_peak: f64,
     jax_tokens_per_s: Option<f64>,
     jax_note: String,
+    /// The same layer with `[train] precision = "bf16"`.
+    bf16_tokens_per_s: f64,
+    torch_fp32_tokens_per_s: Option<f64>,
+    torch_bf16_tokens_per_s: Option<f64>,
+    torch_note: String,
 }
 
 /// The MoE layer with and without MoE++'s computation-free experts.
@@ -81,6 +88,7 @@ struct FreeRow {
 struct StepRow {
     tokens_per_s: f64,
     seconds_per_step: f64,
+    bf16_tokens_per_s: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -163,6 +171,47 @@ fn bench_moe_layer(case: &LayerCase) -> (f64, f64) {
     (case.tokens as f64 / s, ffn_rows as f64 / case.tokens as f64)
 }
 
+/// `f` with this process's products in `precision` (fp32 again after).
+fn in_precision<R>(precision: Precision, f: impl FnOnce() -> R) -> R {
+    gemm::set_precision(precision);
+    let out = f();
+    gemm::set_precision(Precision::Fp32);
+    out
+}
+
+/// The same layer in PyTorch (`bench/torch_moe_layer.py`): eager fp32 and
+/// bf16 autocast tokens/s, or a note saying why not.
+fn bench_torch(case: &LayerCase) -> (Option<(f64, f64)>, String) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../bench/torch_moe_layer.py");
+    let output = Command::new("python3").arg(script).arg(serde_json::to_string(case).unwrap()).output();
+    match output {
+        Ok(out) if out.status.success() => {
+            let text = String::from_utf8_lossy(&out.stdout);
+            let parsed = serde_json::from_str::<serde_json::Value>(text.trim()).ok();
+            match parsed.as_ref().and_then(|v| v["fp32"].as_f64().zip(v["bf16"].as_f64())) {
+                Some(rates) => {
+                    let v = parsed.expect("parsed above");
+                    (
+                        Some(rates),
+                        format!("PyTorch {} eager, {} threads", v["torch"].as_str().unwrap_or("?"), v["threads"]),
+                    )
+                }
+                None => (None, format!("unexpected output from {script}: {text}")),
+            }
+        }
+        Ok(out) => {
+            let err = String::from_utf8_lossy(&out.stderr);
+            let note = if err.contains("No module named 'torch'") {
+                "PyTorch not installed: run scripts/bench-layer.sh (pip install torch, CPU)".to_string()
+            } else {
+                format!("PyTorch run failed: {}", err.lines().last().unwrap_or(""))
+            };
+            (None, note)
+        }
+        Err(e) => (None, format!("python3 not runnable: {e}")),
+    }
+}
+
 /// The same layer in JAX, run by `bench/jax_moe_layer.py` (XLA's CPU
 /// runtime uses every core, as rayon does); None with a note when JAX is missing.
 fn bench_jax(case: &LayerCase) -> (Option<f64>, String) {
@@ -212,7 +261,7 @@ fn bench_step(job: &JobConfig) -> StepRow {
         }
         step += 1;
     });
-    StepRow { tokens_per_s: tokens / s, seconds_per_step: s }
+    StepRow { tokens_per_s: tokens / s, seconds_per_step: s, bf16_tokens_per_s: 0.0 }
 }
 
 /// The jobs whose peak memory `bench layer` measures: the default job, and
@@ -304,11 +353,13 @@ pub fn run(json: bool) -> Result<()> {
             gflops,
             share_of_peak: gflops / report.peak_gflops,
         });
-        eprintln!("measuring MoE layer {} ...", case.name);
+        eprintln!("measuring MoE layer {} (fp32, then bf16) ...", case.name);
         let (tps, _) = bench_moe_layer(case);
+        let (bf16_tps, _) = in_precision(Precision::Bf16, || bench_moe_layer(case));
         let gflops = layer_flops(case) * tps / case.tokens as f64 / 1e9;
-        eprintln!("measuring the same layer in JAX ...");
+        eprintln!("measuring the same layer in JAX and PyTorch ...");
         let (jax, jax_note) = bench_jax(case);
+        let (torch, torch_note) = bench_torch(case);
         report.layers.push(LayerRow {
             case: case.clone(),
             tokens_per_s: tps,
@@ -316,6 +367,10 @@ pub fn run(json: bool) -> Result<()> {
             share_of_peak: gflops / report.peak_gflops,
             jax_tokens_per_s: jax,
             jax_note,
+            bf16_tokens_per_s: bf16_tps,
+            torch_fp32_tokens_per_s: torch.map(|t| t.0),
+            torch_bf16_tokens_per_s: torch.map(|t| t.1),
+            torch_note,
         });
     }
     // MoE++: the first case with 2 constant, 1 copy and 1 zero expert beside
@@ -344,7 +399,9 @@ pub fn run(json: bool) -> Result<()> {
         },
     ];
     eprintln!("measuring a full forward+backward step of the default job ...");
-    report.step = Some(bench_step(&job));
+    let mut step = bench_step(&job);
+    step.bf16_tokens_per_s = in_precision(Precision::Bf16, || bench_step(&job)).tokens_per_s;
+    report.step = Some(step);
     for (name, sets) in MEMORY_JOBS {
         eprintln!("measuring peak memory of the {name} ...");
         report.memory.push(bench_memory(name, sets)?);
@@ -367,28 +424,40 @@ fn print_table(r: &Report) {
     }
     println!();
     println!(
-        "{:<20} {:>7} {:>12} {:>9} {:>8} {:>12} {:>9}",
-        "MoE layer fwd+bwd", "tokens", "tokens/s", "GFLOP/s", "of peak", "JAX tok/s", "vs JAX"
+        "{:<20} {:>7} {:>11} {:>9} {:>8} {:>11} {:>10} {:>13} {:>13} {:>10}",
+        "MoE layer fwd+bwd",
+        "tokens",
+        "fp32 tok/s",
+        "GFLOP/s",
+        "of peak",
+        "bf16 tok/s",
+        "JAX fp32",
+        "PyTorch fp32",
+        "PyTorch bf16",
+        "bf16 vs PT"
     );
+    let cell = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0}"));
     for l in &r.layers {
-        let (jax, ratio) = match l.jax_tokens_per_s {
-            Some(j) => (format!("{j:.0}"), format!("{:.2}x", l.tokens_per_s / j)),
-            None => ("-".into(), "-".into()),
-        };
+        let ratio = l.torch_bf16_tokens_per_s.map_or("-".into(), |t| format!("{:.2}x", l.bf16_tokens_per_s / t));
         println!(
-            "{:<20} {:>7} {:>12.0} {:>9.1} {:>7.0}% {:>12} {:>9}",
+            "{:<20} {:>7} {:>11.0} {:>9.1} {:>7.0}% {:>11.0} {:>10} {:>13} {:>13} {:>10}",
             l.case.name,
             l.case.tokens,
             l.tokens_per_s,
             l.gflops,
             100.0 * l.share_of_peak,
-            jax,
+            l.bf16_tokens_per_s,
+            cell(l.jax_tokens_per_s),
+            cell(l.torch_fp32_tokens_per_s),
+            cell(l.torch_bf16_tokens_per_s),
             ratio
         );
         if l.jax_tokens_per_s.is_none() {
-            println!("    peer: {}", l.jax_note);
+            println!("    JAX: {}", l.jax_note);
         }
+        println!("    PyTorch: {}", l.torch_note);
     }
+    println!("    bf16: {}", gemm::describe(Precision::Bf16));
     if !r.computation_free.is_empty() {
         println!();
         println!(
@@ -406,8 +475,8 @@ fn print_table(r: &Report) {
     if let Some(s) = &r.step {
         println!();
         println!(
-            "default job, forward+backward of one step: {:.0} tokens/s ({:.3} s/step)",
-            s.tokens_per_s, s.seconds_per_step
+            "default job, forward+backward of one step: {:.0} tokens/s ({:.3} s/step) in fp32, {:.0} tokens/s in bf16",
+            s.tokens_per_s, s.seconds_per_step, s.bf16_tokens_per_s
         );
     }
     if !r.memory.is_empty() {

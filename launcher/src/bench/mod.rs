@@ -2,6 +2,7 @@
 
 pub mod alltoall;
 pub mod checkpoint;
+pub mod kernels;
 pub mod layer;
 pub mod overlap;
 pub mod simulator;
@@ -17,6 +18,12 @@ use worker::Backend;
 pub enum BenchCommand {
     /// MoE layer and full-step throughput against peak GEMM and JAX.
     Layer {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Matrix products on each kernel set (built-in fp32, oneDNN fp32 and bf16) against PyTorch.
+    Kernels {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -131,6 +138,7 @@ pub enum BenchCommand {
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Layer { json } => crate::bench::layer::run(json),
+        BenchCommand::Kernels { json } => crate::bench::kernels::run(json),
         BenchCommand::Step { ranks, backends, config, overrides, steps, json } => {
             let backends = backends.unwrap_or_else(|| {
                 let mut all = vec![Backend::Local];

@@ -193,6 +193,7 @@ impl Observer for ConsoleProgress {
                 info.aborted_uploads.join(", ")
             ));
         }
+        self.line(&info.precision);
         let d = info.dims;
         if d.world > 1 {
             self.line(&format!(

@@ -9,7 +9,8 @@ use super::score::{logsumexp, RouterScore};
 use super::select::Selection;
 use crate::config::{ModelConfig, RoutedKind};
 use crate::error::ModelError;
-use crate::gemm::{matmul_nn, matmul_nt, matmul_tn};
+// Routers choose in fp32 whatever the precision of the products around them.
+use crate::gemm::fp32::{matmul_nn, matmul_nt, matmul_tn};
 use crate::shards::{NoShards, TokenShards};
 
 /// A layer's router tensors: the weight and, with `expert_bias`, the

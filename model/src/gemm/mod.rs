@@ -1,0 +1,266 @@
+//! Matrix products for every layer, in fp32 or bf16.
+//!
+//! All matrices are row-major. `C[m,n] = beta*C + op(A)[m,k] · op(B)[k,n]`
+//! where `op` optionally transposes. Linear layers store weights as
+//! `[out, in]`, so the three products of a layer are:
+//! forward `y = x W^T` ([`matmul_nt`]), input grad `dx = dy W` ([`matmul_nn`]),
+//! weight grad `dW += dy^T x` ([`matmul_tn`]).
+//!
+//! Precision is the process's ([`set_precision`]; a job sets it from
+//! `[train] precision` when it starts, as it sets the thread count): fp32
+//! products run the built-in kernels (`builtin`, the `gemm` crate) unless
+//! `SWITCHYARD_KERNELS=onednn`; bf16 products round both factors to
+//! bfloat16 and accumulate in fp32, on oneDNN's matrix-unit kernels
+//! (`onednn`, loaded at run time) when the library is there, else on the
+//! built-in kernels over the rounded values (the same numbers, no speed-up).
+
+mod bf16;
+mod builtin;
+pub mod onednn;
+
+pub use bf16::round as round_to_bf16;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::OnceLock;
+
+/// The element type matrix products multiply in (they always accumulate
+/// and return fp32).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    Fp32,
+    Bf16,
+}
+
+static PRECISION: AtomicU8 = AtomicU8::new(0);
+
+/// Sets the precision of every later product of this process.
+pub fn set_precision(precision: Precision) {
+    PRECISION.store(precision as u8, Ordering::Relaxed);
+}
+
+/// The precision products run in now.
+pub fn precision() -> Precision {
+    match PRECISION.load(Ordering::Relaxed) {
+        0 => Precision::Fp32,
+        _ => Precision::Bf16,
+    }
+}
+
+/// Which kernels run products.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernels {
+    /// The `gemm` crate (every build).
+    Builtin,
+    /// oneDNN's matmul (loaded at run time).
+    OneDnn,
+}
+
+/// The kernels asked for: [`set_kernels`], else `SWITCHYARD_KERNELS`
+/// (`builtin`, `onednn`, or unset/`auto`: oneDNN for bf16 when it loads,
+/// built-in for fp32).
+fn asked() -> Option<Kernels> {
+    static FROM_ENV: OnceLock<Option<Kernels>> = OnceLock::new();
+    match ASKED.load(Ordering::Relaxed) {
+        1 => None,
+        2 => Some(Kernels::Builtin),
+        3 => Some(Kernels::OneDnn),
+        _ => *FROM_ENV.get_or_init(|| match std::env::var("SWITCHYARD_KERNELS").as_deref() {
+            Ok("builtin") => Some(Kernels::Builtin),
+            Ok("onednn") => Some(Kernels::OneDnn),
+            _ => None,
+        }),
+    }
+}
+
+/// 0: as `SWITCHYARD_KERNELS` says; 1: automatic; 2: built-in; 3: oneDNN.
+static ASKED: AtomicU8 = AtomicU8::new(0);
+
+/// Asks for `kernels` (`None`: the automatic choice) in this process, over
+/// `SWITCHYARD_KERNELS` (benchmarks and tests compare them).
+pub fn set_kernels(kernels: Option<Kernels>) {
+    let code = match kernels {
+        None => 1,
+        Some(Kernels::Builtin) => 2,
+        Some(Kernels::OneDnn) => 3,
+    };
+    ASKED.store(code, Ordering::Relaxed);
+}
+
+/// The kernels products of `precision` run on in this process (oneDNN is
+/// loaded only when asked for or needed: fp32 jobs never map it).
+pub fn kernels_for(precision: Precision) -> Kernels {
+    let wanted = matches!((asked(), precision), (Some(Kernels::OneDnn), _) | (None, Precision::Bf16));
+    if wanted && onednn::get().is_ok() {
+        Kernels::OneDnn
+    } else {
+        Kernels::Builtin
+    }
+}
+
+/// One line for a start banner: which kernels run products of `precision`, and why.
+pub fn describe(precision: Precision) -> String {
+    match (kernels_for(precision), precision) {
+        (Kernels::OneDnn, _) => onednn::get().map(|l| l.description().to_string()).unwrap_or_default(),
+        (Kernels::Builtin, Precision::Fp32) => "the built-in kernels (gemm crate)".to_string(),
+        (Kernels::Builtin, Precision::Bf16) => {
+            let why = onednn::get().err().map(|e| format!(": {e}")).unwrap_or_default();
+            format!("the built-in fp32 kernels over bf16-rounded factors (bf16 numbers without the speed{why})")
+        }
+    }
+}
+
+/// Whether this CPU multiplies bf16 in hardware (AMX-BF16 or AVX512-BF16).
+pub fn cpu_has_bf16_units() -> bool {
+    std::arch::is_x86_feature_detected!("avx512bf16") || amx_bf16()
+}
+
+/// CPUID leaf 7's AMX-BF16 bit (the standard library's detection of it is
+/// not stable yet).
+#[cfg(target_arch = "x86_64")]
+fn amx_bf16() -> bool {
+    // CPUID exists on every x86-64 CPU; where leaf 7 does not, the bit reads 0.
+    let leaf = std::arch::x86_64::__cpuid_count(7, 0);
+    leaf.edx & (1 << 22) != 0
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn amx_bf16() -> bool {
+    false
+}
+
+/// One factor of a product: its row-major values, read transposed or not.
+#[derive(Clone, Copy)]
+struct Operand<'a> {
+    values: &'a [f32],
+    transposed: bool,
+}
+
+/// Strided product `C[m,n] (+)= op(A) op(B)` in the process's precision.
+fn product(m: usize, k: usize, n: usize, a: Operand<'_>, b: Operand<'_>, c: &mut [f32], accumulate: bool) {
+    product_in(precision(), (m, k, n), a, b, c, accumulate)
+}
+
+/// Strided product `C[m,n] (+)= op(A) op(B)` in `precision`.
+fn product_in(
+    precision: Precision,
+    (m, k, n): (usize, usize, usize),
+    a: Operand<'_>,
+    b: Operand<'_>,
+    c: &mut [f32],
+    accumulate: bool,
+) {
+    assert!(a.values.len() >= m * k, "A has {} values, needs {m}x{k}", a.values.len());
+    assert!(b.values.len() >= k * n, "B has {} values, needs {k}x{n}", b.values.len());
+    assert!(c.len() >= m * n, "C has {} values, needs {m}x{n}", c.len());
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            c[..m * n].fill(0.0);
+        }
+        return;
+    }
+    if kernels_for(precision) == Kernels::OneDnn {
+        let library = onednn::get().expect("kernels_for checked it loads");
+        if let Err(e) = library.product((m, k, n), a, b, c, accumulate, precision == Precision::Bf16) {
+            // A shape oneDNN refuses is a bug here, not the user's input.
+            panic!("{e} ({m}x{k}x{n})");
+        }
+        return;
+    }
+    match precision {
+        Precision::Fp32 => builtin::product(m, k, n, a, b, c, accumulate),
+        Precision::Bf16 => {
+            let round = |v: &[f32]| v.iter().map(|&x| bf16::round(x)).collect::<Vec<f32>>();
+            let (a_bf, b_bf) = (round(&a.values[..m * k]), round(&b.values[..k * n]));
+            let a = Operand { values: &a_bf, transposed: a.transposed };
+            let b = Operand { values: &b_bf, transposed: b.transposed };
+            builtin::product(m, k, n, a, b, c, accumulate)
+        }
+    }
+}
+
+/// `C[m,n] (+)= A[m,k] · B[n,k]^T` — a linear layer's forward pass.
+pub fn matmul_nt(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32], accumulate: bool) {
+    product(m, k, n, Operand { values: a, transposed: false }, Operand { values: b, transposed: true }, c, accumulate)
+}
+
+/// `C[m,n] (+)= A[m,k] · B[k,n]` — a linear layer's input gradient.
+pub fn matmul_nn(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32], accumulate: bool) {
+    product(m, k, n, Operand { values: a, transposed: false }, Operand { values: b, transposed: false }, c, accumulate)
+}
+
+/// `C[m,n] (+)= A[k,m]^T · B[k,n]` — a linear layer's weight gradient.
+pub fn matmul_tn(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32], accumulate: bool) {
+    product(m, k, n, Operand { values: a, transposed: true }, Operand { values: b, transposed: false }, c, accumulate)
+}
+
+/// The same three products, always in fp32: for routers, whose choices
+/// must not move with the precision of the rest of the model.
+pub mod fp32 {
+    use super::{product_in, Operand, Precision};
+
+    /// `C[m,n] (+)= A[m,k] · B[n,k]^T` in fp32.
+    pub fn matmul_nt(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32], accumulate: bool) {
+        let (a, b) = (Operand { values: a, transposed: false }, Operand { values: b, transposed: true });
+        product_in(Precision::Fp32, (m, k, n), a, b, c, accumulate)
+    }
+
+    /// `C[m,n] (+)= A[m,k] · B[k,n]` in fp32.
+    pub fn matmul_nn(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32], accumulate: bool) {
+        let (a, b) = (Operand { values: a, transposed: false }, Operand { values: b, transposed: false });
+        product_in(Precision::Fp32, (m, k, n), a, b, c, accumulate)
+    }
+
+    /// `C[m,n] (+)= A[k,m]^T · B[k,n]` in fp32.
+    pub fn matmul_tn(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32], accumulate: bool) {
+        let (a, b) = (Operand { values: a, transposed: true }, Operand { values: b, transposed: false });
+        product_in(Precision::Fp32, (m, k, n), a, b, c, accumulate)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(
+        m: usize,
+        k: usize,
+        n: usize,
+        a: impl Fn(usize, usize) -> f32,
+        b: impl Fn(usize, usize) -> f32,
+    ) -> Vec<f32> {
+        let mut c = vec![0.0; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                c[i * n + j] = (0..k).map(|p| a(i, p) * b(p, j)).sum();
+            }
+        }
+        c
+    }
+
+    fn close(x: &[f32], y: &[f32]) {
+        for (p, q) in x.iter().zip(y) {
+            assert!((p - q).abs() < 1e-4 * (1.0 + q.abs()), "{p} vs {q}");
+        }
+    }
+
+    #[test]
+    fn all_three_layouts_match_naive_products() {
+        for &(m, k, n) in &[(3, 5, 7), (130, 70, 110), (1, 1, 1), (64, 200, 3)] {
+            let a: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 13) as f32 - 6.0) / 5.0).collect();
+            let b: Vec<f32> = (0..k * n).map(|i| ((i * 5 % 11) as f32 - 5.0) / 4.0).collect();
+            let mut c = vec![1.0; m * n];
+            // B stored as [n,k] for nt.
+            matmul_nt(m, k, n, &a, &b, &mut c, false);
+            close(&c, &naive(m, k, n, |i, p| a[i * k + p], |p, j| b[j * k + p]));
+            matmul_nn(m, k, n, &a, &b, &mut c, false);
+            close(&c, &naive(m, k, n, |i, p| a[i * k + p], |p, j| b[p * n + j]));
+            // A stored as [k,m] for tn.
+            let expect = naive(m, k, n, |i, p| a[p * m + i], |p, j| b[p * n + j]);
+            let mut acc = expect.clone();
+            matmul_tn(m, k, n, &a, &b, &mut acc, true);
+            close(&acc, &expect.iter().map(|x| 2.0 * x).collect::<Vec<_>>());
+        }
+    }
+}

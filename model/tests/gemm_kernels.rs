@@ -1,0 +1,136 @@
+//! The products in bf16 and fp32 on both kernel sets: oneDNN's (loaded at
+//! run time; ./ci.sh installs libdnnl2) and the built-in ones. Precision
+//! and kernels are process-wide, so these tests take turns.
+
+use model::gemm::{self, Kernels, Precision};
+use std::sync::Mutex;
+
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+/// Deterministic values in [-1, 1) that are not bf16-exact.
+fn values(len: usize, seed: u64) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..len)
+        .map(|_| {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// The three products of a layer, exactly (f64) over the given factor
+/// values: `nt` with B stored [n,k], `nn` with B [k,n], `tn` with A [k,m].
+fn exact(kind: &str, m: usize, k: usize, n: usize, a: &[f32], b: &[f32]) -> Vec<f64> {
+    let mut c = vec![0.0f64; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            c[i * n + j] = (0..k)
+                .map(|p| {
+                    let x = if kind == "tn" { a[p * m + i] } else { a[i * k + p] };
+                    let y = if kind == "nt" { b[j * k + p] } else { b[p * n + j] };
+                    f64::from(x) * f64::from(y)
+                })
+                .sum();
+        }
+    }
+    c
+}
+
+fn run(kind: &str, (m, k, n): (usize, usize, usize), a: &[f32], b: &[f32], c: &mut [f32], accumulate: bool) {
+    match kind {
+        "nt" => gemm::matmul_nt(m, k, n, a, b, c, accumulate),
+        "nn" => gemm::matmul_nn(m, k, n, a, b, c, accumulate),
+        _ => gemm::matmul_tn(m, k, n, a, b, c, accumulate),
+    }
+}
+
+/// Largest error over the scale of the sum (k products of values up to 1:
+/// sqrt(k) for random signs).
+fn worst(c: &[f32], want: &[f64], k: usize) -> f64 {
+    c.iter().zip(want).map(|(&x, &y)| (f64::from(x) - y).abs()).fold(0.0, f64::max) / (k as f64).sqrt()
+}
+
+/// Shapes with blocks, remainders and a weight gradient summed over more
+/// rows than one chunk.
+const SHAPES: [(usize, usize, usize); 5] = [(3, 5, 7), (300, 70, 129), (64, 600, 40), (513, 96, 260), (1, 1, 1)];
+
+fn check_all(precision: Precision, kernels: Kernels) {
+    gemm::set_precision(precision);
+    gemm::set_kernels(Some(kernels));
+    assert_eq!(gemm::kernels_for(precision), kernels);
+    for (s, &(m, k, n)) in SHAPES.iter().enumerate() {
+        for kind in ["nt", "nn", "tn"] {
+            let (a, b) = (values(m * k, s as u64), values(k * n, 100 + s as u64));
+            let rounded = |v: &[f32]| v.iter().map(|&x| gemm::round_to_bf16(x)).collect::<Vec<_>>();
+            let seen = match precision {
+                Precision::Fp32 => exact(kind, m, k, n, &a, &b),
+                Precision::Bf16 => exact(kind, m, k, n, &rounded(&a), &rounded(&b)),
+            };
+            let mut c = vec![f32::NAN; m * n];
+            run(kind, (m, k, n), &a, &b, &mut c, false);
+            // The factors as the kernels see them, summed in fp32.
+            let err = worst(&c, &seen, k);
+            assert!(err < 1e-6, "{precision:?} {kernels:?} {kind} {m}x{k}x{n}: error {err:e} over fp32 sums");
+            // bf16 against the fp32 product: the rounding of the factors.
+            let err = worst(&c, &exact(kind, m, k, n, &a, &b), k);
+            let bound = if precision == Precision::Bf16 { 1e-2 } else { 1e-6 };
+            assert!(err < bound, "{precision:?} {kernels:?} {kind} {m}x{k}x{n}: {err:e} from the fp32 product");
+            // Accumulating adds the same product again.
+            let once = c.clone();
+            run(kind, (m, k, n), &a, &b, &mut c, true);
+            assert!(
+                c.iter().zip(&once).all(|(x, y)| (x - 2.0 * y).abs() <= 1e-5 * (1.0 + y.abs())),
+                "{kind} accumulate"
+            );
+        }
+    }
+}
+
+fn onednn() -> &'static gemm::onednn::OneDnn {
+    gemm::onednn::get().unwrap_or_else(|e| panic!("{e} (./ci.sh installs it)"))
+}
+
+#[test]
+fn bf16_products_on_onednn_are_the_rounded_factors_summed_in_fp32() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    onednn();
+    check_all(Precision::Bf16, Kernels::OneDnn);
+    check_all(Precision::Fp32, Kernels::OneDnn);
+    gemm::set_precision(Precision::Fp32);
+}
+
+#[test]
+fn without_onednn_bf16_runs_the_builtin_kernels_on_rounded_factors() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    check_all(Precision::Bf16, Kernels::Builtin);
+    check_all(Precision::Fp32, Kernels::Builtin);
+    gemm::set_precision(Precision::Fp32);
+}
+
+#[test]
+fn onednn_results_do_not_depend_on_the_number_of_threads() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    onednn();
+    gemm::set_precision(Precision::Bf16);
+    gemm::set_kernels(Some(Kernels::OneDnn));
+    let (m, k, n) = (700, 600, 300);
+    let (a, b) = (values(m * k, 7), values(k * n, 8));
+    let with = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        let mut out = Vec::new();
+        for kind in ["nt", "nn", "tn"] {
+            let mut c = vec![0.0; m * n];
+            pool.install(|| run(kind, (m, k, n), &a, &b, &mut c, false));
+            out.push(c);
+        }
+        out
+    };
+    let one = with(1);
+    for threads in [2, 3] {
+        let other = with(threads);
+        for (x, y) in one.iter().zip(&other) {
+            assert!(x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits()), "{threads} threads differ");
+        }
+    }
+    gemm::set_precision(Precision::Fp32);
+}
