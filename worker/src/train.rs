@@ -19,7 +19,7 @@ use std::time::Duration;
 /// `checkpoint.every` steps and at the end. Rank 0 reports to `observer`.
 pub fn train(job: &JobConfig, opts: &RunOptions, observer: &mut dyn Observer) -> Result<TrainSummary, WorkerError> {
     crate::preemption::install();
-    crate::precision::apply(job.train.precision);
+    crate::precision::apply(job);
     let dims = job.parallel_dims()?;
     let micro_tokens = job.train.micro_batch_size * job.model.seq_len;
     if !micro_tokens.is_multiple_of(dims.attn_tp) {

@@ -201,7 +201,9 @@ fn print_table(report: &Report) {
         );
     }
     println!();
-    println!("GFLOP/s, fastest of {SECONDS} s of repetitions each. oneDNN runs blocks of {} rows", gemm::onednn::BLOCK);
+    println!(
+        "GFLOP/s, fastest of {SECONDS} s of repetitions each (products of fp32 factors: bf16 includes rounding them)"
+    );
     if let Some(implementation) = report.rows.iter().find_map(|r| r.onednn_bf16_implementation.as_deref()) {
         println!("oneDNN's bf16 implementation: {implementation}");
     }

@@ -75,11 +75,11 @@ mod tests {
         }
         assert_eq!(round(f32::INFINITY), f32::INFINITY);
         assert!(round(f32::NAN).is_nan());
-        assert_eq!(round(3.0e38f32 * 1.1), f32::INFINITY, "overflow rounds to infinity");
-        // Relative error at most 2^-9 for normal numbers.
+        assert_eq!(round(f32::MAX), f32::INFINITY, "past the largest bf16 rounds to infinity");
+        // Relative error at most 2^-8 (half a unit in the 8th significant bit) for normal numbers.
         for i in 1..10_000 {
             let x = (i as f32).sqrt() * 1.2345e-3;
-            assert!(((round(x) - x) / x).abs() <= 1.0 / 512.0, "{x}");
+            assert!(((round(x) - x) / x).abs() <= 1.0 / 256.0, "{x}");
         }
         let src: Vec<f32> = (0..300_000).map(|i| i as f32 * 0.37).collect();
         let mut dst = vec![0u16; src.len()];

@@ -85,10 +85,25 @@ pub fn set_kernels(kernels: Option<Kernels>) {
     ASKED.store(code, Ordering::Relaxed);
 }
 
-/// The kernels products of `precision` run on in this process (oneDNN is
-/// loaded only when asked for or needed: fp32 jobs never map it).
+/// fp32 products of at least this many multiply-adds run on oneDNN when
+/// it is installed (and no kernels are asked for): there it is 1.9-2x the
+/// built-in kernels (`switchyard bench kernels`), below it the built-in
+/// ones win (a call's fixed costs). The golden-loss jobs stay below it.
+pub const FP32_ONEDNN_MIN_MACS: usize = 1 << 26;
+
+/// The kernels large products of `precision` run on in this process.
 pub fn kernels_for(precision: Precision) -> Kernels {
-    let wanted = matches!((asked(), precision), (Some(Kernels::OneDnn), _) | (None, Precision::Bf16));
+    kernels_for_size(precision, usize::MAX)
+}
+
+/// The kernels a product of `macs` multiply-adds in `precision` runs on
+/// (oneDNN is loaded only when asked for or needed).
+pub fn kernels_for_size(precision: Precision, macs: usize) -> Kernels {
+    let wanted = match (asked(), precision) {
+        (Some(kernels), _) => kernels == Kernels::OneDnn,
+        (None, Precision::Bf16) => true,
+        (None, Precision::Fp32) => macs >= FP32_ONEDNN_MIN_MACS,
+    };
     if wanted && onednn::get().is_ok() {
         Kernels::OneDnn
     } else {
@@ -96,8 +111,14 @@ pub fn kernels_for(precision: Precision) -> Kernels {
     }
 }
 
-/// One line for a start banner: which kernels run products of `precision`, and why.
+/// One line for a start banner: which kernels run products of `precision`,
+/// and why. For fp32 it does not load oneDNN (a job whose products are all
+/// small never maps it).
 pub fn describe(precision: Precision) -> String {
+    if precision == Precision::Fp32 && asked().is_none() {
+        return "the built-in kernels (gemm crate), oneDNN for products of 64M+ multiply-adds when installed"
+            .to_string();
+    }
     match (kernels_for(precision), precision) {
         (Kernels::OneDnn, _) => onednn::get().map(|l| l.description().to_string()).unwrap_or_default(),
         (Kernels::Builtin, Precision::Fp32) => "the built-in kernels (gemm crate)".to_string(),
@@ -160,7 +181,7 @@ fn product_in(
         }
         return;
     }
-    if kernels_for(precision) == Kernels::OneDnn {
+    if kernels_for_size(precision, m * k * n) == Kernels::OneDnn {
         let library = onednn::get().expect("kernels_for checked it loads");
         if let Err(e) = library.product((m, k, n), a, b, c, accumulate, precision == Precision::Bf16) {
             // A shape oneDNN refuses is a bug here, not the user's input.

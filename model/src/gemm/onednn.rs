@@ -4,30 +4,26 @@
 //! (`libdnnl.so.2`, Debian's `libdnnl2`; oneDNN 2.x's C API) so that a
 //! build needs nothing installed; without it the built-in kernels run.
 //!
-//! Threads: every call runs oneDNN on the calling thread (its OpenMP team
-//! is set to one thread), and the work is split here into row blocks that
-//! rayon runs, as the built-in kernels do, so ranks, experts and products
-//! share one pool and never oversubscribe the cores. Each block size has
-//! one primitive, created on first use and cached: a product of `m` rows
-//! runs `m / BLOCK` blocks of one primitive and one remainder, so expert
-//! products with row counts that change every step reuse their
-//! primitives. A weight gradient (`dW += dy^T x`, the rows are the sum)
-//! adds row blocks in order into each block of output rows: the result
-//! does not depend on the number of threads.
+//! One product is one oneDNN call on as many threads as rayon has (its
+//! OpenMP team; one thread when called from a rayon task, whose loop owns
+//! the threads), so the second factor is packed for the matrix units once.
+//! Primitives are created per shape and cached; so that expert products,
+//! whose row counts change every step, reuse them, the rows (the summed
+//! rows of a weight gradient) run as a multiple of 64 and a tail of fewer
+//! than 64 padded with zeros to 64.
 
 use super::Operand;
 use libloading::Library;
-use rayon::prelude::*;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::ffi::{c_char, c_void, CStr};
 use std::sync::{Arc, Mutex, OnceLock};
 
-/// Rows of one block (and of one summed chunk of a weight gradient).
-pub const BLOCK: usize = 256;
+/// Row counts run as multiples of this (the tail padded to it).
+pub const ROWS_ALIGN: usize = 64;
 
-/// Output rows of one task of a weight gradient.
-const GRAD_ROWS: usize = 128;
+/// Products below this many multiply-adds run on the calling thread alone.
+const SMALL_MACS: usize = 1 << 22;
 
 /// Primitives kept at most (they hold JIT-compiled code); past it the
 /// cache starts over.
@@ -161,8 +157,13 @@ unsafe impl Sync for OneDnn {}
 thread_local! {
     /// This thread's stream (oneDNN streams are not shared between threads).
     static STREAM: Cell<Handle> = const { Cell::new(std::ptr::null_mut()) };
-    /// This thread's scratchpad and bf16 copies of the factors.
+    /// The OpenMP team size last set on this thread.
+    static TEAM: Cell<i32> = const { Cell::new(0) };
+    /// This thread's scratchpad.
     static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    /// This thread's bf16 copies of a product's two factors, kept between
+    /// products (fresh large buffers cost a page fault per 4 KiB).
+    static FACTORS: RefCell<(Vec<u16>, Vec<u16>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
 static LOADED: OnceLock<Result<OneDnn, String>> = OnceLock::new();
@@ -276,26 +277,46 @@ impl OneDnn {
         accumulate: bool,
         bf16: bool,
     ) -> Result<(), String> {
-        let (a_bf, b_bf);
-        let (a_bytes, b_bytes): (&[u8], &[u8]) = if bf16 {
-            a_bf = to_bf16(&a.values[..m * k]);
-            b_bf = to_bf16(&b.values[..k * n]);
-            (bytes_of(&a_bf), bytes_of(&b_bf))
-        } else {
-            (bytes_of(&a.values[..m * k]), bytes_of(&b.values[..k * n]))
-        };
-        let elem = if bf16 { 2 } else { 4 };
-        let a = Factor { bytes: a_bytes, trans: a.transposed, elem };
-        let b = Factor { bytes: b_bytes, trans: b.transposed, elem };
+        if !bf16 {
+            let a = Factor { bytes: bytes_of(&a.values[..m * k]), trans: a.transposed, elem: 4 };
+            let b = Factor { bytes: bytes_of(&b.values[..k * n]), trans: b.transposed, elem: 4 };
+            return self.factors_ready((m, k, n), a, b, c, accumulate, false);
+        }
+        FACTORS.with(|buffers| {
+            // A product inside a product cannot happen; a panic mid-way leaves the buffers free.
+            let mut buffers = buffers.try_borrow_mut().map_err(|_| "nested bf16 product".to_string())?;
+            let (a_bf, b_bf) = &mut *buffers;
+            for (buffer, values) in [(&mut *a_bf, &a.values[..m * k]), (&mut *b_bf, &b.values[..k * n])] {
+                buffer.resize(values.len(), 0);
+                super::bf16::convert(values, buffer);
+            }
+            let fa = Factor { bytes: bytes_of(a_bf), trans: a.transposed, elem: 2 };
+            let fb = Factor { bytes: bytes_of(b_bf), trans: b.transposed, elem: 2 };
+            self.factors_ready((m, k, n), fa, fb, c, accumulate, true)
+        })
+    }
+
+    /// The product of factors in the element type the primitive takes.
+    fn factors_ready(
+        &self,
+        dims: (usize, usize, usize),
+        a: Factor<'_>,
+        b: Factor<'_>,
+        c: &mut [f32],
+        accumulate: bool,
+        bf16: bool,
+    ) -> Result<(), String> {
+        self.set_team(dims.0 * dims.1 * dims.2);
         if a.trans {
-            self.weight_gradient((m, k, n), a, b, c, accumulate, bf16)
+            self.weight_gradient(dims, a, b, c, accumulate, bf16)
         } else {
-            self.row_blocks((m, k, n), a, b, c, accumulate, bf16)
+            self.rows(dims, a, b, c, accumulate, bf16)
         }
     }
 
-    /// op(A) = A [m,k] row-major: blocks of output rows, in parallel.
-    fn row_blocks(
+    /// op(A) = A [m,k] row-major: the aligned rows in one call, then the
+    /// tail through a padded copy.
+    fn rows(
         &self,
         (m, k, n): (usize, usize, usize),
         a: Factor<'_>,
@@ -305,17 +326,29 @@ impl OneDnn {
         bf16: bool,
     ) -> Result<(), String> {
         let ldb = if b.trans { k } else { n };
-        c[..m * n].par_chunks_mut(BLOCK * n).enumerate().try_for_each(|(i, c_block)| {
-            let rows = c_block.len() / n;
-            let a_block = &a.bytes[i * BLOCK * k * a.elem..][..rows * k * a.elem];
-            let shape =
-                Shape { bf16, a_trans: false, b_trans: b.trans, m: rows, k, n, lda: k, ldb, ldc: n, accumulate };
-            self.run(shape, a_block.as_ptr(), b.bytes.as_ptr(), c_block.as_mut_ptr())
-        })
+        let shape =
+            |rows| Shape { bf16, a_trans: false, b_trans: b.trans, m: rows, k, n, lda: k, ldb, ldc: n, accumulate };
+        let main = m / ROWS_ALIGN * ROWS_ALIGN;
+        if main > 0 {
+            self.run(shape(main), a.bytes.as_ptr(), b.bytes.as_ptr(), c.as_mut_ptr())?;
+        }
+        let tail = m - main;
+        if tail > 0 {
+            let mut a_pad = vec![0u8; ROWS_ALIGN * k * a.elem];
+            a_pad[..tail * k * a.elem].copy_from_slice(&a.bytes[main * k * a.elem..m * k * a.elem]);
+            let mut c_pad = vec![0.0f32; ROWS_ALIGN * n];
+            if accumulate {
+                c_pad[..tail * n].copy_from_slice(&c[main * n..m * n]);
+            }
+            self.run(shape(ROWS_ALIGN), a_pad.as_ptr(), b.bytes.as_ptr(), c_pad.as_mut_ptr())?;
+            c[main * n..m * n].copy_from_slice(&c_pad[..tail * n]);
+        }
+        Ok(())
     }
 
     /// op(A) = A^T with A stored [k,m] (a weight gradient: the k rows are
-    /// summed): tasks of output rows, each adding row chunks in order.
+    /// summed): the aligned rows in one call, then the tail's rows padded
+    /// with zeros (which add nothing) and added.
     fn weight_gradient(
         &self,
         (m, k, n): (usize, usize, usize),
@@ -325,32 +358,48 @@ impl OneDnn {
         accumulate: bool,
         bf16: bool,
     ) -> Result<(), String> {
-        let ldb = if b.trans { k } else { n };
-        c[..m * n].par_chunks_mut(GRAD_ROWS * n).enumerate().try_for_each(|(i, c_block)| {
-            let rows = c_block.len() / n;
-            let first_row = i * GRAD_ROWS;
-            for chunk in 0..k.div_ceil(BLOCK) {
-                let k0 = chunk * BLOCK;
-                let kc = BLOCK.min(k - k0);
-                let shape = Shape {
-                    bf16,
-                    a_trans: true,
-                    b_trans: b.trans,
-                    m: rows,
-                    k: kc,
-                    n,
-                    lda: m,
-                    ldb,
-                    ldc: n,
-                    accumulate: accumulate || chunk > 0,
-                };
-                // A^T's column block: rows k0.. of A, columns first_row..
-                let a_at = a.bytes[(k0 * m + first_row) * a.elem..].as_ptr();
-                let b_at = if b.trans { b.bytes[k0 * b.elem..].as_ptr() } else { b.bytes[k0 * n * b.elem..].as_ptr() };
-                self.run(shape, a_at, b_at, c_block.as_mut_ptr())?;
+        assert!(!b.trans, "a weight gradient's second factor is stored [k,n]");
+        let shape = |rows, accumulate| Shape {
+            bf16,
+            a_trans: true,
+            b_trans: false,
+            m,
+            k: rows,
+            n,
+            lda: m,
+            ldb: n,
+            ldc: n,
+            accumulate,
+        };
+        let main = k / ROWS_ALIGN * ROWS_ALIGN;
+        if main > 0 {
+            self.run(shape(main, accumulate), a.bytes.as_ptr(), b.bytes.as_ptr(), c.as_mut_ptr())?;
+        }
+        let tail = k - main;
+        if tail > 0 {
+            let pad = |f: &Factor<'_>, width: usize| {
+                let mut out = vec![0u8; ROWS_ALIGN * width * f.elem];
+                out[..tail * width * f.elem].copy_from_slice(&f.bytes[main * width * f.elem..k * width * f.elem]);
+                out
+            };
+            let (a_pad, b_pad) = (pad(&a, m), pad(&b, n));
+            self.run(shape(ROWS_ALIGN, accumulate || main > 0), a_pad.as_ptr(), b_pad.as_ptr(), c.as_mut_ptr())?;
+        }
+        Ok(())
+    }
+
+    /// Gives this thread's next call an OpenMP team of rayon's threads, or
+    /// of one inside a rayon task or for a small product.
+    fn set_team(&self, macs: usize) {
+        let alone = rayon::current_thread_index().is_some() || macs < SMALL_MACS;
+        let team = if alone { 1 } else { rayon::current_num_threads() as i32 };
+        TEAM.with(|last| {
+            if last.get() != team {
+                // SAFETY: sets this thread's OpenMP team size.
+                unsafe { (self.api.omp_set_num_threads)(team) };
+                last.set(team);
             }
-            Ok(())
-        })
+        });
     }
 
     /// Runs the primitive of `shape` on this thread.
@@ -400,13 +449,10 @@ impl OneDnn {
         })
     }
 
-    /// This thread's stream, created on first use (with its OpenMP team
-    /// set to this thread alone: rayon owns the threads).
+    /// This thread's stream, created on first use.
     fn stream(&self) -> Result<Handle, String> {
         STREAM.with(|cell| {
             if cell.get().is_null() {
-                // SAFETY: sets this thread's OpenMP team size.
-                unsafe { (self.api.omp_set_num_threads)(1) };
                 let mut stream = std::ptr::null_mut();
                 // SAFETY: valid out-pointer and engine.
                 check(unsafe { (self.api.stream_create)(&mut stream, self.engine, STREAM_DEFAULT) }, "stream")?;
@@ -502,10 +548,10 @@ impl OneDnn {
         Ok(md)
     }
 
-    /// The implementation oneDNN runs a product's blocks with (e.g.
+    /// The implementation oneDNN runs a product with (e.g.
     /// `brg:avx512_core_amx_bf16`), for `C[m,n] = A[m,k] B[n,k]^T`.
     pub fn implementation(&self, m: usize, k: usize, n: usize, bf16: bool) -> Result<String, String> {
-        let m = m.min(BLOCK);
+        let m = (m / ROWS_ALIGN * ROWS_ALIGN).max(ROWS_ALIGN);
         let shape = Shape { bf16, a_trans: false, b_trans: true, m, k, n, lda: k, ldb: k, ldc: n, accumulate: false };
         Ok(self.primitive(shape)?.implementation.clone())
     }
@@ -517,12 +563,6 @@ struct Factor<'a> {
     bytes: &'a [u8],
     trans: bool,
     elem: usize,
-}
-
-fn to_bf16(values: &[f32]) -> Vec<u16> {
-    let mut out = vec![0u16; values.len()];
-    super::bf16::convert(values, &mut out);
-    out
 }
 
 fn bytes_of<T: Copy>(values: &[T]) -> &[u8] {

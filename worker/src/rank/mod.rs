@@ -282,7 +282,7 @@ impl<'a> RankRun<'a> {
             nodes: nodes.clone(),
             overlap: techniques,
             aborted_uploads,
-            precision: crate::precision::resolve(job.train.precision).line,
+            precision: crate::precision::resolve(job).line,
         };
         let grads = state.weights.zeros_like();
         let mut run = RankRun {
