@@ -334,8 +334,7 @@ impl OneDnn {
         }
         let tail = m - main;
         if tail > 0 {
-            let mut a_pad = vec![0u8; ROWS_ALIGN * k * a.elem];
-            a_pad[..tail * k * a.elem].copy_from_slice(&a.bytes[main * k * a.elem..m * k * a.elem]);
+            let a_pad = a.padded_rows(main..m, k);
             let mut c_pad = vec![0.0f32; ROWS_ALIGN * n];
             if accumulate {
                 c_pad[..tail * n].copy_from_slice(&c[main * n..m * n]);
@@ -377,12 +376,7 @@ impl OneDnn {
         }
         let tail = k - main;
         if tail > 0 {
-            let pad = |f: &Factor<'_>, width: usize| {
-                let mut out = vec![0u8; ROWS_ALIGN * width * f.elem];
-                out[..tail * width * f.elem].copy_from_slice(&f.bytes[main * width * f.elem..k * width * f.elem]);
-                out
-            };
-            let (a_pad, b_pad) = (pad(&a, m), pad(&b, n));
+            let (a_pad, b_pad) = (a.padded_rows(main..k, m), b.padded_rows(main..k, n));
             self.run(shape(ROWS_ALIGN, accumulate || main > 0), a_pad.as_ptr(), b_pad.as_ptr(), c.as_mut_ptr())?;
         }
         Ok(())
@@ -563,6 +557,17 @@ struct Factor<'a> {
     bytes: &'a [u8],
     trans: bool,
     elem: usize,
+}
+
+impl Factor<'_> {
+    /// Stored rows `rows` (of `width` values), then zero rows up to
+    /// [`ROWS_ALIGN`]: a tail run as a full block (zeros add nothing).
+    fn padded_rows(&self, rows: std::ops::Range<usize>, width: usize) -> Vec<u8> {
+        let row_bytes = width * self.elem;
+        let mut out = vec![0u8; ROWS_ALIGN * row_bytes];
+        out[..rows.len() * row_bytes].copy_from_slice(&self.bytes[rows.start * row_bytes..rows.end * row_bytes]);
+        out
+    }
 }
 
 fn bytes_of<T: Copy>(values: &[T]) -> &[u8] {
