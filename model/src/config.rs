@@ -3,6 +3,12 @@
 use crate::error::ModelError;
 use serde::{Deserialize, Serialize};
 
+/// Sequences from this length run the tiled attention core
+/// ([`ModelConfig::tiled_attention`]); shorter ones the plain core, whose
+/// saved probabilities are small there (and whose results the golden
+/// losses pin).
+pub const TILED_ATTENTION_FROM_SEQ: usize = 512;
+
 /// Sequential (`h = x + attn; out = h + moe`) or parallel BAM-style
 /// (`out = x + attn(n) + moe(n)`) transformer blocks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -494,6 +500,15 @@ impl ModelConfig {
     /// Whether attention is JetMoE's attention experts.
     pub fn is_moa(&self) -> bool {
         self.attention == AttentionKind::Moa
+    }
+
+    /// Whether the attention core runs tiled with an online softmax
+    /// (`ops::tiled_attention`: it saves a log-sum-exp per query row, not
+    /// the `seq x seq` probabilities): dense attention from
+    /// [`TILED_ATTENTION_FROM_SEQ`] tokens on; routed heads (whose gated
+    /// rows the plain core skips) and attention experts keep the plain core.
+    pub fn tiled_attention(&self) -> bool {
+        self.attention == AttentionKind::Dense && self.seq_len >= TILED_ATTENTION_FROM_SEQ
     }
 
     /// The router of the attention experts as a router config: softmax,

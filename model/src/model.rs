@@ -26,6 +26,7 @@ use crate::ops::loss::{cross_entropy_forward_backward, cross_entropy_sum};
 use crate::ops::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
 use crate::ops::rope::RopeTable;
 use crate::ops::swiglu::{SwiGlu, SwigluCache};
+use crate::ops::tiled_attention::{lse_len, tiled_attention_backward, tiled_attention_forward};
 use crate::shards::{sum_over_group, NoShards, TokenShards};
 use crate::weights::{DenseLayerWeights, DenseWeights, ModalTensor};
 
@@ -115,6 +116,8 @@ struct BlockCache {
     v_tg: Vec<f32>,
     /// `qk_norm`: q and k before their head norms.
     head_norms: HeadNorms,
+    /// The attention core's saved softmax: its probabilities, or with the
+    /// tiled core one log-sum-exp per query row.
     probs: Vec<f32>,
     attn_tq: Vec<f32>,
     /// With shards: the attention input of every shard's tokens `[a, d]`.
@@ -327,12 +330,17 @@ impl Pass<'_> {
         cache.head_norms = HeadNorms::forward(w, self.cfg.norm_eps, &mut cache.q_tq, &mut cache.k_tg);
         rope.apply(&mut cache.q_tq, shape.batch, shape.seq, shape.n_heads);
         rope.apply(&mut cache.k_tg, shape.batch, shape.seq, shape.n_kv_heads);
-        cache.probs = vec![0.0; shape.probs_len()];
         cache.attn_tq = vec![0.0; t * q];
         // MoH: the query rows of heads a token did not choose are skipped.
         let qkv = Qkv { q_th: &cache.q_tq, k_tg: &cache.k_tg, v_tg: &cache.v_tg };
         let gates = self.cfg.is_moh().then_some(this_shard_gates(&cache.head_gates, &cache.shard_gates));
-        attention_forward_gated(shape, qkv, gates, &mut cache.attn_tq, &mut cache.probs);
+        if self.cfg.tiled_attention() {
+            cache.probs = vec![0.0; lse_len(&shape)];
+            tiled_attention_forward(shape, qkv, &mut cache.attn_tq, &mut cache.probs);
+        } else {
+            cache.probs = vec![0.0; shape.probs_len()];
+            attention_forward_gated(shape, qkv, gates, &mut cache.attn_tq, &mut cache.probs);
+        }
         let mut out_ad = vec![0.0; t * d];
         let gated = gate_heads(&cache.attn_tq, this_shard_gates(&cache.head_gates, &cache.shard_gates));
         let wo = w.modal(ModalTensor::Wo);
@@ -387,7 +395,11 @@ impl Pass<'_> {
         let qkv = Qkv { q_th: &cache.q_tq, k_tg: &cache.k_tg, v_tg: &cache.v_tg };
         let grads = QkvGrads { dq_th: &mut dq_tq, dk_tg: &mut dk_tg, dv_tg: &mut dv_tg };
         let gates = self.cfg.is_moh().then_some(this_shard_gates(&cache.head_gates, &cache.shard_gates));
-        attention_backward_gated(shape, qkv, gates, &cache.probs, &dattn_tq, grads);
+        if self.cfg.tiled_attention() {
+            tiled_attention_backward(shape, qkv, &cache.attn_tq, &cache.probs, &dattn_tq, grads);
+        } else {
+            attention_backward_gated(shape, qkv, gates, &cache.probs, &dattn_tq, grads);
+        }
         rope.apply_backward(&mut dq_tq, shape.batch, shape.seq, shape.n_heads);
         rope.apply_backward(&mut dk_tg, shape.batch, shape.seq, shape.n_kv_heads);
         cache.head_norms.backward(w, gw, &mut dq_tq, &mut dk_tg);

@@ -50,8 +50,10 @@ pub fn activation_values(s: &RankShape) -> f64 {
     let (a, t, d, ff, v) = (f(s.a), f(s.t), f(s.d), f(s.f), f(s.v));
     let (q, g) = (f(s.q_width()), f(s.kv_width()));
     // x and the normalised input; q, k, v and the attention output on all
-    // tokens; the softmax probabilities; with shards the gathered input too.
-    let mut attention = 2.0 * t * d + a * (2.0 * q + 2.0 * g) + f(s.micro * s.heads * s.seq * s.seq);
+    // tokens; the softmax probabilities (or, tiled, a log-sum-exp per query
+    // row); with shards the gathered input too.
+    let keys_saved = if s.tiled_attention { 1 } else { s.seq };
+    let mut attention = 2.0 * t * d + a * (2.0 * q + 2.0 * g) + f(s.micro * s.heads * s.seq * keys_saved);
     if s.attn_tp > 1 {
         attention += a * d;
     }
@@ -87,7 +89,9 @@ mod tests {
         let (d, f, v, e, k) = (cfg.d_model, cfg.ffn_hidden, cfg.vocab, cfg.n_experts, cfg.top_k);
         let (q, g) = (cfg.query_heads_per_token() * cfg.head_dim(), cfg.n_kv_heads * cfg.head_dim());
         // x, normalised input, q, k, v, attention output, probabilities
-        let attention = t * (2 * d + 2 * q + 2 * g) + b * cfg.query_heads_per_token() * s * s;
+        // (a log-sum-exp per query row when the core runs tiled)
+        let keys_saved = if cfg.tiled_attention() { 1 } else { s };
+        let attention = t * (2 * d + 2 * q + 2 * g) + b * cfg.query_heads_per_token() * s * keys_saved;
         // h and its normalisation (sequential), or a copy of the shared input (parallel)
         let residual = if cfg.block == model::BlockKind::Sequential { 2 * t * d } else { t * d };
         // router logits and probabilities, dispatched inputs and outputs, SwiGLU h1 and h3

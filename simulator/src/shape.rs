@@ -64,6 +64,9 @@ pub struct RankShape {
     /// Query heads whose attention core (scores, softmax, `P v`) runs per
     /// token: `heads`, or with MoH's routed heads the shared and chosen ones.
     pub core_heads: usize,
+    /// The attention core runs tiled: it saves a log-sum-exp per query
+    /// row instead of the `seq x seq` probabilities.
+    pub tiled_attention: bool,
     pub head_dim: usize,
     pub sequential: bool,
     pub tied_embeddings: bool,
@@ -148,6 +151,7 @@ impl RankShape {
             heads: m.query_heads_per_token() / dims.attn_tp,
             kv_heads: m.n_kv_heads / dims.attn_tp,
             core_heads: m.attention_core_heads() / dims.attn_tp,
+            tiled_attention: m.tiled_attention(),
             head_dim: m.head_dim(),
             sequential: m.block == BlockKind::Sequential,
             tied_embeddings: m.tie_embeddings,

@@ -1,6 +1,7 @@
 //! `switchyard bench`.
 
 pub mod alltoall;
+pub mod attention;
 pub mod checkpoint;
 pub mod kernels;
 pub mod layer;
@@ -18,6 +19,25 @@ use worker::Backend;
 pub enum BenchCommand {
     /// MoE layer and full-step throughput against peak GEMM and JAX.
     Layer {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Causal attention forward+backward at growing lengths: plain, tiled (online softmax)
+    /// and PyTorch's scaled_dot_product_attention, with each one's peak memory.
+    Attention {
+        /// Sequence lengths.
+        #[arg(long, value_delimiter = ',', default_value = "512,2048,8192")]
+        seq: Vec<usize>,
+        /// Attention heads.
+        #[arg(long, default_value_t = 8)]
+        heads: usize,
+        /// Head dimension.
+        #[arg(long, default_value_t = 64)]
+        head_dim: usize,
+        /// Measure only this core (plain or tiled) in this process (used by the benchmark itself).
+        #[arg(long, hide = true)]
+        one: Option<String>,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -139,6 +159,15 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Layer { json } => crate::bench::layer::run(json),
         BenchCommand::Kernels { json } => crate::bench::kernels::run(json),
+        BenchCommand::Attention { seq, heads, head_dim, one, json } => {
+            crate::bench::attention::run(crate::bench::attention::AttentionBench {
+                seqs: seq,
+                heads,
+                head_dim,
+                one,
+                json,
+            })
+        }
         BenchCommand::Step { ranks, backends, config, overrides, steps, json } => {
             let backends = backends.unwrap_or_else(|| {
                 let mut all = vec![Backend::Local];

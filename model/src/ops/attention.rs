@@ -28,14 +28,22 @@ impl AttentionShape {
 
 /// Copies head `head` of rows `[seq, row_width]` (starting at token `t0`)
 /// into a contiguous `[seq, hd]` buffer.
-fn gather_head(src: &[f32], t0: usize, seq: usize, row_width: usize, head: usize, hd: usize, dst: &mut [f32]) {
+pub(crate) fn gather_head(
+    src: &[f32],
+    t0: usize,
+    seq: usize,
+    row_width: usize,
+    head: usize,
+    hd: usize,
+    dst: &mut [f32],
+) {
     for (s, d) in dst.chunks_mut(hd).take(seq).enumerate() {
         let off = (t0 + s) * row_width + head * hd;
         d.copy_from_slice(&src[off..off + hd]);
     }
 }
 
-fn check_shapes(shape: &AttentionShape, q_len: usize, k_len: usize, v_len: usize) {
+pub(crate) fn check_shapes(shape: &AttentionShape, q_len: usize, k_len: usize, v_len: usize) {
     let AttentionShape { batch, seq, n_heads, n_kv_heads, head_dim } = *shape;
     assert!(
         n_kv_heads > 0 && n_heads.is_multiple_of(n_kv_heads),
@@ -165,14 +173,7 @@ pub fn attention_forward_gated(
             matmul_nn(seq, seq, hd, p, vs, o, false);
         },
     );
-    out_th.par_chunks_mut(seq * qw).enumerate().for_each(|(b, out_b)| {
-        for (s, row) in out_b.chunks_mut(qw).enumerate() {
-            for (h, dst) in row.chunks_mut(hd).enumerate() {
-                let off = ((b * n_heads + h) * seq + s) * hd;
-                dst.copy_from_slice(&out_bhsd[off..off + hd]);
-            }
-        }
-    });
+    scatter_query_heads(shape, &out_bhsd, out_th, false);
 }
 
 /// The forward pass's rotated projections, read by [`attention_backward`].
@@ -281,24 +282,45 @@ pub fn attention_backward_gated(
                 matmul_tn(seq, seq, hd, ds, qs, dk, false);
             },
         );
-    dq_th.par_chunks_mut(seq * qw).enumerate().for_each(|(b, dq_rows)| {
-        for (s, row) in dq_rows.chunks_mut(qw).enumerate() {
-            for (h, dst) in row.chunks_mut(hd).enumerate() {
+    scatter_query_heads(shape, &dq_b, dq_th, true);
+    add_kv_heads(shape, &dk_b, dk_tg);
+    add_kv_heads(shape, &dv_b, dv_tg);
+}
+
+/// Per-(batch, query head) rows `src` (`[batch, n_heads, seq, hd]`) into
+/// the token-major `dst` (`[batch*seq, n_heads*hd]`), added or written.
+pub(crate) fn scatter_query_heads(shape: AttentionShape, src: &[f32], dst: &mut [f32], add: bool) {
+    let AttentionShape { seq, n_heads, head_dim: hd, .. } = shape;
+    let qw = n_heads * hd;
+    dst.par_chunks_mut(seq * qw).enumerate().for_each(|(b, rows)| {
+        for (s, row) in rows.chunks_mut(qw).enumerate() {
+            for (h, out) in row.chunks_mut(hd).enumerate() {
                 let off = ((b * n_heads + h) * seq + s) * hd;
-                dst.iter_mut().zip(&dq_b[off..off + hd]).for_each(|(o, v)| *o += v);
+                if add {
+                    out.iter_mut().zip(&src[off..off + hd]).for_each(|(o, v)| *o += v);
+                } else {
+                    out.copy_from_slice(&src[off..off + hd]);
+                }
             }
         }
     });
-    for (dst_all, src_all) in [(dk_tg, &dk_b), (dv_tg, &dv_b)] {
-        dst_all.par_chunks_mut(seq * kw).enumerate().for_each(|(b, rows)| {
-            for (s, row) in rows.chunks_mut(kw).enumerate() {
-                for (g, dst) in row.chunks_mut(hd).enumerate() {
-                    for h in g * group..(g + 1) * group {
-                        let off = ((b * n_heads + h) * seq + s) * hd;
-                        dst.iter_mut().zip(&src_all[off..off + hd]).for_each(|(o, v)| *o += v);
-                    }
+}
+
+/// Adds per-(batch, query head) gradients `src` (`[batch, n_heads, seq,
+/// hd]`) into their kv heads' rows of `dst` (`[batch*seq, n_kv_heads*hd]`),
+/// the query heads of a group in order (the result does not depend on the
+/// thread count).
+pub(crate) fn add_kv_heads(shape: AttentionShape, src: &[f32], dst: &mut [f32]) {
+    let AttentionShape { seq, n_heads, n_kv_heads, head_dim: hd, .. } = shape;
+    let (kw, group) = (n_kv_heads * hd, n_heads / n_kv_heads);
+    dst.par_chunks_mut(seq * kw).enumerate().for_each(|(b, rows)| {
+        for (s, row) in rows.chunks_mut(kw).enumerate() {
+            for (g, out) in row.chunks_mut(hd).enumerate() {
+                for h in g * group..(g + 1) * group {
+                    let off = ((b * n_heads + h) * seq + s) * hd;
+                    out.iter_mut().zip(&src[off..off + hd]).for_each(|(o, v)| *o += v);
                 }
             }
-        });
-    }
+        }
+    });
 }

@@ -7,7 +7,9 @@
 //! `tests/gradients.rs`.
 
 pub mod attention;
+pub mod fast_exp;
 pub mod loss;
 pub mod rmsnorm;
 pub mod rope;
 pub mod swiglu;
+pub mod tiled_attention;
