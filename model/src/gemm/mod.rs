@@ -86,7 +86,7 @@ pub fn set_kernels(kernels: Option<Kernels>) {
 }
 
 /// fp32 products of at least this many multiply-adds run on oneDNN when
-/// it is installed (and no kernels are asked for): there it is 1.9-2x the
+/// it is installed (and no kernels are asked for): there it is 1.8-2.2x the
 /// built-in kernels (`switchyard bench kernels`), below it the built-in
 /// ones win (a call's fixed costs). The golden-loss jobs stay below it.
 pub const FP32_ONEDNN_MIN_MACS: usize = 1 << 26;
