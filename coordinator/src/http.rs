@@ -48,32 +48,31 @@ async fn respond(mut stream: TcpStream, shared: Shared) -> std::io::Result<()> {
         });
         (status, history, run_dir)
     };
-    let trace = (path == "/trace.json").then(|| crate::dashboard::trace_to_serve(run_dir.as_deref()));
-    if let Some(Some(trace)) = trace {
-        let head = format!(
-            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-            trace.len()
-        );
-        stream.write_all(head.as_bytes()).await?;
-        stream.write_all(&trace).await?;
-        return stream.shutdown().await;
-    }
+    let text = |code, content_type, body: String| (code, content_type, body.into_bytes());
     let (code, content_type, body) = match (method, path) {
-        ("GET", "/") => ("200 OK", "text/html; charset=utf-8", crate::dashboard::PAGE.to_string()),
-        ("GET", "/api/history") => ("200 OK", "application/json", history.unwrap_or_default()),
-        ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", prometheus(&status)),
+        ("GET", "/") => text("200 OK", "text/html; charset=utf-8", crate::dashboard::PAGE.to_string()),
+        ("GET", "/api/history") => text("200 OK", "application/json", history.unwrap_or_default()),
+        ("GET", "/trace.json") => match crate::dashboard::trace_to_serve(run_dir.as_deref()) {
+            Some(trace) => ("200 OK", "application/json", trace),
+            None => text("404 Not Found", "text/plain", "no trace: start the job with --trace\n".to_string()),
+        },
+        ("GET", "/metrics") => text("200 OK", "text/plain; version=0.0.4", prometheus(&status)),
         ("GET", "/status") => {
-            ("200 OK", "application/json", serde_json::to_string_pretty(&status).expect("status serialises"))
+            text("200 OK", "application/json", serde_json::to_string_pretty(&status).expect("status serialises"))
         }
-        ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
-        _ => ("404 Not Found", "text/plain", "try /, /api/history, /metrics, /status or /healthz\n".to_string()),
+        ("GET", "/healthz") => text("200 OK", "text/plain", "ok\n".to_string()),
+        _ => text("404 Not Found", "text/plain", "try /, /api/history, /metrics, /status or /healthz\n".to_string()),
     };
-    let response = format!(
-        "HTTP/1.1 {code}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(response.as_bytes()).await?;
+    stream.write_all(response_head(code, content_type, body.len()).as_bytes()).await?;
+    stream.write_all(&body).await?;
     stream.shutdown().await
+}
+
+/// An HTTP/1.1 response's head for a body of `len` bytes, the connection
+/// closed after it (one request per connection; also the run folder's
+/// `switchyard dashboard` server's).
+pub fn response_head(code: &str, content_type: &str, len: usize) -> String {
+    format!("HTTP/1.1 {code}\r\nContent-Type: {content_type}\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n")
 }
 
 /// The status as Prometheus metrics.

@@ -5,5 +5,5 @@
 
 pub mod commit;
 pub mod dashboard;
-mod http;
+pub mod http;
 pub mod server;

@@ -522,9 +522,9 @@ fn lost(shared: &Shared, rank: u32, reason: String) {
 /// The history of the run folder `metrics` is in: the steps and events of
 /// earlier attempts, which the dashboard keeps showing across a restart.
 fn earlier_history(metrics: Option<&std::path::Path>) -> crate::dashboard::History {
-    match metrics.and_then(std::path::Path::parent) {
-        Some(dir) if dir.join("metrics.jsonl").exists() => crate::dashboard::history_of_folder(dir).0,
-        _ => crate::dashboard::History::default(),
+    match metrics.filter(|m| m.exists()).and_then(std::path::Path::parent) {
+        Some(dir) => crate::dashboard::history_of_folder(dir).0,
+        None => crate::dashboard::History::default(),
     }
 }
 

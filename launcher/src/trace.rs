@@ -15,7 +15,7 @@ use anyhow::{Context, Result};
 use std::cell::Cell;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tracing::field::{Field, Visit};
@@ -36,6 +36,9 @@ pub struct Timeline {
     /// one host share it, so their tracks line up.
     epoch_wall_us: f64,
     events: Mutex<Vec<SpanEvent>>,
+    /// A `step` span ended: the dashboard asks this on every poll, which
+    /// must not lock (and scan) the events every span appends to.
+    step_seen: AtomicBool,
 }
 
 struct SpanEvent {
@@ -59,6 +62,7 @@ pub fn install(record: bool) -> Option<Arc<Timeline>> {
             epoch: Instant::now(),
             epoch_wall_us: wall.as_secs_f64() * 1e6,
             events: Mutex::new(Vec::new()),
+            step_seen: AtomicBool::new(false),
         })
     });
     let recorder = timeline.clone().map(|t| Recorder(t).with_filter(tracing_subscriber::filter::LevelFilter::INFO));
@@ -150,7 +154,7 @@ impl Timeline {
 /// which the running job's dashboard links at `/trace.json`.
 impl coordinator::dashboard::LiveTrace for Timeline {
     fn has_steps(&self) -> bool {
-        self.last_steps_start(1).is_some()
+        self.step_seen.load(Ordering::Relaxed)
     }
 
     fn last_steps(&self, steps: usize) -> Option<Vec<u8>> {
@@ -256,6 +260,9 @@ impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for Recorder {
             start_us: self.0.epoch_wall_us + entered.duration_since(self.0.epoch).as_secs_f64() * 1e6,
             dur_us: now.duration_since(*entered).as_secs_f64() * 1e6,
         };
+        if event.name == "step" {
+            self.0.step_seen.store(true, Ordering::Relaxed);
+        }
         self.0.events.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(event);
     }
 }

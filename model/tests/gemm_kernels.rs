@@ -107,30 +107,60 @@ fn without_onednn_bf16_runs_the_builtin_kernels_on_rounded_factors() {
     gemm::set_precision(Precision::Fp32);
 }
 
-#[test]
-fn onednn_results_do_not_depend_on_the_number_of_threads() {
-    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    onednn();
+/// The bits of the three products of one shape in bf16 on oneDNN, called
+/// from this (non-rayon) thread: oneDNN runs each on a team of as many
+/// threads as rayon's pool has.
+fn product_bits() -> u64 {
     gemm::set_precision(Precision::Bf16);
     gemm::set_kernels(Some(Kernels::OneDnn));
     let (m, k, n) = (700, 600, 300);
     let (a, b) = (values(m * k, 7), values(k * n, 8));
-    let with = |threads: usize| {
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-        let mut out = Vec::new();
-        for kind in ["nt", "nn", "tn"] {
-            let mut c = vec![0.0; m * n];
-            pool.install(|| run(kind, (m, k, n), &a, &b, &mut c, false));
-            out.push(c);
-        }
-        out
-    };
-    let one = with(1);
-    for threads in [2, 3] {
-        let other = with(threads);
-        for (x, y) in one.iter().zip(&other) {
-            assert!(x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits()), "{threads} threads differ");
+    // FNV-1a over every value's bits.
+    let mut hash = 0xcbf2_9ce4_8422_2325u64;
+    for kind in ["nt", "nn", "tn"] {
+        let mut c = vec![0.0; m * n];
+        run(kind, (m, k, n), &a, &b, &mut c, false);
+        for v in c {
+            hash = (hash ^ u64::from(v.to_bits())).wrapping_mul(0x100_0000_01b3);
         }
     }
     gemm::set_precision(Precision::Fp32);
+    hash
+}
+
+/// Set in the copies of this test binary the test below starts.
+const CHILD: &str = "SWITCHYARD_GEMM_THREADS_CHILD";
+
+/// The team size follows rayon's pool, which is fixed per process: the
+/// products run in copies of this test binary with `RAYON_NUM_THREADS` 1,
+/// 2 and 3, each printing their bits.
+#[test]
+fn onednn_results_do_not_depend_on_the_number_of_threads() {
+    let name = "onednn_results_do_not_depend_on_the_number_of_threads";
+    if std::env::var_os(CHILD).is_some() {
+        // The copy's part: print the bits for the parent to compare.
+        onednn();
+        println!("bits {:x} on {} threads", product_bits(), rayon::current_num_threads());
+        return;
+    }
+    onednn();
+    let exe = std::env::current_exe().unwrap();
+    let bits: Vec<String> = (1..=3)
+        .map(|threads| {
+            let out = std::process::Command::new(&exe)
+                .args([name, "--exact", "--nocapture", "--test-threads=1"])
+                .env(CHILD, "1")
+                .env("RAYON_NUM_THREADS", threads.to_string())
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            assert!(out.status.success(), "the copy on {threads} threads failed: {text}");
+            // The harness prints the test's name on the same line first.
+            let line =
+                text.split("bits ").nth(1).and_then(|l| l.lines().next()).unwrap_or_else(|| panic!("no bits: {text}"));
+            assert!(line.ends_with(&format!("on {threads} threads")), "{line}");
+            line.split_whitespace().next().unwrap().to_string()
+        })
+        .collect();
+    assert!(bits.iter().all(|b| *b == bits[0]), "the products differ with the thread count: {bits:?}");
 }

@@ -107,21 +107,10 @@ fn child(kind: &str, seq: usize, heads: usize, head_dim: usize) -> Result<Measur
 
 /// PyTorch's SDPA at `seq`, or why not.
 fn sdpa(seq: usize, heads: usize, head_dim: usize) -> Result<Measured, String> {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../bench/torch_attention.py");
-    let out = Command::new("python3")
-        .arg(script)
-        .args([seq.to_string(), heads.to_string(), head_dim.to_string()])
-        .output()
-        .map_err(|e| format!("python3 not runnable: {e}"))?;
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        return Err(if err.contains("No module named 'torch'") {
-            "PyTorch not installed: pip install torch (CPU); scripts/bench-kernels.sh does".into()
-        } else {
-            format!("bench/torch_attention.py failed: {}", err.lines().last().unwrap_or(""))
-        });
-    }
-    serde_json::from_slice(&out.stdout).map_err(|e| format!("bench/torch_attention.py printed no JSON: {e}"))
+    let args = [seq, heads, head_dim].map(|x| x.to_string());
+    let install = "pip install torch (CPU); scripts/bench-kernels.sh does";
+    let v = super::python_peer("torch_attention.py", &args, "torch", install)?;
+    serde_json::from_value(v).map_err(|e| format!("bench/torch_attention.py printed no measurement: {e}"))
 }
 
 pub fn run(bench: AttentionBench) -> Result<()> {

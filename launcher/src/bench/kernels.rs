@@ -8,7 +8,6 @@
 use anyhow::{Context, Result};
 use model::gemm::{self, Kernels, Precision};
 use serde::Serialize;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// One product to time.
@@ -85,31 +84,15 @@ fn rate(case: &Case, precision: Precision, kernels: Kernels) -> f64 {
 
 /// PyTorch's rates (fp32, bf16) per case, or why there are none.
 fn torch_rates() -> (Vec<Option<(f64, f64)>>, String) {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../bench/torch_matmul.py");
-    let shapes = serde_json::to_string(&CASES).expect("cases serialise");
-    let output = Command::new("python3").arg(script).arg(shapes).arg(SECONDS.to_string()).output();
-    let none = || vec![None; CASES.len()];
-    match output {
-        Ok(out) if out.status.success() => {
-            let Ok(parsed) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else {
-                return (none(), "bench/torch_matmul.py printed no JSON".into());
-            };
-            let rates = parsed["results"]
-                .as_array()
-                .map(|r| r.iter().map(|x| x["fp32"].as_f64().zip(x["bf16"].as_f64())).collect())
-                .unwrap_or_else(none);
-            (rates, format!("PyTorch {} on {} threads", parsed["torch"].as_str().unwrap_or("?"), parsed["threads"]))
+    let args = [serde_json::to_string(&CASES).expect("cases serialise"), SECONDS.to_string()];
+    let install = "pip install torch (CPU); scripts/bench-kernels.sh does";
+    match super::python_peer("torch_matmul.py", &args, "torch", install) {
+        Ok(v) => {
+            let rates = v["results"].as_array().into_iter().flatten();
+            let rates = rates.map(|x| x["fp32"].as_f64().zip(x["bf16"].as_f64())).collect();
+            (rates, format!("PyTorch {} on {} threads", v["torch"].as_str().unwrap_or("?"), v["threads"]))
         }
-        Ok(out) => {
-            let err = String::from_utf8_lossy(&out.stderr);
-            let why = if err.contains("No module named 'torch'") {
-                "PyTorch not installed: pip install torch (CPU)".to_string()
-            } else {
-                format!("bench/torch_matmul.py failed: {}", err.lines().last().unwrap_or(""))
-            };
-            (none(), why)
-        }
-        Err(e) => (none(), format!("python3 not runnable: {e}")),
+        Err(note) => (vec![None; CASES.len()], note),
     }
 }
 

@@ -182,59 +182,31 @@ fn in_precision<R>(precision: Precision, f: impl FnOnce() -> R) -> R {
 /// The same layer in PyTorch (`bench/torch_moe_layer.py`): eager fp32 and
 /// bf16 autocast tokens/s, or a note saying why not.
 fn bench_torch(case: &LayerCase) -> (Option<(f64, f64)>, String) {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../bench/torch_moe_layer.py");
-    let output = Command::new("python3").arg(script).arg(serde_json::to_string(case).unwrap()).output();
-    match output {
-        Ok(out) if out.status.success() => {
-            let text = String::from_utf8_lossy(&out.stdout);
-            let parsed = serde_json::from_str::<serde_json::Value>(text.trim()).ok();
-            match parsed.as_ref().and_then(|v| v["fp32"].as_f64().zip(v["bf16"].as_f64())) {
-                Some(rates) => {
-                    let v = parsed.expect("parsed above");
-                    (
-                        Some(rates),
-                        format!("PyTorch {} eager, {} threads", v["torch"].as_str().unwrap_or("?"), v["threads"]),
-                    )
-                }
-                None => (None, format!("unexpected output from {script}: {text}")),
+    let args = [serde_json::to_string(case).expect("case serialises")];
+    match super::python_peer("torch_moe_layer.py", &args, "torch", TORCH_INSTALL) {
+        Ok(v) => match v["fp32"].as_f64().zip(v["bf16"].as_f64()) {
+            Some(rates) => {
+                (Some(rates), format!("PyTorch {} eager, {} threads", v["torch"].as_str().unwrap_or("?"), v["threads"]))
             }
-        }
-        Ok(out) => {
-            let err = String::from_utf8_lossy(&out.stderr);
-            let note = if err.contains("No module named 'torch'") {
-                "PyTorch not installed: run scripts/bench-layer.sh (pip install torch, CPU)".to_string()
-            } else {
-                format!("PyTorch run failed: {}", err.lines().last().unwrap_or(""))
-            };
-            (None, note)
-        }
-        Err(e) => (None, format!("python3 not runnable: {e}")),
+            None => (None, format!("bench/torch_moe_layer.py printed no rates: {v}")),
+        },
+        Err(note) => (None, note),
     }
 }
+
+/// How to get PyTorch for the peers.
+const TORCH_INSTALL: &str = "run scripts/bench-layer.sh (pip install torch, CPU)";
 
 /// The same layer in JAX, run by `bench/jax_moe_layer.py` (XLA's CPU
 /// runtime uses every core, as rayon does); None with a note when JAX is missing.
 fn bench_jax(case: &LayerCase) -> (Option<f64>, String) {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../bench/jax_moe_layer.py");
-    let output = Command::new("python3").arg(script).arg(serde_json::to_string(case).unwrap()).output();
-    match output {
-        Ok(out) if out.status.success() => {
-            let text = String::from_utf8_lossy(&out.stdout);
-            match serde_json::from_str::<serde_json::Value>(text.trim()).ok().and_then(|v| v["tokens_per_s"].as_f64()) {
-                Some(tps) => (Some(tps), "jax.jit on CPU".into()),
-                None => (None, format!("unexpected output from {script}: {text}")),
-            }
-        }
-        Ok(out) => {
-            let err = String::from_utf8_lossy(&out.stderr);
-            let note = if err.contains("No module named 'jax'") {
-                "JAX not installed: run scripts/bench-layer.sh (pip install jax)".to_string()
-            } else {
-                format!("JAX run failed: {}", err.lines().last().unwrap_or(""))
-            };
-            (None, note)
-        }
-        Err(e) => (None, format!("python3 not runnable: {e}")),
+    let args = [serde_json::to_string(case).expect("case serialises")];
+    match super::python_peer("jax_moe_layer.py", &args, "jax", "run scripts/bench-layer.sh (pip install jax)") {
+        Ok(v) => match v["tokens_per_s"].as_f64() {
+            Some(tps) => (Some(tps), "jax.jit on CPU".into()),
+            None => (None, format!("bench/jax_moe_layer.py printed no tokens_per_s: {v}")),
+        },
+        Err(note) => (None, note),
     }
 }
 

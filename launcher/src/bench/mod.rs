@@ -213,3 +213,26 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         }
     }
 }
+
+/// A Python peer of a benchmark: `python3 bench/<script> args...`, whose
+/// last stdout line is one JSON object. Err says why there is none: the
+/// module missing (with `install`, how to get it), or the run's failure.
+pub fn python_peer(script: &str, args: &[String], module: &str, install: &str) -> Result<serde_json::Value, String> {
+    let path = format!("{}/../bench/{script}", env!("CARGO_MANIFEST_DIR"));
+    let out = std::process::Command::new("python3")
+        .arg(&path)
+        .args(args)
+        .output()
+        .map_err(|e| format!("python3 not runnable: {e}"))?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        return Err(if err.contains(&format!("No module named '{module}'")) {
+            format!("{module} not installed: {install}")
+        } else {
+            format!("bench/{script} failed: {}", err.lines().last().unwrap_or(""))
+        });
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let last = text.lines().last().unwrap_or("");
+    serde_json::from_str(last).map_err(|_| format!("unexpected output from bench/{script}: {text}"))
+}

@@ -85,11 +85,7 @@ fn respond(mut stream: TcpStream, run_dir: &Path) -> std::io::Result<()> {
         },
         _ => ("404 Not Found", "text/plain", b"try /, /api/history or /trace.json\n".to_vec()),
     };
-    write!(
-        stream,
-        "HTTP/1.1 {code}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    )?;
+    stream.write_all(coordinator::http::response_head(code, content_type, body.len()).as_bytes())?;
     stream.write_all(&body)
 }
 

@@ -96,6 +96,7 @@ struct Api {
     primitive_desc_query_md: unsafe extern "C" fn(Handle, i32, i32) -> *const MemoryDesc,
     primitive_desc_destroy: unsafe extern "C" fn(Handle) -> Status,
     primitive_create: unsafe extern "C" fn(*mut Handle, Handle) -> Status,
+    primitive_destroy: unsafe extern "C" fn(Handle) -> Status,
     primitive_execute: unsafe extern "C" fn(Handle, Handle, i32, *const ExecArg) -> Status,
     memory_create: unsafe extern "C" fn(*mut Handle, *const MemoryDesc, Handle, *mut c_void) -> Status,
     memory_destroy: unsafe extern "C" fn(Handle) -> Status,
@@ -131,6 +132,16 @@ struct Primitive {
     /// A, B, C and the scratchpad (a plain byte buffer).
     descs: [Box<MemoryDesc>; 4],
     implementation: String,
+    /// `dnnl_primitive_destroy`, run when the cache lets the primitive go
+    /// (it holds JIT-compiled code).
+    destroy: unsafe extern "C" fn(Handle) -> Status,
+}
+
+impl Drop for Primitive {
+    fn drop(&mut self) {
+        // SAFETY: the last reference is gone; nothing executes it any more.
+        unsafe { (self.destroy)(self.primitive) };
+    }
 }
 
 // SAFETY: oneDNN primitives may be executed from several threads at once
@@ -146,7 +157,6 @@ pub struct OneDnn {
     primitives: Mutex<HashMap<Shape, Arc<Primitive>>>,
     /// "oneDNN 2.6.3 (AMX-BF16)".
     description: String,
-    has_bf16_units: bool,
     _library: Library,
 }
 
@@ -226,6 +236,7 @@ impl OneDnn {
             primitive_desc_query_md = b"dnnl_primitive_desc_query_md\0",
             primitive_desc_destroy = b"dnnl_primitive_desc_destroy\0",
             primitive_create = b"dnnl_primitive_create\0",
+            primitive_destroy = b"dnnl_primitive_destroy\0",
             primitive_execute = b"dnnl_primitive_execute\0",
             memory_create = b"dnnl_memory_create\0",
             memory_destroy = b"dnnl_memory_destroy\0",
@@ -251,19 +262,13 @@ impl OneDnn {
             ISA_AVX512_BF16 => "AVX512-BF16",
             _ => "no bf16 matrix units",
         };
-        let has_bf16_units = isa == ISA_AMX || isa == ISA_AVX512_BF16;
         let description = format!("oneDNN {}.{}.{} ({units})", version.major, version.minor, version.patch);
-        Ok(Self { api, engine, primitives: Mutex::new(HashMap::new()), description, has_bf16_units, _library: library })
+        Ok(Self { api, engine, primitives: Mutex::new(HashMap::new()), description, _library: library })
     }
 
     /// "oneDNN 2.6.3 (AMX-BF16)".
     pub fn description(&self) -> &str {
         &self.description
-    }
-
-    /// Whether the CPU has units that multiply bf16 (AMX-BF16 or AVX512-BF16).
-    pub fn has_bf16_units(&self) -> bool {
-        self.has_bf16_units
     }
 
     /// `C[m,n] (+)= op(A) op(B)` with bf16 (or fp32) factors, fp32 result.
@@ -524,7 +529,8 @@ impl OneDnn {
         check(made, "primitive")?;
         // The scratchpad is a plain byte buffer (its descriptor's layout).
         let scratch = self.desc(&[scratch_bytes.max(1)], &[1], U8)?;
-        Ok(Primitive { primitive, scratch_bytes, descs: [a, b, c, scratch], implementation })
+        let destroy = api.primitive_destroy;
+        Ok(Primitive { primitive, scratch_bytes, descs: [a, b, c, scratch], implementation, destroy })
     }
 
     /// A memory descriptor of `dims` with `strides` (in elements).

@@ -54,6 +54,16 @@ pub(crate) fn check_shapes(shape: &AttentionShape, q_len: usize, k_len: usize, v
     assert_eq!(v_len, k_len, "attention: v length");
 }
 
+/// [`check_shapes`], and the output gradient and the q, k, v gradients
+/// the sizes of their values.
+pub(crate) fn check_backward_shapes(shape: &AttentionShape, qkv: &Qkv<'_>, dout_th: &[f32], grads: &QkvGrads<'_>) {
+    check_shapes(shape, qkv.q_th.len(), qkv.k_tg.len(), qkv.v_tg.len());
+    assert_eq!(dout_th.len(), qkv.q_th.len(), "attention: dout length");
+    assert_eq!(grads.dq_th.len(), qkv.q_th.len(), "attention: dq length");
+    assert_eq!(grads.dk_tg.len(), qkv.k_tg.len(), "attention: dk length");
+    assert_eq!(grads.dv_tg.len(), qkv.v_tg.len(), "attention: dv length");
+}
+
 /// The query rows of head `h` in sequence `b` whose gate is not 0 (None:
 /// all of them, the common case, computed without gathering).
 fn live_rows(gates_th: Option<&[f32]>, b: usize, h: usize, seq: usize, n_heads: usize) -> Option<Vec<usize>> {
@@ -208,14 +218,10 @@ pub fn attention_backward_gated(
     dout_th: &[f32],
     grads: QkvGrads<'_>,
 ) {
+    check_backward_shapes(&shape, &qkv, dout_th, &grads);
     let (Qkv { q_th, k_tg, v_tg }, QkvGrads { dq_th, dk_tg, dv_tg }) = (qkv, grads);
-    check_shapes(&shape, q_th.len(), k_tg.len(), v_tg.len());
     let AttentionShape { batch: _, seq, n_heads, n_kv_heads, head_dim: hd } = shape;
     assert_eq!(probs.len(), shape.probs_len(), "attention: probs length");
-    assert_eq!(dout_th.len(), q_th.len(), "attention: dout length");
-    assert_eq!(dq_th.len(), q_th.len(), "attention: dq length");
-    assert_eq!(dk_tg.len(), k_tg.len(), "attention: dk length");
-    assert_eq!(dv_tg.len(), v_tg.len(), "attention: dv length");
     if q_th.is_empty() || seq == 0 {
         return;
     }

@@ -16,7 +16,9 @@
 //! `batch x n_heads x seq x seq` probabilities of the plain version.
 //! Legend: `br`/`bc` rows of a query/key tile, `hd` head_dim.
 
-use super::attention::{add_kv_heads, check_shapes, gather_head, scatter_query_heads, AttentionShape, Qkv, QkvGrads};
+use super::attention::{
+    add_kv_heads, check_backward_shapes, check_shapes, gather_head, scatter_query_heads, AttentionShape, Qkv, QkvGrads,
+};
 use super::fast_exp::exp_in_place;
 use crate::gemm::{matmul_nn, matmul_nt, matmul_tn};
 use rayon::prelude::*;
@@ -102,15 +104,11 @@ pub fn tiled_attention_backward(
     dout_th: &[f32],
     grads: QkvGrads<'_>,
 ) {
+    check_backward_shapes(&shape, &qkv, dout_th, &grads);
     let (Qkv { q_th, k_tg, v_tg }, QkvGrads { dq_th, dk_tg, dv_tg }) = (qkv, grads);
-    check_shapes(&shape, q_th.len(), k_tg.len(), v_tg.len());
     let AttentionShape { seq, n_heads, n_kv_heads, head_dim: hd, .. } = shape;
     assert_eq!(lse.len(), lse_len(&shape), "attention: lse length");
     assert_eq!(out_th.len(), q_th.len(), "attention: out length");
-    assert_eq!(dout_th.len(), q_th.len(), "attention: dout length");
-    assert_eq!(dq_th.len(), q_th.len(), "attention: dq length");
-    assert_eq!(dk_tg.len(), k_tg.len(), "attention: dk length");
-    assert_eq!(dv_tg.len(), v_tg.len(), "attention: dv length");
     if q_th.is_empty() || seq == 0 {
         return;
     }
