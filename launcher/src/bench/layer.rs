@@ -95,8 +95,13 @@ struct StepRow {
 struct MemoryRow {
     job: String,
     peak_rss_mib: f64,
+    /// The largest anonymous (heap, stacks, buffers) and file-backed
+    /// (the executable's and libraries' pages) resident sets seen.
+    peak_anon_mib: f64,
+    peak_file_mib: f64,
     analytic_mib: f64,
     ratio: f64,
+    anon_ratio: f64,
 }
 
 /// Median seconds of `reps` runs after one warm-up.
@@ -258,37 +263,65 @@ fn bench_memory(name: &str, sets: &[&str]) -> Result<MemoryRow> {
     let dir = std::env::temp_dir().join(format!("switchyard-bench-mem-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let set_flags: String = sets.iter().map(|s| format!(" --set {s}")).collect();
+    // Samples /proc every 50 ms: VmHWM (the kernel's own peak), and the
+    // largest anonymous and file-backed resident sets (no peak is kept
+    // for those, so sampling may miss a short one).
     let status = Command::new("sh")
         .arg("-c")
         .arg(format!(
             "\"{}\" train --quiet{set_flags} --run-dir \"{}\" >/dev/null 2>&1 & \
-             pid=$!; peak=0; while kill -0 $pid 2>/dev/null; do \
-             v=$(awk '/VmHWM/ {{print $2}}' /proc/$pid/status 2>/dev/null); [ -n \"$v\" ] && peak=$v; sleep 0.05; done; \
-             wait $pid; echo $peak",
+             pid=$!; peak=0; anon=0; file=0; while kill -0 $pid 2>/dev/null; do \
+             s=$(awk '/VmHWM|RssAnon|RssFile/ {{printf \"%s \", $2}}' /proc/$pid/status 2>/dev/null); \
+             set -- $s; if [ $# -eq 3 ]; then peak=$1; [ $2 -gt $anon ] && anon=$2; [ $3 -gt $file ] && file=$3; fi; \
+             sleep 0.05; done; wait $pid; echo $peak $anon $file",
             exe.display(),
             dir.display()
         ))
         .output()
         .context("cannot start the memory probe")?;
     let _ = std::fs::remove_dir_all(&dir);
-    let peak_kib: f64 = String::from_utf8_lossy(&status.stdout).trim().parse().context("memory probe gave no VmHWM")?;
+    let probe = String::from_utf8_lossy(&status.stdout);
+    let kib: Vec<f64> = probe.split_whitespace().filter_map(|v| v.parse().ok()).collect();
+    let [peak_kib, anon_kib, file_kib] = kib[..] else {
+        anyhow::bail!("memory probe gave no VmHWM/RssAnon/RssFile (got {probe:?})");
+    };
     // One rank holding the whole job in fp32: the simulator's memory model.
     let shape = crate::experiments::simulate::shape_of(&job, simulator::Routing::default())?;
     let memory = simulator::memory::RankMemory::of(&shape, &simulator::cluster::Precision::default());
     let analytic = memory.total();
-    let peak = peak_kib * 1024.0;
+    let mib = |kib: f64| kib / 1024.0;
     Ok(MemoryRow {
         job: name.to_string(),
-        peak_rss_mib: peak / (1 << 20) as f64,
+        peak_rss_mib: mib(peak_kib),
+        peak_anon_mib: mib(anon_kib),
+        peak_file_mib: mib(file_kib),
         analytic_mib: analytic / (1 << 20) as f64,
-        ratio: peak / analytic,
+        ratio: peak_kib * 1024.0 / analytic,
+        anon_ratio: anon_kib * 1024.0 / analytic,
     })
 }
 
 /// Runs every row and prints a table (or JSON).
-pub fn run(json: bool) -> Result<()> {
+pub fn run(json: bool, memory_only: bool) -> Result<()> {
     let threads = rayon::current_num_threads();
     let mut report = Report { threads, ..Default::default() };
+    if !memory_only {
+        run_speed_rows(&mut report)?;
+    }
+    for (name, sets) in MEMORY_JOBS {
+        eprintln!("measuring peak memory of the {name} ...");
+        report.memory.push(bench_memory(name, sets)?);
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_table(&report);
+    }
+    Ok(())
+}
+
+/// The GEMM, layer and step rows.
+fn run_speed_rows(report: &mut Report) -> Result<()> {
     // The peak is the best of a few large square products: one size alone
     // can land on a bad blocking for this cache and under-report it.
     eprintln!("measuring peak GEMM (1024^3, 1536^3, 2048^3) ...");
@@ -374,20 +407,18 @@ pub fn run(json: bool) -> Result<()> {
     let mut step = bench_step(&job);
     step.bf16_tokens_per_s = in_precision(Precision::Bf16, || bench_step(&job)).tokens_per_s;
     report.step = Some(step);
-    for (name, sets) in MEMORY_JOBS {
-        eprintln!("measuring peak memory of the {name} ...");
-        report.memory.push(bench_memory(name, sets)?);
-    }
-    if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        print_table(&report);
-    }
     Ok(())
 }
 
 fn print_table(r: &Report) {
     println!("switchyard bench layer ({} threads)", r.threads);
+    if r.peak_gflops > 0.0 {
+        print_speed_rows(r);
+    }
+    print_memory_rows(r);
+}
+
+fn print_speed_rows(r: &Report) {
     println!("peak GEMM (best of 1024^3, 1536^3, 2048^3): {:.1} GFLOP/s", r.peak_gflops);
     println!();
     println!("{:<40} {:>10} {:>9}", "expert GEMM", "GFLOP/s", "of peak");
@@ -451,12 +482,21 @@ fn print_table(r: &Report) {
             s.tokens_per_s, s.seconds_per_step, s.bf16_tokens_per_s
         );
     }
-    if !r.memory.is_empty() {
-        println!();
-        println!("{:<36} {:>14} {:>14} {:>7}", "peak RSS of `train`", "measured MiB", "analytic MiB", "ratio");
-        for m in &r.memory {
-            println!("{:<36} {:>14.1} {:>14.1} {:>6.2}x", m.job, m.peak_rss_mib, m.analytic_mib, m.ratio);
-        }
-        println!("(analytic: params + grads + AdamW moments + one micro-batch's saved activations)");
+}
+
+fn print_memory_rows(r: &Report) {
+    println!();
+    println!(
+        "{:<36} {:>9} {:>7} {:>9} {:>10} {:>10} {:>7}",
+        "peak RSS of `train` (MiB)", "all", "ratio", "analytic", "anonymous", "file", "ratio"
+    );
+    for m in &r.memory {
+        println!(
+            "{:<36} {:>9.1} {:>6.2}x {:>9.1} {:>10.1} {:>10.1} {:>6.2}x",
+            m.job, m.peak_rss_mib, m.ratio, m.analytic_mib, m.peak_anon_mib, m.peak_file_mib, m.anon_ratio
+        );
     }
+    println!("(analytic: params + grads + AdamW moments + one micro-batch's saved activations;");
+    println!(" anonymous: heap, stacks and buffers; file: the executable's and libraries' pages in memory;");
+    println!(" the last ratio is anonymous over analytic)");
 }

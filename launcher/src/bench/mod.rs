@@ -22,6 +22,9 @@ pub enum BenchCommand {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Only the peak-memory table (seconds, not minutes).
+        #[arg(long)]
+        memory_only: bool,
     },
     /// Causal attention forward+backward at growing lengths: plain, tiled (online softmax)
     /// and PyTorch's scaled_dot_product_attention, with each one's peak memory.
@@ -157,7 +160,7 @@ pub enum BenchCommand {
 /// Runs a benchmark.
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
-        BenchCommand::Layer { json } => crate::bench::layer::run(json),
+        BenchCommand::Layer { json, memory_only } => crate::bench::layer::run(json, memory_only),
         BenchCommand::Kernels { json } => crate::bench::kernels::run(json),
         BenchCommand::Attention { seq, heads, head_dim, one, json } => {
             crate::bench::attention::run(crate::bench::attention::AttentionBench {
