@@ -42,13 +42,17 @@ struct Job {
 /// What the thread sends back for one operation.
 struct Finished {
     result: Result<Received, CommError>,
-    /// How long the operation ran on the thread (from its start there to its end).
+    /// When the operation started on the thread, and how long it ran there.
+    started: Instant,
     busy: Duration,
 }
 
 /// How one operation's time split between hidden and waited-for.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct OpTimes {
+    /// When the operation started on the communication thread: this
+    /// rank's arrival at the collective.
+    pub started: Instant,
     /// Time the operation ran on the communication thread.
     pub busy: Duration,
     /// Time the caller was blocked in [`Ticket::wait`].
@@ -77,7 +81,7 @@ impl Ticket {
             rank: usize::MAX,
             reason: "the communication thread ended before finishing this operation".into(),
         })?;
-        let times = OpTimes { busy: finished.busy, waited: started.elapsed() };
+        let times = OpTimes { started: finished.started, busy: finished.busy, waited: started.elapsed() };
         finished.result.map(|received| (received, times))
     }
 
@@ -181,7 +185,7 @@ fn serve(mut comm: Box<dyn Communicator>, inbox: mpsc::Receiver<Job>) {
             }
         };
         // The caller may have given up on the ticket; nothing to do then.
-        let _ = job.reply.send(Finished { result, busy: started.elapsed() });
+        let _ = job.reply.send(Finished { result, started, busy: started.elapsed() });
     }
 }
 

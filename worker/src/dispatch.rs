@@ -56,6 +56,11 @@ pub struct DispatchStats {
     pub alltoall_s: f64,
     /// Of that, the time this rank waited for them (not hidden).
     pub alltoall_exposed_s: f64,
+    /// Each exchange in order: when this rank arrived at it and how long it
+    /// ran here. Every rank of the expert-parallel group runs the same
+    /// exchanges in the same order, so the arrivals, compared across the
+    /// group, split the time into waiting for the last peer and transfer.
+    pub exchanges: Vec<(Instant, f64)>,
     pub expert_s: f64,
     /// Rows this rank's experts processed (forward).
     pub rows_computed: u64,
@@ -82,6 +87,7 @@ impl DispatchStats {
         self.bytes_received += other.bytes_received;
         self.alltoall_s += other.alltoall_s;
         self.alltoall_exposed_s += other.alltoall_exposed_s;
+        self.exchanges.extend_from_slice(&other.exchanges);
         self.expert_s += other.expert_s;
         self.rows_computed += other.rows_computed;
         self.rows_over_budget += other.rows_over_budget;
@@ -394,7 +400,7 @@ impl<'a> AllToAllExperts<'a> {
         }
         .map_err(comm_error)?;
         let took = started.elapsed();
-        Ok(Transfer::Done(value_recv_counts, OpTimes { busy: took, waited: took }))
+        Ok(Transfer::Done(value_recv_counts, OpTimes { started, busy: took, waited: took }))
     }
 
     /// Waits for an exchange, counting its bytes and times; its rows are
@@ -417,6 +423,7 @@ impl<'a> AllToAllExperts<'a> {
         self.stats.bytes_received +=
             counts.iter().enumerate().filter(|(r, _)| *r != me).map(|(_, c)| *c as u64 * 4).sum::<u64>();
         self.stats.alltoall_s += times.busy.as_secs_f64();
+        self.stats.exchanges.push((times.started, times.busy.as_secs_f64()));
         self.stats.alltoall_exposed_s += times.waited.as_secs_f64();
         Ok(())
     }
@@ -529,7 +536,20 @@ impl<'a> AllToAllExperts<'a> {
         let (send_sides, meta_to) = self.plan_sends(layer, plan);
         let meta_counts: Vec<usize> = meta_to.iter().map(Vec::len).collect();
         let meta = meta_to.concat();
-        let (recv_meta, recv_meta_counts) = self.comm.all_to_all_v_u64(&meta, &meta_counts).map_err(comm_error)?;
+        // The counts travel first, on this thread: a synchronising exchange
+        // (it waits for the slowest peer), so it counts as all-to-all time.
+        let started = Instant::now();
+        let comm = &mut *self.comm;
+        let mut exchange = || comm.all_to_all_v_u64(&meta, &meta_counts);
+        let (recv_meta, recv_meta_counts) = match self.exposure {
+            Some(exposure) => exposure.waiting(exchange),
+            None => exchange(),
+        }
+        .map_err(comm_error)?;
+        let took = started.elapsed().as_secs_f64();
+        self.stats.alltoall_s += took;
+        self.stats.alltoall_exposed_s += took;
+        self.stats.exchanges.push((started, took));
         let owner = |e: usize, source: usize| self.placement.owner_for(layer, e, source);
         // Per source, the experts it sends here (ascending id, as it sent them).
         let from: Vec<Vec<usize>> =

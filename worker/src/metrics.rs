@@ -51,6 +51,13 @@ pub struct StepMetrics {
     /// Slowest rank's time in all-to-all and in expert compute.
     pub alltoall_s: f64,
     pub expert_s: f64,
+    /// The slowest rank's all-to-all time split: waiting for the last peer
+    /// of its expert-parallel group to arrive, and the rest (transfer).
+    /// Each is the largest over ranks, so they need not add to `alltoall_s`.
+    #[serde(default)]
+    pub alltoall_peer_wait_s: f64,
+    #[serde(default)]
+    pub alltoall_transfer_s: f64,
     /// Time in gradient all-reduce and norm.
     pub sync_s: f64,
     /// Slowest rank's wall time in its micro-batches (reading their tokens,
@@ -176,6 +183,16 @@ pub struct RankMetrics {
     /// Time this rank's lanes waited for all-to-all (hidden or not).
     #[serde(default)]
     pub alltoall_waited_s: f64,
+    /// Of `alltoall_s`: the time from this rank's arrival at each exchange
+    /// to the arrival of the last rank of its expert-parallel group
+    /// (waiting for a slower peer), and the rest (the transfer itself).
+    /// Arrivals are compared from a common start per step (the end of the
+    /// previous step's last all-rank collective, or a barrier), so the
+    /// split is exact to within that start's skew between ranks.
+    #[serde(default)]
+    pub alltoall_peer_wait_s: f64,
+    #[serde(default)]
+    pub alltoall_transfer_s: f64,
     /// Rows its experts dropped at their row budget (`expert_overflow = "cap"`).
     #[serde(default)]
     pub rows_over_budget: u64,

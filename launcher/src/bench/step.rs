@@ -7,7 +7,9 @@
 //! built-in tiny job) in a scratch folder; the first steps are warm-up and
 //! left out. Times are the slowest rank's, averaged over the other steps:
 //! compute = the micro-batches (tokens, forward, backward) without all-to-all, other = optimizer
-//! and metrics.
+//! and metrics. The all-to-all column is what overlap did not hide; the two
+//! after it split the whole all-to-all time (hidden or not) into waiting for
+//! the last rank of the group to arrive and the transfer itself.
 
 use crate::run::step_summary::{read_metrics, StepSummary};
 use anyhow::{bail, Context, Result};
@@ -36,6 +38,8 @@ struct Row {
     tokens_per_s: f64,
     compute_s: f64,
     alltoall_s: f64,
+    alltoall_peer_wait_s: f64,
+    alltoall_transfer_s: f64,
     sync_s: f64,
     other_s: f64,
     alltoall_mb_per_step: f64,
@@ -99,6 +103,8 @@ fn summarise(backend: &str, ranks: usize, run_dir: &Path) -> Result<Row> {
         tokens_per_s: s.tokens_per_s,
         compute_s: s.compute_s,
         alltoall_s: s.alltoall_s,
+        alltoall_peer_wait_s: s.alltoall_peer_wait_s,
+        alltoall_transfer_s: s.alltoall_transfer_s,
         sync_s: s.sync_s,
         other_s: s.other_s,
         alltoall_mb_per_step: s.alltoall_bytes_per_step / 1e6,
@@ -109,18 +115,22 @@ fn summarise(backend: &str, ranks: usize, run_dir: &Path) -> Result<Row> {
 fn print_table(rows: &[Row]) {
     println!("switchyard bench step (times per step: slowest rank, mean after {WARMUP_STEPS} warm-up steps)");
     println!();
-    println!("| backend | ranks | step | tokens/s | compute | all-to-all | grad sync | other | all-to-all MB/step |");
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "| backend | ranks | step | tokens/s | compute | all-to-all | (waiting for peers | transfer) | grad sync | other | all-to-all MB/step |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let ms = |s: f64| format!("{:.1} ms", s * 1e3);
     for r in rows {
         println!(
-            "| {} | {} | {} | {:.0} | {} | {} | {} | {} | {:.2} |",
+            "| {} | {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {:.2} |",
             r.backend,
             r.ranks,
             ms(r.step_s),
             r.tokens_per_s,
             ms(r.compute_s),
             ms(r.alltoall_s),
+            ms(r.alltoall_peer_wait_s),
+            ms(r.alltoall_transfer_s),
             ms(r.sync_s),
             ms(r.other_s),
             r.alltoall_mb_per_step

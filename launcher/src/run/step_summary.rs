@@ -21,6 +21,11 @@ pub struct StepSummary {
     pub compute_s: f64,
     /// All-to-all time no computation hid (all of it without overlap).
     pub alltoall_s: f64,
+    /// The whole all-to-all time (hidden or not) split into waiting for
+    /// the last peer of the group to arrive and transfer (each the slowest
+    /// rank's).
+    pub alltoall_peer_wait_s: f64,
+    pub alltoall_transfer_s: f64,
     /// Gradient all-reduce and norm.
     pub sync_s: f64,
     /// Step time not in compute, all-to-all or sync.
@@ -70,6 +75,8 @@ impl StepSummary {
             tokens_per_s: mean(&|m| m.tokens as f64) / step_s,
             compute_s: compute_all - alltoall_s,
             alltoall_s,
+            alltoall_peer_wait_s: mean(&|m| m.alltoall_peer_wait_s),
+            alltoall_transfer_s: mean(&|m| m.alltoall_transfer_s),
             sync_s,
             other_s: (step_s - compute_all - sync_s).max(0.0),
             alltoall_bytes_per_step: mean(&|m| m.alltoall_bytes_sent as f64),

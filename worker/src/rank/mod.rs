@@ -24,6 +24,7 @@ mod passes;
 mod rebalance;
 pub(crate) mod start;
 mod step_metrics;
+pub mod straggler;
 mod update;
 mod validation;
 
@@ -93,9 +94,19 @@ fn train_rank(
     let resumed = matches!(opts.resume, Resume::Latest | Resume::LatestOrFresh);
     let mut last_checkpoint = start.resumed_from.filter(|_| resumed);
     let mut preempted = false;
+    // The common start the ranks' all-to-all arrivals are measured from:
+    // a barrier now, then the end of each step's metrics reduction (an
+    // all-rank collective), so every rank takes it within one message's
+    // latency of the others.
+    run.comm.barrier()?;
+    let mut epoch = Instant::now();
+    let slow_rank = straggler::delay_of(run.comm.rank());
     while run.state.step < run.end {
         let _step = tracing::info_span!("step", step = run.state.step + 1).entered();
         let step_started = Instant::now();
+        if let Some(delay) = slow_rank {
+            std::thread::sleep(delay);
+        }
         let mut local = run.passes()?;
         local.step.expert_bias_hash = update::expert_bias_hash(&run.state.weights.dense);
         let sync_started = Instant::now();
@@ -108,7 +119,8 @@ fn train_rank(
         if client.is_some_and(CoordinatorClient::save_and_stop_asked) {
             crate::preemption::request_by_coordinator();
         }
-        let (mut metrics, stop) = local.step.reduce(run.comm, &run.shape)?;
+        let (mut metrics, stop) = local.step.reduce(run.comm, &run.shape, epoch)?;
+        epoch = Instant::now();
         preempted = stop;
         metrics.step = run.state.step + 1;
         metrics.sync_s = sync_s;
@@ -317,6 +329,7 @@ impl<'a> RankRun<'a> {
                 router_outputs: cfg.n_router_outputs(),
                 assignments_per_token: cfg.top_k * cfg.n_layers,
                 attn_outputs: cfg.attention_choices(),
+                ep: dims.ep,
             },
             end: opts.stop_at.map_or(job.train.steps, |s| s.min(job.train.steps)),
             expert_loads: vec![vec![0.0f64; cfg.n_experts]; cfg.n_layers],

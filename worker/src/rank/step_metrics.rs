@@ -15,6 +15,7 @@ use crate::state::TrainState;
 use crate::sync::sum_over_ranks;
 use collectives::Communicator;
 use model::model::ForwardStats;
+use std::time::Instant;
 use wire::client::CoordinatorClient;
 use wire::protocol::{overlap_efficiency, StepReport};
 
@@ -127,6 +128,8 @@ pub(crate) struct StepShape {
     pub assignments_per_token: usize,
     /// Attention experts (MoA) or routed heads (MoH) per layer; 0 for dense attention.
     pub attn_outputs: usize,
+    /// Ranks per expert-parallel group (groups are consecutive world ranks).
+    pub ep: usize,
 }
 
 impl LocalStep {
@@ -170,8 +173,14 @@ impl LocalStep {
     }
 
     /// Sums over ranks into the step's metrics (identical on every rank),
-    /// and whether any rank got SIGTERM.
-    pub fn reduce(&self, comm: &mut dyn Communicator, shape: &StepShape) -> Result<(StepMetrics, bool), WorkerError> {
+    /// and whether any rank got SIGTERM. `epoch` is the step's common start
+    /// (see [`RankMetrics::alltoall_peer_wait_s`]).
+    pub fn reduce(
+        &self,
+        comm: &mut dyn Communicator,
+        shape: &StepShape,
+        epoch: Instant,
+    ) -> Result<(StepMetrics, bool), WorkerError> {
         let sums = StepSums {
             ce_sum: self.ce_sum,
             aux: self.aux,
@@ -208,6 +217,7 @@ impl LocalStep {
         let mut slots = vec![0.0; shape.world * RankValues::LEN];
         slots[shape.rank * RankValues::LEN..][..RankValues::LEN].copy_from_slice(&self.rank_values().to_values());
         sum_over_ranks(comm, &mut slots)?;
+        let peer_waits = peer_waits(&gather_arrivals(comm, &self.dispatch, epoch)?, shape.ep);
         let per_rank: Vec<RankMetrics> = slots
             .chunks_exact(RankValues::LEN)
             .map(RankValues::from_values)
@@ -224,6 +234,8 @@ impl LocalStep {
                 comm_s: v.comm_s,
                 exposed_comm_s: v.exposed_comm_s,
                 alltoall_waited_s: v.alltoall_waited_s,
+                alltoall_peer_wait_s: peer_waits[rank],
+                alltoall_transfer_s: (v.alltoall_s - peer_waits[rank]).max(0.0),
                 rows_over_budget: v.rows_over_budget as u64,
                 expert_bias_hash: v.expert_bias_hash as u64,
                 internode_rows: v.internode_rows as u64,
@@ -253,6 +265,8 @@ impl LocalStep {
             alltoall_bytes_sent: per_rank.iter().map(|r| r.alltoall_bytes_sent).sum(),
             alltoall_bytes_received: per_rank.iter().map(|r| r.alltoall_bytes_received).sum(),
             alltoall_s: slowest(|r| r.alltoall_s),
+            alltoall_peer_wait_s: slowest(|r| r.alltoall_peer_wait_s),
+            alltoall_transfer_s: slowest(|r| r.alltoall_transfer_s),
             expert_s: slowest(|r| r.expert_s),
             compute_s: slowest(|r| r.compute_s),
             comm_s: slowest(|r| r.comm_s),
@@ -268,6 +282,44 @@ impl LocalStep {
         };
         Ok((metrics, sums.preempted > 0.0))
     }
+}
+
+/// Every rank's exchanges of the step, in order: (arrival seconds since
+/// `epoch`, seconds the exchange ran). One all-gather of nanoseconds.
+fn gather_arrivals(
+    comm: &mut dyn Communicator,
+    dispatch: &DispatchStats,
+    epoch: Instant,
+) -> Result<Vec<Vec<(f64, f64)>>, WorkerError> {
+    let words: Vec<u64> = dispatch
+        .exchanges
+        .iter()
+        .flat_map(|&(arrived, busy)| [arrived.saturating_duration_since(epoch).as_nanos() as u64, (busy * 1e9) as u64])
+        .collect();
+    let gathered = comm.all_gather_u64(&words)?;
+    let seconds = |ns: u64| ns as f64 * 1e-9;
+    Ok(gathered.iter().map(|w| w.chunks_exact(2).map(|p| (seconds(p[0]), seconds(p[1]))).collect()).collect())
+}
+
+/// Each rank's time waiting for the last peer of its expert-parallel group
+/// (`ep` consecutive ranks) over the step's exchanges: for exchange i, the
+/// last arrival in the group less this rank's arrival, at most the time
+/// the exchange ran here. `arrivals[rank]` as from [`gather_arrivals`].
+fn peer_waits(arrivals: &[Vec<(f64, f64)>], ep: usize) -> Vec<f64> {
+    let mut waits = vec![0.0; arrivals.len()];
+    for (g, group) in arrivals.chunks(ep.max(1)).enumerate() {
+        // Every rank of a group runs the same exchanges; a shorter list
+        // (it cannot happen while the collectives match) limits the split.
+        let exchanges = group.iter().map(Vec::len).min().unwrap_or(0);
+        for i in 0..exchanges {
+            let last = group.iter().map(|r| r[i].0).fold(f64::MIN, f64::max);
+            for (member, r) in group.iter().enumerate() {
+                let (arrived, busy) = r[i];
+                waits[g * ep.max(1) + member] += (last - arrived).clamp(0.0, busy);
+            }
+        }
+    }
+    waits
 }
 
 /// Adds one micro-batch's per-layer expert counts into `acc` (which takes
@@ -323,6 +375,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn peer_waits_count_the_time_to_the_last_arrival_of_each_group() {
+        // Two groups of two ranks, two exchanges each: (arrival, busy).
+        let arrivals = vec![
+            vec![(0.0, 1.0), (2.0, 0.5)],
+            vec![(0.25, 0.75), (1.5, 1.0)],
+            // The second group: rank 3 arrives late at both, but a wait
+            // is never longer than the exchange ran on the waiting rank.
+            vec![(0.0, 0.1), (1.0, 2.0)],
+            vec![(0.5, 0.05), (1.75, 1.0)],
+        ];
+        let waits = peer_waits(&arrivals, 2);
+        assert_eq!(waits, vec![0.25, 0.5, 0.1 + 0.75, 0.0]);
+        // One group of four: the last arrival of the whole world counts.
+        let waits = peer_waits(&arrivals, 4);
+        assert_eq!(waits, vec![0.5, 0.25 + 0.5, 0.1 + 1.0, 0.0 + 0.25]);
+    }
+
+    #[test]
     fn packed_values_round_trip_by_name() {
         let v = RankValues { tokens: 1.0, rows_deduplicated: 10.0, comm_s: 8.0, ..Default::default() };
         let flat = v.to_values();
@@ -354,8 +424,9 @@ mod tests {
             router_outputs: 3,
             assignments_per_token: 2,
             attn_outputs: 2,
+            ep: 1,
         };
-        let (m, preempted) = local.reduce(&mut collectives::SelfComm, &shape).unwrap();
+        let (m, preempted) = local.reduce(&mut collectives::SelfComm, &shape, Instant::now()).unwrap();
         assert!(!preempted);
         assert_eq!((m.loss, m.aux_loss, m.z_loss), (2.0, 0.25, 0.125));
         assert_eq!(m.tokens_per_expert, vec![vec![1, 2, 3], vec![4, 5, 6]]);

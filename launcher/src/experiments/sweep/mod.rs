@@ -134,11 +134,14 @@ fn same_job(row: &PointResult, job: &PointJob) -> bool {
 fn summary(row: &PointResult) -> String {
     match (row.ok(), row.tokens_per_s, row.step_s) {
         (true, Some(tps), Some(step)) => format!(
-            "ok: {tps:.0} tokens/s, step {:.1} ms (compute {:.1}, comm {:.1}, other {:.1}), loss {:.3}",
+            "ok: {tps:.0} tokens/s, step {:.1} ms (compute {:.1}, comm {:.1}, other {:.1}; \
+             all-to-all {:.1} waiting for peers + {:.1} transfer), loss {:.3}",
             step * 1e3,
             row.compute_s.unwrap_or(0.0) * 1e3,
             row.exposed_comm_s.unwrap_or(0.0) * 1e3,
             row.other_s.unwrap_or(0.0) * 1e3,
+            row.alltoall_peer_wait_s.unwrap_or(0.0) * 1e3,
+            row.alltoall_transfer_s.unwrap_or(0.0) * 1e3,
             row.loss_at_end.unwrap_or(f64::NAN)
         ),
         _ => format!("FAILED: {}", row.error.as_deref().unwrap_or("unknown error")),

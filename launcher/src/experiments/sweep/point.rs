@@ -36,6 +36,8 @@ pub fn run(job: &PointJob, point: &Point, run_dir: &Path) -> PointResult {
             row.compute_s = Some(s.compute_s);
             row.exposed_comm_s = Some(s.alltoall_s + s.sync_s);
             row.alltoall_s = Some(s.alltoall_s);
+            row.alltoall_peer_wait_s = Some(s.alltoall_peer_wait_s);
+            row.alltoall_transfer_s = Some(s.alltoall_transfer_s);
             row.sync_s = Some(s.sync_s);
             row.other_s = Some(s.other_s);
             row.alltoall_bytes_per_step = Some(s.alltoall_bytes_per_step);

@@ -35,6 +35,14 @@ pub struct PointResult {
     /// All-to-all + gradient sync, as measured (not hidden by overlap).
     pub exposed_comm_s: Option<f64>,
     pub alltoall_s: Option<f64>,
+    /// Measured only: the slowest rank's whole all-to-all time (hidden or
+    /// not) split into waiting for the last peer of its group to arrive
+    /// and transfer (metrics.jsonl's `alltoall_peer_wait_s` and
+    /// `alltoall_transfer_s`).
+    #[serde(default)]
+    pub alltoall_peer_wait_s: Option<f64>,
+    #[serde(default)]
+    pub alltoall_transfer_s: Option<f64>,
     pub sync_s: Option<f64>,
     pub other_s: Option<f64>,
     pub alltoall_bytes_per_step: Option<f64>,
@@ -84,6 +92,8 @@ impl PointResult {
             compute_s: None,
             exposed_comm_s: None,
             alltoall_s: None,
+            alltoall_peer_wait_s: None,
+            alltoall_transfer_s: None,
             sync_s: None,
             other_s: None,
             alltoall_bytes_per_step: None,
@@ -107,7 +117,7 @@ impl PointResult {
 }
 
 /// The measured columns of the CSV after the axis columns, in order.
-const COLUMNS: [&str; 25] = [
+const COLUMNS: [&str; 27] = [
     "status",
     "source",
     "launcher",
@@ -119,6 +129,8 @@ const COLUMNS: [&str; 25] = [
     "compute_s",
     "exposed_comm_s",
     "alltoall_s",
+    "alltoall_peer_wait_s",
+    "alltoall_transfer_s",
     "sync_s",
     "other_s",
     "alltoall_bytes_per_step",
@@ -178,6 +190,8 @@ pub fn csv(axes: &[String], rows: &[PointResult]) -> String {
             num(r.compute_s),
             num(r.exposed_comm_s),
             num(r.alltoall_s),
+            num(r.alltoall_peer_wait_s),
+            num(r.alltoall_transfer_s),
             num(r.sync_s),
             num(r.other_s),
             num(r.alltoall_bytes_per_step),
