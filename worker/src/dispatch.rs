@@ -35,6 +35,7 @@
 //!
 //! Legend: `a` dispatch rows, `d` d_model.
 
+use crate::bf16_payload;
 use crate::config::ExpertOverflow;
 use crate::overlap::exposure::Exposure;
 use collectives::comm_thread::{CommThread, OpTimes, Ticket};
@@ -232,6 +233,8 @@ pub struct AllToAllExperts<'a> {
     placement: &'a PlacementPlan,
     local: LocalExperts<'a>,
     d: usize,
+    /// Rows travel as bf16 pairs (bf16 mode, even `d`): see `bf16_payload`.
+    bf16_rows: bool,
     top_k: usize,
     /// Pieces each exchange is cut in (1 without a pipe).
     chunk_count: usize,
@@ -343,6 +346,9 @@ impl<'a> AllToAllExperts<'a> {
             placement,
             local,
             d: cfg.d_model,
+            // The products' precision is the job's (set once per process):
+            // in bf16 mode the experts round their inputs to bf16 anyway.
+            bf16_rows: model::gemm::precision() == model::gemm::Precision::Bf16 && cfg.d_model.is_multiple_of(2),
             top_k: cfg.top_k,
             chunk_count: 1,
             budget: None,
@@ -383,7 +389,11 @@ impl<'a> AllToAllExperts<'a> {
     /// counts travel first).
     fn send(&mut self, rows: Vec<f32>, counts: &[usize], recv_counts: &[usize]) -> Result<Transfer, ModelError> {
         let me = self.comm.rank();
-        let values = |rows: &[usize]| -> Vec<usize> { rows.iter().map(|c| c * self.d).collect() };
+        let (rows, row_words) = match self.bf16_rows {
+            true => (bf16_payload::pack(&rows), self.d / 2),
+            false => (rows, self.d),
+        };
+        let values = |rows: &[usize]| -> Vec<usize> { rows.iter().map(|c| c * row_words).collect() };
         let (value_counts, value_recv_counts) = (values(counts), values(recv_counts));
         self.stats.bytes_sent +=
             value_counts.iter().enumerate().filter(|(r, _)| *r != me).map(|(_, c)| *c as u64 * 4).sum::<u64>();
@@ -425,6 +435,12 @@ impl<'a> AllToAllExperts<'a> {
         self.stats.alltoall_s += times.busy.as_secs_f64();
         self.stats.exchanges.push((times.started, times.busy.as_secs_f64()));
         self.stats.alltoall_exposed_s += times.waited.as_secs_f64();
+        if self.bf16_rows {
+            let mut wide = self.spare.pop().unwrap_or_default();
+            bf16_payload::unpack(&self.received, &mut wide);
+            let packed = std::mem::replace(&mut self.received, wide);
+            self.spare.push(packed);
+        }
         Ok(())
     }
 

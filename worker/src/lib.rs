@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod attention_shards;
+pub mod bf16_payload;
 pub mod checkpointing;
 pub mod config;
 pub mod coordination;

@@ -14,7 +14,7 @@
 //! (`onednn`, loaded at run time) when the library is there, else on the
 //! built-in kernels over the rounded values (the same numbers, no speed-up).
 
-mod bf16;
+pub mod bf16;
 mod builtin;
 pub mod onednn;
 
