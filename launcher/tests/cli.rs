@@ -171,7 +171,8 @@ fn an_incompatible_checkpoint_is_refused_and_left_intact() {
 #[test]
 fn bench_step_and_bench_alltoall_print_their_tables() {
     let dir = temp_dir("bench");
-    let mut args = vec!["bench", "step", "--ranks", "1,2", "--backends", "local", "--steps", "4"];
+    // With the PyTorch peer in eager mode (ci.sh installs torch).
+    let mut args = vec!["bench", "step", "--ranks", "1,2", "--backends", "local", "--steps", "4", "--torch", "eager"];
     for set in ["model.d_model=32", "model.ffn_hidden=64", "model.seq_len=16"] {
         args.extend(["--set", set]);
     }
@@ -179,6 +180,11 @@ fn bench_step_and_bench_alltoall_print_their_tables() {
     let log = text(&out);
     assert!(out.status.success(), "{log}");
     assert!(log.contains("| local | 1 |") && log.contains("| local | 2 |"), "{log}");
+    let peer = log.lines().find(|l| l.starts_with("| PyTorch eager fp32 |")).unwrap_or_else(|| panic!("{log}"));
+    // | label | step | tokens/s | ratio |: a measured row, not a reason.
+    let cells: Vec<&str> = peer.split('|').map(str::trim).collect();
+    let tokens_per_s: f64 = cells[3].parse().unwrap_or_else(|_| panic!("the PyTorch peer measured nothing: {peer}"));
+    assert!(tokens_per_s > 0.0 && cells[4].ends_with('x'), "{peer}");
 
     let out = switchyard(&["bench", "alltoall", "--ranks", "2", "--max-mib", "1", "--rounds", "1", "--json"], &dir);
     let log = text(&out);

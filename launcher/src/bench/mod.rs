@@ -8,6 +8,7 @@ pub mod layer;
 pub mod overlap;
 pub mod simulator;
 pub mod step;
+pub mod torch_step;
 pub mod turns;
 
 use anyhow::Result;
@@ -68,6 +69,15 @@ pub enum BenchCommand {
         /// Steps per job (the first 2 are warm-up).
         #[arg(long, default_value_t = 12)]
         steps: u64,
+        /// PyTorch modes to measure the same job in, on one process with
+        /// these threads (bench/torch_train_step.py); `none` for none.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "eager,autocast,compile,compile_autocast",
+            value_parser = ["eager", "autocast", "compile", "compile_autocast", "none"]
+        )]
+        torch: Vec<String>,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -171,7 +181,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                 json,
             })
         }
-        BenchCommand::Step { ranks, backends, config, overrides, steps, json } => {
+        BenchCommand::Step { ranks, backends, config, overrides, steps, torch, json } => {
             let backends = backends.unwrap_or_else(|| {
                 let mut all = vec![Backend::Local];
                 if collectives::mpi::COMPILED {
@@ -180,7 +190,16 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                 all
             });
             let backends = backends.iter().map(|b| b.as_str().to_string()).collect();
-            crate::bench::step::run(crate::bench::step::StepBench { ranks, backends, config, overrides, steps, json })
+            let torch = torch.into_iter().filter(|m| m != "none").collect();
+            crate::bench::step::run(crate::bench::step::StepBench {
+                ranks,
+                backends,
+                config,
+                overrides,
+                steps,
+                torch,
+                json,
+            })
         }
         BenchCommand::Checkpoint { urls, config, overrides, rounds, json } => {
             crate::bench::checkpoint::run(crate::bench::checkpoint::CheckpointBench {

@@ -11,11 +11,13 @@
 //! after it split the whole all-to-all time (hidden or not) into waiting for
 //! the last rank of the group to arrive and the transfer itself.
 
+use super::torch_step;
 use crate::run::step_summary::{read_metrics, StepSummary};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use worker::JobConfig;
 
 /// Steps left out of the averages (thread pools, allocations warming up).
 const WARMUP_STEPS: usize = 2;
@@ -27,6 +29,8 @@ pub struct StepBench {
     pub config: Option<PathBuf>,
     pub overrides: Vec<String>,
     pub steps: u64,
+    /// PyTorch modes measured on the same job (empty: none).
+    pub torch: Vec<String>,
     pub json: bool,
 }
 
@@ -63,12 +67,43 @@ pub fn run(bench: StepBench) -> Result<()> {
         }
     }
     let _ = std::fs::remove_dir_all(&scratch);
+    let job = JobConfig::load(bench.config.as_deref(), &bench.overrides)?;
+    let torch = match bench.torch.is_empty() {
+        true => Vec::new(),
+        false => torch_step::measure(&job, &bench.torch, bench.steps - WARMUP_STEPS as u64)?,
+    };
     if bench.json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "switchyard": rows, "torch": torch }))?);
     } else {
-        print_table(&rows);
+        print_table(&rows, &format!("[train] precision = {:?}", job.train.precision).to_lowercase());
+        print_peer(&rows, &torch);
     }
     Ok(())
+}
+
+/// The PyTorch rows, and how one switchyard process (the local backend
+/// on one rank: the same threads) compares with each.
+fn print_peer(rows: &[Row], torch: &[torch_step::TorchRow]) {
+    if torch.is_empty() {
+        return;
+    }
+    println!();
+    println!("| the same job in PyTorch (one process, same threads) | step | tokens/s | switchyard local, 1 rank, against it |");
+    println!("|---|---:|---:|---:|");
+    let ours = rows.iter().find(|r| r.backend == "local" && r.ranks == 1).map(|r| r.tokens_per_s);
+    for t in torch {
+        match (t.tokens_per_s, t.step_s) {
+            (Some(tps), Some(step)) => println!(
+                "| {} | {:.1} ms | {tps:.0} | {} |",
+                torch_step::label(&t.mode),
+                step * 1e3,
+                ours.map_or("(no 1-rank local row)".to_string(), |o| format!("{:.2}x", o / tps))
+            ),
+            _ => {
+                println!("| {} | | | not measured: {} |", torch_step::label(&t.mode), t.error.as_deref().unwrap_or(""))
+            }
+        }
+    }
 }
 
 fn train(bench: &StepBench, backend: &str, ranks: usize, run_dir: &Path) -> Result<()> {
@@ -112,8 +147,10 @@ fn summarise(backend: &str, ranks: usize, run_dir: &Path) -> Result<Row> {
     })
 }
 
-fn print_table(rows: &[Row]) {
-    println!("switchyard bench step (times per step: slowest rank, mean after {WARMUP_STEPS} warm-up steps)");
+fn print_table(rows: &[Row], precision: &str) {
+    println!(
+        "switchyard bench step ({precision}; times per step: slowest rank, mean after {WARMUP_STEPS} warm-up steps)"
+    );
     println!();
     println!(
         "| backend | ranks | step | tokens/s | compute | all-to-all | (waiting for peers | transfer) | grad sync | other | all-to-all MB/step |"
