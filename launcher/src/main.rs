@@ -62,7 +62,23 @@ enum Command {
     Bench(bench::BenchCommand),
 }
 
+/// oneDNN (loaded when a product needs it) runs on OpenMP, whose threads
+/// by default spin for a while after each product, holding a core that
+/// switchyard's own threads need for the next one: on 2 cores the default
+/// job in bf16 ran 13-16k tokens/s spinning and 23k sleeping. So the
+/// threads sleep unless the user set a wait policy. Set here, before any
+/// thread starts (the variables are read when libgomp loads). Benchmark
+/// peers (PyTorch) run without it: see `bench::python_peer`.
+fn quiet_openmp_threads() {
+    if std::env::var_os("OMP_WAIT_POLICY").is_none() && std::env::var_os("GOMP_SPINCOUNT").is_none() {
+        // SAFETY (of set_var): the process has one thread here.
+        std::env::set_var("OMP_WAIT_POLICY", "PASSIVE");
+        std::env::set_var(bench::OMP_POLICY_OURS, "1");
+    }
+}
+
 fn main() -> std::process::ExitCode {
+    quiet_openmp_threads();
     let cli = Cli::parse();
     let trace_file = match &cli.command {
         Command::Train(args) | Command::Worker(args) => args.trace_file(),

@@ -236,16 +236,21 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
     }
 }
 
+/// Set (to 1) where switchyard itself chose `OMP_WAIT_POLICY` (main.rs).
+pub const OMP_POLICY_OURS: &str = "SWITCHYARD_OMP_WAIT_POLICY_DEFAULTED";
+
 /// A Python peer of a benchmark: `python3 bench/<script> args...`, whose
 /// last stdout line is one JSON object. Err says why there is none: the
 /// module missing (with `install`, how to get it), or the run's failure.
 pub fn python_peer(script: &str, args: &[String], module: &str, install: &str) -> Result<serde_json::Value, String> {
     let path = format!("{}/../bench/{script}", env!("CARGO_MANIFEST_DIR"));
-    let out = std::process::Command::new("python3")
-        .arg(&path)
-        .args(args)
-        .output()
-        .map_err(|e| format!("python3 not runnable: {e}"))?;
+    let mut python = std::process::Command::new("python3");
+    // A peer runs as its users run it: without the OpenMP wait policy
+    // this program set for itself (main.rs), unless the user set one.
+    if std::env::var_os(OMP_POLICY_OURS).is_some() {
+        python.env_remove("OMP_WAIT_POLICY").env_remove(OMP_POLICY_OURS);
+    }
+    let out = python.arg(&path).args(args).output().map_err(|e| format!("python3 not runnable: {e}"))?;
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
         return Err(if err.contains(&format!("No module named '{module}'")) {
