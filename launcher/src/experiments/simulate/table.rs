@@ -125,7 +125,7 @@ pub fn print_point(job: &JobConfig, cluster: &Cluster, options: Options, routing
 pub fn print_grid(cluster: &Cluster, predicted: &[PointResult], measured: &[PointResult]) {
     println!("switchyard simulate on {}", cluster.name);
     println!();
-    let opt_ms = |v: Option<f64>| v.map_or("-".into(), |s| format!("{:.2}", s * 1e3));
+    let opt_ms = |v: Option<f64>| v.map_or("-".into(), |s| format!("{:.2}", s * 1e3 + 0.0));
     if measured.is_empty() {
         println!("| point | step ms | compute | exposed comm | other | tokens/s | MFU | all-to-all intra / inter per step | memory per rank |");
         println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
@@ -150,11 +150,14 @@ pub fn print_grid(cluster: &Cluster, predicted: &[PointResult], measured: &[Poin
         }
         return;
     }
-    println!("| point | measured step ms | predicted step ms | error | measured compute / comm / other | predicted compute / comm / other |");
-    println!("|---|---:|---:|---:|---:|---:|");
+    println!(
+        "| point | measured step ms | predicted step ms | error | measured compute / comm / other | predicted compute / comm / other \
+         | measured all-to-all: waiting for peers / transfer | predicted all-to-all |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     for r in predicted {
         let Some(m) = measured.iter().find(|m| m.id == r.id && m.ok()) else {
-            println!("| {} | - | {} | - | - | - |", label(r), opt_ms(r.step_s));
+            println!("| {} | - | {} | - | - | - | - | {} |", label(r), opt_ms(r.step_s), opt_ms(r.alltoall_s));
             continue;
         };
         let error = match (m.step_s, r.step_s) {
@@ -164,12 +167,15 @@ pub fn print_grid(cluster: &Cluster, predicted: &[PointResult], measured: &[Poin
         let split =
             |x: &PointResult| format!("{} / {} / {}", opt_ms(x.compute_s), opt_ms(x.exposed_comm_s), opt_ms(x.other_s));
         println!(
-            "| {} | {} | {} | {error} | {} | {} |",
+            "| {} | {} | {} | {error} | {} | {} | {} / {} | {} |",
             label(r),
             opt_ms(m.step_s),
             opt_ms(r.step_s),
             split(m),
-            split(r)
+            split(r),
+            opt_ms(m.alltoall_peer_wait_s),
+            opt_ms(m.alltoall_transfer_s),
+            opt_ms(r.alltoall_s)
         );
     }
 }
