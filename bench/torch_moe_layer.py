@@ -1,11 +1,11 @@
 """A PyTorch peer for `switchyard bench layer`: the same MoE layer.
 
-Router softmax, top-k with renormalised gates, dropless SwiGLU experts
-(tokens sorted by expert, one matmul triple per expert: the usual eager
-implementation), gated combine, the Switch aux loss and the z-loss;
-forward and backward (autograd), timed in eager fp32 and under
-`torch.autocast("cpu", dtype=torch.bfloat16)` (bf16 matmuls on oneDNN,
-fp32 weights), best of the repetitions after warm-up.
+bench/torch_moe.py's layer (router softmax, top-k with renormalised
+gates, dropless SwiGLU experts by sorted tokens, gated combine, the
+Switch aux loss and the z-loss), forward and backward (autograd), timed
+in eager fp32 and under `torch.autocast("cpu", dtype=torch.bfloat16)`
+(bf16 matmuls on oneDNN, fp32 weights), best of the repetitions after
+warm-up.
 
 Usage: python3 torch_moe_layer.py '{"d_model":512,"ffn_hidden":1024,"n_experts":8,"top_k":2,"tokens":4096}'
 Prints one JSON object: {"torch": version, "threads": n, "fp32": tokens/s, "bf16": tokens/s}.
@@ -15,6 +15,8 @@ import sys
 import time
 
 import torch
+
+from torch_moe import moe
 
 case = json.loads(sys.argv[1])
 D, F, E, K, N = case["d_model"], case["ffn_hidden"], case["n_experts"], case["top_k"], case["tokens"]
@@ -28,29 +30,7 @@ probe = torch.randn(N, D)
 
 
 def layer(x):
-    logits = (x @ router.t()).float()
-    probs = torch.softmax(logits, dim=-1)
-    gates, idx = torch.topk(probs, K, dim=-1)
-    gates = gates / gates.sum(-1, keepdim=True)
-    flat = idx.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    token = order // K
-    counts = torch.bincount(flat, minlength=E)
-    out = torch.zeros_like(x)
-    start = 0
-    for e, c in enumerate(counts.tolist()):
-        if c == 0:
-            continue
-        rows = token[start:start + c]
-        xe = x[rows]
-        h = torch.nn.functional.silu(xe @ w1[e].t()) * (xe @ w3[e].t())
-        ye = h @ w2[e].t()
-        g = gates.reshape(-1)[order[start:start + c]].unsqueeze(1)
-        out = out.index_add(0, rows, (ye * g).to(out.dtype))
-        start += c
-    aux = E * torch.sum(counts.float() / (N * K) * probs.mean(0))
-    z = torch.mean(torch.logsumexp(logits, dim=-1) ** 2)
-    return out, aux, z
+    return moe(x, router, w1, w3, w2, K)
 
 
 def step(bf16):

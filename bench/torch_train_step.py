@@ -5,7 +5,7 @@ The model of docs/model.md at its default settings (dense GQA attention
 with RoPE, pre-RMSNorm blocks, softmax top-k router with renormalised
 gates, dropless SwiGLU experts, untied head), written the way a PyTorch
 user would: scaled_dot_product_attention for the core, tokens sorted by
-expert and one matmul triple per expert (as bench/torch_moe_layer.py),
+expert and one matmul triple per expert (bench/torch_moe.py),
 cross-entropy plus the Switch aux loss and the z-loss, gradient
 accumulation over the micro-batches of the global batch, gradient
 clipping and torch.optim.AdamW (fused=False: the CPU default).
@@ -28,6 +28,8 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+from torch_moe import moe
 
 cfg = json.loads(sys.argv[1])
 V, D, L = cfg["vocab"], cfg["d_model"], cfg["n_layers"]
@@ -78,31 +80,8 @@ class Block(torch.nn.Module):
         return out.transpose(1, 2).reshape(b, S, H * HD) @ self.wo.t()
 
     def moe(self, x):
-        shape = x.shape
-        x = x.reshape(-1, D)
-        n = x.shape[0]
-        logits = (x @ self.router.t()).float()
-        probs = torch.softmax(logits, dim=-1)
-        gates, idx = torch.topk(probs, K, dim=-1)
-        gates = gates / gates.sum(-1, keepdim=True)
-        flat = idx.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        token = order // K
-        counts = torch.bincount(flat, minlength=E)
-        out = torch.zeros_like(x)
-        start = 0
-        for e, c in enumerate(counts.tolist()):
-            if c == 0:
-                continue
-            rows = token[start:start + c]
-            xe = x[rows]
-            h = F.silu(xe @ self.w1[e].t()) * (xe @ self.w3[e].t())
-            g = gates.reshape(-1)[order[start:start + c]].unsqueeze(1)
-            out = out.index_add(0, rows, ((h @ self.w2[e].t()) * g).to(out.dtype))
-            start += c
-        aux = E * torch.sum(counts.float() / (n * K) * probs.mean(0))
-        z = torch.mean(torch.logsumexp(logits, dim=-1) ** 2)
-        return out.reshape(shape), aux, z
+        out, aux, z = moe(x.reshape(-1, D), self.router, self.w1, self.w3, self.w2, K)
+        return out.reshape(x.shape), aux, z
 
     def forward(self, x):
         x = x + self.attention(rms_norm(x, self.attn_norm))
