@@ -38,7 +38,7 @@ pub const MAX_PLANS: usize = 20;
 const ROW_EVENTS: [&str; 2] = ["save", "placement"];
 
 /// The keys of a metrics.jsonl row the page draws.
-const KEPT: [&str; 11] = [
+const KEPT: [&str; 13] = [
     "step",
     "loss",
     "eval_loss",
@@ -48,6 +48,8 @@ const KEPT: [&str; 11] = [
     "step_time_s",
     "compute_s",
     "exposed_comm_s",
+    "alltoall_peer_wait_s",
+    "alltoall_transfer_s",
     "overlap_efficiency",
     "tokens_per_expert",
 ];
@@ -173,7 +175,8 @@ fn compact(fields: &Map<String, Value>) -> Value {
         .flatten()
         .map(|r| {
             json!({"rank": r["rank"], "compute_s": r["compute_s"], "comm_s": r["comm_s"],
-                "exposed_comm_s": r["exposed_comm_s"]})
+                "exposed_comm_s": r["exposed_comm_s"], "alltoall_peer_wait_s": r["alltoall_peer_wait_s"],
+                "alltoall_transfer_s": r["alltoall_transfer_s"]})
         })
         .collect();
     out.insert("per_rank".into(), Value::Array(ranks));

@@ -85,6 +85,11 @@ fn a_running_job_serves_its_dashboard_and_the_folder_serves_it_after() {
         assert_eq!(layers.len(), 2, "a row of loads per layer: {p}");
         assert!(layers.iter().all(|l| l.as_array().unwrap().len() == 8), "every expert of every layer: {p}");
         assert_eq!(p["per_rank"].as_array().unwrap().len(), 4, "the step split of every rank: {p}");
+        // Each rank's all-to-all split: waiting for the last peer + transfer.
+        for r in p["per_rank"].as_array().unwrap() {
+            let (wait, transfer) = (r["alltoall_peer_wait_s"].as_f64(), r["alltoall_transfer_s"].as_f64());
+            assert!(wait.is_some_and(|w| w >= 0.0) && transfer.is_some_and(|t| t >= 0.0), "{r}");
+        }
     }
     let ranks = history["status"]["ranks"].as_array().unwrap();
     assert_eq!(ranks.len(), 4);
