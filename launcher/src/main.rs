@@ -64,8 +64,9 @@ enum Command {
 
 /// oneDNN (loaded when a product needs it) runs on OpenMP, whose threads
 /// by default spin for a while after each product, holding a core that
-/// switchyard's own threads need for the next one: on 2 cores the default
-/// job in bf16 ran 13-16k tokens/s spinning and 23k sleeping. So the
+/// switchyard's own threads need for the next one: on the 2-core AMD EPYC
+/// the tiny job in bf16 ran 13-16k tokens/s spinning and 23k sleeping
+/// (docs/kernels.md). So the
 /// threads sleep unless the user set a wait policy. Set here, before any
 /// thread starts (the variables are read when libgomp loads). Benchmark
 /// peers (PyTorch) run without it: see `bench::python_peer`.
@@ -82,7 +83,7 @@ fn quiet_openmp_threads() {
 /// with 4096-token micro-batches the kernel's page faults and TLB
 /// shootdowns took about a fifth of the step. Blocks up to 64 MiB now
 /// stay in the heap for reuse, and the heap's top is trimmed beyond 256
-/// MiB free. Same machine, 12-step runs of the tiny job at 4096-token
+/// MiB free. On the 2-core AMD EPYC, 12-step runs of the tiny job at 4096-token
 /// micro-batches: 21-23k tokens/s before, 26-31k after; the D512 job
 /// 2.0-2.2k before, 2.3k after; the default job and peak RSS unchanged
 /// within run-to-run spread (docs/kernels.md).

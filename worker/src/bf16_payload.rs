@@ -24,9 +24,11 @@ pub fn pack(rows: &[f32]) -> Vec<f32> {
 /// The inverse of [`pack`] (up to the rounding) into `out`, replaced.
 pub fn unpack(words: &[f32], out: &mut MessageBuffer<f32>) {
     out.clear_for(2 * words.len());
-    for &word in words {
+    out.resize(2 * words.len(), 0.0);
+    for (pair, &word) in out.as_mut_slice().chunks_exact_mut(2).zip(words) {
         let bits = word.to_bits();
-        out.extend_from_slice(&[bf16::to_f32(bits as u16), bf16::to_f32((bits >> 16) as u16)]);
+        pair[0] = bf16::to_f32(bits as u16);
+        pair[1] = bf16::to_f32((bits >> 16) as u16);
     }
 }
 

@@ -82,6 +82,14 @@ pub struct DispatchStats {
 }
 
 impl DispatchStats {
+    /// Counts one finished exchange: its time, the part this rank waited
+    /// for it, and its arrival (for the waiting/transfer split).
+    fn record(&mut self, times: OpTimes) {
+        self.alltoall_s += times.busy.as_secs_f64();
+        self.alltoall_exposed_s += times.waited.as_secs_f64();
+        self.exchanges.push((times.started, times.busy.as_secs_f64()));
+    }
+
     /// Adds another executor's totals.
     pub fn add(&mut self, other: &DispatchStats) {
         self.bytes_sent += other.bytes_sent;
@@ -324,6 +332,22 @@ fn piece(n: usize, c: usize, pieces: usize) -> std::ops::Range<usize> {
 }
 
 /// Keeps the communicator's error as the source, so an abort stays recognisable by type.
+/// Runs a collective on this thread while the rank waits for it (counted
+/// in `exposure` when there is one), with its times: all of it waited.
+fn blocking<T>(
+    exposure: Option<&Exposure>,
+    exchange: impl FnOnce() -> Result<T, collectives::CommError>,
+) -> Result<(T, OpTimes), ModelError> {
+    let started = Instant::now();
+    let got = match exposure {
+        Some(exposure) => exposure.waiting(exchange),
+        None => exchange(),
+    }
+    .map_err(comm_error)?;
+    let took = started.elapsed();
+    Ok((got, OpTimes { started, busy: took, waited: took }))
+}
+
 fn comm_error(e: collectives::CommError) -> ModelError {
     ModelError::comm(e)
 }
@@ -401,16 +425,11 @@ impl<'a> AllToAllExperts<'a> {
             let into = self.spare.pop().unwrap_or_default();
             return Ok(Transfer::InFlight(pipe.all_to_all_v_known(rows, value_counts, value_recv_counts, into)));
         }
-        let started = Instant::now();
         let (comm, received) = (&mut *self.comm, &mut self.received);
-        let mut exchange = || comm.all_to_all_v_known_into(&rows, &value_counts, &value_recv_counts, received);
-        match self.exposure {
-            Some(exposure) => exposure.waiting(exchange),
-            None => exchange(),
-        }
-        .map_err(comm_error)?;
-        let took = started.elapsed();
-        Ok(Transfer::Done(value_recv_counts, OpTimes { started, busy: took, waited: took }))
+        let ((), times) = blocking(self.exposure, || {
+            comm.all_to_all_v_known_into(&rows, &value_counts, &value_recv_counts, received)
+        })?;
+        Ok(Transfer::Done(value_recv_counts, times))
     }
 
     /// Waits for an exchange, counting its bytes and times; its rows are
@@ -432,9 +451,7 @@ impl<'a> AllToAllExperts<'a> {
         let me = self.comm.rank();
         self.stats.bytes_received +=
             counts.iter().enumerate().filter(|(r, _)| *r != me).map(|(_, c)| *c as u64 * 4).sum::<u64>();
-        self.stats.alltoall_s += times.busy.as_secs_f64();
-        self.stats.exchanges.push((times.started, times.busy.as_secs_f64()));
-        self.stats.alltoall_exposed_s += times.waited.as_secs_f64();
+        self.stats.record(times);
         if self.bf16_rows {
             let mut wide = self.spare.pop().unwrap_or_default();
             bf16_payload::unpack(&self.received, &mut wide);
@@ -554,18 +571,10 @@ impl<'a> AllToAllExperts<'a> {
         let meta = meta_to.concat();
         // The counts travel first, on this thread: a synchronising exchange
         // (it waits for the slowest peer), so it counts as all-to-all time.
-        let started = Instant::now();
         let comm = &mut *self.comm;
-        let mut exchange = || comm.all_to_all_v_u64(&meta, &meta_counts);
-        let (recv_meta, recv_meta_counts) = match self.exposure {
-            Some(exposure) => exposure.waiting(exchange),
-            None => exchange(),
-        }
-        .map_err(comm_error)?;
-        let took = started.elapsed().as_secs_f64();
-        self.stats.alltoall_s += took;
-        self.stats.alltoall_exposed_s += took;
-        self.stats.exchanges.push((started, took));
+        let ((recv_meta, recv_meta_counts), times) =
+            blocking(self.exposure, || comm.all_to_all_v_u64(&meta, &meta_counts))?;
+        self.stats.record(times);
         let owner = |e: usize, source: usize| self.placement.owner_for(layer, e, source);
         // Per source, the experts it sends here (ascending id, as it sent them).
         let from: Vec<Vec<usize>> =

@@ -22,6 +22,17 @@ pub enum PrecisionChoice {
     Auto,
 }
 
+impl PrecisionChoice {
+    /// The config's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PrecisionChoice::Fp32 => "fp32",
+            PrecisionChoice::Bf16 => "bf16",
+            PrecisionChoice::Auto => "auto",
+        }
+    }
+}
+
 /// The precision a job runs in, and the banner line that says why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Resolved {

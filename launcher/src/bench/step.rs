@@ -75,7 +75,7 @@ pub fn run(bench: StepBench) -> Result<()> {
     if bench.json {
         println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "switchyard": rows, "torch": torch }))?);
     } else {
-        print_table(&rows, &format!("[train] precision = {:?}", job.train.precision).to_lowercase());
+        print_table(&rows, job.train.precision.as_str());
         print_peer(&rows, &torch);
     }
     Ok(())
@@ -149,11 +149,12 @@ fn summarise(backend: &str, ranks: usize, run_dir: &Path) -> Result<Row> {
 
 fn print_table(rows: &[Row], precision: &str) {
     println!(
-        "switchyard bench step ({precision}; times per step: slowest rank, mean after {WARMUP_STEPS} warm-up steps)"
+        "switchyard bench step ([train] precision = {precision}; times per step: slowest rank, mean after \
+         {WARMUP_STEPS} warm-up steps)"
     );
     println!();
     println!(
-        "| backend | ranks | step | tokens/s | compute | all-to-all | (waiting for peers | transfer) | grad sync | other | all-to-all MB/step |"
+        "| backend | ranks | step | tokens/s | compute | all-to-all | waiting for peers | transfer | grad sync | other | all-to-all MB/step |"
     );
     println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let ms = |s: f64| format!("{:.1} ms", s * 1e3);

@@ -19,12 +19,13 @@ pub struct TorchRow {
 }
 
 /// What a mode is called in the table.
-pub fn label(mode: &str) -> &'static str {
+pub fn label(mode: &str) -> &str {
     match mode {
         "eager" => "PyTorch eager fp32",
         "autocast" => "PyTorch eager bf16 autocast",
         "compile" => "PyTorch torch.compile fp32",
-        _ => "PyTorch torch.compile bf16 autocast",
+        "compile_autocast" => "PyTorch torch.compile bf16 autocast",
+        other => other,
     }
 }
 

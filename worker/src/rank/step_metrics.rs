@@ -217,7 +217,11 @@ impl LocalStep {
         let mut slots = vec![0.0; shape.world * RankValues::LEN];
         slots[shape.rank * RankValues::LEN..][..RankValues::LEN].copy_from_slice(&self.rank_values().to_values());
         sum_over_ranks(comm, &mut slots)?;
-        let peer_waits = peer_waits(&gather_arrivals(comm, &self.dispatch, epoch)?, shape.ep);
+        // With one rank per expert group nobody waits for a peer: no gather.
+        let peer_waits = match shape.ep {
+            1 => vec![0.0; shape.world],
+            ep => peer_waits(&gather_arrivals(comm, &self.dispatch, epoch)?, ep),
+        };
         let per_rank: Vec<RankMetrics> = slots
             .chunks_exact(RankValues::LEN)
             .map(RankValues::from_values)
