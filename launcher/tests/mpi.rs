@@ -779,3 +779,40 @@ fn a_lost_host_is_left_out_and_the_job_continues_on_the_remaining_ranks() {
     let last: serde_json::Value = serde_json::from_str(&last).unwrap();
     assert_eq!(last["step"], 40, "the job reached its last step on the remaining hosts");
 }
+
+/// `simulate validate` end to end on 2 namespace hosts at one shaped rate:
+/// the link is measured, the point trained over MPI and predicted, and the
+/// table, results and plot name every part with numbers. How close they
+/// land is the command's own table (docs/scaling.md), not checked here.
+#[test]
+fn simulate_validate_measures_and_predicts_every_part_over_shaped_links() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
+    let dir = temp_dir("validate");
+    let grid = dir.join("grid.toml");
+    std::fs::write(&grid, "steps = 8\nwarmup = 3\n[axes]\nparallel.ranks = [2]\n").unwrap();
+    let out_dir = dir.join("out");
+    let mut cmd = Command::new(EXE);
+    cmd.current_dir(&repo).args(["simulate", "validate", "--rates", "200mbit", "--rounds", "1", "--grid"]);
+    cmd.arg(&grid).arg("--out").arg(&out_dir);
+    let out = run(&mut cmd, "simulate validate");
+    assert!(out.status.success(), "{}", text(&out));
+    let table = std::fs::read_to_string(out_dir.join("table.md")).unwrap();
+    assert!(table.contains("| 200mbit | parallel.ranks=2 |"), "{table}");
+    let results: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out_dir.join("results.json")).unwrap()).unwrap();
+    let link = &results["links"][0];
+    assert!(link["bandwidth_gbps"].as_f64().unwrap() > 0.0 && link["latency_us"].as_f64().unwrap() > 0.0, "{link}");
+    let row = &results["rows"][0];
+    for side in ["measured", "predicted"] {
+        for part in ["step_s", "compute_s", "transfer_s", "waiting_s"] {
+            let v = row[side][part].as_f64().unwrap_or(-1.0);
+            assert!(v > 0.0 && v < 10.0, "{side} {part} = {v}: {row}");
+        }
+    }
+    for file in ["validate_200mbit.svg", "validate_200mbit.png", "cluster-200mbit.toml", "cluster.toml"] {
+        assert!(out_dir.join(file).is_file(), "{file} was not written");
+    }
+    let hosts = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    assert!(!String::from_utf8_lossy(&hosts.stdout).contains("sy-h"), "the namespace hosts were left behind");
+}

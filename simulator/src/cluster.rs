@@ -94,6 +94,11 @@ pub struct Node {
     pub count: usize,
     /// Devices per node; ranks beyond `count x devices` share devices.
     pub devices: usize,
+    /// The nodes are network namespaces of one machine (`simulate
+    /// validate`): links between them are real, but every rank of every
+    /// node shares that machine's one device.
+    #[serde(default)]
+    pub one_machine: bool,
 }
 
 /// One device: a GPU, or a CPU whose cores the ranks placed on it share.
@@ -191,6 +196,12 @@ pub struct Host {
     /// Optimizer update rate of one core (parameters per second, millions);
     /// absent (0): from the memory bandwidth (AdamW moves 28 bytes per parameter).
     pub optimizer_mparams_per_s_core: f64,
+    /// How much a rank's compute between two all-to-alls varies from rank
+    /// to rank and call to call (standard deviation over the mean; 0:
+    /// ranks arrive together). Ranks wait for the last peer at every
+    /// all-to-all for this besides load imbalance: the scheduler where
+    /// ranks share cores, memory and clock differences.
+    pub arrival_spread: f64,
 }
 
 impl Cluster {
@@ -241,6 +252,12 @@ impl Cluster {
                 invalid!("`{key}` needs [flops, TFLOP/s] pairs with positive values and ascending flops");
             }
         }
+        if !(self.host.arrival_spread.is_finite() && self.host.arrival_spread >= 0.0) {
+            invalid!(
+                "`host.arrival_spread` is a standard deviation over a mean: 0 or more, got {}",
+                self.host.arrival_spread
+            );
+        }
         if self.intra_node.latency_us < 0.0 || self.device.kernel_overhead_us < 0.0 {
             invalid!("latencies and overheads must be >= 0");
         }
@@ -270,6 +287,9 @@ impl Cluster {
 pub struct Placement {
     /// Ranks that share one device (1 on a GPU cluster).
     pub ranks_per_device: usize,
+    /// Ranks whose kernels share one device's cores: `ranks_per_device`,
+    /// or every rank when the nodes are namespaces of one machine.
+    pub ranks_sharing_cores: usize,
     pub ranks_per_node: usize,
     pub nodes: usize,
 }
@@ -279,7 +299,8 @@ impl Placement {
     pub fn of(cluster: &Cluster, ranks: usize) -> Self {
         let ranks_per_device = ranks.div_ceil(cluster.devices()).max(1);
         let ranks_per_node = (cluster.node.devices * ranks_per_device).min(ranks).max(1);
-        Self { ranks_per_device, ranks_per_node, nodes: ranks.div_ceil(ranks_per_node) }
+        let ranks_sharing_cores = if cluster.node.one_machine { ranks.max(1) } else { ranks_per_device };
+        Self { ranks_per_device, ranks_sharing_cores, ranks_per_node, nodes: ranks.div_ceil(ranks_per_node) }
     }
 }
 
@@ -310,10 +331,26 @@ mod tests {
     #[test]
     fn ranks_fill_nodes_then_share_devices() {
         let mut c = Cluster::parse(H100).unwrap();
-        assert_eq!(Placement::of(&c, 64), Placement { ranks_per_device: 1, ranks_per_node: 8, nodes: 8 });
-        assert_eq!(Placement::of(&c, 4), Placement { ranks_per_device: 1, ranks_per_node: 4, nodes: 1 });
+        assert_eq!(
+            Placement::of(&c, 64),
+            Placement { ranks_per_device: 1, ranks_sharing_cores: 1, ranks_per_node: 8, nodes: 8 }
+        );
+        assert_eq!(
+            Placement::of(&c, 4),
+            Placement { ranks_per_device: 1, ranks_sharing_cores: 1, ranks_per_node: 4, nodes: 1 }
+        );
         c.node.count = 1;
         c.node.devices = 1;
-        assert_eq!(Placement::of(&c, 4), Placement { ranks_per_device: 4, ranks_per_node: 4, nodes: 1 });
+        assert_eq!(
+            Placement::of(&c, 4),
+            Placement { ranks_per_device: 4, ranks_sharing_cores: 4, ranks_per_node: 4, nodes: 1 }
+        );
+        // Namespace hosts of one machine: a rank per node, all on one CPU.
+        c.node.count = 4;
+        c.node.one_machine = true;
+        assert_eq!(
+            Placement::of(&c, 3),
+            Placement { ranks_per_device: 1, ranks_sharing_cores: 3, ranks_per_node: 1, nodes: 3 }
+        );
     }
 }

@@ -32,8 +32,12 @@ pub struct Prediction {
     /// Communication not hidden behind compute (all-to-all, attention
     /// shards, gradient sync with the norm).
     pub exposed_comm_s: f64,
-    /// All-to-all and attention-shard exchanges alone, before overlap.
+    /// All-to-all and attention-shard exchanges alone, before overlap:
+    /// their transfer (latency and bytes over the links).
     pub exchange_s: f64,
+    /// Time at the all-to-alls spent waiting for the last peer to arrive,
+    /// of the rank that waits most (see [`waiting`]).
+    pub waiting_s: f64,
     /// Gradient all-reduce and global norm, before overlap.
     pub sync_s: f64,
     /// Optimizer, gradient zeroing, metrics, per-step host work.
@@ -61,6 +65,19 @@ pub fn predict(s: &RankShape, cluster: &Cluster, options: Options) -> Prediction
     let device = Timing::new(cluster, &at);
     let kernels = Kernels::of(s);
     let compute_s = device.kernels(&kernels);
+    // More ranks than cores, with all-to-alls between their kernels: they
+    // take turns, each computing at its own speed and waiting at the
+    // exchange while the others compute (measured: docs/scaling.md,
+    // `simulate validate`), so what sharing adds is waiting, not compute.
+    // The step is the same.
+    let alone = Timing { ranks: 1.0, ..Timing::new(cluster, &at) };
+    let oversubscribed = device.oversubscribed();
+    let (compute_s, turns_s) = if s.ep > 1 && oversubscribed {
+        let alone_s = alone.kernels(&kernels);
+        (alone_s, compute_s - alone_s)
+    } else {
+        (compute_s, 0.0)
+    };
 
     let comms = collectives(s, &cluster.precision);
     let phase = |p: Phase| comms.iter().filter(|c| c.phase == p).map(|c| device.collective(c)).sum::<f64>();
@@ -76,7 +93,8 @@ pub fn predict(s: &RankShape, cluster: &Cluster, options: Options) -> Prediction
         + phase(Phase::Bookkeeping)
         + device.host_overhead();
 
-    let comm_s = exchange_s + sync_s;
+    let waiting_s = turns_s + waiting(s, cluster, &kernels, if oversubscribed { &alone } else { &device }, compute_s);
+    let comm_s = exchange_s + waiting_s + sync_s;
     let (compute_part, exposed_comm_s) =
         if options.overlap { (compute_s, (comm_s - compute_s).max(0.0)) } else { (compute_s, comm_s) };
     let step_s = compute_part + exposed_comm_s + other_s;
@@ -96,6 +114,7 @@ pub fn predict(s: &RankShape, cluster: &Cluster, options: Options) -> Prediction
         compute_s,
         exposed_comm_s,
         exchange_s,
+        waiting_s,
         sync_s,
         other_s,
         tokens_per_step: s.tokens_per_step as f64,
@@ -110,6 +129,55 @@ pub fn predict(s: &RankShape, cluster: &Cluster, options: Options) -> Prediction
         rank_flops: kernels.flops(),
         flops_by_part: parts.iter().map(|&p| (p, kernels.flops_of(p))).collect(),
     }
+}
+
+/// Seconds per step that the rank waiting most spends at the all-to-alls
+/// before its last peer arrives (measured as `alltoall_peer_wait_s`),
+/// besides the turns of ranks sharing cores (in [`predict`]).
+/// Two causes, added:
+/// - load imbalance: the busiest rank computes `imbalance` x the mean
+///   expert rows; the least loaded is taken to be as far below the mean
+///   (at least none), and waits for the difference of their expert time;
+/// - arrival spread: each rank's compute between two exchanges varies by
+///   `host.arrival_spread` (standard deviation over mean), independently
+///   per rank and call; a rank then waits on average the expected maximum
+///   of the group's `ep` arrivals less its own, `spread x E[max of ep
+///   standard normals]` of each segment, and the segments sum to the
+///   step's compute.
+fn waiting(s: &RankShape, cluster: &Cluster, kernels: &Kernels, device: &Timing, compute_s: f64) -> f64 {
+    if s.ep <= 1 {
+        return 0.0;
+    }
+    let spread = cluster.host.arrival_spread * expected_max_of_normals(s.ep) * compute_s;
+    let experts = Kernels {
+        gemms: kernels.gemms.iter().filter(|g| g.part == Part::Experts).cloned().collect(),
+        streams: Vec::new(),
+    };
+    let imbalance = if s.expert_rows_mean > 0.0 { (s.expert_rows_max / s.expert_rows_mean).max(1.0) } else { 1.0 };
+    let lightest = (2.0 - imbalance).max(0.0);
+    spread + device.kernels(&experts) * (imbalance - lightest) / imbalance
+}
+
+/// `E[max(z_1..z_n)]` of `n` independent standard normals (0 for one):
+/// 0.564 for 2, 1.029 for 4, 1.424 for 8. By quadrature of
+/// `x d/dx Phi(x)^n` over [-8, 8].
+pub fn expected_max_of_normals(n: usize) -> f64 {
+    if n <= 1 {
+        return 0.0;
+    }
+    let (steps, lo, hi) = (4000, -8.0f64, 8.0f64);
+    let h = (hi - lo) / steps as f64;
+    let pdf = |x: f64| (-0.5 * x * x).exp() / (2.0 * std::f64::consts::PI).sqrt();
+    // Phi by the trapezoid rule as x advances; E[max] = int x n phi Phi^(n-1).
+    let (mut cdf, mut sum) = (0.0f64, 0.0f64);
+    for i in 0..steps {
+        let (x0, x1) = (lo + i as f64 * h, lo + (i + 1) as f64 * h);
+        let next = cdf + 0.5 * h * (pdf(x0) + pdf(x1));
+        let f = |x: f64, c: f64| x * n as f64 * pdf(x) * c.powi(n as i32 - 1);
+        sum += 0.5 * h * (f(x0, cdf) + f(x1, next));
+        cdf = next;
+    }
+    sum
 }
 
 /// The busiest rank's kernel time in parts: what calibration fits the
@@ -186,11 +254,24 @@ struct Timing<'a> {
     /// Ranks sharing the device.
     ranks: f64,
     cores: f64,
+    /// Cores one rank's kernels can use: all of the device's, or on
+    /// namespace hosts of one machine (MPI processes) its `cores / ranks`
+    /// share, the thread pool `mpirun` gives each rank.
+    threads: f64,
 }
 
 impl<'a> Timing<'a> {
     fn new(cluster: &'a Cluster, at: &Placement) -> Self {
-        Self { cluster, at: *at, ranks: at.ranks_per_device as f64, cores: cluster.device.cores as f64 }
+        let (ranks, cores) = (at.ranks_sharing_cores as f64, cluster.device.cores as f64);
+        let threads = if cluster.node.one_machine { (cores / ranks).floor().max(1.0) } else { cores };
+        Self { cluster, at: *at, ranks, cores, threads }
+    }
+
+    /// More ranks than the device has cores for (ranks' own thread pools,
+    /// or ranks sharing one pool as threads of one process).
+    fn oversubscribed(&self) -> bool {
+        let per_rank = if self.cluster.node.one_machine { self.threads } else { 1.0 };
+        self.ranks * per_rank > self.cores
     }
 
     /// `tau` seconds alone on `used` cores, with every rank of the device doing the same.
@@ -247,7 +328,7 @@ impl<'a> Timing<'a> {
         let core = interpolate(&d.matrix_curve_core, flops) * 1e12 * d.matrix_efficiency;
         if concurrent >= 2.0 {
             // Independent small products as parallel tasks, one core each.
-            let used = concurrent.min(self.cores);
+            let used = concurrent.min(self.threads);
             return (concurrent * flops / (core * used), used);
         }
         let whole = if d.matrix_curve_device.is_empty() {
@@ -256,12 +337,14 @@ impl<'a> Timing<'a> {
             interpolate(&d.matrix_curve_device, flops) * 1e12 * d.matrix_efficiency
         };
         let rate = whole.max(core);
-        (flops / rate, (rate / core).clamp(1.0, self.cores))
+        let rate = rate.min(core * self.threads);
+        (flops / rate, (rate / core).clamp(1.0, self.threads))
     }
 
     fn parallel_stream(&self, bytes: f64) -> f64 {
         let d = &self.cluster.device;
-        self.shared(bytes / (d.memory_gbps * d.memory_efficiency * 1e9), self.cores)
+        let share = self.threads / self.cores;
+        self.shared(bytes / (d.memory_gbps * share * d.memory_efficiency * 1e9), self.threads)
     }
 
     /// `bytes` streamed by the rank's own thread, `times` over.
@@ -359,9 +442,9 @@ mod tests {
         let s = shape(&["parallel.ranks=16", "train.global_batch_size=128"]);
         let off = predict(&s, &h100(), Options { overlap: false });
         assert!((off.compute_s + off.exposed_comm_s + off.other_s - off.step_s).abs() < 1e-15);
-        assert!((off.exposed_comm_s - off.exchange_s - off.sync_s).abs() < 1e-15);
+        assert!((off.exposed_comm_s - off.exchange_s - off.waiting_s - off.sync_s).abs() < 1e-15);
         let on = predict(&s, &h100(), Options { overlap: true });
-        let expected = on.compute_s.max(on.exchange_s + on.sync_s) + on.other_s;
+        let expected = on.compute_s.max(on.exchange_s + on.waiting_s + on.sync_s) + on.other_s;
         assert!((on.step_s - expected).abs() < 1e-15 && on.step_s <= off.step_s);
         assert!(on.tokens_per_s >= off.tokens_per_s && off.mfu > 0.0 && off.mfu < 1.0);
     }
@@ -396,6 +479,33 @@ mod tests {
         assert_eq!(timing.shared(tau, used), 2.0);
         // Two independent products run on both cores at once.
         assert_eq!(timing.gemm(1e12, 2.0), (1.0, 2.0));
+    }
+
+    #[test]
+    fn expected_maximum_of_normals_matches_the_tables() {
+        // Order-statistics tables (e.g. Harter 1961): 0.5642, 1.0294, 1.4236.
+        for (n, want) in [(1, 0.0), (2, 0.5642), (4, 1.0294), (8, 1.4236)] {
+            assert!((expected_max_of_normals(n) - want).abs() < 1e-3, "n={n}: {}", expected_max_of_normals(n));
+        }
+    }
+
+    #[test]
+    fn ranks_wait_for_imbalance_and_spread_and_one_rank_never_waits() {
+        let mut c = h100();
+        let balanced = shape(&["parallel.ranks=8", "train.micro_batch_size=4"]);
+        assert_eq!(predict(&balanced, &c, Options::default()).waiting_s, 0.0);
+        let sets = ["parallel.ranks=8".to_string(), "train.micro_batch_size=4".to_string()];
+        let job = JobConfig::load(None, &sets).unwrap();
+        let skewed = crate::test_jobs::shape_of(&job, Routing { imbalance: 1.5 });
+        let p = predict(&skewed, &c, Options::default());
+        assert!(p.waiting_s > 0.0 && p.waiting_s < p.compute_s, "{p:?}");
+        assert!((p.exposed_comm_s - p.exchange_s - p.waiting_s - p.sync_s).abs() < 1e-15);
+        c.host.arrival_spread = 0.1;
+        let spread = predict(&balanced, &c, Options::default());
+        let want = 0.1 * expected_max_of_normals(8) * spread.compute_s;
+        assert!((spread.waiting_s - want).abs() < 1e-12 * want.max(1.0), "{} vs {want}", spread.waiting_s);
+        let one = shape(&["parallel.ranks=1", "train.micro_batch_size=4"]);
+        assert_eq!(predict(&one, &c, Options::default()).waiting_s, 0.0);
     }
 
     #[test]

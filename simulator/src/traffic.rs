@@ -234,7 +234,7 @@ mod tests {
     use worker::JobConfig;
 
     fn at(ranks_per_node: usize) -> Placement {
-        Placement { ranks_per_device: 1, ranks_per_node, nodes: 1 }
+        Placement { ranks_per_device: 1, ranks_sharing_cores: 1, ranks_per_node, nodes: 1 }
     }
 
     #[test]

@@ -97,6 +97,18 @@ fn plan(max_mib: usize) -> Vec<Case> {
         .collect()
 }
 
+/// A quick plan of a few sizes (KiB): how `simulate validate` measures a
+/// shaped link as the ranks of its own mpirun.
+fn probe_plan(sizes_kib: &[usize]) -> Vec<Case> {
+    sizes_kib.iter().map(|&kib| Case { bytes: kib << 10, warmup: 2, iters: 10, repeats: 3 }).collect()
+}
+
+/// Seconds per exchange by bytes per rank (counts known), from the output
+/// of `bench alltoall --backend mpi --probe-kib ...` run as MPI ranks.
+pub fn parse_probe(output: &[u8]) -> Result<Vec<(usize, f64)>> {
+    Ok(parse_rows(output, "the link probe")?.into_iter().map(|m| (m.bytes, m.seconds)).collect())
+}
+
 /// The ways of making one exchange that a benchmark rank times.
 #[derive(Debug, Clone, Copy)]
 enum Way {
@@ -209,8 +221,8 @@ fn parse_rows(output: &[u8], what: &str) -> Result<Vec<Measured>> {
 }
 
 /// The benchmark: as one rank of an MPI job, or as the command a user runs.
-pub fn run(ranks: usize, backend: &str, max_mib: usize, rounds: usize, json: bool) -> Result<()> {
-    let plan = plan(max_mib);
+pub fn run(ranks: usize, backend: &str, max_mib: usize, rounds: usize, json: bool, probe_kib: &[usize]) -> Result<()> {
+    let plan = if probe_kib.is_empty() { plan(max_mib) } else { probe_plan(probe_kib) };
     if backend == "mpi" && launched_rank().is_some() {
         let world = MpiWorld::init()?;
         let mut comm = world.world(Duration::from_secs(300))?;

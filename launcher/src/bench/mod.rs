@@ -151,6 +151,10 @@ pub enum BenchCommand {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Only these sizes (KiB), a few quick timings: as ranks of another
+        /// mpirun (`simulate validate` measures its links so).
+        #[arg(long, hide = true, value_delimiter = ',')]
+        probe_kib: Vec<usize>,
     },
     /// How well the calibrated simulator predicts this machine: `simulate calibrate`,
     /// a measured sweep over ranks and experts, and `simulate` of the same grid.
@@ -223,8 +227,8 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                 json,
             })
         }
-        BenchCommand::Alltoall { ranks, backend, max_mib, rounds, json } => {
-            crate::bench::alltoall::run(ranks, backend.as_str(), max_mib, rounds.max(1), json)
+        BenchCommand::Alltoall { ranks, backend, max_mib, rounds, json, probe_kib } => {
+            crate::bench::alltoall::run(ranks, backend.as_str(), max_mib, rounds.max(1), json, &probe_kib)
         }
         BenchCommand::Simulator { config, rounds, json } => {
             crate::bench::simulator::run(crate::bench::simulator::SimulatorBench {

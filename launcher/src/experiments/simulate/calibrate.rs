@@ -44,6 +44,8 @@ pub struct Calibration {
     pub allreduce_latency_us: f64,
     pub allreduce_gbps: f64,
     pub step_overhead_us: f64,
+    /// Ranks' compute spread between all-to-alls (see `host.arrival_spread`).
+    pub arrival_spread: f64,
     pub memory_gib: f64,
 }
 
@@ -106,7 +108,12 @@ pub fn measure(ranks: usize, exe: &Path, scratch: &Path) -> Result<Calibration> 
             jobs[j] = (jobs[j].0.min(compute), jobs[j].1.min(outside));
         }
     }
+    eprintln!("calibrate: a real 2-rank job (how far apart ranks reach their all-to-alls) ...");
+    let mut spreads: Vec<f64> =
+        (1..=PASSES).map(|pass| arrival_spread(exe, &scratch.join(format!("spread-{pass}")))).collect::<Result<_>>()?;
+    spreads.sort_by(f64::total_cmp);
     let mut found = best.expect("at least one pass");
+    found.arrival_spread = spreads[spreads.len() / 2];
     let efficiency;
     (found.kernel_overhead_us, efficiency, found.step_overhead_us) = loop_overheads(&found, jobs)?;
     found.efficiency = efficiency;
@@ -172,6 +179,7 @@ fn measure_kernels(ranks: usize) -> Result<Calibration> {
         allreduce_latency_us,
         allreduce_gbps,
         step_overhead_us: 0.0,
+        arrival_spread: 0.0,
         memory_gib: memory_gib(),
     })
 }
@@ -329,6 +337,27 @@ fn job_times(exe: &Path, sets: &[&str], run_dir: &Path) -> Result<(f64, f64)> {
     Ok((median(&|m| m.compute_s), median(&|m| m.step_time_s - m.compute_s - m.sync_s)))
 }
 
+/// The reference job on 2 ranks (threads, one core each): the spread of
+/// a rank's compute between all-to-alls that explains its waiting for the
+/// other, `waiting = spread x E[max of 2 normals] x compute`.
+fn arrival_spread(exe: &Path, run_dir: &Path) -> Result<f64> {
+    let _ = std::fs::remove_dir_all(run_dir);
+    let mut cmd = Command::new(exe);
+    cmd.args(["train", "--quiet", "--run-dir"]).arg(run_dir);
+    for set in REFERENCE_JOB.iter().filter(|s| !s.starts_with("parallel.ranks")) {
+        cmd.args(["--set", set]);
+    }
+    cmd.args(["--set", "parallel.ranks=2", "--set", "train.micro_batch_size=4", "--set", "overlap.mode=\"off\""]);
+    let out = cmd.output().context("cannot start a calibration job")?;
+    if !out.status.success() {
+        bail!("the 2-rank calibration job failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let steps = read_metrics(run_dir)?;
+    let _ = std::fs::remove_dir_all(run_dir);
+    let s = crate::run::step_summary::StepSummary::of(&steps, 5)?;
+    Ok(s.alltoall_peer_wait_s / (simulator::step::expected_max_of_normals(2) * s.compute_s.max(1e-9)))
+}
+
 impl Calibration {
     /// Per figure, the better of two passes: higher rates, lower latencies.
     fn faster(&self, other: &Self) -> Self {
@@ -421,6 +450,10 @@ optimizer_mparams_per_s_core = {adam:.3}
 # gradient sync, minus the predicted optimizer, is the training loop's own
 # cost per step (data, metrics, coordinator report, timers).
 step_overhead_us = {step:.1}
+# The reference job on 2 ranks (threads), median of {passes} runs: the slowest
+# rank's waiting for the other at the all-to-alls over 0.564 (the expected
+# larger of two standard normals) x its compute.
+arrival_spread = {spread:.4}
 "#,
             host_name = host.trim(),
             passes = PASSES,
@@ -441,6 +474,7 @@ step_overhead_us = {step:.1}
             ar_lat = self.allreduce_latency_us,
             adam = self.optimizer_mparams_core,
             step = self.step_overhead_us,
+            spread = self.arrival_spread,
         )
     }
 }

@@ -6,6 +6,7 @@
 
 pub mod calibrate;
 pub mod table;
+pub mod validate;
 
 use crate::experiments::sweep::grid::{Grid, Point};
 use crate::experiments::sweep::results::{self, PointResult};
@@ -67,12 +68,43 @@ enum SimulateCommand {
         #[arg(long)]
         ranks: Option<usize>,
     },
+    /// Check the model part by part where the network is real: namespace
+    /// hosts on this machine (one rank each), links shaped with tc to each
+    /// rate, a grid trained over MPI and predicted; writes a table, results
+    /// and plots. Needs root and a build with --features mpi.
+    Validate {
+        /// Job config trained and predicted.
+        #[arg(long, default_value = "examples/sweeps/job.toml")]
+        config: PathBuf,
+        /// Grid file (sweep format, 2-4 ranks per point); default: ranks 2,4 x experts 4,8 x top_k 1,2.
+        #[arg(long)]
+        grid: Option<PathBuf>,
+        /// Link rates (tc units), one validation each.
+        #[arg(long, value_delimiter = ',', default_value = "100mbit,1gbit")]
+        rates: Vec<String>,
+        /// This machine's cluster file from `simulate calibrate`; default: calibrate first.
+        #[arg(long)]
+        cluster: Option<PathBuf>,
+        /// Runs per point and rate; each keeps its fastest.
+        #[arg(long, default_value_t = 2)]
+        rounds: usize,
+        /// Results folder.
+        #[arg(long, default_value = "validations/netns")]
+        out: PathBuf,
+    },
 }
 
 /// Runs `switchyard simulate`.
 pub fn run(args: SimulateArgs) -> Result<()> {
-    if let Some(SimulateCommand::Calibrate { out, ranks }) = args.command {
-        return run_calibrate(&out, ranks);
+    match args.command {
+        Some(SimulateCommand::Calibrate { out, ranks }) => return run_calibrate(&out, ranks),
+        Some(SimulateCommand::Validate { config, grid, rates, cluster, rounds, out }) => {
+            if rounds == 0 {
+                bail!("--rounds must be at least 1");
+            }
+            return validate::run(validate::Validate { config, grid, rates, cluster, rounds, out });
+        }
+        None => {}
     }
     let (Some(config), Some(cluster_path)) = (&args.config, &args.cluster) else {
         bail!("simulate needs --config job.toml and --cluster cluster.toml (or: switchyard simulate calibrate)");
@@ -162,7 +194,9 @@ fn fill(row: &mut PointResult, ranks: usize, p: &Prediction) {
     row.compute_s = Some(p.compute_s);
     row.exposed_comm_s = Some(p.exposed_comm_s);
     // Before overlap; with overlap on, the parts no longer add up to the exposed time.
-    row.alltoall_s = Some(p.exchange_s);
+    row.alltoall_s = Some(p.exchange_s + p.waiting_s);
+    row.alltoall_peer_wait_s = Some(p.waiting_s);
+    row.alltoall_transfer_s = Some(p.exchange_s);
     row.sync_s = Some(p.sync_s);
     row.other_s = Some(p.other_s);
     row.alltoall_bytes_per_step = Some(p.alltoall_bytes.intra + p.alltoall_bytes.inter);
@@ -177,7 +211,7 @@ fn fill(row: &mut PointResult, ranks: usize, p: &Prediction) {
 /// Whether the job's overlap techniques apply to its layout, as a real
 /// run decides (`[overlap]`, docs/overlap.md): its all-to-all travels
 /// while ranks compute, or its gradients go out in buckets.
-fn job_overlap(job: &JobConfig) -> bool {
+pub fn job_overlap(job: &JobConfig) -> bool {
     let Ok(dims) = job.parallel_dims() else { return false };
     let micro_batches = job.grad_accumulation(dims.dp);
     let layout = RankLayout {

@@ -63,8 +63,9 @@ pub fn print_point(job: &JobConfig, cluster: &Cluster, options: Options, routing
     println!("|---|---:|");
     println!("| compute (forward + backward kernels, busiest rank) | {} |", ms(p.compute_s));
     println!(
-        "| exposed communication (all-to-all {}, gradient sync {} before overlap) | {} |",
+        "| exposed communication (all-to-all transfer {}, waiting for peers {}, gradient sync {} before overlap) | {} |",
         ms(p.exchange_s),
+        ms(p.waiting_s),
         ms(p.sync_s),
         ms(p.exposed_comm_s)
     );
@@ -152,12 +153,18 @@ pub fn print_grid(cluster: &Cluster, predicted: &[PointResult], measured: &[Poin
     }
     println!(
         "| point | measured step ms | predicted step ms | error | measured compute / comm / other | predicted compute / comm / other \
-         | measured all-to-all: waiting for peers / transfer | predicted all-to-all |"
+         | all-to-all waiting for peers: measured / predicted | all-to-all transfer: measured / predicted |"
     );
     println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     for r in predicted {
         let Some(m) = measured.iter().find(|m| m.id == r.id && m.ok()) else {
-            println!("| {} | - | {} | - | - | - | - | {} |", label(r), opt_ms(r.step_s), opt_ms(r.alltoall_s));
+            println!(
+                "| {} | - | {} | - | - | - | - / {} | - / {} |",
+                label(r),
+                opt_ms(r.step_s),
+                opt_ms(r.alltoall_peer_wait_s),
+                opt_ms(r.alltoall_transfer_s)
+            );
             continue;
         };
         let error = match (m.step_s, r.step_s) {
@@ -167,15 +174,16 @@ pub fn print_grid(cluster: &Cluster, predicted: &[PointResult], measured: &[Poin
         let split =
             |x: &PointResult| format!("{} / {} / {}", opt_ms(x.compute_s), opt_ms(x.exposed_comm_s), opt_ms(x.other_s));
         println!(
-            "| {} | {} | {} | {error} | {} | {} | {} / {} | {} |",
+            "| {} | {} | {} | {error} | {} | {} | {} / {} | {} / {} |",
             label(r),
             opt_ms(m.step_s),
             opt_ms(r.step_s),
             split(m),
             split(r),
             opt_ms(m.alltoall_peer_wait_s),
+            opt_ms(r.alltoall_peer_wait_s),
             opt_ms(m.alltoall_transfer_s),
-            opt_ms(r.alltoall_s)
+            opt_ms(r.alltoall_transfer_s)
         );
     }
 }

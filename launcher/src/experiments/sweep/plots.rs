@@ -96,8 +96,31 @@ fn register_font() -> Result<()> {
 
 /// What one chart shows; drawn once per backend.
 enum Plot<'a> {
-    Line { title: &'a str, x_desc: &'a str, y_desc: &'a str, ticks: &'a [String], series: &'a [Series], ideal: bool },
-    Split { grid: &'a Grid, rows: &'a [&'a PointResult] },
+    Line {
+        title: &'a str,
+        x_desc: &'a str,
+        y_desc: &'a str,
+        ticks: &'a [String],
+        series: &'a [Series],
+        ideal: bool,
+    },
+    Split {
+        grid: &'a Grid,
+        rows: &'a [&'a PointResult],
+    },
+    /// Predicted (y) against measured (x), one series per quantity, with
+    /// the line where they agree.
+    Agreement {
+        title: &'a str,
+        series: &'a [(String, Vec<(f64, f64)>)],
+    },
+}
+
+/// Draws predicted against measured milliseconds (`series`: legend and
+/// (measured, predicted) pairs) as `<name>.svg` and `<name>.png` in `out`.
+pub fn agreement(out: &Path, name: &str, title: &str, series: &[(String, Vec<(f64, f64)>)]) -> Result<Vec<PathBuf>> {
+    register_font()?;
+    both(out, name, &Plot::Agreement { title, series })
 }
 
 fn render<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, plot: &Plot) -> Result<()> {
@@ -106,7 +129,60 @@ fn render<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, plot: &Plot) -> Res
             line_chart(area, title, x_desc, y_desc, ticks, series, ideal)
         }
         Plot::Split { grid, rows } => step_split(area, grid, rows),
+        Plot::Agreement { title, series } => agreement_chart(area, title, series),
     }
+}
+
+/// Log-log scatter of predicted against measured, with y = x and the
+/// 20% band either side of it.
+fn agreement_chart<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    title: &str,
+    series: &[(String, Vec<(f64, f64)>)],
+) -> Result<()> {
+    let fail = |e: &dyn std::fmt::Display| anyhow!("cannot draw {title}: {e}");
+    area.fill(&WHITE).map_err(|e| fail(&e))?;
+    let all = series.iter().flat_map(|(_, p)| p.iter().flat_map(|&(x, y)| [x, y])).filter(|v| *v > 0.0);
+    let (lo, hi) = all.fold((f64::INFINITY, 0.0f64), |(lo, hi), v| (lo.min(v), hi.max(v)));
+    let (lo, hi) = if lo.is_finite() { (lo / 1.5, hi * 1.5) } else { (0.01, 1.0) };
+    let mut chart = ChartBuilder::on(area)
+        .caption(title, ("sans-serif", TITLE))
+        .margin(15)
+        .x_label_area_size(50)
+        .y_label_area_size(85)
+        .build_cartesian_2d((lo..hi).log_scale(), (lo..hi).log_scale())
+        .map_err(|e| fail(&e))?;
+    chart
+        .configure_mesh()
+        .x_desc("measured (ms per step)")
+        .y_desc("predicted (ms per step)")
+        .axis_desc_style(("sans-serif", AXIS))
+        .label_style(("sans-serif", TICKS))
+        .light_line_style(BLACK.mix(0.05))
+        .x_label_formatter(&|v| tick_number(*v))
+        .y_label_formatter(&|v| tick_number(*v))
+        .draw()
+        .map_err(|e| fail(&e))?;
+    for (factor, style) in [(1.0, BLACK.mix(0.5)), (1.2, BLACK.mix(0.15)), (1.0 / 1.2, BLACK.mix(0.15))] {
+        chart.draw_series(LineSeries::new([(lo, lo * factor), (hi, hi * factor)], style)).map_err(|e| fail(&e))?;
+    }
+    for (i, (legend, points)) in series.iter().enumerate() {
+        let color = PALETTE[i % PALETTE.len()].to_rgba();
+        let shown = points.iter().filter(|p| p.0 > 0.0 && p.1 > 0.0).map(|&p| Circle::new(p, 5, color.filled()));
+        chart
+            .draw_series(shown)
+            .map_err(|e| fail(&e))?
+            .label(legend.as_str())
+            .legend(move |(x, y)| Circle::new((x + 10, y), 5, color.filled()));
+    }
+    chart
+        .configure_series_labels()
+        .label_font(("sans-serif", TICKS + 1))
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| fail(&e))
 }
 
 /// Draws one plot as `<name>.svg` and `<name>.png`.
