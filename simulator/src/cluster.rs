@@ -136,6 +136,14 @@ pub struct Device {
     /// Fixed cost of one kernel launch or parallel region (microseconds).
     #[serde(default)]
     pub kernel_overhead_us: f64,
+    /// A rank whose kernels run on one thread of a multi-core CPU (an MPI
+    /// rank given one core): the share of the one-core curves and rates a
+    /// real step sustains, and the cost of one parallel region there. Both
+    /// absent: as for a rank on every core.
+    #[serde(default)]
+    pub one_thread_efficiency: Option<f64>,
+    #[serde(default)]
+    pub one_thread_kernel_overhead_us: Option<f64>,
 }
 
 fn one() -> f64 {
@@ -251,6 +259,14 @@ impl Cluster {
             if curve.windows(2).any(|w| w[1][0] <= w[0][0]) || curve.iter().any(|p| !(p[0] > 0.0 && p[1] > 0.0)) {
                 invalid!("`{key}` needs [flops, TFLOP/s] pairs with positive values and ascending flops");
             }
+        }
+        if let Some(e) = self.device.one_thread_efficiency {
+            if !(e.is_finite() && e > 0.0 && e <= 1.0) {
+                invalid!("`device.one_thread_efficiency` is a share: above 0 and at most 1, got {e}");
+            }
+        }
+        if self.device.one_thread_kernel_overhead_us.is_some_and(|l| !(l.is_finite() && l >= 0.0)) {
+            invalid!("`device.one_thread_kernel_overhead_us` must be >= 0");
         }
         if !(self.host.arrival_spread.is_finite() && self.host.arrival_spread >= 0.0) {
             invalid!(

@@ -198,6 +198,13 @@ pub fn kernel_parts(s: &RankShape, cluster: &Cluster) -> KernelParts {
     Timing::new(cluster, &at).kernel_parts(&Kernels::of(s))
 }
 
+/// [`kernel_parts`] of a rank whose kernels run on `threads` of the
+/// device's cores (calibration of a one-thread rank).
+pub fn kernel_parts_on_threads(s: &RankShape, cluster: &Cluster, threads: usize) -> KernelParts {
+    let at = Placement::of(cluster, s.ranks);
+    Timing::with_threads(cluster, &at, threads as f64).kernel_parts(&Kernels::of(s))
+}
+
 /// Every kernel kind of the busiest rank with its seconds per step
 /// (launch overheads included), and every collective with its seconds:
 /// where the predicted time goes.
@@ -258,13 +265,33 @@ struct Timing<'a> {
     /// namespace hosts of one machine (MPI processes) its `cores / ranks`
     /// share, the thread pool `mpirun` gives each rank.
     threads: f64,
+    /// Sustained shares and launch cost for this rank's thread count.
+    matrix_efficiency: f64,
+    memory_efficiency: f64,
+    launch_us: f64,
 }
 
 impl<'a> Timing<'a> {
     fn new(cluster: &'a Cluster, at: &Placement) -> Self {
         let (ranks, cores) = (at.ranks_sharing_cores as f64, cluster.device.cores as f64);
         let threads = if cluster.node.one_machine { (cores / ranks).floor().max(1.0) } else { cores };
-        Self { cluster, at: *at, ranks, cores, threads }
+        Self::with_threads(cluster, at, threads)
+    }
+
+    /// Ranks placed as `at`, each on `threads` of the device's cores.
+    fn with_threads(cluster: &'a Cluster, at: &Placement, threads: f64) -> Self {
+        let d = &cluster.device;
+        let (ranks, cores) = (at.ranks_sharing_cores as f64, d.cores as f64);
+        let one_thread = match (threads <= 1.0 && cores > 1.0, d.one_thread_efficiency, d.one_thread_kernel_overhead_us)
+        {
+            (true, Some(e), Some(l)) => Some((e, l)),
+            _ => None,
+        };
+        let (matrix_efficiency, memory_efficiency, launch_us) = match one_thread {
+            Some((e, l)) => (e, e, l),
+            None => (d.matrix_efficiency, d.memory_efficiency, d.kernel_overhead_us),
+        };
+        Self { cluster, at: *at, ranks, cores, threads, matrix_efficiency, memory_efficiency, launch_us }
     }
 
     /// More ranks than the device has cores for (ranks' own thread pools,
@@ -285,7 +312,7 @@ impl<'a> Timing<'a> {
     }
 
     fn launches(&self, n: f64) -> f64 {
-        self.shared(n * self.cluster.device.kernel_overhead_us * 1e-6, 1.0)
+        self.shared(n * self.launch_us * 1e-6, 1.0)
     }
 
     /// Seconds of the kernels, launch overheads included.
@@ -323,9 +350,9 @@ impl<'a> Timing<'a> {
         let d = &self.cluster.device;
         if d.matrix_curve_core.is_empty() {
             // A GPU: one (batched or grouped) kernel at the sustained rate.
-            return (concurrent * flops / (d.matrix_tflops * d.matrix_efficiency * 1e12), 1.0);
+            return (concurrent * flops / (d.matrix_tflops * self.matrix_efficiency * 1e12), 1.0);
         }
-        let core = interpolate(&d.matrix_curve_core, flops) * 1e12 * d.matrix_efficiency;
+        let core = interpolate(&d.matrix_curve_core, flops) * 1e12 * self.matrix_efficiency;
         if concurrent >= 2.0 {
             // Independent small products as parallel tasks, one core each.
             let used = concurrent.min(self.threads);
@@ -334,7 +361,7 @@ impl<'a> Timing<'a> {
         let whole = if d.matrix_curve_device.is_empty() {
             core
         } else {
-            interpolate(&d.matrix_curve_device, flops) * 1e12 * d.matrix_efficiency
+            interpolate(&d.matrix_curve_device, flops) * 1e12 * self.matrix_efficiency
         };
         let rate = whole.max(core);
         let rate = rate.min(core * self.threads);
@@ -344,13 +371,13 @@ impl<'a> Timing<'a> {
     fn parallel_stream(&self, bytes: f64) -> f64 {
         let d = &self.cluster.device;
         let share = self.threads / self.cores;
-        self.shared(bytes / (d.memory_gbps * share * d.memory_efficiency * 1e9), self.threads)
+        self.shared(bytes / (d.memory_gbps * share * self.memory_efficiency * 1e9), self.threads)
     }
 
     /// `bytes` streamed by the rank's own thread, `times` over.
     fn serial_stream(&self, bytes: f64, times: f64) -> f64 {
         let d = &self.cluster.device;
-        let core = d.memory_gbps_core.map_or(d.memory_gbps / self.cores, |c| c) * d.memory_efficiency;
+        let core = d.memory_gbps_core.map_or(d.memory_gbps / self.cores, |c| c) * self.memory_efficiency;
         self.shared(times * bytes / (core * 1e9), 1.0)
     }
 
@@ -506,6 +533,32 @@ mod tests {
         assert!((spread.waiting_s - want).abs() < 1e-12 * want.max(1.0), "{} vs {want}", spread.waiting_s);
         let one = shape(&["parallel.ranks=1", "train.micro_batch_size=4"]);
         assert_eq!(predict(&one, &c, Options::default()).waiting_s, 0.0);
+    }
+
+    #[test]
+    fn one_thread_ranks_use_their_own_efficiency_and_take_turns_past_the_cores() {
+        let mut cpu = h100();
+        cpu.node.count = 4;
+        cpu.node.devices = 1;
+        cpu.node.one_machine = true;
+        cpu.device.cores = 2;
+        cpu.device.matrix_curve_core = vec![[1.0, 1.0]];
+        cpu.device.matrix_curve_device = vec![[1.0, 2.0]];
+        cpu.device.one_thread_efficiency = Some(0.5);
+        cpu.device.one_thread_kernel_overhead_us = Some(0.0);
+        // 2 ranks on 2 cores: one thread each, at the one-thread share of the core rate.
+        let two = Timing::new(&cpu, &Placement::of(&cpu, 2));
+        assert_eq!((two.threads, two.matrix_efficiency, two.oversubscribed()), (1.0, 0.5, false));
+        assert_eq!(two.gemm(1e12, 1.0), (2.0, 1.0));
+        // 1 rank: both cores, the whole-device curve and efficiency.
+        let one = Timing::new(&cpu, &Placement::of(&cpu, 1));
+        assert_eq!((one.threads, one.matrix_efficiency), (2.0, cpu.device.matrix_efficiency));
+        // 4 ranks on 2 cores take turns: what sharing adds is waiting.
+        assert!(Timing::new(&cpu, &Placement::of(&cpu, 4)).oversubscribed());
+        let s = shape(&["parallel.ranks=4", "train.micro_batch_size=4"]);
+        let p = predict(&s, &cpu, Options::default());
+        let alone = Timing { ranks: 1.0, ..Timing::new(&cpu, &Placement::of(&cpu, 4)) }.kernels(&Kernels::of(&s));
+        assert!((p.compute_s - alone).abs() < 1e-12 && p.waiting_s >= p.compute_s, "{p:?}");
     }
 
     #[test]

@@ -18,7 +18,7 @@ use model::gemm::{matmul_nn, matmul_nt, matmul_tn};
 use model::optim::{adamw_update, AdamwStep, AdamwTensor};
 use simulator::cluster::Cluster;
 use simulator::shape::Routing;
-use simulator::step::{kernel_parts, predict, KernelParts, Options};
+use simulator::step::{kernel_parts, kernel_parts_on_threads, predict, KernelParts, Options};
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -44,6 +44,10 @@ pub struct Calibration {
     pub allreduce_latency_us: f64,
     pub allreduce_gbps: f64,
     pub step_overhead_us: f64,
+    /// A one-thread rank's sustained share and launch cost (see
+    /// `device.one_thread_efficiency`).
+    pub one_thread_efficiency: f64,
+    pub one_thread_kernel_overhead_us: f64,
     /// Ranks' compute spread between all-to-alls (see `host.arrival_spread`).
     pub arrival_spread: f64,
     pub memory_gib: f64,
@@ -95,6 +99,7 @@ pub fn measure(ranks: usize, exe: &Path, scratch: &Path) -> Result<Calibration> 
     // spell of another process (seconds long) cannot spoil all of its samples.
     let mut best: Option<Calibration> = None;
     let mut jobs = [(f64::INFINITY, f64::INFINITY); 2];
+    let mut one_thread_jobs = [(f64::INFINITY, f64::INFINITY); 2];
     for pass in 1..=PASSES {
         eprintln!("calibrate: pass {pass}/{PASSES}");
         let found = measure_kernels(ranks)?;
@@ -104,8 +109,14 @@ pub fn measure(ranks: usize, exe: &Path, scratch: &Path) -> Result<Calibration> 
         });
         eprintln!("calibrate: two real 1-rank jobs (the training loop's launch and per-step costs) ...");
         for (j, sets) in [&TINY_JOB[..], &REFERENCE_JOB[..]].into_iter().enumerate() {
-            let (compute, outside) = job_times(exe, sets, &scratch.join(format!("calibrate-{j}-{pass}")))?;
+            let (compute, outside) = job_times(exe, sets, None, &scratch.join(format!("calibrate-{j}-{pass}")))?;
             jobs[j] = (jobs[j].0.min(compute), jobs[j].1.min(outside));
+        }
+        eprintln!("calibrate: the same two jobs on one thread (an MPI rank given one core) ...");
+        for (j, sets) in [&TINY_JOB[..], &REFERENCE_JOB[..]].into_iter().enumerate() {
+            let dir = scratch.join(format!("calibrate-one-{j}-{pass}"));
+            let (compute, outside) = job_times(exe, sets, Some(1), &dir)?;
+            one_thread_jobs[j] = (one_thread_jobs[j].0.min(compute), one_thread_jobs[j].1.min(outside));
         }
     }
     eprintln!("calibrate: a real 2-rank job (how far apart ranks reach their all-to-alls) ...");
@@ -115,8 +126,11 @@ pub fn measure(ranks: usize, exe: &Path, scratch: &Path) -> Result<Calibration> 
     let mut found = best.expect("at least one pass");
     found.arrival_spread = spreads[spreads.len() / 2];
     let efficiency;
-    (found.kernel_overhead_us, efficiency, found.step_overhead_us) = loop_overheads(&found, jobs)?;
+    (found.kernel_overhead_us, efficiency, found.step_overhead_us) = loop_overheads(&found, jobs, None)?;
+    let one_thread;
+    (found.one_thread_kernel_overhead_us, one_thread, _) = loop_overheads(&found, one_thread_jobs, Some(1))?;
     found.efficiency = efficiency;
+    found.one_thread_efficiency = one_thread;
     Ok(found)
 }
 
@@ -179,6 +193,8 @@ fn measure_kernels(ranks: usize) -> Result<Calibration> {
         allreduce_latency_us,
         allreduce_gbps,
         step_overhead_us: 0.0,
+        one_thread_efficiency: 1.0,
+        one_thread_kernel_overhead_us: 0.0,
         arrival_spread: 0.0,
         memory_gib: memory_gib(),
     })
@@ -266,15 +282,20 @@ pub const TINY_JOB: [&str; 13] = [
 /// compute times give both (a 2x2 linear system). Per step: the tiny job's
 /// time outside compute and gradient sync, less the predicted optimizer and
 /// bookkeeping. `best`: each job's median compute and outside time, the
-/// best run of the passes. Returns (launch us, efficiency, step us).
-fn loop_overheads(found: &Calibration, best: [(f64, f64); 2]) -> Result<(f64, f64, f64)> {
+/// best run of the passes; `threads`: the jobs ran on that many threads
+/// (else on every core). Returns (launch us, efficiency, step us).
+fn loop_overheads(found: &Calibration, best: [(f64, f64); 2], threads: Option<usize>) -> Result<(f64, f64, f64)> {
     let cluster = Cluster::parse(&found.to_toml())?;
     let mut parts = Vec::new();
     for sets in [&TINY_JOB[..], &REFERENCE_JOB[..]] {
         let overrides: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
         let job = worker::JobConfig::load(None, &overrides)?;
         let shape = shape_of(&job, Routing::default())?;
-        parts.push((kernel_parts(&shape, &cluster), predict(&shape, &cluster, Options::default()).other_s));
+        let kernels = match threads {
+            Some(t) => kernel_parts_on_threads(&shape, &cluster, t),
+            None => kernel_parts(&shape, &cluster),
+        };
+        parts.push((kernels, predict(&shape, &cluster, Options::default()).other_s));
     }
     // compute_j = busy_j / efficiency + launch x launches_j.
     let busy = |p: &KernelParts| p.gemm_s + p.stream_s;
@@ -314,9 +335,12 @@ pub const REFERENCE_JOB: [&str; 14] = [
 
 /// Median compute time, and median time outside compute and gradient
 /// sync, per step of a real job with `sets` overrides.
-fn job_times(exe: &Path, sets: &[&str], run_dir: &Path) -> Result<(f64, f64)> {
+fn job_times(exe: &Path, sets: &[&str], threads: Option<usize>, run_dir: &Path) -> Result<(f64, f64)> {
     let _ = std::fs::remove_dir_all(run_dir);
     let mut cmd = Command::new(exe);
+    if let Some(t) = threads {
+        cmd.env("RAYON_NUM_THREADS", t.to_string());
+    }
     cmd.args(["train", "--quiet", "--run-dir"]).arg(run_dir);
     for set in sets {
         cmd.args(["--set", set]);
@@ -422,6 +446,11 @@ cores = {cores}
 # Per parallel region (waking the thread pool and waiting for it), fitted
 # with the efficiencies on two real 1-rank jobs (see [host]).
 kernel_overhead_us = {overhead:.2}
+# The same fit with the two jobs on one thread (RAYON_NUM_THREADS=1, as
+# mpirun gives each of as many ranks as cores), against the one-core curve
+# and rate: what a rank on one core sustains and pays per parallel region.
+one_thread_efficiency = {eff_one:.4}
+one_thread_kernel_overhead_us = {overhead_one:.2}
 
 # All-to-all-v on the local backend, {ranks} ranks (threads), 4 KiB and 1 MiB per
 # rank: latency = the small exchange, bandwidth = the slope (remote bytes per rank).
@@ -467,6 +496,8 @@ arrival_spread = {spread:.4}
             ew_core = self.elementwise_gbps_core,
             mem = self.memory_gib,
             overhead = self.kernel_overhead_us,
+            eff_one = self.one_thread_efficiency,
+            overhead_one = self.one_thread_kernel_overhead_us,
             ranks = self.ranks,
             a2a_gbps = self.alltoall_gbps,
             a2a_lat = self.alltoall_latency_us,

@@ -44,7 +44,7 @@ pub const DEFAULT_GRID: &str =
 
 /// Sizes (KiB per rank) the link probe times: the small one is the
 /// latency, the slope to the large one the bandwidth.
-const PROBE_KIB: [usize; 2] = [4, 128];
+const PROBE_KIB: [usize; 2] = [4, 64];
 
 /// One point at one rate, measured and predicted (seconds per step).
 #[derive(Debug, Clone, Serialize)]
