@@ -332,6 +332,7 @@ mod tests {
         assert_eq!(h100.devices(), 128 * 8);
         assert_eq!(h100.topology, Topology::TwoLevel);
         Cluster::parse(include_str!("../../examples/clusters/a100-8x-nvlink-ib200.toml")).unwrap();
+        Cluster::parse(include_str!("../../examples/clusters/h800-8x-nvlink-ib400.toml")).unwrap();
     }
 
     #[test]

@@ -562,6 +562,21 @@ mod tests {
     }
 
     #[test]
+    fn deepseek_v3_stage_with_communication_hidden_lands_near_the_published_rate() {
+        // docs/scaling.md: 1,543 tokens/s per H800 from 180K GPU hours per
+        // trillion tokens; one of 16 pipeline stages, no bubble.
+        let h800 = Cluster::parse(include_str!("../../examples/clusters/h800-8x-nvlink-ib400.toml")).unwrap();
+        let path = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/deepseek-v3.toml"));
+        let job = JobConfig::load(Some(path), &[]).unwrap();
+        let s = crate::test_jobs::shape_of(&job, Routing::default());
+        let p = predict(&s, &h800, Options { overlap: true });
+        let per_gpu = p.tokens_per_s / 2048.0;
+        assert!((per_gpu / 1543.0 - 1.0).abs() < 0.15, "{per_gpu} tokens/s per GPU");
+        // EP64 spans 8 nodes: most expert rows leave the node.
+        assert!(p.alltoall_bytes.inter > 4.0 * p.alltoall_bytes.intra, "{:?}", p.alltoall_bytes);
+    }
+
+    #[test]
     fn curves_interpolate_log_log() {
         let curve = [[1e3, 1.0], [1e5, 100.0]];
         assert!((interpolate(&curve, 1e4) - 10.0).abs() < 1e-9);
