@@ -65,14 +65,13 @@ pub fn predict(s: &RankShape, cluster: &Cluster, options: Options) -> Prediction
     let device = Timing::new(cluster, &at);
     let kernels = Kernels::of(s);
     let compute_s = device.kernels(&kernels);
-    // More ranks than cores, with all-to-alls between their kernels: they
-    // take turns, each computing at its own speed and waiting at the
-    // exchange while the others compute (measured: docs/scaling.md,
+    // Ranks whose kernels contend for the cores, with all-to-alls between
+    // their kernels, take turns: each computes at its own speed and waits
+    // at the exchange while the others compute (measured: docs/scaling.md,
     // `simulate validate`), so what sharing adds is waiting, not compute.
     // The step is the same.
     let alone = Timing { ranks: 1.0, ..Timing::new(cluster, &at) };
-    let oversubscribed = device.oversubscribed();
-    let (compute_s, turns_s) = if s.ep > 1 && oversubscribed {
+    let (compute_s, turns_s) = if s.ep > 1 {
         let alone_s = alone.kernels(&kernels);
         (alone_s, compute_s - alone_s)
     } else {
@@ -93,7 +92,7 @@ pub fn predict(s: &RankShape, cluster: &Cluster, options: Options) -> Prediction
         + phase(Phase::Bookkeeping)
         + device.host_overhead();
 
-    let waiting_s = turns_s + waiting(s, cluster, &kernels, if oversubscribed { &alone } else { &device }, compute_s);
+    let waiting_s = turns_s + waiting(s, cluster, &kernels, &alone, compute_s);
     let comm_s = exchange_s + waiting_s + sync_s;
     let (compute_part, exposed_comm_s) =
         if options.overlap { (compute_s, (comm_s - compute_s).max(0.0)) } else { (compute_s, comm_s) };
@@ -292,13 +291,6 @@ impl<'a> Timing<'a> {
             None => (d.matrix_efficiency, d.memory_efficiency, d.kernel_overhead_us),
         };
         Self { cluster, at: *at, ranks, cores, threads, matrix_efficiency, memory_efficiency, launch_us }
-    }
-
-    /// More ranks than the device has cores for (ranks' own thread pools,
-    /// or ranks sharing one pool as threads of one process).
-    fn oversubscribed(&self) -> bool {
-        let per_rank = if self.cluster.node.one_machine { self.threads } else { 1.0 };
-        self.ranks * per_rank > self.cores
     }
 
     /// `tau` seconds alone on `used` cores, with every rank of the device doing the same.
@@ -548,13 +540,12 @@ mod tests {
         cpu.device.one_thread_kernel_overhead_us = Some(0.0);
         // 2 ranks on 2 cores: one thread each, at the one-thread share of the core rate.
         let two = Timing::new(&cpu, &Placement::of(&cpu, 2));
-        assert_eq!((two.threads, two.matrix_efficiency, two.oversubscribed()), (1.0, 0.5, false));
+        assert_eq!((two.threads, two.matrix_efficiency), (1.0, 0.5));
         assert_eq!(two.gemm(1e12, 1.0), (2.0, 1.0));
         // 1 rank: both cores, the whole-device curve and efficiency.
         let one = Timing::new(&cpu, &Placement::of(&cpu, 1));
         assert_eq!((one.threads, one.matrix_efficiency), (2.0, cpu.device.matrix_efficiency));
         // 4 ranks on 2 cores take turns: what sharing adds is waiting.
-        assert!(Timing::new(&cpu, &Placement::of(&cpu, 4)).oversubscribed());
         let s = shape(&["parallel.ranks=4", "train.micro_batch_size=4"]);
         let p = predict(&s, &cpu, Options::default());
         let alone = Timing { ranks: 1.0, ..Timing::new(&cpu, &Placement::of(&cpu, 4)) }.kernels(&Kernels::of(&s));

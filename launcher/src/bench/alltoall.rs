@@ -100,7 +100,7 @@ fn plan(max_mib: usize) -> Vec<Case> {
 /// A quick plan of a few sizes (KiB): how `simulate validate` measures a
 /// shaped link as the ranks of its own mpirun.
 fn probe_plan(sizes_kib: &[usize]) -> Vec<Case> {
-    sizes_kib.iter().map(|&kib| Case { bytes: kib << 10, warmup: 2, iters: 10, repeats: 3 }).collect()
+    sizes_kib.iter().map(|&kib| Case { bytes: kib << 10, warmup: 3, iters: 30, repeats: 5 }).collect()
 }
 
 /// Seconds per exchange by bytes per rank (counts known), from the output

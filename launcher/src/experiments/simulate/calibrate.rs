@@ -119,18 +119,19 @@ pub fn measure(ranks: usize, exe: &Path, scratch: &Path) -> Result<Calibration> 
             one_thread_jobs[j] = (one_thread_jobs[j].0.min(compute), one_thread_jobs[j].1.min(outside));
         }
     }
-    eprintln!("calibrate: a real 2-rank job (how far apart ranks reach their all-to-alls) ...");
-    let mut spreads: Vec<f64> =
-        (1..=PASSES).map(|pass| arrival_spread(exe, &scratch.join(format!("spread-{pass}")))).collect::<Result<_>>()?;
-    spreads.sort_by(f64::total_cmp);
     let mut found = best.expect("at least one pass");
-    found.arrival_spread = spreads[spreads.len() / 2];
     let efficiency;
     (found.kernel_overhead_us, efficiency, found.step_overhead_us) = loop_overheads(&found, jobs, None)?;
     let one_thread;
     (found.one_thread_kernel_overhead_us, one_thread, _) = loop_overheads(&found, one_thread_jobs, Some(1))?;
     found.efficiency = efficiency;
     found.one_thread_efficiency = one_thread;
+    eprintln!("calibrate: a real 2-rank job (how far apart ranks reach their all-to-alls) ...");
+    let mut spreads: Vec<f64> = (1..=PASSES)
+        .map(|pass| arrival_spread(&found, exe, &scratch.join(format!("spread-{pass}"))))
+        .collect::<Result<_>>()?;
+    spreads.sort_by(f64::total_cmp);
+    found.arrival_spread = spreads[spreads.len() / 2];
     Ok(found)
 }
 
@@ -361,17 +362,25 @@ fn job_times(exe: &Path, sets: &[&str], threads: Option<usize>, run_dir: &Path) 
     Ok((median(&|m| m.compute_s), median(&|m| m.step_time_s - m.compute_s - m.sync_s)))
 }
 
-/// The reference job on 2 ranks (threads, one core each): the spread of
-/// a rank's compute between all-to-alls that explains its waiting for the
-/// other, `waiting = spread x E[max of 2 normals] x compute`.
-fn arrival_spread(exe: &Path, run_dir: &Path) -> Result<f64> {
+/// The reference job on 2 ranks: the spread of a rank's compute between
+/// all-to-alls that explains the waiting the other terms do not (`found`'s
+/// prediction with no spread: turns of ranks sharing cores and the
+/// measured load skew), `rest = spread x E[max of 2 normals] x compute`;
+/// 0 when they explain it all. The ranks are MPI processes of one thread
+/// each where this build has MPI (as ranks on separate machines are: they
+/// do not contend for cores), else threads.
+fn arrival_spread(found: &Calibration, exe: &Path, run_dir: &Path) -> Result<f64> {
     let _ = std::fs::remove_dir_all(run_dir);
+    let mut sets: Vec<String> =
+        REFERENCE_JOB.iter().filter(|s| !s.starts_with("parallel.ranks")).map(|s| s.to_string()).collect();
+    sets.extend(["parallel.ranks=2", "train.micro_batch_size=4", "overlap.mode=\"off\""].map(String::from));
+    let backend = if spread_over_mpi() { "mpi" } else { "local" };
+    sets.push(format!("parallel.backend=\"{backend}\""));
     let mut cmd = Command::new(exe);
     cmd.args(["train", "--quiet", "--run-dir"]).arg(run_dir);
-    for set in REFERENCE_JOB.iter().filter(|s| !s.starts_with("parallel.ranks")) {
+    for set in &sets {
         cmd.args(["--set", set]);
     }
-    cmd.args(["--set", "parallel.ranks=2", "--set", "train.micro_batch_size=4", "--set", "overlap.mode=\"off\""]);
     let out = cmd.output().context("cannot start a calibration job")?;
     if !out.status.success() {
         bail!("the 2-rank calibration job failed:\n{}", String::from_utf8_lossy(&out.stderr));
@@ -379,7 +388,22 @@ fn arrival_spread(exe: &Path, run_dir: &Path) -> Result<f64> {
     let steps = read_metrics(run_dir)?;
     let _ = std::fs::remove_dir_all(run_dir);
     let s = crate::run::step_summary::StepSummary::of(&steps, 5)?;
-    Ok(s.alltoall_peer_wait_s / (simulator::step::expected_max_of_normals(2) * s.compute_s.max(1e-9)))
+    let job = worker::JobConfig::load(None, &sets)?;
+    let imbalance = if s.expert_rows_mean > 0.0 { (s.expert_rows_max / s.expert_rows_mean).max(1.0) } else { 1.0 };
+    let mut cluster = Cluster::parse(&found.to_toml())?;
+    if backend == "mpi" {
+        // Processes with a thread each: as two namespace hosts of this machine.
+        (cluster.node.count, cluster.node.devices, cluster.node.one_machine) = (2, 1, true);
+    }
+    let explained = predict(&shape_of(&job, Routing { imbalance })?, &cluster, Options::default()).waiting_s;
+    let rest = (s.alltoall_peer_wait_s - explained).max(0.0);
+    Ok(rest / (simulator::step::expected_max_of_normals(2) * s.compute_s.max(1e-9)))
+}
+
+/// Whether the spread job runs as MPI processes: this build has MPI and
+/// `mpirun` is installed.
+fn spread_over_mpi() -> bool {
+    collectives::mpi::COMPILED && Command::new("mpirun").arg("--version").output().is_ok_and(|o| o.status.success())
 }
 
 impl Calibration {
@@ -479,9 +503,10 @@ optimizer_mparams_per_s_core = {adam:.3}
 # gradient sync, minus the predicted optimizer, is the training loop's own
 # cost per step (data, metrics, coordinator report, timers).
 step_overhead_us = {step:.1}
-# The reference job on 2 ranks (threads), median of {passes} runs: the slowest
-# rank's waiting for the other at the all-to-alls over 0.564 (the expected
-# larger of two standard normals) x its compute.
+# The reference job on 2 ranks ({spread_ranks}), median of {passes} runs: the
+# slowest rank's waiting for the other at the all-to-alls that the turns of
+# ranks sharing the cores and the measured load skew do not explain, over
+# 0.564 (the expected larger of two standard normals) x its compute.
 arrival_spread = {spread:.4}
 "#,
             host_name = host.trim(),
@@ -506,6 +531,7 @@ arrival_spread = {spread:.4}
             adam = self.optimizer_mparams_core,
             step = self.step_overhead_us,
             spread = self.arrival_spread,
+            spread_ranks = if spread_over_mpi() { "MPI processes of one thread each" } else { "threads" },
         )
     }
 }
