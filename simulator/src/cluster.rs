@@ -96,7 +96,7 @@ pub struct Node {
     pub devices: usize,
     /// The nodes are network namespaces of one machine (`simulate
     /// validate`): links between them are real, but every rank of every
-    /// node shares that machine's one device.
+    /// node shares that machine's one device (its cores).
     #[serde(default)]
     pub one_machine: bool,
 }

@@ -18,6 +18,9 @@ pub struct JobSizes {
     /// Sequences per optimizer step, over all ranks.
     pub global_batch_size: usize,
     pub dims: ParallelDims,
+    /// Ranks are processes with a thread pool each (the mpi and nccl
+    /// backends), not threads of one process sharing one pool.
+    pub ranks_are_processes: bool,
 }
 
 /// What the simulator assumes about routing, beyond the config.
@@ -38,6 +41,8 @@ impl Default for Routing {
 /// One rank's share of a step.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RankShape {
+    /// Ranks are processes with their own thread pools (see [`JobSizes`]).
+    pub ranks_are_processes: bool,
     pub ranks: usize,
     pub attn_tp: usize,
     pub dp: usize,
@@ -131,6 +136,7 @@ impl RankShape {
             (cap.min(1.0), imbalance.min(cap))
         };
         Self {
+            ranks_are_processes: job.ranks_are_processes,
             ranks: dims.world,
             attn_tp: dims.attn_tp,
             dp: dims.dp,

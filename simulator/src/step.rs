@@ -62,7 +62,7 @@ pub struct Prediction {
 /// Predicts one step of the job of shape `s` on `cluster`.
 pub fn predict(s: &RankShape, cluster: &Cluster, options: Options) -> Prediction {
     let at = Placement::of(cluster, s.ranks);
-    let device = Timing::new(cluster, &at);
+    let device = Timing::new(cluster, &at, s);
     let kernels = Kernels::of(s);
     let compute_s = device.kernels(&kernels);
     // Ranks whose kernels contend for the cores, with all-to-alls between
@@ -70,7 +70,7 @@ pub fn predict(s: &RankShape, cluster: &Cluster, options: Options) -> Prediction
     // at the exchange while the others compute (measured: docs/scaling.md,
     // `simulate validate`), so what sharing adds is waiting, not compute.
     // The step is the same.
-    let alone = Timing { ranks: 1.0, ..Timing::new(cluster, &at) };
+    let alone = Timing { ranks: 1.0, ..Timing::new(cluster, &at, s) };
     let (compute_s, turns_s) = if s.ep > 1 {
         let alone_s = alone.kernels(&kernels);
         (alone_s, compute_s - alone_s)
@@ -194,7 +194,7 @@ pub struct KernelParts {
 /// [`KernelParts`] of one step of `s`.
 pub fn kernel_parts(s: &RankShape, cluster: &Cluster) -> KernelParts {
     let at = Placement::of(cluster, s.ranks);
-    Timing::new(cluster, &at).kernel_parts(&Kernels::of(s))
+    Timing::new(cluster, &at, s).kernel_parts(&Kernels::of(s))
 }
 
 /// [`kernel_parts`] of a rank whose kernels run on `threads` of the
@@ -209,7 +209,7 @@ pub fn kernel_parts_on_threads(s: &RankShape, cluster: &Cluster, threads: usize)
 /// where the predicted time goes.
 pub fn breakdown(s: &RankShape, cluster: &Cluster) -> Vec<BreakdownRow> {
     let at = Placement::of(cluster, s.ranks);
-    let timing = Timing::new(cluster, &at);
+    let timing = Timing::new(cluster, &at, s);
     let kernels = Kernels::of(s);
     let mut out = Vec::new();
     for g in &kernels.gemms {
@@ -260,9 +260,9 @@ struct Timing<'a> {
     /// Ranks sharing the device.
     ranks: f64,
     cores: f64,
-    /// Cores one rank's kernels can use: all of the device's, or on
-    /// namespace hosts of one machine (MPI processes) its `cores / ranks`
-    /// share, the thread pool `mpirun` gives each rank.
+    /// Cores one rank's kernels can use: all of the device's (threads of
+    /// one process share its pool), or for ranks that are processes their
+    /// `cores / ranks` share, the thread pool `mpirun` gives each rank.
     threads: f64,
     /// Sustained shares and launch cost for this rank's thread count.
     matrix_efficiency: f64,
@@ -271,9 +271,12 @@ struct Timing<'a> {
 }
 
 impl<'a> Timing<'a> {
-    fn new(cluster: &'a Cluster, at: &Placement) -> Self {
+    /// Ranks of `s` placed as `at`: threads of one process share the
+    /// device's pool; processes (MPI) get `cores / ranks` threads each, as
+    /// `mpirun` gives them.
+    fn new(cluster: &'a Cluster, at: &Placement, s: &RankShape) -> Self {
         let (ranks, cores) = (at.ranks_sharing_cores as f64, cluster.device.cores as f64);
-        let threads = if cluster.node.one_machine { (cores / ranks).floor().max(1.0) } else { cores };
+        let threads = if s.ranks_are_processes { (cores / ranks).floor().max(1.0) } else { cores };
         Self::with_threads(cluster, at, threads)
     }
 
@@ -492,7 +495,8 @@ mod tests {
         cpu.device.matrix_curve_device = vec![[1.0, 1.0]];
         let at = Placement::of(&cpu, 4);
         assert_eq!(at.ranks_per_device, 4);
-        let timing = Timing::new(&cpu, &at);
+        let threads = shape(&["parallel.ranks=4", "train.micro_batch_size=4"]);
+        let timing = Timing::new(&cpu, &at, &threads);
         let (tau, used) = timing.gemm(1e12, 1.0);
         assert_eq!((tau, used), (1.0, 1.0));
         assert_eq!(timing.shared(tau, used), 2.0);
@@ -538,17 +542,21 @@ mod tests {
         cpu.device.matrix_curve_device = vec![[1.0, 2.0]];
         cpu.device.one_thread_efficiency = Some(0.5);
         cpu.device.one_thread_kernel_overhead_us = Some(0.0);
-        // 2 ranks on 2 cores: one thread each, at the one-thread share of the core rate.
-        let two = Timing::new(&cpu, &Placement::of(&cpu, 2));
+        let mpi = |ranks: &str| shape(&[ranks, "train.micro_batch_size=4", "parallel.backend=\"mpi\""]);
+        // 2 MPI ranks on 2 cores: one thread each, at the one-thread share of the core rate.
+        let two = Timing::new(&cpu, &Placement::of(&cpu, 2), &mpi("parallel.ranks=2"));
         assert_eq!((two.threads, two.matrix_efficiency), (1.0, 0.5));
         assert_eq!(two.gemm(1e12, 1.0), (2.0, 1.0));
         // 1 rank: both cores, the whole-device curve and efficiency.
-        let one = Timing::new(&cpu, &Placement::of(&cpu, 1));
+        let one = Timing::new(&cpu, &Placement::of(&cpu, 1), &mpi("parallel.ranks=1"));
         assert_eq!((one.threads, one.matrix_efficiency), (2.0, cpu.device.matrix_efficiency));
+        // 2 thread ranks share one pool of both cores.
+        let threads = Timing::new(&cpu, &Placement::of(&cpu, 2), &shape(&["parallel.ranks=2"]));
+        assert_eq!(threads.threads, 2.0);
         // 4 ranks on 2 cores take turns: what sharing adds is waiting.
-        let s = shape(&["parallel.ranks=4", "train.micro_batch_size=4"]);
+        let s = mpi("parallel.ranks=4");
         let p = predict(&s, &cpu, Options::default());
-        let alone = Timing { ranks: 1.0, ..Timing::new(&cpu, &Placement::of(&cpu, 4)) }.kernels(&Kernels::of(&s));
+        let alone = Timing { ranks: 1.0, ..Timing::new(&cpu, &Placement::of(&cpu, 4), &s) }.kernels(&Kernels::of(&s));
         assert!((p.compute_s - alone).abs() < 1e-12 && p.waiting_s >= p.compute_s, "{p:?}");
     }
 

@@ -9,6 +9,7 @@ pub fn shape_of(job: &JobConfig, routing: Routing) -> RankShape {
         model: job.model.clone(),
         micro_batch_size: job.train.micro_batch_size,
         global_batch_size: job.train.global_batch_size,
+        ranks_are_processes: job.parallel.backend != worker::Backend::Local,
         dims: job.parallel_dims().expect("a valid test layout"),
     };
     RankShape::of(&sizes, routing)

@@ -165,6 +165,10 @@ pub enum BenchCommand {
         /// Rounds of the measured sweep; each point keeps its best.
         #[arg(long, default_value_t = 4)]
         rounds: usize,
+        /// How the swept ranks run: local (threads of one process) or mpi
+        /// (processes on this machine; needs a build with --features mpi).
+        #[arg(long, default_value = "local", value_name = "local|mpi")]
+        backend: Backend,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -230,10 +234,11 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Alltoall { ranks, backend, max_mib, rounds, json, probe_kib } => {
             crate::bench::alltoall::run(ranks, backend.as_str(), max_mib, rounds.max(1), json, &probe_kib)
         }
-        BenchCommand::Simulator { config, rounds, json } => {
+        BenchCommand::Simulator { config, rounds, backend, json } => {
             crate::bench::simulator::run(crate::bench::simulator::SimulatorBench {
                 config,
                 rounds: rounds.max(1),
+                backend,
                 json,
             })
         }

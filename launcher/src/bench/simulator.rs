@@ -26,6 +26,9 @@ pub struct SimulatorBench {
     pub config: PathBuf,
     /// Rounds of the measured sweep; each point keeps its best.
     pub rounds: usize,
+    /// Threads of one process or MPI processes (the sweep's launcher, and
+    /// the backend the prediction is told).
+    pub backend: worker::Backend,
     pub json: bool,
 }
 
@@ -54,8 +57,9 @@ pub fn run(bench: SimulatorBench) -> Result<()> {
         return Ok(());
     }
     println!(
-        "switchyard bench simulator: calibrated simulator vs measured on this machine \
+        "switchyard bench simulator: calibrated simulator vs measured on this machine, ranks on the {} backend \
          (best of {} rounds, median step after warm-up)",
+        bench.backend.as_str(),
         bench.rounds
     );
     println!("| point | measured ms | predicted ms | error |");
@@ -78,7 +82,8 @@ fn measure(bench: &SimulatorBench, config: &Path, dir: &Path) -> Result<Vec<Row>
     for round in 0..bench.rounds {
         eprintln!("bench simulator: measured sweep, round {}/{} ...", round + 1, bench.rounds);
         let out = format!("round{round}");
-        switchyard(&["sweep", "--config", job, "--grid", "grid.toml", "--out", &out], dir)?;
+        let launcher = bench.backend.as_str();
+        switchyard(&["sweep", "--config", job, "--grid", "grid.toml", "--launcher", launcher, "--out", &out], dir)?;
         for row in rows(&dir.join(&out))? {
             let id = row["id"].as_str().context("a results row without an id")?.to_string();
             if row["status"] != "ok" {
@@ -89,7 +94,20 @@ fn measure(bench: &SimulatorBench, config: &Path, dir: &Path) -> Result<Vec<Row>
         }
     }
     eprintln!("bench simulator: predicting the same grid ...");
-    let args = ["simulate", "--config", job, "--cluster", "cluster.toml", "--grid", "grid.toml", "--out", "sim"];
+    let backend = format!("parallel.backend=\"{}\"", bench.backend.as_str());
+    let args = [
+        "simulate",
+        "--config",
+        job,
+        "--cluster",
+        "cluster.toml",
+        "--grid",
+        "grid.toml",
+        "--set",
+        &backend,
+        "--out",
+        "sim",
+    ];
     switchyard(&args, dir)?;
     let mut out = Vec::new();
     for row in rows(&dir.join("sim"))?.iter().filter(|r| r["source"] == "predicted") {

@@ -116,7 +116,7 @@ pub fn run(args: SimulateArgs) -> Result<()> {
     let routing = Routing { imbalance: args.imbalance };
     let Some(grid_path) = &args.grid else {
         let job = JobConfig::load(Some(config), &args.overrides)?;
-        let options = Options { overlap: args.overlap || job_overlap(&job) };
+        let options = Options { overlap: args.overlap || job_overlap(&job, &cluster) };
         let shape = shape_of(&job, routing)?;
         let prediction = predict(&shape, &cluster, options);
         table::print_point(&job, &cluster, options, routing, &prediction);
@@ -173,7 +173,7 @@ fn predict_point(
     let mut row = PointResult::blank(point, "predicted", "simulate", grid.steps, grid.warmup);
     let sets: Vec<String> = overrides.iter().cloned().chain(point.overrides()).collect();
     let predicted = JobConfig::load(Some(config), &sets).map_err(anyhow::Error::from).and_then(|job| {
-        let options = Options { overlap: overlap || job_overlap(&job) };
+        let options = Options { overlap: overlap || job_overlap(&job, cluster) };
         Ok((job.parallel.ranks, predict(&shape_of(&job, routing)?, cluster, options)))
     });
     match predicted {
@@ -211,7 +211,7 @@ fn fill(row: &mut PointResult, ranks: usize, p: &Prediction) {
 /// Whether the job's overlap techniques apply to its layout, as a real
 /// run decides (`[overlap]`, docs/overlap.md): its all-to-all travels
 /// while ranks compute, or its gradients go out in buckets.
-pub fn job_overlap(job: &JobConfig) -> bool {
+pub fn job_overlap(job: &JobConfig, cluster: &Cluster) -> bool {
     let Ok(dims) = job.parallel_dims() else { return false };
     let micro_batches = job.grad_accumulation(dims.dp);
     let layout = RankLayout {
@@ -221,8 +221,8 @@ pub fn job_overlap(job: &JobConfig) -> bool {
         micro_batches,
         layer_grad_values: dense_layer_values(&job.model),
         threads_ok: true,
-        // A simulated cluster: as if its ranks were on several nodes.
-        spans_nodes: true,
+        // As the ranks land on the cluster's nodes.
+        spans_nodes: simulator::cluster::Placement::of(cluster, dims.world).nodes > 1,
     };
     let t = Techniques::choose(&job.overlap, &layout);
     t.pipe_chunks.is_some() || t.bucket_values.is_some()
@@ -250,6 +250,7 @@ pub fn shape_of(job: &JobConfig, routing: Routing) -> Result<RankShape> {
         model: job.model.clone(),
         micro_batch_size: job.train.micro_batch_size,
         global_batch_size: job.train.global_batch_size,
+        ranks_are_processes: job.parallel.backend != worker::Backend::Local,
         dims: job.parallel_dims().context("the job's [parallel] layout")?,
     };
     Ok(RankShape::of(&sizes, routing))

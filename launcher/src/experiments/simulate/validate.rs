@@ -140,7 +140,11 @@ pub fn run(v: Validate) -> Result<()> {
             let m = best.context("no rounds (--rounds must be at least 1)")?;
             let imbalance =
                 if m.expert_rows_mean > 0.0 { (m.expert_rows_max / m.expert_rows_mean).max(1.0) } else { 1.0 };
-            let p = predict(&shape_of(job, Routing { imbalance })?, &cluster, Options { overlap: job_overlap(job) });
+            let p = predict(
+                &shape_of(job, Routing { imbalance })?,
+                &cluster,
+                Options { overlap: job_overlap(job, &cluster) },
+            );
             rows.push(Row {
                 rate: rate.clone(),
                 point: point.label(),
