@@ -52,6 +52,15 @@ pub fn read_metrics(run_dir: &Path) -> Result<Vec<StepMetrics>> {
 }
 
 impl StepSummary {
+    /// The busiest rank's expert rows over the mean (1 without experts).
+    pub fn load_skew(&self) -> f64 {
+        if self.expert_rows_mean > 0.0 {
+            (self.expert_rows_max / self.expert_rows_mean).max(1.0)
+        } else {
+            1.0
+        }
+    }
+
     /// Means over `steps` after the first `warmup` (which thread pools and
     /// allocators spend warming up); at least one step must remain. The
     /// last step is left out when it saved the job's final checkpoint (a

@@ -22,6 +22,7 @@ use simulator::step::{kernel_parts, kernel_parts_on_threads, predict, KernelPart
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
+use worker::metrics::StepMetrics;
 
 /// Sizes `s` of the linear layers on the measured curves (`4s x s -> 2s`).
 const GEMM_SIZES: [usize; 7] = [4, 8, 16, 32, 64, 128, 256];
@@ -337,24 +338,10 @@ pub const REFERENCE_JOB: [&str; 14] = [
 /// Median compute time, and median time outside compute and gradient
 /// sync, per step of a real job with `sets` overrides.
 fn job_times(exe: &Path, sets: &[&str], threads: Option<usize>, run_dir: &Path) -> Result<(f64, f64)> {
-    let _ = std::fs::remove_dir_all(run_dir);
-    let mut cmd = Command::new(exe);
-    if let Some(t) = threads {
-        cmd.env("RAYON_NUM_THREADS", t.to_string());
-    }
-    cmd.args(["train", "--quiet", "--run-dir"]).arg(run_dir);
-    for set in sets {
-        cmd.args(["--set", set]);
-    }
-    let out = cmd.output().context("cannot start a calibration job")?;
-    if !out.status.success() {
-        bail!("a calibration job failed:\n{}", String::from_utf8_lossy(&out.stderr));
-    }
-    let steps = read_metrics(run_dir)?;
-    let _ = std::fs::remove_dir_all(run_dir);
+    let steps = run_job(exe, sets, threads, run_dir)?;
     // The first steps warm up; the last one saves the final checkpoint.
     let timed = &steps[5..steps.len() - 1];
-    let median = |f: &dyn Fn(&worker::metrics::StepMetrics) -> f64| {
+    let median = |f: &dyn Fn(&StepMetrics) -> f64| {
         let mut v: Vec<f64> = timed.iter().map(f).collect();
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
@@ -376,28 +363,34 @@ fn arrival_spread(found: &Calibration, exe: &Path, run_dir: &Path) -> Result<f64
     sets.extend(["parallel.ranks=2", "train.micro_batch_size=4", "overlap.mode=\"off\""].map(String::from));
     let backend = if spread_over_mpi() { "mpi" } else { "local" };
     sets.push(format!("parallel.backend=\"{backend}\""));
+    let s = crate::run::step_summary::StepSummary::of(&run_job(exe, &sets, None, run_dir)?, 5)?;
+    let job = worker::JobConfig::load(None, &sets)?;
+    let cluster = Cluster::parse(&found.to_toml())?;
+    let routing = Routing { imbalance: s.load_skew() };
+    let explained = predict(&shape_of(&job, routing)?, &cluster, Options::default()).waiting_s;
+    let rest = (s.alltoall_peer_wait_s - explained).max(0.0);
+    Ok(rest / (simulator::step::expected_max_of_normals(2) * s.compute_s.max(1e-9)))
+}
+
+/// The metrics of a real job with `sets` overrides (on `threads` threads
+/// when given), its run folder removed after.
+fn run_job(exe: &Path, sets: &[impl AsRef<str>], threads: Option<usize>, run_dir: &Path) -> Result<Vec<StepMetrics>> {
+    let _ = std::fs::remove_dir_all(run_dir);
     let mut cmd = Command::new(exe);
+    if let Some(t) = threads {
+        cmd.env("RAYON_NUM_THREADS", t.to_string());
+    }
     cmd.args(["train", "--quiet", "--run-dir"]).arg(run_dir);
-    for set in &sets {
-        cmd.args(["--set", set]);
+    for set in sets {
+        cmd.args(["--set", set.as_ref()]);
     }
     let out = cmd.output().context("cannot start a calibration job")?;
     if !out.status.success() {
-        bail!("the 2-rank calibration job failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        bail!("a calibration job failed:\n{}", String::from_utf8_lossy(&out.stderr));
     }
-    let steps = read_metrics(run_dir)?;
+    let steps = read_metrics(run_dir);
     let _ = std::fs::remove_dir_all(run_dir);
-    let s = crate::run::step_summary::StepSummary::of(&steps, 5)?;
-    let job = worker::JobConfig::load(None, &sets)?;
-    let imbalance = if s.expert_rows_mean > 0.0 { (s.expert_rows_max / s.expert_rows_mean).max(1.0) } else { 1.0 };
-    let mut cluster = Cluster::parse(&found.to_toml())?;
-    if backend == "mpi" {
-        // Processes with a thread each: as two namespace hosts of this machine.
-        (cluster.node.count, cluster.node.devices, cluster.node.one_machine) = (2, 1, true);
-    }
-    let explained = predict(&shape_of(&job, Routing { imbalance })?, &cluster, Options::default()).waiting_s;
-    let rest = (s.alltoall_peer_wait_s - explained).max(0.0);
-    Ok(rest / (simulator::step::expected_max_of_normals(2) * s.compute_s.max(1e-9)))
+    steps
 }
 
 /// Whether the spread job runs as MPI processes: this build has MPI and

@@ -138,8 +138,7 @@ pub fn run(v: Validate) -> Result<()> {
                 }
             }
             let m = best.context("no rounds (--rounds must be at least 1)")?;
-            let imbalance =
-                if m.expert_rows_mean > 0.0 { (m.expert_rows_max / m.expert_rows_mean).max(1.0) } else { 1.0 };
+            let imbalance = m.load_skew();
             let p = predict(
                 &shape_of(job, Routing { imbalance })?,
                 &cluster,

@@ -175,14 +175,21 @@ fn agreement_chart<DB: DrawingBackend>(
             .label(legend.as_str())
             .legend(move |(x, y)| Circle::new((x + 10, y), 5, color.filled()));
     }
+    legend(&mut chart, SeriesLabelPosition::UpperLeft).map_err(|e| fail(&e))
+}
+
+/// The legend box of every chart, at `position`.
+fn legend<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(
+    chart: &mut ChartContext<'a, DB, CT>,
+    position: SeriesLabelPosition,
+) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
     chart
         .configure_series_labels()
         .label_font(("sans-serif", TICKS + 1))
-        .position(SeriesLabelPosition::UpperLeft)
+        .position(position)
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
         .draw()
-        .map_err(|e| fail(&e))
 }
 
 /// Draws one plot as `<name>.svg` and `<name>.png`.
@@ -337,14 +344,7 @@ fn line_chart<DB: DrawingBackend>(
             .label(legend.as_str())
             .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color.stroke_width(2)));
     }
-    chart
-        .configure_series_labels()
-        .label_font(("sans-serif", TICKS + 1))
-        .position(SeriesLabelPosition::LowerRight)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()
-        .map_err(|e| fail(&e))
+    legend(&mut chart, SeriesLabelPosition::LowerRight).map_err(|e| fail(&e))
 }
 
 /// Stacked bars per point: compute, exposed communication, other (ms).
@@ -406,14 +406,7 @@ fn step_split<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, grid: &Grid, ro
             .label(name)
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 15, y + 5)], color.filled()));
     }
-    chart
-        .configure_series_labels()
-        .label_font(("sans-serif", TICKS + 1))
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()
-        .map_err(|e| fail(&e))
+    legend(&mut chart, SeriesLabelPosition::UpperLeft).map_err(|e| fail(&e))
 }
 
 /// A tick's number as people write it: 25M, 120k, 3500, 12.5, 0.85, 5
