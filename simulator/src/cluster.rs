@@ -35,7 +35,7 @@ use std::path::Path;
 /// A cluster file that cannot be used, naming the file and key.
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
-    #[error("cannot read the cluster file {path}: {source}")]
+    #[error("cannot read the cluster file {path}")]
     Read { path: String, source: std::io::Error },
     #[error("in the cluster file {path}: {source}")]
     In { path: String, source: Box<ClusterError> },

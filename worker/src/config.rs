@@ -275,7 +275,7 @@ fn default_name() -> String {
 /// A config that could not be read or makes no sense.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}. Check the path given to --config.")]
+    #[error("cannot read config file {path} (check the path given to --config)")]
     Read { path: String, source: std::io::Error },
     #[error("config {origin}: {message}")]
     Parse { origin: String, message: String },
