@@ -331,7 +331,6 @@ fn piece(n: usize, c: usize, pieces: usize) -> std::ops::Range<usize> {
     n * c / pieces..n * (c + 1) / pieces
 }
 
-/// Keeps the communicator's error as the source, so an abort stays recognisable by type.
 /// Runs a collective on this thread while the rank waits for it (counted
 /// in `exposure` when there is one), with its times: all of it waited.
 fn blocking<T>(
@@ -348,6 +347,7 @@ fn blocking<T>(
     Ok((got, OpTimes { started, busy: took, waited: took }))
 }
 
+/// Keeps the communicator's error as the source, so an abort stays recognisable by type.
 fn comm_error(e: collectives::CommError) -> ModelError {
     ModelError::comm(e)
 }

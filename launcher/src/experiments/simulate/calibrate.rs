@@ -49,8 +49,10 @@ pub struct Calibration {
     /// `device.one_thread_efficiency`).
     pub one_thread_efficiency: f64,
     pub one_thread_kernel_overhead_us: f64,
-    /// Ranks' compute spread between all-to-alls (see `host.arrival_spread`).
+    /// Ranks' compute spread between all-to-alls (see `host.arrival_spread`),
+    /// and whether its job's ranks were MPI processes (else threads).
     pub arrival_spread: f64,
+    pub spread_over_mpi: bool,
     pub memory_gib: f64,
 }
 
@@ -128,6 +130,7 @@ pub fn measure(ranks: usize, exe: &Path, scratch: &Path) -> Result<Calibration> 
     found.efficiency = efficiency;
     found.one_thread_efficiency = one_thread;
     eprintln!("calibrate: a real 2-rank job (how far apart ranks reach their all-to-alls) ...");
+    found.spread_over_mpi = mpi_available();
     let mut spreads: Vec<f64> = (1..=PASSES)
         .map(|pass| arrival_spread(&found, exe, &scratch.join(format!("spread-{pass}"))))
         .collect::<Result<_>>()?;
@@ -198,6 +201,7 @@ fn measure_kernels(ranks: usize) -> Result<Calibration> {
         one_thread_efficiency: 1.0,
         one_thread_kernel_overhead_us: 0.0,
         arrival_spread: 0.0,
+        spread_over_mpi: false,
         memory_gib: memory_gib(),
     })
 }
@@ -357,11 +361,10 @@ fn job_times(exe: &Path, sets: &[&str], threads: Option<usize>, run_dir: &Path) 
 /// each where this build has MPI (as ranks on separate machines are: they
 /// do not contend for cores), else threads.
 fn arrival_spread(found: &Calibration, exe: &Path, run_dir: &Path) -> Result<f64> {
-    let _ = std::fs::remove_dir_all(run_dir);
     let mut sets: Vec<String> =
         REFERENCE_JOB.iter().filter(|s| !s.starts_with("parallel.ranks")).map(|s| s.to_string()).collect();
     sets.extend(["parallel.ranks=2", "train.micro_batch_size=4", "overlap.mode=\"off\""].map(String::from));
-    let backend = if spread_over_mpi() { "mpi" } else { "local" };
+    let backend = if found.spread_over_mpi { "mpi" } else { "local" };
     sets.push(format!("parallel.backend=\"{backend}\""));
     let s = crate::run::step_summary::StepSummary::of(&run_job(exe, &sets, None, run_dir)?, 5)?;
     let job = worker::JobConfig::load(None, &sets)?;
@@ -393,9 +396,9 @@ fn run_job(exe: &Path, sets: &[impl AsRef<str>], threads: Option<usize>, run_dir
     steps
 }
 
-/// Whether the spread job runs as MPI processes: this build has MPI and
-/// `mpirun` is installed.
-fn spread_over_mpi() -> bool {
+/// Whether this build has MPI and `mpirun` is installed (the spread job
+/// then runs as MPI processes).
+fn mpi_available() -> bool {
     collectives::mpi::COMPILED && Command::new("mpirun").arg("--version").output().is_ok_and(|o| o.status.success())
 }
 
@@ -524,7 +527,7 @@ arrival_spread = {spread:.4}
             adam = self.optimizer_mparams_core,
             step = self.step_overhead_us,
             spread = self.arrival_spread,
-            spread_ranks = if spread_over_mpi() { "MPI processes of one thread each" } else { "threads" },
+            spread_ranks = if self.spread_over_mpi { "MPI processes of one thread each" } else { "threads" },
         )
     }
 }

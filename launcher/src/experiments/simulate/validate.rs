@@ -20,7 +20,7 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use simulator::cluster::{Cluster, Link, Topology};
 use simulator::shape::Routing;
-use simulator::step::{predict, Options};
+use simulator::step::{predict, Options, Prediction};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use worker::JobConfig;
@@ -69,6 +69,18 @@ pub struct Parts {
     pub sync_s: f64,
     /// The rest of the step (optimizer, bookkeeping).
     pub other_s: f64,
+}
+
+impl Parts {
+    fn measured(m: &StepSummary) -> Self {
+        let (transfer_s, waiting_s) = (m.alltoall_transfer_s, m.alltoall_peer_wait_s);
+        Self { step_s: m.step_s, compute_s: m.compute_s, transfer_s, waiting_s, sync_s: m.sync_s, other_s: m.other_s }
+    }
+
+    fn predicted(p: &Prediction) -> Self {
+        let (transfer_s, waiting_s) = (p.exchange_s, p.waiting_s);
+        Self { step_s: p.step_s, compute_s: p.compute_s, transfer_s, waiting_s, sync_s: p.sync_s, other_s: p.other_s }
+    }
 }
 
 /// The measured link at one rate.
@@ -148,22 +160,8 @@ pub fn run(v: Validate) -> Result<()> {
                 rate: rate.clone(),
                 point: point.label(),
                 ranks: job.parallel.ranks,
-                measured: Parts {
-                    step_s: m.step_s,
-                    compute_s: m.compute_s,
-                    transfer_s: m.alltoall_transfer_s,
-                    waiting_s: m.alltoall_peer_wait_s,
-                    sync_s: m.sync_s,
-                    other_s: m.other_s,
-                },
-                predicted: Parts {
-                    step_s: p.step_s,
-                    compute_s: p.compute_s,
-                    transfer_s: p.exchange_s,
-                    waiting_s: p.waiting_s,
-                    sync_s: p.sync_s,
-                    other_s: p.other_s,
-                },
+                measured: Parts::measured(&m),
+                predicted: Parts::predicted(&p),
                 imbalance,
             });
         }
@@ -326,10 +324,20 @@ fn probe_link(rate: &str) -> Result<MeasuredLink> {
     }
     let rows = crate::bench::alltoall::parse_probe(&out.stdout)?;
     let [(b0, t0), (b1, t1)] = rows[..] else { bail!("the link probe gave {} sizes, not 2", rows.len()) };
+    if t1 <= t0 {
+        bail!(
+            "the link probe at {rate} took {:.0} us for {} KiB and {:.0} us for {} KiB: no bandwidth to fit \
+             (another process busy on this machine? run again)",
+            t0 * 1e6,
+            b0 >> 10,
+            t1 * 1e6,
+            b1 >> 10
+        );
+    }
     // Half of each rank's bytes go to the other host. The small exchange
     // is the latency, as `simulate calibrate` takes it (tbf's burst lets it
     // through at the bridge's own speed).
-    let gbps = (b1 - b0) as f64 / 2.0 / (t1 - t0).max(1e-9) / 1e9;
+    let gbps = (b1 - b0) as f64 / 2.0 / (t1 - t0) / 1e9;
     Ok(MeasuredLink { rate: rate.to_string(), latency_us: t0 * 1e6, bandwidth_gbps: gbps })
 }
 
@@ -351,15 +359,10 @@ fn namespace_cluster(machine: &Cluster, hosts: usize, link: &MeasuredLink) -> Cl
     c
 }
 
-/// The point's config overrides, with overlap off and the grid's steps.
+/// A measured sweep point's overrides (the grid's steps), with overlap off.
 fn job_sets(point: &Point, steps: u64) -> Vec<String> {
-    let mut sets = point.overrides();
-    sets.extend([
-        "overlap.mode=\"off\"".to_string(),
-        format!("train.steps={steps}"),
-        "checkpoint.every=0".to_string(),
-        "train.log_every=1000000".to_string(),
-    ]);
+    let mut sets = crate::experiments::sweep::point::measured_sets(point, steps);
+    sets.push("overlap.mode=\"off\"".to_string());
     sets
 }
 
@@ -367,12 +370,10 @@ fn job_sets(point: &Point, steps: u64) -> Vec<String> {
 fn train_on_hosts(config: &Path, point: &Point, grid: &Grid, ranks: usize, dir: &Path) -> Result<StepSummary> {
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir)?;
-    let exe = std::env::current_exe()?;
-    let mut cmd = Command::new(exe);
-    cmd.args(["train", "--quiet", "--backend", "mpi", "--config"]).arg(config).arg("--run-dir").arg(dir);
     // The ranks are started by this mpirun, one per host.
     let mut run = mpirun_on_hosts(ranks);
-    run.arg(cmd.get_program()).args(cmd.get_args());
+    run.arg(std::env::current_exe()?).args(["train", "--quiet", "--backend", "mpi", "--config"]);
+    run.arg(config).arg("--run-dir").arg(dir);
     for set in job_sets(point, grid.steps) {
         run.args(["--set", &set]);
     }

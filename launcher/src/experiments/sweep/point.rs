@@ -58,6 +58,14 @@ pub fn run(job: &PointJob, point: &Point, run_dir: &Path) -> PointResult {
     row
 }
 
+/// The overrides a measured run of `point` is given: the point's values,
+/// `steps` steps, no checkpoint before the end, no periodic log lines.
+pub fn measured_sets(point: &Point, steps: u64) -> Vec<String> {
+    let mut sets = point.overrides();
+    sets.extend([format!("train.steps={steps}"), "checkpoint.every=0".into(), "train.log_every=1000000".into()]);
+    sets
+}
+
 fn measure(job: &PointJob, point: &Point, run_dir: &Path) -> Result<(StepSummary, usize, Option<f64>)> {
     if run_dir.exists() {
         std::fs::remove_dir_all(run_dir).with_context(|| format!("cannot empty {}", run_dir.display()))?;
@@ -79,11 +87,9 @@ fn measure(job: &PointJob, point: &Point, run_dir: &Path) -> Result<(StepSummary
             cmd.args(["--backend", backend.as_str()]);
         }
     }
-    for set in point.overrides() {
+    for set in measured_sets(point, job.steps) {
         cmd.args(["--set", &set]);
     }
-    let steps = format!("train.steps={}", job.steps);
-    cmd.args(["--set", &steps, "--set", "checkpoint.every=0", "--set", "train.log_every=1000000"]);
     let (status, output, peak_kib) = run_measured(cmd)?;
     std::fs::write(run_dir.join("output.log"), &output).ok();
     if !status.success() {
