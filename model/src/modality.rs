@@ -170,7 +170,7 @@ impl ModalityRows {
     pub fn swiglu_backward(
         &self,
         (ffn, weights): (SwiGlu, &[&ExpertWeights]),
-        (x_rd, caches): (&[f32], &[SwigluCache]),
+        (x_rd, caches): (&[f32], Vec<SwigluCache>),
         dout_rd: &[f32],
         dx_rd: &mut [f32],
         grads: &mut [&mut ExpertWeights],
@@ -178,12 +178,13 @@ impl ModalityRows {
         let d = ffn.d;
         if self.single() {
             let rows = Rows { x_rd, rows: self.total };
-            return ffn.backward(weights[0], rows, &caches[0], dout_rd, dx_rd, grads[0]);
+            let cache = caches.into_iter().next().unwrap_or_default();
+            return ffn.backward(weights[0], rows, cache, dout_rd, dx_rd, grads[0]);
         }
-        for (m, rows) in self.rows.iter().enumerate().filter(|(_, rows)| !rows.is_empty()) {
+        for ((m, rows), cache) in self.rows.iter().enumerate().zip(caches).filter(|((_, rows), _)| !rows.is_empty()) {
             let (x, dout) = (self.gather(m, x_rd, d), self.gather(m, dout_rd, d));
             let mut dx = vec![0.0; rows.len() * d];
-            ffn.backward(weights[m], Rows { x_rd: &x, rows: rows.len() }, &caches[m], &dout, &mut dx, grads[m]);
+            ffn.backward(weights[m], Rows { x_rd: &x, rows: rows.len() }, cache, &dout, &mut dx, grads[m]);
             self.scatter(m, &dx, dx_rd, d, true);
         }
     }

@@ -571,11 +571,14 @@ impl Pass<'_> {
         layer: usize,
         w: &DenseLayerWeights,
         gw: &mut DenseLayerWeights,
-        cache: &BlockCache,
+        mut cache: BlockCache,
         scales: LossScales,
         dout_td: Vec<f32>,
         links: RouterLinks<'_>,
     ) -> Result<Vec<f32>, ModelError> {
+        // The dense FFN's backward spends its caches (their buffers become its scratch).
+        let dense_ffn = std::mem::take(&mut cache.dense_ffn);
+        let cache = &cache;
         let cfg = self.cfg;
         let (t, d) = (self.dims.t, self.dims.d);
         let RouterLinks { prev_logits_te, dlogits_in_te, dprev_logits_te } = links;
@@ -590,7 +593,7 @@ impl Pass<'_> {
                 // out = h + MoE(RMSNorm(h)): dh = dout + RMSNorm'(dmoe_in).
                 let mut dffn_in_td = vec![0.0; t * d];
                 if w.dense_ffn.is_some() {
-                    self.dense_ffn_backward(w, gw, cache, &dout_td, &mut dffn_in_td);
+                    self.dense_ffn_backward(w, gw, (&cache.ffn_in_td, dense_ffn), &dout_td, &mut dffn_in_td);
                 } else {
                     let grads = MoeGrads { gw: &mut *gw, dx_td: &mut dffn_in_td, dlogits_in_te, dprev_logits_te };
                     moe_backward(moe_layer, moe_in, scales.router(), grads, self.experts)?;
@@ -604,7 +607,7 @@ impl Pass<'_> {
             }
             BlockKind::Parallel if w.dense_ffn.is_some() => {
                 self.attention_backward(w, gw, cache, scales, &dout_td, &mut dn_td)?;
-                self.dense_ffn_backward(w, gw, cache, &dout_td, &mut dn_td);
+                self.dense_ffn_backward(w, gw, (&cache.ffn_in_td, dense_ffn), &dout_td, &mut dn_td);
             }
             BlockKind::Parallel => {
                 // Attention's input gradient first, then the MoE's, in both
@@ -701,12 +704,11 @@ impl Pass<'_> {
         &self,
         w: &DenseLayerWeights,
         gw: &mut DenseLayerWeights,
-        cache: &BlockCache,
+        x: (&[f32], Vec<SwigluCache>),
         dout_td: &[f32],
         dffn_in_td: &mut [f32],
     ) {
         let ffn = SwiGlu { d: self.cfg.d_model, f: self.cfg.dense_ffn_width() };
-        let x = (&cache.ffn_in_td[..], &cache.dense_ffn[..]);
         self.modal.own.swiglu_backward((ffn, &w.modal_ffn()), x, dout_td, dffn_in_td, &mut gw.modal_ffn_mut());
     }
 }
@@ -892,7 +894,10 @@ pub fn forward_backward_with(
 
     // Gating residuals: the gradient of layer l-1's logits, from layer l.
     let mut dlogits_in: Option<Vec<f32>> = None;
-    for (layer, cache) in caches.iter().enumerate().rev() {
+    // Each layer's cache is freed once its backward has run.
+    let mut caches = caches;
+    while let Some(cache) = caches.pop() {
+        let layer = caches.len();
         let (w, gw) = (&dense.layers[layer], &mut grads.layers[layer]);
         let previous_is_moe = layer > cfg.first_dense_layers && cfg.gating_residuals;
         let prev = previous_is_moe.then(|| &caches[layer - 1].moe.routing.logits_te[..]);

@@ -63,7 +63,7 @@ fn swiglu_gradients_match_finite_differences() {
     // The backward adds: start from non-zero buffers and subtract afterwards.
     let mut dx = vec![0.5; rows * d];
     let mut g = ExpertWeights { w1: vec![0.25; d * f], w3: vec![-0.25; d * f], w2: vec![1.0; d * f] };
-    SwiGlu { d, f }.backward(&w, Rows { x_rd: &x, rows }, &cache, &probe, &mut dx, &mut g);
+    SwiGlu { d, f }.backward(&w, Rows { x_rd: &x, rows }, cache, &probe, &mut dx, &mut g);
     dx.iter_mut().for_each(|v| *v -= 0.5);
     g.w1.iter_mut().for_each(|v| *v -= 0.25);
     g.w3.iter_mut().for_each(|v| *v += 0.25);
@@ -94,7 +94,7 @@ fn swiglu_zero_rows_is_a_no_op() {
     let mut cache = SwigluCache::default();
     SwiGlu { d, f }.forward(&w, Rows { x_rd: &[], rows: 0 }, &mut [], &mut cache);
     let mut g = ExpertWeights::zeros(&cfg);
-    SwiGlu { d, f }.backward(&w, Rows { x_rd: &[], rows: 0 }, &cache, &[], &mut [], &mut g);
+    SwiGlu { d, f }.backward(&w, Rows { x_rd: &[], rows: 0 }, cache, &[], &mut [], &mut g);
     assert_eq!(g, ExpertWeights::zeros(&cfg));
 }
 
@@ -381,14 +381,7 @@ fn check_local_experts_against_per_token(d: usize, f: usize, n: usize) {
             }
             let dyt: Vec<f32> = dout[t * d..(t + 1) * d].iter().map(|v| gate * v).collect();
             let g = expect_grads.layers[0].get_mut(&id).unwrap();
-            SwiGlu { d, f }.backward(
-                w,
-                Rows { x_rd: xt, rows: 1 },
-                &cache,
-                &dyt,
-                &mut expect_dx[t * d..(t + 1) * d],
-                g,
-            );
+            SwiGlu { d, f }.backward(w, Rows { x_rd: xt, rows: 1 }, cache, &dyt, &mut expect_dx[t * d..(t + 1) * d], g);
         }
         for (a, b) in out[t * d..(t + 1) * d].iter().zip(&expect) {
             assert!((a - b).abs() < 1e-5 * (1.0 + b.abs()), "out token {t}: {a} vs {b}");

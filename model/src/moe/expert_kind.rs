@@ -45,12 +45,14 @@ pub trait ExpertKind: Sync {
     fn forward(&self, w: &ExpertWeights, x: Rows<'_>, y_rd: &mut [f32], cache: &mut Self::Cache);
 
     /// Backward of [`ExpertKind::forward`] on the same rows: adds the input
-    /// gradient into `dx_rd` and the weight gradients into `grads`.
+    /// gradient into `dx_rd` and the weight gradients into `grads`. It
+    /// spends the cache, so a kind may reuse the cache's buffers as its
+    /// scratch (the forward pass's values are not needed after this).
     fn backward(
         &self,
         w: &ExpertWeights,
         x: Rows<'_>,
-        cache: &Self::Cache,
+        cache: Self::Cache,
         dy_rd: &[f32],
         dx_rd: &mut [f32],
         grads: &mut ExpertWeights,

@@ -232,9 +232,10 @@ impl<K: ExpertKind> LocalExperts<'_, K> {
             .collect();
         let mut dx_ad = vec![0.0f32; rows * d];
         {
+            // Each task spends its expert's cache (freed as that expert finishes).
             let mut tasks = Vec::with_capacity(weights.len());
             let mut dx_rest: &mut [f32] = &mut dx_ad;
-            for (e, w) in weights.into_iter().enumerate() {
+            for ((e, w), cache) in weights.into_iter().enumerate().zip(caches) {
                 let (lo, hi) = (plan.offsets_e[e], plan.offsets_e[e + 1]);
                 let (dx_e, dx_next) = std::mem::take(&mut dx_rest).split_at_mut((hi - lo) * d);
                 dx_rest = dx_next;
@@ -242,10 +243,10 @@ impl<K: ExpertKind> LocalExperts<'_, K> {
                 let g = grad_of.remove(&e).ok_or_else(|| {
                     ModelError::executor(layer, format!("expert {e} has no gradient entry on this rank"))
                 })?;
-                tasks.push((w, &x_ad[lo * d..hi * d], hi - lo, &caches[e], &dy_ad[lo * d..hi * d], dx_e, g));
+                tasks.push((w, &x_ad[lo * d..hi * d], hi - lo, cache, &dy_ad[lo * d..hi * d], dx_e, g));
             }
             type Task<'t, C> =
-                (&'t ExpertWeights, &'t [f32], usize, &'t C, &'t [f32], &'t mut [f32], &'t mut ExpertWeights);
+                (&'t ExpertWeights, &'t [f32], usize, C, &'t [f32], &'t mut [f32], &'t mut ExpertWeights);
             let run =
                 |(w, x_rd, rows, c, dy, dx, g): Task<'_, K::Cache>| kind.backward(w, Rows { x_rd, rows }, c, dy, dx, g);
             run_tasks(tasks, rows, kind.work_per_row(), run);

@@ -264,8 +264,10 @@ pub fn moe_backward_finish(
         }
         _ => dout_td,
     };
+    // The cache is borrowed (both halves of the backward read it), so each
+    // shared expert spends a copy of its own.
     for ((shared, gshared), sc) in w.shared.iter().zip(gw.shared.iter_mut()).zip(&cache.shared) {
-        swiglu.backward(shared, Rows { x_rd: x_td, rows: t }, sc, dshared_td, dx_td, gshared);
+        swiglu.backward(shared, Rows { x_rd: x_td, rows: t }, sc.clone(), dshared_td, dx_td, gshared);
     }
     let dx_ad = experts.finish_backward(layer, in_flight)?;
     cache.plan.gather_backward(&dx_ad, d, dx_td);

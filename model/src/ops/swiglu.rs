@@ -81,12 +81,14 @@ impl ExpertKind for SwiGlu {
     }
 
     /// Backward of [`ExpertKind::forward`]: adds into `dx_rd` and into
-    /// `grads` (`w1`, `w3`, `w2`).
+    /// `grads` (`w1`, `w3`, `w2`). The cache's `h1` and `h3` are reused in
+    /// place for the gradients of the activations, so the pass needs one
+    /// scratch buffer of `[rows, f]`, not three.
     fn backward(
         &self,
         w: &ExpertWeights,
         x: Rows<'_>,
-        cache: &SwigluCache,
+        cache: SwigluCache,
         dy_rd: &[f32],
         dx_rd: &mut [f32],
         grads: &mut ExpertWeights,
@@ -97,32 +99,31 @@ impl ExpertKind for SwiGlu {
             return;
         }
         let n = rows * f;
-        assert!(cache.h1.len() >= n && cache.h3.len() >= n, "SwiGlu::backward: cache holds fewer than {rows} rows");
+        let SwigluCache { h1: mut dh1, h3: mut act } = cache;
+        assert!(dh1.len() >= n && act.len() >= n, "SwiGlu::backward: cache holds fewer than {rows} rows");
         assert!(dy_rd.len() >= rows * d && dx_rd.len() >= rows * d, "SwiGlu::backward: dy/dx need {rows}x{d} values");
-        // One scratch buffer: [act | d_act], later reused in place as [dh3 | dh1].
-        let mut scratch = vec![0.0f32; 2 * n];
-        let (act, dact) = scratch.split_at_mut(n);
-        for ((a, &h1), &h3) in act.iter_mut().zip(&cache.h1[..n]).zip(&cache.h3[..n]) {
-            *a = silu(h1) * h3;
+        // d_act = dy W2: [rows, f]; it becomes dh3 below.
+        let mut dh3 = vec![0.0f32; n];
+        matmul_nn(rows, d, f, dy_rd, &w.w2, &mut dh3, false);
+        // Per element, from h1, h3 and d_act (each read before its slot is
+        // written): act = silu(h1) * h3 (into h3's slot), dh3 = d_act *
+        // silu(h1) (into d_act's), dh1 = d_act * h3 * silu'(h1) (into h1's),
+        // silu'(z) = s (1 + z (1 - s)) with s = sigmoid(z).
+        for ((h1_dh1, h3_act), dact_dh3) in dh1[..n].iter_mut().zip(&mut act[..n]).zip(&mut dh3) {
+            let (h1, h3, g) = (*h1_dh1, *h3_act, *dact_dh3);
+            let s = sigmoid(h1);
+            *h3_act = silu(h1) * h3;
+            *dact_dh3 = g * h1 * s;
+            *h1_dh1 = g * h3 * s * (1.0 + h1 * (1.0 - s));
         }
+        let (act, dh1) = (&act[..n], &dh1[..n]);
         // dW2 += dy^T act: [d, f].
         matmul_tn(d, rows, f, dy_rd, act, &mut grads.w2, true);
-        // d_act = dy W2: [rows, f].
-        matmul_nn(rows, d, f, dy_rd, &w.w2, dact, false);
-        // dh3 = d_act * silu(h1); dh1 = d_act * h3 * silu'(h1),
-        // silu'(z) = s (1 + z (1 - s)) with s = sigmoid(z).
-        for (((dh3, dh1), &h1), &h3) in act.iter_mut().zip(dact.iter_mut()).zip(&cache.h1[..n]).zip(&cache.h3[..n]) {
-            let s = sigmoid(h1);
-            let g = *dh1;
-            *dh3 = g * h1 * s;
-            *dh1 = g * h3 * s * (1.0 + h1 * (1.0 - s));
-        }
-        let (dh3, dh1) = (&*act, &*dact);
         // dW1 += dh1^T x, dW3 += dh3^T x: [f, d].
         matmul_tn(f, rows, d, dh1, x_rd, &mut grads.w1, true);
-        matmul_tn(f, rows, d, dh3, x_rd, &mut grads.w3, true);
+        matmul_tn(f, rows, d, &dh3, x_rd, &mut grads.w3, true);
         // dx += dh1 W1 + dh3 W3: [rows, d].
         matmul_nn(rows, f, d, dh1, &w.w1, dx_rd, true);
-        matmul_nn(rows, f, d, dh3, &w.w3, dx_rd, true);
+        matmul_nn(rows, f, d, &dh3, &w.w3, dx_rd, true);
     }
 }
