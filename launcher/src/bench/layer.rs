@@ -70,6 +70,52 @@ struct LayerRow {
     torch_fp32_tokens_per_s: Option<f64>,
     torch_bf16_tokens_per_s: Option<f64>,
     torch_note: String,
+    /// switchyard over PyTorch, one ratio per round (each round measures
+    /// both within seconds of each other), fp32 and bf16.
+    fp32_vs_torch: Vec<f64>,
+    bf16_vs_torch: Vec<f64>,
+}
+
+/// One round of a layer row: switchyard in both precisions, then its peers.
+struct LayerRound {
+    fp32: f64,
+    bf16: f64,
+    jax: (Option<f64>, String),
+    torch: (Option<(f64, f64)>, String),
+}
+
+impl LayerRound {
+    fn measure(case: &LayerCase) -> Self {
+        let (fp32, _) = bench_moe_layer(case);
+        let (bf16, _) = in_precision(Precision::Bf16, || bench_moe_layer(case));
+        Self { fp32, bf16, jax: bench_jax(case), torch: bench_torch(case) }
+    }
+}
+
+/// A layer row from its rounds: medians of every rate, the per-round ratios.
+fn layer_row(case: &LayerCase, rounds: Vec<LayerRound>, peak_gflops: f64) -> LayerRow {
+    let of = |f: &dyn Fn(&LayerRound) -> Option<f64>| {
+        let values: Vec<f64> = rounds.iter().filter_map(f).collect();
+        (!values.is_empty()).then(|| super::median(values))
+    };
+    let tokens_per_s = of(&|r| Some(r.fp32)).unwrap_or(0.0);
+    let gflops = layer_flops(case) * tokens_per_s / case.tokens as f64 / 1e9;
+    let ratios = |f: fn(&LayerRound) -> Option<f64>| rounds.iter().filter_map(f).collect::<Vec<_>>();
+    let last = rounds.last().expect("at least one round");
+    LayerRow {
+        case: case.clone(),
+        tokens_per_s,
+        gflops,
+        share_of_peak: gflops / peak_gflops,
+        jax_tokens_per_s: of(&|r| r.jax.0),
+        jax_note: last.jax.1.clone(),
+        bf16_tokens_per_s: of(&|r| Some(r.bf16)).unwrap_or(0.0),
+        torch_fp32_tokens_per_s: of(&|r| r.torch.0.map(|t| t.0)),
+        torch_bf16_tokens_per_s: of(&|r| r.torch.0.map(|t| t.1)),
+        torch_note: last.torch.1.clone(),
+        fp32_vs_torch: ratios(|r| r.torch.0.map(|t| r.fp32 / t.0)),
+        bf16_vs_torch: ratios(|r| r.torch.0.map(|t| r.bf16 / t.1)),
+    }
 }
 
 /// The MoE layer with and without MoE++'s computation-free experts.
@@ -302,11 +348,11 @@ fn bench_memory(name: &str, sets: &[&str]) -> Result<MemoryRow> {
 }
 
 /// Runs every row and prints a table (or JSON).
-pub fn run(json: bool, memory_only: bool) -> Result<()> {
+pub fn run(json: bool, memory_only: bool, rounds: usize) -> Result<()> {
     let threads = rayon::current_num_threads();
     let mut report = Report { threads, ..Default::default() };
     if !memory_only {
-        run_speed_rows(&mut report)?;
+        run_speed_rows(&mut report, rounds.max(1))?;
     }
     for (name, sets) in MEMORY_JOBS {
         eprintln!("measuring peak memory of the {name} ...");
@@ -320,8 +366,8 @@ pub fn run(json: bool, memory_only: bool) -> Result<()> {
     Ok(())
 }
 
-/// The GEMM, layer and step rows.
-fn run_speed_rows(report: &mut Report) -> Result<()> {
+/// The GEMM, layer (`rounds` of each) and step rows.
+fn run_speed_rows(report: &mut Report, rounds: usize) -> Result<()> {
     // The peak is the best of a few large square products: one size alone
     // can land on a bad blocking for this cache and under-report it.
     eprintln!("measuring peak GEMM (1024^3, 1536^3, 2048^3) ...");
@@ -358,25 +404,16 @@ fn run_speed_rows(report: &mut Report) -> Result<()> {
             gflops,
             share_of_peak: gflops / report.peak_gflops,
         });
-        eprintln!("measuring MoE layer {} (fp32, then bf16) ...", case.name);
-        let (tps, _) = bench_moe_layer(case);
-        let (bf16_tps, _) = in_precision(Precision::Bf16, || bench_moe_layer(case));
-        let gflops = layer_flops(case) * tps / case.tokens as f64 / 1e9;
-        eprintln!("measuring the same layer in JAX and PyTorch ...");
-        let (jax, jax_note) = bench_jax(case);
-        let (torch, torch_note) = bench_torch(case);
-        report.layers.push(LayerRow {
-            case: case.clone(),
-            tokens_per_s: tps,
-            gflops,
-            share_of_peak: gflops / report.peak_gflops,
-            jax_tokens_per_s: jax,
-            jax_note,
-            bf16_tokens_per_s: bf16_tps,
-            torch_fp32_tokens_per_s: torch.map(|t| t.0),
-            torch_bf16_tokens_per_s: torch.map(|t| t.1),
-            torch_note,
-        });
+        let rounds = (1..=rounds)
+            .map(|round| {
+                eprintln!(
+                    "measuring MoE layer {} (fp32, bf16, then JAX and PyTorch), round {round}/{rounds} ...",
+                    case.name
+                );
+                LayerRound::measure(case)
+            })
+            .collect();
+        report.layers.push(layer_row(case, rounds, report.peak_gflops));
     }
     // MoE++: the first case with 2 constant, 1 copy and 1 zero expert beside
     // its 8 FFN experts (MoE++-7B's 16 + 4 in proportion); the router is
@@ -426,8 +463,11 @@ fn print_speed_rows(r: &Report) {
         println!("{:<40} {:>10.1} {:>8.0}%", g.shape, g.gflops, 100.0 * g.share_of_peak);
     }
     println!();
+    let rounds = r.layers.first().map_or(0, |l| l.fp32_vs_torch.len());
+    let of = if rounds > 1 { format!(", medians of {rounds} rounds") } else { String::new() };
+    println!("MoE layer forward+backward, tokens/s{of}:");
     println!(
-        "{:<20} {:>7} {:>11} {:>9} {:>8} {:>11} {:>10} {:>13} {:>13} {:>10}",
+        "{:<20} {:>7} {:>11} {:>9} {:>8} {:>11} {:>10} {:>13} {:>13} {:>10} {:>10}",
         "MoE layer fwd+bwd",
         "tokens",
         "fp32 tok/s",
@@ -437,13 +477,14 @@ fn print_speed_rows(r: &Report) {
         "JAX fp32",
         "PyTorch fp32",
         "PyTorch bf16",
+        "fp32 vs PT",
         "bf16 vs PT"
     );
     let cell = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0}"));
+    let ratio = |v: &[f64]| if v.is_empty() { "-".to_string() } else { format!("{:.2}x", super::median(v.to_vec())) };
     for l in &r.layers {
-        let ratio = l.torch_bf16_tokens_per_s.map_or("-".into(), |t| format!("{:.2}x", l.bf16_tokens_per_s / t));
         println!(
-            "{:<20} {:>7} {:>11.0} {:>9.1} {:>7.0}% {:>11.0} {:>10} {:>13} {:>13} {:>10}",
+            "{:<20} {:>7} {:>11.0} {:>9.1} {:>7.0}% {:>11.0} {:>10} {:>13} {:>13} {:>10} {:>10}",
             l.case.name,
             l.case.tokens,
             l.tokens_per_s,
@@ -453,12 +494,24 @@ fn print_speed_rows(r: &Report) {
             cell(l.jax_tokens_per_s),
             cell(l.torch_fp32_tokens_per_s),
             cell(l.torch_bf16_tokens_per_s),
-            ratio
+            ratio(&l.fp32_vs_torch),
+            ratio(&l.bf16_vs_torch)
         );
         if l.jax_tokens_per_s.is_none() {
             println!("    JAX: {}", l.jax_note);
         }
         println!("    PyTorch: {}", l.torch_note);
+        if l.fp32_vs_torch.len() > 1 {
+            let span = |v: &[f64]| {
+                let (lo, hi) = v.iter().fold((f64::MAX, f64::MIN), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+                format!("{lo:.2}-{hi:.2}x")
+            };
+            println!(
+                "    per round: fp32 vs PyTorch fp32 {}, bf16 vs PyTorch bf16 {}",
+                span(&l.fp32_vs_torch),
+                span(&l.bf16_vs_torch)
+            );
+        }
     }
     println!("    bf16: {}", gemm::describe(Precision::Bf16));
     if !r.computation_free.is_empty() {

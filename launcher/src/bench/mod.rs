@@ -26,6 +26,11 @@ pub enum BenchCommand {
         /// Only the peak-memory table (seconds, not minutes).
         #[arg(long)]
         memory_only: bool,
+        /// Rounds of the layer rows, switchyard and its peers taking turns
+        /// in each: the table shows medians and the spread of the ratios
+        /// (a shared machine drifts between one measurement and the next).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+        rounds: u32,
     },
     /// Causal attention forward+backward at growing lengths: plain, tiled (online softmax)
     /// and PyTorch's scaled_dot_product_attention, with each one's peak memory.
@@ -178,7 +183,9 @@ pub enum BenchCommand {
 /// Runs a benchmark.
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
-        BenchCommand::Layer { json, memory_only } => crate::bench::layer::run(json, memory_only),
+        BenchCommand::Layer { json, memory_only, rounds } => {
+            crate::bench::layer::run(json, memory_only, rounds as usize)
+        }
         BenchCommand::Kernels { json } => crate::bench::kernels::run(json),
         BenchCommand::Attention { seq, heads, head_dim, one, json } => {
             crate::bench::attention::run(crate::bench::attention::AttentionBench {
@@ -271,4 +278,15 @@ pub fn python_peer(script: &str, args: &[String], module: &str, install: &str) -
     let text = String::from_utf8_lossy(&out.stdout);
     let last = text.lines().last().unwrap_or("");
     serde_json::from_str(last).map_err(|_| format!("unexpected output from bench/{script}: {text}"))
+}
+
+/// The median of `values` (the mean of the middle two for an even count).
+pub(crate) fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    }
 }

@@ -17,6 +17,7 @@
 //! anything: scripts/bench-overlap.sh runs it over network-namespace hosts
 //! with rate-limited links.
 
+use super::median;
 use crate::run::step_summary::read_metrics;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
@@ -173,16 +174,6 @@ fn train(bench: &OverlapBench, sets: &[String], run_dir: &Path) -> Result<()> {
         );
     }
     Ok(())
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    let n = values.len();
-    if n % 2 == 1 {
-        values[n / 2]
-    } else {
-        (values[n / 2 - 1] + values[n / 2]) / 2.0
-    }
 }
 
 fn summarise(variant: String, steps: &[StepMetrics]) -> Result<Row> {
