@@ -4,8 +4,9 @@
 //! Legend: `r` rows, `d` d_model, `f` ffn_hidden.
 
 use crate::config::ModelConfig;
-use crate::gemm::{matmul_nn, matmul_nt, matmul_tn};
+use crate::gemm::{matmul_nn, matmul_nt, matmul_tn, precision, Precision};
 use crate::moe::{ExpertKind, Rows};
+use crate::ops::fast_exp::exp_in_place;
 use crate::weights::ExpertWeights;
 
 #[inline]
@@ -13,9 +14,32 @@ fn sigmoid(z: f32) -> f32 {
     1.0 / (1.0 + (-z).exp())
 }
 
+/// Values the elementwise loops take at a time (on the stack, in L1).
+const CHUNK: usize = 512;
+
+/// `s = sigmoid(h1)` for one chunk. With bf16 products the exponentials
+/// come from the vectorised `fast_exp` (within 3e-7 of `exp`, far below
+/// bf16's rounding of the products around it); in fp32 from libm's `expf`,
+/// so fp32 results stay bit-identical to every earlier version.
+fn sigmoids(h1: &[f32], s: &mut [f32]) {
+    if precision() == Precision::Bf16 {
+        s.iter_mut().zip(h1).for_each(|(s, &h)| *s = -h);
+        exp_in_place(s);
+        s.iter_mut().for_each(|e| *e = 1.0 / (1.0 + *e));
+    } else {
+        s.iter_mut().zip(h1).for_each(|(s, &h)| *s = sigmoid(h));
+    }
+}
+
+/// Runs `each(i, sigmoid(h1[i]))` for every `i < h1.len()`, chunk by chunk.
 #[inline]
-fn silu(z: f32) -> f32 {
-    z * sigmoid(z)
+fn with_sigmoids(h1: &[f32], mut each: impl FnMut(usize, f32)) {
+    let mut s = [0.0f32; CHUNK];
+    for (c, h1) in h1.chunks(CHUNK).enumerate() {
+        let s = &mut s[..h1.len()];
+        sigmoids(h1, s);
+        s.iter().enumerate().for_each(|(j, &s)| each(c * CHUNK + j, s));
+    }
 }
 
 /// What the backward pass needs from the forward pass of one expert call.
@@ -75,8 +99,10 @@ impl ExpertKind for SwiGlu {
         // h1 = x W1^T, h3 = x W3^T: [rows, f].
         matmul_nt(rows, d, f, x_rd, &w.w1, &mut cache.h1, false);
         matmul_nt(rows, d, f, x_rd, &w.w3, &mut cache.h3, false);
-        // act = silu(h1) * h3, then y = act W2^T: [rows, d].
-        let act: Vec<f32> = cache.h1.iter().zip(&cache.h3).map(|(&a, &b)| silu(a) * b).collect();
+        // act = silu(h1) * h3 = h1 sigmoid(h1) h3, then y = act W2^T: [rows, d].
+        let mut act = vec![0.0f32; n];
+        let (h1, h3) = (&cache.h1, &cache.h3);
+        with_sigmoids(h1, |i, s| act[i] = h1[i] * s * h3[i]);
         matmul_nt(rows, f, d, &act, &w.w2, &mut y_rd[..rows * d], false);
     }
 
@@ -109,12 +135,18 @@ impl ExpertKind for SwiGlu {
         // written): act = silu(h1) * h3 (into h3's slot), dh3 = d_act *
         // silu(h1) (into d_act's), dh1 = d_act * h3 * silu'(h1) (into h1's),
         // silu'(z) = s (1 + z (1 - s)) with s = sigmoid(z).
-        for ((h1_dh1, h3_act), dact_dh3) in dh1[..n].iter_mut().zip(&mut act[..n]).zip(&mut dh3) {
-            let (h1, h3, g) = (*h1_dh1, *h3_act, *dact_dh3);
-            let s = sigmoid(h1);
-            *h3_act = silu(h1) * h3;
-            *dact_dh3 = g * h1 * s;
-            *h1_dh1 = g * h3 * s * (1.0 + h1 * (1.0 - s));
+        let mut h1_copy = [0.0f32; CHUNK];
+        for ((h1_dh1, h3_act), dact_dh3) in
+            dh1[..n].chunks_mut(CHUNK).zip(act[..n].chunks_mut(CHUNK)).zip(dh3.chunks_mut(CHUNK))
+        {
+            let h1s = &mut h1_copy[..h1_dh1.len()];
+            h1s.copy_from_slice(h1_dh1);
+            with_sigmoids(h1s, |i, s| {
+                let (h1, h3, g) = (h1s[i], h3_act[i], dact_dh3[i]);
+                h3_act[i] = h1 * s * h3;
+                dact_dh3[i] = g * h1 * s;
+                h1_dh1[i] = g * h3 * s * (1.0 + h1 * (1.0 - s));
+            });
         }
         let (act, dh1) = (&act[..n], &dh1[..n]);
         // dW2 += dy^T act: [d, f].
