@@ -21,6 +21,8 @@ pub enum Part {
     /// Routed experts on this rank (the busiest rank's rows).
     Experts,
     SharedExperts,
+    /// The FFN of the dense first layers (`first_dense_layers`).
+    DenseFfn,
     /// LM head and cross-entropy.
     Head,
 }
@@ -69,6 +71,8 @@ impl Kernels {
         let core_heads = f(s.micro * s.core_heads);
         let rows = s.expert_rows_max;
         let per_layer = layers * mb;
+        // The router, experts, dispatch and shared experts run in MoE layers only.
+        let (per_moe, per_dense) = (f(s.moe_layers) * mb, f(s.dense_layers()) * mb);
         let mut gemms = Vec::new();
         // Forward product plus its two backward products.
         let mut linear = |name, part, m: f64, k: f64, n: f64, times: f64, concurrent: f64| {
@@ -82,13 +86,15 @@ impl Kernels {
         // Per sequence and head: scores q k^T [T, hd] x [hd, T], then P v.
         let core = 2.0 * core_heads * per_layer;
         linear("attention scores and weighted sum", Part::Attention, seq, hd, seq, core, heads);
-        linear("router", Part::Router, t, d, f(s.experts), per_layer, 1.0);
+        linear("router", Part::Router, t, d, f(s.experts), per_moe, 1.0);
         // w1 and w3 [f, d], then w2 [d, f], over the rows each local expert got.
         let local = f(s.local_experts).max(1.0);
-        linear("experts w1, w3", Part::Experts, rows / local, d, ff, 2.0 * local * per_layer, local);
-        linear("experts w2", Part::Experts, rows / local, ff, d, local * per_layer, local);
+        linear("experts w1, w3", Part::Experts, rows / local, d, ff, 2.0 * local * per_moe, local);
+        linear("experts w2", Part::Experts, rows / local, ff, d, local * per_moe, local);
         let shared = f(s.shared_experts);
-        linear("shared experts", Part::SharedExperts, t, d, ff, 3.0 * shared * per_layer, 1.0);
+        linear("shared experts", Part::SharedExperts, t, d, ff, 3.0 * shared * per_moe, 1.0);
+        let dense_f = f(s.dense_f);
+        linear("dense FFN", Part::DenseFfn, t, d, dense_f, 3.0 * per_dense, 1.0);
         linear("LM head", Part::Head, t, d, v, mb, 1.0);
 
         // Values each elementwise pass reads and writes (forward and backward).
@@ -116,14 +122,16 @@ impl Kernels {
         // Residual adds, the copies the blocks keep, gradient accumulation.
         stream("residuals", 12.0 * t * d * per_layer, 8.0 * per_layer, false);
         // Router softmax, top-k, gates and the aux/z-loss gradients.
-        stream("router softmax and top-k", 8.0 * t * f(s.experts) * per_layer, 4.0 * per_layer, false);
+        stream("router softmax and top-k", 8.0 * t * f(s.experts) * per_moe, 4.0 * per_moe, false);
         // Gather each kept row, combine with gates; and their backward.
-        stream("dispatch gather and combine", 10.0 * t * k * s.kept * d * per_layer, 4.0 * per_layer, false);
-        // SwiGLU's silu(h1) * h3 and its backward, on the expert rows.
-        stream("SwiGLU activation", 9.0 * (rows + shared * t) * ff * per_layer, 2.0 * per_layer, true);
+        stream("dispatch gather and combine", 10.0 * t * k * s.kept * d * per_moe, 4.0 * per_moe, false);
+        // SwiGLU's silu(h1) * h3 and its backward, on the expert rows (and
+        // every token of a dense layer).
+        let swiglu = 9.0 * ((rows + shared * t) * ff * per_moe + t * dense_f * per_dense);
+        stream("SwiGLU activation", swiglu, 2.0 * per_layer, true);
         if ep {
             // Rows packed by destination and unpacked, four exchanges per layer.
-            stream("all-to-all packing", 4.0 * 4.0 * t * k * s.kept * d * per_layer, 16.0 * per_layer, false);
+            stream("all-to-all packing", 4.0 * 4.0 * t * k * s.kept * d * per_moe, 16.0 * per_moe, false);
         }
         // Embedding rows, the logits' softmax and cross-entropy gradient.
         stream("embeddings", 4.0 * t * d * mb, 2.0 * mb, false);
@@ -155,7 +163,11 @@ pub fn model_flops_per_step(s: &RankShape) -> f64 {
     let router = 2.0 * d * f(s.experts);
     let experts = f(s.top_k) * s.kept * 3.0 * 2.0 * d * ff;
     let shared = f(s.shared_experts) * 3.0 * 2.0 * d * ff;
-    let per_token = f(s.layers) * (attention + router + experts + shared) + 2.0 * d * v;
+    let dense = 3.0 * 2.0 * d * f(s.dense_f);
+    let per_token = f(s.layers) * attention
+        + f(s.moe_layers) * (router + experts + shared)
+        + f(s.dense_layers()) * dense
+        + 2.0 * d * v;
     3.0 * tokens * per_token
 }
 
@@ -178,6 +190,7 @@ mod tests {
             &["parallel.ranks=4"][..],
             &["parallel.ranks=4", "parallel.attn_tp=2"][..],
             &["parallel.ranks=4", "parallel.ep=2", "model.n_shared_experts=1"][..],
+            &["parallel.ranks=4", "model.first_dense_layers=1", "model.dense_ffn_hidden=384"][..],
         ] {
             let s = shape(sets);
             let total = Kernels::of(&s).flops() * s.ranks as f64;
@@ -237,5 +250,20 @@ mod tests {
             let model = model_flops_per_step(&s);
             assert!((total - model).abs() <= 1e-9 * model, "{sets:?}: {total} vs {model}");
         }
+    }
+
+    #[test]
+    fn dense_first_layers_run_their_ffn_on_every_token_and_no_experts() {
+        // 2 layers, the first dense with a 384-wide FFN: half the expert and
+        // router work, and 3 products of 2 x tokens x d x 384, 3x with backward.
+        let moe = shape(&[]);
+        let s = shape(&["model.first_dense_layers=1", "model.dense_ffn_hidden=384"]);
+        let (k, k_moe) = (Kernels::of(&s), Kernels::of(&moe));
+        assert_eq!(k.flops_of(Part::Experts), k_moe.flops_of(Part::Experts) / 2.0);
+        assert_eq!(k.flops_of(Part::Router), k_moe.flops_of(Part::Router) / 2.0);
+        let tokens = 32.0 * 64.0;
+        assert_eq!(k.flops_of(Part::DenseFfn), 3.0 * 3.0 * 2.0 * tokens * 128.0 * 384.0);
+        assert_eq!(k.flops_of(Part::Attention), k_moe.flops_of(Part::Attention));
+        assert_eq!(k_moe.flops_of(Part::DenseFfn), 0.0);
     }
 }

@@ -66,8 +66,10 @@ pub fn activation_values(s: &RankShape) -> f64 {
         + t * f(s.top_k) * s.kept * d
         + 2.0 * rows * ff
         + 2.0 * t * ff * f(s.shared_experts);
+    // A dense first layer's SwiGLU h1 and h3 on every token.
+    let dense_ffn = 2.0 * t * f(s.dense_f);
     let head = t * d + 2.0 * t * v;
-    f(s.layers) * (attention + residual + moe) + head
+    f(s.layers) * (attention + residual) + f(s.moe_layers) * moe + f(s.dense_layers()) * dense_ffn + head
 }
 
 #[cfg(test)]
@@ -96,14 +98,18 @@ mod tests {
         let residual = if cfg.block == model::BlockKind::Sequential { 2 * t * d } else { t * d };
         // router logits and probabilities, dispatched inputs and outputs, SwiGLU h1 and h3
         let moe = 2 * t * e + 2 * t * k * d + 2 * t * k * f + 2 * t * f * cfg.n_shared_experts;
+        // a dense first layer: SwiGLU h1 and h3 on every token
+        let dense = 2 * t * cfg.dense_ffn_width();
+        let moe_layers = cfg.n_layers - cfg.first_dense_layers;
         // final normalised states, logits and their gradient
         let head = t * d + 2 * t * v;
-        (cfg.n_layers * (attention + residual + moe) + head) as f64
+        (cfg.n_layers * (attention + residual) + moe_layers * moe + cfg.first_dense_layers * dense + head) as f64
     }
 
     #[test]
     fn one_rank_matches_a_count_of_the_whole_job() {
-        for sets in [&[][..], &["model.block=\"parallel\"", "model.n_shared_experts=1"][..]] {
+        let dense_first = &["model.first_dense_layers=1", "model.dense_ffn_hidden=384"][..];
+        for sets in [&[][..], &["model.block=\"parallel\"", "model.n_shared_experts=1"][..], dense_first] {
             let job = job(sets);
             let s = crate::test_jobs::shape_of(&job, Routing::default());
             assert_eq!(activation_values(&s), whole_job_activation_values(&job), "{sets:?}");

@@ -60,6 +60,11 @@ pub struct RankShape {
     pub f: usize,
     pub v: usize,
     pub layers: usize,
+    /// Layers with an MoE FFN; the first `layers - moe_layers` are dense
+    /// (`first_dense_layers`: every token through one FFN of width `dense_f`
+    /// per modality, no router, no all-to-all).
+    pub moe_layers: usize,
+    pub dense_f: usize,
     pub experts: usize,
     pub top_k: usize,
     pub shared_experts: usize,
@@ -117,6 +122,11 @@ pub fn owners_per_token(m: &ModelConfig, ep: usize) -> f64 {
 }
 
 impl RankShape {
+    /// Layers with a dense FFN instead of the MoE (`first_dense_layers`).
+    pub fn dense_layers(&self) -> usize {
+        self.layers - self.moe_layers
+    }
+
     /// The shape of `job` under `routing`.
     pub fn of(job: &JobSizes, routing: Routing) -> Self {
         let m = &job.model;
@@ -151,6 +161,8 @@ impl RankShape {
             f: m.ffn_hidden,
             v: m.vocab,
             layers: m.n_layers,
+            moe_layers: m.n_layers - m.first_dense_layers,
+            dense_f: m.dense_ffn_width(),
             experts: m.n_experts,
             top_k: m.top_k,
             shared_experts: m.n_shared_experts,

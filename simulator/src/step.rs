@@ -106,8 +106,8 @@ pub fn predict(s: &RankShape, cluster: &Cluster, options: Options) -> Prediction
         let n = c.count * s.ranks as f64;
         LinkBytes { intra: acc.intra + b.intra * n, inter: acc.inter + b.inter * n }
     });
-    let per_step = |rows: f64| rows * (s.layers * s.micro_batches) as f64;
-    let parts = [Part::Attention, Part::Router, Part::Experts, Part::SharedExperts, Part::Head];
+    let per_step = |rows: f64| rows * (s.moe_layers * s.micro_batches) as f64;
+    let parts = [Part::Attention, Part::Router, Part::Experts, Part::SharedExperts, Part::DenseFfn, Part::Head];
     Prediction {
         step_s,
         compute_s,

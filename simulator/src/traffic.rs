@@ -92,7 +92,7 @@ pub fn collectives(s: &RankShape, precision: &Precision) -> Vec<Collective> {
     let f = |x: usize| x as f64;
     let (value, grad) = (precision.activation_bytes, precision.grad_bytes);
     let mut out = Vec::new();
-    let per_layer = f(s.layers * s.micro_batches);
+    let per_layer = f(s.moe_layers * s.micro_batches);
     if s.ep > 1 {
         // Forward, inputs out to the experts (a token once per owner rank)
         // and outputs back (row by row); backward the reverse: output
@@ -210,10 +210,13 @@ pub fn dense_params(s: &RankShape) -> (f64, f64) {
     let attention = modalities * d * (f(s.q_width()) * 2.0 + f(s.kv_width()) * 2.0);
     let norms = modalities * d * if s.sequential { 2.0 } else { 1.0 };
     let shared = f(s.shared_experts) * 3.0 * d * f(s.f);
-    let per_layer = norms + f(s.experts) * d + shared;
+    let moe_layer = f(s.experts) * d + shared;
+    // A dense first layer's FFN, one per modality.
+    let dense_layer = modalities * 3.0 * d * f(s.dense_f);
     // Embeddings, final norm and the output head (unless tied to the embeddings).
     let heads = if s.tied_embeddings { 1.0 } else { 2.0 };
-    let replicated = heads * v * d + d + f(s.layers) * per_layer;
+    let layers = f(s.layers) * norms + f(s.moe_layers) * moe_layer + f(s.dense_layers()) * dense_layer;
+    let replicated = heads * v * d + d + layers;
     let sharded = f(s.layers) * attention;
     if s.attn_tp > 1 {
         (replicated, sharded)
@@ -224,7 +227,7 @@ pub fn dense_params(s: &RankShape) -> (f64, f64) {
 
 /// Routed-expert parameters held by this rank (its `e / ep` experts of every layer).
 pub fn expert_params(s: &RankShape) -> f64 {
-    (s.layers * s.local_experts * 3 * s.d * s.f) as f64
+    (s.moe_layers * s.local_experts * 3 * s.d * s.f) as f64
 }
 
 #[cfg(test)]
@@ -284,5 +287,20 @@ mod tests {
             &Precision::default()
         )
         .is_empty());
+    }
+
+    #[test]
+    fn dense_first_layers_exchange_nothing_and_sync_their_ffn() {
+        // 2 ranks, 2 layers, the first dense: one MoE layer's rows travel,
+        // and the dense gradients hold the dense layer's FFN.
+        let sets = ["parallel.ranks=2", "model.first_dense_layers=1", "model.dense_ffn_hidden=384"].map(String::from);
+        let job = JobConfig::load(None, &sets).unwrap();
+        let s = crate::test_jobs::shape_of(&job, Routing::default());
+        let all = collectives(&s, &Precision::default());
+        let each = all.iter().find(|c| c.name == ROWS_EACH).unwrap();
+        assert_eq!(each.count, 2.0 * 2.0 * 1.0);
+        let grads = all.iter().find(|c| c.name == "gradient all-reduce: dense").unwrap();
+        let experts = (job.model.n_experts * 3 * 128 * 256) as f64;
+        assert_eq!(grads.bytes, 4.0 * (job.model.num_params() as f64 - experts));
     }
 }

@@ -92,6 +92,7 @@ pub fn print_point(job: &JobConfig, cluster: &Cluster, options: Options, routing
         Part::Router => "router",
         Part::Experts => "routed experts",
         Part::SharedExperts => "shared experts",
+        Part::DenseFfn => "dense FFN (first layers)",
         Part::Head => "LM head",
     };
     let parts: Vec<String> = p
