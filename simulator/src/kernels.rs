@@ -86,7 +86,7 @@ impl Kernels {
         // Per sequence and head: scores q k^T [T, hd] x [hd, T], then P v.
         let core = 2.0 * core_heads * per_layer;
         linear("attention scores and weighted sum", Part::Attention, seq, hd, seq, core, heads);
-        linear("router", Part::Router, t, d, f(s.experts), per_moe, 1.0);
+        linear("router", Part::Router, t, d, f(s.router_outputs()), per_moe, 1.0);
         // w1 and w3 [f, d], then w2 [d, f], over the rows each local expert got.
         let local = f(s.local_experts).max(1.0);
         linear("experts w1, w3", Part::Experts, rows / local, d, ff, 2.0 * local * per_moe, local);
@@ -122,7 +122,7 @@ impl Kernels {
         // Residual adds, the copies the blocks keep, gradient accumulation.
         stream("residuals", 12.0 * t * d * per_layer, 8.0 * per_layer, false);
         // Router softmax, top-k, gates and the aux/z-loss gradients.
-        stream("router softmax and top-k", 8.0 * t * f(s.experts) * per_moe, 4.0 * per_moe, false);
+        stream("router softmax and top-k", 8.0 * t * f(s.router_outputs()) * per_moe, 4.0 * per_moe, false);
         // Gather each kept row, combine with gates; and their backward.
         stream("dispatch gather and combine", 10.0 * t * k * s.kept * d * per_moe, 4.0 * per_moe, false);
         // SwiGLU's silu(h1) * h3 and its backward, on the expert rows (and
@@ -160,8 +160,9 @@ pub fn model_flops_per_step(s: &RankShape) -> f64 {
     let (q, g) = (f(s.heads * s.attn_tp) * hd, f(s.kv_heads * s.attn_tp) * hd);
     let core = f(s.core_heads * s.attn_tp) * hd;
     let attention = 2.0 * d * (2.0 * q + 2.0 * g) + 2.0 * 2.0 * seq * core;
-    let router = 2.0 * d * f(s.experts);
-    let experts = f(s.top_k) * s.kept * 3.0 * 2.0 * d * ff;
+    let router = 2.0 * d * f(s.router_outputs());
+    let ffn_share = f(s.experts) / f(s.router_outputs());
+    let experts = f(s.top_k) * ffn_share * s.kept * 3.0 * 2.0 * d * ff;
     let shared = f(s.shared_experts) * 3.0 * 2.0 * d * ff;
     let dense = 3.0 * 2.0 * d * f(s.dense_f);
     let per_token = f(s.layers) * attention
@@ -191,6 +192,7 @@ mod tests {
             &["parallel.ranks=4", "parallel.attn_tp=2"][..],
             &["parallel.ranks=4", "parallel.ep=2", "model.n_shared_experts=1"][..],
             &["parallel.ranks=4", "model.first_dense_layers=1", "model.dense_ffn_hidden=384"][..],
+            &["parallel.ranks=4", "model.constant_experts=2", "model.copy_experts=1", "model.zero_experts=1"][..],
         ] {
             let s = shape(sets);
             let total = Kernels::of(&s).flops() * s.ranks as f64;

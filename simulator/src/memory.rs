@@ -61,7 +61,7 @@ pub fn activation_values(s: &RankShape) -> f64 {
     // Router logits and probabilities; the expert inputs and SwiGLU h1, h3
     // on the rows received; this rank's rows' outputs (for combine).
     let rows = s.expert_rows_max;
-    let moe = 2.0 * t * f(s.experts)
+    let moe = 2.0 * t * f(s.router_outputs())
         + rows * d
         + t * f(s.top_k) * s.kept * d
         + 2.0 * rows * ff
@@ -88,7 +88,7 @@ mod tests {
         let cfg = &job.model;
         let (b, s) = (job.train.micro_batch_size, cfg.seq_len);
         let t = b * s;
-        let (d, f, v, e, k) = (cfg.d_model, cfg.ffn_hidden, cfg.vocab, cfg.n_experts, cfg.top_k);
+        let (d, f, v, e, k) = (cfg.d_model, cfg.ffn_hidden, cfg.vocab, cfg.n_router_outputs(), cfg.top_k);
         let (q, g) = (cfg.query_heads_per_token() * cfg.head_dim(), cfg.n_kv_heads * cfg.head_dim());
         // x, normalised input, q, k, v, attention output, probabilities
         // (a log-sum-exp per query row when the core runs tiled)
@@ -120,6 +120,27 @@ mod tests {
             assert_eq!(m.activations, 4.0 * whole_job_activation_values(&job));
             assert_eq!(m.buffers, 0.0, "one rank exchanges nothing");
         }
+    }
+
+    #[test]
+    fn computation_free_experts_take_their_share_of_the_picks() {
+        // MoE++: 8 FFN experts beside 2 constant, 1 copy and 1 zero, top-2:
+        // a uniform router sends 8/12 of the picks to FFN experts; the
+        // constant experts' vectors and gates are parameters.
+        let plain = crate::test_jobs::shape_of(&job(&[]), Routing::default());
+        let sets = ["model.constant_experts=2", "model.copy_experts=1", "model.zero_experts=1"];
+        let free_job = job(&sets);
+        let free = crate::test_jobs::shape_of(&free_job, Routing::default());
+        assert!((free.expert_rows_mean - plain.expert_rows_mean * 8.0 / 12.0).abs() < 1e-9);
+        assert_eq!(RankMemory::of(&free, &Precision::default()).params, 4.0 * free_job.model.num_params() as f64);
+        let ratio = crate::kernels::Kernels::of(&free).flops_of(crate::kernels::Part::Experts)
+            / crate::kernels::Kernels::of(&plain).flops_of(crate::kernels::Part::Experts);
+        assert!((ratio - 8.0 / 12.0).abs() < 1e-12, "{ratio}");
+        // On 2 ranks a token's input travels to a rank unless both picks
+        // avoid its 4 FFN experts among the 12 outputs (8/12 x 7/11).
+        let two = crate::test_jobs::shape_of(&job(&[&sets[..], &["parallel.ranks=2"]].concat()), Routing::default());
+        let owners = 2.0 * (1.0 - 8.0 / 12.0 * 7.0 / 11.0);
+        assert!((two.travel_rows_mean - two.t as f64 * owners).abs() < 1e-9, "{}", two.travel_rows_mean);
     }
 
     #[test]

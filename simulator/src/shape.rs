@@ -65,7 +65,14 @@ pub struct RankShape {
     /// per modality, no router, no all-to-all).
     pub moe_layers: usize,
     pub dense_f: usize,
+    /// Routed FFN experts per layer.
     pub experts: usize,
+    /// MoE++'s computation-free experts per layer (constant, copy, zero:
+    /// the router scores them beside the FFN experts; they run where the
+    /// token is, with no product and no exchange) and of those the constant
+    /// ones (`3 d` parameters each).
+    pub free_experts: usize,
+    pub constant_experts: usize,
     pub top_k: usize,
     pub shared_experts: usize,
     /// Query and kv heads this rank computes.
@@ -107,15 +114,17 @@ pub struct RankShape {
 /// taken as on different ranks, the most they can spread).
 pub fn owners_per_token(m: &ModelConfig, ep: usize) -> f64 {
     let (e, k, ep) = (m.n_experts as f64, m.top_k, ep.max(1) as f64);
+    // Picks of MoE++'s computation-free experts stay with the token.
+    let free = m.computation_free_experts() as f64;
     let limited = m.n_groups > 1 && m.topk_groups < m.n_groups;
     let (groups, kept) = (m.n_groups as f64, m.topk_groups as f64);
     // Experts a token may choose, and the ranks they live on.
     let (choosable, ranks) = match (limited, m.n_groups as f64 <= ep) {
-        (false, _) => (e, ep),
+        (false, _) => (e + free, ep),
         (true, true) => (e * kept / groups, ep * kept / groups),
         (true, false) => (e * kept / groups, kept.min(ep)),
     };
-    let per_rank = choosable / ranks;
+    let per_rank = (choosable - if limited { 0.0 } else { free }) / ranks;
     // A rank is missed when all k picks (without replacement) avoid its experts.
     let missed: f64 = (0..k).map(|i| ((choosable - per_rank - i as f64) / (choosable - i as f64)).max(0.0)).product();
     ranks * (1.0 - missed)
@@ -123,6 +132,11 @@ pub fn owners_per_token(m: &ModelConfig, ep: usize) -> f64 {
 
 impl RankShape {
     /// Layers with a dense FFN instead of the MoE (`first_dense_layers`).
+    /// The router's outputs: the FFN experts and the computation-free ones.
+    pub fn router_outputs(&self) -> usize {
+        self.experts + self.free_experts
+    }
+
     pub fn dense_layers(&self) -> usize {
         self.layers - self.moe_layers
     }
@@ -134,7 +148,10 @@ impl RankShape {
         let micro = job.micro_batch_size;
         let a = micro * m.seq_len;
         let t = a / dims.attn_tp;
-        let assignments = (t * m.top_k) as f64;
+        // A uniform router sends this share of a token's top-k picks to FFN
+        // experts (the rest to MoE++'s computation-free ones).
+        let ffn_share = m.n_experts as f64 / m.n_router_outputs() as f64;
+        let assignments = (t * m.top_k) as f64 * ffn_share;
         // Capacity is per expert per micro-batch on a rank: ceil(c N k / E).
         // Balanced, an expert gets N k / E; with the busiest rank at
         // `imbalance` x the mean, its experts keep at most `c / imbalance` of it.
@@ -164,6 +181,8 @@ impl RankShape {
             moe_layers: m.n_layers - m.first_dense_layers,
             dense_f: m.dense_ffn_width(),
             experts: m.n_experts,
+            free_experts: m.computation_free_experts(),
+            constant_experts: m.constant_experts,
             top_k: m.top_k,
             shared_experts: m.n_shared_experts,
             heads: m.query_heads_per_token() / dims.attn_tp,

@@ -210,7 +210,8 @@ pub fn dense_params(s: &RankShape) -> (f64, f64) {
     let attention = modalities * d * (f(s.q_width()) * 2.0 + f(s.kv_width()) * 2.0);
     let norms = modalities * d * if s.sequential { 2.0 } else { 1.0 };
     let shared = f(s.shared_experts) * 3.0 * d * f(s.f);
-    let moe_layer = f(s.experts) * d + shared;
+    // The router's rows, and MoE++'s constant experts (a vector and a 2-way gate each).
+    let moe_layer = f(s.router_outputs()) * d + f(s.constant_experts) * 3.0 * d + shared;
     // A dense first layer's FFN, one per modality.
     let dense_layer = modalities * 3.0 * d * f(s.dense_f);
     // Embeddings, final norm and the output head (unless tied to the embeddings).
