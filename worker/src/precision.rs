@@ -17,8 +17,8 @@ pub enum PrecisionChoice {
     /// bf16 factors, fp32 accumulation.
     Bf16,
     /// bf16 where the CPU has bf16 matrix units (AMX-BF16, AVX512-BF16),
-    /// oneDNN is installed to drive them and the model's expert products
-    /// are large enough to gain, else fp32.
+    /// oneDNN is installed to drive them and its kernel gains at the
+    /// model's expert products (see [`auto_choice`]), else fp32.
     Auto,
 }
 
@@ -52,30 +52,25 @@ pub fn expert_product_macs(job: &JobConfig) -> usize {
 
 /// What `[train] precision` means for `job` on this machine.
 pub fn resolve(job: &JobConfig) -> Resolved {
-    let choice = job.train.precision;
-    let macs = expert_product_macs(job);
-    let units = gemm::cpu_has_bf16_units();
-    let (precision, why) = match choice {
+    let (precision, why) = match job.train.precision {
         PrecisionChoice::Fp32 => (Precision::Fp32, "[train] precision = \"fp32\"".to_string()),
-        PrecisionChoice::Bf16 if !units => (
+        PrecisionChoice::Bf16 if !gemm::cpu_has_bf16_units() => (
             Precision::Bf16,
             "[train] precision = \"bf16\" on a CPU without bf16 matrix units: bf16 numbers at fp32 speed or less"
                 .to_string(),
         ),
         PrecisionChoice::Bf16 => (Precision::Bf16, "[train] precision = \"bf16\"".to_string()),
-        PrecisionChoice::Auto if !units => (Precision::Fp32, "auto: this CPU has no bf16 matrix units".to_string()),
-        PrecisionChoice::Auto if macs < FP32_ONEDNN_MIN_MACS => (
-            Precision::Fp32,
-            format!(
-                "auto: this model's expert products ({:.1}M multiply-adds) are too small for bf16 to gain; it pays from {}M",
-                macs as f64 / 1e6,
-                FP32_ONEDNN_MIN_MACS >> 20
-            ),
-        ),
-        PrecisionChoice::Auto => match gemm::onednn::get() {
-            Ok(_) => (Precision::Bf16, "auto: this CPU has bf16 matrix units".to_string()),
-            Err(e) => (Precision::Fp32, format!("auto: bf16 units but {e}")),
-        },
+        PrecisionChoice::Auto if !gemm::cpu_has_bf16_units() => {
+            (Precision::Fp32, "auto: this CPU has no bf16 matrix units".to_string())
+        }
+        PrecisionChoice::Auto => {
+            let m = &job.model;
+            let rows = (job.train.micro_batch_size * m.seq_len * m.top_k.max(1)).div_ceil(m.n_experts.max(1));
+            let kernel = gemm::onednn::get().and_then(|lib| {
+                lib.implementation(rows.max(1), m.d_model, m.ffn_hidden, true).map_err(|_| "oneDNN has no bf16 product")
+            });
+            auto_choice(expert_product_macs(job), kernel.as_deref().map_err(|e| *e))
+        }
     };
     let what = match precision {
         Precision::Fp32 => "fp32 products",
@@ -84,9 +79,50 @@ pub fn resolve(job: &JobConfig) -> Resolved {
     Resolved { precision, line: format!("precision: {what} on {} ({why})", gemm::describe(precision)) }
 }
 
+/// `precision = "auto"` on a CPU with bf16 units, given the multiply-adds
+/// of the model's expert product and the oneDNN kernel that would run it
+/// in bf16 (or why none would). bf16 pays on AVX512-BF16 kernels at every
+/// size (the default job 1.2-1.5x fp32 on an AMD EPYC, docs/kernels.md);
+/// AMX kernels gain only on large products (on a Xeon the default job ran
+/// at the same speed in both, so there fp32 keeps its exactness).
+fn auto_choice(macs: usize, bf16_kernel: Result<&str, &str>) -> (Precision, String) {
+    match bf16_kernel {
+        Err(e) => (Precision::Fp32, format!("auto: bf16 units but {e}")),
+        Ok(kernel) if kernel.contains("amx") && macs < FP32_ONEDNN_MIN_MACS => (
+            Precision::Fp32,
+            format!(
+                "auto: this model's expert products ({:.1}M multiply-adds) are too small for AMX's bf16 to gain; it pays from {}M",
+                macs as f64 / 1e6,
+                FP32_ONEDNN_MIN_MACS >> 20
+            ),
+        ),
+        Ok(kernel) => (Precision::Bf16, format!("auto: this CPU has bf16 matrix units ({kernel})")),
+    }
+}
+
 /// Sets this process's products to the job's precision.
 pub fn apply(job: &JobConfig) -> Resolved {
     let resolved = resolve(job);
     gemm::set_precision(resolved.precision);
     resolved
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_takes_bf16_where_its_kernel_gains() {
+        let (small, large) = (4 << 20, FP32_ONEDNN_MIN_MACS);
+        let amx = Ok("brg:avx512_core_amx_bf16");
+        let avx512 = Ok("brg:avx512_core_bf16");
+        assert_eq!(auto_choice(small, amx).0, Precision::Fp32);
+        assert!(auto_choice(small, amx).1.contains("too small for AMX"), "{}", auto_choice(small, amx).1);
+        assert_eq!(auto_choice(large, amx).0, Precision::Bf16);
+        assert_eq!(auto_choice(small, avx512).0, Precision::Bf16);
+        assert!(auto_choice(small, avx512).1.contains("avx512_core_bf16"));
+        let missing = auto_choice(large, Err("oneDNN (libdnnl.so.2) is not installed"));
+        assert_eq!(missing.0, Precision::Fp32);
+        assert!(missing.1.contains("not installed"), "{}", missing.1);
+    }
 }
