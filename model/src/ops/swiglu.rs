@@ -31,17 +31,6 @@ fn sigmoids(h1: &[f32], s: &mut [f32]) {
     }
 }
 
-/// Runs `each(i, sigmoid(h1[i]))` for every `i < h1.len()`, chunk by chunk.
-#[inline]
-fn with_sigmoids(h1: &[f32], mut each: impl FnMut(usize, f32)) {
-    let mut s = [0.0f32; CHUNK];
-    for (c, h1) in h1.chunks(CHUNK).enumerate() {
-        let s = &mut s[..h1.len()];
-        sigmoids(h1, s);
-        s.iter().enumerate().for_each(|(j, &s)| each(c * CHUNK + j, s));
-    }
-}
-
 /// What the backward pass needs from the forward pass of one expert call.
 #[derive(Debug, Default, Clone)]
 pub struct SwigluCache {
@@ -101,8 +90,14 @@ impl ExpertKind for SwiGlu {
         matmul_nt(rows, d, f, x_rd, &w.w3, &mut cache.h3, false);
         // act = silu(h1) * h3 = h1 sigmoid(h1) h3, then y = act W2^T: [rows, d].
         let mut act = vec![0.0f32; n];
-        let (h1, h3) = (&cache.h1, &cache.h3);
-        with_sigmoids(h1, |i, s| act[i] = h1[i] * s * h3[i]);
+        let mut s = [0.0f32; CHUNK];
+        for ((act, h1), h3) in act.chunks_mut(CHUNK).zip(cache.h1.chunks(CHUNK)).zip(cache.h3.chunks(CHUNK)) {
+            let s = &mut s[..h1.len()];
+            sigmoids(h1, s);
+            for (((a, &h1), &h3), &s) in act.iter_mut().zip(h1).zip(h3).zip(&*s) {
+                *a = h1 * s * h3;
+            }
+        }
         matmul_nt(rows, f, d, &act, &w.w2, &mut y_rd[..rows * d], false);
     }
 
@@ -135,18 +130,18 @@ impl ExpertKind for SwiGlu {
         // written): act = silu(h1) * h3 (into h3's slot), dh3 = d_act *
         // silu(h1) (into d_act's), dh1 = d_act * h3 * silu'(h1) (into h1's),
         // silu'(z) = s (1 + z (1 - s)) with s = sigmoid(z).
-        let mut h1_copy = [0.0f32; CHUNK];
+        let mut s = [0.0f32; CHUNK];
         for ((h1_dh1, h3_act), dact_dh3) in
             dh1[..n].chunks_mut(CHUNK).zip(act[..n].chunks_mut(CHUNK)).zip(dh3.chunks_mut(CHUNK))
         {
-            let h1s = &mut h1_copy[..h1_dh1.len()];
-            h1s.copy_from_slice(h1_dh1);
-            with_sigmoids(h1s, |i, s| {
-                let (h1, h3, g) = (h1s[i], h3_act[i], dact_dh3[i]);
-                h3_act[i] = h1 * s * h3;
-                dact_dh3[i] = g * h1 * s;
-                h1_dh1[i] = g * h3 * s * (1.0 + h1 * (1.0 - s));
-            });
+            let s = &mut s[..h1_dh1.len()];
+            sigmoids(h1_dh1, s);
+            for (((h1_dh1, h3_act), dact_dh3), &s) in h1_dh1.iter_mut().zip(h3_act).zip(dact_dh3).zip(&*s) {
+                let (h1, h3, g) = (*h1_dh1, *h3_act, *dact_dh3);
+                *h3_act = h1 * s * h3;
+                *dact_dh3 = g * h1 * s;
+                *h1_dh1 = g * h3 * s * (1.0 + h1 * (1.0 - s));
+            }
         }
         let (act, dh1) = (&act[..n], &dh1[..n]);
         // dW2 += dy^T act: [d, f].
