@@ -611,19 +611,13 @@ fn grouped_placement_keeps_each_token_on_one_other_node_at_most() {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
     let dir = temp_dir("grouped");
     let _hosts = NamespaceHosts::up(&repo);
-    let agent = repo.join("scripts/netns-rsh.sh");
-    let mpirun = format!(
-        "hostname sy-h1; exec mpirun -n 3 --host 10.77.0.1:1,10.77.0.2:1,10.77.0.3:1 --mca plm_rsh_agent {} \
-         --mca btl tcp,self --mca btl_tcp_if_include 10.77.0.0/24 --mca oob_tcp_if_include 10.77.0.0/24 \
-         --bind-to none -x RAYON_NUM_THREADS=1 \"$@\"",
-        agent.display()
-    );
+    let mpirun = repo.join("scripts/netns-mpirun.sh");
     let example = format!("{}/../examples/deepseek-v3-mini.toml", env!("CARGO_MANIFEST_DIR"));
     let model = ["model.n_experts=12", "model.top_k=4", "train.global_batch_size=6", "train.micro_batch_size=2"];
     let run_on_hosts = |name: &str, sets: &[&str]| -> Vec<serde_json::Value> {
         let run_dir = dir.join(name);
-        let mut cmd = Command::new("ip");
-        allow_root(cmd.args(["netns", "exec", "sy-h1", "unshare", "--uts", "sh", "-c", &mpirun, "sh"]))
+        let mut cmd = Command::new(&mpirun);
+        cmd.args(["-n", "3", "--host", "10.77.0.1:1,10.77.0.2:1,10.77.0.3:1"])
             .arg(EXE)
             .args(job_args(&run_dir))
             .args(["--backend", "mpi", "--config", &example]);
@@ -699,20 +693,10 @@ fn four_ranks_over_three_namespace_hosts_match_one_rank() {
     let reference = one_rank_losses(&dir);
     let _hosts = NamespaceHosts::up(&repo);
     let run_dir = dir.join("hosts");
-    let agent = repo.join("scripts/netns-rsh.sh");
-    // mpirun runs on host 1; orted reaches hosts 2 and 3 through the agent;
-    // every byte between ranks goes over TCP on the bridge.
-    let mpirun = format!(
-        "hostname sy-h1; exec mpirun -n 4 --host 10.77.0.1:2,10.77.0.2:1,10.77.0.3:1 --mca plm_rsh_agent {} \
-         --mca btl tcp,self --mca btl_tcp_if_include 10.77.0.0/24 --mca oob_tcp_if_include 10.77.0.0/24 \
-         --bind-to none -x RAYON_NUM_THREADS=1 \"$@\"",
-        agent.display()
-    );
+    // mpirun runs on host 1 (ranks 0, 1); orted reaches hosts 2 and 3
+    // through the agent; every byte between ranks goes over TCP on the bridge.
     let out = run(
-        allow_root(Command::new("ip").args(["netns", "exec", "sy-h1", "unshare", "--uts", "sh", "-c", &mpirun, "sh"]))
-            .arg(EXE)
-            .args(job_args(&run_dir))
-            .args(["--backend", "mpi"]),
+        Command::new(repo.join("scripts/netns-mpirun.sh")).arg(EXE).args(job_args(&run_dir)).args(["--backend", "mpi"]),
         "mpirun over namespace hosts",
     );
     let log = text(&out);

@@ -212,7 +212,7 @@ fn preflight() -> Result<()> {
             bail!("simulate validate needs `{tool}`: apt-get install {package}");
         }
     }
-    for script in ["scripts/netns-hosts.sh", "scripts/netns-rsh.sh"] {
+    for script in ["scripts/netns-hosts.sh", "scripts/netns-rsh.sh", "scripts/netns-mpirun.sh"] {
         if !Path::new(script).exists() {
             bail!("simulate validate uses {script}: run it from the repository root");
         }
@@ -272,42 +272,17 @@ fn shape_links(hosts: usize, rate: &str) -> Result<()> {
 }
 
 /// mpirun over the first `ranks` hosts, one rank each, from inside the
-/// first host; the program and its arguments follow.
+/// first host (`scripts/netns-mpirun.sh`, which holds the options that
+/// keep every byte on the bridge); the program and its arguments follow.
 fn mpirun_on_hosts(ranks: usize) -> Command {
     let hosts: Vec<String> = (1..=ranks).map(|i| format!("10.77.0.{i}:1")).collect();
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", "sy-h1", "unshare", "--uts", "sh", "-c"]);
-    let agent = std::path::absolute("scripts/netns-rsh.sh").unwrap_or_else(|_| "scripts/netns-rsh.sh".into());
-    cmd.arg(format!(
-        "hostname sy-h1; exec mpirun -n {ranks} --host {} --mca plm_rsh_agent {} {} \"$@\"",
-        hosts.join(","),
-        agent.display(),
-        MPIRUN_OVER_BRIDGE.join(" ")
-    ));
-    cmd.arg("sh");
+    let script = std::path::absolute("scripts/netns-mpirun.sh").unwrap_or_else(|_| "scripts/netns-mpirun.sh".into());
+    let mut cmd = Command::new(script);
+    cmd.args(["-n", &ranks.to_string(), "--host", &hosts.join(",")]);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     cmd.env("RAYON_NUM_THREADS", (cores / ranks).max(1).to_string());
-    cmd.env("OMPI_ALLOW_RUN_AS_ROOT", "1").env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
-    // The hosts share this machine's cores: a rank waiting in MPI yields its
-    // core instead of spinning on it (one slot per host would tell OpenMPI
-    // it has a core to itself).
-    cmd.env("OMPI_MCA_mpi_oversubscribe", "1").env("OMPI_MCA_mpi_yield_when_idle", "1");
     cmd
 }
-
-/// mpirun's options that keep every byte on the namespace bridge (and
-/// let it run as root, which the namespaces need).
-const MPIRUN_OVER_BRIDGE: [&str; 9] = [
-    "--mca btl tcp,self",
-    "--mca btl_tcp_if_include 10.77.0.0/24",
-    "--mca oob_tcp_if_include 10.77.0.0/24",
-    "--bind-to none",
-    "-x RAYON_NUM_THREADS",
-    "-x OMPI_ALLOW_RUN_AS_ROOT",
-    "-x OMPI_ALLOW_RUN_AS_ROOT_CONFIRM",
-    "-x OMPI_MCA_mpi_oversubscribe",
-    "-x OMPI_MCA_mpi_yield_when_idle",
-];
 
 /// Latency (the small exchange) and bandwidth (the slope: remote bytes
 /// per host) of an all-to-all between two hosts at this rate.
