@@ -104,7 +104,7 @@ impl ExpertKind for SwiGlu {
     /// Backward of [`ExpertKind::forward`]: adds into `dx_rd` and into
     /// `grads` (`w1`, `w3`, `w2`). The cache's `h1` and `h3` are reused in
     /// place for the gradients of the activations, so the pass needs one
-    /// scratch buffer of `[rows, f]`, not three.
+    /// scratch buffer of `[rows, f]` (it needed two).
     fn backward(
         &self,
         w: &ExpertWeights,
