@@ -118,25 +118,25 @@ pub fn owners_per_token(m: &ModelConfig, ep: usize) -> f64 {
     let free = m.computation_free_experts() as f64;
     let limited = m.n_groups > 1 && m.topk_groups < m.n_groups;
     let (groups, kept) = (m.n_groups as f64, m.topk_groups as f64);
-    // Experts a token may choose, and the ranks they live on.
-    let (choosable, ranks) = match (limited, m.n_groups as f64 <= ep) {
-        (false, _) => (e + free, ep),
-        (true, true) => (e * kept / groups, ep * kept / groups),
-        (true, false) => (e * kept / groups, kept.min(ep)),
+    // Outputs a token may choose, the ranks their FFN experts live on, and
+    // the FFN experts of one such rank.
+    let (choosable, ranks, per_rank) = match (limited, m.n_groups as f64 <= ep) {
+        (false, _) => (e + free, ep, e / ep),
+        (true, true) => (e * kept / groups, ep * kept / groups, e / ep),
+        (true, false) => (e * kept / groups, kept.min(ep), e * kept / groups / kept.min(ep)),
     };
-    let per_rank = (choosable - if limited { 0.0 } else { free }) / ranks;
     // A rank is missed when all k picks (without replacement) avoid its experts.
     let missed: f64 = (0..k).map(|i| ((choosable - per_rank - i as f64) / (choosable - i as f64)).max(0.0)).product();
     ranks * (1.0 - missed)
 }
 
 impl RankShape {
-    /// Layers with a dense FFN instead of the MoE (`first_dense_layers`).
     /// The router's outputs: the FFN experts and the computation-free ones.
     pub fn router_outputs(&self) -> usize {
         self.experts + self.free_experts
     }
 
+    /// Layers with a dense FFN instead of the MoE (`first_dense_layers`).
     pub fn dense_layers(&self) -> usize {
         self.layers - self.moe_layers
     }

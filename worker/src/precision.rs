@@ -81,10 +81,12 @@ pub fn resolve(job: &JobConfig) -> Resolved {
 
 /// `precision = "auto"` on a CPU with bf16 units, given the multiply-adds
 /// of the model's expert product and the oneDNN kernel that would run it
-/// in bf16 (or why none would). bf16 pays on AVX512-BF16 kernels at every
-/// size (the default job 1.2-1.5x fp32 on an AMD EPYC, docs/kernels.md);
-/// AMX kernels gain only on large products (on a Xeon the default job ran
-/// at the same speed in both, so there fp32 keeps its exactness).
+/// in bf16 (or why none would). On AVX512-BF16 kernels bf16 paid at both
+/// sizes measured (on an AMD EPYC the default job 1.2-1.5x fp32, the D512
+/// layer 1.76x; docs/kernels.md);
+/// on AMX kernels only large products were measured to gain (on a Xeon
+/// the default job ran at the same speed in both, so there fp32 keeps its
+/// exactness).
 fn auto_choice(macs: usize, bf16_kernel: Result<&str, &str>) -> (Precision, String) {
     match bf16_kernel {
         Err(e) => (Precision::Fp32, format!("auto: bf16 units but {e}")),

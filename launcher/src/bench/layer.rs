@@ -70,6 +70,8 @@ struct LayerRow {
     torch_fp32_tokens_per_s: Option<f64>,
     torch_bf16_tokens_per_s: Option<f64>,
     torch_note: String,
+    /// Rounds measured; the rates above are their medians.
+    rounds: usize,
     /// switchyard over PyTorch, one ratio per round (each round measures
     /// both within seconds of each other), fp32 and bf16.
     fp32_vs_torch: Vec<f64>,
@@ -104,6 +106,7 @@ fn layer_row(case: &LayerCase, rounds: Vec<LayerRound>, peak_gflops: f64) -> Lay
     let last = rounds.last().expect("at least one round");
     LayerRow {
         case: case.clone(),
+        rounds: rounds.len(),
         tokens_per_s,
         gflops,
         share_of_peak: gflops / peak_gflops,
@@ -463,7 +466,7 @@ fn print_speed_rows(r: &Report) {
         println!("{:<40} {:>10.1} {:>8.0}%", g.shape, g.gflops, 100.0 * g.share_of_peak);
     }
     println!();
-    let rounds = r.layers.first().map_or(0, |l| l.fp32_vs_torch.len());
+    let rounds = r.layers.first().map_or(0, |l| l.rounds);
     let of = if rounds > 1 { format!(", medians of {rounds} rounds") } else { String::new() };
     println!("MoE layer forward+backward, tokens/s{of}:");
     println!(
