@@ -71,6 +71,10 @@ pub enum BenchCommand {
         /// Override a config key (repeatable), as for train.
         #[arg(long = "set", value_name = "KEY=VALUE")]
         overrides: Vec<String>,
+        /// Measure every row once per value of a config key, e.g.
+        /// parallel.attn_expert_placement=replicated,partitioned.
+        #[arg(long, value_name = "KEY=V1,V2,...")]
+        vary: Option<String>,
         /// Steps per job (the first 2 are warm-up).
         #[arg(long, default_value_t = 12)]
         steps: u64,
@@ -196,7 +200,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                 json,
             })
         }
-        BenchCommand::Step { ranks, backends, config, overrides, steps, torch, json } => {
+        BenchCommand::Step { ranks, backends, config, overrides, vary, steps, torch, json } => {
             let backends = backends.unwrap_or_else(|| {
                 let mut all = vec![Backend::Local];
                 if collectives::mpi::COMPILED {
@@ -211,6 +215,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                 backends,
                 config,
                 overrides,
+                vary: vary.map(|v| crate::bench::step::Vary::parse(&v)).transpose()?,
                 steps,
                 torch,
                 json,

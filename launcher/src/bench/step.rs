@@ -10,6 +10,11 @@
 //! and metrics. The all-to-all column is what overlap did not hide; the two
 //! after it split the whole all-to-all time (hidden or not) into waiting for
 //! the last rank of the group to arrive and the transfer itself.
+//!
+//! `--vary KEY=V1,V2` measures every row once per value of one config key
+//! (for example where MoA's attention experts live), the values taking
+//! turns within each (backend, ranks) pair so a drifting machine
+//! affects them alike.
 
 use super::torch_step;
 use crate::run::step_summary::{read_metrics, StepSummary};
@@ -28,14 +33,46 @@ pub struct StepBench {
     pub backends: Vec<String>,
     pub config: Option<PathBuf>,
     pub overrides: Vec<String>,
+    /// One key measured at several values (None: the job as configured).
+    pub vary: Option<Vary>,
     pub steps: u64,
     /// PyTorch modes measured on the same job (empty: none).
     pub torch: Vec<String>,
     pub json: bool,
 }
 
+/// `--vary KEY=V1,V2,...`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Vary {
+    pub key: String,
+    pub values: Vec<String>,
+}
+
+impl Vary {
+    /// Reads `KEY=V1,V2,...`: a key and at least one value.
+    pub fn parse(text: &str) -> Result<Self> {
+        let (key, values) = text
+            .split_once('=')
+            .with_context(|| format!("--vary {text:?}: expected KEY=V1,V2,... (e.g. parallel.attn_tp=1,2)"))?;
+        let values: Vec<String> =
+            values.split(',').map(str::trim).filter(|v| !v.is_empty()).map(String::from).collect();
+        if key.trim().is_empty() || values.is_empty() {
+            bail!("--vary {text:?}: expected KEY=V1,V2,... (a key and at least one value)");
+        }
+        Ok(Self { key: key.trim().to_string(), values })
+    }
+
+    /// The `--set` of one value.
+    fn set(&self, value: &str) -> String {
+        format!("{}={value}", self.key)
+    }
+}
+
 #[derive(Debug, Serialize)]
 struct Row {
+    /// `KEY=VALUE` of `--vary`, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    setting: Option<String>,
     backend: String,
     ranks: usize,
     step_s: f64,
@@ -56,14 +93,26 @@ pub fn run(bench: StepBench) -> Result<()> {
         bail!("--steps must be more than the {WARMUP_STEPS} warm-up steps");
     }
     let scratch = std::env::temp_dir().join(format!("switchyard-bench-step-{}", std::process::id()));
+    let settings: Vec<Option<String>> = match &bench.vary {
+        Some(vary) => vary.values.iter().map(|v| Some(vary.set(v))).collect(),
+        None => vec![None],
+    };
+    // Every setting must make a valid job before anything runs.
+    for setting in settings.iter().flatten() {
+        let sets: Vec<String> = bench.overrides.iter().cloned().chain([setting.clone()]).collect();
+        JobConfig::load(bench.config.as_deref(), &sets).with_context(|| format!("--vary: {setting}"))?;
+    }
     let mut rows = Vec::new();
     for backend in &bench.backends {
         for &ranks in &bench.ranks {
-            eprintln!("bench step: {backend} backend, {ranks} rank(s) ...");
-            let run_dir = scratch.join(format!("{backend}-{ranks}"));
-            let _ = std::fs::remove_dir_all(&run_dir);
-            train(&bench, backend, ranks, &run_dir)?;
-            rows.push(summarise(backend, ranks, &run_dir)?);
+            for (i, setting) in settings.iter().enumerate() {
+                let label = setting.as_deref().map_or(String::new(), |s| format!(", {s}"));
+                eprintln!("bench step: {backend} backend, {ranks} rank(s){label} ...");
+                let run_dir = scratch.join(format!("{backend}-{ranks}-{i}"));
+                let _ = std::fs::remove_dir_all(&run_dir);
+                train(&bench, backend, ranks, setting.as_deref(), &run_dir)?;
+                rows.push(Row { setting: setting.clone(), ..summarise(backend, ranks, &run_dir)? });
+            }
         }
     }
     let _ = std::fs::remove_dir_all(&scratch);
@@ -106,14 +155,14 @@ fn print_peer(rows: &[Row], torch: &[torch_step::TorchRow]) {
     }
 }
 
-fn train(bench: &StepBench, backend: &str, ranks: usize, run_dir: &Path) -> Result<()> {
+fn train(bench: &StepBench, backend: &str, ranks: usize, setting: Option<&str>, run_dir: &Path) -> Result<()> {
     let exe = std::env::current_exe().context("cannot find this program to run the training jobs")?;
     let mut cmd = Command::new(exe);
     cmd.args(["train", "--quiet", "--backend", backend, "--ranks", &ranks.to_string(), "--run-dir"]).arg(run_dir);
     if let Some(config) = &bench.config {
         cmd.arg("--config").arg(config);
     }
-    for set in &bench.overrides {
+    for set in bench.overrides.iter().map(String::as_str).chain(setting) {
         cmd.args(["--set", set]);
     }
     let steps = format!("train.steps={}", bench.steps);
@@ -132,6 +181,7 @@ fn train(bench: &StepBench, backend: &str, ranks: usize, run_dir: &Path) -> Resu
 fn summarise(backend: &str, ranks: usize, run_dir: &Path) -> Result<Row> {
     let s = StepSummary::of(&read_metrics(run_dir)?, WARMUP_STEPS)?;
     Ok(Row {
+        setting: None,
         backend: backend.into(),
         ranks,
         step_s: s.step_s,
@@ -153,14 +203,17 @@ fn print_table(rows: &[Row], precision: &str) {
          {WARMUP_STEPS} warm-up steps)"
     );
     println!();
+    let varied = rows.iter().any(|r| r.setting.is_some());
+    let (head, rule) = if varied { ("| setting ", "|---") } else { ("", "") };
     println!(
-        "| backend | ranks | step | tokens/s | compute | all-to-all | waiting for peers | transfer | grad sync | other | all-to-all MB/step |"
+        "{head}| backend | ranks | step | tokens/s | compute | all-to-all | waiting for peers | transfer | grad sync | other | all-to-all MB/step |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("{rule}|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let ms = |s: f64| format!("{:.1} ms", s * 1e3);
     for r in rows {
+        let setting = r.setting.as_deref().map_or(String::new(), |s| format!("| {s} "));
         println!(
-            "| {} | {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {:.2} |",
+            "{setting}| {} | {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {:.2} |",
             r.backend,
             r.ranks,
             ms(r.step_s),
@@ -173,5 +226,22 @@ fn print_table(rows: &[Row], precision: &str) {
             ms(r.other_s),
             r.alltoall_mb_per_step
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vary_reads_a_key_and_its_values() {
+        let vary = Vary::parse("parallel.attn_expert_placement=replicated, partitioned").unwrap();
+        assert_eq!(vary.key, "parallel.attn_expert_placement");
+        assert_eq!(vary.values, ["replicated", "partitioned"]);
+        assert_eq!(vary.set("partitioned"), "parallel.attn_expert_placement=partitioned");
+        for bad in ["parallel.attn_tp", "=1,2", "parallel.attn_tp="] {
+            let err = Vary::parse(bad).unwrap_err().to_string();
+            assert!(err.contains("KEY=V1,V2"), "{bad}: {err}");
+        }
     }
 }
