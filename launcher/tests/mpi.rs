@@ -144,10 +144,16 @@ fn metric_lines(run_dir: &Path) -> Vec<serde_json::Value> {
     text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
 
-/// An example config's 20 steps on 1 rank, then on 4 MPI ranks (with each
-/// of `attn_tps` attention shards): the same losses and, with an expert
-/// bias, the same bias bits, every rank checked against rank 0's.
-fn example_on_4_mpi_ranks_matches_one_rank(example: &str, attn_tps: &[usize]) {
+/// Layouts of [`example_on_4_mpi_ranks_matches_one_rank`]: no attention
+/// shards, or two.
+const TP1: &[&str] = &["parallel.attn_tp=1"];
+const TP2: &[&str] = &["parallel.attn_tp=2"];
+
+/// An example config's 20 steps on 1 rank, then on 4 MPI ranks with each
+/// of `layouts` (`--set`s, e.g. attention shards): the same losses
+/// and, with an expert bias, the same bias bits, every rank checked
+/// against rank 0's.
+fn example_on_4_mpi_ranks_matches_one_rank(example: &str, layouts: &[&[&str]]) {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let dir = temp_dir(example);
     let example = format!("{}/../examples/{example}.toml", env!("CARGO_MANIFEST_DIR"));
@@ -163,17 +169,11 @@ fn example_on_4_mpi_ranks_matches_one_rank(example: &str, attn_tps: &[usize]) {
     let one = dir.join("one");
     let out = run(Command::new(EXE).args(args(&one)), "one-rank run");
     assert!(out.status.success(), "{}", text(&out));
-    for &attn_tp in attn_tps {
-        let run_dir = dir.join(format!("mpi4-tp{attn_tp}"));
+    for (i, &layout) in layouts.iter().enumerate() {
+        let run_dir = dir.join(format!("mpi4-layout{i}"));
+        let sets = layout.iter().flat_map(|set| ["--set", set]);
         let out = run(
-            Command::new(EXE).args(args(&run_dir)).args([
-                "--backend",
-                "mpi",
-                "--ranks",
-                "4",
-                "--set",
-                &format!("parallel.attn_tp={attn_tp}"),
-            ]),
+            Command::new(EXE).args(args(&run_dir)).args(["--backend", "mpi", "--ranks", "4"]).args(sets),
             "switchyard train --backend mpi",
         );
         assert!(out.status.success(), "{}", text(&out));
@@ -181,7 +181,7 @@ fn example_on_4_mpi_ranks_matches_one_rank(example: &str, attn_tps: &[usize]) {
         assert_eq!(reference.len(), other.len());
         for (a, b) in reference.iter().zip(&other) {
             let (la, lb) = (a["loss"].as_f64().unwrap(), b["loss"].as_f64().unwrap());
-            assert!((la - lb).abs() <= 1e-6 * la, "attn_tp {attn_tp}, step {}: loss {lb} vs {la}", a["step"]);
+            assert!((la - lb).abs() <= 1e-6 * la, "{layout:?}, step {}: loss {lb} vs {la}", a["step"]);
             assert_eq!(a["computation_free_share"], b["computation_free_share"], "step {}", a["step"]);
             if a.get("expert_bias").is_none() {
                 continue;
@@ -192,7 +192,7 @@ fn example_on_4_mpi_ranks_matches_one_rank(example: &str, attn_tps: &[usize]) {
                     .is_some_and(|layers| layers.iter().any(|l| l.as_array().is_some_and(|b| !b.is_empty()))),
                 "{a}"
             );
-            assert_eq!(a["expert_bias"], b["expert_bias"], "attn_tp {attn_tp}, step {}: expert bias", a["step"]);
+            assert_eq!(a["expert_bias"], b["expert_bias"], "{layout:?}, step {}: expert bias", a["step"]);
             // Every rank checked it routes with rank 0's bias.
             let hashes: Vec<&serde_json::Value> =
                 b["per_rank"].as_array().unwrap().iter().map(|r| &r["expert_bias_hash"]).collect();
@@ -205,32 +205,36 @@ fn example_on_4_mpi_ranks_matches_one_rank(example: &str, attn_tps: &[usize]) {
 
 #[test]
 fn deepseek_v3_example_on_4_mpi_ranks_matches_one_rank_bias_included() {
-    example_on_4_mpi_ranks_matches_one_rank("deepseek-v3-mini", &[1, 2]);
+    example_on_4_mpi_ranks_matches_one_rank("deepseek-v3-mini", &[TP1, TP2]);
 }
 
 #[test]
 fn moe_plus_plus_example_on_4_mpi_ranks_matches_one_rank() {
-    example_on_4_mpi_ranks_matches_one_rank("moe-plus-plus", &[1, 2]);
+    example_on_4_mpi_ranks_matches_one_rank("moe-plus-plus", &[TP1, TP2]);
 }
 
 #[test]
 fn jetmoe_example_with_attention_experts_on_4_mpi_ranks_matches_one_rank() {
-    example_on_4_mpi_ranks_matches_one_rank("jetmoe-mini", &[1, 2]);
+    // Attention experts partitioned over the ranks, their rows exchanged on
+    // the rank's thread and on the communication thread.
+    let partitioned = "parallel.attn_expert_placement=\"partitioned\"";
+    let overlapped = &[partitioned, "overlap.mode=\"on\""];
+    example_on_4_mpi_ranks_matches_one_rank("jetmoe-mini", &[TP1, TP2, &[partitioned], overlapped]);
 }
 
 #[test]
 fn moh_example_with_routed_heads_on_4_mpi_ranks_matches_one_rank() {
-    example_on_4_mpi_ranks_matches_one_rank("moh-mini", &[1, 2]);
+    example_on_4_mpi_ranks_matches_one_rank("moh-mini", &[TP1, TP2]);
 }
 
 #[test]
 fn mot_example_with_modalities_on_4_mpi_ranks_matches_one_rank() {
-    example_on_4_mpi_ranks_matches_one_rank("mot-mini", &[1, 2]);
+    example_on_4_mpi_ranks_matches_one_rank("mot-mini", &[TP1, TP2]);
 }
 
 #[test]
 fn qwen_moe_example_on_4_mpi_ranks_matches_one_rank() {
-    example_on_4_mpi_ranks_matches_one_rank("qwen-moe", &[1, 2]);
+    example_on_4_mpi_ranks_matches_one_rank("qwen-moe", &[TP1, TP2]);
 }
 
 /// Waits (3 minutes at most) until the run has `steps` lines of metrics

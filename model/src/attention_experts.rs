@@ -9,6 +9,13 @@
 //! with the same [`DispatchPlan`] as the FFN experts. The shared output
 //! bias is the block's to add (after the shards' partial sums are reduced).
 //!
+//! The expert projections run through the [`ExpertExecutor`]'s attention
+//! expert exchanges: with experts replicated (the default) they compute
+//! every row here; partitioned over the expert-parallel group, each row's
+//! query and output projections run on its expert's owner (the row travels
+//! there and back twice per pass), while the attention core stays where
+//! the token's keys and values are.
+//!
 //! With attention shards each rank holds a block of every expert's heads
 //! (rows of `W_q,e`, columns of `W_o,e`) and of the kv heads, as for dense
 //! attention: it routes its own tokens (statistics summed over the group),
@@ -24,13 +31,16 @@
 //!
 //! Legend: `t` tokens (all of the micro-batch), `d` d_model, `r` rows (one
 //! per token and slot, grouped by expert), `w` one expert's query width
-//! `H * hd`, `s` all slots' query width `Ka * H * hd`, `g` the kv width.
+//! `H * hd`, `s` all slots' query width `Ka * H * hd`, `g` the kv width,
+//! `o` the rows this rank's experts compute (`r` with replicated experts).
 
 use crate::config::ModelConfig;
 use crate::error::ModelError;
 use crate::gemm::{matmul_nn, matmul_nt, matmul_tn};
 use crate::model::HeadNorms;
-use crate::moe::{route_backward, route_sharded, DispatchPlan, RouterGrads, RouterLossScales, RouterWeights, Routing};
+use crate::moe::{
+    route_backward, route_sharded, DispatchPlan, ExpertExecutor, RouterGrads, RouterLossScales, RouterWeights, Routing,
+};
 use crate::ops::attention::{attention_backward, attention_forward, AttentionShape, Qkv, QkvGrads};
 use crate::ops::rope::RopeTable;
 use crate::shards::{sum_over_group, TokenShards};
@@ -45,6 +55,10 @@ pub struct MoaCache {
     /// gates (None: this rank's routing holds every token).
     gathered: Option<Routing>,
     plan: DispatchPlan,
+    /// The rows this rank's experts compute, grouped by expert, and their
+    /// inputs `[o, d]`.
+    owned: DispatchPlan,
+    x_od: Vec<f32>,
     /// `[t, s]` queries after the head norms and RoPE; `[t, g]` keys (the
     /// same) and values.
     q_ts: Vec<f32>,
@@ -53,9 +67,9 @@ pub struct MoaCache {
     /// `qk_norm`: q and k before their head norms.
     head_norms: HeadNorms,
     probs: Vec<f32>,
-    /// `[r, w]` each row's head outputs, `[r, d]` its expert's projection
-    /// of them (before the gate).
-    a_rw: Vec<f32>,
+    /// `[o, w]` the head outputs of the rows computed here, and `[r, d]`
+    /// each row's expert projection of them (before the gate).
+    a_ow: Vec<f32>,
     y_rd: Vec<f32>,
 }
 
@@ -112,6 +126,54 @@ fn expert_rows(plan: &DispatchPlan, e: usize, width: usize) -> std::ops::Range<u
     plan.offsets_e[e] * width..plan.offsets_e[e + 1] * width
 }
 
+/// Where the attention experts' projections run: the pass's executor, on
+/// this layer.
+pub struct AttnExperts<'e> {
+    pub executor: &'e mut dyn ExpertExecutor,
+    pub layer: usize,
+}
+
+impl AttnExperts<'_> {
+    fn send_to_owners(&mut self, rows: Vec<f32>, width: usize) -> Result<Vec<f32>, ModelError> {
+        self.executor.attn_to_owners(self.layer, rows, width)
+    }
+
+    fn send_to_sources(&mut self, rows: Vec<f32>, width: usize) -> Result<Vec<f32>, ModelError> {
+        self.executor.attn_to_sources(self.layer, rows, width)
+    }
+}
+
+/// `y_o = W_e x_o` for the rows `owned` groups by expert (`x: [o, k]`,
+/// `W_e: [n, k]`, `weights[e]`): each expert's block in one product.
+/// Experts with no rows here are skipped (a partitioned expert holds no
+/// tensors on the other ranks).
+fn project(owned: &DispatchPlan, x_ok: &[f32], (k, n): (usize, usize), weights: &[&Vec<f32>]) -> Vec<f32> {
+    let mut y_on = vec![0.0; owned.num_rows() * n];
+    for (e, &rows) in owned.counts_e.iter().enumerate().filter(|(_, &rows)| rows > 0) {
+        let (x, y) = (&x_ok[expert_rows(owned, e, k)], &mut y_on[expert_rows(owned, e, n)]);
+        matmul_nt(rows, k, n, x, weights[e], y, false);
+    }
+    y_on
+}
+
+/// Backward of [`project`]: `dW_e += dy_o^T x_o` into `grads[e]`, returns
+/// `dx_o = dy_o W_e`.
+fn project_backward(
+    owned: &DispatchPlan,
+    (x_ok, dy_on): (&[f32], &[f32]),
+    (k, n): (usize, usize),
+    weights: &[&Vec<f32>],
+    grads: &mut [&mut Vec<f32>],
+) -> Vec<f32> {
+    let mut dx_ok = vec![0.0; owned.num_rows() * k];
+    for (e, &rows) in owned.counts_e.iter().enumerate().filter(|(_, &rows)| rows > 0) {
+        let (x, dy) = (&x_ok[expert_rows(owned, e, k)], &dy_on[expert_rows(owned, e, n)]);
+        matmul_tn(n, rows, k, dy, x, grads[e], true);
+        matmul_nn(rows, n, k, dy, weights[e], &mut dx_ok[expert_rows(owned, e, k)], false);
+    }
+    dx_ok
+}
+
 /// The normalised input of the sub-layer: this rank's tokens and, with
 /// attention shards, every shard's (the same slice without shards).
 #[derive(Debug, Clone, Copy)]
@@ -152,6 +214,7 @@ pub fn moa_forward(
     x: MoaInput<'_>,
     batch: usize,
     shards: &mut dyn TokenShards,
+    mut experts: AttnExperts<'_>,
 ) -> Result<(Vec<f32>, MoaCache), ModelError> {
     let dims = MoaDims::new(cfg, batch, shards.count());
     let (t, d, wd, s, g) = (dims.t, dims.d, dims.w(), dims.s(), dims.shape.n_kv_heads * dims.hd);
@@ -164,15 +227,13 @@ pub fn moa_forward(
     let choices = gathered.as_ref().unwrap_or(&routing);
     let plan = DispatchPlan::from_routing(choices, cfg.attn_experts, dims.slots);
 
-    // Queries: each row through its expert's W_q, then into its token's slot.
-    let x_rd = plan.gather(x_td, d);
-    let mut q_rw = vec![0.0; plan.num_rows() * wd];
-    for (e, expert) in w.attn_experts.iter().enumerate() {
-        let rows = plan.counts_e[e];
-        let (xs, qs) = (&x_rd[expert_rows(&plan, e, d)], &mut q_rw[expert_rows(&plan, e, wd)]);
-        matmul_nt(rows, d, wd, xs, &expert.wq, qs, false);
-    }
-    let mut cache = MoaCache { q_ts: vec![0.0; t * s], ..Default::default() };
+    // Queries: each row through its expert's W_q (where the expert is),
+    // then into its token's slot.
+    let owned = experts.executor.attn_plan(experts.layer, &plan)?;
+    let x_od = experts.send_to_owners(plan.gather(x_td, d), d)?;
+    let wq: Vec<_> = w.attn_experts.iter().map(|e| &e.wq).collect();
+    let mut q_rw = experts.send_to_sources(project(&owned, &x_od, (d, wd), &wq), wd)?;
+    let mut cache = MoaCache { q_ts: vec![0.0; t * s], x_od, ..Default::default() };
     dims.move_heads(&plan, &mut q_rw, &mut cache.q_ts, true);
     cache.k_tg = vec![0.0; t * g];
     cache.v_tg = vec![0.0; t * g];
@@ -186,18 +247,16 @@ pub fn moa_forward(
     let mut attn_ts = vec![0.0; t * s];
     attention_forward(shape, &cache.q_ts, &cache.k_tg, &cache.v_tg, &mut attn_ts, &mut cache.probs);
 
-    // Outputs: each row's heads through its expert's W_o, gated, summed.
-    cache.a_rw = vec![0.0; plan.num_rows() * wd];
-    dims.move_heads(&plan, &mut cache.a_rw, &mut attn_ts, false);
-    cache.y_rd = vec![0.0; plan.num_rows() * d];
-    for (e, expert) in w.attn_experts.iter().enumerate() {
-        let rows = plan.counts_e[e];
-        let (a, y) = (&cache.a_rw[expert_rows(&plan, e, wd)], &mut cache.y_rd[expert_rows(&plan, e, d)]);
-        matmul_nt(rows, wd, d, a, &expert.wo, y, false);
-    }
+    // Outputs: each row's heads through its expert's W_o (where the expert
+    // is), gated, summed.
+    let mut a_rw = vec![0.0; plan.num_rows() * wd];
+    dims.move_heads(&plan, &mut a_rw, &mut attn_ts, false);
+    cache.a_ow = experts.send_to_owners(a_rw, wd)?;
+    let wo: Vec<_> = w.attn_experts.iter().map(|e| &e.wo).collect();
+    cache.y_rd = experts.send_to_sources(project(&owned, &cache.a_ow, (wd, d), &wo), d)?;
     let mut out_td = vec![0.0; t * d];
     plan.combine(choices, &cache.y_rd, d, &mut out_td);
-    (cache.routing, cache.gathered, cache.plan) = (routing, gathered, plan);
+    (cache.routing, cache.gathered, cache.plan, cache.owned) = (routing, gathered, plan, owned);
     Ok((out_td, cache))
 }
 
@@ -224,6 +283,7 @@ pub fn moa_backward(
     scales: RouterLossScales,
     dx: MoaInputGrads<'_>,
     shards: &mut dyn TokenShards,
+    mut experts: AttnExperts<'_>,
 ) -> Result<(), ModelError> {
     let batch = cache.choices().num_tokens / cfg.seq_len;
     let dims = MoaDims::new(cfg, batch, shards.count());
@@ -234,14 +294,13 @@ pub fn moa_backward(
     let mut dgate_tk = vec![0.0; t * dims.slots];
     let dy_rd = plan.combine_backward(cache.choices(), &cache.y_rd, dout_td, d, &mut dgate_tk);
     sum_over_group(shards, &mut dgate_tk)?;
-    // Y = A W_o^T: dW_o += dY^T A, dA = dY W_o.
-    let mut da_rw = vec![0.0; plan.num_rows() * wd];
-    for (e, (expert, gexpert)) in w.attn_experts.iter().zip(gw.attn_experts.iter_mut()).enumerate() {
-        let rows = plan.counts_e[e];
-        let (dy, a) = (&dy_rd[expert_rows(plan, e, d)], &cache.a_rw[expert_rows(plan, e, wd)]);
-        matmul_tn(d, rows, wd, dy, a, &mut gexpert.wo, true);
-        matmul_nn(rows, d, wd, dy, &expert.wo, &mut da_rw[expert_rows(plan, e, wd)], false);
-    }
+    // Y = A W_o^T: dW_o += dY^T A, dA = dY W_o (where the expert is).
+    let owned = &cache.owned;
+    let dy_od = experts.send_to_owners(dy_rd, d)?;
+    let wo: Vec<_> = w.attn_experts.iter().map(|e| &e.wo).collect();
+    let mut gwo: Vec<_> = gw.attn_experts.iter_mut().map(|e| &mut e.wo).collect();
+    let da_ow = project_backward(owned, (&cache.a_ow, &dy_od), (wd, d), &wo, &mut gwo);
+    let mut da_rw = experts.send_to_sources(da_ow, wd)?;
     let mut dattn_ts = vec![0.0; t * s];
     dims.move_heads(plan, &mut da_rw, &mut dattn_ts, true);
     let (mut dq_ts, mut dk_tg, mut dv_tg) = (vec![0.0; t * s], vec![0.0; t * g], vec![0.0; t * g]);
@@ -252,17 +311,15 @@ pub fn moa_backward(
     rope.apply_backward(&mut dq_ts, shape.batch, shape.seq, shape.n_heads);
     rope.apply_backward(&mut dk_tg, shape.batch, shape.seq, shape.n_kv_heads);
     cache.head_norms.backward(w, gw, &mut dq_ts, &mut dk_tg);
-    // Q_row = x W_q,e^T: dW_q,e += dQ^T x, dx_row = dQ W_q,e.
+    // Q_row = x W_q,e^T: dW_q,e += dQ^T x, dx_row = dQ W_q,e (where the
+    // expert is).
     let mut dq_rw = vec![0.0; plan.num_rows() * wd];
     dims.move_heads(plan, &mut dq_rw, &mut dq_ts, false);
-    let x_rd = plan.gather(x_td, d);
-    let mut dx_rd = vec![0.0; plan.num_rows() * d];
-    for (e, (expert, gexpert)) in w.attn_experts.iter().zip(gw.attn_experts.iter_mut()).enumerate() {
-        let rows = plan.counts_e[e];
-        let (dq, x) = (&dq_rw[expert_rows(plan, e, wd)], &x_rd[expert_rows(plan, e, d)]);
-        matmul_tn(wd, rows, d, dq, x, &mut gexpert.wq, true);
-        matmul_nn(rows, wd, d, dq, &expert.wq, &mut dx_rd[expert_rows(plan, e, d)], false);
-    }
+    let dq_ow = experts.send_to_owners(dq_rw, wd)?;
+    let wq: Vec<_> = w.attn_experts.iter().map(|e| &e.wq).collect();
+    let mut gwq: Vec<_> = gw.attn_experts.iter_mut().map(|e| &mut e.wq).collect();
+    let dx_od = project_backward(owned, (&cache.x_od, &dq_ow), (d, wd), &wq, &mut gwq);
+    let dx_rd = experts.send_to_sources(dx_od, d)?;
     plan.gather_backward(&dx_rd, d, dx_td);
     // k = x W_k^T, v = x W_v^T.
     for (dp, wp, gp) in [(&dk_tg, &w.wk, &mut gw.wk), (&dv_tg, &w.wv, &mut gw.wv)] {

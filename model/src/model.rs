@@ -10,7 +10,7 @@
 //! without shards), `a` all tokens of the micro-batch, `d` d_model, `v`
 //! vocab, `q` query width of this rank's heads, `g` their kv width, `k` top-k.
 
-use crate::attention_experts::{moa_backward, moa_forward, MoaCache, MoaInput, MoaInputGrads};
+use crate::attention_experts::{moa_backward, moa_forward, AttnExperts, MoaCache, MoaInput, MoaInputGrads};
 use crate::attention_heads::{head_gates, head_gates_backward, head_norms, HeadGates};
 use crate::config::{AttnRouterKind, BlockKind, ModelConfig};
 use crate::error::ModelError;
@@ -293,12 +293,13 @@ impl Pass<'_> {
     /// projection's partial sums reduce-scattered back to this rank's tokens.
     fn attention_forward(
         &mut self,
+        layer: usize,
         w: &DenseLayerWeights,
         n_td: &[f32],
         cache: &mut BlockCache,
     ) -> Result<Vec<f32>, ModelError> {
         if self.cfg.is_moa() {
-            return self.moa_forward(w, n_td, cache);
+            return self.moa_forward(layer, w, n_td, cache);
         }
         let (dims, rope) = (&self.dims, self.rope);
         if dims.shards > 1 {
@@ -357,6 +358,7 @@ impl Pass<'_> {
     #[allow(clippy::too_many_arguments)] // weights, gradients, cache, loss scales and the two sides of the gradient
     fn attention_backward(
         &mut self,
+        layer: usize,
         w: &DenseLayerWeights,
         gw: &mut DenseLayerWeights,
         cache: &BlockCache,
@@ -365,7 +367,7 @@ impl Pass<'_> {
         dn_td: &mut [f32],
     ) -> Result<(), ModelError> {
         if self.cfg.is_moa() {
-            return self.moa_backward(w, gw, cache, scales, dout_td, dn_td);
+            return self.moa_backward(layer, w, gw, cache, scales, dout_td, dn_td);
         }
         let (dims, rope) = (&self.dims, self.rope);
         let gathered;
@@ -432,6 +434,7 @@ impl Pass<'_> {
     /// reduce-scattered back to this rank's tokens; then the shared bias.
     fn moa_forward(
         &mut self,
+        layer: usize,
         w: &DenseLayerWeights,
         n_td: &[f32],
         cache: &mut BlockCache,
@@ -442,7 +445,8 @@ impl Pass<'_> {
         }
         let all_td = if shards > 1 { &cache.attn_in_ad[..] } else { n_td };
         let x = MoaInput { own_td: n_td, all_td };
-        let (partial, moa) = moa_forward(self.cfg, self.rope, w, x, batch, self.shards)?;
+        let experts = AttnExperts { executor: &mut *self.experts, layer };
+        let (partial, moa) = moa_forward(self.cfg, self.rope, w, x, batch, self.shards, experts)?;
         cache.moa = moa;
         let mut out_td = if shards > 1 { self.shards.reduce_scatter_rows(&partial)? } else { partial };
         let bias = w.attn_bias.as_deref().expect("MoA layers have an output bias");
@@ -456,6 +460,7 @@ impl Pass<'_> {
     #[allow(clippy::too_many_arguments)] // weights, gradients, cache, loss scales and the two sides of the gradient
     fn moa_backward(
         &mut self,
+        layer: usize,
         w: &DenseLayerWeights,
         gw: &mut DenseLayerWeights,
         cache: &BlockCache,
@@ -473,7 +478,9 @@ impl Pass<'_> {
         let x = MoaInput { own_td: &cache.attn_in_td, all_td };
         let mut dn_ad = vec![0.0; dout_ad.len()];
         let dx = MoaInputGrads { own_td: &mut *dn_td, all_td: &mut dn_ad };
-        moa_backward(self.cfg, self.rope, (w, gw), &cache.moa, x, &dout_ad, scales.router(), dx, self.shards)?;
+        let experts = AttnExperts { executor: &mut *self.experts, layer };
+        let scales = scales.router();
+        moa_backward(self.cfg, self.rope, (w, gw), &cache.moa, x, &dout_ad, scales, dx, self.shards, experts)?;
         let dn_own = if shards > 1 { self.shards.reduce_scatter_rows(&dn_ad)? } else { dn_ad };
         add_into(dn_td, &dn_own);
         Ok(())
@@ -529,7 +536,7 @@ impl Pass<'_> {
             moe_started = Some(moe_forward_start(moe_layer, &cache.ffn_in_td, t, self.experts, self.shards)?);
         }
         let attn_in_td = std::mem::take(&mut cache.attn_in_td);
-        let attn_td = self.attention_forward(w, &attn_in_td, &mut cache)?;
+        let attn_td = self.attention_forward(layer, w, &attn_in_td, &mut cache)?;
         cache.attn_in_td = attn_in_td;
         let mut out_td = cache.x_td.clone();
         add_into(&mut out_td, &attn_td);
@@ -603,10 +610,10 @@ impl Pass<'_> {
                 self.modal.own.rmsnorm_backward(x, &ffn_norm, &dffn_in_td, &mut dx_td, &mut gffn_norm);
                 // h = x + Attn(n): the attention branch sees dh.
                 let dh_td = dx_td.clone();
-                self.attention_backward(w, gw, cache, scales, &dh_td, &mut dn_td)?;
+                self.attention_backward(layer, w, gw, cache, scales, &dh_td, &mut dn_td)?;
             }
             BlockKind::Parallel if w.dense_ffn.is_some() => {
-                self.attention_backward(w, gw, cache, scales, &dout_td, &mut dn_td)?;
+                self.attention_backward(layer, w, gw, cache, scales, &dout_td, &mut dn_td)?;
                 self.dense_ffn_backward(w, gw, (&cache.ffn_in_td, dense_ffn), &dout_td, &mut dn_td);
             }
             BlockKind::Parallel => {
@@ -616,7 +623,7 @@ impl Pass<'_> {
                 if self.attention_during_moe {
                     started = Some(moe_backward_start(moe_layer, moe_in, self.experts)?);
                 }
-                self.attention_backward(w, gw, cache, scales, &dout_td, &mut dn_td)?;
+                self.attention_backward(layer, w, gw, cache, scales, &dout_td, &mut dn_td)?;
                 let started = match started {
                     Some(started) => started,
                     None => moe_backward_start(moe_layer, moe_in, self.experts)?,

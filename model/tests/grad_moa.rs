@@ -5,11 +5,12 @@
 
 mod common;
 
-use model::attention_experts::{moa_backward, moa_forward, MoaInput, MoaInputGrads};
+use model::attention_experts::{moa_backward, moa_forward, AttnExperts, MoaInput, MoaInputGrads};
 use model::model::{forward_logits, MicroBatch};
 use model::moe::{LocalExperts, RouterLossScales};
 use model::ops::rope::RopeTable;
 use model::shards::NoShards;
+use model::weights::ExpertStore;
 use model::{AttentionKind, AttnExpertWeights, DenseLayerWeights, ModelConfig, ModelWeights};
 
 const SCALES: RouterLossScales = RouterLossScales { aux: 0.3, z: 0.05, seq: 0.0 };
@@ -35,10 +36,18 @@ fn config(experts: usize, top_k: usize, kv_heads: usize, qk_norm: bool) -> Model
 /// The sub-layer's loss: `sum(out * probe) + aux * a + z * z`.
 fn loss(cfg: &ModelConfig, w: &DenseLayerWeights, x: &[f32], probe: &[f32]) -> f64 {
     let rope = RopeTable::new(cfg.seq_len, cfg.head_dim(), cfg.rope_theta);
-    let (out, cache) = moa_forward(cfg, &rope, w, input(x), BATCH, &mut NoShards).unwrap();
+    let (store, mut grads) = (ExpertStore::default(), ExpertStore::default());
+    let mut local = LocalExperts::new(cfg, &store, &mut grads);
+    let (out, cache) = moa_forward(cfg, &rope, w, input(x), BATCH, &mut NoShards, replicated(&mut local)).unwrap();
     common::probe_loss(&out, probe)
         + SCALES.aux as f64 * cache.routing.aux_loss as f64
         + SCALES.z as f64 * cache.routing.z_loss as f64
+}
+
+/// The attention experts of layer 0, every one on this rank (`local` runs
+/// no FFN expert).
+fn replicated<'e>(local: &'e mut LocalExperts<'_>) -> AttnExperts<'e> {
+    AttnExperts { executor: local, layer: 0 }
 }
 
 /// One rank's input: its tokens are all of them.
@@ -62,7 +71,9 @@ fn check(cfg: ModelConfig, seed: u64) {
     let x = common::values(t * cfg.d_model, seed + 10);
     let probe = common::values(t * cfg.d_model, seed + 20);
     let rope = RopeTable::new(cfg.seq_len, cfg.head_dim(), cfg.rope_theta);
-    let (_, cache) = moa_forward(&cfg, &rope, &w, input(&x), BATCH, &mut NoShards).unwrap();
+    let (store, mut store_grads) = (ExpertStore::default(), ExpertStore::default());
+    let mut local = LocalExperts::new(&cfg, &store, &mut store_grads);
+    let (_, cache) = moa_forward(&cfg, &rope, &w, input(&x), BATCH, &mut NoShards, replicated(&mut local)).unwrap();
     let mut gw = w.clone();
     for (_, p) in gw.params_mut() {
         p.fill(0.0);
@@ -70,7 +81,8 @@ fn check(cfg: ModelConfig, seed: u64) {
     // The router's and the projections' parts of the input gradient.
     let (mut dx, mut dx_all) = (vec![0.0; x.len()], vec![0.0; x.len()]);
     let grads = MoaInputGrads { own_td: &mut dx, all_td: &mut dx_all };
-    moa_backward(&cfg, &rope, (&w, &mut gw), &cache, input(&x), &probe, SCALES, grads, &mut NoShards).unwrap();
+    let experts = replicated(&mut local);
+    moa_backward(&cfg, &rope, (&w, &mut gw), &cache, input(&x), &probe, SCALES, grads, &mut NoShards, experts).unwrap();
     dx.iter_mut().zip(&dx_all).for_each(|(a, b)| *a += b);
     let fd = common::Fd { eps: 1e-3, atol: 3e-4, rtol: 2e-2, max_checks: 32 };
     common::check_gradient_with(&format!("{label} x"), &x, &dx, |xp| loss(&cfg, &w, xp, &probe), fd);

@@ -24,7 +24,7 @@ use wire::protocol::ShardWritten;
 
 use crate::config::JobConfig;
 use crate::error::WorkerError;
-use crate::state::{write_snapshot, OwnedTensor, ShardTensor, TrainState};
+use crate::state::{write_snapshot, OwnedTensor, ShardTensor, ShardWrites, TrainState};
 use crate::sync::gather_json;
 
 /// Fault injection for the test suite: every upload first sleeps this many
@@ -162,6 +162,7 @@ impl<'c> Checkpointer<'c> {
         let rank = comm.rank();
         let (ep_rank, first_group) = (at.dims.ep_rank(rank), at.dims.edp_rank(rank) == 0);
         let writes_expert = |layer: usize, expert: usize| first_group && at.placement.owner(layer, expert) == ep_rank;
+        let writes = ShardWrites { dense: rank == 0, expert: &writes_expert, attn_experts: first_group };
         let manifest = (rank == 0).then(|| state.manifest(at.job, at.dims, at.placement, Vec::new()));
         let upload = Upload {
             store: Arc::clone(&self.store),
@@ -176,7 +177,7 @@ impl<'c> Checkpointer<'c> {
         self.last_saved = Some(state.step);
         let report = match kind {
             SaveKind::InPlace => {
-                let tensors = state.shard_tensors(at.job, rank == 0, &writes_expert);
+                let tensors = state.shard_tensors(at.job, writes);
                 let refs: Vec<TensorRef> = tensors.iter().map(ShardTensor::as_ref).collect();
                 let _span = tracing::info_span!("checkpoint upload", step = state.step, in_place = true).entered();
                 upload.run(&refs)?
@@ -184,7 +185,7 @@ impl<'c> Checkpointer<'c> {
             SaveKind::Background => {
                 let copy = tracing::info_span!("checkpoint copy", step = state.step).entered();
                 let mut tensors = std::mem::take(&mut self.spare);
-                state.snapshot_into(at.job, rank == 0, &writes_expert, &mut tensors);
+                state.snapshot_into(at.job, writes, &mut tensors);
                 drop(copy);
                 let step = state.step;
                 let world_rank = collectives::trace_rank::get();

@@ -80,6 +80,22 @@ pub struct ParallelConfig {
     pub max_expert_rows: usize,
     /// What a rank does when its experts would get more rows than that.
     pub expert_overflow: ExpertOverflow,
+    /// Where MoA's attention experts (`[model] attention = "moa"`) live.
+    pub attn_expert_placement: AttnExpertPlacement,
+}
+
+/// `[parallel] attn_expert_placement`: where MoA's attention experts live
+/// (docs/model.md, "Attention experts"; docs/parallel.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttnExpertPlacement {
+    /// Every rank holds every attention expert (dense tensors, summed over
+    /// all ranks) and computes its own tokens' rows.
+    Replicated,
+    /// Contiguous blocks of experts over the expert-parallel group: a row's
+    /// query and output projections run on its expert's owner (rows travel
+    /// there and back with all-to-all), its attention core where its token is.
+    Partitioned,
 }
 
 /// `[parallel] expert_overflow`: a rank's experts were sent more rows than
@@ -109,6 +125,7 @@ impl Default for ParallelConfig {
             redundant_experts: 0,
             max_expert_rows: 0,
             expert_overflow: ExpertOverflow::Fail,
+            attn_expert_placement: AttnExpertPlacement::Replicated,
         }
     }
 }
@@ -425,6 +442,18 @@ impl JobConfig {
                           [model] n_groups (and topk_groups) first";
             return Err(invalid("parallel", "placement", reason.into()));
         }
+        if self.parallel.attn_expert_placement == AttnExpertPlacement::Partitioned {
+            if !self.model.is_moa() {
+                let reason = "\"partitioned\" places MoA's attention experts: set [model] attention = \"moa\" (with \
+                              attn_experts and attn_top_k), or leave attn_expert_placement = \"replicated\"";
+                return Err(invalid("parallel", "attn_expert_placement", reason.into()));
+            }
+            if self.parallel.attn_tp > 1 {
+                let reason = "\"partitioned\" with attention shards (attn_tp > 1) is not built: use attn_tp = 1, or \
+                              attn_expert_placement = \"replicated\" (shards then split every expert's heads)";
+                return Err(invalid("parallel", "attn_expert_placement", reason.into()));
+            }
+        }
         if self.parallel.collective_timeout_s.is_nan() || self.parallel.collective_timeout_s <= 0.0 {
             return Err(invalid("parallel", "collective_timeout_s", "must be a positive number of seconds".into()));
         }
@@ -506,6 +535,7 @@ mod tests {
         for (set, valid) in [
             ("parallel.backend=\"gloo\"", ["local", "mpi", "nccl"].as_slice()),
             ("parallel.placement=\"random\"", &["contiguous", "balanced", "grouped"]),
+            ("parallel.attn_expert_placement=\"sharded\"", &["replicated", "partitioned"]),
             ("overlap.mode=\"sometimes\"", &["auto", "on", "off"]),
             ("model.block=\"diagonal\"", &["sequential", "parallel"]),
         ] {

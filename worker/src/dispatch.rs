@@ -33,8 +33,15 @@
 //! The backward pass runs the same exchange in reverse: combine's backward
 //! is a dispatch, dispatch's a combine.
 //!
+//! MoA's attention experts, when partitioned over the group
+//! ([`AllToAllExperts::with_attention_experts`]), travel through the same
+//! communicator (or pipe): `attn_plan` exchanges the row counts of a layer
+//! and keeps its route (`attn_dispatch.rs`), `attn_to_owners` and
+//! `attn_to_sources` move rows along it, each exchange blocking.
+//!
 //! Legend: `a` dispatch rows, `d` d_model.
 
+use crate::attn_dispatch::{counts_for_owners, AttnRoute};
 use crate::bf16_payload;
 use crate::config::ExpertOverflow;
 use crate::overlap::exposure::Exposure;
@@ -255,6 +262,11 @@ pub struct AllToAllExperts<'a> {
     received: MessageBuffer<f32>,
     /// Receive buffers done with, handed to the pipe's next exchanges.
     spare: Vec<MessageBuffer<f32>>,
+    /// Where MoA's attention experts live, when partitioned over the group
+    /// (None: replicated on every rank).
+    attn_placement: Option<&'a PlacementPlan>,
+    /// Per layer: the route of its attention experts' rows in this pass.
+    attn_routes: Vec<Option<AttnRoute>>,
     /// Totals since construction.
     pub stats: DispatchStats,
 }
@@ -380,8 +392,17 @@ impl<'a> AllToAllExperts<'a> {
             flights: (0..cfg.n_layers).map(|_| None).collect(),
             received: MessageBuffer::new(),
             spare: Vec::new(),
+            attn_placement: None,
+            attn_routes: vec![None; cfg.n_layers],
             stats: DispatchStats::default(),
         }
+    }
+
+    /// MoA's attention experts partitioned over the group as `plan` says
+    /// (None keeps them replicated: every rank computes its own rows).
+    pub fn with_attention_experts(mut self, plan: Option<&'a PlacementPlan>) -> Self {
+        self.attn_placement = plan;
+        self
     }
 
     /// Sends rows on `pipe` (a group of the same ranks as `comm`, on its
@@ -459,6 +480,62 @@ impl<'a> AllToAllExperts<'a> {
             self.spare.push(packed);
         }
         Ok(())
+    }
+
+    /// One blocking exchange of rows of `width` values (as bf16 pairs in
+    /// bf16 mode when `rows_of_values`; counts travel exact), counted in
+    /// the stats like the experts' rows. It leaves `self.received` alone:
+    /// an expert exchange may be in flight while attention runs.
+    fn exchange_rows(
+        &mut self,
+        rows: Vec<f32>,
+        (counts, recv_counts): (&[usize], &[usize]),
+        width: usize,
+        rows_of_values: bool,
+    ) -> Result<Vec<f32>, ModelError> {
+        let me = self.comm.rank();
+        let packed = rows_of_values && self.bf16_rows && width.is_multiple_of(2);
+        let (rows, words) = if packed { (bf16_payload::pack(&rows), width / 2) } else { (rows, width) };
+        let value_counts: Vec<usize> = counts.iter().map(|c| c * words).collect();
+        let value_recv_counts: Vec<usize> = recv_counts.iter().map(|c| c * words).collect();
+        let others = |counts: &[usize]| -> u64 {
+            counts.iter().enumerate().filter(|(r, _)| *r != me).map(|(_, c)| *c as u64 * 4).sum()
+        };
+        self.stats.bytes_sent += others(&value_counts);
+        self.stats.bytes_received += others(&value_recv_counts);
+        let (received, times) = match self.pipe {
+            Some(pipe) => {
+                let ticket = pipe.all_to_all_v_known(rows, value_counts, value_recv_counts, MessageBuffer::new());
+                let wait = || ticket.wait().map_err(comm_error);
+                let (got, times) = match self.exposure {
+                    Some(exposure) => exposure.waiting(wait)?,
+                    None => wait()?,
+                };
+                (got.values, times)
+            }
+            None => {
+                let (comm, mut into) = (&mut *self.comm, MessageBuffer::new());
+                let ((), times) = blocking(self.exposure, || {
+                    comm.all_to_all_v_known_into(&rows, &value_counts, &value_recv_counts, &mut into)
+                })?;
+                (into, times)
+            }
+        };
+        self.stats.record(times);
+        if !packed {
+            return Ok(received.into_vec());
+        }
+        let mut wide = MessageBuffer::new();
+        bf16_payload::unpack(&received, &mut wide);
+        Ok(wide.into_vec())
+    }
+
+    /// The route `attn_plan` made for `layer`'s attention experts.
+    fn attn_route(&mut self, layer: usize) -> Result<AttnRoute, ModelError> {
+        self.attn_routes
+            .get_mut(layer)
+            .and_then(Option::take)
+            .ok_or_else(|| ModelError::executor(layer, "attention expert rows moved before attn_plan"))
     }
 
     /// Whether a token's rows to one rank travel once (top-k > 1; see the
@@ -854,6 +931,45 @@ impl ExpertExecutor for AllToAllExperts<'_> {
 
     fn finish_backward(&mut self, layer: usize, _started: Started) -> Result<Vec<f32>, ModelError> {
         Ok(self.finish(layer, Pass::Backward)?.1)
+    }
+
+    fn attn_plan(&mut self, layer: usize, plan: &DispatchPlan) -> Result<DispatchPlan, ModelError> {
+        let Some(placement) = self.attn_placement else {
+            return Ok(DispatchPlan::grouped(plan.counts_e.clone(), plan.top_k));
+        };
+        let (me, ranks) = (self.comm.rank(), self.comm.size());
+        let owners: Vec<usize> = (0..plan.num_experts).map(|e| placement.owner(layer, e)).collect();
+        let (counts, per_rank) = counts_for_owners(plan, &owners, ranks);
+        let mine = owners.iter().filter(|&&o| o == me).count();
+        let received = self.exchange_rows(counts, (&per_rank, &vec![mine; ranks]), 1, false)?;
+        let route = AttnRoute::new(plan, &owners, (me, ranks), &received);
+        let owned = route.owned.clone();
+        self.attn_routes[layer] = Some(route);
+        Ok(owned)
+    }
+
+    fn attn_to_owners(&mut self, layer: usize, rows: Vec<f32>, width: usize) -> Result<Vec<f32>, ModelError> {
+        if self.attn_placement.is_none() {
+            return Ok(rows);
+        }
+        let route = self.attn_route(layer)?;
+        let send = gather_rows(&rows, width, &route.send_order);
+        let received = self.exchange_rows(send, (&route.send_counts, &route.recv_counts), width, true);
+        let local = received.map(|received| gather_rows(&received, width, &route.local_order));
+        self.attn_routes[layer] = Some(route);
+        local
+    }
+
+    fn attn_to_sources(&mut self, layer: usize, rows: Vec<f32>, width: usize) -> Result<Vec<f32>, ModelError> {
+        if self.attn_placement.is_none() {
+            return Ok(rows);
+        }
+        let route = self.attn_route(layer)?;
+        let back = scatter_rows(&rows, width, &route.local_order, route.local_order.len());
+        let received = self.exchange_rows(back, (&route.recv_counts, &route.send_counts), width, true);
+        let out = received.map(|received| scatter_rows(&received, width, &route.send_order, route.send_order.len()));
+        self.attn_routes[layer] = Some(route);
+        out
     }
 }
 

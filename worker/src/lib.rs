@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod attention_shards;
+pub mod attn_dispatch;
 pub mod bf16_payload;
 pub mod checkpointing;
 pub mod config;

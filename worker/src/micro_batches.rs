@@ -33,6 +33,8 @@ pub struct StepInputs<'a> {
     pub rope: &'a RopeTable,
     pub weights: &'a ModelWeights,
     pub placement: &'a PlacementPlan,
+    /// Where MoA's attention experts live when partitioned.
+    pub attn_placement: Option<&'a PlacementPlan>,
     pub scales: LossScales,
     pub data: &'a DataSource,
     pub step: u64,
@@ -97,6 +99,7 @@ fn run_one(
         let mut a2a = AllToAllExperts::new(cfg, &mut *lane.ep, inputs.placement, experts)
             .exposed_to(inputs.exposure)
             .with_row_budget(inputs.row_budget)
+            .with_attention_experts(inputs.attn_placement)
             .on_nodes(inputs.ep_nodes.to_vec());
         if let (Some(pipe), Some(chunks)) = (lane.pipe, t.pipe_chunks) {
             a2a = a2a.pipelined(pipe, chunks);

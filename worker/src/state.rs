@@ -4,7 +4,8 @@
 //! AdamW moments as `optim.<name>.exp_avg` / `.exp_avg_sq`, so any
 //! safetensors reader can open a shard and any layout can read it back.
 
-use crate::config::JobConfig;
+use crate::attn_dispatch::attn_expert_plan;
+use crate::config::{AttnExpertPlacement, JobConfig};
 use crate::data::DataCursor;
 use crate::error::WorkerError;
 use checkpoint::{CheckpointStore, Manifest, ShardReport, TensorRef};
@@ -32,9 +33,20 @@ pub struct TrainState {
 /// The (layer, global expert id) of a routed expert's tensor name
 /// (`layers.{l}.moe.experts.{e}.…`).
 fn expert_of(name: &str) -> Option<(usize, usize)> {
+    layer_expert_of(name, "moe.experts.")
+}
+
+/// The (layer, expert id) of a MoA attention expert's tensor name
+/// (`layers.{l}.attn.experts.{e}.…`).
+pub(crate) fn attn_expert_of(name: &str) -> Option<(usize, usize)> {
+    layer_expert_of(name, "attn.experts.")
+}
+
+/// The (layer, expert) of `layers.{l}.{family}{e}.…`.
+fn layer_expert_of(name: &str, family: &str) -> Option<(usize, usize)> {
     let rest = name.strip_prefix("layers.")?;
     let (layer, rest) = rest.split_once('.')?;
-    let expert = rest.strip_prefix("moe.experts.")?.split('.').next()?;
+    let expert = rest.strip_prefix(family)?.split('.').next()?;
     Some((layer.parse().ok()?, expert.parse().ok()?))
 }
 
@@ -88,9 +100,21 @@ pub struct ScheduleState {
 
 impl TrainState {
     /// A fresh run: seeded weights (the dense tensors and the experts the
-    /// plan gives expert-parallel position `ep_rank`), zero moments.
+    /// plan gives expert-parallel position `ep_rank`; with partitioned
+    /// attention experts only those this position owns, the others left
+    /// empty), zero moments.
     pub fn fresh(job: &JobConfig, plan: &PlacementPlan, ep_rank: usize) -> Self {
-        let weights = ModelWeights::init_owned(&job.model, job.train.seed, &plan.owned_by(ep_rank));
+        let mut weights = ModelWeights::init_owned(&job.model, job.train.seed, &plan.owned_by(ep_rank));
+        if let Some(attn) = attn_expert_plan(job, plan.num_ranks) {
+            // Seeded whole first, so an expert's values do not depend on the layout.
+            for (l, layer) in weights.dense.layers.iter_mut().enumerate() {
+                for (e, expert) in layer.attn_experts.iter_mut().enumerate() {
+                    if attn.owner(l, e) != ep_rank {
+                        (expert.wq, expert.wo) = (Vec::new(), Vec::new());
+                    }
+                }
+            }
+        }
         let zeros = weights.zeros_like();
         Self {
             exp_avg: zeros.clone(),
@@ -108,29 +132,26 @@ impl TrainState {
     }
 
     /// This rank's share of the checkpoint, read in place: the dense
-    /// tensors (replicated everywhere) only when `with_dense`, and the
-    /// experts it holds for which `writes_expert(layer, expert)` — so every
+    /// tensors (replicated everywhere) only when `writes.dense`, and the
+    /// experts it holds for which `writes.expert(layer, expert)` — so every
     /// tensor is written once — each with its two AdamW moments.
-    pub fn shard_tensors(
-        &self,
-        job: &JobConfig,
-        with_dense: bool,
-        writes_expert: &dyn Fn(usize, usize) -> bool,
-    ) -> Vec<ShardTensor<'_>> {
-        fn select<'w>(
-            w: &'w ModelWeights,
-            with_dense: bool,
-            writes_expert: &dyn Fn(usize, usize) -> bool,
-        ) -> Vec<(String, &'w Vec<f32>)> {
+    pub fn shard_tensors(&self, job: &JobConfig, writes: ShardWrites<'_>) -> Vec<ShardTensor<'_>> {
+        fn select<'w>(w: &'w ModelWeights, partitioned: bool, writes: ShardWrites) -> Vec<(String, &'w Vec<f32>)> {
             let mut out = Vec::new();
-            if with_dense {
-                out.extend(w.dense.tensors());
+            for (name, t) in w.dense.tensors() {
+                let attn_expert = partitioned && attn_expert_of(&name).is_some();
+                // A partitioned attention expert is empty where another rank holds it.
+                let written = if attn_expert { writes.attn_experts && !t.is_empty() } else { writes.dense };
+                if written {
+                    out.push((name, t));
+                }
             }
             let experts = w.experts.tensors().into_iter();
-            out.extend(experts.filter(|(name, _)| expert_of(name).is_some_and(|(l, e)| writes_expert(l, e))));
+            out.extend(experts.filter(|(name, _)| expert_of(name).is_some_and(|(l, e)| (writes.expert)(l, e))));
             out
         }
-        let select = |w| select(w, with_dense, writes_expert);
+        let partitioned = job.parallel.attn_expert_placement == AttnExpertPlacement::Partitioned;
+        let select = |w| select(w, partitioned, writes);
         let shape = |name: &str| tensor_shape(&job.model, name).expect("names come from the model crate");
         let mut out = Vec::new();
         let moments = select(&self.exp_avg).into_iter().zip(select(&self.exp_avg_sq));
@@ -142,7 +163,7 @@ impl TrainState {
         }
         // Buffers (the expert bias) are state without moments, replicated
         // like the dense tensors.
-        if with_dense {
+        if writes.dense {
             for (name, data) in self.weights.dense.buffers() {
                 out.push(ShardTensor { shape: shape(&name), name, data });
             }
@@ -154,14 +175,8 @@ impl TrainState {
     /// training goes on. Buffers of a previous snapshot with the same
     /// tensors are reused: a save then costs one memory copy, without
     /// fresh allocations to fault in.
-    pub fn snapshot_into(
-        &self,
-        job: &JobConfig,
-        with_dense: bool,
-        writes_expert: &dyn Fn(usize, usize) -> bool,
-        out: &mut Vec<OwnedTensor>,
-    ) {
-        let wanted = self.shard_tensors(job, with_dense, writes_expert);
+    pub fn snapshot_into(&self, job: &JobConfig, writes: ShardWrites<'_>, out: &mut Vec<OwnedTensor>) {
+        let wanted = self.shard_tensors(job, writes);
         let reusable = out.len() == wanted.len()
             && out.iter().zip(&wanted).all(|(t, w)| t.name == w.name && t.data.len() == w.data.len());
         if reusable {
@@ -219,9 +234,10 @@ impl TrainState {
             .map_err(|reason| WorkerError::Incompatible { url: store.step_url(step), reason })?;
         let mut state = Self::fresh(job, plan, ep_rank);
         // Only what this rank holds: dense tensors and its own experts, by
-        // global name — whatever layout wrote them.
+        // global name — whatever layout wrote them (partitioned attention
+        // experts held elsewhere are empty here).
         let mut needed = std::collections::BTreeSet::new();
-        for (name, _) in state.weights.tensors() {
+        for (name, _) in state.weights.tensors().into_iter().filter(|(_, t)| !t.is_empty()) {
             needed.insert(format!("optim.{name}.exp_avg"));
             needed.insert(format!("optim.{name}.exp_avg_sq"));
             needed.insert(name);
@@ -230,15 +246,37 @@ impl TrainState {
         let mut tensors = store.read_tensors(step, &manifest, |name| needed.contains(name))?;
         let url = store.step_url(step);
         fill(state.weights.dense.buffers_mut(), &mut tensors, "", &url)?;
-        fill(state.weights.tensors_mut(), &mut tensors, "", &url)?;
-        fill(state.exp_avg.tensors_mut(), &mut tensors, ".exp_avg", &url)?;
-        fill(state.exp_avg_sq.tensors_mut(), &mut tensors, ".exp_avg_sq", &url)?;
+        fill(held(state.weights.tensors_mut()), &mut tensors, "", &url)?;
+        fill(held(state.exp_avg.tensors_mut()), &mut tensors, ".exp_avg", &url)?;
+        fill(held(state.exp_avg_sq.tensors_mut()), &mut tensors, ".exp_avg_sq", &url)?;
         state.step = manifest.step;
         state.tokens_seen = manifest.tokens_seen;
         state.rng = serde_json::from_value(manifest.rng.clone())
             .map_err(|e| WorkerError::Incompatible { url: url.clone(), reason: format!("bad RNG state: {e}") })?;
         Ok(state)
     }
+}
+
+/// The tensors this rank holds: every model tensor has values, so an
+/// empty one is a partitioned attention expert another rank holds.
+fn held(tensors: Vec<(String, &mut Vec<f32>)>) -> Vec<(String, &mut Vec<f32>)> {
+    tensors.into_iter().filter(|(_, t)| !t.is_empty()).collect()
+}
+
+/// What one rank writes of a checkpoint (each tensor is written once).
+#[derive(Clone, Copy)]
+pub struct ShardWrites<'f> {
+    /// The replicated dense tensors and buffers.
+    pub dense: bool,
+    /// The routed experts (layer, expert) it holds for which this says so.
+    pub expert: &'f dyn Fn(usize, usize) -> bool,
+    /// The partitioned attention experts it holds.
+    pub attn_experts: bool,
+}
+
+impl ShardWrites<'_> {
+    /// Everything this rank holds (one rank holding the whole model).
+    pub const ALL: ShardWrites<'static> = ShardWrites { dense: true, expert: &|_, _| true, attn_experts: true };
 }
 
 /// Copies saved tensors into the named `targets`; `suffix` selects

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 use worker::metrics::StepMetrics;
-use worker::state::{write_snapshot, TrainState};
+use worker::state::{write_snapshot, ShardWrites, TrainState};
 use worker::JobConfig;
 
 /// What `switchyard bench checkpoint` measures.
@@ -75,7 +75,7 @@ fn measure(bench: &CheckpointBench, job: &JobConfig, url: &str, run_dir: &Path) 
     }
     let plan = PlacementPlan::contiguous(job.model.n_layers, job.model.n_experts, 1);
     let state = TrainState::fresh(job, &plan, 0);
-    let tensors = state.shard_tensors(job, true, &|_, _| true);
+    let tensors = state.shard_tensors(job, ShardWrites::ALL);
     let refs: Vec<_> = tensors.iter().map(|t| t.as_ref()).collect();
     let raw: Vec<u8> = tensors.iter().flat_map(|t| t.data.iter().flat_map(|x| x.to_le_bytes())).collect();
     let (mut save_s, mut raw_s, mut shard_bytes) = (f64::INFINITY, f64::INFINITY, 0u64);

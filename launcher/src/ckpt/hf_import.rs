@@ -13,7 +13,7 @@ use layout::{ParallelDims, PlacementPlan};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use worker::state::{write_snapshot, TrainState};
+use worker::state::{write_snapshot, ShardWrites, TrainState};
 use worker::JobConfig;
 
 /// Every tensor of a folder's safetensors files, as f32.
@@ -363,7 +363,7 @@ pub fn write_step_zero(
 ) -> Result<(CheckpointStore, PathBuf)> {
     let root = std::fs::canonicalize(run_dir)?.join("checkpoints");
     let store = CheckpointStore::open(&format!("file://{}", root.display()))?;
-    let tensors = state.shard_tensors(job, true, &|_, _| true);
+    let tensors = state.shard_tensors(job, ShardWrites::ALL);
     let refs: Vec<_> = tensors.iter().map(|t| t.as_ref()).collect();
     let report = write_snapshot(&store, 0, 0, &refs)?.expect("a model has tensors");
     let sizes = layout::ModelSizes {

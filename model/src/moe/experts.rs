@@ -58,6 +58,28 @@ pub trait ExpertExecutor {
     fn finish_backward(&mut self, layer: usize, started: Started) -> Result<Vec<f32>, ModelError> {
         started.into_done(layer)
     }
+
+    /// MoA's attention experts (`attention_experts.rs`) of `layer`, whose
+    /// rows `plan` groups by expert: says which rows this rank computes,
+    /// grouped by expert (a plan without token sources). Experts
+    /// replicated on every rank (the default) compute every row here; an
+    /// executor that partitions them over its ranks plans the exchanges of
+    /// [`ExpertExecutor::attn_to_owners`] here, which every later exchange
+    /// of the layer (forward and backward) follows.
+    fn attn_plan(&mut self, _layer: usize, plan: &DispatchPlan) -> Result<DispatchPlan, ModelError> {
+        Ok(DispatchPlan::grouped(plan.counts_e.clone(), plan.top_k))
+    }
+    /// Sends rows `[r, width]` in `plan` order (of [`ExpertExecutor::attn_plan`])
+    /// to the ranks that hold their experts; returns the rows this rank
+    /// computes, grouped as `attn_plan` said.
+    fn attn_to_owners(&mut self, _layer: usize, rows: Vec<f32>, _width: usize) -> Result<Vec<f32>, ModelError> {
+        Ok(rows)
+    }
+    /// The inverse of [`ExpertExecutor::attn_to_owners`]: rows computed here
+    /// go back to the ranks they came from, in `plan` order there.
+    fn attn_to_sources(&mut self, _layer: usize, rows: Vec<f32>, _width: usize) -> Result<Vec<f32>, ModelError> {
+        Ok(rows)
+    }
 }
 
 /// A started expert pass: done already, or still in flight inside the

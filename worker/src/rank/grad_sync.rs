@@ -1,10 +1,12 @@
 //! Gradient synchronisation after a step's passes: the second lane's
 //! gradients added in, replicated dense tensors summed over every rank,
-//! attention shards over the ranks holding the same shard, experts over
-//! their replicas; then the global gradient norm, each tensor counted once.
+//! attention shards over the ranks holding the same shard, experts (and
+//! partitioned attention experts) over their replicas; then the global
+//! gradient norm, each tensor counted once.
 
 use super::groups::Groups;
 use crate::error::WorkerError;
+use crate::state::attn_expert_of;
 use crate::sync::all_reduce_tensors;
 use collectives::Communicator;
 use layout::{ParallelDims, PlacementPlan};
@@ -18,6 +20,11 @@ pub(crate) fn is_layer_tensor(name: &str) -> bool {
     name.starts_with("layers.")
 }
 
+/// Whether `name` is a partitioned attention expert's tensor.
+fn is_partitioned(inputs: &SyncInputs, name: &str) -> bool {
+    inputs.attn_placement.is_some() && attn_expert_of(name).is_some()
+}
+
 /// Whether `name` is cut over attention shards in this layout.
 fn is_sharded(dims: &ParallelDims, name: &str, d_model: usize) -> bool {
     dims.attn_tp > 1 && shard_split(name, d_model) != ShardSplit::Replicated
@@ -29,6 +36,9 @@ pub(crate) struct SyncInputs<'a> {
     pub dims: ParallelDims,
     pub ep_rank: usize,
     pub placement: &'a PlacementPlan,
+    /// Where MoA's attention experts live when partitioned (each rank
+    /// holds its own; empty tensors stand for the others).
+    pub attn_placement: Option<&'a PlacementPlan>,
     /// Whether gradient buckets already summed the layers' dense
     /// gradients of both lanes over every rank.
     pub bucketed: bool,
@@ -53,8 +63,14 @@ pub(crate) fn sync_gradients(
         }
     }
     if dims.world > 1 {
+        let (partitioned, dense): (Vec<_>, Vec<_>) =
+            grads.dense.tensors_mut().into_iter().partition(|(name, _)| is_partitioned(inputs, name));
+        if let Some(edp) = groups.edp.as_mut() {
+            let held = partitioned.into_iter().filter(|(_, g)| !g.is_empty());
+            all_reduce_tensors(edp.as_mut(), held.collect())?;
+        }
         let (sharded, replicated): (Vec<_>, Vec<_>) =
-            grads.dense.tensors_mut().into_iter().partition(|(name, _)| is_sharded(&dims, name, cfg.d_model));
+            dense.into_iter().partition(|(name, _)| is_sharded(&dims, name, cfg.d_model));
         let replicated = replicated.into_iter().filter(|(name, _)| !bucketed || !is_layer_tensor(name));
         all_reduce_tensors(world, replicated.collect())?;
         if let Some(dp) = groups.dp.as_mut() {
@@ -72,9 +88,11 @@ pub(crate) fn sync_gradients(
 /// everywhere now, so each attention shard counts once per shard group and
 /// each expert once per expert-parallel group.
 fn global_norm(groups: &mut Groups, grads: &ModelWeights, inputs: &SyncInputs) -> Result<f64, WorkerError> {
-    let (mut dense_sq, mut shard_sq) = (0.0f64, [0.0f64]);
+    let (mut dense_sq, mut shard_sq, mut expert_sq) = (0.0f64, [0.0f64], [0.0f64]);
     for (name, g) in grads.dense.tensors() {
-        if is_sharded(&inputs.dims, &name, inputs.cfg.d_model) {
+        if is_partitioned(inputs, &name) {
+            expert_sq[0] += sum_of_squares(g);
+        } else if is_sharded(&inputs.dims, &name, inputs.cfg.d_model) {
             shard_sq[0] += sum_of_squares(g);
         } else {
             dense_sq += sum_of_squares(g);
@@ -83,7 +101,6 @@ fn global_norm(groups: &mut Groups, grads: &ModelWeights, inputs: &SyncInputs) -
     if let Some(tp) = groups.tp.as_mut() {
         tp.all_reduce_sum_f64(&mut shard_sq)?;
     }
-    let mut expert_sq = [0.0f64];
     for (l, layer) in grads.experts.layers.iter().enumerate() {
         for (_, g) in layer.iter().filter(|(&e, _)| inputs.placement.owner(l, e) == inputs.ep_rank) {
             for t in [&g.w1, &g.w3, &g.w2] {

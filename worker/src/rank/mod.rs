@@ -30,6 +30,7 @@ mod validation;
 
 use crate::api::{checkpoint_url, Observer, Resume, RunOptions, StartInfo, TrainSummary};
 use crate::attention_shards::{cut_to_shard, joined};
+use crate::attn_dispatch::attn_expert_plan;
 use crate::checkpointing::{Checkpointer, SaveAt, SaveKind, SaveStall};
 use crate::config::JobConfig;
 use crate::coordination::register;
@@ -206,6 +207,8 @@ pub(crate) struct RankRun<'a> {
     /// The step the run stops at (`train.steps`, or `--stop-at`).
     end: u64,
     placement: PlacementPlan,
+    /// Where MoA's attention experts live when partitioned (fixed for the run).
+    attn_placement: Option<PlacementPlan>,
     /// The plan to report in the next step's metrics row: the attempt's
     /// first plan, then each re-plan.
     placement_news: Option<crate::metrics::PlacementReport>,
@@ -255,7 +258,7 @@ impl<'a> RankRun<'a> {
             _ => placement,
         };
         let accumulation = job.grad_accumulation(dims.dp);
-        let techniques = Techniques::choose(
+        let mut techniques = Techniques::choose(
             &job.overlap,
             &RankLayout {
                 backend: job.parallel.backend,
@@ -267,6 +270,12 @@ impl<'a> RankRun<'a> {
                 spans_nodes: nodes.iter().any(|n| *n != nodes[0]),
             },
         );
+        let attn_placement = attn_expert_plan(job, dims.ep);
+        if attn_placement.is_some() {
+            // Buckets sum every layer's dense gradients over all ranks; a
+            // partitioned attention expert's go over its replicas only.
+            techniques.bucket_values = None;
+        }
         let groups = Groups::split(comm, &dims, &techniques)?;
         let data = open_data(job)?;
         let eval_set = validation::EvalSet::load(job)?;
@@ -334,6 +343,7 @@ impl<'a> RankRun<'a> {
             end: opts.stop_at.map_or(job.train.steps, |s| s.min(job.train.steps)),
             expert_loads: vec![vec![0.0f64; cfg.n_experts]; cfg.n_layers],
             placement,
+            attn_placement,
             placement_news: None,
             row_budget: row_budget(job, opts),
             state,
@@ -358,6 +368,7 @@ impl<'a> RankRun<'a> {
             dims: self.dims,
             ep_rank: self.dims.ep_rank(self.rank),
             placement: &self.placement,
+            attn_placement: self.attn_placement.as_ref(),
             bucketed,
         };
         grad_sync::sync_gradients(self.comm, &mut self.groups, &mut self.grads, self.grads_b.as_ref(), &inputs)

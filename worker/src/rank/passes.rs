@@ -29,6 +29,7 @@ impl RankRun<'_> {
             rope: &self.rope,
             weights: &self.state.weights,
             placement: &self.placement,
+            attn_placement: self.attn_placement.as_ref(),
             scales: self.scales,
             data: &self.data,
             step: self.state.step,

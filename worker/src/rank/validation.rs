@@ -102,8 +102,9 @@ impl RankRun<'_> {
             forward_with(cfg, model, &mut experts, mb, &mut NoShards)?
         } else {
             let groups = &mut self.groups;
-            let mut a2a =
-                AllToAllExperts::new(cfg, groups.ep.as_mut(), &self.placement, experts).on_nodes(self.ep_nodes.clone());
+            let mut a2a = AllToAllExperts::new(cfg, groups.ep.as_mut(), &self.placement, experts)
+                .on_nodes(self.ep_nodes.clone())
+                .with_attention_experts(self.attn_placement.as_ref());
             match shorter(&mut groups.tp) {
                 Some(tp) => forward_with(cfg, model, &mut a2a, mb, &mut ShardGroup { comm: tp })?,
                 None => forward_with(cfg, model, &mut a2a, mb, &mut NoShards)?,
