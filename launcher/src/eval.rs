@@ -47,7 +47,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let job: JobConfig = serde_json::from_value(manifest.config.clone())
         .with_context(|| format!("the config saved in {} cannot be read by this version", store.step_url(step)))?;
     let plan = PlacementPlan::contiguous(job.model.n_layers, job.model.n_experts, 1);
-    let state = TrainState::load(&store, step, &job, &plan, 0)?;
+    let state = TrainState::load(&store, step, &job, (&plan, None), 0)?;
     if args.modality as usize >= job.model.modalities {
         bail!(
             "--modality {}: the model has [model] modalities = {}: give 0..{}",

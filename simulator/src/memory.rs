@@ -144,6 +144,31 @@ mod tests {
     }
 
     #[test]
+    fn attention_experts_count_whole_and_split_over_ep_when_partitioned() {
+        let moa = ["model.attention=\"moa\"", "model.attn_experts=4", "model.attn_top_k=2"];
+        let one_job = job(&moa);
+        let one = crate::test_jobs::shape_of(&one_job, Routing::default());
+        let p = Precision::default();
+        assert_eq!(RankMemory::of(&one, &p).params, 4.0 * one_job.model.num_params() as f64);
+        let partitioned = "parallel.attn_expert_placement=\"partitioned\"";
+        let replicated =
+            crate::test_jobs::shape_of(&job(&[&moa[..], &["parallel.ranks=4"]].concat()), Routing::default());
+        let split = [&moa[..], &["parallel.ranks=4", partitioned]].concat();
+        let split = crate::test_jobs::shape_of(&job(&split), Routing::default());
+        // Each of 4 ranks holds 1 of the 4 experts' query and output weights.
+        let m = &one_job.model;
+        let all = (m.n_layers * 4 * 2 * m.d_model * m.n_heads * m.head_dim()) as f64;
+        let saved = RankMemory::of(&replicated, &p).params - RankMemory::of(&split, &p).params;
+        assert_eq!(saved, 4.0 * 0.75 * all);
+        let rows = |s: &RankShape| {
+            let comms = crate::traffic::collectives(s, &p);
+            comms.iter().filter(|c| c.name == crate::traffic::ATTN_ROWS).map(|c| c.count).sum::<f64>()
+        };
+        assert_eq!(rows(&replicated), 0.0);
+        assert_eq!(rows(&split), 8.0 * (m.n_layers * split.micro_batches) as f64);
+    }
+
+    #[test]
     fn experts_split_over_ep_and_optimizer_over_dp() {
         let one = crate::test_jobs::shape_of(&job(&[]), Routing::default());
         let four = crate::test_jobs::shape_of(&job(&["parallel.ranks=4"]), Routing::default());

@@ -21,6 +21,9 @@ pub struct JobSizes {
     /// Ranks are processes with a thread pool each (the mpi and nccl
     /// backends), not threads of one process sharing one pool.
     pub ranks_are_processes: bool,
+    /// MoA's attention experts partitioned over the expert-parallel group
+    /// (`parallel.attn_expert_placement`), not replicated.
+    pub attn_experts_partitioned: bool,
 }
 
 /// What the simulator assumes about routing, beyond the config.
@@ -104,6 +107,18 @@ pub struct RankShape {
     pub travel_rows_mean: f64,
     /// Tokens of the global batch per step.
     pub tokens_per_step: usize,
+    /// MoA: attention experts per layer (0 without MoA), the query and
+    /// output weights of those this rank holds per layer (its share of
+    /// every expert's heads, or its whole experts when partitioned), and
+    /// whether they are partitioned over the expert-parallel group.
+    pub attn_experts: usize,
+    pub attn_expert_weights: usize,
+    pub attn_experts_partitioned: bool,
+    /// MoA partitioned: rows (token, chosen attention expert) per layer and
+    /// micro-batch this rank sends to the experts' owners, and one
+    /// expert's query width.
+    pub attn_rows: f64,
+    pub attn_width: usize,
 }
 
 /// The expected number of expert-parallel ranks a token's top-k experts
@@ -128,6 +143,20 @@ pub fn owners_per_token(m: &ModelConfig, ep: usize) -> f64 {
     // A rank is missed when all k picks (without replacement) avoid its experts.
     let missed: f64 = (0..k).map(|i| ((choosable - per_rank - i as f64) / (choosable - i as f64)).max(0.0)).product();
     ranks * (1.0 - missed)
+}
+
+/// MoA's query and output weights one rank holds per layer: a share of
+/// every expert's heads (attention shards), or whole experts when they
+/// are partitioned (`ceil(Ea / ep)` on the busiest rank); 0 without MoA.
+fn attn_expert_weights(m: &ModelConfig, dims: ParallelDims, partitioned: bool) -> usize {
+    if !m.is_moa() {
+        return 0;
+    }
+    let one = 2 * m.d_model * m.n_heads * m.head_dim();
+    match partitioned {
+        true => m.attn_experts.div_ceil(dims.ep.max(1)) * one,
+        false => m.attn_experts * one / dims.attn_tp,
+    }
 }
 
 impl RankShape {
@@ -201,6 +230,11 @@ impl RankShape {
             travel_rows_mean: t as f64 * kept * owners_per_token(m, dims.ep),
             expert_rows_max: assignments * busiest_share,
             tokens_per_step: job.global_batch_size * m.seq_len,
+            attn_experts: if m.is_moa() { m.attn_experts } else { 0 },
+            attn_expert_weights: attn_expert_weights(m, dims, job.attn_experts_partitioned),
+            attn_experts_partitioned: m.is_moa() && job.attn_experts_partitioned,
+            attn_rows: if m.is_moa() { (t * m.attn_top_k) as f64 } else { 0.0 },
+            attn_width: m.n_heads * m.head_dim(),
         }
     }
 

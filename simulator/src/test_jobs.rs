@@ -11,6 +11,7 @@ pub fn shape_of(job: &JobConfig, routing: Routing) -> RankShape {
         global_batch_size: job.train.global_batch_size,
         ranks_are_processes: job.parallel.backend != worker::Backend::Local,
         dims: job.parallel_dims().expect("a valid test layout"),
+        attn_experts_partitioned: job.parallel.attn_expert_placement == worker::AttnExpertPlacement::Partitioned,
     };
     RankShape::of(&sizes, routing)
 }

@@ -82,9 +82,12 @@ pub const ROWS_ONCE_PER_OWNER: &str = "all-to-all: expert inputs / input gradien
 /// gradients backward).
 pub const ROWS_EACH: &str = "all-to-all: expert outputs / output gradients";
 
+/// The exchanges of partitioned attention experts' rows.
+pub const ATTN_ROWS: &str = "all-to-all: attention expert rows";
+
 /// Whether `c` moves expert rows (the bytes `alltoall_bytes_sent` counts).
 pub fn moves_expert_rows(c: &Collective) -> bool {
-    c.name == ROWS_ONCE_PER_OWNER || c.name == ROWS_EACH
+    c.name == ROWS_ONCE_PER_OWNER || c.name == ROWS_EACH || c.name == ATTN_ROWS
 }
 
 /// The collectives of one step on one rank.
@@ -124,6 +127,29 @@ pub fn collectives(s: &RankShape, precision: &Precision) -> Vec<Collective> {
             phase: Phase::Exchange,
             group: s.ep,
             bytes: 8.0 * (f(s.experts) + slots),
+            count: per_layer,
+        });
+    }
+    if s.attn_experts_partitioned && s.ep > 1 {
+        // Per layer forward: inputs (d) to the owners and queries (w) back,
+        // head outputs (w) to them and outputs (d) back; backward the same
+        // sizes: 8 exchanges of (d + w) / 2 values per row on average, and
+        // the row counts once per layer.
+        let per_layer = f(s.layers * s.micro_batches);
+        out.push(Collective {
+            name: ATTN_ROWS,
+            kind: Kind::Exchange,
+            phase: Phase::Exchange,
+            group: s.ep,
+            bytes: s.attn_rows * f(s.d + s.attn_width) / 2.0 * value,
+            count: 8.0 * per_layer,
+        });
+        out.push(Collective {
+            name: "all-to-all: attention expert row counts",
+            kind: Kind::Exchange,
+            phase: Phase::Exchange,
+            group: s.ep,
+            bytes: 4.0 * f(s.attn_experts),
             count: per_layer,
         });
     }
@@ -207,7 +233,13 @@ pub fn dense_params(s: &RankShape) -> (f64, f64) {
     let (d, v) = (f(s.d), f(s.v));
     // Mixture-of-Transformers: every modality its own projections and norms.
     let modalities = f(s.modalities);
-    let attention = modalities * d * (f(s.q_width()) * 2.0 + f(s.kv_width()) * 2.0);
+    // MoA: the experts' query and output weights (replicated ones here,
+    // partitioned ones with the experts), their router and output bias.
+    let query_output = match s.attn_experts {
+        0 => d * f(s.q_width()) * 2.0,
+        ea => f(s.attn_expert_weights) * f(usize::from(!s.attn_experts_partitioned)) + f(ea) * d + d,
+    };
+    let attention = modalities * (query_output + d * f(s.kv_width()) * 2.0);
     let norms = modalities * d * if s.sequential { 2.0 } else { 1.0 };
     let shared = f(s.shared_experts) * 3.0 * d * f(s.f);
     // The router's rows, and MoE++'s constant experts (a vector and a 2-way gate each).
@@ -226,9 +258,11 @@ pub fn dense_params(s: &RankShape) -> (f64, f64) {
     }
 }
 
-/// Routed-expert parameters held by this rank (its `e / ep` experts of every layer).
+/// Routed-expert parameters held by this rank (its `e / ep` experts of
+/// every layer, and its partitioned attention experts).
 pub fn expert_params(s: &RankShape) -> f64 {
-    (s.moe_layers * s.local_experts * 3 * s.d * s.f) as f64
+    let attention = if s.attn_experts_partitioned { s.layers * s.attn_expert_weights } else { 0 };
+    (s.moe_layers * s.local_experts * 3 * s.d * s.f + attention) as f64
 }
 
 #[cfg(test)]

@@ -23,5 +23,5 @@ pub mod sync;
 pub mod train;
 
 pub use api::{Observer, Resume, RunOptions, StartInfo, TrainSummary};
-pub use config::{Backend, JobConfig};
+pub use config::{AttnExpertPlacement, Backend, JobConfig};
 pub use error::WorkerError;

@@ -156,6 +156,10 @@ pub struct PlacementReport {
     /// A re-plan's busiest rank over the mean expert tokens, before and after.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub balance: Option<(f64, f64)>,
+    /// Partitioned attention experts: `attn_owners[layer][expert]` as
+    /// `owners` (empty when they are replicated).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attn_owners: Vec<Vec<Vec<usize>>>,
 }
 
 fn is_zero(v: &f64) -> bool {

@@ -4,7 +4,6 @@
 //! AdamW moments as `optim.<name>.exp_avg` / `.exp_avg_sq`, so any
 //! safetensors reader can open a shard and any layout can read it back.
 
-use crate::attn_dispatch::attn_expert_plan;
 use crate::config::{AttnExpertPlacement, JobConfig};
 use crate::data::DataCursor;
 use crate::error::WorkerError;
@@ -101,15 +100,15 @@ pub struct ScheduleState {
 impl TrainState {
     /// A fresh run: seeded weights (the dense tensors and the experts the
     /// plan gives expert-parallel position `ep_rank`; with partitioned
-    /// attention experts only those this position owns, the others left
-    /// empty), zero moments.
-    pub fn fresh(job: &JobConfig, plan: &PlacementPlan, ep_rank: usize) -> Self {
+    /// attention experts, `attn` their plan, only those this position
+    /// owns, the others left empty), zero moments.
+    pub fn fresh(job: &JobConfig, plan: &PlacementPlan, attn: Option<&PlacementPlan>, ep_rank: usize) -> Self {
         let mut weights = ModelWeights::init_owned(&job.model, job.train.seed, &plan.owned_by(ep_rank));
-        if let Some(attn) = attn_expert_plan(job, plan.num_ranks) {
+        if let Some(attn) = attn {
             // Seeded whole first, so an expert's values do not depend on the layout.
             for (l, layer) in weights.dense.layers.iter_mut().enumerate() {
                 for (e, expert) in layer.attn_experts.iter_mut().enumerate() {
-                    if attn.owner(l, e) != ep_rank {
+                    if !attn.owners[l][e].contains(&ep_rank) {
                         (expert.wq, expert.wo) = (Vec::new(), Vec::new());
                     }
                 }
@@ -214,14 +213,14 @@ impl TrainState {
         manifest
     }
 
-    /// Loads a committed step onto this rank's plan. The checkpoint's model
-    /// config must equal `job.model`: anything else is refused with the keys
-    /// that differ.
+    /// Loads a committed step onto this rank's plans (as [`TrainState::fresh`]).
+    /// The checkpoint's model config must equal `job.model`: anything else
+    /// is refused with the keys that differ.
     pub fn load(
         store: &CheckpointStore,
         step: u64,
         job: &JobConfig,
-        plan: &PlacementPlan,
+        (plan, attn): (&PlacementPlan, Option<&PlacementPlan>),
         ep_rank: usize,
     ) -> Result<Self, WorkerError> {
         let manifest = store.read_manifest(step)?;
@@ -232,7 +231,7 @@ impl TrainState {
             })?;
         check_same_model(&saved.model, &job.model)
             .map_err(|reason| WorkerError::Incompatible { url: store.step_url(step), reason })?;
-        let mut state = Self::fresh(job, plan, ep_rank);
+        let mut state = Self::fresh(job, plan, attn, ep_rank);
         // Only what this rank holds: dense tensors and its own experts, by
         // global name — whatever layout wrote them (partitioned attention
         // experts held elsewhere are empty here).

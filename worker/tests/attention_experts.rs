@@ -87,6 +87,24 @@ fn attention_experts_resume_bit_exactly_and_on_another_layout() {
 }
 
 #[test]
+fn balanced_placement_moves_partitioned_attention_experts_and_keeps_the_losses() {
+    let reference = run(&job(MOA, 1, &[]), "moa-balanced-ref");
+    let balanced = ["parallel.placement=\"balanced\"", "parallel.rebalance_every=4", "parallel.ep=2"];
+    let moved = run(&job(MOA, 4, &[&[PARTITIONED][..], &balanced].concat()), "moa-balanced");
+    assert_close(&reference, &moved, "4 ranks, attention experts partitioned over 2, balanced");
+    let contiguous = vec![vec![vec![0], vec![0], vec![1], vec![1]]; 2];
+    let plans: Vec<_> = moved.iter().filter_map(|m| m.placement.as_ref()).collect();
+    assert_eq!(plans[0].attn_owners, contiguous, "the run starts on the contiguous plan");
+    let replanned = plans.iter().find(|p| p.reason == "rebalanced" && p.attn_owners != contiguous);
+    let replanned = replanned.unwrap_or_else(|| panic!("the attention experts never moved: {plans:?}"));
+    for layer in &replanned.attn_owners {
+        let mut per_rank = [0, 0];
+        layer.iter().for_each(|owners| per_rank[owners[0]] += 1);
+        assert_eq!(per_rank, [2, 2], "two experts per rank, one owner each: {layer:?}");
+    }
+}
+
+#[test]
 fn partitioned_attention_experts_resume_bit_exactly_and_on_other_layouts() {
     let reference = run(&job(MOA, 1, &[]), "moa-part-ref");
     let dir = temp_dir("moa-part-resume");

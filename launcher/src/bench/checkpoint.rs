@@ -74,7 +74,7 @@ fn measure(bench: &CheckpointBench, job: &JobConfig, url: &str, run_dir: &Path) 
         bail!("{url} already holds checkpoints (step {step}): give the benchmark an empty prefix");
     }
     let plan = PlacementPlan::contiguous(job.model.n_layers, job.model.n_experts, 1);
-    let state = TrainState::fresh(job, &plan, 0);
+    let state = TrainState::fresh(job, &plan, None, 0);
     let tensors = state.shard_tensors(job, ShardWrites::ALL);
     let refs: Vec<_> = tensors.iter().map(|t| t.as_ref()).collect();
     let raw: Vec<u8> = tensors.iter().flat_map(|t| t.data.iter().flat_map(|x| x.to_le_bytes())).collect();
@@ -104,7 +104,7 @@ fn measure(bench: &CheckpointBench, job: &JobConfig, url: &str, run_dir: &Path) 
     let mut resume_s = f64::INFINITY;
     for _ in 0..bench.rounds {
         let started = Instant::now();
-        let loaded = TrainState::load(&store, last, job, &plan, 0)?;
+        let loaded = TrainState::load(&store, last, job, (&plan, None), 0)?;
         resume_s = resume_s.min(started.elapsed().as_secs_f64());
         if loaded.weights.tensors()[0].1 != state.weights.tensors()[0].1 {
             bail!("the resumed state differs from the saved one: the checkpoint path is broken");

@@ -398,7 +398,7 @@ pub fn run(from: &Path, run_dir: &Path, seq_len: usize, sets: &[String]) -> Resu
         bail!("{} already holds checkpoints: import into a new --run-dir (nothing was written)", run_dir.display());
     }
     let plan = PlacementPlan::contiguous(job.model.n_layers, job.model.n_experts, 1);
-    let mut state = TrainState::fresh(&job, &plan, 0);
+    let mut state = TrainState::fresh(&job, &plan, None, 0);
     fill_weights(&job, arch, read_weights(from)?, &mut state, from)?;
     // Written only once everything above was read and checked.
     std::fs::create_dir_all(run_dir).with_context(|| format!("cannot create {}", run_dir.display()))?;

@@ -157,7 +157,7 @@ pub fn run(args: UpcycleArgs) -> Result<()> {
         );
     }
     let dense_plan = PlacementPlan::contiguous(d.n_layers, 1, 1);
-    let dense = TrainState::load(&store, step, &dense_job, &dense_plan, 0)?;
+    let dense = TrainState::load(&store, step, &dense_job, (&dense_plan, None), 0)?;
     let mut job = dense_job.clone();
     job.model.n_experts = args.experts * args.modalities;
     job.model.modalities = args.modalities;
@@ -179,7 +179,7 @@ pub fn run(args: UpcycleArgs) -> Result<()> {
     // come from the dense model.
     let mut seeded = job.clone();
     seeded.train.seed = args.seed;
-    let mut state = TrainState::fresh(&seeded, &plan, 0);
+    let mut state = TrainState::fresh(&seeded, &plan, None, 0);
     let dense_tensors: std::collections::BTreeMap<String, &Vec<f32>> = dense.weights.tensors().into_iter().collect();
     let dim = job.model.d_model;
     for (i, (name, dst)) in state.weights.dense.tensors_mut().into_iter().enumerate() {

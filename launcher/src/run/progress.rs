@@ -48,6 +48,8 @@ pub struct ConsoleProgress {
     started: Instant,
     entropy: Option<CorpusEntropy>,
     backend: worker::Backend,
+    /// MoA's attention experts are partitioned over the expert-parallel group.
+    attn_experts_partitioned: bool,
 }
 
 fn human_count(x: f64) -> String {
@@ -97,6 +99,7 @@ impl ConsoleProgress {
         Ok(Self {
             log_every: job.train.log_every,
             backend: job.parallel.backend,
+            attn_experts_partitioned: job.parallel.attn_expert_placement == worker::AttnExpertPlacement::Partitioned,
             total_steps: job.train.steps,
             start_step: 0,
             run_dir: run_dir.to_path_buf(),
@@ -196,8 +199,9 @@ impl Observer for ConsoleProgress {
         self.line(&info.precision);
         let d = info.dims;
         if d.world > 1 {
+            let attn = if self.attn_experts_partitioned { " | attention experts partitioned like them" } else { "" };
             self.line(&format!(
-                "layout: {} ranks ({} backend) | data parallel {} x attention shards {} | experts over {} ranks (ep {}, {} replica(s))",
+                "layout: {} ranks ({} backend) | data parallel {} x attention shards {} | experts over {} ranks (ep {}, {} replica(s)){attn}",
                 d.world, self.backend, d.dp, d.attn_tp, d.ep, d.ep, d.edp
             ));
             let overlap = info.overlap.describe();

@@ -164,7 +164,7 @@ fn train_rank(
         if preempted {
             break;
         }
-        if let Some((before, after)) = run.maybe_rebalance(&metrics.tokens_per_expert)? {
+        if let Some((before, after)) = run.maybe_rebalance(&metrics.tokens_per_expert, &metrics.attn_load)? {
             if let Some(obs) = observer.as_deref_mut() {
                 obs.on_rebalance(run.state.step, before, after);
             }
@@ -214,8 +214,10 @@ pub(crate) struct RankRun<'a> {
     placement_news: Option<crate::metrics::PlacementReport>,
     /// The bound on rows this rank's experts take per exchange.
     row_budget: Option<RowBudget>,
-    /// Balanced placement: tokens per expert since the last plan.
+    /// Balanced placement: tokens per expert since the last plan, and per
+    /// attention expert (when partitioned).
     expert_loads: Vec<Vec<f64>>,
+    attn_loads: Vec<Vec<f64>>,
     state: TrainState,
     grads: ModelWeights,
     /// The second lane's gradients, added into `grads` after the passes.
@@ -279,7 +281,8 @@ impl<'a> RankRun<'a> {
         let groups = Groups::split(comm, &dims, &techniques)?;
         let data = open_data(job)?;
         let eval_set = validation::EvalSet::load(job)?;
-        let (store, mut state, resumed_from) = starting_state(job, opts, &placement, dims.ep_rank(rank))?;
+        let plans = (&placement, attn_placement.as_ref());
+        let (store, mut state, resumed_from) = starting_state(job, opts, plans, dims.ep_rank(rank))?;
         cut_to_rank_shard(&mut state, cfg.d_model, &dims, rank);
         let (metrics_out, aborted_uploads) = if rank == 0 {
             prepare_run_folder(job, &opts.run_dir, &store, client.is_some(), state.step)?
@@ -342,6 +345,7 @@ impl<'a> RankRun<'a> {
             },
             end: opts.stop_at.map_or(job.train.steps, |s| s.min(job.train.steps)),
             expert_loads: vec![vec![0.0f64; cfg.n_experts]; cfg.n_layers],
+            attn_loads: vec![vec![0.0f64; cfg.attn_experts]; cfg.n_layers],
             placement,
             attn_placement,
             placement_news: None,

@@ -86,7 +86,7 @@ pub(crate) fn prepare_run_folder(
 pub(crate) fn starting_state(
     job: &JobConfig,
     opts: &RunOptions,
-    plan: &PlacementPlan,
+    plans: (&PlacementPlan, Option<&PlacementPlan>),
     ep_rank: usize,
 ) -> Result<(CheckpointStore, TrainState, Option<String>), WorkerError> {
     let (root, step) = match &opts.resume {
@@ -116,7 +116,7 @@ pub(crate) fn starting_state(
     };
     match step {
         Some(step) => {
-            let state = TrainState::load(&store, step, job, plan, ep_rank)?;
+            let state = TrainState::load(&store, step, job, plans, ep_rank)?;
             let from = store.step_url(step);
             // Checkpoints keep going to the job's own URL.
             let store = if matches!(opts.resume, Resume::From(_)) {
@@ -126,7 +126,7 @@ pub(crate) fn starting_state(
             };
             Ok((store, state, Some(from)))
         }
-        None => Ok((store, TrainState::fresh(job, plan, ep_rank), None)),
+        None => Ok((store, TrainState::fresh(job, plans.0, plans.1, ep_rank), None)),
     }
 }
 

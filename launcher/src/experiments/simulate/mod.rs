@@ -252,6 +252,7 @@ pub fn shape_of(job: &JobConfig, routing: Routing) -> Result<RankShape> {
         global_batch_size: job.train.global_batch_size,
         ranks_are_processes: job.parallel.backend != worker::Backend::Local,
         dims: job.parallel_dims().context("the job's [parallel] layout")?,
+        attn_experts_partitioned: job.parallel.attn_expert_placement == worker::AttnExpertPlacement::Partitioned,
     };
     Ok(RankShape::of(&sizes, routing))
 }
