@@ -36,6 +36,8 @@ pub struct ServerConfig {
     /// The layout and the starting placement plan handed to every worker.
     pub dims: Option<layout::ParallelDims>,
     pub plan: Option<layout::PlacementPlan>,
+    /// The attention experts' starting plan, when the job partitions them.
+    pub attn_plan: Option<layout::PlacementPlan>,
     /// How often workers send heartbeats.
     pub heartbeat: Duration,
     /// A rank silent for this long is lost.
@@ -480,6 +482,7 @@ fn admit(shared: &Shared, reg: &Registration, outbox: UnboundedSender<Message>) 
         config_toml: state.cfg.config_toml.clone(),
         dims: state.cfg.dims,
         plan: state.cfg.plan.clone(),
+        attn_plan: state.cfg.attn_plan.clone(),
         heartbeat_ms: state.cfg.heartbeat.as_millis() as u64,
     })
 }

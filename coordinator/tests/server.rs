@@ -27,6 +27,7 @@ fn config(world: usize) -> ServerConfig {
         config_toml: "name = \"test\"\n".into(),
         dims: None,
         plan: Some(layout::PlacementPlan::contiguous(1, 4, 2)),
+        attn_plan: Some(layout::PlacementPlan::contiguous(1, 2, 2)),
         heartbeat: Duration::from_millis(50),
         heartbeat_timeout: Duration::from_millis(800),
         register_timeout: Duration::from_secs(2),
@@ -112,6 +113,11 @@ fn workers_register_report_and_the_step_is_aggregated() {
     assert_eq!((a.welcome().rank, b.welcome().rank, a.welcome().world), (0, 1, 2));
     assert_eq!(a.welcome().config_toml, "name = \"test\"\n");
     assert_eq!(a.welcome().plan, Some(layout::PlacementPlan::contiguous(1, 4, 2)));
+    assert_eq!(
+        a.welcome().attn_plan,
+        Some(layout::PlacementPlan::contiguous(1, 2, 2)),
+        "the attention experts' plan too"
+    );
     a.report(report(0, 1, 10.0, 5)).unwrap();
     b.report(report(1, 1, 6.0, 3)).unwrap();
     let Event::Step(summary) = wait_for(&coord, "step", |e| matches!(e, Event::Step(_))) else { unreachable!() };
@@ -268,6 +274,7 @@ impl Gen {
                 config_toml: self.text(),
                 dims: None,
                 plan: self.coin().then(|| layout::PlacementPlan::contiguous(2, 8, 4)),
+                attn_plan: self.coin().then(|| layout::PlacementPlan::contiguous(2, 4, 2)),
                 heartbeat_ms: self.next(),
             }),
             2 => Message::Refused { reason: self.text(), retryable: self.coin() },

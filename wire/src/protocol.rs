@@ -46,6 +46,9 @@ pub struct Welcome {
     pub dims: Option<layout::ParallelDims>,
     /// The placement plan workers start from.
     pub plan: Option<layout::PlacementPlan>,
+    /// Where MoA's attention experts start, when the job partitions them
+    /// (`parallel.attn_expert_placement = "partitioned"`).
+    pub attn_plan: Option<layout::PlacementPlan>,
     /// Heartbeats are expected at least this often (milliseconds).
     pub heartbeat_ms: u64,
 }

@@ -156,6 +156,7 @@ pub fn start_server(
         config_toml: job.to_toml(),
         dims: Some(dims),
         plan: Some(layout::PlacementPlan::contiguous(job.model.n_layers, job.model.n_experts, dims.ep)),
+        attn_plan: worker::attn_dispatch::attn_expert_plan(job, dims.ep),
         heartbeat: (timeout / 5).clamp(Duration::from_millis(100), Duration::from_secs(2)),
         heartbeat_timeout: timeout,
         register_timeout: Duration::from_secs(10),

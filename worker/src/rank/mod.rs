@@ -30,7 +30,6 @@ mod validation;
 
 use crate::api::{checkpoint_url, Observer, Resume, RunOptions, StartInfo, TrainSummary};
 use crate::attention_shards::{cut_to_shard, joined};
-use crate::attn_dispatch::attn_expert_plan;
 use crate::checkpointing::{Checkpointer, SaveAt, SaveKind, SaveStall};
 use crate::config::JobConfig;
 use crate::coordination::register;
@@ -49,7 +48,7 @@ use model::model::LossScales;
 use model::ops::rope::RopeTable;
 use model::schedule::learning_rate;
 use model::ModelWeights;
-use start::{agreed_plan, node_name, open_data, prepare_run_folder, starting_state};
+use start::{agreed_attn_plan, agreed_plan, node_name, open_data, prepare_run_folder, starting_state};
 use std::time::Instant;
 use step_metrics::{report_step, StepShape};
 use wire::client::CoordinatorClient;
@@ -272,7 +271,7 @@ impl<'a> RankRun<'a> {
                 spans_nodes: nodes.iter().any(|n| *n != nodes[0]),
             },
         );
-        let attn_placement = attn_expert_plan(job, dims.ep);
+        let attn_placement = agreed_attn_plan(job, &dims, rank, client)?;
         if attn_placement.is_some() {
             // Buckets sum every layer's dense gradients over all ranks; a
             // partitioned attention expert's go over its replicas only.

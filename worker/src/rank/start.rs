@@ -4,6 +4,7 @@
 //! written, on every rank alike, so a refusal stops all of them the same way.
 
 use crate::api::{checkpoint_url, Resume, RunOptions};
+use crate::attn_dispatch::attn_expert_plan;
 use crate::config::JobConfig;
 use crate::data::DataSource;
 use crate::error::WorkerError;
@@ -45,6 +46,31 @@ pub(crate) fn agreed_plan(
         }
         None => Ok(PlacementPlan::contiguous(cfg.n_layers, cfg.n_experts, dims.ep)),
     }
+}
+
+/// Where the attention experts start when `job` partitions them: the
+/// coordinator's plan when it serves one (checked against the layout),
+/// else the contiguous plan every rank computes alike; None when they are
+/// replicated.
+pub(crate) fn agreed_attn_plan(
+    job: &JobConfig,
+    dims: &ParallelDims,
+    rank: usize,
+    client: Option<&CoordinatorClient>,
+) -> Result<Option<PlacementPlan>, WorkerError> {
+    let Some(own) = attn_expert_plan(job, dims.ep) else {
+        return Ok(None);
+    };
+    let Some(served) = client.and_then(|c| c.welcome().attn_plan.clone()) else {
+        return Ok(Some(own));
+    };
+    let shape = |p: &PlacementPlan| (p.num_ranks, p.owners.iter().map(Vec::len).collect::<Vec<_>>());
+    if shape(&served) != shape(&own) {
+        let detail =
+            format!("the plan is for (ranks, experts per layer) {:?}, this job has {:?}", shape(&served), shape(&own));
+        return Err(WorkerError::NotTheSameJob { rank, what: "attention expert plan", detail });
+    }
+    Ok(Some(served))
 }
 
 /// This machine's host name (per UTS namespace, as `hostname` prints it).
