@@ -177,6 +177,9 @@ fn example_on_4_mpi_ranks_matches_one_rank(example: &str, layouts: &[&[&str]]) {
             "switchyard train --backend mpi",
         );
         assert!(out.status.success(), "{}", text(&out));
+        if layout.iter().any(|set| set.starts_with("overlap.mode")) {
+            assert!(text(&out).contains("all-to-all on a thread"), "{layout:?}: overlap took effect: {}", text(&out));
+        }
         let (reference, other) = (metric_lines(&one), metric_lines(&run_dir));
         assert_eq!(reference.len(), other.len());
         for (a, b) in reference.iter().zip(&other) {

@@ -433,15 +433,7 @@ impl<'a> AllToAllExperts<'a> {
     /// `recv_counts[r]` rows from it (both known from the plan, so no
     /// counts travel first).
     fn send(&mut self, rows: Vec<f32>, counts: &[usize], recv_counts: &[usize]) -> Result<Transfer, ModelError> {
-        let me = self.comm.rank();
-        let (rows, row_words) = match self.bf16_rows {
-            true => (bf16_payload::pack(&rows), self.d / 2),
-            false => (rows, self.d),
-        };
-        let values = |rows: &[usize]| -> Vec<usize> { rows.iter().map(|c| c * row_words).collect() };
-        let (value_counts, value_recv_counts) = (values(counts), values(recv_counts));
-        self.stats.bytes_sent +=
-            value_counts.iter().enumerate().filter(|(r, _)| *r != me).map(|(_, c)| *c as u64 * 4).sum::<u64>();
+        let (rows, value_counts, value_recv_counts) = self.encode(rows, (counts, recv_counts), self.d, self.bf16_rows);
         if let Some(pipe) = self.pipe {
             let into = self.spare.pop().unwrap_or_default();
             return Ok(Transfer::InFlight(pipe.all_to_all_v_known(rows, value_counts, value_recv_counts, into)));
@@ -453,25 +445,50 @@ impl<'a> AllToAllExperts<'a> {
         Ok(Transfer::Done(value_recv_counts, times))
     }
 
+    /// Rows of `width` values as they travel (bf16 pairs when `packed`),
+    /// with the counts to and from each rank in values; counts the bytes sent.
+    fn encode(
+        &mut self,
+        rows: Vec<f32>,
+        (counts, recv_counts): (&[usize], &[usize]),
+        width: usize,
+        packed: bool,
+    ) -> (Vec<f32>, Vec<usize>, Vec<usize>) {
+        let (rows, words) = if packed { (bf16_payload::pack(&rows), width / 2) } else { (rows, width) };
+        let values = |rows: &[usize]| -> Vec<usize> { rows.iter().map(|c| c * words).collect() };
+        let (value_counts, value_recv_counts) = (values(counts), values(recv_counts));
+        self.stats.bytes_sent += self.bytes_from_others(&value_counts);
+        (rows, value_counts, value_recv_counts)
+    }
+
+    /// Bytes of `value_counts` (per rank) that cross to or from other ranks.
+    fn bytes_from_others(&self, value_counts: &[usize]) -> u64 {
+        let me = self.comm.rank();
+        value_counts.iter().enumerate().filter(|(r, _)| *r != me).map(|(_, c)| *c as u64 * 4).sum()
+    }
+
+    /// Waits for an exchange on the pipe, counted as exposed when it is.
+    fn wait_ticket(&self, ticket: Ticket) -> Result<(collectives::Received, OpTimes), ModelError> {
+        let wait = || ticket.wait().map_err(comm_error);
+        match self.exposure {
+            Some(exposure) => exposure.waiting(wait),
+            None => wait(),
+        }
+    }
+
     /// Waits for an exchange, counting its bytes and times; its rows are
     /// then in `self.received`.
     fn receive(&mut self, transfer: Transfer) -> Result<(), ModelError> {
         let (counts, times) = match transfer {
             Transfer::Done(counts, times) => (counts, times),
             Transfer::InFlight(ticket) => {
-                let wait = || ticket.wait().map_err(comm_error);
-                let (got, times) = match self.exposure {
-                    Some(exposure) => exposure.waiting(wait)?,
-                    None => wait()?,
-                };
+                let (got, times) = self.wait_ticket(ticket)?;
                 let done_with = std::mem::replace(&mut self.received, got.values);
                 self.spare.push(done_with);
                 (got.counts, times)
             }
         };
-        let me = self.comm.rank();
-        self.stats.bytes_received +=
-            counts.iter().enumerate().filter(|(r, _)| *r != me).map(|(_, c)| *c as u64 * 4).sum::<u64>();
+        self.stats.bytes_received += self.bytes_from_others(&counts);
         self.stats.record(times);
         if self.bf16_rows {
             let mut wide = self.spare.pop().unwrap_or_default();
@@ -489,28 +506,17 @@ impl<'a> AllToAllExperts<'a> {
     fn exchange_rows(
         &mut self,
         rows: Vec<f32>,
-        (counts, recv_counts): (&[usize], &[usize]),
+        counts: (&[usize], &[usize]),
         width: usize,
         rows_of_values: bool,
     ) -> Result<Vec<f32>, ModelError> {
-        let me = self.comm.rank();
         let packed = rows_of_values && self.bf16_rows && width.is_multiple_of(2);
-        let (rows, words) = if packed { (bf16_payload::pack(&rows), width / 2) } else { (rows, width) };
-        let value_counts: Vec<usize> = counts.iter().map(|c| c * words).collect();
-        let value_recv_counts: Vec<usize> = recv_counts.iter().map(|c| c * words).collect();
-        let others = |counts: &[usize]| -> u64 {
-            counts.iter().enumerate().filter(|(r, _)| *r != me).map(|(_, c)| *c as u64 * 4).sum()
-        };
-        self.stats.bytes_sent += others(&value_counts);
-        self.stats.bytes_received += others(&value_recv_counts);
+        let (rows, value_counts, value_recv_counts) = self.encode(rows, counts, width, packed);
+        self.stats.bytes_received += self.bytes_from_others(&value_recv_counts);
         let (received, times) = match self.pipe {
             Some(pipe) => {
                 let ticket = pipe.all_to_all_v_known(rows, value_counts, value_recv_counts, MessageBuffer::new());
-                let wait = || ticket.wait().map_err(comm_error);
-                let (got, times) = match self.exposure {
-                    Some(exposure) => exposure.waiting(wait)?,
-                    None => wait()?,
-                };
+                let (got, times) = self.wait_ticket(ticket)?;
                 (got.values, times)
             }
             None => {

@@ -31,7 +31,7 @@ mod validation;
 use crate::api::{checkpoint_url, Observer, Resume, RunOptions, StartInfo, TrainSummary};
 use crate::attention_shards::{cut_to_shard, joined};
 use crate::checkpointing::{Checkpointer, SaveAt, SaveKind, SaveStall};
-use crate::config::JobConfig;
+use crate::config::{Backend, JobConfig};
 use crate::coordination::register;
 use crate::data::DataSource;
 use crate::dispatch::RowBudget;
@@ -267,7 +267,9 @@ impl<'a> RankRun<'a> {
                 attn_tp: dims.attn_tp,
                 micro_batches: accumulation,
                 layer_grad_values: dense_layer_values(cfg),
-                threads_ok: collectives::mpi::comm_threads_allowed(),
+                // MPI's thread level binds MPI ranks only: threads of the
+                // local backend may always talk at once.
+                threads_ok: job.parallel.backend != Backend::Mpi || collectives::mpi::comm_threads_allowed(),
                 spans_nodes: nodes.iter().any(|n| *n != nodes[0]),
             },
         );
