@@ -87,6 +87,15 @@ fn quiet_openmp_threads() {
 /// micro-batches: 21-23k tokens/s before, 26-31k after; the D512 job
 /// 2.0-2.2k before, 2.3k after; the default job and peak RSS unchanged
 /// within run-to-run spread (docs/kernels.md).
+///
+/// One arena for every thread: with glibc's default of one per thread,
+/// a block that a worker thread allocated and the main thread freed goes
+/// back to the worker's arena, and each arena keeps its own high-water
+/// mark, so the resident set grew over the first steps (the default job:
+/// 59 MiB after step 1, 69 MiB after 60 steps). With one arena it stays
+/// at 62 MiB, at the same tokens/s: a step makes a few thousand
+/// allocations, too few for the shared lock to matter (docs/kernels.md,
+/// Memory).
 fn keep_freed_blocks_for_reuse() {
     #[cfg(target_env = "gnu")]
     // SAFETY: mallopt only sets malloc's tuning values; called before any
@@ -94,6 +103,7 @@ fn keep_freed_blocks_for_reuse() {
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
+        libc::mallopt(libc::M_ARENA_MAX, 1);
     }
 }
 
