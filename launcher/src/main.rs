@@ -93,7 +93,7 @@ fn quiet_openmp_threads() {
 /// back to the worker's arena, and each arena keeps its own high-water
 /// mark, so the resident set grew over the first steps (the default job:
 /// 59 MiB after step 1, 69 MiB after 60 steps). With one arena it stays
-/// at 62 MiB, at the same tokens/s: a step makes a few thousand
+/// at 62 MiB, at the same tokens/s: a step makes under ten thousand
 /// allocations, too few for the shared lock to matter (docs/kernels.md,
 /// Memory).
 fn keep_freed_blocks_for_reuse() {

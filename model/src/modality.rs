@@ -179,12 +179,12 @@ impl ModalityRows {
         if self.single() {
             let rows = Rows { x_rd, rows: self.total };
             let cache = caches.into_iter().next().unwrap_or_default();
-            return ffn.backward(weights[0], rows, cache, dout_rd, dx_rd, grads[0]);
+            return ffn.backward_into(weights[0], rows, cache, dout_rd, dx_rd, grads[0]);
         }
         for ((m, rows), cache) in self.rows.iter().enumerate().zip(caches).filter(|((_, rows), _)| !rows.is_empty()) {
             let (x, dout) = (self.gather(m, x_rd, d), self.gather(m, dout_rd, d));
             let mut dx = vec![0.0; rows.len() * d];
-            ffn.backward(weights[m], Rows { x_rd: &x, rows: rows.len() }, cache, &dout, &mut dx, grads[m]);
+            ffn.backward_into(weights[m], Rows { x_rd: &x, rows: rows.len() }, cache, &dout, &mut dx, grads[m]);
             self.scatter(m, &dx, dx_rd, d, true);
         }
     }

@@ -583,8 +583,10 @@ impl Pass<'_> {
         dout_td: Vec<f32>,
         links: RouterLinks<'_>,
     ) -> Result<Vec<f32>, ModelError> {
-        // The dense FFN's backward spends its caches (their buffers become its scratch).
+        // The dense FFN's backward spends its caches, and the MoE's its expert
+        // outputs (their buffers become its scratch).
         let dense_ffn = std::mem::take(&mut cache.dense_ffn);
+        let y_ad = std::mem::take(&mut cache.moe.y_ad);
         let cache = &cache;
         let cfg = self.cfg;
         let (t, d) = (self.dims.t, self.dims.d);
@@ -592,10 +594,10 @@ impl Pass<'_> {
         let modal = self.modal;
         let moe_layer = MoeLayer { cfg, layer, w, prev_logits_te, modality_t: &modal.own_ids };
         let moe_in = MoeBackwardInput { x_td: &cache.ffn_in_td, cache: &cache.moe, dout_td: &dout_td };
-        // Both residual branches see dout; the skip path passes it through.
-        let mut dx_td = dout_td.clone();
-        let mut dn_td = vec![0.0; t * d];
-        match cfg.block {
+        // Both residual branches see dout; the skip path passes it through,
+        // so dx starts as dout, in dout's own buffer once nothing else reads
+        // it; dn is the gradient of the attention's normalised input.
+        let (mut dx_td, dn_td) = match cfg.block {
             BlockKind::Sequential => {
                 // out = h + MoE(RMSNorm(h)): dh = dout + RMSNorm'(dmoe_in).
                 let mut dffn_in_td = vec![0.0; t * d];
@@ -603,35 +605,45 @@ impl Pass<'_> {
                     self.dense_ffn_backward(w, gw, (&cache.ffn_in_td, dense_ffn), &dout_td, &mut dffn_in_td);
                 } else {
                     let grads = MoeGrads { gw: &mut *gw, dx_td: &mut dffn_in_td, dlogits_in_te, dprev_logits_te };
-                    moe_backward(moe_layer, moe_in, scales.router(), grads, self.experts)?;
+                    moe_backward(moe_layer, (moe_in, y_ad), scales.router(), grads, self.experts)?;
                 }
                 let (ffn_norm, mut gffn_norm) = (w.modal(ModalTensor::FfnNorm), gw.modal_mut(ModalTensor::FfnNorm));
                 let x = (&cache.h_td[..], &cache.ffn_rstd_t[..]);
-                self.modal.own.rmsnorm_backward(x, &ffn_norm, &dffn_in_td, &mut dx_td, &mut gffn_norm);
-                // h = x + Attn(n): the attention branch sees dh.
-                let dh_td = dx_td.clone();
+                let mut dh_td = dout_td;
+                self.modal.own.rmsnorm_backward(x, &ffn_norm, &dffn_in_td, &mut dh_td, &mut gffn_norm);
+                // h = x + Attn(n): the attention branch sees dh, and so does the
+                // skip path. dn takes the spent dffn_in's buffer (one [t, d]
+                // less at the pass's peak, which is in the MoE backward above).
+                let mut dn_td = dffn_in_td;
+                dn_td.fill(0.0);
                 self.attention_backward(layer, w, gw, cache, scales, &dh_td, &mut dn_td)?;
+                (dh_td, dn_td)
             }
             BlockKind::Parallel if w.dense_ffn.is_some() => {
+                let mut dn_td = vec![0.0; t * d];
                 self.attention_backward(layer, w, gw, cache, scales, &dout_td, &mut dn_td)?;
                 self.dense_ffn_backward(w, gw, (&cache.ffn_in_td, dense_ffn), &dout_td, &mut dn_td);
+                (dout_td, dn_td)
             }
             BlockKind::Parallel => {
+                let mut dn_td = vec![0.0; t * d];
                 // Attention's input gradient first, then the MoE's, in both
                 // orders of work, so overlapping them changes no bits.
-                let mut started = None;
-                if self.attention_during_moe {
-                    started = Some(moe_backward_start(moe_layer, moe_in, self.experts)?);
-                }
+                let (started, y_ad) = if self.attention_during_moe {
+                    (Some(moe_backward_start(moe_layer, moe_in, y_ad, self.experts)?), Vec::new())
+                } else {
+                    (None, y_ad)
+                };
                 self.attention_backward(layer, w, gw, cache, scales, &dout_td, &mut dn_td)?;
                 let started = match started {
                     Some(started) => started,
-                    None => moe_backward_start(moe_layer, moe_in, self.experts)?,
+                    None => moe_backward_start(moe_layer, moe_in, y_ad, self.experts)?,
                 };
                 let grads = MoeGrads { gw: &mut *gw, dx_td: &mut dn_td, dlogits_in_te, dprev_logits_te };
                 moe_backward_finish(moe_layer, moe_in, scales.router(), grads, started, self.experts)?;
+                (dout_td, dn_td)
             }
-        }
+        };
         let (attn_norm, mut gattn_norm) = (w.modal(ModalTensor::AttnNorm), gw.modal_mut(ModalTensor::AttnNorm));
         let x = (&cache.x_td[..], &cache.attn_rstd_t[..]);
         self.modal.own.rmsnorm_backward(x, &attn_norm, &dn_td, &mut dx_td, &mut gattn_norm);
@@ -898,6 +910,8 @@ pub fn forward_backward_with(
     drop(dlogits_tv);
     let mut dx_td = vec![0.0; t * d];
     rmsnorm_backward(&x_td, &dense.norm, &rstd_t, &dxf_td, &mut dx_td, &mut grads.norm);
+    // Not needed by the layers' backward, where the pass peaks.
+    drop((x_td, xf_td, rstd_t, dxf_td));
 
     // Gating residuals: the gradient of layer l-1's logits, from layer l.
     let mut dlogits_in: Option<Vec<f32>> = None;

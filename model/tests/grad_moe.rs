@@ -60,11 +60,20 @@ fn swiglu_gradients_match_finite_differences() {
     let mut cache = SwigluCache::default();
     SwiGlu { d, f }.forward(&w, Rows { x_rd: &x, rows }, &mut y, &mut cache);
     assert!(y.iter().all(|v| v.is_finite()), "forward must overwrite y");
-    // The backward adds: start from non-zero buffers and subtract afterwards.
-    let mut dx = vec![0.5; rows * d];
-    let mut g = ExpertWeights { w1: vec![0.25; d * f], w3: vec![-0.25; d * f], w2: vec![1.0; d * f] };
-    SwiGlu { d, f }.backward(&w, Rows { x_rd: &x, rows }, cache, &probe, &mut dx, &mut g);
-    dx.iter_mut().for_each(|v| *v -= 0.5);
+    // The executor's backward turns x into dx in place; the weight
+    // gradients add: start them non-zero and subtract afterwards.
+    let mut dx = x.clone();
+    let g0 = ExpertWeights { w1: vec![0.25; d * f], w3: vec![-0.25; d * f], w2: vec![1.0; d * f] };
+    let mut g = g0.clone();
+    SwiGlu { d, f }.backward(&w, &mut dx, rows, cache.clone(), &probe, &mut g);
+    // backward_into keeps x and adds dx into what is there; the same weight gradients.
+    let mut dx_added = vec![0.5; rows * d];
+    let mut g_into = g0;
+    SwiGlu { d, f }.backward_into(&w, Rows { x_rd: &x, rows }, cache, &probe, &mut dx_added, &mut g_into);
+    assert_eq!(g_into, g, "backward_into and backward must give the same weight gradients");
+    for (i, (a, b)) in dx_added.iter().zip(&dx).enumerate() {
+        assert!((a - 0.5 - b).abs() < 1e-6 * (1.0 + b.abs()), "backward_into dx[{i}]: {a} - 0.5 vs {b}");
+    }
     g.w1.iter_mut().for_each(|v| *v -= 0.25);
     g.w3.iter_mut().for_each(|v| *v += 0.25);
     g.w2.iter_mut().for_each(|v| *v -= 1.0);
@@ -94,7 +103,7 @@ fn swiglu_zero_rows_is_a_no_op() {
     let mut cache = SwigluCache::default();
     SwiGlu { d, f }.forward(&w, Rows { x_rd: &[], rows: 0 }, &mut [], &mut cache);
     let mut g = ExpertWeights::zeros(&cfg);
-    SwiGlu { d, f }.backward(&w, Rows { x_rd: &[], rows: 0 }, cache, &[], &mut [], &mut g);
+    SwiGlu { d, f }.backward(&w, &mut [], 0, cache, &[], &mut g);
     assert_eq!(g, ExpertWeights::zeros(&cfg));
 }
 
@@ -381,7 +390,11 @@ fn check_local_experts_against_per_token(d: usize, f: usize, n: usize) {
             }
             let dyt: Vec<f32> = dout[t * d..(t + 1) * d].iter().map(|v| gate * v).collect();
             let g = expect_grads.layers[0].get_mut(&id).unwrap();
-            SwiGlu { d, f }.backward(w, Rows { x_rd: xt, rows: 1 }, cache, &dyt, &mut expect_dx[t * d..(t + 1) * d], g);
+            let mut x_dx = xt.to_vec();
+            SwiGlu { d, f }.backward(w, &mut x_dx, 1, cache, &dyt, g);
+            for (o, v) in expect_dx[t * d..(t + 1) * d].iter_mut().zip(&x_dx) {
+                *o += v;
+            }
         }
         for (a, b) in out[t * d..(t + 1) * d].iter().zip(&expect) {
             assert!((a - b).abs() < 1e-5 * (1.0 + b.abs()), "out token {t}: {a} vs {b}");

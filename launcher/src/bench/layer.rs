@@ -215,12 +215,14 @@ fn bench_moe_layer(case: &LayerCase) -> (f64, f64) {
         let mut gdense = grads.dense.layers[0].clone();
         let mut experts = LocalExperts::new(&cfg, &weights.experts, &mut grads.experts);
         let moe = MoeLayer { cfg: &cfg, layer: 0, w: layer, prev_logits_te: None, modality_t: &[] };
-        let (_, cache) = moe_forward(moe, &x_td, case.tokens, &mut experts, &mut model::shards::NoShards).unwrap();
+        let (_, mut cache) = moe_forward(moe, &x_td, case.tokens, &mut experts, &mut model::shards::NoShards).unwrap();
         ffn_rows = cache.plan.num_rows();
         let mut dx_td = vec![0.0; x_td.len()];
+        let y_ad = std::mem::take(&mut cache.y_ad);
         let input = MoeBackwardInput { x_td: &x_td, cache: &cache, dout_td: &dout_td };
         let grads = MoeGrads { gw: &mut gdense, dx_td: &mut dx_td, dlogits_in_te: None, dprev_logits_te: None };
-        moe_backward(moe, input, RouterLossScales { aux: 0.01, z: 0.001, seq: 0.0 }, grads, &mut experts).unwrap();
+        let scales = RouterLossScales { aux: 0.01, z: 0.001, seq: 0.0 };
+        moe_backward(moe, (input, y_ad), scales, grads, &mut experts).unwrap();
     });
     (case.tokens as f64 / s, ffn_rows as f64 / case.tokens as f64)
 }

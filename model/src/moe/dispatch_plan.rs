@@ -125,19 +125,35 @@ impl DispatchPlan {
         d: usize,
         dgate_tk: &mut [f32],
     ) -> Vec<f32> {
+        let mut y_dy_ad = y_ad.to_vec();
+        self.combine_backward_in_place(routing, &mut y_dy_ad, dout_td, d, dgate_tk);
+        y_dy_ad
+    }
+
+    /// [`DispatchPlan::combine_backward`] in the outputs' own buffer: each
+    /// row of `y_dy_ad` is read for the gate's gradient, then takes `dy`
+    /// (the MoE backward spends the forward's outputs so: one `[rows, d]`
+    /// less at the pass's peak).
+    pub fn combine_backward_in_place(
+        &self,
+        routing: &Routing,
+        y_dy_ad: &mut [f32],
+        dout_td: &[f32],
+        d: usize,
+        dgate_tk: &mut [f32],
+    ) {
         let k = self.top_k;
-        let mut dy_ad = vec![0.0f32; self.num_rows() * d];
-        for ((dy, y), &src) in dy_ad.chunks_exact_mut(d).zip(y_ad.chunks_exact(d)).zip(&self.source_a) {
+        assert_eq!(y_dy_ad.len(), self.num_rows() * d, "combine_backward: y has the wrong number of values");
+        for (y_dy, &src) in y_dy_ad.chunks_exact_mut(d).zip(&self.source_a) {
             let t = src as usize / k;
             let g = routing.gate_tk[src as usize];
             let dout = &dout_td[t * d..(t + 1) * d];
             let mut dot = 0.0f32;
-            for ((dyj, &yj), &oj) in dy.iter_mut().zip(y).zip(dout) {
-                *dyj = g * oj;
-                dot += oj * yj;
+            for (y_dy_j, &oj) in y_dy.iter_mut().zip(dout) {
+                dot += oj * *y_dy_j;
+                *y_dy_j = g * oj;
             }
             dgate_tk[src as usize] += dot;
         }
-        dy_ad
     }
 }

@@ -44,17 +44,20 @@ pub trait ExpertKind: Sync {
     /// Writes `y_rd = Expert(x)` for the block's rows (overwritten) and fills `cache`.
     fn forward(&self, w: &ExpertWeights, x: Rows<'_>, y_rd: &mut [f32], cache: &mut Self::Cache);
 
-    /// Backward of [`ExpertKind::forward`] on the same rows: adds the input
-    /// gradient into `dx_rd` and the weight gradients into `grads`. It
-    /// spends the cache, so a kind may reuse the cache's buffers as its
-    /// scratch (the forward pass's values are not needed after this).
+    /// Backward of [`ExpertKind::forward`] on the same `rows`: `x_dx_rd`
+    /// holds the rows' input `x` on entry and their input gradient `dx` on
+    /// return (overwritten), and the weight gradients are added into
+    /// `grads`. It spends the cache and the input, so a kind may reuse
+    /// their buffers as its scratch (the forward pass's values are not
+    /// needed after this): the pass then holds one `[rows, d]` less at its
+    /// peak, which is in the experts' backward.
     fn backward(
         &self,
         w: &ExpertWeights,
-        x: Rows<'_>,
+        x_dx_rd: &mut [f32],
+        rows: usize,
         cache: Self::Cache,
         dy_rd: &[f32],
-        dx_rd: &mut [f32],
         grads: &mut ExpertWeights,
     );
 }

@@ -233,7 +233,7 @@ impl<K: ExpertKind> LocalExperts<'_, K> {
     ) -> Result<Vec<f32>, ModelError> {
         let (d, kind) = (self.d, &self.kind);
         let (index, rows, weights) = self.start_pass(slot, layer, plan, dy_ad, "output gradient")?;
-        let (x_ad, caches) = self
+        let (mut x_ad, caches) = self
             .saved
             .get_mut(index)
             .and_then(Option::take)
@@ -252,28 +252,30 @@ impl<K: ExpertKind> LocalExperts<'_, K> {
             .filter(|(e, _)| plan.counts_e.get(**e).is_some_and(|&c| c > 0))
             .map(|(e, g)| (*e, g))
             .collect();
-        let mut dx_ad = vec![0.0f32; rows * d];
         {
-            // Each task spends its expert's cache (freed as that expert finishes).
+            // Each task spends its expert's cache (freed as that expert
+            // finishes) and its rows of the saved input, which become the
+            // rows' input gradient (no fresh [rows, d] at the pass's peak).
             let mut tasks = Vec::with_capacity(weights.len());
-            let mut dx_rest: &mut [f32] = &mut dx_ad;
+            let mut x_rest: &mut [f32] = &mut x_ad;
             for ((e, w), cache) in weights.into_iter().enumerate().zip(caches) {
                 let (lo, hi) = (plan.offsets_e[e], plan.offsets_e[e + 1]);
-                let (dx_e, dx_next) = std::mem::take(&mut dx_rest).split_at_mut((hi - lo) * d);
-                dx_rest = dx_next;
-                let Some(w) = w else { continue };
+                let (x_dx_e, x_next) = std::mem::take(&mut x_rest).split_at_mut((hi - lo) * d);
+                x_rest = x_next;
+                let Some(w) = w else {
+                    x_dx_e.fill(0.0);
+                    continue;
+                };
                 let g = grad_of.remove(&e).ok_or_else(|| {
                     ModelError::executor(layer, format!("expert {e} has no gradient entry on this rank"))
                 })?;
-                tasks.push((w, &x_ad[lo * d..hi * d], hi - lo, cache, &dy_ad[lo * d..hi * d], dx_e, g));
+                tasks.push((w, x_dx_e, hi - lo, cache, &dy_ad[lo * d..hi * d], g));
             }
-            type Task<'t, C> =
-                (&'t ExpertWeights, &'t [f32], usize, C, &'t [f32], &'t mut [f32], &'t mut ExpertWeights);
-            let run =
-                |(w, x_rd, rows, c, dy, dx, g): Task<'_, K::Cache>| kind.backward(w, Rows { x_rd, rows }, c, dy, dx, g);
+            type Task<'t, C> = (&'t ExpertWeights, &'t mut [f32], usize, C, &'t [f32], &'t mut ExpertWeights);
+            let run = |(w, x_dx, rows, c, dy, g): Task<'_, K::Cache>| kind.backward(w, x_dx, rows, c, dy, g);
             run_tasks(tasks, rows, kind.work_per_row(), run);
         }
-        Ok(dx_ad)
+        Ok(x_ad)
     }
 }
 

@@ -22,7 +22,8 @@ use crate::weights::DenseLayerWeights;
 pub struct MoeCache {
     pub routing: Routing,
     pub plan: DispatchPlan,
-    /// Expert outputs per dispatched row (combine's backward needs them).
+    /// Expert outputs per dispatched row (combine's backward needs them,
+    /// and takes them out of the cache: see [`moe_backward_start`]).
     pub y_ad: Vec<f32>,
     pub shared: Vec<SwigluCache>,
     /// With `shared_expert_gate`: the shared experts' summed output `[t, d]`
@@ -212,12 +213,12 @@ fn shared_gate_backward(
 /// wherever `experts` keeps them. `scales` weigh the router losses.
 pub fn moe_backward(
     moe: MoeLayer<'_>,
-    input: MoeBackwardInput<'_>,
+    (input, y_ad): (MoeBackwardInput<'_>, Vec<f32>),
     scales: RouterLossScales,
     grads: MoeGrads<'_>,
     experts: &mut dyn ExpertExecutor,
 ) -> Result<(), ModelError> {
-    let started = moe_backward_start(moe, input, experts)?;
+    let started = moe_backward_start(moe, input, y_ad, experts)?;
     moe_backward_finish(moe, input, scales, grads, started, experts)
 }
 
@@ -230,14 +231,18 @@ pub struct MoeBackwardStarted {
 /// First half of [`moe_backward`]: combine's backward, and the output
 /// gradients handed to the experts (which may start sending them). Touches
 /// no gradient, so the caller may run other backward work before finishing.
+/// `y_ad` is the cache's expert outputs, taken out of it
+/// ([`MoeCache::y_ad`]): spent, its buffer carries the output gradients.
 pub fn moe_backward_start(
     moe: MoeLayer<'_>,
     input: MoeBackwardInput<'_>,
+    y_ad: Vec<f32>,
     experts: &mut dyn ExpertExecutor,
 ) -> Result<MoeBackwardStarted, ModelError> {
     let (MoeLayer { cfg, layer, .. }, MoeBackwardInput { cache, dout_td, .. }) = (moe, input);
     let mut dgate_tk = vec![0.0; cache.routing.num_tokens * cfg.top_k];
-    let dy_ad = cache.plan.combine_backward(&cache.routing, &cache.y_ad, dout_td, cfg.d_model, &mut dgate_tk);
+    let mut dy_ad = y_ad;
+    cache.plan.combine_backward_in_place(&cache.routing, &mut dy_ad, dout_td, cfg.d_model, &mut dgate_tk);
     let started = experts.start_backward(layer, &cache.plan, &dy_ad)?;
     Ok(MoeBackwardStarted { dgate_tk, experts: started })
 }
@@ -267,7 +272,7 @@ pub fn moe_backward_finish(
     // The cache is borrowed (both halves of the backward read it), so each
     // shared expert spends a copy of its own.
     for ((shared, gshared), sc) in w.shared.iter().zip(gw.shared.iter_mut()).zip(&cache.shared) {
-        swiglu.backward(shared, Rows { x_rd: x_td, rows: t }, sc.clone(), dshared_td, dx_td, gshared);
+        swiglu.backward_into(shared, Rows { x_rd: x_td, rows: t }, sc.clone(), dshared_td, dx_td, gshared);
     }
     let dx_ad = experts.finish_backward(layer, in_flight)?;
     cache.plan.gather_backward(&dx_ad, d, dx_td);

@@ -101,11 +101,33 @@ impl ExpertKind for SwiGlu {
         matmul_nt(rows, f, d, &act, &w.w2, &mut y_rd[..rows * d], false);
     }
 
-    /// Backward of [`ExpertKind::forward`]: adds into `dx_rd` and into
-    /// `grads` (`w1`, `w3`, `w2`). The cache's `h1` and `h3` are reused in
-    /// place for the gradients of the activations, so the pass needs one
-    /// scratch buffer of `[rows, f]` (it needed two).
+    /// Backward of [`ExpertKind::forward`]: `x_dx_rd` goes from `x` to
+    /// `dx` (`x` is last read by `dW1`, `dW3`, then its rows take `dx`,
+    /// summed onto zeros as into a fresh buffer, so the bits are the same).
     fn backward(
+        &self,
+        w: &ExpertWeights,
+        x_dx_rd: &mut [f32],
+        rows: usize,
+        cache: SwigluCache,
+        dy_rd: &[f32],
+        grads: &mut ExpertWeights,
+    ) {
+        if rows == 0 {
+            return;
+        }
+        let (dh1, dh3) = self.weight_grads(w, Rows { x_rd: x_dx_rd, rows }, cache, dy_rd, grads);
+        let dx_rd = &mut x_dx_rd[..rows * self.d];
+        dx_rd.fill(0.0);
+        self.input_grad(w, rows, (&dh1, &dh3), dx_rd);
+    }
+}
+
+impl SwiGlu {
+    /// Backward of [`ExpertKind::forward`] that keeps `x` and adds the
+    /// input gradient into `dx_rd` (the shared experts and dense FFNs,
+    /// whose input other branches still read).
+    pub fn backward_into(
         &self,
         w: &ExpertWeights,
         x: Rows<'_>,
@@ -114,15 +136,33 @@ impl ExpertKind for SwiGlu {
         dx_rd: &mut [f32],
         grads: &mut ExpertWeights,
     ) {
-        let (d, f) = (self.d, self.f);
-        let Rows { x_rd, rows } = x;
-        if rows == 0 {
+        if x.rows == 0 {
             return;
         }
+        assert!(dx_rd.len() >= x.rows * self.d, "SwiGlu::backward: dx needs {}x{} values", x.rows, self.d);
+        let rows = x.rows;
+        let (dh1, dh3) = self.weight_grads(w, x, cache, dy_rd, grads);
+        self.input_grad(w, rows, (&dh1, &dh3), dx_rd);
+    }
+
+    /// Adds `dW2`, `dW1`, `dW3` into `grads` and returns the gradients of
+    /// `h1` and `h3` (`[rows, f]` each). The cache's `h1` and `h3` are
+    /// reused in place for the gradients of the activations, so the pass
+    /// needs one scratch buffer of `[rows, f]` (it needed two).
+    fn weight_grads(
+        &self,
+        w: &ExpertWeights,
+        x: Rows<'_>,
+        cache: SwigluCache,
+        dy_rd: &[f32],
+        grads: &mut ExpertWeights,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let (d, f) = (self.d, self.f);
+        let Rows { x_rd, rows } = x;
         let n = rows * f;
         let SwigluCache { h1: mut dh1, h3: mut act } = cache;
         assert!(dh1.len() >= n && act.len() >= n, "SwiGlu::backward: cache holds fewer than {rows} rows");
-        assert!(dy_rd.len() >= rows * d && dx_rd.len() >= rows * d, "SwiGlu::backward: dy/dx need {rows}x{d} values");
+        assert!(dy_rd.len() >= rows * d && x_rd.len() >= rows * d, "SwiGlu::backward: dy/x need {rows}x{d} values");
         // d_act = dy W2: [rows, f]; it becomes dh3 below.
         let mut dh3 = vec![0.0f32; n];
         matmul_nn(rows, d, f, dy_rd, &w.w2, &mut dh3, false);
@@ -143,14 +183,20 @@ impl ExpertKind for SwiGlu {
                 *h1_dh1 = g * h3 * s * (1.0 + h1 * (1.0 - s));
             }
         }
-        let (act, dh1) = (&act[..n], &dh1[..n]);
+        dh1.truncate(n);
         // dW2 += dy^T act: [d, f].
-        matmul_tn(d, rows, f, dy_rd, act, &mut grads.w2, true);
+        matmul_tn(d, rows, f, dy_rd, &act[..n], &mut grads.w2, true);
+        drop(act);
         // dW1 += dh1^T x, dW3 += dh3^T x: [f, d].
-        matmul_tn(f, rows, d, dh1, x_rd, &mut grads.w1, true);
-        matmul_tn(f, rows, d, &dh3, x_rd, &mut grads.w3, true);
-        // dx += dh1 W1 + dh3 W3: [rows, d].
+        matmul_tn(f, rows, d, &dh1, &x_rd[..rows * d], &mut grads.w1, true);
+        matmul_tn(f, rows, d, &dh3, &x_rd[..rows * d], &mut grads.w3, true);
+        (dh1, dh3)
+    }
+
+    /// `dx += dh1 W1 + dh3 W3`: `[rows, d]`.
+    fn input_grad(&self, w: &ExpertWeights, rows: usize, (dh1, dh3): (&[f32], &[f32]), dx_rd: &mut [f32]) {
+        let (d, f) = (self.d, self.f);
         matmul_nn(rows, f, d, dh1, &w.w1, dx_rd, true);
-        matmul_nn(rows, f, d, &dh3, &w.w3, dx_rd, true);
+        matmul_nn(rows, f, d, dh3, &w.w3, dx_rd, true);
     }
 }
