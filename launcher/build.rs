@@ -36,7 +36,7 @@ fn linker_packs_relocations(out: &Path) -> bool {
     }
     let linked = Command::new("cc")
         .arg(&source)
-        .args(["-o"])
+        .arg("-o")
         .arg(&exe)
         .args(["-pie", "-fPIE", FLAG, "-Wl,--fatal-warnings"])
         .output()

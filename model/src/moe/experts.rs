@@ -262,10 +262,8 @@ impl<K: ExpertKind> LocalExperts<'_, K> {
                 let (lo, hi) = (plan.offsets_e[e], plan.offsets_e[e + 1]);
                 let (x_dx_e, x_next) = std::mem::take(&mut x_rest).split_at_mut((hi - lo) * d);
                 x_rest = x_next;
-                let Some(w) = w else {
-                    x_dx_e.fill(0.0);
-                    continue;
-                };
+                // No weights means no rows (`layer_experts`): nothing to compute.
+                let Some(w) = w else { continue };
                 let g = grad_of.remove(&e).ok_or_else(|| {
                     ModelError::executor(layer, format!("expert {e} has no gradient entry on this rank"))
                 })?;

@@ -139,7 +139,7 @@ impl SwiGlu {
         if x.rows == 0 {
             return;
         }
-        assert!(dx_rd.len() >= x.rows * self.d, "SwiGlu::backward: dx needs {}x{} values", x.rows, self.d);
+        assert!(dx_rd.len() >= x.rows * self.d, "SwiGlu::backward_into: dx needs {}x{} values", x.rows, self.d);
         let rows = x.rows;
         let (dh1, dh3) = self.weight_grads(w, x, cache, dy_rd, grads);
         self.input_grad(w, rows, (&dh1, &dh3), dx_rd);
