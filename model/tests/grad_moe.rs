@@ -266,7 +266,7 @@ impl Layer<'_> {
         let plan = DispatchPlan::from_routing(&r, cfg.n_experts, cfg.top_k);
         let mut grads = experts.zeros_like();
         let mut exec = LocalExperts::new(cfg, experts, &mut grads);
-        let y = exec.forward(0, &plan, &plan.gather(x, d)).unwrap();
+        let y = exec.forward(0, &plan, plan.gather(x, d)).unwrap();
         let mut out = vec![0.0; n * d];
         plan.combine(&r, &y, d, &mut out);
         probe_loss(&out, self.probe) + self.aux_scale as f64 * r.aux_loss as f64 + self.z_scale as f64 * r.z_loss as f64
@@ -294,7 +294,7 @@ fn check_layer(capacity_factor: f32, norm_topk_prob: bool) {
     let mut drouter = vec![0.0; e * d];
     {
         let mut exec = LocalExperts::new(&cfg, &experts, &mut grads);
-        let y = exec.forward(0, &plan, &plan.gather(&x, d)).unwrap();
+        let y = exec.forward(0, &plan, plan.gather(&x, d)).unwrap();
         let mut dgate = vec![0.0; n * k];
         let dy = plan.combine_backward(&routing, &y, &probe, d, &mut dgate);
         let dx_ad = exec.backward(0, &plan, &dy).unwrap();
@@ -367,7 +367,7 @@ fn check_local_experts_against_per_token(d: usize, f: usize, n: usize) {
     let mut grads = experts.zeros_like();
     let (out, dx) = {
         let mut exec = LocalExperts::new(&cfg, &experts, &mut grads);
-        let y = exec.forward(0, &plan, &plan.gather(&x, d)).unwrap();
+        let y = exec.forward(0, &plan, plan.gather(&x, d)).unwrap();
         let mut out = vec![0.0; n * d];
         plan.combine(&r, &y, d, &mut out);
         let mut dgate = vec![0.0; n * k];
@@ -435,7 +435,7 @@ fn local_experts_report_missing_experts() {
     partial.layers[0].remove(&used);
     let mut grads = partial.zeros_like();
     let mut exec = LocalExperts::new(&cfg, &partial, &mut grads);
-    match exec.forward(0, &plan, &plan.gather(&x, d)) {
+    match exec.forward(0, &plan, plan.gather(&x, d)) {
         Err(e @ ModelError::Executor { layer: 0, .. }) => {
             assert!(e.to_string().contains(&format!("expert {used}")), "{e}")
         }
@@ -445,7 +445,7 @@ fn local_experts_report_missing_experts() {
     let full = store(&cfg, 300);
     let mut grads = partial.zeros_like();
     let mut exec = LocalExperts::new(&cfg, &full, &mut grads);
-    let y = exec.forward(0, &plan, &plan.gather(&x, d)).unwrap();
+    let y = exec.forward(0, &plan, plan.gather(&x, d)).unwrap();
     assert!(matches!(exec.backward(0, &plan, &y), Err(ModelError::Executor { .. })));
     // Backward without forward.
     let mut grads = full.zeros_like();

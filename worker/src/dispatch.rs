@@ -865,7 +865,7 @@ impl<'a> AllToAllExperts<'a> {
             };
             let started = Instant::now();
             let y_local = match pass {
-                Pass::Forward => self.local.forward_in(c, layer, &chunk.plan, &x_local)?,
+                Pass::Forward => self.local.forward_in(c, layer, &chunk.plan, x_local)?,
                 Pass::Backward => self.local.backward_in(c, layer, &chunk.plan, &x_local)?,
             };
             self.stats.expert_s += started.elapsed().as_secs_f64();
@@ -904,7 +904,7 @@ impl<'a> AllToAllExperts<'a> {
 }
 
 impl ExpertExecutor for AllToAllExperts<'_> {
-    fn forward(&mut self, layer: usize, plan: &DispatchPlan, x_ad: &[f32]) -> Result<Vec<f32>, ModelError> {
+    fn forward(&mut self, layer: usize, plan: &DispatchPlan, x_ad: Vec<f32>) -> Result<Vec<f32>, ModelError> {
         let started = self.start_forward(layer, plan, x_ad)?;
         self.finish_forward(layer, started)
     }
@@ -914,10 +914,10 @@ impl ExpertExecutor for AllToAllExperts<'_> {
         self.finish_backward(layer, started)
     }
 
-    fn start_forward(&mut self, layer: usize, plan: &DispatchPlan, x_ad: &[f32]) -> Result<Started, ModelError> {
+    fn start_forward(&mut self, layer: usize, plan: &DispatchPlan, x_ad: Vec<f32>) -> Result<Started, ModelError> {
         self.count_node_crossings(layer, plan);
         let exchange = self.plan_exchange(layer, plan)?;
-        self.start(layer, Pass::Forward, exchange, x_ad)?;
+        self.start(layer, Pass::Forward, exchange, &x_ad)?;
         Ok(Started::InFlight)
     }
 
@@ -1045,7 +1045,7 @@ mod tests {
                     let mut grads = model::ExpertStore::init(&cfg, 7, &mine);
                     let local = LocalExperts::new(&cfg, &weights, &mut grads);
                     let mut exec = AllToAllExperts::new(&cfg, &mut comm, &placement, local);
-                    let y = exec.forward(0, &plan, &plan.gather(&x_td, cfg.d_model)).unwrap();
+                    let y = exec.forward(0, &plan, plan.gather(&x_td, cfg.d_model)).unwrap();
                     let dx_ad = exec.backward(0, &plan, &y).unwrap();
                     let mut dx_td = vec![0.0; x_td.len()];
                     plan.gather_backward(&dx_ad, cfg.d_model, &mut dx_td);

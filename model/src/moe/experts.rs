@@ -35,15 +35,16 @@ fn use_rayon(rows: usize, work_per_row: usize, active_experts: usize) -> bool {
 /// gradients wherever the experts live. Calls come as all forwards of a
 /// micro-batch (layer 0..L) then all backwards (layer L-1..0).
 pub trait ExpertExecutor {
-    /// `y_ad = Expert_e(x_ad)` row by row.
-    fn forward(&mut self, layer: usize, plan: &DispatchPlan, x_ad: &[f32]) -> Result<Vec<f32>, ModelError>;
+    /// `y_ad = Expert_e(x_ad)` row by row. The executor owns `x_ad` from
+    /// here: a local one keeps it as its saved input (no copy).
+    fn forward(&mut self, layer: usize, plan: &DispatchPlan, x_ad: Vec<f32>) -> Result<Vec<f32>, ModelError>;
     /// `dx_ad` from `dy_ad`, adding weight gradients.
     fn backward(&mut self, layer: usize, plan: &DispatchPlan, dy_ad: &[f32]) -> Result<Vec<f32>, ModelError>;
 
     /// Starts [`ExpertExecutor::forward`]; the caller may compute something
     /// else (attention, shared experts) before [`ExpertExecutor::finish_forward`].
     /// An executor that sends rows to other ranks starts sending here.
-    fn start_forward(&mut self, layer: usize, plan: &DispatchPlan, x_ad: &[f32]) -> Result<Started, ModelError> {
+    fn start_forward(&mut self, layer: usize, plan: &DispatchPlan, x_ad: Vec<f32>) -> Result<Started, ModelError> {
         self.forward(layer, plan, x_ad).map(Started::Done)
     }
     /// The result of the forward pass `started` by [`ExpertExecutor::start_forward`].
@@ -180,7 +181,7 @@ fn run_tasks<T: Send>(tasks: Vec<T>, rows: usize, work_per_row: usize, run: impl
 }
 
 impl<K: ExpertKind> ExpertExecutor for LocalExperts<'_, K> {
-    fn forward(&mut self, layer: usize, plan: &DispatchPlan, x_ad: &[f32]) -> Result<Vec<f32>, ModelError> {
+    fn forward(&mut self, layer: usize, plan: &DispatchPlan, x_ad: Vec<f32>) -> Result<Vec<f32>, ModelError> {
         self.forward_in(0, layer, plan, x_ad)
     }
 
@@ -196,10 +197,10 @@ impl<K: ExpertKind> LocalExperts<'_, K> {
         slot: usize,
         layer: usize,
         plan: &DispatchPlan,
-        x_ad: &[f32],
+        x_ad: Vec<f32>,
     ) -> Result<Vec<f32>, ModelError> {
         let (d, kind) = (self.d, &self.kind);
-        let (index, rows, weights) = self.start_pass(slot, layer, plan, x_ad, "dispatch buffer")?;
+        let (index, rows, weights) = self.start_pass(slot, layer, plan, &x_ad, "dispatch buffer")?;
         let mut y_ad = vec![0.0f32; rows * d];
         let mut caches = vec![K::Cache::default(); plan.num_experts];
         {
@@ -219,7 +220,7 @@ impl<K: ExpertKind> LocalExperts<'_, K> {
             };
             run_tasks(tasks, rows, kind.work_per_row(), run);
         }
-        self.saved[index] = Some((x_ad.to_vec(), caches));
+        self.saved[index] = Some((x_ad, caches));
         Ok(y_ad)
     }
 

@@ -123,7 +123,7 @@ pub fn moe_forward_start(
     let routing = route_sharded(cfg, x_td, moe.router(), num_tokens, shards)?;
     let plan = DispatchPlan::from_routing(&routing, cfg.n_experts, cfg.top_k);
     let x_ad = plan.gather(x_td, cfg.d_model);
-    let started = experts.start_forward(layer, &plan, &x_ad)?;
+    let started = experts.start_forward(layer, &plan, x_ad)?;
     Ok(MoeForwardStarted { routing, plan, experts: started })
 }
 
