@@ -291,12 +291,18 @@ impl OneDnn {
             // A product inside a product cannot happen; a panic mid-way leaves the buffers free.
             let mut buffers = buffers.try_borrow_mut().map_err(|_| "nested bf16 product".to_string())?;
             let (a_bf, b_bf) = &mut *buffers;
-            for (buffer, values) in [(&mut *a_bf, &a.values[..m * k]), (&mut *b_bf, &b.values[..k * n])] {
-                buffer.resize(values.len(), 0);
-                super::bf16::convert(values, buffer);
-            }
-            let fa = Factor { bytes: bytes_of(a_bf), trans: a.transposed, elem: 2 };
-            let fb = Factor { bytes: bytes_of(b_bf), trans: b.transposed, elem: 2 };
+            // Grown, never shrunk: a shrink and regrow would zero-fill what
+            // the conversion overwrites anyway.
+            let bf16_of = |buffer: &mut Vec<u16>, values: &[f32]| {
+                if buffer.len() < values.len() {
+                    buffer.resize(values.len(), 0);
+                }
+                super::bf16::convert(values, &mut buffer[..values.len()]);
+            };
+            bf16_of(a_bf, &a.values[..m * k]);
+            bf16_of(b_bf, &b.values[..k * n]);
+            let fa = Factor { bytes: bytes_of(&a_bf[..m * k]), trans: a.transposed, elem: 2 };
+            let fb = Factor { bytes: bytes_of(&b_bf[..k * n]), trans: b.transposed, elem: 2 };
             self.factors_ready((m, k, n), fa, fb, c, accumulate, true)
         })
     }
