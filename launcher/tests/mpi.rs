@@ -430,6 +430,44 @@ fn max_restarts_resumes_a_job_whose_rank_was_killed() {
     assert_eq!(steps, (1..=40).collect::<Vec<u64>>(), "the job reached its last step, every step once");
 }
 
+/// Without --max-restarts a killed rank ends the run; the launcher then
+/// says which step was committed and the command that resumes it, and
+/// that command finishes the run.
+#[test]
+fn a_killed_rank_without_restarts_leaves_a_resume_command_that_finishes_the_run() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = temp_dir("no-restart");
+    let run_dir = dir.join("run");
+    let tag = format!("no-restart-{}", std::process::id());
+    let child = Command::new(EXE)
+        .args(["train", "--quiet", "--backend", "mpi", "--ranks", "2", "--run-dir"])
+        .arg(&run_dir)
+        .args(["--set", "train.steps=40", "--set", "checkpoint.every=10", "--set", "train.log_every=1"])
+        .args(["--set", "parallel.collective_timeout_s=10"])
+        .env("SWITCHYARD_TEST_TAG", &tag)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("switchyard starts");
+    wait_for_progress(&run_dir, 12, true);
+    let pid = find_rank(&tag, 1).expect("rank 1 found by its environment");
+    assert!(Command::new("kill").args(["-KILL", &pid.to_string()]).status().unwrap().success());
+    let out = wait_guarded(child, Duration::from_secs(240), "the job whose rank was killed");
+    let log = text(&out);
+    assert!(!out.status.success(), "a killed rank must fail the run: {log}");
+    let hint = log.lines().find(|l| l.contains("last committed checkpoint is step")).unwrap_or_else(|| panic!("{log}"));
+    let command = hint.split("Resume it with: ").nth(1).and_then(|rest| rest.split(" (or").next()).expect(hint);
+    let words: Vec<&str> = command.split_whitespace().collect();
+    assert_eq!(words.first(), Some(&"switchyard"), "{hint}");
+    let out = Command::new(EXE).args(&words[1..]).arg("--quiet").output().expect("switchyard starts");
+    let log = text(&out);
+    assert!(out.status.success(), "the printed command resumes and finishes: {log}");
+    assert!(log.contains("resuming from file://"), "{log}");
+    let last = std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap();
+    let last: serde_json::Value = serde_json::from_str(last.lines().last().unwrap()).unwrap();
+    assert_eq!(last["step"], 40, "the resumed run reached the last step");
+}
+
 /// `switchyard coordinator` for 2 ranks of `job` writing to `run_dir`,
 /// with the stdout it is still writing and the address it printed.
 fn separate_coordinator(

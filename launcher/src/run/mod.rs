@@ -25,7 +25,7 @@ use crate::run::restart::{AttemptEnd, Next};
 use anyhow::{bail, Context, Result};
 use checkpoint::CheckpointStore;
 use clap::Args;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use worker::api::{checkpoint_url, Resume, RunOptions};
 use worker::coordination::{configured_token, coordinator_addr_from_env, CoordinatorLink, ADDR_VAR, TOKEN_VAR};
 use worker::train::train;
@@ -214,7 +214,12 @@ pub fn run(args: TrainArgs) -> Result<()> {
         };
         let (attempt, drop_host_of) =
             match restart::after_attempt(end, restarts, args.max_restarts, !job.launch.hosts.is_empty()) {
-                Next::Stop => return result,
+                Next::Stop => {
+                    if let (AttemptEnd::Failed { .. }, Some(hint)) = (end, resume_hint(&job, &run_dir)) {
+                        eprintln!("{hint}");
+                    }
+                    return result;
+                }
                 Next::Restart { attempt, drop_host_of } => (attempt, drop_host_of),
             };
         restarts = attempt;
@@ -224,7 +229,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         if let Some(rank) = drop_host_of {
             job = without_host_of(job, rank, &args, &overrides)?;
         }
-        let store = CheckpointStore::open_with(&checkpoint_url(&job, &run_dir), &job.checkpoint.store_options())?;
+        let store = run_store(&job, &run_dir)?;
         let latest = store.latest_step()?;
         match latest {
             Some(step) => eprintln!(
@@ -238,6 +243,26 @@ pub fn run(args: TrainArgs) -> Result<()> {
         }
         resume = restart::resume_after_restart(latest);
     }
+}
+
+/// The checkpoint store of the run in `run_dir`.
+fn run_store(job: &JobConfig, run_dir: &Path) -> checkpoint::Result<CheckpointStore> {
+    CheckpointStore::open_with(&checkpoint_url(job, run_dir), &job.checkpoint.store_options())
+}
+
+/// After a failed attempt that is not restarted (a rank killed, a node
+/// lost): the step the run can resume from and the command that does it,
+/// or `None` when no step was committed (or the store cannot be read).
+fn resume_hint(job: &JobConfig, run_dir: &Path) -> Option<String> {
+    let store = run_store(job, run_dir).ok()?;
+    let step = store.latest_step().ok()??;
+    let dir = run_dir.display();
+    Some(format!(
+        "the run's last committed checkpoint is step {step} ({}). Resume it with: \
+         switchyard train --run-dir {dir} --config {dir}/config.toml --resume \
+         (or start runs with --max-restarts N to resume by themselves)",
+        store.step_url(step)
+    ))
 }
 
 /// `switchyard worker`: `train` with a coordinator that runs elsewhere.
