@@ -229,7 +229,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         if let Some(rank) = drop_host_of {
             job = without_host_of(job, rank, &args, &overrides)?;
         }
-        let store = run_store(&job, &run_dir)?;
+        let store = CheckpointStore::open_with(&checkpoint_url(&job, &run_dir), &job.checkpoint.store_options())?;
         let latest = store.latest_step()?;
         match latest {
             Some(step) => eprintln!(
@@ -245,16 +245,13 @@ pub fn run(args: TrainArgs) -> Result<()> {
     }
 }
 
-/// The checkpoint store of the run in `run_dir`.
-fn run_store(job: &JobConfig, run_dir: &Path) -> checkpoint::Result<CheckpointStore> {
-    CheckpointStore::open_with(&checkpoint_url(job, run_dir), &job.checkpoint.store_options())
-}
-
 /// After a failed attempt that is not restarted (a rank killed, a node
 /// lost): the step the run can resume from and the command that does it,
 /// or `None` when no step was committed (or the store cannot be read).
 fn resume_hint(job: &JobConfig, run_dir: &Path) -> Option<String> {
-    let store = run_store(job, run_dir).ok()?;
+    // Opened as existing: a run that failed before its first commit (bad
+    // data, say) must not leave a folder behind.
+    let store = CheckpointStore::open_existing(&checkpoint_url(job, run_dir)).ok()?;
     let step = store.latest_step().ok()??;
     let dir = run_dir.display();
     Some(format!(
