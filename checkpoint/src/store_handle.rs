@@ -42,7 +42,12 @@ impl CheckpointStore {
     /// but a local folder that does not exist is [`Error::RootNotFound`]
     /// instead of being created.
     pub fn open_existing(url: &str) -> Result<Self> {
-        Self::open_at(url, Create::Never, &StoreOptions::default())
+        Self::open_existing_with(url, &StoreOptions::default())
+    }
+
+    /// [`Self::open_existing`] with explicit retry settings for remote stores.
+    pub fn open_existing_with(url: &str, options: &StoreOptions) -> Result<Self> {
+        Self::open_at(url, Create::Never, options)
     }
 
     fn open_at(url: &str, create: Create, options: &StoreOptions) -> Result<Self> {

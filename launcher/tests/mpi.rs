@@ -396,15 +396,16 @@ fn sigterm_and_sigint_to_the_mpi_launcher_save_the_step_and_exit_143() {
     assert_eq!(steps, (1..=steps.len() as u64).collect::<Vec<_>>(), "every step once, in order");
 }
 
-#[test]
-fn max_restarts_resumes_a_job_whose_rank_was_killed() {
-    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = temp_dir("restart");
-    let run_dir = dir.join("run");
-    let tag = format!("restart-{}", std::process::id());
+/// A 2-rank MPI job of 40 steps (a commit every 10) with `flags`, whose
+/// rank 1 is SIGKILLed once a checkpoint is committed and training went
+/// on past it; returns the launcher, still running.
+fn forty_steps_with_rank_1_killed_after_a_commit(run_dir: &Path, name: &str, flags: &[&str]) -> Child {
+    let tag = format!("{name}-{}", std::process::id());
     let child = Command::new(EXE)
-        .args(["train", "--quiet", "--backend", "mpi", "--ranks", "2", "--max-restarts", "1", "--run-dir"])
-        .arg(&run_dir)
+        .args(["train", "--quiet", "--backend", "mpi", "--ranks", "2"])
+        .args(flags)
+        .arg("--run-dir")
+        .arg(run_dir)
         .args(["--set", "train.steps=40", "--set", "checkpoint.every=10", "--set", "train.log_every=1"])
         .args(["--set", "parallel.collective_timeout_s=10"])
         .env("SWITCHYARD_TEST_TAG", &tag)
@@ -412,10 +413,19 @@ fn max_restarts_resumes_a_job_whose_rank_was_killed() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("switchyard starts");
-    // Kill rank 1 once a checkpoint is committed and training went on past it.
-    let metrics = wait_for_progress(&run_dir, 12, true);
+    wait_for_progress(run_dir, 12, true);
     let pid = find_rank(&tag, 1).expect("rank 1 found by its environment");
     assert!(Command::new("kill").args(["-KILL", &pid.to_string()]).status().unwrap().success());
+    child
+}
+
+#[test]
+fn max_restarts_resumes_a_job_whose_rank_was_killed() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = temp_dir("restart");
+    let run_dir = dir.join("run");
+    let child = forty_steps_with_rank_1_killed_after_a_commit(&run_dir, "restart", &["--max-restarts", "1"]);
+    let metrics = run_dir.join("metrics.jsonl");
     let out = wait_guarded(child, Duration::from_secs(240), "the restarted job");
     let log = text(&out);
     assert!(out.status.success(), "{log}");
@@ -438,20 +448,7 @@ fn a_killed_rank_without_restarts_leaves_a_resume_command_that_finishes_the_run(
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let dir = temp_dir("no-restart");
     let run_dir = dir.join("run");
-    let tag = format!("no-restart-{}", std::process::id());
-    let child = Command::new(EXE)
-        .args(["train", "--quiet", "--backend", "mpi", "--ranks", "2", "--run-dir"])
-        .arg(&run_dir)
-        .args(["--set", "train.steps=40", "--set", "checkpoint.every=10", "--set", "train.log_every=1"])
-        .args(["--set", "parallel.collective_timeout_s=10"])
-        .env("SWITCHYARD_TEST_TAG", &tag)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("switchyard starts");
-    wait_for_progress(&run_dir, 12, true);
-    let pid = find_rank(&tag, 1).expect("rank 1 found by its environment");
-    assert!(Command::new("kill").args(["-KILL", &pid.to_string()]).status().unwrap().success());
+    let child = forty_steps_with_rank_1_killed_after_a_commit(&run_dir, "no-restart", &[]);
     let out = wait_guarded(child, Duration::from_secs(240), "the job whose rank was killed");
     let log = text(&out);
     assert!(!out.status.success(), "a killed rank must fail the run: {log}");

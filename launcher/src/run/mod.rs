@@ -251,14 +251,14 @@ pub fn run(args: TrainArgs) -> Result<()> {
 fn resume_hint(job: &JobConfig, run_dir: &Path) -> Option<String> {
     // Opened as existing: a run that failed before its first commit (bad
     // data, say) must not leave a folder behind.
-    let store = CheckpointStore::open_existing(&checkpoint_url(job, run_dir)).ok()?;
+    let url = checkpoint_url(job, run_dir);
+    let store = CheckpointStore::open_existing_with(&url, &job.checkpoint.store_options()).ok()?;
     let step = store.latest_step().ok()??;
-    let dir = run_dir.display();
     Some(format!(
-        "the run's last committed checkpoint is step {step} ({}). Resume it with: \
-         switchyard train --run-dir {dir} --config {dir}/config.toml --resume \
+        "the run's last committed checkpoint is step {step} ({}). Resume it with: {} \
          (or start runs with --max-restarts N to resume by themselves)",
-        store.step_url(step)
+        store.step_url(step),
+        progress::resume_command(run_dir)
     ))
 }
 

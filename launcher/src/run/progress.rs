@@ -156,7 +156,6 @@ impl ConsoleProgress {
             return;
         };
         let dir = run_dir.display();
-        let config_flag = format!("--run-dir {dir} --config {dir}/config.toml");
         self.line(&format!("checkpoint: {ckpt}"));
         let data_hint = if job.data.is_builtin() {
             self.line("held-out text: switchyard data sample --out heldout.txt");
@@ -167,9 +166,16 @@ impl ConsoleProgress {
         self.line(&format!("evaluate:   switchyard eval --checkpoint {ckpt} --data {data_hint}"));
         let more =
             if summary.preempted { String::new() } else { format!(" --set train.steps={}", job.train.steps * 2) };
-        self.line(&format!("resume:     switchyard train {config_flag} --resume{more}"));
+        self.line(&format!("resume:     {}{more}", resume_command(run_dir)));
         self.line(&format!("dashboard:  switchyard dashboard --run-dir {dir}   (or: switchyard report --run-dir {dir} --out report.html)"));
     }
+}
+
+/// The command that resumes the run in `run_dir` from its newest commit,
+/// with the configuration the run wrote there.
+pub fn resume_command(run_dir: &Path) -> String {
+    let dir = run_dir.display();
+    format!("switchyard train --run-dir {dir} --config {dir}/config.toml --resume")
 }
 
 impl Observer for ConsoleProgress {
