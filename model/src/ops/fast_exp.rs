@@ -17,13 +17,18 @@ const ROUND: f32 = 12_582_912.0;
 #[inline(always)]
 fn exp_one(x: f32) -> f32 {
     let x = x.clamp(-87.0, 88.0);
-    let n = (x * LOG2E + ROUND) - ROUND;
+    let shifted = x * LOG2E + ROUND;
+    let n = shifted - ROUND;
     let r = x - n * LN2_HI - n * LN2_LO;
     let p = 1.0
         + r * (1.0
             + r * (0.5
                 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
-    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // `2^n` from the bits of `shifted`, whose low mantissa bits hold `n`
+    // (two's complement) and whose high bits shift out past bit 31. The
+    // same bits as `(n as i32 + 127) << 23`, but `as i32` saturates, and
+    // LLVM turned that into one scalar conversion per lane.
+    p * f32::from_bits(shifted.to_bits().wrapping_add(127) << 23)
 }
 
 /// Every value of `xs` replaced by its exponential.
