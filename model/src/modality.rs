@@ -7,7 +7,7 @@
 //! Legend: `r` rows, `k` input width, `n` output width; weights `[n, k]`
 //! (PyTorch `Linear`), one per modality, modality 0 first.
 
-use crate::gemm::{matmul_nn, matmul_nt, matmul_tn};
+use crate::gemm::{matmul_nn, matmul_nt, matmul_tn, Values};
 use crate::moe::{ExpertKind, Rows};
 use crate::ops::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
 use crate::ops::swiglu::{SwiGlu, SwigluCache};
@@ -63,37 +63,59 @@ impl ModalityRows {
     }
 
     /// `out = x W_m^T` per row (`+=` when `accumulate`).
-    pub fn matmul_nt(&self, x_rk: &[f32], weights: &[&[f32]], (k, n): (usize, usize), out_rn: &mut [f32], acc: bool) {
+    pub fn matmul_nt<'x>(
+        &self,
+        x_rk: impl Into<Values<'x>>,
+        weights: &[&[f32]],
+        (k, n): (usize, usize),
+        out_rn: &mut [f32],
+        acc: bool,
+    ) {
         if self.single() {
             return matmul_nt(self.total, k, n, x_rk, weights[0], out_rn, acc);
         }
+        let x_rk = x_rk.into().to_f32();
         for (m, rows) in self.rows.iter().enumerate().filter(|(_, rows)| !rows.is_empty()) {
             let mut y = vec![0.0; rows.len() * n];
-            matmul_nt(rows.len(), k, n, &self.gather(m, x_rk, k), weights[m], &mut y, false);
+            matmul_nt(rows.len(), k, n, &self.gather(m, &x_rk, k), weights[m], &mut y, false);
             self.scatter(m, &y, out_rn, n, acc);
         }
     }
 
     /// Backward of [`ModalityRows::matmul_nt`] for the weights:
     /// `dW_m += dy_m^T x_m`.
-    pub fn weight_grads(&self, dy_rn: &[f32], x_rk: &[f32], (k, n): (usize, usize), grads: &mut [&mut [f32]]) {
+    pub fn weight_grads<'y, 'x>(
+        &self,
+        dy_rn: impl Into<Values<'y>>,
+        x_rk: impl Into<Values<'x>>,
+        (k, n): (usize, usize),
+        grads: &mut [&mut [f32]],
+    ) {
         if self.single() {
             return matmul_tn(n, self.total, k, dy_rn, x_rk, grads[0], true);
         }
+        let (dy_rn, x_rk) = (dy_rn.into().to_f32(), x_rk.into().to_f32());
         for (m, rows) in self.rows.iter().enumerate().filter(|(_, rows)| !rows.is_empty()) {
-            let (dy, x) = (self.gather(m, dy_rn, n), self.gather(m, x_rk, k));
+            let (dy, x) = (self.gather(m, &dy_rn, n), self.gather(m, &x_rk, k));
             matmul_tn(n, rows.len(), k, &dy, &x, grads[m], true);
         }
     }
 
     /// Backward of [`ModalityRows::matmul_nt`] for the input: `dx += dy W_m`.
-    pub fn input_grads(&self, dy_rn: &[f32], weights: &[&[f32]], (k, n): (usize, usize), dx_rk: &mut [f32]) {
+    pub fn input_grads<'y>(
+        &self,
+        dy_rn: impl Into<Values<'y>>,
+        weights: &[&[f32]],
+        (k, n): (usize, usize),
+        dx_rk: &mut [f32],
+    ) {
         if self.single() {
             return matmul_nn(self.total, n, k, dy_rn, weights[0], dx_rk, true);
         }
+        let dy_rn = dy_rn.into().to_f32();
         for (m, rows) in self.rows.iter().enumerate().filter(|(_, rows)| !rows.is_empty()) {
             let mut dx = vec![0.0; rows.len() * k];
-            matmul_nn(rows.len(), n, k, &self.gather(m, dy_rn, n), weights[m], &mut dx, false);
+            matmul_nn(rows.len(), n, k, &self.gather(m, &dy_rn, n), weights[m], &mut dx, false);
             self.scatter(m, &dx, dx_rk, k, true);
         }
     }

@@ -14,7 +14,7 @@ use crate::attention_experts::{moa_backward, moa_forward, AttnExperts, MoaCache,
 use crate::attention_heads::{head_gates, head_gates_backward, head_norms, HeadGates};
 use crate::config::{AttnRouterKind, BlockKind, ModelConfig};
 use crate::error::ModelError;
-use crate::gemm::{matmul_nn, matmul_nt, matmul_tn};
+use crate::gemm::{matmul_nn, matmul_nt, matmul_tn, prepare};
 use crate::modality::ModalityRows;
 use crate::moe::layer::{
     moe_backward, moe_backward_finish, moe_backward_start, moe_forward_finish, moe_forward_start, MoeBackwardInput,
@@ -312,9 +312,11 @@ impl Pass<'_> {
         cache.k_tg = vec![0.0; t * g];
         cache.v_tg = vec![0.0; t * g];
         let rows = &self.modal.all;
-        rows.matmul_nt(n_ad, &w.modal(ModalTensor::Wq), (d, q), &mut cache.q_tq, false);
-        rows.matmul_nt(n_ad, &w.modal(ModalTensor::Wk), (d, g), &mut cache.k_tg, false);
-        rows.matmul_nt(n_ad, &w.modal(ModalTensor::Wv), (d, g), &mut cache.v_tg, false);
+        let x = prepare(n_ad);
+        rows.matmul_nt(&x, &w.modal(ModalTensor::Wq), (d, q), &mut cache.q_tq, false);
+        rows.matmul_nt(&x, &w.modal(ModalTensor::Wk), (d, g), &mut cache.k_tg, false);
+        rows.matmul_nt(&x, &w.modal(ModalTensor::Wv), (d, g), &mut cache.v_tg, false);
+        drop(x);
         if self.cfg.is_moh() {
             // MoH: every shard computes every head's gates from the input
             // (or from every head's query norm, summed over the shards).
@@ -384,10 +386,12 @@ impl Pass<'_> {
         let gated = gate_heads(&cache.attn_tq, this_shard_gates(&cache.head_gates, &cache.shard_gates));
         let rows = &self.modal.all;
         let attn = gated.as_deref().unwrap_or(&cache.attn_tq);
-        rows.weight_grads(dout_td, attn, (q, d), &mut gw.modal_mut(ModalTensor::Wo));
+        let dout = prepare(dout_td);
+        rows.weight_grads(&dout, attn, (q, d), &mut gw.modal_mut(ModalTensor::Wo));
         drop(gated);
         let mut dattn_tq = vec![0.0; t * q];
-        rows.input_grads(dout_td, &w.modal(ModalTensor::Wo), (q, d), &mut dattn_tq);
+        rows.input_grads(&dout, &w.modal(ModalTensor::Wo), (q, d), &mut dattn_tq);
+        drop(dout);
         // MoH: each head's output was times its gate.
         let dgates_th =
             ungate_heads(&mut dattn_tq, &cache.attn_tq, this_shard_gates(&cache.head_gates, &cache.shard_gates));
@@ -408,12 +412,16 @@ impl Pass<'_> {
         let n_td = if dims.shards > 1 { &cache.attn_in_ad } else { &cache.attn_in_td };
         let dn_out: &mut [f32] = if dims.shards > 1 { &mut dn_ad } else { dn_td };
         let rows = &self.modal.all;
+        // Each factor read by two or three products is converted once (bf16).
+        let x = prepare(n_td);
         for (dp_tw, which, width) in
             [(&dq_tq, ModalTensor::Wq, q), (&dk_tg, ModalTensor::Wk, g), (&dv_tg, ModalTensor::Wv, g)]
         {
-            rows.weight_grads(dp_tw, n_td, (d, width), &mut gw.modal_mut(which));
-            rows.input_grads(dp_tw, &w.modal(which), (d, width), dn_out);
+            let dp = prepare(dp_tw);
+            rows.weight_grads(&dp, &x, (d, width), &mut gw.modal_mut(which));
+            rows.input_grads(&dp, &w.modal(which), (d, width), dn_out);
         }
+        drop(x);
         if let Some(dgates_th) = dgates_th {
             // Every head's gate gradient (each shard has its heads'); the
             // router's backward runs for this shard's slice of the tokens.

@@ -3,7 +3,6 @@
 //! (docs/kernels.md has the table): it beat `matrixmultiply` at every
 //! transformer-sized shape, by up to 1.9x on small expert blocks.
 
-use super::Operand;
 use gemm::Parallelism;
 
 /// Below this many multiply-adds a product runs on the calling thread:
@@ -19,9 +18,15 @@ fn parallelism(m: usize, k: usize, n: usize) -> Parallelism {
     }
 }
 
-/// `C[m,n] (+)= op(A) op(B)` (sizes checked, none zero, by the caller).
-pub(super) fn product(m: usize, k: usize, n: usize, a: Operand<'_>, b: Operand<'_>, c: &mut [f32], accumulate: bool) {
-    let (Operand { values: a, transposed: a_trans }, Operand { values: b, transposed: b_trans }) = (a, b);
+/// `C[m,n] (+)= op(A) op(B)` (sizes checked, none zero, by the caller),
+/// each factor given as its values and whether it is read transposed.
+pub(super) fn product(
+    (m, k, n): (usize, usize, usize),
+    (a, a_trans): (&[f32], bool),
+    (b, b_trans): (&[f32], bool),
+    c: &mut [f32],
+    accumulate: bool,
+) {
     // (row stride, column stride) of op(A) [m,k] and op(B) [k,n].
     let (a_rs, a_cs) = if a_trans { (1, m as isize) } else { (k as isize, 1) };
     let (b_rs, b_cs) = if b_trans { (1, k as isize) } else { (n as isize, 1) };

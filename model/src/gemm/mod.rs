@@ -13,12 +13,16 @@
 //! bfloat16 and accumulate in fp32, on oneDNN's matrix-unit kernels
 //! (`onednn`, loaded at run time) when the library is there, else on the
 //! built-in kernels over the rounded values (the same numbers, no speed-up).
+//! A factor is f32 values or bf16 values ([`Values`]): one that several
+//! products read is converted once ([`prepare`]), with the same bits.
 
 pub mod bf16;
 mod builtin;
+mod factor;
 pub mod onednn;
 
-pub use bf16::round as round_to_bf16;
+pub use bf16::{round as round_to_bf16, Bf16};
+pub use factor::{factors_in_bf16, prepare, FactorElement, OwnedFactor, Prepared, Values};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::OnceLock;
 
@@ -151,7 +155,7 @@ fn amx_bf16() -> bool {
 /// One factor of a product: its row-major values, read transposed or not.
 #[derive(Clone, Copy)]
 struct Operand<'a> {
-    values: &'a [f32],
+    values: Values<'a>,
     transposed: bool,
 }
 
@@ -189,31 +193,54 @@ fn product_in(
         }
         return;
     }
-    match precision {
-        Precision::Fp32 => builtin::product(m, k, n, a, b, c, accumulate),
-        Precision::Bf16 => {
-            let round = |v: &[f32]| v.iter().map(|&x| bf16::round(x)).collect::<Vec<f32>>();
-            let (a_bf, b_bf) = (round(&a.values[..m * k]), round(&b.values[..k * n]));
-            let a = Operand { values: &a_bf, transposed: a.transposed };
-            let b = Operand { values: &b_bf, transposed: b.transposed };
-            builtin::product(m, k, n, a, b, c, accumulate)
-        }
-    }
+    let (a_len, b_len) = (m * k, k * n);
+    let (a_f32, b_f32) = match precision {
+        Precision::Fp32 => (a.values.f32s(a_len), b.values.f32s(b_len)),
+        Precision::Bf16 => (a.values.bf16_rounded(a_len), b.values.bf16_rounded(b_len)),
+    };
+    builtin::product((m, k, n), (&a_f32, a.transposed), (&b_f32, b.transposed), c, accumulate)
 }
 
 /// `C[m,n] (+)= A[m,k] · B[n,k]^T` — a linear layer's forward pass.
-pub fn matmul_nt(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32], accumulate: bool) {
-    product(m, k, n, Operand { values: a, transposed: false }, Operand { values: b, transposed: true }, c, accumulate)
+pub fn matmul_nt<'a, 'b>(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: impl Into<Values<'a>>,
+    b: impl Into<Values<'b>>,
+    c: &mut [f32],
+    accumulate: bool,
+) {
+    let (a, b) = (Operand { values: a.into(), transposed: false }, Operand { values: b.into(), transposed: true });
+    product(m, k, n, a, b, c, accumulate)
 }
 
 /// `C[m,n] (+)= A[m,k] · B[k,n]` — a linear layer's input gradient.
-pub fn matmul_nn(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32], accumulate: bool) {
-    product(m, k, n, Operand { values: a, transposed: false }, Operand { values: b, transposed: false }, c, accumulate)
+pub fn matmul_nn<'a, 'b>(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: impl Into<Values<'a>>,
+    b: impl Into<Values<'b>>,
+    c: &mut [f32],
+    accumulate: bool,
+) {
+    let (a, b) = (Operand { values: a.into(), transposed: false }, Operand { values: b.into(), transposed: false });
+    product(m, k, n, a, b, c, accumulate)
 }
 
 /// `C[m,n] (+)= A[k,m]^T · B[k,n]` — a linear layer's weight gradient.
-pub fn matmul_tn(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32], accumulate: bool) {
-    product(m, k, n, Operand { values: a, transposed: true }, Operand { values: b, transposed: false }, c, accumulate)
+pub fn matmul_tn<'a, 'b>(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: impl Into<Values<'a>>,
+    b: impl Into<Values<'b>>,
+    c: &mut [f32],
+    accumulate: bool,
+) {
+    let (a, b) = (Operand { values: a.into(), transposed: true }, Operand { values: b.into(), transposed: false });
+    product(m, k, n, a, b, c, accumulate)
 }
 
 /// The same three products, always in fp32: for routers, whose choices
@@ -223,19 +250,19 @@ pub mod fp32 {
 
     /// `C[m,n] (+)= A[m,k] · B[n,k]^T` in fp32.
     pub fn matmul_nt(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32], accumulate: bool) {
-        let (a, b) = (Operand { values: a, transposed: false }, Operand { values: b, transposed: true });
+        let (a, b) = (Operand { values: a.into(), transposed: false }, Operand { values: b.into(), transposed: true });
         product_in(Precision::Fp32, (m, k, n), a, b, c, accumulate)
     }
 
     /// `C[m,n] (+)= A[m,k] · B[k,n]` in fp32.
     pub fn matmul_nn(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32], accumulate: bool) {
-        let (a, b) = (Operand { values: a, transposed: false }, Operand { values: b, transposed: false });
+        let (a, b) = (Operand { values: a.into(), transposed: false }, Operand { values: b.into(), transposed: false });
         product_in(Precision::Fp32, (m, k, n), a, b, c, accumulate)
     }
 
     /// `C[m,n] (+)= A[k,m]^T · B[k,n]` in fp32.
     pub fn matmul_tn(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32], accumulate: bool) {
-        let (a, b) = (Operand { values: a, transposed: true }, Operand { values: b, transposed: false });
+        let (a, b) = (Operand { values: a.into(), transposed: true }, Operand { values: b.into(), transposed: false });
         product_in(Precision::Fp32, (m, k, n), a, b, c, accumulate)
     }
 }

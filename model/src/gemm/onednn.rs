@@ -12,7 +12,7 @@
 //! rows of a weight gradient) run as a multiple of 64 and a tail of fewer
 //! than 64 padded with zeros to 64.
 
-use super::Operand;
+use super::{Bf16, Operand, Values};
 use libloading::Library;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -171,9 +171,9 @@ thread_local! {
     static TEAM: Cell<i32> = const { Cell::new(0) };
     /// This thread's scratchpad.
     static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
-    /// This thread's bf16 copies of a product's two factors, kept between
-    /// products (fresh large buffers cost a page fault per 4 KiB).
-    static FACTORS: RefCell<(Vec<u16>, Vec<u16>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+    /// This thread's converted copies of a product's two factors, kept
+    /// between products (fresh large buffers cost a page fault per 4 KiB).
+    static FACTORS: RefCell<(Converted, Converted)> = const { RefCell::new((Converted::new(), Converted::new())) };
 }
 
 static LOADED: OnceLock<Result<OneDnn, String>> = OnceLock::new();
@@ -282,28 +282,13 @@ impl OneDnn {
         accumulate: bool,
         bf16: bool,
     ) -> Result<(), String> {
-        if !bf16 {
-            let a = Factor { bytes: bytes_of(&a.values[..m * k]), trans: a.transposed, elem: 4 };
-            let b = Factor { bytes: bytes_of(&b.values[..k * n]), trans: b.transposed, elem: 4 };
-            return self.factors_ready((m, k, n), a, b, c, accumulate, false);
-        }
         FACTORS.with(|buffers| {
             // A product inside a product cannot happen; a panic mid-way leaves the buffers free.
-            let mut buffers = buffers.try_borrow_mut().map_err(|_| "nested bf16 product".to_string())?;
-            let (a_bf, b_bf) = &mut *buffers;
-            // Grown, never shrunk: a shrink and regrow would zero-fill what
-            // the conversion overwrites anyway.
-            let bf16_of = |buffer: &mut Vec<u16>, values: &[f32]| {
-                if buffer.len() < values.len() {
-                    buffer.resize(values.len(), 0);
-                }
-                super::bf16::convert(values, &mut buffer[..values.len()]);
-            };
-            bf16_of(a_bf, &a.values[..m * k]);
-            bf16_of(b_bf, &b.values[..k * n]);
-            let fa = Factor { bytes: bytes_of(&a_bf[..m * k]), trans: a.transposed, elem: 2 };
-            let fb = Factor { bytes: bytes_of(&b_bf[..k * n]), trans: b.transposed, elem: 2 };
-            self.factors_ready((m, k, n), fa, fb, c, accumulate, true)
+            let mut buffers = buffers.try_borrow_mut().map_err(|_| "nested product".to_string())?;
+            let (a_buf, b_buf) = &mut *buffers;
+            let fa = Factor { bytes: a_buf.bytes(a.values, m * k, bf16), trans: a.transposed, elem: elem_bytes(bf16) };
+            let fb = Factor { bytes: b_buf.bytes(b.values, k * n, bf16), trans: b.transposed, elem: elem_bytes(bf16) };
+            self.factors_ready((m, k, n), fa, fb, c, accumulate, bf16)
         })
     }
 
@@ -582,7 +567,57 @@ impl Factor<'_> {
     }
 }
 
+/// Bytes per factor element: bf16 or f32.
+fn elem_bytes(bf16: bool) -> usize {
+    if bf16 {
+        2
+    } else {
+        4
+    }
+}
+
+/// A factor converted into the element type the primitive takes, when it
+/// is stored in the other one. Grown, never shrunk: a shrink and regrow
+/// would zero-fill what the conversion overwrites anyway.
+struct Converted {
+    bf16: Vec<Bf16>,
+    f32: Vec<f32>,
+}
+
+impl Converted {
+    const fn new() -> Self {
+        Self { bf16: Vec::new(), f32: Vec::new() }
+    }
+
+    /// The first `len` of `values` as bf16 (`bf16`) or f32 bytes: the
+    /// stored bytes where the type matches, else converted here (bf16 to
+    /// f32 is exact; a bf16 factor reaches an fp32 product only if the
+    /// precision changed after it was prepared).
+    fn bytes<'s>(&'s mut self, values: Values<'s>, len: usize, bf16: bool) -> &'s [u8] {
+        match (values, bf16) {
+            (Values::Bf16(v), true) => bytes_of(&v[..len]),
+            (Values::F32(v), false) => bytes_of(&v[..len]),
+            (Values::F32(v), true) => {
+                grow(&mut self.bf16, len);
+                super::bf16::convert(&v[..len], &mut self.bf16[..len]);
+                bytes_of(&self.bf16[..len])
+            }
+            (Values::Bf16(v), false) => {
+                grow(&mut self.f32, len);
+                self.f32.iter_mut().zip(&v[..len]).for_each(|(x, h)| *x = h.to_f32());
+                bytes_of(&self.f32[..len])
+            }
+        }
+    }
+}
+
+fn grow<T: Copy + Default>(buffer: &mut Vec<T>, len: usize) {
+    if buffer.len() < len {
+        buffer.resize(len, T::default());
+    }
+}
+
 fn bytes_of<T: Copy>(values: &[T]) -> &[u8] {
-    // SAFETY: f32 and u16 have no padding or invalid byte patterns.
+    // SAFETY: f32 and bf16 (u16) have no padding or invalid byte patterns.
     unsafe { std::slice::from_raw_parts(values.as_ptr() as *const u8, std::mem::size_of_val(values)) }
 }

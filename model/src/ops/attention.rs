@@ -163,10 +163,10 @@ pub fn attention_forward_gated(
                 // Only the live rows: scores [rows, seq], then P v.
                 let (n, q_rows) = (rows.len(), gather_head_rows(q_th, b * seq, &rows, qw, h, hd));
                 let mut scores = vec![0.0f32; n * seq];
-                matmul_nt(n, hd, seq, &q_rows, ks, &mut scores, false);
+                matmul_nt(n, hd, seq, &q_rows, &*ks, &mut scores, false);
                 causal_softmax(&mut scores, seq, scale, |i| rows[i]);
                 let mut out_rows = vec![0.0f32; n * hd];
-                matmul_nn(n, seq, hd, &scores, vs, &mut out_rows, false);
+                matmul_nn(n, seq, hd, &scores, &*vs, &mut out_rows, false);
                 p.fill(0.0);
                 o.fill(0.0);
                 for (i, &s) in rows.iter().enumerate() {
@@ -177,10 +177,10 @@ pub fn attention_forward_gated(
             }
             gather_head(q_th, b * seq, seq, qw, h, hd, qs);
             // scores = q k^T (scaled in the softmax below).
-            matmul_nt(seq, hd, seq, qs, ks, p, false);
+            matmul_nt(seq, hd, seq, &*qs, &*ks, p, false);
             causal_softmax(p, seq, scale, |i| i);
             // out = P v.
-            matmul_nn(seq, seq, hd, p, vs, o, false);
+            matmul_nn(seq, seq, hd, &*p, &*vs, o, false);
         },
     );
     scatter_query_heads(shape, &out_bhsd, out_th, false);
@@ -265,10 +265,10 @@ pub fn attention_backward_gated(
                         rows.iter().flat_map(|&s| p[s * seq..(s + 1) * seq].iter().copied()).collect();
                     matmul_tn(seq, n, hd, &p_rows, &do_rows, dv, false);
                     let mut ds_rows = vec![0.0f32; n * seq];
-                    matmul_nt(n, hd, seq, &do_rows, vs, &mut ds_rows, false);
+                    matmul_nt(n, hd, seq, &do_rows, &*vs, &mut ds_rows, false);
                     causal_softmax_backward(&p_rows, &mut ds_rows, seq, scale);
                     let mut dq_rows = vec![0.0f32; n * hd];
-                    matmul_nn(n, seq, hd, &ds_rows, ks, &mut dq_rows, false);
+                    matmul_nn(n, seq, hd, &ds_rows, &*ks, &mut dq_rows, false);
                     dq.fill(0.0);
                     for (i, &s) in rows.iter().enumerate() {
                         dq[s * hd..(s + 1) * hd].copy_from_slice(&dq_rows[i * hd..(i + 1) * hd]);
@@ -279,13 +279,13 @@ pub fn attention_backward_gated(
                 gather_head(q_th, b * seq, seq, qw, h, hd, qs);
                 gather_head(dout_th, b * seq, seq, qw, h, hd, dos);
                 // out = P v: dv = P^T dout, dP = dout v^T.
-                matmul_tn(seq, seq, hd, p, dos, dv, false);
-                matmul_nt(seq, hd, seq, dos, vs, ds, false);
+                matmul_tn(seq, seq, hd, p, &*dos, dv, false);
+                matmul_nt(seq, hd, seq, &*dos, &*vs, ds, false);
                 // Softmax (the 1/sqrt(hd) of the scores folded in).
                 causal_softmax_backward(p, ds, seq, scale);
                 // scores = q k^T: dq = dS k, dk = dS^T q.
-                matmul_nn(seq, seq, hd, ds, ks, dq, false);
-                matmul_tn(seq, seq, hd, ds, qs, dk, false);
+                matmul_nn(seq, seq, hd, &*ds, &*ks, dq, false);
+                matmul_tn(seq, seq, hd, &*ds, &*qs, dk, false);
             },
         );
     scatter_query_heads(shape, &dq_b, dq_th, true);

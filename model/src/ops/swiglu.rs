@@ -4,7 +4,10 @@
 //! Legend: `r` rows, `d` d_model, `f` ffn_hidden.
 
 use crate::config::ModelConfig;
-use crate::gemm::{matmul_nn, matmul_nt, matmul_tn, precision, Precision};
+use crate::gemm::{
+    factors_in_bf16, matmul_nn, matmul_nt, matmul_tn, precision, prepare, Bf16, FactorElement, OwnedFactor, Precision,
+    Values,
+};
 use crate::moe::{ExpertKind, Rows};
 use crate::ops::fast_exp::exp_in_place;
 use crate::weights::ExpertWeights;
@@ -29,6 +32,14 @@ fn sigmoids(h1: &[f32], s: &mut [f32]) {
     } else {
         s.iter_mut().zip(h1).for_each(|(s, &h)| *s = sigmoid(h));
     }
+}
+
+/// One element of SwiGLU's backward from `h1`, `h3`, the gradient `g` of
+/// `act` and `s = sigmoid(h1)`: `(act, dh3, dh1)` with `act = silu(h1) h3`,
+/// `dh3 = g silu(h1)`, `dh1 = g h3 silu'(h1)`, `silu'(z) = s (1 + z (1 - s))`.
+#[inline(always)]
+fn swiglu_grads(h1: f32, h3: f32, g: f32, s: f32) -> (f32, f32, f32) {
+    (h1 * s * h3, g * h1 * s, g * h3 * s * (1.0 + h1 * (1.0 - s)))
 }
 
 /// What the backward pass needs from the forward pass of one expert call.
@@ -86,19 +97,17 @@ impl ExpertKind for SwiGlu {
         cache.h1.resize(n, 0.0);
         cache.h3.resize(n, 0.0);
         // h1 = x W1^T, h3 = x W3^T: [rows, f].
-        matmul_nt(rows, d, f, x_rd, &w.w1, &mut cache.h1, false);
-        matmul_nt(rows, d, f, x_rd, &w.w3, &mut cache.h3, false);
-        // act = silu(h1) * h3 = h1 sigmoid(h1) h3, then y = act W2^T: [rows, d].
-        let mut act = vec![0.0f32; n];
-        let mut s = [0.0f32; CHUNK];
-        for ((act, h1), h3) in act.chunks_mut(CHUNK).zip(cache.h1.chunks(CHUNK)).zip(cache.h3.chunks(CHUNK)) {
-            let s = &mut s[..h1.len()];
-            sigmoids(h1, s);
-            for (((a, &h1), &h3), &s) in act.iter_mut().zip(h1).zip(h3).zip(&*s) {
-                *a = h1 * s * h3;
-            }
+        let x = prepare(&x_rd[..rows * d]);
+        matmul_nt(rows, d, f, &x, &w.w1, &mut cache.h1, false);
+        matmul_nt(rows, d, f, &x, &w.w3, &mut cache.h3, false);
+        drop(x);
+        // act = silu(h1) * h3, stored as the W2 product takes it.
+        let y_rd = &mut y_rd[..rows * d];
+        if factors_in_bf16() {
+            self.output::<Bf16>(w, rows, cache, y_rd);
+        } else {
+            self.output::<f32>(w, rows, cache, y_rd);
         }
-        matmul_nt(rows, f, d, &act, &w.w2, &mut y_rd[..rows * d], false);
     }
 
     /// Backward of [`ExpertKind::forward`]: `x_dx_rd` goes from `x` to
@@ -146,9 +155,7 @@ impl SwiGlu {
     }
 
     /// Adds `dW2`, `dW1`, `dW3` into `grads` and returns the gradients of
-    /// `h1` and `h3` (`[rows, f]` each). The cache's `h1` and `h3` are
-    /// reused in place for the gradients of the activations, so the pass
-    /// needs one scratch buffer of `[rows, f]` (it needed two).
+    /// `h1` and `h3` (`[rows, f]` each), stored as the products take them.
     fn weight_grads(
         &self,
         w: &ExpertWeights,
@@ -156,45 +163,99 @@ impl SwiGlu {
         cache: SwigluCache,
         dy_rd: &[f32],
         grads: &mut ExpertWeights,
-    ) -> (Vec<f32>, Vec<f32>) {
+    ) -> (OwnedFactor, OwnedFactor) {
         let (d, f) = (self.d, self.f);
         let Rows { x_rd, rows } = x;
         let n = rows * f;
-        let SwigluCache { h1: mut dh1, h3: mut act } = cache;
-        assert!(dh1.len() >= n && act.len() >= n, "SwiGlu::backward: cache holds fewer than {rows} rows");
+        let SwigluCache { h1, h3 } = cache;
+        assert!(h1.len() >= n && h3.len() >= n, "SwiGlu::backward: cache holds fewer than {rows} rows");
         assert!(dy_rd.len() >= rows * d && x_rd.len() >= rows * d, "SwiGlu::backward: dy/x need {rows}x{d} values");
-        // d_act = dy W2: [rows, f]; it becomes dh3 below.
-        let mut dh3 = vec![0.0f32; n];
-        matmul_nn(rows, d, f, dy_rd, &w.w2, &mut dh3, false);
-        // Per element, from h1, h3 and d_act (each read before its slot is
-        // written): act = silu(h1) * h3 (into h3's slot), dh3 = d_act *
-        // silu(h1) (into d_act's), dh1 = d_act * h3 * silu'(h1) (into h1's),
-        // silu'(z) = s (1 + z (1 - s)) with s = sigmoid(z).
+        // d_act = dy W2: [rows, f].
+        let dy = prepare(&dy_rd[..rows * d]);
+        let mut dact = vec![0.0f32; n];
+        matmul_nn(rows, d, f, &dy, &w.w2, &mut dact, false);
+        let x = &x_rd[..rows * d];
+        if factors_in_bf16() {
+            // The products take bf16: the three results go straight into it.
+            let mut out = [(); 3].map(|_| vec![Bf16::default(); n]);
+            let [act, dh3, dh1] = &mut out;
+            for (((((h1, h3), g), act), dh3), dh1) in h1
+                .chunks(CHUNK)
+                .zip(h3.chunks(CHUNK))
+                .zip(dact.chunks(CHUNK))
+                .zip(act.chunks_mut(CHUNK))
+                .zip(dh3.chunks_mut(CHUNK))
+                .zip(dh1.chunks_mut(CHUNK))
+            {
+                let mut s = [0.0f32; CHUNK];
+                let s = &mut s[..h1.len()];
+                sigmoids(h1, s);
+                for i in 0..h1.len() {
+                    let (a, g3, g1) = swiglu_grads(h1[i], h3[i], g[i], s[i]);
+                    (act[i], dh3[i], dh1[i]) = (Bf16::from_f32(a), Bf16::from_f32(g3), Bf16::from_f32(g1));
+                }
+            }
+            drop((h1, h3, dact));
+            let [act, dh3, dh1] = out;
+            self.weight_products(&dy, (&act, &dh1, &dh3), x, rows, grads);
+            (OwnedFactor::Bf16(dh1), OwnedFactor::Bf16(dh3))
+        } else {
+            // In place: act into h3's buffer, dh3 into d_act's, dh1 into
+            // h1's (each read before its slot is written), so the pass needs
+            // one scratch buffer of `[rows, f]`.
+            let (mut h1_dh1, mut h3_act, mut dact_dh3) = (h1, h3, dact);
+            let mut s = [0.0f32; CHUNK];
+            for ((h1, h3), g) in
+                h1_dh1[..n].chunks_mut(CHUNK).zip(h3_act[..n].chunks_mut(CHUNK)).zip(dact_dh3.chunks_mut(CHUNK))
+            {
+                let s = &mut s[..h1.len()];
+                sigmoids(h1, s);
+                for i in 0..h1.len() {
+                    (h3[i], g[i], h1[i]) = swiglu_grads(h1[i], h3[i], g[i], s[i]);
+                }
+            }
+            h1_dh1.truncate(n);
+            let (act, dh1, dh3) = (&h3_act[..n], &h1_dh1, &dact_dh3);
+            self.weight_products(&dy, (act, dh1, dh3), x, rows, grads);
+            (OwnedFactor::F32(h1_dh1), OwnedFactor::F32(dact_dh3))
+        }
+    }
+
+    /// `dW2 += dy^T act` (`[d, f]`), `dW1 += dh1^T x`, `dW3 += dh3^T x`
+    /// (`[f, d]`).
+    fn weight_products<'v>(
+        &self,
+        dy: impl Into<Values<'v>>,
+        (act, dh1, dh3): (impl Into<Values<'v>>, impl Into<Values<'v>>, impl Into<Values<'v>>),
+        x_rd: &[f32],
+        rows: usize,
+        grads: &mut ExpertWeights,
+    ) {
+        let (d, f) = (self.d, self.f);
+        matmul_tn(d, rows, f, dy, act, &mut grads.w2, true);
+        let x = prepare(x_rd);
+        matmul_tn(f, rows, d, dh1, &x, &mut grads.w1, true);
+        matmul_tn(f, rows, d, dh3, &x, &mut grads.w3, true);
+    }
+
+    /// `y = act W2^T` (`[rows, d]`) with `act = silu(h1) * h3` stored as `T`.
+    fn output<T: FactorElement>(&self, w: &ExpertWeights, rows: usize, cache: &SwigluCache, y_rd: &mut [f32]) {
+        let (d, f) = (self.d, self.f);
+        let n = rows * f;
+        let mut act = vec![T::default(); n];
         let mut s = [0.0f32; CHUNK];
-        for ((h1_dh1, h3_act), dact_dh3) in
-            dh1[..n].chunks_mut(CHUNK).zip(act[..n].chunks_mut(CHUNK)).zip(dh3.chunks_mut(CHUNK))
-        {
-            let s = &mut s[..h1_dh1.len()];
-            sigmoids(h1_dh1, s);
-            for (((h1_dh1, h3_act), dact_dh3), &s) in h1_dh1.iter_mut().zip(h3_act).zip(dact_dh3).zip(&*s) {
-                let (h1, h3, g) = (*h1_dh1, *h3_act, *dact_dh3);
-                *h3_act = h1 * s * h3;
-                *dact_dh3 = g * h1 * s;
-                *h1_dh1 = g * h3 * s * (1.0 + h1 * (1.0 - s));
+        for ((act, h1), h3) in act.chunks_mut(CHUNK).zip(cache.h1[..n].chunks(CHUNK)).zip(cache.h3[..n].chunks(CHUNK)) {
+            let s = &mut s[..h1.len()];
+            sigmoids(h1, s);
+            for (((a, &h1), &h3), &s) in act.iter_mut().zip(h1).zip(h3).zip(&*s) {
+                *a = T::from_f32(h1 * s * h3);
             }
         }
-        dh1.truncate(n);
-        // dW2 += dy^T act: [d, f].
-        matmul_tn(d, rows, f, dy_rd, &act[..n], &mut grads.w2, true);
-        drop(act);
-        // dW1 += dh1^T x, dW3 += dh3^T x: [f, d].
-        matmul_tn(f, rows, d, &dh1, &x_rd[..rows * d], &mut grads.w1, true);
-        matmul_tn(f, rows, d, &dh3, &x_rd[..rows * d], &mut grads.w3, true);
-        (dh1, dh3)
+        matmul_nt(rows, f, d, T::values(&act), &w.w2, y_rd, false);
     }
 
     /// `dx += dh1 W1 + dh3 W3`: `[rows, d]`.
-    fn input_grad(&self, w: &ExpertWeights, rows: usize, (dh1, dh3): (&[f32], &[f32]), dx_rd: &mut [f32]) {
+    fn input_grad(&self, w: &ExpertWeights, rows: usize, (dh1, dh3): (&OwnedFactor, &OwnedFactor), dx_rd: &mut [f32]) {
         let (d, f) = (self.d, self.f);
         matmul_nn(rows, f, d, dh1, &w.w1, dx_rd, true);
         matmul_nn(rows, f, d, dh3, &w.w3, dx_rd, true);

@@ -81,7 +81,7 @@ pub fn tiled_attention_forward(shape: AttentionShape, qkv: Qkv<'_>, out_th: &mut
                         acc[r * hd..(r + 1) * hd].iter_mut().for_each(|a| *a *= rescale);
                         m[r] = m_new;
                     }
-                    matmul_nn(br, bc, hd, s, &head.v[j0 * hd..(j0 + bc) * hd], acc, true);
+                    matmul_nn(br, bc, hd, &*s, &head.v[j0 * hd..(j0 + bc) * hd], acc, true);
                 }
                 for r in 0..br {
                     let inv = 1.0 / l[r];
@@ -156,14 +156,14 @@ pub fn tiled_attention_backward(
                             exp_in_place(&mut row[..live]);
                             row[live..].fill(0.0);
                         }
-                        matmul_tn(bc, br, hd, p, doi, dv_j, true);
+                        matmul_tn(bc, br, hd, &*p, doi, dv_j, true);
                         matmul_nt(br, hd, bc, doi, vj, ds, false);
                         for (r, (ds_row, p_row)) in ds.chunks_mut(bc).zip(p.chunks(bc)).enumerate() {
                             let d = dot[i0 + r];
                             ds_row.iter_mut().zip(p_row).for_each(|(x, &pv)| *x = pv * (*x - d) * scale);
                         }
-                        matmul_nn(br, bc, hd, ds, kj, &mut dq[i0 * hd..(i0 + br) * hd], true);
-                        matmul_tn(bc, br, hd, ds, qi, dk_j, true);
+                        matmul_nn(br, bc, hd, &*ds, kj, &mut dq[i0 * hd..(i0 + br) * hd], true);
+                        matmul_tn(bc, br, hd, &*ds, qi, dk_j, true);
                     }
                 }
             },
