@@ -214,3 +214,35 @@ fn factors_converted_once_give_the_bits_of_per_product_conversion() {
     gemm::set_precision(Precision::Fp32);
     gemm::set_kernels(None);
 }
+
+/// A product into a new vector (written once, not zero-filled first) has
+/// the bits of the same product into a zeroed buffer, on both kernel sets
+/// and in both precisions, including the padded row tail and `k = 0`.
+#[test]
+fn products_into_new_vectors_equal_products_into_zeroed_ones() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    onednn();
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    for kernels in [Kernels::OneDnn, Kernels::Builtin] {
+        gemm::set_kernels(Some(kernels));
+        for precision in [Precision::Fp32, Precision::Bf16] {
+            gemm::set_precision(precision);
+            for (s, &(m, k, n)) in SHAPES.iter().chain(&[(4, 0, 3)]).enumerate() {
+                let (a, b) = (values(m * k, s as u64), values(k * n, 100 + s as u64));
+                let what = format!("{kernels:?} {precision:?} {m}x{k}x{n}");
+                // A freed block of NaNs of the same size, which malloc is
+                // likely to hand out next: a value left unwritten shows.
+                let dirty = || drop(vec![f32::NAN; m * n]);
+                let mut zeroed = vec![0.0; m * n];
+                run("nt", (m, k, n), &a, &b, &mut zeroed, false);
+                dirty();
+                assert_eq!(bits(&gemm::matmul_nt_new(m, k, n, &a, &b)), bits(&zeroed), "nt {what}");
+                run("nn", (m, k, n), &a, &b, &mut zeroed, false);
+                dirty();
+                assert_eq!(bits(&gemm::matmul_nn_new(m, k, n, &a, &b)), bits(&zeroed), "nn {what}");
+            }
+        }
+    }
+    gemm::set_precision(Precision::Fp32);
+    gemm::set_kernels(None);
+}

@@ -3,6 +3,7 @@
 //! (docs/kernels.md has the table): it beat `matrixmultiply` at every
 //! transformer-sized shape, by up to 1.9x on small expert blocks.
 
+use super::Dest;
 use gemm::Parallelism;
 
 /// Below this many multiply-adds a product runs on the calling thread:
@@ -24,7 +25,7 @@ pub(super) fn product(
     (m, k, n): (usize, usize, usize),
     (a, a_trans): (&[f32], bool),
     (b, b_trans): (&[f32], bool),
-    c: &mut [f32],
+    mut c: Dest<'_>,
     accumulate: bool,
 ) {
     // (row stride, column stride) of op(A) [m,k] and op(B) [k,n].

@@ -18,11 +18,14 @@
 
 pub mod bf16;
 mod builtin;
+mod dest;
 mod factor;
 pub mod onednn;
 
 pub use bf16::{round as round_to_bf16, Bf16};
+use dest::Dest;
 pub use factor::{factors_in_bf16, prepare, FactorElement, OwnedFactor, Prepared, Values};
+use std::mem::MaybeUninit;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::OnceLock;
 
@@ -160,7 +163,7 @@ struct Operand<'a> {
 }
 
 /// Strided product `C[m,n] (+)= op(A) op(B)` in the process's precision.
-fn product(m: usize, k: usize, n: usize, a: Operand<'_>, b: Operand<'_>, c: &mut [f32], accumulate: bool) {
+fn product(m: usize, k: usize, n: usize, a: Operand<'_>, b: Operand<'_>, c: Dest<'_>, accumulate: bool) {
     product_in(precision(), (m, k, n), a, b, c, accumulate)
 }
 
@@ -170,18 +173,19 @@ fn product_in(
     (m, k, n): (usize, usize, usize),
     a: Operand<'_>,
     b: Operand<'_>,
-    c: &mut [f32],
+    mut c: Dest<'_>,
     accumulate: bool,
 ) {
     assert!(a.values.len() >= m * k, "A has {} values, needs {m}x{k}", a.values.len());
     assert!(b.values.len() >= k * n, "B has {} values, needs {k}x{n}", b.values.len());
     assert!(c.len() >= m * n, "C has {} values, needs {m}x{n}", c.len());
+    assert!(c.is_initialised() || !accumulate, "a product can only add to initialised values");
     if m == 0 || n == 0 {
         return;
     }
     if k == 0 {
         if !accumulate {
-            c[..m * n].fill(0.0);
+            c.zero(m * n);
         }
         return;
     }
@@ -212,7 +216,7 @@ pub fn matmul_nt<'a, 'b>(
     accumulate: bool,
 ) {
     let (a, b) = (Operand { values: a.into(), transposed: false }, Operand { values: b.into(), transposed: true });
-    product(m, k, n, a, b, c, accumulate)
+    product(m, k, n, a, b, Dest::init(c), accumulate)
 }
 
 /// `C[m,n] (+)= A[m,k] · B[k,n]` — a linear layer's input gradient.
@@ -226,7 +230,7 @@ pub fn matmul_nn<'a, 'b>(
     accumulate: bool,
 ) {
     let (a, b) = (Operand { values: a.into(), transposed: false }, Operand { values: b.into(), transposed: false });
-    product(m, k, n, a, b, c, accumulate)
+    product(m, k, n, a, b, Dest::init(c), accumulate)
 }
 
 /// `C[m,n] (+)= A[k,m]^T · B[k,n]` — a linear layer's weight gradient.
@@ -240,7 +244,48 @@ pub fn matmul_tn<'a, 'b>(
     accumulate: bool,
 ) {
     let (a, b) = (Operand { values: a.into(), transposed: true }, Operand { values: b.into(), transposed: false });
-    product(m, k, n, a, b, c, accumulate)
+    product(m, k, n, a, b, Dest::init(c), accumulate)
+}
+
+/// `A[m,k] · B[n,k]^T` in a new vector, which the product writes once
+/// (it is not zero-filled first).
+pub fn matmul_nt_new<'a, 'b>(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: impl Into<Values<'a>>,
+    b: impl Into<Values<'b>>,
+) -> Vec<f32> {
+    fresh(m * n, |c| {
+        let (a, b) = (Operand { values: a.into(), transposed: false }, Operand { values: b.into(), transposed: true });
+        product(m, k, n, a, b, c, false)
+    })
+}
+
+/// `A[m,k] · B[k,n]` in a new vector, written once.
+pub fn matmul_nn_new<'a, 'b>(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: impl Into<Values<'a>>,
+    b: impl Into<Values<'b>>,
+) -> Vec<f32> {
+    fresh(m * n, |c| {
+        let (a, b) = (Operand { values: a.into(), transposed: false }, Operand { values: b.into(), transposed: false });
+        product(m, k, n, a, b, c, false)
+    })
+}
+
+/// A vector of `len` values that `product` writes in full (a product
+/// that does not accumulate writes every value of `C`).
+fn fresh(len: usize, product: impl FnOnce(Dest<'_>)) -> Vec<f32> {
+    let mut c: Vec<f32> = Vec::with_capacity(len);
+    let spare: &mut [MaybeUninit<f32>] = &mut c.spare_capacity_mut()[..len];
+    product(Dest::uninit(spare));
+    // SAFETY: the product wrote all `len` values (it did not accumulate:
+    // every kernel path then writes the whole of `C`, and `k = 0` zeros it).
+    unsafe { c.set_len(len) };
+    c
 }
 
 /// The same three products, always in fp32: for routers, whose choices
@@ -251,19 +296,19 @@ pub mod fp32 {
     /// `C[m,n] (+)= A[m,k] · B[n,k]^T` in fp32.
     pub fn matmul_nt(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32], accumulate: bool) {
         let (a, b) = (Operand { values: a.into(), transposed: false }, Operand { values: b.into(), transposed: true });
-        product_in(Precision::Fp32, (m, k, n), a, b, c, accumulate)
+        product_in(Precision::Fp32, (m, k, n), a, b, super::Dest::init(c), accumulate)
     }
 
     /// `C[m,n] (+)= A[m,k] · B[k,n]` in fp32.
     pub fn matmul_nn(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32], accumulate: bool) {
         let (a, b) = (Operand { values: a.into(), transposed: false }, Operand { values: b.into(), transposed: false });
-        product_in(Precision::Fp32, (m, k, n), a, b, c, accumulate)
+        product_in(Precision::Fp32, (m, k, n), a, b, super::Dest::init(c), accumulate)
     }
 
     /// `C[m,n] (+)= A[k,m]^T · B[k,n]` in fp32.
     pub fn matmul_tn(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32], accumulate: bool) {
         let (a, b) = (Operand { values: a.into(), transposed: true }, Operand { values: b.into(), transposed: false });
-        product_in(Precision::Fp32, (m, k, n), a, b, c, accumulate)
+        product_in(Precision::Fp32, (m, k, n), a, b, super::Dest::init(c), accumulate)
     }
 }
 

@@ -12,7 +12,7 @@
 //! rows of a weight gradient) run as a multiple of 64 and a tail of fewer
 //! than 64 padded with zeros to 64.
 
-use super::{Bf16, Operand, Values};
+use super::{Bf16, Dest, Operand, Values};
 use libloading::Library;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -278,7 +278,7 @@ impl OneDnn {
         (m, k, n): (usize, usize, usize),
         a: Operand<'_>,
         b: Operand<'_>,
-        c: &mut [f32],
+        c: Dest<'_>,
         accumulate: bool,
         bf16: bool,
     ) -> Result<(), String> {
@@ -298,7 +298,7 @@ impl OneDnn {
         dims: (usize, usize, usize),
         a: Factor<'_>,
         b: Factor<'_>,
-        c: &mut [f32],
+        c: Dest<'_>,
         accumulate: bool,
         bf16: bool,
     ) -> Result<(), String> {
@@ -317,7 +317,7 @@ impl OneDnn {
         (m, k, n): (usize, usize, usize),
         a: Factor<'_>,
         b: Factor<'_>,
-        c: &mut [f32],
+        mut c: Dest<'_>,
         accumulate: bool,
         bf16: bool,
     ) -> Result<(), String> {
@@ -333,10 +333,10 @@ impl OneDnn {
             let a_pad = a.padded_rows(main..m, k);
             let mut c_pad = vec![0.0f32; ROWS_ALIGN * n];
             if accumulate {
-                c_pad[..tail * n].copy_from_slice(&c[main * n..m * n]);
+                c.read_into(main * n, &mut c_pad[..tail * n]);
             }
             self.run(shape(ROWS_ALIGN), a_pad.as_ptr(), b.bytes.as_ptr(), c_pad.as_mut_ptr())?;
-            c[main * n..m * n].copy_from_slice(&c_pad[..tail * n]);
+            c.write(main * n, &c_pad[..tail * n]);
         }
         Ok(())
     }
@@ -349,7 +349,7 @@ impl OneDnn {
         (m, k, n): (usize, usize, usize),
         a: Factor<'_>,
         b: Factor<'_>,
-        c: &mut [f32],
+        mut c: Dest<'_>,
         accumulate: bool,
         bf16: bool,
     ) -> Result<(), String> {

@@ -5,8 +5,8 @@
 
 use crate::config::ModelConfig;
 use crate::gemm::{
-    factors_in_bf16, matmul_nn, matmul_nt, matmul_tn, precision, prepare, Bf16, FactorElement, OwnedFactor, Precision,
-    Values,
+    factors_in_bf16, matmul_nn, matmul_nn_new, matmul_nt, matmul_nt_new, matmul_tn, precision, prepare, Bf16,
+    FactorElement, OwnedFactor, Precision, Values,
 };
 use crate::moe::{ExpertKind, Rows};
 use crate::ops::fast_exp::exp_in_place;
@@ -82,7 +82,7 @@ impl ExpertKind for SwiGlu {
     }
 
     /// Runs one expert on the block's rows `x_rd` (`[rows, d]`), writing
-    /// `y_rd` (overwritten) and filling `cache` (resized as needed).
+    /// `y_rd` (overwritten) and filling `cache` (its buffers replaced).
     fn forward(&self, w: &ExpertWeights, x: Rows<'_>, y_rd: &mut [f32], cache: &mut SwigluCache) {
         let (d, f) = (self.d, self.f);
         let Rows { x_rd, rows } = x;
@@ -91,15 +91,12 @@ impl ExpertKind for SwiGlu {
             cache.h3.clear();
             return;
         }
-        let n = rows * f;
         assert!(x_rd.len() >= rows * d, "SwiGlu::forward: x has {} values, needs {rows}x{d}", x_rd.len());
         assert!(y_rd.len() >= rows * d, "SwiGlu::forward: y has {} values, needs {rows}x{d}", y_rd.len());
-        cache.h1.resize(n, 0.0);
-        cache.h3.resize(n, 0.0);
         // h1 = x W1^T, h3 = x W3^T: [rows, f].
         let x = prepare(&x_rd[..rows * d]);
-        matmul_nt(rows, d, f, &x, &w.w1, &mut cache.h1, false);
-        matmul_nt(rows, d, f, &x, &w.w3, &mut cache.h3, false);
+        cache.h1 = matmul_nt_new(rows, d, f, &x, &w.w1);
+        cache.h3 = matmul_nt_new(rows, d, f, &x, &w.w3);
         drop(x);
         // act = silu(h1) * h3, stored as the W2 product takes it.
         let y_rd = &mut y_rd[..rows * d];
@@ -172,31 +169,25 @@ impl SwiGlu {
         assert!(dy_rd.len() >= rows * d && x_rd.len() >= rows * d, "SwiGlu::backward: dy/x need {rows}x{d} values");
         // d_act = dy W2: [rows, f].
         let dy = prepare(&dy_rd[..rows * d]);
-        let mut dact = vec![0.0f32; n];
-        matmul_nn(rows, d, f, &dy, &w.w2, &mut dact, false);
+        let dact = matmul_nn_new(rows, d, f, &dy, &w.w2);
         let x = &x_rd[..rows * d];
         if factors_in_bf16() {
-            // The products take bf16: the three results go straight into it.
-            let mut out = [(); 3].map(|_| vec![Bf16::default(); n]);
-            let [act, dh3, dh1] = &mut out;
-            for (((((h1, h3), g), act), dh3), dh1) in h1
-                .chunks(CHUNK)
-                .zip(h3.chunks(CHUNK))
-                .zip(dact.chunks(CHUNK))
-                .zip(act.chunks_mut(CHUNK))
-                .zip(dh3.chunks_mut(CHUNK))
-                .zip(dh1.chunks_mut(CHUNK))
-            {
-                let mut s = [0.0f32; CHUNK];
-                let s = &mut s[..h1.len()];
-                sigmoids(h1, s);
-                for i in 0..h1.len() {
-                    let (a, g3, g1) = swiglu_grads(h1[i], h3[i], g[i], s[i]);
-                    (act[i], dh3[i], dh1[i]) = (Bf16::from_f32(a), Bf16::from_f32(g3), Bf16::from_f32(g1));
+            // The products take bf16: the three results go straight into it,
+            // a chunk at a time through the stack (not zero-filled first).
+            let [mut act, mut dh3, mut dh1] = [(); 3].map(|_| Vec::<Bf16>::with_capacity(n));
+            let mut s = [0.0f32; CHUNK];
+            let mut out = [[0.0f32; CHUNK]; 3];
+            for ((h1, h3), g) in h1[..n].chunks(CHUNK).zip(h3[..n].chunks(CHUNK)).zip(dact.chunks(CHUNK)) {
+                let len = h1.len();
+                sigmoids(h1, &mut s[..len]);
+                for i in 0..len {
+                    (out[0][i], out[1][i], out[2][i]) = swiglu_grads(h1[i], h3[i], g[i], s[i]);
+                }
+                for (to, from) in [&mut act, &mut dh3, &mut dh1].into_iter().zip(&out) {
+                    to.extend(from[..len].iter().map(|&v| Bf16::from_f32(v)));
                 }
             }
             drop((h1, h3, dact));
-            let [act, dh3, dh1] = out;
             self.weight_products(&dy, (&act, &dh1, &dh3), x, rows, grads);
             (OwnedFactor::Bf16(dh1), OwnedFactor::Bf16(dh3))
         } else {
@@ -242,14 +233,13 @@ impl SwiGlu {
     fn output<T: FactorElement>(&self, w: &ExpertWeights, rows: usize, cache: &SwigluCache, y_rd: &mut [f32]) {
         let (d, f) = (self.d, self.f);
         let n = rows * f;
-        let mut act = vec![T::default(); n];
+        // Extended a chunk at a time, not zero-filled first.
+        let mut act = Vec::with_capacity(n);
         let mut s = [0.0f32; CHUNK];
-        for ((act, h1), h3) in act.chunks_mut(CHUNK).zip(cache.h1[..n].chunks(CHUNK)).zip(cache.h3[..n].chunks(CHUNK)) {
+        for (h1, h3) in cache.h1[..n].chunks(CHUNK).zip(cache.h3[..n].chunks(CHUNK)) {
             let s = &mut s[..h1.len()];
             sigmoids(h1, s);
-            for (((a, &h1), &h3), &s) in act.iter_mut().zip(h1).zip(h3).zip(&*s) {
-                *a = T::from_f32(h1 * s * h3);
-            }
+            act.extend(h1.iter().zip(h3).zip(&*s).map(|((&h1, &h3), &s)| T::from_f32(h1 * s * h3)));
         }
         matmul_nt(rows, f, d, T::values(&act), &w.w2, y_rd, false);
     }
