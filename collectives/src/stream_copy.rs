@@ -9,12 +9,60 @@
 //! are copied as usual: they fit the cache, and whoever reads them next
 //! finds them there.
 
+use std::sync::OnceLock;
+
 /// Blocks from this size up are copied with streaming stores. From 2 MiB,
 /// although the copy alone is faster streamed there, the 4 MiB exchange
 /// on 2 MPI ranks (2 MiB own blocks) came out at 0.63-0.86x of
 /// `MPI_Alltoallv` in two runs, against 0.87-0.97x in five runs with this
 /// threshold: a block that size is still worth leaving in the cache.
 pub const STREAM_FROM_BYTES: usize = 4 << 20;
+
+/// The size of an exchange (a rank's send times the ranks) from which the
+/// rank's own block is streamed: the last-level cache's size where Linux
+/// reports it, else 128 MiB. An exchange that fits the cache is faster
+/// with ordinary stores, one that does not with streaming ones, and where
+/// that turns depends on the machine. Measured on 2-core machines
+/// (docs/parallel.md): on an Intel Xeon, 2 MPI ranks at 32 MiB each (64
+/// MiB in all) took 2.64-2.72 ms copied as usual against 3.08 ms streamed,
+/// and 128 MiB in all was faster streamed; on an AMD EPYC with a 32 MiB
+/// L3, streaming from 32 MiB in all took 16 MiB on 4 ranks from 4.27-4.46
+/// ms to 2.94-3.11 ms and 16 MiB on 2 ranks from 1.29-1.62 to 1.11-1.52 ms.
+pub fn stream_exchange_from_bytes() -> usize {
+    static BYTES: OnceLock<usize> = OnceLock::new();
+    *BYTES.get_or_init(|| last_level_cache_bytes().unwrap_or(128 << 20))
+}
+
+/// CPU 0's highest cache level's size, from sysfs.
+fn last_level_cache_bytes() -> Option<usize> {
+    let caches = std::fs::read_dir("/sys/devices/system/cpu/cpu0/cache").ok()?;
+    caches
+        .filter_map(|entry| {
+            let dir = entry.ok()?.path();
+            let read = |name: &str| std::fs::read_to_string(dir.join(name)).ok();
+            let level: u32 = read("level")?.trim().parse().ok()?;
+            Some((level, parse_cache_size(&read("size")?)?))
+        })
+        .max_by_key(|&(level, _)| level)
+        .map(|(_, bytes)| bytes)
+}
+
+/// sysfs's cache size: "32768K", "1M" or bytes.
+fn parse_cache_size(text: &str) -> Option<usize> {
+    let text = text.trim();
+    let (digits, unit) = match text.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((at, _)) => text.split_at(at),
+        None => (text, ""),
+    };
+    let scale = match unit {
+        "" => 1,
+        "K" => 1 << 10,
+        "M" => 1 << 20,
+        "G" => 1 << 30,
+        _ => return None,
+    };
+    digits.parse::<usize>().ok().filter(|&n| n > 0).map(|n| n * scale)
+}
 
 /// Copies `len` bytes from `src` to `dst`; with streaming stores (x86-64)
 /// when `stream` is set, which callers decide from the whole block's size
@@ -76,6 +124,18 @@ unsafe fn streaming_x86_64(src: *const u8, dst: *mut u8, len: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cache_sizes_read_as_sysfs_writes_them() {
+        assert_eq!(parse_cache_size("32768K\n"), Some(32 << 20));
+        assert_eq!(parse_cache_size("1M"), Some(1 << 20));
+        assert_eq!(parse_cache_size("4096"), Some(4096));
+        for bad in ["", "K", "12Q", "-1K", "0K"] {
+            assert_eq!(parse_cache_size(bad), None, "{bad:?}");
+        }
+        // Whatever this machine reports, the threshold is a usable size.
+        assert!(stream_exchange_from_bytes() >= 1 << 20);
+    }
 
     /// Every alignment of source and destination and every tail length
     /// copies exactly the bytes asked for, and nothing past them.

@@ -2,7 +2,7 @@
 
 use super::ffi_util::{c_count, check, counts_and_displs, null_request, poll, set_spin_tests, MpiElem, Polled};
 use super::roll_call::missing_ranks;
-use crate::stream_copy::{copy_bytes, STREAM_FROM_BYTES};
+use crate::stream_copy::{copy_bytes, stream_exchange_from_bytes, STREAM_FROM_BYTES};
 use crate::{CommError, Communicator, MessageBuffer, Pending, PendingOp, Received};
 use mpi::ffi;
 use std::os::raw::{c_int, c_void};
@@ -11,16 +11,6 @@ use std::time::{Duration, Instant};
 
 /// Bytes of the own block copied between two progress tests.
 const SELF_COPY_PIECE: usize = 1 << 20;
-
-/// The own block is copied with streaming stores only in exchanges that
-/// move at least this much in all (this rank's send times the ranks):
-/// smaller ones fit the last-level cache, where an ordinary copy is faster.
-/// Measured on the 2-core machine (docs/parallel.md): on 2 ranks, 16 and
-/// 32 MiB per rank (32 and 64 MiB in all) took 1.26 and 2.64-2.72 ms with
-/// `memcpy` against 1.40 and 3.08 ms streamed; 64 MiB per rank (128 MiB in
-/// all) 10.25 ms against 8.06 ms streamed, and on 4 ranks 32 MiB per rank
-/// 11.4 ms against 10.0 ms streamed.
-const STREAM_EXCHANGE_FROM_BYTES: usize = 128 << 20;
 
 /// First tag of the point-to-point messages of the all-to-all; call `seq`
 /// uses `P2P_TAG + seq % P2P_TAGS` (within the 32767 MPI guarantees).
@@ -525,11 +515,11 @@ impl MpiComm {
         // pieces with a test between them: the receiver drives the
         // single-copy transfers, so a long copy without tests stalls them.
         // A large one, in an exchange larger than the cache, with streaming
-        // stores: see `stream_copy` and STREAM_EXCHANGE_FROM_BYTES.
+        // stores: see `stream_copy::stream_exchange_from_bytes`.
         let (own_from, own_to) = (send_displs[rank] as usize, recv_displs[rank] as usize);
         let elem = std::mem::size_of::<T>();
         let stream = send_counts[rank] * elem >= STREAM_FROM_BYTES
-            && std::mem::size_of_val(send) * size >= STREAM_EXCHANGE_FROM_BYTES;
+            && std::mem::size_of_val(send) * size >= stream_exchange_from_bytes();
         let mut copied = 0;
         let mut done = false;
         let waited = (|| {
