@@ -116,7 +116,8 @@ fn keep_freed_blocks_for_reuse() {
 /// the environment can turn it off (`GLIBC_TUNABLES`, read when the
 /// program loads), so the binary starts itself once more with it set,
 /// unless the user's `GLIBC_TUNABLES` already says how many to keep. If
-/// that start fails, this one carries on with the cache.
+/// that start fails, this one carries on with the cache. Benchmark peers
+/// get the user's value back (`bench::as_users_run_it`).
 fn without_malloc_tcache() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
@@ -130,7 +131,12 @@ fn without_malloc_tcache() {
         let mut args = std::env::args_os();
         let arg0 = args.next().unwrap_or_else(|| "switchyard".into());
         // Returns only if the exec failed.
-        let _ = std::process::Command::new("/proc/self/exe").arg0(arg0).args(args).env("GLIBC_TUNABLES", value).exec();
+        let _ = std::process::Command::new("/proc/self/exe")
+            .arg0(arg0)
+            .args(args)
+            .env("GLIBC_TUNABLES", value)
+            .env(bench::TUNABLES_BEFORE, current)
+            .exec();
     }
 }
 

@@ -36,7 +36,14 @@ fn exact(kind: &str, m: usize, k: usize, n: usize, a: &[f32], b: &[f32]) -> Vec<
     c
 }
 
-fn run(kind: &str, (m, k, n): (usize, usize, usize), a: &[f32], b: &[f32], c: &mut [f32], accumulate: bool) {
+fn run<'a, 'b>(
+    kind: &str,
+    (m, k, n): (usize, usize, usize),
+    a: impl Into<gemm::Values<'a>>,
+    b: impl Into<gemm::Values<'b>>,
+    c: &mut [f32],
+    accumulate: bool,
+) {
     match kind {
         "nt" => gemm::matmul_nt(m, k, n, a, b, c, accumulate),
         "nn" => gemm::matmul_nn(m, k, n, a, b, c, accumulate),
@@ -165,54 +172,54 @@ fn onednn_results_do_not_depend_on_the_number_of_threads() {
     assert!(bits.iter().all(|b| *b == bits[0]), "the products differ with the thread count: {bits:?}");
 }
 
+/// The bits of `v`.
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+/// `check` on both kernel sets in both precisions, taking its turn, and
+/// the process's settings back to their defaults after.
+fn in_every_setting(check: impl Fn(Kernels, Precision)) {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    onednn();
+    for kernels in [Kernels::OneDnn, Kernels::Builtin] {
+        for precision in [Precision::Fp32, Precision::Bf16] {
+            gemm::set_kernels(Some(kernels));
+            gemm::set_precision(precision);
+            check(kernels, precision);
+        }
+    }
+    gemm::set_precision(Precision::Fp32);
+    gemm::set_kernels(None);
+}
+
 /// A factor converted once ([`gemm::prepare`]) or stored in bf16 where it
 /// is computed ([`gemm::FactorElement`]) gives the bits of the conversion
 /// each product does on its own, in every layout, on both kernel sets, and
 /// in fp32 a prepared factor is the values themselves.
 #[test]
 fn factors_converted_once_give_the_bits_of_per_product_conversion() {
-    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    onednn();
-    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-    for kernels in [Kernels::OneDnn, Kernels::Builtin] {
-        gemm::set_kernels(Some(kernels));
-        for precision in [Precision::Fp32, Precision::Bf16] {
-            gemm::set_precision(precision);
-            for (s, &(m, k, n)) in SHAPES.iter().enumerate() {
-                for kind in ["nt", "nn", "tn"] {
-                    let (a, b) = (values(m * k, s as u64), values(k * n, 100 + s as u64));
-                    let mut direct = vec![0.0; m * n];
-                    run(kind, (m, k, n), &a, &b, &mut direct, false);
-                    let (pa, pb) = (gemm::prepare(&a), gemm::prepare(&b));
-                    assert_eq!(matches!(pa, gemm::Prepared::Bf16(_)), precision == Precision::Bf16);
-                    let stored: Vec<gemm::Bf16> = a.iter().map(|&x| gemm::FactorElement::from_f32(x)).collect();
-                    let mut once = vec![0.0; m * n];
-                    let mut from_loop = vec![0.0; m * n];
-                    match kind {
-                        "nt" => {
-                            gemm::matmul_nt(m, k, n, &pa, &pb, &mut once, false);
-                            gemm::matmul_nt(m, k, n, &stored, &b, &mut from_loop, false);
-                        }
-                        "nn" => {
-                            gemm::matmul_nn(m, k, n, &pa, &pb, &mut once, false);
-                            gemm::matmul_nn(m, k, n, &stored, &b, &mut from_loop, false);
-                        }
-                        _ => {
-                            gemm::matmul_tn(m, k, n, &pa, &pb, &mut once, false);
-                            gemm::matmul_tn(m, k, n, &stored, &b, &mut from_loop, false);
-                        }
-                    }
-                    let what = format!("{kernels:?} {precision:?} {kind} {m}x{k}x{n}");
-                    assert_eq!(bits(&direct), bits(&once), "prepared factors, {what}");
-                    if precision == Precision::Bf16 {
-                        assert_eq!(bits(&direct), bits(&from_loop), "a factor stored in bf16, {what}");
-                    }
+    in_every_setting(|kernels, precision| {
+        for (s, &(m, k, n)) in SHAPES.iter().enumerate() {
+            for kind in ["nt", "nn", "tn"] {
+                let (a, b) = (values(m * k, s as u64), values(k * n, 100 + s as u64));
+                let mut direct = vec![0.0; m * n];
+                run(kind, (m, k, n), &a, &b, &mut direct, false);
+                let (pa, pb) = (gemm::prepare(&a), gemm::prepare(&b));
+                assert_eq!(matches!(pa, gemm::Prepared::Bf16(_)), precision == Precision::Bf16);
+                let stored: Vec<gemm::Bf16> = a.iter().map(|&x| gemm::FactorElement::from_f32(x)).collect();
+                let mut once = vec![0.0; m * n];
+                let mut from_loop = vec![0.0; m * n];
+                run(kind, (m, k, n), &pa, &pb, &mut once, false);
+                run(kind, (m, k, n), &stored, &b, &mut from_loop, false);
+                let what = format!("{kernels:?} {precision:?} {kind} {m}x{k}x{n}");
+                assert_eq!(bits(&direct), bits(&once), "prepared factors, {what}");
+                if precision == Precision::Bf16 {
+                    assert_eq!(bits(&direct), bits(&from_loop), "a factor stored in bf16, {what}");
                 }
             }
         }
-    }
-    gemm::set_precision(Precision::Fp32);
-    gemm::set_kernels(None);
+    });
 }
 
 /// A product into a new vector (written once, not zero-filled first) has
@@ -220,29 +227,20 @@ fn factors_converted_once_give_the_bits_of_per_product_conversion() {
 /// and in both precisions, including the padded row tail and `k = 0`.
 #[test]
 fn products_into_new_vectors_equal_products_into_zeroed_ones() {
-    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    onednn();
-    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-    for kernels in [Kernels::OneDnn, Kernels::Builtin] {
-        gemm::set_kernels(Some(kernels));
-        for precision in [Precision::Fp32, Precision::Bf16] {
-            gemm::set_precision(precision);
-            for (s, &(m, k, n)) in SHAPES.iter().chain(&[(4, 0, 3)]).enumerate() {
-                let (a, b) = (values(m * k, s as u64), values(k * n, 100 + s as u64));
-                let what = format!("{kernels:?} {precision:?} {m}x{k}x{n}");
-                // A freed block of NaNs of the same size, which malloc is
-                // likely to hand out next: a value left unwritten shows.
-                let dirty = || drop(vec![f32::NAN; m * n]);
-                let mut zeroed = vec![0.0; m * n];
-                run("nt", (m, k, n), &a, &b, &mut zeroed, false);
-                dirty();
-                assert_eq!(bits(&gemm::matmul_nt_new(m, k, n, &a, &b)), bits(&zeroed), "nt {what}");
-                run("nn", (m, k, n), &a, &b, &mut zeroed, false);
-                dirty();
-                assert_eq!(bits(&gemm::matmul_nn_new(m, k, n, &a, &b)), bits(&zeroed), "nn {what}");
-            }
+    in_every_setting(|kernels, precision| {
+        for (s, &(m, k, n)) in SHAPES.iter().chain(&[(4, 0, 3)]).enumerate() {
+            let (a, b) = (values(m * k, s as u64), values(k * n, 100 + s as u64));
+            let what = format!("{kernels:?} {precision:?} {m}x{k}x{n}");
+            // A freed block of NaNs of the same size, which malloc is
+            // likely to hand out next: a value left unwritten shows.
+            let dirty = || drop(vec![f32::NAN; m * n]);
+            let mut zeroed = vec![0.0; m * n];
+            run("nt", (m, k, n), &a, &b, &mut zeroed, false);
+            dirty();
+            assert_eq!(bits(&gemm::matmul_nt_new(m, k, n, &a, &b)), bits(&zeroed), "nt {what}");
+            run("nn", (m, k, n), &a, &b, &mut zeroed, false);
+            dirty();
+            assert_eq!(bits(&gemm::matmul_nn_new(m, k, n, &a, &b)), bits(&zeroed), "nn {what}");
         }
-    }
-    gemm::set_precision(Precision::Fp32);
-    gemm::set_kernels(None);
+    });
 }

@@ -362,7 +362,9 @@ fn peer_missing() -> Option<String> {
 /// Starts the same exchange through mpi4py under mpirun, taking `turns`.
 fn start_peer(ranks: usize, plan: &[Case], turns: &Turns) -> Result<std::process::Child> {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../bench/mpi4py_alltoallv.py");
-    crate::run::mpirun::command(ranks)
+    let mut mpirun = crate::run::mpirun::command(ranks);
+    // mpirun's environment is its local ranks'.
+    super::as_users_run_it(&mut mpirun)
         .args(["-x", TURNS_VAR])
         .env(TURNS_VAR, turns.env_value())
         .args(["python3", script, &serde_json::to_string(plan)?])

@@ -260,18 +260,39 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
 /// Set (to 1) where switchyard itself chose `OMP_WAIT_POLICY` (main.rs).
 pub const OMP_POLICY_OURS: &str = "SWITCHYARD_OMP_WAIT_POLICY_DEFAULTED";
 
+/// Set where switchyard added its malloc setting to `GLIBC_TUNABLES`
+/// (main.rs): the value the user had, empty when none.
+pub const TUNABLES_BEFORE: &str = "SWITCHYARD_GLIBC_TUNABLES_BEFORE";
+
+/// `peer` (a benchmark's PyTorch, JAX or mpi4py process) with the
+/// environment its users run it in: without the OpenMP wait policy and
+/// the malloc setting this program gave itself, unless the user set them.
+pub fn as_users_run_it(peer: &mut std::process::Command) -> &mut std::process::Command {
+    if std::env::var_os(OMP_POLICY_OURS).is_some() {
+        peer.env_remove("OMP_WAIT_POLICY").env_remove(OMP_POLICY_OURS);
+    }
+    if let Some(before) = std::env::var_os(TUNABLES_BEFORE) {
+        if before.is_empty() {
+            peer.env_remove("GLIBC_TUNABLES");
+        } else {
+            peer.env("GLIBC_TUNABLES", before);
+        }
+        peer.env_remove(TUNABLES_BEFORE);
+    }
+    peer
+}
+
 /// A Python peer of a benchmark: `python3 bench/<script> args...`, whose
 /// last stdout line is one JSON object. Err says why there is none: the
 /// module missing (with `install`, how to get it), or the run's failure.
 pub fn python_peer(script: &str, args: &[String], module: &str, install: &str) -> Result<serde_json::Value, String> {
     let path = format!("{}/../bench/{script}", env!("CARGO_MANIFEST_DIR"));
     let mut python = std::process::Command::new("python3");
-    // A peer runs as its users run it: without the OpenMP wait policy
-    // this program set for itself (main.rs), unless the user set one.
-    if std::env::var_os(OMP_POLICY_OURS).is_some() {
-        python.env_remove("OMP_WAIT_POLICY").env_remove(OMP_POLICY_OURS);
-    }
-    let out = python.arg(&path).args(args).output().map_err(|e| format!("python3 not runnable: {e}"))?;
+    let out = as_users_run_it(&mut python)
+        .arg(&path)
+        .args(args)
+        .output()
+        .map_err(|e| format!("python3 not runnable: {e}"))?;
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
         return Err(if err.contains(&format!("No module named '{module}'")) {

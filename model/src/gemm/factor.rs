@@ -68,12 +68,6 @@ impl<'a> From<&'a Vec<f32>> for Values<'a> {
     }
 }
 
-impl<'a, const N: usize> From<&'a [f32; N]> for Values<'a> {
-    fn from(v: &'a [f32; N]) -> Self {
-        Values::F32(v)
-    }
-}
-
 impl<'a> From<&'a [Bf16]> for Values<'a> {
     fn from(v: &'a [Bf16]) -> Self {
         Values::Bf16(v)
@@ -92,12 +86,12 @@ pub fn factors_in_bf16() -> bool {
     precision() == Precision::Bf16
 }
 
-/// A factor for several products: the f32 values themselves, or their bf16
-/// conversion when the products are bf16 (the same bits each product would
-/// have converted on its own).
+/// A factor for several products: f32 values (borrowed, or a loop's own
+/// buffer), or bf16 values converted once (the same bits each product
+/// would have converted on its own) or written by a loop in bf16.
 #[derive(Debug)]
 pub enum Prepared<'a> {
-    F32(&'a [f32]),
+    F32(Cow<'a, [f32]>),
     Bf16(Vec<Bf16>),
 }
 
@@ -106,7 +100,7 @@ pub fn prepare(values: &[f32]) -> Prepared<'_> {
     if factors_in_bf16() {
         Prepared::Bf16(super::bf16::converted(values))
     } else {
-        Prepared::F32(values)
+        Prepared::F32(Cow::Borrowed(values))
     }
 }
 
@@ -115,22 +109,6 @@ impl<'a> From<&'a Prepared<'_>> for Values<'a> {
         match p {
             Prepared::F32(v) => Values::F32(v),
             Prepared::Bf16(v) => Values::Bf16(v),
-        }
-    }
-}
-
-/// A factor's values owned, in either element type.
-#[derive(Debug)]
-pub enum OwnedFactor {
-    F32(Vec<f32>),
-    Bf16(Vec<Bf16>),
-}
-
-impl<'a> From<&'a OwnedFactor> for Values<'a> {
-    fn from(v: &'a OwnedFactor) -> Self {
-        match v {
-            OwnedFactor::F32(v) => Values::F32(v),
-            OwnedFactor::Bf16(v) => Values::Bf16(v),
         }
     }
 }

@@ -24,7 +24,7 @@ pub mod onednn;
 
 pub use bf16::{round as round_to_bf16, Bf16};
 use dest::Dest;
-pub use factor::{factors_in_bf16, prepare, FactorElement, OwnedFactor, Prepared, Values};
+pub use factor::{factors_in_bf16, prepare, FactorElement, Prepared, Values};
 use std::mem::MaybeUninit;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::OnceLock;
@@ -162,6 +162,26 @@ struct Operand<'a> {
     transposed: bool,
 }
 
+/// Which factors a product reads transposed: `nt` (a forward pass), `nn`
+/// (an input gradient), `tn` (a weight gradient).
+#[derive(Clone, Copy)]
+enum Layout {
+    Nt,
+    Nn,
+    Tn,
+}
+
+impl Layout {
+    fn operands<'a, 'b>(self, a: impl Into<Values<'a>>, b: impl Into<Values<'b>>) -> (Operand<'a>, Operand<'b>) {
+        let (a_t, b_t) = match self {
+            Layout::Nt => (false, true),
+            Layout::Nn => (false, false),
+            Layout::Tn => (true, false),
+        };
+        (Operand { values: a.into(), transposed: a_t }, Operand { values: b.into(), transposed: b_t })
+    }
+}
+
 /// Strided product `C[m,n] (+)= op(A) op(B)` in the process's precision.
 fn product(m: usize, k: usize, n: usize, a: Operand<'_>, b: Operand<'_>, c: Dest<'_>, accumulate: bool) {
     product_in(precision(), (m, k, n), a, b, c, accumulate)
@@ -215,7 +235,7 @@ pub fn matmul_nt<'a, 'b>(
     c: &mut [f32],
     accumulate: bool,
 ) {
-    let (a, b) = (Operand { values: a.into(), transposed: false }, Operand { values: b.into(), transposed: true });
+    let (a, b) = Layout::Nt.operands(a, b);
     product(m, k, n, a, b, Dest::init(c), accumulate)
 }
 
@@ -229,7 +249,7 @@ pub fn matmul_nn<'a, 'b>(
     c: &mut [f32],
     accumulate: bool,
 ) {
-    let (a, b) = (Operand { values: a.into(), transposed: false }, Operand { values: b.into(), transposed: false });
+    let (a, b) = Layout::Nn.operands(a, b);
     product(m, k, n, a, b, Dest::init(c), accumulate)
 }
 
@@ -243,7 +263,7 @@ pub fn matmul_tn<'a, 'b>(
     c: &mut [f32],
     accumulate: bool,
 ) {
-    let (a, b) = (Operand { values: a.into(), transposed: true }, Operand { values: b.into(), transposed: false });
+    let (a, b) = Layout::Tn.operands(a, b);
     product(m, k, n, a, b, Dest::init(c), accumulate)
 }
 
@@ -256,10 +276,8 @@ pub fn matmul_nt_new<'a, 'b>(
     a: impl Into<Values<'a>>,
     b: impl Into<Values<'b>>,
 ) -> Vec<f32> {
-    fresh(m * n, |c| {
-        let (a, b) = (Operand { values: a.into(), transposed: false }, Operand { values: b.into(), transposed: true });
-        product(m, k, n, a, b, c, false)
-    })
+    let (a, b) = Layout::Nt.operands(a, b);
+    fresh(m * n, |c| product(m, k, n, a, b, c, false))
 }
 
 /// `A[m,k] · B[k,n]` in a new vector, written once.
@@ -270,10 +288,8 @@ pub fn matmul_nn_new<'a, 'b>(
     a: impl Into<Values<'a>>,
     b: impl Into<Values<'b>>,
 ) -> Vec<f32> {
-    fresh(m * n, |c| {
-        let (a, b) = (Operand { values: a.into(), transposed: false }, Operand { values: b.into(), transposed: false });
-        product(m, k, n, a, b, c, false)
-    })
+    let (a, b) = Layout::Nn.operands(a, b);
+    fresh(m * n, |c| product(m, k, n, a, b, c, false))
 }
 
 /// A vector of `len` values that `product` writes in full (a product
@@ -291,23 +307,23 @@ fn fresh(len: usize, product: impl FnOnce(Dest<'_>)) -> Vec<f32> {
 /// The same three products, always in fp32: for routers, whose choices
 /// must not move with the precision of the rest of the model.
 pub mod fp32 {
-    use super::{product_in, Operand, Precision};
+    use super::{product_in, Layout, Precision};
 
     /// `C[m,n] (+)= A[m,k] · B[n,k]^T` in fp32.
     pub fn matmul_nt(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32], accumulate: bool) {
-        let (a, b) = (Operand { values: a.into(), transposed: false }, Operand { values: b.into(), transposed: true });
+        let (a, b) = Layout::Nt.operands(a, b);
         product_in(Precision::Fp32, (m, k, n), a, b, super::Dest::init(c), accumulate)
     }
 
     /// `C[m,n] (+)= A[m,k] · B[k,n]` in fp32.
     pub fn matmul_nn(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32], accumulate: bool) {
-        let (a, b) = (Operand { values: a.into(), transposed: false }, Operand { values: b.into(), transposed: false });
+        let (a, b) = Layout::Nn.operands(a, b);
         product_in(Precision::Fp32, (m, k, n), a, b, super::Dest::init(c), accumulate)
     }
 
     /// `C[m,n] (+)= A[k,m]^T · B[k,n]` in fp32.
     pub fn matmul_tn(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32], accumulate: bool) {
-        let (a, b) = (Operand { values: a.into(), transposed: true }, Operand { values: b.into(), transposed: false });
+        let (a, b) = Layout::Tn.operands(a, b);
         product_in(Precision::Fp32, (m, k, n), a, b, super::Dest::init(c), accumulate)
     }
 }

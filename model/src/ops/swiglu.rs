@@ -6,7 +6,7 @@
 use crate::config::ModelConfig;
 use crate::gemm::{
     factors_in_bf16, matmul_nn, matmul_nn_new, matmul_nt, matmul_nt_new, matmul_tn, precision, prepare, Bf16,
-    FactorElement, OwnedFactor, Precision, Values,
+    FactorElement, Precision, Prepared, Values,
 };
 use crate::moe::{ExpertKind, Rows};
 use crate::ops::fast_exp::exp_in_place;
@@ -160,7 +160,7 @@ impl SwiGlu {
         cache: SwigluCache,
         dy_rd: &[f32],
         grads: &mut ExpertWeights,
-    ) -> (OwnedFactor, OwnedFactor) {
+    ) -> (Prepared<'static>, Prepared<'static>) {
         let (d, f) = (self.d, self.f);
         let Rows { x_rd, rows } = x;
         let n = rows * f;
@@ -189,7 +189,7 @@ impl SwiGlu {
             }
             drop((h1, h3, dact));
             self.weight_products(&dy, (&act, &dh1, &dh3), x, rows, grads);
-            (OwnedFactor::Bf16(dh1), OwnedFactor::Bf16(dh3))
+            (Prepared::Bf16(dh1), Prepared::Bf16(dh3))
         } else {
             // In place: act into h3's buffer, dh3 into d_act's, dh1 into
             // h1's (each read before its slot is written), so the pass needs
@@ -208,7 +208,7 @@ impl SwiGlu {
             h1_dh1.truncate(n);
             let (act, dh1, dh3) = (&h3_act[..n], &h1_dh1, &dact_dh3);
             self.weight_products(&dy, (act, dh1, dh3), x, rows, grads);
-            (OwnedFactor::F32(h1_dh1), OwnedFactor::F32(dact_dh3))
+            (Prepared::F32(h1_dh1.into()), Prepared::F32(dact_dh3.into()))
         }
     }
 
@@ -245,7 +245,7 @@ impl SwiGlu {
     }
 
     /// `dx += dh1 W1 + dh3 W3`: `[rows, d]`.
-    fn input_grad(&self, w: &ExpertWeights, rows: usize, (dh1, dh3): (&OwnedFactor, &OwnedFactor), dx_rd: &mut [f32]) {
+    fn input_grad(&self, w: &ExpertWeights, rows: usize, (dh1, dh3): (&Prepared, &Prepared), dx_rd: &mut [f32]) {
         let (d, f) = (self.d, self.f);
         matmul_nn(rows, f, d, dh1, &w.w1, dx_rd, true);
         matmul_nn(rows, f, d, dh3, &w.w3, dx_rd, true);
