@@ -117,9 +117,10 @@ pub fn run(json: bool) -> Result<()> {
     for case in &CASES {
         let builtin_fp32 = rate(case, Precision::Fp32, Kernels::Builtin);
         let (onednn_fp32, onednn_bf16, implementation) = match onednn {
+            // No bf16 column where oneDNN has no bf16 matmul for this CPU.
             Ok(lib) => (
                 Some(rate(case, Precision::Fp32, Kernels::OneDnn)),
-                Some(rate(case, Precision::Bf16, Kernels::OneDnn)),
+                lib.bf16().is_ok().then(|| rate(case, Precision::Bf16, Kernels::OneDnn)),
                 lib.implementation(case.m, case.k, case.n, true).ok(),
             ),
             Err(_) => (None, None, None),
@@ -142,7 +143,7 @@ pub fn run(json: bool) -> Result<()> {
         cpu: cpu_name(),
         bf16_units: gemm::cpu_has_bf16_units(),
         onednn: match onednn {
-            Ok(lib) => lib.description().to_string(),
+            Ok(lib) => lib.bf16().err().unwrap_or(lib.description()).to_string(),
             Err(e) => e.to_string(),
         },
         torch: torch_note,

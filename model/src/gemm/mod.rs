@@ -111,10 +111,20 @@ pub fn kernels_for_size(precision: Precision, macs: usize) -> Kernels {
         (None, Precision::Bf16) => true,
         (None, Precision::Fp32) => macs >= FP32_ONEDNN_MIN_MACS,
     };
-    if wanted && onednn::get().is_ok() {
+    if wanted && onednn_for(precision).is_ok() {
         Kernels::OneDnn
     } else {
         Kernels::Builtin
+    }
+}
+
+/// oneDNN, if it is installed and multiplies in `precision` on this CPU;
+/// why not, if not.
+pub fn onednn_for(precision: Precision) -> Result<&'static onednn::OneDnn, &'static str> {
+    let library = onednn::get()?;
+    match precision {
+        Precision::Bf16 => library.bf16().map(|()| library),
+        Precision::Fp32 => Ok(library),
     }
 }
 
@@ -130,7 +140,7 @@ pub fn describe(precision: Precision) -> String {
         (Kernels::OneDnn, _) => onednn::get().map(|l| l.description().to_string()).unwrap_or_default(),
         (Kernels::Builtin, Precision::Fp32) => "the built-in kernels (gemm crate)".to_string(),
         (Kernels::Builtin, Precision::Bf16) => {
-            let why = onednn::get().err().map(|e| format!(": {e}")).unwrap_or_default();
+            let why = onednn_for(precision).err().map(|e| format!(": {e}")).unwrap_or_default();
             format!("the built-in fp32 kernels over bf16-rounded factors (bf16 numbers without the speed{why})")
         }
     }
@@ -210,7 +220,7 @@ fn product_in(
         return;
     }
     if kernels_for_size(precision, m * k * n) == Kernels::OneDnn {
-        let library = onednn::get().expect("kernels_for checked it loads");
+        let library = onednn_for(precision).expect("kernels_for checked it loads and multiplies in this precision");
         if let Err(e) = library.product((m, k, n), a, b, c, accumulate, precision == Precision::Bf16) {
             // A shape oneDNN refuses is a bug here, not the user's input.
             panic!("{e} ({m}x{k}x{n})");

@@ -157,6 +157,9 @@ pub struct OneDnn {
     primitives: Mutex<HashMap<Shape, Arc<Primitive>>>,
     /// "oneDNN 2.6.3 (AMX-BF16)".
     description: String,
+    /// Why bf16 products cannot run here, if they cannot: oneDNN 2.x has
+    /// no bf16 matmul below AVX-512 (on an AVX2-only CPU it refuses one).
+    no_bf16: Option<String>,
     _library: Library,
 }
 
@@ -263,7 +266,33 @@ impl OneDnn {
             _ => "no bf16 matrix units",
         };
         let description = format!("oneDNN {}.{}.{} ({units})", version.major, version.minor, version.patch);
-        Ok(Self { api, engine, primitives: Mutex::new(HashMap::new()), description, _library: library })
+        let mut library =
+            Self { api, engine, primitives: Mutex::new(HashMap::new()), description, no_bf16: None, _library: library };
+        // Asked once, by creating (and dropping) one small bf16 product, so
+        // that bf16 can fall back to the built-in kernels instead of
+        // failing mid-step.
+        let n = ROWS_ALIGN;
+        let probe = Shape {
+            bf16: true,
+            a_trans: false,
+            b_trans: true,
+            m: n,
+            k: n,
+            n,
+            lda: n,
+            ldb: n,
+            ldc: n,
+            accumulate: false,
+        };
+        if library.create(probe).is_err() {
+            library.no_bf16 = Some(format!("{} has no bf16 matmul on this CPU", library.description));
+        }
+        Ok(library)
+    }
+
+    /// Whether bf16 products run here; why not, if they do not.
+    pub fn bf16(&self) -> Result<(), &str> {
+        self.no_bf16.as_deref().map_or(Ok(()), Err)
     }
 
     /// "oneDNN 2.6.3 (AMX-BF16)".
