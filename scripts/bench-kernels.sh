@@ -8,7 +8,5 @@ if ! ldconfig -p | grep -q 'libdnnl\.so\.2 '; then
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
   $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq libdnnl2 >/dev/null
 fi
-if ! python3 -c 'import torch' 2>/dev/null; then
-  python3 -m pip install --quiet torch --index-url https://download.pytorch.org/whl/cpu
-fi
+scripts/install-torch.sh
 cargo run --release --quiet -- bench kernels "$@"

@@ -7,9 +7,7 @@ cd "$(dirname "$0")/.."
 if ! python3 -c 'import jax' 2>/dev/null; then
   python3 -m pip install --quiet 'jax>=0.4.31'
 fi
-if ! python3 -c 'import torch' 2>/dev/null; then
-  python3 -m pip install --quiet torch --index-url https://download.pytorch.org/whl/cpu
-fi
+scripts/install-torch.sh
 if ! ldconfig -p | grep -q 'libdnnl\.so\.2 '; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
