@@ -7,8 +7,10 @@ in eager fp32 and under `torch.autocast("cpu", dtype=torch.bfloat16)`
 (bf16 matmuls on oneDNN, fp32 weights), best of the repetitions after
 warm-up.
 
-Usage: python3 torch_moe_layer.py '{"d_model":512,"ffn_hidden":1024,"n_experts":8,"top_k":2,"tokens":4096}'
-Prints one JSON object: {"torch": version, "threads": n, "fp32": tokens/s, "bf16": tokens/s}.
+Usage: python3 torch_moe_layer.py '{"d_model":512,"ffn_hidden":1024,"n_experts":8,"top_k":2,"tokens":4096}' [--fp32-only]
+Prints one JSON object: {"torch": version, "threads": n, "fp32": tokens/s, "bf16": tokens/s}
+("bf16": null with --fp32-only, for CPUs without bf16 units, where
+autocast's bf16 is emulated and slow).
 """
 import json
 import sys
@@ -53,5 +55,6 @@ def tokens_per_s(bf16, seconds=2.0):
     return N / best
 
 
+fp32_only = "--fp32-only" in sys.argv[2:]
 print(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(),
-                  "fp32": tokens_per_s(False), "bf16": tokens_per_s(True)}))
+                  "fp32": tokens_per_s(False), "bf16": None if fp32_only else tokens_per_s(True)}))

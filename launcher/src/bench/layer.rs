@@ -65,8 +65,9 @@ struct LayerRow {
     share_of_peak: f64,
     jax_tokens_per_s: Option<f64>,
     jax_note: String,
-    /// The same layer with `[train] precision = "bf16"`.
-    bf16_tokens_per_s: f64,
+    /// The same layer with `[train] precision = "bf16"` (None: not measured,
+    /// on a CPU without bf16 units unless `--bf16` asks).
+    bf16_tokens_per_s: Option<f64>,
     torch_fp32_tokens_per_s: Option<f64>,
     torch_bf16_tokens_per_s: Option<f64>,
     torch_note: String,
@@ -81,16 +82,17 @@ struct LayerRow {
 /// One round of a layer row: switchyard in both precisions, then its peers.
 struct LayerRound {
     fp32: f64,
-    bf16: f64,
+    bf16: Option<f64>,
     jax: (Option<f64>, String),
-    torch: (Option<(f64, f64)>, String),
+    /// PyTorch's fp32 and (when measured) bf16 autocast tokens/s.
+    torch: (Option<(f64, Option<f64>)>, String),
 }
 
 impl LayerRound {
-    fn measure(case: &LayerCase) -> Self {
+    fn measure(case: &LayerCase, bf16: bool) -> Self {
         let (fp32, _) = bench_moe_layer(case);
-        let (bf16, _) = in_precision(Precision::Bf16, || bench_moe_layer(case));
-        Self { fp32, bf16, jax: bench_jax(case), torch: bench_torch(case) }
+        let bf16 = bf16.then(|| in_precision(Precision::Bf16, || bench_moe_layer(case)).0);
+        Self { fp32, bf16, jax: bench_jax(case), torch: bench_torch(case, bf16.is_some()) }
     }
 }
 
@@ -112,12 +114,12 @@ fn layer_row(case: &LayerCase, rounds: Vec<LayerRound>, peak_gflops: f64) -> Lay
         share_of_peak: gflops / peak_gflops,
         jax_tokens_per_s: of(&|r| r.jax.0),
         jax_note: last.jax.1.clone(),
-        bf16_tokens_per_s: of(&|r| Some(r.bf16)).unwrap_or(0.0),
+        bf16_tokens_per_s: of(&|r| r.bf16),
         torch_fp32_tokens_per_s: of(&|r| r.torch.0.map(|t| t.0)),
-        torch_bf16_tokens_per_s: of(&|r| r.torch.0.map(|t| t.1)),
+        torch_bf16_tokens_per_s: of(&|r| r.torch.0.and_then(|t| t.1)),
         torch_note: last.torch.1.clone(),
         fp32_vs_torch: ratios(|r| r.torch.0.map(|t| r.fp32 / t.0)),
-        bf16_vs_torch: ratios(|r| r.torch.0.map(|t| r.bf16 / t.1)),
+        bf16_vs_torch: ratios(|r| r.bf16.zip(r.torch.0.and_then(|t| t.1)).map(|(ours, theirs)| ours / theirs)),
     }
 }
 
@@ -137,7 +139,7 @@ struct FreeRow {
 struct StepRow {
     tokens_per_s: f64,
     seconds_per_step: f64,
-    bf16_tokens_per_s: f64,
+    bf16_tokens_per_s: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -236,14 +238,18 @@ fn in_precision<R>(precision: Precision, f: impl FnOnce() -> R) -> R {
 }
 
 /// The same layer in PyTorch (`bench/torch_moe_layer.py`): eager fp32 and
-/// bf16 autocast tokens/s, or a note saying why not.
-fn bench_torch(case: &LayerCase) -> (Option<(f64, f64)>, String) {
-    let args = [serde_json::to_string(case).expect("case serialises")];
+/// (if `bf16`) bf16 autocast tokens/s, or a note saying why not.
+fn bench_torch(case: &LayerCase, bf16: bool) -> (Option<(f64, Option<f64>)>, String) {
+    let mut args = vec![serde_json::to_string(case).expect("case serialises")];
+    if !bf16 {
+        args.push("--fp32-only".into());
+    }
     match super::python_peer("torch_moe_layer.py", &args, "torch", TORCH_INSTALL) {
-        Ok(v) => match v["fp32"].as_f64().zip(v["bf16"].as_f64()) {
-            Some(rates) => {
-                (Some(rates), format!("PyTorch {} eager, {} threads", v["torch"].as_str().unwrap_or("?"), v["threads"]))
-            }
+        Ok(v) => match v["fp32"].as_f64().filter(|_| !bf16 || v["bf16"].is_f64()) {
+            Some(fp32) => (
+                Some((fp32, v["bf16"].as_f64())),
+                format!("PyTorch {} eager, {} threads", v["torch"].as_str().unwrap_or("?"), v["threads"]),
+            ),
             None => (None, format!("bench/torch_moe_layer.py printed no rates: {v}")),
         },
         Err(note) => (None, note),
@@ -289,7 +295,7 @@ fn bench_step(job: &JobConfig) -> StepRow {
         }
         step += 1;
     });
-    StepRow { tokens_per_s: tokens / s, seconds_per_step: s, bf16_tokens_per_s: 0.0 }
+    StepRow { tokens_per_s: tokens / s, seconds_per_step: s, bf16_tokens_per_s: None }
 }
 
 /// The jobs whose peak memory `bench layer` measures: the default job, and
@@ -353,11 +359,17 @@ fn bench_memory(name: &str, sets: &[&str]) -> Result<MemoryRow> {
 }
 
 /// Runs every row and prints a table (or JSON).
-pub fn run(json: bool, memory_only: bool, rounds: usize) -> Result<()> {
+/// `bf16`: measure the bf16 rows even on a CPU without bf16 units (there
+/// they are emulated, switchyard's and PyTorch's alike, and slow).
+pub fn run(json: bool, memory_only: bool, rounds: usize, bf16: bool) -> Result<()> {
     let threads = rayon::current_num_threads();
     let mut report = Report { threads, ..Default::default() };
     if !memory_only {
-        run_speed_rows(&mut report, rounds.max(1))?;
+        let bf16 = bf16 || gemm::cpu_has_bf16_units();
+        if !bf16 {
+            eprintln!("this CPU has no bf16 matrix units: measuring fp32 only (--bf16 measures bf16 too)");
+        }
+        run_speed_rows(&mut report, rounds.max(1), bf16)?;
     }
     for (name, sets) in MEMORY_JOBS {
         eprintln!("measuring peak memory of the {name} ...");
@@ -372,7 +384,7 @@ pub fn run(json: bool, memory_only: bool, rounds: usize) -> Result<()> {
 }
 
 /// The GEMM, layer (`rounds` of each) and step rows.
-fn run_speed_rows(report: &mut Report, rounds: usize) -> Result<()> {
+fn run_speed_rows(report: &mut Report, rounds: usize, bf16: bool) -> Result<()> {
     // The peak is the best of a few large square products: one size alone
     // can land on a bad blocking for this cache and under-report it.
     eprintln!("measuring peak GEMM (1024^3, 1536^3, 2048^3) ...");
@@ -411,11 +423,12 @@ fn run_speed_rows(report: &mut Report, rounds: usize) -> Result<()> {
         });
         let rounds = (1..=rounds)
             .map(|round| {
+                let ours = if bf16 { "fp32, bf16" } else { "fp32" };
                 eprintln!(
-                    "measuring MoE layer {} (fp32, bf16, then JAX and PyTorch), round {round}/{rounds} ...",
+                    "measuring MoE layer {} ({ours}, then JAX and PyTorch), round {round}/{rounds} ...",
                     case.name
                 );
-                LayerRound::measure(case)
+                LayerRound::measure(case, bf16)
             })
             .collect();
         report.layers.push(layer_row(case, rounds, report.peak_gflops));
@@ -447,7 +460,7 @@ fn run_speed_rows(report: &mut Report, rounds: usize) -> Result<()> {
     ];
     eprintln!("measuring a full forward+backward step of the default job ...");
     let mut step = bench_step(&job);
-    step.bf16_tokens_per_s = in_precision(Precision::Bf16, || bench_step(&job)).tokens_per_s;
+    step.bf16_tokens_per_s = bf16.then(|| in_precision(Precision::Bf16, || bench_step(&job)).tokens_per_s);
     report.step = Some(step);
     Ok(())
 }
@@ -489,13 +502,13 @@ fn print_speed_rows(r: &Report) {
     let ratio = |v: &[f64]| if v.is_empty() { "-".to_string() } else { format!("{:.2}x", super::median(v.to_vec())) };
     for l in &r.layers {
         println!(
-            "{:<20} {:>7} {:>11.0} {:>9.1} {:>7.0}% {:>11.0} {:>10} {:>13} {:>13} {:>10} {:>10}",
+            "{:<20} {:>7} {:>11.0} {:>9.1} {:>7.0}% {:>11} {:>10} {:>13} {:>13} {:>10} {:>10}",
             l.case.name,
             l.case.tokens,
             l.tokens_per_s,
             l.gflops,
             100.0 * l.share_of_peak,
-            l.bf16_tokens_per_s,
+            cell(l.bf16_tokens_per_s),
             cell(l.jax_tokens_per_s),
             cell(l.torch_fp32_tokens_per_s),
             cell(l.torch_bf16_tokens_per_s),
@@ -508,6 +521,9 @@ fn print_speed_rows(r: &Report) {
         println!("    PyTorch: {}", l.torch_note);
         if l.fp32_vs_torch.len() > 1 {
             let span = |v: &[f64]| {
+                if v.is_empty() {
+                    return "-".to_string();
+                }
                 let (lo, hi) = v.iter().fold((f64::MAX, f64::MIN), |(lo, hi), &x| (lo.min(x), hi.max(x)));
                 format!("{lo:.2}-{hi:.2}x")
             };
@@ -518,7 +534,11 @@ fn print_speed_rows(r: &Report) {
             );
         }
     }
-    println!("    bf16: {}", gemm::describe(Precision::Bf16));
+    if r.layers.iter().any(|l| l.bf16_tokens_per_s.is_some()) {
+        println!("    bf16: {}", gemm::describe(Precision::Bf16));
+    } else {
+        println!("    bf16: not measured, this CPU has no bf16 matrix units (--bf16 measures it anyway)");
+    }
     if !r.computation_free.is_empty() {
         println!();
         println!(
@@ -535,9 +555,10 @@ fn print_speed_rows(r: &Report) {
     }
     if let Some(s) = &r.step {
         println!();
+        let bf16 = s.bf16_tokens_per_s.map_or(String::new(), |t| format!(", {t:.0} tokens/s in bf16"));
         println!(
-            "default job, forward+backward of one step: {:.0} tokens/s ({:.3} s/step) in fp32, {:.0} tokens/s in bf16",
-            s.tokens_per_s, s.seconds_per_step, s.bf16_tokens_per_s
+            "default job, forward+backward of one step: {:.0} tokens/s ({:.3} s/step) in fp32{bf16}",
+            s.tokens_per_s, s.seconds_per_step
         );
     }
 }

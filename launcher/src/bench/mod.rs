@@ -31,6 +31,10 @@ pub enum BenchCommand {
         /// (a shared machine drifts between one measurement and the next).
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
         rounds: u32,
+        /// Measure the bf16 rows on a CPU without bf16 matrix units too
+        /// (without this they are measured only where the CPU has them).
+        #[arg(long)]
+        bf16: bool,
     },
     /// Causal attention forward+backward at growing lengths: plain, tiled (online softmax)
     /// and PyTorch's scaled_dot_product_attention, with each one's peak memory.
@@ -187,8 +191,8 @@ pub enum BenchCommand {
 /// Runs a benchmark.
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
-        BenchCommand::Layer { json, memory_only, rounds } => {
-            crate::bench::layer::run(json, memory_only, rounds as usize)
+        BenchCommand::Layer { json, memory_only, rounds, bf16 } => {
+            crate::bench::layer::run(json, memory_only, rounds as usize, bf16)
         }
         BenchCommand::Kernels { json } => crate::bench::kernels::run(json),
         BenchCommand::Attention { seq, heads, head_dim, one, json } => {
