@@ -31,10 +31,11 @@ const HUGE_FROM_BYTES: usize = 4 << 20;
 const HUGE_PAGE: usize = 2 << 20;
 
 /// Buffers from this size up start on a page boundary. OpenMPI's shared
-/// memory transport moved a 2-rank all-to-all of 256 KiB 3-5x slower from
-/// buffers inside malloc's heap than from page-aligned ones (mpi4py's own
-/// numpy arrays, run with glibc's mmap threshold raised as ours is:
-/// 0.20 ms against 0.037 ms, on an AVX2 AMD EPYC; docs/parallel.md).
+/// memory transport moved a 2-rank all-to-all 4-5x slower from buffers
+/// inside malloc's heap than from fresh page-aligned mappings (mpi4py with
+/// glibc's mmap threshold raised as ours is: 0.204 against 0.037 ms at
+/// 256 KiB, 0.452 against 0.110 ms at 1 MiB, on an AVX2 AMD EPYC;
+/// docs/parallel.md).
 const PAGE_FROM_BYTES: usize = 64 << 10;
 
 /// A small page.
@@ -54,9 +55,9 @@ fn alignment<T>(bytes: usize) -> usize {
 
 /// A growable array of plain values (`f32`, `u64`) that messages are
 /// received into. Large ones start on a huge-page boundary and are advised
-/// to use huge pages; small ones are ordinary allocations. It dereferences
-/// to a slice, and converts from and to `Vec` without copying when it is
-/// not huge-page aligned.
+/// to use huge pages, mid-sized ones (64 KiB up) start on a page, small
+/// ones are ordinary allocations. It dereferences to a slice, and converts
+/// from and to `Vec` without copying when it has `T`'s own alignment.
 pub struct MessageBuffer<T: Copy> {
     ptr: NonNull<T>,
     len: usize,

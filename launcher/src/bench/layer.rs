@@ -79,7 +79,8 @@ struct LayerRow {
     bf16_vs_torch: Vec<f64>,
 }
 
-/// One round of a layer row: switchyard in both precisions, then its peers.
+/// One round of a layer row: switchyard in fp32 (and bf16 when measured),
+/// then its peers.
 struct LayerRound {
     fp32: f64,
     bf16: Option<f64>,

@@ -106,16 +106,21 @@ pub fn kernels_for(precision: Precision) -> Kernels {
 /// The kernels a product of `macs` multiply-adds in `precision` runs on
 /// (oneDNN is loaded only when asked for or needed).
 pub fn kernels_for_size(precision: Precision, macs: usize) -> Kernels {
+    match onednn_for_size(precision, macs) {
+        Some(_) => Kernels::OneDnn,
+        None => Kernels::Builtin,
+    }
+}
+
+/// oneDNN when a product of `macs` multiply-adds in `precision` runs on
+/// it; None when it runs on the built-in kernels.
+fn onednn_for_size(precision: Precision, macs: usize) -> Option<&'static onednn::OneDnn> {
     let wanted = match (asked(), precision) {
         (Some(kernels), _) => kernels == Kernels::OneDnn,
         (None, Precision::Bf16) => true,
         (None, Precision::Fp32) => macs >= FP32_ONEDNN_MIN_MACS,
     };
-    if wanted && onednn_for(precision).is_ok() {
-        Kernels::OneDnn
-    } else {
-        Kernels::Builtin
-    }
+    wanted.then(|| onednn_for(precision).ok()).flatten()
 }
 
 /// oneDNN, if it is installed and multiplies in `precision` on this CPU;
@@ -219,8 +224,7 @@ fn product_in(
         }
         return;
     }
-    if kernels_for_size(precision, m * k * n) == Kernels::OneDnn {
-        let library = onednn_for(precision).expect("kernels_for checked it loads and multiplies in this precision");
+    if let Some(library) = onednn_for_size(precision, m * k * n) {
         if let Err(e) = library.product((m, k, n), a, b, c, accumulate, precision == Precision::Bf16) {
             // A shape oneDNN refuses is a bug here, not the user's input.
             panic!("{e} ({m}x{k}x{n})");

@@ -157,8 +157,8 @@ pub struct OneDnn {
     primitives: Mutex<HashMap<Shape, Arc<Primitive>>>,
     /// "oneDNN 2.6.3 (AMX-BF16)".
     description: String,
-    /// Why bf16 products cannot run here, if they cannot: oneDNN 2.x has
-    /// no bf16 matmul below AVX-512 (on an AVX2-only CPU it refuses one).
+    /// Why bf16 products cannot run here, if they cannot: on an AVX2-only
+    /// AMD EPYC oneDNN 2.6.3 refused to create any bf16 matmul.
     no_bf16: Option<String>,
     _library: Library,
 }
