@@ -64,9 +64,10 @@ def main():
         for repeat in range(case["repeats"]):
             if turns:
                 turns.wait(turn)
-            if repeat == 0:
-                for _ in range(case["warmup"]):
-                    comm.Alltoallv([send, counts, displs, MPI.FLOAT], [recv, counts, displs, MPI.FLOAT])
+            # Warm up every repeat, as switchyard's ranks do: a job that slept
+            # through the other's turn wakes on cold caches.
+            for _ in range(case["warmup"]):
+                comm.Alltoallv([send, counts, displs, MPI.FLOAT], [recv, counts, displs, MPI.FLOAT])
             comm.Barrier()
             start = time.perf_counter()
             for _ in range(case["iters"]):

@@ -169,7 +169,7 @@ fn measure(
 
 /// Per way, the slowest rank's mean time over the case's iterations,
 /// fastest of its repeats; the ways take turns, one repeat each. With
-/// `turns`, every repeat (the first with the warm-up) waits for its turn
+/// `turns`, every repeat (each with its warm-up) waits for its turn
 /// with the peer's job, numbered from `first_turn`.
 fn time_in_turns(
     comm: &mut dyn Communicator,
@@ -185,11 +185,12 @@ fn time_in_turns(
         if let Some(turns) = turns {
             turns.wait(turn)?;
         }
-        if repeat == 0 {
-            for &way in ways {
-                for _ in 0..case.warmup {
-                    exchange(way, comm)?;
-                }
+        // Every repeat warms up, not only the first: a job that slept
+        // through the peer's turn wakes on cold caches and idle cores, and
+        // only the first way timed after it paid for that.
+        for &way in ways {
+            for _ in 0..case.warmup {
+                exchange(way, comm)?;
             }
         }
         for (&way, best) in ways.iter().zip(&mut best) {
