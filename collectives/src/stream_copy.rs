@@ -33,6 +33,15 @@ pub fn stream_exchange_from_bytes() -> usize {
     *BYTES.get_or_init(|| last_level_cache_bytes().unwrap_or(128 << 20))
 }
 
+/// Whether a block of `block_bytes` in an exchange of `exchange_bytes` (all
+/// ranks' sends together) is copied with streaming stores: a large block
+/// ([`STREAM_FROM_BYTES`]) in an exchange larger than the last-level
+/// cache ([`stream_exchange_from_bytes`]). Both backends ask this, the MPI
+/// one for a rank's own block, the local one for every block it copies.
+pub fn worth_streaming(block_bytes: usize, exchange_bytes: usize) -> bool {
+    block_bytes >= STREAM_FROM_BYTES && exchange_bytes >= stream_exchange_from_bytes()
+}
+
 /// CPU 0's highest cache level's size, from sysfs.
 fn last_level_cache_bytes() -> Option<usize> {
     let caches = std::fs::read_dir("/sys/devices/system/cpu/cpu0/cache").ok()?;
@@ -65,8 +74,8 @@ fn parse_cache_size(text: &str) -> Option<usize> {
 }
 
 /// Copies `len` bytes from `src` to `dst`; with streaming stores (x86-64)
-/// when `stream` is set, which callers decide from the whole block's size
-/// (see [`STREAM_FROM_BYTES`]) so that its pieces are copied alike. The
+/// when `stream` is set, which callers decide for the whole block
+/// ([`worth_streaming`]) so that its pieces are copied alike. The
 /// stores are fenced before this returns, so the copy is visible to other
 /// threads and processes as an ordinary one would be.
 ///
@@ -135,6 +144,14 @@ mod tests {
         }
         // Whatever this machine reports, the threshold is a usable size.
         assert!(stream_exchange_from_bytes() >= 1 << 20);
+    }
+
+    #[test]
+    fn only_large_blocks_of_exchanges_past_the_cache_are_streamed() {
+        let cache = stream_exchange_from_bytes();
+        assert!(worth_streaming(STREAM_FROM_BYTES, cache));
+        assert!(!worth_streaming(STREAM_FROM_BYTES - 1, 4 * cache), "a small block stays in the cache");
+        assert!(!worth_streaming(STREAM_FROM_BYTES, cache - 1), "an exchange that fits the cache is copied as usual");
     }
 
     /// Every alignment of source and destination and every tail length

@@ -5,7 +5,7 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use super::exchange::{Elem, Post};
-use crate::stream_copy::{copy_bytes, STREAM_FROM_BYTES};
+use crate::stream_copy::{copy_bytes, worth_streaming};
 use crate::{CommError, MessageBuffer};
 
 /// `[0, c0, c0 + c1, ...]`: where each rank's block starts in a buffer cut
@@ -86,7 +86,8 @@ pub(super) fn segments<T: Elem>(posts: &[Arc<Post>], rank: usize) -> (Vec<T>, Ve
 }
 
 /// [`segments`] of `f32` into `recv` (cleared; its allocation reused),
-/// copying each block once, large ones with streaming stores. With
+/// copying each block once, large ones in an exchange larger than the
+/// cache with streaming stores (the MPI backend's rule for its own block). With
 /// `expect`, the counts must be those; else the error names the first
 /// sender that disagrees, and nothing is copied.
 pub(super) fn segments_into(
@@ -103,6 +104,8 @@ pub(super) fn segments_into(
     }
     let total: usize = counts.iter().sum();
     recv.clear_for(total);
+    // Every sender's whole send buffer: the exchange.
+    let exchange_bytes: usize = posts.iter().map(|p| std::mem::size_of_val(f32::slice(&p.data))).sum();
     let mut at = 0;
     for (post, block) in posts.iter().zip(blocks) {
         let values = &f32::slice(&post.data)[block];
@@ -110,7 +113,12 @@ pub(super) fn segments_into(
         // SAFETY: `recv` has room for `total` values, of which these are
         // the next `values.len()`; a sender's buffer never overlaps it.
         unsafe {
-            copy_bytes(values.as_ptr().cast(), recv.as_mut_ptr().add(at).cast(), bytes, bytes >= STREAM_FROM_BYTES)
+            copy_bytes(
+                values.as_ptr().cast(),
+                recv.as_mut_ptr().add(at).cast(),
+                bytes,
+                worth_streaming(bytes, exchange_bytes),
+            )
         };
         at += values.len();
     }

@@ -2,7 +2,7 @@
 
 use super::ffi_util::{c_count, check, counts_and_displs, null_request, poll, set_spin_tests, MpiElem, Polled};
 use super::roll_call::missing_ranks;
-use crate::stream_copy::{copy_bytes, stream_exchange_from_bytes, STREAM_FROM_BYTES};
+use crate::stream_copy::{copy_bytes, worth_streaming};
 use crate::{CommError, Communicator, MessageBuffer, Pending, PendingOp, Received};
 use mpi::ffi;
 use std::os::raw::{c_int, c_void};
@@ -515,11 +515,10 @@ impl MpiComm {
         // pieces with a test between them: the receiver drives the
         // single-copy transfers, so a long copy without tests stalls them.
         // A large one, in an exchange larger than the cache, with streaming
-        // stores: see `stream_copy::stream_exchange_from_bytes`.
+        // stores (`stream_copy::worth_streaming`).
         let (own_from, own_to) = (send_displs[rank] as usize, recv_displs[rank] as usize);
         let elem = std::mem::size_of::<T>();
-        let stream = send_counts[rank] * elem >= STREAM_FROM_BYTES
-            && std::mem::size_of_val(send) * size >= stream_exchange_from_bytes();
+        let stream = worth_streaming(send_counts[rank] * elem, std::mem::size_of_val(send) * size);
         let mut copied = 0;
         let mut done = false;
         let waited = (|| {
