@@ -40,14 +40,20 @@ pub struct Resolved {
     pub line: String,
 }
 
-/// Multiply-adds of one expert's forward product at balanced routing
-/// (`tokens x top_k / experts` rows of `d_model x ffn_hidden`): what
-/// decides whether bf16 pays on this CPU.
-pub fn expert_product_macs(job: &JobConfig) -> usize {
+/// One expert's forward product at balanced routing, as (rows, inner,
+/// columns): `tokens x top_k / experts` rows of `d_model x ffn_hidden`.
+fn expert_product_shape(job: &JobConfig) -> (usize, usize, usize) {
     let m = &job.model;
     let tokens = job.train.micro_batch_size * m.seq_len;
     let rows = (tokens * m.top_k.max(1)).div_ceil(m.n_experts.max(1));
-    rows * m.d_model * m.ffn_hidden
+    (rows, m.d_model, m.ffn_hidden)
+}
+
+/// Multiply-adds of one expert's forward product at balanced routing:
+/// what decides whether bf16 pays on this CPU.
+pub fn expert_product_macs(job: &JobConfig) -> usize {
+    let (rows, inner, columns) = expert_product_shape(job);
+    rows * inner * columns
 }
 
 /// What `[train] precision` means for `job` on this machine.
@@ -64,10 +70,9 @@ pub fn resolve(job: &JobConfig) -> Resolved {
             (Precision::Fp32, "auto: this CPU has no bf16 matrix units".to_string())
         }
         PrecisionChoice::Auto => {
-            let m = &job.model;
-            let rows = (job.train.micro_batch_size * m.seq_len * m.top_k.max(1)).div_ceil(m.n_experts.max(1));
+            let (rows, inner, columns) = expert_product_shape(job);
             let kernel = gemm::onednn::get().and_then(|lib| {
-                lib.implementation(rows.max(1), m.d_model, m.ffn_hidden, true).map_err(|_| "oneDNN has no bf16 product")
+                lib.implementation(rows.max(1), inner, columns, true).map_err(|_| "oneDNN has no bf16 product")
             });
             auto_choice(expert_product_macs(job), kernel.as_deref().map_err(|e| *e))
         }
