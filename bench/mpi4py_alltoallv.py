@@ -19,6 +19,9 @@ import numpy as np
 from mpi4py import MPI
 
 PATIENCE_S = 120.0
+# Seconds between two looks at the turn file, as switchyard's side (POLL in
+# launcher/src/bench/turns.rs): each look takes the cores from the job timed.
+POLL_S = 0.02
 
 
 class Turns:
@@ -37,7 +40,7 @@ class Turns:
                 pass  # met the file between its replacement's steps
             if time.monotonic() - started > PATIENCE_S:
                 sys.exit(f"waited {PATIENCE_S}s for turn {mine} in {self.path}: switchyard's job stopped taking turns")
-            time.sleep(0.002)
+            time.sleep(POLL_S)
 
     def pass_turn(self, k):
         next_path = self.path + ".peer-next"

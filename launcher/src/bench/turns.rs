@@ -7,7 +7,8 @@
 //! together and lets them take turns, one timed repeat each, through a
 //! file holding the number of the current turn: turn `2k + side` is side
 //! `side`'s repeat `k` (switchyard is side 0, the peer side 1). A job
-//! waiting for its turn sleeps, so it takes no core from the one timing.
+//! waiting for its turn sleeps, so it takes no core from the one timing
+//! (and looks at the file seldom: see [`POLL`]).
 //! `bench/mpi4py_alltoallv.py` follows the same protocol.
 
 use anyhow::{bail, Context, Result};
@@ -20,8 +21,15 @@ pub const TURNS_VAR: &str = "SWITCHYARD_BENCH_TURNS";
 /// How long a job waits for its turn before it gives up on the other job.
 const PATIENCE: Duration = Duration::from_secs(120);
 
-/// Pause between two looks at the turn file.
-const POLL: Duration = Duration::from_millis(2);
+/// Pause between two looks at the turn file. Every look wakes the waiting
+/// job's ranks, which then take the cores for a moment from the job being
+/// timed: with ranks sharing cores that moved its times. The probe of 4
+/// MPI ranks on 2 cores (`bench alltoall --probe-kib`) took 0.98-1.13 ms
+/// at 4 MiB and 0.36-0.38 ms at 1 MiB beside 4 processes looking every
+/// 2 ms, 0.70-0.91 and 0.29-0.35 beside ones looking every 20 ms, and
+/// 0.64-0.82 and 0.27-0.33 alone (AVX2 AMD EPYC). A turn now changes
+/// hands 10 ms later on average: a few seconds per run.
+const POLL: Duration = Duration::from_millis(20);
 
 /// One side's view of the turn file.
 #[derive(Debug, Clone)]
