@@ -26,8 +26,8 @@ use std::ptr::NonNull;
 /// Buffers from this size up are worth a huge-page request, rounded up to
 /// whole huge pages (a 1 MiB buffer takes 2 MiB). With huge pages from
 /// 4 MiB only, the 1 MiB exchange on 2 MPI ranks took 0.095-0.096 ms
-/// against mpi4py's 0.091-0.101 ms; from 1 MiB, 0.053-0.064 ms (1.64-1.79x
-/// of mpi4py in three runs, on an AVX2 AMD EPYC; docs/parallel.md).
+/// against mpi4py's 0.091-0.101 ms; from 1 MiB, 0.053-0.064 ms (1.48-1.83x
+/// of mpi4py in six runs, on an AVX2 AMD EPYC; docs/parallel.md).
 const HUGE_FROM_BYTES: usize = 1 << 20;
 
 /// The size and alignment of a transparent huge page (x86-64, and aarch64
