@@ -7,11 +7,12 @@
 //! Legend: `r` rows, `k` input width, `n` output width; weights `[n, k]`
 //! (PyTorch `Linear`), one per modality, modality 0 first.
 
-use crate::gemm::{matmul_nn, matmul_nt, matmul_tn, Values};
+use crate::gemm::{matmul_nn, matmul_nt, matmul_tn, Prepared, Values};
 use crate::moe::{ExpertKind, Rows};
 use crate::ops::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
 use crate::ops::swiglu::{SwiGlu, SwigluCache};
 use crate::weights::ExpertWeights;
+use std::borrow::Cow;
 
 /// The rows of each modality among `r` rows (a pass's tokens, in order).
 #[derive(Debug, Clone, Default)]
@@ -42,12 +43,22 @@ impl ModalityRows {
     }
 
     /// Rows `[rows_m, width]` of modality `m`, copied out of `x`.
-    fn gather(&self, m: usize, x: &[f32], width: usize) -> Vec<f32> {
+    fn gather<T: Copy>(&self, m: usize, x: &[T], width: usize) -> Vec<T> {
         let mut out = Vec::with_capacity(self.rows[m].len() * width);
         for &r in &self.rows[m] {
             out.extend_from_slice(&x[r * width..(r + 1) * width]);
         }
         out
+    }
+
+    /// A product factor's rows of modality `m`, in the factor's own
+    /// element type: a factor already in bf16 stays bf16, rather than
+    /// being widened to f32 here and rounded again by every product.
+    fn gather_factor(&self, m: usize, x: Values<'_>, width: usize) -> Prepared<'static> {
+        match x {
+            Values::F32(v) => Prepared::F32(Cow::Owned(self.gather(m, v, width))),
+            Values::Bf16(v) => Prepared::Bf16(self.gather(m, v, width)),
+        }
     }
 
     /// Writes (or adds) modality `m`'s rows `y` back into `out`.
@@ -74,10 +85,10 @@ impl ModalityRows {
         if self.single() {
             return matmul_nt(self.total, k, n, x_rk, weights[0], out_rn, acc);
         }
-        let x_rk = x_rk.into().to_f32();
+        let x_rk = x_rk.into();
         for (m, rows) in self.rows.iter().enumerate().filter(|(_, rows)| !rows.is_empty()) {
             let mut y = vec![0.0; rows.len() * n];
-            matmul_nt(rows.len(), k, n, &self.gather(m, &x_rk, k), weights[m], &mut y, false);
+            matmul_nt(rows.len(), k, n, &self.gather_factor(m, x_rk, k), weights[m], &mut y, false);
             self.scatter(m, &y, out_rn, n, acc);
         }
     }
@@ -94,9 +105,9 @@ impl ModalityRows {
         if self.single() {
             return matmul_tn(n, self.total, k, dy_rn, x_rk, grads[0], true);
         }
-        let (dy_rn, x_rk) = (dy_rn.into().to_f32(), x_rk.into().to_f32());
+        let (dy_rn, x_rk) = (dy_rn.into(), x_rk.into());
         for (m, rows) in self.rows.iter().enumerate().filter(|(_, rows)| !rows.is_empty()) {
-            let (dy, x) = (self.gather(m, &dy_rn, n), self.gather(m, &x_rk, k));
+            let (dy, x) = (self.gather_factor(m, dy_rn, n), self.gather_factor(m, x_rk, k));
             matmul_tn(n, rows.len(), k, &dy, &x, grads[m], true);
         }
     }
@@ -112,10 +123,10 @@ impl ModalityRows {
         if self.single() {
             return matmul_nn(self.total, n, k, dy_rn, weights[0], dx_rk, true);
         }
-        let dy_rn = dy_rn.into().to_f32();
+        let dy_rn = dy_rn.into();
         for (m, rows) in self.rows.iter().enumerate().filter(|(_, rows)| !rows.is_empty()) {
             let mut dx = vec![0.0; rows.len() * k];
-            matmul_nn(rows.len(), n, k, &self.gather(m, &dy_rn, n), weights[m], &mut dx, false);
+            matmul_nn(rows.len(), n, k, &self.gather_factor(m, dy_rn, n), weights[m], &mut dx, false);
             self.scatter(m, &dx, dx_rk, k, true);
         }
     }

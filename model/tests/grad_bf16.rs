@@ -89,3 +89,45 @@ fn bf16_gradients_of_the_sequential_block_stay_within_3_percent_of_fp32() {
 fn bf16_gradients_of_the_parallel_block_stay_within_3_percent_of_fp32() {
     check(BlockKind::Parallel);
 }
+
+/// Mixture-of-Transformers in bf16: each modality's rows of a factor
+/// converted once (`prepare`) give, bit for bit, the products of that
+/// modality's rows alone, whose f32 factors each product rounds itself.
+#[test]
+fn bf16_products_per_modality_are_each_modality_alone() {
+    use model::gemm::{matmul_nn, matmul_nt, matmul_tn, prepare};
+    use model::modality::ModalityRows;
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let (r, k, n) = (37, 24, 16);
+    let mut rng = model::rng::Rng::new(5);
+    let mut values = |len: usize| (0..len).map(|_| rng.below(2001) as f32 / 1000.0 - 1.0).collect::<Vec<f32>>();
+    let (x_rk, dy_rn) = (values(r * k), values(r * n));
+    let (w0, w1) = (values(n * k), values(n * k));
+    let ids: Vec<u8> = (0..r).map(|i| (i % 3 == 0) as u8).collect();
+    let rows = ModalityRows::new(&ids, r, 2);
+    let of = |m: u8, v: &[f32], width: usize| -> Vec<f32> {
+        (0..r).filter(|&i| ids[i] == m).flat_map(|i| v[i * width..(i + 1) * width].to_vec()).collect()
+    };
+    gemm::set_precision(Precision::Bf16);
+    let (x, dy) = (prepare(&x_rk), prepare(&dy_rn));
+    let mut y = vec![0.0; r * n];
+    rows.matmul_nt(&x, &[&w0, &w1], (k, n), &mut y, false);
+    let mut dx = vec![0.0; r * k];
+    rows.input_grads(&dy, &[&w0, &w1], (k, n), &mut dx);
+    let (mut g0, mut g1) = (vec![0.0; n * k], vec![0.0; n * k]);
+    rows.weight_grads(&dy, &x, (k, n), &mut [&mut g0, &mut g1]);
+    for (m, w, g) in [(0u8, &w0, &g0), (1, &w1, &g1)] {
+        let (xm, dym) = (of(m, &x_rk, k), of(m, &dy_rn, n));
+        let count = xm.len() / k;
+        let mut want_y = vec![0.0; count * n];
+        matmul_nt(count, k, n, &xm, w.as_slice(), &mut want_y, false);
+        assert_eq!(of(m, &y, n), want_y, "forward, modality {m}");
+        let mut want_dx = vec![0.0; count * k];
+        matmul_nn(count, n, k, &dym, w.as_slice(), &mut want_dx, false);
+        assert_eq!(of(m, &dx, k), want_dx, "input gradient, modality {m}");
+        let mut want_g = vec![0.0; n * k];
+        matmul_tn(n, count, k, &dym, &xm, &mut want_g, true);
+        assert_eq!(g, &want_g, "weight gradient, modality {m}");
+    }
+    gemm::set_precision(Precision::Fp32);
+}
