@@ -7,7 +7,7 @@ Run under mpirun by the benchmark: mpirun -n N python3 mpi4py_alltoallv.py SIZES
 Prints one line on rank 0: SWITCHYARD_BENCH_JSON {"rows": [{"bytes":..,"seconds":..}, ...]}
 
 With SWITCHYARD_BENCH_TURNS=PATH:SIDE it takes turns with switchyard's job,
-which runs at the same time (launcher/src/commands/bench_turns.rs): repeat k
+which runs at the same time (launcher/src/bench/turns.rs): repeat k
 waits until the file PATH holds 2k+SIDE, and rank 0 writes 2k+SIDE+1 after it.
 """
 import json
