@@ -14,7 +14,7 @@
 //! Time is the slowest rank's mean over the timed iterations, fastest of 7
 //! repeats. Memory speed on a shared machine moves in spells of seconds,
 //! so switchyard's job and the peer's run at the same time and take turns,
-//! one repeat each (see `bench_turns`); each keeps its best over `--rounds`
+//! one repeat each (see `bench::turns`); each keeps its best over `--rounds`
 //! rounds. Bandwidth is bytes sent per rank / time.
 //!
 //! On the MPI backend the ranks also time OpenMPI's own `MPI_Alltoallv`,
@@ -237,7 +237,7 @@ pub fn run(ranks: usize, backend: &str, max_mib: usize, rounds: usize, json: boo
         bail!("--ranks must be 2 or more: an all-to-all on one rank moves nothing");
     }
     // Each round runs both jobs at once, taking turns repeat by repeat
-    // (see bench_turns); each side keeps its best per size over the rounds.
+    // (see bench::turns); each side keeps its best per size over the rounds.
     let (mut ours, mut peer): (Option<Vec<Measured>>, Option<Vec<Measured>>) = (None, None);
     let mut peer_note =
         "mpi4py Alltoallv over OpenMPI, same sizes and rank count, in turns with switchyard".to_string();
